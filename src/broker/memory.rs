@@ -1,0 +1,56 @@
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, PoisonError};
+
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::hub::RoomHub;
+
+/// Single-node broker: delivery straight into the local hub, identities in memory.
+#[derive(Debug)]
+pub(crate) struct MemoryBroker {
+    hub: RoomHub,
+    identities: Mutex<HashMap<String, HashSet<String>>>,
+}
+
+impl MemoryBroker {
+    pub(crate) fn new(hub: RoomHub) -> Self {
+        MemoryBroker {
+            hub,
+            identities: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn publish(&self, room: &str, frame: &Utf8Bytes) {
+        self.hub.deliver(room, frame);
+    }
+
+    fn identities(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<String>>> {
+        self.identities
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn record(&self, identity: &str, room: &str) {
+        self.identities()
+            .entry(identity.to_owned())
+            .or_default()
+            .insert(room.to_owned());
+    }
+
+    pub(crate) fn forget(&self, identity: &str, room: &str) {
+        let mut identities = self.identities();
+        if let Some(rooms) = identities.get_mut(identity) {
+            rooms.remove(room);
+            if rooms.is_empty() {
+                identities.remove(identity);
+            }
+        }
+    }
+
+    pub(crate) fn rooms_of(&self, identity: &str) -> Vec<String> {
+        self.identities()
+            .get(identity)
+            .map(|rooms| rooms.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}

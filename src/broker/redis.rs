@@ -1,0 +1,473 @@
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use bytes::Bytes;
+use deadpool_redis::{Pool, Runtime};
+use futures_util::StreamExt;
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use redis::aio::{PubSubSink, PubSubStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{BrokerHealth, Keys, Unavailable};
+use crate::hub::RoomHub;
+
+/// Commands for the subscriber task, which owns the pub/sub connection and the reference
+/// counts of the rooms this node is subscribed to.
+///
+/// The channel is unbounded on purpose: a `Release` is sent from cleanup paths that cannot
+/// wait, and every queued command stands for one membership or one waiting caller, so the
+/// queue is bounded by the node's sockets and rooms.
+enum SubCommand {
+    Acquire {
+        room: Arc<str>,
+        reply: oneshot::Sender<Result<(), Unavailable>>,
+    },
+    Release {
+        room: Arc<str>,
+    },
+    Ping {
+        reply: oneshot::Sender<Result<(), Unavailable>>,
+    },
+}
+
+/// What the subscriber task needs, kept until the task is started on first use (the
+/// broker may be built outside a Tokio runtime).
+struct Pending {
+    commands: mpsc::UnboundedReceiver<SubCommand>,
+    live: watch::Sender<bool>,
+    hub: RoomHub,
+}
+
+/// The Redis broker.
+pub(crate) struct RedisBroker {
+    pool: Pool,
+    client: redis::Client,
+    keys: Keys,
+    timeout: Duration,
+    commands: mpsc::UnboundedSender<SubCommand>,
+    live: watch::Receiver<bool>,
+    pending: Mutex<Option<Pending>>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("keys", &self.keys)
+            .field("live", &*self.live.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Unavailable {
+    Unavailable(e.to_string())
+}
+
+async fn within<T, E: std::fmt::Display>(
+    timeout: Duration,
+    fut: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, Unavailable> {
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(_) => Err(Unavailable(format!(
+            "no answer from Redis within {timeout:?}"
+        ))),
+    }
+}
+
+impl RedisBroker {
+    /// Builds the broker without connecting; fails only on a malformed URL.
+    pub(crate) fn new(
+        url: &str,
+        prefix: &str,
+        timeout: Duration,
+        hub: RoomHub,
+    ) -> Result<Self, crate::Error> {
+        let client = redis::Client::open(url).map_err(|e| crate::Error::InvalidRedisUrl {
+            url: redact(url),
+            reason: e.to_string(),
+        })?;
+        let mut config = deadpool_redis::Config::from_url(url);
+        let mut pool_config = deadpool_redis::PoolConfig::default();
+        pool_config.timeouts.wait = Some(timeout);
+        pool_config.timeouts.create = Some(timeout);
+        pool_config.timeouts.recycle = Some(timeout);
+        config.pool = Some(pool_config);
+        let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|e| {
+            crate::Error::InvalidRedisUrl {
+                url: redact(url),
+                reason: e.to_string(),
+            }
+        })?;
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let (live_tx, live) = watch::channel(false);
+        Ok(RedisBroker {
+            pool,
+            client,
+            keys: Keys::new(prefix),
+            timeout,
+            commands,
+            live,
+            pending: Mutex::new(Some(Pending {
+                commands: receiver,
+                live: live_tx,
+                hub,
+            })),
+        })
+    }
+
+    /// Starts the subscriber task if it is not running yet.
+    fn start(&self) {
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(pending) = pending {
+            let task = Subscriber {
+                client: self.client.clone(),
+                keys: self.keys.clone(),
+                timeout: self.timeout,
+                hub: pending.hub,
+                live: pending.live,
+                counts: HashMap::new(),
+            };
+            tokio::spawn(task.run(pending.commands));
+        }
+    }
+
+    async fn connection(&self) -> Result<deadpool_redis::Connection, Unavailable> {
+        self.pool.get().await.map_err(unavailable)
+    }
+
+    pub(crate) async fn publish(&self, room: &str, frame: Utf8Bytes) -> Result<(), Unavailable> {
+        let channel = self.keys.room_channel(room);
+        within(self.timeout, async {
+            let mut conn = self.connection().await?;
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(frame.as_bytes())
+                .query_async::<i64>(&mut conn)
+                .await
+                .map_err(unavailable)
+        })
+        .await
+        .map(drop)
+    }
+
+    pub(crate) async fn acquire(&self, room: Arc<str>) -> Result<(), Unavailable> {
+        self.start();
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(SubCommand::Acquire { room, reply })
+            .map_err(|_| Unavailable("subscriber task stopped".into()))?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err(Unavailable("subscriber task stopped".into())))
+    }
+
+    pub(crate) fn release(&self, room: Arc<str>) {
+        // Fails only when the task is gone, and then there is nothing left to release.
+        let _ = self.commands.send(SubCommand::Release { room });
+    }
+
+    pub(crate) async fn record(&self, identity: &str, room: &str) -> Result<(), Unavailable> {
+        let key = self.keys.identity_set(identity);
+        within(self.timeout, async {
+            let mut conn = self.connection().await?;
+            redis::cmd("SADD")
+                .arg(key)
+                .arg(room)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map_err(unavailable)
+        })
+        .await
+        .map(drop)
+    }
+
+    pub(crate) async fn forget(&self, identity: &str, room: &str) -> Result<(), Unavailable> {
+        let key = self.keys.identity_set(identity);
+        within(self.timeout, async {
+            let mut conn = self.connection().await?;
+            redis::cmd("SREM")
+                .arg(key)
+                .arg(room)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map_err(unavailable)
+        })
+        .await
+        .map(drop)
+    }
+
+    pub(crate) async fn rooms_of(&self, identity: &str) -> Result<Vec<String>, Unavailable> {
+        let key = self.keys.identity_set(identity);
+        within(self.timeout, async {
+            let mut conn = self.connection().await?;
+            redis::cmd("SMEMBERS")
+                .arg(key)
+                .query_async::<Vec<String>>(&mut conn)
+                .await
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn ping_pool(&self, timeout: Duration) -> Result<(), Unavailable> {
+        within(timeout, async {
+            let mut conn = self.connection().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(unavailable)
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn ping_subscriber(&self, timeout: Duration) -> Result<(), Unavailable> {
+        self.start();
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(SubCommand::Ping { reply })
+            .map_err(|_| Unavailable("subscriber task stopped".into()))?;
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Unavailable("subscriber task stopped".into())),
+            Err(_) => Err(Unavailable(format!(
+                "pub/sub connection gave no answer within {timeout:?}"
+            ))),
+        }
+    }
+
+    pub(crate) async fn health(&self, timeout: Duration) -> BrokerHealth {
+        let (publish, subscriptions) =
+            tokio::join!(self.ping_pool(timeout), self.ping_subscriber(timeout));
+        BrokerHealth {
+            publish: publish.map_err(|e| e.0),
+            subscriptions: subscriptions.map_err(|e| e.0),
+        }
+    }
+
+    pub(crate) async fn ready(&self, timeout: Duration) -> Result<(), Unavailable> {
+        self.start();
+        self.ping_pool(timeout).await?;
+        let mut live = self.live.clone();
+        let up = tokio::time::timeout(timeout, live.wait_for(|up| *up))
+            .await
+            .is_ok_and(|changed| changed.is_ok());
+        match up {
+            true => Ok(()),
+            false => Err(Unavailable(format!(
+                "pub/sub connection not up within {timeout:?}"
+            ))),
+        }
+    }
+}
+
+/// Hides a password in a Redis URL before it reaches an error message or a log.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Why the subscriber stopped serving one connection.
+enum Stop {
+    /// The connection was lost: reconnect.
+    Lost(Unavailable),
+    /// The broker was dropped: end the task.
+    Exit,
+}
+
+/// The task that owns the pub/sub connection.
+struct Subscriber {
+    client: redis::Client,
+    keys: Keys,
+    timeout: Duration,
+    hub: RoomHub,
+    live: watch::Sender<bool>,
+    /// Local acquisitions per room; a room is subscribed at Redis while its count is > 0.
+    counts: HashMap<Arc<str>, usize>,
+}
+
+impl Subscriber {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<SubCommand>) {
+        let policy = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(1))
+            .with_jitter()
+            .without_max_times();
+        let mut delays = policy.build();
+        loop {
+            let stop = match within(self.timeout, self.client.get_async_pubsub()).await {
+                Ok(pubsub) => {
+                    let (sink, stream) = pubsub.split();
+                    self.serve(sink, stream, &mut commands).await
+                }
+                Err(e) => Stop::Lost(e),
+            };
+            if self.live.send_replace(false) {
+                // The connection had been up: start the backoff afresh.
+                delays = policy.build();
+            }
+            match stop {
+                Stop::Exit => return,
+                Stop::Lost(e) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                    tracing::warn!(error = %e.0, retry_in = ?delay, "Redis pub/sub connection down");
+                    if !self.answer_while_down(&mut commands, delay).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers commands while there is no connection: acquisitions and pings fail at once.
+    /// Returns `false` when the broker is gone.
+    async fn answer_while_down(
+        &mut self,
+        commands: &mut mpsc::UnboundedReceiver<SubCommand>,
+        delay: Duration,
+    ) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return true,
+                command = commands.recv() => match command {
+                    None => return false,
+                    Some(SubCommand::Acquire { reply, .. }) => {
+                        let _ = reply.send(Err(Unavailable("Redis pub/sub connection is down".into())));
+                    }
+                    Some(SubCommand::Ping { reply }) => {
+                        let _ = reply.send(Err(Unavailable("Redis pub/sub connection is down".into())));
+                    }
+                    Some(SubCommand::Release { room }) => {
+                        self.decrement(&room);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Returns `true` when the count reached zero (the room is no longer wanted).
+    fn decrement(&mut self, room: &str) -> bool {
+        match self.counts.get_mut(room) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            Some(_) => {
+                self.counts.remove(room);
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        mut sink: PubSubSink,
+        mut stream: PubSubStream,
+        commands: &mut mpsc::UnboundedReceiver<SubCommand>,
+    ) -> Stop {
+        // Resubscribe every room this node holds (after a reconnect).
+        let channels: Vec<String> = self
+            .counts
+            .keys()
+            .map(|room| self.keys.room_channel(room))
+            .collect();
+        for chunk in channels.chunks(1024) {
+            if let Err(e) = within(self.timeout, sink.subscribe(chunk)).await {
+                return Stop::Lost(e);
+            }
+        }
+        if !channels.is_empty() {
+            tracing::info!(rooms = channels.len(), "resubscribed at Redis");
+        }
+        self.live.send_replace(true);
+
+        loop {
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(message) => self.forward(&message),
+                    None => return Stop::Lost(Unavailable("pub/sub connection closed".into())),
+                },
+                command = commands.recv() => match command {
+                    None => return Stop::Exit,
+                    Some(SubCommand::Acquire { room, reply }) => {
+                        let count = self.counts.entry(room.clone()).or_insert(0);
+                        *count += 1;
+                        if *count > 1 {
+                            // Already subscribed (commands are handled in order).
+                            let _ = reply.send(Ok(()));
+                            continue;
+                        }
+                        let channel = self.keys.room_channel(&room);
+                        match within(self.timeout, sink.subscribe(channel)).await {
+                            Ok(()) => {
+                                let _ = reply.send(Ok(()));
+                            }
+                            Err(e) => {
+                                self.decrement(&room);
+                                let _ = reply.send(Err(e.clone()));
+                                return Stop::Lost(e);
+                            }
+                        }
+                    }
+                    Some(SubCommand::Release { room }) => {
+                        if self.decrement(&room) {
+                            let channel = self.keys.room_channel(&room);
+                            if let Err(e) = within(self.timeout, sink.unsubscribe(channel)).await {
+                                return Stop::Lost(e);
+                            }
+                        }
+                    }
+                    Some(SubCommand::Ping { reply }) => {
+                        match within(self.timeout, sink.ping::<redis::Value>()).await {
+                            Ok(_) => {
+                                let _ = reply.send(Ok(()));
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(e.clone()));
+                                return Stop::Lost(e);
+                            }
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    /// Hands a received frame to the hub, unchanged.
+    fn forward(&self, message: &redis::Msg) {
+        let Some(room) = self.keys.room_of_channel(message.get_channel_name()) else {
+            return;
+        };
+        match Utf8Bytes::try_from(Bytes::copy_from_slice(message.get_payload_bytes())) {
+            Ok(frame) => {
+                self.hub.deliver(room, &frame);
+            }
+            Err(_) => tracing::warn!(room, "dropped a non-UTF-8 frame received from Redis"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("redis://:secret@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+}

@@ -1,0 +1,18 @@
+//! The crate's error type.
+
+/// Errors at the library boundary.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The Redis URL could not be parsed (the password, if any, is redacted).
+    #[error("invalid Redis URL {url:?}: {reason}")]
+    InvalidRedisUrl {
+        /// The URL, with any password replaced by `***`.
+        url: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// Redis could not be reached, or did not answer in time.
+    #[error("Redis unavailable: {0}")]
+    Unavailable(String),
+}

@@ -1,0 +1,278 @@
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use tokio::sync::{mpsc, watch, Notify};
+
+/// A socket's id, unique on this node.
+pub(crate) type SocketId = u64;
+
+/// The cross-task controls of one socket: a close request that any task may make (the
+/// first one wins) and that the socket's writer acts on.
+#[derive(Debug, Default)]
+pub(crate) struct SocketControl {
+    close: Mutex<Option<(CloseCode, &'static str)>>,
+    notify: Notify,
+}
+
+impl SocketControl {
+    /// Asks the socket's writer to send a close frame with `code` and stop.
+    pub(crate) fn request_close(&self, code: CloseCode, reason: &'static str) {
+        let mut close = self.close.lock().unwrap_or_else(PoisonError::into_inner);
+        if close.is_none() {
+            *close = Some((code, reason));
+            self.notify.notify_one();
+        }
+    }
+
+    /// Waits for a close request.
+    pub(crate) async fn close_requested(&self) -> (CloseCode, &'static str) {
+        loop {
+            if let Some(close) = *self.close.lock().unwrap_or_else(PoisonError::into_inner) {
+                return close;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// Where the hub puts frames for one socket.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbox {
+    pub(crate) tx: mpsc::Sender<Utf8Bytes>,
+    pub(crate) control: Arc<SocketControl>,
+}
+
+type Members = HashMap<SocketId, Outbox>;
+
+/// Local room membership and delivery; cheap to clone (all clones share state).
+#[derive(Debug, Clone)]
+pub(crate) struct RoomHub {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    rooms: RwLock<HashMap<Arc<str>, Members>>,
+    sockets: Mutex<HashMap<SocketId, Arc<SocketControl>>>,
+    socket_count: watch::Sender<usize>,
+    next_id: AtomicU64,
+    accepting: AtomicBool,
+}
+
+impl Default for RoomHub {
+    fn default() -> Self {
+        RoomHub {
+            inner: Arc::new(Inner {
+                rooms: RwLock::default(),
+                sockets: Mutex::default(),
+                socket_count: watch::Sender::new(0),
+                next_id: AtomicU64::new(1),
+                accepting: AtomicBool::new(true),
+            }),
+        }
+    }
+}
+
+impl RoomHub {
+    /// Registers a new socket; `None` once the node is shutting down.
+    pub(crate) fn register(&self, control: Arc<SocketControl>) -> Option<SocketId> {
+        let mut sockets = self.sockets();
+        // Checked under the lock so that `close_all` cannot miss a socket.
+        if !self.inner.accepting.load(Ordering::Acquire) {
+            return None;
+        }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        sockets.insert(id, control);
+        self.inner.socket_count.send_replace(sockets.len());
+        Some(id)
+    }
+
+    /// Forgets a socket (after it left all its rooms).
+    pub(crate) fn unregister(&self, id: SocketId) {
+        let mut sockets = self.sockets();
+        sockets.remove(&id);
+        self.inner.socket_count.send_replace(sockets.len());
+    }
+
+    /// Adds a socket to a room's local members; returns the shared room name.
+    pub(crate) fn join(&self, room: &str, id: SocketId, outbox: &Outbox) -> Arc<str> {
+        let mut rooms = self.rooms_mut();
+        if let Some((key, members)) = rooms.get_key_value(room) {
+            let key = key.clone();
+            if !members.contains_key(&id) {
+                if let Some(members) = rooms.get_mut(room) {
+                    members.insert(id, outbox.clone());
+                }
+            }
+            return key;
+        }
+        let key: Arc<str> = Arc::from(room);
+        rooms.insert(key.clone(), HashMap::from([(id, outbox.clone())]));
+        key
+    }
+
+    /// Removes a socket from a room's local members.
+    pub(crate) fn leave(&self, room: &str, id: SocketId) {
+        let mut rooms = self.rooms_mut();
+        if let Some(members) = rooms.get_mut(room) {
+            members.remove(&id);
+            if members.is_empty() {
+                rooms.remove(room);
+            }
+        }
+    }
+
+    /// Offers `frame` to every local member of `room` without waiting; returns how many
+    /// queues took it. Members whose queue is full are asked to close with 1013.
+    pub(crate) fn deliver(&self, room: &str, frame: &Utf8Bytes) -> usize {
+        let rooms = self
+            .inner
+            .rooms
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(members) = rooms.get(room) else {
+            return 0;
+        };
+        let mut delivered = 0;
+        for outbox in members.values() {
+            match outbox.tx.try_send(frame.clone()) {
+                Ok(()) => delivered += 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    outbox
+                        .control
+                        .request_close(CloseCode::Again, "outbound queue full");
+                }
+                // The socket is closing; its cleanup removes it from the room.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        delivered
+    }
+
+    /// Number of sockets on this node.
+    pub(crate) fn socket_count(&self) -> usize {
+        *self.inner.socket_count.borrow()
+    }
+
+    /// Number of rooms with local members.
+    pub(crate) fn room_count(&self) -> usize {
+        self.inner
+            .rooms
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Number of local members of `room`.
+    pub(crate) fn member_count(&self, room: &str) -> usize {
+        self.inner
+            .rooms
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(room)
+            .map_or(0, HashMap::len)
+    }
+
+    /// Stops accepting sockets and asks every socket to close with `code`.
+    pub(crate) fn close_all(&self, code: CloseCode, reason: &'static str) {
+        let sockets = self.sockets();
+        self.inner.accepting.store(false, Ordering::Release);
+        for control in sockets.values() {
+            control.request_close(code, reason);
+        }
+    }
+
+    /// Whether new sockets are accepted.
+    pub(crate) fn is_accepting(&self) -> bool {
+        self.inner.accepting.load(Ordering::Acquire)
+    }
+
+    /// Waits until no socket is left.
+    pub(crate) async fn all_closed(&self) {
+        let mut count = self.inner.socket_count.subscribe();
+        // `wait_for` only fails when the sender is gone, and `self` holds it.
+        let _ = count.wait_for(|n| *n == 0).await;
+    }
+
+    fn sockets(&self) -> std::sync::MutexGuard<'_, HashMap<SocketId, Arc<SocketControl>>> {
+        self.inner
+            .sockets
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn rooms_mut(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Arc<str>, Members>> {
+        self.inner
+            .rooms
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbox(cap: usize) -> (Outbox, mpsc::Receiver<Utf8Bytes>) {
+        let (tx, rx) = mpsc::channel(cap);
+        (
+            Outbox {
+                tx,
+                control: Arc::default(),
+            },
+            rx,
+        )
+    }
+
+    #[tokio::test]
+    async fn deliver_reaches_members_only_and_shares_the_buffer() {
+        let hub = RoomHub::default();
+        let (a, mut ra) = outbox(4);
+        let (b, mut rb) = outbox(4);
+        let ida = hub.register(a.control.clone()).unwrap();
+        let idb = hub.register(b.control.clone()).unwrap();
+        hub.join("r", ida, &a);
+        hub.join("other", idb, &b);
+        let frame = Utf8Bytes::from("x".repeat(100));
+        assert_eq!(hub.deliver("r", &frame), 1);
+        let got = ra.recv().await.unwrap();
+        assert_eq!(got.as_ptr(), frame.as_ptr(), "recipients share one buffer");
+        assert!(rb.try_recv().is_err());
+        hub.leave("r", ida);
+        assert_eq!(hub.room_count(), 1);
+        assert_eq!(hub.deliver("r", &frame), 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_asks_that_socket_to_close_and_spares_the_rest() {
+        let hub = RoomHub::default();
+        let (slow, _rs) = outbox(1);
+        let (fast, mut rf) = outbox(8);
+        let ids = hub.register(slow.control.clone()).unwrap();
+        let idf = hub.register(fast.control.clone()).unwrap();
+        hub.join("r", ids, &slow);
+        hub.join("r", idf, &fast);
+        for _ in 0..3 {
+            hub.deliver("r", &Utf8Bytes::from_static("m"));
+        }
+        assert_eq!(slow.control.close_requested().await.0, CloseCode::Again);
+        for _ in 0..3 {
+            assert_eq!(rf.recv().await.unwrap(), "m");
+        }
+    }
+
+    #[tokio::test]
+    async fn close_all_stops_accepting() {
+        let hub = RoomHub::default();
+        let control = Arc::new(SocketControl::default());
+        let id = hub.register(control.clone()).unwrap();
+        hub.close_all(CloseCode::Away, "bye");
+        assert_eq!(control.close_requested().await.0, CloseCode::Away);
+        assert!(hub.register(Arc::default()).is_none());
+        hub.unregister(id);
+        hub.all_closed().await;
+    }
+}

@@ -1,0 +1,251 @@
+//! [`ThinWsLayer`]: the tower layer that turns WebSocket upgrade requests into ThinWS
+//! sockets, and its builder.
+//!
+//! Upgrade requests on the configured path (every path by default) are answered with
+//! `101 Switching Protocols` and handed to the node's hub; every other request, including a
+//! plain `GET` on that path, reaches the inner service untouched. All services built from
+//! one layer (axum builds one per route) share one hub.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//! use thinws::ThinWsLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let app = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     .layer(ThinWsLayer::new("redis://127.0.0.1:6379"));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # When Redis is misconfigured or down
+//! [`ThinWsLayer::new`] does not connect: it only parses the URL. A malformed URL is logged
+//! and the layer answers upgrade requests with `503 Service Unavailable` and the reason; an
+//! unreachable Redis shows as `unavailable` errors on `subscribe`, `connect` and `message`
+//! and as a failing [`Hub::health`]. To fail fast at start-up instead, build the layer with
+//! [`ThinWsLayer::connect`] (or [`ThinWsBuilder::connect`]), which checks both and returns
+//! an [`Error`].
+
+mod body;
+mod future;
+mod service;
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+pub use self::body::ResponseBody;
+pub use self::future::ResponseFuture;
+pub use self::service::ThinWsService;
+use crate::broker::{Broker, MemoryBroker, RedisBroker};
+use crate::config::Config;
+use crate::hub::{Hub, Node, RoomHub};
+use crate::Error;
+
+/// The tower [`Layer`] that serves ThinWS sockets in front of an inner service.
+///
+/// ```
+/// use thinws::ThinWsLayer;
+///
+/// let layer = ThinWsLayer::builder()
+///     .redis_url("redis://127.0.0.1:6379")
+///     .path("/ws")
+///     .key_prefix("chat:")
+///     .build();
+/// # let _ = layer;
+/// ```
+#[derive(Clone, Debug)]
+pub struct ThinWsLayer {
+    pub(crate) node: Arc<Node>,
+}
+
+impl ThinWsLayer {
+    /// A layer that fans out through Redis at `redis_url`, with default settings.
+    ///
+    /// Connects lazily; see the [module docs](crate::layer) for what happens when the URL is
+    /// malformed or Redis is down, and [`ThinWsLayer::connect`] for an eager check.
+    pub fn new(redis_url: impl Into<String>) -> Self {
+        Self::builder().redis_url(redis_url).build()
+    }
+
+    /// A single-node layer with the in-memory broker: no Redis, identities kept in this
+    /// process.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::in_memory();
+    /// # let _ = layer;
+    /// ```
+    pub fn in_memory() -> Self {
+        Self::builder().build()
+    }
+
+    /// Connects to Redis at `redis_url` now and returns the layer once publishing works and
+    /// the subscription connection is up, or a clear error.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), thinws::Error> {
+    /// let layer = thinws::ThinWsLayer::connect("redis://127.0.0.1:6379").await?;
+    /// # let _ = layer;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect(redis_url: impl Into<String>) -> Result<Self, Error> {
+        Self::builder().redis_url(redis_url).connect().await
+    }
+
+    /// A builder for every setting.
+    pub fn builder() -> ThinWsBuilder {
+        ThinWsBuilder::default()
+    }
+
+    /// The handle to this layer's hub (shared by every service the layer builds).
+    pub fn hub(&self) -> Hub {
+        Hub {
+            node: self.node.clone(),
+        }
+    }
+}
+
+impl<S> Layer<S> for ThinWsLayer {
+    type Service = ThinWsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ThinWsService::new(inner, self.clone())
+    }
+}
+
+/// Builds a [`ThinWsLayer`]; see each setting for its default.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// let layer = thinws::ThinWsLayer::builder()
+///     .path("/ws")
+///     .max_frame_size(16 * 1024)
+///     .max_room_id_len(64)
+///     .outbound_queue(256)
+///     .redis_timeout(Duration::from_secs(1))
+///     .build(); // no Redis URL: the in-memory single-node broker
+/// # let _ = layer;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ThinWsBuilder {
+    redis_url: Option<String>,
+    config: Config,
+}
+
+impl ThinWsBuilder {
+    /// Fan out through Redis at this URL (`redis://[:password@]host:port[/db]`). Without
+    /// it, the layer uses the in-memory single-node broker.
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.redis_url = Some(url.into());
+        self
+    }
+
+    /// Take over upgrade requests on this path only (exact match, e.g. `"/ws"`). Default:
+    /// every path.
+    pub fn path(mut self, path: impl Into<String>) -> Self {
+        self.config.path = Some(path.into());
+        self
+    }
+
+    /// Prefix of every Redis channel and key this node uses. Default `"thinws:"`.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.key_prefix = prefix.into();
+        self
+    }
+
+    /// Largest accepted client frame, in bytes; a larger one closes the socket with 1009.
+    /// Default 64 KiB.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.config.max_frame_size = bytes;
+        self
+    }
+
+    /// Longest accepted `roomID`, in bytes (`too_large` error beyond). Default 256.
+    pub fn max_room_id_len(mut self, bytes: usize) -> Self {
+        self.config.limits.max_room_id_len = bytes;
+        self
+    }
+
+    /// Longest accepted `connectionID`, in bytes (`too_large` error beyond). Default 256.
+    pub fn max_connection_id_len(mut self, bytes: usize) -> Self {
+        self.config.limits.max_connection_id_len = bytes;
+        self
+    }
+
+    /// How many frames may wait to be written to one socket; when a socket's queue is
+    /// full, it is closed with 1013 (slow reader). Default 1024.
+    pub fn outbound_queue(mut self, frames: usize) -> Self {
+        self.config.outbound_queue = frames.max(1);
+        self
+    }
+
+    /// How long one Redis operation (publish, subscribe, identity lookup, health probe) may
+    /// take before the client gets `unavailable`. Default 2 s.
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.config.redis_timeout = timeout;
+        self
+    }
+
+    /// Builds the layer without connecting to Redis.
+    pub fn build(self) -> ThinWsLayer {
+        let rooms = RoomHub::default();
+        let mut broken = None;
+        let broker = match &self.redis_url {
+            None => Broker::Memory(MemoryBroker::new(rooms.clone())),
+            Some(url) => match RedisBroker::new(
+                url,
+                &self.config.key_prefix,
+                self.config.redis_timeout,
+                rooms.clone(),
+            ) {
+                Ok(broker) => Broker::Redis(broker),
+                Err(e) => {
+                    tracing::error!(error = %e, "thinws cannot use its Redis URL");
+                    broken = Some(Arc::from(e.to_string()));
+                    Broker::Memory(MemoryBroker::new(rooms.clone()))
+                }
+            },
+        };
+        ThinWsLayer {
+            node: Arc::new(Node {
+                rooms,
+                broker,
+                config: self.config,
+                instance: RandomState::new().hash_one(std::process::id()),
+                broken,
+            }),
+        }
+    }
+
+    /// Builds the layer and checks now that Redis (if configured) can be used: the URL
+    /// parses, publishing works and the subscription connection is up.
+    pub async fn connect(self) -> Result<ThinWsLayer, Error> {
+        if let Some(url) = &self.redis_url {
+            // Surface a malformed URL as its own typed error.
+            RedisBroker::new(
+                url,
+                &self.config.key_prefix,
+                self.config.redis_timeout,
+                RoomHub::default(),
+            )?;
+        }
+        let layer = self.build();
+        layer
+            .node
+            .broker
+            .ready(layer.node.config.redis_timeout)
+            .await
+            .map_err(|e| Error::Unavailable(e.0))?;
+        Ok(layer)
+    }
+}

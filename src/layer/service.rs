@@ -1,0 +1,100 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use tower_service::Service;
+
+use super::{ResponseBody, ResponseFuture, ThinWsLayer};
+use crate::connection;
+use crate::hub::Node;
+
+/// The service built by [`ThinWsLayer`]: upgrade requests on the configured path become
+/// ThinWS sockets; everything else goes to the inner service `S` untouched.
+#[derive(Clone, Debug)]
+pub struct ThinWsService<S> {
+    inner: S,
+    node: Arc<Node>,
+}
+
+impl<S> ThinWsService<S> {
+    pub(crate) fn new(inner: S, layer: ThinWsLayer) -> Self {
+        ThinWsService {
+            inner,
+            node: layer.node,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Whether this request is one the layer takes over.
+    fn takes<B>(&self, request: &Request<B>) -> bool {
+        self.node
+            .config
+            .path
+            .as_deref()
+            .is_none_or(|path| request.uri().path() == path)
+            && hyper_tungstenite::is_upgrade_request(request)
+    }
+}
+
+fn plain(status: StatusCode, text: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(text)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for ThinWsService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        if !self.takes(&request) {
+            return ResponseFuture::inner(self.inner.call(request));
+        }
+        if let Some(reason) = &self.node.broken {
+            return ResponseFuture::ready(plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("thinws is misconfigured: {reason}\n"),
+            ));
+        }
+        if !self.node.rooms.is_accepting() {
+            return ResponseFuture::ready(plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server shutting down\n".into(),
+            ));
+        }
+        let config = &self.node.config;
+        let ws_config = hyper_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(config.read_buffer_size)
+            .max_message_size(Some(config.max_frame_size))
+            .max_frame_size(Some(config.max_frame_size));
+        match hyper_tungstenite::upgrade(&mut request, Some(ws_config)) {
+            Ok((response, upgrade)) => {
+                let (parts, _body) = request.into_parts();
+                tokio::spawn(connection::serve(self.node.clone(), upgrade, parts));
+                ResponseFuture::ready(response)
+            }
+            Err(e) => ResponseFuture::ready(plain(
+                StatusCode::BAD_REQUEST,
+                format!("invalid WebSocket upgrade: {e}\n"),
+            )),
+        }
+    }
+}

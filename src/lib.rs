@@ -1,0 +1,43 @@
+//! WebSocket rooms that scale out.
+//!
+//! `thinws` is a tower [`Layer`](tower_layer::Layer) for any hyper 1 stack (axum, warp,
+//! plain hyper). [`ThinWsLayer`] takes over WebSocket upgrade requests and hands each socket
+//! to the node's room hub. Clients speak the ThinWS protocol ([`protocol`]): they `connect`
+//! with an identity, `subscribe` to rooms and send `message`s to them, and every server
+//! node behind a load balancer delivers each message to every subscriber of the room,
+//! through Redis pub/sub. Without a Redis URL, one node runs on its own with an in-memory
+//! broker.
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//! use thinws::ThinWsLayer;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let app = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     .layer(ThinWsLayer::new("redis://127.0.0.1:6379"));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! What an `ack` guarantees: for `subscribe` and `connect`, the node is subscribed at the
+//! broker, so every message published after the ack reaches the socket; for `message`, the
+//! broker accepted the publish. Messages from one socket to one room reach every subscriber
+//! in the order they were sent.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod broker;
+mod config;
+mod connection;
+mod error;
+pub mod hub;
+pub mod layer;
+pub mod protocol;
+
+pub use error::Error;
+pub use hub::{Health, Hub};
+pub use layer::{ThinWsBuilder, ThinWsLayer};
