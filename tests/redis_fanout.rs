@@ -1,0 +1,239 @@
+//! Cross-node guarantees, each on a private Redis with two hubs and real WebSocket clients.
+
+mod support;
+
+use redis::AsyncCommands;
+use serde_json::json;
+use support::{within, Client, Node, RedisServer};
+use thinws::ThinWsLayer;
+
+async fn numsub(redis: &RedisServer, channel: &str) -> i64 {
+    let mut conn = redis.client().await;
+    let reply: (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    reply.1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_published_after_the_subscribe_ack_reaches_the_socket_on_either_node() {
+    let redis = RedisServer::start().await;
+    let a = Node::redis(&redis).await;
+    let b = Node::redis(&redis).await;
+    // Repeat with fresh rooms, so that every round needs a new Redis subscription whose
+    // confirmation must come before the ack.
+    let mut publisher = Client::connect(&a.url()).await;
+    for round in 0..50 {
+        let room = format!("room-{round}");
+        let url = if round % 2 == 0 { a.url() } else { b.url() };
+        let mut subscriber = Client::connect(&url).await;
+        subscriber.subscribe(&room).await;
+        publisher.publish(&room, json!(round)).await;
+        let got = subscriber.delivery().await;
+        assert_eq!(got["roomID"], room.as_str());
+        assert_eq!(got["payload"], round);
+        subscriber.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_messages_from_one_socket_reach_every_subscriber_on_both_nodes_in_order() {
+    let redis = RedisServer::start().await;
+    let a = Node::redis(&redis).await;
+    let b = Node::redis(&redis).await;
+    let mut subscribers = Vec::new();
+    for i in 0..6 {
+        let url = if i % 2 == 0 { a.url() } else { b.url() };
+        let mut c = Client::connect(&url).await;
+        c.subscribe("stream").await;
+        subscribers.push(c);
+    }
+    // The sender is subscribed too, and sends back to back: all frames first, then it
+    // collects the acks.
+    let mut sender = Client::connect_as(&a.url(), "sender").await;
+    sender.subscribe("stream").await;
+    const N: u64 = 1000;
+    for i in 0..N {
+        sender
+            .send_text(
+                json!({"type": "message", "messageID": format!("m{i}"), "roomID": "stream", "payload": {"seq": i}})
+                    .to_string(),
+            )
+            .await;
+    }
+    let mut acks = 0;
+    let mut own = 0;
+    while acks < N || own < N {
+        let v = sender.recv().await;
+        match v["type"].as_str() {
+            Some("ack") => {
+                assert_eq!(v["messageID"], format!("m{acks}"), "acks in order");
+                acks += 1;
+            }
+            Some("message") => {
+                assert_eq!(v["payload"]["seq"], own, "sender's own copy in order");
+                assert_eq!(v["connectionID"], "sender");
+                own += 1;
+            }
+            _ => panic!("unexpected frame {v}"),
+        }
+    }
+    for (n, c) in subscribers.iter_mut().enumerate() {
+        for i in 0..N {
+            let v = c.delivery().await;
+            assert_eq!(v["payload"]["seq"], i, "subscriber {n}: message {i} out of order or lost");
+            assert_eq!(v["roomID"], "stream");
+            assert_eq!(v["connectionID"], "sender");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_is_not_a_member_receives_nothing() {
+    let redis = RedisServer::start().await;
+    let a = Node::redis(&redis).await;
+    let b = Node::redis(&redis).await;
+    let mut member = Client::connect(&b.url()).await;
+    member.subscribe("r").await;
+    let mut outsiders = Vec::new();
+    for url in [a.url(), b.url()] {
+        let mut c = Client::connect(&url).await;
+        c.subscribe("other").await;
+        outsiders.push(c);
+    }
+    // A socket that joined and left again is not a member either.
+    let mut left = Client::connect(&a.url()).await;
+    left.subscribe("r").await;
+    left.subscribe("other").await;
+    left.unsubscribe("r").await;
+    outsiders.push(left);
+
+    let mut publisher = Client::connect(&a.url()).await;
+    for i in 0..20 {
+        publisher.publish("r", json!(i)).await;
+    }
+    publisher.publish("other", json!("marker")).await;
+    for i in 0..20 {
+        assert_eq!(member.delivery().await["payload"], i);
+    }
+    // Each outsider's first frame is the marker published after everything to "r": had
+    // any "r" message leaked to it, it would have come first.
+    for c in &mut outsiders {
+        let v = c.delivery().await;
+        assert_eq!(v["roomID"], "other", "{v}");
+        assert_eq!(v["payload"], "marker");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ack_for_a_message_means_redis_accepted_the_publish() {
+    let mut redis = RedisServer::start().await;
+    let a = ThinWsLayer::builder()
+        .redis_url(redis.url())
+        .redis_timeout(std::time::Duration::from_millis(500))
+        .build();
+    let a = Node::start(a).await;
+    let mut c = Client::connect(&a.url()).await;
+    c.subscribe("r").await;
+    // A raw Redis subscriber sees each acked publish.
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    raw.subscribe("thinws:room:r").await.unwrap();
+    c.publish("r", json!("first")).await;
+    let mut stream = raw.on_message();
+    let msg = within("the raw subscriber", futures_util::StreamExt::next(&mut stream))
+        .await
+        .unwrap();
+    let frame: serde_json::Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
+    assert_eq!(frame["payload"], "first");
+    drop(stream);
+
+    // With Redis gone, a message gets `unavailable` and never an ack.
+    redis.kill();
+    let reply = c
+        .request(json!({"type": "message", "roomID": "r", "payload": "lost"}))
+        .await;
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "unavailable");
+    // The socket stays open and usable.
+    let reply = c.request(json!({"type": "nope"})).await;
+    assert_eq!(reply["code"], "unknown_type");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_holds_one_redis_subscription_per_room_with_local_members() {
+    let redis = RedisServer::start().await;
+    let a = Node::redis(&redis).await;
+    let b = Node::redis(&redis).await;
+    let channel = "thinws:room:shared";
+    assert_eq!(numsub(&redis, channel).await, 0);
+
+    let mut a1 = Client::connect(&a.url()).await;
+    let mut a2 = Client::connect(&a.url()).await;
+    a1.subscribe("shared").await;
+    a2.subscribe("shared").await;
+    // Two local members, one subscription.
+    assert_eq!(numsub(&redis, channel).await, 1);
+    let mut b1 = Client::connect(&b.url()).await;
+    b1.subscribe("shared").await;
+    assert_eq!(numsub(&redis, channel).await, 2);
+    assert_eq!(a.hub.member_count("shared"), 2);
+
+    a1.unsubscribe("shared").await;
+    assert_eq!(numsub(&redis, channel).await, 2, "a2 is still a member on node a");
+    // The last local member leaving by closing its socket drops the subscription.
+    a2.close().await;
+    support::members(&a.hub, "shared", 0).await;
+    within("node a to unsubscribe", async {
+        while numsub(&redis, channel).await != 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // And a message still reaches node b's member.
+    a1.publish("shared", json!("still here")).await;
+    assert_eq!(b1.delivery().await["payload"], "still here");
+
+    // No other keys than the identity sets: anonymous sockets record nothing.
+    let mut conn = redis.client().await;
+    let keys: Vec<String> = conn.keys("*").await.unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_delivered_frame_is_built_once_and_forwarded_unchanged() {
+    let redis = RedisServer::start().await;
+    let a = Node::redis(&redis).await;
+    let b = Node::redis(&redis).await;
+    let mut on_b = Client::connect(&b.url()).await;
+    on_b.subscribe("r").await;
+    let mut raw = redis::Client::open(redis.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    raw.subscribe("thinws:room:r").await.unwrap();
+    let mut sender = Client::connect_as(&a.url(), "alice").await;
+    // Odd spacing in the payload survives: nobody re-serialises it.
+    sender
+        .send_text(r#"{"type":"message","messageID":1,"roomID":"r","payload":{ "a" : [1,  2] }}"#)
+        .await;
+    assert_eq!(sender.recv().await["type"], "ack");
+    let mut stream = raw.on_message();
+    let msg = within("the raw subscriber", futures_util::StreamExt::next(&mut stream))
+        .await
+        .unwrap();
+    let published = String::from_utf8(msg.get_payload_bytes().to_vec()).unwrap();
+    assert_eq!(
+        published,
+        r#"{"type":"message","roomID":"r","connectionID":"alice","payload":{ "a" : [1,  2] }}"#
+    );
+    let got = on_b.recv().await;
+    assert_eq!(got, serde_json::from_str::<serde_json::Value>(&published).unwrap());
+}

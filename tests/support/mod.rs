@@ -1,0 +1,364 @@
+//! Shared test support: a private `redis-server` per test, nodes served over real TCP, and a
+//! real WebSocket client that speaks the ThinWS protocol.
+//!
+//! Every helper waits on events (acks, deliveries, a PING answer) with a generous deadline
+//! and fails the test with a clear message when the deadline passes; none sleeps to "let
+//! things settle".
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use serde_json::{json, Value};
+use thinws::{Hub, ThinWsLayer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tower::Layer;
+
+/// How long any awaited event may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Awaits `fut`, failing the test with `what` if it takes longer than [`DEADLINE`].
+pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+    }
+}
+
+/// A private `redis-server` on a free loopback port, stopped on drop.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl RedisServer {
+    /// Starts a new server and waits until it answers PING.
+    pub async fn start() -> Self {
+        for _ in 0..20 {
+            let port = free_port();
+            let mut server = RedisServer { child: None, port };
+            if server.spawn().await {
+                return server;
+            }
+        }
+        panic!("could not start redis-server (is it installed?)");
+    }
+
+    /// `redis://127.0.0.1:{port}`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn spawn(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--dir", &std::env::temp_dir().to_string_lossy()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server");
+        self.child = Some(child);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            if let Some(Some(_exit)) = self.child.as_mut().map(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return false; // e.g. the port was taken meanwhile
+            }
+            if self.ping().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.kill();
+        false
+    }
+
+    /// Whether the server answers PING now.
+    pub async fn ping(&self) -> bool {
+        let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", self.port)).await else {
+            return false;
+        };
+        if tcp.write_all(b"PING\r\n").await.is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 7];
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), tcp.read_exact(&mut buf)).await,
+            Ok(Ok(_)) if &buf == b"+PONG\r\n"
+        )
+    }
+
+    /// Kills the server with SIGKILL (its data is gone: it keeps nothing on disk).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port, with empty data.
+    pub async fn restart(&mut self) {
+        self.kill();
+        for _ in 0..50 {
+            if self.spawn().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("could not restart redis-server on port {}", self.port);
+    }
+
+    /// A plain Redis client connection to this server, for inspecting state.
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the private redis")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// The inner service under the layer in tests: answers every request with `inner {path}`.
+#[derive(Clone)]
+pub struct Inner;
+
+impl<B> tower::Service<Request<B>> for Inner {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let body = format!("inner {}", request.uri().path());
+        std::future::ready(Ok(Response::new(Full::new(Bytes::from(body)))))
+    }
+}
+
+/// A node served by plain hyper 1 (`serve_connection(..).with_upgrades()`) on a loopback
+/// port; the server task stops on drop.
+pub struct Node {
+    pub addr: SocketAddr,
+    pub hub: Hub,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Serves `layer` around [`Inner`].
+    pub async fn start(layer: ThinWsLayer) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hub = layer.hub();
+        let service = layer.layer(Inner);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let service = TowerToHyperService::new(service.clone());
+                tokio::spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Node { addr, hub, task }
+    }
+
+    /// A node on the private Redis.
+    pub async fn redis(redis: &RedisServer) -> Self {
+        Self::start(ThinWsLayer::new(redis.url())).await
+    }
+
+    /// `ws://{addr}/`.
+    pub fn url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A real WebSocket client over TCP.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Frames received while waiting for something else.
+    backlog: VecDeque<Value>,
+    next_id: u64,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Self {
+        let (ws, response) = within("WebSocket handshake", tokio_tungstenite::connect_async(url))
+            .await
+            .unwrap_or_else(|e| panic!("WebSocket handshake with {url} failed: {e}"));
+        assert_eq!(response.status(), 101);
+        Client {
+            ws,
+            backlog: VecDeque::new(),
+            next_id: 1,
+        }
+    }
+
+    /// Connects and binds `connection_id`.
+    pub async fn connect_as(url: &str, connection_id: &str) -> Self {
+        let mut client = Self::connect(url).await;
+        let reply = client
+            .request(json!({"type": "connect", "connectionID": connection_id}))
+            .await;
+        assert_eq!(reply["type"], "ack", "connect: {reply}");
+        client
+    }
+
+    pub async fn send_text(&mut self, text: impl Into<String>) {
+        let text: String = text.into();
+        within("send", self.ws.send(Message::text(text)))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_message(&mut self, message: Message) {
+        within("send", self.ws.send(message)).await.expect("send");
+    }
+
+    /// The next JSON frame from the server (the backlog first).
+    pub async fn recv(&mut self) -> Value {
+        if let Some(v) = self.backlog.pop_front() {
+            return v;
+        }
+        self.read().await
+    }
+
+    async fn read(&mut self) -> Value {
+        loop {
+            let message = within("a frame from the server", self.ws.next())
+                .await
+                .expect("socket closed while a frame was expected")
+                .expect("socket error while a frame was expected");
+            match message {
+                Message::Text(text) => {
+                    return serde_json::from_str(&text)
+                        .unwrap_or_else(|e| panic!("server sent invalid JSON {text:?}: {e}"))
+                }
+                Message::Close(frame) => panic!("socket closed ({frame:?}) while a frame was expected"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Sends `frame` with a fresh numeric `messageID` and returns the `ack` or `error` that
+    /// echoes it; deliveries that arrive meanwhile are kept for [`Client::recv`].
+    pub async fn request(&mut self, mut frame: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        frame["messageID"] = json!(id);
+        self.send_text(frame.to_string()).await;
+        self.reply_to(&json!(id)).await
+    }
+
+    /// Waits for the `ack` or `error` echoing `id`.
+    pub async fn reply_to(&mut self, id: &Value) -> Value {
+        loop {
+            let v = self.read().await;
+            if (v["type"] == "ack" || v["type"] == "error") && v["messageID"] == *id {
+                return v;
+            }
+            self.backlog.push_back(v);
+        }
+    }
+
+    pub async fn subscribe(&mut self, room: &str) {
+        let reply = self.request(json!({"type": "subscribe", "roomID": room})).await;
+        assert_eq!(reply["type"], "ack", "subscribe {room}: {reply}");
+    }
+
+    pub async fn unsubscribe(&mut self, room: &str) {
+        let reply = self.request(json!({"type": "unsubscribe", "roomID": room})).await;
+        assert_eq!(reply["type"], "ack", "unsubscribe {room}: {reply}");
+    }
+
+    pub async fn publish(&mut self, room: &str, payload: Value) {
+        let reply = self
+            .request(json!({"type": "message", "roomID": room, "payload": payload}))
+            .await;
+        assert_eq!(reply["type"], "ack", "message to {room}: {reply}");
+    }
+
+    /// The next delivered `message` frame.
+    pub async fn delivery(&mut self) -> Value {
+        let v = self.recv().await;
+        assert_eq!(v["type"], "message", "expected a delivery, got {v}");
+        v
+    }
+
+    /// Waits for the server to close the socket and returns the close code.
+    pub async fn closed(&mut self) -> CloseCode {
+        loop {
+            match within("the server to close the socket", self.ws.next()).await {
+                Some(Ok(Message::Close(Some(frame)))) => return frame.code,
+                Some(Ok(Message::Close(None))) => return CloseCode::Status,
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket error before a close frame: {e}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        // Wait until the server has seen it (its close reply or the end of the stream).
+        let _ = tokio::time::timeout(DEADLINE, async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
+
+/// Waits until `hub` reports `n` members in `room` (socket cleanup is asynchronous).
+pub async fn members(hub: &Hub, room: &str, n: usize) {
+    within(&format!("{n} members in {room}"), async {
+        while hub.member_count(room) != n {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
