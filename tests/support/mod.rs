@@ -362,3 +362,27 @@ pub async fn members(hub: &Hub, room: &str, n: usize) {
     })
     .await
 }
+
+/// A raw HTTP/1.1 request over TCP (`Connection: close`); returns the status and the body.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut tcp = within("HTTP connect", TcpStream::connect(addr)).await.unwrap();
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    within("HTTP response", tcp.read_to_end(&mut response)).await.unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}

@@ -1,0 +1,156 @@
+//! ThinWsLayer in front of axum 0.8 and plain hyper 1: upgrades become sockets, every other
+//! request reaches the inner service untouched.
+
+mod support;
+
+use axum::routing::get;
+use axum::Router;
+use serde_json::json;
+use support::{http, Client, Node};
+use thinws::ThinWsLayer;
+
+async fn serve_axum(app: Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+async fn round_trip(url: &str) {
+    let mut a = Client::connect(url).await;
+    let mut b = Client::connect(url).await;
+    a.subscribe("lobby").await;
+    b.publish("lobby", json!({"text": "hi"})).await;
+    let got = a.delivery().await;
+    assert_eq!(got["payload"]["text"], "hi");
+    assert_eq!(got["roomID"], "lobby");
+}
+
+#[tokio::test]
+async fn under_axum_router_layer() {
+    let layer = ThinWsLayer::in_memory();
+    let hub = layer.hub();
+    let app = Router::new()
+        .route("/", get(|| async { "index" }))
+        .route("/other", get(|| async { "other" }))
+        .layer(layer);
+    let addr = serve_axum(app).await;
+
+    // Plain requests reach the routes.
+    assert_eq!(http(addr, "GET", "/", &[]).await, (200, "index".into()));
+    assert_eq!(http(addr, "GET", "/other", &[]).await, (200, "other".into()));
+    assert_eq!(http(addr, "GET", "/missing", &[]).await.0, 404);
+
+    // Upgrades on any routed path become sockets of one shared hub.
+    round_trip(&format!("ws://{addr}/")).await;
+    let mut a = Client::connect(&format!("ws://{addr}/")).await;
+    let mut b = Client::connect(&format!("ws://{addr}/other")).await;
+    a.subscribe("x").await;
+    b.publish("x", json!(1)).await;
+    assert_eq!(a.delivery().await["payload"], 1);
+    assert!(hub.socket_count() >= 2);
+}
+
+#[tokio::test]
+async fn under_axum_with_a_path() {
+    let app = Router::new()
+        .route("/", get(|| async { "index" }))
+        .route("/ws", get(|| async { "plain get on /ws" }))
+        .layer(ThinWsLayer::builder().path("/ws").build());
+    let addr = serve_axum(app).await;
+    round_trip(&format!("ws://{addr}/ws")).await;
+    // A non-upgrade request on the path passes through.
+    assert_eq!(
+        http(addr, "GET", "/ws", &[]).await,
+        (200, "plain get on /ws".into())
+    );
+    // An upgrade on another path is not taken over: the route answers 200, not 101.
+    let refused = tokio_tungstenite::connect_async(format!("ws://{addr}/")).await;
+    assert!(refused.is_err());
+}
+
+#[tokio::test]
+async fn under_plain_hyper() {
+    let node = Node::start(ThinWsLayer::builder().path("/ws").build()).await;
+    round_trip(&format!("ws://{}/ws", node.addr)).await;
+    assert_eq!(
+        http(node.addr, "GET", "/ws", &[]).await,
+        (200, "inner /ws".into())
+    );
+    assert_eq!(
+        http(node.addr, "POST", "/anything", &[]).await,
+        (200, "inner /anything".into())
+    );
+    // Upgrade headers on another path go to the inner service too.
+    let upgrade = [
+        ("Connection", "Upgrade"),
+        ("Upgrade", "websocket"),
+        ("Sec-WebSocket-Version", "13"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+    ];
+    assert_eq!(
+        http(node.addr, "GET", "/elsewhere", &upgrade).await,
+        (200, "inner /elsewhere".into())
+    );
+    // A broken handshake on the path gets a clear 400.
+    let (status, body) = http(
+        node.addr,
+        "GET",
+        "/ws",
+        &[("Connection", "Upgrade"), ("Upgrade", "websocket")],
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(body.contains("invalid WebSocket upgrade"), "{body}");
+}
+
+#[tokio::test]
+async fn a_malformed_redis_url_is_a_clear_error() {
+    let err = ThinWsLayer::connect("not a url").await.unwrap_err();
+    assert!(
+        matches!(err, thinws::Error::InvalidRedisUrl { .. }),
+        "{err:?}"
+    );
+    // The password is never shown, and the lazy layer refuses sockets with the reason
+    // and reports unhealthy.
+    let url = "redis://:secret@127.0.0.1:notaport";
+    let err = ThinWsLayer::connect(url).await.unwrap_err();
+    assert!(matches!(err, thinws::Error::InvalidRedisUrl { .. }), "{err:?}");
+    assert!(!err.to_string().contains("secret"), "{err}");
+    let layer = ThinWsLayer::new(url);
+    let health = layer.hub().health().await;
+    assert!(!health.is_ready());
+    assert!(!health.to_string().contains("secret"), "{health}");
+    let node = Node::start(layer).await;
+    let (status, body) = http(
+        node.addr,
+        "GET",
+        "/",
+        &[
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    )
+    .await;
+    assert_eq!(status, 503);
+    assert!(body.contains("invalid Redis URL"), "{body}");
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_a_clear_error() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = ThinWsLayer::builder()
+        .redis_url(format!("redis://127.0.0.1:{port}"))
+        .redis_timeout(std::time::Duration::from_millis(300))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, thinws::Error::Unavailable(_)), "{err:?}");
+}
