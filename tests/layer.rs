@@ -38,7 +38,10 @@ async fn under_axum_router_layer() {
 
     // Plain requests reach the routes.
     assert_eq!(http(addr, "GET", "/", &[]).await, (200, "index".into()));
-    assert_eq!(http(addr, "GET", "/other", &[]).await, (200, "other".into()));
+    assert_eq!(
+        http(addr, "GET", "/other", &[]).await,
+        (200, "other".into())
+    );
     assert_eq!(http(addr, "GET", "/missing", &[]).await.0, 404);
 
     // Upgrades on any routed path become sockets of one shared hub.
@@ -115,7 +118,10 @@ async fn a_malformed_redis_url_is_a_clear_error() {
     // and reports unhealthy.
     let url = "redis://:secret@127.0.0.1:notaport";
     let err = ThinWsLayer::connect(url).await.unwrap_err();
-    assert!(matches!(err, thinws::Error::InvalidRedisUrl { .. }), "{err:?}");
+    assert!(
+        matches!(err, thinws::Error::InvalidRedisUrl { .. }),
+        "{err:?}"
+    );
     assert!(!err.to_string().contains("secret"), "{err}");
     let layer = ThinWsLayer::new(url);
     let health = layer.hub().health().await;

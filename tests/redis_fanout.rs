@@ -84,7 +84,10 @@ async fn a_thousand_messages_from_one_socket_reach_every_subscriber_on_both_node
     for (n, c) in subscribers.iter_mut().enumerate() {
         for i in 0..N {
             let v = c.delivery().await;
-            assert_eq!(v["payload"]["seq"], i, "subscriber {n}: message {i} out of order or lost");
+            assert_eq!(
+                v["payload"]["seq"], i,
+                "subscriber {n}: message {i} out of order or lost"
+            );
             assert_eq!(v["roomID"], "stream");
             assert_eq!(v["connectionID"], "sender");
         }
@@ -147,9 +150,12 @@ async fn the_ack_for_a_message_means_redis_accepted_the_publish() {
     raw.subscribe("thinws:room:r").await.unwrap();
     c.publish("r", json!("first")).await;
     let mut stream = raw.on_message();
-    let msg = within("the raw subscriber", futures_util::StreamExt::next(&mut stream))
-        .await
-        .unwrap();
+    let msg = within(
+        "the raw subscriber",
+        futures_util::StreamExt::next(&mut stream),
+    )
+    .await
+    .unwrap();
     let frame: serde_json::Value = serde_json::from_slice(msg.get_payload_bytes()).unwrap();
     assert_eq!(frame["payload"], "first");
     drop(stream);
@@ -186,7 +192,11 @@ async fn a_node_holds_one_redis_subscription_per_room_with_local_members() {
     assert_eq!(a.hub.member_count("shared"), 2);
 
     a1.unsubscribe("shared").await;
-    assert_eq!(numsub(&redis, channel).await, 2, "a2 is still a member on node a");
+    assert_eq!(
+        numsub(&redis, channel).await,
+        2,
+        "a2 is still a member on node a"
+    );
     // The last local member leaving by closing its socket drops the subscription.
     a2.close().await;
     support::members(&a.hub, "shared", 0).await;
@@ -226,14 +236,20 @@ async fn the_delivered_frame_is_built_once_and_forwarded_unchanged() {
         .await;
     assert_eq!(sender.recv().await["type"], "ack");
     let mut stream = raw.on_message();
-    let msg = within("the raw subscriber", futures_util::StreamExt::next(&mut stream))
-        .await
-        .unwrap();
+    let msg = within(
+        "the raw subscriber",
+        futures_util::StreamExt::next(&mut stream),
+    )
+    .await
+    .unwrap();
     let published = String::from_utf8(msg.get_payload_bytes().to_vec()).unwrap();
     assert_eq!(
         published,
         r#"{"type":"message","roomID":"r","connectionID":"alice","payload":{ "a" : [1,  2] }}"#
     );
     let got = on_b.recv().await;
-    assert_eq!(got, serde_json::from_str::<serde_json::Value>(&published).unwrap());
+    assert_eq!(
+        got,
+        serde_json::from_str::<serde_json::Value>(&published).unwrap()
+    );
 }

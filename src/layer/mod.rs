@@ -182,6 +182,13 @@ impl ThinWsBuilder {
         self
     }
 
+    /// Deepest accepted nesting of arrays and objects in a `payload` (`too_large` error
+    /// beyond). Default 64.
+    pub fn max_payload_depth(mut self, levels: usize) -> Self {
+        self.config.limits.max_payload_depth = levels;
+        self
+    }
+
     /// How many frames may wait to be written to one socket; when a socket's queue is
     /// full, it is closed with 1013 (slow reader). Default 1024.
     pub fn outbound_queue(mut self, frames: usize) -> Self {

@@ -12,6 +12,10 @@ pub struct Limits {
     pub max_room_id_len: usize,
     /// Longest accepted `connectionID`, in bytes (default 256).
     pub max_connection_id_len: usize,
+    /// Deepest accepted nesting of arrays and objects in a `payload` (default 64), so that
+    /// every delivered frame stays readable by parsers with a recursion limit (serde_json's
+    /// is 128).
+    pub max_payload_depth: usize,
 }
 
 impl Default for Limits {
@@ -19,6 +23,7 @@ impl Default for Limits {
         Limits {
             max_room_id_len: 256,
             max_connection_id_len: 256,
+            max_payload_depth: 64,
         }
     }
 }
@@ -213,6 +218,16 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
                 Some(payload) => payload,
                 None => return Err(fail(ErrorCode::InvalidMessage, "payload is required")),
             };
+            if nests_deeper_than(payload.get(), limits.max_payload_depth) {
+                return Err(FrameError::new(
+                    Some(message_id),
+                    ErrorCode::TooLarge,
+                    format!(
+                        "payload nests deeper than {} levels",
+                        limits.max_payload_depth
+                    ),
+                ));
+            }
             Command::Message { room, payload }
         }
         "disconnect" => Command::Disconnect,
@@ -228,6 +243,37 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
         message_id,
         command,
     })
+}
+
+/// Whether the (valid) JSON text nests arrays and objects deeper than `max`.
+fn nests_deeper_than(json: &str, max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json.as_bytes() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 fn is_string_or_number(raw: &RawValue) -> bool {
@@ -468,7 +514,7 @@ mod tests {
                 None,
                 "duplicate field",
             ),
-            (deep, InvalidJson, None, "recursion limit"),
+            (deep, TooLarge, Some("1"), "nests deeper than 64"),
         ];
         for (text, code, id, needle) in cases {
             let (got_code, got_id, msg) = code_of(&text);
@@ -484,7 +530,19 @@ mod tests {
         let l = Limits {
             max_room_id_len: 3,
             max_connection_id_len: 2,
+            max_payload_depth: 2,
         };
+        assert!(parse(
+            r#"{"type":"message","messageID":1,"roomID":"a","payload":[{"x":"[[[["}]}"#,
+            &l
+        )
+        .is_ok());
+        let e = parse(
+            r#"{"type":"message","messageID":1,"roomID":"a","payload":[[[]]]}"#,
+            &l,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooLarge);
         assert!(parse(r#"{"type":"subscribe","messageID":1,"roomID":"abc"}"#, &l).is_ok());
         let e = parse(r#"{"type":"subscribe","messageID":1,"roomID":"abcd"}"#, &l).unwrap_err();
         assert_eq!(e.code, ErrorCode::TooLarge);

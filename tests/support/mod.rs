@@ -279,7 +279,9 @@ impl Client {
                     return serde_json::from_str(&text)
                         .unwrap_or_else(|e| panic!("server sent invalid JSON {text:?}: {e}"))
                 }
-                Message::Close(frame) => panic!("socket closed ({frame:?}) while a frame was expected"),
+                Message::Close(frame) => {
+                    panic!("socket closed ({frame:?}) while a frame was expected")
+                }
                 _ => continue,
             }
         }
@@ -307,12 +309,16 @@ impl Client {
     }
 
     pub async fn subscribe(&mut self, room: &str) {
-        let reply = self.request(json!({"type": "subscribe", "roomID": room})).await;
+        let reply = self
+            .request(json!({"type": "subscribe", "roomID": room}))
+            .await;
         assert_eq!(reply["type"], "ack", "subscribe {room}: {reply}");
     }
 
     pub async fn unsubscribe(&mut self, room: &str) {
-        let reply = self.request(json!({"type": "unsubscribe", "roomID": room})).await;
+        let reply = self
+            .request(json!({"type": "unsubscribe", "roomID": room}))
+            .await;
         assert_eq!(reply["type"], "ack", "unsubscribe {room}: {reply}");
     }
 
@@ -364,8 +370,15 @@ pub async fn members(hub: &Hub, room: &str, n: usize) {
 }
 
 /// A raw HTTP/1.1 request over TCP (`Connection: close`); returns the status and the body.
-pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let mut tcp = within("HTTP connect", TcpStream::connect(addr)).await.unwrap();
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut tcp = within("HTTP connect", TcpStream::connect(addr))
+        .await
+        .unwrap();
     let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
@@ -373,7 +386,9 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, 
     request.push_str("\r\n");
     tcp.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
-    within("HTTP response", tcp.read_to_end(&mut response)).await.unwrap();
+    within("HTTP response", tcp.read_to_end(&mut response))
+        .await
+        .unwrap();
     let response = String::from_utf8_lossy(&response).into_owned();
     let status = response
         .split(' ')

@@ -1,0 +1,129 @@
+//! Identities: `connect` binds a socket to a connectionID and rejoins its rooms, on any node.
+
+mod support;
+
+use redis::AsyncCommands;
+use serde_json::json;
+use support::{Client, Node, RedisServer};
+use thinws::ThinWsLayer;
+
+async fn rooms_in_redis(redis: &RedisServer, id: &str) -> Vec<String> {
+    let mut conn = redis.client().await;
+    let mut rooms: Vec<String> = conn
+        .smembers(format!("thinws:identity:{id}"))
+        .await
+        .unwrap();
+    rooms.sort();
+    rooms
+}
+
+/// The identity scenario on two nodes `a` and `b` (the same node for the in-memory hub).
+async fn identity_scenario(a: &Node, b: &Node) {
+    let mut alice = Client::connect_as(&a.url(), "alice").await;
+    alice.subscribe("r1").await;
+    alice.subscribe("r2").await;
+    alice.subscribe("r3").await;
+    alice.unsubscribe("r3").await;
+    let reply = alice.request(json!({"type": "disconnect"})).await;
+    assert_eq!(reply["type"], "ack");
+    support::members(&a.hub, "r1", 0).await;
+    alice.close().await;
+
+    // A later connect on the other node rejoins r1 and r2 (not r3) before its ack.
+    let mut again = Client::connect_as(&b.url(), "alice").await;
+    let mut publisher = Client::connect(&a.url()).await;
+    for room in ["r3", "r1", "r2"] {
+        publisher.publish(room, json!(room)).await;
+    }
+    let got = again.delivery().await;
+    assert_eq!(got["roomID"], "r1", "r3 was forgotten: {got}");
+    assert_eq!(again.delivery().await["roomID"], "r2");
+
+    // Several sockets may share one identity; each rejoins on connect.
+    let mut twin = Client::connect_as(&a.url(), "alice").await;
+    publisher.publish("r2", json!("both")).await;
+    assert_eq!(again.delivery().await["payload"], "both");
+    assert_eq!(twin.delivery().await["payload"], "both");
+
+    // The sender of a delivery is its identity.
+    twin.publish("r1", json!("from twin")).await;
+    let got = again.delivery().await;
+    assert_eq!(got["connectionID"], "alice");
+
+    // A socket cannot switch identities; repeating its own is fine.
+    let reply = twin
+        .request(json!({"type": "connect", "connectionID": "bob"}))
+        .await;
+    assert_eq!(reply["code"], "invalid_message", "{reply}");
+    let reply = twin
+        .request(json!({"type": "connect", "connectionID": "alice"}))
+        .await;
+    assert_eq!(reply["type"], "ack");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_across_two_nodes_on_redis() {
+    let redis = RedisServer::start().await;
+    let a = Node::redis(&redis).await;
+    let b = Node::redis(&redis).await;
+    identity_scenario(&a, &b).await;
+    assert_eq!(rooms_in_redis(&redis, "alice").await, ["r1", "r2"]);
+}
+
+#[tokio::test]
+async fn identities_in_memory() {
+    let a = Node::start(ThinWsLayer::in_memory()).await;
+    identity_scenario(&a, &a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_sockets_get_a_server_identity_and_record_nothing() {
+    let redis = RedisServer::start().await;
+    let a = Node::redis(&redis).await;
+    let mut anon = Client::connect(&a.url()).await;
+    anon.subscribe("r").await;
+    anon.publish("r", json!(1)).await;
+    let got = anon.delivery().await;
+    let id = got["connectionID"].as_str().unwrap().to_owned();
+    assert!(!id.is_empty());
+    let mut other = Client::connect(&a.url()).await;
+    other.subscribe("r").await;
+    other.publish("r", json!(2)).await;
+    let theirs = anon.delivery().await;
+    assert_ne!(theirs["connectionID"], id.as_str(), "identities are unique");
+    let mut conn = redis.client().await;
+    let keys: Vec<String> = conn.keys("*").await.unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_prefix_is_configurable() {
+    let redis = RedisServer::start().await;
+    let layer = || {
+        ThinWsLayer::builder()
+            .redis_url(redis.url())
+            .key_prefix("app1:")
+            .build()
+    };
+    let a = Node::start(layer()).await;
+    let b = Node::start(layer()).await;
+    // A node with another prefix on the same Redis is a separate cluster.
+    let c = Node::redis(&redis).await;
+    let mut on_b = Client::connect_as(&b.url(), "carol").await;
+    on_b.subscribe("r").await;
+    let mut on_c = Client::connect(&c.url()).await;
+    on_c.subscribe("r").await;
+    let mut on_a = Client::connect(&a.url()).await;
+    on_a.publish("r", json!("app1 only")).await;
+    assert_eq!(on_b.delivery().await["payload"], "app1 only");
+    let mut on_c_pub = Client::connect(&c.url()).await;
+    on_c_pub.publish("r", json!("default only")).await;
+    assert_eq!(
+        on_c.delivery().await["payload"],
+        "default only",
+        "app1's message did not leak"
+    );
+    let mut conn = redis.client().await;
+    let keys: Vec<String> = conn.keys("*").await.unwrap();
+    assert_eq!(keys, ["app1:identity:carol"]);
+}
