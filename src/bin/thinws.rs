@@ -1,1 +1,203 @@
-fn main() {}
+//! The standalone ThinWS server.
+//!
+//! ```text
+//! thinws --listen 127.0.0.1:8080 [--redis-url redis://127.0.0.1:6379] [--path /ws]
+//! ```
+//!
+//! Without a Redis URL it runs the in-memory single-node hub. `GET /healthz` answers 200
+//! when the node can serve and 503 otherwise. SIGINT/SIGTERM close every socket with 1001
+//! and exit 0.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::process::ExitCode;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::Parser;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use thinws::{Hub, ThinWsLayer};
+use tokio::net::TcpListener;
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// ThinWS server: WebSocket rooms that scale out through Redis pub/sub.
+#[derive(Debug, Parser)]
+#[command(name = "thinws", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "THINWS_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Redis to fan out through; without it, a single in-memory node.
+    #[arg(long, env = "REDIS_URL")]
+    redis_url: Option<String>,
+    /// Take over WebSocket upgrades on this path only (default: every path).
+    #[arg(long, env = "THINWS_PATH")]
+    path: Option<String>,
+    /// Prefix of the Redis channels and keys.
+    #[arg(long, env = "THINWS_KEY_PREFIX", default_value = "thinws:")]
+    key_prefix: String,
+    /// Seconds to wait for sockets to close on shutdown.
+    #[arg(long, env = "THINWS_SHUTDOWN_TIMEOUT", default_value_t = 10)]
+    shutdown_timeout: u64,
+}
+
+/// The server's own HTTP endpoints, behind the ThinWS layer.
+#[derive(Clone)]
+struct Endpoints {
+    hub: Hub,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<B> Service<Request<B>> for Endpoints {
+    type Response = Response<Full<Bytes>>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let hub = self.hub.clone();
+        let path = request.uri().path().to_owned();
+        Box::pin(async move {
+            let (status, body) = match path.as_str() {
+                "/healthz" => {
+                    let health = hub.health().await;
+                    let status = if health.is_ready() {
+                        StatusCode::OK
+                    } else {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    };
+                    (status, format!("{health}\n"))
+                }
+                _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
+            };
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status;
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            Ok(response)
+        })
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(reason) => {
+            eprintln!("thinws: {reason}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let mut builder = ThinWsLayer::builder().key_prefix(args.key_prefix);
+    if let Some(path) = &args.path {
+        builder = builder.path(path);
+    }
+    let layer = match &args.redis_url {
+        Some(url) => {
+            let layer = builder
+                .redis_url(url)
+                .connect()
+                .await
+                .map_err(|e| e.to_string())?;
+            tracing::info!("fanning out through Redis");
+            layer
+        }
+        None => {
+            tracing::info!("no Redis URL given: running the in-memory single-node hub");
+            builder.build()
+        }
+    };
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let hub = layer.hub();
+    let service = layer.layer(Endpoints { hub: hub.clone() });
+    tracing::info!(
+        "listening on ws://{addr}{}  (health: http://{addr}/healthz)",
+        args.path.as_deref().unwrap_or("/")
+    );
+
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (tcp, _) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let service = TowerToHyperService::new(service.clone());
+                tokio::spawn(async move {
+                    let served = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .with_upgrades()
+                        .await;
+                    if let Err(e) = served {
+                        tracing::debug!(error = %e, "HTTP connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    let sockets = hub.socket_count();
+    tracing::info!(sockets, "shutting down: closing sockets with 1001");
+    let left = hub
+        .shutdown(Duration::from_secs(args.shutdown_timeout))
+        .await;
+    if left > 0 {
+        tracing::warn!(left, "sockets still open at the shutdown deadline");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -31,7 +31,7 @@ pub(crate) use self::redis::RedisBroker;
 
 /// A broker operation that could not be done; nothing was published or changed.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("broker unavailable: {0}")]
+#[error("{0}")]
 pub(crate) struct Unavailable(pub(crate) String);
 
 /// The names of the Redis keys and channels, under one prefix.
@@ -76,7 +76,7 @@ pub(crate) struct BrokerHealth {
 #[derive(Debug)]
 pub(crate) enum Broker {
     Memory(MemoryBroker),
-    Redis(RedisBroker),
+    Redis(Box<RedisBroker>),
 }
 
 impl Broker {

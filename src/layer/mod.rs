@@ -215,7 +215,7 @@ impl ThinWsBuilder {
                 self.config.redis_timeout,
                 rooms.clone(),
             ) {
-                Ok(broker) => Broker::Redis(broker),
+                Ok(broker) => Broker::Redis(Box::new(broker)),
                 Err(e) => {
                     tracing::error!(error = %e, "thinws cannot use its Redis URL");
                     broken = Some(Arc::from(e.to_string()));
