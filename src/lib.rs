@@ -41,3 +41,8 @@ pub mod protocol;
 pub use error::Error;
 pub use hub::{Health, Hub};
 pub use layer::{ThinWsBuilder, ThinWsLayer};
+
+/// The README's Rust examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
