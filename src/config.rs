@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::hooks::Hooks;
 use crate::protocol::Limits;
 
 #[derive(Debug, Clone)]
@@ -18,6 +19,9 @@ pub(crate) struct Config {
     pub(crate) read_buffer_size: usize,
     /// How long any one Redis operation may take.
     pub(crate) redis_timeout: Duration,
+    /// The `connectionID` of frames published with `Hub::publish`.
+    pub(crate) server_sender_id: String,
+    pub(crate) hooks: Hooks,
 }
 
 impl Default for Config {
@@ -30,6 +34,8 @@ impl Default for Config {
             outbound_queue: 1024,
             read_buffer_size: 4 * 1024,
             redis_timeout: Duration::from_secs(2),
+            server_sender_id: "server".into(),
+            hooks: Hooks::default(),
         }
     }
 }

@@ -15,4 +15,7 @@ pub enum Error {
     /// Redis could not be reached, or did not answer in time.
     #[error("Redis unavailable: {0}")]
     Unavailable(String),
+    /// A payload could not be serialised to JSON.
+    #[error("payload is not serialisable to JSON: {0}")]
+    InvalidPayload(String),
 }

@@ -34,13 +34,16 @@ mod broker;
 mod config;
 mod connection;
 mod error;
+pub mod hooks;
 pub mod hub;
 pub mod layer;
 pub mod protocol;
+pub mod publisher;
 
 pub use error::Error;
 pub use hub::{Health, Hub};
 pub use layer::{ThinWsBuilder, ThinWsLayer};
+pub use publisher::Publisher;
 
 /// The README's Rust examples, compiled as doctests.
 #[cfg(doctest)]

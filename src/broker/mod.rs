@@ -27,12 +27,33 @@ use std::time::Duration;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 pub(crate) use self::memory::MemoryBroker;
-pub(crate) use self::redis::RedisBroker;
+pub(crate) use self::redis::{create_pool, publish, RedisBroker};
 
 /// A broker operation that could not be done; nothing was published or changed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
 pub(crate) struct Unavailable(pub(crate) String);
+
+/// A pending [`Broker::acquire`].
+#[derive(Debug)]
+pub(crate) enum Acquire {
+    Ready,
+    Pending(tokio::sync::oneshot::Receiver<Result<(), Unavailable>>),
+    Failed(Unavailable),
+}
+
+impl Acquire {
+    /// Waits until the node is subscribed, or the broker says it cannot be.
+    pub(crate) async fn wait(self) -> Result<(), Unavailable> {
+        match self {
+            Acquire::Ready => Ok(()),
+            Acquire::Failed(e) => Err(e),
+            Acquire::Pending(answer) => answer
+                .await
+                .unwrap_or_else(|_| Err(Unavailable("subscriber task stopped".into()))),
+        }
+    }
+}
 
 /// The names of the Redis keys and channels, under one prefix.
 #[derive(Debug, Clone)]
@@ -92,12 +113,15 @@ impl Broker {
         }
     }
 
-    /// Makes sure this node receives `room`'s frames; once it returns `Ok`, every frame
-    /// published afterwards reaches the hub. Each `Ok` must be matched by one `release`.
-    pub(crate) async fn acquire(&self, room: &std::sync::Arc<str>) -> Result<(), Unavailable> {
+    /// Asks that this node receive `room`'s frames. The request is made at once (not when
+    /// the returned [`Acquire`] is awaited), and every call must be matched by exactly one
+    /// [`Broker::release`], whatever the outcome: that keeps the per-room counts right even
+    /// when the waiting socket goes away mid-way. Once the [`Acquire`] resolves to `Ok`,
+    /// every frame published afterwards reaches the hub.
+    pub(crate) fn acquire(&self, room: &std::sync::Arc<str>) -> Acquire {
         match self {
-            Broker::Memory(_) => Ok(()),
-            Broker::Redis(b) => b.acquire(room.clone()).await,
+            Broker::Memory(_) => Acquire::Ready,
+            Broker::Redis(b) => b.acquire(room.clone()),
         }
     }
 

@@ -10,7 +10,7 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{BrokerHealth, Keys, Unavailable};
+use super::{Acquire, BrokerHealth, Keys, Unavailable};
 use crate::hub::RoomHub;
 
 /// Commands for the subscriber task, which owns the pub/sub connection and the reference
@@ -89,18 +89,7 @@ impl RedisBroker {
             url: redact(url),
             reason: e.to_string(),
         })?;
-        let mut config = deadpool_redis::Config::from_url(url);
-        let mut pool_config = deadpool_redis::PoolConfig::default();
-        pool_config.timeouts.wait = Some(timeout);
-        pool_config.timeouts.create = Some(timeout);
-        pool_config.timeouts.recycle = Some(timeout);
-        config.pool = Some(pool_config);
-        let pool = config.create_pool(Some(Runtime::Tokio1)).map_err(|e| {
-            crate::Error::InvalidRedisUrl {
-                url: redact(url),
-                reason: e.to_string(),
-            }
-        })?;
+        let pool = create_pool(url, timeout)?;
         let (commands, receiver) = mpsc::unbounded_channel();
         let (live_tx, live) = watch::channel(false);
         Ok(RedisBroker {
@@ -143,29 +132,22 @@ impl RedisBroker {
     }
 
     pub(crate) async fn publish(&self, room: &str, frame: Utf8Bytes) -> Result<(), Unavailable> {
-        let channel = self.keys.room_channel(room);
-        within(self.timeout, async {
-            let mut conn = self.connection().await?;
-            redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(frame.as_bytes())
-                .query_async::<i64>(&mut conn)
-                .await
-                .map_err(unavailable)
-        })
+        publish(
+            &self.pool,
+            self.keys.room_channel(room),
+            frame.as_bytes(),
+            self.timeout,
+        )
         .await
-        .map(drop)
     }
 
-    pub(crate) async fn acquire(&self, room: Arc<str>) -> Result<(), Unavailable> {
+    pub(crate) fn acquire(&self, room: Arc<str>) -> Acquire {
         self.start();
         let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(SubCommand::Acquire { room, reply })
-            .map_err(|_| Unavailable("subscriber task stopped".into()))?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err(Unavailable("subscriber task stopped".into())))
+        match self.commands.send(SubCommand::Acquire { room, reply }) {
+            Ok(()) => Acquire::Pending(answer),
+            Err(_) => Acquire::Failed(Unavailable("subscriber task stopped".into())),
+        }
     }
 
     pub(crate) fn release(&self, room: Arc<str>) {
@@ -268,6 +250,46 @@ impl RedisBroker {
     }
 }
 
+/// A `deadpool-redis` pool for `url` whose waits, connects and recycles each take at most
+/// `timeout`. Connects lazily; fails only on a malformed URL.
+pub(crate) fn create_pool(url: &str, timeout: Duration) -> Result<Pool, crate::Error> {
+    let invalid = |reason: String| crate::Error::InvalidRedisUrl {
+        url: redact(url),
+        reason,
+    };
+    // Parse first: deadpool only reports a bad URL at the first connection.
+    redis::Client::open(url).map_err(|e| invalid(e.to_string()))?;
+    let mut config = deadpool_redis::Config::from_url(url);
+    let mut pool_config = deadpool_redis::PoolConfig::default();
+    pool_config.timeouts.wait = Some(timeout);
+    pool_config.timeouts.create = Some(timeout);
+    pool_config.timeouts.recycle = Some(timeout);
+    config.pool = Some(pool_config);
+    config
+        .create_pool(Some(Runtime::Tokio1))
+        .map_err(|e| invalid(e.to_string()))
+}
+
+/// PUBLISHes a frame through the pool; returns once Redis accepted it.
+pub(crate) async fn publish(
+    pool: &Pool,
+    channel: String,
+    frame: &[u8],
+    timeout: Duration,
+) -> Result<(), Unavailable> {
+    within(timeout, async {
+        let mut conn = pool.get().await.map_err(unavailable)?;
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(frame)
+            .query_async::<i64>(&mut conn)
+            .await
+            .map_err(unavailable)
+    })
+    .await
+    .map(drop)
+}
+
 /// Hides a password in a Redis URL before it reaches an error message or a log.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -293,7 +315,8 @@ struct Subscriber {
     timeout: Duration,
     hub: RoomHub,
     live: watch::Sender<bool>,
-    /// Local acquisitions per room; a room is subscribed at Redis while its count is > 0.
+    /// Acquisitions per room not yet released; a room is subscribed at Redis while its
+    /// count is > 0 (and the connection is up).
     counts: HashMap<Arc<str>, usize>,
 }
 
@@ -344,7 +367,10 @@ impl Subscriber {
                 _ = &mut sleep => return true,
                 command = commands.recv() => match command {
                     None => return false,
-                    Some(SubCommand::Acquire { reply, .. }) => {
+                    Some(SubCommand::Acquire { room, reply }) => {
+                        // Counted all the same: the matching release will come, and a
+                        // room still wanted at reconnection is resubscribed.
+                        *self.counts.entry(room).or_insert(0) += 1;
                         let _ = reply.send(Err(Unavailable("Redis pub/sub connection is down".into())));
                     }
                     Some(SubCommand::Ping { reply }) => {
@@ -417,7 +443,7 @@ impl Subscriber {
                                 let _ = reply.send(Ok(()));
                             }
                             Err(e) => {
-                                self.decrement(&room);
+                                // Stays counted until its release (see `Broker::acquire`).
                                 let _ = reply.send(Err(e.clone()));
                                 return Stop::Lost(e);
                             }

@@ -23,6 +23,10 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use crate::broker::Unavailable;
+use crate::hooks::{
+    self, BoxError, ConnectEvent, ConnectVerdict, DisconnectEvent, DisconnectReason, Hooks,
+    MessageEvent, MessageVerdict, SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
+};
 use crate::hub::{Node, Outbox, SocketControl, SocketId};
 use crate::protocol::{self, server, Command, ErrorCode};
 
@@ -70,6 +74,7 @@ async fn run(
     let (tx, rx) = mpsc::channel(node.config.outbound_queue);
     let mut writer = tokio::spawn(write_loop(sink, rx, control.clone()).in_current_span());
     let identity: Arc<str> = format!("{:016x}-{id}", node.instance).into();
+    let hooks = node.config.hooks.clone();
     let mut socket = Socket {
         node,
         id,
@@ -77,56 +82,101 @@ async fn run(
         bound: false,
         rooms: HashSet::new(),
         outbox: Outbox { tx, control },
-        _parts: parts,
+        request: Arc::new(parts),
+        hooks,
+        disconnect_fired: false,
     };
     tracing::debug!("socket open");
 
+    let control = socket.outbox.control.clone();
     let mut writer_done = false;
-    loop {
-        tokio::select! {
-            biased;
-            _ = &mut writer => {
-                writer_done = true;
-                break;
-            }
-            frame = source.next() => match frame {
-                Some(Ok(Message::Text(text))) => socket.on_text(&text).await,
-                Some(Ok(Message::Binary(_))) => {
-                    socket
-                        .reply(server::error(
-                            None,
-                            ErrorCode::InvalidFrame,
-                            "binary frames are not supported: send JSON in text frames",
-                        ))
-                        .await
+    // At most one frame read ahead while the previous one is being handled; it is handled
+    // next, so frames are still handled one at a time and in order.
+    let mut read_ahead: Option<Message> = None;
+    let reason = 'socket: loop {
+        let message = match read_ahead.take() {
+            Some(message) => message,
+            None => tokio::select! {
+                biased;
+                _ = &mut writer, if !writer_done => {
+                    writer_done = true;
+                    break 'socket DisconnectReason::Server;
                 }
-                // tungstenite answers pings itself.
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                Some(Ok(Message::Close(_))) | None => break,
-                Some(Err(WsError::Capacity(e))) => {
-                    tracing::debug!(error = %e, "frame over the size limit");
-                    socket.outbox.control.request_close(CloseCode::Size, "frame too large");
-                    break;
-                }
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "socket read failed");
-                    break;
-                }
+                read = source.next() => match read {
+                    Some(Ok(message)) => message,
+                    other => break 'socket read_end(other, &control),
+                },
             },
+        };
+        match message {
+            Message::Text(text) => {
+                // Keep watching the socket while the frame is handled (hooks and the broker
+                // may take a while): a socket that ends meanwhile stops the handling, and
+                // its cleanup undoes whatever the handling had begun.
+                let handling = socket.on_text(&text);
+                tokio::pin!(handling);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = &mut handling => break,
+                        _ = &mut writer, if !writer_done => {
+                            writer_done = true;
+                            break 'socket DisconnectReason::Server;
+                        }
+                        read = source.next(), if read_ahead.is_none() => match read {
+                            Some(Ok(Message::Close(_))) => break 'socket DisconnectReason::Closed,
+                            Some(Ok(message)) => read_ahead = Some(message),
+                            other => break 'socket read_end(other, &control),
+                        },
+                    }
+                }
+            }
+            Message::Binary(_) => {
+                socket
+                    .reply(server::error(
+                        None,
+                        ErrorCode::InvalidFrame,
+                        "binary frames are not supported: send JSON in text frames",
+                    ))
+                    .await
+            }
+            Message::Close(_) => break DisconnectReason::Closed,
+            // tungstenite answers pings itself.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
         }
-    }
+    };
 
+    let mut socket = socket.leave_all();
+    socket.fire_disconnect(reason).await;
     let Socket {
         node, id, outbox, ..
-    } = socket.leave_all();
-    node.rooms.unregister(id);
+    } = socket;
     // With every hub clone of the sender gone, the writer drains what is queued, closes
     // the socket and ends.
     drop(outbox);
     if !writer_done {
         let _ = writer.await;
     }
-    tracing::debug!("socket closed");
+    // Only now, so that a node waiting for its sockets to close also waits for the flush.
+    node.rooms.unregister(id);
+    tracing::debug!(?reason, "socket closed");
+}
+
+/// What the end of the socket's stream (or a read error) means.
+fn read_end(read: Option<Result<Message, WsError>>, control: &SocketControl) -> DisconnectReason {
+    match read {
+        None | Some(Ok(_)) => DisconnectReason::Closed,
+        Some(Err(WsError::Capacity(e))) => {
+            tracing::debug!(error = %e, "frame over the size limit");
+            control.request_close(CloseCode::Size, "frame too large");
+            DisconnectReason::Server
+        }
+        Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => DisconnectReason::Closed,
+        Some(Err(e)) => {
+            tracing::debug!(error = %e, "socket read failed");
+            DisconnectReason::Lost
+        }
+    }
 }
 
 /// The reader side's state of one socket.
@@ -139,8 +189,11 @@ struct Socket {
     bound: bool,
     rooms: HashSet<Arc<str>>,
     outbox: Outbox,
-    /// The upgrade request's head, for hooks.
-    _parts: Parts,
+    /// The upgrade request's head, shared with every hook event.
+    request: Arc<Parts>,
+    /// This socket's own clones of the layer's hooks.
+    hooks: Hooks,
+    disconnect_fired: bool,
 }
 
 /// A refused operation: the code and message of the `error` frame.
@@ -150,11 +203,32 @@ fn unavailable(e: Unavailable) -> Refusal {
     (ErrorCode::Unavailable, e.0)
 }
 
+fn forbidden(reason: String) -> Refusal {
+    (ErrorCode::Forbidden, reason)
+}
+
+fn hook_failed(event: &'static str, e: BoxError) -> Refusal {
+    tracing::warn!(event, error = %e, "hook failed; refusing");
+    (
+        ErrorCode::Internal,
+        format!("the server could not decide on this {event}"),
+    )
+}
+
 impl Socket {
     /// Queues a frame for this socket, waiting if its queue is full.
     async fn reply(&self, frame: String) {
         // Fails only when the writer has stopped, and then the reader stops too.
         let _ = self.outbox.tx.send(Utf8Bytes::from(frame)).await;
+    }
+
+    fn info(&self) -> SocketInfo {
+        SocketInfo {
+            id: self.id,
+            connection_id: self.identity.clone(),
+            bound: self.bound,
+            request: self.request.clone(),
+        }
     }
 
     async fn on_text(&mut self, text: &str) {
@@ -174,6 +248,7 @@ impl Socket {
             Command::Unsubscribe { room } => self.unsubscribe(&room).await,
             Command::Message { room, payload } => self.publish(&room, payload).await,
             Command::Disconnect => {
+                self.fire_disconnect(DisconnectReason::Requested).await;
                 self.leave_rooms();
                 Ok(())
             }
@@ -185,7 +260,24 @@ impl Socket {
         self.reply(reply).await
     }
 
-    async fn connect(&mut self, connection_id: &str) -> Result<(), Refusal> {
+    async fn connect(&mut self, claimed: &str) -> Result<(), Refusal> {
+        let mut connection_id = claimed.to_owned();
+        let info = self.hooks.connect.is_some().then(|| self.info());
+        if let (Some(hook), Some(info)) = (&mut self.hooks.connect, info) {
+            let event = ConnectEvent {
+                socket: info,
+                connection_id: claimed.to_owned(),
+            };
+            match hooks::call(hook, event).await {
+                Ok(ConnectVerdict::Accept) => {}
+                Ok(ConnectVerdict::Assign(id)) => connection_id = id,
+                Ok(ConnectVerdict::Refuse(reason)) => return Err(forbidden(reason)),
+                Err(e) => return Err(hook_failed("connect", e)),
+            }
+            if connection_id.is_empty() {
+                return Err(hook_failed("connect", "assigned an empty identity".into()));
+            }
+        }
         if self.bound && *self.identity != *connection_id {
             return Err((
                 ErrorCode::InvalidMessage,
@@ -195,21 +287,46 @@ impl Socket {
         let rooms = self
             .node
             .broker
-            .rooms_of(connection_id)
+            .rooms_of(&connection_id)
             .await
             .map_err(unavailable)?;
         if !self.bound {
+            tracing::Span::current().record("identity", connection_id.as_str());
             self.identity = connection_id.into();
             self.bound = true;
-            tracing::Span::current().record("identity", connection_id);
         }
         for room in rooms {
+            match self.allowed_to_subscribe(&room).await {
+                Ok(()) => {}
+                Err((ErrorCode::Forbidden, reason)) => {
+                    tracing::debug!(room, reason, "subscribe hook refused a recorded room");
+                    continue;
+                }
+                Err(refusal) => return Err(refusal),
+            }
             self.join(&room).await.map_err(unavailable)?;
         }
         Ok(())
     }
 
+    async fn allowed_to_subscribe(&mut self, room: &str) -> Result<(), Refusal> {
+        let info = self.hooks.subscribe.is_some().then(|| self.info());
+        if let (Some(hook), Some(info)) = (&mut self.hooks.subscribe, info) {
+            let event = SubscribeEvent {
+                socket: info,
+                room: room.to_owned(),
+            };
+            match hooks::call(hook, event).await {
+                Ok(Verdict::Allow) => {}
+                Ok(Verdict::Refuse(reason)) => return Err(forbidden(reason)),
+                Err(e) => return Err(hook_failed("subscribe", e)),
+            }
+        }
+        Ok(())
+    }
+
     async fn subscribe(&mut self, room: &str) -> Result<(), Refusal> {
+        self.allowed_to_subscribe(room).await?;
         let joined = self.join(room).await.map_err(unavailable)?;
         if self.bound {
             if let Err(e) = self.node.broker.record(&self.identity, room).await {
@@ -223,6 +340,18 @@ impl Socket {
     }
 
     async fn unsubscribe(&mut self, room: &str) -> Result<(), Refusal> {
+        let info = self.hooks.unsubscribe.is_some().then(|| self.info());
+        if let (Some(hook), Some(info)) = (&mut self.hooks.unsubscribe, info) {
+            let event = UnsubscribeEvent {
+                socket: info,
+                room: room.to_owned(),
+            };
+            match hooks::call(hook, event).await {
+                Ok(Verdict::Allow) => {}
+                Ok(Verdict::Refuse(reason)) => return Err(forbidden(reason)),
+                Err(e) => return Err(hook_failed("unsubscribe", e)),
+            }
+        }
         if self.bound {
             self.node
                 .broker
@@ -235,6 +364,22 @@ impl Socket {
     }
 
     async fn publish(&mut self, room: &str, payload: &RawValue) -> Result<(), Refusal> {
+        let mut replaced = None;
+        let info = self.hooks.message.is_some().then(|| self.info());
+        if let (Some(hook), Some(info)) = (&mut self.hooks.message, info) {
+            let event = MessageEvent {
+                socket: info,
+                room: room.to_owned(),
+                payload: payload.to_owned(),
+            };
+            match hooks::call(hook, event).await {
+                Ok(MessageVerdict::Allow) => {}
+                Ok(MessageVerdict::Replace(payload)) => replaced = Some(payload),
+                Ok(MessageVerdict::Refuse(reason)) => return Err(forbidden(reason)),
+                Err(e) => return Err(hook_failed("message", e)),
+            }
+        }
+        let payload = replaced.as_deref().unwrap_or(payload);
         let frame = server::delivery(room, &self.identity, payload);
         self.node
             .broker
@@ -243,8 +388,29 @@ impl Socket {
             .map_err(unavailable)
     }
 
+    /// Calls the `disconnect` hook, once per socket.
+    async fn fire_disconnect(&mut self, reason: DisconnectReason) {
+        if self.disconnect_fired {
+            return;
+        }
+        self.disconnect_fired = true;
+        let info = self.hooks.disconnect.is_some().then(|| self.info());
+        if let (Some(hook), Some(info)) = (&mut self.hooks.disconnect, info) {
+            let event = DisconnectEvent {
+                socket: info,
+                reason,
+            };
+            if let Err(e) = hooks::call(hook, event).await {
+                tracing::warn!(error = %e, "disconnect hook failed");
+            }
+        }
+    }
+
     /// Joins `room` on this node; returns whether the socket was not a member before. On
     /// `Ok`, every frame published to the room from now on reaches this socket.
+    ///
+    /// Cancel-safe: once the broker was asked, the room is in `self.rooms`, so the socket's
+    /// cleanup gives the acquisition back even if this future is dropped mid-way.
     async fn join(&mut self, room: &str) -> Result<bool, Unavailable> {
         if self.rooms.contains(room) {
             return Ok(false);
@@ -252,12 +418,15 @@ impl Socket {
         // Become a local member first, so that nothing published after the broker
         // confirms the subscription can slip past this socket.
         let key = self.node.rooms.join(room, self.id, &self.outbox);
-        if let Err(e) = self.node.broker.acquire(&key).await {
-            self.node.rooms.leave(&key, self.id);
-            return Err(e);
+        let acquired = self.node.broker.acquire(&key);
+        self.rooms.insert(key.clone());
+        match acquired.wait().await {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                self.leave(&key);
+                Err(e)
+            }
         }
-        self.rooms.insert(key);
-        Ok(true)
     }
 
     fn leave(&mut self, room: &str) {

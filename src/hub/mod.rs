@@ -29,8 +29,14 @@ use std::time::Duration;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 pub(crate) use self::rooms::{Outbox, RoomHub, SocketControl, SocketId};
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use serde::Serialize;
+use serde_json::value::RawValue;
+
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::protocol::server;
+use crate::{Error, Publisher};
 
 /// Everything one node shares between its sockets.
 #[derive(Debug)]
@@ -76,6 +82,49 @@ impl Hub {
     /// Number of this node's sockets in `room`.
     pub fn member_count(&self, room: &str) -> usize {
         self.node.rooms.member_count(room)
+    }
+
+    /// Publishes `payload` (serialised to JSON) to every subscriber of `room` on every node,
+    /// exactly as a client's `message`, with the layer's server sender id as `connectionID`
+    /// (see [`ThinWsBuilder::server_sender_id`](crate::ThinWsBuilder::server_sender_id)).
+    /// Returns once the broker accepted it.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), thinws::Error> {
+    /// let hub = thinws::ThinWsLayer::in_memory().hub();
+    /// hub.publish("news", &serde_json::json!({"headline": "thinws ships"})).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn publish<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        payload: &T,
+    ) -> Result<(), Error> {
+        let payload = serde_json::value::to_raw_value(payload)
+            .map_err(|e| Error::InvalidPayload(e.to_string()))?;
+        self.publish_raw(room, &payload).await
+    }
+
+    /// Publishes an already-serialised JSON payload; see [`Hub::publish`].
+    pub async fn publish_raw(&self, room: &str, payload: &RawValue) -> Result<(), Error> {
+        if let Some(reason) = &self.node.broken {
+            return Err(Error::Unavailable(reason.to_string()));
+        }
+        let frame = server::delivery(room, &self.node.config.server_sender_id, payload);
+        self.node
+            .broker
+            .publish(room, Utf8Bytes::from(frame))
+            .await
+            .map_err(|e| Error::Unavailable(e.0))
+    }
+
+    /// A [`Publisher`] for processes that run no sockets (a worker, a cron job): it
+    /// publishes to the rooms of every node on the Redis at `redis_url`. Same as
+    /// [`Publisher::new`].
+    pub fn publisher(redis_url: &str) -> Result<Publisher, Error> {
+        Publisher::new(redis_url)
     }
 
     /// Probes whether this node can serve: for Redis, a `PING` through the publish pool and

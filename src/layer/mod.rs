@@ -40,12 +40,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tower_layer::Layer;
+use tower_service::Service;
 
 pub use self::body::ResponseBody;
 pub use self::future::ResponseFuture;
 pub use self::service::ThinWsService;
 use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::config::Config;
+use crate::hooks::{
+    self, BoxError, ConnectEvent, ConnectVerdict, DisconnectEvent, MessageEvent, MessageVerdict,
+    SubscribeEvent, UnsubscribeEvent, Verdict,
+};
 use crate::hub::{Hub, Node, RoomHub};
 use crate::Error;
 
@@ -200,6 +205,158 @@ impl ThinWsBuilder {
     /// take before the client gets `unavailable`. Default 2 s.
     pub fn redis_timeout(mut self, timeout: Duration) -> Self {
         self.config.redis_timeout = timeout;
+        self
+    }
+
+    /// The `connectionID` that frames published with [`Hub::publish`] carry. Default
+    /// `"server"`. Clients can claim any identity, so refuse this one in a `connect` hook
+    /// if recipients must be able to trust it.
+    pub fn server_sender_id(mut self, id: impl Into<String>) -> Self {
+        self.config.server_sender_id = id.into();
+        self
+    }
+
+    /// Sets the hook called when a client sends `connect`: it can accept the claimed
+    /// `connectionID`, assign another, or refuse (see [`hooks`](crate::hooks)).
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use thinws::hooks::{ConnectEvent, ConnectVerdict};
+    /// use tower::service_fn;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .on_connect(service_fn(|event: ConnectEvent| async move {
+    ///         Ok::<_, Infallible>(if event.connection_id() == "server" {
+    ///             ConnectVerdict::refuse("reserved identity")
+    ///         } else {
+    ///             ConnectVerdict::Accept
+    ///         })
+    ///     }))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_connect<S>(mut self, hook: S) -> Self
+    where
+        S: Service<ConnectEvent, Response = ConnectVerdict> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError> + 'static,
+        S::Future: Send + 'static,
+    {
+        self.config.hooks.connect = Some(hooks::boxed(hook));
+        self
+    }
+
+    /// Sets the hook called before a socket joins a room (on `subscribe`, and for each
+    /// recorded room on `connect`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use thinws::hooks::{SubscribeEvent, Verdict};
+    /// use tower::ServiceBuilder;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .on_subscribe(
+    ///         ServiceBuilder::new()
+    ///             .timeout(Duration::from_millis(500))
+    ///             .service_fn(|event: SubscribeEvent| async move {
+    ///                 let user = event.socket().request().headers().get("x-user");
+    ///                 Ok::<_, std::convert::Infallible>(match user {
+    ///                     Some(_) => Verdict::Allow,
+    ///                     None => Verdict::refuse("who are you?"),
+    ///                 })
+    ///             }),
+    ///     )
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_subscribe<S>(mut self, hook: S) -> Self
+    where
+        S: Service<SubscribeEvent, Response = Verdict> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError> + 'static,
+        S::Future: Send + 'static,
+    {
+        self.config.hooks.subscribe = Some(hooks::boxed(hook));
+        self
+    }
+
+    /// Sets the hook called before a socket leaves a room on `unsubscribe`.
+    ///
+    /// ```
+    /// use thinws::hooks::{UnsubscribeEvent, Verdict};
+    /// use tower::service_fn;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .on_unsubscribe(service_fn(|event: UnsubscribeEvent| async move {
+    ///         Ok::<_, std::convert::Infallible>(if event.room() == "announcements" {
+    ///             Verdict::refuse("everyone stays in announcements")
+    ///         } else {
+    ///             Verdict::Allow
+    ///         })
+    ///     }))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_unsubscribe<S>(mut self, hook: S) -> Self
+    where
+        S: Service<UnsubscribeEvent, Response = Verdict> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError> + 'static,
+        S::Future: Send + 'static,
+    {
+        self.config.hooks.unsubscribe = Some(hooks::boxed(hook));
+        self
+    }
+
+    /// Sets the hook called before a `message` is published: it can allow it, replace its
+    /// payload, or refuse it.
+    ///
+    /// ```
+    /// use thinws::hooks::{MessageEvent, MessageVerdict};
+    /// use tower::service_fn;
+    ///
+    /// #[derive(serde::Deserialize, serde::Serialize)]
+    /// struct Chat { text: String }
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .on_message(service_fn(|event: MessageEvent| async move {
+    ///         let Ok(mut chat) = event.payload_as::<Chat>() else {
+    ///             return Ok(MessageVerdict::refuse("expected {text: ...}"));
+    ///         };
+    ///         chat.text = chat.text.replace("darn", "d**n");
+    ///         MessageVerdict::replace(&chat)
+    ///     }))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_message<S>(mut self, hook: S) -> Self
+    where
+        S: Service<MessageEvent, Response = MessageVerdict> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError> + 'static,
+        S::Future: Send + 'static,
+    {
+        self.config.hooks.message = Some(hooks::boxed(hook));
+        self
+    }
+
+    /// Sets the hook called exactly once per socket, when it says `disconnect` or ends.
+    ///
+    /// ```
+    /// use thinws::hooks::DisconnectEvent;
+    /// use tower::service_fn;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .on_disconnect(service_fn(|event: DisconnectEvent| async move {
+    ///         tracing::info!(id = event.socket().connection_id(), reason = ?event.reason(), "gone");
+    ///         Ok::<_, std::convert::Infallible>(())
+    ///     }))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_disconnect<S>(mut self, hook: S) -> Self
+    where
+        S: Service<DisconnectEvent, Response = ()> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError> + 'static,
+        S::Future: Send + 'static,
+    {
+        self.config.hooks.disconnect = Some(hooks::boxed(hook));
         self
     }
 
