@@ -258,7 +258,7 @@ impl ThinWsBuilder {
     ///         ServiceBuilder::new()
     ///             .timeout(Duration::from_millis(500))
     ///             .service_fn(|event: SubscribeEvent| async move {
-    ///                 let user = event.socket().request().headers().get("x-user");
+    ///                 let user = event.socket().request().headers.get("x-user");
     ///                 Ok::<_, std::convert::Infallible>(match user {
     ///                     Some(_) => Verdict::Allow,
     ///                     None => Verdict::refuse("who are you?"),
