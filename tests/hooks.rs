@@ -1,0 +1,370 @@
+//! Hooks as tower services, over real sockets.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use support::{within, Client, Node};
+use thinws::hooks::{
+    ConnectEvent, ConnectVerdict, DisconnectEvent, MessageEvent, MessageVerdict, SubscribeEvent,
+    UnsubscribeEvent, Verdict,
+};
+use thinws::ThinWsLayer;
+use tokio::sync::{mpsc, Semaphore};
+use tower::{service_fn, ServiceBuilder};
+
+type Log = Arc<Mutex<Vec<String>>>;
+
+fn disconnect_log(
+    log: &Log,
+) -> impl tower::Service<DisconnectEvent, Response = (), Error = Infallible, Future = impl Send>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    let log = log.clone();
+    service_fn(move |event: DisconnectEvent| {
+        let log = log.clone();
+        async move {
+            log.lock().unwrap().push(format!(
+                "{}:{:?}",
+                event.socket().connection_id(),
+                event.reason()
+            ));
+            Ok::<_, Infallible>(())
+        }
+    })
+}
+
+async fn wait_for_log(log: &Log, n: usize) -> Vec<String> {
+    within(&format!("{n} disconnect events"), async {
+        loop {
+            let entries = log.lock().unwrap().clone();
+            if entries.len() >= n {
+                return entries;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn hooks_allow_refuse_assign_and_replace() {
+    let layer = ThinWsLayer::builder()
+        .on_connect(service_fn(|event: ConnectEvent| async move {
+            // The upgrade request travels with every event.
+            let user = event
+                .socket()
+                .request()
+                .headers
+                .get("x-user")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            Ok::<_, Infallible>(match (event.connection_id(), user) {
+                ("banned", _) => ConnectVerdict::refuse("banned identity"),
+                (_, Some(user)) => ConnectVerdict::Assign(user),
+                _ => ConnectVerdict::Accept,
+            })
+        }))
+        .on_subscribe(service_fn(|event: SubscribeEvent| async move {
+            Ok::<_, Infallible>(if event.room().starts_with("private") {
+                Verdict::refuse("private rooms are closed")
+            } else {
+                Verdict::Allow
+            })
+        }))
+        .on_unsubscribe(service_fn(|event: UnsubscribeEvent| async move {
+            Ok::<_, Infallible>(if event.room() == "sticky" {
+                Verdict::refuse("sticky")
+            } else {
+                Verdict::Allow
+            })
+        }))
+        .on_message(service_fn(|event: MessageEvent| async move {
+            let text: String = event.payload_as().unwrap_or_default();
+            if text == "spam" {
+                return Ok(MessageVerdict::refuse("no spam"));
+            }
+            if text == "shout" {
+                return MessageVerdict::replace(
+                    &json!({"text": "SHOUT", "by": event.socket().connection_id()}),
+                );
+            }
+            Ok(MessageVerdict::Allow)
+        }))
+        .build();
+    let node = Node::start(layer).await;
+
+    let mut c = Client::connect(&node.url()).await;
+    let reply = c
+        .request(json!({"type": "connect", "connectionID": "banned"}))
+        .await;
+    assert_eq!(reply["code"], "forbidden");
+    assert_eq!(reply["message"], "banned identity");
+    let reply = c
+        .request(json!({"type": "connect", "connectionID": "carol"}))
+        .await;
+    assert_eq!(reply["type"], "ack");
+
+    // Refused subscribe: forbidden, and the socket is not a member.
+    let reply = c
+        .request(json!({"type": "subscribe", "roomID": "private-1"}))
+        .await;
+    assert_eq!(reply["code"], "forbidden", "{reply}");
+    assert_eq!(reply["message"], "private rooms are closed");
+    assert_eq!(node.hub.member_count("private-1"), 0);
+    c.subscribe("sticky").await;
+    let reply = c
+        .request(json!({"type": "unsubscribe", "roomID": "sticky"}))
+        .await;
+    assert_eq!(reply["code"], "forbidden");
+    assert_eq!(node.hub.member_count("sticky"), 1);
+
+    // Refused message: nothing is published; replaced payload: the replacement is.
+    let reply = c
+        .request(json!({"type": "message", "roomID": "sticky", "payload": "spam"}))
+        .await;
+    assert_eq!(reply["code"], "forbidden");
+    c.publish("sticky", json!("shout")).await;
+    let got = c.delivery().await;
+    assert_eq!(
+        got["payload"],
+        json!({"text": "SHOUT", "by": "carol"}),
+        "the refused spam never arrived first"
+    );
+}
+
+#[tokio::test]
+async fn an_assigned_identity_comes_from_the_upgrade_request() {
+    let layer = ThinWsLayer::builder()
+        .on_connect(service_fn(|event: ConnectEvent| async move {
+            let uri = event.socket().request().uri.clone();
+            Ok::<_, Infallible>(match uri.query().and_then(|q| q.strip_prefix("user=")) {
+                Some(user) => ConnectVerdict::Assign(user.to_owned()),
+                None => ConnectVerdict::refuse("no user"),
+            })
+        }))
+        .build();
+    let node = Node::start(layer).await;
+    let mut c = Client::connect_as(&format!("ws://{}/?user=erin", node.addr), "anything").await;
+    c.subscribe("r").await;
+    c.publish("r", json!(1)).await;
+    assert_eq!(c.delivery().await["connectionID"], "erin");
+}
+
+#[tokio::test]
+async fn a_failing_or_timed_out_hook_refuses_safely() {
+    let layer = ThinWsLayer::builder()
+        .on_subscribe(
+            ServiceBuilder::new()
+                .timeout(Duration::from_millis(100))
+                .service_fn(|event: SubscribeEvent| async move {
+                    match event.room() {
+                        "broken" => Err::<Verdict, _>(std::io::Error::other("database down")),
+                        "slow" => {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            Ok(Verdict::Allow)
+                        }
+                        _ => Ok(Verdict::Allow),
+                    }
+                }),
+        )
+        .build();
+    let node = Node::start(layer).await;
+    let mut c = Client::connect(&node.url()).await;
+    for room in ["broken", "slow"] {
+        let reply = c
+            .request(json!({"type": "subscribe", "roomID": room}))
+            .await;
+        assert_eq!(reply["code"], "internal", "{reply}");
+        assert!(
+            !reply["message"].as_str().unwrap().contains("database"),
+            "no internals leak: {reply}"
+        );
+        assert_eq!(node.hub.member_count(room), 0);
+    }
+    c.subscribe("fine").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnect_fires_exactly_once_however_the_socket_ends() {
+    let log: Log = Arc::default();
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .on_disconnect(disconnect_log(&log))
+            .build(),
+    )
+    .await;
+
+    // Says disconnect, then closes: one event, Requested.
+    let mut said = Client::connect_as(&node.url(), "said").await;
+    let reply = said.request(json!({"type": "disconnect"})).await;
+    assert_eq!(reply["type"], "ack");
+    said.close().await;
+    // Closes.
+    let closed = Client::connect_as(&node.url(), "closed").await;
+    closed.close().await;
+    // Vanishes: the TCP connection drops without a close frame.
+    let vanished = Client::connect_as(&node.url(), "vanished").await;
+    drop(vanished);
+    within("all sockets to go", async {
+        while node.hub.socket_count() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let mut entries = wait_for_log(&log, 3).await;
+    entries.sort();
+    assert_eq!(entries.len(), 3, "{entries:?}");
+    assert_eq!(entries[0], "closed:Closed");
+    assert_eq!(entries[1], "said:Requested");
+    assert!(entries[2].starts_with("vanished:"), "{entries:?}");
+
+    // Server shutdown: one event each, Server.
+    let s = Client::connect_as(&node.url(), "shut").await;
+    node.hub.shutdown(Duration::from_secs(5)).await;
+    let entries = wait_for_log(&log, 4).await;
+    assert_eq!(entries[3], "shut:Server");
+    drop(s);
+}
+
+/// A subscribe hook that blocks on rooms named "slow*" until released, and reports when it
+/// is entered.
+fn gate() -> (
+    impl tower::Service<SubscribeEvent, Response = Verdict, Error = Infallible, Future = impl Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    mpsc::UnboundedReceiver<String>,
+    Arc<Semaphore>,
+) {
+    let (entered_tx, entered) = mpsc::unbounded_channel();
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let hook = service_fn(move |event: SubscribeEvent| {
+        let entered_tx = entered_tx.clone();
+        let gate = g.clone();
+        async move {
+            if event.room().starts_with("slow") {
+                let _ = entered_tx.send(event.room().to_owned());
+                let _permit = gate.acquire().await;
+            }
+            Ok::<_, Infallible>(Verdict::Allow)
+        }
+    });
+    (hook, entered, gate)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_hook_on_one_socket_delays_only_that_socket_whose_frames_stay_in_order() {
+    let (hook, mut entered, gate) = gate();
+    let node = Node::start(ThinWsLayer::builder().on_subscribe(hook).build()).await;
+    let mut slow = Client::connect(&node.url()).await;
+    // Three frames back to back: the first blocks in the hook.
+    for (id, room) in [(1, "slow-1"), (2, "fast-2"), (3, "fast-3")] {
+        slow.send_text(json!({"type": "subscribe", "messageID": id, "roomID": room}).to_string())
+            .await;
+    }
+    assert_eq!(within("the hook", entered.recv()).await.unwrap(), "slow-1");
+
+    // Another socket goes about its business meanwhile.
+    let mut other = Client::connect(&node.url()).await;
+    other.subscribe("fast-2").await;
+    other.publish("fast-2", json!("meanwhile")).await;
+    assert_eq!(other.delivery().await["payload"], "meanwhile");
+    assert_eq!(node.hub.member_count("slow-1"), 0);
+    assert_eq!(
+        node.hub.member_count("fast-2"),
+        1,
+        "the slow socket's later frames wait their turn"
+    );
+
+    gate.add_permits(1);
+    for id in 1..=3 {
+        let v = slow.recv().await;
+        assert_eq!(v["type"], "ack");
+        assert_eq!(v["messageID"], id, "acks in frame order");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_closes_while_its_hook_runs_ends_in_no_room_and_still_fires_disconnect() {
+    close_during_hooks(ThinWsLayer::builder(), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_closes_while_its_hook_runs_leaves_no_redis_subscription() {
+    let redis = support::RedisServer::start().await;
+    close_during_hooks(ThinWsLayer::builder().redis_url(redis.url()), Some(&redis)).await;
+}
+
+async fn close_during_hooks(builder: thinws::ThinWsBuilder, redis: Option<&support::RedisServer>) {
+    let log: Log = Arc::default();
+    let (hook, mut entered, _gate) = gate();
+    let node = Node::start(
+        builder
+            .on_subscribe(hook)
+            .on_connect(service_fn(|event: ConnectEvent| async move {
+                if event.connection_id() == "slow-connect" {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, Infallible>(ConnectVerdict::Accept)
+            }))
+            .on_disconnect(disconnect_log(&log))
+            .build(),
+    )
+    .await;
+
+    // Closes while its subscribe hook runs, with an earlier room joined.
+    let mut c = Client::connect(&node.url()).await;
+    c.subscribe("joined").await;
+    c.send_text(json!({"type": "subscribe", "messageID": 9, "roomID": "slow-room"}).to_string())
+        .await;
+    assert_eq!(
+        within("the hook", entered.recv()).await.unwrap(),
+        "slow-room"
+    );
+    c.close().await;
+
+    // Closes while its connect hook runs.
+    let mut d = Client::connect(&node.url()).await;
+    d.subscribe("joined").await;
+    d.send_text(
+        json!({"type": "connect", "messageID": 1, "connectionID": "slow-connect"}).to_string(),
+    )
+    .await;
+    // Vanish rather than close, for variety.
+    drop(d);
+
+    let entries = wait_for_log(&log, 2).await;
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    within("all sockets to go", async {
+        while node.hub.socket_count() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(node.hub.room_count(), 0, "no room is left behind");
+    if let Some(redis) = redis {
+        let mut conn = redis.client().await;
+        within("the node to unsubscribe at Redis", async {
+            loop {
+                let channels: Vec<String> = redis::cmd("PUBSUB")
+                    .arg("CHANNELS")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                if channels.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+}
