@@ -1,0 +1,53 @@
+//! The README's quick start: an axum app whose every path also takes ThinWS sockets, with
+//! an HTTP endpoint that publishes to a room from a handler.
+//!
+//! ```sh
+//! cargo run --example axum_chat                                  # one node, in memory
+//! REDIS_URL=redis://127.0.0.1:6379 cargo run --example axum_chat # fan out through Redis
+//! curl -X POST localhost:3000/rooms/lobby/messages -H 'content-type: application/json' -d '{"text":"hi"}'
+//! ```
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::Value;
+use thinws::{Hub, ThinWsLayer};
+
+/// The application: routes, plus the ThinWS layer around them.
+pub fn app(layer: ThinWsLayer) -> Router {
+    Router::new()
+        .route(
+            "/",
+            get(|| async { "thinws chat: open a WebSocket on this URL" }),
+        )
+        .route("/rooms/{room}/messages", post(publish))
+        .with_state(layer.hub())
+        .layer(layer)
+}
+
+/// `POST /rooms/{room}/messages` with a JSON body: delivered to the room's subscribers on
+/// every node, as if a client had sent it.
+async fn publish(
+    State(hub): State<Hub>,
+    Path(room): Path<String>,
+    Json(payload): Json<Value>,
+) -> Result<StatusCode, (StatusCode, String)> {
+    match hub.publish(&room, &payload).await {
+        Ok(()) => Ok(StatusCode::ACCEPTED),
+        Err(e) => Err((StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let layer = match std::env::var("REDIS_URL") {
+        Ok(url) => ThinWsLayer::connect(url).await?,
+        Err(_) => ThinWsLayer::in_memory(),
+    };
+    let addr = std::env::var("LISTEN").unwrap_or_else(|_| "127.0.0.1:3000".into());
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("chat on ws://{addr}/ ; POST http://{addr}/rooms/{{room}}/messages to publish");
+    axum::serve(listener, app(layer)).await?;
+    Ok(())
+}
