@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::connection::RateConfig;
 use crate::hooks::Hooks;
 use crate::protocol::Limits;
 
@@ -15,6 +16,13 @@ pub(crate) struct Config {
     pub(crate) max_frame_size: usize,
     /// Frames that may wait in one socket's outbound queue.
     pub(crate) outbound_queue: usize,
+    /// Bytes that may wait in one socket's outbound queue.
+    pub(crate) max_queued_bytes: usize,
+    pub(crate) max_sockets: usize,
+    pub(crate) max_rooms_per_socket: usize,
+    pub(crate) ping_interval: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) rate: RateConfig,
     /// tungstenite's read buffer per socket.
     pub(crate) read_buffer_size: usize,
     /// How long any one Redis operation may take.
@@ -32,6 +40,16 @@ impl Default for Config {
             limits: Limits::default(),
             max_frame_size: 64 * 1024,
             outbound_queue: 1024,
+            max_queued_bytes: 1024 * 1024,
+            max_sockets: 100_000,
+            max_rooms_per_socket: 256,
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            rate: RateConfig {
+                per_second: 100,
+                burst: 200,
+                flood_after: 100,
+            },
             read_buffer_size: 4 * 1024,
             redis_timeout: Duration::from_secs(2),
             server_sender_id: "server".into(),

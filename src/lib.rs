@@ -37,6 +37,7 @@ mod error;
 pub mod hooks;
 pub mod hub;
 pub mod layer;
+pub mod metrics;
 pub mod protocol;
 pub mod publisher;
 

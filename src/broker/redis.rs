@@ -328,18 +328,22 @@ impl Subscriber {
             .with_jitter()
             .without_max_times();
         let mut delays = policy.build();
+        let mut connected_before = false;
         loop {
             let stop = match within(self.timeout, self.client.get_async_pubsub()).await {
                 Ok(pubsub) => {
                     let (sink, stream) = pubsub.split();
-                    self.serve(sink, stream, &mut commands).await
+                    self.serve(sink, stream, &mut commands, connected_before)
+                        .await
                 }
                 Err(e) => Stop::Lost(e),
             };
             if self.live.send_replace(false) {
                 // The connection had been up: start the backoff afresh.
                 delays = policy.build();
+                connected_before = true;
             }
+            crate::metrics::redis_subscriptions(0);
             match stop {
                 Stop::Exit => return,
                 Stop::Lost(e) => {
@@ -404,6 +408,7 @@ impl Subscriber {
         mut sink: PubSubSink,
         mut stream: PubSubStream,
         commands: &mut mpsc::UnboundedReceiver<SubCommand>,
+        reconnection: bool,
     ) -> Stop {
         // Resubscribe every room this node holds (after a reconnect).
         let channels: Vec<String> = self
@@ -416,9 +421,14 @@ impl Subscriber {
                 return Stop::Lost(e);
             }
         }
-        if !channels.is_empty() {
-            tracing::info!(rooms = channels.len(), "resubscribed at Redis");
+        if reconnection {
+            crate::metrics::redis_reconnected();
+            tracing::info!(
+                rooms = channels.len(),
+                "reconnected to Redis and resubscribed"
+            );
         }
+        crate::metrics::redis_subscriptions(self.counts.len());
         self.live.send_replace(true);
 
         loop {
@@ -441,6 +451,7 @@ impl Subscriber {
                         match within(self.timeout, sink.subscribe(channel)).await {
                             Ok(()) => {
                                 let _ = reply.send(Ok(()));
+                                crate::metrics::redis_subscriptions(self.counts.len());
                             }
                             Err(e) => {
                                 // Stays counted until its release (see `Broker::acquire`).
@@ -455,6 +466,7 @@ impl Subscriber {
                             if let Err(e) = within(self.timeout, sink.unsubscribe(channel)).await {
                                 return Stop::Lost(e);
                             }
+                            crate::metrics::redis_subscriptions(self.counts.len());
                         }
                     }
                     Some(SubCommand::Ping { reply }) => {

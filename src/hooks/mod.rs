@@ -206,6 +206,8 @@ pub enum DisconnectReason {
     Closed,
     /// The connection failed (a read error, or the client vanished).
     Lost,
+    /// Nothing arrived from the client (not even a pong) for the idle timeout.
+    TimedOut,
     /// The server closed the socket (shutdown, a slow reader, an oversized frame).
     Server,
 }

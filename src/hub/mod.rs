@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-pub(crate) use self::rooms::{Outbox, RoomHub, SocketControl, SocketId};
+pub(crate) use self::rooms::{Outbox, Refused, RoomHub, SocketControl, SocketId};
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -77,6 +77,12 @@ impl Hub {
     /// Number of rooms with at least one member on this node.
     pub fn room_count(&self) -> usize {
         self.node.rooms.room_count()
+    }
+
+    /// Bytes waiting in the outbound queues of this node's sockets (each bounded by
+    /// [`ThinWsBuilder::max_queued_bytes`](crate::ThinWsBuilder::max_queued_bytes)).
+    pub fn queued_bytes(&self) -> usize {
+        self.node.rooms.queued_bytes()
     }
 
     /// Number of this node's sockets in `room`.

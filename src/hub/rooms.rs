@@ -1,5 +1,5 @@
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -10,14 +10,39 @@ use tokio::sync::{mpsc, watch, Notify};
 pub(crate) type SocketId = u64;
 
 /// The cross-task controls of one socket: a close request that any task may make (the
-/// first one wins) and that the socket's writer acts on.
+/// first one wins) and that the socket's writer acts on, and the bytes waiting in its
+/// outbound queue.
 #[derive(Debug, Default)]
 pub(crate) struct SocketControl {
     close: Mutex<Option<(CloseCode, &'static str)>>,
     notify: Notify,
+    queued_bytes: AtomicUsize,
 }
 
 impl SocketControl {
+    /// Counts `len` more bytes into the outbound queue; returns the new total.
+    pub(crate) fn add_queued(&self, len: usize) -> usize {
+        self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len
+    }
+
+    /// Counts `len` bytes out of the outbound queue.
+    pub(crate) fn remove_queued(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    /// Bytes waiting in the outbound queue.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a close was requested.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.close
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
     /// Asks the socket's writer to send a close frame with `code` and stop.
     pub(crate) fn request_close(&self, code: CloseCode, reason: &'static str) {
         let mut close = self.close.lock().unwrap_or_else(PoisonError::into_inner);
@@ -60,10 +85,27 @@ struct Inner {
     socket_count: watch::Sender<usize>,
     next_id: AtomicU64,
     accepting: AtomicBool,
+    /// Bytes one socket's outbound queue may hold before it is dropped as a slow reader.
+    max_queued_bytes: usize,
+    /// Sockets this node accepts at most.
+    max_sockets: usize,
+}
+
+/// Why a socket was not registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    ShuttingDown,
+    Full,
 }
 
 impl Default for RoomHub {
     fn default() -> Self {
+        RoomHub::new(usize::MAX, usize::MAX)
+    }
+}
+
+impl RoomHub {
+    pub(crate) fn new(max_queued_bytes: usize, max_sockets: usize) -> Self {
         RoomHub {
             inner: Arc::new(Inner {
                 rooms: RwLock::default(),
@@ -71,23 +113,40 @@ impl Default for RoomHub {
                 socket_count: watch::Sender::new(0),
                 next_id: AtomicU64::new(1),
                 accepting: AtomicBool::new(true),
+                max_queued_bytes,
+                max_sockets,
             }),
         }
     }
-}
 
-impl RoomHub {
-    /// Registers a new socket; `None` once the node is shutting down.
-    pub(crate) fn register(&self, control: Arc<SocketControl>) -> Option<SocketId> {
+    /// Registers a new socket, unless the node is shutting down or full.
+    pub(crate) fn register(&self, control: Arc<SocketControl>) -> Result<SocketId, Refused> {
         let mut sockets = self.sockets();
         // Checked under the lock so that `close_all` cannot miss a socket.
         if !self.inner.accepting.load(Ordering::Acquire) {
-            return None;
+            return Err(Refused::ShuttingDown);
+        }
+        if sockets.len() >= self.inner.max_sockets {
+            return Err(Refused::Full);
         }
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         sockets.insert(id, control);
         self.inner.socket_count.send_replace(sockets.len());
-        Some(id)
+        crate::metrics::sockets(sockets.len());
+        Ok(id)
+    }
+
+    /// Whether the node has room for another socket (a hint: `register` decides).
+    pub(crate) fn has_capacity(&self) -> bool {
+        self.socket_count() < self.inner.max_sockets
+    }
+
+    /// Bytes waiting in every socket's outbound queue.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.sockets()
+            .values()
+            .map(|control| control.queued())
+            .sum()
     }
 
     /// Forgets a socket (after it left all its rooms).
@@ -95,6 +154,7 @@ impl RoomHub {
         let mut sockets = self.sockets();
         sockets.remove(&id);
         self.inner.socket_count.send_replace(sockets.len());
+        crate::metrics::sockets(sockets.len());
     }
 
     /// Adds a socket to a room's local members; returns the shared room name.
@@ -111,6 +171,7 @@ impl RoomHub {
         }
         let key: Arc<str> = Arc::from(room);
         rooms.insert(key.clone(), HashMap::from([(id, outbox.clone())]));
+        crate::metrics::room_opened();
         key
     }
 
@@ -121,12 +182,14 @@ impl RoomHub {
             members.remove(&id);
             if members.is_empty() {
                 rooms.remove(room);
+                crate::metrics::room_closed();
             }
         }
     }
 
     /// Offers `frame` to every local member of `room` without waiting; returns how many
-    /// queues took it. Members whose queue is full are asked to close with 1013.
+    /// queues took it. Members whose queue is full (in frames or in bytes) are asked to
+    /// close with 1013 and get nothing more.
     pub(crate) fn deliver(&self, room: &str, frame: &Utf8Bytes) -> usize {
         let rooms = self
             .inner
@@ -136,17 +199,23 @@ impl RoomHub {
         let Some(members) = rooms.get(room) else {
             return 0;
         };
+        let len = frame.len();
         let mut delivered = 0;
         for outbox in members.values() {
+            let control = &outbox.control;
+            if control.add_queued(len) > self.inner.max_queued_bytes {
+                control.remove_queued(len);
+                slow_reader(control);
+                continue;
+            }
             match outbox.tx.try_send(frame.clone()) {
                 Ok(()) => delivered += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    outbox
-                        .control
-                        .request_close(CloseCode::Again, "outbound queue full");
+                    control.remove_queued(len);
+                    slow_reader(control);
                 }
                 // The socket is closing; its cleanup removes it from the room.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => control.remove_queued(len),
             }
         }
         delivered
@@ -212,6 +281,14 @@ impl RoomHub {
     }
 }
 
+/// Drops a slow reader: its queue is full, so it is closed with 1013 (once).
+fn slow_reader(control: &SocketControl) {
+    if !control.is_closing() {
+        crate::metrics::slow_reader_dropped();
+        control.request_close(CloseCode::Again, "outbound queue full");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,13 +342,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_queue_over_its_byte_limit_asks_that_socket_to_close() {
+        let hub = RoomHub::new(250, usize::MAX);
+        let (slow, mut rs) = outbox(100);
+        let id = hub.register(slow.control.clone()).unwrap();
+        hub.join("r", id, &slow);
+        let frame = Utf8Bytes::from("x".repeat(100));
+        assert_eq!(hub.deliver("r", &frame), 1);
+        assert_eq!(hub.deliver("r", &frame), 1);
+        assert_eq!(hub.queued_bytes(), 200);
+        assert_eq!(
+            hub.deliver("r", &frame),
+            0,
+            "a third frame would exceed 250 bytes"
+        );
+        assert_eq!(slow.control.close_requested().await.0, CloseCode::Again);
+        assert_eq!(hub.queued_bytes(), 200);
+        rs.close();
+    }
+
+    #[test]
+    fn sockets_beyond_the_limit_are_refused() {
+        let hub = RoomHub::new(usize::MAX, 1);
+        assert!(hub.register(Arc::default()).is_ok());
+        assert!(!hub.has_capacity());
+        assert_eq!(hub.register(Arc::default()), Err(Refused::Full));
+    }
+
+    #[tokio::test]
     async fn close_all_stops_accepting() {
         let hub = RoomHub::default();
         let control = Arc::new(SocketControl::default());
         let id = hub.register(control.clone()).unwrap();
         hub.close_all(CloseCode::Away, "bye");
         assert_eq!(control.close_requested().await.0, CloseCode::Away);
-        assert!(hub.register(Arc::default()).is_none());
+        assert_eq!(hub.register(Arc::default()), Err(Refused::ShuttingDown));
         hub.unregister(id);
         hub.all_closed().await;
     }

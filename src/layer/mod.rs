@@ -201,6 +201,57 @@ impl ThinWsBuilder {
         self
     }
 
+    /// How many bytes may wait to be written to one socket; beyond that it is closed with
+    /// 1013 like a full queue. Default 1 MiB. A node's outbound memory is bounded by this
+    /// times its sockets.
+    pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_queued_bytes = bytes;
+        self
+    }
+
+    /// How many sockets this node accepts; beyond that, upgrade requests get `503` (and a
+    /// socket that raced past the check is closed with 1013). Default 100,000.
+    pub fn max_sockets(mut self, sockets: usize) -> Self {
+        self.config.max_sockets = sockets;
+        self
+    }
+
+    /// How many rooms one socket may be in (`limit_exceeded` beyond). Default 256.
+    pub fn max_rooms_per_socket(mut self, rooms: usize) -> Self {
+        self.config.max_rooms_per_socket = rooms;
+        self
+    }
+
+    /// How often the server pings each socket. Default 25 s.
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.config.ping_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a socket may stay silent (no frame, no pong) before it is dropped and its
+    /// `disconnect` hook fires with [`DisconnectReason::TimedOut`](crate::hooks::DisconnectReason::TimedOut).
+    /// Default 60 s.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.idle_timeout = timeout;
+        self
+    }
+
+    /// Each socket's frame rate: `per_second` on average, in bursts of up to `burst`
+    /// (a token bucket). A frame over the rate gets `rate_limited`; default 100 per second
+    /// with bursts of 200. `per_second = 0` disables the limit.
+    pub fn rate_limit(mut self, per_second: u32, burst: u32) -> Self {
+        self.config.rate.per_second = per_second;
+        self.config.rate.burst = burst;
+        self
+    }
+
+    /// After this many `rate_limited` frames in a row, the socket is closed with 1008 (a
+    /// flood). Default 100.
+    pub fn flood_close_after(mut self, refusals: u32) -> Self {
+        self.config.rate.flood_after = refusals;
+        self
+    }
+
     /// How long one Redis operation (publish, subscribe, identity lookup, health probe) may
     /// take before the client gets `unavailable`. Default 2 s.
     pub fn redis_timeout(mut self, timeout: Duration) -> Self {
@@ -362,7 +413,8 @@ impl ThinWsBuilder {
 
     /// Builds the layer without connecting to Redis.
     pub fn build(self) -> ThinWsLayer {
-        let rooms = RoomHub::default();
+        crate::metrics::describe_once();
+        let rooms = RoomHub::new(self.config.max_queued_bytes, self.config.max_sockets);
         let mut broken = None;
         let broker = match &self.redis_url {
             None => Broker::Memory(MemoryBroker::new(rooms.clone())),

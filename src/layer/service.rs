@@ -80,6 +80,12 @@ where
                 "server shutting down\n".into(),
             ));
         }
+        if !self.node.rooms.has_capacity() {
+            return ResponseFuture::ready(plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server full, try again later\n".into(),
+            ));
+        }
         let config = &self.node.config;
         let ws_config = hyper_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(config.read_buffer_size)

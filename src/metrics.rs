@@ -1,0 +1,117 @@
+//! Metrics, emitted through the [`metrics`](https://docs.rs/metrics) facade.
+//!
+//! thinws records to whatever recorder the application installs (Prometheus, StatsD,
+//! OpenTelemetry, ...); without one, recording costs next to nothing. Install the recorder
+//! **before** building the layer: some handles are taken when a socket opens. The
+//! standalone server installs `metrics-exporter-prometheus` and serves `GET /metrics`.
+//!
+//! | name | kind | what |
+//! | --- | --- | --- |
+//! | `thinws_sockets` | gauge | open sockets on this node |
+//! | `thinws_rooms` | gauge | rooms with members on this node |
+//! | `thinws_redis_subscriptions` | gauge | room channels this node holds at Redis (0 while disconnected) |
+//! | `thinws_frames_in_total` | counter | frames received from clients |
+//! | `thinws_frames_out_total` | counter | frames written to clients |
+//! | `thinws_publishes_total` | counter | messages accepted by the broker |
+//! | `thinws_publish_duration_seconds` | histogram | time from a client's `message` to the broker's acceptance |
+//! | `thinws_errors_total{code}` | counter | `error` frames sent, by code |
+//! | `thinws_slow_reader_drops_total` | counter | sockets closed with 1013 because their queue was full |
+//! | `thinws_redis_reconnects_total` | counter | times the pub/sub connection was re-established |
+//!
+//! # Example
+//!
+//! ```
+//! // With metrics-exporter-prometheus (no HTTP listener needed):
+//! // let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+//! // ... build the ThinWsLayer, then serve `handle.render()` on your own route.
+//! thinws::metrics::describe();
+//! ```
+
+use std::sync::Once;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{Counter, Histogram, Unit};
+
+use crate::protocol::ErrorCode;
+
+/// Registers the descriptions (help texts and units) of every thinws metric with the
+/// installed recorder. Called when a layer is built; call it yourself if you install the
+/// recorder later.
+pub fn describe() {
+    describe_gauge!("thinws_sockets", "Open sockets on this node");
+    describe_gauge!("thinws_rooms", "Rooms with members on this node");
+    describe_gauge!(
+        "thinws_redis_subscriptions",
+        "Room channels this node holds at Redis"
+    );
+    describe_counter!("thinws_frames_in_total", "Frames received from clients");
+    describe_counter!("thinws_frames_out_total", "Frames written to clients");
+    describe_counter!("thinws_publishes_total", "Messages accepted by the broker");
+    describe_histogram!(
+        "thinws_publish_duration_seconds",
+        Unit::Seconds,
+        "Time from a client's message to the broker's acceptance"
+    );
+    describe_counter!("thinws_errors_total", "Error frames sent, by code");
+    describe_counter!(
+        "thinws_slow_reader_drops_total",
+        "Sockets closed with 1013 because their outbound queue was full"
+    );
+    describe_counter!(
+        "thinws_redis_reconnects_total",
+        "Times the Redis pub/sub connection was re-established"
+    );
+}
+
+pub(crate) fn describe_once() {
+    static DESCRIBED: Once = Once::new();
+    DESCRIBED.call_once(describe);
+}
+
+/// Handles a socket keeps for its hot paths (taken once, when it opens).
+#[derive(Debug, Clone)]
+pub(crate) struct SocketMetrics {
+    pub(crate) frames_in: Counter,
+    pub(crate) frames_out: Counter,
+    pub(crate) publishes: Counter,
+    pub(crate) publish_duration: Histogram,
+}
+
+impl SocketMetrics {
+    pub(crate) fn new() -> Self {
+        SocketMetrics {
+            frames_in: counter!("thinws_frames_in_total"),
+            frames_out: counter!("thinws_frames_out_total"),
+            publishes: counter!("thinws_publishes_total"),
+            publish_duration: histogram!("thinws_publish_duration_seconds"),
+        }
+    }
+}
+
+pub(crate) fn sockets(n: usize) {
+    gauge!("thinws_sockets").set(n as f64);
+}
+
+pub(crate) fn room_opened() {
+    gauge!("thinws_rooms").increment(1.0);
+}
+
+pub(crate) fn room_closed() {
+    gauge!("thinws_rooms").decrement(1.0);
+}
+
+pub(crate) fn redis_subscriptions(n: usize) {
+    gauge!("thinws_redis_subscriptions").set(n as f64);
+}
+
+pub(crate) fn error(code: ErrorCode) {
+    counter!("thinws_errors_total", "code" => code.as_str()).increment(1);
+}
+
+pub(crate) fn slow_reader_dropped() {
+    counter!("thinws_slow_reader_drops_total").increment(1);
+}
+
+pub(crate) fn redis_reconnected() {
+    counter!("thinws_redis_reconnects_total").increment(1);
+}
