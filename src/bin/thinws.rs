@@ -5,7 +5,7 @@
 //! ```
 //!
 //! Without a Redis URL it runs the in-memory single-node hub. `GET /healthz` answers 200
-//! when the node can serve and 503 otherwise. SIGINT/SIGTERM close every socket with 1001
+//! when the node can serve and 503 otherwise; `GET /metrics` serves Prometheus metrics. SIGINT/SIGTERM close every socket with 1001
 //! and exit 0.
 
 use std::convert::Infallible;
@@ -22,6 +22,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use thinws::{Hub, ThinWsLayer};
 use tokio::net::TcpListener;
 use tower_layer::Layer;
@@ -46,12 +47,28 @@ struct Args {
     /// Seconds to wait for sockets to close on shutdown.
     #[arg(long, env = "THINWS_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     shutdown_timeout: u64,
+    /// Frames per second each socket may send on average (0: no limit).
+    #[arg(long, env = "THINWS_RATE_LIMIT", default_value_t = 100)]
+    rate_limit: u32,
+    /// Burst of frames each socket may send at once.
+    #[arg(long, env = "THINWS_RATE_BURST", default_value_t = 200)]
+    rate_burst: u32,
+    /// Sockets this node accepts at most.
+    #[arg(long, env = "THINWS_MAX_SOCKETS", default_value_t = 100_000)]
+    max_sockets: usize,
+    /// Seconds between heartbeat pings.
+    #[arg(long, env = "THINWS_PING_INTERVAL", default_value_t = 25)]
+    ping_interval: u64,
+    /// Seconds of silence after which a socket is dropped.
+    #[arg(long, env = "THINWS_IDLE_TIMEOUT", default_value_t = 60)]
+    idle_timeout: u64,
 }
 
 /// The server's own HTTP endpoints, behind the ThinWS layer.
 #[derive(Clone)]
 struct Endpoints {
     hub: Hub,
+    metrics: PrometheusHandle,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -67,6 +84,7 @@ impl<B> Service<Request<B>> for Endpoints {
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let hub = self.hub.clone();
+        let metrics = self.metrics.clone();
         let path = request.uri().path().to_owned();
         Box::pin(async move {
             let (status, body) = match path.as_str() {
@@ -79,6 +97,7 @@ impl<B> Service<Request<B>> for Endpoints {
                     };
                     (status, format!("{health}\n"))
                 }
+                "/metrics" => (StatusCode::OK, metrics.render()),
                 _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
             };
             let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -132,7 +151,24 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let mut builder = ThinWsLayer::builder().key_prefix(args.key_prefix);
+    // Before the layer is built: sockets take their metric handles when they open.
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let mut builder = ThinWsLayer::builder()
+        .key_prefix(args.key_prefix)
+        .rate_limit(args.rate_limit, args.rate_burst)
+        .max_sockets(args.max_sockets)
+        .ping_interval(Duration::from_secs(args.ping_interval))
+        .idle_timeout(Duration::from_secs(args.idle_timeout));
     if let Some(path) = &args.path {
         builder = builder.path(path);
     }
@@ -156,9 +192,12 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let hub = layer.hub();
-    let service = layer.layer(Endpoints { hub: hub.clone() });
+    let service = layer.layer(Endpoints {
+        hub: hub.clone(),
+        metrics,
+    });
     tracing::info!(
-        "listening on ws://{addr}{}  (health: http://{addr}/healthz)",
+        "listening on ws://{addr}{}  (health: http://{addr}/healthz, metrics: http://{addr}/metrics)",
         args.path.as_deref().unwrap_or("/")
     );
 

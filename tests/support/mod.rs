@@ -239,6 +239,15 @@ impl Client {
         }
     }
 
+    /// Wraps an already connected WebSocket.
+    pub fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
+        Client {
+            ws,
+            backlog: VecDeque::new(),
+            next_id: 1,
+        }
+    }
+
     /// Connects and binds `connection_id`.
     pub async fn connect_as(url: &str, connection_id: &str) -> Self {
         let mut client = Self::connect(url).await;

@@ -1,0 +1,434 @@
+//! Production hardening: Redis outages, slow readers, heartbeats, limits and floods, each
+//! against real parts (a private redis-server that is killed and restarted, real sockets).
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::{within, Client, Node, RedisServer};
+use thinws::hooks::{DisconnectEvent, DisconnectReason};
+use thinws::{Hub, ThinWsLayer};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tower::service_fn;
+
+fn redis_layer(redis: &RedisServer) -> ThinWsLayer {
+    ThinWsLayer::builder()
+        .redis_url(redis.url())
+        .redis_timeout(Duration::from_millis(500))
+        .rate_limit(0, 0)
+        .build()
+}
+
+async fn wait_health(hub: &Hub, ready: bool) -> Duration {
+    let started = Instant::now();
+    within(&format!("health to become {ready}"), async {
+        while hub.health().await.is_ready() != ready {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    started.elapsed()
+}
+
+/// Publishes probes from `publisher` until one reaches every subscriber; returns how long
+/// that took. A probe published while a node is still resubscribing never reaches that
+/// node's sockets (that is pub/sub), so a fresh probe follows after a short wait.
+async fn time_to_resumed_delivery(
+    publisher: &mut Client,
+    subscribers: &mut [&mut Client],
+) -> Duration {
+    let started = Instant::now();
+    within("delivery to resume", async {
+        let mut probe = 0;
+        'probe: loop {
+            probe += 1;
+            let reply = publisher
+                .request(json!({"type": "message", "roomID": "r", "payload": {"probe": probe}}))
+                .await;
+            if reply["type"] != "ack" {
+                assert_eq!(reply["code"], "unavailable", "{reply}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            for s in subscribers.iter_mut() {
+                loop {
+                    match tokio::time::timeout(Duration::from_millis(200), s.delivery()).await {
+                        Ok(v) if v["payload"]["probe"] == probe => break,
+                        Ok(_) => continue, // an earlier probe that made it after all
+                        Err(_) => continue 'probe,
+                    }
+                }
+            }
+            return started.elapsed();
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_stream_and_restarted_delivery_resumes_on_both_nodes() {
+    let mut redis = RedisServer::start().await;
+    let a = Node::start(redis_layer(&redis)).await;
+    let b = Node::start(redis_layer(&redis)).await;
+    let mut on_a = Client::connect(&a.url()).await;
+    let mut on_b = Client::connect(&b.url()).await;
+    on_a.subscribe("r").await;
+    on_b.subscribe("r").await;
+    let mut publisher = Client::connect(&a.url()).await;
+    for i in 0..100 {
+        publisher.publish("r", json!(i)).await;
+    }
+    for i in 0..100 {
+        assert_eq!(on_a.delivery().await["payload"], i);
+        assert_eq!(on_b.delivery().await["payload"], i);
+    }
+    wait_health(&a.hub, true).await;
+
+    redis.kill();
+    let unhealthy_after = wait_health(&a.hub, false).await;
+    wait_health(&b.hub, false).await;
+    println!("health turned unready {unhealthy_after:?} after the kill");
+    assert!(
+        unhealthy_after < Duration::from_secs(2),
+        "{unhealthy_after:?}"
+    );
+    // No ack for what cannot be published; the socket stays open.
+    let reply = publisher
+        .request(json!({"type": "message", "roomID": "r", "payload": "during"}))
+        .await;
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+    let reply = publisher
+        .request(json!({"type": "subscribe", "roomID": "new"}))
+        .await;
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+
+    redis.restart().await;
+    let resumed = time_to_resumed_delivery(&mut publisher, &mut [&mut on_a, &mut on_b]).await;
+    println!("delivery resumed on both nodes {resumed:?} after Redis was back");
+    assert!(resumed < Duration::from_secs(3), "{resumed:?}");
+
+    // Healthy again only with live subscriptions: right after both report ready, a message
+    // reaches both nodes with no retry.
+    wait_health(&a.hub, true).await;
+    wait_health(&b.hub, true).await;
+    publisher.publish("r", json!("after")).await;
+    assert_eq!(on_a.delivery().await["payload"], "after");
+    assert_eq!(on_b.delivery().await["payload"], "after");
+    // Nothing was written that should not be: anonymous sockets record no keys.
+    let mut conn = redis.client().await;
+    let keys: Vec<String> = redis::AsyncCommands::keys(&mut conn, "*").await.unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_only_the_pubsub_connections_is_recovered_without_client_action() {
+    let redis = RedisServer::start().await;
+    let a = Node::start(redis_layer(&redis)).await;
+    let b = Node::start(redis_layer(&redis)).await;
+    let mut on_a = Client::connect(&a.url()).await;
+    let mut on_b = Client::connect(&b.url()).await;
+    on_a.subscribe("r").await;
+    on_b.subscribe("r").await;
+    let mut publisher = Client::connect(&b.url()).await;
+    publisher.publish("r", json!("before")).await;
+    assert_eq!(on_a.delivery().await["payload"], "before");
+    assert_eq!(on_b.delivery().await["payload"], "before");
+
+    let mut conn = redis.client().await;
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(killed, 2, "one pub/sub connection per node");
+    let resumed = time_to_resumed_delivery(&mut publisher, &mut [&mut on_a, &mut on_b]).await;
+    println!("delivery resumed {resumed:?} after CLIENT KILL TYPE pubsub");
+    assert!(resumed < Duration::from_secs(3), "{resumed:?}");
+    wait_health(&a.hub, true).await;
+    let channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(channels, ["thinws:room:r"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_stops_reading_is_dropped_and_the_others_get_everything() {
+    const MAX_QUEUED: usize = 256 * 1024;
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .rate_limit(0, 0)
+            .max_queued_bytes(MAX_QUEUED)
+            .outbound_queue(1_000_000)
+            .build(),
+    )
+    .await;
+    // The slow reader: a small receive buffer, and it never reads after subscribing.
+    let slow_tcp = {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(node.addr).await.unwrap()
+    };
+    let (slow_ws, _) = tokio_tungstenite::client_async(
+        node.url(),
+        tokio_tungstenite::MaybeTlsStream::Plain(slow_tcp),
+    )
+    .await
+    .unwrap();
+    let mut slow = Client::from_stream(slow_ws);
+    slow.subscribe("r").await;
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let mut c = Client::connect(&node.url()).await;
+        c.subscribe("r").await;
+        readers.push(c);
+    }
+    assert_eq!(node.hub.socket_count(), 4);
+
+    // Watch the node's queued bytes while the flood runs.
+    let hub = node.hub.clone();
+    let peak = Arc::new(Mutex::new(0usize));
+    let watcher = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                let queued = hub.queued_bytes();
+                {
+                    let mut p = peak.lock().unwrap();
+                    *p = (*p).max(queued);
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+    };
+
+    const N: usize = 20_000;
+    let payload = "x".repeat(1024);
+    let mut publisher = Client::connect(&node.url()).await;
+    let sender = tokio::spawn(async move {
+        for i in 0..N {
+            publisher
+                .send_text(json!({"type": "message", "messageID": i, "roomID": "r", "payload": {"i": i, "pad": payload}}).to_string())
+                .await;
+        }
+        for i in 0..N {
+            assert_eq!(publisher.reply_to(&json!(i)).await["type"], "ack");
+        }
+        publisher
+    });
+    let mut receivers = Vec::new();
+    for mut c in readers {
+        receivers.push(tokio::spawn(async move {
+            for i in 0..N {
+                let v = c.delivery().await;
+                assert_eq!(
+                    v["payload"]["i"], i,
+                    "a fast reader lost or reordered a message"
+                );
+            }
+            c
+        }));
+    }
+    // Keep every client open until the end.
+    let mut open = vec![within("the publisher", sender).await.unwrap()];
+    for r in receivers {
+        open.push(within("a fast reader", r).await.unwrap());
+    }
+    // The slow reader was dropped, and its queue with it.
+    within("the slow reader to be dropped", async {
+        while node.hub.socket_count() > 4 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        node.hub.socket_count(),
+        4,
+        "3 fast readers and the publisher remain"
+    );
+    watcher.abort();
+    let peak = *peak.lock().unwrap();
+    println!("peak queued bytes on the node: {peak}");
+    // Each socket's queue is bounded; five sockets at most ever had bytes queued.
+    assert!(peak <= 5 * (MAX_QUEUED + 2048), "peak {peak}");
+    within("queues to drain", async {
+        while node.hub.queued_bytes() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    drop((slow, open));
+}
+
+fn disconnect_log() -> (
+    impl tower::Service<DisconnectEvent, Response = (), Error = Infallible, Future = impl Send>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Arc<Mutex<Vec<(String, DisconnectReason)>>>,
+) {
+    let log: Arc<Mutex<Vec<(String, DisconnectReason)>>> = Arc::default();
+    let l = log.clone();
+    let hook = service_fn(move |event: DisconnectEvent| {
+        let log = l.clone();
+        async move {
+            log.lock()
+                .unwrap()
+                .push((event.socket().connection_id().to_owned(), event.reason()));
+            Ok::<_, Infallible>(())
+        }
+    });
+    (hook, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_socket_is_dropped_by_the_heartbeat_and_a_live_one_is_kept() {
+    let (hook, log) = disconnect_log();
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .ping_interval(Duration::from_millis(100))
+            .idle_timeout(Duration::from_millis(400))
+            .on_disconnect(hook)
+            .build(),
+    )
+    .await;
+    // A live client: it reads, so it answers pings (tungstenite replies while reading).
+    let mut live = Client::connect_as(&node.url(), "live").await;
+    live.subscribe("r").await;
+    let live_reader = tokio::spawn(async move {
+        let v = live.delivery().await;
+        (live, v)
+    });
+    // A silent client (as a half-open connection looks to the server): never reads, never
+    // answers a ping.
+    let silent = Client::connect_as(&node.url(), "silent").await;
+    within("the silent socket to be dropped", async {
+        while log.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        log.lock().unwrap().clone(),
+        [("silent".to_owned(), DisconnectReason::TimedOut)]
+    );
+    // Well past the timeout, the live socket is still there and working.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(node.hub.socket_count(), 1);
+    let mut publisher = Client::connect(&node.url()).await;
+    publisher.publish("r", json!("still here")).await;
+    let (live, v) = within("the live reader", live_reader).await.unwrap();
+    assert_eq!(v["payload"], "still here");
+    drop((live, silent));
+}
+
+#[tokio::test]
+async fn rooms_per_socket_and_sockets_per_node_are_limited() {
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .max_rooms_per_socket(3)
+            .max_sockets(2)
+            .build(),
+    )
+    .await;
+    let mut c = Client::connect(&node.url()).await;
+    for room in ["a", "b", "c"] {
+        c.subscribe(room).await;
+    }
+    let reply = c.request(json!({"type": "subscribe", "roomID": "d"})).await;
+    assert_eq!(reply["code"], "limit_exceeded", "{reply}");
+    // Re-subscribing to a room it is in is fine; leaving one makes space.
+    c.subscribe("a").await;
+    c.unsubscribe("b").await;
+    c.subscribe("d").await;
+
+    let _second = Client::connect(&node.url()).await;
+    let (status, body) = support::http(
+        node.addr,
+        "GET",
+        "/",
+        &[
+            ("Connection", "Upgrade"),
+            ("Upgrade", "websocket"),
+            ("Sec-WebSocket-Version", "13"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ],
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("full"), "{body}");
+}
+
+#[tokio::test]
+async fn a_socket_over_its_rate_gets_rate_limited_then_closed_if_it_floods() {
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .rate_limit(10, 5)
+            .flood_close_after(20)
+            .build(),
+    )
+    .await;
+    let mut c = Client::connect(&node.url()).await;
+    for i in 0..5 {
+        c.send_text(json!({"type": "subscribe", "messageID": i, "roomID": "r"}).to_string())
+            .await;
+    }
+    for i in 0..5 {
+        assert_eq!(c.reply_to(&json!(i)).await["type"], "ack");
+    }
+    c.send_text(json!({"type": "subscribe", "messageID": 99, "roomID": "r"}).to_string())
+        .await;
+    let reply = c.reply_to(&json!(99)).await;
+    assert_eq!(reply["code"], "rate_limited", "{reply}");
+    // Keep flooding: closed with 1008.
+    for i in 100..130 {
+        c.send_text(json!({"type": "subscribe", "messageID": i, "roomID": "r"}).to_string())
+            .await;
+    }
+    assert_eq!(c.closed().await, CloseCode::Policy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_socket_does_not_starve_the_others() {
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .rate_limit(100, 100)
+            // Never closed, so it floods for the whole test.
+            .flood_close_after(u32::MAX)
+            .build(),
+    )
+    .await;
+    let flooder = Client::connect(&node.url()).await;
+    let flood = tokio::spawn(async move {
+        let mut flooder = flooder;
+        let frame = json!({"type": "message", "messageID": 1, "roomID": "flood", "payload": "x".repeat(512)}).to_string();
+        let mut sent = 0u64;
+        // It never reads its errors either; its queue fills and it is dropped as a slow
+        // reader, or it keeps flooding until the test ends.
+        while sent < 200_000 {
+            if tokio::time::timeout(Duration::from_secs(1), flooder.send_text(frame.clone()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+    let mut a = Client::connect(&node.url()).await;
+    let mut b = Client::connect(&node.url()).await;
+    b.subscribe("calm").await;
+    for i in 0..80 {
+        a.publish("calm", json!(i)).await;
+        assert_eq!(b.delivery().await["payload"], i);
+    }
+    flood.abort();
+}
