@@ -266,15 +266,17 @@ async fn a_reader_that_stops_reading_is_dropped_and_the_others_get_everything() 
     drop((slow, open));
 }
 
+type DisconnectLog = Arc<Mutex<Vec<(String, DisconnectReason)>>>;
+
 fn disconnect_log() -> (
     impl tower::Service<DisconnectEvent, Response = (), Error = Infallible, Future = impl Send>
         + Clone
         + Send
         + Sync
         + 'static,
-    Arc<Mutex<Vec<(String, DisconnectReason)>>>,
+    DisconnectLog,
 ) {
-    let log: Arc<Mutex<Vec<(String, DisconnectReason)>>> = Arc::default();
+    let log: DisconnectLog = Arc::default();
     let l = log.clone();
     let hook = service_fn(move |event: DisconnectEvent| {
         let log = l.clone();
