@@ -61,6 +61,9 @@ pub fn describe() {
         "thinws_redis_reconnects_total",
         "Times the Redis pub/sub connection was re-established"
     );
+    // Rare events are shown as 0 from the start, so that dashboards and alerts see them.
+    counter!("thinws_slow_reader_drops_total").increment(0);
+    counter!("thinws_redis_reconnects_total").increment(0);
 }
 
 pub(crate) fn describe_once() {

@@ -127,3 +127,71 @@ async fn bad_redis_settings_exit_non_zero_with_one_line() {
         assert!(stderr.starts_with("thinws: "), "{stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_served_in_prometheus_text() {
+    let redis = RedisServer::start().await;
+    let server = Server::start(&["--redis-url", &redis.url()]).await;
+    let mut a = Client::connect(&server.url()).await;
+    a.subscribe("r").await;
+    a.publish("r", json!(1)).await;
+    a.delivery().await;
+    let reply = a.request(json!({"type": "nope"})).await;
+    assert_eq!(reply["code"], "unknown_type");
+    let (status, body) = http(server.addr, "GET", "/metrics", &[]).await;
+    assert_eq!(status, 200);
+    for needle in [
+        "thinws_sockets 1",
+        "thinws_rooms 1",
+        "thinws_redis_subscriptions 1",
+        "thinws_frames_in_total 3",
+        "thinws_publishes_total 1",
+        "thinws_publish_duration_seconds",
+        "thinws_errors_total{code=\"unknown_type\"} 1",
+        "thinws_slow_reader_drops_total 0",
+        "thinws_redis_reconnects_total 0",
+    ] {
+        assert!(body.contains(needle), "{needle:?} missing from:\n{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_moves_clients_to_the_other_node_with_their_rooms() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let a = Server::start(&["--redis-url", &url]).await;
+    let b = Server::start(&["--redis-url", &url]).await;
+    let mut clients = Vec::new();
+    for name in ["ann", "ben", "cat"] {
+        let mut c = Client::connect_as(&a.url(), name).await;
+        c.subscribe("news").await;
+        c.subscribe(&format!("dm-{name}")).await;
+        clients.push((name, c));
+    }
+    let mut publisher = Client::connect(&b.url()).await;
+    publisher.publish("news", json!("before")).await;
+    for (_, c) in &mut clients {
+        assert_eq!(c.delivery().await["payload"], "before");
+    }
+
+    // Node a is stopped: its clients are told to go away, and it exits cleanly.
+    a.terminate();
+    for (_, c) in &mut clients {
+        assert_eq!(c.closed().await, CloseCode::Away);
+    }
+    assert!(a.exited().await.success());
+
+    // They reconnect to node b, say who they are, and get their rooms back.
+    let mut moved = Vec::new();
+    for (name, _) in clients {
+        moved.push((name, Client::connect_as(&b.url(), name).await));
+    }
+    publisher.publish("news", json!("after")).await;
+    for (name, c) in &mut moved {
+        assert_eq!(c.delivery().await["payload"], "after");
+        publisher
+            .publish(&format!("dm-{name}"), json!(format!("hi {name}")))
+            .await;
+        assert_eq!(c.delivery().await["payload"], format!("hi {name}"));
+    }
+}
