@@ -31,6 +31,8 @@
 #![warn(missing_docs)]
 
 mod broker;
+#[cfg(feature = "client")]
+pub mod client;
 mod config;
 mod connection;
 mod error;

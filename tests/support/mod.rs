@@ -180,7 +180,21 @@ pub struct Node {
 impl Node {
     /// Serves `layer` around [`Inner`].
     pub async fn start(layer: ThinWsLayer) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap(), layer).await
+    }
+
+    /// Serves `layer` on `addr` (retrying while the port is still held by a node that was
+    /// just stopped).
+    pub async fn start_on(addr: SocketAddr, layer: ThinWsLayer) -> Self {
+        let listener = within("the port to be free", async {
+            loop {
+                match TcpListener::bind(addr).await {
+                    Ok(listener) => return listener,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        })
+        .await;
         let addr = listener.local_addr().unwrap();
         let hub = layer.hub();
         let service = layer.layer(Inner);

@@ -1,0 +1,267 @@
+//! The Rust client (cargo feature `client`).
+//!
+//! [`ThinWsClient::connect`] opens a socket, binds it to a `connectionID` and returns a
+//! cloneable client and the [`Messages`] stream of deliveries. `subscribe`, `unsubscribe`
+//! and `send` resolve when the server acks, or fail with the server's `error` (typed:
+//! [`ClientError::Server`]), a timeout, or a lost connection.
+//!
+//! When the connection drops (the server restarts, closes the socket, or the network
+//! fails), the client reconnects on its own with exponential backoff and jitter, and
+//! sends `connect` again, so the server rejoins every room the identity subscribed to.
+//! While it is disconnected:
+//! - new requests are **queued** (up to [`ClientBuilder::max_queued`], default 1,024; beyond
+//!   that they fail at once with [`ClientError::QueueFull`]) and sent after reconnecting,
+//!   each still bounded by the request timeout;
+//! - requests that were already sent when the connection dropped fail with
+//!   [`ClientError::Disconnected`]: the server may or may not have applied them, and only
+//!   the caller knows whether resending a message is safe.
+//!
+//! Plain `ws://` only: this feature adds no TLS stack.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use futures_util::StreamExt;
+//! use thinws::client::ThinWsClient;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), thinws::client::ClientError> {
+//! let (client, mut messages) = ThinWsClient::connect("ws://127.0.0.1:8080/", "alice").await?;
+//! client.subscribe("lobby").await?;
+//! client.send("lobby", &serde_json::json!({"text": "hi"})).await?;
+//! while let Some(message) = messages.next().await {
+//!     println!("{} in {}: {}", message.sender, message.room, message.payload);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+mod driver;
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+
+/// Why a client operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server refused the operation with an `error` frame.
+    #[error("server error {code}: {message}")]
+    Server {
+        /// The protocol's error code, e.g. `forbidden` or `too_large`.
+        code: String,
+        /// The server's explanation.
+        message: String,
+    },
+    /// No answer within the request timeout.
+    #[error("no answer from the server in time")]
+    Timeout,
+    /// The connection dropped after the request was sent; it may or may not have been
+    /// applied.
+    #[error("the connection dropped before the server answered")]
+    Disconnected,
+    /// Too many requests are waiting for the connection to come back.
+    #[error("too many requests queued while disconnected")]
+    QueueFull,
+    /// The client was closed.
+    #[error("the client is closed")]
+    Closed,
+    /// The first connection could not be opened.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The payload could not be serialised to JSON.
+    #[error("payload is not serialisable to JSON: {0}")]
+    InvalidPayload(String),
+}
+
+impl ClientError {
+    /// The server's error code, for [`ClientError::Server`].
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// A message delivered to a room the client subscribed to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    /// The room.
+    pub room: String,
+    /// The sender's `connectionID`.
+    pub sender: String,
+    /// The payload.
+    pub payload: serde_json::Value,
+}
+
+impl Delivery {
+    /// The payload deserialized into `T`.
+    pub fn payload_as<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        T::deserialize(&self.payload)
+    }
+}
+
+/// The stream of [`Delivery`]s; ends when the client is closed.
+#[derive(Debug)]
+pub struct Messages {
+    rx: mpsc::Receiver<Delivery>,
+}
+
+impl Stream for Messages {
+    type Item = Delivery;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// One operation for the server.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Subscribe(String),
+    Unsubscribe(String),
+    Message(String, Box<RawValue>),
+}
+
+pub(crate) enum Request {
+    Op {
+        op: Op,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    Close(oneshot::Sender<()>),
+}
+
+/// Settings of a [`ThinWsClient`].
+#[derive(Debug, Clone)]
+pub struct ClientBuilder {
+    pub(crate) url: String,
+    pub(crate) connection_id: String,
+    pub(crate) request_timeout: Duration,
+    pub(crate) max_queued: usize,
+    pub(crate) max_backoff: Duration,
+}
+
+impl ClientBuilder {
+    /// How long an operation may wait for its ack (including time queued while
+    /// disconnected). Default 10 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How many requests may wait for a connection while disconnected. Default 1,024.
+    pub fn max_queued(mut self, requests: usize) -> Self {
+        self.max_queued = requests;
+        self
+    }
+
+    /// The longest pause between reconnection attempts (the backoff starts at 100 ms and
+    /// doubles, with jitter). Default 10 s.
+    pub fn max_backoff(mut self, max: Duration) -> Self {
+        self.max_backoff = max;
+        self
+    }
+
+    /// Opens the first connection (failing at once if it cannot) and starts the client.
+    pub async fn connect(self) -> Result<(ThinWsClient, Messages), ClientError> {
+        let socket = driver::open(&self).await.map_err(ClientError::Connect)?;
+        let (requests, requests_rx) = mpsc::channel(64);
+        let (deliveries, deliveries_rx) = mpsc::channel(1024);
+        let timeout = self.request_timeout;
+        tokio::spawn(driver::drive(
+            self,
+            socket,
+            requests_rx,
+            deliveries,
+            VecDeque::new(),
+        ));
+        Ok((
+            ThinWsClient { requests, timeout },
+            Messages { rx: deliveries_rx },
+        ))
+    }
+}
+
+/// A ThinWS client; cheap to clone (all clones share one connection).
+#[derive(Debug, Clone)]
+pub struct ThinWsClient {
+    requests: mpsc::Sender<Request>,
+    timeout: Duration,
+}
+
+impl ThinWsClient {
+    /// Connects to `url` (e.g. `ws://127.0.0.1:8080/`) as `connection_id`, with default
+    /// settings. See [`ThinWsClient::builder`].
+    pub async fn connect(
+        url: impl Into<String>,
+        connection_id: impl Into<String>,
+    ) -> Result<(ThinWsClient, Messages), ClientError> {
+        Self::builder(url, connection_id).connect().await
+    }
+
+    /// Settings for a client of `url` as `connection_id`.
+    pub fn builder(url: impl Into<String>, connection_id: impl Into<String>) -> ClientBuilder {
+        ClientBuilder {
+            url: url.into(),
+            connection_id: connection_id.into(),
+            request_timeout: Duration::from_secs(10),
+            max_queued: 1024,
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+
+    async fn request(&self, op: Op) -> Result<(), ClientError> {
+        let (reply, answer) = oneshot::channel();
+        let call = async {
+            self.requests
+                .send(Request::Op { op, reply })
+                .await
+                .map_err(|_| ClientError::Closed)?;
+            answer.await.unwrap_or(Err(ClientError::Closed))
+        };
+        tokio::time::timeout(self.timeout, call)
+            .await
+            .unwrap_or(Err(ClientError::Timeout))
+    }
+
+    /// Joins `room` (and the server remembers it for this identity).
+    pub async fn subscribe(&self, room: impl Into<String>) -> Result<(), ClientError> {
+        self.request(Op::Subscribe(room.into())).await
+    }
+
+    /// Leaves `room` (and the server forgets it for this identity).
+    pub async fn unsubscribe(&self, room: impl Into<String>) -> Result<(), ClientError> {
+        self.request(Op::Unsubscribe(room.into())).await
+    }
+
+    /// Publishes `payload` to every subscriber of `room`; resolves when the server's broker
+    /// accepted it.
+    pub async fn send<T: Serialize + ?Sized>(
+        &self,
+        room: impl Into<String>,
+        payload: &T,
+    ) -> Result<(), ClientError> {
+        let payload = serde_json::value::to_raw_value(payload)
+            .map_err(|e| ClientError::InvalidPayload(e.to_string()))?;
+        self.request(Op::Message(room.into(), payload)).await
+    }
+
+    /// Closes the connection cleanly (close code 1000) and stops reconnecting. The
+    /// identity keeps its rooms on the server. Other clones fail with
+    /// [`ClientError::Closed`] from then on.
+    pub async fn close(self) {
+        let (done, closed) = oneshot::channel();
+        if self.requests.send(Request::Close(done)).await.is_ok() {
+            let _ = closed.await;
+        }
+    }
+}

@@ -1,0 +1,164 @@
+//! The Rust client against a real server: acks and errors, deliveries, reconnection after
+//! a server restart and after the server closes the socket, queueing while disconnected.
+
+mod support;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use support::{within, Client, Node, RedisServer};
+use thinws::client::{ClientError, Delivery, Messages, ThinWsClient};
+use thinws::hooks::{SubscribeEvent, Verdict};
+use thinws::ThinWsLayer;
+use tower::service_fn;
+
+async fn next(messages: &mut Messages) -> Delivery {
+    within("a delivery", messages.next())
+        .await
+        .expect("stream ended")
+}
+
+#[tokio::test]
+async fn acks_errors_and_deliveries_map_to_types() {
+    let layer = ThinWsLayer::builder()
+        .on_subscribe(service_fn(|e: SubscribeEvent| async move {
+            Ok::<_, Infallible>(if e.room() == "secret" {
+                Verdict::refuse("no entry")
+            } else {
+                Verdict::Allow
+            })
+        }))
+        .build();
+    let node = Node::start(layer).await;
+    let (client, mut messages) = ThinWsClient::connect(node.url(), "alice").await.unwrap();
+    client.subscribe("lobby").await.unwrap();
+    client.send("lobby", &json!({"text": "hi"})).await.unwrap();
+    let got = next(&mut messages).await;
+    assert_eq!(got.room, "lobby");
+    assert_eq!(got.sender, "alice");
+    #[derive(serde::Deserialize, PartialEq, Debug)]
+    struct Chat {
+        text: String,
+    }
+    assert_eq!(
+        got.payload_as::<Chat>().unwrap(),
+        Chat { text: "hi".into() }
+    );
+
+    let err = client.subscribe("secret").await.unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Server { code, message } if code == "forbidden" && message == "no entry"),
+        "{err:?}"
+    );
+    let err = client.subscribe("x".repeat(300)).await.unwrap_err();
+    assert_eq!(err.code(), Some("too_large"));
+
+    // Another client's message arrives on the stream too.
+    let mut other = Client::connect(&node.url()).await;
+    other.publish("lobby", json!(2)).await;
+    assert_eq!(next(&mut messages).await.payload, json!(2));
+
+    client.clone().close().await;
+    assert!(within("the stream to end", messages.next()).await.is_none());
+    assert!(matches!(
+        client.subscribe("late").await,
+        Err(ClientError::Closed)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_reconnects_after_a_server_restart_and_gets_its_rooms_back() {
+    let redis = RedisServer::start().await;
+    let node = Node::redis(&redis).await;
+    let addr = node.addr;
+    let (client, mut messages) = ThinWsClient::builder(node.url(), "bob")
+        .max_backoff(Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    client.subscribe("r").await.unwrap();
+
+    // The server goes away (its sockets are closed with 1001), then comes back.
+    node.hub.shutdown(Duration::from_secs(5)).await;
+    drop(node);
+    // A request made while disconnected waits in the queue.
+    let queued = tokio::spawn({
+        let client = client.clone();
+        async move { client.send("r", &json!("queued while down")).await }
+    });
+    let node = Node::start_on(addr, ThinWsLayer::new(redis.url())).await;
+
+    within("the queued request", queued).await.unwrap().unwrap();
+    assert_eq!(
+        next(&mut messages).await.payload,
+        json!("queued while down")
+    );
+    // Its room was rejoined by `connect` on reconnection: other senders reach it.
+    let mut publisher = Client::connect(&node.url()).await;
+    publisher.publish("r", json!("after restart")).await;
+    assert_eq!(next(&mut messages).await.payload, json!("after restart"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_reconnects_after_the_server_closes_the_socket() {
+    let node = Node::start(ThinWsLayer::builder().max_frame_size(1024).build()).await;
+    let (client, mut messages) = ThinWsClient::builder(node.url(), "carol")
+        .max_backoff(Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    client.subscribe("r").await.unwrap();
+    // Over the frame limit: the server closes the socket with 1009.
+    let err = client.send("r", &"z".repeat(4096)).await.unwrap_err();
+    assert!(matches!(err, ClientError::Disconnected), "{err:?}");
+    // The client is back, with its room (in-memory identities live in the node).
+    client.send("r", &json!("back")).await.unwrap();
+    assert_eq!(next(&mut messages).await.payload, json!("back"));
+}
+
+#[tokio::test]
+async fn requests_beyond_the_queue_bound_fail_fast_while_disconnected() {
+    let node = Node::start(ThinWsLayer::in_memory()).await;
+    let (client, _messages) = ThinWsClient::builder(node.url(), "dan")
+        .max_queued(1)
+        .request_timeout(Duration::from_millis(500))
+        .max_backoff(Duration::from_secs(60))
+        .connect()
+        .await
+        .unwrap();
+    client.subscribe("r").await.unwrap();
+    node.hub.shutdown(Duration::from_secs(5)).await;
+    drop(node);
+    // Requests keep coming while the server is gone: one fits in the queue, the others
+    // fail at once; none succeeds.
+    let mut calls = Vec::new();
+    for _ in 0..20 {
+        let client = client.clone();
+        calls.push(tokio::spawn(async move { client.subscribe("b").await }));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut queue_full = 0;
+    for call in calls {
+        match within("a request", call).await.unwrap() {
+            Err(ClientError::QueueFull) => queue_full += 1,
+            Err(ClientError::Timeout | ClientError::Disconnected) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(queue_full >= 18, "{queue_full}");
+}
+
+#[tokio::test]
+async fn the_first_connection_fails_clearly() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = ThinWsClient::connect(format!("ws://127.0.0.1:{port}/"), "eve")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ClientError::Connect(_)), "{err:?}");
+}
