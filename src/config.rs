@@ -30,6 +30,8 @@ pub(crate) struct Config {
     /// The `connectionID` of frames published with `Hub::publish`.
     pub(crate) server_sender_id: String,
     pub(crate) hooks: Hooks,
+    /// Whether `GET /thinws.js` and `/thinws.mjs` serve the browser client.
+    pub(crate) serve_client: bool,
 }
 
 impl Default for Config {
@@ -54,6 +56,7 @@ impl Default for Config {
             redis_timeout: Duration::from_secs(2),
             server_sender_id: "server".into(),
             hooks: Hooks::default(),
+            serve_client: false,
         }
     }
 }

@@ -62,13 +62,21 @@ struct Args {
     /// Seconds of silence after which a socket is dropped.
     #[arg(long, env = "THINWS_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout: u64,
+    /// Don't serve the demo chat page at `/`.
+    #[arg(long, env = "THINWS_NO_DEMO")]
+    no_demo: bool,
 }
+
+/// The demo chat page, built on `/thinws.js`.
+const DEMO: &str = include_str!("../../assets/demo.html");
 
 /// The server's own HTTP endpoints, behind the ThinWS layer.
 #[derive(Clone)]
 struct Endpoints {
     hub: Hub,
     metrics: PrometheusHandle,
+    /// The demo page, with the socket path filled in, unless disabled.
+    demo: Option<Bytes>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -86,6 +94,14 @@ impl<B> Service<Request<B>> for Endpoints {
         let hub = self.hub.clone();
         let metrics = self.metrics.clone();
         let path = request.uri().path().to_owned();
+        if let (Some(demo), "/") = (&self.demo, path.as_str()) {
+            let mut response = Response::new(Full::new(demo.clone()));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            return Box::pin(std::future::ready(Ok(response)));
+        }
         Box::pin(async move {
             let (status, body) = match path.as_str() {
                 "/healthz" => {
@@ -164,6 +180,7 @@ async fn run(args: Args) -> Result<(), String> {
         }
     });
     let mut builder = ThinWsLayer::builder()
+        .serve_client(true)
         .key_prefix(args.key_prefix)
         .rate_limit(args.rate_limit, args.rate_burst)
         .max_sockets(args.max_sockets)
@@ -192,14 +209,20 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let hub = layer.hub();
+    let ws_path = args.path.clone().unwrap_or_else(|| "/".to_owned());
+    let demo = (!args.no_demo).then(|| Bytes::from(DEMO.replace("{{WS_PATH}}", &ws_path)));
     let service = layer.layer(Endpoints {
         hub: hub.clone(),
         metrics,
+        demo,
     });
     tracing::info!(
-        "listening on ws://{addr}{}  (health: http://{addr}/healthz, metrics: http://{addr}/metrics)",
-        args.path.as_deref().unwrap_or("/")
+        "listening on ws://{addr}{ws_path}  (health: http://{addr}/healthz, metrics: http://{addr}/metrics)"
     );
+    if !args.no_demo {
+        // Printed plainly, so that whoever ran the command sees where to click.
+        println!("thinws demo chat: http://{addr}/");
+    }
 
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);

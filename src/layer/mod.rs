@@ -32,6 +32,7 @@
 //! an [`Error`].
 
 mod body;
+mod client_script;
 mod future;
 mod service;
 
@@ -256,6 +257,20 @@ impl ThinWsBuilder {
     /// take before the client gets `unavailable`. Default 2 s.
     pub fn redis_timeout(mut self, timeout: Duration) -> Self {
         self.config.redis_timeout = timeout;
+        self
+    }
+
+    /// Serves the browser client: `GET /thinws.js` (a plain script defining
+    /// `ThinWSClient`) and `GET /thinws.mjs` (the same as an ES module), with a
+    /// JavaScript content type, an `ETag` and `Cache-Control: public, max-age=3600`, the
+    /// way Socket.IO serves its client. Off by default; the standalone server turns it on.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder().serve_client(true).build();
+    /// # let _ = layer;
+    /// ```
+    pub fn serve_client(mut self, serve: bool) -> Self {
+        self.config.serve_client = serve;
         self
     }
 

@@ -6,7 +6,7 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tower_service::Service;
 
-use super::{ResponseBody, ResponseFuture, ThinWsLayer};
+use super::{client_script, ResponseBody, ResponseFuture, ThinWsLayer};
 use crate::connection;
 use crate::hub::Node;
 
@@ -65,6 +65,11 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        if self.node.config.serve_client {
+            if let Some(response) = client_script::respond(&request) {
+                return ResponseFuture::ready(response);
+            }
+        }
         if !self.takes(&request) {
             return ResponseFuture::inner(self.inner.call(request));
         }

@@ -138,7 +138,16 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
                 "messageID is required",
             ))
         }
-        Some(id) if is_string_or_number(id) => id,
+        Some(id) if is_string_or_number(id) => {
+            if !id.get().starts_with('"') && !fits_f64(id.get()) {
+                return Err(FrameError::new(
+                    None,
+                    ErrorCode::InvalidMessage,
+                    "messageID is a number too large for a 64-bit float",
+                ));
+            }
+            id
+        }
         Some(_) => {
             return Err(FrameError::new(
                 None,
@@ -218,15 +227,24 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
                 Some(payload) => payload,
                 None => return Err(fail(ErrorCode::InvalidMessage, "payload is required")),
             };
-            if nests_deeper_than(payload.get(), limits.max_payload_depth) {
-                return Err(FrameError::new(
-                    Some(message_id),
-                    ErrorCode::TooLarge,
-                    format!(
-                        "payload nests deeper than {} levels",
-                        limits.max_payload_depth
-                    ),
-                ));
+            match check_payload(payload.get(), limits.max_payload_depth) {
+                Ok(()) => {}
+                Err(PayloadProblem::TooDeep) => {
+                    return Err(FrameError::new(
+                        Some(message_id),
+                        ErrorCode::TooLarge,
+                        format!(
+                            "payload nests deeper than {} levels",
+                            limits.max_payload_depth
+                        ),
+                    ))
+                }
+                Err(PayloadProblem::NumberOutOfRange) => {
+                    return Err(fail(
+                        ErrorCode::InvalidMessage,
+                        "payload has a number too large for a 64-bit float",
+                    ))
+                }
             }
             Command::Message { room, payload }
         }
@@ -245,12 +263,25 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
     })
 }
 
-/// Whether the (valid) JSON text nests arrays and objects deeper than `max`.
-fn nests_deeper_than(json: &str, max: usize) -> bool {
+/// What is wrong with a (syntactically valid) payload, if anything.
+#[derive(Debug, PartialEq, Eq)]
+enum PayloadProblem {
+    TooDeep,
+    NumberOutOfRange,
+}
+
+/// Checks a payload in one pass over its text: arrays and objects nest at most `max_depth`
+/// deep, and every number fits an `f64`. JSON allows any number, but many parsers
+/// (serde_json among them) refuse one that overflows, and a delivery must stay readable by
+/// every client.
+fn check_payload(json: &str, max_depth: usize) -> Result<(), PayloadProblem> {
+    let bytes = json.as_bytes();
     let mut depth = 0usize;
     let mut in_string = false;
     let mut escaped = false;
-    for &b in json.as_bytes() {
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
         if in_string {
             if escaped {
                 escaped = false;
@@ -259,21 +290,40 @@ fn nests_deeper_than(json: &str, max: usize) -> bool {
             } else if b == b'"' {
                 in_string = false;
             }
+            i += 1;
             continue;
         }
         match b {
             b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
-                if depth > max {
-                    return true;
+                if depth > max_depth {
+                    return Err(PayloadProblem::TooDeep);
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < bytes.len()
+                    && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
+                    i += 1;
+                }
+                if !fits_f64(&json[start..i]) {
+                    return Err(PayloadProblem::NumberOutOfRange);
+                }
+                continue;
+            }
             _ => {}
         }
+        i += 1;
     }
-    false
+    Ok(())
+}
+
+/// Whether a JSON number's value is a finite `f64`.
+fn fits_f64(number: &str) -> bool {
+    number.parse::<f64>().is_ok_and(f64::is_finite)
 }
 
 fn is_string_or_number(raw: &RawValue) -> bool {
@@ -515,6 +565,20 @@ mod tests {
                 "duplicate field",
             ),
             (deep, TooLarge, Some("1"), "nests deeper than 64"),
+            // Found by the fuzzer: numbers that overflow an f64 make frames some parsers refuse.
+            (
+                r#"{"type":"message","messageID":7777e777773}"#.into(),
+                InvalidMessage,
+                None,
+                "messageID is a number too large",
+            ),
+            (
+                r#"{"type":"message","messageID":1,"roomID":"r","payload":[1,{"a":-2e400}]}"#
+                    .into(),
+                InvalidMessage,
+                Some("1"),
+                "too large for a 64-bit float",
+            ),
         ];
         for (text, code, id, needle) in cases {
             let (got_code, got_id, msg) = code_of(&text);
@@ -523,6 +587,30 @@ mod tests {
             assert_eq!(got_id.as_deref(), id, "{shown}");
             assert!(msg.contains(needle), "{shown}: {msg:?} lacks {needle:?}");
         }
+    }
+
+    #[test]
+    fn payload_checks_skip_strings_and_accept_ordinary_numbers() {
+        assert_eq!(
+            check_payload(
+                r#"{"e":"1e999 [[[[","n":[0,-1.5e-400,1e308,true,false,null]}"#,
+                2
+            ),
+            Ok(())
+        );
+        assert_eq!(
+            check_payload("[1e309]", 2),
+            Err(PayloadProblem::NumberOutOfRange)
+        );
+        assert_eq!(
+            check_payload(&"9".repeat(400), 2),
+            Err(PayloadProblem::NumberOutOfRange)
+        );
+        assert_eq!(check_payload("[[[]]]", 2), Err(PayloadProblem::TooDeep));
+        assert_eq!(
+            check_payload(r#""\\"[[[["#, 2),
+            Err(PayloadProblem::TooDeep)
+        );
     }
 
     #[test]
