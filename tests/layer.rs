@@ -160,3 +160,56 @@ async fn an_unreachable_redis_is_a_clear_error() {
         .unwrap_err();
     assert!(matches!(err, thinws::Error::Unavailable(_)), "{err:?}");
 }
+
+#[tokio::test]
+async fn the_browser_client_is_served_when_asked() {
+    let node = Node::start(ThinWsLayer::builder().serve_client(true).build()).await;
+    let (status, body) = http(node.addr, "GET", "/thinws.js", &[]).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("class ThinWSClient"), "{body}");
+    assert!(!body.contains("export "), "a plain script has no exports");
+    let (status, module) = http(node.addr, "GET", "/thinws.mjs", &[]).await;
+    assert_eq!(status, 200);
+    assert!(module.contains("export default ThinWSClient"));
+
+    let head = raw_response(
+        node.addr,
+        "GET /thinws.js HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        head.contains("content-type: text/javascript; charset=utf-8"),
+        "{head}"
+    );
+    assert!(
+        head.contains("cache-control: public, max-age=3600"),
+        "{head}"
+    );
+    let etag = head
+        .lines()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .expect("an ETag")
+        .to_owned();
+    let revalidated = raw_response(
+        node.addr,
+        &format!("GET /thinws.js HTTP/1.1\r\nHost: x\r\nIf-None-Match: {etag}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(revalidated.starts_with("HTTP/1.1 304"), "{revalidated}");
+
+    // Off by default: the inner service answers.
+    let plain = Node::start(ThinWsLayer::in_memory()).await;
+    assert_eq!(
+        http(plain.addr, "GET", "/thinws.js", &[]).await,
+        (200, "inner /thinws.js".into())
+    );
+}
+
+async fn raw_response(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tcp.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}

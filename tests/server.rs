@@ -195,3 +195,22 @@ async fn a_rolling_restart_moves_clients_to_the_other_node_with_their_rooms() {
         assert_eq!(c.delivery().await["payload"], format!("hi {name}"));
     }
 }
+
+#[tokio::test]
+async fn the_demo_page_and_the_browser_client_are_served_by_default() {
+    let server = Server::start(&["--path", "/ws"]).await;
+    let (status, page) = http(server.addr, "GET", "/", &[]).await;
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>thinws chat</title>"), "{page}");
+    assert!(page.contains(r#"<script src="/thinws.js"></script>"#));
+    assert!(
+        page.contains(r#"content="/ws""#),
+        "the page knows the socket path"
+    );
+    let (status, script) = http(server.addr, "GET", "/thinws.js", &[]).await;
+    assert_eq!(status, 200);
+    assert!(script.contains("class ThinWSClient"));
+
+    let without = Server::start(&["--no-demo"]).await;
+    assert_eq!(http(without.addr, "GET", "/", &[]).await.0, 404);
+}

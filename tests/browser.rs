@@ -1,0 +1,84 @@
+//! End to end in a real browser: the demo chat page of two `thinws` servers on one private
+//! Redis, driven in headless Chromium (Debian's `chromium`) by `tests/browser/e2e.mjs`
+//! with `playwright-core`. Set `THINWS_SCREENSHOT=path.png` to keep a screenshot.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{within, RedisServer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_thinws");
+
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn start(redis: &RedisServer) -> (Server, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(BIN)
+        .args(["--listen", &addr, "--redis-url", &redis.url()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server(child);
+    within("the server to listen", async {
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    (server, format!("http://{addr}/"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        std::path::Path::new(&chromium).exists(),
+        "headless Chromium is needed at {chromium} (apt-get install chromium; scripts/test does it)"
+    );
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
+    if !dir.join("node_modules/playwright-core").exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm is needed to install playwright-core");
+        assert!(status.success(), "npm ci failed in {}", dir.display());
+    }
+    let redis = RedisServer::start().await;
+    let (_a, url_a) = start(&redis).await;
+    let (_b, url_b) = start(&redis).await;
+    let mut node = tokio::process::Command::new("node");
+    node.arg(dir.join("e2e.mjs")).arg(&url_a).arg(&url_b);
+    if let Ok(path) = std::env::var("THINWS_SCREENSHOT") {
+        node.arg(path);
+    }
+    let output = tokio::time::timeout(Duration::from_secs(120), node.output())
+        .await
+        .expect("the browser test took over 2 minutes")
+        .expect("node is needed to drive the browser");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "browser test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("ok: two pages on two nodes exchanged messages"),
+        "{stdout}"
+    );
+}

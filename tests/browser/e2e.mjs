@@ -1,0 +1,57 @@
+// Two pages of the demo chat, on two thinws nodes, talk to each other in headless Chromium.
+// Usage: node e2e.mjs <url of node A> <url of node B> [screenshot.png]
+import { chromium } from "playwright-core";
+
+const [urlA, urlB, screenshot] = process.argv.slice(2);
+if (!urlA || !urlB) {
+  console.error("usage: node e2e.mjs URL_A URL_B [screenshot.png]");
+  process.exit(2);
+}
+
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  args: [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  ],
+});
+const timeout = 15000;
+try {
+  const context = await browser.newContext({ viewport: { width: 800, height: 720 } });
+  const pageA = await context.newPage();
+  const pageB = await context.newPage();
+  for (const page of [pageA, pageB]) {
+    page.setDefaultTimeout(timeout);
+    page.on("pageerror", (e) => { console.error("page error:", e.message); process.exitCode = 1; });
+  }
+  async function join(page, url, name) {
+    await page.goto(url);
+    await page.fill("#name", name);
+    await page.fill("#room", "lobby");
+    await page.click("#join");
+    await page.waitForSelector("#messages li.system:has-text('joined lobby')");
+    await page.waitForSelector("#status.on");
+  }
+  await join(pageA, urlA, "ann");
+  await join(pageB, urlB, "ben");
+
+  async function say(page, text) {
+    await page.fill("#text", text);
+    await page.click("#send");
+  }
+  async function sees(page, who, text) {
+    await page.waitForSelector(`#messages li:has(.who:text-is("${who}")):has-text("${text}")`);
+  }
+  await say(pageA, "hello from node A");
+  await sees(pageB, "ann", "hello from node A");
+  await sees(pageA, "ann", "hello from node A");
+  await say(pageB, "hi ann, this is node B");
+  await sees(pageA, "ben", "hi ann, this is node B");
+  await say(pageA, "two nodes, one room");
+  await sees(pageB, "ann", "two nodes, one room");
+
+  if (screenshot) await pageA.screenshot({ path: screenshot });
+  console.log("ok: two pages on two nodes exchanged messages");
+} finally {
+  await browser.close();
+}
