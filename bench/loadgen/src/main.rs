@@ -1,0 +1,547 @@
+//! Load generator for thinws and Socket.IO servers.
+//!
+//! `thinws-bench run --target thinws --nodes http://127.0.0.1:9001,http://127.0.0.1:9002
+//!  --pids 123,456 --scenario fanout --subscribers 1000 --messages 2000 --window 64`
+//! prints one JSON line: deliveries per second, latency p50/p99/max, missing and
+//! out-of-order deliveries, and each node's peak RSS. `thinws-bench chart results.jsonl
+//! out.svg` draws deliveries/s and p99 against subscribers.
+
+mod chart;
+mod proto;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use proto::{Incoming, Rx, Target, Tx};
+use serde::Serialize;
+use tokio::sync::{Notify, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Parser)]
+#[command(name = "thinws-bench")]
+enum Cli {
+    /// Runs one scenario and prints a JSON report.
+    Run(RunArgs),
+    /// Draws a chart from reports (one JSON object per line).
+    Chart { input: PathBuf, output: PathBuf },
+    /// Prints reports (one JSON object per line) as a Markdown table.
+    Table { input: PathBuf },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Scenario {
+    /// N subscribers of one room over the nodes, one publisher, K messages, window W.
+    Fanout,
+    /// N sockets in N/2 two-member rooms, each publishing K messages, window W each.
+    Rooms,
+    /// Like fanout, at a fixed rate instead of a window.
+    Latency,
+    /// N sockets each subscribed to a room; server RSS per socket.
+    Idle,
+}
+
+#[derive(Parser, Clone)]
+struct RunArgs {
+    #[arg(long, value_enum)]
+    target: Target,
+    /// Base URLs of the nodes (`http://host:port`); sockets are spread over them.
+    #[arg(long, value_delimiter = ',', required = true)]
+    nodes: Vec<String>,
+    /// The nodes' process ids, for their peak RSS.
+    #[arg(long, value_delimiter = ',')]
+    pids: Vec<u32>,
+    #[arg(long, value_enum)]
+    scenario: Scenario,
+    /// Sockets (subscribers for fanout and latency).
+    #[arg(long, default_value_t = 1000)]
+    subscribers: usize,
+    /// Messages per publisher.
+    #[arg(long, default_value_t = 2000)]
+    messages: u64,
+    /// Unacked messages a publisher may have in flight.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    /// Approximate payload size in bytes.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Messages per second, for the latency scenario.
+    #[arg(long, default_value_t = 200)]
+    rate: u64,
+    /// Append the JSON report to this file too.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A name for the server under test, written into the report (e.g. "socketioxide").
+    #[arg(long)]
+    label: Option<String>,
+}
+
+#[derive(Serialize, Default, serde::Deserialize, Clone)]
+struct Report {
+    target: String,
+    scenario: String,
+    sockets: usize,
+    messages: u64,
+    expected: u64,
+    delivered: u64,
+    missing: u64,
+    out_of_order: u64,
+    seconds: f64,
+    deliveries_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    peak_rss_kib: Vec<u64>,
+    rss_per_socket_kib: Option<f64>,
+    /// What was measured, when the target alone does not say (e.g. "socketioxide").
+    label: Option<String>,
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Samples the nodes' RSS every 50 ms and keeps each one's peak.
+fn watch_rss(pids: Vec<u32>) -> (Arc<Mutex<Vec<u64>>>, tokio::task::JoinHandle<()>) {
+    let peaks = Arc::new(Mutex::new(vec![0u64; pids.len()]));
+    let p = peaks.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            for (i, pid) in pids.iter().enumerate() {
+                if let Some(rss) = rss_kib(*pid) {
+                    let mut peaks = p.lock().unwrap();
+                    peaks[i] = peaks[i].max(rss);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    (peaks, task)
+}
+
+/// Source addresses: 127.0.0.2, .3, ... each for up to 20,000 sockets, past one address's
+/// ephemeral port range.
+fn source_for(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i / 20_000) as u8))
+}
+
+/// Connects `n` sockets spread over the nodes, each subscribed to `room(i)`.
+async fn connect_all(args: &RunArgs, n: usize, room: impl Fn(usize) -> String) -> Vec<(Tx, Rx)> {
+    let gate = Arc::new(Semaphore::new(256));
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let url = args.target.url(&args.nodes[i % args.nodes.len()]);
+        let target = args.target;
+        let room = room(i);
+        let gate = gate.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire().await;
+            let (mut tx, mut rx) = proto::connect(target, &url, Some(source_for(i)))
+                .await
+                .unwrap_or_else(|e| panic!("socket {i}: {e}"));
+            proto::request(target, &mut tx, &mut rx, 1, target.subscribe(1, &room))
+                .await
+                .unwrap_or_else(|e| panic!("socket {i} subscribe: {e}"));
+            (tx, rx)
+        }));
+    }
+    let mut sockets = Vec::with_capacity(n);
+    for t in tasks {
+        sockets.push(t.await.expect("connect task"));
+    }
+    sockets
+}
+
+fn now_us(base: Instant) -> u64 {
+    base.elapsed().as_micros() as u64
+}
+
+/// What one receiving socket saw.
+struct Seen {
+    histogram: Histogram<u64>,
+    delivered: u64,
+    out_of_order: u64,
+    last_at: Option<Instant>,
+}
+
+/// Reads deliveries until `expected` arrived or `stop` fires; checks order per sender.
+async fn receive(target: Target, mut tx: Tx, mut rx: Rx, expected: u64, base: Instant, stop: Arc<Notify>) -> Seen {
+    let mut seen = Seen {
+        histogram: Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram"),
+        delivered: 0,
+        out_of_order: 0,
+        last_at: None,
+    };
+    let mut next: HashMap<u64, u64> = HashMap::new();
+    let stopped = stop.notified();
+    tokio::pin!(stopped);
+    while seen.delivered < expected {
+        let message = tokio::select! {
+            _ = &mut stopped => break,
+            m = rx.next() => m,
+        };
+        let Some(Ok(Message::Text(text))) = message else {
+            if matches!(message, None | Some(Err(_))) {
+                break;
+            }
+            continue;
+        };
+        match target.parse(&text) {
+            Incoming::Delivery { seq, sent_us, from } => {
+                let now = now_us(base);
+                let _ = seen.histogram.record(now.saturating_sub(sent_us).max(1));
+                seen.delivered += 1;
+                seen.last_at = Some(Instant::now());
+                let want = next.entry(from).or_insert(0);
+                if seq < *want {
+                    seen.out_of_order += 1;
+                } else {
+                    *want = seq + 1;
+                }
+            }
+            Incoming::Ping => {
+                let _ = tx.send(Message::text("3")).await;
+            }
+            _ => {}
+        }
+    }
+    seen
+}
+
+/// Publishes `k` messages to `room`, at most `window` unacked (or at `rate` per second).
+async fn publish(
+    target: Target,
+    tx: Tx,
+    mut rx: Rx,
+    room: String,
+    k: u64,
+    window: usize,
+    rate: Option<u64>,
+    from: u64,
+    pad: String,
+    base: Instant,
+) {
+    let permits = Arc::new(Semaphore::new(window));
+    let acker = {
+        let permits = permits.clone();
+        tokio::spawn(async move {
+            let mut acked = 0;
+            let mut pings = 0usize;
+            while acked < k {
+                match rx.next().await {
+                    Some(Ok(Message::Text(text))) => match target.parse(&text) {
+                        Incoming::Ack(_) => {
+                            acked += 1;
+                            permits.add_permits(1);
+                        }
+                        Incoming::Ping => pings += 1,
+                        _ => {}
+                    },
+                    Some(Ok(_)) => {}
+                    _ => break,
+                }
+            }
+            (rx, pings)
+        })
+    };
+    let mut tx = tx;
+    let mut ticker = rate.map(|r| tokio::time::interval(Duration::from_micros(1_000_000 / r.max(1))));
+    for seq in 0..k {
+        if let Some(t) = &mut ticker {
+            t.tick().await;
+        }
+        permits.acquire().await.expect("semaphore").forget();
+        let frame = target.message(seq + 2, &room, seq, now_us(base), from, &pad);
+        if tx.send(Message::text(frame)).await.is_err() {
+            break;
+        }
+    }
+    let _ = acker.await;
+}
+
+fn summarize(args: &RunArgs, seen: Vec<Seen>, expected: u64, started: Instant, peaks: Vec<u64>) -> Report {
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram");
+    let mut delivered = 0;
+    let mut out_of_order = 0;
+    let mut last = started;
+    for s in &seen {
+        let _ = histogram.add(&s.histogram);
+        delivered += s.delivered;
+        out_of_order += s.out_of_order;
+        if let Some(at) = s.last_at {
+            last = last.max(at);
+        }
+    }
+    let seconds = last.duration_since(started).as_secs_f64().max(1e-9);
+    Report {
+        target: format!("{:?}", args.target).to_lowercase(),
+        scenario: format!("{:?}", args.scenario).to_lowercase(),
+        sockets: args.subscribers,
+        messages: args.messages,
+        expected,
+        delivered,
+        missing: expected.saturating_sub(delivered),
+        out_of_order,
+        seconds,
+        deliveries_per_sec: delivered as f64 / seconds,
+        p50_ms: histogram.value_at_quantile(0.5) as f64 / 1000.0,
+        p99_ms: histogram.value_at_quantile(0.99) as f64 / 1000.0,
+        max_ms: histogram.max() as f64 / 1000.0,
+        peak_rss_kib: peaks,
+        rss_per_socket_kib: None,
+        label: args.label.clone(),
+    }
+}
+
+/// Waits for the receivers; once the publishers are done, gives late deliveries 5 s.
+async fn collect(receivers: Vec<tokio::task::JoinHandle<Seen>>, publishers: Vec<tokio::task::JoinHandle<()>>, stop: Arc<Notify>) -> Vec<Seen> {
+    for p in publishers {
+        let _ = p.await;
+    }
+    let stopper = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        stop.notify_waiters();
+    });
+    let mut seen = Vec::new();
+    for r in receivers {
+        seen.push(r.await.expect("receiver"));
+    }
+    stopper.abort();
+    seen
+}
+
+async fn fanout(args: &RunArgs, rate: Option<u64>) -> Report {
+    let (peaks, watcher) = watch_rss(args.pids.clone());
+    let subscribers = connect_all(args, args.subscribers, |_| "fan".to_owned()).await;
+    let (ptx, prx) = proto::connect(args.target, &args.target.url(&args.nodes[0]), None)
+        .await
+        .expect("publisher");
+    let base = Instant::now();
+    let stop = Arc::new(Notify::new());
+    let receivers: Vec<_> = subscribers
+        .into_iter()
+        .map(|(tx, rx)| tokio::spawn(receive(args.target, tx, rx, args.messages, base, stop.clone())))
+        .collect();
+    let pad = "x".repeat(args.size.saturating_sub(40));
+    let started = Instant::now();
+    let publisher = tokio::spawn(publish(
+        args.target,
+        ptx,
+        prx,
+        "fan".into(),
+        args.messages,
+        if rate.is_some() { 1 << 20 } else { args.window },
+        rate,
+        0,
+        pad,
+        base,
+    ));
+    let seen = collect(receivers, vec![publisher], stop).await;
+    watcher.abort();
+    let peaks = peaks.lock().unwrap().clone();
+    summarize(args, seen, args.messages * args.subscribers as u64, started, peaks)
+}
+
+async fn rooms(args: &RunArgs) -> Report {
+    let n = args.subscribers - args.subscribers % 2;
+    let (peaks, watcher) = watch_rss(args.pids.clone());
+    // Pairs share a room, each member on a different node when there are two.
+    let sockets = connect_all(args, n, |i| format!("pair-{}", i / 2)).await;
+    let base = Instant::now();
+    let stop = Arc::new(Notify::new());
+    let pad = "x".repeat(args.size.saturating_sub(40));
+    let started = Instant::now();
+    let mut receivers = Vec::new();
+    let mut publishers = Vec::new();
+    for (i, (tx, rx)) in sockets.into_iter().enumerate() {
+        // Each member publishes on its sending half; its receiving half counts its acks
+        // (which open the window) among the deliveries.
+        let target = args.target;
+        let k = args.messages;
+        let window = args.window;
+        let pad = pad.clone();
+        let stop = stop.clone();
+        let room = format!("pair-{}", i / 2);
+        let permits = Arc::new(Semaphore::new(window));
+        let acks = permits.clone();
+        receivers.push(tokio::spawn(async move {
+            let (mut rx, expected) = (rx, 2 * k);
+            let mut seen = Seen {
+                histogram: Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram"),
+                delivered: 0,
+                out_of_order: 0,
+                last_at: None,
+            };
+            let mut next: HashMap<u64, u64> = HashMap::new();
+            let mut acked = 0;
+            let stopped = stop.notified();
+            tokio::pin!(stopped);
+            while seen.delivered < expected || acked < k {
+                let message = tokio::select! {
+                    _ = &mut stopped => break,
+                    m = rx.next() => m,
+                };
+                let Some(Ok(Message::Text(text))) = message else {
+                    if matches!(message, None | Some(Err(_))) {
+                        break;
+                    }
+                    continue;
+                };
+                match target.parse(&text) {
+                    Incoming::Delivery { seq, sent_us, from } => {
+                        let _ = seen.histogram.record(now_us(base).saturating_sub(sent_us).max(1));
+                        seen.delivered += 1;
+                        seen.last_at = Some(Instant::now());
+                        let want = next.entry(from).or_insert(0);
+                        if seq < *want {
+                            seen.out_of_order += 1;
+                        } else {
+                            *want = seq + 1;
+                        }
+                    }
+                    Incoming::Ack(_) => {
+                        acked += 1;
+                        acks.add_permits(1);
+                    }
+                    _ => {}
+                }
+            }
+            seen
+        }));
+        publishers.push(tokio::spawn(async move {
+            let mut tx = tx;
+            for seq in 0..k {
+                permits.acquire().await.expect("semaphore").forget();
+                let frame = target.message(seq + 2, &room, seq, now_us(base), i as u64, &pad);
+                if tx.send(Message::text(frame)).await.is_err() {
+                    break;
+                }
+            }
+            // Dropping the sending half leaves the socket open: the receiving half still
+            // holds it.
+        }));
+    }
+    let seen = collect(receivers, publishers, stop).await;
+    watcher.abort();
+    let peaks = peaks.lock().unwrap().clone();
+    let mut args = args.clone();
+    args.subscribers = n;
+    summarize(&args, seen, 2 * args.messages * n as u64, started, peaks)
+}
+
+async fn idle(args: &RunArgs) -> Report {
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before: Vec<u64> = args.pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
+    let started = Instant::now();
+    let sockets = connect_all(args, args.subscribers, |i| format!("idle-{}", i % 100)).await;
+    let connected = started.elapsed();
+    // Keep answering pings while the servers settle.
+    let mut keep = Vec::new();
+    for (mut tx, mut rx) in sockets {
+        let target = args.target;
+        keep.push(tokio::spawn(async move {
+            while let Some(Ok(message)) = rx.next().await {
+                if let Message::Text(text) = message {
+                    if target.parse(&text) == Incoming::Ping {
+                        let _ = tx.send(Message::text("3")).await;
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after: Vec<u64> = args.pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
+    let grown: u64 = after.iter().zip(&before).map(|(a, b)| a.saturating_sub(*b)).sum();
+    for k in keep {
+        k.abort();
+    }
+    Report {
+        target: format!("{:?}", args.target).to_lowercase(),
+        scenario: "idle".into(),
+        sockets: args.subscribers,
+        seconds: connected.as_secs_f64(),
+        peak_rss_kib: after,
+        rss_per_socket_kib: Some(grown as f64 / args.subscribers as f64),
+        label: args.label.clone(),
+        ..Report::default()
+    }
+}
+
+fn read_reports(input: &std::path::Path) -> Vec<Report> {
+    let text = std::fs::read_to_string(input).expect("read reports");
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("a report per line"))
+        .collect()
+}
+
+fn print_table(reports: &[Report]) {
+    println!("| scenario | server | sockets | msgs | deliveries/s | p50 ms | p99 ms | max ms | missing | out of order | peak RSS per node (MiB) | RSS per socket (KiB) |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |");
+    for r in reports {
+        let server = r.label.clone().unwrap_or_else(|| r.target.clone());
+        let rss: Vec<String> = r.peak_rss_kib.iter().map(|k| format!("{:.0}", *k as f64 / 1024.0)).collect();
+        if r.scenario == "idle" {
+            println!(
+                "| idle | {server} | {} | | | | | | | | {} | {:.1} |",
+                r.sockets,
+                rss.join(" / "),
+                r.rss_per_socket_kib.unwrap_or(0.0)
+            );
+            continue;
+        }
+        println!(
+            "| {} | {server} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} | |",
+            r.scenario,
+            r.sockets,
+            r.messages,
+            r.deliveries_per_sec,
+            r.p50_ms,
+            r.p99_ms,
+            r.max_ms,
+            r.missing,
+            r.out_of_order,
+            rss.join(" / ")
+        );
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    match Cli::parse() {
+        Cli::Chart { input, output } => {
+            chart::draw(&read_reports(&input), &output).expect("draw the chart");
+            println!("wrote {}", output.display());
+        }
+        Cli::Table { input } => print_table(&read_reports(&input)),
+        Cli::Run(args) => {
+            let report = match args.scenario {
+                Scenario::Fanout => fanout(&args, None).await,
+                Scenario::Latency => fanout(&args, Some(args.rate)).await,
+                Scenario::Rooms => rooms(&args).await,
+                Scenario::Idle => idle(&args).await,
+            };
+            let line = serde_json::to_string(&report).expect("report");
+            println!("{line}");
+            if let Some(out) = &args.out {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(out)
+                    .expect("open the output file");
+                writeln!(f, "{line}").expect("write the report");
+            }
+            // Sockets are dropped with the runtime.
+            std::process::exit(0);
+        }
+    }
+}

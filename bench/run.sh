@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Runs the benchmark scenarios against thinws, Socket.IO 4 (Node, @socket.io/redis-adapter)
+# and socketioxide 0.18 (socketioxide-redis): each server as two nodes on one private
+# redis-server, the same load generator, the same scenario. Prints a Markdown table and
+# writes bench/results/{results.jsonl,table.md,fanout.svg}.
+#
+#   bench/run.sh            # everything (about 10 minutes on 2 cores)
+#   bench/run.sh fanout     # only some scenarios: fanout rooms latency idle chart
+#   TARGETS="thinws" bench/run.sh fanout
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+scenarios=${*:-fanout rooms latency idle chart}
+targets=${TARGETS:-thinws socketio socketioxide}
+out=bench/results
+mkdir -p "$out"
+results=$out/results.jsonl
+: > "$results"
+ulimit -n 300000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+echo "building (release)…" >&2
+cargo build --quiet --release --features server --bin thinws
+(cd bench/loadgen && cargo build --quiet --release)
+[[ " $targets " == *" socketioxide "* ]] && (cd bench/peers/socketioxide && cargo build --quiet --release)
+[[ " $targets " == *" socketio "* ]] && { [ -d bench/peers/socketio/node_modules ] || (cd bench/peers/socketio && npm ci --no-audit --no-fund --silent); }
+loadgen=$root/bench/loadgen/target/release/thinws-bench
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >/dev/null &
+redis_pid=$!
+pids=()
+cleanup() { kill "${pids[@]}" "$redis_pid" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap cleanup EXIT
+until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.05; done
+redis_url=redis://127.0.0.1:$redis_port
+
+start_nodes() { # target -> sets nodes (URLs) and node_pids
+  local target=$1 urls=() ids=()
+  for i in 1 2; do
+    local port; port=$(free_port)
+    case $target in
+      thinws) "$root/target/release/thinws" --listen "127.0.0.1:$port" --redis-url "$redis_url" \
+                --rate-limit 0 --max-sockets 300000 --no-demo >/dev/null 2>&1 & ;;
+      socketio) node bench/peers/socketio/server.js "$port" "$redis_url" >/dev/null 2>&1 & ;;
+      socketioxide) bench/peers/socketioxide/target/release/socketioxide-peer "$port" "$redis_url" >/dev/null 2>&1 & ;;
+    esac
+    ids+=($!)
+    urls+=("http://127.0.0.1:$port")
+    until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.05; done
+  done
+  pids=("${ids[@]}")
+  nodes=$(IFS=,; echo "${urls[*]}")
+  node_pids=$(IFS=,; echo "${ids[*]}")
+}
+stop_nodes() { kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; pids=(); redis-cli -p "$redis_port" flushall >/dev/null; }
+
+run() { # target scenario args...
+  local target=$1 scenario=$2; shift 2
+  local protocol=thinws; [ "$target" = thinws ] || protocol=socketio
+  start_nodes "$target"
+  echo "$target $scenario $*" >&2
+  "$loadgen" run --target "$protocol" --label "$target" --nodes "$nodes" --pids "$node_pids" \
+    --scenario "$scenario" --out "$results" "$@" >/dev/null || echo "  (run failed)" >&2
+  stop_nodes
+}
+
+for target in $targets; do
+  for scenario in $scenarios; do
+    case $scenario in
+      fanout) run "$target" fanout --subscribers 1000 --messages 2000 --window 64 ;;
+      rooms) run "$target" rooms --subscribers 1000 --messages 200 --window 16 ;;
+      latency) run "$target" latency --subscribers 1000 --messages 2000 --rate 200 ;;
+      idle) run "$target" idle --subscribers 10000 ;;
+      chart)
+        run "$target" fanout --subscribers 100 --messages 2000 --window 64
+        run "$target" fanout --subscribers 5000 --messages 400 --window 64 ;;
+    esac
+  done
+done
+if [[ " $targets " == *" thinws "* && " $scenarios " == *" idle "* ]]; then
+  run thinws idle --subscribers 50000
+fi
+
+"$loadgen" table "$results" | tee "$out/table.md"
+if [[ " $scenarios " == *" chart "* ]]; then
+  "$loadgen" chart "$results" "$out/fanout.svg" >&2
+fi
