@@ -16,6 +16,8 @@ out=bench/results
 mkdir -p "$out"
 results=$out/results.jsonl
 : > "$results"
+# Each process needs a descriptor per socket; raise the limit as far as allowed (this
+# workplace caps it at 20,000, which caps the idle scenario too).
 ulimit -n 300000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 echo "building (release)…" >&2
@@ -45,9 +47,13 @@ start_nodes() { # target -> sets nodes (URLs) and node_pids
       socketio) node bench/peers/socketio/server.js "$port" "$redis_url" >/dev/null 2>&1 & ;;
       socketioxide) bench/peers/socketioxide/target/release/socketioxide-peer "$port" "$redis_url" >/dev/null 2>&1 & ;;
     esac
-    ids+=($!)
+    local pid=$!
+    ids+=("$pid")
     urls+=("http://127.0.0.1:$port")
-    until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.05; done
+    until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do
+      kill -0 "$pid" 2>/dev/null || { echo "$target node on port $port died at start-up" >&2; exit 1; }
+      sleep 0.05
+    done
   done
   pids=("${ids[@]}")
   nodes=$(IFS=,; echo "${urls[*]}")
@@ -55,13 +61,22 @@ start_nodes() { # target -> sets nodes (URLs) and node_pids
 }
 stop_nodes() { kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; pids=(); redis-cli -p "$redis_port" flushall >/dev/null; }
 
+run_one_node() { # like run, against the first node only
+  local target=$1 scenario=$2; shift 2
+  start_nodes "$target"
+  echo "$target $scenario (one node) $*" >&2
+  "$loadgen" run --target thinws --label "$target" --nodes "${nodes%%,*}" --pids "${node_pids%%,*}" \
+    --scenario "$scenario" --out "$results" "$@" >/dev/null 2>"$out/last-run.log" || { echo "  (run failed; see $out/last-run.log)" >&2; tail -3 "$out/last-run.log" >&2; }
+  stop_nodes
+}
+
 run() { # target scenario args...
   local target=$1 scenario=$2; shift 2
   local protocol=thinws; [ "$target" = thinws ] || protocol=socketio
   start_nodes "$target"
   echo "$target $scenario $*" >&2
   "$loadgen" run --target "$protocol" --label "$target" --nodes "$nodes" --pids "$node_pids" \
-    --scenario "$scenario" --out "$results" "$@" >/dev/null || echo "  (run failed)" >&2
+    --scenario "$scenario" --out "$results" "$@" >/dev/null 2>"$out/last-run.log" || { echo "  (run failed; see $out/last-run.log)" >&2; tail -3 "$out/last-run.log" >&2; }
   stop_nodes
 }
 
@@ -79,7 +94,9 @@ for target in $targets; do
   done
 done
 if [[ " $targets " == *" thinws "* && " $scenarios " == *" idle "* ]]; then
-  run thinws idle --subscribers 50000
+  # As many idle sockets on one node as the descriptor limit allows (50,000 is the target).
+  big=$(( $(ulimit -n) - 1000 )); (( big > 50000 )) && big=50000
+  run_one_node thinws idle --subscribers "$big"
 fi
 
 "$loadgen" table "$results" | tee "$out/table.md"

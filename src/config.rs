@@ -52,7 +52,7 @@ impl Default for Config {
                 burst: 200,
                 flood_after: 100,
             },
-            read_buffer_size: 4 * 1024,
+            read_buffer_size: 512,
             redis_timeout: Duration::from_secs(2),
             server_sender_id: "server".into(),
             hooks: Hooks::default(),

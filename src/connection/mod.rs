@@ -115,16 +115,15 @@ async fn run(
         },
         parts,
     );
-    let mut writer = tokio::spawn(
-        writer::write_loop(
-            sink,
-            rx,
-            control.clone(),
-            socket.node.config.ping_interval,
-            socket.metrics().frames_out.clone(),
-        )
-        .in_current_span(),
-    );
+    let writer_future = writer::write_loop(
+        sink,
+        rx,
+        control.clone(),
+        socket.node.config.ping_interval,
+        socket.metrics().frames_out.clone(),
+    )
+    .in_current_span();
+    let mut writer = tokio::spawn(writer_future);
     let frames_in = socket.metrics().frames_in.clone();
     tracing::debug!("socket open");
 
@@ -167,8 +166,9 @@ async fn run(
                 // Keep watching the socket while the frame is handled (hooks and the broker
                 // may take a while): a socket that ends meanwhile stops the handling, and
                 // its cleanup undoes whatever the handling had begun.
-                let handling = socket.on_text(&text);
-                tokio::pin!(handling);
+                // Boxed: the handling future is large (hooks, broker calls), and inline it
+                // would stay in every idle socket's task for the socket's whole life.
+                let mut handling = Box::pin(socket.on_text(&text));
                 loop {
                     tokio::select! {
                         biased;
@@ -195,7 +195,7 @@ async fn run(
             }
             Message::Binary(_) => {
                 frames_in.increment(1);
-                socket.on_binary().await
+                Box::pin(socket.on_binary()).await
             }
             Message::Close(_) => break DisconnectReason::Closed,
             // tungstenite answers pings itself.
@@ -204,7 +204,7 @@ async fn run(
     };
 
     let mut socket = socket.leave_all();
-    socket.fire_disconnect(reason).await;
+    Box::pin(socket.fire_disconnect(reason)).await;
     let node = socket.node.clone();
     // With every hub clone of the sender gone, the writer drains what is queued, closes
     // the socket and ends.

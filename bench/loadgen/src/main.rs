@@ -9,7 +9,6 @@
 mod chart;
 mod proto;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -127,10 +126,10 @@ fn watch_rss(pids: Vec<u32>) -> (Arc<Mutex<Vec<u64>>>, tokio::task::JoinHandle<(
     (peaks, task)
 }
 
-/// Source addresses: 127.0.0.2, .3, ... each for up to 20,000 sockets, past one address's
-/// ephemeral port range.
+/// Source addresses: 127.0.0.2, .3, ... each for up to 5,000 sockets, well within one
+/// address's ephemeral port range (sockets of earlier runs may still hold ports).
 fn source_for(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i / 20_000) as u8))
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i / 5_000) as u8))
 }
 
 /// Connects `n` sockets spread over the nodes, each subscribed to `room(i)`.
@@ -144,13 +143,25 @@ async fn connect_all(args: &RunArgs, n: usize, room: impl Fn(usize) -> String) -
         let gate = gate.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire().await;
-            let (mut tx, mut rx) = proto::connect(target, &url, Some(source_for(i)))
-                .await
-                .unwrap_or_else(|e| panic!("socket {i}: {e}"));
-            proto::request(target, &mut tx, &mut rx, 1, target.subscribe(1, &room))
-                .await
-                .unwrap_or_else(|e| panic!("socket {i} subscribe: {e}"));
-            (tx, rx)
+            // A server may drop a socket while a burst of them connects (socketioxide with
+            // its Redis adapter sometimes does): try again, and say so.
+            let mut attempt = 1;
+            loop {
+                let setup = async {
+                    let (mut tx, mut rx) = proto::connect(target, &url, Some(source_for(i))).await?;
+                    proto::request(target, &mut tx, &mut rx, 1, target.subscribe(1, &room)).await?;
+                    Ok::<_, String>((tx, rx))
+                };
+                match tokio::time::timeout(Duration::from_secs(30), setup).await {
+                    Ok(Ok(socket)) => break socket,
+                    Ok(Err(e)) if attempt < 3 => {
+                        eprintln!("socket {i}: {e}; retrying");
+                        attempt += 1;
+                    }
+                    Ok(Err(e)) => panic!("socket {i}: {e}"),
+                    Err(_) => panic!("socket {i}: no connection and subscription within 30 s"),
+                }
+            }
         }));
     }
     let mut sockets = Vec::with_capacity(n);
@@ -169,7 +180,30 @@ struct Seen {
     histogram: Histogram<u64>,
     delivered: u64,
     out_of_order: u64,
-    last_at: Option<Instant>,
+    /// When the last delivery arrived (µs since the run's base instant).
+    last_us: u64,
+}
+
+/// The next sequence number expected from each sender (a socket hears one or two).
+#[derive(Default)]
+struct NextSeq(Vec<(u64, u64)>);
+
+impl NextSeq {
+    /// Records `seq` from `from`; `false` when it comes after a later one (out of order).
+    fn in_order(&mut self, from: u64, seq: u64) -> bool {
+        let slot = match self.0.iter().position(|(f, _)| *f == from) {
+            Some(i) => &mut self.0[i].1,
+            None => {
+                self.0.push((from, 0));
+                &mut self.0.last_mut().expect("pushed").1
+            }
+        };
+        if seq < *slot {
+            return false;
+        }
+        *slot = seq + 1;
+        true
+    }
 }
 
 /// Reads deliveries until `expected` arrived or `stop` fires; checks order per sender.
@@ -178,9 +212,9 @@ async fn receive(target: Target, mut tx: Tx, mut rx: Rx, expected: u64, base: In
         histogram: Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram"),
         delivered: 0,
         out_of_order: 0,
-        last_at: None,
+        last_us: 0,
     };
-    let mut next: HashMap<u64, u64> = HashMap::new();
+    let mut next = NextSeq::default();
     let stopped = stop.notified();
     tokio::pin!(stopped);
     while seen.delivered < expected {
@@ -199,12 +233,9 @@ async fn receive(target: Target, mut tx: Tx, mut rx: Rx, expected: u64, base: In
                 let now = now_us(base);
                 let _ = seen.histogram.record(now.saturating_sub(sent_us).max(1));
                 seen.delivered += 1;
-                seen.last_at = Some(Instant::now());
-                let want = next.entry(from).or_insert(0);
-                if seq < *want {
+                seen.last_us = now;
+                if !next.in_order(from, seq) {
                     seen.out_of_order += 1;
-                } else {
-                    *want = seq + 1;
                 }
             }
             Incoming::Ping => {
@@ -258,7 +289,14 @@ async fn publish(
         if let Some(t) = &mut ticker {
             t.tick().await;
         }
-        permits.acquire().await.expect("semaphore").forget();
+        // A server that stops acking ends the run instead of hanging it.
+        match tokio::time::timeout(Duration::from_secs(10), permits.acquire()).await {
+            Ok(permit) => permit.expect("semaphore").forget(),
+            Err(_) => {
+                eprintln!("publisher: no ack for 10 s, giving up at message {seq}");
+                break;
+            }
+        }
         let frame = target.message(seq + 2, &room, seq, now_us(base), from, &pad);
         if tx.send(Message::text(frame)).await.is_err() {
             break;
@@ -267,20 +305,18 @@ async fn publish(
     let _ = acker.await;
 }
 
-fn summarize(args: &RunArgs, seen: Vec<Seen>, expected: u64, started: Instant, peaks: Vec<u64>) -> Report {
+fn summarize(args: &RunArgs, seen: Vec<Seen>, expected: u64, started_us: u64, peaks: Vec<u64>) -> Report {
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram");
     let mut delivered = 0;
     let mut out_of_order = 0;
-    let mut last = started;
+    let mut last = started_us;
     for s in &seen {
         let _ = histogram.add(&s.histogram);
         delivered += s.delivered;
         out_of_order += s.out_of_order;
-        if let Some(at) = s.last_at {
-            last = last.max(at);
-        }
+        last = last.max(s.last_us);
     }
-    let seconds = last.duration_since(started).as_secs_f64().max(1e-9);
+    let seconds = ((last - started_us) as f64 / 1e6).max(1e-9);
     Report {
         target: format!("{:?}", args.target).to_lowercase(),
         scenario: format!("{:?}", args.scenario).to_lowercase(),
@@ -331,7 +367,7 @@ async fn fanout(args: &RunArgs, rate: Option<u64>) -> Report {
         .map(|(tx, rx)| tokio::spawn(receive(args.target, tx, rx, args.messages, base, stop.clone())))
         .collect();
     let pad = "x".repeat(args.size.saturating_sub(40));
-    let started = Instant::now();
+    let started = now_us(base);
     let publisher = tokio::spawn(publish(
         args.target,
         ptx,
@@ -358,7 +394,7 @@ async fn rooms(args: &RunArgs) -> Report {
     let base = Instant::now();
     let stop = Arc::new(Notify::new());
     let pad = "x".repeat(args.size.saturating_sub(40));
-    let started = Instant::now();
+    let started = now_us(base);
     let mut receivers = Vec::new();
     let mut publishers = Vec::new();
     for (i, (tx, rx)) in sockets.into_iter().enumerate() {
@@ -378,9 +414,9 @@ async fn rooms(args: &RunArgs) -> Report {
                 histogram: Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram"),
                 delivered: 0,
                 out_of_order: 0,
-                last_at: None,
+                last_us: 0,
             };
-            let mut next: HashMap<u64, u64> = HashMap::new();
+            let mut next = NextSeq::default();
             let mut acked = 0;
             let stopped = stop.notified();
             tokio::pin!(stopped);
@@ -397,14 +433,12 @@ async fn rooms(args: &RunArgs) -> Report {
                 };
                 match target.parse(&text) {
                     Incoming::Delivery { seq, sent_us, from } => {
-                        let _ = seen.histogram.record(now_us(base).saturating_sub(sent_us).max(1));
+                        let now = now_us(base);
+                        let _ = seen.histogram.record(now.saturating_sub(sent_us).max(1));
                         seen.delivered += 1;
-                        seen.last_at = Some(Instant::now());
-                        let want = next.entry(from).or_insert(0);
-                        if seq < *want {
+                        seen.last_us = now;
+                        if !next.in_order(from, seq) {
                             seen.out_of_order += 1;
-                        } else {
-                            *want = seq + 1;
                         }
                     }
                     Incoming::Ack(_) => {
@@ -419,7 +453,10 @@ async fn rooms(args: &RunArgs) -> Report {
         publishers.push(tokio::spawn(async move {
             let mut tx = tx;
             for seq in 0..k {
-                permits.acquire().await.expect("semaphore").forget();
+                match tokio::time::timeout(Duration::from_secs(10), permits.acquire()).await {
+                    Ok(permit) => permit.expect("semaphore").forget(),
+                    Err(_) => break,
+                }
                 let frame = target.message(seq + 2, &room, seq, now_us(base), i as u64, &pad);
                 if tx.send(Message::text(frame)).await.is_err() {
                     break;

@@ -44,15 +44,29 @@ fn number_after(text: &str, key: &str) -> Option<u64> {
     text[start..start + digits].parse().ok()
 }
 
-fn delivery(text: &str) -> Incoming {
-    match (
-        number_after(text, "\"s\":"),
-        number_after(text, "\"t\":"),
-        number_after(text, "\"f\":"),
-    ) {
-        (Some(seq), Some(sent_us), Some(from)) => Incoming::Delivery { seq, sent_us, from },
-        _ => Incoming::Other,
+/// Reads the digits at the start of `bytes`; returns the number and the rest.
+fn digits(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    let n = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+    let mut value: u64 = 0;
+    for b in &bytes[..n] {
+        value = value.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
     }
+    (n > 0).then_some((value, &bytes[n..]))
+}
+
+/// The payload is `{"s":N,"t":N,"f":N,...}` as the generator wrote it (servers keep the key
+/// order): one SIMD search for its start, then a straight read.
+fn delivery(text: &str) -> Incoming {
+    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
+    let finder = FINDER.get_or_init(|| memchr::memmem::Finder::new(br#"{"s":"#));
+    let parsed = (|| {
+        let at = finder.find(text.as_bytes())? + 5;
+        let (seq, rest) = digits(&text.as_bytes()[at..])?;
+        let (sent_us, rest) = digits(rest.strip_prefix(br#","t":"#)?)?;
+        let (from, _) = digits(rest.strip_prefix(br#","f":"#)?)?;
+        Some(Incoming::Delivery { seq, sent_us, from })
+    })();
+    parsed.unwrap_or(Incoming::Other)
 }
 
 impl Target {
@@ -162,7 +176,11 @@ async fn expect(rx: &mut Rx, ok: impl Fn(&str) -> bool) -> Result<(), String> {
 pub async fn request(target: Target, tx: &mut Tx, rx: &mut Rx, id: u64, frame: String) -> Result<(), String> {
     tx.send(Message::text(frame)).await.map_err(|e| e.to_string())?;
     while let Some(message) = rx.next().await {
-        if let Message::Text(text) = message.map_err(|e| e.to_string())? {
+        let message = message.map_err(|e| e.to_string())?;
+        if let Message::Close(reason) = &message {
+            return Err(format!("closed before the ack: {reason:?}"));
+        }
+        if let Message::Text(text) = message {
             match target.parse(&text) {
                 Incoming::Ack(got) if got == id => return Ok(()),
                 Incoming::Ping => tx.send(Message::text("3")).await.map_err(|e| e.to_string())?,

@@ -40,7 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let port: u16 = args.next().ok_or("port")?.parse()?;
     let redis_url = args.next().ok_or("redis url")?;
-    let client = redis::Client::open(format!("{redis_url}?protocol=RESP3"))?;
+    let client = redis::Client::open(format!("{redis_url}?protocol=resp3"))?;
     let adapter = RedisAdapterCtr::new_with_redis(&client).await?;
     let (layer, io) = SocketIo::builder()
         .with_adapter::<RedisAdapter<_>>(adapter)
