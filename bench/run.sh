@@ -14,7 +14,7 @@ scenarios=${*:-fanout rooms latency idle chart}
 targets=${TARGETS:-thinws socketio socketioxide}
 out=bench/results
 mkdir -p "$out"
-results=$out/results.jsonl
+results=${RESULTS:-$out/results.jsonl}
 : > "$results"
 # Each process needs a descriptor per socket; raise the limit as far as allowed (this
 # workplace caps it at 20,000, which caps the idle scenario too).

@@ -262,3 +262,60 @@ async fn the_delivered_frame_is_built_once_and_forwarded_unchanged() {
         serde_json::from_str::<serde_json::Value>(&published).unwrap()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_senders_order_holds_with_many_publishes_in_flight_at_once() {
+    let redis = RedisServer::start().await;
+    let node = || {
+        Node::start(
+            ThinWsLayer::builder()
+                .redis_url(redis.url())
+                .rate_limit(0, 0)
+                .build(),
+        )
+    };
+    let a = node().await;
+    let b = node().await;
+    let mut receivers = Vec::new();
+    for url in [a.url(), b.url()] {
+        let mut c = Client::connect(&url).await;
+        c.subscribe("busy").await;
+        receivers.push(c);
+    }
+    // 20 sockets send 200 messages each, back to back and all at once: thousands of
+    // publishes in flight over the nodes' shared Redis connections.
+    const SENDERS: usize = 20;
+    const EACH: usize = 200;
+    let mut senders = Vec::new();
+    for s in 0..SENDERS {
+        let url = if s % 2 == 0 { a.url() } else { b.url() };
+        senders.push(tokio::spawn(async move {
+            let mut c = Client::connect_as(&url, &format!("sender-{s}")).await;
+            for i in 0..EACH {
+                c.send_text(
+                    json!({"type": "message", "messageID": i, "roomID": "busy", "payload": i})
+                        .to_string(),
+                )
+                .await;
+            }
+            for i in 0..EACH {
+                assert_eq!(c.reply_to(&json!(i)).await["type"], "ack");
+            }
+            c
+        }));
+    }
+    let mut open = Vec::new();
+    for s in senders {
+        open.push(within("a sender", s).await.unwrap());
+    }
+    for r in &mut receivers {
+        let mut next = std::collections::HashMap::new();
+        for _ in 0..SENDERS * EACH {
+            let v = r.delivery().await;
+            let sender = v["connectionID"].as_str().unwrap().to_owned();
+            let expected = next.entry(sender.clone()).or_insert(0u64);
+            assert_eq!(v["payload"], *expected, "{sender} out of order");
+            *expected += 1;
+        }
+    }
+}

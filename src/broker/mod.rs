@@ -102,14 +102,20 @@ pub(crate) enum Broker {
 
 impl Broker {
     /// Publishes a delivered frame to every subscriber of `room` on every node. Returns once
-    /// the broker accepted it.
-    pub(crate) async fn publish(&self, room: &str, frame: Utf8Bytes) -> Result<(), Unavailable> {
+    /// the broker accepted it. Publishes with the same `lane` (a socket id) go out on the
+    /// same connection.
+    pub(crate) async fn publish(
+        &self,
+        room: &str,
+        frame: Utf8Bytes,
+        lane: u64,
+    ) -> Result<(), Unavailable> {
         match self {
             Broker::Memory(b) => {
                 b.publish(room, &frame);
                 Ok(())
             }
-            Broker::Redis(b) => b.publish(room, frame).await,
+            Broker::Redis(b) => b.publish(room, frame, lane).await,
         }
     }
 

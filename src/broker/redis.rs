@@ -43,6 +43,11 @@ struct Pending {
 /// The Redis broker.
 pub(crate) struct RedisBroker {
     pool: Pool,
+    /// Connections for publishing, taken from the pool once and shared: a
+    /// `MultiplexedConnection` pipelines the concurrent requests of many sockets on one TCP
+    /// connection. Taking a pooled object per publish cost a `PING` (deadpool's recycle
+    /// check) and a wait for one of the pool's few objects each time.
+    publishers: Vec<std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
     client: redis::Client,
     keys: Keys,
     timeout: Duration,
@@ -59,6 +64,9 @@ impl std::fmt::Debug for RedisBroker {
             .finish_non_exhaustive()
     }
 }
+
+/// How many shared publishing connections a node keeps.
+const PUBLISH_CONNECTIONS: usize = 4;
 
 fn unavailable(e: impl std::fmt::Display) -> Unavailable {
     Unavailable(e.to_string())
@@ -94,6 +102,9 @@ impl RedisBroker {
         let (live_tx, live) = watch::channel(false);
         Ok(RedisBroker {
             pool,
+            publishers: (0..PUBLISH_CONNECTIONS)
+                .map(|_| std::sync::Mutex::new(None))
+                .collect(),
             client,
             keys: Keys::new(prefix),
             timeout,
@@ -131,13 +142,38 @@ impl RedisBroker {
         self.pool.get().await.map_err(unavailable)
     }
 
-    pub(crate) async fn publish(&self, room: &str, frame: Utf8Bytes) -> Result<(), Unavailable> {
-        publish(
-            &self.pool,
-            self.keys.room_channel(room),
-            frame.as_bytes(),
-            self.timeout,
-        )
+    /// Publishes on one of the shared connections (`lane` picks which, so that one
+    /// socket's publishes, each awaited before the next, keep their order).
+    pub(crate) async fn publish(
+        &self,
+        room: &str,
+        frame: Utf8Bytes,
+        lane: u64,
+    ) -> Result<(), Unavailable> {
+        let slot = &self.publishers[(lane % PUBLISH_CONNECTIONS as u64) as usize];
+        let channel = self.keys.room_channel(room);
+        within(self.timeout, async {
+            let shared = slot.lock().unwrap_or_else(PoisonError::into_inner).clone();
+            let mut conn = match shared {
+                Some(conn) => conn,
+                None => {
+                    let pooled = self.connection().await?;
+                    let conn = (*pooled).clone();
+                    *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
+                    conn
+                }
+            };
+            let published = redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(frame.as_bytes())
+                .query_async::<i64>(&mut conn)
+                .await;
+            if published.is_err() {
+                // Take a fresh (recycled and checked) connection from the pool next time.
+                *slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
+            }
+            published.map(drop).map_err(unavailable)
+        })
         .await
     }
 

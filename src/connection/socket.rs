@@ -307,7 +307,7 @@ impl Socket {
         let started = Instant::now();
         self.node
             .broker
-            .publish(room, Utf8Bytes::from(frame))
+            .publish(room, Utf8Bytes::from(frame), self.id)
             .await
             .map_err(unavailable)?;
         self.metrics.publishes.increment(1);

@@ -121,7 +121,7 @@ impl Hub {
         let frame = server::delivery(room, &self.node.config.server_sender_id, payload);
         self.node
             .broker
-            .publish(room, Utf8Bytes::from(frame))
+            .publish(room, Utf8Bytes::from(frame), 0)
             .await
             .map_err(|e| Error::Unavailable(e.0))
     }

@@ -202,6 +202,14 @@ impl ThinWsBuilder {
         self
     }
 
+    /// Size of each socket's read buffer (tungstenite's, allocated up front). Default 512
+    /// bytes: an idle socket then costs little memory, and larger frames are read in
+    /// several steps. Raise it for sockets that mostly receive large frames.
+    pub fn read_buffer_size(mut self, bytes: usize) -> Self {
+        self.config.read_buffer_size = bytes.max(64);
+        self
+    }
+
     /// How many bytes may wait to be written to one socket; beyond that it is closed with
     /// 1013 like a full queue. Default 1 MiB. A node's outbound memory is bounded by this
     /// times its sockets.

@@ -54,19 +54,28 @@ fn digits(bytes: &[u8]) -> Option<(u64, &[u8])> {
     (n > 0).then_some((value, &bytes[n..]))
 }
 
-/// The payload is `{"s":N,"t":N,"f":N,...}` as the generator wrote it (servers keep the key
-/// order): one SIMD search for its start, then a straight read.
+/// The payload is `{"s":N,"t":N,"f":N,...}` as the generator wrote it, though a server may
+/// reorder its keys (socketioxide sorts them): one SIMD search per key.
 fn delivery(text: &str) -> Incoming {
-    static FINDER: std::sync::OnceLock<memchr::memmem::Finder<'static>> = std::sync::OnceLock::new();
-    let finder = FINDER.get_or_init(|| memchr::memmem::Finder::new(br#"{"s":"#));
-    let parsed = (|| {
-        let at = finder.find(text.as_bytes())? + 5;
-        let (seq, rest) = digits(&text.as_bytes()[at..])?;
-        let (sent_us, rest) = digits(rest.strip_prefix(br#","t":"#)?)?;
-        let (from, _) = digits(rest.strip_prefix(br#","f":"#)?)?;
-        Some(Incoming::Delivery { seq, sent_us, from })
-    })();
-    parsed.unwrap_or(Incoming::Other)
+    use std::sync::OnceLock;
+    use memchr::memmem::Finder;
+    static KEYS: OnceLock<[Finder<'static>; 3]> = OnceLock::new();
+    let [s, t, f] = KEYS.get_or_init(|| {
+        [
+            Finder::new(br#""s":"#),
+            Finder::new(br#""t":"#),
+            Finder::new(br#""f":"#),
+        ]
+    });
+    let bytes = text.as_bytes();
+    let value = |finder: &Finder<'_>| {
+        let at = finder.find(bytes)? + 4;
+        digits(&bytes[at..]).map(|(v, _)| v)
+    };
+    match (value(s), value(t), value(f)) {
+        (Some(seq), Some(sent_us), Some(from)) => Incoming::Delivery { seq, sent_us, from },
+        _ => Incoming::Other,
+    }
 }
 
 impl Target {
@@ -206,6 +215,9 @@ mod tests {
         assert_eq!(s.parse("4312[]"), Incoming::Ack(12));
         assert_eq!(s.parse("2"), Incoming::Ping);
         let d = r#"42["message",{"room":"r","from":"x","payload":{"s":3,"t":44,"f":2,"p":"zz"}}]"#;
+        assert_eq!(s.parse(d), Incoming::Delivery { seq: 3, sent_us: 44, from: 2 });
+        // Keys sorted, as socketioxide re-serialises them.
+        let d = r#"42["message",{"from":"x","payload":{"f":2,"p":"zz","s":3,"t":44},"room":"r"}]"#;
         assert_eq!(s.parse(d), Incoming::Delivery { seq: 3, sent_us: 44, from: 2 });
         assert_eq!(s.url("http://127.0.0.1:9"), "ws://127.0.0.1:9/socket.io/?EIO=4&transport=websocket");
     }
