@@ -16,6 +16,9 @@
  * identity's rooms; onOpen runs after every (re)connection. Requests made while
  * disconnected are queued (up to options.maxQueue) and sent after reconnecting; requests
  * already sent when the connection dropped reject with code "disconnected".
+ *
+ * options: { minDelay: 250, maxDelay: 10000 (ms, the backoff), timeout: 10000 (ms per
+ * request), maxQueue: 1000, onClose(client) (called when a connection drops) }
  */
 (function (global) {
   "use strict";
@@ -83,7 +86,9 @@
         else pending.reject(new ThinWSError(frame.code, frame.message, frame.messageID));
       };
       ws.onclose = () => {
+        const wasConnected = this.connected;
         this.connected = false;
+        if (wasConnected && this.options.onClose) this.options.onClose(this);
         for (const [id, pending] of this._pending) {
           clearTimeout(pending.timer);
           pending.reject(new ThinWSError("disconnected", "the connection dropped", id));

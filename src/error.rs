@@ -19,3 +19,10 @@ pub enum Error {
     #[error("payload is not serialisable to JSON: {0}")]
     InvalidPayload(String),
 }
+
+/// Serialises an application payload to raw JSON, for publishing.
+pub(crate) fn raw_payload<T: serde::Serialize + ?Sized>(
+    payload: &T,
+) -> Result<Box<serde_json::value::RawValue>, Error> {
+    serde_json::value::to_raw_value(payload).map_err(|e| Error::InvalidPayload(e.to_string()))
+}

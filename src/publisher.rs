@@ -92,9 +92,8 @@ impl Publisher {
         room: &str,
         payload: &T,
     ) -> Result<(), Error> {
-        let payload = serde_json::value::to_raw_value(payload)
-            .map_err(|e| Error::InvalidPayload(e.to_string()))?;
-        self.publish_raw(room, &payload).await
+        self.publish_raw(room, &crate::error::raw_payload(payload)?)
+            .await
     }
 
     /// Publishes an already-serialised JSON payload.

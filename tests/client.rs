@@ -83,6 +83,12 @@ async fn the_client_reconnects_after_a_server_restart_and_gets_its_rooms_back() 
     // The server goes away (its sockets are closed with 1001), then comes back.
     node.hub.shutdown(Duration::from_secs(5)).await;
     drop(node);
+    within("the client to notice", async {
+        while client.is_connected() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
     // A request made while disconnected waits in the queue.
     let queued = tokio::spawn({
         let client = client.clone();
@@ -91,6 +97,7 @@ async fn the_client_reconnects_after_a_server_restart_and_gets_its_rooms_back() 
     let node = Node::start_on(addr, ThinWsLayer::new(redis.url())).await;
 
     within("the queued request", queued).await.unwrap().unwrap();
+    assert!(client.is_connected());
     assert_eq!(
         next(&mut messages).await.payload,
         json!("queued while down")

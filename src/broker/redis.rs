@@ -192,25 +192,24 @@ impl RedisBroker {
     }
 
     pub(crate) async fn record(&self, identity: &str, room: &str) -> Result<(), Unavailable> {
-        let key = self.keys.identity_set(identity);
-        within(self.timeout, async {
-            let mut conn = self.connection().await?;
-            redis::cmd("SADD")
-                .arg(key)
-                .arg(room)
-                .query_async::<i64>(&mut conn)
-                .await
-                .map_err(unavailable)
-        })
-        .await
-        .map(drop)
+        self.identity_set_command("SADD", identity, room).await
     }
 
     pub(crate) async fn forget(&self, identity: &str, room: &str) -> Result<(), Unavailable> {
+        self.identity_set_command("SREM", identity, room).await
+    }
+
+    /// `SADD` or `SREM` of `room` in `identity`'s set, through the pool.
+    async fn identity_set_command(
+        &self,
+        command: &str,
+        identity: &str,
+        room: &str,
+    ) -> Result<(), Unavailable> {
         let key = self.keys.identity_set(identity);
         within(self.timeout, async {
             let mut conn = self.connection().await?;
-            redis::cmd("SREM")
+            redis::cmd(command)
                 .arg(key)
                 .arg(room)
                 .query_async::<i64>(&mut conn)

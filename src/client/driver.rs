@@ -2,6 +2,8 @@
 //! deliveries, and reconnects.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -117,6 +119,7 @@ pub(super) async fn drive(
     mut requests: mpsc::Receiver<Request>,
     deliveries: mpsc::Sender<Delivery>,
     mut queued: VecDeque<(Op, Reply)>,
+    connected: Arc<AtomicBool>,
 ) {
     let policy = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
@@ -126,16 +129,18 @@ pub(super) async fn drive(
     let mut next_id: u64 = 1;
     let mut socket = Some(first);
     loop {
-        if let Some(mut connected) = socket.take() {
-            match session(
-                &mut connected,
+        if let Some(mut open) = socket.take() {
+            connected.store(true, Ordering::Relaxed);
+            let end = session(
+                &mut open,
                 &mut requests,
                 &deliveries,
                 &mut queued,
                 &mut next_id,
             )
-            .await
-            {
+            .await;
+            connected.store(false, Ordering::Relaxed);
+            match end {
                 End::Closed => return,
                 End::Lost => tracing::debug!("connection lost; reconnecting"),
             }

@@ -40,6 +40,8 @@ mod driver;
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -177,15 +179,21 @@ impl ClientBuilder {
         let (requests, requests_rx) = mpsc::channel(64);
         let (deliveries, deliveries_rx) = mpsc::channel(1024);
         let timeout = self.request_timeout;
+        let connected = Arc::new(AtomicBool::new(true));
         tokio::spawn(driver::drive(
             self,
             socket,
             requests_rx,
             deliveries,
             VecDeque::new(),
+            connected.clone(),
         ));
         Ok((
-            ThinWsClient { requests, timeout },
+            ThinWsClient {
+                requests,
+                timeout,
+                connected,
+            },
             Messages { rx: deliveries_rx },
         ))
     }
@@ -196,6 +204,7 @@ impl ClientBuilder {
 pub struct ThinWsClient {
     requests: mpsc::Sender<Request>,
     timeout: Duration,
+    connected: Arc<AtomicBool>,
 }
 
 impl ThinWsClient {
@@ -231,6 +240,12 @@ impl ThinWsClient {
         tokio::time::timeout(self.timeout, call)
             .await
             .unwrap_or(Err(ClientError::Timeout))
+    }
+
+    /// Whether the client is connected (and bound to its identity) right now; `false` while
+    /// it reconnects.
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
     }
 
     /// Joins `room` (and the server remembers it for this identity).

@@ -50,8 +50,16 @@ try {
   await say(pageA, "two nodes, one room");
   await sees(pageB, "ann", "two nodes, one room");
 
+  // The socket drops: thinws.js reconnects with backoff and sends `connect` again, and the
+  // server gives ben his room back without the page doing anything.
+  await pageB.evaluate(() => client.ws.close());
+  await pageB.waitForSelector("#status.off");
+  await pageB.waitForSelector("#status.on");
+  await say(pageA, "still there, ben?");
+  await sees(pageB, "ann", "still there, ben?");
+
   if (screenshot) await pageA.screenshot({ path: screenshot });
-  console.log("ok: two pages on two nodes exchanged messages");
+  console.log("ok: two pages on two nodes exchanged messages, and one reconnected");
 } finally {
   await browser.close();
 }
