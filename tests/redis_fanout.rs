@@ -276,16 +276,28 @@ async fn each_senders_order_holds_with_many_publishes_in_flight_at_once() {
     };
     let a = node().await;
     let b = node().await;
+    // Two receivers, one per node, reading as the messages come (a receiver that only read
+    // at the end would be dropped as a slow reader).
+    const SENDERS: usize = 20;
+    const EACH: usize = 200;
     let mut receivers = Vec::new();
     for url in [a.url(), b.url()] {
         let mut c = Client::connect(&url).await;
         c.subscribe("busy").await;
-        receivers.push(c);
+        receivers.push(tokio::spawn(async move {
+            let mut next = std::collections::HashMap::new();
+            for _ in 0..SENDERS * EACH {
+                let v = c.delivery().await;
+                let sender = v["connectionID"].as_str().unwrap().to_owned();
+                let expected = next.entry(sender.clone()).or_insert(0u64);
+                assert_eq!(v["payload"], *expected, "{sender} out of order");
+                *expected += 1;
+            }
+            c
+        }));
     }
     // 20 sockets send 200 messages each, back to back and all at once: thousands of
-    // publishes in flight over the nodes' shared Redis connections.
-    const SENDERS: usize = 20;
-    const EACH: usize = 200;
+    // publishes in flight over the nodes' publishing lanes.
     let mut senders = Vec::new();
     for s in 0..SENDERS {
         let url = if s % 2 == 0 { a.url() } else { b.url() };
@@ -308,14 +320,7 @@ async fn each_senders_order_holds_with_many_publishes_in_flight_at_once() {
     for s in senders {
         open.push(within("a sender", s).await.unwrap());
     }
-    for r in &mut receivers {
-        let mut next = std::collections::HashMap::new();
-        for _ in 0..SENDERS * EACH {
-            let v = r.delivery().await;
-            let sender = v["connectionID"].as_str().unwrap().to_owned();
-            let expected = next.entry(sender.clone()).or_insert(0u64);
-            assert_eq!(v["payload"], *expected, "{sender} out of order");
-            *expected += 1;
-        }
+    for r in receivers {
+        open.push(within("a receiver", r).await.unwrap());
     }
 }

@@ -34,6 +34,30 @@ pub(crate) use self::redis::{create_pool, publish, RedisBroker};
 #[error("{0}")]
 pub(crate) struct Unavailable(pub(crate) String);
 
+/// A pending [`Broker::publish`].
+#[derive(Debug)]
+pub(crate) enum Publish {
+    Done(Result<(), Unavailable>),
+    Pending(tokio::sync::oneshot::Receiver<Result<(), Unavailable>>),
+}
+
+impl Publish {
+    /// Waits for the broker's answer. Cancel-safe: awaiting it again after a drop goes on
+    /// waiting for the same answer.
+    pub(crate) async fn result(&mut self) -> Result<(), Unavailable> {
+        if let Publish::Pending(answer) = self {
+            let result = answer
+                .await
+                .unwrap_or_else(|_| Err(Unavailable("publishing lane stopped".into())));
+            *self = Publish::Done(result);
+        }
+        match self {
+            Publish::Done(result) => result.clone(),
+            Publish::Pending(_) => Err(Unavailable("publish still pending".into())),
+        }
+    }
+}
+
 /// A pending [`Broker::acquire`].
 #[derive(Debug)]
 pub(crate) enum Acquire {
@@ -101,21 +125,17 @@ pub(crate) enum Broker {
 }
 
 impl Broker {
-    /// Publishes a delivered frame to every subscriber of `room` on every node. Returns once
-    /// the broker accepted it. Publishes with the same `lane` (a socket id) go out on the
-    /// same connection.
-    pub(crate) async fn publish(
-        &self,
-        room: &str,
-        frame: Utf8Bytes,
-        lane: u64,
-    ) -> Result<(), Unavailable> {
+    /// Publishes a delivered frame to every subscriber of `room` on every node. The publish
+    /// is queued at once (not when the returned [`Publish`] is awaited); publishes with the
+    /// same `lane` (a socket id) reach the broker in the order of these calls. The
+    /// [`Publish`] resolves once the broker accepted it.
+    pub(crate) fn publish(&self, room: &str, frame: Utf8Bytes, lane: u64) -> Publish {
         match self {
             Broker::Memory(b) => {
                 b.publish(room, &frame);
-                Ok(())
+                Publish::Done(Ok(()))
             }
-            Broker::Redis(b) => b.publish(room, frame, lane).await,
+            Broker::Redis(b) => b.publish(room, frame, lane),
         }
     }
 

@@ -10,7 +10,7 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{Acquire, BrokerHealth, Keys, Unavailable};
+use super::{Acquire, BrokerHealth, Keys, Publish, Unavailable};
 use crate::hub::RoomHub;
 
 /// Commands for the subscriber task, which owns the pub/sub connection and the reference
@@ -43,11 +43,13 @@ struct Pending {
 /// The Redis broker.
 pub(crate) struct RedisBroker {
     pool: Pool,
-    /// Connections for publishing, taken from the pool once and shared: a
-    /// `MultiplexedConnection` pipelines the concurrent requests of many sockets on one TCP
-    /// connection. Taking a pooled object per publish cost a `PING` (deadpool's recycle
-    /// check) and a wait for one of the pool's few objects each time.
-    publishers: Vec<std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>>,
+    /// Publishing lanes: each is a task that sends whatever is queued to it as one Redis
+    /// pipeline on a connection taken from the pool once (taking a pooled object per
+    /// publish cost deadpool's recycle `PING` and a wait for one of its few objects). A
+    /// socket always uses the same lane, and a lane keeps the order it was given, so a
+    /// socket's publishes reach Redis in order even with many in flight.
+    lanes: Vec<mpsc::UnboundedSender<PublishRequest>>,
+    pending_lanes: Mutex<Option<Vec<mpsc::UnboundedReceiver<PublishRequest>>>>,
     client: redis::Client,
     keys: Keys,
     timeout: Duration,
@@ -65,8 +67,65 @@ impl std::fmt::Debug for RedisBroker {
     }
 }
 
-/// How many shared publishing connections a node keeps.
-const PUBLISH_CONNECTIONS: usize = 4;
+/// How many publishing lanes (and connections) a node keeps.
+const PUBLISH_LANES: usize = 4;
+
+/// The most publishes one pipeline carries.
+const MAX_BATCH: usize = 512;
+
+/// One publish waiting in a lane.
+pub(crate) struct PublishRequest {
+    channel: String,
+    frame: Utf8Bytes,
+    reply: oneshot::Sender<Result<(), Unavailable>>,
+}
+
+/// A lane: sends everything queued as one pipeline, waits for Redis, answers each request
+/// in order, and goes again.
+async fn run_lane(
+    pool: Pool,
+    mut requests: mpsc::UnboundedReceiver<PublishRequest>,
+    timeout: Duration,
+) {
+    let mut connection: Option<redis::aio::MultiplexedConnection> = None;
+    let mut batch = Vec::with_capacity(64);
+    while let Some(first) = requests.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match requests.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        let result = within(timeout, async {
+            let mut conn = match &connection {
+                Some(conn) => conn.clone(),
+                None => {
+                    let pooled = pool.get().await.map_err(unavailable)?;
+                    let conn = (*pooled).clone();
+                    connection = Some(conn.clone());
+                    conn
+                }
+            };
+            let mut pipe = redis::pipe();
+            for request in &batch {
+                pipe.cmd("PUBLISH")
+                    .arg(&request.channel)
+                    .arg(request.frame.as_bytes())
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+        })
+        .await;
+        if result.is_err() {
+            // Take a fresh (recycled and checked) connection from the pool next time.
+            connection = None;
+        }
+        for request in batch.drain(..) {
+            let _ = request.reply.send(result.clone());
+        }
+    }
+}
 
 fn unavailable(e: impl std::fmt::Display) -> Unavailable {
     Unavailable(e.to_string())
@@ -100,11 +159,13 @@ impl RedisBroker {
         let pool = create_pool(url, timeout)?;
         let (commands, receiver) = mpsc::unbounded_channel();
         let (live_tx, live) = watch::channel(false);
+        let (lanes, lane_receivers): (Vec<_>, Vec<_>) = (0..PUBLISH_LANES)
+            .map(|_| mpsc::unbounded_channel())
+            .unzip();
         Ok(RedisBroker {
             pool,
-            publishers: (0..PUBLISH_CONNECTIONS)
-                .map(|_| std::sync::Mutex::new(None))
-                .collect(),
+            lanes,
+            pending_lanes: Mutex::new(Some(lane_receivers)),
             client,
             keys: Keys::new(prefix),
             timeout,
@@ -116,6 +177,18 @@ impl RedisBroker {
                 hub,
             })),
         })
+    }
+
+    /// Starts the publishing lanes if they are not running yet.
+    fn start_lanes(&self) {
+        let pending = self
+            .pending_lanes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        for receiver in pending.into_iter().flatten() {
+            tokio::spawn(run_lane(self.pool.clone(), receiver, self.timeout));
+        }
     }
 
     /// Starts the subscriber task if it is not running yet.
@@ -142,39 +215,20 @@ impl RedisBroker {
         self.pool.get().await.map_err(unavailable)
     }
 
-    /// Publishes on one of the shared connections (`lane` picks which, so that one
-    /// socket's publishes, each awaited before the next, keep their order).
-    pub(crate) async fn publish(
-        &self,
-        room: &str,
-        frame: Utf8Bytes,
-        lane: u64,
-    ) -> Result<(), Unavailable> {
-        let slot = &self.publishers[(lane % PUBLISH_CONNECTIONS as u64) as usize];
-        let channel = self.keys.room_channel(room);
-        within(self.timeout, async {
-            let shared = slot.lock().unwrap_or_else(PoisonError::into_inner).clone();
-            let mut conn = match shared {
-                Some(conn) => conn,
-                None => {
-                    let pooled = self.connection().await?;
-                    let conn = (*pooled).clone();
-                    *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
-                    conn
-                }
-            };
-            let published = redis::cmd("PUBLISH")
-                .arg(channel)
-                .arg(frame.as_bytes())
-                .query_async::<i64>(&mut conn)
-                .await;
-            if published.is_err() {
-                // Take a fresh (recycled and checked) connection from the pool next time.
-                *slot.lock().unwrap_or_else(PoisonError::into_inner) = None;
-            }
-            published.map(drop).map_err(unavailable)
-        })
-        .await
+    /// Queues a publish on lane `lane` at once; the returned [`Publish`] resolves when Redis
+    /// accepted it.
+    pub(crate) fn publish(&self, room: &str, frame: Utf8Bytes, lane: u64) -> Publish {
+        self.start_lanes();
+        let (reply, answer) = oneshot::channel();
+        let request = PublishRequest {
+            channel: self.keys.room_channel(room),
+            frame,
+            reply,
+        };
+        match self.lanes[(lane % PUBLISH_LANES as u64) as usize].send(request) {
+            Ok(()) => Publish::Pending(answer),
+            Err(_) => Publish::Done(Err(Unavailable("publishing lane stopped".into()))),
+        }
     }
 
     pub(crate) fn acquire(&self, room: Arc<str>) -> Acquire {

@@ -144,6 +144,11 @@ async fn run(
                     writer_done = true;
                     break 'socket DisconnectReason::Server;
                 }
+                // The broker answered the oldest publish in flight: send its ack.
+                () = socket.front_published(), if socket.has_in_flight() => {
+                    socket.settle_front().await;
+                    continue;
+                }
                 read = source.next() => {
                     last_seen = Instant::now();
                     match read_result(read, &control) {

@@ -1,6 +1,6 @@
 //! The reader side of one socket: its identity, its rooms, and the handling of each frame.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 
 use http::request::Parts;
@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use super::rate_limit::{Rate, RateLimit};
-use crate::broker::Unavailable;
+use crate::broker::{Publish, Unavailable};
 use crate::hooks::{
     self, BoxError, ConnectEvent, ConnectVerdict, DisconnectEvent, DisconnectReason, Hooks,
     MessageEvent, MessageVerdict, SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
@@ -36,7 +36,19 @@ pub(super) struct Socket {
     disconnect_fired: bool,
     rate: Option<RateLimit>,
     metrics: SocketMetrics,
+    /// Publishes queued at the broker whose ack is not sent yet, oldest first.
+    in_flight: VecDeque<InFlight>,
 }
+
+/// One publish awaiting the broker's answer.
+struct InFlight {
+    message_id: Box<RawValue>,
+    started: Instant,
+    publish: Publish,
+}
+
+/// How many publishes one socket may have in flight before it waits for the oldest.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// A refused operation: the code and message of the `error` frame.
 type Refusal = (ErrorCode, String);
@@ -74,6 +86,7 @@ impl Socket {
             disconnect_fired: false,
             rate,
             metrics: SocketMetrics::new(),
+            in_flight: VecDeque::new(),
         }
     }
 
@@ -153,11 +166,13 @@ impl Socket {
                     true => (e.code, &*e.message),
                     false => (ErrorCode::RateLimited, "too many frames: slow down"),
                 };
+                self.settle_all().await;
                 return self.reply_error(e.message_id, code, message).await;
             }
         };
         let message_id = frame.message_id;
         if !allowed {
+            self.settle_all().await;
             return self
                 .reply_error(
                     Some(message_id),
@@ -166,11 +181,23 @@ impl Socket {
                 )
                 .await;
         }
+        if let Command::Message { room, payload } = &frame.command {
+            // Acked later, when the broker answers; only a refusal is answered now, after
+            // the replies of the publishes before it.
+            if let Err((code, message)) = self.publish(message_id, room, payload).await {
+                self.settle_all().await;
+                self.reply_error(Some(message_id), code, &message).await;
+            }
+            return;
+        }
+        // Anything else waits for the publishes before it, so that replies keep the order
+        // of the frames.
+        self.settle_all().await;
         let result = match frame.command {
             Command::Connect { connection_id } => self.connect(&connection_id).await,
             Command::Subscribe { room } => self.subscribe(&room).await,
             Command::Unsubscribe { room } => self.unsubscribe(&room).await,
-            Command::Message { room, payload } => self.publish(&room, payload).await,
+            Command::Message { .. } => Ok(()),
             Command::Disconnect => {
                 self.fire_disconnect(DisconnectReason::Requested).await;
                 self.leave_rooms();
@@ -286,7 +313,14 @@ impl Socket {
         Ok(())
     }
 
-    async fn publish(&mut self, room: &str, payload: &RawValue) -> Result<(), Refusal> {
+    /// Queues a publish; its ack (or error) is sent when the broker answers, in order with
+    /// the socket's other replies (see [`Socket::settle_front`]).
+    async fn publish(
+        &mut self,
+        message_id: &RawValue,
+        room: &str,
+        payload: &RawValue,
+    ) -> Result<(), Refusal> {
         let mut replaced = None;
         let info = self.hooks.message.is_some().then(|| self.info());
         if let (Some(hook), Some(info)) = (&mut self.hooks.message, info) {
@@ -304,15 +338,68 @@ impl Socket {
         }
         let payload = replaced.as_deref().unwrap_or(payload);
         let frame = server::delivery(room, &self.identity, payload);
-        let started = Instant::now();
-        self.node
+        // Queued at the broker now, in this socket's order; several may be in flight.
+        let publish = self
+            .node
             .broker
-            .publish(room, Utf8Bytes::from(frame), self.id)
-            .await
-            .map_err(unavailable)?;
-        self.metrics.publishes.increment(1);
-        self.metrics.publish_duration.record(started.elapsed());
+            .publish(room, Utf8Bytes::from(frame), self.id);
+        self.in_flight.push_back(InFlight {
+            message_id: message_id.to_owned(),
+            started: Instant::now(),
+            publish,
+        });
+        if self.in_flight.len() > MAX_IN_FLIGHT {
+            self.settle_front().await;
+        }
         Ok(())
+    }
+
+    /// Whether publishes await the broker's answer.
+    pub(super) fn has_in_flight(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
+    /// Waits for the broker's answer to the oldest publish in flight (cancel-safe: nothing
+    /// is taken off the queue).
+    pub(super) async fn front_published(&mut self) {
+        match self.in_flight.front_mut() {
+            Some(front) => {
+                let _ = front.publish.result().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Sends the ack or error of the oldest publish in flight, once the broker answered.
+    pub(super) async fn settle_front(&mut self) {
+        let Some(front) = self.in_flight.front_mut() else {
+            return;
+        };
+        let result = front.publish.result().await;
+        let Some(front) = self.in_flight.pop_front() else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                self.metrics.publishes.increment(1);
+                self.metrics
+                    .publish_duration
+                    .record(front.started.elapsed());
+                self.reply(server::ack(&front.message_id)).await
+            }
+            Err(e) => {
+                let (code, message) = unavailable(e);
+                self.reply_error(Some(&front.message_id), code, &message)
+                    .await
+            }
+        }
+    }
+
+    /// Sends the replies of every publish in flight, so that what follows comes after.
+    async fn settle_all(&mut self) {
+        while self.has_in_flight() {
+            self.settle_front().await;
+        }
     }
 
     /// Calls the `disconnect` hook, once per socket.

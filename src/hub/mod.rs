@@ -121,6 +121,7 @@ impl Hub {
         self.node
             .broker
             .publish(room, Utf8Bytes::from(frame), 0)
+            .result()
             .await
             .map_err(|e| Error::Unavailable(e.0))
     }

@@ -15,6 +15,9 @@ pub(crate) type SocketId = u64;
 #[derive(Debug, Default)]
 pub(crate) struct SocketControl {
     close: Mutex<Option<(CloseCode, &'static str)>>,
+    /// Set with the first close request: from then on the socket gets no more frames, so a
+    /// dropped slow reader never sees a gap followed by later frames.
+    closing: AtomicBool,
     notify: Notify,
     queued_bytes: AtomicUsize,
 }
@@ -37,10 +40,7 @@ impl SocketControl {
 
     /// Whether a close was requested.
     pub(crate) fn is_closing(&self) -> bool {
-        self.close
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
+        self.closing.load(Ordering::Acquire)
     }
 
     /// Asks the socket's writer to send a close frame with `code` and stop.
@@ -48,6 +48,7 @@ impl SocketControl {
         let mut close = self.close.lock().unwrap_or_else(PoisonError::into_inner);
         if close.is_none() {
             *close = Some((code, reason));
+            self.closing.store(true, Ordering::Release);
             self.notify.notify_one();
         }
     }
@@ -203,6 +204,9 @@ impl RoomHub {
         let mut delivered = 0;
         for outbox in members.values() {
             let control = &outbox.control;
+            if control.is_closing() {
+                continue;
+            }
             if control.add_queued(len) > self.inner.max_queued_bytes {
                 control.remove_queued(len);
                 slow_reader(control);
@@ -359,6 +363,23 @@ mod tests {
         assert_eq!(slow.control.close_requested().await.0, CloseCode::Again);
         assert_eq!(hub.queued_bytes(), 200);
         rs.close();
+    }
+
+    #[tokio::test]
+    async fn a_dropped_slow_reader_gets_nothing_after_the_first_frame_it_missed() {
+        let hub = RoomHub::new(usize::MAX, usize::MAX);
+        let (slow, mut rs) = outbox(2);
+        let id = hub.register(slow.control.clone()).unwrap();
+        hub.join("r", id, &slow);
+        for n in 0..3 {
+            hub.deliver("r", &Utf8Bytes::from(n.to_string()));
+        }
+        // The queue had room for two; the third overflowed and closed the socket.
+        assert_eq!(rs.recv().await.unwrap(), "0");
+        // Even with room again, later frames must not arrive after the gap.
+        assert_eq!(hub.deliver("r", &Utf8Bytes::from_static("3")), 0);
+        assert_eq!(rs.recv().await.unwrap(), "1");
+        assert!(rs.try_recv().is_err());
     }
 
     #[test]
