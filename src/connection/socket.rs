@@ -134,6 +134,7 @@ impl Socket {
 
     /// Handles a binary frame: refused, the socket stays open.
     pub(super) async fn on_binary(&mut self) {
+        self.settle_all().await;
         if !self.within_rate() {
             return self
                 .reply_error(None, ErrorCode::RateLimited, "too many frames: slow down")
