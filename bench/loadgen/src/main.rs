@@ -182,6 +182,30 @@ struct Seen {
     out_of_order: u64,
     /// When the last delivery arrived (µs since the run's base instant).
     last_us: u64,
+    next: NextSeq,
+}
+
+impl Seen {
+    fn new() -> Self {
+        Seen {
+            histogram: Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram"),
+            delivered: 0,
+            out_of_order: 0,
+            last_us: 0,
+            next: NextSeq::default(),
+        }
+    }
+
+    /// Counts one delivery: its latency, and whether it came in its sender's order.
+    fn record(&mut self, seq: u64, sent_us: u64, from: u64, base: Instant) {
+        let now = now_us(base);
+        let _ = self.histogram.record(now.saturating_sub(sent_us).max(1));
+        self.delivered += 1;
+        self.last_us = now;
+        if !self.next.in_order(from, seq) {
+            self.out_of_order += 1;
+        }
+    }
 }
 
 /// The next sequence number expected from each sender (a socket hears one or two).
@@ -208,13 +232,7 @@ impl NextSeq {
 
 /// Reads deliveries until `expected` arrived or `stop` fires; checks order per sender.
 async fn receive(target: Target, mut tx: Tx, mut rx: Rx, expected: u64, base: Instant, stop: Arc<Notify>) -> Seen {
-    let mut seen = Seen {
-        histogram: Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram"),
-        delivered: 0,
-        out_of_order: 0,
-        last_us: 0,
-    };
-    let mut next = NextSeq::default();
+    let mut seen = Seen::new();
     let stopped = stop.notified();
     tokio::pin!(stopped);
     while seen.delivered < expected {
@@ -229,15 +247,7 @@ async fn receive(target: Target, mut tx: Tx, mut rx: Rx, expected: u64, base: In
             continue;
         };
         match target.parse(&text) {
-            Incoming::Delivery { seq, sent_us, from } => {
-                let now = now_us(base);
-                let _ = seen.histogram.record(now.saturating_sub(sent_us).max(1));
-                seen.delivered += 1;
-                seen.last_us = now;
-                if !next.in_order(from, seq) {
-                    seen.out_of_order += 1;
-                }
-            }
+            Incoming::Delivery { seq, sent_us, from } => seen.record(seq, sent_us, from, base),
             Incoming::Ping => {
                 let _ = tx.send(Message::text("3")).await;
             }
@@ -410,13 +420,7 @@ async fn rooms(args: &RunArgs) -> Report {
         let acks = permits.clone();
         receivers.push(tokio::spawn(async move {
             let (mut rx, expected) = (rx, 2 * k);
-            let mut seen = Seen {
-                histogram: Histogram::new_with_bounds(1, 120_000_000, 3).expect("histogram"),
-                delivered: 0,
-                out_of_order: 0,
-                last_us: 0,
-            };
-            let mut next = NextSeq::default();
+            let mut seen = Seen::new();
             let mut acked = 0;
             let stopped = stop.notified();
             tokio::pin!(stopped);
@@ -433,13 +437,7 @@ async fn rooms(args: &RunArgs) -> Report {
                 };
                 match target.parse(&text) {
                     Incoming::Delivery { seq, sent_us, from } => {
-                        let now = now_us(base);
-                        let _ = seen.histogram.record(now.saturating_sub(sent_us).max(1));
-                        seen.delivered += 1;
-                        seen.last_us = now;
-                        if !next.in_order(from, seq) {
-                            seen.out_of_order += 1;
-                        }
+                        seen.record(seq, sent_us, from, base)
                     }
                     Incoming::Ack(_) => {
                         acked += 1;
