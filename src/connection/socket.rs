@@ -73,6 +73,7 @@ impl Socket {
     pub(super) fn new(node: Arc<Node>, id: SocketId, outbox: Outbox, request: Parts) -> Self {
         let identity: Arc<str> = format!("{:016x}-{id}", node.instance).into();
         let hooks = node.config.hooks.clone();
+        let hooks_set = !hooks.is_empty();
         let rate = RateLimit::new(node.config.rate, Instant::now());
         Socket {
             node,
@@ -81,7 +82,12 @@ impl Socket {
             bound: false,
             rooms: HashSet::new(),
             outbox,
-            request: Arc::new(request),
+            // Only hooks read the upgrade request: without them, don't keep its headers for
+            // the socket's whole life.
+            request: Arc::new(match hooks_set {
+                true => request,
+                false => http::Request::new(()).into_parts().0,
+            }),
             hooks,
             disconnect_fired: false,
             rate,

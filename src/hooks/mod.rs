@@ -318,6 +318,17 @@ pub(crate) struct Hooks {
     pub(crate) disconnect: Option<Hook<DisconnectEvent, ()>>,
 }
 
+impl Hooks {
+    /// Whether no hook is set (then no event is ever built).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.connect.is_none()
+            && self.subscribe.is_none()
+            && self.unsubscribe.is_none()
+            && self.message.is_none()
+            && self.disconnect.is_none()
+    }
+}
+
 impl fmt::Debug for Hooks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hooks")
