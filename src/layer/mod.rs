@@ -436,9 +436,15 @@ impl ThinWsBuilder {
 
     /// Builds the layer without connecting to Redis.
     pub fn build(self) -> ThinWsLayer {
+        self.assemble().0
+    }
+
+    /// Builds the layer; also returns why its Redis URL is unusable, if it is (the layer
+    /// then refuses sockets, see the module docs).
+    fn assemble(self) -> (ThinWsLayer, Option<Error>) {
         crate::metrics::describe_once();
         let rooms = RoomHub::new(self.config.max_queued_bytes, self.config.max_sockets);
-        let mut broken = None;
+        let mut url_error = None;
         let broker = match &self.redis_url {
             None => Broker::Memory(MemoryBroker::new(rooms.clone())),
             Some(url) => match RedisBroker::new(
@@ -450,12 +456,13 @@ impl ThinWsBuilder {
                 Ok(broker) => Broker::Redis(Box::new(broker)),
                 Err(e) => {
                     tracing::error!(error = %e, "thinws cannot use its Redis URL");
-                    broken = Some(Arc::from(e.to_string()));
+                    url_error = Some(e);
                     Broker::Memory(MemoryBroker::new(rooms.clone()))
                 }
             },
         };
-        ThinWsLayer {
+        let broken = url_error.as_ref().map(|e| Arc::from(e.to_string()));
+        let layer = ThinWsLayer {
             node: Arc::new(Node {
                 rooms,
                 broker,
@@ -463,22 +470,17 @@ impl ThinWsBuilder {
                 instance: RandomState::new().hash_one(std::process::id()),
                 broken,
             }),
-        }
+        };
+        (layer, url_error)
     }
 
     /// Builds the layer and checks now that Redis (if configured) can be used: the URL
     /// parses, publishing works and the subscription connection is up.
     pub async fn connect(self) -> Result<ThinWsLayer, Error> {
-        if let Some(url) = &self.redis_url {
-            // Surface a malformed URL as its own typed error.
-            RedisBroker::new(
-                url,
-                &self.config.key_prefix,
-                self.config.redis_timeout,
-                RoomHub::default(),
-            )?;
+        let (layer, url_error) = self.assemble();
+        if let Some(e) = url_error {
+            return Err(e);
         }
-        let layer = self.build();
         layer
             .node
             .broker
