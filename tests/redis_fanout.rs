@@ -40,6 +40,28 @@ async fn a_message_published_after_the_subscribe_ack_reaches_the_socket_on_eithe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_requires_a_password_is_used_with_the_urls_credentials() {
+    let redis = RedisServer::start_with_password("s3cret").await;
+    let a = Node::redis(&redis).await;
+    let b = Node::redis(&redis).await;
+    let mut subscriber = Client::connect(&b.url()).await;
+    subscriber.subscribe("locked").await;
+    assert_eq!(numsub(&redis, "thinws:room:locked").await, 1);
+    let mut publisher = Client::connect(&a.url()).await;
+    publisher.publish("locked", json!("in")).await;
+    assert_eq!(subscriber.delivery().await["payload"], "in");
+
+    // A wrong password: the subscription cannot be made, and the client is told so.
+    let wrong = redis.url().replace("s3cret", "wrong");
+    let c = Node::start(ThinWsLayer::new(wrong)).await;
+    let mut refused = Client::connect(&c.url()).await;
+    let reply = refused
+        .request(json!({"type": "subscribe", "roomID": "locked"}))
+        .await;
+    assert_eq!(reply["type"], "error", "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_messages_from_one_socket_reach_every_subscriber_on_both_nodes_in_order() {
     let redis = RedisServer::start().await;
     // Back to back is faster than the default rate limit allows.

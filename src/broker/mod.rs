@@ -20,6 +20,7 @@
 //! No other keys are written.
 
 mod memory;
+mod pubsub;
 mod redis;
 
 use std::time::Duration;

@@ -3,13 +3,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use bytes::Bytes;
 use deadpool_redis::{Pool, Runtime};
-use futures_util::StreamExt;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
-use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::pubsub::{PubSubConnection, Reply};
 use super::{Acquire, BrokerHealth, Keys, Publish, Unavailable};
 use crate::hub::RoomHub;
 
@@ -200,7 +198,7 @@ impl RedisBroker {
             .take();
         if let Some(pending) = pending {
             let task = Subscriber {
-                client: self.client.clone(),
+                info: self.client.get_connection_info().clone(),
                 keys: self.keys.clone(),
                 timeout: self.timeout,
                 hub: pending.hub,
@@ -399,7 +397,7 @@ enum Stop {
 
 /// The task that owns the pub/sub connection.
 struct Subscriber {
-    client: redis::Client,
+    info: redis::ConnectionInfo,
     keys: Keys,
     timeout: Duration,
     hub: RoomHub,
@@ -419,10 +417,9 @@ impl Subscriber {
         let mut delays = policy.build();
         let mut connected_before = false;
         loop {
-            let stop = match within(self.timeout, self.client.get_async_pubsub()).await {
-                Ok(pubsub) => {
-                    let (sink, stream) = pubsub.split();
-                    self.serve(sink, stream, &mut commands, connected_before)
+            let stop = match within(self.timeout, PubSubConnection::connect(&self.info)).await {
+                Ok(connection) => {
+                    self.serve(connection, &mut commands, connected_before)
                         .await
                 }
                 Err(e) => Stop::Lost(e),
@@ -494,8 +491,7 @@ impl Subscriber {
 
     async fn serve(
         &mut self,
-        mut sink: PubSubSink,
-        mut stream: PubSubStream,
+        mut connection: PubSubConnection,
         commands: &mut mpsc::UnboundedReceiver<SubCommand>,
         reconnection: bool,
     ) -> Stop {
@@ -506,7 +502,12 @@ impl Subscriber {
             .map(|room| self.keys.room_channel(room))
             .collect();
         for chunk in channels.chunks(1024) {
-            if let Err(e) = within(self.timeout, sink.subscribe(chunk)).await {
+            let mut subscribe = redis::cmd("SUBSCRIBE");
+            subscribe.arg(chunk);
+            if let Err(e) = self
+                .command(&mut connection, &subscribe, Reply::Subscribed, chunk.len())
+                .await
+            {
                 return Stop::Lost(e);
             }
         }
@@ -522,10 +523,13 @@ impl Subscriber {
 
         loop {
             tokio::select! {
-                message = stream.next() => match message {
-                    Some(message) => self.forward(&message),
-                    None => return Stop::Lost(Unavailable("pub/sub connection closed".into())),
-                },
+                // Between commands, nothing but messages may arrive.
+                read = connection.next_reply(|channel, payload| forward(&self.keys, &self.hub, channel, payload)) => {
+                    return Stop::Lost(match read {
+                        Ok(reply) => Unavailable(format!("unexpected reply from Redis: {reply:?}")),
+                        Err(e) => e,
+                    });
+                }
                 command = commands.recv() => match command {
                     None => return Stop::Exit,
                     Some(SubCommand::Acquire { room, reply }) => {
@@ -536,8 +540,8 @@ impl Subscriber {
                             let _ = reply.send(Ok(()));
                             continue;
                         }
-                        let channel = self.keys.room_channel(&room);
-                        match within(self.timeout, sink.subscribe(channel)).await {
+                        let subscribe = redis::cmd("SUBSCRIBE").arg(self.keys.room_channel(&room)).clone();
+                        match self.command(&mut connection, &subscribe, Reply::Subscribed, 1).await {
                             Ok(()) => {
                                 let _ = reply.send(Ok(()));
                                 crate::metrics::redis_subscriptions(self.counts.len());
@@ -551,16 +555,16 @@ impl Subscriber {
                     }
                     Some(SubCommand::Release { room }) => {
                         if self.decrement(&room) {
-                            let channel = self.keys.room_channel(&room);
-                            if let Err(e) = within(self.timeout, sink.unsubscribe(channel)).await {
+                            let unsubscribe = redis::cmd("UNSUBSCRIBE").arg(self.keys.room_channel(&room)).clone();
+                            if let Err(e) = self.command(&mut connection, &unsubscribe, Reply::Unsubscribed, 1).await {
                                 return Stop::Lost(e);
                             }
                             crate::metrics::redis_subscriptions(self.counts.len());
                         }
                     }
                     Some(SubCommand::Ping { reply }) => {
-                        match within(self.timeout, sink.ping::<redis::Value>()).await {
-                            Ok(_) => {
+                        match self.command(&mut connection, &redis::cmd("PING"), Reply::Pong, 1).await {
+                            Ok(()) => {
                                 let _ = reply.send(Ok(()));
                             }
                             Err(e) => {
@@ -574,17 +578,41 @@ impl Subscriber {
         }
     }
 
-    /// Hands a received frame to the hub, unchanged.
-    fn forward(&self, message: &redis::Msg) {
-        let Some(room) = self.keys.room_of_channel(message.get_channel_name()) else {
-            return;
-        };
-        match Utf8Bytes::try_from(Bytes::copy_from_slice(message.get_payload_bytes())) {
-            Ok(frame) => {
-                self.hub.deliver(room, &frame);
-            }
-            Err(_) => tracing::warn!(room, "dropped a non-UTF-8 frame received from Redis"),
+    /// Sends `command` and waits (within the timeout) for `count` replies of kind
+    /// `expected`, delivering the messages that arrive meanwhile.
+    async fn command(
+        &self,
+        connection: &mut PubSubConnection,
+        command: &redis::Cmd,
+        expected: Reply,
+        count: usize,
+    ) -> Result<(), Unavailable> {
+        within(self.timeout, async {
+            connection.send(command).await?;
+            connection
+                .expect(expected, count, |channel, payload| {
+                    forward(&self.keys, &self.hub, channel, payload)
+                })
+                .await
+        })
+        .await
+    }
+}
+
+/// Hands a frame received from Redis to the hub, unchanged (copied once out of the read
+/// buffer; see `pubsub`).
+fn forward(keys: &Keys, hub: &RoomHub, channel: &[u8], payload: &[u8]) {
+    let Some(room) = std::str::from_utf8(channel)
+        .ok()
+        .and_then(|channel| keys.room_of_channel(channel))
+    else {
+        return;
+    };
+    match std::str::from_utf8(payload) {
+        Ok(frame) => {
+            hub.deliver(room, &Utf8Bytes::from(frame.to_owned()));
         }
+        Err(_) => tracing::warn!(room, "dropped a non-UTF-8 frame received from Redis"),
     }
 }
 

@@ -42,14 +42,29 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
+    /// `requirepass`, when the server was started with one.
+    password: Option<String>,
 }
 
 impl RedisServer {
     /// Starts a new server and waits until it answers PING.
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// Starts a new server that requires `password` (of the `default` user).
+    pub async fn start_with_password(password: &str) -> Self {
+        Self::start_with(Some(password.to_owned())).await
+    }
+
+    async fn start_with(password: Option<String>) -> Self {
         for _ in 0..20 {
             let port = free_port();
-            let mut server = RedisServer { child: None, port };
+            let mut server = RedisServer {
+                child: None,
+                port,
+                password: password.clone(),
+            };
             if server.spawn().await {
                 return server;
             }
@@ -57,13 +72,20 @@ impl RedisServer {
         panic!("could not start redis-server (is it installed?)");
     }
 
-    /// `redis://127.0.0.1:{port}`.
+    /// `redis://127.0.0.1:{port}`, with `default:{password}@` when there is a password.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://default:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     async fn spawn(&mut self) -> bool {
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(password) = &self.password {
+            command.args(["--requirepass", password]);
+        }
+        let child = command
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
@@ -94,13 +116,17 @@ impl RedisServer {
         let Ok(mut tcp) = TcpStream::connect(("127.0.0.1", self.port)).await else {
             return false;
         };
-        if tcp.write_all(b"PING\r\n").await.is_err() {
+        let (request, answer): (String, &[u8]) = match &self.password {
+            Some(password) => (format!("AUTH {password}\r\nPING\r\n"), b"+OK\r\n+PONG\r\n"),
+            None => ("PING\r\n".to_owned(), b"+PONG\r\n"),
+        };
+        if tcp.write_all(request.as_bytes()).await.is_err() {
             return false;
         }
-        let mut buf = [0u8; 7];
+        let mut buf = vec![0u8; answer.len()];
         matches!(
             tokio::time::timeout(Duration::from_secs(1), tcp.read_exact(&mut buf)).await,
-            Ok(Ok(_)) if &buf == b"+PONG\r\n"
+            Ok(Ok(_)) if buf == answer
         )
     }
 

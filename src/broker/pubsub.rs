@@ -1,0 +1,295 @@
+//! The Redis pub/sub connection the subscriber task owns.
+//!
+//! Commands are encoded by `redis` (`Cmd::get_packed_command`); replies and published
+//! messages are read as RESP2 with `redis-protocol`'s range decoder, straight out of one
+//! read buffer. Profiles of the rooms benchmark showed redis-rs's pub/sub reader (a driver
+//! task, a `combine` parser allocating a value tree per message, a channel hop) at 13–18 % of
+//! a node's CPU; this reader allocates one vector per frame and the delivered frame itself.
+//!
+//! Each published payload is copied out of the read buffer (one small allocation) rather
+//! than shared with it: a frame waiting in a slow reader's queue must not keep a whole read
+//! buffer alive, or the queue's byte bound would not bound memory.
+
+use std::fmt;
+
+use bytes::{Buf, BytesMut};
+use redis::{ConnectionAddr, ConnectionInfo};
+use redis_protocol::resp2::decode::decode_range;
+use redis_protocol::resp2::types::RangeFrame;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::Unavailable;
+
+/// Read buffer size; it grows if a single frame is larger.
+const READ_BUFFER: usize = 16 * 1024;
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// A reply to a command sent on the pub/sub connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Reply {
+    /// `+OK` (to `AUTH`).
+    Ok,
+    /// A `subscribe` confirmation (one per channel).
+    Subscribed,
+    /// An `unsubscribe` confirmation (one per channel).
+    Unsubscribed,
+    /// The answer to `PING`.
+    Pong,
+    /// An error reply.
+    Error(String),
+}
+
+/// One RESP2 pub/sub connection.
+pub(super) struct PubSubConnection {
+    io: Box<dyn Io>,
+    buf: BytesMut,
+}
+
+impl fmt::Debug for PubSubConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PubSubConnection")
+            .field("buffered", &self.buf.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PubSubConnection {
+    /// Connects and authenticates (with the URL's user name and password, if any).
+    pub(super) async fn connect(info: &ConnectionInfo) -> Result<Self, Unavailable> {
+        let io: Box<dyn Io> = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => {
+                let stream = TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(io_error)?;
+                stream.set_nodelay(true).map_err(io_error)?;
+                Box::new(stream)
+            }
+            #[cfg(unix)]
+            ConnectionAddr::Unix(path) => Box::new(
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map_err(io_error)?,
+            ),
+            _ => {
+                return Err(Unavailable(
+                    "this Redis address is not supported for pub/sub (TLS is not built in)".into(),
+                ))
+            }
+        };
+        let mut connection = PubSubConnection {
+            io,
+            buf: BytesMut::with_capacity(READ_BUFFER),
+        };
+        let settings = info.redis_settings();
+        if let Some(password) = settings.password() {
+            let mut auth = redis::cmd("AUTH");
+            if let Some(user) = settings.username() {
+                auth.arg(user);
+            }
+            auth.arg(password);
+            connection.send(&auth).await?;
+            match connection.next_reply(|_, _| {}).await? {
+                Reply::Ok => {}
+                Reply::Error(e) => return Err(Unavailable(format!("Redis AUTH failed: {e}"))),
+                other => return Err(unexpected(&other)),
+            }
+        }
+        Ok(connection)
+    }
+
+    /// Writes one command.
+    pub(super) async fn send(&mut self, command: &redis::Cmd) -> Result<(), Unavailable> {
+        self.io
+            .write_all(&command.get_packed_command())
+            .await
+            .map_err(io_error)
+    }
+
+    /// Reads until the next reply, handing every published message met on the way to
+    /// `on_message(channel, payload)`.
+    ///
+    /// Cancel-safe: a message is handed over at most once, and a reply is consumed only when
+    /// it is returned.
+    pub(super) async fn next_reply(
+        &mut self,
+        mut on_message: impl FnMut(&[u8], &[u8]),
+    ) -> Result<Reply, Unavailable> {
+        loop {
+            while let Some(event) = self.decode_one(&mut on_message)? {
+                if let Some(reply) = event {
+                    return Ok(reply);
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < READ_BUFFER / 4 {
+                self.buf.reserve(READ_BUFFER);
+            }
+            match self.io.read_buf(&mut self.buf).await {
+                Ok(0) => return Err(Unavailable("Redis closed the pub/sub connection".into())),
+                Ok(_) => {}
+                Err(e) => return Err(io_error(e)),
+            }
+        }
+    }
+
+    /// Waits for `count` replies of kind `expected`, handing messages to `on_message`.
+    pub(super) async fn expect(
+        &mut self,
+        expected: Reply,
+        count: usize,
+        mut on_message: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), Unavailable> {
+        for _ in 0..count {
+            match self.next_reply(&mut on_message).await? {
+                reply if reply == expected => {}
+                Reply::Error(e) => return Err(Unavailable(format!("Redis answered: {e}"))),
+                other => return Err(unexpected(&other)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes one frame from the buffer: `None` when it holds no complete frame,
+    /// `Some(None)` for a message (handed to `on_message`), `Some(Some(reply))` for a reply.
+    fn decode_one(
+        &mut self,
+        on_message: &mut impl FnMut(&[u8], &[u8]),
+    ) -> Result<Option<Option<Reply>>, Unavailable> {
+        let Some((frame, used)) = decode_range(&self.buf)
+            .map_err(|e| Unavailable(format!("malformed reply from Redis: {e:?}")))?
+        else {
+            return Ok(None);
+        };
+        let event = classify(&self.buf, &frame, on_message);
+        self.buf.advance(used);
+        event.map(Some)
+    }
+}
+
+/// Interprets one decoded frame of a pub/sub connection.
+fn classify(
+    buf: &[u8],
+    frame: &RangeFrame,
+    on_message: &mut impl FnMut(&[u8], &[u8]),
+) -> Result<Option<Reply>, Unavailable> {
+    let bytes = |(start, end): (usize, usize)| buf.get(start..end).unwrap_or_default();
+    match frame {
+        RangeFrame::SimpleString(range) => match bytes(*range) {
+            b"OK" => Ok(Some(Reply::Ok)),
+            b"PONG" => Ok(Some(Reply::Pong)),
+            other => Err(Unavailable(format!(
+                "unexpected reply from Redis: {}",
+                String::from_utf8_lossy(other)
+            ))),
+        },
+        RangeFrame::Error(range) => Ok(Some(Reply::Error(
+            String::from_utf8_lossy(bytes(*range)).into_owned(),
+        ))),
+        RangeFrame::Array(items) => {
+            let Some(RangeFrame::BulkString(kind)) = items.first() else {
+                return Err(Unavailable("unexpected array from Redis".into()));
+            };
+            match (bytes(*kind), items.get(1), items.get(2)) {
+                (
+                    b"message",
+                    Some(RangeFrame::BulkString(channel)),
+                    Some(RangeFrame::BulkString(payload)),
+                ) => {
+                    on_message(bytes(*channel), bytes(*payload));
+                    Ok(None)
+                }
+                (b"subscribe", _, _) => Ok(Some(Reply::Subscribed)),
+                (b"unsubscribe", _, _) => Ok(Some(Reply::Unsubscribed)),
+                (b"pong", _, _) => Ok(Some(Reply::Pong)),
+                (other, _, _) => Err(Unavailable(format!(
+                    "unexpected push from Redis: {}",
+                    String::from_utf8_lossy(other)
+                ))),
+            }
+        }
+        other => Err(Unavailable(format!(
+            "unexpected reply from Redis: {other:?}"
+        ))),
+    }
+}
+
+fn unexpected(reply: &Reply) -> Unavailable {
+    Unavailable(format!("unexpected reply from Redis: {reply:?}"))
+}
+
+fn io_error(e: std::io::Error) -> Unavailable {
+    Unavailable(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode_all(input: &[u8]) -> (Vec<Reply>, Vec<(String, String)>) {
+        let mut buf = BytesMut::from(input);
+        let mut replies = Vec::new();
+        let mut messages = Vec::new();
+        while let Some((frame, used)) = decode_range(&buf).unwrap() {
+            let reply = classify(&buf, &frame, &mut |c: &[u8], p: &[u8]| {
+                messages.push((
+                    String::from_utf8_lossy(c).into_owned(),
+                    String::from_utf8_lossy(p).into_owned(),
+                ))
+            })
+            .unwrap();
+            replies.extend(reply);
+            buf.advance(used);
+        }
+        assert!(buf.is_empty(), "a partial frame was left: {buf:?}");
+        (replies, messages)
+    }
+
+    #[test]
+    fn messages_and_replies_are_told_apart() {
+        let input = b"*3\r\n$9\r\nsubscribe\r\n$6\r\nroom:a\r\n:1\r\n\
+            *3\r\n$7\r\nmessage\r\n$6\r\nroom:a\r\n$5\r\nhello\r\n\
+            *2\r\n$4\r\npong\r\n$0\r\n\r\n\
+            *3\r\n$11\r\nunsubscribe\r\n$6\r\nroom:a\r\n:0\r\n\
+            +PONG\r\n+OK\r\n-ERR nope\r\n";
+        let (replies, messages) = decode_all(input);
+        assert_eq!(
+            replies,
+            [
+                Reply::Subscribed,
+                Reply::Pong,
+                Reply::Unsubscribed,
+                Reply::Pong,
+                Reply::Ok,
+                Reply::Error("ERR nope".into())
+            ]
+        );
+        assert_eq!(messages, [("room:a".to_owned(), "hello".to_owned())]);
+    }
+
+    #[test]
+    fn a_partial_frame_waits_for_more_bytes() {
+        let full = b"*3\r\n$7\r\nmessage\r\n$1\r\nr\r\n$5\r\nhello\r\n";
+        for cut in 1..full.len() {
+            assert!(
+                decode_range(&full[..cut]).unwrap().is_none(),
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn unexpected_frames_are_errors_not_panics() {
+        for input in [
+            &b":5\r\n"[..],
+            b"*1\r\n:1\r\n",
+            b"*1\r\n$3\r\nfoo\r\n",
+            b"+HUH\r\n",
+        ] {
+            let buf = BytesMut::from(input);
+            let (frame, _) = decode_range(&buf).unwrap().unwrap();
+            assert!(classify(&buf, &frame, &mut |_: &[u8], _: &[u8]| {}).is_err());
+        }
+    }
+}
