@@ -20,8 +20,8 @@
 //! No other keys are written.
 
 mod memory;
-mod pubsub;
 mod redis;
+mod resp;
 
 use std::time::Duration;
 

@@ -7,7 +7,7 @@ use deadpool_redis::{Pool, Runtime};
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::pubsub::{PubSubConnection, Reply};
+use super::resp::{encode_command, Reply, RespConnection};
 use super::{Acquire, BrokerHealth, Keys, Publish, Unavailable};
 use crate::hub::RoomHub;
 
@@ -42,10 +42,10 @@ struct Pending {
 pub(crate) struct RedisBroker {
     pool: Pool,
     /// Publishing lanes: each is a task that sends whatever is queued to it as one Redis
-    /// pipeline on a connection taken from the pool once (taking a pooled object per
-    /// publish cost deadpool's recycle `PING` and a wait for one of its few objects). A
-    /// socket always uses the same lane, and a lane keeps the order it was given, so a
-    /// socket's publishes reach Redis in order even with many in flight.
+    /// pipeline on a connection of its own (taking a pooled object per publish cost
+    /// deadpool's recycle `PING` and a wait for one of its few objects). A socket always
+    /// uses the same lane, and a lane keeps the order it was given, so a socket's
+    /// publishes reach Redis in order even with many in flight.
     lanes: Vec<mpsc::UnboundedSender<PublishRequest>>,
     pending_lanes: Mutex<Option<Vec<mpsc::UnboundedReceiver<PublishRequest>>>>,
     client: redis::Client,
@@ -79,14 +79,16 @@ pub(crate) struct PublishRequest {
 }
 
 /// A lane: sends everything queued as one pipeline, waits for Redis, answers each request
-/// in order, and goes again.
+/// in order, and goes again. It keeps one connection of its own (see `resp`), opened on
+/// first use and again after any failure.
 async fn run_lane(
-    pool: Pool,
+    info: redis::ConnectionInfo,
     mut requests: mpsc::UnboundedReceiver<PublishRequest>,
     timeout: Duration,
 ) {
-    let mut connection: Option<redis::aio::MultiplexedConnection> = None;
+    let mut connection: Option<RespConnection> = None;
     let mut batch = Vec::with_capacity(64);
+    let mut out = Vec::with_capacity(16 * 1024);
     while let Some(first) = requests.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -95,32 +97,47 @@ async fn run_lane(
                 Err(_) => break,
             }
         }
+        out.clear();
+        for request in &batch {
+            encode_command(
+                &mut out,
+                &[
+                    b"PUBLISH",
+                    request.channel.as_bytes(),
+                    request.frame.as_bytes(),
+                ],
+            );
+        }
         let result = within(timeout, async {
-            let mut conn = match &connection {
-                Some(conn) => conn.clone(),
-                None => {
-                    let pooled = pool.get().await.map_err(unavailable)?;
-                    let conn = (*pooled).clone();
-                    connection = Some(conn.clone());
-                    conn
-                }
+            let conn = match &mut connection {
+                Some(conn) => conn,
+                None => connection.insert(RespConnection::connect(&info).await?),
             };
-            let mut pipe = redis::pipe();
-            for request in &batch {
-                pipe.cmd("PUBLISH")
-                    .arg(&request.channel)
-                    .arg(request.frame.as_bytes())
-                    .ignore();
+            conn.write(&out).await?;
+            for _ in 0..batch.len() {
+                match conn.next_reply(|_, _| {}).await? {
+                    Reply::Integer(_) => {}
+                    Reply::Error(e) => return Err(Unavailable(format!("Redis answered: {e}"))),
+                    other => {
+                        return Err(Unavailable(format!(
+                            "unexpected reply from Redis: {other:?}"
+                        )))
+                    }
+                }
             }
-            pipe.query_async::<()>(&mut conn).await.map_err(unavailable)
+            Ok::<(), Unavailable>(())
         })
         .await;
         if result.is_err() {
-            // Take a fresh (recycled and checked) connection from the pool next time.
+            // The replies may be out of step now: connect afresh next time.
             connection = None;
         }
         for request in batch.drain(..) {
             let _ = request.reply.send(result.clone());
+        }
+        if out.capacity() > 1024 * 1024 {
+            // One burst of large frames should not pin a large buffer.
+            out = Vec::with_capacity(16 * 1024);
         }
     }
 }
@@ -185,7 +202,11 @@ impl RedisBroker {
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         for receiver in pending.into_iter().flatten() {
-            tokio::spawn(run_lane(self.pool.clone(), receiver, self.timeout));
+            tokio::spawn(run_lane(
+                self.client.get_connection_info().clone(),
+                receiver,
+                self.timeout,
+            ));
         }
     }
 
@@ -417,7 +438,7 @@ impl Subscriber {
         let mut delays = policy.build();
         let mut connected_before = false;
         loop {
-            let stop = match within(self.timeout, PubSubConnection::connect(&self.info)).await {
+            let stop = match within(self.timeout, RespConnection::connect(&self.info)).await {
                 Ok(connection) => {
                     self.serve(connection, &mut commands, connected_before)
                         .await
@@ -491,7 +512,7 @@ impl Subscriber {
 
     async fn serve(
         &mut self,
-        mut connection: PubSubConnection,
+        mut connection: RespConnection,
         commands: &mut mpsc::UnboundedReceiver<SubCommand>,
         reconnection: bool,
     ) -> Stop {
@@ -582,7 +603,7 @@ impl Subscriber {
     /// `expected`, delivering the messages that arrive meanwhile.
     async fn command(
         &self,
-        connection: &mut PubSubConnection,
+        connection: &mut RespConnection,
         command: &redis::Cmd,
         expected: Reply,
         count: usize,
@@ -600,7 +621,7 @@ impl Subscriber {
 }
 
 /// Hands a frame received from Redis to the hub, unchanged (copied once out of the read
-/// buffer; see `pubsub`).
+/// buffer; see `resp`).
 fn forward(keys: &Keys, hub: &RoomHub, channel: &[u8], payload: &[u8]) {
     let Some(room) = std::str::from_utf8(channel)
         .ok()

@@ -1,10 +1,12 @@
-//! The Redis pub/sub connection the subscriber task owns.
+//! A plain RESP2 connection to Redis, for the two hot paths: the pub/sub connection the
+//! subscriber task owns, and the publishing lanes.
 //!
-//! Commands are encoded by `redis` (`Cmd::get_packed_command`); replies and published
-//! messages are read as RESP2 with `redis-protocol`'s range decoder, straight out of one
-//! read buffer. Profiles of the rooms benchmark showed redis-rs's pub/sub reader (a driver
-//! task, a `combine` parser allocating a value tree per message, a channel hop) at 13–18 % of
-//! a node's CPU; this reader allocates one vector per frame and the delivered frame itself.
+//! Commands are encoded with `redis-protocol` (or packed by `redis::Cmd` for the rare ones);
+//! replies and published messages are read with `redis-protocol`'s range decoder, straight
+//! out of one read buffer. Profiles of the rooms benchmark showed redis-rs's readers (a
+//! driver task, a `combine` parser allocating a value tree per message, a channel hop) at
+//! 13–18 % of a node's CPU for pub/sub alone; this reader allocates one vector per array
+//! reply and nothing for an integer reply.
 //!
 //! Each published payload is copied out of the read buffer (one small allocation) rather
 //! than shared with it: a frame waiting in a slow reader's queue must not keep a whole read
@@ -15,7 +17,8 @@ use std::fmt;
 use bytes::{Buf, BytesMut};
 use redis::{ConnectionAddr, ConnectionInfo};
 use redis_protocol::resp2::decode::decode_range;
-use redis_protocol::resp2::types::RangeFrame;
+use redis_protocol::resp2::encode::encode_borrowed;
+use redis_protocol::resp2::types::{BorrowedFrame, RangeFrame};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -27,11 +30,13 @@ const READ_BUFFER: usize = 16 * 1024;
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
-/// A reply to a command sent on the pub/sub connection.
+/// A reply to a command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Reply {
     /// `+OK` (to `AUTH`).
     Ok,
+    /// An integer (the answer to `PUBLISH`).
+    Integer(i64),
     /// A `subscribe` confirmation (one per channel).
     Subscribed,
     /// An `unsubscribe` confirmation (one per channel).
@@ -43,20 +48,20 @@ pub(super) enum Reply {
 }
 
 /// One RESP2 pub/sub connection.
-pub(super) struct PubSubConnection {
+pub(super) struct RespConnection {
     io: Box<dyn Io>,
     buf: BytesMut,
 }
 
-impl fmt::Debug for PubSubConnection {
+impl fmt::Debug for RespConnection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PubSubConnection")
+        f.debug_struct("RespConnection")
             .field("buffered", &self.buf.len())
             .finish_non_exhaustive()
     }
 }
 
-impl PubSubConnection {
+impl RespConnection {
     /// Connects and authenticates (with the URL's user name and password, if any).
     pub(super) async fn connect(info: &ConnectionInfo) -> Result<Self, Unavailable> {
         let io: Box<dyn Io> = match info.addr() {
@@ -79,7 +84,7 @@ impl PubSubConnection {
                 ))
             }
         };
-        let mut connection = PubSubConnection {
+        let mut connection = RespConnection {
             io,
             buf: BytesMut::with_capacity(READ_BUFFER),
         };
@@ -102,10 +107,12 @@ impl PubSubConnection {
 
     /// Writes one command.
     pub(super) async fn send(&mut self, command: &redis::Cmd) -> Result<(), Unavailable> {
-        self.io
-            .write_all(&command.get_packed_command())
-            .await
-            .map_err(io_error)
+        self.write(&command.get_packed_command()).await
+    }
+
+    /// Writes encoded commands (see [`encode_command`]).
+    pub(super) async fn write(&mut self, commands: &[u8]) -> Result<(), Unavailable> {
+        self.io.write_all(commands).await.map_err(io_error)
     }
 
     /// Reads until the next reply, handing every published message met on the way to
@@ -168,7 +175,29 @@ impl PubSubConnection {
     }
 }
 
-/// Interprets one decoded frame of a pub/sub connection.
+/// Appends `args` to `out` as one RESP2 command (an array of bulk strings).
+pub(super) fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) {
+    // Commands here have at most three arguments (`PUBLISH channel message`).
+    debug_assert!(args.len() <= 3);
+    let mut frames = [
+        BorrowedFrame::Null,
+        BorrowedFrame::Null,
+        BorrowedFrame::Null,
+    ];
+    let args = &args[..args.len().min(frames.len())];
+    for (frame, arg) in frames.iter_mut().zip(args) {
+        *frame = BorrowedFrame::BulkString(arg);
+    }
+    let command = BorrowedFrame::Array(&frames[..args.len()]);
+    let start = out.len();
+    out.resize(start + command.encode_len(false), 0);
+    // The space was sized by `encode_len`, so encoding cannot run short.
+    if encode_borrowed(&mut out[start..], &command, false).is_err() {
+        out.truncate(start);
+    }
+}
+
+/// Interprets one decoded frame.
 fn classify(
     buf: &[u8],
     frame: &RangeFrame,
@@ -184,6 +213,7 @@ fn classify(
                 String::from_utf8_lossy(other)
             ))),
         },
+        RangeFrame::Integer(n) => Ok(Some(Reply::Integer(*n))),
         RangeFrame::Error(range) => Ok(Some(Reply::Error(
             String::from_utf8_lossy(bytes(*range)).into_owned(),
         ))),
@@ -280,13 +310,21 @@ mod tests {
     }
 
     #[test]
+    fn commands_are_encoded_as_arrays_of_bulk_strings() {
+        let mut out = Vec::new();
+        encode_command(&mut out, &[b"PUBLISH", b"room:a", b"{\"x\":1}"]);
+        encode_command(&mut out, &[b"PING"]);
+        assert_eq!(
+            out,
+            b"*3\r\n$7\r\nPUBLISH\r\n$6\r\nroom:a\r\n$7\r\n{\"x\":1}\r\n*1\r\n$4\r\nPING\r\n"
+        );
+        let (replies, _) = decode_all(b":2\r\n:0\r\n");
+        assert_eq!(replies, [Reply::Integer(2), Reply::Integer(0)]);
+    }
+
+    #[test]
     fn unexpected_frames_are_errors_not_panics() {
-        for input in [
-            &b":5\r\n"[..],
-            b"*1\r\n:1\r\n",
-            b"*1\r\n$3\r\nfoo\r\n",
-            b"+HUH\r\n",
-        ] {
+        for input in [&b"*1\r\n:1\r\n"[..], b"*1\r\n$3\r\nfoo\r\n", b"+HUH\r\n"] {
             let buf = BytesMut::from(input);
             let (frame, _) = decode_range(&buf).unwrap().unwrap();
             assert!(classify(&buf, &frame, &mut |_: &[u8], _: &[u8]| {}).is_err());
