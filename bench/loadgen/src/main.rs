@@ -294,25 +294,55 @@ async fn publish(
         })
     };
     let mut tx = tx;
-    let mut ticker = rate.map(|r| tokio::time::interval(Duration::from_micros(1_000_000 / r.max(1))));
-    for seq in 0..k {
-        if let Some(t) = &mut ticker {
-            t.tick().await;
-        }
-        // A server that stops acking ends the run instead of hanging it.
-        match tokio::time::timeout(Duration::from_secs(10), permits.acquire()).await {
-            Ok(permit) => permit.expect("semaphore").forget(),
-            Err(_) => {
-                eprintln!("publisher: no ack for 10 s, giving up at message {seq}");
-                break;
+    let frame = |seq: u64| target.message(seq + 2, &room, seq, now_us(base), from, &pad);
+    match rate {
+        None => {
+            if let Err(seq) = send_windowed(&mut tx, &permits, k, frame).await {
+                eprintln!("publisher: stopped at message {seq}");
             }
         }
-        let frame = target.message(seq + 2, &room, seq, now_us(base), from, &pad);
-        if tx.send(Message::text(frame)).await.is_err() {
-            break;
+        Some(rate) => {
+            let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate.max(1)));
+            for seq in 0..k {
+                ticker.tick().await;
+                if tx.send(Message::text(frame(seq))).await.is_err() {
+                    break;
+                }
+            }
         }
     }
     let _ = acker.await;
+}
+
+/// Sends messages `0..k` with at most `permits` unacked (acks add permits). Like a client
+/// library writing what is ready in one go, it waits for one permit, takes all others free
+/// at that moment, writes that many frames and flushes once. `Err(seq)` when acks stop
+/// coming for 10 s or the socket fails.
+async fn send_windowed(tx: &mut Tx, permits: &Semaphore, k: u64, mut frame: impl FnMut(u64) -> String) -> Result<(), u64> {
+    let mut seq = 0;
+    while seq < k {
+        // A server that stops acking ends the run instead of hanging it.
+        match tokio::time::timeout(Duration::from_secs(10), permits.acquire()).await {
+            Ok(Ok(permit)) => permit.forget(),
+            _ => return Err(seq),
+        }
+        let mut n = 1;
+        while seq + n < k {
+            match permits.try_acquire() {
+                Ok(permit) => {
+                    permit.forget();
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        for s in seq..seq + n {
+            tx.feed(Message::text(frame(s))).await.map_err(|_| s)?;
+        }
+        tx.flush().await.map_err(|_| seq)?;
+        seq += n;
+    }
+    Ok(())
 }
 
 fn summarize(args: &RunArgs, seen: Vec<Seen>, expected: u64, started_us: u64, peaks: Vec<u64>) -> Report {
@@ -450,16 +480,10 @@ async fn rooms(args: &RunArgs) -> Report {
         }));
         publishers.push(tokio::spawn(async move {
             let mut tx = tx;
-            for seq in 0..k {
-                match tokio::time::timeout(Duration::from_secs(10), permits.acquire()).await {
-                    Ok(permit) => permit.expect("semaphore").forget(),
-                    Err(_) => break,
-                }
-                let frame = target.message(seq + 2, &room, seq, now_us(base), i as u64, &pad);
-                if tx.send(Message::text(frame)).await.is_err() {
-                    break;
-                }
-            }
+            let _ = send_windowed(&mut tx, &permits, k, |seq| {
+                target.message(seq + 2, &room, seq, now_us(base), i as u64, &pad)
+            })
+            .await;
             // Dropping the sending half leaves the socket open: the receiving half still
             // holds it.
         }));
