@@ -186,6 +186,8 @@ struct Seen {
     /// When the last delivery arrived (µs since the run's base instant).
     last_us: u64,
     next: NextSeq,
+    /// Why the socket ended before the run did, if it did.
+    ended: Option<String>,
 }
 
 impl Seen {
@@ -196,6 +198,7 @@ impl Seen {
             out_of_order: 0,
             last_us: 0,
             next: NextSeq::default(),
+            ended: None,
         }
     }
 
@@ -245,6 +248,12 @@ async fn receive(target: Target, mut tx: Tx, mut rx: Rx, expected: u64, base: In
             m = rx.next() => m,
         };
         let Some(Ok(Message::Text(text))) = message else {
+            match &message {
+                None => seen.ended = Some("stream ended".into()),
+                Some(Err(e)) => seen.ended = Some(format!("error: {e}")),
+                Some(Ok(Message::Close(frame))) => seen.ended = Some(format!("close frame: {frame:?}")),
+                _ => continue,
+            }
             if matches!(message, None | Some(Err(_))) {
                 break;
             }
@@ -383,6 +392,32 @@ fn summarize(args: &RunArgs, seen: Vec<Seen>, expected: u64, started_us: u64, pe
     }
 }
 
+/// Prints, per node, what its subscribers received (socket `i` is on node `i % nodes`), so
+/// that a loss can be told apart: a whole node, some sockets, or the tail of the run.
+fn per_node(seen: &[Seen], nodes: usize, expected_each: u64) {
+    for node in 0..nodes {
+        let on_node: Vec<&Seen> = seen.iter().skip(node).step_by(nodes).collect();
+        let delivered: u64 = on_node.iter().map(|s| s.delivered).sum();
+        let none = on_node.iter().filter(|s| s.delivered == 0).count();
+        let all = on_node.iter().filter(|s| s.delivered == expected_each).count();
+        let mut endings = std::collections::BTreeMap::<&str, usize>::new();
+        for s in &on_node {
+            if let Some(why) = &s.ended {
+                *endings.entry(why.as_str()).or_default() += 1;
+            }
+        }
+        for (why, count) in endings {
+            eprintln!("node {}: {count} subscribers ended early: {why}", node + 1);
+        }
+        eprintln!(
+            "node {}: {} subscribers, {delivered} of {} deliveries; {all} got everything, {none} got nothing",
+            node + 1,
+            on_node.len(),
+            on_node.len() as u64 * expected_each
+        );
+    }
+}
+
 /// Waits for the receivers; once the publishers are done, gives late deliveries 5 s.
 async fn collect(receivers: Vec<tokio::task::JoinHandle<Seen>>, publishers: Vec<tokio::task::JoinHandle<()>>, stop: Arc<Notify>) -> Vec<Seen> {
     for p in publishers {
@@ -428,6 +463,7 @@ async fn fanout(args: &RunArgs, rate: Option<u64>) -> Report {
     ));
     let seen = collect(receivers, vec![publisher], stop).await;
     watcher.abort();
+    per_node(&seen, args.nodes.len(), args.messages);
     let peaks = peaks.lock().unwrap().clone();
     summarize(args, seen, args.messages * args.subscribers as u64, started, peaks)
 }

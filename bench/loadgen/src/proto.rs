@@ -163,18 +163,23 @@ pub async fn connect(target: Target, url: &str, source: Option<IpAddr>) -> Resul
     let (mut tx, mut rx) = ws.split();
     if target == Target::Socketio {
         // Engine.IO open packet, then connect to the default namespace.
-        expect(&mut rx, |t| t.starts_with('0')).await?;
+        expect(&mut tx, &mut rx, |t| t.starts_with('0')).await?;
         tx.send(Message::text("40")).await.map_err(|e| e.to_string())?;
-        expect(&mut rx, |t| t.starts_with("40")).await?;
+        expect(&mut tx, &mut rx, |t| t.starts_with("40")).await?;
     }
     Ok((tx, rx))
 }
 
-async fn expect(rx: &mut Rx, ok: impl Fn(&str) -> bool) -> Result<(), String> {
+/// Waits for a frame that `ok` accepts, answering Engine.IO pings meanwhile: engineioxide
+/// pings as soon as the socket opens, and closes it 20 s later without a pong.
+async fn expect(tx: &mut Tx, rx: &mut Rx, ok: impl Fn(&str) -> bool) -> Result<(), String> {
     while let Some(message) = rx.next().await {
         if let Message::Text(text) = message.map_err(|e| e.to_string())? {
             if ok(&text) {
                 return Ok(());
+            }
+            if text.as_str() == "2" {
+                tx.send(Message::text("3")).await.map_err(|e| e.to_string())?;
             }
         }
     }
