@@ -4,6 +4,7 @@
 //!
 //! Usage: socketioxide-peer <port> <redis url>
 
+use axum::serve::ListenerExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use socketioxide::adapter::Adapter;
@@ -47,7 +48,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_layer();
     io.ns("/", on_connect).await?;
     let app = axum::Router::new().layer(layer);
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+    // TCP_NODELAY on every socket, as thinws and Node's http server do (axum::serve does not
+    // set it by default).
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await?
+        .tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
     println!("socketioxide peer on {port}");
     axum::serve(listener, app).await?;
     Ok(())
