@@ -41,7 +41,7 @@ impl Default for Config {
             key_prefix: "thinws:".into(),
             limits: Limits::default(),
             max_frame_size: 64 * 1024,
-            outbound_queue: 1024,
+            outbound_queue: 16 * 1024,
             max_queued_bytes: 1024 * 1024,
             max_sockets: 100_000,
             max_rooms_per_socket: 256,

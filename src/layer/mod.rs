@@ -196,7 +196,10 @@ impl ThinWsBuilder {
     }
 
     /// How many frames may wait to be written to one socket; when a socket's queue is
-    /// full, it is closed with 1013 (slow reader). Default 1024.
+    /// full, it is closed with 1013 (slow reader). Default 16,384: the byte bound
+    /// ([`max_queued_bytes`](Self::max_queued_bytes), 1 MiB) is the one that normally
+    /// applies, this one only for very small frames. The queue takes memory as it fills,
+    /// not up front.
     pub fn outbound_queue(mut self, frames: usize) -> Self {
         self.config.outbound_queue = frames.max(1);
         self

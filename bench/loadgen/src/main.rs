@@ -154,8 +154,9 @@ async fn connect_all(args: &RunArgs, n: usize, room: impl Fn(usize) -> String) -
                 };
                 match tokio::time::timeout(Duration::from_secs(30), setup).await {
                     Ok(Ok(socket)) => break socket,
-                    Ok(Err(e)) if attempt < 3 => {
+                    Ok(Err(e)) if attempt < 6 => {
                         eprintln!("socket {i}: {e}; retrying");
+                        tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
                         attempt += 1;
                     }
                     Ok(Err(e)) => panic!("socket {i}: {e}"),
