@@ -80,7 +80,7 @@ impl RespConnection {
             ),
             _ => {
                 return Err(Unavailable(
-                    "this Redis address is not supported for pub/sub (TLS is not built in)".into(),
+                    "this Redis address is not supported (TLS is not built in)".into(),
                 ))
             }
         };
@@ -134,7 +134,7 @@ impl RespConnection {
                 self.buf.reserve(READ_BUFFER);
             }
             match self.io.read_buf(&mut self.buf).await {
-                Ok(0) => return Err(Unavailable("Redis closed the pub/sub connection".into())),
+                Ok(0) => return Err(Unavailable("Redis closed the connection".into())),
                 Ok(_) => {}
                 Err(e) => return Err(io_error(e)),
             }
