@@ -26,7 +26,6 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::CloseFrame;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use hyper_tungstenite::{HyperWebsocket, HyperWebsocketStream};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -47,7 +46,7 @@ pub(crate) async fn serve(node: Arc<Node>, upgrade: HyperWebsocket, parts: Parts
             return;
         }
     };
-    let control = Arc::new(SocketControl::default());
+    let control = Arc::new(SocketControl::new(node.config.outbound_queue));
     let id = match node.rooms.register(control.clone()) {
         Ok(id) => id,
         Err(refused) => {
@@ -104,20 +103,17 @@ async fn run(
     control: Arc<SocketControl>,
 ) {
     let (sink, mut source) = stream.split();
-    let (tx, rx) = mpsc::channel(node.config.outbound_queue);
     let idle_timeout = node.config.idle_timeout;
     let mut socket = Socket::new(
         node,
         id,
         Outbox {
-            tx,
             control: control.clone(),
         },
         parts,
     );
     let writer_future = writer::write_loop(
         sink,
-        rx,
         control.clone(),
         socket.node.config.ping_interval,
         socket.metrics().frames_out.clone(),
@@ -211,9 +207,10 @@ async fn run(
     let mut socket = socket.leave_all();
     Box::pin(socket.fire_disconnect(reason)).await;
     let node = socket.node.clone();
-    // With every hub clone of the sender gone, the writer drains what is queued, closes
-    // the socket and ends.
+    // The socket has left its rooms: the writer drains what is queued, closes the socket
+    // and ends.
     drop(socket);
+    control.finish();
     if !writer_done {
         if reason == DisconnectReason::TimedOut || reason == DisconnectReason::Lost {
             // Nobody is reading: don't wait for a flush that may never come.

@@ -125,11 +125,8 @@ impl Socket {
 
     /// Queues a frame for this socket, waiting if its queue is full.
     async fn reply(&self, frame: String) {
-        self.outbox.control.add_queued(frame.len());
         // Fails only when the writer has stopped, and then the reader stops too.
-        if let Err(unsent) = self.outbox.tx.send(Utf8Bytes::from(frame)).await {
-            self.outbox.control.remove_queued(unsent.0.len());
-        }
+        let _ = self.outbox.control.push(Utf8Bytes::from(frame)).await;
     }
 
     pub(super) async fn reply_error(

@@ -1,6 +1,7 @@
 //! The writer task: drains one socket's outbound queue into the socket, sends heartbeat
 //! pings, and writes the close frame when a close is requested.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,6 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use hyper_tungstenite::HyperWebsocketStream;
 use metrics::Counter;
-use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
 use super::{close_frame, CLOSE_TIMEOUT};
@@ -19,15 +19,25 @@ use crate::hub::SocketControl;
 
 type WsSink = SplitSink<HyperWebsocketStream, Message>;
 
-/// Everything queued is fed, then flushed once. Ends when the queue closes, a write fails,
-/// or a close is requested.
+/// Closes the socket's queue when the writer ends, however it ends, so that nothing waits
+/// for a writer that is gone.
+struct CloseQueueOnDrop<'a>(&'a SocketControl);
+
+impl Drop for CloseQueueOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.close_queue();
+    }
+}
+
+/// Everything queued is fed, then flushed once. Ends when the reader has finished and the
+/// queue is written, when a write fails, or when a close is requested.
 pub(super) async fn write_loop(
     mut sink: WsSink,
-    mut rx: mpsc::Receiver<Utf8Bytes>,
     control: Arc<SocketControl>,
     ping_interval: Duration,
     frames_out: Counter,
 ) {
+    let _close_queue = CloseQueueOnDrop(&control);
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -35,59 +45,56 @@ pub(super) async fn write_loop(
     // profiles).
     let closing = control.close_requested();
     tokio::pin!(closing);
+    let mut batch = VecDeque::new();
     loop {
-        let first = tokio::select! {
+        let finished = control.take(&mut batch);
+        if !batch.is_empty() {
+            let close = tokio::select! {
+                biased;
+                close = &mut closing => Some(close),
+                written = write_batch(&mut sink, &mut batch) => match written {
+                    Ok(frames) => {
+                        frames_out.increment(frames);
+                        None
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "socket write failed");
+                        return;
+                    }
+                },
+            };
+            if let Some(close) = close {
+                return send_close(sink, &control, &mut batch, close).await;
+            }
+            // Keep a small batch's buffer for next time; give a large one back.
+            if batch.capacity() > 64 {
+                batch = VecDeque::new();
+            }
+            continue;
+        }
+        if finished {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
+            return;
+        }
+        tokio::select! {
             biased;
-            close = &mut closing => return send_close(sink, rx, &control, close).await,
-            frame = rx.recv() => match frame {
-                Some(frame) => frame,
-                None => {
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
-                    return;
-                }
-            },
+            close = &mut closing => return send_close(sink, &control, &mut batch, close).await,
+            () = control.ready() => {}
             _ = ping.tick() => {
                 if let Err(e) = sink.send(Message::Ping(Bytes::new())).await {
                     tracing::debug!(error = %e, "ping failed");
                     return;
                 }
-                continue;
             }
-        };
-        let close = tokio::select! {
-            biased;
-            close = &mut closing => Some(close),
-            written = write_batch(&mut sink, &mut rx, &control, first) => match written {
-                Ok(frames) => {
-                    frames_out.increment(frames);
-                    None
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "socket write failed");
-                    return;
-                }
-            },
-        };
-        if let Some(close) = close {
-            return send_close(sink, rx, &control, close).await;
         }
     }
 }
 
-/// Writes `first` and everything queued behind it, then flushes; returns the frame count.
-async fn write_batch(
-    sink: &mut WsSink,
-    rx: &mut mpsc::Receiver<Utf8Bytes>,
-    control: &SocketControl,
-    first: Utf8Bytes,
-) -> Result<u64, WsError> {
-    control.remove_queued(first.len());
-    sink.feed(Message::Text(first)).await?;
-    let mut frames = 1;
-    while let Ok(frame) = rx.try_recv() {
-        control.remove_queued(frame.len());
+/// Feeds every frame of `batch` (emptying it), then flushes; returns the frame count.
+async fn write_batch(sink: &mut WsSink, batch: &mut VecDeque<Utf8Bytes>) -> Result<u64, WsError> {
+    let frames = batch.len() as u64;
+    while let Some(frame) = batch.pop_front() {
         sink.feed(Message::Text(frame)).await?;
-        frames += 1;
     }
     sink.flush().await?;
     Ok(frames)
@@ -95,8 +102,8 @@ async fn write_batch(
 
 async fn send_close(
     mut sink: WsSink,
-    mut rx: mpsc::Receiver<Utf8Bytes>,
     control: &SocketControl,
+    batch: &mut VecDeque<Utf8Bytes>,
     (code, reason): (CloseCode, &'static str),
 ) {
     tracing::debug!(code = u16::from(code), reason, "closing socket");
@@ -104,12 +111,12 @@ async fn send_close(
         // Going away is graceful: what was queued still goes out first. A slow reader's
         // backlog is dropped.
         if code == CloseCode::Away {
-            while let Ok(frame) = rx.try_recv() {
-                control.remove_queued(frame.len());
+            control.take(batch);
+            while let Some(frame) = batch.pop_front() {
                 sink.feed(Message::Text(frame)).await?;
             }
         }
-        rx.close();
+        control.close_queue();
         sink.send(Message::Close(Some(close_frame(code, reason))))
             .await
     };

@@ -1,18 +1,22 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 
 /// A socket's id, unique on this node.
 pub(crate) type SocketId = u64;
 
-/// The cross-task controls of one socket: a close request that any task may make (the
-/// first one wins) and that the socket's writer acts on, and the bytes waiting in its
-/// outbound queue.
-#[derive(Debug, Default)]
+/// The cross-task controls of one socket: its outbound queue (frames waiting for its
+/// writer), a close request that any task may make (the first one wins) and that the
+/// writer acts on, and the bytes waiting in the queue.
+///
+/// The queue is a `VecDeque` under a mutex rather than a tokio channel: a channel allocates
+/// its first block of 32 slots (1 KiB) up front, for every socket, idle or not; an empty
+/// `VecDeque` allocates nothing, and the writer takes the whole queue in one swap.
+#[derive(Debug)]
 pub(crate) struct SocketControl {
     close: Mutex<Option<(CloseCode, &'static str)>>,
     /// Set with the first close request: from then on the socket gets no more frames, so a
@@ -20,9 +24,142 @@ pub(crate) struct SocketControl {
     closing: AtomicBool,
     notify: Notify,
     queued_bytes: AtomicUsize,
+    queue: Mutex<Queue>,
+    /// Most frames the queue holds.
+    capacity: usize,
+    /// Wakes the writer: frames were queued, or the queue was finished.
+    ready: Notify,
+    /// Wakes replies waiting for room in the queue (or for it to close).
+    room: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Utf8Bytes>,
+    /// The socket's reader is done: the writer sends what is queued, then closes.
+    finished: bool,
+    /// The writer has stopped: frames are refused.
+    closed: bool,
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rejected {
+    /// The queue holds its most frames.
+    Full,
+    /// The socket is ending: nobody will write the frame.
+    Closed,
+}
+
+impl Default for SocketControl {
+    fn default() -> Self {
+        SocketControl::new(usize::MAX)
+    }
 }
 
 impl SocketControl {
+    /// Controls for a socket whose queue holds at most `capacity` frames.
+    pub(crate) fn new(capacity: usize) -> Self {
+        SocketControl {
+            close: Mutex::default(),
+            closing: AtomicBool::new(false),
+            notify: Notify::new(),
+            queued_bytes: AtomicUsize::new(0),
+            queue: Mutex::default(),
+            capacity: capacity.max(1),
+            ready: Notify::new(),
+            room: Notify::new(),
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `frame` unless the queue is full or closed. Counts its bytes in; the caller
+    /// checks the byte bound.
+    pub(crate) fn try_push(&self, frame: &Utf8Bytes) -> Result<(), Rejected> {
+        let mut queue = self.queue();
+        if queue.closed || queue.finished {
+            return Err(Rejected::Closed);
+        }
+        if queue.frames.len() >= self.capacity {
+            return Err(Rejected::Full);
+        }
+        queue.frames.push_back(frame.clone());
+        drop(queue);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Queues `frame`, waiting for room if the queue is full; `Err` when the socket is
+    /// ending. Counts the frame's bytes in and out itself.
+    pub(crate) async fn push(&self, frame: Utf8Bytes) -> Result<(), Rejected> {
+        self.add_queued(frame.len());
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            // Registered before the check, so a wake-up between the two is not lost.
+            room.as_mut().enable();
+            match self.try_push(&frame) {
+                Ok(()) => return Ok(()),
+                Err(Rejected::Full) => room.await,
+                Err(Rejected::Closed) => {
+                    self.remove_queued(frame.len());
+                    return Err(Rejected::Closed);
+                }
+            }
+        }
+    }
+
+    /// Moves every queued frame to the back of `batch` and counts their bytes out; returns
+    /// whether the reader has finished.
+    pub(crate) fn take(&self, batch: &mut VecDeque<Utf8Bytes>) -> bool {
+        let before = batch.len();
+        let mut queue = self.queue();
+        if batch.is_empty() {
+            std::mem::swap(&mut queue.frames, batch);
+        } else {
+            batch.extend(queue.frames.drain(..));
+        }
+        let finished = queue.finished;
+        drop(queue);
+        let bytes: usize = batch.iter().skip(before).map(|frame| frame.len()).sum();
+        if bytes > 0 {
+            self.remove_queued(bytes);
+        }
+        if batch.len() > before {
+            self.room.notify_waiters();
+        }
+        finished
+    }
+
+    /// Waits until frames are queued or the reader has finished (it may wake spuriously).
+    pub(crate) async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// The socket's reader is done: no frame is taken any more, and the writer sends what
+    /// is queued, then closes the socket.
+    pub(crate) fn finish(&self) {
+        self.queue().finished = true;
+        self.ready.notify_one();
+    }
+
+    /// The writer has stopped: what is queued is dropped, and nothing more is taken.
+    pub(crate) fn close_queue(&self) {
+        let dropped = {
+            let mut queue = self.queue();
+            queue.closed = true;
+            std::mem::take(&mut queue.frames)
+        };
+        let bytes: usize = dropped.iter().map(|frame| frame.len()).sum();
+        if bytes > 0 {
+            self.remove_queued(bytes);
+        }
+        self.room.notify_waiters();
+    }
+
     /// Counts `len` more bytes into the outbound queue; returns the new total.
     pub(crate) fn add_queued(&self, len: usize) -> usize {
         self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len
@@ -62,12 +199,19 @@ impl SocketControl {
             self.notify.notified().await;
         }
     }
+
+    /// Takes what is queued (tests).
+    #[cfg(test)]
+    pub(crate) fn drain(&self) -> Vec<Utf8Bytes> {
+        let mut batch = VecDeque::new();
+        self.take(&mut batch);
+        batch.into()
+    }
 }
 
 /// Where the hub puts frames for one socket.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbox {
-    pub(crate) tx: mpsc::Sender<Utf8Bytes>,
     pub(crate) control: Arc<SocketControl>,
 }
 
@@ -212,14 +356,14 @@ impl RoomHub {
                 slow_reader(control);
                 continue;
             }
-            match outbox.tx.try_send(frame.clone()) {
+            match control.try_push(frame) {
                 Ok(()) => delivered += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(Rejected::Full) => {
                     control.remove_queued(len);
                     slow_reader(control);
                 }
-                // The socket is closing; its cleanup removes it from the room.
-                Err(mpsc::error::TrySendError::Closed(_)) => control.remove_queued(len),
+                // The socket is ending; its cleanup removes it from the room.
+                Err(Rejected::Closed) => control.remove_queued(len),
             }
         }
         delivered
@@ -297,31 +441,31 @@ fn slow_reader(control: &SocketControl) {
 mod tests {
     use super::*;
 
-    fn outbox(cap: usize) -> (Outbox, mpsc::Receiver<Utf8Bytes>) {
-        let (tx, rx) = mpsc::channel(cap);
-        (
-            Outbox {
-                tx,
-                control: Arc::default(),
-            },
-            rx,
-        )
+    fn outbox(cap: usize) -> Outbox {
+        Outbox {
+            control: Arc::new(SocketControl::new(cap)),
+        }
     }
 
     #[tokio::test]
     async fn deliver_reaches_members_only_and_shares_the_buffer() {
         let hub = RoomHub::default();
-        let (a, mut ra) = outbox(4);
-        let (b, mut rb) = outbox(4);
+        let a = outbox(4);
+        let b = outbox(4);
         let ida = hub.register(a.control.clone()).unwrap();
         let idb = hub.register(b.control.clone()).unwrap();
         hub.join("r", ida, &a);
         hub.join("other", idb, &b);
         let frame = Utf8Bytes::from("x".repeat(100));
         assert_eq!(hub.deliver("r", &frame), 1);
-        let got = ra.recv().await.unwrap();
-        assert_eq!(got.as_ptr(), frame.as_ptr(), "recipients share one buffer");
-        assert!(rb.try_recv().is_err());
+        let got = a.control.drain();
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got[0].as_ptr(),
+            frame.as_ptr(),
+            "recipients share one buffer"
+        );
+        assert!(b.control.drain().is_empty());
         hub.leave("r", ida);
         assert_eq!(hub.room_count(), 1);
         assert_eq!(hub.deliver("r", &frame), 0);
@@ -330,8 +474,8 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_asks_that_socket_to_close_and_spares_the_rest() {
         let hub = RoomHub::default();
-        let (slow, _rs) = outbox(1);
-        let (fast, mut rf) = outbox(8);
+        let slow = outbox(1);
+        let fast = outbox(8);
         let ids = hub.register(slow.control.clone()).unwrap();
         let idf = hub.register(fast.control.clone()).unwrap();
         hub.join("r", ids, &slow);
@@ -340,15 +484,13 @@ mod tests {
             hub.deliver("r", &Utf8Bytes::from_static("m"));
         }
         assert_eq!(slow.control.close_requested().await.0, CloseCode::Again);
-        for _ in 0..3 {
-            assert_eq!(rf.recv().await.unwrap(), "m");
-        }
+        assert_eq!(fast.control.drain(), ["m", "m", "m"]);
     }
 
     #[tokio::test]
     async fn a_queue_over_its_byte_limit_asks_that_socket_to_close() {
         let hub = RoomHub::new(250, usize::MAX);
-        let (slow, mut rs) = outbox(100);
+        let slow = outbox(100);
         let id = hub.register(slow.control.clone()).unwrap();
         hub.join("r", id, &slow);
         let frame = Utf8Bytes::from("x".repeat(100));
@@ -362,24 +504,68 @@ mod tests {
         );
         assert_eq!(slow.control.close_requested().await.0, CloseCode::Again);
         assert_eq!(hub.queued_bytes(), 200);
-        rs.close();
+        assert_eq!(slow.control.drain().len(), 2);
+        assert_eq!(hub.queued_bytes(), 0);
     }
 
     #[tokio::test]
     async fn a_dropped_slow_reader_gets_nothing_after_the_first_frame_it_missed() {
         let hub = RoomHub::new(usize::MAX, usize::MAX);
-        let (slow, mut rs) = outbox(2);
+        let slow = outbox(2);
         let id = hub.register(slow.control.clone()).unwrap();
         hub.join("r", id, &slow);
         for n in 0..3 {
             hub.deliver("r", &Utf8Bytes::from(n.to_string()));
         }
         // The queue had room for two; the third overflowed and closed the socket.
-        assert_eq!(rs.recv().await.unwrap(), "0");
+        assert_eq!(slow.control.drain(), ["0", "1"]);
         // Even with room again, later frames must not arrive after the gap.
         assert_eq!(hub.deliver("r", &Utf8Bytes::from_static("3")), 0);
-        assert_eq!(rs.recv().await.unwrap(), "1");
-        assert!(rs.try_recv().is_err());
+        assert!(slow.control.drain().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reply_waits_for_room_and_fails_once_the_writer_stopped() {
+        let control = Arc::new(SocketControl::new(1));
+        control.push(Utf8Bytes::from_static("a")).await.unwrap();
+        let waiting = tokio::spawn({
+            let control = control.clone();
+            async move { control.push(Utf8Bytes::from_static("b")).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "the queue is full");
+        assert_eq!(control.drain(), ["a"]);
+        waiting.await.unwrap().unwrap();
+        assert_eq!(control.drain(), ["b"]);
+        assert_eq!(control.queued(), 0);
+
+        control.push(Utf8Bytes::from_static("c")).await.unwrap();
+        let waiting = tokio::spawn({
+            let control = control.clone();
+            async move { control.push(Utf8Bytes::from_static("d")).await }
+        });
+        tokio::task::yield_now().await;
+        control.close_queue();
+        assert_eq!(waiting.await.unwrap(), Err(Rejected::Closed));
+        assert_eq!(control.queued(), 0, "dropped frames are counted out");
+        assert_eq!(
+            control.try_push(&Utf8Bytes::from_static("e")),
+            Err(Rejected::Closed)
+        );
+    }
+
+    #[test]
+    fn a_finished_queue_takes_nothing_and_says_so() {
+        let control = SocketControl::new(4);
+        control.try_push(&Utf8Bytes::from_static("a")).unwrap();
+        control.finish();
+        assert_eq!(
+            control.try_push(&Utf8Bytes::from_static("b")),
+            Err(Rejected::Closed)
+        );
+        let mut batch = VecDeque::new();
+        assert!(control.take(&mut batch), "finished");
+        assert_eq!(batch, ["a"]);
     }
 
     #[test]
