@@ -114,18 +114,12 @@ async fn run_lane(
                 None => connection.insert(RespConnection::connect(&info).await?),
             };
             conn.write(&out).await?;
-            for _ in 0..batch.len() {
-                match conn.next_reply(|_, _| {}).await? {
-                    Reply::Integer(_) => {}
-                    Reply::Error(e) => return Err(Unavailable(format!("Redis answered: {e}"))),
-                    other => {
-                        return Err(Unavailable(format!(
-                            "unexpected reply from Redis: {other:?}"
-                        )))
-                    }
-                }
-            }
-            Ok::<(), Unavailable>(())
+            conn.expect(
+                batch.len(),
+                |reply| matches!(reply, Reply::Integer(_)),
+                |_, _| {},
+            )
+            .await
         })
         .await;
         if result.is_err() {
@@ -611,9 +605,11 @@ impl Subscriber {
         within(self.timeout, async {
             connection.send(command).await?;
             connection
-                .expect(expected, count, |channel, payload| {
-                    forward(&self.keys, &self.hub, channel, payload)
-                })
+                .expect(
+                    count,
+                    |reply| *reply == expected,
+                    |channel, payload| forward(&self.keys, &self.hub, channel, payload),
+                )
                 .await
         })
         .await

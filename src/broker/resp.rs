@@ -141,16 +141,17 @@ impl RespConnection {
         }
     }
 
-    /// Waits for `count` replies of kind `expected`, handing messages to `on_message`.
+    /// Waits for `count` replies that `expected` accepts, handing messages to `on_message`;
+    /// an error reply or any other reply is an error.
     pub(super) async fn expect(
         &mut self,
-        expected: Reply,
         count: usize,
+        expected: impl Fn(&Reply) -> bool,
         mut on_message: impl FnMut(&[u8], &[u8]),
     ) -> Result<(), Unavailable> {
         for _ in 0..count {
             match self.next_reply(&mut on_message).await? {
-                reply if reply == expected => {}
+                reply if expected(&reply) => {}
                 Reply::Error(e) => return Err(Unavailable(format!("Redis answered: {e}"))),
                 other => return Err(unexpected(&other)),
             }

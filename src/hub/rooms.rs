@@ -76,8 +76,8 @@ impl SocketControl {
         self.queue.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues `frame` unless the queue is full or closed. Counts its bytes in; the caller
-    /// checks the byte bound.
+    /// Queues `frame` unless the queue is full or closed. The caller counts the frame's
+    /// bytes in (and checks the byte bound) and out again if it is rejected.
     pub(crate) fn try_push(&self, frame: &Utf8Bytes) -> Result<(), Rejected> {
         let mut queue = self.queue();
         if queue.closed || queue.finished {
