@@ -7,7 +7,7 @@ use deadpool_redis::{Pool, Runtime};
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::resp::{encode_command, Reply, RespConnection};
+use super::resp::{encode_publish, Reply, RespConnection};
 use super::{Acquire, BrokerHealth, Keys, Publish, Unavailable};
 use crate::hub::RoomHub;
 
@@ -99,13 +99,10 @@ async fn run_lane(
         }
         out.clear();
         for request in &batch {
-            encode_command(
+            encode_publish(
                 &mut out,
-                &[
-                    b"PUBLISH",
-                    request.channel.as_bytes(),
-                    request.frame.as_bytes(),
-                ],
+                request.channel.as_bytes(),
+                request.frame.as_bytes(),
             );
         }
         let result = within(timeout, async {

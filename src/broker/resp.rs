@@ -110,7 +110,7 @@ impl RespConnection {
         self.write(&command.get_packed_command()).await
     }
 
-    /// Writes encoded commands (see [`encode_command`]).
+    /// Writes encoded commands (see [`encode_publish`]).
     pub(super) async fn write(&mut self, commands: &[u8]) -> Result<(), Unavailable> {
         self.io.write_all(commands).await.map_err(io_error)
     }
@@ -176,20 +176,15 @@ impl RespConnection {
     }
 }
 
-/// Appends `args` to `out` as one RESP2 command (an array of bulk strings).
-pub(super) fn encode_command(out: &mut Vec<u8>, args: &[&[u8]]) {
-    // Commands here have at most three arguments (`PUBLISH channel message`).
-    debug_assert!(args.len() <= 3);
-    let mut frames = [
-        BorrowedFrame::Null,
-        BorrowedFrame::Null,
-        BorrowedFrame::Null,
+/// Appends `PUBLISH channel message` to `out` as one RESP2 command (an array of bulk
+/// strings). Other commands, off the hot path, are packed by `redis::Cmd`.
+pub(super) fn encode_publish(out: &mut Vec<u8>, channel: &[u8], message: &[u8]) {
+    let args = [
+        BorrowedFrame::BulkString(b"PUBLISH"),
+        BorrowedFrame::BulkString(channel),
+        BorrowedFrame::BulkString(message),
     ];
-    let args = &args[..args.len().min(frames.len())];
-    for (frame, arg) in frames.iter_mut().zip(args) {
-        *frame = BorrowedFrame::BulkString(arg);
-    }
-    let command = BorrowedFrame::Array(&frames[..args.len()]);
+    let command = BorrowedFrame::Array(&args);
     let start = out.len();
     out.resize(start + command.encode_len(false), 0);
     // The space was sized by `encode_len`, so encoding cannot run short.
@@ -313,8 +308,8 @@ mod tests {
     #[test]
     fn commands_are_encoded_as_arrays_of_bulk_strings() {
         let mut out = Vec::new();
-        encode_command(&mut out, &[b"PUBLISH", b"room:a", b"{\"x\":1}"]);
-        encode_command(&mut out, &[b"PING"]);
+        encode_publish(&mut out, b"room:a", b"{\"x\":1}");
+        out.extend_from_slice(&redis::cmd("PING").get_packed_command());
         assert_eq!(
             out,
             b"*3\r\n$7\r\nPUBLISH\r\n$6\r\nroom:a\r\n$7\r\n{\"x\":1}\r\n*1\r\n$4\r\nPING\r\n"

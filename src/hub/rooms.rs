@@ -148,15 +148,9 @@ impl SocketControl {
 
     /// The writer has stopped: what is queued is dropped, and nothing more is taken.
     pub(crate) fn close_queue(&self) {
-        let dropped = {
-            let mut queue = self.queue();
-            queue.closed = true;
-            std::mem::take(&mut queue.frames)
-        };
-        let bytes: usize = dropped.iter().map(|frame| frame.len()).sum();
-        if bytes > 0 {
-            self.remove_queued(bytes);
-        }
+        self.queue().closed = true;
+        // Taken out (and counted out) like a batch, then dropped.
+        self.take(&mut VecDeque::new());
         self.room.notify_waiters();
     }
 
