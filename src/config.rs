@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use crate::connection::RateConfig;
 use crate::hooks::Hooks;
 use crate::protocol::Limits;
 
@@ -59,4 +58,14 @@ impl Default for Config {
             serve_client: false,
         }
     }
+}
+
+/// The settings of every socket's frame-rate bucket (see `connection::rate_limit`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct RateConfig {
+    /// Frames per second on average; `0` disables the limit.
+    pub(crate) per_second: u32,
+    pub(crate) burst: u32,
+    /// Refusals in a row after which the socket is closed with 1008.
+    pub(crate) flood_after: u32,
 }

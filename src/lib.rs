@@ -40,13 +40,15 @@ pub mod hooks;
 pub mod hub;
 pub mod layer;
 pub mod metrics;
+mod node;
 pub mod protocol;
 pub mod publisher;
+mod rooms;
 
-pub use error::Error;
-pub use hub::{Health, Hub};
+pub use error::{BrokerError, Error, ErrorSource};
+pub use hub::{Health, Hub, PoolStatus};
 pub use layer::{ThinWsBuilder, ThinWsLayer};
-pub use publisher::Publisher;
+pub use publisher::{Publisher, PublisherBuilder};
 
 /// The README's Rust examples, compiled as doctests.
 #[cfg(doctest)]

@@ -8,17 +8,18 @@
 //! {"type":"message","roomID":"lobby","connectionID":"server","payload":{"text":"hi"}}
 //! ```
 //!
-//! [`Publisher`] does exactly that, with only a Redis URL: it needs no hub, runs no task
-//! and holds no subscription. From any language, `PUBLISH thinws:room:lobby '<frame>'` does
-//! the same.
+//! [`Publisher`] does exactly that, with only a Redis URL, through the same publishing lane
+//! a node uses (one pooled connection, pipelined): it needs no hub and holds no
+//! subscription. From any language, `PUBLISH thinws:room:lobby '<frame>'` does the same.
 //!
 //! # Example
 //!
 //! ```no_run
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), thinws::Error> {
-//! let publisher = thinws::Publisher::new("redis://127.0.0.1:6379")?
-//!     .sender_id("nightly-report");
+//! let publisher = thinws::Publisher::builder("redis://127.0.0.1:6379")
+//!     .sender_id("nightly-report")
+//!     .build()?;
 //! publisher
 //!     .publish("dashboards", &serde_json::json!({"revenue": 1234}))
 //!     .await?;
@@ -27,62 +28,108 @@
 //! ```
 
 use std::fmt;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::broker::{self, Keys};
+use crate::broker::redis::{Disconnects, Lanes, RedisTarget};
+use crate::broker::Keys;
+use crate::config::Config;
+use crate::error::Error;
 use crate::protocol::server;
-use crate::Error;
 
-/// Publishes to rooms through Redis without running sockets. Cheap to clone.
+/// Publishes to rooms through Redis without running sockets. Cheap to clone; clones share
+/// one pooled connection, and publishes from one task reach subscribers in order.
 #[derive(Clone)]
 pub struct Publisher {
-    pool: deadpool_redis::Pool,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     keys: Keys,
     sender_id: String,
+    pool: deadpool_redis::Pool,
+    disconnects: Disconnects,
     timeout: Duration,
+    /// The lane, started on the first publish (inside a Tokio runtime).
+    lane: OnceLock<Lanes>,
 }
 
 impl fmt::Debug for Publisher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Publisher")
-            .field("keys", &self.keys)
-            .field("sender_id", &self.sender_id)
+            .field("keys", &self.inner.keys)
+            .field("sender_id", &self.inner.sender_id)
             .finish_non_exhaustive()
     }
 }
 
-impl Publisher {
-    /// A publisher for the Redis at `redis_url`, with prefix `thinws:` and sender id
-    /// `"server"`. Connects lazily; fails only on a malformed URL.
-    pub fn new(redis_url: &str) -> Result<Self, Error> {
-        let timeout = Duration::from_secs(2);
-        Ok(Publisher {
-            pool: broker::create_pool(redis_url, timeout)?,
-            keys: Keys::new("thinws:"),
-            sender_id: "server".into(),
-            timeout,
-        })
-    }
+/// Settings of a [`Publisher`]; the defaults are the layer's
+/// ([`ThinWsBuilder`](crate::ThinWsBuilder)).
+#[derive(Debug, Clone)]
+pub struct PublisherBuilder {
+    url: String,
+    key_prefix: String,
+    sender_id: String,
+    timeout: Duration,
+}
 
-    /// The key prefix the nodes use (`ThinWsBuilder::key_prefix`).
-    pub fn key_prefix(mut self, prefix: &str) -> Self {
-        self.keys = Keys::new(prefix);
+impl PublisherBuilder {
+    /// The key prefix the nodes use (`ThinWsBuilder::key_prefix`). Default `"thinws:"`.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
         self
     }
 
-    /// The `connectionID` recipients see as the sender.
+    /// The `connectionID` recipients see as the sender. Default `"server"`.
     pub fn sender_id(mut self, id: impl Into<String>) -> Self {
         self.sender_id = id.into();
         self
     }
 
-    /// How long one publish may take. Default 2 s.
+    /// How long one publish may take (`ThinWsBuilder::redis_timeout`). Default 2 s.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
+    }
+
+    /// Builds the publisher. Connects lazily; fails only on a malformed URL.
+    pub fn build(self) -> Result<Publisher, Error> {
+        let target = RedisTarget::parse(&self.url)?;
+        let (pool, disconnects) = target.pool(1, self.timeout)?;
+        Ok(Publisher {
+            inner: Arc::new(Inner {
+                keys: Keys::new(&self.key_prefix),
+                sender_id: self.sender_id,
+                pool,
+                disconnects,
+                timeout: self.timeout,
+                lane: OnceLock::new(),
+            }),
+        })
+    }
+}
+
+impl Publisher {
+    /// A publisher for the Redis at `redis_url` with the layer's defaults (prefix
+    /// `thinws:`, sender id `"server"`, 2 s timeout). Connects lazily; fails only on a
+    /// malformed URL.
+    pub fn new(redis_url: &str) -> Result<Self, Error> {
+        Self::builder(redis_url).build()
+    }
+
+    /// Settings for a publisher of the Redis at `redis_url`.
+    pub fn builder(redis_url: impl Into<String>) -> PublisherBuilder {
+        let defaults = Config::default();
+        PublisherBuilder {
+            url: redis_url.into(),
+            key_prefix: defaults.key_prefix,
+            sender_id: defaults.server_sender_id,
+            timeout: defaults.redis_timeout,
+        }
     }
 
     /// Publishes `payload` (serialised to JSON) to every subscriber of `room` on every
@@ -98,14 +145,14 @@ impl Publisher {
 
     /// Publishes an already-serialised JSON payload.
     pub async fn publish_raw(&self, room: &str, payload: &RawValue) -> Result<(), Error> {
-        let frame = server::delivery(room, &self.sender_id, payload);
-        broker::publish(
-            &self.pool,
-            self.keys.room_channel(room),
-            frame.as_bytes(),
-            self.timeout,
-        )
-        .await
-        .map_err(|e| Error::Unavailable(e.0))
+        let inner = &*self.inner;
+        let frame = server::delivery(room, &inner.sender_id, payload);
+        let lane = inner
+            .lane
+            .get_or_init(|| Lanes::start(1, &inner.pool, &inner.disconnects, inner.timeout));
+        lane.publish(0, inner.keys.room_channel(room), Utf8Bytes::from(frame))
+            .result()
+            .await
+            .map_err(Error::Unavailable)
     }
 }

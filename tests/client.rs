@@ -11,6 +11,7 @@ use serde_json::json;
 use support::{within, Client, Node, RedisServer};
 use thinws::client::{ClientError, Delivery, Messages, ThinWsClient};
 use thinws::hooks::{SubscribeEvent, Verdict};
+use thinws::protocol::ErrorCode;
 use thinws::ThinWsLayer;
 use tower::service_fn;
 
@@ -49,11 +50,11 @@ async fn acks_errors_and_deliveries_map_to_types() {
 
     let err = client.subscribe("secret").await.unwrap_err();
     assert!(
-        matches!(&err, ClientError::Server { code, message } if code == "forbidden" && message == "no entry"),
+        matches!(&err, ClientError::Server { code, message } if *code == ErrorCode::Forbidden && message == "no entry"),
         "{err:?}"
     );
     let err = client.subscribe("x".repeat(300)).await.unwrap_err();
-    assert_eq!(err.code(), Some("too_large"));
+    assert_eq!(err.code(), Some(ErrorCode::TooLarge));
 
     // Another client's message arrives on the stream too.
     let mut other = Client::connect(&node.url()).await;

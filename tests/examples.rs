@@ -80,9 +80,10 @@ async fn a_process_without_sockets_publishes_with_only_a_redis_url() {
     let node = serve_axum(axum_chat::app(ThinWsLayer::new(redis.url()))).await;
     let mut c = Client::connect(&format!("ws://{node}/")).await;
     c.subscribe("reports").await;
-    let publisher = thinws::Publisher::new(&redis.url())
-        .unwrap()
-        .sender_id("cron");
+    let publisher = thinws::Publisher::builder(redis.url())
+        .sender_id("cron")
+        .build()
+        .unwrap();
     publisher
         .publish("reports", &json!({"done": true}))
         .await
@@ -92,7 +93,7 @@ async fn a_process_without_sockets_publishes_with_only_a_redis_url() {
         got,
         json!({"type": "message", "roomID": "reports", "connectionID": "cron", "payload": {"done": true}})
     );
-    // Through `Hub::publisher` too, with a custom prefix on both sides.
+    // With a custom prefix on both sides.
     let prefixed = ThinWsLayer::builder()
         .redis_url(redis.url())
         .key_prefix("p:")
@@ -100,9 +101,10 @@ async fn a_process_without_sockets_publishes_with_only_a_redis_url() {
     let node = serve_axum(axum_chat::app(prefixed)).await;
     let mut c = Client::connect(&format!("ws://{node}/")).await;
     c.subscribe("r").await;
-    thinws::Hub::publisher(&redis.url())
-        .unwrap()
+    thinws::Publisher::builder(redis.url())
         .key_prefix("p:")
+        .build()
+        .unwrap()
         .publish("r", "plain")
         .await
         .unwrap();

@@ -3,25 +3,30 @@ use std::sync::{Mutex, PoisonError};
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::hub::RoomHub;
+use super::SharedSink;
 
-/// Single-node broker: delivery straight into the local hub, identities in memory.
-#[derive(Debug)]
+/// Single-node broker: delivery straight into the sink, identities in memory.
 pub(crate) struct MemoryBroker {
-    hub: RoomHub,
+    sink: SharedSink,
     identities: Mutex<HashMap<String, HashSet<String>>>,
 }
 
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker").finish_non_exhaustive()
+    }
+}
+
 impl MemoryBroker {
-    pub(crate) fn new(hub: RoomHub) -> Self {
+    pub(crate) fn new(sink: SharedSink) -> Self {
         MemoryBroker {
-            hub,
+            sink,
             identities: Mutex::default(),
         }
     }
 
     pub(crate) fn publish(&self, room: &str, frame: &Utf8Bytes) {
-        self.hub.deliver(room, frame);
+        self.sink.deliver(room, frame);
     }
 
     fn identities(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<String>>> {

@@ -1,14 +1,13 @@
 //! The fan-out backend: where published frames go and where identities keep their rooms.
 //!
-//! Two brokers sit behind one interface:
-//! - the in-memory broker (single node; the default when no Redis URL is given) delivers a
-//!   published frame straight into the local [`RoomHub`](crate::hub) and keeps identities in
-//!   process memory;
-//! - the Redis broker publishes through a `deadpool-redis` pool, and one subscriber task per
-//!   node owns the pub/sub connection: it holds one Redis subscription per room that has
-//!   local members (reference-counted), confirms each subscribe before the socket is acked,
-//!   forwards every received frame to the hub unchanged, and after a lost connection
-//!   reconnects with backoff and resubscribes every room it holds.
+//! The broker knows nothing of sockets or of the local rooms: frames it receives for this
+//! node go to a [`FrameSink`] (the node's local rooms, wired up in `node`). Two brokers sit
+//! behind one interface:
+//! - the in-memory broker (single node; the default when no Redis URL is given) hands a
+//!   published frame straight to the sink and keeps identities in process memory;
+//! - the Redis broker (see `redis`) publishes through publishing lanes that each hold a
+//!   connection of a `deadpool-redis` pool, and one subscriber task per node owns the
+//!   pub/sub connection, holding one Redis subscription per room with local members.
 //!
 //! # Redis layout
 //! With the default prefix `thinws:`:
@@ -19,103 +18,90 @@
 //!
 //! No other keys are written.
 
+mod keys;
 mod memory;
-mod redis;
-mod resp;
+pub(crate) mod redis;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
+use tokio::sync::oneshot;
 
+pub(crate) use self::keys::Keys;
 pub(crate) use self::memory::MemoryBroker;
-pub(crate) use self::redis::{create_pool, publish, RedisBroker};
+pub(crate) use self::redis::RedisBroker;
+use crate::error::BrokerError;
 
-/// A broker operation that could not be done; nothing was published or changed.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct Unavailable(pub(crate) String);
+/// Where the broker hands the frames published to rooms this node receives.
+pub(crate) trait FrameSink: Send + Sync + 'static {
+    /// Delivers `frame` to this node's members of `room`, without waiting.
+    fn deliver(&self, room: &str, frame: &Utf8Bytes);
+}
+
+/// A [`FrameSink`] shared by the broker's tasks.
+pub(crate) type SharedSink = Arc<dyn FrameSink>;
 
 /// A pending [`Broker::publish`].
 #[derive(Debug)]
 pub(crate) enum Publish {
-    Done(Result<(), Unavailable>),
-    Pending(tokio::sync::oneshot::Receiver<Result<(), Unavailable>>),
+    Done(Result<(), BrokerError>),
+    Pending(oneshot::Receiver<Result<(), BrokerError>>),
 }
 
 impl Publish {
     /// Waits for the broker's answer. Cancel-safe: awaiting it again after a drop goes on
     /// waiting for the same answer.
-    pub(crate) async fn result(&mut self) -> Result<(), Unavailable> {
-        if let Publish::Pending(answer) = self {
-            let result = answer
+    pub(crate) async fn result(&mut self) -> Result<(), BrokerError> {
+        let result = match self {
+            Publish::Done(result) => return result.clone(),
+            Publish::Pending(answer) => answer
                 .await
-                .unwrap_or_else(|_| Err(Unavailable("publishing lane stopped".into())));
-            *self = Publish::Done(result);
-        }
-        match self {
-            Publish::Done(result) => result.clone(),
-            Publish::Pending(_) => Err(Unavailable("publish still pending".into())),
-        }
+                .unwrap_or(Err(BrokerError::Stopped("publishing lane"))),
+        };
+        *self = Publish::Done(result.clone());
+        result
     }
 }
 
 /// A pending [`Broker::acquire`].
 #[derive(Debug)]
 pub(crate) enum Acquire {
-    Ready,
-    Pending(tokio::sync::oneshot::Receiver<Result<(), Unavailable>>),
-    Failed(Unavailable),
+    Done(Result<(), BrokerError>),
+    Pending(oneshot::Receiver<Result<(), BrokerError>>),
 }
 
 impl Acquire {
     /// Waits until the node is subscribed, or the broker says it cannot be.
-    pub(crate) async fn wait(self) -> Result<(), Unavailable> {
+    pub(crate) async fn wait(self) -> Result<(), BrokerError> {
         match self {
-            Acquire::Ready => Ok(()),
-            Acquire::Failed(e) => Err(e),
+            Acquire::Done(result) => result,
             Acquire::Pending(answer) => answer
                 .await
-                .unwrap_or_else(|_| Err(Unavailable("subscriber task stopped".into()))),
+                .unwrap_or(Err(BrokerError::Stopped("subscriber task"))),
         }
     }
 }
 
-/// The names of the Redis keys and channels, under one prefix.
+/// What a health probe of every Redis path found.
 #[derive(Debug, Clone)]
-pub(crate) struct Keys {
-    room_prefix: String,
-    identity_prefix: String,
+pub(crate) struct BrokerHealth {
+    /// The publishing lanes' connections.
+    pub(crate) publish: Result<(), BrokerError>,
+    /// The pub/sub connection.
+    pub(crate) subscriptions: Result<(), BrokerError>,
+    /// The pool (identities, and the lanes' next connections).
+    pub(crate) pool: Result<(), BrokerError>,
 }
 
-impl Keys {
-    pub(crate) fn new(prefix: &str) -> Self {
-        Keys {
-            room_prefix: format!("{prefix}room:"),
-            identity_prefix: format!("{prefix}identity:"),
+impl BrokerHealth {
+    fn all(result: Result<(), BrokerError>) -> Self {
+        BrokerHealth {
+            publish: result.clone(),
+            subscriptions: result.clone(),
+            pool: result,
         }
     }
-
-    pub(crate) fn room_channel(&self, room: &str) -> String {
-        let mut s = String::with_capacity(self.room_prefix.len() + room.len());
-        s.push_str(&self.room_prefix);
-        s.push_str(room);
-        s
-    }
-
-    pub(crate) fn room_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
-        channel.strip_prefix(&*self.room_prefix)
-    }
-
-    pub(crate) fn identity_set(&self, identity: &str) -> String {
-        format!("{}{identity}", self.identity_prefix)
-    }
-}
-
-/// What a health probe found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct BrokerHealth {
-    pub(crate) publish: Result<(), String>,
-    pub(crate) subscriptions: Result<(), String>,
 }
 
 /// The node's broker.
@@ -123,6 +109,8 @@ pub(crate) struct BrokerHealth {
 pub(crate) enum Broker {
     Memory(MemoryBroker),
     Redis(Box<RedisBroker>),
+    /// The configured Redis URL is unusable: every operation fails with this error.
+    Unusable(BrokerError),
 }
 
 impl Broker {
@@ -137,6 +125,7 @@ impl Broker {
                 Publish::Done(Ok(()))
             }
             Broker::Redis(b) => b.publish(room, frame, lane),
+            Broker::Unusable(e) => Publish::Done(Err(e.clone())),
         }
     }
 
@@ -144,68 +133,69 @@ impl Broker {
     /// the returned [`Acquire`] is awaited), and every call must be matched by exactly one
     /// [`Broker::release`], whatever the outcome: that keeps the per-room counts right even
     /// when the waiting socket goes away mid-way. Once the [`Acquire`] resolves to `Ok`,
-    /// every frame published afterwards reaches the hub.
-    pub(crate) fn acquire(&self, room: &std::sync::Arc<str>) -> Acquire {
+    /// every frame published afterwards reaches the sink.
+    pub(crate) fn acquire(&self, room: &Arc<str>) -> Acquire {
         match self {
-            Broker::Memory(_) => Acquire::Ready,
+            Broker::Memory(_) => Acquire::Done(Ok(())),
             Broker::Redis(b) => b.acquire(room.clone()),
+            Broker::Unusable(e) => Acquire::Done(Err(e.clone())),
         }
     }
 
     /// Gives back one `acquire` of `room`.
-    pub(crate) fn release(&self, room: &std::sync::Arc<str>) {
-        match self {
-            Broker::Memory(_) => {}
-            Broker::Redis(b) => b.release(room.clone()),
+    pub(crate) fn release(&self, room: &Arc<str>) {
+        if let Broker::Redis(b) = self {
+            b.release(room.clone());
         }
     }
 
     /// Remembers `room` for `identity`.
-    pub(crate) async fn record(&self, identity: &str, room: &str) -> Result<(), Unavailable> {
+    pub(crate) async fn record(&self, identity: &str, room: &str) -> Result<(), BrokerError> {
         match self {
             Broker::Memory(b) => {
                 b.record(identity, room);
                 Ok(())
             }
-            Broker::Redis(b) => b.record(identity, room).await,
+            Broker::Redis(b) => b.identities().record(identity, room).await,
+            Broker::Unusable(e) => Err(e.clone()),
         }
     }
 
     /// Forgets `room` for `identity`.
-    pub(crate) async fn forget(&self, identity: &str, room: &str) -> Result<(), Unavailable> {
+    pub(crate) async fn forget(&self, identity: &str, room: &str) -> Result<(), BrokerError> {
         match self {
             Broker::Memory(b) => {
                 b.forget(identity, room);
                 Ok(())
             }
-            Broker::Redis(b) => b.forget(identity, room).await,
+            Broker::Redis(b) => b.identities().forget(identity, room).await,
+            Broker::Unusable(e) => Err(e.clone()),
         }
     }
 
     /// The rooms recorded for `identity`.
-    pub(crate) async fn rooms_of(&self, identity: &str) -> Result<Vec<String>, Unavailable> {
+    pub(crate) async fn rooms_of(&self, identity: &str) -> Result<Vec<String>, BrokerError> {
         match self {
             Broker::Memory(b) => Ok(b.rooms_of(identity)),
-            Broker::Redis(b) => b.rooms_of(identity).await,
+            Broker::Redis(b) => b.identities().rooms_of(identity).await,
+            Broker::Unusable(e) => Err(e.clone()),
         }
     }
 
-    /// Probes the publish path and the subscriptions.
+    /// Probes every path a publish and a delivery take, each within `timeout`.
     pub(crate) async fn health(&self, timeout: Duration) -> BrokerHealth {
         match self {
-            Broker::Memory(_) => BrokerHealth {
-                publish: Ok(()),
-                subscriptions: Ok(()),
-            },
+            Broker::Memory(_) => BrokerHealth::all(Ok(())),
             Broker::Redis(b) => b.health(timeout).await,
+            Broker::Unusable(e) => BrokerHealth::all(Err(e.clone())),
         }
     }
 
-    /// Waits until the broker can publish and its subscriber is connected, or fails.
-    pub(crate) async fn ready(&self, timeout: Duration) -> Result<(), Unavailable> {
+    /// Why this broker can do nothing at all (an unusable Redis URL), if so.
+    pub(crate) fn unusable(&self) -> Option<&BrokerError> {
         match self {
-            Broker::Memory(_) => Ok(()),
-            Broker::Redis(b) => b.ready(timeout).await,
+            Broker::Unusable(e) => Some(e),
+            _ => None,
         }
     }
 }

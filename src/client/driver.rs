@@ -8,62 +8,52 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
+use std::borrow::Cow;
+
 use serde_json::value::RawValue;
-use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::{ClientBuilder, ClientError, Delivery, Op, Request};
+use crate::protocol::server::{self, ServerFrame};
+use crate::protocol::{self, Command, ErrorCode};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Reply = oneshot::Sender<Result<(), ClientError>>;
 
-/// A frame from the server, as far as the client reads it.
-#[derive(Deserialize)]
-struct ServerFrame {
-    #[serde(rename = "type")]
-    kind: String,
-    #[serde(rename = "messageID", default)]
-    message_id: Value,
-    #[serde(default)]
-    code: String,
-    #[serde(default)]
-    message: String,
-    #[serde(rename = "roomID", default)]
-    room: String,
-    #[serde(rename = "connectionID", default)]
-    sender: String,
-    #[serde(default)]
-    payload: Value,
+/// The frame for request `id`.
+fn encode(id: u64, op: &Op) -> String {
+    let command = match op {
+        Op::Subscribe(room) => Command::Subscribe {
+            room: Cow::Borrowed(room),
+        },
+        Op::Unsubscribe(room) => Command::Unsubscribe {
+            room: Cow::Borrowed(room),
+        },
+        Op::Message(room, payload) => Command::Message {
+            room: Cow::Borrowed(room),
+            payload,
+        },
+    };
+    protocol::encode(id, &command)
 }
 
-fn encode(id: u64, op: &Op) -> String {
-    #[derive(serde::Serialize)]
-    struct Frame<'a> {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        #[serde(rename = "messageID")]
-        message_id: u64,
-        #[serde(rename = "roomID")]
-        room: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        payload: Option<&'a RawValue>,
+/// The request number a server frame answers, if it is one of ours.
+fn answered(message_id: Option<&RawValue>) -> Option<u64> {
+    message_id.and_then(|id| id.get().parse().ok())
+}
+
+/// What an `error` frame means for the request it answers.
+fn server_error(code: &str, message: &str) -> ClientError {
+    match code.parse::<ErrorCode>() {
+        Ok(code) => ClientError::Server {
+            code,
+            message: message.to_owned(),
+        },
+        Err(unknown) => ClientError::Protocol(format!("{unknown}: {message}")),
     }
-    let (kind, room, payload) = match op {
-        Op::Subscribe(room) => ("subscribe", room, None),
-        Op::Unsubscribe(room) => ("unsubscribe", room, None),
-        Op::Message(room, payload) => ("message", room, Some(&**payload)),
-    };
-    serde_json::to_string(&Frame {
-        kind,
-        message_id: id,
-        room,
-        payload,
-    })
-    .unwrap_or_default()
 }
 
 /// Opens a socket and binds it to the identity; the server has rejoined the identity's
@@ -73,32 +63,33 @@ pub(super) async fn open(config: &ClientBuilder) -> Result<Socket, String> {
         let (mut socket, _) = tokio_tungstenite::connect_async(config.url.as_str())
             .await
             .map_err(|e| e.to_string())?;
-        let frame = serde_json::json!({
-            "type": "connect",
-            "messageID": 0,
-            "connectionID": config.connection_id,
-        });
+        let frame = protocol::encode(
+            0,
+            &Command::Connect {
+                connection_id: Cow::Borrowed(&config.connection_id),
+            },
+        );
         socket
-            .send(Message::text(frame.to_string()))
+            .send(Message::text(frame))
             .await
             .map_err(|e| e.to_string())?;
         while let Some(message) = socket.next().await {
             let Message::Text(text) = message.map_err(|e| e.to_string())? else {
                 continue;
             };
-            let Ok(frame) = serde_json::from_str::<ServerFrame>(&text) else {
-                continue;
-            };
-            if frame.message_id != 0 {
-                continue;
+            match server::parse(&text) {
+                Ok(ServerFrame::Ack { message_id }) if answered(Some(message_id)) == Some(0) => {
+                    return Ok(socket)
+                }
+                Ok(ServerFrame::Error {
+                    message_id,
+                    code,
+                    message,
+                }) if answered(message_id) == Some(0) => {
+                    return Err(format!("connect refused: {code}: {message}"))
+                }
+                _ => continue,
             }
-            return match frame.kind.as_str() {
-                "ack" => Ok(socket),
-                _ => Err(format!(
-                    "connect refused: {}: {}",
-                    frame.code, frame.message
-                )),
-            };
         }
         Err("the server closed the socket during connect".to_owned())
     };
@@ -214,36 +205,33 @@ async fn session(
                     }
                 },
                 message = socket.next() => match message {
-                    Some(Ok(Message::Text(text))) => {
-                        let Ok(frame) = serde_json::from_str::<ServerFrame>(&text) else {
-                            continue;
-                        };
-                        match frame.kind.as_str() {
-                            "message" => {
-                                let delivery = Delivery {
-                                    room: frame.room,
-                                    sender: frame.sender,
-                                    payload: frame.payload,
-                                };
-                                // Nobody reads the stream any more: drop deliveries.
-                                let _ = deliveries.send(delivery).await;
-                            }
-                            "ack" | "error" => {
-                                let Some(id) = frame.message_id.as_u64() else { continue };
-                                if let Some(reply) = in_flight.remove(&id) {
-                                    let result = match frame.kind.as_str() {
-                                        "ack" => Ok(()),
-                                        _ => Err(ClientError::Server {
-                                            code: frame.code,
-                                            message: frame.message,
-                                        }),
-                                    };
-                                    let _ = reply.send(result);
-                                }
-                            }
-                            _ => {}
+                    Some(Ok(Message::Text(text))) => match server::parse(&text) {
+                        Ok(ServerFrame::Message { room, connection_id, payload }) => {
+                            let Ok(payload) = serde_json::from_str(payload.get()) else {
+                                tracing::debug!(%room, "dropped a delivery whose payload this client cannot read");
+                                continue;
+                            };
+                            let delivery = Delivery {
+                                room: room.into_owned(),
+                                sender: connection_id.into_owned(),
+                                payload,
+                            };
+                            // Nobody reads the stream any more: drop deliveries.
+                            let _ = deliveries.send(delivery).await;
                         }
-                    }
+                        Ok(ServerFrame::Ack { message_id }) => {
+                            if let Some(reply) = answered(Some(message_id)).and_then(|id| in_flight.remove(&id)) {
+                                let _ = reply.send(Ok(()));
+                            }
+                        }
+                        Ok(ServerFrame::Error { message_id, code, message }) => {
+                            if let Some(reply) = answered(message_id).and_then(|id| in_flight.remove(&id)) {
+                                let _ = reply.send(Err(server_error(&code, &message)));
+                            }
+                        }
+                        Ok(ServerFrame::Other) => {}
+                        Err(e) => tracing::debug!(error = %e, "ignored an unreadable frame from the server"),
+                    },
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break 'session End::Lost,
                     Some(Ok(_)) => {}
                 },

@@ -51,6 +51,8 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::protocol::ErrorCode;
+
 /// Why a client operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
@@ -58,11 +60,15 @@ pub enum ClientError {
     /// The server refused the operation with an `error` frame.
     #[error("server error {code}: {message}")]
     Server {
-        /// The protocol's error code, e.g. `forbidden` or `too_large`.
-        code: String,
+        /// The protocol's error code, e.g. [`ErrorCode::Forbidden`].
+        code: ErrorCode,
         /// The server's explanation.
         message: String,
     },
+    /// The server answered with a frame this client cannot read (e.g. an error code newer
+    /// than this client); the operation's outcome is unknown.
+    #[error("unreadable answer from the server: {0}")]
+    Protocol(String),
     /// No answer within the request timeout.
     #[error("no answer from the server in time")]
     Timeout,
@@ -86,9 +92,9 @@ pub enum ClientError {
 
 impl ClientError {
     /// The server's error code, for [`ClientError::Server`].
-    pub fn code(&self) -> Option<&str> {
+    pub fn code(&self) -> Option<ErrorCode> {
         match self {
-            ClientError::Server { code, .. } => Some(code),
+            ClientError::Server { code, .. } => Some(*code),
             _ => None,
         }
     }

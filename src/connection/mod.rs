@@ -3,20 +3,25 @@
 //! rooms.
 //!
 //! The reader handles one frame at a time: a frame's hooks and broker work (subscribe
-//! confirmation, publish) finish before the reply is queued and before the next frame is
-//! handled, so a socket's publishes reach Redis in the order it sent them. While a frame is
-//! being handled the reader keeps watching the socket (reading at most one frame ahead), so
-//! a socket that ends mid-way is cleaned up at once. The writer feeds everything queued and
-//! flushes once per batch. Deliveries from the hub never wait on this socket: when its
-//! queue is full, the hub asks it to close with 1013.
+//! confirmation, queueing a publish) finish before the next frame is handled, so a socket's
+//! publishes reach Redis in the order it sent them; up to 64 publishes may await Redis's
+//! answer at once, and their acks go out in frame order. While a frame is being handled the
+//! reader keeps watching the socket (reading at most one frame ahead), so a socket that
+//! ends mid-way is cleaned up at once. The writer feeds everything queued and flushes once
+//! per batch. Deliveries from the rooms never wait on this socket: when its outbound queue
+//! is full, the queue asks it to close with 1013.
 //!
 //! Heartbeats: the writer pings every `ping_interval`; the reader drops a socket from which
 //! nothing (not even a pong) arrived for `idle_timeout`.
 
+mod in_flight;
+pub(crate) mod outbound;
 mod rate_limit;
 mod socket;
 mod writer;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,13 +31,15 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::CloseFrame;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use hyper_tungstenite::{HyperWebsocket, HyperWebsocketStream};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-pub(crate) use self::rate_limit::RateConfig;
+use self::outbound::OutboundQueue;
 use self::socket::Socket;
 use crate::hooks::DisconnectReason;
-use crate::hub::{Node, Outbox, Refused, SocketControl, SocketId};
+use crate::node::Node;
+use crate::rooms::{Refused, SocketId};
 
 /// How long a closing socket may take to write its close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -46,8 +53,11 @@ pub(crate) async fn serve(node: Arc<Node>, upgrade: HyperWebsocket, parts: Parts
             return;
         }
     };
-    let control = Arc::new(SocketControl::new(node.config.outbound_queue));
-    let id = match node.rooms.register(control.clone()) {
+    let queue = Arc::new(OutboundQueue::new(
+        node.config.outbound_queue,
+        node.config.max_queued_bytes,
+    ));
+    let id = match node.rooms.register(queue.clone()) {
         Ok(id) => id,
         Err(refused) => {
             let close = match refused {
@@ -60,7 +70,7 @@ pub(crate) async fn serve(node: Arc<Node>, upgrade: HyperWebsocket, parts: Parts
         }
     };
     let span = tracing::debug_span!("socket", id, identity = tracing::field::Empty);
-    run(node, stream, parts, id, control).instrument(span).await
+    run(node, stream, parts, id, queue).instrument(span).await
 }
 
 fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame {
@@ -72,17 +82,21 @@ fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame {
 
 /// What a read from the socket means for the loop.
 enum Read {
+    /// A frame to handle (text or binary).
     Frame(Message),
+    /// A control frame; tungstenite answers pings itself.
+    Control,
     End(DisconnectReason),
 }
 
-fn read_result(read: Option<Result<Message, WsError>>, control: &SocketControl) -> Read {
+fn read_result(read: Option<Result<Message, WsError>>, queue: &OutboundQueue) -> Read {
     match read {
         Some(Ok(Message::Close(_))) | None => Read::End(DisconnectReason::Closed),
-        Some(Ok(message)) => Read::Frame(message),
+        Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => Read::Frame(message),
+        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Read::Control,
         Some(Err(WsError::Capacity(e))) => {
             tracing::debug!(error = %e, "frame over the size limit");
-            control.request_close(CloseCode::Size, "frame too large");
+            queue.request_close(CloseCode::Size, "frame too large");
             Read::End(DisconnectReason::Server)
         }
         Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
@@ -95,32 +109,101 @@ fn read_result(read: Option<Result<Message, WsError>>, control: &SocketControl) 
     }
 }
 
+type Handling = Pin<Box<dyn Future<Output = Box<Socket>> + Send>>;
+
+/// The reader's state: free, or handling one frame (the handling owns the socket, and
+/// gives it back when done or stopped). The socket is boxed so that the socket's task
+/// holds one pointer to it rather than room for it in every state.
+enum Reader {
+    Free(Box<Socket>),
+    Handling(Handling),
+}
+
+/// What the reader's work produced.
+enum Progress {
+    /// A frame was handled (or its handling stopped); the socket is free again.
+    Handled(Box<Socket>),
+    /// The broker answered the oldest publish in flight: its reply can go out.
+    Answered,
+}
+
+impl Reader {
+    /// Starts handling `message` if the socket is free; otherwise gives it back.
+    fn start(self, message: Message, stop: &Arc<Notify>) -> (Reader, Option<Message>) {
+        match self {
+            Reader::Free(socket) => (
+                Reader::Handling(handle(socket, message, stop.clone())),
+                None,
+            ),
+            busy => (busy, Some(message)),
+        }
+    }
+
+    /// Waits for the handling to finish, or, while free, for the broker to answer the
+    /// oldest publish in flight (never, while none is). Cancel-safe.
+    async fn progress(&mut self) -> Progress {
+        match self {
+            Reader::Handling(handling) => Progress::Handled(handling.await),
+            Reader::Free(socket) => {
+                socket.oldest_answered().await;
+                Progress::Answered
+            }
+        }
+    }
+
+    /// Stops any handling (undone by the socket's cleanup) and returns the socket.
+    async fn into_socket(self, stop: &Notify) -> Box<Socket> {
+        match self {
+            Reader::Free(socket) => socket,
+            Reader::Handling(handling) => {
+                stop.notify_one();
+                handling.await
+            }
+        }
+    }
+}
+
+/// Handles one frame; stops early, keeping the socket, when `stop` is notified.
+///
+/// Boxed: the handling future is large (hooks, broker calls), and inline it would stay in
+/// every idle socket's task for the socket's whole life.
+fn handle(mut socket: Box<Socket>, message: Message, stop: Arc<Notify>) -> Handling {
+    Box::pin(async move {
+        let work = async {
+            match &message {
+                Message::Text(text) => socket.on_text(text).await,
+                _ => socket.on_binary().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            () = stop.notified() => {}
+            () = work => {}
+        }
+        socket
+    })
+}
+
 async fn run(
     node: Arc<Node>,
     stream: HyperWebsocketStream,
     parts: Parts,
     id: SocketId,
-    control: Arc<SocketControl>,
+    queue: Arc<OutboundQueue>,
 ) {
     let (sink, mut source) = stream.split();
     let idle_timeout = node.config.idle_timeout;
-    let mut socket = Socket::new(
-        node,
-        id,
-        Outbox {
-            control: control.clone(),
-        },
-        parts,
-    );
+    let ping_interval = node.config.ping_interval;
+    let socket = Box::new(Socket::new(node, id, queue.clone(), parts));
+    let frames_in = socket.metrics().frames_in.clone();
     let writer_future = writer::write_loop(
         sink,
-        control.clone(),
-        socket.node.config.ping_interval,
+        queue.clone(),
+        ping_interval,
         socket.metrics().frames_out.clone(),
     )
     .in_current_span();
     let mut writer = tokio::spawn(writer_future);
-    let frames_in = socket.metrics().frames_in.clone();
     tracing::debug!("socket open");
 
     let mut writer_done = false;
@@ -128,93 +211,62 @@ async fn run(
     let mut last_seen = Instant::now();
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
-    // At most one frame read ahead while the previous one is being handled; it is handled
-    // next, so frames are still handled one at a time and in order.
-    let mut read_ahead: Option<Message> = None;
-    let reason = 'socket: loop {
-        let message = match read_ahead.take() {
-            Some(message) => message,
-            None => tokio::select! {
-                biased;
-                _ = &mut writer, if !writer_done => {
-                    writer_done = true;
-                    break 'socket DisconnectReason::Server;
-                }
-                // The broker answered the oldest publish in flight: send its ack.
-                () = socket.front_published(), if socket.has_in_flight() => {
-                    socket.settle_front().await;
-                    continue;
-                }
-                read = source.next() => {
-                    last_seen = Instant::now();
-                    match read_result(read, &control) {
-                        Read::Frame(message) => message,
-                        Read::End(reason) => break 'socket reason,
+    let stop = Arc::new(Notify::new());
+    let mut reader = Reader::Free(socket);
+    // At most one frame read ahead while another is being handled; it is handled next, so
+    // frames are still handled one at a time and in order.
+    let mut ahead: Option<Message> = None;
+    let reason = loop {
+        if let Some(message) = ahead.take() {
+            (reader, ahead) = reader.start(message, &stop);
+        }
+        tokio::select! {
+            biased;
+            _ = &mut writer, if !writer_done => {
+                writer_done = true;
+                break DisconnectReason::Server;
+            }
+            progress = reader.progress() => match progress {
+                Progress::Handled(socket) => reader = Reader::Free(socket),
+                Progress::Answered => {
+                    if let Reader::Free(socket) = &mut reader {
+                        socket.settle_oldest().await;
                     }
-                }
-                () = &mut idle => {
-                    if last_seen.elapsed() >= idle_timeout {
-                        break 'socket DisconnectReason::TimedOut;
-                    }
-                    idle.as_mut().reset(last_seen + idle_timeout);
-                    continue;
                 }
             },
-        };
-        match message {
-            Message::Text(text) => {
-                frames_in.increment(1);
-                // Keep watching the socket while the frame is handled (hooks and the broker
-                // may take a while): a socket that ends meanwhile stops the handling, and
-                // its cleanup undoes whatever the handling had begun.
-                // Boxed: the handling future is large (hooks, broker calls), and inline it
-                // would stay in every idle socket's task for the socket's whole life.
-                let mut handling = Box::pin(socket.on_text(&text));
-                loop {
-                    tokio::select! {
-                        biased;
-                        () = &mut handling => break,
-                        _ = &mut writer, if !writer_done => {
-                            writer_done = true;
-                            break 'socket DisconnectReason::Server;
-                        }
-                        read = source.next(), if read_ahead.is_none() => {
-                            last_seen = Instant::now();
-                            match read_result(read, &control) {
-                                Read::Frame(message) => read_ahead = Some(message),
-                                Read::End(reason) => break 'socket reason,
-                            }
-                        }
-                        () = &mut idle => {
-                            if last_seen.elapsed() >= idle_timeout {
-                                break 'socket DisconnectReason::TimedOut;
-                            }
-                            idle.as_mut().reset(last_seen + idle_timeout);
-                        }
+            read = source.next(), if ahead.is_none() => {
+                last_seen = Instant::now();
+                match read_result(read, &queue) {
+                    Read::Frame(message) => {
+                        frames_in.increment(1);
+                        ahead = Some(message);
                     }
+                    Read::Control => {}
+                    Read::End(reason) => break reason,
                 }
             }
-            Message::Binary(_) => {
-                frames_in.increment(1);
-                Box::pin(socket.on_binary()).await
+            () = &mut idle => {
+                if last_seen.elapsed() >= idle_timeout {
+                    break DisconnectReason::TimedOut;
+                }
+                idle.as_mut().reset(last_seen + idle_timeout);
             }
-            Message::Close(_) => break DisconnectReason::Closed,
-            // tungstenite answers pings itself.
-            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
         }
     };
 
-    let mut socket = socket.leave_all();
+    // Whatever was being handled stops here; leaving the rooms undoes what it had begun.
+    let mut socket = reader.into_socket(&stop).await;
+    socket.leave_all();
     Box::pin(socket.fire_disconnect(reason)).await;
     let node = socket.node.clone();
+    drop(socket);
     // The socket has left its rooms: the writer drains what is queued, closes the socket
     // and ends.
-    drop(socket);
-    control.finish();
+    queue.finish();
     if !writer_done {
         if reason == DisconnectReason::TimedOut || reason == DisconnectReason::Lost {
             // Nobody is reading: don't wait for a flush that may never come.
-            control.request_close(CloseCode::Away, "idle timeout");
+            queue.request_close(CloseCode::Away, "idle timeout");
         }
         let _ = writer.await;
     }

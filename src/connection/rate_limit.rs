@@ -5,6 +5,8 @@
 
 use tokio::time::Instant;
 
+use crate::config::RateConfig;
+
 /// What the bucket says about one frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Rate {
@@ -24,16 +26,6 @@ pub(crate) struct RateLimit {
     last: Instant,
     refused_in_a_row: u32,
     flood_after: u32,
-}
-
-/// The settings of every socket's bucket.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) struct RateConfig {
-    /// Frames per second on average; `0` disables the limit.
-    pub(crate) per_second: u32,
-    pub(crate) burst: u32,
-    /// Refusals in a row after which the socket is closed with 1008.
-    pub(crate) flood_after: u32,
 }
 
 impl RateLimit {

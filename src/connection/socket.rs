@@ -1,6 +1,6 @@
 //! The reader side of one socket: its identity, its rooms, and the handling of each frame.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use http::request::Parts;
@@ -9,72 +9,103 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
+use super::in_flight::{Answered, InFlight};
+use super::outbound::OutboundQueue;
 use super::rate_limit::{Rate, RateLimit};
-use crate::broker::{Publish, Unavailable};
+use crate::error::BrokerError;
 use crate::hooks::{
-    self, BoxError, ConnectEvent, ConnectVerdict, DisconnectEvent, DisconnectReason, Hooks,
+    ask, BoxError, ConnectEvent, ConnectVerdict, DisconnectEvent, DisconnectReason, Hooks,
     MessageEvent, MessageVerdict, SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
 };
-use crate::hub::{Node, Outbox, SocketId};
 use crate::metrics::SocketMetrics;
+use crate::node::Node;
 use crate::protocol::{self, server, Command, ErrorCode};
+use crate::rooms::{SharedMember, SocketId};
 
 /// The reader side's state of one socket.
 pub(super) struct Socket {
     pub(super) node: Arc<Node>,
-    pub(super) id: SocketId,
-    /// The bound `connectionID`, or a server-generated one until `connect`.
-    identity: Arc<str>,
-    /// Whether the client bound an identity with `connect` (its rooms are then recorded).
-    bound: bool,
+    me: Me,
     rooms: HashSet<Arc<str>>,
-    pub(super) outbox: Outbox,
-    /// The upgrade request's head, shared with every hook event.
-    request: Arc<Parts>,
+    queue: Arc<OutboundQueue>,
     /// This socket's own clones of the layer's hooks.
     hooks: Hooks,
     disconnect_fired: bool,
     rate: Option<RateLimit>,
     metrics: SocketMetrics,
-    /// Publishes queued at the broker whose ack is not sent yet, oldest first.
-    in_flight: VecDeque<InFlight>,
+    in_flight: InFlight,
 }
 
-/// One publish awaiting the broker's answer.
-struct InFlight {
-    message_id: Box<RawValue>,
-    started: Instant,
-    publish: Publish,
+/// What hooks are told about the socket.
+struct Me {
+    id: SocketId,
+    /// The bound `connectionID`, or a server-generated one until `connect`.
+    identity: Arc<str>,
+    /// Whether the client bound an identity with `connect` (its rooms are then recorded).
+    bound: bool,
+    /// The upgrade request's head, shared with every hook event.
+    request: Arc<Parts>,
 }
 
-/// How many publishes one socket may have in flight before it waits for the oldest.
-const MAX_IN_FLIGHT: usize = 64;
-
-/// A refused operation: the code and message of the `error` frame.
-type Refusal = (ErrorCode, String);
-
-fn unavailable(e: Unavailable) -> Refusal {
-    (ErrorCode::Unavailable, e.0)
+impl Me {
+    fn info(&self) -> SocketInfo {
+        SocketInfo {
+            id: self.id,
+            connection_id: self.identity.clone(),
+            bound: self.bound,
+            request: self.request.clone(),
+        }
+    }
 }
 
-fn forbidden(reason: String) -> Refusal {
-    (ErrorCode::Forbidden, reason)
+/// Why an operation was refused; becomes the `error` frame's code and message.
+#[derive(Debug)]
+enum Refusal {
+    Broker(BrokerError),
+    /// A hook refused, with this reason.
+    Forbidden(String),
+    /// A hook failed while deciding on this kind of operation.
+    HookFailed(&'static str),
+    /// The socket is in its most rooms.
+    TooManyRooms(usize),
+    /// A second `connect` with another identity.
+    OtherIdentity,
 }
 
-fn hook_failed(event: &'static str, e: BoxError) -> Refusal {
-    tracing::warn!(event, error = %e, "hook failed; refusing");
-    (
-        ErrorCode::Internal,
-        format!("the server could not decide on this {event}"),
-    )
+impl Refusal {
+    fn hook_failed(event: &'static str, e: BoxError) -> Self {
+        tracing::warn!(event, error = %e, "hook failed; refusing");
+        Refusal::HookFailed(event)
+    }
+
+    fn code(&self) -> ErrorCode {
+        match self {
+            Refusal::Broker(_) => ErrorCode::Unavailable,
+            Refusal::Forbidden(_) => ErrorCode::Forbidden,
+            Refusal::HookFailed(_) => ErrorCode::Internal,
+            Refusal::TooManyRooms(_) => ErrorCode::LimitExceeded,
+            Refusal::OtherIdentity => ErrorCode::InvalidMessage,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Refusal::Broker(e) => e.report(),
+            Refusal::Forbidden(reason) => reason.clone(),
+            Refusal::HookFailed(event) => format!("the server could not decide on this {event}"),
+            Refusal::TooManyRooms(max) => format!("a socket may be in at most {max} rooms"),
+            Refusal::OtherIdentity => {
+                "this socket is already connected with another connectionID".into()
+            }
+        }
+    }
 }
 
 /// The upgrade request's head with its URI and headers copied into allocations of their own.
 ///
 /// hyper parses a request head as slices of the connection's read buffer (8 KiB or more), so
-/// keeping the parsed head for a socket's life kept that whole buffer alive: about 5 KiB of
-/// RSS per idle socket with hooks set. The copy costs a few hundred bytes. Extensions are
-/// moved as they are.
+/// keeping the parsed head for a socket's life would keep that whole buffer alive. The copy
+/// costs a few hundred bytes. Extensions are moved as they are.
 fn detach(parts: Parts) -> Parts {
     let mut head = http::Request::new(()).into_parts().0;
     head.method = parts.method;
@@ -93,29 +124,36 @@ fn detach(parts: Parts) -> Parts {
 }
 
 impl Socket {
-    pub(super) fn new(node: Arc<Node>, id: SocketId, outbox: Outbox, request: Parts) -> Self {
+    pub(super) fn new(
+        node: Arc<Node>,
+        id: SocketId,
+        queue: Arc<OutboundQueue>,
+        request: Parts,
+    ) -> Self {
         let identity: Arc<str> = format!("{:016x}-{id}", node.instance).into();
         let hooks = node.config.hooks.clone();
-        let hooks_set = !hooks.is_empty();
         let rate = RateLimit::new(node.config.rate, Instant::now());
+        // Only hooks read the upgrade request: without them, don't keep its headers for the
+        // socket's whole life.
+        let request = Arc::new(match hooks.is_empty() {
+            false => detach(request),
+            true => http::Request::new(()).into_parts().0,
+        });
         Socket {
             node,
-            id,
-            identity,
-            bound: false,
+            me: Me {
+                id,
+                identity,
+                bound: false,
+                request,
+            },
             rooms: HashSet::new(),
-            outbox,
-            // Only hooks read the upgrade request: without them, don't keep its headers for
-            // the socket's whole life.
-            request: Arc::new(match hooks_set {
-                true => detach(request),
-                false => http::Request::new(()).into_parts().0,
-            }),
+            queue,
             hooks,
             disconnect_fired: false,
             rate,
             metrics: SocketMetrics::new(),
-            in_flight: VecDeque::new(),
+            in_flight: InFlight::default(),
         }
     }
 
@@ -126,17 +164,17 @@ impl Socket {
     /// Queues a frame for this socket, waiting if its queue is full.
     async fn reply(&self, frame: String) {
         // Fails only when the writer has stopped, and then the reader stops too.
-        let _ = self.outbox.control.push(Utf8Bytes::from(frame)).await;
+        let _ = self.queue.push(Utf8Bytes::from(frame)).await;
     }
 
-    pub(super) async fn reply_error(
-        &self,
-        message_id: Option<&RawValue>,
-        code: ErrorCode,
-        message: &str,
-    ) {
+    async fn reply_error(&self, message_id: Option<&RawValue>, code: ErrorCode, message: &str) {
         crate::metrics::error(code);
         self.reply(server::error(message_id, code, message)).await
+    }
+
+    async fn refuse(&self, message_id: &RawValue, refusal: Refusal) {
+        self.reply_error(Some(message_id), refusal.code(), &refusal.message())
+            .await
     }
 
     /// Applies the rate limit to one incoming frame; `false` when it must be refused.
@@ -150,8 +188,7 @@ impl Socket {
             Rate::Limited => false,
             Rate::Flood => {
                 tracing::debug!("flood: closing the socket");
-                self.outbox
-                    .control
+                self.queue
                     .request_close(CloseCode::Policy, "too many frames");
                 false
             }
@@ -161,26 +198,14 @@ impl Socket {
     /// Handles a binary frame: refused, the socket stays open.
     pub(super) async fn on_binary(&mut self) {
         self.settle_all().await;
-        if !self.within_rate() {
-            return self
-                .reply_error(None, ErrorCode::RateLimited, "too many frames: slow down")
-                .await;
-        }
-        self.reply_error(
-            None,
-            ErrorCode::InvalidFrame,
-            "binary frames are not supported: send JSON in text frames",
-        )
-        .await
-    }
-
-    fn info(&self) -> SocketInfo {
-        SocketInfo {
-            id: self.id,
-            connection_id: self.identity.clone(),
-            bound: self.bound,
-            request: self.request.clone(),
-        }
+        let (code, message) = match self.within_rate() {
+            false => (ErrorCode::RateLimited, "too many frames: slow down"),
+            true => (
+                ErrorCode::InvalidFrame,
+                "binary frames are not supported: send JSON in text frames",
+            ),
+        };
+        self.reply_error(None, code, message).await
     }
 
     pub(super) async fn on_text(&mut self, text: &str) {
@@ -211,9 +236,9 @@ impl Socket {
         if let Command::Message { room, payload } = &frame.command {
             // Acked later, when the broker answers; only a refusal is answered now, after
             // the replies of the publishes before it.
-            if let Err((code, message)) = self.publish(message_id, room, payload).await {
+            if let Err(refusal) = self.publish(message_id, room, payload).await {
                 self.settle_all().await;
-                self.reply_error(Some(message_id), code, &message).await;
+                self.refuse(message_id, refusal).await;
             }
             return;
         }
@@ -224,58 +249,56 @@ impl Socket {
             Command::Connect { connection_id } => self.connect(&connection_id).await,
             Command::Subscribe { room } => self.subscribe(&room).await,
             Command::Unsubscribe { room } => self.unsubscribe(&room).await,
-            Command::Message { .. } => Ok(()),
             Command::Disconnect => {
                 self.fire_disconnect(DisconnectReason::Requested).await;
-                self.leave_rooms();
+                self.leave_all();
                 Ok(())
             }
+            // Handled above.
+            Command::Message { .. } => Ok(()),
         };
         match result {
             Ok(()) => self.reply(server::ack(message_id)).await,
-            Err((code, message)) => self.reply_error(Some(message_id), code, &message).await,
+            Err(refusal) => self.refuse(message_id, refusal).await,
         }
     }
 
     async fn connect(&mut self, claimed: &str) -> Result<(), Refusal> {
         let mut connection_id = claimed.to_owned();
-        let info = self.hooks.connect.is_some().then(|| self.info());
-        if let (Some(hook), Some(info)) = (&mut self.hooks.connect, info) {
-            let event = ConnectEvent {
-                socket: info,
-                connection_id: claimed.to_owned(),
-            };
-            match hooks::call(hook, event).await {
-                Ok(ConnectVerdict::Accept) => {}
-                Ok(ConnectVerdict::Assign(id)) => connection_id = id,
-                Ok(ConnectVerdict::Refuse(reason)) => return Err(forbidden(reason)),
-                Err(e) => return Err(hook_failed("connect", e)),
+        let verdict = ask(&mut self.hooks.connect, || ConnectEvent {
+            socket: self.me.info(),
+            connection_id: claimed.to_owned(),
+        });
+        match verdict.await {
+            None | Some(Ok(ConnectVerdict::Accept)) => {}
+            Some(Ok(ConnectVerdict::Assign(id))) if id.is_empty() => {
+                return Err(Refusal::hook_failed(
+                    "connect",
+                    "assigned an empty identity".into(),
+                ))
             }
-            if connection_id.is_empty() {
-                return Err(hook_failed("connect", "assigned an empty identity".into()));
-            }
+            Some(Ok(ConnectVerdict::Assign(id))) => connection_id = id,
+            Some(Ok(ConnectVerdict::Refuse(reason))) => return Err(Refusal::Forbidden(reason)),
+            Some(Err(e)) => return Err(Refusal::hook_failed("connect", e)),
         }
-        if self.bound && *self.identity != *connection_id {
-            return Err((
-                ErrorCode::InvalidMessage,
-                "this socket is already connected with another connectionID".into(),
-            ));
+        if self.me.bound && *self.me.identity != *connection_id {
+            return Err(Refusal::OtherIdentity);
         }
         let rooms = self
             .node
             .broker
             .rooms_of(&connection_id)
             .await
-            .map_err(unavailable)?;
-        if !self.bound {
+            .map_err(Refusal::Broker)?;
+        if !self.me.bound {
             tracing::Span::current().record("identity", connection_id.as_str());
-            self.identity = connection_id.into();
-            self.bound = true;
+            self.me.identity = connection_id.into();
+            self.me.bound = true;
         }
         for room in rooms {
             match self.allowed_to_subscribe(&room).await {
                 Ok(()) => {}
-                Err((ErrorCode::Forbidden, reason)) => {
+                Err(Refusal::Forbidden(reason)) => {
                     tracing::debug!(room, reason, "subscribe hook refused a recorded room");
                     continue;
                 }
@@ -287,145 +310,115 @@ impl Socket {
     }
 
     async fn allowed_to_subscribe(&mut self, room: &str) -> Result<(), Refusal> {
-        let info = self.hooks.subscribe.is_some().then(|| self.info());
-        if let (Some(hook), Some(info)) = (&mut self.hooks.subscribe, info) {
-            let event = SubscribeEvent {
-                socket: info,
-                room: room.to_owned(),
-            };
-            match hooks::call(hook, event).await {
-                Ok(Verdict::Allow) => {}
-                Ok(Verdict::Refuse(reason)) => return Err(forbidden(reason)),
-                Err(e) => return Err(hook_failed("subscribe", e)),
-            }
+        let verdict = ask(&mut self.hooks.subscribe, || SubscribeEvent {
+            socket: self.me.info(),
+            room: room.to_owned(),
+        });
+        match verdict.await {
+            None | Some(Ok(Verdict::Allow)) => Ok(()),
+            Some(Ok(Verdict::Refuse(reason))) => Err(Refusal::Forbidden(reason)),
+            Some(Err(e)) => Err(Refusal::hook_failed("subscribe", e)),
         }
-        Ok(())
     }
 
     async fn subscribe(&mut self, room: &str) -> Result<(), Refusal> {
         self.allowed_to_subscribe(room).await?;
         let joined = self.join(room).await?;
-        if self.bound {
-            if let Err(e) = self.node.broker.record(&self.identity, room).await {
+        if self.me.bound {
+            if let Err(e) = self.node.broker.record(&self.me.identity, room).await {
                 if joined {
                     self.leave(room);
                 }
-                return Err(unavailable(e));
+                return Err(Refusal::Broker(e));
             }
         }
         Ok(())
     }
 
     async fn unsubscribe(&mut self, room: &str) -> Result<(), Refusal> {
-        let info = self.hooks.unsubscribe.is_some().then(|| self.info());
-        if let (Some(hook), Some(info)) = (&mut self.hooks.unsubscribe, info) {
-            let event = UnsubscribeEvent {
-                socket: info,
-                room: room.to_owned(),
-            };
-            match hooks::call(hook, event).await {
-                Ok(Verdict::Allow) => {}
-                Ok(Verdict::Refuse(reason)) => return Err(forbidden(reason)),
-                Err(e) => return Err(hook_failed("unsubscribe", e)),
-            }
+        let verdict = ask(&mut self.hooks.unsubscribe, || UnsubscribeEvent {
+            socket: self.me.info(),
+            room: room.to_owned(),
+        });
+        match verdict.await {
+            None | Some(Ok(Verdict::Allow)) => {}
+            Some(Ok(Verdict::Refuse(reason))) => return Err(Refusal::Forbidden(reason)),
+            Some(Err(e)) => return Err(Refusal::hook_failed("unsubscribe", e)),
         }
-        if self.bound {
+        if self.me.bound {
             self.node
                 .broker
-                .forget(&self.identity, room)
+                .forget(&self.me.identity, room)
                 .await
-                .map_err(unavailable)?;
+                .map_err(Refusal::Broker)?;
         }
         self.leave(room);
         Ok(())
     }
 
     /// Queues a publish; its ack (or error) is sent when the broker answers, in order with
-    /// the socket's other replies (see [`Socket::settle_front`]).
+    /// the socket's other replies (see [`Socket::settle_oldest`]).
     async fn publish(
         &mut self,
         message_id: &RawValue,
         room: &str,
         payload: &RawValue,
     ) -> Result<(), Refusal> {
-        let mut replaced = None;
-        let info = self.hooks.message.is_some().then(|| self.info());
-        if let (Some(hook), Some(info)) = (&mut self.hooks.message, info) {
-            let event = MessageEvent {
-                socket: info,
-                room: room.to_owned(),
-                payload: payload.to_owned(),
-            };
-            match hooks::call(hook, event).await {
-                Ok(MessageVerdict::Allow) => {}
-                Ok(MessageVerdict::Replace(payload)) => replaced = Some(payload),
-                Ok(MessageVerdict::Refuse(reason)) => return Err(forbidden(reason)),
-                Err(e) => return Err(hook_failed("message", e)),
-            }
-        }
+        let verdict = ask(&mut self.hooks.message, || MessageEvent {
+            socket: self.me.info(),
+            room: room.to_owned(),
+            payload: payload.to_owned(),
+        });
+        let replaced = match verdict.await {
+            None | Some(Ok(MessageVerdict::Allow)) => None,
+            Some(Ok(MessageVerdict::Replace(payload))) => Some(payload),
+            Some(Ok(MessageVerdict::Refuse(reason))) => return Err(Refusal::Forbidden(reason)),
+            Some(Err(e)) => return Err(Refusal::hook_failed("message", e)),
+        };
         let payload = replaced.as_deref().unwrap_or(payload);
-        let frame = server::delivery(room, &self.identity, payload);
+        let frame = server::delivery(room, &self.me.identity, payload);
         // Queued at the broker now, in this socket's order; several may be in flight.
         let publish = self
             .node
             .broker
-            .publish(room, Utf8Bytes::from(frame), self.id);
-        self.in_flight.push_back(InFlight {
-            message_id: message_id.to_owned(),
-            started: Instant::now(),
-            publish,
-        });
-        if self.in_flight.len() > MAX_IN_FLIGHT {
-            self.settle_front().await;
+            .publish(room, Utf8Bytes::from(frame), self.me.id);
+        self.in_flight.push(message_id.to_owned(), publish);
+        if self.in_flight.is_full() {
+            self.settle_oldest().await;
         }
         Ok(())
     }
 
-    /// Whether publishes await the broker's answer.
-    pub(super) fn has_in_flight(&self) -> bool {
-        !self.in_flight.is_empty()
+    /// Waits until the broker answered the oldest publish in flight (never, while none is).
+    /// Cancel-safe.
+    pub(super) async fn oldest_answered(&mut self) {
+        self.in_flight.oldest_answered().await
     }
 
-    /// Waits for the broker's answer to the oldest publish in flight (cancel-safe: nothing
-    /// is taken off the queue).
-    pub(super) async fn front_published(&mut self) {
-        match self.in_flight.front_mut() {
-            Some(front) => {
-                let _ = front.publish.result().await;
-            }
-            None => std::future::pending().await,
-        }
-    }
-
-    /// Sends the ack or error of the oldest publish in flight, once the broker answered.
-    pub(super) async fn settle_front(&mut self) {
-        let Some(front) = self.in_flight.front_mut() else {
-            return;
-        };
-        let result = front.publish.result().await;
-        let Some(front) = self.in_flight.pop_front() else {
+    /// Sends the ack or error of the oldest publish in flight, once the broker answered it.
+    pub(super) async fn settle_oldest(&mut self) {
+        let Some(Answered {
+            message_id,
+            started,
+            result,
+        }) = self.in_flight.next_answer().await
+        else {
             return;
         };
         match result {
             Ok(()) => {
                 self.metrics.publishes.increment(1);
-                self.metrics
-                    .publish_duration
-                    .record(front.started.elapsed());
-                self.reply(server::ack(&front.message_id)).await
+                self.metrics.publish_duration.record(started.elapsed());
+                self.reply(server::ack(&message_id)).await
             }
-            Err(e) => {
-                let (code, message) = unavailable(e);
-                self.reply_error(Some(&front.message_id), code, &message)
-                    .await
-            }
+            Err(e) => self.refuse(&message_id, Refusal::Broker(e)).await,
         }
     }
 
     /// Sends the replies of every publish in flight, so that what follows comes after.
     async fn settle_all(&mut self) {
-        while self.has_in_flight() {
-            self.settle_front().await;
+        while !self.in_flight.is_empty() {
+            self.settle_oldest().await;
         }
     }
 
@@ -435,15 +428,12 @@ impl Socket {
             return;
         }
         self.disconnect_fired = true;
-        let info = self.hooks.disconnect.is_some().then(|| self.info());
-        if let (Some(hook), Some(info)) = (&mut self.hooks.disconnect, info) {
-            let event = DisconnectEvent {
-                socket: info,
-                reason,
-            };
-            if let Err(e) = hooks::call(hook, event).await {
-                tracing::warn!(error = %e, "disconnect hook failed");
-            }
+        let done = ask(&mut self.hooks.disconnect, || DisconnectEvent {
+            socket: self.me.info(),
+            reason,
+        });
+        if let Some(Err(e)) = done.await {
+            tracing::warn!(error = %e, "disconnect hook failed");
         }
     }
 
@@ -458,41 +448,35 @@ impl Socket {
         }
         let max = self.node.config.max_rooms_per_socket;
         if self.rooms.len() >= max {
-            return Err((
-                ErrorCode::LimitExceeded,
-                format!("a socket may be in at most {max} rooms"),
-            ));
+            return Err(Refusal::TooManyRooms(max));
         }
         // Become a local member first, so that nothing published after the broker
         // confirms the subscription can slip past this socket.
-        let key = self.node.rooms.join(room, self.id, &self.outbox);
+        let member: SharedMember = self.queue.clone();
+        let key = self.node.rooms.join(room, self.me.id, &member);
         let acquired = self.node.broker.acquire(&key);
         self.rooms.insert(key.clone());
         match acquired.wait().await {
             Ok(()) => Ok(true),
             Err(e) => {
                 self.leave(&key);
-                Err(unavailable(e))
+                Err(Refusal::Broker(e))
             }
         }
     }
 
     fn leave(&mut self, room: &str) {
         if let Some(key) = self.rooms.take(room) {
-            self.node.rooms.leave(&key, self.id);
+            self.node.rooms.leave(&key, self.me.id);
             self.node.broker.release(&key);
         }
     }
 
-    fn leave_rooms(&mut self) {
+    /// Leaves every room on this node (the identity keeps its recorded rooms).
+    pub(super) fn leave_all(&mut self) {
         for key in std::mem::take(&mut self.rooms) {
-            self.node.rooms.leave(&key, self.id);
+            self.node.rooms.leave(&key, self.me.id);
             self.node.broker.release(&key);
         }
-    }
-
-    pub(super) fn leave_all(mut self) -> Self {
-        self.leave_rooms();
-        self
     }
 }

@@ -14,14 +14,14 @@ use hyper_tungstenite::HyperWebsocketStream;
 use metrics::Counter;
 use tokio::time::MissedTickBehavior;
 
+use super::outbound::OutboundQueue;
 use super::{close_frame, CLOSE_TIMEOUT};
-use crate::hub::SocketControl;
 
 type WsSink = SplitSink<HyperWebsocketStream, Message>;
 
 /// Closes the socket's queue when the writer ends, however it ends, so that nothing waits
 /// for a writer that is gone.
-struct CloseQueueOnDrop<'a>(&'a SocketControl);
+struct CloseQueueOnDrop<'a>(&'a OutboundQueue);
 
 impl Drop for CloseQueueOnDrop<'_> {
     fn drop(&mut self) {
@@ -33,21 +33,21 @@ impl Drop for CloseQueueOnDrop<'_> {
 /// queue is written, when a write fails, or when a close is requested.
 pub(super) async fn write_loop(
     mut sink: WsSink,
-    control: Arc<SocketControl>,
+    queue: Arc<OutboundQueue>,
     ping_interval: Duration,
     frames_out: Counter,
 ) {
-    let _close_queue = CloseQueueOnDrop(&control);
+    let _close_queue = CloseQueueOnDrop(&queue);
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    // One close future for the task's life (registering a fresh one per batch showed up in
-    // profiles).
-    let closing = control.close_requested();
+    // One close future for the task's life rather than one per batch: registering it costs
+    // a lock and a waker.
+    let closing = queue.close_requested();
     tokio::pin!(closing);
     let mut batch = VecDeque::new();
     loop {
-        let finished = control.take(&mut batch);
+        let finished = queue.take(&mut batch);
         if !batch.is_empty() {
             let close = tokio::select! {
                 biased;
@@ -64,7 +64,7 @@ pub(super) async fn write_loop(
                 },
             };
             if let Some(close) = close {
-                return send_close(sink, &control, &mut batch, close).await;
+                return send_close(sink, &queue, &mut batch, close).await;
             }
             // Keep a small batch's buffer for next time; give a large one back.
             if batch.capacity() > 64 {
@@ -78,8 +78,8 @@ pub(super) async fn write_loop(
         }
         tokio::select! {
             biased;
-            close = &mut closing => return send_close(sink, &control, &mut batch, close).await,
-            () = control.ready() => {}
+            close = &mut closing => return send_close(sink, &queue, &mut batch, close).await,
+            () = queue.ready() => {}
             _ = ping.tick() => {
                 if let Err(e) = sink.send(Message::Ping(Bytes::new())).await {
                     tracing::debug!(error = %e, "ping failed");
@@ -102,7 +102,7 @@ async fn write_batch(sink: &mut WsSink, batch: &mut VecDeque<Utf8Bytes>) -> Resu
 
 async fn send_close(
     mut sink: WsSink,
-    control: &SocketControl,
+    queue: &OutboundQueue,
     batch: &mut VecDeque<Utf8Bytes>,
     (code, reason): (CloseCode, &'static str),
 ) {
@@ -111,12 +111,12 @@ async fn send_close(
         // Going away is graceful: what was queued still goes out first. A slow reader's
         // backlog is dropped.
         if code == CloseCode::Away {
-            control.take(batch);
+            queue.take(batch);
             while let Some(frame) = batch.pop_front() {
                 sink.feed(Message::Text(frame)).await?;
             }
         }
-        control.close_queue();
+        queue.close_queue();
         sink.send(Message::Close(Some(close_frame(code, reason))))
             .await
     };

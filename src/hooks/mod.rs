@@ -93,8 +93,9 @@ impl SocketInfo {
         &self.connection_id
     }
 
-    /// Whether the client bound an identity with `connect`.
-    pub fn is_connected(&self) -> bool {
+    /// Whether the client bound an identity with `connect` (until then, the identity is a
+    /// server-generated one).
+    pub fn has_bound_identity(&self) -> bool {
         self.bound
     }
 
@@ -303,9 +304,14 @@ where
     BoxCloneSyncService::new(service.map_err(Into::into))
 }
 
-/// Calls a hook once it is ready.
-pub(crate) async fn call<E, R>(hook: &mut Hook<E, R>, event: E) -> Result<R, BoxError> {
-    hook.ready().await?.call(event).await
+/// Asks `hook`, if one is set, about the event that `event` builds (built only then);
+/// `None` when no hook is set.
+pub(crate) async fn ask<E, R>(
+    hook: &mut Option<Hook<E, R>>,
+    event: impl FnOnce() -> E,
+) -> Option<Result<R, BoxError>> {
+    let hook = hook.as_mut()?;
+    Some(async { hook.ready().await?.call(event()).await }.await)
 }
 
 /// The hooks of a layer; each socket takes its own clone.

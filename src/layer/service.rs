@@ -8,7 +8,7 @@ use tower_service::Service;
 
 use super::{client_script, ResponseBody, ResponseFuture, ThinWsLayer};
 use crate::connection;
-use crate::hub::Node;
+use crate::node::Node;
 
 /// The service built by [`ThinWsLayer`]: upgrade requests on the configured path become
 /// ThinWS sockets; everything else goes to the inner service `S` untouched.
@@ -73,10 +73,10 @@ where
         if !self.takes(&request) {
             return ResponseFuture::inner(self.inner.call(request));
         }
-        if let Some(reason) = &self.node.broken {
+        if let Some(reason) = self.node.broker.unusable() {
             return ResponseFuture::ready(plain(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("thinws is misconfigured: {reason}\n"),
+                format!("{}\n", reason.report()),
             ));
         }
         if !self.node.rooms.is_accepting() {

@@ -3,6 +3,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
+use super::json::{push_key, push_raw_field, push_str_field};
 use super::{ErrorCode, FrameError};
 
 /// Limits applied while parsing a client frame.
@@ -263,6 +264,47 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
     })
 }
 
+/// Encodes a client frame: what a client sends for `command` with a numeric `messageID`
+/// (the inverse of [`parse`]).
+///
+/// ```
+/// use std::borrow::Cow;
+/// use thinws::protocol::{self, Command, Limits};
+///
+/// let text = protocol::encode(1, &Command::Subscribe { room: Cow::Borrowed("lobby") });
+/// assert_eq!(text, r#"{"type":"subscribe","messageID":1,"roomID":"lobby"}"#);
+/// assert!(protocol::parse(&text, &Limits::default()).is_ok());
+/// ```
+pub fn encode(message_id: u64, command: &Command<'_>) -> String {
+    let mut out = String::with_capacity(64);
+    out.push('{');
+    let kind = match command {
+        Command::Connect { .. } => "connect",
+        Command::Subscribe { .. } => "subscribe",
+        Command::Unsubscribe { .. } => "unsubscribe",
+        Command::Message { .. } => "message",
+        Command::Disconnect => "disconnect",
+    };
+    push_str_field(&mut out, "type", kind);
+    push_key(&mut out, "messageID");
+    out.push_str(&message_id.to_string());
+    match command {
+        Command::Connect { connection_id } => {
+            push_str_field(&mut out, "connectionID", connection_id)
+        }
+        Command::Subscribe { room } | Command::Unsubscribe { room } => {
+            push_str_field(&mut out, "roomID", room)
+        }
+        Command::Message { room, payload } => {
+            push_str_field(&mut out, "roomID", room);
+            push_raw_field(&mut out, "payload", payload);
+        }
+        Command::Disconnect => {}
+    }
+    out.push('}');
+    out
+}
+
 /// What is wrong with a (syntactically valid) payload, if anything.
 #[derive(Debug, PartialEq, Eq)]
 enum PayloadProblem {
@@ -345,309 +387,5 @@ fn truncate(s: &str, max: usize) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn code_of(text: &str) -> (ErrorCode, Option<String>, String) {
-        let e = parse(text, &Limits::default()).expect_err(text);
-        (
-            e.code,
-            e.message_id.map(|id| id.get().to_owned()),
-            e.message.into_owned(),
-        )
-    }
-
-    #[test]
-    fn valid_frames() {
-        let l = Limits::default();
-        let f = parse(
-            r#"{"type":"connect","messageID":1,"connectionID":"alice"}"#,
-            &l,
-        )
-        .unwrap();
-        assert_eq!(f.message_id.get(), "1");
-        assert!(
-            matches!(f.command, Command::Connect { ref connection_id } if connection_id == "alice")
-        );
-
-        let f = parse(
-            r#" {"type":"subscribe","messageID":"x","roomID":"r","extra":[1]}"#,
-            &l,
-        )
-        .unwrap();
-        assert_eq!(f.message_id.get(), r#""x""#);
-        assert!(matches!(f.command, Command::Subscribe { ref room } if room == "r"));
-
-        let f = parse(
-            r#"{"type":"unsubscribe","messageID":-2.5e3,"roomID":"r"}"#,
-            &l,
-        )
-        .unwrap();
-        assert_eq!(f.message_id.get(), "-2.5e3");
-        assert!(matches!(f.command, Command::Unsubscribe { .. }));
-
-        // The original client's alias, and a null payload.
-        let f = parse(
-            r#"{"type":"message","messageID":3,"roomID":"r","message":"hi"}"#,
-            &l,
-        )
-        .unwrap();
-        assert!(
-            matches!(f.command, Command::Message { payload, .. } if payload.get() == r#""hi""#)
-        );
-        let f = parse(
-            r#"{"type":"message","messageID":3,"roomID":"r","payload":null}"#,
-            &l,
-        )
-        .unwrap();
-        assert!(matches!(f.command, Command::Message { payload, .. } if payload.get() == "null"));
-        // payload wins over message when both are present.
-        let f = parse(
-            r#"{"type":"message","messageID":3,"roomID":"r","payload":1,"message":2}"#,
-            &l,
-        )
-        .unwrap();
-        assert!(matches!(f.command, Command::Message { payload, .. } if payload.get() == "1"));
-
-        // Escapes in strings are decoded.
-        let f = parse(
-            r#"{"type":"subscr\u0069be","messageID":1,"roomID":"a\"b"}"#,
-            &l,
-        )
-        .unwrap();
-        assert!(matches!(f.command, Command::Subscribe { ref room } if room == "a\"b"));
-
-        let f = parse(r#"{"type":"disconnect","messageID":9}"#, &l).unwrap();
-        assert!(matches!(f.command, Command::Disconnect));
-    }
-
-    #[test]
-    fn invalid_frames_table() {
-        use ErrorCode::*;
-        let long = "x".repeat(257);
-        let deep = format!(
-            r#"{{"type":"message","messageID":1,"roomID":"r","payload":{}{}}}"#,
-            "[".repeat(10_000),
-            "]".repeat(10_000)
-        );
-        let cases: Vec<(String, ErrorCode, Option<&str>, &str)> = vec![
-            ("".into(), InvalidJson, None, "EOF"),
-            ("{".into(), InvalidJson, None, "EOF"),
-            ("not json".into(), InvalidJson, None, "expected"),
-            (
-                r#"{"type":"message","messageID":1,}"#.into(),
-                InvalidJson,
-                None,
-                "trailing comma",
-            ),
-            ("[1,2]".into(), InvalidMessage, None, "JSON object"),
-            ("42".into(), InvalidMessage, None, "JSON object"),
-            (r#""connect""#.into(), InvalidMessage, None, "JSON object"),
-            ("null".into(), InvalidMessage, None, "JSON object"),
-            (
-                r#"{"type":"subscribe","roomID":"r"}"#.into(),
-                InvalidMessage,
-                None,
-                "messageID is required",
-            ),
-            (
-                r#"{"type":"subscribe","messageID":null,"roomID":"r"}"#.into(),
-                InvalidMessage,
-                None,
-                "messageID must be",
-            ),
-            (
-                r#"{"type":"subscribe","messageID":{},"roomID":"r"}"#.into(),
-                InvalidMessage,
-                None,
-                "messageID must be",
-            ),
-            (
-                r#"{"type":"subscribe","messageID":true,"roomID":"r"}"#.into(),
-                InvalidMessage,
-                None,
-                "messageID must be",
-            ),
-            (
-                r#"{"messageID":1,"roomID":"r"}"#.into(),
-                InvalidMessage,
-                Some("1"),
-                "type is required",
-            ),
-            (
-                r#"{"type":5,"messageID":1}"#.into(),
-                InvalidMessage,
-                Some("1"),
-                "type must be a string",
-            ),
-            (
-                r#"{"type":"shout","messageID":"m"}"#.into(),
-                UnknownType,
-                Some(r#""m""#),
-                "unknown type",
-            ),
-            (
-                r#"{"type":"subscribe","messageID":1}"#.into(),
-                InvalidMessage,
-                Some("1"),
-                "roomID is required",
-            ),
-            (
-                r#"{"type":"subscribe","messageID":1,"roomID":5}"#.into(),
-                InvalidMessage,
-                Some("1"),
-                "roomID must be a string",
-            ),
-            (
-                r#"{"type":"subscribe","messageID":1,"roomID":null}"#.into(),
-                InvalidMessage,
-                Some("1"),
-                "roomID must be a string",
-            ),
-            (
-                r#"{"type":"subscribe","messageID":1,"roomID":""}"#.into(),
-                InvalidMessage,
-                Some("1"),
-                "must not be empty",
-            ),
-            (
-                format!(r#"{{"type":"subscribe","messageID":1,"roomID":"{long}"}}"#),
-                TooLarge,
-                Some("1"),
-                "longer than 256",
-            ),
-            (
-                r#"{"type":"unsubscribe","messageID":1,"roomID":["r"]}"#.into(),
-                InvalidMessage,
-                Some("1"),
-                "roomID must be a string",
-            ),
-            (
-                r#"{"type":"message","messageID":1,"roomID":"r"}"#.into(),
-                InvalidMessage,
-                Some("1"),
-                "payload is required",
-            ),
-            (
-                r#"{"type":"message","messageID":1,"payload":1}"#.into(),
-                InvalidMessage,
-                Some("1"),
-                "roomID is required",
-            ),
-            (
-                r#"{"type":"connect","messageID":1}"#.into(),
-                InvalidMessage,
-                Some("1"),
-                "connectionID is required",
-            ),
-            (
-                r#"{"type":"connect","messageID":1,"connectionID":7}"#.into(),
-                InvalidMessage,
-                Some("1"),
-                "connectionID must be a string",
-            ),
-            (
-                r#"{"type":"connect","messageID":1,"connectionID":""}"#.into(),
-                InvalidMessage,
-                Some("1"),
-                "must not be empty",
-            ),
-            (
-                format!(r#"{{"type":"connect","messageID":1,"connectionID":"{long}"}}"#),
-                TooLarge,
-                Some("1"),
-                "connectionID is longer",
-            ),
-            (
-                r#"{"type":"subscribe","type":"subscribe","messageID":1,"roomID":"r"}"#.into(),
-                InvalidMessage,
-                None,
-                "duplicate field",
-            ),
-            (deep, TooLarge, Some("1"), "nests deeper than 64"),
-            // Found by the fuzzer: numbers that overflow an f64 make frames some parsers refuse.
-            (
-                r#"{"type":"message","messageID":7777e777773}"#.into(),
-                InvalidMessage,
-                None,
-                "messageID is a number too large",
-            ),
-            (
-                r#"{"type":"message","messageID":1,"roomID":"r","payload":[1,{"a":-2e400}]}"#
-                    .into(),
-                InvalidMessage,
-                Some("1"),
-                "too large for a 64-bit float",
-            ),
-        ];
-        for (text, code, id, needle) in cases {
-            let (got_code, got_id, msg) = code_of(&text);
-            let shown = &text[..text.len().min(80)];
-            assert_eq!(got_code, code, "{shown}: {msg}");
-            assert_eq!(got_id.as_deref(), id, "{shown}");
-            assert!(msg.contains(needle), "{shown}: {msg:?} lacks {needle:?}");
-        }
-    }
-
-    #[test]
-    fn payload_checks_skip_strings_and_accept_ordinary_numbers() {
-        assert_eq!(
-            check_payload(
-                r#"{"e":"1e999 [[[[","n":[0,-1.5e-400,1e308,true,false,null]}"#,
-                2
-            ),
-            Ok(())
-        );
-        assert_eq!(
-            check_payload("[1e309]", 2),
-            Err(PayloadProblem::NumberOutOfRange)
-        );
-        assert_eq!(
-            check_payload(&"9".repeat(400), 2),
-            Err(PayloadProblem::NumberOutOfRange)
-        );
-        assert_eq!(check_payload("[[[]]]", 2), Err(PayloadProblem::TooDeep));
-        assert_eq!(
-            check_payload(r#""\\"[[[["#, 2),
-            Err(PayloadProblem::TooDeep)
-        );
-    }
-
-    #[test]
-    fn limits_are_configurable() {
-        let l = Limits {
-            max_room_id_len: 3,
-            max_connection_id_len: 2,
-            max_payload_depth: 2,
-        };
-        assert!(parse(
-            r#"{"type":"message","messageID":1,"roomID":"a","payload":[{"x":"[[[["}]}"#,
-            &l
-        )
-        .is_ok());
-        let e = parse(
-            r#"{"type":"message","messageID":1,"roomID":"a","payload":[[[]]]}"#,
-            &l,
-        )
-        .unwrap_err();
-        assert_eq!(e.code, ErrorCode::TooLarge);
-        assert!(parse(r#"{"type":"subscribe","messageID":1,"roomID":"abc"}"#, &l).is_ok());
-        let e = parse(r#"{"type":"subscribe","messageID":1,"roomID":"abcd"}"#, &l).unwrap_err();
-        assert_eq!(e.code, ErrorCode::TooLarge);
-        let e = parse(
-            r#"{"type":"connect","messageID":1,"connectionID":"abc"}"#,
-            &l,
-        )
-        .unwrap_err();
-        assert_eq!(e.code, ErrorCode::TooLarge);
-    }
-
-    #[test]
-    fn unknown_type_is_truncated_at_a_char_boundary() {
-        let kind = "é".repeat(100);
-        let text = format!(r#"{{"type":"{kind}","messageID":1}}"#);
-        let e = parse(&text, &Limits::default()).unwrap_err();
-        assert_eq!(e.code, ErrorCode::UnknownType);
-        assert!(e.message.len() < 100);
-    }
-}
+#[path = "client_tests.rs"]
+mod tests;

@@ -47,6 +47,43 @@ impl ErrorCode {
             ErrorCode::Internal => "internal",
         }
     }
+
+    /// Every code, for tables and tests.
+    pub const ALL: [ErrorCode; 10] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidMessage,
+        ErrorCode::UnknownType,
+        ErrorCode::InvalidFrame,
+        ErrorCode::TooLarge,
+        ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
+        ErrorCode::Unavailable,
+        ErrorCode::LimitExceeded,
+        ErrorCode::Internal,
+    ];
+}
+
+/// A `code` this version of the protocol does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown error code {0:?}")]
+pub struct UnknownErrorCode(pub String);
+
+impl std::str::FromStr for ErrorCode {
+    type Err = UnknownErrorCode;
+
+    /// Reads a code as it appears on the wire.
+    ///
+    /// ```
+    /// use thinws::protocol::ErrorCode;
+    /// assert_eq!("rate_limited".parse(), Ok(ErrorCode::RateLimited));
+    /// assert!("nope".parse::<ErrorCode>().is_err());
+    /// ```
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|code| code.as_str() == s)
+            .ok_or_else(|| UnknownErrorCode(s.to_owned()))
+    }
 }
 
 impl fmt::Display for ErrorCode {

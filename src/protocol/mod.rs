@@ -37,7 +37,8 @@
 
 mod client;
 mod error;
+mod json;
 pub mod server;
 
-pub use client::{parse, ClientFrame, Command, Limits};
-pub use error::{ErrorCode, FrameError};
+pub use client::{encode, parse, ClientFrame, Command, Limits};
+pub use error::{ErrorCode, FrameError, UnknownErrorCode};

@@ -21,88 +21,139 @@
 //! );
 //! ```
 
-use serde::Serialize;
+use std::borrow::Cow;
+
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use super::json::{push_raw_field, push_str_field};
 use super::ErrorCode;
-
-#[derive(Serialize)]
-struct Ack<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(rename = "messageID")]
-    message_id: &'a RawValue,
-}
-
-#[derive(Serialize)]
-struct Error<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(rename = "messageID")]
-    message_id: Option<&'a RawValue>,
-    code: &'static str,
-    message: &'a str,
-}
-
-#[derive(Serialize)]
-struct Delivery<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    #[serde(rename = "roomID")]
-    room: &'a str,
-    #[serde(rename = "connectionID")]
-    connection_id: &'a str,
-    payload: &'a RawValue,
-}
-
-// Serialising these types cannot fail: they hold only strings and already-valid raw JSON,
-// and the writer is a `Vec`. The fallbacks below are unreachable in practice but keep the
-// encoders total without a panic path.
-fn encode<T: Serialize>(value: &T, capacity: usize) -> String {
-    let mut out = Vec::with_capacity(capacity);
-    match serde_json::to_writer(&mut out, value) {
-        Ok(()) => String::from_utf8(out).unwrap_or_default(),
-        Err(_) => String::new(),
-    }
-}
 
 /// `{"type":"ack","messageID":…}`: the operation with this `messageID` is done.
 pub fn ack(message_id: &RawValue) -> String {
-    encode(
-        &Ack {
-            kind: "ack",
-            message_id,
-        },
-        32 + message_id.get().len(),
-    )
+    let mut out = String::with_capacity(32 + message_id.get().len());
+    out.push('{');
+    push_str_field(&mut out, "type", "ack");
+    push_raw_field(&mut out, "messageID", message_id);
+    out.push('}');
+    out
 }
 
 /// `{"type":"error","messageID":…,"code":…,"message":…}`; `messageID` is `null` when the
 /// frame had no readable one.
 pub fn error(message_id: Option<&RawValue>, code: ErrorCode, message: &str) -> String {
-    encode(
-        &Error {
-            kind: "error",
-            message_id,
-            code: code.as_str(),
-            message,
-        },
-        64 + message.len(),
-    )
+    let mut out = String::with_capacity(64 + message.len());
+    out.push('{');
+    push_str_field(&mut out, "type", "error");
+    match message_id {
+        Some(id) => push_raw_field(&mut out, "messageID", id),
+        None => out.push_str(",\"messageID\":null"),
+    }
+    push_str_field(&mut out, "code", code.as_str());
+    push_str_field(&mut out, "message", message);
+    out.push('}');
+    out
 }
 
 /// `{"type":"message","roomID":…,"connectionID":…,"payload":…}`: a delivered message, with
 /// the payload embedded verbatim.
 pub fn delivery(room: &str, connection_id: &str, payload: &RawValue) -> String {
-    encode(
-        &Delivery {
-            kind: "message",
-            room,
-            connection_id,
-            payload,
+    let mut out =
+        String::with_capacity(64 + room.len() + connection_id.len() + payload.get().len());
+    out.push('{');
+    push_str_field(&mut out, "type", "message");
+    push_str_field(&mut out, "roomID", room);
+    push_str_field(&mut out, "connectionID", connection_id);
+    push_raw_field(&mut out, "payload", payload);
+    out.push('}');
+    out
+}
+
+/// A frame the server sends, as a client reads it (see [`parse`]).
+#[derive(Debug, Clone)]
+pub enum ServerFrame<'a> {
+    /// The operation with this `messageID` is done.
+    Ack {
+        /// The operation's `messageID`.
+        message_id: &'a RawValue,
+    },
+    /// The operation failed, or a frame could not be read (`message_id` is then `None`).
+    Error {
+        /// The operation's `messageID`, if the server could read one.
+        message_id: Option<&'a RawValue>,
+        /// The code, as sent (see [`ErrorCode`]'s `FromStr`).
+        code: Cow<'a, str>,
+        /// The server's explanation.
+        message: Cow<'a, str>,
+    },
+    /// A message delivered to a subscribed room.
+    Message {
+        /// The room.
+        room: Cow<'a, str>,
+        /// The sender's `connectionID`.
+        connection_id: Cow<'a, str>,
+        /// The payload, verbatim.
+        payload: &'a RawValue,
+    },
+    /// A frame of a type this version does not know (ignored by clients).
+    Other,
+}
+
+/// The fields of a server frame, as they come.
+#[derive(Deserialize)]
+struct RawServerFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(rename = "messageID", borrow, default)]
+    message_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    code: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    message: Option<Cow<'a, str>>,
+    #[serde(rename = "roomID", borrow, default)]
+    room: Option<Cow<'a, str>>,
+    #[serde(rename = "connectionID", borrow, default)]
+    connection_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+}
+
+/// Reads a frame the server sent; an error when it is not one of the shapes above.
+///
+/// ```
+/// use thinws::protocol::server::{self, ServerFrame};
+///
+/// let text = r#"{"type":"error","messageID":3,"code":"forbidden","message":"no"}"#;
+/// match server::parse(text).unwrap() {
+///     ServerFrame::Error { message_id, code, .. } => {
+///         assert_eq!(message_id.unwrap().get(), "3");
+///         assert_eq!(code, "forbidden");
+///     }
+///     other => panic!("{other:?}"),
+/// }
+/// ```
+pub fn parse(text: &str) -> Result<ServerFrame<'_>, serde_json::Error> {
+    use serde::de::Error as _;
+    let raw: RawServerFrame<'_> = serde_json::from_str(text)?;
+    let missing = |field: &'static str| serde_json::Error::missing_field(field);
+    // `null` parses as a raw value too; for `messageID` it means "none".
+    let message_id = raw.message_id.filter(|id| id.get() != "null");
+    Ok(match &*raw.kind {
+        "ack" => ServerFrame::Ack {
+            message_id: message_id.ok_or_else(|| missing("messageID"))?,
         },
-        64 + room.len() + connection_id.len() + payload.get().len(),
-    )
+        "error" => ServerFrame::Error {
+            message_id,
+            code: raw.code.ok_or_else(|| missing("code"))?,
+            message: raw.message.unwrap_or_default(),
+        },
+        "message" => ServerFrame::Message {
+            room: raw.room.ok_or_else(|| missing("roomID"))?,
+            connection_id: raw.connection_id.ok_or_else(|| missing("connectionID"))?,
+            payload: raw.payload.ok_or_else(|| missing("payload"))?,
+        },
+        _ => ServerFrame::Other,
+    })
 }
 
 #[cfg(test)]
@@ -125,5 +176,44 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&d).unwrap();
         assert_eq!(v["roomID"], "r\n");
+    }
+
+    #[test]
+    fn what_the_encoders_write_parses_back() {
+        let id = RawValue::from_string("7".into()).unwrap();
+        let payload = RawValue::from_string(r#"{"a":[1]}"#.into()).unwrap();
+        assert!(
+            matches!(parse(&ack(&id)).unwrap(), ServerFrame::Ack { message_id } if message_id.get() == "7")
+        );
+        match parse(&error(None, ErrorCode::TooLarge, "big \"x\"")).unwrap() {
+            ServerFrame::Error {
+                message_id,
+                code,
+                message,
+            } => {
+                assert!(message_id.is_none());
+                assert_eq!(code.parse(), Ok(ErrorCode::TooLarge));
+                assert_eq!(message, "big \"x\"");
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&delivery("r", "é", &payload)).unwrap() {
+            ServerFrame::Message {
+                room,
+                connection_id,
+                payload,
+            } => {
+                assert_eq!(
+                    (&*room, &*connection_id, payload.get()),
+                    ("r", "é", r#"{"a":[1]}"#)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse(r#"{"type":"later"}"#).unwrap(),
+            ServerFrame::Other
+        ));
+        assert!(parse(r#"{"type":"ack"}"#).is_err());
     }
 }

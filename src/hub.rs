@@ -1,10 +1,5 @@
-//! The node's room hub: local room membership and delivery, and the [`Hub`] handle through
-//! which an application observes and controls the node.
-//!
-//! The hub itself knows nothing about Redis: it maps each room that has members on this
-//! node to those sockets' bounded outbound queues, and offers each delivered frame to them
-//! without waiting. A member whose queue is full is closed with 1013 (slow reader) instead
-//! of delaying everybody else, and all recipients share one frame buffer.
+//! [`Hub`]: the application's handle to its node: health, local statistics, publishing from
+//! server code, and shutdown.
 //!
 //! # Example
 //!
@@ -20,40 +15,24 @@
 //! # }
 //! ```
 
-mod rooms;
-
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-
-pub(crate) use self::rooms::{Outbox, Refused, RoomHub, SocketControl, SocketId};
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::broker::Broker;
-use crate::config::Config;
+use crate::error::{BrokerError, Error};
+use crate::node::Node;
 use crate::protocol::server;
-use crate::{Error, Publisher};
 
-/// Everything one node shares between its sockets.
-#[derive(Debug)]
-pub(crate) struct Node {
-    pub(crate) rooms: RoomHub,
-    pub(crate) broker: Broker,
-    pub(crate) config: Config,
-    /// Random per process; makes server-generated identities unique across nodes.
-    pub(crate) instance: u64,
-    /// Why the broker cannot work at all (a malformed Redis URL), if so.
-    pub(crate) broken: Option<Arc<str>>,
-}
-
-/// A handle to the node's hub: health, local statistics and shutdown.
+/// A handle to the node: health, local statistics and shutdown.
 ///
 /// Obtained from [`ThinWsLayer::hub`](crate::ThinWsLayer::hub); cheap to clone, `Send` and
-/// `Sync`. Every service built from the same layer shares one hub.
+/// `Sync`. Every service built from the same layer shares one node.
 #[derive(Clone)]
 pub struct Hub {
     pub(crate) node: Arc<Node>,
@@ -93,7 +72,7 @@ impl Hub {
     /// Publishes `payload` (serialised to JSON) to every subscriber of `room` on every node,
     /// exactly as a client's `message`, with the layer's server sender id as `connectionID`
     /// (see [`ThinWsBuilder::server_sender_id`](crate::ThinWsBuilder::server_sender_id)).
-    /// Returns once the broker accepted it.
+    /// Returns once the broker accepted it. Calls from one task reach subscribers in order.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -114,37 +93,20 @@ impl Hub {
 
     /// Publishes an already-serialised JSON payload; see [`Hub::publish`].
     pub async fn publish_raw(&self, room: &str, payload: &RawValue) -> Result<(), Error> {
-        if let Some(reason) = &self.node.broken {
-            return Err(Error::Unavailable(reason.to_string()));
-        }
         let frame = server::delivery(room, &self.node.config.server_sender_id, payload);
         self.node
             .broker
             .publish(room, Utf8Bytes::from(frame), 0)
             .result()
             .await
-            .map_err(|e| Error::Unavailable(e.0))
+            .map_err(Error::Unavailable)
     }
 
-    /// A [`Publisher`] for processes that run no sockets (a worker, a cron job): it
-    /// publishes to the rooms of every node on the Redis at `redis_url`. Same as
-    /// [`Publisher::new`].
-    pub fn publisher(redis_url: &str) -> Result<Publisher, Error> {
-        Publisher::new(redis_url)
-    }
-
-    /// Probes whether this node can serve: for Redis, a `PING` through the publish pool and
-    /// one on the pub/sub connection that holds the room subscriptions, each within the
-    /// layer's Redis timeout. The in-memory hub is always ready.
+    /// Probes whether this node can serve: for Redis, a `PING` through every publishing
+    /// lane's connection, one on the pub/sub connection that holds the room subscriptions,
+    /// and one on a connection of the pool, each within the layer's Redis timeout. The
+    /// in-memory node is always ready.
     pub async fn health(&self) -> Health {
-        let accepting = self.node.rooms.is_accepting();
-        if let Some(reason) = &self.node.broken {
-            return Health {
-                publish: Err(reason.to_string()),
-                subscriptions: Err(reason.to_string()),
-                accepting,
-            };
-        }
         let probe = self
             .node
             .broker
@@ -153,7 +115,25 @@ impl Hub {
         Health {
             publish: probe.publish,
             subscriptions: probe.subscriptions,
-            accepting,
+            pool: probe.pool,
+            accepting: self.node.rooms.is_accepting(),
+        }
+    }
+
+    /// The Redis connection pool's state (`None` for the in-memory node). The publishing
+    /// lanes each hold one connection of it for as long as it works.
+    pub fn redis_pool(&self) -> Option<PoolStatus> {
+        match &self.node.broker {
+            Broker::Redis(broker) => {
+                let status = broker.pool_status();
+                Some(PoolStatus {
+                    max_size: status.max_size,
+                    size: status.size,
+                    available: status.available,
+                    waiting: status.waiting,
+                })
+            }
+            _ => None,
         }
     }
 
@@ -169,13 +149,37 @@ impl Hub {
     }
 }
 
+/// The state of the node's Redis connection pool; see [`Hub::redis_pool`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolStatus {
+    /// The most connections the pool opens.
+    pub max_size: usize,
+    /// Connections open now.
+    pub size: usize,
+    /// Open connections not checked out.
+    pub available: usize,
+    /// Callers waiting for a connection.
+    pub waiting: usize,
+}
+
+impl PoolStatus {
+    /// Connections checked out now (the publishing lanes' among them).
+    pub fn in_use(&self) -> usize {
+        self.size.saturating_sub(self.available)
+    }
+}
+
 /// The result of [`Hub::health`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Health {
-    /// Whether the publish path answered, or why not.
-    pub publish: Result<(), String>,
+    /// Whether every publishing lane's connection answered, or why not.
+    pub publish: Result<(), BrokerError>,
     /// Whether the subscription connection answered, or why not.
-    pub subscriptions: Result<(), String>,
+    pub subscriptions: Result<(), BrokerError>,
+    /// Whether a pooled connection (identities; the lanes' next connections) answered.
+    pub pool: Result<(), BrokerError>,
     /// Whether the node accepts new sockets (false once shutdown has begun).
     pub accepting: bool,
 }
@@ -183,7 +187,7 @@ pub struct Health {
 impl Health {
     /// True when the node can serve sockets.
     pub fn is_ready(&self) -> bool {
-        self.publish.is_ok() && self.subscriptions.is_ok() && self.accepting
+        self.publish.is_ok() && self.subscriptions.is_ok() && self.pool.is_ok() && self.accepting
     }
 }
 
@@ -193,13 +197,15 @@ impl fmt::Display for Health {
             return f.write_str("ok");
         }
         let mut sep = "";
-        if let Err(e) = &self.publish {
-            write!(f, "publish: {e}")?;
-            sep = "; ";
-        }
-        if let Err(e) = &self.subscriptions {
-            write!(f, "{sep}subscriptions: {e}")?;
-            sep = "; ";
+        for (path, result) in [
+            ("publish", &self.publish),
+            ("subscriptions", &self.subscriptions),
+            ("pool", &self.pool),
+        ] {
+            if let Err(e) = result {
+                write!(f, "{sep}{path}: {}", e.report())?;
+                sep = "; ";
+            }
         }
         if !self.accepting {
             write!(f, "{sep}shutting down")?;

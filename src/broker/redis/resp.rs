@@ -1,12 +1,9 @@
-//! A plain RESP2 connection to Redis, for the two hot paths: the pub/sub connection the
-//! subscriber task owns, and the publishing lanes.
+//! A plain RESP2 connection to Redis for the subscriber task's pub/sub connection.
 //!
-//! Commands are encoded with `redis-protocol` (or packed by `redis::Cmd` for the rare ones);
-//! replies and published messages are read with `redis-protocol`'s range decoder, straight
-//! out of one read buffer. Profiles of the rooms benchmark showed redis-rs's readers (a
-//! driver task, a `combine` parser allocating a value tree per message, a channel hop) at
-//! 13–18 % of a node's CPU for pub/sub alone; this reader allocates one vector per array
-//! reply and nothing for an integer reply.
+//! Commands are packed by `redis::Cmd`; replies and published messages are read with
+//! `redis-protocol`'s range decoder straight out of one read buffer, which allocates one
+//! vector per array reply and nothing else (redis-rs's pub/sub reader costs a driver task,
+//! a value tree per message and a channel hop; BENCHMARKS.md has the profile).
 //!
 //! Each published payload is copied out of the read buffer (one small allocation) rather
 //! than shared with it: a frame waiting in a slow reader's queue must not keep a whole read
@@ -17,12 +14,11 @@ use std::fmt;
 use bytes::{Buf, BytesMut};
 use redis::{ConnectionAddr, ConnectionInfo};
 use redis_protocol::resp2::decode::decode_range;
-use redis_protocol::resp2::encode::encode_borrowed;
-use redis_protocol::resp2::types::{BorrowedFrame, RangeFrame};
+use redis_protocol::resp2::types::RangeFrame;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::Unavailable;
+use crate::error::BrokerError;
 
 /// Read buffer size; it grows if a single frame is larger.
 const READ_BUFFER: usize = 16 * 1024;
@@ -35,7 +31,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 pub(super) enum Reply {
     /// `+OK` (to `AUTH`).
     Ok,
-    /// An integer (the answer to `PUBLISH`).
+    /// An integer.
     Integer(i64),
     /// A `subscribe` confirmation (one per channel).
     Subscribed,
@@ -63,7 +59,7 @@ impl fmt::Debug for RespConnection {
 
 impl RespConnection {
     /// Connects and authenticates (with the URL's user name and password, if any).
-    pub(super) async fn connect(info: &ConnectionInfo) -> Result<Self, Unavailable> {
+    pub(super) async fn connect(info: &ConnectionInfo) -> Result<Self, BrokerError> {
         let io: Box<dyn Io> = match info.addr() {
             ConnectionAddr::Tcp(host, port) => {
                 let stream = TcpStream::connect((host.as_str(), *port))
@@ -79,9 +75,10 @@ impl RespConnection {
                     .map_err(io_error)?,
             ),
             _ => {
-                return Err(Unavailable(
-                    "this Redis address is not supported (TLS is not built in)".into(),
-                ))
+                return Err(BrokerError::connection(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "this Redis address is not supported (TLS is not built in)",
+                )))
             }
         };
         let mut connection = RespConnection {
@@ -98,7 +95,7 @@ impl RespConnection {
             connection.send(&auth).await?;
             match connection.next_reply(|_, _| {}).await? {
                 Reply::Ok => {}
-                Reply::Error(e) => return Err(Unavailable(format!("Redis AUTH failed: {e}"))),
+                Reply::Error(e) => return Err(refused(e)),
                 other => return Err(unexpected(&other)),
             }
         }
@@ -106,13 +103,11 @@ impl RespConnection {
     }
 
     /// Writes one command.
-    pub(super) async fn send(&mut self, command: &redis::Cmd) -> Result<(), Unavailable> {
-        self.write(&command.get_packed_command()).await
-    }
-
-    /// Writes encoded commands (see [`encode_publish`]).
-    pub(super) async fn write(&mut self, commands: &[u8]) -> Result<(), Unavailable> {
-        self.io.write_all(commands).await.map_err(io_error)
+    pub(super) async fn send(&mut self, command: &redis::Cmd) -> Result<(), BrokerError> {
+        self.io
+            .write_all(&command.get_packed_command())
+            .await
+            .map_err(io_error)
     }
 
     /// Reads until the next reply, handing every published message met on the way to
@@ -123,7 +118,7 @@ impl RespConnection {
     pub(super) async fn next_reply(
         &mut self,
         mut on_message: impl FnMut(&[u8], &[u8]),
-    ) -> Result<Reply, Unavailable> {
+    ) -> Result<Reply, BrokerError> {
         loop {
             while let Some(event) = self.decode_one(&mut on_message)? {
                 if let Some(reply) = event {
@@ -134,7 +129,12 @@ impl RespConnection {
                 self.buf.reserve(READ_BUFFER);
             }
             match self.io.read_buf(&mut self.buf).await {
-                Ok(0) => return Err(Unavailable("Redis closed the connection".into())),
+                Ok(0) => {
+                    return Err(BrokerError::connection(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "Redis closed the connection",
+                    )))
+                }
                 Ok(_) => {}
                 Err(e) => return Err(io_error(e)),
             }
@@ -148,11 +148,11 @@ impl RespConnection {
         count: usize,
         expected: impl Fn(&Reply) -> bool,
         mut on_message: impl FnMut(&[u8], &[u8]),
-    ) -> Result<(), Unavailable> {
+    ) -> Result<(), BrokerError> {
         for _ in 0..count {
             match self.next_reply(&mut on_message).await? {
                 reply if expected(&reply) => {}
-                Reply::Error(e) => return Err(Unavailable(format!("Redis answered: {e}"))),
+                Reply::Error(e) => return Err(refused(e)),
                 other => return Err(unexpected(&other)),
             }
         }
@@ -164,9 +164,9 @@ impl RespConnection {
     fn decode_one(
         &mut self,
         on_message: &mut impl FnMut(&[u8], &[u8]),
-    ) -> Result<Option<Option<Reply>>, Unavailable> {
+    ) -> Result<Option<Option<Reply>>, BrokerError> {
         let Some((frame, used)) = decode_range(&self.buf)
-            .map_err(|e| Unavailable(format!("malformed reply from Redis: {e:?}")))?
+            .map_err(|e| BrokerError::Protocol(format!("malformed: {e:?}")))?
         else {
             return Ok(None);
         };
@@ -176,36 +176,19 @@ impl RespConnection {
     }
 }
 
-/// Appends `PUBLISH channel message` to `out` as one RESP2 command (an array of bulk
-/// strings). Other commands, off the hot path, are packed by `redis::Cmd`.
-pub(super) fn encode_publish(out: &mut Vec<u8>, channel: &[u8], message: &[u8]) {
-    let args = [
-        BorrowedFrame::BulkString(b"PUBLISH"),
-        BorrowedFrame::BulkString(channel),
-        BorrowedFrame::BulkString(message),
-    ];
-    let command = BorrowedFrame::Array(&args);
-    let start = out.len();
-    out.resize(start + command.encode_len(false), 0);
-    // The space was sized by `encode_len`, so encoding cannot run short.
-    if encode_borrowed(&mut out[start..], &command, false).is_err() {
-        out.truncate(start);
-    }
-}
-
 /// Interprets one decoded frame.
 fn classify(
     buf: &[u8],
     frame: &RangeFrame,
     on_message: &mut impl FnMut(&[u8], &[u8]),
-) -> Result<Option<Reply>, Unavailable> {
+) -> Result<Option<Reply>, BrokerError> {
     let bytes = |(start, end): (usize, usize)| buf.get(start..end).unwrap_or_default();
     match frame {
         RangeFrame::SimpleString(range) => match bytes(*range) {
             b"OK" => Ok(Some(Reply::Ok)),
             b"PONG" => Ok(Some(Reply::Pong)),
-            other => Err(Unavailable(format!(
-                "unexpected reply from Redis: {}",
+            other => Err(BrokerError::Protocol(format!(
+                "{}",
                 String::from_utf8_lossy(other)
             ))),
         },
@@ -215,7 +198,7 @@ fn classify(
         ))),
         RangeFrame::Array(items) => {
             let Some(RangeFrame::BulkString(kind)) = items.first() else {
-                return Err(Unavailable("unexpected array from Redis".into()));
+                return Err(BrokerError::Protocol("an array not led by a kind".into()));
             };
             match (bytes(*kind), items.get(1), items.get(2)) {
                 (
@@ -229,24 +212,31 @@ fn classify(
                 (b"subscribe", _, _) => Ok(Some(Reply::Subscribed)),
                 (b"unsubscribe", _, _) => Ok(Some(Reply::Unsubscribed)),
                 (b"pong", _, _) => Ok(Some(Reply::Pong)),
-                (other, _, _) => Err(Unavailable(format!(
-                    "unexpected push from Redis: {}",
+                (other, _, _) => Err(BrokerError::Protocol(format!(
+                    "a push of kind {}",
                     String::from_utf8_lossy(other)
                 ))),
             }
         }
-        other => Err(Unavailable(format!(
-            "unexpected reply from Redis: {other:?}"
-        ))),
+        other => Err(BrokerError::Protocol(format!("{other:?}"))),
     }
 }
 
-fn unexpected(reply: &Reply) -> Unavailable {
-    Unavailable(format!("unexpected reply from Redis: {reply:?}"))
+/// An error reply from Redis.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ErrorReply(String);
+
+fn refused(reply: String) -> BrokerError {
+    BrokerError::Refused(std::sync::Arc::new(ErrorReply(reply)))
 }
 
-fn io_error(e: std::io::Error) -> Unavailable {
-    Unavailable(e.to_string())
+fn unexpected(reply: &Reply) -> BrokerError {
+    BrokerError::Protocol(format!("{reply:?}"))
+}
+
+fn io_error(e: std::io::Error) -> BrokerError {
+    BrokerError::connection(e)
 }
 
 #[cfg(test)]
@@ -306,14 +296,7 @@ mod tests {
     }
 
     #[test]
-    fn commands_are_encoded_as_arrays_of_bulk_strings() {
-        let mut out = Vec::new();
-        encode_publish(&mut out, b"room:a", b"{\"x\":1}");
-        out.extend_from_slice(&redis::cmd("PING").get_packed_command());
-        assert_eq!(
-            out,
-            b"*3\r\n$7\r\nPUBLISH\r\n$6\r\nroom:a\r\n$7\r\n{\"x\":1}\r\n*1\r\n$4\r\nPING\r\n"
-        );
+    fn integers_are_replies() {
         let (replies, _) = decode_all(b":2\r\n:0\r\n");
         assert_eq!(replies, [Reply::Integer(2), Reply::Integer(0)]);
     }

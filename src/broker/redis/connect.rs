@@ -1,0 +1,155 @@
+//! Connection setup: the Redis URL, parsed once, and the `deadpool-redis` pool built on it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_redis::{Manager, Pool, Runtime};
+use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, ProtocolVersion};
+
+use crate::error::{BrokerError, Error, ErrorSource};
+
+/// How many pooled connections a node may open beyond those its publishing lanes hold
+/// (identity commands and health probes share them).
+const SHARED_CONNECTIONS: usize = 8;
+
+/// A parsed Redis URL.
+#[derive(Debug, Clone)]
+pub(crate) struct RedisTarget {
+    info: ConnectionInfo,
+}
+
+impl RedisTarget {
+    /// Parses `url`; the error redacts any password.
+    pub(crate) fn parse(url: &str) -> Result<Self, InvalidUrl> {
+        let info = url.into_connection_info().map_err(|e| InvalidUrl {
+            url: redact(url),
+            source: Arc::new(e),
+        })?;
+        Ok(RedisTarget { info })
+    }
+
+    /// The connection settings (address, user name, password, database).
+    pub(crate) fn info(&self) -> &ConnectionInfo {
+        &self.info
+    }
+
+    /// A pool for `lanes` publishing lanes plus the shared connections, each wait, connect
+    /// and recycle taking at most `timeout`. Connects lazily.
+    ///
+    /// Connections speak RESP3 so that each can report its own loss (a `Disconnection`
+    /// push); every loss bumps the returned counter, which the lanes read before sending.
+    pub(crate) fn pool(
+        &self,
+        lanes: usize,
+        timeout: Duration,
+    ) -> Result<(Pool, Disconnects), BrokerError> {
+        let disconnects = Disconnects::default();
+        let seen = disconnects.clone();
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            // Every caller bounds its whole operation with `timeout` itself.
+            .set_response_timeout(None)
+            .set_push_sender(move |push: redis::PushInfo| {
+                if push.kind == redis::PushKind::Disconnection {
+                    seen.bump();
+                }
+                Ok::<(), std::convert::Infallible>(())
+            });
+        let info = self.info.clone().set_redis_settings(
+            self.info
+                .redis_settings()
+                .clone()
+                .set_protocol(ProtocolVersion::RESP3),
+        );
+        let manager = Manager::new_with_config(info, config).map_err(BrokerError::connection)?;
+        let pool = Pool::builder(manager)
+            .max_size(lanes + SHARED_CONNECTIONS)
+            .wait_timeout(Some(timeout))
+            .create_timeout(Some(timeout))
+            .recycle_timeout(Some(timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(BrokerError::connection)?;
+        Ok((pool, disconnects))
+    }
+}
+
+/// An unusable Redis URL (redacted), and why.
+#[derive(Debug, Clone)]
+pub(crate) struct InvalidUrl {
+    url: String,
+    source: ErrorSource,
+}
+
+impl From<InvalidUrl> for Error {
+    fn from(e: InvalidUrl) -> Self {
+        Error::InvalidRedisUrl {
+            url: e.url,
+            source: e.source,
+        }
+    }
+}
+
+/// How many pooled connections were lost so far.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Disconnects(Arc<AtomicU64>);
+
+impl Disconnects {
+    fn bump(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The count now.
+    pub(crate) fn current(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Bounds `fut` by `timeout`.
+pub(crate) async fn within<T>(
+    timeout: Duration,
+    fut: impl std::future::Future<Output = Result<T, BrokerError>>,
+) -> Result<T, BrokerError> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or(Err(BrokerError::Timeout(timeout)))
+}
+
+/// Classifies a redis-rs error: an error reply from Redis, or a failed connection.
+pub(crate) fn redis_error(e: redis::RedisError) -> BrokerError {
+    match e.kind() {
+        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension => {
+            BrokerError::Refused(Arc::new(e))
+        }
+        _ => BrokerError::connection(e),
+    }
+}
+
+/// Hides a password in a Redis URL before it reaches an error message or a log.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***@{}", &url[..scheme], &url[at + 1..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("redis://:secret@h:6379/0"), "redis://***@h:6379/0");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn a_bad_url_is_refused_without_its_password() {
+        let e = Error::from(RedisTarget::parse("redis://:secret@h:notaport").unwrap_err());
+        assert!(!e.to_string().contains("secret"), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+    }
+}

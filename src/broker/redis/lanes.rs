@@ -1,0 +1,213 @@
+//! Publishing lanes: tasks that each hold one pooled connection and send whatever is queued
+//! to them as one redis-rs pipeline.
+//!
+//! A caller always uses the same lane (a socket uses lane `id % lanes`), and a lane sends
+//! its batches one after the other and answers them in order, so a socket's publishes
+//! reach Redis in the order it sent them even with many in flight. A lane checks its
+//! connection out of the pool once and keeps it. It hands the connection back (to be
+//! recycled, or replaced if it is dead) after any error, and before sending when any
+//! pooled connection was reported lost since it was checked out, so that a publish is not
+//! sent on a connection already known to be closed.
+
+use std::time::Duration;
+
+use deadpool_redis::{Connection, Pool};
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use redis::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::connect::{redis_error, within, Disconnects};
+use crate::broker::Publish;
+use crate::error::BrokerError;
+
+/// The most requests one pipeline carries.
+const MAX_BATCH: usize = 512;
+
+type Reply = oneshot::Sender<Result<(), BrokerError>>;
+
+/// One request waiting in a lane.
+enum Request {
+    Publish {
+        channel: String,
+        frame: Utf8Bytes,
+        reply: Reply,
+    },
+    /// A health probe: `PING` on the lane's connection, in order with the publishes.
+    Ping { reply: Reply },
+}
+
+impl Request {
+    fn reply(self, result: Result<(), BrokerError>) {
+        let (Request::Publish { reply, .. } | Request::Ping { reply }) = self;
+        // The caller may have gone away; the outcome is the same for everyone else.
+        let _ = reply.send(result);
+    }
+}
+
+/// A set of running publishing lanes.
+#[derive(Debug)]
+pub(crate) struct Lanes {
+    senders: Vec<mpsc::UnboundedSender<Request>>,
+}
+
+impl Lanes {
+    /// Starts `count` lanes on `pool` (inside a Tokio runtime); each round trip takes at most
+    /// `timeout`.
+    pub(crate) fn start(
+        count: usize,
+        pool: &Pool,
+        disconnects: &Disconnects,
+        timeout: Duration,
+    ) -> Self {
+        let senders = (0..count.max(1))
+            .map(|_| {
+                let (sender, requests) = mpsc::unbounded_channel();
+                let lane = Lane {
+                    pool: pool.clone(),
+                    disconnects: disconnects.clone(),
+                    timeout,
+                    held: None,
+                };
+                tokio::spawn(lane.run(requests));
+                sender
+            })
+            .collect();
+        Lanes { senders }
+    }
+
+    fn lane(&self, lane: u64) -> &mpsc::UnboundedSender<Request> {
+        &self.senders[(lane % self.senders.len() as u64) as usize]
+    }
+
+    /// Queues `PUBLISH channel frame` on lane `lane` at once; the returned [`Publish`]
+    /// resolves when Redis answered.
+    pub(crate) fn publish(&self, lane: u64, channel: String, frame: Utf8Bytes) -> Publish {
+        let (reply, answer) = oneshot::channel();
+        let request = Request::Publish {
+            channel,
+            frame,
+            reply,
+        };
+        match self.lane(lane).send(request) {
+            Ok(()) => Publish::Pending(answer),
+            Err(_) => Publish::Done(Err(BrokerError::Stopped("publishing lane"))),
+        }
+    }
+
+    /// Pings Redis through every lane's connection.
+    pub(crate) async fn ping(&self) -> Result<(), BrokerError> {
+        let mut answers = Vec::with_capacity(self.senders.len());
+        for lane in 0..self.senders.len() as u64 {
+            let (reply, answer) = oneshot::channel();
+            self.lane(lane)
+                .send(Request::Ping { reply })
+                .map_err(|_| BrokerError::Stopped("publishing lane"))?;
+            answers.push(answer);
+        }
+        for answer in answers {
+            answer
+                .await
+                .unwrap_or(Err(BrokerError::Stopped("publishing lane")))?;
+        }
+        Ok(())
+    }
+}
+
+/// One lane's task state.
+struct Lane {
+    pool: Pool,
+    disconnects: Disconnects,
+    timeout: Duration,
+    /// The connection this lane holds, and the disconnect count when it was checked out.
+    held: Option<(Connection, u64)>,
+}
+
+impl Lane {
+    async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
+        let mut batch = Vec::with_capacity(64);
+        let mut pipeline = redis::Pipeline::with_capacity(64);
+        // Error replies come back as values, so that each request gets its own answer.
+        pipeline.ignore_errors();
+        while let Some(first) = requests.recv().await {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match requests.try_recv() {
+                    Ok(request) => batch.push(request),
+                    Err(_) => break,
+                }
+            }
+            pipeline.clear();
+            for request in &batch {
+                match request {
+                    Request::Publish { channel, frame, .. } => {
+                        pipeline.cmd("PUBLISH").arg(channel).arg(frame.as_bytes())
+                    }
+                    Request::Ping { .. } => pipeline.cmd("PING"),
+                };
+            }
+            let replies = within(self.timeout, self.send(&pipeline)).await;
+            match replies {
+                Ok(replies) if replies.len() == batch.len() => {
+                    for (request, reply) in batch.drain(..).zip(replies) {
+                        let result = match (&request, reply) {
+                            (_, Value::ServerError(e)) => Err(BrokerError::Refused(
+                                std::sync::Arc::new(redis::RedisError::from(e)),
+                            )),
+                            (Request::Publish { .. }, Value::Int(_)) => Ok(()),
+                            (Request::Ping { .. }, Value::SimpleString(_) | Value::Okay) => Ok(()),
+                            (_, other) => Err(BrokerError::Protocol(format!("{other:?}"))),
+                        };
+                        request.reply(result);
+                    }
+                }
+                Ok(replies) => {
+                    self.held = None;
+                    let e = BrokerError::Protocol(format!(
+                        "{} replies to a pipeline of {}",
+                        replies.len(),
+                        batch.len()
+                    ));
+                    batch
+                        .drain(..)
+                        .for_each(|request| request.reply(Err(e.clone())));
+                }
+                Err(e) => {
+                    // Handed back: the pool's recycle check keeps it or replaces it.
+                    self.held = None;
+                    batch
+                        .drain(..)
+                        .for_each(|request| request.reply(Err(e.clone())));
+                }
+            }
+        }
+    }
+
+    /// Sends `pipeline` on the held connection (checking one out first if needed).
+    async fn send(&mut self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BrokerError> {
+        let lost = self.disconnects.current();
+        if self.held.as_ref().is_some_and(|(_, seen)| *seen != lost) {
+            // Some pooled connection was lost since this one was checked out: it may be
+            // this one, so don't send on it.
+            self.held = None;
+        }
+        let connection = match &mut self.held {
+            Some((connection, _)) => connection,
+            None => {
+                let connection = self.pool.get().await.map_err(pool_error)?;
+                &mut self.held.insert((connection, lost)).0
+            }
+        };
+        pipeline
+            .query_async::<Vec<Value>>(connection)
+            .await
+            .map_err(redis_error)
+    }
+}
+
+/// A pool error: a timeout, or a connection that could not be made.
+pub(crate) fn pool_error(e: deadpool_redis::PoolError) -> BrokerError {
+    match e {
+        deadpool_redis::PoolError::Backend(e) => redis_error(e),
+        e => BrokerError::connection(e),
+    }
+}

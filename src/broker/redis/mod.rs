@@ -1,0 +1,144 @@
+//! The Redis broker.
+//!
+//! - `connect`: the URL, parsed once, and the `deadpool-redis` pool built on it;
+//! - `lanes`: publishing lanes, each holding a pooled connection and sending pipelines;
+//! - `subscriber`: the task that owns the pub/sub connection (read by `resp`);
+//! - `identities`: the rooms recorded per identity, through the pool.
+//!
+//! Nothing connects when the broker is built (it may be built outside a Tokio runtime):
+//! the lanes and the subscriber task start together on first use.
+
+mod connect;
+mod identities;
+mod lanes;
+mod resp;
+mod subscriber;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use deadpool_redis::Pool;
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+
+pub(crate) use self::connect::{Disconnects, RedisTarget};
+use self::identities::Identities;
+pub(crate) use self::lanes::Lanes;
+use self::subscriber::Subscriber;
+use super::{Acquire, BrokerHealth, Keys, Publish, SharedSink};
+use crate::error::BrokerError;
+
+/// How many publishing lanes (and held pooled connections) a node keeps.
+const PUBLISH_LANES: usize = 4;
+
+/// The Redis broker.
+pub(crate) struct RedisBroker {
+    target: RedisTarget,
+    pool: Pool,
+    disconnects: Disconnects,
+    keys: Keys,
+    timeout: Duration,
+    sink: SharedSink,
+    identities: Identities,
+    running: OnceLock<Running>,
+}
+
+/// The broker's tasks, once started.
+struct Running {
+    lanes: Lanes,
+    subscriber: Subscriber,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("keys", &self.keys)
+            .field("running", &self.running.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBroker {
+    /// Builds the broker without connecting.
+    pub(crate) fn new(
+        target: RedisTarget,
+        prefix: &str,
+        timeout: Duration,
+        sink: SharedSink,
+    ) -> Result<Self, BrokerError> {
+        let (pool, disconnects) = target.pool(PUBLISH_LANES, timeout)?;
+        let keys = Keys::new(prefix);
+        Ok(RedisBroker {
+            identities: Identities::new(pool.clone(), keys.clone(), timeout),
+            target,
+            pool,
+            disconnects,
+            keys,
+            timeout,
+            sink,
+            running: OnceLock::new(),
+        })
+    }
+
+    /// The running tasks, started on first use.
+    fn running(&self) -> &Running {
+        self.running.get_or_init(|| Running {
+            lanes: Lanes::start(PUBLISH_LANES, &self.pool, &self.disconnects, self.timeout),
+            subscriber: Subscriber::start(
+                self.target.info().clone(),
+                self.keys.clone(),
+                self.timeout,
+                self.sink.clone(),
+            ),
+        })
+    }
+
+    /// Queues a publish on lane `lane` at once; the returned [`Publish`] resolves when Redis
+    /// accepted it.
+    pub(crate) fn publish(&self, room: &str, frame: Utf8Bytes, lane: u64) -> Publish {
+        self.running()
+            .lanes
+            .publish(lane, self.keys.room_channel(room), frame)
+    }
+
+    pub(crate) fn acquire(&self, room: Arc<str>) -> Acquire {
+        self.running().subscriber.acquire(room)
+    }
+
+    pub(crate) fn release(&self, room: Arc<str>) {
+        if let Some(running) = self.running.get() {
+            running.subscriber.release(room);
+        }
+    }
+
+    pub(crate) fn identities(&self) -> &Identities {
+        &self.identities
+    }
+
+    /// The pool's state: the lanes' connections are among those in use.
+    pub(crate) fn pool_status(&self) -> deadpool_redis::Status {
+        self.pool.status()
+    }
+
+    /// Probes the lanes, the subscriber and the pool, each within `timeout`.
+    pub(crate) async fn health(&self, timeout: Duration) -> BrokerHealth {
+        let running = self.running();
+        let (publish, subscriptions, pool) = tokio::join!(
+            connect::within(timeout, running.lanes.ping()),
+            running.subscriber.ping(timeout),
+            connect::within(timeout, self.identities.ping()),
+        );
+        BrokerHealth {
+            publish,
+            subscriptions,
+            pool,
+        }
+    }
+
+    /// Waits until every lane, the pool and the pub/sub connection work, or fails.
+    pub(crate) async fn ready(&self, timeout: Duration) -> Result<(), BrokerError> {
+        let running = self.running();
+        connect::within(timeout, running.lanes.ping()).await?;
+        connect::within(timeout, self.identities.ping()).await?;
+        running.subscriber.wait_live(timeout).await
+    }
+}

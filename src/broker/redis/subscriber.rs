@@ -1,0 +1,349 @@
+//! The subscriber task: it owns the node's pub/sub connection and the reference counts of
+//! the rooms this node is subscribed to, confirms each subscribe before its caller goes
+//! on, forwards every frame received to the sink unchanged, and after a lost connection
+//! reconnects with backoff and resubscribes every room it holds.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use redis::ConnectionInfo;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::connect::within;
+use super::resp::{Reply, RespConnection};
+use crate::broker::{Acquire, Keys, SharedSink};
+use crate::error::BrokerError;
+
+/// Commands for the subscriber task.
+///
+/// The channel is unbounded on purpose: a `Release` is sent from cleanup paths that cannot
+/// wait, and every queued command stands for one membership or one waiting caller, so the
+/// queue is bounded by the node's sockets and rooms.
+enum Command {
+    Acquire {
+        room: Arc<str>,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    Release {
+        room: Arc<str>,
+    },
+    Ping {
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+}
+
+/// The handle to a running subscriber task; the task ends when the handle is dropped.
+#[derive(Debug)]
+pub(crate) struct Subscriber {
+    commands: mpsc::UnboundedSender<Command>,
+    live: watch::Receiver<bool>,
+}
+
+impl Subscriber {
+    /// Starts the task (inside a Tokio runtime).
+    pub(crate) fn start(
+        info: ConnectionInfo,
+        keys: Keys,
+        timeout: Duration,
+        sink: SharedSink,
+    ) -> Self {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let (live_tx, live) = watch::channel(false);
+        let task = Task {
+            info,
+            keys,
+            timeout,
+            sink,
+            live: live_tx,
+            counts: HashMap::new(),
+        };
+        tokio::spawn(task.run(receiver));
+        Subscriber { commands, live }
+    }
+
+    /// See [`Broker::acquire`](crate::broker::Broker::acquire).
+    pub(crate) fn acquire(&self, room: Arc<str>) -> Acquire {
+        let (reply, answer) = oneshot::channel();
+        match self.commands.send(Command::Acquire { room, reply }) {
+            Ok(()) => Acquire::Pending(answer),
+            Err(_) => Acquire::Done(Err(BrokerError::Stopped("subscriber task"))),
+        }
+    }
+
+    /// See [`Broker::release`](crate::broker::Broker::release).
+    pub(crate) fn release(&self, room: Arc<str>) {
+        // Fails only when the task is gone, and then there is nothing left to release.
+        let _ = self.commands.send(Command::Release { room });
+    }
+
+    /// Pings Redis on the pub/sub connection, within `timeout`.
+    pub(crate) async fn ping(&self, timeout: Duration) -> Result<(), BrokerError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Ping { reply })
+            .map_err(|_| BrokerError::Stopped("subscriber task"))?;
+        within(timeout, async {
+            answer
+                .await
+                .unwrap_or(Err(BrokerError::Stopped("subscriber task")))
+        })
+        .await
+    }
+
+    /// Waits until the pub/sub connection is up, at most `timeout`.
+    pub(crate) async fn wait_live(&self, timeout: Duration) -> Result<(), BrokerError> {
+        let mut live = self.live.clone();
+        let up = tokio::time::timeout(timeout, live.wait_for(|up| *up))
+            .await
+            .map(|changed| changed.is_ok());
+        match up {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(BrokerError::Stopped("subscriber task")),
+            Err(_) => Err(BrokerError::Timeout(timeout)),
+        }
+    }
+}
+
+/// Why the task stopped serving one connection.
+enum Stop {
+    /// The connection was lost: reconnect.
+    Lost(BrokerError),
+    /// The broker was dropped: end the task.
+    Exit,
+}
+
+/// The task's state.
+struct Task {
+    info: ConnectionInfo,
+    keys: Keys,
+    timeout: Duration,
+    sink: SharedSink,
+    live: watch::Sender<bool>,
+    /// Acquisitions per room not yet released; a room is subscribed at Redis while its
+    /// count is > 0 (and the connection is up).
+    counts: HashMap<Arc<str>, usize>,
+}
+
+impl Task {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let policy = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(Duration::from_secs(1))
+            .with_jitter()
+            .without_max_times();
+        let mut delays = policy.build();
+        let mut connected_before = false;
+        loop {
+            let stop = match within(self.timeout, RespConnection::connect(&self.info)).await {
+                Ok(connection) => {
+                    self.serve(connection, &mut commands, connected_before)
+                        .await
+                }
+                Err(e) => Stop::Lost(e),
+            };
+            if self.live.send_replace(false) {
+                // The connection had been up: start the backoff afresh.
+                delays = policy.build();
+                connected_before = true;
+            }
+            crate::metrics::redis_subscriptions(0);
+            match stop {
+                Stop::Exit => return,
+                Stop::Lost(e) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                    tracing::warn!(error = %e.report(), retry_in = ?delay, "Redis pub/sub connection down");
+                    if !self.answer_while_down(&mut commands, delay).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers commands while there is no connection: acquisitions and pings fail at once.
+    /// Returns `false` when the broker is gone.
+    async fn answer_while_down(
+        &mut self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        delay: Duration,
+    ) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return true,
+                command = commands.recv() => match command {
+                    None => return false,
+                    Some(Command::Acquire { room, reply }) => {
+                        // Counted all the same: the matching release will come, and a
+                        // room still wanted at reconnection is resubscribed.
+                        *self.counts.entry(room).or_insert(0) += 1;
+                        let _ = reply.send(Err(BrokerError::SubscriberDown));
+                    }
+                    Some(Command::Ping { reply }) => {
+                        let _ = reply.send(Err(BrokerError::SubscriberDown));
+                    }
+                    Some(Command::Release { room }) => {
+                        self.decrement(&room);
+                    }
+                },
+            }
+        }
+    }
+
+    /// Returns `true` when the count reached zero (the room is no longer wanted).
+    fn decrement(&mut self, room: &str) -> bool {
+        match self.counts.get_mut(room) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            Some(_) => {
+                self.counts.remove(room);
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        mut connection: RespConnection,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        reconnection: bool,
+    ) -> Stop {
+        // Resubscribe every room this node holds (after a reconnect).
+        let channels: Vec<String> = self
+            .counts
+            .keys()
+            .map(|room| self.keys.room_channel(room))
+            .collect();
+        for chunk in channels.chunks(1024) {
+            let mut subscribe = redis::cmd("SUBSCRIBE");
+            subscribe.arg(chunk);
+            if let Err(e) = self
+                .command(&mut connection, &subscribe, Reply::Subscribed, chunk.len())
+                .await
+            {
+                return Stop::Lost(e);
+            }
+        }
+        if reconnection {
+            crate::metrics::redis_reconnected();
+            tracing::info!(
+                rooms = channels.len(),
+                "reconnected to Redis and resubscribed"
+            );
+        }
+        crate::metrics::redis_subscriptions(self.counts.len());
+        self.live.send_replace(true);
+
+        loop {
+            tokio::select! {
+                // Between commands, nothing but messages may arrive.
+                read = connection.next_reply(|channel, payload| forward(&self.keys, &*self.sink, channel, payload)) => {
+                    return Stop::Lost(match read {
+                        Ok(reply) => BrokerError::Protocol(format!("{reply:?} between commands")),
+                        Err(e) => e,
+                    });
+                }
+                command = commands.recv() => {
+                    let Some(command) = command else { return Stop::Exit };
+                    if let Err(e) = self.handle(&mut connection, command).await {
+                        return Stop::Lost(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Carries out one command on the live connection; an error means the connection is
+    /// lost.
+    async fn handle(
+        &mut self,
+        connection: &mut RespConnection,
+        command: Command,
+    ) -> Result<(), BrokerError> {
+        match command {
+            Command::Acquire { room, reply } => {
+                let count = self.counts.entry(room.clone()).or_insert(0);
+                *count += 1;
+                if *count > 1 {
+                    // Already subscribed (commands are handled in order).
+                    let _ = reply.send(Ok(()));
+                    return Ok(());
+                }
+                let subscribe = redis::cmd("SUBSCRIBE")
+                    .arg(self.keys.room_channel(&room))
+                    .clone();
+                // On failure the room stays counted until its release (see
+                // `Broker::acquire`).
+                let result = self
+                    .command(connection, &subscribe, Reply::Subscribed, 1)
+                    .await;
+                let _ = reply.send(result.clone());
+                crate::metrics::redis_subscriptions(self.counts.len());
+                result
+            }
+            Command::Release { room } => {
+                if !self.decrement(&room) {
+                    return Ok(());
+                }
+                let unsubscribe = redis::cmd("UNSUBSCRIBE")
+                    .arg(self.keys.room_channel(&room))
+                    .clone();
+                self.command(connection, &unsubscribe, Reply::Unsubscribed, 1)
+                    .await?;
+                crate::metrics::redis_subscriptions(self.counts.len());
+                Ok(())
+            }
+            Command::Ping { reply } => {
+                let result = self
+                    .command(connection, &redis::cmd("PING"), Reply::Pong, 1)
+                    .await;
+                let _ = reply.send(result.clone());
+                result
+            }
+        }
+    }
+
+    /// Sends `command` and waits (within the timeout) for `count` replies of kind
+    /// `expected`, delivering the messages that arrive meanwhile.
+    async fn command(
+        &self,
+        connection: &mut RespConnection,
+        command: &redis::Cmd,
+        expected: Reply,
+        count: usize,
+    ) -> Result<(), BrokerError> {
+        within(self.timeout, async {
+            connection.send(command).await?;
+            connection
+                .expect(
+                    count,
+                    |reply| *reply == expected,
+                    |channel, payload| forward(&self.keys, &*self.sink, channel, payload),
+                )
+                .await
+        })
+        .await
+    }
+}
+
+/// Hands a frame received from Redis to the sink, unchanged (copied once out of the read
+/// buffer; see `resp`).
+fn forward(keys: &Keys, sink: &dyn crate::broker::FrameSink, channel: &[u8], payload: &[u8]) {
+    let Some(room) = std::str::from_utf8(channel)
+        .ok()
+        .and_then(|channel| keys.room_of_channel(channel))
+    else {
+        return;
+    };
+    match std::str::from_utf8(payload) {
+        Ok(frame) => sink.deliver(room, &Utf8Bytes::from(frame.to_owned())),
+        Err(_) => tracing::warn!(room, "dropped a non-UTF-8 frame received from Redis"),
+    }
+}

@@ -1,0 +1,330 @@
+//! One socket's outbound queue: the frames waiting for its writer task, bounded in frames
+//! and in bytes, and the socket's close request.
+//!
+//! Deliveries from the rooms never wait here: [`OutboundQueue::offer`] takes a frame or,
+//! when the queue is over either bound, asks the socket to close with 1013 (slow reader) and
+//! takes nothing more from then on. The socket's own replies may wait for space
+//! ([`OutboundQueue::push`]), since its reader has nothing better to do.
+//!
+//! The queue is a `VecDeque` under a mutex rather than a tokio channel: a channel allocates
+//! its first block of 32 slots (1 KiB) up front, for every socket, idle or not; an empty
+//! `VecDeque` allocates nothing, and the writer takes the whole queue in one swap.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use tokio::sync::Notify;
+
+use crate::rooms::Member;
+
+/// The outbound queue and close request of one socket, shared by its reader, its writer and
+/// the rooms it is in.
+#[derive(Debug)]
+pub(crate) struct OutboundQueue {
+    close: Mutex<Option<(CloseCode, &'static str)>>,
+    /// Set with the first close request: from then on the socket gets no more frames, so a
+    /// dropped slow reader never sees a gap followed by later frames.
+    closing: AtomicBool,
+    close_requested: Notify,
+    queued_bytes: AtomicUsize,
+    queue: Mutex<Queue>,
+    /// Most frames the queue holds.
+    max_frames: usize,
+    /// Most bytes the queue holds before the socket is dropped as a slow reader.
+    max_bytes: usize,
+    /// Wakes the writer: frames were queued, or the queue was finished.
+    ready: Notify,
+    /// Wakes replies waiting for free space in the queue (or for it to close).
+    space: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Utf8Bytes>,
+    /// The socket's reader is done: the writer sends what is queued, then closes.
+    finished: bool,
+    /// The writer has stopped: frames are refused.
+    closed: bool,
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rejected {
+    /// The queue holds its most frames.
+    Full,
+    /// The socket is ending: nobody will write the frame.
+    Closed,
+}
+
+impl OutboundQueue {
+    /// A queue that holds at most `max_frames` frames and `max_bytes` bytes.
+    pub(crate) fn new(max_frames: usize, max_bytes: usize) -> Self {
+        OutboundQueue {
+            close: Mutex::default(),
+            closing: AtomicBool::new(false),
+            close_requested: Notify::new(),
+            queued_bytes: AtomicUsize::new(0),
+            queue: Mutex::default(),
+            max_frames: max_frames.max(1),
+            max_bytes,
+            ready: Notify::new(),
+            space: Notify::new(),
+        }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues `frame` unless the queue holds its most frames or is closed. Bytes are
+    /// counted by the callers.
+    fn try_push(&self, frame: &Utf8Bytes) -> Result<(), Rejected> {
+        let mut queue = self.queue();
+        if queue.closed || queue.finished {
+            return Err(Rejected::Closed);
+        }
+        if queue.frames.len() >= self.max_frames {
+            return Err(Rejected::Full);
+        }
+        queue.frames.push_back(frame.clone());
+        drop(queue);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Offers a delivered frame without waiting; returns whether it was queued. Over either
+    /// bound, the socket is asked to close with 1013 (once) and gets nothing more.
+    pub(crate) fn offer(&self, frame: &Utf8Bytes) -> bool {
+        if self.is_closing() {
+            return false;
+        }
+        let len = frame.len();
+        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.slow_reader();
+            return false;
+        }
+        match self.try_push(frame) {
+            Ok(()) => true,
+            Err(rejected) => {
+                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                if rejected == Rejected::Full {
+                    self.slow_reader();
+                }
+                // Closed: the socket is ending; its cleanup removes it from its rooms.
+                false
+            }
+        }
+    }
+
+    fn slow_reader(&self) {
+        if !self.is_closing() {
+            crate::metrics::slow_reader_dropped();
+            self.request_close(CloseCode::Again, "outbound queue full");
+        }
+    }
+
+    /// Queues one of the socket's own replies, waiting for space if the queue holds its
+    /// most frames; `Err` when the socket is ending. Replies are not held to the byte
+    /// bound: a socket has at most one frame's replies (and `MAX_IN_FLIGHT` acks) pending.
+    pub(crate) async fn push(&self, frame: Utf8Bytes) -> Result<(), Rejected> {
+        self.queued_bytes.fetch_add(frame.len(), Ordering::Relaxed);
+        loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            // Registered before the check, so a wake-up between the two is not lost.
+            space.as_mut().enable();
+            match self.try_push(&frame) {
+                Ok(()) => return Ok(()),
+                Err(Rejected::Full) => space.await,
+                Err(Rejected::Closed) => {
+                    self.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
+                    return Err(Rejected::Closed);
+                }
+            }
+        }
+    }
+
+    /// Moves every queued frame to the back of `batch` and counts their bytes out; returns
+    /// whether the reader has finished.
+    pub(crate) fn take(&self, batch: &mut VecDeque<Utf8Bytes>) -> bool {
+        let before = batch.len();
+        let mut queue = self.queue();
+        if batch.is_empty() {
+            std::mem::swap(&mut queue.frames, batch);
+        } else {
+            batch.extend(queue.frames.drain(..));
+        }
+        let finished = queue.finished;
+        drop(queue);
+        let bytes: usize = batch.iter().skip(before).map(|frame| frame.len()).sum();
+        if bytes > 0 {
+            self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        }
+        if batch.len() > before {
+            self.space.notify_waiters();
+        }
+        finished
+    }
+
+    /// Waits until frames are queued or the reader has finished (it may wake spuriously).
+    pub(crate) async fn ready(&self) {
+        self.ready.notified().await
+    }
+
+    /// The socket's reader is done: no frame is taken any more, and the writer sends what
+    /// is queued, then closes the socket.
+    pub(crate) fn finish(&self) {
+        self.queue().finished = true;
+        self.ready.notify_one();
+    }
+
+    /// The writer has stopped: what is queued is dropped, and nothing more is taken.
+    pub(crate) fn close_queue(&self) {
+        self.queue().closed = true;
+        // Taken out (and counted out) like a batch, then dropped.
+        self.take(&mut VecDeque::new());
+        self.space.notify_waiters();
+    }
+
+    /// Bytes waiting in the queue.
+    pub(crate) fn queued(&self) -> usize {
+        self.queued_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Whether a close was requested.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Asks the socket's writer to send a close frame with `code` and stop. The first
+    /// request wins.
+    pub(crate) fn request_close(&self, code: CloseCode, reason: &'static str) {
+        let mut close = self.close.lock().unwrap_or_else(PoisonError::into_inner);
+        if close.is_none() {
+            *close = Some((code, reason));
+            self.closing.store(true, Ordering::Release);
+            self.close_requested.notify_one();
+        }
+    }
+
+    /// Waits for a close request.
+    pub(crate) async fn close_requested(&self) -> (CloseCode, &'static str) {
+        loop {
+            if let Some(close) = *self.close.lock().unwrap_or_else(PoisonError::into_inner) {
+                return close;
+            }
+            self.close_requested.notified().await;
+        }
+    }
+
+    /// Takes what is queued (tests).
+    #[cfg(test)]
+    pub(crate) fn drain(&self) -> Vec<Utf8Bytes> {
+        let mut batch = VecDeque::new();
+        self.take(&mut batch);
+        batch.into()
+    }
+}
+
+impl Member for OutboundQueue {
+    fn offer(&self, frame: &Utf8Bytes) -> bool {
+        OutboundQueue::offer(self, frame)
+    }
+
+    fn queued_bytes(&self) -> usize {
+        self.queued()
+    }
+
+    fn close(&self, code: CloseCode, reason: &'static str) {
+        self.request_close(code, reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn frame(text: &str) -> Utf8Bytes {
+        Utf8Bytes::from(text.to_owned())
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_asks_its_socket_to_close() {
+        let queue = OutboundQueue::new(1, usize::MAX);
+        assert!(queue.offer(&frame("a")));
+        assert!(!queue.offer(&frame("b")));
+        assert_eq!(queue.close_requested().await.0, CloseCode::Again);
+        assert_eq!(queue.drain(), ["a"]);
+    }
+
+    #[tokio::test]
+    async fn a_queue_over_its_byte_bound_asks_its_socket_to_close() {
+        let queue = OutboundQueue::new(100, 250);
+        let big = frame(&"x".repeat(100));
+        assert!(queue.offer(&big));
+        assert!(queue.offer(&big));
+        assert_eq!(queue.queued(), 200);
+        assert!(!queue.offer(&big), "a third frame would exceed 250 bytes");
+        assert_eq!(queue.close_requested().await.0, CloseCode::Again);
+        assert_eq!(queue.queued(), 200);
+        assert_eq!(queue.drain().len(), 2);
+        assert_eq!(queue.queued(), 0);
+    }
+
+    #[test]
+    fn a_dropped_slow_reader_gets_nothing_after_the_first_frame_it_missed() {
+        let queue = OutboundQueue::new(2, usize::MAX);
+        for n in 0..3 {
+            queue.offer(&frame(&n.to_string()));
+        }
+        // The queue had space for two; the third overflowed and closed the socket.
+        assert_eq!(queue.drain(), ["0", "1"]);
+        // Even with space again, later frames must not arrive after the gap.
+        assert!(!queue.offer(&frame("3")));
+        assert!(queue.drain().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_reply_waits_for_space_and_fails_once_the_writer_stopped() {
+        let queue = Arc::new(OutboundQueue::new(1, usize::MAX));
+        queue.push(frame("a")).await.unwrap();
+        let waiting = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.push(frame("b")).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "the queue is full");
+        assert_eq!(queue.drain(), ["a"]);
+        waiting.await.unwrap().unwrap();
+        assert_eq!(queue.drain(), ["b"]);
+        assert_eq!(queue.queued(), 0);
+
+        queue.push(frame("c")).await.unwrap();
+        let waiting = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.push(frame("d")).await }
+        });
+        tokio::task::yield_now().await;
+        queue.close_queue();
+        assert_eq!(waiting.await.unwrap(), Err(Rejected::Closed));
+        assert_eq!(queue.queued(), 0, "dropped frames are counted out");
+        assert!(!queue.offer(&frame("e")));
+    }
+
+    #[test]
+    fn a_finished_queue_takes_nothing_and_says_so() {
+        let queue = OutboundQueue::new(4, usize::MAX);
+        assert!(queue.offer(&frame("a")));
+        queue.finish();
+        assert!(!queue.offer(&frame("b")));
+        let mut batch = VecDeque::new();
+        assert!(queue.take(&mut batch), "finished");
+        assert_eq!(batch, ["a"]);
+    }
+}

@@ -1,0 +1,354 @@
+//! [`ThinWsBuilder`]: every setting of a [`ThinWsLayer`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_service::Service;
+
+use super::ThinWsLayer;
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::error::Error;
+use crate::hooks::{
+    self, BoxError, ConnectEvent, ConnectVerdict, DisconnectEvent, MessageEvent, MessageVerdict,
+    SubscribeEvent, UnsubscribeEvent, Verdict,
+};
+use crate::node::Node;
+
+/// Builds a [`ThinWsLayer`]; see each setting for its default.
+///
+/// ```
+/// use std::time::Duration;
+///
+/// let layer = thinws::ThinWsLayer::builder()
+///     .path("/ws")
+///     .max_frame_size(16 * 1024)
+///     .max_room_id_len(64)
+///     .outbound_queue(256)
+///     .redis_timeout(Duration::from_secs(1))
+///     .build(); // no Redis URL: the in-memory single-node broker
+/// # let _ = layer;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ThinWsBuilder {
+    redis_url: Option<String>,
+    config: Config,
+}
+
+impl ThinWsBuilder {
+    /// Fan out through Redis at this URL (`redis://[:password@]host:port[/db]`). Without
+    /// it, the layer uses the in-memory single-node broker.
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.redis_url = Some(url.into());
+        self
+    }
+
+    /// Take over upgrade requests on this path only (exact match, e.g. `"/ws"`). Default:
+    /// every path.
+    pub fn path(mut self, path: impl Into<String>) -> Self {
+        self.config.path = Some(path.into());
+        self
+    }
+
+    /// Prefix of every Redis channel and key this node uses. Default `"thinws:"`.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.key_prefix = prefix.into();
+        self
+    }
+
+    /// Largest accepted client frame, in bytes; a larger one closes the socket with 1009.
+    /// Default 64 KiB.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.config.max_frame_size = bytes;
+        self
+    }
+
+    /// Longest accepted `roomID`, in bytes (`too_large` error beyond). Default 256.
+    pub fn max_room_id_len(mut self, bytes: usize) -> Self {
+        self.config.limits.max_room_id_len = bytes;
+        self
+    }
+
+    /// Longest accepted `connectionID`, in bytes (`too_large` error beyond). Default 256.
+    pub fn max_connection_id_len(mut self, bytes: usize) -> Self {
+        self.config.limits.max_connection_id_len = bytes;
+        self
+    }
+
+    /// Deepest accepted nesting of arrays and objects in a `payload` (`too_large` error
+    /// beyond). Default 64.
+    pub fn max_payload_depth(mut self, levels: usize) -> Self {
+        self.config.limits.max_payload_depth = levels;
+        self
+    }
+
+    /// How many frames may wait to be written to one socket; when a socket's queue is
+    /// full, it is closed with 1013 (slow reader). Default 16,384: the byte bound
+    /// ([`max_queued_bytes`](Self::max_queued_bytes), 1 MiB) is the one that normally
+    /// applies, this one only for very small frames. The queue takes memory as it fills,
+    /// not up front.
+    pub fn outbound_queue(mut self, frames: usize) -> Self {
+        self.config.outbound_queue = frames.max(1);
+        self
+    }
+
+    /// Size of each socket's read buffer (tungstenite's, allocated up front). Default 512
+    /// bytes: an idle socket then costs little memory, and larger frames are read in
+    /// several steps. Raise it for sockets that mostly receive large frames.
+    pub fn read_buffer_size(mut self, bytes: usize) -> Self {
+        self.config.read_buffer_size = bytes.max(64);
+        self
+    }
+
+    /// How many bytes may wait to be written to one socket; beyond that it is closed with
+    /// 1013 like a full queue. Default 1 MiB. A node's outbound memory is bounded by this
+    /// times its sockets.
+    pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
+        self.config.max_queued_bytes = bytes;
+        self
+    }
+
+    /// How many sockets this node accepts; beyond that, upgrade requests get `503` (and a
+    /// socket that raced past the check is closed with 1013). Default 100,000.
+    pub fn max_sockets(mut self, sockets: usize) -> Self {
+        self.config.max_sockets = sockets;
+        self
+    }
+
+    /// How many rooms one socket may be in (`limit_exceeded` beyond). Default 256.
+    pub fn max_rooms_per_socket(mut self, rooms: usize) -> Self {
+        self.config.max_rooms_per_socket = rooms;
+        self
+    }
+
+    /// How often the server pings each socket. Default 25 s.
+    pub fn ping_interval(mut self, interval: Duration) -> Self {
+        self.config.ping_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a socket may stay silent (no frame, no pong) before it is dropped and its
+    /// `disconnect` hook fires with [`DisconnectReason::TimedOut`](crate::hooks::DisconnectReason::TimedOut).
+    /// Default 60 s.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.idle_timeout = timeout;
+        self
+    }
+
+    /// Each socket's frame rate: `per_second` on average, in bursts of up to `burst`
+    /// (a token bucket). A frame over the rate gets `rate_limited`; default 100 per second
+    /// with bursts of 200. `per_second = 0` disables the limit.
+    pub fn rate_limit(mut self, per_second: u32, burst: u32) -> Self {
+        self.config.rate.per_second = per_second;
+        self.config.rate.burst = burst;
+        self
+    }
+
+    /// After this many `rate_limited` frames in a row, the socket is closed with 1008 (a
+    /// flood). Default 100.
+    pub fn flood_close_after(mut self, refusals: u32) -> Self {
+        self.config.rate.flood_after = refusals;
+        self
+    }
+
+    /// How long one Redis operation (publish, subscribe, identity lookup, health probe) may
+    /// take before the client gets `unavailable`. Default 2 s.
+    pub fn redis_timeout(mut self, timeout: Duration) -> Self {
+        self.config.redis_timeout = timeout;
+        self
+    }
+
+    /// Serves the browser client: `GET /thinws.js` (a plain script defining
+    /// `ThinWSClient`) and `GET /thinws.mjs` (the same as an ES module), with a
+    /// JavaScript content type, an `ETag` and `Cache-Control: public, max-age=3600`, the
+    /// way Socket.IO serves its client. Off by default; the standalone server turns it on.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder().serve_client(true).build();
+    /// # let _ = layer;
+    /// ```
+    pub fn serve_client(mut self, serve: bool) -> Self {
+        self.config.serve_client = serve;
+        self
+    }
+
+    /// The `connectionID` that frames published with [`Hub::publish`] carry. Default
+    /// `"server"`. Clients can claim any identity, so refuse this one in a `connect` hook
+    /// if recipients must be able to trust it.
+    pub fn server_sender_id(mut self, id: impl Into<String>) -> Self {
+        self.config.server_sender_id = id.into();
+        self
+    }
+
+    /// Sets the hook called when a client sends `connect`: it can accept the claimed
+    /// `connectionID`, assign another, or refuse (see [`hooks`](crate::hooks)).
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use thinws::hooks::{ConnectEvent, ConnectVerdict};
+    /// use tower::service_fn;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .on_connect(service_fn(|event: ConnectEvent| async move {
+    ///         Ok::<_, Infallible>(if event.connection_id() == "server" {
+    ///             ConnectVerdict::refuse("reserved identity")
+    ///         } else {
+    ///             ConnectVerdict::Accept
+    ///         })
+    ///     }))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_connect<S>(mut self, hook: S) -> Self
+    where
+        S: Service<ConnectEvent, Response = ConnectVerdict> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError> + 'static,
+        S::Future: Send + 'static,
+    {
+        self.config.hooks.connect = Some(hooks::boxed(hook));
+        self
+    }
+
+    /// Sets the hook called before a socket joins a room (on `subscribe`, and for each
+    /// recorded room on `connect`).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use thinws::hooks::{SubscribeEvent, Verdict};
+    /// use tower::ServiceBuilder;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .on_subscribe(
+    ///         ServiceBuilder::new()
+    ///             .timeout(Duration::from_millis(500))
+    ///             .service_fn(|event: SubscribeEvent| async move {
+    ///                 let user = event.socket().request().headers.get("x-user");
+    ///                 Ok::<_, std::convert::Infallible>(match user {
+    ///                     Some(_) => Verdict::Allow,
+    ///                     None => Verdict::refuse("who are you?"),
+    ///                 })
+    ///             }),
+    ///     )
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_subscribe<S>(mut self, hook: S) -> Self
+    where
+        S: Service<SubscribeEvent, Response = Verdict> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError> + 'static,
+        S::Future: Send + 'static,
+    {
+        self.config.hooks.subscribe = Some(hooks::boxed(hook));
+        self
+    }
+
+    /// Sets the hook called before a socket leaves a room on `unsubscribe`.
+    ///
+    /// ```
+    /// use thinws::hooks::{UnsubscribeEvent, Verdict};
+    /// use tower::service_fn;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .on_unsubscribe(service_fn(|event: UnsubscribeEvent| async move {
+    ///         Ok::<_, std::convert::Infallible>(if event.room() == "announcements" {
+    ///             Verdict::refuse("everyone stays in announcements")
+    ///         } else {
+    ///             Verdict::Allow
+    ///         })
+    ///     }))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_unsubscribe<S>(mut self, hook: S) -> Self
+    where
+        S: Service<UnsubscribeEvent, Response = Verdict> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError> + 'static,
+        S::Future: Send + 'static,
+    {
+        self.config.hooks.unsubscribe = Some(hooks::boxed(hook));
+        self
+    }
+
+    /// Sets the hook called before a `message` is published: it can allow it, replace its
+    /// payload, or refuse it.
+    ///
+    /// ```
+    /// use thinws::hooks::{MessageEvent, MessageVerdict};
+    /// use tower::service_fn;
+    ///
+    /// #[derive(serde::Deserialize, serde::Serialize)]
+    /// struct Chat { text: String }
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .on_message(service_fn(|event: MessageEvent| async move {
+    ///         let Ok(mut chat) = event.payload_as::<Chat>() else {
+    ///             return Ok(MessageVerdict::refuse("expected {text: ...}"));
+    ///         };
+    ///         chat.text = chat.text.replace("darn", "d**n");
+    ///         MessageVerdict::replace(&chat)
+    ///     }))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_message<S>(mut self, hook: S) -> Self
+    where
+        S: Service<MessageEvent, Response = MessageVerdict> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError> + 'static,
+        S::Future: Send + 'static,
+    {
+        self.config.hooks.message = Some(hooks::boxed(hook));
+        self
+    }
+
+    /// Sets the hook called exactly once per socket, when it says `disconnect` or ends.
+    ///
+    /// ```
+    /// use thinws::hooks::DisconnectEvent;
+    /// use tower::service_fn;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .on_disconnect(service_fn(|event: DisconnectEvent| async move {
+    ///         tracing::info!(id = event.socket().connection_id(), reason = ?event.reason(), "gone");
+    ///         Ok::<_, std::convert::Infallible>(())
+    ///     }))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_disconnect<S>(mut self, hook: S) -> Self
+    where
+        S: Service<DisconnectEvent, Response = ()> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError> + 'static,
+        S::Future: Send + 'static,
+    {
+        self.config.hooks.disconnect = Some(hooks::boxed(hook));
+        self
+    }
+
+    /// Builds the layer without connecting to Redis.
+    pub fn build(self) -> ThinWsLayer {
+        self.assemble().0
+    }
+
+    /// Builds the layer; also returns why its Redis URL is unusable, if it is (the layer
+    /// then refuses sockets, see the module docs).
+    fn assemble(self) -> (ThinWsLayer, Option<Error>) {
+        let (node, url_error) = Node::new(self.redis_url.as_deref(), self.config);
+        let layer = ThinWsLayer {
+            node: Arc::new(node),
+        };
+        (layer, url_error)
+    }
+
+    /// Builds the layer and checks now that Redis (if configured) can be used: the URL
+    /// parses, and every publishing lane, the pool and the subscription connection answer.
+    pub async fn connect(self) -> Result<ThinWsLayer, Error> {
+        let (layer, url_error) = self.assemble();
+        if let Some(e) = url_error {
+            return Err(e);
+        }
+        if let Broker::Redis(broker) = &layer.node.broker {
+            broker.ready(layer.node.config.redis_timeout).await?;
+        }
+        Ok(layer)
+    }
+}

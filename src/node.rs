@@ -1,0 +1,70 @@
+//! The composition root: one node's settings, local rooms and broker, wired together.
+//!
+//! [`Node`] owns everything the node's sockets share. It builds the broker and hands it the
+//! local rooms as its [`FrameSink`], so that the broker delivers into the rooms without
+//! knowing them, and the rooms never know the broker.
+
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+
+use crate::broker::redis::RedisTarget;
+use crate::broker::{Broker, FrameSink, MemoryBroker, RedisBroker};
+use crate::config::Config;
+use crate::error::{BrokerError, Error};
+use crate::rooms::Rooms;
+
+/// Everything one node shares between its sockets.
+#[derive(Debug)]
+pub(crate) struct Node {
+    pub(crate) config: Config,
+    pub(crate) rooms: Rooms,
+    pub(crate) broker: Broker,
+    /// Random per process; makes server-generated identities unique across nodes.
+    pub(crate) instance: u64,
+}
+
+impl FrameSink for Rooms {
+    fn deliver(&self, room: &str, frame: &Utf8Bytes) {
+        Rooms::deliver(self, room, frame);
+    }
+}
+
+impl Node {
+    /// Builds a node: on Redis at `redis_url`, or in memory without one. Connects nothing.
+    /// Also returns why the Redis URL is unusable, if it is: the node then refuses sockets
+    /// and fails every broker operation with that reason.
+    pub(crate) fn new(redis_url: Option<&str>, config: Config) -> (Node, Option<Error>) {
+        crate::metrics::describe_once();
+        let rooms = Rooms::new(config.max_sockets);
+        let sink = Arc::new(rooms.clone());
+        let mut url_error = None;
+        let broker = match redis_url {
+            None => Broker::Memory(MemoryBroker::new(sink)),
+            Some(url) => match RedisTarget::parse(url) {
+                Ok(target) => {
+                    let broker =
+                        RedisBroker::new(target, &config.key_prefix, config.redis_timeout, sink);
+                    match broker {
+                        Ok(broker) => Broker::Redis(Box::new(broker)),
+                        Err(e) => Broker::Unusable(e),
+                    }
+                }
+                Err(invalid) => {
+                    let e = Error::from(invalid.clone());
+                    tracing::error!(error = %crate::error::report(&e), "thinws cannot use its Redis URL");
+                    url_error = Some(e);
+                    Broker::Unusable(BrokerError::Misconfigured(Arc::new(Error::from(invalid))))
+                }
+            },
+        };
+        let node = Node {
+            config,
+            rooms,
+            broker,
+            instance: RandomState::new().hash_one(std::process::id()),
+        };
+        (node, url_error)
+    }
+}
