@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Compares two thinws binaries (e.g. before and after a change) on the same machine in one
+# session: alternating rounds of the rooms and fanout scenarios (longer than bench/run.sh's,
+# so that one round lasts several seconds), each against two fresh nodes of one binary on a
+# private redis-server. Prints, per round, deliveries/s and the nodes' CPU seconds (user +
+# system, from /proc) per million deliveries; the CPU figure is the steadier one on a shared
+# 2-core machine.
+#
+#   bench/compare.sh BEFORE_BINARY AFTER_BINARY [ROUNDS]
+#   PERF=1 bench/compare.sh ...   # also records the first node with `perf record` into
+#                                 # bench/results/perf-{before,after}-{scenario}.data
+set -euo pipefail
+cd "$(dirname "$0")/.."
+before=$1 after=$2 rounds=${3:-3}
+(cd bench/loadgen && cargo build --quiet --release)
+loadgen=bench/loadgen/target/release/thinws-bench
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+redis_port=$(free_port)
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
+redis_pid=$!
+pids=()
+trap 'kill "${pids[@]}" "$redis_pid" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.05; done
+ticks=$(getconf CLK_TCK)
+cpu_ticks() { local t=0 p; for p in "$@"; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") )); done; echo "$t"; }
+
+one() { # label binary scenario args...
+  local label=$1 binary=$2 scenario=$3; shift 3
+  local urls=() ids=()
+  for _ in 1 2; do
+    local port; port=$(free_port)
+    "$binary" --listen "127.0.0.1:$port" --redis-url "redis://127.0.0.1:$redis_port" \
+      --rate-limit 0 --max-sockets 300000 --no-demo >/dev/null 2>&1 &
+    ids+=("$!"); urls+=("http://127.0.0.1:$port")
+    until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.05; done
+  done
+  pids=("${ids[@]}")
+  local perf_pid=
+  if [ -n "${PERF:-}" ]; then
+    mkdir -p bench/results
+    perf record -q -F 999 -p "${ids[0]}" -o "bench/results/perf-$label-$scenario.data" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
+  local start; start=$(cpu_ticks "${ids[@]}")
+  local report
+  report=$("$loadgen" run --target thinws --label "$label" --nodes "$(IFS=,; echo "${urls[*]}")" \
+    --scenario "$scenario" "$@" 2>/dev/null)
+  local used=$(( $(cpu_ticks "${ids[@]}") - start ))
+  if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi
+  kill "${ids[@]}"; wait "${ids[@]}" 2>/dev/null || true; pids=()
+  redis-cli -p "$redis_port" flushall >/dev/null
+  python3 - "$label" "$scenario" "$used" "$ticks" "$report" <<'PY'
+import json, sys
+label, scenario, used, ticks, report = sys.argv[1:]
+r = json.loads(report)
+cpu = int(used) / int(ticks)
+print(f"{label:8} {scenario:7} {r['deliveries_per_sec']:>12,.0f}/s  missing {r['missing']}  "
+      f"node CPU {cpu:6.2f} s = {cpu / r['delivered'] * 1e6:5.2f} s per 1M deliveries")
+PY
+}
+
+for round in $(seq "$rounds"); do
+  for side in before after; do
+    binary=$before; [ "$side" = after ] && binary=$after
+    one "$side" "$binary" rooms --subscribers 1000 --messages 1000 --window 16
+    one "$side" "$binary" fanout --subscribers 1000 --messages 5000 --window 64
+  done
+done
