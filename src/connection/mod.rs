@@ -17,6 +17,8 @@
 mod in_flight;
 pub(crate) mod outbound;
 mod rate_limit;
+mod refusal;
+mod request_head;
 mod socket;
 mod writer;
 

@@ -12,10 +12,11 @@ use tokio::time::Instant;
 use super::in_flight::{Answered, InFlight};
 use super::outbound::OutboundQueue;
 use super::rate_limit::{Rate, RateLimit};
-use crate::error::BrokerError;
+use super::refusal::Refusal;
+use super::request_head::detach;
 use crate::hooks::{
-    ask, BoxError, ConnectEvent, ConnectVerdict, DisconnectEvent, DisconnectReason, Hooks,
-    MessageEvent, MessageVerdict, SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
+    ask, ConnectEvent, ConnectVerdict, DisconnectEvent, DisconnectReason, Hooks, MessageEvent,
+    MessageVerdict, SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
 };
 use crate::metrics::SocketMetrics;
 use crate::node::Node;
@@ -56,71 +57,6 @@ impl Me {
             request: self.request.clone(),
         }
     }
-}
-
-/// Why an operation was refused; becomes the `error` frame's code and message.
-#[derive(Debug)]
-enum Refusal {
-    Broker(BrokerError),
-    /// A hook refused, with this reason.
-    Forbidden(String),
-    /// A hook failed while deciding on this kind of operation.
-    HookFailed(&'static str),
-    /// The socket is in its most rooms.
-    TooManyRooms(usize),
-    /// A second `connect` with another identity.
-    OtherIdentity,
-}
-
-impl Refusal {
-    fn hook_failed(event: &'static str, e: BoxError) -> Self {
-        tracing::warn!(event, error = %e, "hook failed; refusing");
-        Refusal::HookFailed(event)
-    }
-
-    fn code(&self) -> ErrorCode {
-        match self {
-            Refusal::Broker(_) => ErrorCode::Unavailable,
-            Refusal::Forbidden(_) => ErrorCode::Forbidden,
-            Refusal::HookFailed(_) => ErrorCode::Internal,
-            Refusal::TooManyRooms(_) => ErrorCode::LimitExceeded,
-            Refusal::OtherIdentity => ErrorCode::InvalidMessage,
-        }
-    }
-
-    fn message(&self) -> String {
-        match self {
-            Refusal::Broker(e) => e.report(),
-            Refusal::Forbidden(reason) => reason.clone(),
-            Refusal::HookFailed(event) => format!("the server could not decide on this {event}"),
-            Refusal::TooManyRooms(max) => format!("a socket may be in at most {max} rooms"),
-            Refusal::OtherIdentity => {
-                "this socket is already connected with another connectionID".into()
-            }
-        }
-    }
-}
-
-/// The upgrade request's head with its URI and headers copied into allocations of their own.
-///
-/// hyper parses a request head as slices of the connection's read buffer (8 KiB or more), so
-/// keeping the parsed head for a socket's life would keep that whole buffer alive. The copy
-/// costs a few hundred bytes. Extensions are moved as they are.
-fn detach(parts: Parts) -> Parts {
-    let mut head = http::Request::new(()).into_parts().0;
-    head.method = parts.method;
-    head.version = parts.version;
-    head.uri = http::Uri::try_from(parts.uri.to_string()).unwrap_or(parts.uri);
-    head.headers.reserve(parts.headers.len());
-    for (name, value) in &parts.headers {
-        let Ok(mut copy) = http::HeaderValue::from_bytes(value.as_bytes()) else {
-            continue;
-        };
-        copy.set_sensitive(value.is_sensitive());
-        head.headers.append(name.clone(), copy);
-    }
-    head.extensions = parts.extensions;
-    head
 }
 
 impl Socket {

@@ -1,0 +1,48 @@
+//! Why a socket's operation was refused, as the `error` frame says it.
+
+use crate::error::BrokerError;
+use crate::hooks::BoxError;
+use crate::protocol::ErrorCode;
+
+/// Why an operation was refused; becomes the `error` frame's code and message.
+#[derive(Debug)]
+pub(super) enum Refusal {
+    Broker(BrokerError),
+    /// A hook refused, with this reason.
+    Forbidden(String),
+    /// A hook failed while deciding on this kind of operation.
+    HookFailed(&'static str),
+    /// The socket is in its most rooms.
+    TooManyRooms(usize),
+    /// A second `connect` with another identity.
+    OtherIdentity,
+}
+
+impl Refusal {
+    pub(super) fn hook_failed(event: &'static str, e: BoxError) -> Self {
+        tracing::warn!(event, error = %e, "hook failed; refusing");
+        Refusal::HookFailed(event)
+    }
+
+    pub(super) fn code(&self) -> ErrorCode {
+        match self {
+            Refusal::Broker(_) => ErrorCode::Unavailable,
+            Refusal::Forbidden(_) => ErrorCode::Forbidden,
+            Refusal::HookFailed(_) => ErrorCode::Internal,
+            Refusal::TooManyRooms(_) => ErrorCode::LimitExceeded,
+            Refusal::OtherIdentity => ErrorCode::InvalidMessage,
+        }
+    }
+
+    pub(super) fn message(&self) -> String {
+        match self {
+            Refusal::Broker(e) => e.report(),
+            Refusal::Forbidden(reason) => reason.clone(),
+            Refusal::HookFailed(event) => format!("the server could not decide on this {event}"),
+            Refusal::TooManyRooms(max) => format!("a socket may be in at most {max} rooms"),
+            Refusal::OtherIdentity => {
+                "this socket is already connected with another connectionID".into()
+            }
+        }
+    }
+}
