@@ -58,23 +58,21 @@ fn server_error(code: &str, message: &str) -> ClientError {
 
 /// Opens a socket and binds it to the identity; the server has rejoined the identity's
 /// rooms when this returns.
-pub(super) async fn open(config: &ClientBuilder) -> Result<Socket, String> {
+pub(super) async fn open(config: &ClientBuilder) -> Result<Socket, ClientError> {
     let connect = async {
+        let lost = |e| ClientError::Connect(std::sync::Arc::new(e));
         let (mut socket, _) = tokio_tungstenite::connect_async(config.url.as_str())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(lost)?;
         let frame = protocol::encode(
             0,
             &Command::Connect {
                 connection_id: Cow::Borrowed(&config.connection_id),
             },
         );
-        socket
-            .send(Message::text(frame))
-            .await
-            .map_err(|e| e.to_string())?;
+        socket.send(Message::text(frame)).await.map_err(lost)?;
         while let Some(message) = socket.next().await {
-            let Message::Text(text) = message.map_err(|e| e.to_string())? else {
+            let Message::Text(text) = message.map_err(lost)? else {
                 continue;
             };
             match server::parse(&text) {
@@ -85,17 +83,15 @@ pub(super) async fn open(config: &ClientBuilder) -> Result<Socket, String> {
                     message_id,
                     code,
                     message,
-                }) if answered(message_id) == Some(0) => {
-                    return Err(format!("connect refused: {code}: {message}"))
-                }
+                }) if answered(message_id) == Some(0) => return Err(server_error(&code, &message)),
                 _ => continue,
             }
         }
-        Err("the server closed the socket during connect".to_owned())
+        Err(ClientError::Disconnected)
     };
     tokio::time::timeout(config.request_timeout, connect)
         .await
-        .unwrap_or_else(|_| Err("no answer to connect in time".to_owned()))
+        .unwrap_or(Err(ClientError::Timeout))
 }
 
 /// Why a connected session ended.

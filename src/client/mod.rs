@@ -82,12 +82,13 @@ pub enum ClientError {
     /// The client was closed.
     #[error("the client is closed")]
     Closed,
-    /// The first connection could not be opened.
-    #[error("cannot connect: {0}")]
-    Connect(String),
+    /// The first connection could not be opened (a refused `connect` is
+    /// [`ClientError::Server`] instead).
+    #[error("cannot connect")]
+    Connect(#[source] Arc<tokio_tungstenite::tungstenite::Error>),
     /// The payload could not be serialised to JSON.
-    #[error("payload is not serialisable to JSON: {0}")]
-    InvalidPayload(String),
+    #[error("payload is not serialisable to JSON")]
+    InvalidPayload(#[source] Arc<serde_json::Error>),
 }
 
 impl ClientError {
@@ -181,7 +182,7 @@ impl ClientBuilder {
 
     /// Opens the first connection (failing at once if it cannot) and starts the client.
     pub async fn connect(self) -> Result<(ThinWsClient, Messages), ClientError> {
-        let socket = driver::open(&self).await.map_err(ClientError::Connect)?;
+        let socket = driver::open(&self).await?;
         let (requests, requests_rx) = mpsc::channel(64);
         let (deliveries, deliveries_rx) = mpsc::channel(1024);
         let timeout = self.request_timeout;
@@ -272,7 +273,7 @@ impl ThinWsClient {
         payload: &T,
     ) -> Result<(), ClientError> {
         let payload = serde_json::value::to_raw_value(payload)
-            .map_err(|e| ClientError::InvalidPayload(e.to_string()))?;
+            .map_err(|e| ClientError::InvalidPayload(Arc::new(e)))?;
         self.request(Op::Message(room.into(), payload)).await
     }
 
