@@ -128,3 +128,24 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// A lone UTF-16 surrogate escape anywhere in a string of a frame (payload, roomID,
+    /// connectionID, messageID) is refused as invalid JSON, never forwarded.
+    #[test]
+    fn lone_surrogates_are_refused_wherever_they_are(
+        surrogate in 0xD800u32..=0xDFFF,
+        before in "[a-z]{0,4}",
+        field in 0usize..4,
+    ) {
+        let s = format!("{before}\\u{surrogate:04x}");
+        let text = match field {
+            0 => format!(r#"{{"type":"message","messageID":1,"roomID":"r","payload":["{s}"]}}"#),
+            1 => format!(r#"{{"type":"subscribe","messageID":1,"roomID":"{s}"}}"#),
+            2 => format!(r#"{{"type":"connect","messageID":1,"connectionID":"{s}"}}"#),
+            _ => format!(r#"{{"type":"subscribe","messageID":"{s}","roomID":"r"}}"#),
+        };
+        let err = protocol::parse(&text, &Limits::default()).expect_err(&text);
+        prop_assert_eq!(err.code, protocol::ErrorCode::InvalidJson);
+    }
+}

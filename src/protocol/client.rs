@@ -157,6 +157,17 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
             ))
         }
     };
+    // serde_json keeps a raw value's escapes unchecked, so a lone UTF-16 surrogate would be
+    // forwarded in a delivery that no JSON parser reads back. Refused as invalid JSON,
+    // echoing the messageID unless it holds one itself.
+    if has_lone_surrogate(text) {
+        let echo = (!has_lone_surrogate(message_id.get())).then_some(message_id);
+        return Err(FrameError::new(
+            echo,
+            ErrorCode::InvalidJson,
+            "a string has a lone UTF-16 surrogate escape (\\uD800-\\uDFFF must come in pairs)",
+        ));
+    }
     let fail = |code, message: &'static str| FrameError::new(Some(message_id), code, message);
 
     let kind = match raw.kind {
@@ -361,6 +372,42 @@ fn check_payload(json: &str, max_depth: usize) -> Result<(), PayloadProblem> {
         i += 1;
     }
     Ok(())
+}
+
+/// Whether JSON text has a `\\uXXXX` escape of a UTF-16 surrogate that is not part of a
+/// high-low pair. Backslashes appear only inside strings in valid JSON, and `\\\\` is
+/// skipped as one escape, so every escape is seen exactly once.
+fn has_lone_surrogate(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    let hex4 = |at: usize| -> Option<u16> {
+        let digits = bytes.get(at..at + 4)?;
+        u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    let mut i = 0;
+    while let Some(offset) = bytes
+        .get(i..)
+        .and_then(|rest| rest.iter().position(|&b| b == b'\\'))
+    {
+        i += offset;
+        if bytes.get(i + 1) != Some(&b'u') {
+            i += 2;
+            continue;
+        }
+        match hex4(i + 2) {
+            Some(0xD800..=0xDBFF) => {
+                let low = (bytes.get(i + 6..i + 8) == Some(b"\\u"))
+                    .then(|| hex4(i + 8))
+                    .flatten();
+                if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                    return true;
+                }
+                i += 12;
+            }
+            Some(0xDC00..=0xDFFF) => return true,
+            _ => i += 6,
+        }
+    }
+    false
 }
 
 /// Whether a JSON number's value is a finite `f64`.

@@ -333,3 +333,42 @@ fn encoded_frames_parse_back_to_the_same_command() {
         );
     }
 }
+
+#[test]
+fn lone_surrogates_are_invalid_json_everywhere() {
+    let lone = [r"\ud800", r"\udfff", r"\ud800\u0041", r"x\udbff"];
+    for s in lone {
+        let frames = [
+            (
+                format!(r#"{{"type":"message","messageID":1,"roomID":"r","payload":"{s}"}}"#),
+                Some("1"),
+            ),
+            (
+                format!(r#"{{"type":"message","messageID":1,"roomID":"r","payload":{{"{s}":1}}}}"#),
+                Some("1"),
+            ),
+            (
+                format!(r#"{{"type":"subscribe","messageID":2,"roomID":"{s}"}}"#),
+                Some("2"),
+            ),
+            (
+                format!(r#"{{"type":"connect","messageID":3,"connectionID":"{s}"}}"#),
+                Some("3"),
+            ),
+            (
+                format!(r#"{{"type":"subscribe","messageID":"{s}","roomID":"r"}}"#),
+                None,
+            ),
+        ];
+        for (text, id) in frames {
+            let (code, echoed, message) = code_of(&text);
+            assert_eq!(code, ErrorCode::InvalidJson, "{text}: {message}");
+            assert_eq!(echoed.as_deref(), id, "{text}");
+        }
+    }
+    // Pairs, and escaped backslashes that only look like escapes, are fine.
+    for ok in [r"\ud83d\ude00", r"\\ud800", r"\u00e9"] {
+        let text = format!(r#"{{"type":"subscribe","messageID":1,"roomID":"{ok}"}}"#);
+        assert!(parse(&text, &Limits::default()).is_ok(), "{text}");
+    }
+}
