@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use http::request::Parts;
+use hyper_tungstenite::tungstenite::error::ProtocolError;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::CloseFrame;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -103,6 +104,21 @@ fn read_result(read: Option<Result<Message, WsError>>, queue: &OutboundQueue) ->
         }
         Some(Err(WsError::ConnectionClosed | WsError::AlreadyClosed)) => {
             Read::End(DisconnectReason::Closed)
+        }
+        // RFC 6455 §7.4.1: 1007 for text that is not UTF-8, 1002 for any other violation
+        // (unmasked frames, reserved bits or opcodes, oversized control frames).
+        Some(Err(WsError::Utf8(e))) => {
+            tracing::debug!(error = %e, "invalid UTF-8 from the client");
+            queue.request_close(CloseCode::Invalid, "text frame is not UTF-8");
+            Read::End(DisconnectReason::Server)
+        }
+        Some(Err(WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake))) => {
+            Read::End(DisconnectReason::Lost)
+        }
+        Some(Err(WsError::Protocol(e))) => {
+            tracing::debug!(error = %e, "WebSocket protocol error from the client");
+            queue.request_close(CloseCode::Protocol, "WebSocket protocol error");
+            Read::End(DisconnectReason::Server)
         }
         Some(Err(e)) => {
             tracing::debug!(error = %e, "socket read failed");

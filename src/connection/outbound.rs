@@ -211,10 +211,15 @@ impl OutboundQueue {
         }
     }
 
+    /// The close requested so far, if any.
+    pub(crate) fn close_request(&self) -> Option<(CloseCode, &'static str)> {
+        *self.close.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     /// Waits for a close request.
     pub(crate) async fn close_requested(&self) -> (CloseCode, &'static str) {
         loop {
-            if let Some(close) = *self.close.lock().unwrap_or_else(PoisonError::into_inner) {
+            if let Some(close) = self.close_request() {
                 return close;
             }
             self.close_requested.notified().await;

@@ -73,7 +73,14 @@ pub(super) async fn write_loop(
             continue;
         }
         if finished {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
+            // A close requested just before the reader finished (a protocol error, a
+            // flood) keeps its code; otherwise the socket ends with a plain close.
+            match queue.close_request() {
+                Some(close) => send_close(sink, &queue, &mut batch, close).await,
+                None => {
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
+                }
+            }
             return;
         }
         tokio::select! {

@@ -1,0 +1,122 @@
+//! WebSocket protocol errors from a client close the socket with RFC 6455's codes: 1002
+//! (protocol error) and 1007 (invalid data), not 1001. Raw frames over a real TCP socket.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::Node;
+use thinws::ThinWsLayer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Opens a socket with a hand-written upgrade request.
+async fn upgrade(addr: SocketAddr) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let request = "GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n";
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tcp.read(&mut byte).await.unwrap(),
+            1,
+            "closed during the handshake"
+        );
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "not upgraded");
+    tcp
+}
+
+/// A frame with the given first byte (FIN, RSV bits, opcode), masked or not.
+fn frame(first: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    let mut out = vec![first];
+    let mask_bit = if masked { 0x80 } else { 0 };
+    if payload.len() < 126 {
+        out.push(mask_bit | payload.len() as u8);
+    } else {
+        out.push(mask_bit | 126);
+        out.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    }
+    if masked {
+        // A zero mask leaves the payload as it is.
+        out.extend_from_slice(&[0, 0, 0, 0]);
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Reads server frames until a close frame; returns its code (`None`: closed without one,
+/// `Some(1005)`: an empty close frame).
+async fn close_code(tcp: &mut TcpStream) -> Option<u16> {
+    let read = async {
+        loop {
+            let mut head = [0u8; 2];
+            tcp.read_exact(&mut head).await.ok()?;
+            let mut len = (head[1] & 0x7f) as usize;
+            if len == 126 {
+                let mut ext = [0u8; 2];
+                tcp.read_exact(&mut ext).await.ok()?;
+                len = u16::from_be_bytes(ext) as usize;
+            } else if len == 127 {
+                let mut ext = [0u8; 8];
+                tcp.read_exact(&mut ext).await.ok()?;
+                len = u64::from_be_bytes(ext) as usize;
+            }
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await.ok()?;
+            if head[0] & 0x0f == 0x8 {
+                return Some(match payload.get(..2) {
+                    Some(code) => u16::from_be_bytes([code[0], code[1]]),
+                    None => 1005,
+                });
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("the server neither closed nor answered")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_errors_close_with_1002_and_invalid_utf8_with_1007() {
+    let node = Node::start(ThinWsLayer::in_memory()).await;
+    let cases: [(&str, Vec<u8>, u16); 5] = [
+        (
+            "invalid UTF-8 in a text frame",
+            frame(0x81, &[0xff, 0xfe, b'{'], true),
+            1007,
+        ),
+        (
+            "RSV1 without a negotiated extension",
+            frame(0xc1, b"{}", true),
+            1002,
+        ),
+        ("an unmasked client frame", frame(0x81, b"{}", false), 1002),
+        ("a reserved opcode", frame(0x83, b"{}", true), 1002),
+        (
+            "a control frame over 125 bytes",
+            frame(0x89, &[b'x'; 126], true),
+            1002,
+        ),
+    ];
+    for (what, bytes, expected) in cases {
+        // Several times each: the close must not race with the socket's end.
+        for run in 0..40 {
+            let mut tcp = upgrade(node.addr).await;
+            tcp.write_all(&bytes).await.unwrap();
+            assert_eq!(
+                close_code(&mut tcp).await,
+                Some(expected),
+                "{what}, run {run}"
+            );
+        }
+    }
+    // The node is fine afterwards.
+    let mut ok = support::Client::connect(&node.url()).await;
+    ok.subscribe("r").await;
+}
