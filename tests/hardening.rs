@@ -434,3 +434,66 @@ async fn a_flooding_socket_does_not_starve_the_others() {
     }
     flood.abort();
 }
+
+#[tokio::test]
+async fn pings_count_toward_the_rate_limit_and_a_ping_flood_closes_with_1008() {
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .rate_limit(10, 5)
+            .flood_close_after(20)
+            .build(),
+    )
+    .await;
+    let mut c = Client::connect(&node.url()).await;
+    for _ in 0..200 {
+        c.send_message(tokio_tungstenite::tungstenite::Message::Ping(
+            bytes::Bytes::from_static(b"p"),
+        ))
+        .await;
+    }
+    assert_eq!(c.closed().await, CloseCode::Policy);
+}
+
+/// A burst over the rate: every frame the server read gets exactly one reply, in order,
+/// then the close frame 1008 arrives intact (no connection reset), run after run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_gets_a_reply_for_every_frame_read_then_a_clean_1008() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    // Refill slow enough that the burst decides: 200 allowed, then 101 refusals in a row.
+    let node = Node::start(ThinWsLayer::builder().rate_limit(1, 200).build()).await;
+    for run in 0..10 {
+        let (mut ws, _) = tokio_tungstenite::connect_async(node.url()).await.unwrap();
+        for i in 0..350 {
+            let frame = json!({"type": "subscribe", "messageID": i, "roomID": "r"});
+            ws.feed(Message::text(frame.to_string())).await.unwrap();
+        }
+        ws.flush().await.unwrap();
+        let (mut acks, mut limited) = (0, 0);
+        let close = loop {
+            match within("a reply or the close", ws.next()).await {
+                Some(Ok(Message::Text(text))) => {
+                    let reply: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    assert_eq!(reply["messageID"], acks + limited, "run {run}: in order, no gap");
+                    match reply["type"].as_str() {
+                        Some("ack") => acks += 1,
+                        _ => {
+                            assert_eq!(reply["code"], "rate_limited", "run {run}: {reply}");
+                            limited += 1;
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => break frame.map(|f| f.code),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("run {run}: {e} after {acks} acks, {limited} limited"),
+                None => panic!("run {run}: ended without a close frame"),
+            }
+        };
+        assert_eq!(close, Some(CloseCode::Policy), "run {run}");
+        // The burst of 200, then refusals until the 101st in a row (a flood), which is
+        // answered too; a token refilled meanwhile (1 per second) adds an ack.
+        assert!((200..=202).contains(&acks), "run {run}: {acks} acks");
+        assert!(limited >= 101, "run {run}: {limited} refused");
+        assert!(acks + limited < 350, "run {run}: frames after the flood were not read");
+    }
+}

@@ -196,6 +196,21 @@ async fn the_browser_client_is_served_when_asked() {
     )
     .await;
     assert!(revalidated.starts_with("HTTP/1.1 304"), "{revalidated}");
+    // The module's body differs from the script's, so its tag must too.
+    let module_with_script_tag = raw_response(
+        node.addr,
+        &format!("GET /thinws.mjs HTTP/1.1\r\nHost: x\r\nIf-None-Match: {etag}\r\nConnection: close\r\n\r\n"),
+    )
+    .await;
+    assert!(
+        module_with_script_tag.starts_with("HTTP/1.1 200"),
+        "{module_with_script_tag}"
+    );
+    let module_etag = module_with_script_tag
+        .lines()
+        .find_map(|l| l.strip_prefix("etag: "))
+        .expect("an ETag");
+    assert_ne!(module_etag, etag);
 
     // Off by default: the inner service answers.
     let plain = Node::start(ThinWsLayer::in_memory()).await;
@@ -212,4 +227,23 @@ async fn raw_response(addr: std::net::SocketAddr, request: &str) -> String {
     let mut out = Vec::new();
     tcp.read_to_end(&mut out).await.unwrap();
     String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn only_get_requests_are_upgraded() {
+    let node = Node::start(ThinWsLayer::in_memory()).await;
+    let upgrade = [
+        ("Upgrade", "websocket"),
+        ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("Sec-WebSocket-Version", "13"),
+    ];
+    for method in ["POST", "PUT", "DELETE"] {
+        let (status, _) = http(node.addr, method, "/", &upgrade).await;
+        assert_ne!(
+            status, 101,
+            "{method} with upgrade headers must not become a socket"
+        );
+    }
+    assert_eq!(node.hub.socket_count(), 0);
 }

@@ -27,6 +27,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use http::request::Parts;
 use hyper_tungstenite::tungstenite::error::ProtocolError;
@@ -34,11 +35,13 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::CloseFrame;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use hyper_tungstenite::{HyperWebsocket, HyperWebsocketStream};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use self::outbound::OutboundQueue;
+use self::rate_limit::{Rate, RateLimit};
 use self::socket::Socket;
 use crate::hooks::DisconnectReason;
 use crate::node::Node;
@@ -87,7 +90,9 @@ fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame {
 enum Read {
     /// A frame to handle (text or binary).
     Frame(Message),
-    /// A control frame; tungstenite answers pings itself.
+    /// A ping (tungstenite answers it itself); it counts toward the rate limit.
+    Ping,
+    /// A pong or a raw frame.
     Control,
     End(DisconnectReason),
 }
@@ -96,7 +101,8 @@ fn read_result(read: Option<Result<Message, WsError>>, queue: &OutboundQueue) ->
     match read {
         Some(Ok(Message::Close(_))) | None => Read::End(DisconnectReason::Closed),
         Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => Read::Frame(message),
-        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Read::Control,
+        Some(Ok(Message::Ping(_))) => Read::Ping,
+        Some(Ok(Message::Pong(_) | Message::Frame(_))) => Read::Control,
         Some(Err(WsError::Capacity(e))) => {
             tracing::debug!(error = %e, "frame over the size limit");
             queue.request_close(CloseCode::Size, "frame too large");
@@ -146,14 +152,11 @@ enum Progress {
 }
 
 impl Reader {
-    /// Starts handling `message` if the socket is free; otherwise gives it back.
-    fn start(self, message: Message, stop: &Arc<Notify>) -> (Reader, Option<Message>) {
+    /// Starts handling `frame` if the socket is free; otherwise gives it back.
+    fn start(self, frame: Frame, stop: &Arc<Notify>) -> (Reader, Option<Frame>) {
         match self {
-            Reader::Free(socket) => (
-                Reader::Handling(handle(socket, message, stop.clone())),
-                None,
-            ),
-            busy => (busy, Some(message)),
+            Reader::Free(socket) => (Reader::Handling(handle(socket, frame, stop.clone())), None),
+            busy => (busy, Some(frame)),
         }
     }
 
@@ -181,16 +184,31 @@ impl Reader {
     }
 }
 
+/// A frame waiting to be handled, and the rate limit's verdict when it arrived.
+type Frame = (Message, Rate);
+
+/// The rate limit's verdict on one incoming frame (a ping included).
+fn check_rate(rate: &mut Option<RateLimit>) -> Rate {
+    rate.as_mut()
+        .map_or(Rate::Allowed, |rate| rate.check(Instant::now()))
+}
+
 /// Handles one frame; stops early, keeping the socket, when `stop` is notified.
 ///
 /// Boxed: the handling future is large (hooks, broker calls), and inline it would stay in
 /// every idle socket's task for the socket's whole life.
-fn handle(mut socket: Box<Socket>, message: Message, stop: Arc<Notify>) -> Handling {
+fn handle(mut socket: Box<Socket>, (message, rate): Frame, stop: Arc<Notify>) -> Handling {
     Box::pin(async move {
         let work = async {
+            let allowed = rate == Rate::Allowed;
             match &message {
-                Message::Text(text) => socket.on_text(text).await,
-                _ => socket.on_binary().await,
+                Message::Text(text) => socket.on_text(text, allowed).await,
+                _ => socket.on_binary(allowed).await,
+            }
+            if rate == Rate::Flood {
+                // After this frame's reply: every frame read got its reply.
+                tracing::debug!("flood: closing the socket");
+                socket.close(CloseCode::Policy, "too many frames");
             }
         };
         tokio::select! {
@@ -200,6 +218,21 @@ fn handle(mut socket: Box<Socket>, message: Message, stop: Arc<Notify>) -> Handl
         }
         socket
     })
+}
+
+/// RFC 6455 §7.1.1: once the close frame is out, shut the write half down and read (and
+/// drop) what the client still sends until it closes too, for at most [`CLOSE_TIMEOUT`].
+/// Closing with unread data in the kernel's buffer would reset the connection, and the
+/// client could lose the close frame and the replies before it.
+async fn linger(sink: writer::WsSink, source: SplitStream<HyperWebsocketStream>) {
+    let Ok(mut stream) = sink.reunite(source) else {
+        return;
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let _ = stream.get_mut().shutdown().await;
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
 }
 
 async fn run(
@@ -212,6 +245,7 @@ async fn run(
     let (sink, mut source) = stream.split();
     let idle_timeout = node.config.idle_timeout;
     let ping_interval = node.config.ping_interval;
+    let mut rate = RateLimit::new(node.config.rate, Instant::now());
     let socket = Box::new(Socket::new(node, id, queue.clone(), parts));
     let frames_in = socket.metrics().frames_in.clone();
     let writer_future = writer::write_loop(
@@ -225,6 +259,7 @@ async fn run(
     tracing::debug!("socket open");
 
     let mut writer_done = false;
+    let mut sink = None;
     // Anything received (a pong included) proves the peer alive; one timer is reset lazily.
     let mut last_seen = Instant::now();
     let idle = tokio::time::sleep(idle_timeout);
@@ -233,15 +268,17 @@ async fn run(
     let mut reader = Reader::Free(socket);
     // At most one frame read ahead while another is being handled; it is handled next, so
     // frames are still handled one at a time and in order.
-    let mut ahead: Option<Message> = None;
+    let mut ahead: Option<Frame> = None;
+    let mut flooded = false;
     let reason = loop {
         if let Some(message) = ahead.take() {
             (reader, ahead) = reader.start(message, &stop);
         }
         tokio::select! {
             biased;
-            _ = &mut writer, if !writer_done => {
+            written = &mut writer, if !writer_done => {
                 writer_done = true;
+                sink = written.ok();
                 break DisconnectReason::Server;
             }
             progress = reader.progress() => match progress {
@@ -252,12 +289,23 @@ async fn run(
                     }
                 }
             },
-            read = source.next(), if ahead.is_none() => {
+            read = source.next(), if ahead.is_none() && !flooded => {
                 last_seen = Instant::now();
                 match read_result(read, &queue) {
                     Read::Frame(message) => {
                         frames_in.increment(1);
-                        ahead = Some(message);
+                        let verdict = check_rate(&mut rate);
+                        // Nothing more is read after a flood: the socket closes once this
+                        // frame is answered.
+                        flooded = verdict == Rate::Flood;
+                        ahead = Some((message, verdict));
+                    }
+                    Read::Ping => {
+                        if check_rate(&mut rate) == Rate::Flood {
+                            tracing::debug!("ping flood: closing the socket");
+                            flooded = true;
+                            queue.request_close(CloseCode::Policy, "too many frames");
+                        }
                     }
                     Read::Control => {}
                     Read::End(reason) => break reason,
@@ -286,7 +334,11 @@ async fn run(
             // Nobody is reading: don't wait for a flush that may never come.
             queue.request_close(CloseCode::Away, "idle timeout");
         }
-        let _ = writer.await;
+        sink = writer.await.ok();
+    }
+    let gone = matches!(reason, DisconnectReason::Lost | DisconnectReason::TimedOut);
+    if let (Some(sink), false) = (sink, gone) {
+        linger(sink, source).await;
     }
     // Only now, so that a node waiting for its sockets to close also waits for the flush.
     node.rooms.unregister(id);

@@ -7,11 +7,9 @@ use http::request::Parts;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde_json::value::RawValue;
-use tokio::time::Instant;
 
 use super::in_flight::{Answered, InFlight};
 use super::outbound::OutboundQueue;
-use super::rate_limit::{Rate, RateLimit};
 use super::refusal::Refusal;
 use super::request_head::detach;
 use crate::hooks::{
@@ -32,7 +30,6 @@ pub(super) struct Socket {
     /// This socket's own clones of the layer's hooks.
     hooks: Hooks,
     disconnect_fired: bool,
-    rate: Option<RateLimit>,
     metrics: SocketMetrics,
     in_flight: InFlight,
 }
@@ -68,7 +65,6 @@ impl Socket {
     ) -> Self {
         let identity: Arc<str> = format!("{:016x}-{id}", node.instance).into();
         let hooks = node.config.hooks.clone();
-        let rate = RateLimit::new(node.config.rate, Instant::now());
         // Only hooks read the upgrade request: without them, don't keep its headers for the
         // socket's whole life.
         let request = Arc::new(match hooks.is_empty() {
@@ -87,7 +83,6 @@ impl Socket {
             queue,
             hooks,
             disconnect_fired: false,
-            rate,
             metrics: SocketMetrics::new(),
             in_flight: InFlight::default(),
         }
@@ -95,6 +90,11 @@ impl Socket {
 
     pub(super) fn metrics(&self) -> &SocketMetrics {
         &self.metrics
+    }
+
+    /// Asks the writer to close the socket with `code` after what is queued.
+    pub(super) fn close(&self, code: CloseCode, reason: &'static str) {
+        self.queue.request_close(code, reason);
     }
 
     /// Queues a frame for this socket, waiting if its queue is full.
@@ -113,28 +113,10 @@ impl Socket {
             .await
     }
 
-    /// Applies the rate limit to one incoming frame; `false` when it must be refused.
-    /// A sustained flood closes the socket with 1008.
-    fn within_rate(&mut self) -> bool {
-        let Some(rate) = &mut self.rate else {
-            return true;
-        };
-        match rate.check(Instant::now()) {
-            Rate::Allowed => true,
-            Rate::Limited => false,
-            Rate::Flood => {
-                tracing::debug!("flood: closing the socket");
-                self.queue
-                    .request_close(CloseCode::Policy, "too many frames");
-                false
-            }
-        }
-    }
-
     /// Handles a binary frame: refused, the socket stays open.
-    pub(super) async fn on_binary(&mut self) {
+    pub(super) async fn on_binary(&mut self, allowed: bool) {
         self.settle_all().await;
-        let (code, message) = match self.within_rate() {
+        let (code, message) = match allowed {
             false => (ErrorCode::RateLimited, "too many frames: slow down"),
             true => (
                 ErrorCode::InvalidFrame,
@@ -144,8 +126,8 @@ impl Socket {
         self.reply_error(None, code, message).await
     }
 
-    pub(super) async fn on_text(&mut self, text: &str) {
-        let allowed = self.within_rate();
+    /// Handles a text frame; `allowed` is the rate limit's verdict, taken when it arrived.
+    pub(super) async fn on_text(&mut self, text: &str, allowed: bool) {
         let frame = match protocol::parse(text, &self.node.config.limits) {
             Ok(frame) => frame,
             Err(e) => {

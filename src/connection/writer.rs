@@ -17,7 +17,7 @@ use tokio::time::MissedTickBehavior;
 use super::outbound::OutboundQueue;
 use super::{close_frame, CLOSE_TIMEOUT};
 
-type WsSink = SplitSink<HyperWebsocketStream, Message>;
+pub(super) type WsSink = SplitSink<HyperWebsocketStream, Message>;
 
 /// Closes the socket's queue when the writer ends, however it ends, so that nothing waits
 /// for a writer that is gone.
@@ -30,13 +30,14 @@ impl Drop for CloseQueueOnDrop<'_> {
 }
 
 /// Everything queued is fed, then flushed once. Ends when the reader has finished and the
-/// queue is written, when a write fails, or when a close is requested.
+/// queue is written, when a write fails, or when a close is requested; gives the sink back,
+/// so that the socket can shut down its write half and linger (see `connection::run`).
 pub(super) async fn write_loop(
     mut sink: WsSink,
     queue: Arc<OutboundQueue>,
     ping_interval: Duration,
     frames_out: Counter,
-) {
+) -> WsSink {
     let _close_queue = CloseQueueOnDrop(&queue);
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
@@ -59,12 +60,13 @@ pub(super) async fn write_loop(
                     }
                     Err(e) => {
                         tracing::debug!(error = %e, "socket write failed");
-                        return;
+                        return sink;
                     }
                 },
             };
             if let Some(close) = close {
-                return send_close(sink, &queue, &mut batch, close).await;
+                send_close(&mut sink, &queue, &mut batch, close).await;
+                return sink;
             }
             // Keep a small batch's buffer for next time; give a large one back.
             if batch.capacity() > 64 {
@@ -76,21 +78,24 @@ pub(super) async fn write_loop(
             // A close requested just before the reader finished (a protocol error, a
             // flood) keeps its code; otherwise the socket ends with a plain close.
             match queue.close_request() {
-                Some(close) => send_close(sink, &queue, &mut batch, close).await,
+                Some(close) => send_close(&mut sink, &queue, &mut batch, close).await,
                 None => {
                     let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
                 }
             }
-            return;
+            return sink;
         }
         tokio::select! {
             biased;
-            close = &mut closing => return send_close(sink, &queue, &mut batch, close).await,
+            close = &mut closing => {
+                send_close(&mut sink, &queue, &mut batch, close).await;
+                return sink;
+            }
             () = queue.ready() => {}
             _ = ping.tick() => {
                 if let Err(e) = sink.send(Message::Ping(Bytes::new())).await {
                     tracing::debug!(error = %e, "ping failed");
-                    return;
+                    return sink;
                 }
             }
         }
@@ -108,16 +113,16 @@ async fn write_batch(sink: &mut WsSink, batch: &mut VecDeque<Utf8Bytes>) -> Resu
 }
 
 async fn send_close(
-    mut sink: WsSink,
+    sink: &mut WsSink,
     queue: &OutboundQueue,
     batch: &mut VecDeque<Utf8Bytes>,
     (code, reason): (CloseCode, &'static str),
 ) {
     tracing::debug!(code = u16::from(code), reason, "closing socket");
     let close = async {
-        // Going away is graceful: what was queued still goes out first. A slow reader's
-        // backlog is dropped.
-        if code == CloseCode::Away {
+        // What was queued (the replies to every frame read, deliveries) still goes out
+        // first; only a slow reader's backlog, the reason it is closed, is dropped.
+        if code != CloseCode::Again {
             queue.take(batch);
             while let Some(frame) = batch.pop_front() {
                 sink.feed(Message::Text(frame)).await?;

@@ -28,10 +28,10 @@ const fn fnv1a(bytes: &[u8]) -> u64 {
     hash
 }
 
-const HASH: u64 = fnv1a(SCRIPT.as_bytes());
-
-fn etag() -> String {
-    format!("\"{HASH:016x}\"")
+/// The ETag of a body: each served body has its own, so a cached script never answers for
+/// the module or the other way round.
+fn etag(body: &str) -> String {
+    format!("\"{:016x}\"", fnv1a(body.as_bytes()))
 }
 
 /// The response for `GET`/`HEAD /thinws.js` or `/thinws.mjs`, or `None` for any other
@@ -45,7 +45,7 @@ pub(crate) fn respond<B>(request: &Request<B>) -> Option<Response<Full<Bytes>>> 
         "/thinws.mjs" => MODULE,
         _ => return None,
     };
-    let etag = etag();
+    let etag = etag(body);
     let fresh = request
         .headers()
         .get(header::IF_NONE_MATCH)

@@ -31,13 +31,16 @@ impl<S> ThinWsService<S> {
         &self.inner
     }
 
-    /// Whether this request is one the layer takes over.
+    /// Whether this request is one the layer takes over: a `GET` with upgrade headers
+    /// (RFC 6455 §4.1) on the configured path.
     fn takes<B>(&self, request: &Request<B>) -> bool {
-        self.node
-            .config
-            .path
-            .as_deref()
-            .is_none_or(|path| request.uri().path() == path)
+        request.method() == http::Method::GET
+            && self
+                .node
+                .config
+                .path
+                .as_deref()
+                .is_none_or(|path| request.uri().path() == path)
             && hyper_tungstenite::is_upgrade_request(request)
     }
 }
