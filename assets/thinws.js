@@ -15,7 +15,9 @@
  * exponential backoff and jitter and sends `connect` again, so the server rejoins the
  * identity's rooms; onOpen runs after every (re)connection. Requests made while
  * disconnected are queued (up to options.maxQueue) and sent after reconnecting; requests
- * already sent when the connection dropped reject with code "disconnected".
+ * already sent when the connection dropped reject with code "disconnected". An error frame
+ * is never retried: a "timeout" rejection means the server does not know whether the
+ * message went out (it may still be delivered), so only the caller can decide to resend.
  *
  * options: { minDelay: 250, maxDelay: 10000 (ms, the backoff), timeout: 10000 (ms per
  * request), maxQueue: 1000, onClose(client) (called when a connection drops) }

@@ -32,12 +32,21 @@ pub enum Error {
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum BrokerError {
-    /// Redis gave no answer in time.
-    #[error("no answer from Redis within {0:?}")]
+    /// Redis gave no answer in time to a command that was sent: it may or may not have
+    /// been carried out (see [`BrokerError::outcome_unknown`]).
+    #[error("no answer from Redis within {0:?}; the outcome is unknown")]
     Timeout(Duration),
-    /// A connection to Redis could not be opened, or failed.
+    /// The command waited its whole time for a connection and was never sent.
+    #[error("Redis could not be reached within {0:?}; nothing was sent")]
+    NotSent(Duration),
+    /// A connection to Redis could not be opened, or was known to be closed; nothing was
+    /// sent on it.
     #[error("Redis connection failed")]
     Connection(#[source] ErrorSource),
+    /// The connection failed while a command was in flight: it may or may not have been
+    /// carried out.
+    #[error("the Redis connection failed with the command in flight; the outcome is unknown")]
+    Lost(#[source] ErrorSource),
     /// Redis answered with an error.
     #[error("Redis answered with an error")]
     Refused(#[source] ErrorSource),
@@ -59,6 +68,14 @@ impl BrokerError {
     /// A connection failure caused by `e`.
     pub(crate) fn connection(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         BrokerError::Connection(Arc::new(e))
+    }
+
+    /// Whether the operation may have been carried out all the same: a command was sent and
+    /// no answer came ([`BrokerError::Timeout`], [`BrokerError::Lost`]). Every other error
+    /// means that nothing was done. Clients see the first kind as `timeout`, the second as
+    /// `unavailable`.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, BrokerError::Timeout(_) | BrokerError::Lost(_))
     }
 
     /// The error and its causes in one line (for `error` frames and logs).

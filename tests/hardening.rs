@@ -49,7 +49,10 @@ async fn time_to_resumed_delivery(
                 .request(json!({"type": "message", "roomID": "r", "payload": {"probe": probe}}))
                 .await;
             if reply["type"] != "ack" {
-                assert_eq!(reply["code"], "unavailable", "{reply}");
+                assert!(
+                    reply["code"] == "unavailable" || reply["code"] == "timeout",
+                    "{reply}"
+                );
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
@@ -474,7 +477,11 @@ async fn a_flood_gets_a_reply_for_every_frame_read_then_a_clean_1008() {
             match within("a reply or the close", ws.next()).await {
                 Some(Ok(Message::Text(text))) => {
                     let reply: serde_json::Value = serde_json::from_str(&text).unwrap();
-                    assert_eq!(reply["messageID"], acks + limited, "run {run}: in order, no gap");
+                    assert_eq!(
+                        reply["messageID"],
+                        acks + limited,
+                        "run {run}: in order, no gap"
+                    );
                     match reply["type"].as_str() {
                         Some("ack") => acks += 1,
                         _ => {
@@ -494,6 +501,9 @@ async fn a_flood_gets_a_reply_for_every_frame_read_then_a_clean_1008() {
         // answered too; a token refilled meanwhile (1 per second) adds an ack.
         assert!((200..=202).contains(&acks), "run {run}: {acks} acks");
         assert!(limited >= 101, "run {run}: {limited} refused");
-        assert!(acks + limited < 350, "run {run}: frames after the flood were not read");
+        assert!(
+            acks + limited < 350,
+            "run {run}: frames after the flood were not read"
+        );
     }
 }

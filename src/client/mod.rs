@@ -16,6 +16,10 @@
 //!   [`ClientError::Disconnected`]: the server may or may not have applied them, and only
 //!   the caller knows whether resending a message is safe.
 //!
+//! An `error` from the server is returned as it is, never retried. In particular
+//! [`ErrorCode::Timeout`] means that the outcome is unknown (the message may still be
+//! delivered), while [`ErrorCode::Unavailable`] means that nothing was done.
+//!
 //! Plain `ws://` only: this feature adds no TLS stack.
 //!
 //! # Example

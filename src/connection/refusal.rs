@@ -8,6 +8,8 @@ use crate::protocol::ErrorCode;
 #[derive(Debug)]
 pub(super) enum Refusal {
     Broker(BrokerError),
+    /// A read from the broker failed: nothing was changed, whatever the error.
+    BrokerRead(BrokerError),
     /// A hook refused, with this reason.
     Forbidden(String),
     /// A hook failed while deciding on this kind of operation.
@@ -26,7 +28,8 @@ impl Refusal {
 
     pub(super) fn code(&self) -> ErrorCode {
         match self {
-            Refusal::Broker(_) => ErrorCode::Unavailable,
+            Refusal::Broker(e) if e.outcome_unknown() => ErrorCode::Timeout,
+            Refusal::Broker(_) | Refusal::BrokerRead(_) => ErrorCode::Unavailable,
             Refusal::Forbidden(_) => ErrorCode::Forbidden,
             Refusal::HookFailed(_) => ErrorCode::Internal,
             Refusal::TooManyRooms(_) => ErrorCode::LimitExceeded,
@@ -36,7 +39,7 @@ impl Refusal {
 
     pub(super) fn message(&self) -> String {
         match self {
-            Refusal::Broker(e) => e.report(),
+            Refusal::Broker(e) | Refusal::BrokerRead(e) => e.report(),
             Refusal::Forbidden(reason) => reason.clone(),
             Refusal::HookFailed(event) => format!("the server could not decide on this {event}"),
             Refusal::TooManyRooms(max) => format!("a socket may be in at most {max} rooms"),

@@ -207,7 +207,7 @@ impl Socket {
             .broker
             .rooms_of(&connection_id)
             .await
-            .map_err(Refusal::Broker)?;
+            .map_err(Refusal::BrokerRead)?;
         if !self.me.bound {
             tracing::Span::current().record("identity", connection_id.as_str());
             self.me.identity = connection_id.into();

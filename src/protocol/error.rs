@@ -25,6 +25,10 @@ pub enum ErrorCode {
     RateLimited,
     /// The broker (Redis) could not be reached; nothing was published or subscribed.
     Unavailable,
+    /// The broker (Redis) did not answer in time after the operation was sent: it may or
+    /// may not have been carried out. Not safe to retry blindly (a message could arrive
+    /// twice).
+    Timeout,
     /// The socket joined too many rooms.
     LimitExceeded,
     /// An unexpected server-side failure.
@@ -43,13 +47,14 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Timeout => "timeout",
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::Internal => "internal",
         }
     }
 
     /// Every code, for tables and tests.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidMessage,
         ErrorCode::UnknownType,
@@ -58,6 +63,7 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::RateLimited,
         ErrorCode::Unavailable,
+        ErrorCode::Timeout,
         ErrorCode::LimitExceeded,
         ErrorCode::Internal,
     ];

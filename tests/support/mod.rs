@@ -130,6 +130,29 @@ impl RedisServer {
         )
     }
 
+    /// Freezes the server with SIGSTOP: connections stay open, nothing is answered.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes a frozen server (SIGCONT).
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("a running server");
+        let status = std::process::Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Kills the server with SIGKILL (its data is gone: it keeps nothing on disk).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -3,7 +3,12 @@
 //!
 //! A caller always uses the same lane (a socket uses lane `id % lanes`), and a lane sends
 //! its batches one after the other and answers them in order, so a socket's publishes
-//! reach Redis in the order it sent them even with many in flight. A lane checks its
+//! reach Redis in the order it sent them even with many in flight.
+//!
+//! Every request has a deadline, the Redis timeout after it was queued, and is answered by
+//! then: a request whose time ran out while it waited for the lane is never sent
+//! ([`BrokerError::NotSent`]); one that was sent and got no answer by the earliest deadline
+//! of its pipeline has an unknown outcome ([`BrokerError::Timeout`]). A lane checks its
 //! connection out of the pool once and keeps it. It hands the connection back (to be
 //! recycled, or replaced if it is dead) after any error, and before sending when any
 //! pooled connection was reported lost since it was checked out, so that a publish is not
@@ -15,8 +20,9 @@ use deadpool_redis::{Connection, Pool};
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
-use super::connect::{redis_error, within, Disconnects};
+use super::connect::{redis_error, Disconnects};
 use crate::broker::Publish;
 use crate::error::BrokerError;
 
@@ -26,21 +32,26 @@ const MAX_BATCH: usize = 512;
 type Reply = oneshot::Sender<Result<(), BrokerError>>;
 
 /// One request waiting in a lane.
-enum Request {
+struct Request {
+    kind: Kind,
+    reply: Reply,
+    /// When the caller must have its answer.
+    deadline: Instant,
+}
+
+enum Kind {
     Publish {
         channel: String,
         frame: Utf8Bytes,
-        reply: Reply,
     },
     /// A health probe: `PING` on the lane's connection, in order with the publishes.
-    Ping { reply: Reply },
+    Ping,
 }
 
 impl Request {
     fn reply(self, result: Result<(), BrokerError>) {
-        let (Request::Publish { reply, .. } | Request::Ping { reply }) = self;
         // The caller may have gone away; the outcome is the same for everyone else.
-        let _ = reply.send(result);
+        let _ = self.reply.send(result);
     }
 }
 
@@ -48,6 +59,7 @@ impl Request {
 #[derive(Debug)]
 pub(crate) struct Lanes {
     senders: Vec<mpsc::UnboundedSender<Request>>,
+    timeout: Duration,
 }
 
 impl Lanes {
@@ -72,7 +84,7 @@ impl Lanes {
                 sender
             })
             .collect();
-        Lanes { senders }
+        Lanes { senders, timeout }
     }
 
     fn lane(&self, lane: u64) -> &mpsc::UnboundedSender<Request> {
@@ -83,10 +95,10 @@ impl Lanes {
     /// resolves when Redis answered.
     pub(crate) fn publish(&self, lane: u64, channel: String, frame: Utf8Bytes) -> Publish {
         let (reply, answer) = oneshot::channel();
-        let request = Request::Publish {
-            channel,
-            frame,
+        let request = Request {
+            kind: Kind::Publish { channel, frame },
             reply,
+            deadline: Instant::now() + self.timeout,
         };
         match self.lane(lane).send(request) {
             Ok(()) => Publish::Pending(answer),
@@ -99,8 +111,13 @@ impl Lanes {
         let mut answers = Vec::with_capacity(self.senders.len());
         for lane in 0..self.senders.len() as u64 {
             let (reply, answer) = oneshot::channel();
+            let deadline = Instant::now() + self.timeout;
             self.lane(lane)
-                .send(Request::Ping { reply })
+                .send(Request {
+                    kind: Kind::Ping,
+                    reply,
+                    deadline,
+                })
                 .map_err(|_| BrokerError::Stopped("publishing lane"))?;
             answers.push(answer);
         }
@@ -136,25 +153,39 @@ impl Lane {
                     Err(_) => break,
                 }
             }
+            // What waited past its deadline (behind a slow pipeline) is not sent at all.
+            let now = Instant::now();
+            let mut i = 0;
+            while i < batch.len() {
+                if batch[i].deadline <= now {
+                    batch
+                        .remove(i)
+                        .reply(Err(BrokerError::NotSent(self.timeout)));
+                } else {
+                    i += 1;
+                }
+            }
+            let Some(deadline) = batch.iter().map(|request| request.deadline).min() else {
+                continue;
+            };
             pipeline.clear();
             for request in &batch {
-                match request {
-                    Request::Publish { channel, frame, .. } => {
+                match &request.kind {
+                    Kind::Publish { channel, frame } => {
                         pipeline.cmd("PUBLISH").arg(channel).arg(frame.as_bytes())
                     }
-                    Request::Ping { .. } => pipeline.cmd("PING"),
+                    Kind::Ping => pipeline.cmd("PING"),
                 };
             }
-            let replies = within(self.timeout, self.send(&pipeline)).await;
-            match replies {
+            match self.send(&pipeline, deadline).await {
                 Ok(replies) if replies.len() == batch.len() => {
                     for (request, reply) in batch.drain(..).zip(replies) {
-                        let result = match (&request, reply) {
+                        let result = match (&request.kind, reply) {
                             (_, Value::ServerError(e)) => Err(BrokerError::Refused(
                                 std::sync::Arc::new(redis::RedisError::from(e)),
                             )),
-                            (Request::Publish { .. }, Value::Int(_)) => Ok(()),
-                            (Request::Ping { .. }, Value::SimpleString(_) | Value::Okay) => Ok(()),
+                            (Kind::Publish { .. }, Value::Int(_)) => Ok(()),
+                            (Kind::Ping, Value::SimpleString(_) | Value::Okay) => Ok(()),
                             (_, other) => Err(BrokerError::Protocol(format!("{other:?}"))),
                         };
                         request.reply(result);
@@ -182,8 +213,13 @@ impl Lane {
         }
     }
 
-    /// Sends `pipeline` on the held connection (checking one out first if needed).
-    async fn send(&mut self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BrokerError> {
+    /// Sends `pipeline` on the held connection (checking one out first if needed), and
+    /// waits for its replies until `deadline`.
+    async fn send(
+        &mut self,
+        pipeline: &redis::Pipeline,
+        deadline: Instant,
+    ) -> Result<Vec<Value>, BrokerError> {
         let lost = self.disconnects.current();
         if self.held.as_ref().is_some_and(|(_, seen)| *seen != lost) {
             // Some pooled connection was lost since this one was checked out: it may be
@@ -193,14 +229,24 @@ impl Lane {
         let connection = match &mut self.held {
             Some((connection, _)) => connection,
             None => {
-                let connection = self.pool.get().await.map_err(pool_error)?;
+                let connection = tokio::time::timeout_at(deadline, self.pool.get())
+                    .await
+                    .map_err(|_| BrokerError::NotSent(self.timeout))?
+                    .map_err(pool_error)?;
                 &mut self.held.insert((connection, lost)).0
             }
         };
-        pipeline
-            .query_async::<Vec<Value>>(connection)
+        // From here on the pipeline may have reached Redis.
+        match tokio::time::timeout_at(deadline, pipeline.query_async::<Vec<Value>>(connection))
             .await
-            .map_err(redis_error)
+        {
+            Err(_) => Err(BrokerError::Timeout(self.timeout)),
+            Ok(Ok(replies)) => Ok(replies),
+            Ok(Err(e)) if e.kind() == redis::ErrorKind::Io || e.is_connection_dropped() => {
+                Err(BrokerError::Lost(std::sync::Arc::new(e)))
+            }
+            Ok(Err(e)) => Err(redis_error(e)),
+        }
     }
 }
 

@@ -1,0 +1,168 @@
+//! Every reply tells the truth about a publish: `ack` means Redis accepted it,
+//! `unavailable` means it was never sent (nobody receives it), `timeout` means the outcome
+//! is unknown. Shown with a real Redis frozen by SIGSTOP and an independent subscriber on
+//! its own Redis connection.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use support::{Node, RedisServer};
+use thinws::ThinWsLayer;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_gets_timeout_or_unavailable_in_time_and_unavailable_means_unsent() {
+    let redis = RedisServer::start().await;
+    // The default Redis timeout (2 s): every reply must come within 3 s of its frame.
+    let layer = ThinWsLayer::builder()
+        .redis_url(redis.url())
+        .rate_limit(0, 0)
+        .connect()
+        .await
+        .unwrap();
+    let node = Node::start(layer).await;
+
+    // The observer: a plain Redis subscriber on its own connection.
+    let mut observer = redis::Client::open(redis.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    observer.subscribe("thinws:room:r").await.unwrap();
+    let seen = Arc::new(Mutex::new(BTreeSet::new()));
+    let watch = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            let mut messages = observer.on_message();
+            while let Some(message) = messages.next().await {
+                let frame: Value =
+                    serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
+                seen.lock()
+                    .unwrap()
+                    .insert(frame["payload"].as_u64().unwrap());
+            }
+        }
+    });
+
+    let (ws, _) = tokio_tungstenite::connect_async(node.url()).await.unwrap();
+    let (mut tx, mut rx) = ws.split();
+    let sent_at: Arc<Mutex<BTreeMap<u64, Instant>>> = Arc::default();
+    let sender = tokio::spawn({
+        let sent_at = sent_at.clone();
+        async move {
+            // 50 ms apart for 6 s; Redis is frozen from 1 s to 4 s.
+            for seq in 0..120u64 {
+                let frame =
+                    json!({"type": "message", "messageID": seq, "roomID": "r", "payload": seq});
+                sent_at.lock().unwrap().insert(seq, Instant::now());
+                tx.send(Message::text(frame.to_string())).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            tx
+        }
+    });
+    // Replies are read as they come, from the start.
+    let collector = tokio::spawn({
+        let sent_at = sent_at.clone();
+        async move {
+            let mut replies: BTreeMap<u64, (String, Duration)> = BTreeMap::new();
+            while replies.len() < 120 {
+                let Some(Ok(Message::Text(text))) = rx.next().await else {
+                    continue;
+                };
+                let reply: Value = serde_json::from_str(&text).unwrap();
+                let seq = reply["messageID"].as_u64().unwrap();
+                let took = sent_at.lock().unwrap()[&seq].elapsed();
+                let kind = match reply["type"].as_str().unwrap() {
+                    "ack" => "ack".to_owned(),
+                    _ => reply["code"].as_str().unwrap().to_owned(),
+                };
+                replies.insert(seq, (kind, took));
+            }
+            replies
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    redis.freeze();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.thaw();
+
+    let replies = tokio::time::timeout(Duration::from_secs(20), collector)
+        .await
+        .expect("every frame gets its reply")
+        .unwrap();
+    let _tx = sender.await.unwrap();
+    // Whatever Redis accepted reaches the observer soon after the thaw.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    watch.abort();
+    let seen = seen.lock().unwrap().clone();
+
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut slowest = Duration::ZERO;
+    for (seq, (kind, took)) in &replies {
+        *counts.entry(kind.as_str()).or_default() += 1;
+        slowest = slowest.max(*took);
+        match kind.as_str() {
+            "ack" => assert!(seen.contains(seq), "{seq} was acked but never published"),
+            "unavailable" => assert!(
+                !seen.contains(seq),
+                "{seq} got unavailable but was published"
+            ),
+            "timeout" => {}
+            other => panic!("{seq}: unexpected reply {other}"),
+        }
+    }
+    println!(
+        "replies {counts:?}; slowest {slowest:?}; the observer saw {}",
+        seen.len()
+    );
+    for (seq, (kind, took)) in &replies {
+        if *took > Duration::from_millis(1500) || kind != "ack" {
+            println!("  {seq}: {kind} after {took:?}");
+        }
+    }
+    assert!(
+        slowest <= Duration::from_secs(3),
+        "a reply took {slowest:?}"
+    );
+    assert!(counts.get("ack").copied().unwrap_or(0) >= 40, "{counts:?}");
+    assert!(
+        counts.get("timeout").copied().unwrap_or(0)
+            + counts.get("unavailable").copied().unwrap_or(0)
+            > 0,
+        "the freeze was felt: {counts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_publish_after_a_redis_restart_is_not_refused_once_health_is_ready() {
+    let mut redis = RedisServer::start().await;
+    let layer = ThinWsLayer::builder()
+        .redis_url(redis.url())
+        .redis_timeout(Duration::from_millis(500))
+        .connect()
+        .await
+        .unwrap();
+    let hub = layer.hub();
+    let node = Node::start(layer).await;
+    let mut c = support::Client::connect(&node.url()).await;
+    c.publish("r", json!("before")).await;
+    for round in 0..3 {
+        redis.restart().await;
+        support::within("health after the restart", async {
+            while !hub.health().await.is_ready() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let reply = c
+            .request(json!({"type": "message", "roomID": "r", "payload": round}))
+            .await;
+        assert_eq!(reply["type"], "ack", "round {round}: {reply}");
+    }
+}
