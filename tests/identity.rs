@@ -127,3 +127,81 @@ async fn the_key_prefix_is_configurable() {
     let keys: Vec<String> = conn.keys("*").await.unwrap();
     assert_eq!(keys, ["app1:identity:carol"]);
 }
+
+/// The rule: an identity records at most `max_rooms_per_socket` rooms (a `subscribe` beyond
+/// gets `limit_exceeded` and records nothing, across all its sockets), so `connect` can
+/// always rejoin them all; and a `connect` that fails leaves the socket as it was.
+async fn identity_room_limit(node: &Node) {
+    let mut sockets = Vec::new();
+    for _ in 0..3 {
+        sockets.push(Client::connect_as(&node.url(), "carol").await);
+    }
+    // 3 sockets, 2 rooms each: the identity reaches its 5.
+    let mut n = 0;
+    for s in &mut sockets {
+        for _ in 0..2 {
+            let reply = s
+                .request(json!({"type": "subscribe", "roomID": format!("c{n}")}))
+                .await;
+            if n < 5 {
+                assert_eq!(reply["type"], "ack", "room {n}: {reply}");
+            } else {
+                assert_eq!(reply["code"], "limit_exceeded", "room {n}: {reply}");
+            }
+            n += 1;
+        }
+    }
+    assert_eq!(
+        node.hub.member_count("c5"),
+        0,
+        "a refused subscribe joins nothing"
+    );
+    // A new socket of the identity rejoins all 5, within its own limit.
+    let mut fresh = Client::connect_as(&node.url(), "carol").await;
+    let mut publisher = Client::connect(&node.url()).await;
+    publisher.publish("c4", json!("hi")).await;
+    assert_eq!(fresh.delivery().await["roomID"], "c4");
+
+    // A socket already in rooms of its own cannot take the identity's 5 on top: the connect
+    // fails and changes nothing (no room joined, no identity bound).
+    let rooms = ["c0", "c1", "c2", "c3", "c4"];
+    let counts: Vec<usize> = rooms.iter().map(|r| node.hub.member_count(r)).collect();
+    let mut busy = Client::connect(&node.url()).await;
+    busy.subscribe("own").await;
+    let reply = busy
+        .request(json!({"type": "connect", "connectionID": "carol"}))
+        .await;
+    assert_eq!(reply["code"], "limit_exceeded", "{reply}");
+    let after: Vec<usize> = rooms.iter().map(|r| node.hub.member_count(r)).collect();
+    assert_eq!(after, counts, "the failed connect joined nothing");
+    // Still unbound: a subscribe is not held to carol's (full) record, so it is acked.
+    busy.subscribe("own2").await;
+    busy.unsubscribe("own").await;
+    busy.unsubscribe("own2").await;
+    let reply = busy
+        .request(json!({"type": "connect", "connectionID": "carol"}))
+        .await;
+    assert_eq!(
+        reply["type"], "ack",
+        "with no room of its own it fits: {reply}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_per_identity_are_limited_at_subscribe_and_a_failed_connect_changes_nothing() {
+    let redis = RedisServer::start().await;
+    let layer = || {
+        ThinWsLayer::builder()
+            .redis_url(redis.url())
+            .max_rooms_per_socket(5)
+            .rate_limit(0, 0)
+            .build()
+    };
+    identity_room_limit(&Node::start(layer()).await).await;
+    let in_memory = ThinWsLayer::builder()
+        .max_rooms_per_socket(5)
+        .rate_limit(0, 0)
+        .build();
+    identity_room_limit(&Node::start(in_memory).await).await;
+    assert_eq!(rooms_in_redis(&redis, "carol").await.len(), 5);
+}

@@ -35,11 +35,17 @@ impl MemoryBroker {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    pub(crate) fn record(&self, identity: &str, room: &str) {
-        self.identities()
-            .entry(identity.to_owned())
-            .or_default()
-            .insert(room.to_owned());
+    /// Records `room` unless `identity` has `max` rooms already; returns whether it is.
+    pub(crate) fn record(&self, identity: &str, room: &str, max: usize) -> bool {
+        let mut identities = self.identities();
+        let rooms = identities.entry(identity.to_owned()).or_default();
+        if rooms.contains(room) {
+            return true;
+        }
+        if rooms.len() >= max {
+            return false;
+        }
+        rooms.insert(room.to_owned())
     }
 
     pub(crate) fn forget(&self, identity: &str, room: &str) {

@@ -149,14 +149,17 @@ impl Broker {
         }
     }
 
-    /// Remembers `room` for `identity`.
-    pub(crate) async fn record(&self, identity: &str, room: &str) -> Result<(), BrokerError> {
+    /// Remembers `room` for `identity` unless the identity already has `max` rooms (one
+    /// atomic step); returns whether the room is recorded.
+    pub(crate) async fn record(
+        &self,
+        identity: &str,
+        room: &str,
+        max: usize,
+    ) -> Result<bool, BrokerError> {
         match self {
-            Broker::Memory(b) => {
-                b.record(identity, room);
-                Ok(())
-            }
-            Broker::Redis(b) => b.identities().record(identity, room).await,
+            Broker::Memory(b) => Ok(b.record(identity, room, max)),
+            Broker::Redis(b) => b.identities().record(identity, room, max).await,
             Broker::Unusable(e) => Err(e.clone()),
         }
     }

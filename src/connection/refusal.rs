@@ -16,6 +16,8 @@ pub(super) enum Refusal {
     HookFailed(&'static str),
     /// The socket is in its most rooms.
     TooManyRooms(usize),
+    /// The identity has recorded its most rooms.
+    IdentityFull(usize),
     /// A second `connect` with another identity.
     OtherIdentity,
 }
@@ -32,7 +34,7 @@ impl Refusal {
             Refusal::Broker(_) | Refusal::BrokerRead(_) => ErrorCode::Unavailable,
             Refusal::Forbidden(_) => ErrorCode::Forbidden,
             Refusal::HookFailed(_) => ErrorCode::Internal,
-            Refusal::TooManyRooms(_) => ErrorCode::LimitExceeded,
+            Refusal::TooManyRooms(_) | Refusal::IdentityFull(_) => ErrorCode::LimitExceeded,
             Refusal::OtherIdentity => ErrorCode::InvalidMessage,
         }
     }
@@ -43,6 +45,9 @@ impl Refusal {
             Refusal::Forbidden(reason) => reason.clone(),
             Refusal::HookFailed(event) => format!("the server could not decide on this {event}"),
             Refusal::TooManyRooms(max) => format!("a socket may be in at most {max} rooms"),
+            Refusal::IdentityFull(max) => {
+                format!("an identity may record at most {max} rooms: unsubscribe one first")
+            }
             Refusal::OtherIdentity => {
                 "this socket is already connected with another connectionID".into()
             }

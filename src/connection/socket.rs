@@ -208,21 +208,50 @@ impl Socket {
             .rooms_of(&connection_id)
             .await
             .map_err(Refusal::BrokerRead)?;
-        if !self.me.bound {
-            tracing::Span::current().record("identity", connection_id.as_str());
-            self.me.identity = connection_id.into();
-            self.me.bound = true;
+        // Bound for the rejoin (the subscribe hook sees the identity being connected), and
+        // unbound again if it fails: a refused connect changes nothing.
+        let before = (self.me.identity.clone(), self.me.bound);
+        self.me.identity = connection_id.into();
+        self.me.bound = true;
+        match self.rejoin(rooms).await {
+            Ok(()) => {
+                tracing::Span::current().record("identity", &*self.me.identity);
+                Ok(())
+            }
+            Err(refusal) => {
+                (self.me.identity, self.me.bound) = before;
+                Err(refusal)
+            }
         }
+    }
+
+    /// Joins every recorded room the subscribe hook allows, or none: past the socket's room
+    /// limit, or when one cannot be joined, whatever this call joined is left again.
+    async fn rejoin(&mut self, rooms: Vec<String>) -> Result<(), Refusal> {
+        let mut wanted = Vec::with_capacity(rooms.len());
         for room in rooms {
+            if self.rooms.contains(room.as_str()) {
+                continue;
+            }
             match self.allowed_to_subscribe(&room).await {
-                Ok(()) => {}
+                Ok(()) => wanted.push(room),
                 Err(Refusal::Forbidden(reason)) => {
                     tracing::debug!(room, reason, "subscribe hook refused a recorded room");
-                    continue;
                 }
                 Err(refusal) => return Err(refusal),
             }
-            self.join(&room).await?;
+        }
+        let max = self.node.config.max_rooms_per_socket;
+        if self.rooms.len() + wanted.len() > max {
+            return Err(Refusal::TooManyRooms(max));
+        }
+        for (n, room) in wanted.iter().enumerate() {
+            if let Err(refusal) = self.join(room).await {
+                for joined in &wanted[..n] {
+                    self.leave(joined);
+                }
+                return Err(refusal);
+            }
         }
         Ok(())
     }
@@ -243,12 +272,16 @@ impl Socket {
         self.allowed_to_subscribe(room).await?;
         let joined = self.join(room).await?;
         if self.me.bound {
-            if let Err(e) = self.node.broker.record(&self.me.identity, room).await {
-                if joined {
-                    self.leave(room);
-                }
-                return Err(Refusal::Broker(e));
+            let max = self.node.config.max_rooms_per_socket;
+            let refusal = match self.node.broker.record(&self.me.identity, room, max).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => Refusal::IdentityFull(max),
+                Err(e) => Refusal::Broker(e),
+            };
+            if joined {
+                self.leave(room);
             }
+            return Err(refusal);
         }
         Ok(())
     }

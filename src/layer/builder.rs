@@ -172,7 +172,7 @@ impl ThinWsBuilder {
         self
     }
 
-    /// The `connectionID` that frames published with [`Hub::publish`] carry. Default
+    /// The `connectionID` that frames published with [`Hub::publish`](crate::Hub::publish) carry. Default
     /// `"server"`. Clients can claim any identity, so refuse this one in a `connect` hook
     /// if recipients must be able to trust it.
     pub fn server_sender_id(mut self, id: impl Into<String>) -> Self {
