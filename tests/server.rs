@@ -215,3 +215,139 @@ async fn the_demo_page_and_the_browser_client_are_served_by_default() {
     let without = Server::start(&["--no-demo"]).await;
     assert_eq!(http(without.addr, "GET", "/", &[]).await.0, 404);
 }
+
+/// Reads until the server closes the connection; returns how long that took.
+async fn until_closed(tcp: &mut tokio::net::TcpStream, dripping: bool) -> Duration {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        tokio::select! {
+            read = tcp.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return started.elapsed(),
+                Ok(_) => {}
+            },
+            () = tokio::time::sleep(Duration::from_millis(300)), if dripping => {
+                // One more byte of a request head that never ends.
+                if tcp.write_all(b"x").await.is_err() {
+                    return started.elapsed();
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_connections_are_closed_after_the_header_read_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start(&["--header-read-timeout", "1"]).await;
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let addr = server.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").await.unwrap();
+            until_closed(&mut tcp, true).await
+        }));
+    }
+    for task in tasks {
+        let took = within("a slow head to be cut off", task).await.unwrap();
+        assert!(took < Duration::from_secs(5), "closed after {took:?}");
+    }
+    // The node still serves.
+    assert_eq!(http(server.addr, "GET", "/healthz", &[]).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_have_not_upgraded_are_limited() {
+    let server = Server::start(&[
+        "--max-pending-connections",
+        "4",
+        "--header-read-timeout",
+        "2",
+    ])
+    .await;
+    // Four connections that say nothing hold every pending place.
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let (status, _) = http(server.addr, "GET", "/healthz", &[]).await;
+    let waited = started.elapsed();
+    assert_eq!(status, 200);
+    assert!(
+        waited >= Duration::from_millis(800),
+        "the fifth connection waited for a place ({waited:?})"
+    );
+    // The silent ones were cut off by the head timeout, which freed their places.
+    for mut tcp in idle {
+        assert!(until_closed(&mut tcp, false).await < Duration::from_secs(3));
+    }
+}
+
+/// CPU seconds (user + system) the process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_open_file_limit_upgrades_get_503_and_nothing_spins() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let log = std::env::temp_dir().join(format!("thinws-fd-{port}.log"));
+    // 160 open files at most (soft and hard): 40 pending places, 160 - 40 - 64 = 56 sockets.
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 160 && exec {BIN} --listen {addr} --no-demo --max-sockets 100000 2>{}",
+            log.display()
+        ))
+        .env_remove("REDIS_URL")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server { child, addr };
+    within("the server to listen", async {
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let (mut open, mut refused) = (Vec::new(), 0);
+    for _ in 0..120 {
+        match tokio_tungstenite::connect_async(server.url()).await {
+            Ok((ws, _)) => open.push(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 503);
+                refused += 1;
+            }
+            Err(e) => panic!("neither a socket nor a 503: {e}"),
+        }
+    }
+    assert_eq!(open.len(), 56, "the socket limit fits the open-file limit");
+    assert_eq!(refused, 64);
+    // Full, but not spinning: health answers, and the process is nearly idle.
+    let before = cpu_seconds(server.child.id());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(http(addr, "GET", "/healthz", &[]).await.0, 200);
+    let used = cpu_seconds(server.child.id()) - before;
+    assert!(used < 0.3, "{used} CPU seconds in a second while full");
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(log_text.matches("accept failed").count(), 0, "{log_text}");
+    drop(open);
+    let _ = std::fs::remove_file(log);
+}

@@ -20,13 +20,15 @@ use bytes::Bytes;
 use clap::Parser;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use thinws::{Hub, ThinWsLayer};
 use tokio::net::TcpListener;
 use tower_layer::Layer;
 use tower_service::Service;
+
+mod accept;
 
 /// ThinWS server: WebSocket rooms that scale out through Redis pub/sub.
 #[derive(Debug, Parser)]
@@ -53,9 +55,16 @@ struct Args {
     /// Burst of frames each socket may send at once.
     #[arg(long, env = "THINWS_RATE_BURST", default_value_t = 200)]
     rate_burst: u32,
-    /// Sockets this node accepts at most.
+    /// Sockets this node accepts at most (lowered to fit the open-file limit).
     #[arg(long, env = "THINWS_MAX_SOCKETS", default_value_t = 100_000)]
     max_sockets: usize,
+    /// Connections that may wait for their request head or WebSocket upgrade at once (at
+    /// most a quarter of the open-file limit); more wait in the listen backlog.
+    #[arg(long, env = "THINWS_MAX_PENDING_CONNECTIONS", default_value_t = 1024)]
+    max_pending_connections: usize,
+    /// Seconds a connection may take to send its request head (slow clients, slowloris).
+    #[arg(long, env = "THINWS_HEADER_READ_TIMEOUT", default_value_t = 10)]
+    header_read_timeout: u64,
     /// Seconds between heartbeat pings.
     #[arg(long, env = "THINWS_PING_INTERVAL", default_value_t = 25)]
     ping_interval: u64,
@@ -68,7 +77,7 @@ struct Args {
 }
 
 /// The demo chat page, built on `/thinws.js`.
-const DEMO: &str = include_str!("../../assets/demo.html");
+const DEMO: &str = include_str!("../../../assets/demo.html");
 
 /// The server's own HTTP endpoints, behind the ThinWS layer.
 #[derive(Clone)]
@@ -189,11 +198,19 @@ async fn run(args: Args) -> Result<(), String> {
             upkeep.run_upkeep();
         }
     });
+    let capacity = accept::capacity(args.max_sockets, args.max_pending_connections);
+    if capacity.sockets < args.max_sockets {
+        tracing::info!(
+            open_files = capacity.open_files,
+            sockets = capacity.sockets,
+            "--max-sockets lowered to fit the open-file limit, so that the node answers 503 before it runs out of descriptors"
+        );
+    }
     let mut builder = ThinWsLayer::builder()
         .serve_client(true)
         .key_prefix(args.key_prefix)
         .rate_limit(args.rate_limit, args.rate_burst)
-        .max_sockets(args.max_sockets)
+        .max_sockets(capacity.sockets)
         .ping_interval(Duration::from_secs(args.ping_interval))
         .idle_timeout(Duration::from_secs(args.idle_timeout));
     if let Some(path) = &args.path {
@@ -234,34 +251,29 @@ async fn run(args: Args) -> Result<(), String> {
         println!("thinws demo chat: http://{addr}/");
     }
 
-    let shutdown = shutdown_signal();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let (tcp, _) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let service = TowerToHyperService::new(service.clone());
-                tokio::spawn(async move {
-                    let served = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .with_upgrades()
-                        .await;
-                    if let Err(e) = served {
-                        tracing::debug!(error = %e, "HTTP connection ended with an error");
-                    }
-                });
-            }
-        }
-    }
-    drop(listener);
+    let header_read_timeout = Duration::from_secs(args.header_read_timeout.max(1));
+    accept::accept_loop(
+        listener,
+        capacity.pending,
+        shutdown_signal(),
+        |tcp, permit| {
+            let service = TowerToHyperService::new(service.clone());
+            tokio::spawn(async move {
+                let served = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_read_timeout)
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .with_upgrades()
+                    .await;
+                // Upgraded (the socket now counts toward --max-sockets) or done.
+                drop(permit);
+                if let Err(e) = served {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+            });
+        },
+    )
+    .await;
     let sockets = hub.socket_count();
     tracing::info!(sockets, "shutting down: closing sockets with 1001");
     let left = hub
