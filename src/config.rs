@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::hooks::Hooks;
+use crate::layer::origin::OriginPolicy;
 use crate::protocol::Limits;
 
 #[derive(Debug, Clone)]
@@ -31,6 +32,8 @@ pub(crate) struct Config {
     pub(crate) hooks: Hooks,
     /// Whether `GET /thinws.js` and `/thinws.mjs` serve the browser client.
     pub(crate) serve_client: bool,
+    /// The `Origin`s allowed to open sockets.
+    pub(crate) origins: OriginPolicy,
 }
 
 impl Default for Config {
@@ -56,6 +59,7 @@ impl Default for Config {
             server_sender_id: "server".into(),
             hooks: Hooks::default(),
             serve_client: false,
+            origins: OriginPolicy::any(),
         }
     }
 }

@@ -247,3 +247,57 @@ async fn only_get_requests_are_upgraded() {
     }
     assert_eq!(node.hub.socket_count(), 0);
 }
+
+/// The status of an upgrade request with `headers` (read up to the end of the head).
+async fn upgrade_status(addr: std::net::SocketAddr, headers: &[(&str, &str)]) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request = format!("GET / HTTP/1.1\r\nHost: {addr}\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && tcp.read(&mut byte).await.unwrap() == 1 {
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head)
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn origins_outside_the_allow_list_get_403() {
+    let upgrade = |origin: Option<&'static str>| {
+        let mut h = vec![
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("Sec-WebSocket-Version", "13"),
+        ];
+        if let Some(origin) = origin {
+            h.push(("Origin", origin));
+        }
+        h
+    };
+    let open = Node::start(ThinWsLayer::in_memory()).await;
+    let status = upgrade_status(open.addr, &upgrade(Some("https://evil.example"))).await;
+    assert_eq!(status, 101, "no rule: any origin, as before");
+
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .allow_origin("https://app.example")
+            .build(),
+    )
+    .await;
+    let status = upgrade_status(node.addr, &upgrade(Some("https://evil.example"))).await;
+    assert_eq!(status, 403);
+    assert_eq!(node.hub.socket_count(), 0);
+    for ok in [Some("https://app.example"), None] {
+        assert_eq!(upgrade_status(node.addr, &upgrade(ok)).await, 101, "{ok:?}");
+    }
+}

@@ -351,3 +351,32 @@ async fn at_the_open_file_limit_upgrades_get_503_and_nothing_spins() {
     drop(open);
     let _ = std::fs::remove_file(log);
 }
+
+#[tokio::test]
+async fn the_server_allows_its_own_origin_and_the_listed_ones() {
+    let server = Server::start(&["--allowed-origin", "https://app.example"]).await;
+    let own = format!("http://{}", server.addr);
+    for (origin, allowed) in [
+        (own.as_str(), true),
+        ("https://app.example", true),
+        ("https://evil.example", false),
+        ("http://127.0.0.1:1", false),
+    ] {
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                server.url(),
+            )
+            .unwrap();
+        request
+            .headers_mut()
+            .insert("Origin", origin.parse().unwrap());
+        match tokio_tungstenite::connect_async(request).await {
+            Ok(_) => assert!(allowed, "{origin} got a socket"),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert!(!allowed, "{origin} was refused");
+                assert_eq!(response.status(), 403);
+            }
+            Err(e) => panic!("{origin}: {e}"),
+        }
+    }
+}

@@ -172,6 +172,32 @@ impl ThinWsBuilder {
         self
     }
 
+    /// Allows browser pages from `origin` (`"https://app.example.com"`; `"*"` for any) to
+    /// open sockets; call it once per origin. While no origin rule is set, every origin may
+    /// (the default, for compatibility); once one is, an upgrade from any other `Origin` gets
+    /// `403`. Requests without an `Origin` header (non-browser clients) are always allowed.
+    /// This is the defence against cross-site WebSocket hijacking: set it in production.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .allow_origin("https://app.example.com")
+    ///     .allow_same_host_origin()
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn allow_origin(mut self, origin: impl AsRef<str>) -> Self {
+        self.config.origins.allow(origin.as_ref());
+        self
+    }
+
+    /// Allows pages served from the upgrade request's own host (its `Origin` names the
+    /// request's `Host`, with the same port), in addition to
+    /// [`allow_origin`](Self::allow_origin)'s list.
+    pub fn allow_same_host_origin(mut self) -> Self {
+        self.config.origins.allow_same_host();
+        self
+    }
+
     /// The `connectionID` that frames published with [`Hub::publish`](crate::Hub::publish) carry. Default
     /// `"server"`. Clients can claim any identity, so refuse this one in a `connect` hook
     /// if recipients must be able to trust it.

@@ -76,6 +76,12 @@ where
         if !self.takes(&request) {
             return ResponseFuture::inner(self.inner.call(request));
         }
+        if !self.node.config.origins.permits(request.headers()) {
+            return ResponseFuture::ready(plain(
+                StatusCode::FORBIDDEN,
+                "this Origin may not open sockets here\n".into(),
+            ));
+        }
         if let Some(reason) = self.node.broker.unusable() {
             return ResponseFuture::ready(plain(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -71,6 +71,14 @@ struct Args {
     /// Seconds of silence after which a socket is dropped.
     #[arg(long, env = "THINWS_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout: u64,
+    /// A browser origin allowed to open sockets besides the server's own host (repeatable;
+    /// `*` for any). Upgrades from other origins get 403.
+    #[arg(
+        long = "allowed-origin",
+        env = "THINWS_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    allowed_origins: Vec<String>,
     /// Don't serve the demo chat page at `/`.
     #[arg(long, env = "THINWS_NO_DEMO")]
     no_demo: bool,
@@ -215,6 +223,11 @@ async fn run(args: Args) -> Result<(), String> {
         .idle_timeout(Duration::from_secs(args.idle_timeout));
     if let Some(path) = &args.path {
         builder = builder.path(path);
+    }
+    // Pages from the server's own host (the demo), and whatever is listed.
+    builder = builder.allow_same_host_origin();
+    for origin in &args.allowed_origins {
+        builder = builder.allow_origin(origin);
     }
     let layer = match &args.redis_url {
         Some(url) => {
