@@ -27,6 +27,8 @@ pub(crate) struct Config {
     pub(crate) read_buffer_size: usize,
     /// How long any one Redis operation may take.
     pub(crate) redis_timeout: Duration,
+    /// How long an identity's rooms are kept after its last socket went away.
+    pub(crate) identity_ttl: Duration,
     /// The `connectionID` of frames published with `Hub::publish`.
     pub(crate) server_sender_id: String,
     pub(crate) hooks: Hooks,
@@ -56,6 +58,7 @@ impl Default for Config {
             },
             read_buffer_size: 512,
             redis_timeout: Duration::from_secs(2),
+            identity_ttl: Duration::from_secs(24 * 60 * 60),
             server_sender_id: "server".into(),
             hooks: Hooks::default(),
             serve_client: false,

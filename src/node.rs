@@ -41,11 +41,16 @@ impl Node {
         let sink = Arc::new(rooms.clone());
         let mut url_error = None;
         let broker = match redis_url {
-            None => Broker::Memory(MemoryBroker::new(sink)),
+            None => Broker::Memory(MemoryBroker::new(sink, config.identity_ttl)),
             Some(url) => match RedisTarget::parse(url) {
                 Ok(target) => {
-                    let broker =
-                        RedisBroker::new(target, &config.key_prefix, config.redis_timeout, sink);
+                    let broker = RedisBroker::new(
+                        target,
+                        &config.key_prefix,
+                        config.redis_timeout,
+                        config.identity_ttl,
+                        sink,
+                    );
                     match broker {
                         Ok(broker) => Broker::Redis(Box::new(broker)),
                         Err(e) => Broker::Unusable(e),

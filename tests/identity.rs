@@ -205,3 +205,55 @@ async fn rooms_per_identity_are_limited_at_subscribe_and_a_failed_connect_change
     identity_room_limit(&Node::start(in_memory).await).await;
     assert_eq!(rooms_in_redis(&redis, "carol").await.len(), 5);
 }
+
+/// An identity's rooms expire `ttl` after its last socket went away, and not while one is
+/// connected.
+async fn identity_expiry(node: &Node, redis: Option<&RedisServer>) {
+    let mut gone = Client::connect_as(&node.url(), "dora").await;
+    gone.subscribe("d").await;
+    gone.close().await;
+    let mut stays = Client::connect_as(&node.url(), "erin").await;
+    stays.subscribe("e").await;
+    // Longer than the 1 s TTL: dora's record is gone, erin's is kept by her socket.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    if let Some(redis) = redis {
+        assert!(
+            rooms_in_redis(redis, "dora").await.is_empty(),
+            "dora's set expired"
+        );
+        assert_eq!(rooms_in_redis(redis, "erin").await, ["e"]);
+    }
+    let mut dora = Client::connect_as(&node.url(), "dora").await;
+    let mut erin = Client::connect_as(&node.url(), "erin").await;
+    let mut publisher = Client::connect(&node.url()).await;
+    publisher.publish("d", json!("to dora")).await;
+    publisher.publish("e", json!("to erin")).await;
+    assert_eq!(erin.delivery().await["payload"], "to erin");
+    assert_eq!(stays.delivery().await["payload"], "to erin");
+    // Had dora's room survived, her delivery would come before this one.
+    dora.subscribe("probe").await;
+    publisher.publish("probe", json!("probe")).await;
+    assert_eq!(
+        dora.delivery().await["payload"],
+        "probe",
+        "dora's rooms expired"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_records_expire_after_their_last_socket_but_not_before() {
+    let redis = RedisServer::start().await;
+    let ttl = std::time::Duration::from_secs(1);
+    let on_redis = Node::start(
+        ThinWsLayer::builder()
+            .redis_url(redis.url())
+            .identity_ttl(ttl)
+            .build(),
+    )
+    .await;
+    let in_memory = Node::start(ThinWsLayer::builder().identity_ttl(ttl).build()).await;
+    tokio::join!(
+        identity_expiry(&on_redis, Some(&redis)),
+        identity_expiry(&in_memory, None)
+    );
+}

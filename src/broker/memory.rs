@@ -1,14 +1,43 @@
+//! The single-node broker: delivery straight into the sink, identities in process memory
+//! with the same expiry as on Redis.
+
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
+use tokio::time::Instant;
 
 use super::SharedSink;
 
-/// Single-node broker: delivery straight into the sink, identities in memory.
+/// Single-node broker.
 pub(crate) struct MemoryBroker {
     sink: SharedSink,
-    identities: Mutex<HashMap<String, HashSet<String>>>,
+    identities: Mutex<Identities>,
+}
+
+/// The identities' rooms. An identity's record expires `ttl` after its last socket went
+/// away (or it was last changed, if no socket ever held it).
+struct Identities {
+    records: HashMap<String, Record>,
+    ttl: Duration,
+    /// When expired records were last swept out.
+    swept: Instant,
+}
+
+#[derive(Default)]
+struct Record {
+    rooms: HashSet<String>,
+    /// Sockets bound to the identity now; the record does not expire while any is.
+    held: usize,
+    /// When the record expires if nobody holds it.
+    expires: Option<Instant>,
+}
+
+impl Record {
+    fn expired(&self, now: Instant) -> bool {
+        self.held == 0 && self.expires.is_some_and(|at| at <= now)
+    }
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -18,10 +47,14 @@ impl std::fmt::Debug for MemoryBroker {
 }
 
 impl MemoryBroker {
-    pub(crate) fn new(sink: SharedSink) -> Self {
+    pub(crate) fn new(sink: SharedSink, identity_ttl: Duration) -> Self {
         MemoryBroker {
             sink,
-            identities: Mutex::default(),
+            identities: Mutex::new(Identities {
+                records: HashMap::new(),
+                ttl: identity_ttl,
+                swept: Instant::now(),
+            }),
         }
     }
 
@@ -29,39 +62,81 @@ impl MemoryBroker {
         self.sink.deliver(room, frame);
     }
 
-    fn identities(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<String>>> {
-        self.identities
+    /// The identities, with expired records swept out (at most once per third of the TTL,
+    /// so that a lookup stays O(1) on average).
+    fn identities(&self) -> MutexGuard<'_, Identities> {
+        let mut identities = self
+            .identities
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if now.duration_since(identities.swept) >= identities.ttl / 3 {
+            identities.records.retain(|_, record| !record.expired(now));
+            identities.swept = now;
+        }
+        identities
     }
 
     /// Records `room` unless `identity` has `max` rooms already; returns whether it is.
     pub(crate) fn record(&self, identity: &str, room: &str, max: usize) -> bool {
         let mut identities = self.identities();
-        let rooms = identities.entry(identity.to_owned()).or_default();
-        if rooms.contains(room) {
+        let ttl = identities.ttl;
+        let now = Instant::now();
+        let record = identities.records.entry(identity.to_owned()).or_default();
+        if record.expired(now) {
+            *record = Record::default();
+        }
+        record.expires = Some(now + ttl);
+        if record.rooms.contains(room) {
             return true;
         }
-        if rooms.len() >= max {
+        if record.rooms.len() >= max {
             return false;
         }
-        rooms.insert(room.to_owned())
+        record.rooms.insert(room.to_owned())
     }
 
     pub(crate) fn forget(&self, identity: &str, room: &str) {
         let mut identities = self.identities();
-        if let Some(rooms) = identities.get_mut(identity) {
-            rooms.remove(room);
-            if rooms.is_empty() {
-                identities.remove(identity);
+        if let Some(record) = identities.records.get_mut(identity) {
+            record.rooms.remove(room);
+            if record.rooms.is_empty() && record.held == 0 {
+                identities.records.remove(identity);
             }
         }
     }
 
     pub(crate) fn rooms_of(&self, identity: &str) -> Vec<String> {
+        let now = Instant::now();
         self.identities()
+            .records
             .get(identity)
-            .map(|rooms| rooms.iter().cloned().collect())
+            .filter(|record| !record.expired(now))
+            .map(|record| record.rooms.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// A socket bound `identity`: its record does not expire until the last one goes.
+    pub(crate) fn hold(&self, identity: &str) {
+        let mut identities = self.identities();
+        let now = Instant::now();
+        let record = identities.records.entry(identity.to_owned()).or_default();
+        if record.expired(now) {
+            *record = Record::default();
+        }
+        record.held += 1;
+    }
+
+    /// A socket bound to `identity` went away; the TTL runs from now when it was the last.
+    pub(crate) fn unhold(&self, identity: &str) {
+        let mut identities = self.identities();
+        let ttl = identities.ttl;
+        if let Some(record) = identities.records.get_mut(identity) {
+            record.held = record.held.saturating_sub(1);
+            record.expires = Some(Instant::now() + ttl);
+            if record.held == 0 && record.rooms.is_empty() {
+                identities.records.remove(identity);
+            }
+        }
     }
 }

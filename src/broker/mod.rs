@@ -14,7 +14,8 @@
 //! - channel `thinws:room:{roomID}`: one per room; each message is a complete delivered
 //!   `message` frame (see [`protocol::server::delivery`](crate::protocol::server::delivery)),
 //!   forwarded to sockets byte for byte;
-//! - set `thinws:identity:{connectionID}`: the rooms that identity subscribed to.
+//! - set `thinws:identity:{connectionID}`: the rooms that identity subscribed to; it
+//!   expires after the identity TTL (24 h by default) without a socket of the identity.
 //!
 //! No other keys are written.
 
@@ -182,6 +183,25 @@ impl Broker {
             Broker::Memory(b) => Ok(b.rooms_of(identity)),
             Broker::Redis(b) => b.identities().rooms_of(identity).await,
             Broker::Unusable(e) => Err(e.clone()),
+        }
+    }
+
+    /// A socket bound `identity`: its record does not expire while any socket holds it.
+    pub(crate) fn hold(&self, identity: &Arc<str>) {
+        match self {
+            Broker::Memory(b) => b.hold(identity),
+            Broker::Redis(b) => b.hold(identity),
+            Broker::Unusable(_) => {}
+        }
+    }
+
+    /// A socket bound to `identity` went away; the record's time to live runs from the
+    /// last one.
+    pub(crate) fn unhold(&self, identity: &Arc<str>) {
+        match self {
+            Broker::Memory(b) => b.unhold(identity),
+            Broker::Redis(b) => b.identities().unhold(identity),
+            Broker::Unusable(_) => {}
         }
     }
 

@@ -324,6 +324,7 @@ async fn run(
     let mut socket = reader.into_socket(&stop).await;
     socket.leave_all();
     Box::pin(socket.fire_disconnect(reason)).await;
+    socket.release_identity();
     let node = socket.node.clone();
     drop(socket);
     // The socket has left its rooms: the writer drains what is queued, closes the socket

@@ -215,7 +215,10 @@ impl Socket {
         self.me.bound = true;
         match self.rejoin(rooms).await {
             Ok(()) => {
-                tracing::Span::current().record("identity", &*self.me.identity);
+                if !before.1 {
+                    tracing::Span::current().record("identity", &*self.me.identity);
+                    self.node.broker.hold(&self.me.identity);
+                }
                 Ok(())
             }
             Err(refusal) => {
@@ -420,6 +423,14 @@ impl Socket {
         if let Some(key) = self.rooms.take(room) {
             self.node.rooms.leave(&key, self.me.id);
             self.node.broker.release(&key);
+        }
+    }
+
+    /// Lets go of the bound identity (its record's time to live runs once no socket holds
+    /// it); called once, when the socket ends.
+    pub(super) fn release_identity(&mut self) {
+        if std::mem::take(&mut self.me.bound) {
+            self.node.broker.unhold(&self.me.identity);
         }
     }
 

@@ -158,6 +158,15 @@ impl ThinWsBuilder {
         self
     }
 
+    /// How long an identity's recorded rooms are kept after its last socket went away (on
+    /// every node); while any socket of the identity is connected they are kept. Default
+    /// 24 h. On Redis the identity's set gets this time to live; in memory the same rule
+    /// applies.
+    pub fn identity_ttl(mut self, ttl: Duration) -> Self {
+        self.config.identity_ttl = ttl.max(Duration::from_millis(1));
+        self
+    }
+
     /// Serves the browser client: `GET /thinws.js` (a plain script defining
     /// `ThinWSClient`) and `GET /thinws.mjs` (the same as an ES module), with a
     /// JavaScript content type, an `ETag` and `Cache-Control: public, max-age=3600`, the

@@ -65,6 +65,9 @@ struct Args {
     /// Seconds a connection may take to send its request head (slow clients, slowloris).
     #[arg(long, env = "THINWS_HEADER_READ_TIMEOUT", default_value_t = 10)]
     header_read_timeout: u64,
+    /// Seconds an identity's rooms are kept after its last socket went away.
+    #[arg(long, env = "THINWS_IDENTITY_TTL", default_value_t = 24 * 60 * 60)]
+    identity_ttl: u64,
     /// Seconds between heartbeat pings.
     #[arg(long, env = "THINWS_PING_INTERVAL", default_value_t = 25)]
     ping_interval: u64,
@@ -219,6 +222,7 @@ async fn run(args: Args) -> Result<(), String> {
         .key_prefix(args.key_prefix)
         .rate_limit(args.rate_limit, args.rate_burst)
         .max_sockets(capacity.sockets)
+        .identity_ttl(Duration::from_secs(args.identity_ttl.max(1)))
         .ping_interval(Duration::from_secs(args.ping_interval))
         .idle_timeout(Duration::from_secs(args.idle_timeout));
     if let Some(path) = &args.path {

@@ -1,5 +1,7 @@
 //! The rooms each identity subscribed to, in one Redis set per identity, through the pool.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use deadpool_redis::Pool;
@@ -9,33 +11,139 @@ use super::lanes::pool_error;
 use crate::broker::Keys;
 use crate::error::BrokerError;
 
-/// Adds a room to an identity's set unless the set already holds `ARGV[2]` rooms: one
-/// atomic step, so that sockets of one identity on several nodes cannot pass the limit
-/// together. Returns 1 when the room is (or already was) recorded, 0 when the set is full.
+/// Adds a room to an identity's set unless the set already holds `ARGV[2]` rooms, and
+/// sets the set's time to live to `ARGV[3]` ms: one atomic step, so that sockets of one
+/// identity on several nodes cannot pass the limit together. Returns 1 when the room is (or
+/// already was) recorded, 0 when the set is full.
 const RECORD: &str = r"
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
-if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
+  if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+  redis.call('SADD', KEYS[1], ARGV[1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
-/// Identity records on Redis.
+/// How often the records of identities with sockets on this node get their TTL back, as
+/// a share of the TTL.
+const REFRESHES_PER_TTL: u32 = 3;
+
+/// Identity records on Redis. Each set expires `ttl` after it was last changed or
+/// refreshed; this node refreshes the sets of the identities its sockets are bound to.
 #[derive(Debug)]
 pub(crate) struct Identities {
     pool: Pool,
     keys: Keys,
     timeout: Duration,
+    ttl: Duration,
     record: redis::Script,
+    /// Identities bound by this node's sockets, with their socket counts.
+    held: Arc<Mutex<HashMap<Arc<str>, usize>>>,
 }
 
 impl Identities {
-    pub(crate) fn new(pool: Pool, keys: Keys, timeout: Duration) -> Self {
+    pub(crate) fn new(pool: Pool, keys: Keys, timeout: Duration, ttl: Duration) -> Self {
         Identities {
             pool,
             keys,
             timeout,
+            ttl,
             record: redis::Script::new(RECORD),
+            held: Arc::default(),
         }
+    }
+
+    fn ttl_ms(&self) -> u64 {
+        u64::try_from(self.ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, usize>> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A socket of this node bound `identity`: its set is refreshed while any is.
+    pub(crate) fn hold(&self, identity: &Arc<str>) {
+        *self.held().entry(identity.clone()).or_insert(0) += 1;
+    }
+
+    /// A socket bound to `identity` went away. When it was this node's last, the set gets
+    /// its full TTL from now (in the background: nothing waits for it).
+    pub(crate) fn unhold(&self, identity: &Arc<str>) {
+        let mut held = self.held();
+        match held.get_mut(identity) {
+            Some(count) if *count > 1 => *count -= 1,
+            Some(_) => {
+                held.remove(identity);
+                drop(held);
+                let key = self.keys.identity_set(identity);
+                let (pool, timeout, ttl) = (self.pool.clone(), self.timeout, self.ttl_ms());
+                tokio::spawn(async move {
+                    let expire = within(timeout, async {
+                        let mut connection = pool.get().await.map_err(pool_error)?;
+                        redis::cmd("PEXPIRE")
+                            .arg(key)
+                            .arg(ttl)
+                            .query_async::<i64>(&mut connection)
+                            .await
+                            .map_err(redis_error)
+                    });
+                    if let Err(e) = expire.await {
+                        tracing::debug!(error = %e.report(), "could not refresh an identity's TTL");
+                    }
+                });
+            }
+            None => {}
+        }
+    }
+
+    /// Refreshes the sets of the held identities every third of the TTL, until the broker
+    /// is dropped. Started with the broker's other tasks.
+    pub(crate) fn start_refreshing(&self) {
+        let held = Arc::downgrade(&self.held);
+        let (pool, keys, timeout, ttl) = (
+            self.pool.clone(),
+            self.keys.clone(),
+            self.timeout,
+            self.ttl_ms(),
+        );
+        let every = (self.ttl / REFRESHES_PER_TTL).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(held) = held.upgrade() else { return };
+                let identities: Vec<Arc<str>> = held
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .keys()
+                    .cloned()
+                    .collect();
+                drop(held);
+                for chunk in identities.chunks(512) {
+                    let mut pipeline = redis::pipe();
+                    for identity in chunk {
+                        pipeline
+                            .cmd("PEXPIRE")
+                            .arg(keys.identity_set(identity))
+                            .arg(ttl)
+                            .ignore();
+                    }
+                    let refreshed = within(timeout, async {
+                        let mut connection = pool.get().await.map_err(pool_error)?;
+                        pipeline
+                            .query_async::<()>(&mut connection)
+                            .await
+                            .map_err(redis_error)
+                    });
+                    if let Err(e) = refreshed.await {
+                        tracing::warn!(error = %e.report(), "could not refresh identities' TTL");
+                    }
+                }
+            }
+        });
     }
 
     /// Remembers `room` for `identity` unless it already has `max` rooms; returns whether
@@ -53,6 +161,7 @@ impl Identities {
                 .key(key)
                 .arg(room)
                 .arg(max)
+                .arg(self.ttl_ms())
                 .invoke_async::<i64>(&mut connection)
                 .await
                 .map(|recorded| recorded == 1)

@@ -63,12 +63,13 @@ impl RedisBroker {
         target: RedisTarget,
         prefix: &str,
         timeout: Duration,
+        identity_ttl: Duration,
         sink: SharedSink,
     ) -> Result<Self, BrokerError> {
         let (pool, disconnects) = target.pool(PUBLISH_LANES, timeout)?;
         let keys = Keys::new(prefix);
         Ok(RedisBroker {
-            identities: Identities::new(pool.clone(), keys.clone(), timeout),
+            identities: Identities::new(pool.clone(), keys.clone(), timeout, identity_ttl),
             target,
             pool,
             disconnects,
@@ -81,14 +82,17 @@ impl RedisBroker {
 
     /// The running tasks, started on first use.
     fn running(&self) -> &Running {
-        self.running.get_or_init(|| Running {
-            lanes: Lanes::start(PUBLISH_LANES, &self.pool, &self.disconnects, self.timeout),
-            subscriber: Subscriber::start(
-                self.target.info().clone(),
-                self.keys.clone(),
-                self.timeout,
-                self.sink.clone(),
-            ),
+        self.running.get_or_init(|| {
+            self.identities.start_refreshing();
+            Running {
+                lanes: Lanes::start(PUBLISH_LANES, &self.pool, &self.disconnects, self.timeout),
+                subscriber: Subscriber::start(
+                    self.target.info().clone(),
+                    self.keys.clone(),
+                    self.timeout,
+                    self.sink.clone(),
+                ),
+            }
         })
     }
 
@@ -112,6 +116,13 @@ impl RedisBroker {
 
     pub(crate) fn identities(&self) -> &Identities {
         &self.identities
+    }
+
+    /// See [`Broker::hold`](crate::broker::Broker::hold).
+    pub(crate) fn hold(&self, identity: &Arc<str>) {
+        // The refresher starts with the broker's tasks.
+        self.running();
+        self.identities.hold(identity);
     }
 
     /// The pool's state: the lanes' connections are among those in use.
