@@ -20,7 +20,9 @@
  * message went out (it may still be delivered), so only the caller can decide to resend.
  *
  * options: { minDelay: 250, maxDelay: 10000 (ms, the backoff), timeout: 10000 (ms per
- * request), maxQueue: 1000, onClose(client) (called when a connection drops) }
+ * request), maxQueue: 1000, onClose(client) (called when a connection drops), token (a string,
+ * or a function returning a string or a promise of one, called before every connect: a
+ * signed token for a server that requires one) }
  */
 (function (global) {
   "use strict";
@@ -57,16 +59,25 @@
       const ws = new WebSocket(this.url);
       this.ws = ws;
       ws.onopen = () => {
-        this._send({ type: "connect", connectionID: this.connectionID }).then(
-          () => {
-            this.connected = true;
-            this._attempt = 0;
-            const queued = this._queue.splice(0);
-            for (const item of queued) this._transmit(item);
-            this.onOpen(this);
-          },
-          () => ws.close()
-        );
+        // options.token: a string, or a function returning one (or a promise of one), asked
+        // again before every connect so that an expiring token can be renewed.
+        const token = this.options.token;
+        Promise.resolve(typeof token === "function" ? token() : token)
+          .then((value) => {
+            const frame = { type: "connect", connectionID: this.connectionID };
+            if (value) frame.token = value;
+            return this._send(frame);
+          })
+          .then(
+            () => {
+              this.connected = true;
+              this._attempt = 0;
+              const queued = this._queue.splice(0);
+              for (const item of queued) this._transmit(item);
+              this.onOpen(this);
+            },
+            () => ws.close()
+          );
       };
       ws.onmessage = (event) => {
         let frame;

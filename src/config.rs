@@ -34,6 +34,8 @@ pub(crate) struct Config {
     pub(crate) hooks: Hooks,
     /// Whether `GET /thinws.js` and `/thinws.mjs` serve the browser client.
     pub(crate) serve_client: bool,
+    /// Sockets that have not bound an identity this long after opening are closed (1008).
+    pub(crate) connect_within: Option<Duration>,
     /// The `Origin`s allowed to open sockets.
     pub(crate) origins: OriginPolicy,
 }
@@ -63,6 +65,7 @@ impl Default for Config {
             hooks: Hooks::default(),
             serve_client: false,
             origins: OriginPolicy::any(),
+            connect_within: None,
         }
     }
 }

@@ -20,7 +20,7 @@ impl Drop for Server {
     }
 }
 
-async fn start(redis: &RedisServer) -> (Server, String) {
+async fn start(redis: &RedisServer, extra: &[&str]) -> (Server, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -29,6 +29,7 @@ async fn start(redis: &RedisServer) -> (Server, String) {
     let addr = format!("127.0.0.1:{port}");
     let child = Command::new(BIN)
         .args(["--listen", &addr, "--redis-url", &redis.url()])
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -60,10 +61,36 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
         assert!(status.success(), "npm ci failed in {}", dir.display());
     }
     let redis = RedisServer::start().await;
-    let (_a, url_a) = start(&redis).await;
-    let (_b, url_b) = start(&redis).await;
+    let (_a, url_a) = start(&redis, &[]).await;
+    let (_b, url_b) = start(&redis, &[]).await;
+    // A third node requires tokens (and lets node A's pages in): thinws.js gets one from
+    // its `token` option.
+    let origin_a = url_a.trim_end_matches('/');
+    let (_c, url_c) = start(
+        &redis,
+        &[
+            "--token-secret",
+            "browser-secret",
+            "--allowed-origin",
+            origin_a,
+        ],
+    )
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": "cat", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(b"browser-secret"),
+    )
+    .unwrap();
     let mut node = tokio::process::Command::new("node");
     node.arg(dir.join("e2e.mjs")).arg(&url_a).arg(&url_b);
+    node.env("THINWS_TOKEN_NODE", &url_c)
+        .env("THINWS_TOKEN", &token);
     if let Ok(path) = std::env::var("THINWS_SCREENSHOT") {
         node.arg(path);
     }
@@ -79,6 +106,10 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     );
     assert!(
         stdout.contains("ok: two pages on two nodes exchanged messages"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok: thinws.js connected with a token"),
         "{stdout}"
     );
 }

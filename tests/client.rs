@@ -170,3 +170,77 @@ async fn the_first_connection_fails_clearly() {
         .unwrap_err();
     assert!(matches!(err, ClientError::Connect(_)), "{err:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_goes_with_every_connect_and_a_provider_is_asked_each_time() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use thinws::hooks::{ConnectEvent, ConnectVerdict};
+    // The node takes the identity from the token (what an authenticating hook does).
+    let layer = || {
+        ThinWsLayer::builder()
+            .on_connect(service_fn(|e: ConnectEvent| async move {
+                Ok::<_, Infallible>(match e.token() {
+                    Some(token) => ConnectVerdict::Assign(token.to_owned()),
+                    None => ConnectVerdict::refuse("a token is required"),
+                })
+            }))
+            .build()
+    };
+    let node = Node::start(layer()).await;
+    let refused = ThinWsClient::connect(node.url(), "x").await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::Forbidden), "{refused:?}");
+
+    let (client, mut messages) = ThinWsClient::builder(node.url(), "x")
+        .token("fixed")
+        .connect()
+        .await
+        .unwrap();
+    client.subscribe("r").await.unwrap();
+    client.send("r", &json!(1)).await.unwrap();
+    assert_eq!(next(&mut messages).await.sender, "fixed");
+
+    let asked = Arc::new(AtomicUsize::new(0));
+    let (client, mut messages) = ThinWsClient::builder(node.url(), "x")
+        .max_backoff(Duration::from_millis(200))
+        .token_provider({
+            let asked = asked.clone();
+            move || {
+                let n = asked.fetch_add(1, Ordering::SeqCst) + 1;
+                Box::pin(async move { Ok(format!("fresh-{n}")) })
+            }
+        })
+        .connect()
+        .await
+        .unwrap();
+    client.subscribe("r").await.unwrap();
+    client.send("r", &json!(2)).await.unwrap();
+    assert_eq!(next(&mut messages).await.sender, "fresh-1");
+
+    // The server restarts: the client reconnects with a fresh token from the provider.
+    let addr = node.addr;
+    node.hub.shutdown(Duration::from_secs(5)).await;
+    drop(node);
+    within("the client to notice", async {
+        while client.is_connected() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let _node = Node::start_on(addr, layer()).await;
+    within("the client to reconnect", async {
+        while !client.is_connected() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    // A new in-memory node has no record of the rooms: join again.
+    client.subscribe("r").await.unwrap();
+    client.send("r", &json!(3)).await.unwrap();
+    let sender = next(&mut messages).await.sender;
+    assert!(
+        sender.starts_with("fresh-") && sender != "fresh-1",
+        "{sender}"
+    );
+    assert!(asked.load(Ordering::SeqCst) >= 2);
+}

@@ -380,3 +380,145 @@ async fn the_server_allows_its_own_origin_and_the_listed_ones() {
         }
     }
 }
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn hs256(secret: &str, claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_token_secret_only_signed_tokens_get_in_and_their_claims_hold() {
+    let server = Server::start(&["--token-secret", "s3cret", "--auth-grace", "1"]).await;
+    let token = hs256(
+        "s3cret",
+        json!({"sub": "alice", "exp": now() + 60, "rooms": ["chat:*"]}),
+    );
+
+    // In the connect frame: the identity is the token's, whatever the frame claims.
+    let mut alice = Client::connect(&server.url()).await;
+    let reply = alice
+        .request(json!({"type": "connect", "connectionID": "mallory", "token": token}))
+        .await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    alice.subscribe("chat:1").await;
+    let refused = alice
+        .request(json!({"type": "subscribe", "roomID": "admin"}))
+        .await;
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+    let refused = alice
+        .request(json!({"type": "message", "roomID": "admin", "payload": 1}))
+        .await;
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+    alice.publish("chat:1", json!("hi")).await;
+    assert_eq!(alice.delivery().await["connectionID"], "alice");
+
+    // As `?token=` on the upgrade URL.
+    let mut by_url = Client::connect(&format!("{}?token={token}", server.url())).await;
+    let reply = by_url
+        .request(json!({"type": "connect", "connectionID": "x"}))
+        .await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+
+    // Without a valid token: forbidden everywhere, then closed with 1008.
+    let expired = hs256("s3cret", json!({"sub": "alice", "exp": now() - 120}));
+    let forged = hs256("guess", json!({"sub": "alice", "exp": now() + 60}));
+    for (what, token) in [
+        ("none", None),
+        ("expired", Some(expired)),
+        ("forged", Some(forged)),
+    ] {
+        let mut eve = Client::connect(&server.url()).await;
+        let mut connect = json!({"type": "connect", "connectionID": "alice"});
+        if let Some(token) = token {
+            connect["token"] = json!(token);
+        }
+        let reply = eve.request(connect).await;
+        assert_eq!(reply["code"], "forbidden", "{what}: {reply}");
+        for frame in [
+            json!({"type": "subscribe", "roomID": "chat:1"}),
+            json!({"type": "message", "roomID": "chat:1", "payload": "spoof"}),
+            json!({"type": "unsubscribe", "roomID": "chat:1"}),
+        ] {
+            let reply = eve.request(frame).await;
+            assert_eq!(reply["code"], "forbidden", "{what}: {reply}");
+        }
+        assert_eq!(eve.closed().await, CloseCode::Policy, "{what}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn es256_tokens_are_checked_with_a_public_key() {
+    let dir = std::env::temp_dir().join(format!("thinws-es256-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("key.pem");
+    let pkcs8 = dir.join("key.pkcs8.pem");
+    let public = dir.join("public.pem");
+    let run = |args: &[&str]| {
+        let status = Command::new("openssl")
+            .args(args)
+            .status()
+            .expect("openssl");
+        assert!(status.success(), "openssl {args:?}");
+    };
+    run(&[
+        "ecparam",
+        "-genkey",
+        "-name",
+        "prime256v1",
+        "-noout",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    run(&[
+        "pkcs8",
+        "-topk8",
+        "-nocrypt",
+        "-in",
+        key.to_str().unwrap(),
+        "-out",
+        pkcs8.to_str().unwrap(),
+    ]);
+    run(&[
+        "ec",
+        "-in",
+        key.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        public.to_str().unwrap(),
+    ]);
+    let server = Server::start(&["--token-public-key", public.to_str().unwrap()]).await;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
+        &json!({"sub": "bob", "exp": now() + 60}),
+        &jsonwebtoken::EncodingKey::from_ec_pem(&std::fs::read(&pkcs8).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let mut bob = Client::connect(&server.url()).await;
+    let reply = bob
+        .request(json!({"type": "connect", "connectionID": "bob", "token": token}))
+        .await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    bob.subscribe("anything").await;
+    // An HS256 token signed with the public key's text (the classic confusion) is refused.
+    let confused = hs256(
+        &std::fs::read_to_string(&public).unwrap(),
+        json!({"sub": "bob", "exp": now() + 60}),
+    );
+    let mut eve = Client::connect(&server.url()).await;
+    let reply = eve
+        .request(json!({"type": "connect", "connectionID": "bob", "token": confused}))
+        .await;
+    assert_eq!(reply["code"], "forbidden", "{reply}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -60,6 +60,10 @@ fn server_error(code: &str, message: &str) -> ClientError {
 /// rooms when this returns.
 pub(super) async fn open(config: &ClientBuilder) -> Result<Socket, ClientError> {
     let connect = async {
+        let token = match &config.token {
+            None => None,
+            Some(source) => Some(source.get().await?),
+        };
         let lost = |e| ClientError::Connect(std::sync::Arc::new(e));
         let (mut socket, _) = tokio_tungstenite::connect_async(config.url.as_str())
             .await
@@ -68,6 +72,7 @@ pub(super) async fn open(config: &ClientBuilder) -> Result<Socket, ClientError> 
             0,
             &Command::Connect {
                 connection_id: Cow::Borrowed(&config.connection_id),
+                token: token.as_deref().map(Cow::Borrowed),
             },
         );
         socket.send(Message::text(frame)).await.map_err(lost)?;

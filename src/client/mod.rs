@@ -43,6 +43,8 @@
 mod driver;
 
 use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -93,6 +95,9 @@ pub enum ClientError {
     /// The payload could not be serialised to JSON.
     #[error("payload is not serialisable to JSON")]
     InvalidPayload(#[source] Arc<serde_json::Error>),
+    /// The token provider failed.
+    #[error("cannot get a token")]
+    Token(#[source] Arc<dyn std::error::Error + Send + Sync>),
 }
 
 impl ClientError {
@@ -153,11 +158,44 @@ pub(crate) enum Request {
     Close(oneshot::Sender<()>),
 }
 
+/// A future of a fresh token (see [`ClientBuilder::token_provider`]).
+pub type TokenFuture =
+    Pin<Box<dyn Future<Output = Result<String, Box<dyn std::error::Error + Send + Sync>>> + Send>>;
+
+/// Where the client's `connect` token comes from.
+#[derive(Clone)]
+pub(crate) enum TokenSource {
+    Fixed(String),
+    Provider(Arc<dyn Fn() -> TokenFuture + Send + Sync>),
+}
+
+impl TokenSource {
+    pub(crate) async fn get(&self) -> Result<String, ClientError> {
+        match self {
+            TokenSource::Fixed(token) => Ok(token.clone()),
+            TokenSource::Provider(provider) => provider()
+                .await
+                .map_err(|e| ClientError::Token(Arc::from(e))),
+        }
+    }
+}
+
+impl fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print a credential.
+        f.write_str(match self {
+            TokenSource::Fixed(_) => "Fixed(***)",
+            TokenSource::Provider(_) => "Provider",
+        })
+    }
+}
+
 /// Settings of a [`ThinWsClient`].
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
     pub(crate) url: String,
     pub(crate) connection_id: String,
+    pub(crate) token: Option<TokenSource>,
     pub(crate) request_timeout: Duration,
     pub(crate) max_queued: usize,
     pub(crate) max_backoff: Duration,
@@ -181,6 +219,34 @@ impl ClientBuilder {
     /// doubles, with jitter). Default 10 s.
     pub fn max_backoff(mut self, max: Duration) -> Self {
         self.max_backoff = max;
+        self
+    }
+
+    /// Sends `token` with every `connect` (e.g. a JWT for the standalone server's
+    /// `--token-secret`). It can also go in the URL as `?token=`.
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(TokenSource::Fixed(token.into()));
+        self
+    }
+
+    /// Asks `provider` for a fresh token before every connection (the first and each
+    /// reconnection), for tokens that expire.
+    ///
+    /// ```no_run
+    /// # async fn fetch_token_from_my_backend() -> Result<String, std::io::Error> { Ok(String::new()) }
+    /// # async fn run() -> Result<(), thinws::client::ClientError> {
+    /// let (client, messages) = thinws::client::ThinWsClient::builder("ws://127.0.0.1:8080/", "alice")
+    ///     .token_provider(|| Box::pin(async { Ok(fetch_token_from_my_backend().await?) }))
+    ///     .connect()
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn token_provider(
+        mut self,
+        provider: impl Fn() -> TokenFuture + Send + Sync + 'static,
+    ) -> Self {
+        self.token = Some(TokenSource::Provider(Arc::new(provider)));
         self
     }
 
@@ -233,6 +299,7 @@ impl ThinWsClient {
         ClientBuilder {
             url: url.into(),
             connection_id: connection_id.into(),
+            token: None,
             request_timeout: Duration::from_secs(10),
             max_queued: 1024,
             max_backoff: Duration::from_secs(10),

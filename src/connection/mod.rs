@@ -264,6 +264,11 @@ async fn run(
     let mut last_seen = Instant::now();
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
+    // Armed when the node requires a `connect` within a grace period.
+    let connect_within = socket.node.config.connect_within;
+    let unbound = tokio::time::sleep(connect_within.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(unbound);
+    let mut bind_checked = connect_within.is_none();
     let stop = Arc::new(Notify::new());
     let mut reader = Reader::Free(socket);
     // At most one frame read ahead while another is being handled; it is handled next, so
@@ -311,6 +316,18 @@ async fn run(
                     Read::End(reason) => break reason,
                 }
             }
+            () = &mut unbound, if !bind_checked => match &reader {
+                Reader::Free(socket) if socket.is_bound() => bind_checked = true,
+                Reader::Free(_) => {
+                    tracing::debug!("no identity bound in time: closing the socket");
+                    queue.request_close(CloseCode::Policy, "connect first");
+                    bind_checked = true;
+                }
+                // A frame (perhaps the `connect`) is being handled: look again shortly.
+                Reader::Handling(_) => {
+                    unbound.as_mut().reset(Instant::now() + Duration::from_millis(100));
+                }
+            },
             () = &mut idle => {
                 if last_seen.elapsed() >= idle_timeout {
                     break DisconnectReason::TimedOut;

@@ -88,6 +88,11 @@ impl Socket {
         }
     }
 
+    /// Whether a `connect` bound an identity.
+    pub(super) fn is_bound(&self) -> bool {
+        self.me.bound
+    }
+
     pub(super) fn metrics(&self) -> &SocketMetrics {
         &self.metrics
     }
@@ -164,7 +169,10 @@ impl Socket {
         // of the frames.
         self.settle_all().await;
         let result = match frame.command {
-            Command::Connect { connection_id } => self.connect(&connection_id).await,
+            Command::Connect {
+                connection_id,
+                token,
+            } => self.connect(&connection_id, token.as_deref()).await,
             Command::Subscribe { room } => self.subscribe(&room).await,
             Command::Unsubscribe { room } => self.unsubscribe(&room).await,
             Command::Disconnect => {
@@ -181,11 +189,12 @@ impl Socket {
         }
     }
 
-    async fn connect(&mut self, claimed: &str) -> Result<(), Refusal> {
+    async fn connect(&mut self, claimed: &str, token: Option<&str>) -> Result<(), Refusal> {
         let mut connection_id = claimed.to_owned();
         let verdict = ask(&mut self.hooks.connect, || ConnectEvent {
             socket: self.me.info(),
             connection_id: claimed.to_owned(),
+            token: token.map(str::to_owned),
         });
         match verdict.await {
             None | Some(Ok(ConnectVerdict::Accept)) => {}

@@ -115,6 +115,7 @@ impl SocketInfo {
 pub struct ConnectEvent {
     pub(crate) socket: SocketInfo,
     pub(crate) connection_id: String,
+    pub(crate) token: Option<String>,
 }
 
 impl ConnectEvent {
@@ -126,6 +127,13 @@ impl ConnectEvent {
     /// The `connectionID` the client claims.
     pub fn connection_id(&self) -> &str {
         &self.connection_id
+    }
+
+    /// The `token` the client sent with `connect`, if any (a credential for the hook to
+    /// check, e.g. a signed token; a token in the upgrade URL is in
+    /// [`SocketInfo::request`]).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 }
 

@@ -158,6 +158,15 @@ impl ThinWsBuilder {
         self
     }
 
+    /// Closes sockets that have not bound an identity (a `connect` the `connect` hook
+    /// accepted) within `grace` of opening, with 1008 (policy violation). With an
+    /// authenticating `connect` hook, this keeps unauthenticated sockets from lingering.
+    /// Off by default.
+    pub fn require_connect_within(mut self, grace: Duration) -> Self {
+        self.config.connect_within = Some(grace);
+        self
+    }
+
     /// How long an identity's recorded rooms are kept after its last socket went away (on
     /// every node); while any socket of the identity is connected they are kept. Default
     /// 24 h. On Redis the identity's set gets this time to live; in memory the same rule

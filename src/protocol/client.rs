@@ -45,6 +45,9 @@ pub enum Command<'a> {
     Connect {
         /// The claimed identity.
         connection_id: Cow<'a, str>,
+        /// A credential for the server to check (protocol 1.1; e.g. a signed token that
+        /// names the identity), when the client sent one.
+        token: Option<Cow<'a, str>>,
     },
     /// Join a room and remember it for the identity.
     Subscribe {
@@ -79,6 +82,8 @@ struct RawFrame<'a> {
     room_id: Option<&'a RawValue>,
     #[serde(rename = "connectionID", borrow, default, deserialize_with = "present")]
     connection_id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    token: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
     /// The original JavaScript client sends the payload under `message`.
@@ -229,7 +234,18 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
                     ),
                 ));
             }
-            Command::Connect { connection_id }
+            let token = match raw.token {
+                None => None,
+                Some(token) if token.get() == "null" => None,
+                Some(token) => match as_str(token) {
+                    Some(token) => Some(token),
+                    None => return Err(fail(ErrorCode::InvalidMessage, "token must be a string")),
+                },
+            };
+            Command::Connect {
+                connection_id,
+                token,
+            }
         }
         "subscribe" => Command::Subscribe { room: room()? },
         "unsubscribe" => Command::Unsubscribe { room: room()? },
@@ -300,8 +316,14 @@ pub fn encode(message_id: u64, command: &Command<'_>) -> String {
     push_key(&mut out, "messageID");
     out.push_str(&message_id.to_string());
     match command {
-        Command::Connect { connection_id } => {
-            push_str_field(&mut out, "connectionID", connection_id)
+        Command::Connect {
+            connection_id,
+            token,
+        } => {
+            push_str_field(&mut out, "connectionID", connection_id);
+            if let Some(token) = token {
+                push_str_field(&mut out, "token", token);
+            }
         }
         Command::Subscribe { room } | Command::Unsubscribe { room } => {
             push_str_field(&mut out, "roomID", room)

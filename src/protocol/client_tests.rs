@@ -21,7 +21,7 @@ fn valid_frames() {
     .unwrap();
     assert_eq!(f.message_id.get(), "1");
     assert!(
-        matches!(f.command, Command::Connect { ref connection_id } if connection_id == "alice")
+        matches!(f.command, Command::Connect { ref connection_id, token: None } if connection_id == "alice")
     );
 
     let f = parse(
@@ -309,6 +309,11 @@ fn encoded_frames_parse_back_to_the_same_command() {
     let commands = [
         Command::Connect {
             connection_id: Cow::Borrowed("al\nice"),
+            token: None,
+        },
+        Command::Connect {
+            connection_id: Cow::Borrowed("x"),
+            token: Some(Cow::Borrowed("a.b.c")),
         },
         Command::Subscribe {
             room: Cow::Borrowed("r"),

@@ -58,6 +58,35 @@ try {
   await say(pageA, "still there, ben?");
   await sees(pageB, "ann", "still there, ben?");
 
+  // thinws.js on a node that requires tokens: `token` as a function returning a promise.
+  const tokenNode = process.env.THINWS_TOKEN_NODE;
+  if (tokenNode) {
+    const sender = await pageA.evaluate(
+      ([url, token]) =>
+        new Promise((resolve, reject) => {
+          setTimeout(() => reject(new Error("no connect with the token")), 10000);
+          const ws = url.replace(/^http/, "ws");
+          const c = new ThinWSClient(
+            ws,
+            "ignored",
+            (msg) => resolve(msg.connectionID),
+            async (client) => {
+              try {
+                await client.subscribe("secure");
+                await client.send("with a token", "secure");
+              } catch (e) {
+                reject(e);
+              }
+            },
+            { token: () => Promise.resolve(token) }
+          );
+        }),
+      [tokenNode, process.env.THINWS_TOKEN]
+    );
+    if (sender !== "cat") throw new Error(`the token's identity was not used: ${sender}`);
+    console.log("ok: thinws.js connected with a token");
+  }
+
   if (screenshot) await pageA.screenshot({ path: screenshot });
   console.log("ok: two pages on two nodes exchanged messages, and one reconnected");
 } finally {

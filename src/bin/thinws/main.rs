@@ -29,6 +29,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 mod accept;
+mod auth;
 
 /// ThinWS server: WebSocket rooms that scale out through Redis pub/sub.
 #[derive(Debug, Parser)]
@@ -82,6 +83,17 @@ struct Args {
         value_delimiter = ','
     )]
     allowed_origins: Vec<String>,
+    /// Require HS256 connection tokens signed with this secret (see the README's Security
+    /// section).
+    #[arg(long, env = "THINWS_TOKEN_SECRET", conflicts_with = "token_public_key")]
+    token_secret: Option<String>,
+    /// Require RS256 or ES256 connection tokens, checked with the public key in this PEM
+    /// file.
+    #[arg(long, env = "THINWS_TOKEN_PUBLIC_KEY")]
+    token_public_key: Option<std::path::PathBuf>,
+    /// Seconds a socket may stay without a valid token before it is closed with 1008.
+    #[arg(long, env = "THINWS_AUTH_GRACE", default_value_t = 10)]
+    auth_grace: u64,
     /// Don't serve the demo chat page at `/`.
     #[arg(long, env = "THINWS_NO_DEMO")]
     no_demo: bool,
@@ -227,6 +239,22 @@ async fn run(args: Args) -> Result<(), String> {
         .idle_timeout(Duration::from_secs(args.idle_timeout));
     if let Some(path) = &args.path {
         builder = builder.path(path);
+    }
+    let auth = match (&args.token_secret, &args.token_public_key) {
+        (Some(secret), _) => Some(auth::Auth::from_secret(secret)),
+        (None, Some(path)) => {
+            let pem =
+                std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            Some(
+                auth::Auth::from_public_key(&pem)
+                    .map_err(|e| format!("{}: {e}", path.display()))?,
+            )
+        }
+        (None, None) => None,
+    };
+    if let Some(auth) = auth {
+        tracing::info!("sockets must connect with a signed token");
+        builder = auth.apply(builder, Duration::from_secs(args.auth_grace.max(1)));
     }
     // Pages from the server's own host (the demo), and whatever is listed.
     builder = builder.allow_same_host_origin();
