@@ -522,3 +522,120 @@ async fn es256_tokens_are_checked_with_a_public_key() {
     assert_eq!(reply["code"], "forbidden", "{reply}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// An HTTP request with a body; the status and the body of the answer.
+async fn http_with_body(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, serde_json::Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    within("the API's answer", tcp.read_to_end(&mut response))
+        .await
+        .unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backends_publish_through_the_http_api_with_an_api_key() {
+    let mut redis = RedisServer::start().await;
+    let server =
+        Server::start(&["--redis-url", &redis.url(), "--api-key", "k3y", "--no-demo"]).await;
+    let mut subscriber = Client::connect(&server.url()).await;
+    subscriber.subscribe("news room").await;
+    let key = [("Authorization", "apikey k3y")];
+    let (status, body) = http_with_body(
+        server.addr,
+        "POST",
+        "/api/publish",
+        &key,
+        r#"{"roomID":"news room","payload":{"headline":"hi"}}"#,
+    )
+    .await;
+    assert_eq!((status, &body), (200, &json!({"ok": true})));
+    let got = subscriber.delivery().await;
+    assert_eq!(got["payload"], json!({"headline": "hi"}));
+    assert_eq!(got["connectionID"], "server");
+
+    let (status, body) =
+        http_with_body(server.addr, "GET", "/api/rooms/news%20room", &key, "").await;
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"roomID": "news room", "localMembers": 1}))
+    );
+
+    // A wrong or missing key, bad input: refused, nothing published.
+    for headers in [&[][..], &[("Authorization", "apikey wrong")][..]] {
+        let (status, _) = http_with_body(
+            server.addr,
+            "POST",
+            "/api/publish",
+            headers,
+            r#"{"roomID":"news room","payload":1}"#,
+        )
+        .await;
+        assert_eq!(status, 401);
+    }
+    let (status, body) = http_with_body(
+        server.addr,
+        "POST",
+        "/api/publish",
+        &key,
+        r#"{"roomID":"news room","payload":"\ud800"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_json"))
+    );
+
+    // Redis down: unavailable (nothing sent), not an ok.
+    redis.kill();
+    let (status, body) = http_with_body(
+        server.addr,
+        "POST",
+        "/api/publish",
+        &key,
+        r#"{"roomID":"news room","payload":2}"#,
+    )
+    .await;
+    assert!(status == 503 || status == 504, "{status} {body}");
+    assert!(
+        body["error"] == "unavailable" || body["error"] == "timeout",
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn without_an_api_key_the_api_is_off() {
+    let server = Server::start(&[]).await;
+    let (status, body) = http_with_body(
+        server.addr,
+        "POST",
+        "/api/publish",
+        &[],
+        r#"{"roomID":"r","payload":1}"#,
+    )
+    .await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_enabled")));
+}

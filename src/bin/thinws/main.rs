@@ -29,6 +29,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 mod accept;
+mod api;
 mod auth;
 
 /// ThinWS server: WebSocket rooms that scale out through Redis pub/sub.
@@ -94,6 +95,10 @@ struct Args {
     /// Seconds a socket may stay without a valid token before it is closed with 1008.
     #[arg(long, env = "THINWS_AUTH_GRACE", default_value_t = 10)]
     auth_grace: u64,
+    /// Turns on the HTTP API (`POST /api/publish`, `GET /api/rooms/{room}`) for requests
+    /// with `Authorization: apikey KEY`.
+    #[arg(long, env = "THINWS_API_KEY")]
+    api_key: Option<String>,
     /// Don't serve the demo chat page at `/`.
     #[arg(long, env = "THINWS_NO_DEMO")]
     no_demo: bool,
@@ -109,11 +114,16 @@ struct Endpoints {
     metrics: PrometheusHandle,
     /// The demo page, with the socket path filled in, unless disabled.
     demo: Option<Bytes>,
+    api: api::Api,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-impl<B> Service<Request<B>> for Endpoints {
+impl<B> Service<Request<B>> for Endpoints
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Response = Response<Full<Bytes>>;
     type Error = Infallible;
     type Future = BoxFuture<Result<Self::Response, Infallible>>;
@@ -123,6 +133,10 @@ impl<B> Service<Request<B>> for Endpoints {
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        if api::Api::handles(request.uri().path()) {
+            let api = self.api.clone();
+            return Box::pin(async move { Ok(api.respond(request).await) });
+        }
         let hub = self.hub.clone();
         let metrics = self.metrics.clone();
         let path = request.uri().path().to_owned();
@@ -283,10 +297,12 @@ async fn run(args: Args) -> Result<(), String> {
     let hub = layer.hub();
     let ws_path = args.path.clone().unwrap_or_else(|| "/".to_owned());
     let demo = (!args.no_demo).then(|| Bytes::from(DEMO.replace("{{WS_PATH}}", &ws_path)));
+    let api = api::Api::new(hub.clone(), args.api_key.clone(), 64 * 1024);
     let service = layer.layer(Endpoints {
         hub: hub.clone(),
         metrics,
         demo,
+        api,
     });
     tracing::info!(
         "listening on ws://{addr}{ws_path}  (health: http://{addr}/healthz, metrics: http://{addr}/metrics)"

@@ -1,0 +1,175 @@
+//! The server-side HTTP API, for backends in any language (Django, Rails, PHP):
+//!
+//! - `POST /api/publish` with `{"roomID": "...", "payload": ...}` publishes to the room as
+//!   [`Hub::publish`](thinws::Hub::publish) does and answers with the broker's verdict:
+//!   `200 {"ok":true}`, `503 {"error":"unavailable",...}` (nothing was sent) or
+//!   `504 {"error":"timeout",...}` (sent, no answer in time: the outcome is unknown);
+//! - `GET /api/rooms/{roomID}` answers `{"roomID":...,"localMembers":n}` (this node's
+//!   members of the room).
+//!
+//! Both need `Authorization: apikey KEY` with the server's `--api-key`, compared in
+//! constant time; without `--api-key` the API is off (404).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::{BodyExt, Full, Limited};
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+use thinws::protocol::{self, Command, ErrorCode, Limits};
+use thinws::Hub;
+
+/// The API's state.
+#[derive(Clone)]
+pub struct Api {
+    hub: Hub,
+    key: Option<Arc<[u8]>>,
+    limits: Limits,
+    /// Largest accepted request body (the socket frame limit).
+    max_body: usize,
+}
+
+#[derive(Deserialize)]
+struct PublishBody<'a> {
+    #[serde(rename = "roomID", borrow)]
+    room: &'a RawValue,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    json_response(status, json!({"error": code, "message": message}))
+}
+
+impl Api {
+    pub fn new(hub: Hub, key: Option<String>, max_body: usize) -> Self {
+        Api {
+            hub,
+            key: key.map(|key| Arc::from(key.into_bytes())),
+            limits: Limits::default(),
+            max_body,
+        }
+    }
+
+    /// Whether `path` is the API's.
+    pub fn handles(path: &str) -> bool {
+        path == "/api" || path.starts_with("/api/")
+    }
+
+    fn authorized<B>(&self, key: &[u8], request: &Request<B>) -> bool {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("apikey "))
+            .unwrap_or("");
+        given.as_bytes().ct_eq(key).into()
+    }
+
+    pub async fn respond<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let Some(key) = &self.key else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_enabled",
+                "the API is off: start the server with --api-key",
+            );
+        };
+        if !self.authorized(key, &request) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: apikey KEY",
+            );
+        }
+        let path = request.uri().path().to_owned();
+        match (request.method(), path.as_str()) {
+            (&Method::POST, "/api/publish") => self.publish(request).await,
+            (&Method::GET, room) if room.starts_with("/api/rooms/") => {
+                let room = &room["/api/rooms/".len()..];
+                match percent_encoding::percent_decode_str(room).decode_utf8() {
+                    Ok(room) if !room.is_empty() => json_response(
+                        StatusCode::OK,
+                        json!({"roomID": room, "localMembers": self.hub.member_count(&room)}),
+                    ),
+                    _ => error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_message",
+                        "no valid roomID in the path",
+                    ),
+                }
+            }
+            _ => error(StatusCode::NOT_FOUND, "not_found", "no such API endpoint"),
+        }
+    }
+
+    async fn publish<B>(&self, request: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let body = match Limited::new(request.into_body(), self.max_body)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &e.to_string()),
+        };
+        let Ok(text) = std::str::from_utf8(&body) else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "the body is not UTF-8",
+            );
+        };
+        let fields: PublishBody<'_> = match serde_json::from_str(text) {
+            Ok(fields) => fields,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_message", &e.to_string()),
+        };
+        // The same checks as a socket's `message` (lengths, nesting, numbers, surrogates).
+        let frame = format!(
+            r#"{{"type":"message","messageID":0,"roomID":{},"payload":{}}}"#,
+            fields.room.get(),
+            fields.payload.get()
+        );
+        let parsed = match protocol::parse(&frame, &self.limits) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                return error(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message);
+            }
+        };
+        let Command::Message { room, payload } = parsed.command else {
+            return error(StatusCode::BAD_REQUEST, "invalid_message", "not a message");
+        };
+        match self.hub.publish_raw(&room, payload).await {
+            Ok(()) => json_response(StatusCode::OK, json!({"ok": true})),
+            Err(thinws::Error::Unavailable(e)) if e.outcome_unknown() => error(
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorCode::Timeout.as_str(),
+                &e.report(),
+            ),
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable.as_str(),
+                &e.to_string(),
+            ),
+        }
+    }
+}
