@@ -1,7 +1,7 @@
 //! Fuzzes the client frame parser and the encoders fed by what it returns.
 //!
 //! Run (cargo-fuzz needs nightly features; RUSTC_BOOTSTRAP lets the stable toolchain use them):
-//! `cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run parse_frame corpus/parse_frame seeds/parse_frame -- -max_total_time=300`
+//! `cd fuzz && mkdir -p corpus/parse_frame && RUSTC_BOOTSTRAP=1 cargo fuzz run parse_frame corpus/parse_frame seeds/parse_frame -- -max_total_time=300`
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
