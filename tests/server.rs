@@ -458,7 +458,7 @@ async fn with_a_token_secret_only_signed_tokens_get_in_and_their_claims_hold() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn es256_tokens_are_checked_with_a_public_key() {
+async fn es256_and_rs256_tokens_are_checked_with_a_public_key() {
     let dir = std::env::temp_dir().join(format!("thinws-es256-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let key = dir.join("key.pem");
@@ -520,6 +520,39 @@ async fn es256_tokens_are_checked_with_a_public_key() {
         .request(json!({"type": "connect", "connectionID": "bob", "token": confused}))
         .await;
     assert_eq!(reply["code"], "forbidden", "{reply}");
+
+    // RS256 with an RSA key pair.
+    let rsa = dir.join("rsa.pem");
+    let rsa_public = dir.join("rsa.public.pem");
+    run(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        rsa.to_str().unwrap(),
+    ]);
+    run(&[
+        "pkey",
+        "-in",
+        rsa.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        rsa_public.to_str().unwrap(),
+    ]);
+    let server = Server::start(&["--token-public-key", rsa_public.to_str().unwrap()]).await;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &json!({"sub": "rita", "exp": now() + 60}),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&std::fs::read(&rsa).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let mut rita = Client::connect(&server.url()).await;
+    let reply = rita
+        .request(json!({"type": "connect", "connectionID": "x", "token": token}))
+        .await;
+    assert_eq!(reply["type"], "ack", "{reply}");
     let _ = std::fs::remove_dir_all(dir);
 }
 
