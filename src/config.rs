@@ -5,6 +5,7 @@ use std::time::Duration;
 use crate::hooks::Hooks;
 use crate::layer::origin::OriginPolicy;
 use crate::protocol::Limits;
+use crate::settings::RoomPolicy;
 
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
@@ -38,6 +39,8 @@ pub(crate) struct Config {
     pub(crate) connect_within: Option<Duration>,
     /// The `Origin`s allowed to open sockets.
     pub(crate) origins: OriginPolicy,
+    /// Each room's settings (history).
+    pub(crate) rooms: RoomPolicy,
 }
 
 impl Default for Config {
@@ -65,6 +68,7 @@ impl Default for Config {
             hooks: Hooks::default(),
             serve_client: false,
             origins: OriginPolicy::any(),
+            rooms: RoomPolicy::default(),
             connect_within: None,
         }
     }

@@ -94,12 +94,12 @@ impl Hub {
     /// Publishes an already-serialised JSON payload; see [`Hub::publish`].
     pub async fn publish_raw(&self, room: &str, payload: &RawValue) -> Result<(), Error> {
         let frame = server::delivery(room, &self.node.config.server_sender_id, payload);
-        self.node
-            .broker
-            .publish(room, Utf8Bytes::from(frame), 0)
-            .result()
-            .await
-            .map_err(Error::Unavailable)
+        let broker = &self.node.broker;
+        let mut publish = match self.node.config.rooms.settings(room).history {
+            None => broker.publish(room, Utf8Bytes::from(frame), 0),
+            Some(history) => broker.publish_history(room, frame, 0, history),
+        };
+        publish.result().await.map(drop).map_err(Error::Unavailable)
     }
 
     /// Probes whether this node can serve: for Redis, a `PING` through every publishing

@@ -44,6 +44,7 @@ mod node;
 pub mod protocol;
 pub mod publisher;
 mod rooms;
+pub mod settings;
 
 pub use error::{BrokerError, Error, ErrorSource};
 pub use hub::{Health, Hub, PoolStatus};

@@ -1,7 +1,7 @@
 //! Publishing to rooms from a process that runs no sockets (a worker, a cron job).
 //!
-//! Every node subscribes to one Redis channel per room, `{prefix}room:{roomID}` (prefix
-//! `thinws:` by default), and forwards each message on it to the room's sockets byte for
+//! Every node subscribes to one Redis channel per room, `{prefix}room:{ROOM}` (prefix
+//! `thinws:` by default; the braces are literal, a Redis Cluster hash tag), and forwards each message on it to the room's sockets byte for
 //! byte. So a message is published by sending a complete delivered frame to that channel:
 //!
 //! ```json
@@ -10,7 +10,9 @@
 //!
 //! [`Publisher`] does exactly that, with only a Redis URL, through the same publishing lane
 //! a node uses (one pooled connection, pipelined): it needs no hub and holds no
-//! subscription. From any language, `PUBLISH thinws:room:lobby '<frame>'` does the same.
+//! subscription. From any language, `PUBLISH 'thinws:room:{lobby}' '<frame>'` does the same
+//! for a room without history (a room with history needs the nodes' publish script: give
+//! the publisher the same [`room_settings`](PublisherBuilder::room_settings)).
 //!
 //! # Example
 //!
@@ -40,6 +42,7 @@ use crate::broker::Keys;
 use crate::config::Config;
 use crate::error::Error;
 use crate::protocol::server;
+use crate::settings::{RoomPolicy, RoomSettings};
 
 /// Publishes to rooms through Redis without running sockets. Cheap to clone; clones share
 /// one pooled connection, and publishes from one task reach subscribers in order.
@@ -56,6 +59,7 @@ struct Inner {
     timeout: Duration,
     /// The lane, started on the first publish (inside a Tokio runtime).
     lane: OnceLock<Lanes>,
+    rooms: RoomPolicy,
 }
 
 impl fmt::Debug for Publisher {
@@ -75,6 +79,7 @@ pub struct PublisherBuilder {
     key_prefix: String,
     sender_id: String,
     timeout: Duration,
+    rooms: RoomPolicy,
 }
 
 impl PublisherBuilder {
@@ -96,6 +101,13 @@ impl PublisherBuilder {
         self
     }
 
+    /// Gives rooms matching `pattern` (an exact name, or a prefix ending in `*`) these
+    /// settings: use the nodes' own, so that a message to a history room gets its offset.
+    pub fn room_settings(mut self, pattern: &str, settings: RoomSettings) -> Self {
+        self.rooms.rule(pattern, settings);
+        self
+    }
+
     /// Builds the publisher. Connects lazily; fails only on a malformed URL.
     pub fn build(self) -> Result<Publisher, Error> {
         let target = RedisTarget::parse(&self.url)?;
@@ -108,6 +120,7 @@ impl PublisherBuilder {
                 disconnects,
                 timeout: self.timeout,
                 lane: OnceLock::new(),
+                rooms: self.rooms,
             }),
         })
     }
@@ -129,6 +142,7 @@ impl Publisher {
             key_prefix: defaults.key_prefix,
             sender_id: defaults.server_sender_id,
             timeout: defaults.redis_timeout,
+            rooms: defaults.rooms,
         }
     }
 
@@ -150,9 +164,10 @@ impl Publisher {
         let lane = inner
             .lane
             .get_or_init(|| Lanes::start(1, &inner.pool, &inner.disconnects, inner.timeout));
-        lane.publish(0, inner.keys.room_channel(room), Utf8Bytes::from(frame))
-            .result()
-            .await
-            .map_err(Error::Unavailable)
+        let mut publish = match inner.rooms.settings(room).history {
+            None => lane.publish(0, inner.keys.room_channel(room), Utf8Bytes::from(frame)),
+            Some(history) => lane.publish_history(0, &inner.keys, room, frame, history),
+        };
+        publish.result().await.map(drop).map_err(Error::Unavailable)
     }
 }

@@ -158,7 +158,7 @@ async fn killing_only_the_pubsub_connections_is_recovered_without_client_action(
         .query_async(&mut conn)
         .await
         .unwrap();
-    assert_eq!(channels, ["thinws:room:r"]);
+    assert_eq!(channels, ["thinws:room:{r}"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -125,6 +125,8 @@ proptest! {
                 prop_assert_eq!(p.get(), payload.to_string());
             }
             Command::Disconnect => prop_assert_eq!(kind, "disconnect"),
+            Command::History { room: r, .. } => prop_assert_eq!(r, room.as_str()),
+            other => prop_assert!(false, "a command this test does not build: {other:?}"),
         }
     }
 }

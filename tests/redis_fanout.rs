@@ -46,7 +46,7 @@ async fn a_redis_that_requires_a_password_is_used_with_the_urls_credentials() {
     let b = Node::redis(&redis).await;
     let mut subscriber = Client::connect(&b.url()).await;
     subscriber.subscribe("locked").await;
-    assert_eq!(numsub(&redis, "thinws:room:locked").await, 1);
+    assert_eq!(numsub(&redis, "thinws:room:{locked}").await, 1);
     let mut publisher = Client::connect(&a.url()).await;
     publisher.publish("locked", json!("in")).await;
     assert_eq!(subscriber.delivery().await["payload"], "in");
@@ -178,7 +178,7 @@ async fn the_ack_for_a_message_means_redis_accepted_the_publish() {
         .get_async_pubsub()
         .await
         .unwrap();
-    raw.subscribe("thinws:room:r").await.unwrap();
+    raw.subscribe("thinws:room:{r}").await.unwrap();
     c.publish("r", json!("first")).await;
     let mut stream = raw.on_message();
     let msg = within(
@@ -208,7 +208,7 @@ async fn a_node_holds_one_redis_subscription_per_room_with_local_members() {
     let redis = RedisServer::start().await;
     let a = Node::redis(&redis).await;
     let b = Node::redis(&redis).await;
-    let channel = "thinws:room:shared";
+    let channel = "thinws:room:{shared}";
     assert_eq!(numsub(&redis, channel).await, 0);
 
     let mut a1 = Client::connect(&a.url()).await;
@@ -259,7 +259,7 @@ async fn the_delivered_frame_is_built_once_and_forwarded_unchanged() {
         .get_async_pubsub()
         .await
         .unwrap();
-    raw.subscribe("thinws:room:r").await.unwrap();
+    raw.subscribe("thinws:room:{r}").await.unwrap();
     let mut sender = Client::connect_as(&a.url(), "alice").await;
     // Odd spacing in the payload survives: nobody re-serialises it.
     sender

@@ -33,7 +33,7 @@ async fn a_frozen_redis_gets_timeout_or_unavailable_in_time_and_unavailable_mean
         .get_async_pubsub()
         .await
         .unwrap();
-    observer.subscribe("thinws:room:r").await.unwrap();
+    observer.subscribe("thinws:room:{r}").await.unwrap();
     let seen = Arc::new(Mutex::new(BTreeSet::new()));
     let watch = tokio::spawn({
         let seen = seen.clone();

@@ -1,31 +1,54 @@
 //! The names of the Redis keys and channels, under one prefix.
+//!
+//! A room's channel and keys carry the room in a hash tag (`{…}`), so that they all live in
+//! one Redis Cluster slot: one atomic script can touch them, and sharded pub/sub can route
+//! the channel with them.
 
 /// The names of the Redis keys and channels, under one prefix.
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
     room_prefix: String,
+    meta_prefix: String,
+    history_prefix: String,
     identity_prefix: String,
 }
 
 impl Keys {
     pub(crate) fn new(prefix: &str) -> Self {
         Keys {
-            room_prefix: format!("{prefix}room:"),
+            room_prefix: format!("{prefix}room:{{"),
+            meta_prefix: format!("{prefix}meta:{{"),
+            history_prefix: format!("{prefix}history:{{"),
             identity_prefix: format!("{prefix}identity:"),
         }
     }
 
-    /// The channel of `room`'s frames.
-    pub(crate) fn room_channel(&self, room: &str) -> String {
-        let mut s = String::with_capacity(self.room_prefix.len() + room.len());
-        s.push_str(&self.room_prefix);
+    fn tagged(prefix: &str, room: &str) -> String {
+        let mut s = String::with_capacity(prefix.len() + room.len() + 1);
+        s.push_str(prefix);
         s.push_str(room);
+        s.push('}');
         s
+    }
+
+    /// The channel of `room`'s frames: `{prefix}room:{ROOM}`.
+    pub(crate) fn room_channel(&self, room: &str) -> String {
+        Self::tagged(&self.room_prefix, room)
     }
 
     /// The room whose frames `channel` carries, if it is a room channel.
     pub(crate) fn room_of_channel<'a>(&self, channel: &'a str) -> Option<&'a str> {
-        channel.strip_prefix(&*self.room_prefix)
+        channel.strip_prefix(&*self.room_prefix)?.strip_suffix('}')
+    }
+
+    /// The hash of a history room's epoch and top offset: `{prefix}meta:{ROOM}`.
+    pub(crate) fn history_meta(&self, room: &str) -> String {
+        Self::tagged(&self.meta_prefix, room)
+    }
+
+    /// The stream of a history room's kept frames: `{prefix}history:{ROOM}`.
+    pub(crate) fn history_stream(&self, room: &str) -> String {
+        Self::tagged(&self.history_prefix, room)
     }
 
     /// The set of rooms recorded for `identity`.
@@ -41,9 +64,12 @@ mod tests {
     #[test]
     fn channels_and_rooms_round_trip() {
         let keys = Keys::new("p:");
-        assert_eq!(keys.room_channel("a"), "p:room:a");
-        assert_eq!(keys.room_of_channel("p:room:a"), Some("a"));
-        assert_eq!(keys.room_of_channel("q:room:a"), None);
+        assert_eq!(keys.room_channel("a"), "p:room:{a}");
+        assert_eq!(keys.room_of_channel("p:room:{a}"), Some("a"));
+        assert_eq!(keys.room_of_channel("p:room:{a}}"), Some("a}"));
+        assert_eq!(keys.room_of_channel("q:room:{a}"), None);
+        assert_eq!(keys.history_meta("a"), "p:meta:{a}");
+        assert_eq!(keys.history_stream("a"), "p:history:{a}");
         assert_eq!(keys.identity_set("alice"), "p:identity:alice");
     }
 }

@@ -1,19 +1,31 @@
 //! The single-node broker: delivery straight into the sink, identities in process memory
 //! with the same expiry as on Redis.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::time::Instant;
 
-use super::SharedSink;
+use super::{new_epoch, Position, SharedSink};
+use crate::protocol::server;
+use crate::settings::History;
 
 /// Single-node broker.
 pub(crate) struct MemoryBroker {
     sink: SharedSink,
     identities: Mutex<Identities>,
+    histories: Mutex<HashMap<String, RoomHistory>>,
+}
+
+/// One room's history: a ring of its last frames, with the same semantics as on Redis (a
+/// new epoch when the history was lost: here, when it expired or the node started).
+struct RoomHistory {
+    epoch: Arc<str>,
+    top: u64,
+    kept: VecDeque<(u64, Utf8Bytes)>,
+    expires: Instant,
 }
 
 /// The identities' rooms. An identity's record expires `ttl` after its last socket went
@@ -55,7 +67,90 @@ impl MemoryBroker {
                 ttl: identity_ttl,
                 swept: Instant::now(),
             }),
+            histories: Mutex::default(),
         }
+    }
+
+    /// `room`'s history, created (with a new epoch) if it has none or it expired.
+    fn room_history<'a>(
+        histories: &'a mut HashMap<String, RoomHistory>,
+        room: &str,
+        history: History,
+        now: Instant,
+    ) -> &'a mut RoomHistory {
+        let fresh = || RoomHistory {
+            epoch: new_epoch(),
+            top: 0,
+            kept: VecDeque::new(),
+            expires: now + history.ttl,
+        };
+        let entry = histories.entry(room.to_owned()).or_insert_with(fresh);
+        if entry.expires <= now {
+            *entry = fresh();
+        }
+        entry
+    }
+
+    fn histories(&self) -> MutexGuard<'_, HashMap<String, RoomHistory>> {
+        self.histories
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends `frame` to `room`'s history with the next offset and delivers it, in one
+    /// step (under the lock, so that offsets reach the sink in order).
+    pub(crate) fn publish_history(&self, room: &str, frame: &str, history: History) -> Position {
+        let now = Instant::now();
+        let mut histories = self.histories();
+        // Expired rooms go when another is published to, so memory stays bounded by live rooms.
+        if histories.len() > 64 && histories.len().is_power_of_two() {
+            histories.retain(|_, h| h.expires > now);
+        }
+        let room_history = Self::room_history(&mut histories, room, history, now);
+        room_history.top += 1;
+        room_history.expires = now + history.ttl;
+        let offset = room_history.top;
+        let framed = Utf8Bytes::from(server::with_position(frame, offset, &room_history.epoch));
+        room_history.kept.push_back((offset, framed.clone()));
+        while room_history.kept.len() > history.size {
+            room_history.kept.pop_front();
+        }
+        let position = Position {
+            offset,
+            epoch: room_history.epoch.clone(),
+        };
+        self.sink.deliver(room, &framed);
+        position
+    }
+
+    /// Where `room`'s history stands.
+    pub(crate) fn top(&self, room: &str, history: History) -> Position {
+        let mut histories = self.histories();
+        let h = Self::room_history(&mut histories, room, history, Instant::now());
+        Position {
+            offset: h.top,
+            epoch: h.epoch.clone(),
+        }
+    }
+
+    /// The last `limit` kept frames of `room`, oldest first.
+    pub(crate) fn history(
+        &self,
+        room: &str,
+        history: History,
+        limit: usize,
+    ) -> (Position, Vec<Utf8Bytes>) {
+        let mut histories = self.histories();
+        let h = Self::room_history(&mut histories, room, history, Instant::now());
+        let skip = h.kept.len().saturating_sub(limit);
+        let frames = h.kept.iter().skip(skip).map(|(_, f)| f.clone()).collect();
+        (
+            Position {
+                offset: h.top,
+                epoch: h.epoch.clone(),
+            },
+            frames,
+        )
     }
 
     pub(crate) fn publish(&self, room: &str, frame: &Utf8Bytes) {

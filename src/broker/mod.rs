@@ -10,12 +10,15 @@
 //!   pub/sub connection, holding one Redis subscription per room with local members.
 //!
 //! # Redis layout
-//! With the default prefix `thinws:`:
-//! - channel `thinws:room:{roomID}`: one per room; each message is a complete delivered
+//! With the default prefix `thinws:` (braces literal: the room is a Cluster hash tag):
+//! - channel `thinws:room:{ROOM}`: one per room; each message is a complete delivered
 //!   `message` frame (see [`protocol::server::delivery`](crate::protocol::server::delivery)),
 //!   forwarded to sockets byte for byte;
 //! - set `thinws:identity:{connectionID}`: the rooms that identity subscribed to; it
 //!   expires after the identity TTL (24 h by default) without a socket of the identity.
+//!
+//! - for rooms with history, hash `thinws:meta:{ROOM}` and stream `thinws:history:{ROOM}`
+//!   (see `redis::history`).
 //!
 //! No other keys are written.
 
@@ -33,6 +36,7 @@ pub(crate) use self::keys::Keys;
 pub(crate) use self::memory::MemoryBroker;
 pub(crate) use self::redis::RedisBroker;
 use crate::error::BrokerError;
+use crate::settings::History;
 
 /// Where the broker hands the frames published to rooms this node receives.
 pub(crate) trait FrameSink: Send + Sync + 'static {
@@ -43,17 +47,38 @@ pub(crate) trait FrameSink: Send + Sync + 'static {
 /// A [`FrameSink`] shared by the broker's tasks.
 pub(crate) type SharedSink = Arc<dyn FrameSink>;
 
+/// Where a message sits in its room's history: its offset (1 for the room's first) in one
+/// incarnation of the history, named by the epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub(crate) offset: u64,
+    pub(crate) epoch: Arc<str>,
+}
+
+/// The broker's answer to a publish: where the message sits, for a room with history.
+pub(crate) type Published = Result<Option<Position>, BrokerError>;
+
+/// A fresh epoch: random, so that a history recreated after a loss never reuses one.
+pub(crate) fn new_epoch() -> Arc<str> {
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    let seed = (std::time::SystemTime::now(), std::process::id(), n);
+    format!("{:016x}", RandomState::new().hash_one(seed)).into()
+}
+
 /// A pending [`Broker::publish`].
 #[derive(Debug)]
 pub(crate) enum Publish {
-    Done(Result<(), BrokerError>),
-    Pending(oneshot::Receiver<Result<(), BrokerError>>),
+    Done(Published),
+    Pending(oneshot::Receiver<Published>),
 }
 
 impl Publish {
     /// Waits for the broker's answer. Cancel-safe: awaiting it again after a drop goes on
     /// waiting for the same answer.
-    pub(crate) async fn result(&mut self) -> Result<(), BrokerError> {
+    pub(crate) async fn result(&mut self) -> Published {
         let result = match self {
             Publish::Done(result) => return result.clone(),
             Publish::Pending(answer) => answer
@@ -123,10 +148,51 @@ impl Broker {
         match self {
             Broker::Memory(b) => {
                 b.publish(room, &frame);
-                Publish::Done(Ok(()))
+                Publish::Done(Ok(None))
             }
             Broker::Redis(b) => b.publish(room, frame, lane),
             Broker::Unusable(e) => Publish::Done(Err(e.clone())),
+        }
+    }
+
+    /// Publishes a delivered frame (without its position) to a room with `history`, in one
+    /// atomic step: the next offset, the history entry, its time to live and the publish of
+    /// the frame with its `offset` and `epoch`. Ordered and awaited like
+    /// [`Broker::publish`]; resolves to the message's position.
+    pub(crate) fn publish_history(
+        &self,
+        room: &str,
+        frame: String,
+        lane: u64,
+        history: History,
+    ) -> Publish {
+        match self {
+            Broker::Memory(b) => Publish::Done(Ok(Some(b.publish_history(room, &frame, history)))),
+            Broker::Redis(b) => b.publish_history(room, frame, lane, history),
+            Broker::Unusable(e) => Publish::Done(Err(e.clone())),
+        }
+    }
+
+    /// Where `room`'s history stands (creating its epoch if it has none yet).
+    pub(crate) async fn top(&self, room: &str, history: History) -> Result<Position, BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.top(room, history)),
+            Broker::Redis(b) => b.history().top(room, history).await,
+            Broker::Unusable(e) => Err(e.clone()),
+        }
+    }
+
+    /// The last `limit` frames kept in `room`'s history, oldest first, and where it stands.
+    pub(crate) async fn history(
+        &self,
+        room: &str,
+        history: History,
+        limit: usize,
+    ) -> Result<(Position, Vec<Utf8Bytes>), BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.history(room, history, limit)),
+            Broker::Redis(b) => b.history().last(room, history, limit).await,
+            Broker::Unusable(e) => Err(e.clone()),
         }
     }
 

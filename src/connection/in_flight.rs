@@ -9,8 +9,7 @@ use std::collections::VecDeque;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use crate::broker::Publish;
-use crate::error::BrokerError;
+use crate::broker::{Publish, Published};
 
 /// How many publishes one socket may have in flight before it waits for the oldest.
 pub(super) const MAX_IN_FLIGHT: usize = 64;
@@ -35,7 +34,7 @@ pub(super) struct Answered {
     pub(super) message_id: Box<RawValue>,
     /// When the frame was handled.
     pub(super) started: Instant,
-    pub(super) result: Result<(), BrokerError>,
+    pub(super) result: Published,
 }
 
 impl InFlight {
@@ -97,8 +96,10 @@ mod tests {
         in_flight.push(id(1), Publish::Pending(first));
         in_flight.push(id(2), Publish::Pending(second));
         // The broker answers the second first; the first still comes out first.
-        second_reply.send(Ok(())).unwrap();
-        first_reply.send(Err(BrokerError::SubscriberDown)).unwrap();
+        second_reply.send(Ok(None)).unwrap();
+        first_reply
+            .send(Err(crate::error::BrokerError::SubscriberDown))
+            .unwrap();
         let a = in_flight.next_answer().await.unwrap();
         assert_eq!(a.message_id.get(), "1");
         assert!(a.result.is_err());
@@ -113,7 +114,7 @@ mod tests {
         let mut in_flight = InFlight::default();
         for n in 0..=MAX_IN_FLIGHT as u32 {
             assert!(!in_flight.is_full());
-            in_flight.push(id(n), Publish::Done(Ok(())));
+            in_flight.push(id(n), Publish::Done(Ok(None)));
         }
         assert!(in_flight.is_full());
     }

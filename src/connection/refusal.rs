@@ -20,6 +20,8 @@ pub(super) enum Refusal {
     IdentityFull(usize),
     /// A second `connect` with another identity.
     OtherIdentity,
+    /// The room has this feature off.
+    NotEnabled(&'static str),
 }
 
 impl Refusal {
@@ -36,6 +38,7 @@ impl Refusal {
             Refusal::HookFailed(_) => ErrorCode::Internal,
             Refusal::TooManyRooms(_) | Refusal::IdentityFull(_) => ErrorCode::LimitExceeded,
             Refusal::OtherIdentity => ErrorCode::InvalidMessage,
+            Refusal::NotEnabled(_) => ErrorCode::NotEnabled,
         }
     }
 
@@ -48,6 +51,7 @@ impl Refusal {
             Refusal::IdentityFull(max) => {
                 format!("an identity may record at most {max} rooms: unsubscribe one first")
             }
+            Refusal::NotEnabled(what) => (*what).to_owned(),
             Refusal::OtherIdentity => {
                 "this socket is already connected with another connectionID".into()
             }

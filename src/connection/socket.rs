@@ -12,6 +12,7 @@ use super::in_flight::{Answered, InFlight};
 use super::outbound::OutboundQueue;
 use super::refusal::Refusal;
 use super::request_head::detach;
+use crate::broker::Position;
 use crate::hooks::{
     ask, ConnectEvent, ConnectVerdict, DisconnectEvent, DisconnectReason, Hooks, MessageEvent,
     MessageVerdict, SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
@@ -32,6 +33,32 @@ pub(super) struct Socket {
     disconnect_fired: bool,
     metrics: SocketMetrics,
     in_flight: InFlight,
+}
+
+/// What an `ack` carries.
+enum Answer {
+    Ack,
+    /// Where the room's history stands (a message to, or a subscribe of, a history room).
+    At(Position),
+    /// The reply to `history`.
+    History(Position, Vec<Utf8Bytes>),
+}
+
+impl Answer {
+    fn at(position: Option<Position>) -> Self {
+        position.map_or(Answer::Ack, Answer::At)
+    }
+
+    fn frame(&self, message_id: &RawValue) -> String {
+        match self {
+            Answer::Ack => server::ack(message_id),
+            Answer::At(at) => server::ack_at(message_id, at.offset, &at.epoch),
+            Answer::History(at, frames) => {
+                let frames: Vec<&str> = frames.iter().map(|f| f.as_str()).collect();
+                server::history_ack(message_id, at.offset, &at.epoch, &frames)
+            }
+        }
+    }
 }
 
 /// What hooks are told about the socket.
@@ -172,21 +199,51 @@ impl Socket {
             Command::Connect {
                 connection_id,
                 token,
-            } => self.connect(&connection_id, token.as_deref()).await,
-            Command::Subscribe { room } => self.subscribe(&room).await,
-            Command::Unsubscribe { room } => self.unsubscribe(&room).await,
+            } => self
+                .connect(&connection_id, token.as_deref())
+                .await
+                .map(|()| Answer::Ack),
+            Command::Subscribe { room } => self.subscribe(&room).await.map(Answer::at),
+            Command::Unsubscribe { room } => self.unsubscribe(&room).await.map(|()| Answer::Ack),
+            Command::History { room, limit } => self
+                .history(&room, limit)
+                .await
+                .map(|(at, frames)| Answer::History(at, frames)),
             Command::Disconnect => {
                 self.fire_disconnect(DisconnectReason::Requested).await;
                 self.leave_all();
-                Ok(())
+                Ok(Answer::Ack)
             }
             // Handled above.
-            Command::Message { .. } => Ok(()),
+            Command::Message { .. } => Ok(Answer::Ack),
         };
         match result {
-            Ok(()) => self.reply(server::ack(message_id)).await,
+            Ok(answer) => self.reply(answer.frame(message_id)).await,
             Err(refusal) => self.refuse(message_id, refusal).await,
         }
+    }
+
+    /// The last messages of a room with history (the `subscribe` hook decides who may read
+    /// them, as it decides who may receive them).
+    async fn history(
+        &mut self,
+        room: &str,
+        limit: Option<u64>,
+    ) -> Result<(Position, Vec<Utf8Bytes>), Refusal> {
+        let Some(history) = self.node.config.rooms.settings(room).history else {
+            return Err(Refusal::NotEnabled("this room keeps no history"));
+        };
+        self.allowed_to_subscribe(room).await?;
+        let limit = limit.map_or(history.size, |limit| {
+            usize::try_from(limit)
+                .unwrap_or(usize::MAX)
+                .min(history.size)
+        });
+        self.node
+            .broker
+            .history(room, history, limit)
+            .await
+            .map_err(Refusal::BrokerRead)
     }
 
     async fn connect(&mut self, claimed: &str, token: Option<&str>) -> Result<(), Refusal> {
@@ -280,22 +337,33 @@ impl Socket {
         }
     }
 
-    async fn subscribe(&mut self, room: &str) -> Result<(), Refusal> {
+    /// Joins `room` (and records it for a bound identity); for a room with history, says
+    /// where its history stands.
+    async fn subscribe(&mut self, room: &str) -> Result<Option<Position>, Refusal> {
         self.allowed_to_subscribe(room).await?;
         let joined = self.join(room).await?;
+        let undo = |socket: &mut Self, refusal| {
+            if joined {
+                socket.leave(room);
+            }
+            Err(refusal)
+        };
+        let top = match self.node.config.rooms.settings(room).history {
+            None => None,
+            Some(history) => match self.node.broker.top(room, history).await {
+                Ok(top) => Some(top),
+                Err(e) => return undo(self, Refusal::BrokerRead(e)),
+            },
+        };
         if self.me.bound {
             let max = self.node.config.max_rooms_per_socket;
-            let refusal = match self.node.broker.record(&self.me.identity, room, max).await {
-                Ok(true) => return Ok(()),
-                Ok(false) => Refusal::IdentityFull(max),
-                Err(e) => Refusal::Broker(e),
-            };
-            if joined {
-                self.leave(room);
+            match self.node.broker.record(&self.me.identity, room, max).await {
+                Ok(true) => {}
+                Ok(false) => return undo(self, Refusal::IdentityFull(max)),
+                Err(e) => return undo(self, Refusal::Broker(e)),
             }
-            return Err(refusal);
         }
-        Ok(())
+        Ok(top)
     }
 
     async fn unsubscribe(&mut self, room: &str) -> Result<(), Refusal> {
@@ -341,10 +409,11 @@ impl Socket {
         let payload = replaced.as_deref().unwrap_or(payload);
         let frame = server::delivery(room, &self.me.identity, payload);
         // Queued at the broker now, in this socket's order; several may be in flight.
-        let publish = self
-            .node
-            .broker
-            .publish(room, Utf8Bytes::from(frame), self.me.id);
+        let broker = &self.node.broker;
+        let publish = match self.node.config.rooms.settings(room).history {
+            None => broker.publish(room, Utf8Bytes::from(frame), self.me.id),
+            Some(history) => broker.publish_history(room, frame, self.me.id, history),
+        };
         self.in_flight.push(message_id.to_owned(), publish);
         if self.in_flight.is_full() {
             self.settle_oldest().await;
@@ -369,10 +438,10 @@ impl Socket {
             return;
         };
         match result {
-            Ok(()) => {
+            Ok(at) => {
                 self.metrics.publishes.increment(1);
                 self.metrics.publish_duration.record(started.elapsed());
-                self.reply(server::ack(&message_id)).await
+                self.reply(Answer::at(at).frame(&message_id)).await
             }
             Err(e) => self.refuse(&message_id, Refusal::Broker(e)).await,
         }

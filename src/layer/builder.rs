@@ -14,6 +14,7 @@ use crate::hooks::{
     SubscribeEvent, UnsubscribeEvent, Verdict,
 };
 use crate::node::Node;
+use crate::settings::{History, RoomSettings};
 
 /// Builds a [`ThinWsLayer`]; see each setting for its default.
 ///
@@ -155,6 +156,43 @@ impl ThinWsBuilder {
     /// take before the client gets `unavailable`. Default 2 s.
     pub fn redis_timeout(mut self, timeout: Duration) -> Self {
         self.config.redis_timeout = timeout;
+        self
+    }
+
+    /// Gives every room a history (unless a [`room_settings`](Self::room_settings) rule or
+    /// the [`room_policy`](Self::room_policy) says otherwise): messages then carry an
+    /// `offset` and an `epoch`, and clients can ask for the last ones. Off by default.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use thinws::settings::History;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .history(History::new(100, Duration::from_secs(300)))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn history(mut self, history: History) -> Self {
+        self.config
+            .rooms
+            .default_settings(RoomSettings::with_history(history));
+        self
+    }
+
+    /// Gives rooms matching `pattern` (an exact room name, or a prefix ending in `*`) these
+    /// settings; the first matching rule wins. See [`settings`](crate::settings).
+    pub fn room_settings(mut self, pattern: &str, settings: RoomSettings) -> Self {
+        self.config.rooms.rule(pattern, settings);
+        self
+    }
+
+    /// Decides the settings of rooms that no [`room_settings`](Self::room_settings) rule
+    /// matches. It must answer the same for a room every time, on every node.
+    pub fn room_policy(
+        mut self,
+        policy: impl Fn(&str) -> RoomSettings + Send + Sync + 'static,
+    ) -> Self {
+        self.config.rooms.function(Arc::new(policy));
         self
     }
 

@@ -38,8 +38,9 @@ pub struct ClientFrame<'a> {
     pub command: Command<'a>,
 }
 
-/// The operation a client frame asks for.
+/// The operation a client frame asks for. New protocol versions add operations.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum Command<'a> {
     /// Bind the socket to an identity and rejoin its rooms.
     Connect {
@@ -68,6 +69,13 @@ pub enum Command<'a> {
     },
     /// Leave every room on this socket; the identity keeps its rooms.
     Disconnect,
+    /// The last messages kept in a room with history (protocol 1.1).
+    History {
+        /// The room.
+        room: Cow<'a, str>,
+        /// How many, at most (the server caps it at the room's history size).
+        limit: Option<u64>,
+    },
 }
 
 /// The known fields of a frame, each kept raw so that a mistyped field can be named in the
@@ -84,6 +92,8 @@ struct RawFrame<'a> {
     connection_id: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     token: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    limit: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
     /// The original JavaScript client sends the payload under `message`.
@@ -277,6 +287,23 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
             Command::Message { room, payload }
         }
         "disconnect" => Command::Disconnect,
+        "history" => {
+            let room = room()?;
+            let limit = match raw.limit {
+                None => None,
+                Some(limit) if limit.get() == "null" => None,
+                Some(limit) => match limit.get().parse::<u64>() {
+                    Ok(limit) => Some(limit),
+                    Err(_) => {
+                        return Err(fail(
+                            ErrorCode::InvalidMessage,
+                            "limit must be a whole number",
+                        ))
+                    }
+                },
+            };
+            Command::History { room, limit }
+        }
         _ => {
             return Err(FrameError::new(
                 Some(message_id),
@@ -311,6 +338,7 @@ pub fn encode(message_id: u64, command: &Command<'_>) -> String {
         Command::Unsubscribe { .. } => "unsubscribe",
         Command::Message { .. } => "message",
         Command::Disconnect => "disconnect",
+        Command::History { .. } => "history",
     };
     push_str_field(&mut out, "type", kind);
     push_key(&mut out, "messageID");
@@ -333,6 +361,13 @@ pub fn encode(message_id: u64, command: &Command<'_>) -> String {
             push_raw_field(&mut out, "payload", payload);
         }
         Command::Disconnect => {}
+        Command::History { room, limit } => {
+            push_str_field(&mut out, "roomID", room);
+            if let Some(limit) = limit {
+                push_key(&mut out, "limit");
+                out.push_str(&limit.to_string());
+            }
+        }
     }
     out.push('}');
     out

@@ -31,6 +31,8 @@ pub enum ErrorCode {
     Timeout,
     /// The socket joined too many rooms.
     LimitExceeded,
+    /// `history` (or, later, `presence`) on a room that has it off (protocol 1.1).
+    NotEnabled,
     /// An unexpected server-side failure.
     Internal,
 }
@@ -49,12 +51,13 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Timeout => "timeout",
             ErrorCode::LimitExceeded => "limit_exceeded",
+            ErrorCode::NotEnabled => "not_enabled",
             ErrorCode::Internal => "internal",
         }
     }
 
     /// Every code, for tables and tests.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         ErrorCode::InvalidJson,
         ErrorCode::InvalidMessage,
         ErrorCode::UnknownType,
@@ -65,6 +68,7 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Timeout,
         ErrorCode::LimitExceeded,
+        ErrorCode::NotEnabled,
         ErrorCode::Internal,
     ];
 }

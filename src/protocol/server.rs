@@ -69,6 +69,57 @@ pub fn delivery(room: &str, connection_id: &str, payload: &RawValue) -> String {
     out
 }
 
+/// `{"type":"ack","messageID":…,"offset":…,"epoch":…}`: the ack of a `message` to, or a
+/// `subscribe` of, a room with history (protocol 1.1): where the room's history stands.
+pub fn ack_at(message_id: &RawValue, offset: u64, epoch: &str) -> String {
+    let mut out = String::with_capacity(64 + message_id.get().len() + epoch.len());
+    out.push('{');
+    push_str_field(&mut out, "type", "ack");
+    push_raw_field(&mut out, "messageID", message_id);
+    push_position(&mut out, offset, epoch);
+    out.push('}');
+    out
+}
+
+/// The ack of `history`: the room's top `offset` and `epoch`, and the kept messages (oldest
+/// first), each a delivered frame as it was sent.
+pub fn history_ack(message_id: &RawValue, offset: u64, epoch: &str, messages: &[&str]) -> String {
+    let mut out = String::with_capacity(
+        64 + epoch.len() + messages.iter().map(|m| m.len() + 1).sum::<usize>(),
+    );
+    out.push('{');
+    push_str_field(&mut out, "type", "ack");
+    push_raw_field(&mut out, "messageID", message_id);
+    push_position(&mut out, offset, epoch);
+    out.push_str(",\"messages\":[");
+    for (n, message) in messages.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        out.push_str(message);
+    }
+    out.push_str("]}");
+    out
+}
+
+/// A delivered frame (see [`delivery`]) with its place in the room's history appended:
+/// `…,"offset":42,"epoch":"7f3a9c"}`. The Redis broker's publish script does the same in
+/// Lua.
+pub fn with_position(frame: &str, offset: u64, epoch: &str) -> String {
+    debug_assert!(frame.ends_with('}'), "a delivered frame is a JSON object");
+    let mut out = String::with_capacity(frame.len() + 40 + epoch.len());
+    out.push_str(frame.strip_suffix('}').unwrap_or(frame));
+    push_position(&mut out, offset, epoch);
+    out.push('}');
+    out
+}
+
+fn push_position(out: &mut String, offset: u64, epoch: &str) {
+    out.push_str(",\"offset\":");
+    out.push_str(&offset.to_string());
+    push_str_field(out, "epoch", epoch);
+}
+
 /// A frame the server sends, as a client reads it (see [`parse`]).
 #[derive(Debug, Clone)]
 pub enum ServerFrame<'a> {
@@ -176,6 +227,25 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_str(&d).unwrap();
         assert_eq!(v["roomID"], "r\n");
+    }
+
+    #[test]
+    fn positions_are_appended_to_acks_and_frames() {
+        let id = RawValue::from_string("7".into()).unwrap();
+        assert_eq!(
+            ack_at(&id, 42, "e1"),
+            r#"{"type":"ack","messageID":7,"offset":42,"epoch":"e1"}"#
+        );
+        let payload = RawValue::from_string("1".into()).unwrap();
+        let frame = with_position(&delivery("r", "a", &payload), 3, "e1");
+        assert_eq!(
+            frame,
+            r#"{"type":"message","roomID":"r","connectionID":"a","payload":1,"offset":3,"epoch":"e1"}"#
+        );
+        let ack = history_ack(&id, 3, "e1", &[&frame, &frame]);
+        let v: serde_json::Value = serde_json::from_str(&ack).unwrap();
+        assert_eq!(v["messages"][1]["offset"], 3);
+        assert_eq!(v["offset"], 3);
     }
 
     #[test]

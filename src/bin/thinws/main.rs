@@ -70,6 +70,13 @@ struct Args {
     /// Seconds an identity's rooms are kept after its last socket went away.
     #[arg(long, env = "THINWS_IDENTITY_TTL", default_value_t = 24 * 60 * 60)]
     identity_ttl: u64,
+    /// Messages each room keeps in its history (0: no history). Clients can then recover
+    /// what they missed and ask for the last messages.
+    #[arg(long, env = "THINWS_HISTORY_SIZE", default_value_t = 0)]
+    history_size: usize,
+    /// Seconds a room's history lives after its last message.
+    #[arg(long, env = "THINWS_HISTORY_TTL", default_value_t = 300)]
+    history_ttl: u64,
     /// Seconds between heartbeat pings.
     #[arg(long, env = "THINWS_PING_INTERVAL", default_value_t = 25)]
     ping_interval: u64,
@@ -253,6 +260,12 @@ async fn run(args: Args) -> Result<(), String> {
         .idle_timeout(Duration::from_secs(args.idle_timeout));
     if let Some(path) = &args.path {
         builder = builder.path(path);
+    }
+    if args.history_size > 0 {
+        builder = builder.history(thinws::settings::History::new(
+            args.history_size,
+            Duration::from_secs(args.history_ttl.max(1)),
+        ));
     }
     let auth = match (&args.token_secret, &args.token_public_key) {
         (Some(secret), _) => Some(auth::Auth::from_secret(secret)),

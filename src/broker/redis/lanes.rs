@@ -14,6 +14,7 @@
 //! pooled connection was reported lost since it was checked out, so that a publish is not
 //! sent on a connection already known to be closed.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_redis::{Connection, Pool};
@@ -23,13 +24,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::connect::{redis_error, Disconnects};
-use crate::broker::Publish;
+use super::history;
+use crate::broker::{new_epoch, Keys, Position, Publish, Published};
 use crate::error::BrokerError;
+use crate::settings::History;
 
 /// The most requests one pipeline carries.
 const MAX_BATCH: usize = 512;
 
-type Reply = oneshot::Sender<Result<(), BrokerError>>;
+type Reply = oneshot::Sender<Published>;
 
 /// One request waiting in a lane.
 struct Request {
@@ -44,12 +47,22 @@ enum Kind {
         channel: String,
         frame: Utf8Bytes,
     },
+    /// A publish to a room with history: the publish script (see `history`).
+    History {
+        meta: String,
+        stream: String,
+        channel: String,
+        frame: String,
+        size: usize,
+        ttl_ms: u64,
+        epoch: Arc<str>,
+    },
     /// A health probe: `PING` on the lane's connection, in order with the publishes.
     Ping,
 }
 
 impl Request {
-    fn reply(self, result: Result<(), BrokerError>) {
+    fn reply(self, result: Published) {
         // The caller may have gone away; the outcome is the same for everyone else.
         let _ = self.reply.send(result);
     }
@@ -94,9 +107,36 @@ impl Lanes {
     /// Queues `PUBLISH channel frame` on lane `lane` at once; the returned [`Publish`]
     /// resolves when Redis answered.
     pub(crate) fn publish(&self, lane: u64, channel: String, frame: Utf8Bytes) -> Publish {
+        self.queue(lane, Kind::Publish { channel, frame })
+    }
+
+    /// Queues the publish script for a room with history on lane `lane` at once.
+    pub(crate) fn publish_history(
+        &self,
+        lane: u64,
+        keys: &Keys,
+        room: &str,
+        frame: String,
+        history: History,
+    ) -> Publish {
+        self.queue(
+            lane,
+            Kind::History {
+                meta: keys.history_meta(room),
+                stream: keys.history_stream(room),
+                channel: keys.room_channel(room),
+                frame,
+                size: history.size,
+                ttl_ms: history::ttl_ms(history),
+                epoch: new_epoch(),
+            },
+        )
+    }
+
+    fn queue(&self, lane: u64, kind: Kind) -> Publish {
         let (reply, answer) = oneshot::channel();
         let request = Request {
-            kind: Kind::Publish { channel, frame },
+            kind,
             reply,
             deadline: Instant::now() + self.timeout,
         };
@@ -168,49 +208,114 @@ impl Lane {
             let Some(deadline) = batch.iter().map(|request| request.deadline).min() else {
                 continue;
             };
-            pipeline.clear();
-            for request in &batch {
-                match &request.kind {
-                    Kind::Publish { channel, frame } => {
-                        pipeline.cmd("PUBLISH").arg(channel).arg(frame.as_bytes())
-                    }
-                    Kind::Ping => pipeline.cmd("PING"),
+            // A script missing from Redis's cache (`SCRIPT FLUSH`, a failover) ran nothing:
+            // its requests go once more after the script is loaded again.
+            let retry = self.round(&mut pipeline, &mut batch, deadline).await;
+            if !retry.is_empty() {
+                batch = retry;
+                let loaded = match &mut self.held {
+                    Some((connection, _)) => history::PUBLISH
+                        .load_async(connection)
+                        .await
+                        .map_err(redis_error),
+                    None => Err(BrokerError::Protocol(
+                        "no connection to load a script on".into(),
+                    )),
                 };
-            }
-            match self.send(&pipeline, deadline).await {
-                Ok(replies) if replies.len() == batch.len() => {
-                    for (request, reply) in batch.drain(..).zip(replies) {
-                        let result = match (&request.kind, reply) {
-                            (_, Value::ServerError(e)) => Err(BrokerError::Refused(
-                                std::sync::Arc::new(redis::RedisError::from(e)),
-                            )),
-                            (Kind::Publish { .. }, Value::Int(_)) => Ok(()),
-                            (Kind::Ping, Value::SimpleString(_) | Value::Okay) => Ok(()),
-                            (_, other) => Err(BrokerError::Protocol(format!("{other:?}"))),
-                        };
-                        request.reply(result);
+                match loaded {
+                    Ok(_) => {
+                        let again = self.round(&mut pipeline, &mut batch, deadline).await;
+                        let e = BrokerError::Protocol("NOSCRIPT after SCRIPT LOAD".into());
+                        again
+                            .into_iter()
+                            .for_each(|request| request.reply(Err(e.clone())));
                     }
-                }
-                Ok(replies) => {
-                    self.held = None;
-                    let e = BrokerError::Protocol(format!(
-                        "{} replies to a pipeline of {}",
-                        replies.len(),
-                        batch.len()
-                    ));
-                    batch
+                    Err(e) => batch
                         .drain(..)
-                        .for_each(|request| request.reply(Err(e.clone())));
-                }
-                Err(e) => {
-                    // Handed back: the pool's recycle check keeps it or replaces it.
-                    self.held = None;
-                    batch
-                        .drain(..)
-                        .for_each(|request| request.reply(Err(e.clone())));
+                        .for_each(|request| request.reply(Err(e.clone()))),
                 }
             }
         }
+    }
+
+    /// Sends `batch` as one pipeline and answers each request, emptying `batch`; gives back
+    /// the requests that Redis refused with `NOSCRIPT` (they did nothing).
+    async fn round(
+        &mut self,
+        pipeline: &mut redis::Pipeline,
+        batch: &mut Vec<Request>,
+        deadline: Instant,
+    ) -> Vec<Request> {
+        pipeline.clear();
+        for request in batch.iter() {
+            match &request.kind {
+                Kind::Publish { channel, frame } => {
+                    pipeline.cmd("PUBLISH").arg(channel).arg(frame.as_bytes())
+                }
+                Kind::History {
+                    meta,
+                    stream,
+                    channel,
+                    frame,
+                    size,
+                    ttl_ms,
+                    epoch,
+                } => pipeline
+                    .cmd("EVALSHA")
+                    .arg(history::PUBLISH.get_hash())
+                    .arg(2)
+                    .arg(meta)
+                    .arg(stream)
+                    .arg(channel)
+                    .arg(frame)
+                    .arg(*size)
+                    .arg(*ttl_ms)
+                    .arg(&**epoch),
+                Kind::Ping => pipeline.cmd("PING"),
+            };
+        }
+        let mut retry = Vec::new();
+        match self.send(pipeline, deadline).await {
+            Ok(replies) if replies.len() == batch.len() => {
+                for (request, reply) in batch.drain(..).zip(replies) {
+                    let result = match (&request.kind, reply) {
+                        (_, Value::ServerError(e))
+                            if e.kind() == Some(redis::ServerErrorKind::NoScript) =>
+                        {
+                            retry.push(request);
+                            continue;
+                        }
+                        (_, Value::ServerError(e)) => Err(BrokerError::Refused(
+                            std::sync::Arc::new(redis::RedisError::from(e)),
+                        )),
+                        (Kind::Publish { .. }, Value::Int(_)) => Ok(None),
+                        (Kind::History { .. }, reply) => position(reply).map(Some),
+                        (Kind::Ping, Value::SimpleString(_) | Value::Okay) => Ok(None),
+                        (_, other) => Err(BrokerError::Protocol(format!("{other:?}"))),
+                    };
+                    request.reply(result);
+                }
+            }
+            Ok(replies) => {
+                self.held = None;
+                let e = BrokerError::Protocol(format!(
+                    "{} replies to a pipeline of {}",
+                    replies.len(),
+                    batch.len()
+                ));
+                batch
+                    .drain(..)
+                    .for_each(|request| request.reply(Err(e.clone())));
+            }
+            Err(e) => {
+                // Handed back: the pool's recycle check keeps it or replaces it.
+                self.held = None;
+                batch
+                    .drain(..)
+                    .for_each(|request| request.reply(Err(e.clone())));
+            }
+        }
+        retry
     }
 
     /// Sends `pipeline` on the held connection (checking one out first if needed), and
@@ -247,6 +352,26 @@ impl Lane {
             }
             Ok(Err(e)) => Err(redis_error(e)),
         }
+    }
+}
+
+/// The publish script's answer: `{offset, epoch}`.
+fn position(reply: Value) -> Result<Position, BrokerError> {
+    let unexpected =
+        |reply: &Value| BrokerError::Protocol(format!("{reply:?} from the publish script"));
+    let Value::Array(items) = &reply else {
+        return Err(unexpected(&reply));
+    };
+    match items.as_slice() {
+        [Value::Int(offset), epoch] => {
+            let epoch = <String as redis::FromRedisValue>::from_redis_value_ref(epoch)
+                .map_err(|_| unexpected(&reply))?;
+            Ok(Position {
+                offset: u64::try_from(*offset).map_err(|_| unexpected(&reply))?,
+                epoch: epoch.into(),
+            })
+        }
+        _ => Err(unexpected(&reply)),
     }
 }
 

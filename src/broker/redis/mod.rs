@@ -9,6 +9,7 @@
 //! the lanes and the subscriber task start together on first use.
 
 mod connect;
+mod history;
 mod identities;
 mod lanes;
 mod resp;
@@ -21,6 +22,7 @@ use deadpool_redis::Pool;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 pub(crate) use self::connect::{Disconnects, RedisTarget};
+use self::history::HistoryStore;
 use self::identities::Identities;
 pub(crate) use self::lanes::Lanes;
 use self::subscriber::Subscriber;
@@ -39,6 +41,7 @@ pub(crate) struct RedisBroker {
     timeout: Duration,
     sink: SharedSink,
     identities: Identities,
+    history: HistoryStore,
     running: OnceLock<Running>,
 }
 
@@ -70,6 +73,7 @@ impl RedisBroker {
         let keys = Keys::new(prefix);
         Ok(RedisBroker {
             identities: Identities::new(pool.clone(), keys.clone(), timeout, identity_ttl),
+            history: HistoryStore::new(pool.clone(), keys.clone(), timeout),
             target,
             pool,
             disconnects,
@@ -102,6 +106,24 @@ impl RedisBroker {
         self.running()
             .lanes
             .publish(lane, self.keys.room_channel(room), frame)
+    }
+
+    /// Queues the publish script of a room with history on lane `lane` at once.
+    pub(crate) fn publish_history(
+        &self,
+        room: &str,
+        frame: String,
+        lane: u64,
+        history: crate::settings::History,
+    ) -> Publish {
+        self.running()
+            .lanes
+            .publish_history(lane, &self.keys, room, frame, history)
+    }
+
+    /// Reads of history rooms.
+    pub(crate) fn history(&self) -> &HistoryStore {
+        &self.history
     }
 
     pub(crate) fn acquire(&self, room: Arc<str>) -> Acquire {

@@ -1,0 +1,139 @@
+//! Room history on Redis: per history room, a hash `{prefix}meta:{ROOM}` (its `epoch` and
+//! `top` offset) and a stream `{prefix}history:{ROOM}` (the last frames, entry ids
+//! `OFFSET-0`), both in the room's hash slot and both expiring after the history TTL
+//! without a publish.
+//!
+//! A publish is one Lua script (by `EVALSHA`, see `lanes`): it takes the next offset, adds
+//! the frame with its `offset` and `epoch` to the stream (trimmed to the history size),
+//! refreshes both keys' time to live and publishes the frame, all or nothing. A stream,
+//! rather than a list or a sorted set, because its entry ids are the offsets: reading what
+//! followed an offset is one `XRANGE`, and trimming is built in. The epoch is made when the
+//! hash is missing: on the room's first use, after its history expired, or after Redis lost
+//! its data, so that offsets from a lost history are never taken for current ones.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use deadpool_redis::Pool;
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+
+use super::connect::{redis_error, within};
+use super::lanes::pool_error;
+use crate::broker::{new_epoch, Keys, Position};
+use crate::error::BrokerError;
+use crate::settings::History;
+
+/// KEYS: meta, stream. ARGV: channel, frame (a JSON object), size, ttl (ms), a new epoch.
+/// Returns `{offset, epoch}`.
+pub(crate) static PUBLISH: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'top', 1)
+local frame = string.sub(ARGV[2], 1, -2) .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'f', frame)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', ARGV[1], frame)
+return {offset, epoch}
+"#,
+    )
+});
+
+/// KEYS: meta, stream. ARGV: a new epoch, ttl (ms), how many frames. Returns
+/// `{top, epoch, {frames, oldest first}}`; makes the epoch if the room has none.
+static READ: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+local top = tonumber(redis.call('HGET', KEYS[1], 'top'))
+local frames = {}
+if tonumber(ARGV[3]) > 0 then
+  local entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[3])
+  for i = #entries, 1, -1 do frames[#frames + 1] = entries[i][2][2] end
+end
+return {top, epoch, frames}
+"#,
+    )
+});
+
+/// The time to live in milliseconds, as Redis takes it.
+pub(crate) fn ttl_ms(history: History) -> u64 {
+    u64::try_from(history.ttl.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+/// Reads of history rooms, through the pool.
+#[derive(Debug)]
+pub(crate) struct HistoryStore {
+    pool: Pool,
+    keys: Keys,
+    timeout: Duration,
+}
+
+impl HistoryStore {
+    pub(crate) fn new(pool: Pool, keys: Keys, timeout: Duration) -> Self {
+        HistoryStore {
+            pool,
+            keys,
+            timeout,
+        }
+    }
+
+    /// Where `room`'s history stands.
+    pub(crate) async fn top(&self, room: &str, history: History) -> Result<Position, BrokerError> {
+        self.read(room, history, 0)
+            .await
+            .map(|(position, _)| position)
+    }
+
+    /// The last `limit` frames kept, oldest first, and where the history stands.
+    pub(crate) async fn last(
+        &self,
+        room: &str,
+        history: History,
+        limit: usize,
+    ) -> Result<(Position, Vec<Utf8Bytes>), BrokerError> {
+        self.read(room, history, limit).await
+    }
+
+    async fn read(
+        &self,
+        room: &str,
+        history: History,
+        limit: usize,
+    ) -> Result<(Position, Vec<Utf8Bytes>), BrokerError> {
+        let (meta, stream) = (self.keys.history_meta(room), self.keys.history_stream(room));
+        let (top, epoch, frames): (u64, String, Vec<String>) = within(self.timeout, async {
+            let mut connection = self.pool.get().await.map_err(pool_error)?;
+            READ.key(meta)
+                .key(stream)
+                .arg(&*new_epoch())
+                .arg(ttl_ms(history))
+                .arg(limit)
+                .invoke_async(&mut connection)
+                .await
+                .map_err(redis_error)
+        })
+        .await?;
+        Ok((
+            Position {
+                offset: top,
+                epoch: epoch.into(),
+            },
+            frames.into_iter().map(Utf8Bytes::from).collect(),
+        ))
+    }
+}

@@ -1,0 +1,143 @@
+//! Per-room settings: which rooms keep a history (and, later, presence).
+//!
+//! By default no room does, and every room takes the plain fast path. A layer can give every
+//! room the same settings, or decide per room by prefix rules or a function:
+//!
+//! ```
+//! use std::time::Duration;
+//! use thinws::settings::{History, RoomSettings};
+//!
+//! let layer = thinws::ThinWsLayer::builder()
+//!     // chat rooms keep their last 100 messages for 5 minutes of quiet
+//!     .room_settings("chat:*", RoomSettings::with_history(History::new(100, Duration::from_secs(300))))
+//!     // one room keeps more
+//!     .room_settings("announcements", RoomSettings::with_history(History::new(1000, Duration::from_secs(86_400))))
+//!     .build();
+//! # let _ = layer;
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How much of a room's past is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct History {
+    /// Messages kept (the oldest go first).
+    pub size: usize,
+    /// How long the history of a room with no new message lives.
+    pub ttl: Duration,
+}
+
+impl History {
+    /// Keep the last `size` messages, for `ttl` after the last one.
+    pub fn new(size: usize, ttl: Duration) -> Self {
+        History {
+            size: size.max(1),
+            ttl: ttl.max(Duration::from_millis(1)),
+        }
+    }
+}
+
+/// The settings of one room.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoomSettings {
+    /// Its history, if it keeps one: messages then carry an `offset` and an `epoch`, and
+    /// clients can recover what they missed.
+    pub history: Option<History>,
+}
+
+impl RoomSettings {
+    /// A room with this history.
+    pub fn with_history(history: History) -> Self {
+        RoomSettings {
+            history: Some(history),
+        }
+    }
+}
+
+/// A function that decides a room's settings.
+type PolicyFn = Arc<dyn Fn(&str) -> RoomSettings + Send + Sync>;
+
+/// Decides each room's settings.
+#[derive(Clone, Default)]
+pub(crate) struct RoomPolicy {
+    /// Rules tried in order: an exact room name, or a prefix ending in `*`.
+    rules: Vec<(String, RoomSettings)>,
+    /// A function, asked when no rule matched.
+    function: Option<PolicyFn>,
+    /// For every other room.
+    default: RoomSettings,
+}
+
+impl fmt::Debug for RoomPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RoomPolicy")
+            .field("rules", &self.rules)
+            .field("function", &self.function.is_some())
+            .field("default", &self.default)
+            .finish()
+    }
+}
+
+impl RoomPolicy {
+    pub(crate) fn rule(&mut self, pattern: &str, settings: RoomSettings) {
+        self.rules.push((pattern.to_owned(), settings));
+    }
+
+    pub(crate) fn function(&mut self, f: PolicyFn) {
+        self.function = Some(f);
+    }
+
+    pub(crate) fn default_settings(&mut self, settings: RoomSettings) {
+        self.default = settings;
+    }
+
+    /// The settings of `room`: the first matching rule, else the function, else the default.
+    pub(crate) fn settings(&self, room: &str) -> RoomSettings {
+        for (pattern, settings) in &self.rules {
+            let matches = match pattern.strip_suffix('*') {
+                Some(prefix) => room.starts_with(prefix),
+                None => pattern == room,
+            };
+            if matches {
+                return *settings;
+            }
+        }
+        match &self.function {
+            Some(f) => f(room),
+            None => self.default,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rules_then_the_function_then_the_default() {
+        let kept = RoomSettings::with_history(History::new(10, Duration::from_secs(1)));
+        let more = RoomSettings::with_history(History::new(99, Duration::from_secs(1)));
+        let mut policy = RoomPolicy::default();
+        assert_eq!(policy.settings("any"), RoomSettings::default());
+        policy.rule("chat:vip", more);
+        policy.rule("chat:*", kept);
+        assert_eq!(policy.settings("chat:vip"), more);
+        assert_eq!(policy.settings("chat:x"), kept);
+        assert_eq!(policy.settings("chat"), RoomSettings::default());
+        policy.function(Arc::new(move |room| match room.len() {
+            1 => more,
+            _ => RoomSettings::default(),
+        }));
+        assert_eq!(policy.settings("a"), more);
+        assert_eq!(policy.settings("chat:x"), kept, "rules come first");
+        policy.default_settings(more);
+        assert_eq!(
+            policy.settings("zz"),
+            RoomSettings::default(),
+            "the function decides"
+        );
+    }
+}

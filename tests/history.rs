@@ -1,0 +1,162 @@
+//! Room history (protocol 1.1): offsets and epochs on acks and deliveries, the `history`
+//! request, the history size and time to live, on Redis (two nodes, a flushed script cache,
+//! lost data) and in memory.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{Client, Node, RedisServer};
+use thinws::settings::{History, RoomSettings};
+use thinws::ThinWsLayer;
+
+fn layer(redis: Option<&RedisServer>) -> ThinWsLayer {
+    let builder = ThinWsLayer::builder()
+        .rate_limit(0, 0)
+        .room_settings(
+            "h:*",
+            RoomSettings::with_history(History::new(5, Duration::from_secs(60))),
+        )
+        .room_settings(
+            "short",
+            RoomSettings::with_history(History::new(5, Duration::from_millis(500))),
+        );
+    match redis {
+        Some(redis) => builder.redis_url(redis.url()).build(),
+        None => builder.build(),
+    }
+}
+
+async fn publish(c: &mut Client, room: &str, payload: Value) -> Value {
+    let reply = c
+        .request(json!({"type": "message", "roomID": room, "payload": payload}))
+        .await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    reply
+}
+
+async fn history(c: &mut Client, room: &str, limit: Option<u64>) -> Value {
+    let mut frame = json!({"type": "history", "roomID": room});
+    if let Some(limit) = limit {
+        frame["limit"] = json!(limit);
+    }
+    c.request(frame).await
+}
+
+/// The scenario on nodes `a` and `b` (the same node in memory).
+async fn scenario(a: &Node, b: &Node) {
+    let mut alice = Client::connect(&a.url()).await;
+    let mut bob = Client::connect(&b.url()).await;
+    // A plain room is untouched: no offsets anywhere, and no history.
+    alice.subscribe("plain").await;
+    let ack = publish(&mut alice, "plain", json!(0)).await;
+    assert!(ack.get("offset").is_none(), "{ack}");
+    assert!(alice.delivery().await.get("offset").is_none());
+    let refused = history(&mut alice, "plain", None).await;
+    assert_eq!(refused["code"], "not_enabled", "{refused}");
+
+    // A history room: the subscribe ack says where it stands.
+    let sub = alice
+        .request(json!({"type": "subscribe", "roomID": "h:1"}))
+        .await;
+    assert_eq!(sub["offset"], 0, "{sub}");
+    let epoch = sub["epoch"].as_str().expect("an epoch").to_owned();
+    bob.subscribe("h:1").await;
+    // Offsets are the room's, across nodes, and every frame carries its own.
+    for n in 1..=8u64 {
+        let sender = if n % 2 == 0 { &mut bob } else { &mut alice };
+        let ack = publish(sender, "h:1", json!(n)).await;
+        assert_eq!(
+            (ack["offset"].as_u64(), ack["epoch"].as_str()),
+            (Some(n), Some(&*epoch))
+        );
+    }
+    for c in [&mut alice, &mut bob] {
+        for n in 1..=8u64 {
+            let got = c.delivery().await;
+            assert_eq!(
+                (got["payload"].as_u64(), got["offset"].as_u64()),
+                (Some(n), Some(n)),
+                "{got}"
+            );
+            assert_eq!(got["epoch"], epoch);
+        }
+    }
+    // `history`: the last ones kept (5 at most), oldest first, as delivered.
+    let last = history(&mut bob, "h:1", Some(2)).await;
+    assert_eq!(last["offset"], 8);
+    let offsets: Vec<u64> = last["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [7, 8]);
+    let all = history(&mut bob, "h:1", None).await;
+    let offsets: Vec<u64> = all["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [4, 5, 6, 7, 8], "the size caps it");
+    assert_eq!(all["messages"][4]["payload"], 8);
+
+    // A history that lived past its time to live starts again under a new epoch.
+    let first = publish(&mut alice, "short", json!("a")).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let after = publish(&mut alice, "short", json!("b")).await;
+    assert_eq!(after["offset"], 1, "{after}");
+    assert_ne!(after["epoch"], first["epoch"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_rooms_on_redis_across_two_nodes() {
+    let redis = RedisServer::start().await;
+    let a = Node::start(layer(Some(&redis))).await;
+    let b = Node::start(layer(Some(&redis))).await;
+    scenario(&a, &b).await;
+
+    // The script cache flushed (SCRIPT FLUSH, a failover): publishing goes on.
+    let mut conn = redis.client().await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut c = Client::connect(&a.url()).await;
+    let ack = publish(&mut c, "h:1", json!(9)).await;
+    assert_eq!(ack["offset"], 9, "{ack}");
+
+    // Redis lost the data: a new epoch, offsets from 1.
+    let epoch = ack["epoch"].clone();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let ack = publish(&mut c, "h:1", json!(10)).await;
+    assert_eq!(ack["offset"], 1, "{ack}");
+    assert_ne!(ack["epoch"], epoch);
+    // The room's keys and channel share one hash slot (ready for Redis Cluster).
+    let slot = |key: &str| redis_protocol::redis_keyslot(key.as_bytes());
+    assert_eq!(slot("thinws:meta:{h:1}"), slot("thinws:room:{h:1}"));
+    assert_eq!(slot("thinws:history:{h:1}"), slot("thinws:room:{h:1}"));
+    assert_ne!(slot("thinws:room:{h:1}"), slot("thinws:room:{h:2}"));
+
+    // A Publisher with the same settings continues the offsets.
+    let publisher = thinws::Publisher::builder(redis.url())
+        .room_settings(
+            "h:*",
+            RoomSettings::with_history(History::new(5, Duration::from_secs(60))),
+        )
+        .build()
+        .unwrap();
+    publisher.publish("h:1", &json!(11)).await.unwrap();
+    let last = history(&mut c, "h:1", Some(1)).await;
+    assert_eq!(last["offset"], 2, "{last}");
+    assert_eq!(last["messages"][0]["connectionID"], "server");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_rooms_in_memory() {
+    let node = Node::start(layer(None)).await;
+    scenario(&node, &node).await;
+}
