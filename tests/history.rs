@@ -19,6 +19,10 @@ fn layer(redis: Option<&RedisServer>) -> ThinWsLayer {
             RoomSettings::with_history(History::new(5, Duration::from_secs(60))),
         )
         .room_settings(
+            "big:*",
+            RoomSettings::with_history(History::new(1000, Duration::from_secs(60))),
+        )
+        .room_settings(
             "short",
             RoomSettings::with_history(History::new(5, Duration::from_millis(500))),
         );
@@ -159,4 +163,107 @@ async fn history_rooms_on_redis_across_two_nodes() {
 async fn history_rooms_in_memory() {
     let node = Node::start(layer(None)).await;
     scenario(&node, &node).await;
+}
+
+/// Offsets of the next `n` deliveries to `c`.
+async fn offsets(c: &mut Client, n: usize) -> Vec<u64> {
+    let mut got = Vec::with_capacity(n);
+    for _ in 0..n {
+        got.push(c.delivery().await["offset"].as_u64().unwrap());
+    }
+    got
+}
+
+/// `subscribe` with `since`: what was missed comes after the ack, then live messages, each
+/// once and in offset order, even while messages keep coming; and `recovered: false` when
+/// the history cannot fill the gap.
+async fn recovery(a: &Node, b: &Node) {
+    let mut publisher = Client::connect(&b.url()).await;
+    let mut alice = Client::connect(&a.url()).await;
+    let sub = alice
+        .request(json!({"type": "subscribe", "roomID": "h:rec"}))
+        .await;
+    let epoch = sub["epoch"].as_str().unwrap().to_owned();
+    for n in 1..=3 {
+        publish(&mut publisher, "h:rec", json!(n)).await;
+    }
+    assert_eq!(offsets(&mut alice, 3).await, [1, 2, 3]);
+    alice.close().await;
+    for n in 4..=6 {
+        publish(&mut publisher, "h:rec", json!(n)).await;
+    }
+    // Back on the other node, from offset 3.
+    let mut again = Client::connect(&b.url()).await;
+    let ack = again
+        .request(
+            json!({"type": "subscribe", "roomID": "h:rec", "since": {"offset": 3, "epoch": epoch}}),
+        )
+        .await;
+    assert_eq!(
+        (ack["recovered"].as_bool(), ack["offset"].as_u64()),
+        (Some(true), Some(6)),
+        "{ack}"
+    );
+    assert_eq!(offsets(&mut again, 3).await, [4, 5, 6]);
+    publish(&mut publisher, "h:rec", json!(7)).await;
+    assert_eq!(offsets(&mut again, 1).await, [7]);
+
+    // While a publisher keeps going, a recovering socket gets every offset once, in order.
+    let url = a.url();
+    let flood = tokio::spawn(async move {
+        let mut p = Client::connect(&url).await;
+        for n in 8..=200 {
+            publish(&mut p, "big:rec2", json!(n)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut late = Client::connect(&b.url()).await;
+    let probe = history(&mut late, "big:rec2", Some(1)).await;
+    let (top, epoch2) = (
+        probe["offset"].as_u64().unwrap(),
+        probe["epoch"].as_str().unwrap().to_owned(),
+    );
+    let since = top.saturating_sub(3);
+    let ack = late
+        .request(json!({"type": "subscribe", "roomID": "big:rec2", "since": {"offset": since, "epoch": epoch2}}))
+        .await;
+    assert_eq!(ack["recovered"], true, "{ack}");
+    flood.await.unwrap();
+    let last = 193; // h:rec2 got 193 messages (8..=200): offsets 1..=193
+    let got = offsets(&mut late, (last - since) as usize).await;
+    let expected: Vec<u64> = (since + 1..=last).collect();
+    assert_eq!(got, expected, "no gap, no duplicate, in order");
+
+    // The wrong epoch, or a gap the history (5 kept) cannot fill: recovered false, and only
+    // what follows.
+    for n in 1..=10 {
+        publish(&mut publisher, "h:gap", json!(n)).await;
+    }
+    let probe = history(&mut publisher, "h:gap", Some(1)).await;
+    let epoch3 = probe["epoch"].as_str().unwrap().to_owned();
+    for since in [
+        json!({"offset": 9, "epoch": "not-it"}),
+        json!({"offset": 2, "epoch": epoch3}),
+    ] {
+        let mut c = Client::connect(&a.url()).await;
+        let ack = c
+            .request(json!({"type": "subscribe", "roomID": "h:gap", "since": since}))
+            .await;
+        assert_eq!(ack["recovered"], false, "{ack}");
+        publish(&mut publisher, "h:gap", json!("next")).await;
+        assert_eq!(
+            offsets(&mut c, 1).await,
+            [ack["offset"].as_u64().unwrap() + 1]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_with_since_recovers_on_redis_and_in_memory() {
+    let redis = RedisServer::start().await;
+    let a = Node::start(layer(Some(&redis))).await;
+    let b = Node::start(layer(Some(&redis))).await;
+    recovery(&a, &b).await;
+    let node = Node::start(layer(None)).await;
+    recovery(&node, &node).await;
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::time::Instant;
 
-use super::{new_epoch, Position, SharedSink};
+use super::{new_epoch, Position, Recovery, SharedSink};
 use crate::protocol::server;
 use crate::settings::History;
 
@@ -130,6 +130,25 @@ impl MemoryBroker {
         Position {
             offset: h.top,
             epoch: h.epoch.clone(),
+        }
+    }
+
+    /// Where `room`'s history stands, what it keeps, and its frames after `since`.
+    pub(crate) fn recover(&self, room: &str, history: History, since: u64) -> Recovery {
+        let mut histories = self.histories();
+        let h = Self::room_history(&mut histories, room, history, Instant::now());
+        Recovery {
+            top: Position {
+                offset: h.top,
+                epoch: h.epoch.clone(),
+            },
+            oldest: h.kept.front().map_or(h.top + 1, |(offset, _)| *offset),
+            frames: h
+                .kept
+                .iter()
+                .filter(|(offset, _)| *offset > since)
+                .map(|(_, f)| f.clone())
+                .collect(),
         }
     }
 

@@ -55,6 +55,26 @@ pub(crate) struct Position {
     pub(crate) epoch: Arc<str>,
 }
 
+/// What a room's history holds for a client that has it up to some offset.
+#[derive(Debug, Clone)]
+pub(crate) struct Recovery {
+    /// Where the history stands.
+    pub(crate) top: Position,
+    /// The oldest offset still kept (`top + 1` when none is).
+    pub(crate) oldest: u64,
+    /// The kept frames after the client's offset, in order.
+    pub(crate) frames: Vec<Utf8Bytes>,
+}
+
+impl Recovery {
+    /// Whether a client at `since` in `epoch` can get every message it missed from here.
+    pub(crate) fn recovers(&self, since: u64, epoch: &str) -> bool {
+        *self.top.epoch == *epoch
+            && since <= self.top.offset
+            && (since == self.top.offset || self.oldest <= since + 1)
+    }
+}
+
 /// The broker's answer to a publish: where the message sits, for a room with history.
 pub(crate) type Published = Result<Option<Position>, BrokerError>;
 
@@ -192,6 +212,20 @@ impl Broker {
         match self {
             Broker::Memory(b) => Ok(b.history(room, history, limit)),
             Broker::Redis(b) => b.history().last(room, history, limit).await,
+            Broker::Unusable(e) => Err(e.clone()),
+        }
+    }
+
+    /// Where `room`'s history stands, what it still keeps, and its frames after `since`.
+    pub(crate) async fn recover(
+        &self,
+        room: &str,
+        history: History,
+        since: u64,
+    ) -> Result<Recovery, BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.recover(room, history, since)),
+            Broker::Redis(b) => b.history().recover(room, history, since).await,
             Broker::Unusable(e) => Err(e.clone()),
         }
     }

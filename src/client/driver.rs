@@ -28,6 +28,7 @@ fn encode(id: u64, op: &Op) -> String {
     let command = match op {
         Op::Subscribe(room) => Command::Subscribe {
             room: Cow::Borrowed(room),
+            since: None,
         },
         Op::Unsubscribe(room) => Command::Unsubscribe {
             room: Cow::Borrowed(room),

@@ -17,6 +17,7 @@
 mod in_flight;
 pub(crate) mod outbound;
 mod rate_limit;
+mod recovery;
 mod refusal;
 mod request_head;
 mod socket;

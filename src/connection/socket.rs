@@ -8,14 +8,18 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde_json::value::RawValue;
 
+mod history;
+mod identity;
+
+use self::history::Answer;
 use super::in_flight::{Answered, InFlight};
 use super::outbound::OutboundQueue;
 use super::refusal::Refusal;
 use super::request_head::detach;
 use crate::broker::Position;
 use crate::hooks::{
-    ask, ConnectEvent, ConnectVerdict, DisconnectEvent, DisconnectReason, Hooks, MessageEvent,
-    MessageVerdict, SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
+    ask, DisconnectEvent, DisconnectReason, Hooks, MessageEvent, MessageVerdict, SocketInfo,
+    SubscribeEvent, UnsubscribeEvent, Verdict,
 };
 use crate::metrics::SocketMetrics;
 use crate::node::Node;
@@ -33,32 +37,6 @@ pub(super) struct Socket {
     disconnect_fired: bool,
     metrics: SocketMetrics,
     in_flight: InFlight,
-}
-
-/// What an `ack` carries.
-enum Answer {
-    Ack,
-    /// Where the room's history stands (a message to, or a subscribe of, a history room).
-    At(Position),
-    /// The reply to `history`.
-    History(Position, Vec<Utf8Bytes>),
-}
-
-impl Answer {
-    fn at(position: Option<Position>) -> Self {
-        position.map_or(Answer::Ack, Answer::At)
-    }
-
-    fn frame(&self, message_id: &RawValue) -> String {
-        match self {
-            Answer::Ack => server::ack(message_id),
-            Answer::At(at) => server::ack_at(message_id, at.offset, &at.epoch),
-            Answer::History(at, frames) => {
-                let frames: Vec<&str> = frames.iter().map(|f| f.as_str()).collect();
-                server::history_ack(message_id, at.offset, &at.epoch, &frames)
-            }
-        }
-    }
 }
 
 /// What hooks are told about the socket.
@@ -203,7 +181,10 @@ impl Socket {
                 .connect(&connection_id, token.as_deref())
                 .await
                 .map(|()| Answer::Ack),
-            Command::Subscribe { room } => self.subscribe(&room).await.map(Answer::at),
+            Command::Subscribe { room, since } => match since {
+                Some(since) => self.subscribe_since(&room, &since).await,
+                None => self.subscribe(&room).await.map(Answer::at),
+            },
             Command::Unsubscribe { room } => self.unsubscribe(&room).await.map(|()| Answer::Ack),
             Command::History { room, limit } => self
                 .history(&room, limit)
@@ -218,111 +199,12 @@ impl Socket {
             Command::Message { .. } => Ok(Answer::Ack),
         };
         match result {
-            Ok(answer) => self.reply(answer.frame(message_id)).await,
+            Ok(answer) => {
+                self.reply(answer.frame(message_id)).await;
+                answer.follow_up(&self.queue).await;
+            }
             Err(refusal) => self.refuse(message_id, refusal).await,
         }
-    }
-
-    /// The last messages of a room with history (the `subscribe` hook decides who may read
-    /// them, as it decides who may receive them).
-    async fn history(
-        &mut self,
-        room: &str,
-        limit: Option<u64>,
-    ) -> Result<(Position, Vec<Utf8Bytes>), Refusal> {
-        let Some(history) = self.node.config.rooms.settings(room).history else {
-            return Err(Refusal::NotEnabled("this room keeps no history"));
-        };
-        self.allowed_to_subscribe(room).await?;
-        let limit = limit.map_or(history.size, |limit| {
-            usize::try_from(limit)
-                .unwrap_or(usize::MAX)
-                .min(history.size)
-        });
-        self.node
-            .broker
-            .history(room, history, limit)
-            .await
-            .map_err(Refusal::BrokerRead)
-    }
-
-    async fn connect(&mut self, claimed: &str, token: Option<&str>) -> Result<(), Refusal> {
-        let mut connection_id = claimed.to_owned();
-        let verdict = ask(&mut self.hooks.connect, || ConnectEvent {
-            socket: self.me.info(),
-            connection_id: claimed.to_owned(),
-            token: token.map(str::to_owned),
-        });
-        match verdict.await {
-            None | Some(Ok(ConnectVerdict::Accept)) => {}
-            Some(Ok(ConnectVerdict::Assign(id))) if id.is_empty() => {
-                return Err(Refusal::hook_failed(
-                    "connect",
-                    "assigned an empty identity".into(),
-                ))
-            }
-            Some(Ok(ConnectVerdict::Assign(id))) => connection_id = id,
-            Some(Ok(ConnectVerdict::Refuse(reason))) => return Err(Refusal::Forbidden(reason)),
-            Some(Err(e)) => return Err(Refusal::hook_failed("connect", e)),
-        }
-        if self.me.bound && *self.me.identity != *connection_id {
-            return Err(Refusal::OtherIdentity);
-        }
-        let rooms = self
-            .node
-            .broker
-            .rooms_of(&connection_id)
-            .await
-            .map_err(Refusal::BrokerRead)?;
-        // Bound for the rejoin (the subscribe hook sees the identity being connected), and
-        // unbound again if it fails: a refused connect changes nothing.
-        let before = (self.me.identity.clone(), self.me.bound);
-        self.me.identity = connection_id.into();
-        self.me.bound = true;
-        match self.rejoin(rooms).await {
-            Ok(()) => {
-                if !before.1 {
-                    tracing::Span::current().record("identity", &*self.me.identity);
-                    self.node.broker.hold(&self.me.identity);
-                }
-                Ok(())
-            }
-            Err(refusal) => {
-                (self.me.identity, self.me.bound) = before;
-                Err(refusal)
-            }
-        }
-    }
-
-    /// Joins every recorded room the subscribe hook allows, or none: past the socket's room
-    /// limit, or when one cannot be joined, whatever this call joined is left again.
-    async fn rejoin(&mut self, rooms: Vec<String>) -> Result<(), Refusal> {
-        let mut wanted = Vec::with_capacity(rooms.len());
-        for room in rooms {
-            if self.rooms.contains(room.as_str()) {
-                continue;
-            }
-            match self.allowed_to_subscribe(&room).await {
-                Ok(()) => wanted.push(room),
-                Err(Refusal::Forbidden(reason)) => {
-                    tracing::debug!(room, reason, "subscribe hook refused a recorded room");
-                }
-                Err(refusal) => return Err(refusal),
-            }
-        }
-        let max = self.node.config.max_rooms_per_socket;
-        if self.rooms.len() + wanted.len() > max {
-            return Err(Refusal::TooManyRooms(max));
-        }
-        for (n, room) in wanted.iter().enumerate() {
-            if let Err(refusal) = self.join(room).await {
-                for joined in &wanted[..n] {
-                    self.leave(joined);
-                }
-                return Err(refusal);
-            }
-        }
-        Ok(())
     }
 
     async fn allowed_to_subscribe(&mut self, room: &str) -> Result<(), Refusal> {
@@ -475,6 +357,12 @@ impl Socket {
     /// Cancel-safe: once the broker was asked, the room is in `self.rooms`, so the socket's
     /// cleanup gives the acquisition back even if this future is dropped mid-way.
     async fn join(&mut self, room: &str) -> Result<bool, Refusal> {
+        let member: SharedMember = self.queue.clone();
+        self.join_as(room, member).await
+    }
+
+    /// [`Socket::join`] through `member` (the socket's queue, or a wrapper of it).
+    async fn join_as(&mut self, room: &str, member: SharedMember) -> Result<bool, Refusal> {
         if self.rooms.contains(room) {
             return Ok(false);
         }
@@ -484,7 +372,6 @@ impl Socket {
         }
         // Become a local member first, so that nothing published after the broker
         // confirms the subscription can slip past this socket.
-        let member: SharedMember = self.queue.clone();
         let key = self.node.rooms.join(room, self.me.id, &member);
         let acquired = self.node.broker.acquire(&key);
         self.rooms.insert(key.clone());

@@ -54,6 +54,9 @@ pub enum Command<'a> {
     Subscribe {
         /// The room.
         room: Cow<'a, str>,
+        /// Where the client's copy of the room's history ends (protocol 1.1): the server
+        /// sends what followed, if it still can.
+        since: Option<Since<'a>>,
     },
     /// Leave a room and forget it for the identity.
     Unsubscribe {
@@ -78,6 +81,22 @@ pub enum Command<'a> {
     },
 }
 
+/// A place in a room's history: `{"offset": 40, "epoch": "7f3a9c"}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since<'a> {
+    /// The last offset the client has.
+    pub offset: u64,
+    /// The epoch that offset belongs to.
+    pub epoch: Cow<'a, str>,
+}
+
+#[derive(Deserialize)]
+struct RawSince<'a> {
+    offset: u64,
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
+}
+
 /// The known fields of a frame, each kept raw so that a mistyped field can be named in the
 /// error (and so that `null` is told apart from a missing field). Unknown fields are ignored.
 #[derive(Deserialize)]
@@ -94,6 +113,8 @@ struct RawFrame<'a> {
     token: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     limit: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    since: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
     /// The original JavaScript client sends the payload under `message`.
@@ -257,7 +278,26 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
                 token,
             }
         }
-        "subscribe" => Command::Subscribe { room: room()? },
+        "subscribe" => {
+            let room = room()?;
+            let since = match raw.since {
+                None => None,
+                Some(since) if since.get() == "null" => None,
+                Some(since) => match serde_json::from_str::<RawSince<'a>>(since.get()) {
+                    Ok(since) => Some(Since {
+                        offset: since.offset,
+                        epoch: since.epoch,
+                    }),
+                    Err(_) => {
+                        return Err(fail(
+                            ErrorCode::InvalidMessage,
+                            "since must be {\"offset\": a whole number, \"epoch\": a string}",
+                        ))
+                    }
+                },
+            };
+            Command::Subscribe { room, since }
+        }
         "unsubscribe" => Command::Unsubscribe { room: room()? },
         "message" => {
             let room = room()?;
@@ -325,7 +365,7 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
 /// use std::borrow::Cow;
 /// use thinws::protocol::{self, Command, Limits};
 ///
-/// let text = protocol::encode(1, &Command::Subscribe { room: Cow::Borrowed("lobby") });
+/// let text = protocol::encode(1, &Command::Subscribe { room: Cow::Borrowed("lobby"), since: None });
 /// assert_eq!(text, r#"{"type":"subscribe","messageID":1,"roomID":"lobby"}"#);
 /// assert!(protocol::parse(&text, &Limits::default()).is_ok());
 /// ```
@@ -353,9 +393,17 @@ pub fn encode(message_id: u64, command: &Command<'_>) -> String {
                 push_str_field(&mut out, "token", token);
             }
         }
-        Command::Subscribe { room } | Command::Unsubscribe { room } => {
-            push_str_field(&mut out, "roomID", room)
+        Command::Subscribe { room, since } => {
+            push_str_field(&mut out, "roomID", room);
+            if let Some(since) = since {
+                push_key(&mut out, "since");
+                out.push_str("{\"offset\":");
+                out.push_str(&since.offset.to_string());
+                push_str_field(&mut out, "epoch", &since.epoch);
+                out.push('}');
+            }
         }
+        Command::Unsubscribe { room } => push_str_field(&mut out, "roomID", room),
         Command::Message { room, payload } => {
             push_str_field(&mut out, "roomID", room);
             push_raw_field(&mut out, "payload", payload);

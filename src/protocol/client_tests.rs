@@ -30,7 +30,7 @@ fn valid_frames() {
     )
     .unwrap();
     assert_eq!(f.message_id.get(), r#""x""#);
-    assert!(matches!(f.command, Command::Subscribe { ref room } if room == "r"));
+    assert!(matches!(f.command, Command::Subscribe { ref room, since: None } if room == "r"));
 
     let f = parse(
         r#"{"type":"unsubscribe","messageID":-2.5e3,"roomID":"r"}"#,
@@ -67,7 +67,7 @@ fn valid_frames() {
         &l,
     )
     .unwrap();
-    assert!(matches!(f.command, Command::Subscribe { ref room } if room == "a\"b"));
+    assert!(matches!(f.command, Command::Subscribe { ref room, .. } if room == "a\"b"));
 
     let f = parse(r#"{"type":"disconnect","messageID":9}"#, &l).unwrap();
     assert!(matches!(f.command, Command::Disconnect));
@@ -317,6 +317,14 @@ fn encoded_frames_parse_back_to_the_same_command() {
         },
         Command::Subscribe {
             room: Cow::Borrowed("r"),
+            since: None,
+        },
+        Command::Subscribe {
+            room: Cow::Borrowed("r"),
+            since: Some(Since {
+                offset: 40,
+                epoch: Cow::Borrowed("e\"1"),
+            }),
         },
         Command::Unsubscribe {
             room: Cow::Borrowed("r"),

@@ -40,5 +40,5 @@ mod error;
 mod json;
 pub mod server;
 
-pub use client::{encode, parse, ClientFrame, Command, Limits};
+pub use client::{encode, parse, ClientFrame, Command, Limits, Since};
 pub use error::{ErrorCode, FrameError, UnknownErrorCode};

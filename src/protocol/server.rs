@@ -81,6 +81,26 @@ pub fn ack_at(message_id: &RawValue, offset: u64, epoch: &str) -> String {
     out
 }
 
+/// The ack of a `subscribe` with `since` to a room with history: where it stands, and
+/// whether the messages after `since` follow (`recovered`).
+pub fn ack_recovered(message_id: &RawValue, offset: u64, epoch: &str, recovered: bool) -> String {
+    let mut out = ack_at(message_id, offset, epoch);
+    out.pop();
+    out.push_str(if recovered {
+        ",\"recovered\":true}"
+    } else {
+        ",\"recovered\":false}"
+    });
+    out
+}
+
+/// The `offset` a delivered frame carries at its end (see [`with_position`]), if any.
+pub fn offset_of(frame: &str) -> Option<u64> {
+    let at = frame.rfind(",\"offset\":")? + ",\"offset\":".len();
+    let digits = frame[at..].split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
+}
+
 /// The ack of `history`: the room's top `offset` and `epoch`, and the kept messages (oldest
 /// first), each a delivered frame as it was sent.
 pub fn history_ack(message_id: &RawValue, offset: u64, epoch: &str, messages: &[&str]) -> String {
@@ -241,6 +261,12 @@ mod tests {
         assert_eq!(
             frame,
             r#"{"type":"message","roomID":"r","connectionID":"a","payload":1,"offset":3,"epoch":"e1"}"#
+        );
+        assert_eq!(offset_of(&frame), Some(3));
+        assert_eq!(offset_of(&delivery("r", "a", &payload)), None);
+        assert_eq!(
+            ack_recovered(&id, 3, "e1", false),
+            r#"{"type":"ack","messageID":7,"offset":3,"epoch":"e1","recovered":false}"#
         );
         let ack = history_ack(&id, 3, "e1", &[&frame, &frame]);
         let v: serde_json::Value = serde_json::from_str(&ack).unwrap();

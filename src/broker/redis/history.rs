@@ -19,7 +19,7 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 use super::connect::{redis_error, within};
 use super::lanes::pool_error;
-use crate::broker::{new_epoch, Keys, Position};
+use crate::broker::{new_epoch, Keys, Position, Recovery};
 use crate::error::BrokerError;
 use crate::settings::History;
 
@@ -68,6 +68,33 @@ return {top, epoch, frames}
     )
 });
 
+/// KEYS: meta, stream. ARGV: a new epoch, ttl (ms), the client's offset. Returns
+/// `{top, epoch, oldest kept offset (top + 1 when none), {frames after the offset}}`.
+static RECOVER: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r#"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+local top = tonumber(redis.call('HGET', KEYS[1], 'top'))
+local oldest = top + 1
+local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
+local frames = {}
+local since = tonumber(ARGV[3])
+if since < top then
+  local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', since + 1), '+')
+  for i = 1, #entries do frames[#frames + 1] = entries[i][2][2] end
+end
+return {top, epoch, oldest, frames}
+"#,
+    )
+});
+
 /// The time to live in milliseconds, as Redis takes it.
 pub(crate) fn ttl_ms(history: History) -> u64 {
     u64::try_from(history.ttl.as_millis())
@@ -107,6 +134,38 @@ impl HistoryStore {
         limit: usize,
     ) -> Result<(Position, Vec<Utf8Bytes>), BrokerError> {
         self.read(room, history, limit).await
+    }
+
+    /// Where the history stands, its oldest kept offset, and the frames after `since`.
+    pub(crate) async fn recover(
+        &self,
+        room: &str,
+        history: History,
+        since: u64,
+    ) -> Result<Recovery, BrokerError> {
+        let (meta, stream) = (self.keys.history_meta(room), self.keys.history_stream(room));
+        let (top, epoch, oldest, frames): (u64, String, u64, Vec<String>) =
+            within(self.timeout, async {
+                let mut connection = self.pool.get().await.map_err(pool_error)?;
+                RECOVER
+                    .key(meta)
+                    .key(stream)
+                    .arg(&*new_epoch())
+                    .arg(ttl_ms(history))
+                    .arg(since)
+                    .invoke_async(&mut connection)
+                    .await
+                    .map_err(redis_error)
+            })
+            .await?;
+        Ok(Recovery {
+            top: Position {
+                offset: top,
+                epoch: epoch.into(),
+            },
+            oldest,
+            frames: frames.into_iter().map(Utf8Bytes::from).collect(),
+        })
     }
 
     async fn read(

@@ -1,0 +1,152 @@
+//! History rooms on a socket: the `history` request, and `subscribe` with `since`, which
+//! recovers what the socket missed (see `connection::recovery`).
+
+use std::sync::Arc;
+
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use serde_json::value::RawValue;
+
+use super::{Refusal, Socket};
+use crate::broker::Position;
+use crate::connection::outbound::OutboundQueue;
+use crate::connection::recovery::HoldingMember;
+use crate::protocol::{server, Since};
+use crate::rooms::SharedMember;
+
+/// What an `ack` carries.
+pub(super) enum Answer {
+    Ack,
+    /// Where the room's history stands (a message to, or a subscribe of, a history room).
+    At(Position),
+    /// The reply to `history`.
+    History(Position, Vec<Utf8Bytes>),
+    /// The reply to a `subscribe` with `since`, and what follows the ack.
+    Recovered {
+        at: Position,
+        recovered: bool,
+        /// The missed frames, sent right after the ack.
+        missed: Vec<Utf8Bytes>,
+        /// Holds the live frames until the missed ones are queued.
+        member: Arc<HoldingMember>,
+    },
+}
+
+impl Answer {
+    pub(super) fn at(position: Option<Position>) -> Self {
+        position.map_or(Answer::Ack, Answer::At)
+    }
+
+    pub(super) fn frame(&self, message_id: &RawValue) -> String {
+        match self {
+            Answer::Ack => server::ack(message_id),
+            Answer::At(at) => server::ack_at(message_id, at.offset, &at.epoch),
+            Answer::History(at, frames) => {
+                let frames: Vec<&str> = frames.iter().map(|f| f.as_str()).collect();
+                server::history_ack(message_id, at.offset, &at.epoch, &frames)
+            }
+            Answer::Recovered { at, recovered, .. } => {
+                server::ack_recovered(message_id, at.offset, &at.epoch, *recovered)
+            }
+        }
+    }
+
+    /// What goes out after the ack: the missed messages, then the live ones held meanwhile
+    /// (without those the missed ones already covered).
+    pub(super) async fn follow_up(self, queue: &OutboundQueue) {
+        if let Answer::Recovered {
+            at, missed, member, ..
+        } = self
+        {
+            for frame in missed {
+                if queue.push(frame).await.is_err() {
+                    // The socket is ending.
+                    return;
+                }
+            }
+            member.release(at.offset);
+        }
+    }
+}
+
+impl Socket {
+    /// `subscribe` with `since` (protocol 1.1). In a room with history, the socket joins
+    /// holding live frames, reads what the history keeps after `since`, and (after the ack)
+    /// gets the missed messages, then the live ones: each message after `since` once, in
+    /// offset order. `recovered: false` when the epoch differs or the history no longer
+    /// reaches back to `since`; the socket then gets what follows the current top. In a
+    /// room without history, or one the socket is already in, `since` is ignored.
+    pub(super) async fn subscribe_since(
+        &mut self,
+        room: &str,
+        since: &Since<'_>,
+    ) -> Result<Answer, Refusal> {
+        let history = self.node.config.rooms.settings(room).history;
+        let (Some(history), false) = (history, self.rooms.contains(room)) else {
+            return self.subscribe(room).await.map(Answer::at);
+        };
+        self.allowed_to_subscribe(room).await?;
+        let member = Arc::new(HoldingMember::new(
+            self.queue.clone(),
+            self.node.config.outbound_queue,
+        ));
+        let shared: SharedMember = member.clone();
+        self.join_as(room, shared).await?;
+        let result = async {
+            if self.me.bound {
+                let max = self.node.config.max_rooms_per_socket;
+                match self.node.broker.record(&self.me.identity, room, max).await {
+                    Ok(true) => {}
+                    Ok(false) => return Err(Refusal::IdentityFull(max)),
+                    Err(e) => return Err(Refusal::Broker(e)),
+                }
+            }
+            self.node
+                .broker
+                .recover(room, history, since.offset)
+                .await
+                .map_err(Refusal::BrokerRead)
+        }
+        .await;
+        let recovery = match result {
+            Ok(recovery) => recovery,
+            Err(refusal) => {
+                self.leave(room);
+                return Err(refusal);
+            }
+        };
+        let recovered = recovery.recovers(since.offset, &since.epoch);
+        Ok(Answer::Recovered {
+            at: recovery.top,
+            recovered,
+            missed: if recovered {
+                recovery.frames
+            } else {
+                Vec::new()
+            },
+            member,
+        })
+    }
+
+    /// The last messages of a room with history (the `subscribe` hook decides who may read
+    /// them, as it decides who may receive them).
+    pub(super) async fn history(
+        &mut self,
+        room: &str,
+        limit: Option<u64>,
+    ) -> Result<(Position, Vec<Utf8Bytes>), Refusal> {
+        let Some(history) = self.node.config.rooms.settings(room).history else {
+            return Err(Refusal::NotEnabled("this room keeps no history"));
+        };
+        self.allowed_to_subscribe(room).await?;
+        let limit = limit.map_or(history.size, |limit| {
+            usize::try_from(limit)
+                .unwrap_or(usize::MAX)
+                .min(history.size)
+        });
+        self.node
+            .broker
+            .history(room, history, limit)
+            .await
+            .map_err(Refusal::BrokerRead)
+    }
+}
