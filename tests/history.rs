@@ -267,3 +267,72 @@ async fn subscribe_with_since_recovers_on_redis_and_in_memory() {
     let node = Node::start(layer(None)).await;
     recovery(&node, &node).await;
 }
+
+/// The node's own pub/sub connection is lost while messages flow: once it is back, the node
+/// catches up from the history, so its sockets miss nothing and see nothing twice; when the
+/// history itself was lost, they get a `gap` frame instead of a silent hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_catches_up_after_its_pubsub_connection_comes_back() {
+    let redis = RedisServer::start().await;
+    let a = Node::start(layer(Some(&redis))).await;
+    let b = Node::start(layer(Some(&redis))).await;
+    let mut s = Client::connect(&a.url()).await;
+    s.subscribe("big:c").await;
+    let url = b.url();
+    let publisher = tokio::spawn(async move {
+        let mut p = Client::connect(&url).await;
+        for n in 1..=300 {
+            publish(&mut p, "big:c", json!(n)).await;
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut admin = redis.client().await;
+    for _ in 0..3 {
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert!(killed >= 1);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    publisher.await.unwrap();
+    let got = offsets(&mut s, 300).await;
+    let expected: Vec<u64> = (1..=300).collect();
+    assert_eq!(
+        got, expected,
+        "every message once, in order, through three reconnections"
+    );
+
+    // The history is lost while the connection is down: a gap frame, then the new epoch.
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let gap = s.recv().await;
+    assert_eq!(
+        (gap["type"].as_str(), gap["roomID"].as_str()),
+        (Some("gap"), Some("big:c")),
+        "{gap}"
+    );
+    support::within("health after the reconnection", async {
+        while !a.hub.health().await.is_ready() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut p = Client::connect(&b.url()).await;
+    let ack = publish(&mut p, "big:c", json!("fresh")).await;
+    assert_eq!(ack["offset"], 1);
+    assert_eq!(s.delivery().await["offset"], 1);
+}

@@ -225,7 +225,7 @@ impl Broker {
     ) -> Result<Recovery, BrokerError> {
         match self {
             Broker::Memory(b) => Ok(b.recover(room, history, since)),
-            Broker::Redis(b) => b.history().recover(room, history, since).await,
+            Broker::Redis(b) => b.history().recover(room, history, since, true).await,
             Broker::Unusable(e) => Err(e.clone()),
         }
     }

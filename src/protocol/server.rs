@@ -96,9 +96,32 @@ pub fn ack_recovered(message_id: &RawValue, offset: u64, epoch: &str, recovered:
 
 /// The `offset` a delivered frame carries at its end (see [`with_position`]), if any.
 pub fn offset_of(frame: &str) -> Option<u64> {
+    position_of(frame).map(|(offset, _)| offset)
+}
+
+/// The `offset` and `epoch` a delivered frame of a history room carries at its end (see
+/// [`with_position`]), if it does.
+pub fn position_of(frame: &str) -> Option<(u64, &str)> {
     let at = frame.rfind(",\"offset\":")? + ",\"offset\":".len();
-    let digits = frame[at..].split(|c: char| !c.is_ascii_digit()).next()?;
-    digits.parse().ok()
+    let rest = &frame[at..];
+    let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
+    let epoch = rest[digits.len()..]
+        .strip_prefix(",\"epoch\":\"")?
+        .strip_suffix("\"}")?;
+    Some((digits.parse().ok()?, epoch))
+}
+
+/// `{"type":"gap","roomID":…,"offset":…,"epoch":…}` (protocol 1.1): messages of this
+/// history room may have been missed and cannot be sent (the history was lost, or no longer
+/// reaches back); the room goes on from this offset and epoch.
+pub fn gap(room: &str, offset: u64, epoch: &str) -> String {
+    let mut out = String::with_capacity(64 + room.len() + epoch.len());
+    out.push('{');
+    push_str_field(&mut out, "type", "gap");
+    push_str_field(&mut out, "roomID", room);
+    push_position(&mut out, offset, epoch);
+    out.push('}');
+    out
 }
 
 /// The ack of `history`: the room's top `offset` and `epoch`, and the kept messages (oldest
@@ -263,6 +286,11 @@ mod tests {
             r#"{"type":"message","roomID":"r","connectionID":"a","payload":1,"offset":3,"epoch":"e1"}"#
         );
         assert_eq!(offset_of(&frame), Some(3));
+        assert_eq!(position_of(&frame), Some((3, "e1")));
+        assert_eq!(
+            gap("r", 9, "e2"),
+            r#"{"type":"gap","roomID":"r","offset":9,"epoch":"e2"}"#
+        );
         assert_eq!(offset_of(&delivery("r", "a", &payload)), None);
         assert_eq!(
             ack_recovered(&id, 3, "e1", false),

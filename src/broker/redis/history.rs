@@ -68,12 +68,14 @@ return {top, epoch, frames}
     )
 });
 
-/// KEYS: meta, stream. ARGV: a new epoch, ttl (ms), the client's offset. Returns
+/// KEYS: meta, stream. ARGV: a new epoch, ttl (ms), the client's offset, whether to make
+/// the epoch when there is none (`1`) or answer an empty one (`0`). Returns
 /// `{top, epoch, oldest kept offset (top + 1 when none), {frames after the offset}}`.
 static RECOVER: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch and ARGV[4] == '0' then return {0, '', 1, {}} end
 if not epoch then
   epoch = ARGV[1]
   redis.call('DEL', KEYS[2])
@@ -136,12 +138,14 @@ impl HistoryStore {
         self.read(room, history, limit).await
     }
 
-    /// Where the history stands, its oldest kept offset, and the frames after `since`.
+    /// Where the history stands, its oldest kept offset, and the frames after `since`; with
+    /// `create`, a room without history gets its epoch (else its epoch is empty).
     pub(crate) async fn recover(
         &self,
         room: &str,
         history: History,
         since: u64,
+        create: bool,
     ) -> Result<Recovery, BrokerError> {
         let (meta, stream) = (self.keys.history_meta(room), self.keys.history_stream(room));
         let (top, epoch, oldest, frames): (u64, String, u64, Vec<String>) =
@@ -153,6 +157,7 @@ impl HistoryStore {
                     .arg(&*new_epoch())
                     .arg(ttl_ms(history))
                     .arg(since)
+                    .arg(if create { "1" } else { "0" })
                     .invoke_async(&mut connection)
                     .await
                     .map_err(redis_error)

@@ -8,6 +8,7 @@
 //! Nothing connects when the broker is built (it may be built outside a Tokio runtime):
 //! the lanes and the subscriber task start together on first use.
 
+mod catch_up;
 mod connect;
 mod history;
 mod identities;
@@ -28,6 +29,7 @@ pub(crate) use self::lanes::Lanes;
 use self::subscriber::Subscriber;
 use super::{Acquire, BrokerHealth, Keys, Publish, SharedSink};
 use crate::error::BrokerError;
+use crate::settings::RoomPolicy;
 
 /// How many publishing lanes (and held pooled connections) a node keeps.
 const PUBLISH_LANES: usize = 4;
@@ -41,7 +43,8 @@ pub(crate) struct RedisBroker {
     timeout: Duration,
     sink: SharedSink,
     identities: Identities,
-    history: HistoryStore,
+    history: Arc<HistoryStore>,
+    rooms: RoomPolicy,
     running: OnceLock<Running>,
 }
 
@@ -67,13 +70,15 @@ impl RedisBroker {
         prefix: &str,
         timeout: Duration,
         identity_ttl: Duration,
+        rooms: RoomPolicy,
         sink: SharedSink,
     ) -> Result<Self, BrokerError> {
         let (pool, disconnects) = target.pool(PUBLISH_LANES, timeout)?;
         let keys = Keys::new(prefix);
         Ok(RedisBroker {
             identities: Identities::new(pool.clone(), keys.clone(), timeout, identity_ttl),
-            history: HistoryStore::new(pool.clone(), keys.clone(), timeout),
+            history: Arc::new(HistoryStore::new(pool.clone(), keys.clone(), timeout)),
+            rooms,
             target,
             pool,
             disconnects,
@@ -95,6 +100,8 @@ impl RedisBroker {
                     self.keys.clone(),
                     self.timeout,
                     self.sink.clone(),
+                    self.rooms.clone(),
+                    self.history.clone(),
                 ),
             }
         })

@@ -12,10 +12,13 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use redis::ConnectionInfo;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::catch_up::Tracks;
 use super::connect::within;
+use super::history::HistoryStore;
 use super::resp::{Reply, RespConnection};
 use crate::broker::{Acquire, Keys, SharedSink};
 use crate::error::BrokerError;
+use crate::settings::RoomPolicy;
 
 /// Commands for the subscriber task.
 ///
@@ -49,6 +52,8 @@ impl Subscriber {
         keys: Keys,
         timeout: Duration,
         sink: SharedSink,
+        rooms: RoomPolicy,
+        store: Arc<HistoryStore>,
     ) -> Self {
         let (commands, receiver) = mpsc::unbounded_channel();
         let (live_tx, live) = watch::channel(false);
@@ -59,6 +64,8 @@ impl Subscriber {
             sink,
             live: live_tx,
             counts: HashMap::new(),
+            tracks: Tracks::new(rooms),
+            store,
         };
         tokio::spawn(task.run(receiver));
         Subscriber { commands, live }
@@ -125,6 +132,9 @@ struct Task {
     /// Acquisitions per room not yet released; a room is subscribed at Redis while its
     /// count is > 0 (and the connection is up).
     counts: HashMap<Arc<str>, usize>,
+    /// Where each history room stands, for the catch-up after a reconnection.
+    tracks: Tracks,
+    store: Arc<HistoryStore>,
 }
 
 impl Task {
@@ -180,7 +190,11 @@ impl Task {
                     Some(Command::Acquire { room, reply }) => {
                         // Counted all the same: the matching release will come, and a
                         // room still wanted at reconnection is resubscribed.
-                        *self.counts.entry(room).or_insert(0) += 1;
+                        let count = self.counts.entry(room.clone()).or_insert(0);
+                        *count += 1;
+                        if *count == 1 {
+                            self.tracks.opened(&room);
+                        }
                         let _ = reply.send(Err(BrokerError::SubscriberDown));
                     }
                     Some(Command::Ping { reply }) => {
@@ -203,6 +217,7 @@ impl Task {
             }
             Some(_) => {
                 self.counts.remove(room);
+                self.tracks.closed(room);
                 true
             }
             None => false,
@@ -232,6 +247,9 @@ impl Task {
             }
         }
         if reconnection {
+            // What was published while the connection was down, before any live frame
+            // (which waits, unread, on the connection meanwhile).
+            self.tracks.catch_up(&self.store, &*self.sink).await;
             crate::metrics::redis_reconnected();
             tracing::info!(
                 rooms = channels.len(),
@@ -244,7 +262,7 @@ impl Task {
         loop {
             tokio::select! {
                 // Between commands, nothing but messages may arrive.
-                read = connection.next_reply(|channel, payload| forward(&self.keys, &*self.sink, channel, payload)) => {
+                read = connection.next_reply(|channel, payload| forward(&self.keys, &*self.sink, &self.tracks, channel, payload)) => {
                     return Stop::Lost(match read {
                         Ok(reply) => BrokerError::Protocol(format!("{reply:?} between commands")),
                         Err(e) => e,
@@ -276,6 +294,7 @@ impl Task {
                     let _ = reply.send(Ok(()));
                     return Ok(());
                 }
+                self.tracks.opened(&room);
                 let subscribe = redis::cmd("SUBSCRIBE")
                     .arg(self.keys.room_channel(&room))
                     .clone();
@@ -325,7 +344,9 @@ impl Task {
                 .expect(
                     count,
                     |reply| *reply == expected,
-                    |channel, payload| forward(&self.keys, &*self.sink, channel, payload),
+                    |channel, payload| {
+                        forward(&self.keys, &*self.sink, &self.tracks, channel, payload)
+                    },
                 )
                 .await
         })
@@ -335,7 +356,13 @@ impl Task {
 
 /// Hands a frame received from Redis to the sink, unchanged (copied once out of the read
 /// buffer; see `resp`).
-fn forward(keys: &Keys, sink: &dyn crate::broker::FrameSink, channel: &[u8], payload: &[u8]) {
+fn forward(
+    keys: &Keys,
+    sink: &dyn crate::broker::FrameSink,
+    tracks: &Tracks,
+    channel: &[u8],
+    payload: &[u8],
+) {
     let Some(room) = std::str::from_utf8(channel)
         .ok()
         .and_then(|channel| keys.room_of_channel(channel))
@@ -343,6 +370,8 @@ fn forward(keys: &Keys, sink: &dyn crate::broker::FrameSink, channel: &[u8], pay
         return;
     };
     match std::str::from_utf8(payload) {
+        // A history room's frame already delivered (after a catch-up) is dropped.
+        Ok(frame) if !tracks.admit(room, frame) => {}
         Ok(frame) => sink.deliver(room, &Utf8Bytes::from(frame.to_owned())),
         Err(_) => tracing::warn!(room, "dropped a non-UTF-8 frame received from Redis"),
     }
