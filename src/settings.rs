@@ -94,6 +94,13 @@ impl RoomPolicy {
         self.default = settings;
     }
 
+    /// Whether some room may keep a history (else every room takes the plain path).
+    pub(crate) fn may_have_history(&self) -> bool {
+        self.default.history.is_some()
+            || self.function.is_some()
+            || self.rules.iter().any(|(_, settings)| settings.history.is_some())
+    }
+
     /// The settings of `room`: the first matching rule, else the function, else the default.
     pub(crate) fn settings(&self, room: &str) -> RoomSettings {
         for (pattern, settings) in &self.rules {
@@ -122,10 +129,12 @@ mod tests {
         let more = RoomSettings::with_history(History::new(99, Duration::from_secs(1)));
         let mut policy = RoomPolicy::default();
         assert_eq!(policy.settings("any"), RoomSettings::default());
+        assert!(!policy.may_have_history());
         policy.rule("chat:vip", more);
         policy.rule("chat:*", kept);
         assert_eq!(policy.settings("chat:vip"), more);
         assert_eq!(policy.settings("chat:x"), kept);
+        assert!(policy.may_have_history());
         assert_eq!(policy.settings("chat"), RoomSettings::default());
         policy.function(Arc::new(move |room| match room.len() {
             1 => more,

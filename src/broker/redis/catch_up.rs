@@ -26,12 +26,15 @@ struct Track {
 /// The history rooms this node holds, and where each stands.
 pub(super) struct Tracks {
     policy: RoomPolicy,
+    /// False when no room can have a history: plain rooms pay nothing here.
+    enabled: bool,
     rooms: Mutex<HashMap<Arc<str>, Track>>,
 }
 
 impl Tracks {
     pub(super) fn new(policy: RoomPolicy) -> Self {
         Tracks {
+            enabled: policy.may_have_history(),
             policy,
             rooms: Mutex::default(),
         }
@@ -62,6 +65,9 @@ impl Tracks {
     /// Whether a frame received for `room` is to be delivered: not one already delivered
     /// (by offset, within one epoch). Remembers it as the room's last.
     pub(super) fn admit(&self, room: &str, frame: &str) -> bool {
+        if !self.enabled {
+            return true;
+        }
         let mut rooms = self.rooms();
         let Some(track) = rooms.get_mut(room) else {
             return true;
