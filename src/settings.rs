@@ -98,7 +98,10 @@ impl RoomPolicy {
     pub(crate) fn may_have_history(&self) -> bool {
         self.default.history.is_some()
             || self.function.is_some()
-            || self.rules.iter().any(|(_, settings)| settings.history.is_some())
+            || self
+                .rules
+                .iter()
+                .any(|(_, settings)| settings.history.is_some())
     }
 
     /// The settings of `room`: the first matching rule, else the function, else the default.

@@ -336,3 +336,50 @@ async fn a_node_catches_up_after_its_pubsub_connection_comes_back() {
     assert_eq!(ack["offset"], 1);
     assert_eq!(s.delivery().await["offset"], 1);
 }
+
+/// `connect` with `since` recovers each listed history room, and its ack lists every room
+/// the identity rejoined; a `connect` without `since` is acked as in protocol 1.0.
+async fn connect_recovery(node: &Node) {
+    let mut zed = Client::connect_as(&node.url(), "zed").await;
+    let sub = zed
+        .request(json!({"type": "subscribe", "roomID": "big:z"}))
+        .await;
+    let epoch = sub["epoch"].as_str().unwrap().to_owned();
+    zed.subscribe("plainz").await;
+    let mut p = Client::connect(&node.url()).await;
+    for n in 1..=3 {
+        publish(&mut p, "big:z", json!(n)).await;
+    }
+    assert_eq!(offsets(&mut zed, 3).await, [1, 2, 3]);
+    zed.close().await;
+    for n in 4..=6 {
+        publish(&mut p, "big:z", json!(n)).await;
+    }
+    let mut back = Client::connect(&node.url()).await;
+    let ack = back
+        .request(json!({"type": "connect", "connectionID": "zed", "since": {"big:z": {"offset": 3, "epoch": epoch}}}))
+        .await;
+    assert_eq!(ack["rooms"]["plainz"], json!({}), "{ack}");
+    assert_eq!(
+        ack["rooms"]["big:z"],
+        json!({"offset": 6, "epoch": epoch, "recovered": true}),
+        "{ack}"
+    );
+    assert_eq!(offsets(&mut back, 3).await, [4, 5, 6]);
+    publish(&mut p, "big:z", json!(7)).await;
+    assert_eq!(offsets(&mut back, 1).await, [7]);
+    let plain = back
+        .request(json!({"type": "connect", "connectionID": "zed"}))
+        .await;
+    assert_eq!(
+        plain,
+        json!({"type": "ack", "messageID": plain["messageID"]})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_with_since_recovers_every_listed_room() {
+    let redis = RedisServer::start().await;
+    connect_recovery(&Node::start(layer(Some(&redis))).await).await;
+    connect_recovery(&Node::start(layer(None)).await).await;
+}

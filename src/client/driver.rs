@@ -74,6 +74,7 @@ pub(super) async fn open(config: &ClientBuilder) -> Result<Socket, ClientError> 
             &Command::Connect {
                 connection_id: Cow::Borrowed(&config.connection_id),
                 token: token.as_deref().map(Cow::Borrowed),
+                since: None,
             },
         );
         socket.send(Message::text(frame)).await.map_err(lost)?;

@@ -177,10 +177,8 @@ impl Socket {
             Command::Connect {
                 connection_id,
                 token,
-            } => self
-                .connect(&connection_id, token.as_deref())
-                .await
-                .map(|()| Answer::Ack),
+                since,
+            } => self.connect(&connection_id, token.as_deref(), since).await,
             Command::Subscribe { room, since } => match since {
                 Some(since) => self.subscribe_since(&room, &since).await,
                 None => self.subscribe(&room).await.map(Answer::at),

@@ -49,6 +49,9 @@ pub enum Command<'a> {
         /// A credential for the server to check (protocol 1.1; e.g. a signed token that
         /// names the identity), when the client sent one.
         token: Option<Cow<'a, str>>,
+        /// Where the client's copy of each of its history rooms ends (protocol 1.1), by
+        /// room; `Some` (perhaps empty) when the client sent `since`.
+        since: Option<Vec<(Cow<'a, str>, Since<'a>)>>,
     },
     /// Join a room and remember it for the identity.
     Subscribe {
@@ -273,9 +276,40 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
                     None => return Err(fail(ErrorCode::InvalidMessage, "token must be a string")),
                 },
             };
+            let since = match raw.since {
+                None => None,
+                Some(since) if since.get() == "null" => None,
+                Some(since) => {
+                    match serde_json::from_str::<std::collections::BTreeMap<Cow<'a, str>, RawSince<'a>>>(
+                        since.get(),
+                    ) {
+                        Ok(rooms) => Some(
+                            rooms
+                                .into_iter()
+                                .map(|(room, s)| {
+                                    (
+                                        room,
+                                        Since {
+                                            offset: s.offset,
+                                            epoch: s.epoch,
+                                        },
+                                    )
+                                })
+                                .collect(),
+                        ),
+                        Err(_) => {
+                            return Err(fail(
+                                ErrorCode::InvalidMessage,
+                                "since must map rooms to {\"offset\": a whole number, \"epoch\": a string}",
+                            ))
+                        }
+                    }
+                }
+            };
             Command::Connect {
                 connection_id,
                 token,
+                since,
             }
         }
         "subscribe" => {
@@ -387,10 +421,26 @@ pub fn encode(message_id: u64, command: &Command<'_>) -> String {
         Command::Connect {
             connection_id,
             token,
+            since,
         } => {
             push_str_field(&mut out, "connectionID", connection_id);
             if let Some(token) = token {
                 push_str_field(&mut out, "token", token);
+            }
+            if let Some(rooms) = since {
+                push_key(&mut out, "since");
+                out.push('{');
+                for (room, since) in rooms {
+                    if !out.ends_with('{') {
+                        out.push(',');
+                    }
+                    super::json::push_string(&mut out, room);
+                    out.push_str(":{\"offset\":");
+                    out.push_str(&since.offset.to_string());
+                    push_str_field(&mut out, "epoch", &since.epoch);
+                    out.push('}');
+                }
+                out.push('}');
             }
         }
         Command::Subscribe { room, since } => {

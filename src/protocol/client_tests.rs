@@ -21,7 +21,7 @@ fn valid_frames() {
     .unwrap();
     assert_eq!(f.message_id.get(), "1");
     assert!(
-        matches!(f.command, Command::Connect { ref connection_id, token: None } if connection_id == "alice")
+        matches!(f.command, Command::Connect { ref connection_id, token: None, since: None } if connection_id == "alice")
     );
 
     let f = parse(
@@ -310,10 +310,27 @@ fn encoded_frames_parse_back_to_the_same_command() {
         Command::Connect {
             connection_id: Cow::Borrowed("al\nice"),
             token: None,
+            since: None,
         },
         Command::Connect {
             connection_id: Cow::Borrowed("x"),
             token: Some(Cow::Borrowed("a.b.c")),
+            since: Some(vec![
+                (
+                    Cow::Borrowed("a"),
+                    Since {
+                        offset: 1,
+                        epoch: Cow::Borrowed("e"),
+                    },
+                ),
+                (
+                    Cow::Borrowed("b\""),
+                    Since {
+                        offset: 9,
+                        epoch: Cow::Borrowed("f"),
+                    },
+                ),
+            ]),
         },
         Command::Subscribe {
             room: Cow::Borrowed("r"),

@@ -94,6 +94,59 @@ pub fn ack_recovered(message_id: &RawValue, offset: u64, epoch: &str, recovered:
     out
 }
 
+/// What the ack of a `connect` with `since` says of one rejoined room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomAck<'a> {
+    /// A room without history: `{}`.
+    Plain,
+    /// A history room: where it stands, and whether the messages after the client's
+    /// `since` follow (absent when the client sent none for this room).
+    History {
+        /// The room's top offset.
+        offset: u64,
+        /// The room's epoch.
+        epoch: &'a str,
+        /// `recovered`, when the client sent `since` for the room.
+        recovered: Option<bool>,
+    },
+}
+
+/// The ack of a `connect` with `since`: every room the identity rejoined.
+pub fn connect_ack(message_id: &RawValue, rooms: &[(&str, RoomAck<'_>)]) -> String {
+    let mut out = String::with_capacity(64 + rooms.len() * 64);
+    out.push('{');
+    push_str_field(&mut out, "type", "ack");
+    push_raw_field(&mut out, "messageID", message_id);
+    out.push_str(",\"rooms\":{");
+    for (n, (room, ack)) in rooms.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        super::json::push_string(&mut out, room);
+        out.push_str(":{");
+        if let RoomAck::History {
+            offset,
+            epoch,
+            recovered,
+        } = ack
+        {
+            out.push_str("\"offset\":");
+            out.push_str(&offset.to_string());
+            push_str_field(&mut out, "epoch", epoch);
+            if let Some(recovered) = recovered {
+                out.push_str(if *recovered {
+                    ",\"recovered\":true"
+                } else {
+                    ",\"recovered\":false"
+                });
+            }
+        }
+        out.push('}');
+    }
+    out.push_str("}}");
+    out
+}
+
 /// The `offset` a delivered frame carries at its end (see [`with_position`]), if any.
 pub fn offset_of(frame: &str) -> Option<u64> {
     position_of(frame).map(|(offset, _)| offset)
@@ -287,6 +340,24 @@ mod tests {
         );
         assert_eq!(offset_of(&frame), Some(3));
         assert_eq!(position_of(&frame), Some((3, "e1")));
+        let ack = connect_ack(
+            &id,
+            &[
+                ("a", RoomAck::Plain),
+                (
+                    "b",
+                    RoomAck::History {
+                        offset: 4,
+                        epoch: "e",
+                        recovered: Some(true),
+                    },
+                ),
+            ],
+        );
+        assert_eq!(
+            ack,
+            r#"{"type":"ack","messageID":7,"rooms":{"a":{},"b":{"offset":4,"epoch":"e","recovered":true}}}"#
+        );
         assert_eq!(
             gap("r", 9, "e2"),
             r#"{"type":"gap","roomID":"r","offset":9,"epoch":"e2"}"#

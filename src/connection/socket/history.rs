@@ -10,8 +10,10 @@ use super::{Refusal, Socket};
 use crate::broker::Position;
 use crate::connection::outbound::OutboundQueue;
 use crate::connection::recovery::HoldingMember;
-use crate::protocol::{server, Since};
+use crate::protocol::server::{self, RoomAck};
+use crate::protocol::Since;
 use crate::rooms::SharedMember;
+use crate::settings::History;
 
 /// What an `ack` carries.
 pub(super) enum Answer {
@@ -21,14 +23,39 @@ pub(super) enum Answer {
     /// The reply to `history`.
     History(Position, Vec<Utf8Bytes>),
     /// The reply to a `subscribe` with `since`, and what follows the ack.
-    Recovered {
-        at: Position,
-        recovered: bool,
-        /// The missed frames, sent right after the ack.
-        missed: Vec<Utf8Bytes>,
-        /// Holds the live frames until the missed ones are queued.
-        member: Arc<HoldingMember>,
-    },
+    Recovered(Recovering),
+    /// The reply to a `connect` with `since`: each rejoined room.
+    Connected(Vec<(String, Rejoined)>),
+}
+
+/// A history room being recovered for a socket.
+pub(super) struct Recovering {
+    at: Position,
+    recovered: bool,
+    /// The missed frames, sent right after the ack.
+    missed: Vec<Utf8Bytes>,
+    /// Holds the live frames until the missed ones are queued.
+    member: Arc<HoldingMember>,
+}
+
+impl Recovering {
+    /// Queues the missed frames, then the held live ones.
+    async fn follow_up(self, queue: &OutboundQueue) {
+        for frame in self.missed {
+            if queue.push(frame).await.is_err() {
+                // The socket is ending.
+                return;
+            }
+        }
+        self.member.release(self.at.offset);
+    }
+}
+
+/// How a `connect` with `since` rejoined one room.
+pub(super) enum Rejoined {
+    Plain,
+    At(Position),
+    Recovered(Recovering),
 }
 
 impl Answer {
@@ -44,8 +71,30 @@ impl Answer {
                 let frames: Vec<&str> = frames.iter().map(|f| f.as_str()).collect();
                 server::history_ack(message_id, at.offset, &at.epoch, &frames)
             }
-            Answer::Recovered { at, recovered, .. } => {
-                server::ack_recovered(message_id, at.offset, &at.epoch, *recovered)
+            Answer::Recovered(r) => {
+                server::ack_recovered(message_id, r.at.offset, &r.at.epoch, r.recovered)
+            }
+            Answer::Connected(rooms) => {
+                let acks: Vec<(&str, RoomAck<'_>)> = rooms
+                    .iter()
+                    .map(|(room, rejoined)| {
+                        let ack = match rejoined {
+                            Rejoined::Plain => RoomAck::Plain,
+                            Rejoined::At(at) => RoomAck::History {
+                                offset: at.offset,
+                                epoch: &at.epoch,
+                                recovered: None,
+                            },
+                            Rejoined::Recovered(r) => RoomAck::History {
+                                offset: r.at.offset,
+                                epoch: &r.at.epoch,
+                                recovered: Some(r.recovered),
+                            },
+                        };
+                        (room.as_str(), ack)
+                    })
+                    .collect();
+                server::connect_ack(message_id, &acks)
             }
         }
     }
@@ -53,17 +102,16 @@ impl Answer {
     /// What goes out after the ack: the missed messages, then the live ones held meanwhile
     /// (without those the missed ones already covered).
     pub(super) async fn follow_up(self, queue: &OutboundQueue) {
-        if let Answer::Recovered {
-            at, missed, member, ..
-        } = self
-        {
-            for frame in missed {
-                if queue.push(frame).await.is_err() {
-                    // The socket is ending.
-                    return;
+        match self {
+            Answer::Recovered(r) => r.follow_up(queue).await,
+            Answer::Connected(rooms) => {
+                for (_, rejoined) in rooms {
+                    if let Rejoined::Recovered(r) = rejoined {
+                        r.follow_up(queue).await;
+                    }
                 }
             }
-            member.release(at.offset);
+            _ => {}
         }
     }
 }
@@ -85,37 +133,43 @@ impl Socket {
             return self.subscribe(room).await.map(Answer::at);
         };
         self.allowed_to_subscribe(room).await?;
+        let recovering = self.join_recovering(room, history, since).await?;
+        if self.me.bound {
+            let max = self.node.config.max_rooms_per_socket;
+            let refusal = match self.node.broker.record(&self.me.identity, room, max).await {
+                Ok(true) => return Ok(Answer::Recovered(recovering)),
+                Ok(false) => Refusal::IdentityFull(max),
+                Err(e) => Refusal::Broker(e),
+            };
+            self.leave(room);
+            return Err(refusal);
+        }
+        Ok(Answer::Recovered(recovering))
+    }
+
+    /// Joins `room` holding its live frames, and reads what its history keeps after
+    /// `since` (leaving the room again if that fails).
+    pub(super) async fn join_recovering(
+        &mut self,
+        room: &str,
+        history: History,
+        since: &Since<'_>,
+    ) -> Result<Recovering, Refusal> {
         let member = Arc::new(HoldingMember::new(
             self.queue.clone(),
             self.node.config.outbound_queue,
         ));
         let shared: SharedMember = member.clone();
         self.join_as(room, shared).await?;
-        let result = async {
-            if self.me.bound {
-                let max = self.node.config.max_rooms_per_socket;
-                match self.node.broker.record(&self.me.identity, room, max).await {
-                    Ok(true) => {}
-                    Ok(false) => return Err(Refusal::IdentityFull(max)),
-                    Err(e) => return Err(Refusal::Broker(e)),
-                }
-            }
-            self.node
-                .broker
-                .recover(room, history, since.offset)
-                .await
-                .map_err(Refusal::BrokerRead)
-        }
-        .await;
-        let recovery = match result {
+        let recovery = match self.node.broker.recover(room, history, since.offset).await {
             Ok(recovery) => recovery,
-            Err(refusal) => {
+            Err(e) => {
                 self.leave(room);
-                return Err(refusal);
+                return Err(Refusal::BrokerRead(e));
             }
         };
         let recovered = recovery.recovers(since.offset, &since.epoch);
-        Ok(Answer::Recovered {
+        Ok(Recovering {
             at: recovery.top,
             recovered,
             missed: if recovered {

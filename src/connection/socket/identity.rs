@@ -1,15 +1,22 @@
 //! Binding a socket to an identity: `connect`, its hook, and the rejoin of the identity's
 //! recorded rooms, all or nothing.
 
+use std::borrow::Cow;
+
+use super::history::{Answer, Rejoined};
 use super::{Refusal, Socket};
 use crate::hooks::{ask, ConnectEvent, ConnectVerdict};
+use crate::protocol::Since;
 
 impl Socket {
+    /// `connect`; with `since` (protocol 1.1), history rooms are recovered and the ack
+    /// lists every rejoined room.
     pub(super) async fn connect(
         &mut self,
         claimed: &str,
         token: Option<&str>,
-    ) -> Result<(), Refusal> {
+        since: Option<Vec<(Cow<'_, str>, Since<'_>)>>,
+    ) -> Result<Answer, Refusal> {
         let mut connection_id = claimed.to_owned();
         let verdict = ask(&mut self.hooks.connect, || ConnectEvent {
             socket: self.me.info(),
@@ -42,13 +49,16 @@ impl Socket {
         let before = (self.me.identity.clone(), self.me.bound);
         self.me.identity = connection_id.into();
         self.me.bound = true;
-        match self.rejoin(rooms).await {
-            Ok(()) => {
+        match self.rejoin(rooms, since.as_deref()).await {
+            Ok(rejoined) => {
                 if !before.1 {
                     tracing::Span::current().record("identity", &*self.me.identity);
                     self.node.broker.hold(&self.me.identity);
                 }
-                Ok(())
+                Ok(match since {
+                    Some(_) => Answer::Connected(rejoined),
+                    None => Answer::Ack,
+                })
             }
             Err(refusal) => {
                 (self.me.identity, self.me.bound) = before;
@@ -58,8 +68,14 @@ impl Socket {
     }
 
     /// Joins every recorded room the subscribe hook allows, or none: past the socket's room
-    /// limit, or when one cannot be joined, whatever this call joined is left again.
-    async fn rejoin(&mut self, rooms: Vec<String>) -> Result<(), Refusal> {
+    /// limit, or when one cannot be joined, whatever this call joined is left again. With
+    /// `since` (a 1.1 client), history rooms say where they stand, and those listed in it
+    /// are recovered.
+    async fn rejoin(
+        &mut self,
+        rooms: Vec<String>,
+        since: Option<&[(Cow<'_, str>, Since<'_>)]>,
+    ) -> Result<Vec<(String, Rejoined)>, Refusal> {
         let mut wanted = Vec::with_capacity(rooms.len());
         for room in rooms {
             if self.rooms.contains(room.as_str()) {
@@ -77,14 +93,44 @@ impl Socket {
         if self.rooms.len() + wanted.len() > max {
             return Err(Refusal::TooManyRooms(max));
         }
-        for (n, room) in wanted.iter().enumerate() {
-            if let Err(refusal) = self.join(room).await {
-                for joined in &wanted[..n] {
-                    self.leave(joined);
+        let mut rejoined = Vec::with_capacity(wanted.len());
+        for room in wanted {
+            match self.rejoin_one(&room, since).await {
+                Ok(how) => rejoined.push((room, how)),
+                Err(refusal) => {
+                    for (joined, _) in &rejoined {
+                        self.leave(joined);
+                    }
+                    return Err(refusal);
                 }
-                return Err(refusal);
             }
         }
-        Ok(())
+        Ok(rejoined)
+    }
+
+    async fn rejoin_one(
+        &mut self,
+        room: &str,
+        since: Option<&[(Cow<'_, str>, Since<'_>)]>,
+    ) -> Result<Rejoined, Refusal> {
+        let history = self.node.config.rooms.settings(room).history;
+        let (Some(history), Some(since)) = (history, since) else {
+            self.join(room).await?;
+            return Ok(Rejoined::Plain);
+        };
+        if let Some((_, since)) = since.iter().find(|(r, _)| r == room) {
+            return self
+                .join_recovering(room, history, since)
+                .await
+                .map(Rejoined::Recovered);
+        }
+        self.join(room).await?;
+        match self.node.broker.top(room, history).await {
+            Ok(top) => Ok(Rejoined::At(top)),
+            Err(e) => {
+                self.leave(room);
+                Err(Refusal::BrokerRead(e))
+            }
+        }
     }
 }
