@@ -244,3 +244,94 @@ async fn a_token_goes_with_every_connect_and_a_provider_is_asked_each_time() {
     );
     assert!(asked.load(Ordering::SeqCst) >= 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_recovers_history_rooms_across_a_restart_and_reports_gaps() {
+    use std::sync::{Arc, Mutex};
+    use thinws::settings::{History, RoomSettings};
+    let redis = RedisServer::start().await;
+    let layer = || {
+        ThinWsLayer::builder()
+            .redis_url(redis.url())
+            .room_settings(
+                "h:*",
+                RoomSettings::with_history(History::new(100, Duration::from_secs(60))),
+            )
+            .build()
+    };
+    let node = Node::start(layer()).await;
+    let other = Node::start(layer()).await;
+    let addr = node.addr;
+    let gaps = Arc::new(Mutex::new(Vec::new()));
+    let (client, mut messages) = ThinWsClient::builder(node.url(), "hank")
+        .max_backoff(Duration::from_millis(200))
+        .on_gap({
+            let gaps = gaps.clone();
+            move |gap| gaps.lock().unwrap().push(gap)
+        })
+        .connect()
+        .await
+        .unwrap();
+    client.subscribe("h:c").await.unwrap();
+    let mut publisher = Client::connect(&other.url()).await;
+    for n in 1..=3 {
+        publisher.publish("h:c", json!(n)).await;
+    }
+    for n in 1..=3u64 {
+        assert_eq!(next(&mut messages).await.offset, Some(n));
+    }
+    // The node goes away; messages go on through the other node meanwhile.
+    node.hub.shutdown(Duration::from_secs(5)).await;
+    drop(node);
+    within("the client to notice", async {
+        while client.is_connected() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    for n in 4..=6 {
+        publisher.publish("h:c", json!(n)).await;
+    }
+    let _node = Node::start_on(addr, layer()).await;
+    // Back: the missed ones, once, in order, then live ones.
+    for n in 4..=6u64 {
+        let got = next(&mut messages).await;
+        assert_eq!((got.offset, got.payload), (Some(n), json!(n)));
+    }
+    publisher.publish("h:c", json!(7)).await;
+    assert_eq!(next(&mut messages).await.offset, Some(7));
+    let history = client.history("h:c", Some(2)).await.unwrap();
+    assert_eq!(history.offset, 7);
+    let kept: Vec<_> = history.messages.iter().map(|m| m.offset).collect();
+    assert_eq!(kept, [Some(6), Some(7)]);
+    assert!(gaps.lock().unwrap().is_empty());
+    let refused = client.history("plain", None).await.unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::NotEnabled));
+
+    // The room's history lost while the client is away (its keys expired, say): a gap,
+    // not a silent hole.
+    let node_addr = addr;
+    _node.hub.shutdown(Duration::from_secs(5)).await;
+    drop(_node);
+    within("the client to notice", async {
+        while client.is_connected() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let mut admin = redis.client().await;
+    let _: () = redis::cmd("DEL")
+        .arg("thinws:meta:{h:c}")
+        .arg("thinws:history:{h:c}")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _node = Node::start_on(node_addr, layer()).await;
+    within("the gap to be reported", async {
+        while gaps.lock().unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(gaps.lock().unwrap()[0].room, "h:c");
+}

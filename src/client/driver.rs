@@ -16,12 +16,15 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::{ClientBuilder, ClientError, Delivery, Op, Request};
+use super::{ClientBuilder, ClientError, Delivery, Gap, Op, Request};
 use crate::protocol::server::{self, ServerFrame};
 use crate::protocol::{self, Command, ErrorCode};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-type Reply = oneshot::Sender<Result<(), ClientError>>;
+type Reply = oneshot::Sender<Result<String, ClientError>>;
+
+/// Where the client's copy of each history room ends: `(offset, epoch)`, by room.
+pub(super) type Positions = HashMap<String, (u64, String)>;
 
 /// The frame for request `id`.
 fn encode(id: u64, op: &Op) -> String {
@@ -36,6 +39,10 @@ fn encode(id: u64, op: &Op) -> String {
         Op::Message(room, payload) => Command::Message {
             room: Cow::Borrowed(room),
             payload,
+        },
+        Op::History(room, limit) => Command::History {
+            room: Cow::Borrowed(room),
+            limit: *limit,
         },
     };
     protocol::encode(id, &command)
@@ -59,7 +66,10 @@ fn server_error(code: &str, message: &str) -> ClientError {
 
 /// Opens a socket and binds it to the identity; the server has rejoined the identity's
 /// rooms when this returns.
-pub(super) async fn open(config: &ClientBuilder) -> Result<Socket, ClientError> {
+pub(super) async fn open(
+    config: &ClientBuilder,
+    positions: &mut Positions,
+) -> Result<Socket, ClientError> {
     let connect = async {
         let token = match &config.token {
             None => None,
@@ -69,12 +79,25 @@ pub(super) async fn open(config: &ClientBuilder) -> Result<Socket, ClientError> 
         let (mut socket, _) = tokio_tungstenite::connect_async(config.url.as_str())
             .await
             .map_err(lost)?;
+        // Where each history room ends here, so that the server sends what followed.
+        let since: Vec<_> = positions
+            .iter()
+            .map(|(room, (offset, epoch))| {
+                (
+                    Cow::Borrowed(room.as_str()),
+                    protocol::Since {
+                        offset: *offset,
+                        epoch: Cow::Borrowed(epoch.as_str()),
+                    },
+                )
+            })
+            .collect();
         let frame = protocol::encode(
             0,
             &Command::Connect {
                 connection_id: Cow::Borrowed(&config.connection_id),
                 token: token.as_deref().map(Cow::Borrowed),
-                since: None,
+                since: (!since.is_empty()).then_some(since),
             },
         );
         socket.send(Message::text(frame)).await.map_err(lost)?;
@@ -83,8 +106,11 @@ pub(super) async fn open(config: &ClientBuilder) -> Result<Socket, ClientError> 
                 continue;
             };
             match server::parse(&text) {
-                Ok(ServerFrame::Ack { message_id }) if answered(Some(message_id)) == Some(0) => {
-                    return Ok(socket)
+                Ok(ServerFrame::Ack {
+                    message_id, rooms, ..
+                }) if answered(Some(message_id)) == Some(0) => {
+                    rejoined(config, positions, rooms);
+                    return Ok(socket);
                 }
                 Ok(ServerFrame::Error {
                     message_id,
@@ -101,6 +127,33 @@ pub(super) async fn open(config: &ClientBuilder) -> Result<Socket, ClientError> 
         .unwrap_or(Err(ClientError::Timeout))
 }
 
+/// Reads the rooms of a `connect` ack: a history room that could not be recovered is a
+/// gap for the application, and rooms the identity no longer has are forgotten.
+fn rejoined(config: &ClientBuilder, positions: &mut Positions, rooms: Option<&RawValue>) {
+    #[derive(serde::Deserialize)]
+    struct RoomAck {
+        offset: Option<u64>,
+        epoch: Option<String>,
+        recovered: Option<bool>,
+    }
+    let Some(rooms) =
+        rooms.and_then(|r| serde_json::from_str::<HashMap<String, RoomAck>>(r.get()).ok())
+    else {
+        return;
+    };
+    positions.retain(|room, _| rooms.contains_key(room));
+    for (room, ack) in rooms {
+        if let (Some(false), Some(offset), Some(epoch)) = (ack.recovered, ack.offset, ack.epoch) {
+            positions.insert(room.clone(), (offset, epoch.clone()));
+            config.gap(Gap {
+                room,
+                offset,
+                epoch,
+            });
+        }
+    }
+}
+
 /// Why a connected session ended.
 enum End {
     Lost,
@@ -114,6 +167,7 @@ pub(super) async fn drive(
     deliveries: mpsc::Sender<Delivery>,
     mut queued: VecDeque<(Op, Reply)>,
     connected: Arc<AtomicBool>,
+    mut positions: Positions,
 ) {
     let policy = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
@@ -126,11 +180,13 @@ pub(super) async fn drive(
         if let Some(mut open) = socket.take() {
             connected.store(true, Ordering::Relaxed);
             let end = session(
+                &config,
                 &mut open,
                 &mut requests,
                 &deliveries,
                 &mut queued,
                 &mut next_id,
+                &mut positions,
             )
             .await;
             connected.store(false, Ordering::Relaxed);
@@ -164,7 +220,7 @@ pub(super) async fn drive(
                     },
                 }
             }
-            match open(&config).await {
+            match open(&config, &mut positions).await {
                 Ok(s) => socket = Some(s),
                 Err(e) => tracing::debug!(error = %e, "reconnect failed"),
             }
@@ -173,13 +229,15 @@ pub(super) async fn drive(
 }
 
 async fn session(
+    config: &ClientBuilder,
     socket: &mut Socket,
     requests: &mut mpsc::Receiver<Request>,
     deliveries: &mpsc::Sender<Delivery>,
     queued: &mut VecDeque<(Op, Reply)>,
     next_id: &mut u64,
+    positions: &mut Positions,
 ) -> End {
-    let mut in_flight: HashMap<u64, Reply> = HashMap::new();
+    let mut in_flight: HashMap<u64, (Reply, Option<String>)> = HashMap::new();
     let end = 'session: {
         // What waited for the connection goes first, in order (unless its caller gave up).
         while let Some((op, reply)) = queued.pop_front() {
@@ -209,7 +267,13 @@ async fn session(
                 },
                 message = socket.next() => match message {
                     Some(Ok(Message::Text(text))) => match server::parse(&text) {
-                        Ok(ServerFrame::Message { room, connection_id, payload }) => {
+                        Ok(ServerFrame::Message { room, connection_id, payload, offset, epoch }) => {
+                            if let (Some(offset), Some(epoch)) = (offset, &epoch) {
+                                // Seen already (recovery may resend what arrived live).
+                                if !advance(positions, &room, offset, epoch) {
+                                    continue;
+                                }
+                            }
                             let Ok(payload) = serde_json::from_str(payload.get()) else {
                                 tracing::debug!(%room, "dropped a delivery whose payload this client cannot read");
                                 continue;
@@ -218,21 +282,31 @@ async fn session(
                                 room: room.into_owned(),
                                 sender: connection_id.into_owned(),
                                 payload,
+                                offset,
+                                epoch: epoch.map(Cow::into_owned),
                             };
                             // Nobody reads the stream any more: drop deliveries.
                             let _ = deliveries.send(delivery).await;
                         }
-                        Ok(ServerFrame::Ack { message_id }) => {
-                            if let Some(reply) = answered(Some(message_id)).and_then(|id| in_flight.remove(&id)) {
-                                let _ = reply.send(Ok(()));
+                        Ok(ServerFrame::Ack { message_id, offset, epoch, .. }) => {
+                            if let Some((reply, subscribed)) = answered(Some(message_id)).and_then(|id| in_flight.remove(&id)) {
+                                // A history room's subscribe ack: where the client starts.
+                                if let (Some(room), Some(offset), Some(epoch)) = (subscribed, offset, epoch) {
+                                    positions.entry(room).or_insert((offset, epoch.into_owned()));
+                                }
+                                let _ = reply.send(Ok(text.as_str().to_owned()));
                             }
                         }
                         Ok(ServerFrame::Error { message_id, code, message }) => {
-                            if let Some(reply) = answered(message_id).and_then(|id| in_flight.remove(&id)) {
+                            if let Some((reply, _)) = answered(message_id).and_then(|id| in_flight.remove(&id)) {
                                 let _ = reply.send(Err(server_error(&code, &message)));
                             }
                         }
-                        Ok(ServerFrame::Other) => {}
+                        Ok(ServerFrame::Gap { room, offset, epoch }) => {
+                            positions.insert(room.to_string(), (offset, epoch.to_string()));
+                            config.gap(Gap { room: room.into_owned(), offset, epoch: epoch.into_owned() });
+                        }
+                        Ok(_) => {}
                         Err(e) => tracing::debug!(error = %e, "ignored an unreadable frame from the server"),
                     },
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break 'session End::Lost,
@@ -241,17 +315,34 @@ async fn session(
             }
         }
     };
-    for (_, reply) in in_flight {
+    for (_, (reply, _)) in in_flight {
         let _ = reply.send(Err(ClientError::Disconnected));
     }
     end
+}
+
+/// Records a delivery at `offset` in `room`; false when the client had it already.
+fn advance(positions: &mut Positions, room: &str, offset: u64, epoch: &str) -> bool {
+    match positions.get_mut(room) {
+        Some((last, last_epoch)) if last_epoch == epoch => {
+            if offset <= *last {
+                return false;
+            }
+            *last = offset;
+        }
+        Some(position) => *position = (offset, epoch.to_owned()),
+        None => {
+            positions.insert(room.to_owned(), (offset, epoch.to_owned()));
+        }
+    }
+    true
 }
 
 /// Sends one request; gives it back when the connection is gone (it goes out again after
 /// reconnecting).
 async fn send(
     socket: &mut Socket,
-    in_flight: &mut HashMap<u64, Reply>,
+    in_flight: &mut HashMap<u64, (Reply, Option<String>)>,
     next_id: &mut u64,
     op: Op,
     reply: Reply,
@@ -260,7 +351,11 @@ async fn send(
     *next_id += 1;
     match socket.send(Message::text(encode(id, &op))).await {
         Ok(()) => {
-            in_flight.insert(id, reply);
+            let subscribed = match &op {
+                Op::Subscribe(room) => Some(room.clone()),
+                _ => None,
+            };
+            in_flight.insert(id, (reply, subscribed));
             Ok(())
         }
         Err(_) => Err((op, reply)),

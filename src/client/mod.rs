@@ -119,6 +119,45 @@ pub struct Delivery {
     pub sender: String,
     /// The payload.
     pub payload: serde_json::Value,
+    /// Its offset, in a room with history.
+    pub offset: Option<u64>,
+    /// Its room's epoch, in a room with history.
+    pub epoch: Option<String>,
+}
+
+/// Messages of a history room may have been missed, and the server could not send them
+/// (the room's history was lost, or no longer reached back): see
+/// [`ClientBuilder::on_gap`]. The room goes on from `offset` in `epoch`; ask
+/// [`ThinWsClient::history`] for what it still keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    /// The room.
+    pub room: String,
+    /// Where the room goes on from.
+    pub offset: u64,
+    /// Its epoch.
+    pub epoch: String,
+}
+
+/// What [`ThinWsClient::history`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomHistory {
+    /// The room's top offset.
+    pub offset: u64,
+    /// Its epoch.
+    pub epoch: String,
+    /// The kept messages, oldest first.
+    pub messages: Vec<Delivery>,
+}
+
+/// The application's gap callback.
+#[derive(Clone)]
+pub(crate) struct OnGap(Arc<dyn Fn(Gap) + Send + Sync>);
+
+impl fmt::Debug for OnGap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OnGap")
+    }
 }
 
 impl Delivery {
@@ -148,12 +187,14 @@ pub(crate) enum Op {
     Subscribe(String),
     Unsubscribe(String),
     Message(String, Box<RawValue>),
+    History(String, Option<u64>),
 }
 
 pub(crate) enum Request {
     Op {
         op: Op,
-        reply: oneshot::Sender<Result<(), ClientError>>,
+        /// The ack's text, or the error.
+        reply: oneshot::Sender<Result<String, ClientError>>,
     },
     Close(oneshot::Sender<()>),
 }
@@ -196,6 +237,7 @@ pub struct ClientBuilder {
     pub(crate) url: String,
     pub(crate) connection_id: String,
     pub(crate) token: Option<TokenSource>,
+    pub(crate) on_gap: Option<OnGap>,
     pub(crate) request_timeout: Duration,
     pub(crate) max_queued: usize,
     pub(crate) max_backoff: Duration,
@@ -250,9 +292,30 @@ impl ClientBuilder {
         self
     }
 
+    /// Called when messages of a history room may have been missed and the server could
+    /// not send them (see [`Gap`]). Messages of history rooms are otherwise recovered on
+    /// every reconnection: the client remembers the last offset of each and sends it with
+    /// `connect`, and drops any message it already had.
+    pub fn on_gap(mut self, callback: impl Fn(Gap) + Send + Sync + 'static) -> Self {
+        self.on_gap = Some(OnGap(Arc::new(callback)));
+        self
+    }
+
+    pub(crate) fn gap(&self, gap: Gap) {
+        tracing::debug!(
+            room = gap.room,
+            offset = gap.offset,
+            "messages may have been missed"
+        );
+        if let Some(OnGap(callback)) = &self.on_gap {
+            callback(gap);
+        }
+    }
+
     /// Opens the first connection (failing at once if it cannot) and starts the client.
     pub async fn connect(self) -> Result<(ThinWsClient, Messages), ClientError> {
-        let socket = driver::open(&self).await?;
+        let mut positions = driver::Positions::new();
+        let socket = driver::open(&self, &mut positions).await?;
         let (requests, requests_rx) = mpsc::channel(64);
         let (deliveries, deliveries_rx) = mpsc::channel(1024);
         let timeout = self.request_timeout;
@@ -264,6 +327,7 @@ impl ClientBuilder {
             deliveries,
             VecDeque::new(),
             connected.clone(),
+            positions,
         ));
         Ok((
             ThinWsClient {
@@ -300,13 +364,14 @@ impl ThinWsClient {
             url: url.into(),
             connection_id: connection_id.into(),
             token: None,
+            on_gap: None,
             request_timeout: Duration::from_secs(10),
             max_queued: 1024,
             max_backoff: Duration::from_secs(10),
         }
     }
 
-    async fn request(&self, op: Op) -> Result<(), ClientError> {
+    async fn request(&self, op: Op) -> Result<String, ClientError> {
         let (reply, answer) = oneshot::channel();
         let call = async {
             self.requests
@@ -328,12 +393,59 @@ impl ThinWsClient {
 
     /// Joins `room` (and the server remembers it for this identity).
     pub async fn subscribe(&self, room: impl Into<String>) -> Result<(), ClientError> {
-        self.request(Op::Subscribe(room.into())).await
+        self.request(Op::Subscribe(room.into())).await.map(drop)
     }
 
     /// Leaves `room` (and the server forgets it for this identity).
     pub async fn unsubscribe(&self, room: impl Into<String>) -> Result<(), ClientError> {
-        self.request(Op::Unsubscribe(room.into())).await
+        self.request(Op::Unsubscribe(room.into())).await.map(drop)
+    }
+
+    /// The last `limit` messages a room with history keeps (all it keeps when `None`),
+    /// oldest first: what a chat shows on join. A room without history answers
+    /// [`ErrorCode::NotEnabled`].
+    pub async fn history(
+        &self,
+        room: impl Into<String>,
+        limit: Option<u64>,
+    ) -> Result<RoomHistory, ClientError> {
+        let ack = self.request(Op::History(room.into(), limit)).await?;
+        let unreadable = || ClientError::Protocol(format!("unreadable history: {ack}"));
+        let Ok(crate::protocol::server::ServerFrame::Ack {
+            offset: Some(offset),
+            epoch: Some(epoch),
+            messages: Some(messages),
+            ..
+        }) = crate::protocol::server::parse(&ack)
+        else {
+            return Err(unreadable());
+        };
+        let frames: Vec<&RawValue> =
+            serde_json::from_str(messages.get()).map_err(|_| unreadable())?;
+        let mut out = Vec::with_capacity(frames.len());
+        for frame in frames {
+            if let Ok(crate::protocol::server::ServerFrame::Message {
+                room,
+                connection_id,
+                payload,
+                offset,
+                epoch,
+            }) = crate::protocol::server::parse(frame.get())
+            {
+                out.push(Delivery {
+                    room: room.into_owned(),
+                    sender: connection_id.into_owned(),
+                    payload: serde_json::from_str(payload.get()).map_err(|_| unreadable())?,
+                    offset,
+                    epoch: epoch.map(|e| e.into_owned()),
+                });
+            }
+        }
+        Ok(RoomHistory {
+            offset,
+            epoch: epoch.into_owned(),
+            messages: out,
+        })
     }
 
     /// Publishes `payload` to every subscriber of `room`; resolves when the server's broker
@@ -345,7 +457,9 @@ impl ThinWsClient {
     ) -> Result<(), ClientError> {
         let payload = serde_json::value::to_raw_value(payload)
             .map_err(|e| ClientError::InvalidPayload(Arc::new(e)))?;
-        self.request(Op::Message(room.into(), payload)).await
+        self.request(Op::Message(room.into(), payload))
+            .await
+            .map(drop)
     }
 
     /// Closes the connection cleanly (close code 1000) and stops reconnecting. The

@@ -216,13 +216,25 @@ fn push_position(out: &mut String, offset: u64, epoch: &str) {
     push_str_field(out, "epoch", epoch);
 }
 
-/// A frame the server sends, as a client reads it (see [`parse`]).
+/// A frame the server sends, as a client reads it (see [`parse`]). New protocol versions
+/// add frames and fields.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum ServerFrame<'a> {
     /// The operation with this `messageID` is done.
     Ack {
         /// The operation's `messageID`.
         message_id: &'a RawValue,
+        /// For a history room (1.1): where its history stands.
+        offset: Option<u64>,
+        /// For a history room (1.1): its epoch.
+        epoch: Option<Cow<'a, str>>,
+        /// For a `subscribe` with `since` (1.1): whether what followed `since` comes next.
+        recovered: Option<bool>,
+        /// For `history` (1.1): the kept messages, a JSON array of delivered frames.
+        messages: Option<&'a RawValue>,
+        /// For a `connect` with `since` (1.1): each rejoined room, a JSON object.
+        rooms: Option<&'a RawValue>,
     },
     /// The operation failed, or a frame could not be read (`message_id` is then `None`).
     Error {
@@ -241,6 +253,19 @@ pub enum ServerFrame<'a> {
         connection_id: Cow<'a, str>,
         /// The payload, verbatim.
         payload: &'a RawValue,
+        /// Its offset, in a history room (1.1).
+        offset: Option<u64>,
+        /// Its room's epoch, in a history room (1.1).
+        epoch: Option<Cow<'a, str>>,
+    },
+    /// Messages of a history room may have been missed up to `offset` (1.1; see [`gap`]).
+    Gap {
+        /// The room.
+        room: Cow<'a, str>,
+        /// Where the room goes on from.
+        offset: u64,
+        /// Its epoch.
+        epoch: Cow<'a, str>,
     },
     /// A frame of a type this version does not know (ignored by clients).
     Other,
@@ -263,6 +288,16 @@ struct RawServerFrame<'a> {
     connection_id: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     payload: Option<&'a RawValue>,
+    #[serde(default)]
+    offset: Option<u64>,
+    #[serde(borrow, default)]
+    epoch: Option<Cow<'a, str>>,
+    #[serde(default)]
+    recovered: Option<bool>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    rooms: Option<&'a RawValue>,
 }
 
 /// Reads a frame the server sent; an error when it is not one of the shapes above.
@@ -288,6 +323,11 @@ pub fn parse(text: &str) -> Result<ServerFrame<'_>, serde_json::Error> {
     Ok(match &*raw.kind {
         "ack" => ServerFrame::Ack {
             message_id: message_id.ok_or_else(|| missing("messageID"))?,
+            offset: raw.offset,
+            epoch: raw.epoch,
+            recovered: raw.recovered,
+            messages: raw.messages,
+            rooms: raw.rooms,
         },
         "error" => ServerFrame::Error {
             message_id,
@@ -298,6 +338,13 @@ pub fn parse(text: &str) -> Result<ServerFrame<'_>, serde_json::Error> {
             room: raw.room.ok_or_else(|| missing("roomID"))?,
             connection_id: raw.connection_id.ok_or_else(|| missing("connectionID"))?,
             payload: raw.payload.ok_or_else(|| missing("payload"))?,
+            offset: raw.offset,
+            epoch: raw.epoch,
+        },
+        "gap" => ServerFrame::Gap {
+            room: raw.room.ok_or_else(|| missing("roomID"))?,
+            offset: raw.offset.ok_or_else(|| missing("offset"))?,
+            epoch: raw.epoch.unwrap_or_default(),
         },
         _ => ServerFrame::Other,
     })
@@ -378,7 +425,7 @@ mod tests {
         let id = RawValue::from_string("7".into()).unwrap();
         let payload = RawValue::from_string(r#"{"a":[1]}"#.into()).unwrap();
         assert!(
-            matches!(parse(&ack(&id)).unwrap(), ServerFrame::Ack { message_id } if message_id.get() == "7")
+            matches!(parse(&ack(&id)).unwrap(), ServerFrame::Ack { message_id, offset: None, .. } if message_id.get() == "7")
         );
         match parse(&error(None, ErrorCode::TooLarge, "big \"x\"")).unwrap() {
             ServerFrame::Error {
@@ -397,6 +444,7 @@ mod tests {
                 room,
                 connection_id,
                 payload,
+                ..
             } => {
                 assert_eq!(
                     (&*room, &*connection_id, payload.get()),
