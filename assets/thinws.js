@@ -22,7 +22,12 @@
  * options: { minDelay: 250, maxDelay: 10000 (ms, the backoff), timeout: 10000 (ms per
  * request), maxQueue: 1000, onClose(client) (called when a connection drops), token (a string,
  * or a function returning a string or a promise of one, called before every connect: a
- * signed token for a server that requires one) }
+ * signed token for a server that requires one), onGap(gap) (messages of a history room may
+ * have been missed and could not be recovered: { roomID, offset, epoch }) }
+ *
+ * History rooms (protocol 1.1): the client remembers the last offset of each, sends it with
+ * every connect so that the server sends what was missed, and drops messages it already
+ * had; history(roomID, limit) returns the last messages a room keeps.
  */
 (function (global) {
   "use strict";
@@ -52,7 +57,23 @@
       this._queue = [];
       this._closed = false;
       this._attempt = 0;
+      // History rooms (protocol 1.1): the last offset and epoch seen in each, sent with
+      // every connect so that the server sends what was missed.
+      this._positions = new Map();
       this._open();
+    }
+
+    // Records a message at `offset`; false when it was seen already.
+    _advance(roomID, offset, epoch) {
+      const last = this._positions.get(roomID);
+      if (last && last.epoch === epoch && offset <= last.offset) return false;
+      this._positions.set(roomID, { offset, epoch });
+      return true;
+    }
+
+    _gap(gap) {
+      this._positions.set(gap.roomID, { offset: gap.offset, epoch: gap.epoch });
+      if (this.options.onGap) this.options.onGap(gap);
     }
 
     _open() {
@@ -66,10 +87,23 @@
           .then((value) => {
             const frame = { type: "connect", connectionID: this.connectionID };
             if (value) frame.token = value;
+            if (this._positions.size > 0) frame.since = Object.fromEntries(this._positions);
             return this._send(frame);
           })
           .then(
-            () => {
+            (ack) => {
+              // Rooms the server could not recover are gaps; rooms it no longer lists
+              // are forgotten.
+              if (ack && ack.rooms) {
+                for (const roomID of [...this._positions.keys()]) {
+                  if (!(roomID in ack.rooms)) this._positions.delete(roomID);
+                }
+                for (const [roomID, room] of Object.entries(ack.rooms)) {
+                  if (room.recovered === false) {
+                    this._gap({ type: "gap", roomID, offset: room.offset, epoch: room.epoch });
+                  }
+                }
+              }
               this.connected = true;
               this._attempt = 0;
               const queued = this._queue.splice(0);
@@ -87,8 +121,15 @@
           return;
         }
         if (frame.type === "message") {
+          if (typeof frame.offset === "number" && !this._advance(frame.roomID, frame.offset, frame.epoch)) {
+            return; // had it already
+          }
           frame.message = frame.payload; // the original client's name for it
           this.onMessage(frame);
+          return;
+        }
+        if (frame.type === "gap") {
+          this._gap(frame);
           return;
         }
         const pending = this._pending.get(frame.messageID);
@@ -149,8 +190,34 @@
       });
     }
 
-    subscribe(roomID) {
-      return this._request({ type: "subscribe", roomID });
+    // `since` ({ offset, epoch }, e.g. from history()): in a room with history, the server
+    // sends every message after it, then live ones (the ack says `recovered`).
+    subscribe(roomID, since) {
+      const frame = { type: "subscribe", roomID };
+      if (since) frame.since = { offset: since.offset, epoch: since.epoch };
+      return this._request(frame).then((ack) => {
+        // A history room: where this client starts.
+        if (typeof ack.offset === "number" && !this._positions.has(roomID)) {
+          this._positions.set(roomID, since && ack.recovered ? since : { offset: ack.offset, epoch: ack.epoch });
+        }
+        if (ack.recovered === false) {
+          this._gap({ type: "gap", roomID, offset: ack.offset, epoch: ack.epoch });
+        }
+        return ack;
+      });
+    }
+
+    // The last `limit` messages a room with history keeps (all it keeps without `limit`),
+    // oldest first: resolves to { offset, epoch, messages }. A room without history
+    // rejects with code "not_enabled".
+    history(roomID, limit) {
+      const frame = { type: "history", roomID };
+      if (limit !== undefined) frame.limit = limit;
+      return this._request(frame).then((ack) => ({
+        offset: ack.offset,
+        epoch: ack.epoch,
+        messages: ack.messages,
+      }));
     }
 
     unsubscribe(roomID) {

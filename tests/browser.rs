@@ -61,8 +61,8 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
         assert!(status.success(), "npm ci failed in {}", dir.display());
     }
     let redis = RedisServer::start().await;
-    let (_a, url_a) = start(&redis, &[]).await;
-    let (_b, url_b) = start(&redis, &[]).await;
+    let (_a, url_a) = start(&redis, &["--history-size", "100"]).await;
+    let (_b, url_b) = start(&redis, &["--history-size", "100"]).await;
     // A third node requires tokens (and lets node A's pages in): thinws.js gets one from
     // its `token` option.
     let origin_a = url_a.trim_end_matches('/');
@@ -110,6 +110,10 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     );
     assert!(
         stdout.contains("ok: thinws.js connected with a token"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok: a late joiner saw the room's history"),
         "{stdout}"
     );
 }

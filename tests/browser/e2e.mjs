@@ -58,6 +58,17 @@ try {
   await say(pageA, "still there, ben?");
   await sees(pageB, "ann", "still there, ben?");
 
+  // A late joiner on node A sees what was said before (the room's history), once each.
+  const pageC = await context.newPage();
+  pageC.setDefaultTimeout(timeout);
+  pageC.on("pageerror", (e) => { console.error("page error:", e.message); process.exitCode = 1; });
+  await join(pageC, urlA, "cid");
+  await sees(pageC, "ann", "hello from node A");
+  await sees(pageC, "ben", "hi ann, this is node B");
+  const copies = await pageC.locator('#messages li:has-text("hello from node A")').count();
+  if (copies !== 1) throw new Error(`the history showed a line ${copies} times`);
+  console.log("ok: a late joiner saw the room's history");
+
   // thinws.js on a node that requires tokens: `token` as a function returning a promise.
   const tokenNode = process.env.THINWS_TOKEN_NODE;
   if (tokenNode) {
