@@ -1,0 +1,301 @@
+//! Chaos: three `thinws` processes on one private Redis, 30 subscribers in 3 history rooms
+//! (the Rust client), 3 publishers sending acked messages the whole time, while a node is
+//! killed with SIGKILL and restarted, every pub/sub connection is killed, Redis is frozen
+//! for 3 s, and every node is restarted with SIGTERM in turn. Every subscriber must receive
+//! every acked message of its room exactly once and in order; publishes whose outcome is
+//! unknown may be there or not, never twice. A second run restarts Redis without its data:
+//! every subscriber is told of the gap.
+//!
+//! Bounded: about 25 s per run. `THINWS_CHAOS_LONG=1` runs the faults three times over.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use support::{within, RedisServer};
+use thinws::client::{ClientError, ThinWsClient};
+
+const BIN: &str = env!("CARGO_BIN_EXE_thinws");
+const ROOMS: [&str; 3] = ["chaos:a", "chaos:b", "chaos:c"];
+
+struct Proc {
+    child: Option<Child>,
+    port: u16,
+    redis: String,
+}
+
+impl Proc {
+    async fn start(redis: &RedisServer) -> Proc {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut p = Proc {
+            child: None,
+            port,
+            redis: redis.url(),
+        };
+        p.spawn().await;
+        p
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(BIN)
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .args([
+                "--redis-url",
+                &self.redis,
+                "--history-size",
+                "10000",
+                "--no-demo",
+            ])
+            .args(["--rate-limit", "0", "--shutdown-timeout", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        within("a node to listen", async {
+            while tokio::net::TcpStream::connect(&addr).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/", self.port)
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status();
+        }
+    }
+
+    async fn wait(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        }
+    }
+
+    /// SIGKILL, then the same port again.
+    async fn kill_and_restart(&mut self) {
+        self.signal("-KILL");
+        self.wait().await;
+        self.spawn().await;
+    }
+
+    /// SIGTERM (sockets closed with 1001), then the same port again.
+    async fn rolling_restart(&mut self) {
+        self.signal("-TERM");
+        self.wait().await;
+        self.spawn().await;
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One delivery: (publisher, seq).
+type Seen = Arc<Mutex<Vec<(usize, u64, u64)>>>;
+
+struct Outcome {
+    /// (room, publisher) -> seqs acked.
+    acked: HashMap<(usize, usize), Vec<u64>>,
+    /// Per subscriber: its room and what it received (publisher, seq, offset).
+    received: Vec<(usize, Vec<(usize, u64, u64)>)>,
+    gaps: usize,
+}
+
+async fn run(
+    redis: &mut RedisServer,
+    nodes: &mut [Proc],
+    rounds: usize,
+    lose_redis: bool,
+) -> Outcome {
+    let gaps = Arc::new(Mutex::new(0usize));
+    let mut subscribers = Vec::new();
+    for i in 0..30 {
+        let room = i % 3;
+        let node = &nodes[i % nodes.len()];
+        let gaps = gaps.clone();
+        let (client, mut messages) = ThinWsClient::builder(node.url(), format!("sub-{i}"))
+            .max_backoff(Duration::from_millis(200))
+            .request_timeout(Duration::from_secs(20))
+            .on_gap(move |_| *gaps.lock().unwrap() += 1)
+            .connect()
+            .await
+            .unwrap();
+        client.subscribe(ROOMS[room]).await.unwrap();
+        let seen: Seen = Arc::default();
+        let collect = tokio::spawn({
+            let seen = seen.clone();
+            async move {
+                while let Some(m) = messages.next().await {
+                    let (Some(p), Some(seq), Some(offset)) =
+                        (m.payload["p"].as_u64(), m.payload["seq"].as_u64(), m.offset)
+                    else {
+                        continue;
+                    };
+                    seen.lock().unwrap().push((p as usize, seq, offset));
+                }
+            }
+        });
+        subscribers.push((room, client, seen, collect));
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut publishers = Vec::new();
+    for p in 0..3 {
+        let url = nodes[p % nodes.len()].url();
+        let stop = stop.clone();
+        publishers.push(tokio::spawn(async move {
+            let (client, _messages) = ThinWsClient::builder(url, format!("pub-{p}"))
+                .max_backoff(Duration::from_millis(200))
+                .request_timeout(Duration::from_secs(5))
+                .connect()
+                .await
+                .unwrap();
+            let mut acked = Vec::new();
+            let mut seq = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seq += 1;
+                match client.send(ROOMS[p], &json!({"p": p, "seq": seq})).await {
+                    Ok(()) => acked.push(seq),
+                    // Nothing was sent, or the outcome is unknown: it may arrive or not.
+                    Err(
+                        ClientError::Server { .. }
+                        | ClientError::Disconnected
+                        | ClientError::Timeout,
+                    ) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Err(e) => panic!("publisher {p}: {e}"),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            client.close().await;
+            (p, acked)
+        }));
+    }
+
+    let mut admin = redis.client().await;
+    for _ in 0..rounds {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        nodes[0].kill_and_restart().await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let _: Result<i64, _> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut admin)
+            .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if lose_redis {
+            redis.restart().await;
+            admin = redis.client().await;
+        } else {
+            redis.freeze();
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            redis.thaw();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for node in nodes.iter_mut() {
+            node.rolling_restart().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked = HashMap::new();
+    for publisher in publishers {
+        let (p, seqs) = within("a publisher to stop", publisher).await.unwrap();
+        acked.insert((p, p), seqs);
+    }
+    // Let every subscriber catch up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut received = Vec::new();
+    for (room, client, seen, collect) in subscribers {
+        client.close().await;
+        let _ = collect.await;
+        received.push((room, seen.lock().unwrap().clone()));
+    }
+    let gaps = *gaps.lock().unwrap();
+    Outcome {
+        acked,
+        received,
+        gaps,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acked_message_reaches_every_subscriber_once_in_order_through_faults() {
+    let rounds = if std::env::var_os("THINWS_CHAOS_LONG").is_some() {
+        3
+    } else {
+        1
+    };
+    let mut redis = RedisServer::start().await;
+    let mut nodes = vec![
+        Proc::start(&redis).await,
+        Proc::start(&redis).await,
+        Proc::start(&redis).await,
+    ];
+    let outcome = run(&mut redis, &mut nodes, rounds, false).await;
+    let (mut missing, mut duplicated, mut out_of_order, mut total) = (0, 0, 0, 0);
+    for (room, seen) in &outcome.received {
+        let acked = &outcome.acked[&(*room, *room)];
+        let mut count: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut last_offset = 0;
+        let mut last_seq = 0;
+        for &(p, seq, offset) in seen {
+            assert_eq!(p, *room, "a message of another room");
+            *count.entry(seq).or_default() += 1;
+            if offset <= last_offset || seq <= last_seq {
+                out_of_order += 1;
+            }
+            last_offset = offset;
+            last_seq = seq;
+        }
+        duplicated += count.values().filter(|n| **n > 1).count();
+        missing += acked.iter().filter(|seq| !count.contains_key(seq)).count();
+        total += acked.len();
+    }
+    println!(
+        "chaos: {total} acked deliveries expected; missing {missing}, duplicated {duplicated}, out of order {out_of_order}; gaps reported {}",
+        outcome.gaps
+    );
+    assert_eq!((missing, duplicated, out_of_order), (0, 0, 0));
+    assert!(total > 1000, "the publishers got through: {total}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_loses_its_data_is_reported_as_a_gap_never_a_silent_hole() {
+    let mut redis = RedisServer::start().await;
+    let mut nodes = vec![
+        Proc::start(&redis).await,
+        Proc::start(&redis).await,
+        Proc::start(&redis).await,
+    ];
+    let outcome = run(&mut redis, &mut nodes, 1, true).await;
+    println!("gaps reported: {}", outcome.gaps);
+    // Every subscriber had received messages before the loss, so each learns of it.
+    assert!(
+        outcome.gaps >= 30,
+        "{} gaps for 30 subscribers",
+        outcome.gaps
+    );
+}
