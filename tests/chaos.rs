@@ -112,14 +112,15 @@ impl Drop for Proc {
     }
 }
 
-/// One delivery: (publisher, seq).
-type Seen = Arc<Mutex<Vec<(usize, u64, u64)>>>;
+/// What one subscriber received: (publisher, seq, offset), in order.
+type Received = Vec<(usize, u64, u64)>;
+type Seen = Arc<Mutex<Received>>;
 
 struct Outcome {
     /// (room, publisher) -> seqs acked.
     acked: HashMap<(usize, usize), Vec<u64>>,
     /// Per subscriber: its room and what it received (publisher, seq, offset).
-    received: Vec<(usize, Vec<(usize, u64, u64)>)>,
+    received: Vec<(usize, Received)>,
     gaps: usize,
 }
 
