@@ -7,6 +7,7 @@
 #   bench/run.sh            # everything (about 10 minutes on 2 cores)
 #   bench/run.sh fanout     # only some scenarios: fanout rooms latency idle chart
 #   TARGETS="thinws" bench/run.sh fanout
+#   TARGETS=thinws bench/run.sh rooms rooms-history fanout fanout-history   # history rooms
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -37,13 +38,15 @@ trap cleanup EXIT
 until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.05; done
 redis_url=redis://127.0.0.1:$redis_port
 
-start_nodes() { # target -> sets nodes (URLs) and node_pids
+start_nodes() { # target [extra thinws args...] -> sets nodes (URLs) and node_pids
   local target=$1 urls=() ids=()
+  shift
+  local extra=("$@")
   for i in 1 2; do
     local port; port=$(free_port)
     case $target in
       thinws) "$root/target/release/thinws" --listen "127.0.0.1:$port" --redis-url "$redis_url" \
-                --rate-limit 0 --max-sockets 300000 --no-demo >/dev/null 2>&1 & ;;
+                --rate-limit 0 --max-sockets 300000 --no-demo "${extra[@]}" >/dev/null 2>&1 & ;;
       socketio) node bench/peers/socketio/server.js "$port" "$redis_url" >/dev/null 2>&1 & ;;
       socketioxide) bench/peers/socketioxide/target/release/socketioxide-peer "$port" "$redis_url" >/dev/null 2>&1 & ;;
     esac
@@ -70,12 +73,13 @@ run_one_node() { # like run, against the first node only
   stop_nodes
 }
 
-run() { # target scenario args...
+run() { # target scenario args...  (NODE_ARGS: extra thinws arguments; LABEL: the result's label)
   local target=$1 scenario=$2; shift 2
   local protocol=thinws; [ "$target" = thinws ] || protocol=socketio
-  start_nodes "$target"
-  echo "$target $scenario $*" >&2
-  "$loadgen" run --target "$protocol" --label "$target" --nodes "$nodes" --pids "$node_pids" \
+  # shellcheck disable=SC2086
+  start_nodes "$target" ${NODE_ARGS:-}
+  echo "$target $scenario ${NODE_ARGS:-} $*" >&2
+  "$loadgen" run --target "$protocol" --label "${LABEL:-$target}" --nodes "$nodes" --pids "$node_pids" \
     --scenario "$scenario" --out "$results" "$@" >/dev/null 2>"$out/last-run.log" || { echo "  (run failed; see $out/last-run.log)" >&2; tail -3 "$out/last-run.log" >&2; }
   stop_nodes
 }
@@ -85,6 +89,11 @@ for target in $targets; do
     case $scenario in
       fanout) run "$target" fanout --subscribers 1000 --messages 2000 --window 64 ;;
       rooms) run "$target" rooms --subscribers 1000 --messages 200 --window 16 ;;
+      # The same, with every room keeping a history (thinws only).
+      fanout-history) [ "$target" = thinws ] && NODE_ARGS="--history-size 1000" LABEL=thinws-history \
+        run "$target" fanout --subscribers 1000 --messages 2000 --window 64 ;;
+      rooms-history) [ "$target" = thinws ] && NODE_ARGS="--history-size 1000" LABEL=thinws-history \
+        run "$target" rooms --subscribers 1000 --messages 200 --window 16 ;;
       latency) run "$target" latency --subscribers 1000 --messages 2000 --rate 200 ;;
       idle) run "$target" idle --subscribers 10000 ;;
       chart)
