@@ -102,6 +102,48 @@ impl Hub {
         publish.result().await.map(drop).map_err(Error::Unavailable)
     }
 
+    /// The last `limit` messages `room` keeps (all it keeps when `None`), oldest first, as
+    /// delivered frames: what a chat shows on join. `Ok(None)` for a room without history.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), thinws::Error> {
+    /// use std::time::Duration;
+    /// use thinws::settings::History;
+    ///
+    /// let hub = thinws::ThinWsLayer::builder()
+    ///     .history(History::new(100, Duration::from_secs(300)))
+    ///     .build()
+    ///     .hub();
+    /// hub.publish("lobby", &serde_json::json!({"text": "hi"})).await?;
+    /// let history = hub.history("lobby", Some(50)).await?.expect("lobby keeps a history");
+    /// assert_eq!(history.offset, 1);
+    /// assert!(history.messages[0].contains(r#""offset":1"#));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn history(
+        &self,
+        room: &str,
+        limit: Option<usize>,
+    ) -> Result<Option<RoomHistory>, Error> {
+        let Some(history) = self.node.config.rooms.settings(room).history else {
+            return Ok(None);
+        };
+        let limit = limit.map_or(history.size, |limit| limit.min(history.size));
+        let (at, frames) = self
+            .node
+            .broker
+            .history(room, history, limit)
+            .await
+            .map_err(Error::Unavailable)?;
+        Ok(Some(RoomHistory {
+            offset: at.offset,
+            epoch: at.epoch.to_string(),
+            messages: frames.iter().map(|f| f.as_str().to_owned()).collect(),
+        }))
+    }
+
     /// Probes whether this node can serve: for Redis, a `PING` through every publishing
     /// lane's connection, one on the pub/sub connection that holds the room subscriptions,
     /// and one on a connection of the pool, each within the layer's Redis timeout. The
@@ -147,6 +189,18 @@ impl Hub {
         let _ = tokio::time::timeout(deadline, self.node.rooms.all_closed()).await;
         self.socket_count()
     }
+}
+
+/// What a room's history keeps; see [`Hub::history`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoomHistory {
+    /// The room's top offset.
+    pub offset: u64,
+    /// Its epoch.
+    pub epoch: String,
+    /// The kept messages, oldest first, each a delivered `message` frame (JSON text).
+    pub messages: Vec<String>,
 }
 
 /// The state of the node's Redis connection pool; see [`Hub::redis_pool`].

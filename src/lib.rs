@@ -47,7 +47,7 @@ mod rooms;
 pub mod settings;
 
 pub use error::{BrokerError, Error, ErrorSource};
-pub use hub::{Health, Hub, PoolStatus};
+pub use hub::{Health, Hub, PoolStatus, RoomHistory};
 pub use layer::{ThinWsBuilder, ThinWsLayer};
 pub use publisher::{Publisher, PublisherBuilder};
 

@@ -672,3 +672,41 @@ async fn without_an_api_key_the_api_is_off() {
     .await;
     assert_eq!((status, body["error"].as_str()), (404, Some("not_enabled")));
 }
+
+#[tokio::test]
+async fn the_api_serves_a_rooms_history() {
+    let server = Server::start(&["--api-key", "k", "--history-size", "10"]).await;
+    let key = [("Authorization", "apikey k")];
+    for n in 1..=3 {
+        let (status, _) = http_with_body(
+            server.addr,
+            "POST",
+            "/api/publish",
+            &key,
+            &format!(r#"{{"roomID":"news","payload":{n}}}"#),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let (status, body) = http_with_body(
+        server.addr,
+        "GET",
+        "/api/rooms/news/history?limit=2",
+        &key,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["offset"], 3);
+    let payloads: Vec<_> = body["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["payload"].clone())
+        .collect();
+    assert_eq!(payloads, [json!(2), json!(3)]);
+    let server = Server::start(&["--api-key", "k"]).await;
+    let (status, body) =
+        http_with_body(server.addr, "GET", "/api/rooms/news/history", &key, "").await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_enabled")));
+}

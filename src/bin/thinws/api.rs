@@ -5,7 +5,9 @@
 //!   `200 {"ok":true}`, `503 {"error":"unavailable",...}` (nothing was sent) or
 //!   `504 {"error":"timeout",...}` (sent, no answer in time: the outcome is unknown);
 //! - `GET /api/rooms/{roomID}` answers `{"roomID":...,"localMembers":n}` (this node's
-//!   members of the room).
+//!   members of the room);
+//! - `GET /api/rooms/{roomID}/history[?limit=N]` answers the room's kept messages, oldest
+//!   first, with its `offset` and `epoch` (404 `not_enabled` for a room without history).
 //!
 //! Both need `Authorization: apikey KEY` with the server's `--api-key`, compared in
 //! constant time; without `--api-key` the API is off (404).
@@ -22,6 +24,17 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 use thinws::protocol::{self, Command, ErrorCode, Limits};
 use thinws::Hub;
+
+fn crate_report(e: &thinws::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
 
 /// The API's state.
 #[derive(Clone)]
@@ -102,6 +115,46 @@ impl Api {
         let path = request.uri().path().to_owned();
         match (request.method(), path.as_str()) {
             (&Method::POST, "/api/publish") => self.publish(request).await,
+            (&Method::GET, path)
+                if path.starts_with("/api/rooms/") && path.ends_with("/history") =>
+            {
+                let room = &path["/api/rooms/".len()..path.len() - "/history".len()];
+                let Ok(room) = percent_encoding::percent_decode_str(room).decode_utf8() else {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_message",
+                        "no valid roomID in the path",
+                    );
+                };
+                let limit = request
+                    .uri()
+                    .query()
+                    .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("limit=")))
+                    .and_then(|l| l.parse().ok());
+                match self.hub.history(&room, limit).await {
+                    Ok(Some(history)) => {
+                        let messages: Vec<serde_json::Value> = history
+                            .messages
+                            .iter()
+                            .filter_map(|m| serde_json::from_str(m).ok())
+                            .collect();
+                        json_response(
+                            StatusCode::OK,
+                            json!({"roomID": room, "offset": history.offset, "epoch": history.epoch, "messages": messages}),
+                        )
+                    }
+                    Ok(None) => error(
+                        StatusCode::NOT_FOUND,
+                        ErrorCode::NotEnabled.as_str(),
+                        "this room keeps no history",
+                    ),
+                    Err(e) => error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        ErrorCode::Unavailable.as_str(),
+                        &crate_report(&e),
+                    ),
+                }
+            }
             (&Method::GET, room) if room.starts_with("/api/rooms/") => {
                 let room = &room["/api/rooms/".len()..];
                 match percent_encoding::percent_decode_str(room).decode_utf8() {
