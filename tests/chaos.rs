@@ -1,6 +1,7 @@
 //! Chaos: three `thinws` processes on one private Redis, 30 subscribers in 3 history rooms
-//! (the Rust client), 3 publishers sending acked messages the whole time, while a node is
-//! killed with SIGKILL and restarted, every pub/sub connection is killed, Redis is frozen
+//! (the Rust client, which reconnects to the next node in turn), 3 publishers sending acked
+//! messages the whole time, while a node is killed with SIGKILL (its clients move to the
+//! other nodes) and restarted 1.5 s later, every pub/sub connection is killed, Redis is frozen
 //! for 3 s, and every node is restarted with SIGTERM in turn. Every subscriber must receive
 //! every acked message of its room exactly once and in order; publishes whose outcome is
 //! unknown may be there or not, never twice. A second run restarts Redis without its data:
@@ -88,10 +89,12 @@ impl Proc {
         }
     }
 
-    /// SIGKILL, then the same port again.
-    async fn kill_and_restart(&mut self) {
+    /// SIGKILL; the node stays down `down` (its clients move to the other nodes), then
+    /// starts again on the same port.
+    async fn kill_and_restart(&mut self, down: Duration) {
         self.signal("-KILL");
         self.wait().await;
+        tokio::time::sleep(down).await;
         self.spawn().await;
     }
 
@@ -135,8 +138,14 @@ async fn run(
     for i in 0..30 {
         let room = i % 3;
         let node = &nodes[i % nodes.len()];
+        let others: Vec<String> = nodes
+            .iter()
+            .filter(|n| n.port != node.port)
+            .map(Proc::url)
+            .collect();
         let gaps = gaps.clone();
         let (client, mut messages) = ThinWsClient::builder(node.url(), format!("sub-{i}"))
+            .fallback_urls(others)
             .max_backoff(Duration::from_millis(200))
             .request_timeout(Duration::from_secs(20))
             .on_gap(move |_| *gaps.lock().unwrap() += 1)
@@ -164,9 +173,11 @@ async fn run(
     let mut publishers = Vec::new();
     for p in 0..3 {
         let url = nodes[p % nodes.len()].url();
+        let others: Vec<String> = nodes.iter().map(Proc::url).filter(|u| *u != url).collect();
         let stop = stop.clone();
         publishers.push(tokio::spawn(async move {
             let (client, _messages) = ThinWsClient::builder(url, format!("pub-{p}"))
+                .fallback_urls(others)
                 .max_backoff(Duration::from_millis(200))
                 .request_timeout(Duration::from_secs(5))
                 .connect()
@@ -196,7 +207,8 @@ async fn run(
     let mut admin = redis.client().await;
     for _ in 0..rounds {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        nodes[0].kill_and_restart().await;
+        // Its clients reconnect to the other nodes while it is down.
+        nodes[0].kill_and_restart(Duration::from_millis(1500)).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let _: Result<i64, _> = redis::cmd("CLIENT")
             .arg("KILL")

@@ -68,6 +68,7 @@ fn server_error(code: &str, message: &str) -> ClientError {
 /// rooms when this returns.
 pub(super) async fn open(
     config: &ClientBuilder,
+    url: &str,
     positions: &mut Positions,
 ) -> Result<Socket, ClientError> {
     let connect = async {
@@ -76,9 +77,7 @@ pub(super) async fn open(
             Some(source) => Some(source.get().await?),
         };
         let lost = |e| ClientError::Connect(std::sync::Arc::new(e));
-        let (mut socket, _) = tokio_tungstenite::connect_async(config.url.as_str())
-            .await
-            .map_err(lost)?;
+        let (mut socket, _) = tokio_tungstenite::connect_async(url).await.map_err(lost)?;
         // Where each history room ends here, so that the server sends what followed.
         let since: Vec<_> = positions
             .iter()
@@ -176,6 +175,8 @@ pub(super) async fn drive(
         .without_max_times();
     let mut next_id: u64 = 1;
     let mut socket = Some(first);
+    // Which URL the client tries next (see `ClientBuilder::fallback_urls`).
+    let mut attempt = 0usize;
     loop {
         if let Some(mut open) = socket.take() {
             connected.store(true, Ordering::Relaxed);
@@ -220,7 +221,8 @@ pub(super) async fn drive(
                     },
                 }
             }
-            match open(&config, &mut positions).await {
+            attempt += 1;
+            match open(&config, config.url_for(attempt), &mut positions).await {
                 Ok(s) => socket = Some(s),
                 Err(e) => tracing::debug!(error = %e, "reconnect failed"),
             }

@@ -235,6 +235,8 @@ impl fmt::Debug for TokenSource {
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
     pub(crate) url: String,
+    /// More nodes to reconnect to, in turn with `url`.
+    pub(crate) more_urls: Vec<String>,
     pub(crate) connection_id: String,
     pub(crate) token: Option<TokenSource>,
     pub(crate) on_gap: Option<OnGap>,
@@ -262,6 +264,22 @@ impl ClientBuilder {
     pub fn max_backoff(mut self, max: Duration) -> Self {
         self.max_backoff = max;
         self
+    }
+
+    /// Other nodes of the same cluster: when the connection drops, the client reconnects to
+    /// the next node in turn (the first URL, then these), so that a node that died does not
+    /// keep it waiting. Behind a load balancer, one URL is enough.
+    pub fn fallback_urls(mut self, urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.more_urls = urls.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The URL of the `n`th connection attempt, in turn.
+    pub(crate) fn url_for(&self, n: usize) -> &str {
+        match n % (self.more_urls.len() + 1) {
+            0 => &self.url,
+            i => &self.more_urls[i - 1],
+        }
     }
 
     /// Sends `token` with every `connect` (e.g. a JWT for the standalone server's
@@ -315,7 +333,7 @@ impl ClientBuilder {
     /// Opens the first connection (failing at once if it cannot) and starts the client.
     pub async fn connect(self) -> Result<(ThinWsClient, Messages), ClientError> {
         let mut positions = driver::Positions::new();
-        let socket = driver::open(&self, &mut positions).await?;
+        let socket = driver::open(&self, self.url_for(0), &mut positions).await?;
         let (requests, requests_rx) = mpsc::channel(64);
         let (deliveries, deliveries_rx) = mpsc::channel(1024);
         let timeout = self.request_timeout;
@@ -362,6 +380,7 @@ impl ThinWsClient {
     pub fn builder(url: impl Into<String>, connection_id: impl Into<String>) -> ClientBuilder {
         ClientBuilder {
             url: url.into(),
+            more_urls: Vec::new(),
             connection_id: connection_id.into(),
             token: None,
             on_gap: None,
