@@ -7,6 +7,7 @@
 # 2-core machine.
 #
 #   bench/compare.sh BEFORE_BINARY AFTER_BINARY [ROUNDS]
+#   AFTER_ARGS="--history-size 1000" bench/compare.sh BIN BIN 1   # one binary, two settings
 #   PERF=1 bench/compare.sh ...   # also records the first node with `perf record` into
 #                                 # bench/results/perf-{before,after}-{scenario}.data
 set -euo pipefail
@@ -26,11 +27,12 @@ cpu_ticks() { local t=0 p; for p in "$@"; do t=$(( t + $(awk '{print $14 + $15}'
 
 one() { # label binary scenario args...
   local label=$1 binary=$2 scenario=$3; shift 3
-  local urls=() ids=()
+  local urls=() ids=() node_args=()
+  if [ "$label" = after ]; then read -ra node_args <<< "${AFTER_ARGS:-}"; else read -ra node_args <<< "${BEFORE_ARGS:-}"; fi
   for _ in 1 2; do
     local port; port=$(free_port)
     "$binary" --listen "127.0.0.1:$port" --redis-url "redis://127.0.0.1:$redis_port" \
-      --rate-limit 0 --max-sockets 300000 --no-demo >/dev/null 2>&1 &
+      --rate-limit 0 --max-sockets 300000 --no-demo "${node_args[@]}" >/dev/null 2>&1 &
     ids+=("$!"); urls+=("http://127.0.0.1:$port")
     until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.05; done
   done
@@ -42,20 +44,24 @@ one() { # label binary scenario args...
     perf_pid=$!
   fi
   local start; start=$(cpu_ticks "${ids[@]}")
+  local redis_start; redis_start=$(cpu_ticks "$redis_pid")
   local report
   report=$("$loadgen" run --target thinws --label "$label" --nodes "$(IFS=,; echo "${urls[*]}")" \
     --scenario "$scenario" "$@" 2>/dev/null)
   local used=$(( $(cpu_ticks "${ids[@]}") - start ))
+  local redis_used=$(( $(cpu_ticks "$redis_pid") - redis_start ))
   if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi
   kill "${ids[@]}"; wait "${ids[@]}" 2>/dev/null || true; pids=()
   redis-cli -p "$redis_port" flushall >/dev/null
-  python3 - "$label" "$scenario" "$used" "$ticks" "$report" <<'PY'
+  python3 - "$label" "$scenario" "$used" "$ticks" "$report" "$redis_used" <<'PY'
 import json, sys
-label, scenario, used, ticks, report = sys.argv[1:]
+label, scenario, used, ticks, report, redis_used = sys.argv[1:]
 r = json.loads(report)
 cpu = int(used) / int(ticks)
+redis_cpu = int(redis_used) / int(ticks)
 print(f"{label:8} {scenario:7} {r['deliveries_per_sec']:>12,.0f}/s  missing {r['missing']}  "
-      f"node CPU {cpu:6.2f} s = {cpu / r['delivered'] * 1e6:5.2f} s per 1M deliveries")
+      f"node CPU {cpu:6.2f} s = {cpu / r['delivered'] * 1e6:5.2f} s per 1M deliveries  "
+      f"Redis CPU {redis_cpu:5.2f} s over {r['seconds']:.2f} s")
 PY
 }
 

@@ -67,10 +67,14 @@ pub(crate) struct Recovery {
 }
 
 impl Recovery {
-    /// Whether a client at `since` in `epoch` can get every message it missed from here.
-    pub(crate) fn recovers(&self, since: u64, epoch: &str) -> bool {
+    /// Whether a client at `since` in `epoch` can get every message it missed from here:
+    /// same epoch, and no more than `size` (the room's history size) missed, all still kept.
+    /// (Redis trims a history approximately and may keep a few more; the size is the
+    /// promise, on every broker.)
+    pub(crate) fn recovers(&self, since: u64, epoch: &str, size: usize) -> bool {
         *self.top.epoch == *epoch
             && since <= self.top.offset
+            && self.top.offset - since <= size as u64
             && (since == self.top.offset || self.oldest <= since + 1)
     }
 }

@@ -106,7 +106,7 @@ impl Tracks {
                     continue;
                 }
             };
-            if recovery.recovers(offset, &epoch) {
+            if recovery.recovers(offset, &epoch, history.size) {
                 for frame in &recovery.frames {
                     if self.admit(&room, frame) {
                         caught += 1;

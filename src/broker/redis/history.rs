@@ -24,7 +24,9 @@ use crate::error::BrokerError;
 use crate::settings::History;
 
 /// KEYS: meta, stream. ARGV: channel, frame (a JSON object), size, ttl (ms), a new epoch.
-/// Returns `{offset, epoch}`.
+/// Returns `{offset, epoch}`. The stream is trimmed approximately (`MAXLEN ~`): Redis drops
+/// whole nodes of it, so it keeps at least `size` entries and sometimes a few more, at a
+/// fraction of exact trimming's cost.
 pub(crate) static PUBLISH: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
@@ -36,7 +38,7 @@ if not epoch then
 end
 local offset = redis.call('HINCRBY', KEYS[1], 'top', 1)
 local frame = string.sub(ARGV[2], 1, -2) .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], offset .. '-0', 'f', frame)
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-0', 'f', frame)
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PUBLISH', ARGV[1], frame)

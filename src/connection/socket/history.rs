@@ -168,7 +168,7 @@ impl Socket {
                 return Err(Refusal::BrokerRead(e));
             }
         };
-        let recovered = recovery.recovers(since.offset, &since.epoch);
+        let recovered = recovery.recovers(since.offset, &since.epoch, history.size);
         Ok(Recovering {
             at: recovery.top,
             recovered,
