@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use crate::hooks::Hooks;
-use crate::layer::origin::OriginPolicy;
+use crate::origin::OriginPolicy;
 use crate::protocol::Limits;
 use crate::settings::RoomPolicy;
 

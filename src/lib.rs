@@ -41,6 +41,7 @@ pub mod hub;
 pub mod layer;
 pub mod metrics;
 mod node;
+mod origin;
 pub mod protocol;
 pub mod publisher;
 mod rooms;

@@ -36,7 +36,6 @@ mod body;
 mod builder;
 mod client_script;
 mod future;
-pub(crate) mod origin;
 mod service;
 
 use std::sync::Arc;

@@ -126,6 +126,14 @@ pub(crate) fn redis_error(e: redis::RedisError) -> BrokerError {
     }
 }
 
+/// A pool error: a timeout, or a connection that could not be made.
+pub(crate) fn pool_error(e: deadpool_redis::PoolError) -> BrokerError {
+    match e {
+        deadpool_redis::PoolError::Backend(e) => redis_error(e),
+        e => BrokerError::connection(e),
+    }
+}
+
 /// Hides a password in a Redis URL before it reaches an error message or a log.
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {

@@ -17,8 +17,7 @@ use std::time::Duration;
 use deadpool_redis::Pool;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
-use super::connect::{redis_error, within};
-use super::lanes::pool_error;
+use super::connect::{pool_error, redis_error, within};
 use crate::broker::{new_epoch, Keys, Position, Recovery};
 use crate::error::BrokerError;
 use crate::settings::History;

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use deadpool_redis::Pool;
 
-use super::connect::{redis_error, within};
-use super::lanes::pool_error;
+use super::connect::{pool_error, redis_error, within};
 use crate::broker::Keys;
 use crate::error::BrokerError;
 

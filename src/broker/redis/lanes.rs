@@ -23,7 +23,7 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::connect::{redis_error, Disconnects};
+use super::connect::{pool_error, redis_error, Disconnects};
 use super::history;
 use crate::broker::{new_epoch, Keys, Position, Publish, Published};
 use crate::error::BrokerError;
@@ -372,13 +372,5 @@ fn position(reply: Value) -> Result<Position, BrokerError> {
             })
         }
         _ => Err(unexpected(&reply)),
-    }
-}
-
-/// A pool error: a timeout, or a connection that could not be made.
-pub(crate) fn pool_error(e: deadpool_redis::PoolError) -> BrokerError {
-    match e {
-        deadpool_redis::PoolError::Backend(e) => redis_error(e),
-        e => BrokerError::connection(e),
     }
 }
