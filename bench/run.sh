@@ -7,7 +7,7 @@
 #   bench/run.sh            # everything (about 10 minutes on 2 cores)
 #   bench/run.sh fanout     # only some scenarios: fanout rooms latency idle chart
 #   TARGETS="thinws" bench/run.sh fanout
-#   TARGETS=thinws bench/run.sh rooms rooms-history fanout fanout-history   # history rooms
+#   TARGETS=thinws bench/run.sh rooms rooms-history fanout fanout-history recovery   # history rooms
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -94,6 +94,9 @@ for target in $targets; do
         run "$target" fanout --subscribers 1000 --messages 2000 --window 64 ;;
       rooms-history) [ "$target" = thinws ] && NODE_ARGS="--history-size 1000" LABEL=thinws-history \
         run "$target" rooms --subscribers 1000 --messages 200 --window 16 ;;
+      # 1,000 subscribers come back after 1,000 messages and each recovers them all.
+      recovery) [ "$target" = thinws ] && NODE_ARGS="--history-size 1000" LABEL=thinws-history \
+        run "$target" recovery --subscribers 1000 --messages 1000 --window 64 ;;
       latency) run "$target" latency --subscribers 1000 --messages 2000 --rate 200 ;;
       idle) run "$target" idle --subscribers 10000 ;;
       chart)

@@ -44,6 +44,10 @@ enum Scenario {
     Latency,
     /// N sockets each subscribed to a room; server RSS per socket.
     Idle,
+    /// thinws history rooms: K messages are published while nobody listens, then N sockets
+    /// subscribe with `since` (where the room stood before) and each recovers all K; the time
+    /// from the first reconnection to the last recovered message.
+    Recovery,
 }
 
 #[derive(Parser, Clone)]
@@ -470,6 +474,50 @@ async fn fanout(args: &RunArgs, rate: Option<u64>) -> Report {
     summarize(args, seen, args.messages * args.subscribers as u64, started, peaks)
 }
 
+async fn recovery(args: &RunArgs) -> Report {
+    assert_eq!(args.target, Target::Thinws, "recovery needs thinws history rooms");
+    let (peaks, watcher) = watch_rss(args.pids.clone());
+    let room = "recovery";
+    let (mut ptx, mut prx) = proto::connect(args.target, &args.target.url(&args.nodes[0]), None)
+        .await
+        .expect("publisher");
+    // Where the room stands before the messages the subscribers will miss.
+    let probe = format!(r#"{{"type":"history","messageID":1,"roomID":"{room}","limit":0}}"#);
+    let ack = proto::request_text(&mut ptx, &mut prx, 1, probe).await.expect("a history room");
+    let ack: serde_json::Value = serde_json::from_str(&ack).expect("the history ack");
+    let (offset, epoch) = (ack["offset"].as_u64().expect("offset"), ack["epoch"].as_str().expect("epoch").to_owned());
+    let base = Instant::now();
+    let pad = "x".repeat(args.size.saturating_sub(40));
+    publish(args.target, ptx, prx, room.into(), args.messages, args.window, None, 0, pad, base).await;
+    // Every subscriber comes back at once, from `offset`.
+    let started = now_us(base);
+    let stop = Arc::new(Notify::new());
+    let gate = Arc::new(Semaphore::new(256));
+    let mut receivers = Vec::with_capacity(args.subscribers);
+    for i in 0..args.subscribers {
+        let url = args.target.url(&args.nodes[i % args.nodes.len()]);
+        let (stop, gate, epoch) = (stop.clone(), gate.clone(), epoch.clone());
+        let (target, k) = (args.target, args.messages);
+        receivers.push(tokio::spawn(async move {
+            let (tx, rx) = {
+                let _permit = gate.acquire().await;
+                let (mut tx, mut rx) = proto::connect(target, &url, Some(source_for(i))).await.expect("subscriber");
+                let subscribe = format!(
+                    r#"{{"type":"subscribe","messageID":1,"roomID":"{room}","since":{{"offset":{offset},"epoch":"{epoch}"}}}}"#
+                );
+                let ack = proto::request_text(&mut tx, &mut rx, 1, subscribe).await.expect("subscribe");
+                assert!(ack.contains(r#""recovered":true"#), "not recovered: {ack}");
+                (tx, rx)
+            };
+            receive(target, tx, rx, k, base, stop).await
+        }));
+    }
+    let seen = collect(receivers, Vec::new(), stop).await;
+    watcher.abort();
+    let peaks = peaks.lock().unwrap().clone();
+    summarize(args, seen, args.messages * args.subscribers as u64, started, peaks)
+}
+
 async fn rooms(args: &RunArgs) -> Report {
     let n = args.subscribers - args.subscribers % 2;
     let (peaks, watcher) = watch_rss(args.pids.clone());
@@ -631,6 +679,7 @@ async fn main() {
                 Scenario::Latency => fanout(&args, Some(args.rate)).await,
                 Scenario::Rooms => rooms(&args).await,
                 Scenario::Idle => idle(&args).await,
+                Scenario::Recovery => recovery(&args).await,
             };
             let line = serde_json::to_string(&report).expect("report");
             println!("{line}");

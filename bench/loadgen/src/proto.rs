@@ -186,6 +186,23 @@ async fn expect(tx: &mut Tx, rx: &mut Rx, ok: impl Fn(&str) -> bool) -> Result<(
     Err("closed during the handshake".into())
 }
 
+/// Sends a thinws request and returns the text of its ack (an error frame is an error).
+pub async fn request_text(tx: &mut Tx, rx: &mut Rx, id: u64, frame: String) -> Result<String, String> {
+    tx.send(Message::text(frame)).await.map_err(|e| e.to_string())?;
+    while let Some(message) = rx.next().await {
+        if let Message::Text(text) = message.map_err(|e| e.to_string())? {
+            let id_field = format!(r#""messageID":{id}"#);
+            if text.contains(&id_field) {
+                return match text.starts_with(r#"{"type":"ack""#) {
+                    true => Ok(text.to_string()),
+                    false => Err(text.to_string()),
+                };
+            }
+        }
+    }
+    Err("closed before the ack".into())
+}
+
 /// Sends a request and waits for its ack, answering pings meanwhile.
 pub async fn request(target: Target, tx: &mut Tx, rx: &mut Rx, id: u64, frame: String) -> Result<(), String> {
     tx.send(Message::text(frame)).await.map_err(|e| e.to_string())?;
