@@ -22,26 +22,33 @@ use crate::broker::{new_epoch, Keys, Position, Recovery};
 use crate::error::BrokerError;
 use crate::settings::History;
 
-/// KEYS: meta, stream. ARGV: channel, frame (a JSON object), size, ttl (ms), a new epoch.
-/// Returns `{offset, epoch}`. The stream is trimmed approximately (`MAXLEN ~`): Redis drops
-/// whole nodes of it, so it keeps at least `size` entries and sometimes a few more, at a
-/// fraction of exact trimming's cost.
+/// KEYS: meta, stream. ARGV: channel, size, ttl (ms), a new epoch, then one or more frames
+/// (JSON objects) in order. Gives them consecutive offsets, keeps and publishes each with
+/// its `offset` and `epoch`; returns `{first offset, epoch}`. A lane sends a socket's
+/// consecutive publishes to one room as one call: the call itself is most of the cost.
+/// The stream is trimmed approximately (`MAXLEN ~`): Redis drops whole nodes of it, so it
+/// keeps at least `size` entries and sometimes a few more, at a fraction of exact
+/// trimming's cost.
 pub(crate) static PUBLISH: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
-  epoch = ARGV[5]
+  epoch = ARGV[4]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
 end
-local offset = redis.call('HINCRBY', KEYS[1], 'top', 1)
-local frame = string.sub(ARGV[2], 1, -2) .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], offset .. '-0', 'f', frame)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[1], frame)
-return {offset, epoch}
+local n = #ARGV - 4
+local first = redis.call('HINCRBY', KEYS[1], 'top', n) - n + 1
+for i = 1, n do
+  local offset = string.format('%d', first + i - 1)
+  local frame = string.sub(ARGV[4 + i], 1, -2) .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], offset .. '-0', 'f', frame)
+  redis.call('PUBLISH', ARGV[1], frame)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return {first, epoch}
 "#,
     )
 });

@@ -247,61 +247,102 @@ impl Lane {
         deadline: Instant,
     ) -> Vec<Request> {
         pipeline.clear();
-        for request in batch.iter() {
-            match &request.kind {
+        // How many requests each pipelined command answers: consecutive publishes to one
+        // history room go as one script call.
+        let mut groups = Vec::with_capacity(batch.len());
+        let mut i = 0;
+        while i < batch.len() {
+            match &batch[i].kind {
                 Kind::Publish { channel, frame } => {
-                    pipeline.cmd("PUBLISH").arg(channel).arg(frame.as_bytes())
+                    pipeline.cmd("PUBLISH").arg(channel).arg(frame.as_bytes());
+                    groups.push(1);
+                }
+                Kind::Ping => {
+                    pipeline.cmd("PING");
+                    groups.push(1);
                 }
                 Kind::History {
                     meta,
                     stream,
                     channel,
-                    frame,
                     size,
                     ttl_ms,
                     epoch,
-                } => pipeline
-                    .cmd("EVALSHA")
-                    .arg(history::PUBLISH.get_hash())
-                    .arg(2)
-                    .arg(meta)
-                    .arg(stream)
-                    .arg(channel)
-                    .arg(frame)
-                    .arg(*size)
-                    .arg(*ttl_ms)
-                    .arg(&**epoch),
-                Kind::Ping => pipeline.cmd("PING"),
-            };
+                    ..
+                } => {
+                    let command = pipeline
+                        .cmd("EVALSHA")
+                        .arg(history::PUBLISH.get_hash())
+                        .arg(2)
+                        .arg(meta)
+                        .arg(stream)
+                        .arg(channel)
+                        .arg(*size)
+                        .arg(*ttl_ms)
+                        .arg(&**epoch);
+                    let mut n = 0;
+                    while let Some(Kind::History {
+                        meta: next, frame, ..
+                    }) = batch.get(i + n).map(|r| &r.kind)
+                    {
+                        if next != meta {
+                            break;
+                        }
+                        command.arg(frame);
+                        n += 1;
+                    }
+                    groups.push(n);
+                    i += n;
+                    continue;
+                }
+            }
+            i += 1;
         }
         let mut retry = Vec::new();
         match self.send(pipeline, deadline).await {
-            Ok(replies) if replies.len() == batch.len() => {
-                for (request, reply) in batch.drain(..).zip(replies) {
-                    let result = match (&request.kind, reply) {
+            Ok(replies) if replies.len() == groups.len() => {
+                let mut requests = batch.drain(..);
+                for (reply, n) in replies.into_iter().zip(groups) {
+                    let group: Vec<Request> = requests.by_ref().take(n).collect();
+                    let results: Vec<Published> = match (&group[0].kind, reply) {
                         (_, Value::ServerError(e))
                             if e.kind() == Some(redis::ServerErrorKind::NoScript) =>
                         {
-                            retry.push(request);
+                            retry.extend(group);
                             continue;
                         }
-                        (_, Value::ServerError(e)) => Err(BrokerError::Refused(
-                            std::sync::Arc::new(redis::RedisError::from(e)),
-                        )),
-                        (Kind::Publish { .. }, Value::Int(_)) => Ok(None),
-                        (Kind::History { .. }, reply) => position(reply).map(Some),
-                        (Kind::Ping, Value::SimpleString(_) | Value::Okay) => Ok(None),
-                        (_, other) => Err(BrokerError::Protocol(format!("{other:?}"))),
+                        (_, Value::ServerError(e)) => {
+                            let e = BrokerError::Refused(std::sync::Arc::new(
+                                redis::RedisError::from(e),
+                            ));
+                            vec![Err(e); n]
+                        }
+                        (Kind::Publish { .. }, Value::Int(_)) => vec![Ok(None)],
+                        (Kind::History { .. }, reply) => match position(reply) {
+                            Ok(first) => (0..n as u64)
+                                .map(|k| {
+                                    Ok(Some(Position {
+                                        offset: first.offset + k,
+                                        epoch: first.epoch.clone(),
+                                    }))
+                                })
+                                .collect(),
+                            Err(e) => vec![Err(e); n],
+                        },
+                        (Kind::Ping, Value::SimpleString(_) | Value::Okay) => vec![Ok(None)],
+                        (_, other) => vec![Err(BrokerError::Protocol(format!("{other:?}")))],
                     };
-                    request.reply(result);
+                    for (request, result) in group.into_iter().zip(results) {
+                        request.reply(result);
+                    }
                 }
             }
             Ok(replies) => {
                 self.held = None;
                 let e = BrokerError::Protocol(format!(
-                    "{} replies to a pipeline of {}",
+                    "{} replies to a pipeline of {} commands",
                     replies.len(),
-                    batch.len()
+                    groups.len()
                 ));
                 batch
                     .drain(..)
