@@ -54,9 +54,14 @@ try {
   // server gives ben his room back without the page doing anything.
   await pageB.evaluate(() => client.ws.close());
   await pageB.waitForSelector("#status.off");
+  // Said while ben is away: the room keeps a history, so he gets it once he is back.
+  await say(pageA, "said while ben was away");
   await pageB.waitForSelector("#status.on");
+  await sees(pageB, "ann", "said while ben was away");
   await say(pageA, "still there, ben?");
   await sees(pageB, "ann", "still there, ben?");
+  const away = await pageB.locator('#messages li:has-text("said while ben was away")').count();
+  if (away !== 1) throw new Error(`the missed line showed ${away} times`);
 
   // A late joiner on node A sees what was said before (the room's history), once each.
   const pageC = await context.newPage();
