@@ -171,9 +171,16 @@ impl Socket {
             return;
         }
         // Anything else waits for the publishes before it, so that replies keep the order
-        // of the frames.
+        // of the frames. Boxed: these operations' futures are large (hooks, several broker
+        // round trips), and inline they would make every frame's handling future, messages'
+        // included, that large (it is allocated and moved for each frame).
         self.settle_all().await;
-        let result = match frame.command {
+        Box::pin(self.command(message_id, frame.command)).await
+    }
+
+    /// Handles every operation but `message`, and sends its reply.
+    async fn command(&mut self, message_id: &RawValue, command: Command<'_>) {
+        let result = match command {
             Command::Connect {
                 connection_id,
                 token,
