@@ -1,6 +1,7 @@
 //! Tests of client-frame parsing and encoding.
 
 use super::*;
+use crate::protocol::encode;
 
 fn code_of(text: &str) -> (ErrorCode, Option<String>, String) {
     let e = parse(text, &Limits::default()).expect_err(text);

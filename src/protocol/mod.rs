@@ -36,9 +36,12 @@
 //! ```
 
 mod client;
+mod encode;
 mod error;
 mod json;
+mod scan;
 pub mod server;
 
-pub use client::{encode, parse, ClientFrame, Command, Limits, Since};
+pub use client::{parse, ClientFrame, Command, Limits, Since};
+pub use encode::encode;
 pub use error::{ErrorCode, FrameError, UnknownErrorCode};
