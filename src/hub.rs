@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -94,11 +93,8 @@ impl Hub {
     /// Publishes an already-serialised JSON payload; see [`Hub::publish`].
     pub async fn publish_raw(&self, room: &str, payload: &RawValue) -> Result<(), Error> {
         let frame = server::delivery(room, &self.node.config.server_sender_id, payload);
-        let broker = &self.node.broker;
-        let mut publish = match self.node.config.rooms.settings(room).history {
-            None => broker.publish(room, Utf8Bytes::from(frame), 0),
-            Some(history) => broker.publish_history(room, frame, 0, history),
-        };
+        let history = self.node.config.rooms.settings(room).history;
+        let mut publish = self.node.broker.publish(room, frame, 0, history);
         publish.result().await.map(drop).map_err(Error::Unavailable)
     }
 

@@ -33,7 +33,6 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -164,10 +163,8 @@ impl Publisher {
         let lane = inner
             .lane
             .get_or_init(|| Lanes::start(1, &inner.pool, &inner.disconnects, inner.timeout));
-        let mut publish = match inner.rooms.settings(room).history {
-            None => lane.publish(0, inner.keys.room_channel(room), Utf8Bytes::from(frame)),
-            Some(history) => lane.publish_history(0, &inner.keys, room, frame, history),
-        };
+        let history = inner.rooms.settings(room).history;
+        let mut publish = lane.publish(0, &inner.keys, room, frame, history);
         publish.result().await.map(drop).map_err(Error::Unavailable)
     }
 }

@@ -167,33 +167,26 @@ impl Broker {
     /// Publishes a delivered frame to every subscriber of `room` on every node. The publish
     /// is queued at once (not when the returned [`Publish`] is awaited); publishes with the
     /// same `lane` (a socket id) reach the broker in the order of these calls. The
-    /// [`Publish`] resolves once the broker accepted it.
-    pub(crate) fn publish(&self, room: &str, frame: Utf8Bytes, lane: u64) -> Publish {
-        match self {
-            Broker::Memory(b) => {
-                b.publish(room, &frame);
-                Publish::Done(Ok(None))
-            }
-            Broker::Redis(b) => b.publish(room, frame, lane),
-            Broker::Unusable(e) => Publish::Done(Err(e.clone())),
-        }
-    }
-
-    /// Publishes a delivered frame (without its position) to a room with `history`, in one
-    /// atomic step: the next offset, the history entry, its time to live and the publish of
-    /// the frame with its `offset` and `epoch`. Ordered and awaited like
-    /// [`Broker::publish`]; resolves to the message's position.
-    pub(crate) fn publish_history(
+    /// [`Publish`] resolves once the broker accepted it. In a room with `history`, one
+    /// atomic step takes the next offset, keeps the frame and publishes it with its
+    /// `offset` and `epoch`, and the [`Publish`] resolves to the message's position.
+    pub(crate) fn publish(
         &self,
         room: &str,
         frame: String,
         lane: u64,
-        history: History,
+        history: Option<History>,
     ) -> Publish {
-        match self {
-            Broker::Memory(b) => Publish::Done(Ok(Some(b.publish_history(room, &frame, history)))),
-            Broker::Redis(b) => b.publish_history(room, frame, lane, history),
-            Broker::Unusable(e) => Publish::Done(Err(e.clone())),
+        match (self, history) {
+            (Broker::Memory(b), None) => {
+                b.publish(room, &Utf8Bytes::from(frame));
+                Publish::Done(Ok(None))
+            }
+            (Broker::Memory(b), Some(history)) => {
+                Publish::Done(Ok(Some(b.publish_history(room, &frame, history))))
+            }
+            (Broker::Redis(b), history) => b.publish(room, frame, lane, history),
+            (Broker::Unusable(e), _) => Publish::Done(Err(e.clone())),
         }
     }
 

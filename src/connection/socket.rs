@@ -296,11 +296,8 @@ impl Socket {
         let payload = replaced.as_deref().unwrap_or(payload);
         let frame = server::delivery(room, &self.me.identity, payload);
         // Queued at the broker now, in this socket's order; several may be in flight.
-        let broker = &self.node.broker;
-        let publish = match self.node.config.rooms.settings(room).history {
-            None => broker.publish(room, Utf8Bytes::from(frame), self.me.id),
-            Some(history) => broker.publish_history(room, frame, self.me.id, history),
-        };
+        let history = self.node.config.rooms.settings(room).history;
+        let publish = self.node.broker.publish(room, frame, self.me.id, history);
         self.in_flight.push(message_id.to_owned(), publish);
         if self.in_flight.is_full() {
             self.settle_oldest().await;

@@ -14,7 +14,6 @@
 //! pooled connection was reported lost since it was checked out, so that a publish is not
 //! sent on a connection already known to be closed.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_redis::{Connection, Pool};
@@ -55,7 +54,6 @@ enum Kind {
         frame: String,
         size: usize,
         ttl_ms: u64,
-        epoch: Arc<str>,
     },
     /// A health probe: `PING` on the lane's connection, in order with the publishes.
     Ping,
@@ -104,33 +102,32 @@ impl Lanes {
         &self.senders[(lane % self.senders.len() as u64) as usize]
     }
 
-    /// Queues `PUBLISH channel frame` on lane `lane` at once; the returned [`Publish`]
-    /// resolves when Redis answered.
-    pub(crate) fn publish(&self, lane: u64, channel: String, frame: Utf8Bytes) -> Publish {
-        self.queue(lane, Kind::Publish { channel, frame })
-    }
-
-    /// Queues the publish script for a room with history on lane `lane` at once.
-    pub(crate) fn publish_history(
+    /// Queues a publish of `frame` to `room` on lane `lane` at once: `PUBLISH`, or the
+    /// publish script in a room with `history`. The returned [`Publish`] resolves when
+    /// Redis answered.
+    pub(crate) fn publish(
         &self,
         lane: u64,
         keys: &Keys,
         room: &str,
         frame: String,
-        history: History,
+        history: Option<History>,
     ) -> Publish {
-        self.queue(
-            lane,
-            Kind::History {
+        let kind = match history {
+            None => Kind::Publish {
+                channel: keys.room_channel(room),
+                frame: Utf8Bytes::from(frame),
+            },
+            Some(history) => Kind::History {
                 meta: keys.history_meta(room),
                 stream: keys.history_stream(room),
                 channel: keys.room_channel(room),
                 frame,
                 size: history.size,
                 ttl_ms: history::ttl_ms(history),
-                epoch: new_epoch(),
             },
-        )
+        };
+        self.queue(lane, kind)
     }
 
     fn queue(&self, lane: u64, kind: Kind) -> Publish {
@@ -267,7 +264,6 @@ impl Lane {
                     channel,
                     size,
                     ttl_ms,
-                    epoch,
                     ..
                 } => {
                     let command = pipeline
@@ -279,7 +275,8 @@ impl Lane {
                         .arg(channel)
                         .arg(*size)
                         .arg(*ttl_ms)
-                        .arg(&**epoch);
+                        // Used only if the room has no history yet (or lost it).
+                        .arg(&*new_epoch());
                     let mut n = 0;
                     while let Some(Kind::History {
                         meta: next, frame, ..

@@ -20,7 +20,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use deadpool_redis::Pool;
-use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 pub(crate) use self::connect::{Disconnects, RedisTarget};
 use self::history::HistoryStore;
@@ -107,25 +106,18 @@ impl RedisBroker {
         })
     }
 
-    /// Queues a publish on lane `lane` at once; the returned [`Publish`] resolves when Redis
-    /// accepted it.
-    pub(crate) fn publish(&self, room: &str, frame: Utf8Bytes, lane: u64) -> Publish {
-        self.running()
-            .lanes
-            .publish(lane, self.keys.room_channel(room), frame)
-    }
-
-    /// Queues the publish script of a room with history on lane `lane` at once.
-    pub(crate) fn publish_history(
+    /// Queues a publish on lane `lane` at once (the publish script in a room with
+    /// `history`); the returned [`Publish`] resolves when Redis accepted it.
+    pub(crate) fn publish(
         &self,
         room: &str,
         frame: String,
         lane: u64,
-        history: crate::settings::History,
+        history: Option<crate::settings::History>,
     ) -> Publish {
         self.running()
             .lanes
-            .publish_history(lane, &self.keys, room, frame, history)
+            .publish(lane, &self.keys, room, frame, history)
     }
 
     /// Reads of history rooms.
