@@ -16,7 +16,17 @@ use crate::settings::History;
 pub(crate) struct MemoryBroker {
     sink: SharedSink,
     identities: Mutex<Identities>,
-    histories: Mutex<HashMap<String, RoomHistory>>,
+    histories: Mutex<Histories>,
+}
+
+/// How often expired room histories are swept out, at most.
+const HISTORY_SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The rooms' histories.
+struct Histories {
+    rooms: HashMap<String, RoomHistory>,
+    /// When expired histories were last swept out.
+    swept: Instant,
 }
 
 /// One room's history: a ring of its last frames, with the same semantics as on Redis (a
@@ -67,7 +77,10 @@ impl MemoryBroker {
                 ttl: identity_ttl,
                 swept: Instant::now(),
             }),
-            histories: Mutex::default(),
+            histories: Mutex::new(Histories {
+                rooms: HashMap::new(),
+                swept: Instant::now(),
+            }),
         }
     }
 
@@ -91,22 +104,27 @@ impl MemoryBroker {
         entry
     }
 
-    fn histories(&self) -> MutexGuard<'_, HashMap<String, RoomHistory>> {
-        self.histories
+    /// The rooms' histories, with expired ones swept out (at most once per
+    /// [`HISTORY_SWEEP_EVERY`], so that memory stays bounded by live rooms while a publish
+    /// stays O(1) on average).
+    fn histories(&self, now: Instant) -> MutexGuard<'_, Histories> {
+        let mut histories = self
+            .histories
             .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+            .unwrap_or_else(PoisonError::into_inner);
+        if now.duration_since(histories.swept) >= HISTORY_SWEEP_EVERY {
+            histories.rooms.retain(|_, h| h.expires > now);
+            histories.swept = now;
+        }
+        histories
     }
 
     /// Appends `frame` to `room`'s history with the next offset and delivers it, in one
     /// step (under the lock, so that offsets reach the sink in order).
     pub(crate) fn publish_history(&self, room: &str, frame: &str, history: History) -> Position {
         let now = Instant::now();
-        let mut histories = self.histories();
-        // Expired rooms go when another is published to, so memory stays bounded by live rooms.
-        if histories.len() > 64 && histories.len().is_power_of_two() {
-            histories.retain(|_, h| h.expires > now);
-        }
-        let room_history = Self::room_history(&mut histories, room, history, now);
+        let mut histories = self.histories(now);
+        let room_history = Self::room_history(&mut histories.rooms, room, history, now);
         room_history.top += 1;
         room_history.expires = now + history.ttl;
         let offset = room_history.top;
@@ -125,8 +143,9 @@ impl MemoryBroker {
 
     /// Where `room`'s history stands.
     pub(crate) fn top(&self, room: &str, history: History) -> Position {
-        let mut histories = self.histories();
-        let h = Self::room_history(&mut histories, room, history, Instant::now());
+        let now = Instant::now();
+        let mut histories = self.histories(now);
+        let h = Self::room_history(&mut histories.rooms, room, history, now);
         Position {
             offset: h.top,
             epoch: h.epoch.clone(),
@@ -135,8 +154,9 @@ impl MemoryBroker {
 
     /// Where `room`'s history stands, what it keeps, and its frames after `since`.
     pub(crate) fn recover(&self, room: &str, history: History, since: u64) -> Recovery {
-        let mut histories = self.histories();
-        let h = Self::room_history(&mut histories, room, history, Instant::now());
+        let now = Instant::now();
+        let mut histories = self.histories(now);
+        let h = Self::room_history(&mut histories.rooms, room, history, now);
         Recovery {
             top: Position {
                 offset: h.top,
@@ -159,8 +179,9 @@ impl MemoryBroker {
         history: History,
         limit: usize,
     ) -> (Position, Vec<Utf8Bytes>) {
-        let mut histories = self.histories();
-        let h = Self::room_history(&mut histories, room, history, Instant::now());
+        let now = Instant::now();
+        let mut histories = self.histories(now);
+        let h = Self::room_history(&mut histories.rooms, room, history, now);
         let skip = h.kept.len().saturating_sub(limit);
         let frames = h.kept.iter().skip(skip).map(|(_, f)| f.clone()).collect();
         (
