@@ -12,6 +12,7 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 use super::outbound::OutboundQueue;
+use crate::broker::Position;
 use crate::protocol::server;
 use crate::rooms::Member;
 
@@ -19,31 +20,68 @@ use crate::rooms::Member;
 #[derive(Debug)]
 pub(crate) struct HoldingMember {
     queue: Arc<OutboundQueue>,
-    /// `Some` while holding.
-    held: Mutex<Option<Vec<Utf8Bytes>>>,
+    phase: Mutex<Phase>,
     /// Frames held at most; beyond that the socket is a slow reader.
     max_held: usize,
+}
+
+/// Where a [`HoldingMember`] stands.
+#[derive(Debug)]
+enum Phase {
+    /// Live frames wait here while the missed ones are read.
+    Holding(Vec<Utf8Bytes>),
+    /// Released after the history read that ended at `offset` in `epoch`. A live frame at or
+    /// below it is dropped: the history read returns on another Redis connection than the
+    /// node's pub/sub one, so a frame it covered can still reach the node after it. Live
+    /// frames come in offset order, so the first one beyond it ends this phase.
+    Skipping { offset: u64, epoch: Arc<str> },
+    /// Frames pass straight through.
+    Passing,
+}
+
+impl Phase {
+    /// Whether `frame` was covered by the history read (while skipping).
+    fn covers(&self, frame: &str) -> bool {
+        match self {
+            Phase::Skipping { offset, epoch } => server::position_of(frame)
+                .is_some_and(|(at, at_epoch)| at <= *offset && at_epoch == &**epoch),
+            _ => false,
+        }
+    }
 }
 
 impl HoldingMember {
     pub(crate) fn new(queue: Arc<OutboundQueue>, max_held: usize) -> Self {
         HoldingMember {
             queue,
-            held: Mutex::new(Some(Vec::new())),
+            phase: Mutex::new(Phase::Holding(Vec::new())),
             max_held,
         }
     }
 
-    fn held(&self) -> MutexGuard<'_, Option<Vec<Utf8Bytes>>> {
-        self.held.lock().unwrap_or_else(PoisonError::into_inner)
+    fn phase(&self) -> MutexGuard<'_, Phase> {
+        self.phase.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues the held frames with an offset above `after`, in order, and stops holding
-    /// (under the lock, so that a frame delivered meanwhile comes after them).
-    pub(crate) fn release(&self, after: u64) {
-        let mut held = self.held();
-        for frame in held.take().unwrap_or_default() {
-            if server::offset_of(&frame).is_none_or(|offset| offset > after) {
+    /// Queues the held frames beyond `after` (the position the history read ended at), in
+    /// order, and stops holding (under the lock, so that a frame delivered meanwhile comes
+    /// after them).
+    pub(crate) fn release(&self, after: &Position) {
+        let mut phase = self.phase();
+        let held = std::mem::replace(
+            &mut *phase,
+            Phase::Skipping {
+                offset: after.offset,
+                epoch: after.epoch.clone(),
+            },
+        );
+        let Phase::Holding(frames) = held else {
+            *phase = held;
+            return;
+        };
+        for frame in frames {
+            if !phase.covers(&frame) {
+                *phase = Phase::Passing;
                 self.queue.offer(&frame);
             }
         }
@@ -52,20 +90,24 @@ impl HoldingMember {
 
 impl Member for HoldingMember {
     fn offer(&self, frame: &Utf8Bytes) -> bool {
-        let mut held = self.held();
-        match held.as_mut() {
-            Some(frames) if frames.len() >= self.max_held => {
-                drop(held);
+        let mut phase = self.phase();
+        if phase.covers(frame) {
+            return true;
+        }
+        match &mut *phase {
+            Phase::Holding(frames) if frames.len() >= self.max_held => {
+                drop(phase);
                 self.queue
                     .request_close(CloseCode::Again, "outbound queue full");
                 false
             }
-            Some(frames) => {
+            Phase::Holding(frames) => {
                 frames.push(frame.clone());
                 true
             }
-            None => {
-                drop(held);
+            Phase::Skipping { .. } | Phase::Passing => {
+                *phase = Phase::Passing;
+                drop(phase);
                 self.queue.offer(frame)
             }
         }
@@ -94,11 +136,42 @@ mod tests {
             assert!(member.offer(&Utf8Bytes::from(frame)));
         }
         assert!(queue.drain().is_empty(), "held");
-        member.release(4);
+        member.release(&at(4));
         let got = queue.drain();
         assert_eq!(got.len(), 1);
         assert_eq!(server::offset_of(&got[0]), Some(5));
         assert!(member.offer(&Utf8Bytes::from_static(r#"{"offset":6,"epoch":"e"}"#)));
         assert_eq!(queue.drain().len(), 1, "straight through once released");
+    }
+
+    fn frame(offset: u64, epoch: &str) -> Utf8Bytes {
+        server::with_position(r#"{"type":"message","payload":0}"#, offset, epoch).into()
+    }
+
+    fn at(offset: u64) -> Position {
+        Position {
+            offset,
+            epoch: "e".into(),
+        }
+    }
+
+    /// The history read and the node's pub/sub connection are two Redis connections: a
+    /// frame the read covered can reach the member after the release. It is dropped; the
+    /// frames after it, and frames of another epoch, pass.
+    #[test]
+    fn a_covered_frame_arriving_after_the_release_is_dropped() {
+        let queue = Arc::new(OutboundQueue::new(100, usize::MAX));
+        let member = HoldingMember::new(queue.clone(), 10);
+        member.release(&at(4));
+        for offset in [3, 4, 5, 6] {
+            assert!(member.offer(&frame(offset, "e")));
+        }
+        let got: Vec<_> = queue.drain().iter().map(|f| server::offset_of(f)).collect();
+        assert_eq!(got, [Some(5), Some(6)]);
+
+        let other = HoldingMember::new(queue.clone(), 10);
+        other.release(&at(4));
+        assert!(other.offer(&frame(1, "new")));
+        assert_eq!(queue.drain().len(), 1, "another epoch is not covered");
     }
 }

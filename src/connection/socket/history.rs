@@ -47,7 +47,7 @@ impl Recovering {
                 return;
             }
         }
-        self.member.release(self.at.offset);
+        self.member.release(&self.at);
     }
 }
 
