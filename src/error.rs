@@ -64,6 +64,13 @@ pub enum BrokerError {
     Misconfigured(#[source] ErrorSource),
 }
 
+impl Error {
+    /// The error and its causes in one line (for error replies and logs).
+    pub fn report(&self) -> String {
+        report(self)
+    }
+}
+
 impl BrokerError {
     /// A connection failure caused by `e`.
     pub(crate) fn connection(e: impl std::error::Error + Send + Sync + 'static) -> Self {

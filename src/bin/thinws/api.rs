@@ -25,17 +25,6 @@ use subtle::ConstantTimeEq;
 use thinws::protocol::{self, Command, ErrorCode, Limits};
 use thinws::Hub;
 
-fn crate_report(e: &thinws::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        line.push_str(": ");
-        line.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    line
-}
-
 /// The API's state.
 #[derive(Clone)]
 pub struct Api {
@@ -151,7 +140,7 @@ impl Api {
                     Err(e) => error(
                         StatusCode::SERVICE_UNAVAILABLE,
                         ErrorCode::Unavailable.as_str(),
-                        &crate_report(&e),
+                        &e.report(),
                     ),
                 }
             }
