@@ -48,6 +48,14 @@ impl Phase {
             _ => false,
         }
     }
+
+    /// `frame` went out: one with a position (beyond the read, or of another epoch) ends
+    /// the skipping; one without (not a history frame) does not.
+    fn went_out(&mut self, frame: &str) {
+        if matches!(self, Phase::Skipping { .. }) && server::position_of(frame).is_some() {
+            *self = Phase::Passing;
+        }
+    }
 }
 
 impl HoldingMember {
@@ -81,7 +89,7 @@ impl HoldingMember {
         };
         for frame in frames {
             if !phase.covers(&frame) {
-                *phase = Phase::Passing;
+                phase.went_out(&frame);
                 self.queue.offer(&frame);
             }
         }
@@ -106,7 +114,7 @@ impl Member for HoldingMember {
                 true
             }
             Phase::Skipping { .. } | Phase::Passing => {
-                *phase = Phase::Passing;
+                phase.went_out(frame);
                 drop(phase);
                 self.queue.offer(frame)
             }
@@ -163,11 +171,14 @@ mod tests {
         let queue = Arc::new(OutboundQueue::new(100, usize::MAX));
         let member = HoldingMember::new(queue.clone(), 10);
         member.release(&at(4));
+        // A frame without a position goes out and does not end the skipping.
+        let plain = Utf8Bytes::from_static(r#"{"type":"message","payload":0}"#);
+        assert!(member.offer(&plain));
         for offset in [3, 4, 5, 6] {
             assert!(member.offer(&frame(offset, "e")));
         }
         let got: Vec<_> = queue.drain().iter().map(|f| server::offset_of(f)).collect();
-        assert_eq!(got, [Some(5), Some(6)]);
+        assert_eq!(got, [None, Some(5), Some(6)]);
 
         let other = HoldingMember::new(queue.clone(), 10);
         other.release(&at(4));
