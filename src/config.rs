@@ -39,8 +39,12 @@ pub(crate) struct Config {
     pub(crate) connect_within: Option<Duration>,
     /// The `Origin`s allowed to open sockets.
     pub(crate) origins: OriginPolicy,
-    /// Each room's settings (history).
+    /// Each room's settings (history, presence).
     pub(crate) rooms: RoomPolicy,
+    /// How long a node's presence entries outlive its last refresh and sweep.
+    pub(crate) presence_ttl: Duration,
+    /// The most identities a `presence` reply lists.
+    pub(crate) presence_members_max: usize,
 }
 
 impl Default for Config {
@@ -70,6 +74,8 @@ impl Default for Config {
             origins: OriginPolicy::any(),
             rooms: RoomPolicy::default(),
             connect_within: None,
+            presence_ttl: Duration::from_secs(30),
+            presence_members_max: 1000,
         }
     }
 }

@@ -140,6 +140,52 @@ impl Hub {
         }))
     }
 
+    /// Who is in `room`, on every node: its member count, and the identities (at most
+    /// [`ThinWsBuilder::presence_members_max`](crate::ThinWsBuilder::presence_members_max)
+    /// of them, in no particular order). `Ok(None)` for a room without presence. On Redis,
+    /// one script call, which first takes out the members of nodes that died.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), thinws::Error> {
+    /// use thinws::settings::Presence;
+    ///
+    /// let hub = thinws::ThinWsLayer::builder().presence(Presence::On).build().hub();
+    /// let presence = hub.presence("lobby").await?.expect("every room tracks presence");
+    /// assert_eq!(presence.count, 0);
+    /// assert!(presence.members.is_empty());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn presence(&self, room: &str) -> Result<Option<RoomPresence>, Error> {
+        let presence = self.node.config.rooms.settings(room).presence;
+        if !presence.is_on() {
+            return Ok(None);
+        }
+        let max = self.node.config.presence_members_max;
+        let found = self
+            .node
+            .broker
+            .presence(room, presence, max)
+            .await
+            .map_err(Error::Unavailable)?;
+        let members = found
+            .listed
+            .iter()
+            .map(|member| {
+                serde_json::from_str(member).map_err(|e| {
+                    Error::Unavailable(BrokerError::Protocol(format!(
+                        "presence member {member:?}: {e}"
+                    )))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some(RoomPresence {
+            count: found.count,
+            members,
+        }))
+    }
+
     /// Probes whether this node can serve: for Redis, a `PING` through every publishing
     /// lane's connection, one on the pub/sub connection that holds the room subscriptions,
     /// and one on a connection of the pool, each within the layer's Redis timeout. The
@@ -197,6 +243,16 @@ pub struct RoomHistory {
     pub epoch: String,
     /// The kept messages, oldest first, each a delivered `message` frame (JSON text).
     pub messages: Vec<String>,
+}
+
+/// Who is in a room; see [`Hub::presence`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RoomPresence {
+    /// How many identities have at least one socket in the room, on any node.
+    pub count: u64,
+    /// Which (all of them, unless there are more than the configured maximum).
+    pub members: Vec<String>,
 }
 
 /// The state of the node's Redis connection pool; see [`Hub::redis_pool`].

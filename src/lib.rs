@@ -48,7 +48,7 @@ mod rooms;
 pub mod settings;
 
 pub use error::{BrokerError, Error, ErrorSource};
-pub use hub::{Health, Hub, PoolStatus, RoomHistory};
+pub use hub::{Health, Hub, PoolStatus, RoomHistory, RoomPresence};
 pub use layer::{ThinWsBuilder, ThinWsLayer};
 pub use publisher::{Publisher, PublisherBuilder};
 

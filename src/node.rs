@@ -49,6 +49,7 @@ impl Node {
                         &config.key_prefix,
                         config.redis_timeout,
                         config.identity_ttl,
+                        config.presence_ttl,
                         config.rooms.clone(),
                         sink,
                     );

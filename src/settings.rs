@@ -1,4 +1,4 @@
-//! Per-room settings: which rooms keep a history (and, later, presence).
+//! Per-room settings: which rooms keep a history, and which track presence.
 //!
 //! By default no room does, and every room takes the plain fast path. A layer can give every
 //! room the same settings, or decide per room by prefix rules or a function:
@@ -39,6 +39,33 @@ impl History {
     }
 }
 
+/// Whether a room tracks who is in it, across every node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Presence {
+    /// No tracking: `presence` answers `not_enabled` (the default; it costs nothing).
+    #[default]
+    Off,
+    /// Clients (and [`Hub::presence`](crate::Hub::presence)) can ask who is in the room.
+    /// Each socket's subscribe and unsubscribe cost one Redis script call.
+    On,
+    /// As [`On`](Presence::On), and the room's subscribers receive a `join` when an
+    /// identity's first socket joins it (on any node) and a `leave` when its last one
+    /// leaves: one more publish per such change.
+    WithJoinLeave,
+}
+
+impl Presence {
+    /// Whether the room tracks presence.
+    pub fn is_on(self) -> bool {
+        self != Presence::Off
+    }
+
+    /// Whether subscribers receive `join` and `leave` events.
+    pub fn announces(self) -> bool {
+        self == Presence::WithJoinLeave
+    }
+}
+
 /// The settings of one room.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -46,6 +73,8 @@ pub struct RoomSettings {
     /// Its history, if it keeps one: messages then carry an `offset` and an `epoch`, and
     /// clients can recover what they missed.
     pub history: Option<History>,
+    /// Whether it tracks who is in it (and announces joins and leaves).
+    pub presence: Presence,
 }
 
 impl RoomSettings {
@@ -53,7 +82,26 @@ impl RoomSettings {
     pub fn with_history(history: History) -> Self {
         RoomSettings {
             history: Some(history),
+            ..RoomSettings::default()
         }
+    }
+
+    /// A room that tracks presence this way.
+    pub fn with_presence(presence: Presence) -> Self {
+        RoomSettings {
+            presence,
+            ..RoomSettings::default()
+        }
+    }
+
+    /// These settings, with this history.
+    pub fn history(self, history: Option<History>) -> Self {
+        RoomSettings { history, ..self }
+    }
+
+    /// These settings, with this presence.
+    pub fn presence(self, presence: Presence) -> Self {
+        RoomSettings { presence, ..self }
     }
 }
 
@@ -92,6 +140,11 @@ impl RoomPolicy {
 
     pub(crate) fn default_settings(&mut self, settings: RoomSettings) {
         self.default = settings;
+    }
+
+    /// The settings of rooms no rule or function decides.
+    pub(crate) fn defaults(&self) -> RoomSettings {
+        self.default
     }
 
     /// Whether some room may keep a history (else every room takes the plain path).

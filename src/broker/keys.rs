@@ -11,6 +11,9 @@ pub(crate) struct Keys {
     meta_prefix: String,
     history_prefix: String,
     identity_prefix: String,
+    presence_prefix: String,
+    presence_nodes_prefix: String,
+    presence_node_prefix: String,
 }
 
 impl Keys {
@@ -20,6 +23,9 @@ impl Keys {
             meta_prefix: format!("{prefix}meta:{{"),
             history_prefix: format!("{prefix}history:{{"),
             identity_prefix: format!("{prefix}identity:"),
+            presence_prefix: format!("{prefix}presence:{{"),
+            presence_nodes_prefix: format!("{prefix}presence-nodes:{{"),
+            presence_node_prefix: format!("{prefix}presence-node:{{"),
         }
     }
 
@@ -51,6 +57,26 @@ impl Keys {
         Self::tagged(&self.history_prefix, room)
     }
 
+    /// The hash of a presence room's members and their sockets on every node:
+    /// `{prefix}presence:{ROOM}`.
+    pub(crate) fn presence_members(&self, room: &str) -> String {
+        Self::tagged(&self.presence_prefix, room)
+    }
+
+    /// The sorted set of the nodes with members in a presence room, by expiry:
+    /// `{prefix}presence-nodes:{ROOM}`.
+    pub(crate) fn presence_nodes(&self, room: &str) -> String {
+        Self::tagged(&self.presence_nodes_prefix, room)
+    }
+
+    /// What every node's hash of its own members in a presence room starts with:
+    /// `{prefix}presence-node:{ROOM}:` (the node's id follows).
+    pub(crate) fn presence_node_prefix(&self, room: &str) -> String {
+        let mut key = Self::tagged(&self.presence_node_prefix, room);
+        key.push(':');
+        key
+    }
+
     /// The set of rooms recorded for `identity`.
     pub(crate) fn identity_set(&self, identity: &str) -> String {
         format!("{}{identity}", self.identity_prefix)
@@ -71,5 +97,8 @@ mod tests {
         assert_eq!(keys.history_meta("a"), "p:meta:{a}");
         assert_eq!(keys.history_stream("a"), "p:history:{a}");
         assert_eq!(keys.identity_set("alice"), "p:identity:alice");
+        assert_eq!(keys.presence_members("a"), "p:presence:{a}");
+        assert_eq!(keys.presence_nodes("a"), "p:presence-nodes:{a}");
+        assert_eq!(keys.presence_node_prefix("a"), "p:presence-node:{a}:");
     }
 }

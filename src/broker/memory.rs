@@ -8,6 +8,7 @@ use std::time::Duration;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::time::Instant;
 
+use super::presence::MemoryPresence;
 use super::{new_epoch, Position, Recovery, SharedSink};
 use crate::protocol::server;
 use crate::settings::History;
@@ -15,6 +16,7 @@ use crate::settings::History;
 /// Single-node broker.
 pub(crate) struct MemoryBroker {
     sink: SharedSink,
+    presence: MemoryPresence,
     identities: Mutex<Identities>,
     histories: Mutex<Histories>,
 }
@@ -71,6 +73,7 @@ impl std::fmt::Debug for MemoryBroker {
 impl MemoryBroker {
     pub(crate) fn new(sink: SharedSink, identity_ttl: Duration) -> Self {
         MemoryBroker {
+            presence: MemoryPresence::new(sink.clone()),
             sink,
             identities: Mutex::new(Identities {
                 records: HashMap::new(),
@@ -117,6 +120,11 @@ impl MemoryBroker {
             histories.swept = now;
         }
         histories
+    }
+
+    /// Presence rooms.
+    pub(crate) fn presence(&self) -> &MemoryPresence {
+        &self.presence
     }
 
     /// Appends `frame` to `room`'s history with the next offset and delivers it, in one

@@ -15,15 +15,18 @@
 //!   `message` frame (see [`protocol::server::delivery`](crate::protocol::server::delivery)),
 //!   forwarded to sockets byte for byte;
 //! - set `thinws:identity:{connectionID}`: the rooms that identity subscribed to; it
-//!   expires after the identity TTL (24 h by default) without a socket of the identity.
-//!
+//!   expires after the identity TTL (24 h by default) without a socket of the identity;
 //! - for rooms with history, hash `thinws:meta:{ROOM}` and stream `thinws:history:{ROOM}`
-//!   (see `redis::history`).
+//!   (see `redis::history`);
+//! - for rooms with presence, hashes `thinws:presence:{ROOM}` and
+//!   `thinws:presence-node:{ROOM}:NODE`, and sorted set `thinws:presence-nodes:{ROOM}` (see
+//!   `redis::presence`); the channel also carries the room's `join` and `leave` frames.
 //!
 //! No other keys are written.
 
 mod keys;
 mod memory;
+pub(crate) mod presence;
 pub(crate) mod redis;
 
 use std::sync::Arc;
@@ -34,9 +37,10 @@ use tokio::sync::oneshot;
 
 pub(crate) use self::keys::Keys;
 pub(crate) use self::memory::MemoryBroker;
+use self::presence::Members;
 pub(crate) use self::redis::RedisBroker;
 use crate::error::BrokerError;
-use crate::settings::History;
+use crate::settings::{History, Presence};
 
 /// Where the broker hands the frames published to rooms this node receives.
 pub(crate) trait FrameSink: Send + Sync + 'static {
@@ -114,21 +118,23 @@ impl Publish {
     }
 }
 
-/// A pending [`Broker::acquire`].
+/// A pending [`Broker::acquire`] or [`Broker::presence_join`]: the broker's word that it
+/// is done.
 #[derive(Debug)]
-pub(crate) enum Acquire {
+pub(crate) enum Confirmation {
     Done(Result<(), BrokerError>),
-    Pending(oneshot::Receiver<Result<(), BrokerError>>),
+    /// Answered by the named task.
+    Pending(oneshot::Receiver<Result<(), BrokerError>>, &'static str),
 }
 
-impl Acquire {
-    /// Waits until the node is subscribed, or the broker says it cannot be.
+impl Confirmation {
+    /// Waits until the broker is done, or says it cannot be.
     pub(crate) async fn wait(self) -> Result<(), BrokerError> {
         match self {
-            Acquire::Done(result) => result,
-            Acquire::Pending(answer) => answer
-                .await
-                .unwrap_or(Err(BrokerError::Stopped("subscriber task"))),
+            Confirmation::Done(result) => result,
+            Confirmation::Pending(answer, task) => {
+                answer.await.unwrap_or(Err(BrokerError::Stopped(task)))
+            }
         }
     }
 }
@@ -228,15 +234,15 @@ impl Broker {
     }
 
     /// Asks that this node receive `room`'s frames. The request is made at once (not when
-    /// the returned [`Acquire`] is awaited), and every call must be matched by exactly one
+    /// the returned [`Confirmation`] is awaited), and every call must be matched by exactly one
     /// [`Broker::release`], whatever the outcome: that keeps the per-room counts right even
-    /// when the waiting socket goes away mid-way. Once the [`Acquire`] resolves to `Ok`,
+    /// when the waiting socket goes away mid-way. Once the [`Confirmation`] resolves to `Ok`,
     /// every frame published afterwards reaches the sink.
-    pub(crate) fn acquire(&self, room: &Arc<str>) -> Acquire {
+    pub(crate) fn acquire(&self, room: &Arc<str>) -> Confirmation {
         match self {
-            Broker::Memory(_) => Acquire::Done(Ok(())),
+            Broker::Memory(_) => Confirmation::Done(Ok(())),
             Broker::Redis(b) => b.acquire(room.clone()),
-            Broker::Unusable(e) => Acquire::Done(Err(e.clone())),
+            Broker::Unusable(e) => Confirmation::Done(Err(e.clone())),
         }
     }
 
@@ -244,6 +250,57 @@ impl Broker {
     pub(crate) fn release(&self, room: &Arc<str>) {
         if let Broker::Redis(b) = self {
             b.release(room.clone());
+        }
+    }
+
+    /// One more socket of `identity` in `room` (a room with `presence` on); confirmed once
+    /// every node can see it, after the `join` event if it was the identity's first socket
+    /// there. Every call must be matched by one [`Broker::presence_leave`].
+    pub(crate) fn presence_join(
+        &self,
+        room: &Arc<str>,
+        identity: &Arc<str>,
+        presence: Presence,
+    ) -> Confirmation {
+        match self {
+            Broker::Memory(b) => {
+                b.presence().join(room, identity, presence);
+                Confirmation::Done(Ok(()))
+            }
+            Broker::Redis(b) => b.presence().join(room, identity, presence),
+            Broker::Unusable(e) => Confirmation::Done(Err(e.clone())),
+        }
+    }
+
+    /// One socket of `identity` fewer in `room`. The change is queued at once; the
+    /// confirmation may be dropped.
+    pub(crate) fn presence_leave(
+        &self,
+        room: &Arc<str>,
+        identity: &Arc<str>,
+        presence: Presence,
+    ) -> Confirmation {
+        match self {
+            Broker::Memory(b) => {
+                b.presence().leave(room, identity, presence);
+                Confirmation::Done(Ok(()))
+            }
+            Broker::Redis(b) => b.presence().leave(room, identity, presence),
+            Broker::Unusable(e) => Confirmation::Done(Err(e.clone())),
+        }
+    }
+
+    /// Who is in `room` on every node, listing at most `max`.
+    pub(crate) async fn presence(
+        &self,
+        room: &str,
+        presence: Presence,
+        max: usize,
+    ) -> Result<Members, BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.presence().members(room, max)),
+            Broker::Redis(b) => b.presence().members(room, presence, max).await,
+            Broker::Unusable(e) => Err(e.clone()),
         }
     }
 

@@ -1,6 +1,6 @@
 //! The reader side of one socket: its identity, its rooms, and the handling of each frame.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use http::request::Parts;
@@ -10,6 +10,7 @@ use serde_json::value::RawValue;
 
 mod history;
 mod identity;
+mod presence;
 
 use self::history::Answer;
 use super::in_flight::{Answered, InFlight};
@@ -25,12 +26,15 @@ use crate::metrics::SocketMetrics;
 use crate::node::Node;
 use crate::protocol::{self, server, Command, ErrorCode};
 use crate::rooms::{SharedMember, SocketId};
+use crate::settings::Presence;
 
 /// The reader side's state of one socket.
 pub(super) struct Socket {
     pub(super) node: Arc<Node>,
     me: Me,
     rooms: HashSet<Arc<str>>,
+    /// The presence rooms the socket is counted in, with the identity it is counted under.
+    present: HashMap<Arc<str>, (Arc<str>, Presence)>,
     queue: Arc<OutboundQueue>,
     /// This socket's own clones of the layer's hooks.
     hooks: Hooks,
@@ -85,6 +89,7 @@ impl Socket {
                 request,
             },
             rooms: HashSet::new(),
+            present: HashMap::new(),
             queue,
             hooks,
             disconnect_fired: false,
@@ -195,6 +200,7 @@ impl Socket {
                 .history(&room, limit)
                 .await
                 .map(|(at, frames)| Answer::History(at, frames)),
+            Command::Presence { room } => self.presence(&room).await,
             Command::Disconnect => {
                 self.fire_disconnect(DisconnectReason::Requested).await;
                 self.leave_all();
@@ -377,17 +383,22 @@ impl Socket {
         let key = self.node.rooms.join(room, self.me.id, &member);
         let acquired = self.node.broker.acquire(&key);
         self.rooms.insert(key.clone());
-        match acquired.wait().await {
+        let joined = match acquired.wait().await {
+            Ok(()) => self.enter_presence(&key).await,
+            Err(e) => Err(Refusal::Broker(e)),
+        };
+        match joined {
             Ok(()) => Ok(true),
-            Err(e) => {
+            Err(refusal) => {
                 self.leave(&key);
-                Err(Refusal::Broker(e))
+                Err(refusal)
             }
         }
     }
 
     fn leave(&mut self, room: &str) {
         if let Some(key) = self.rooms.take(room) {
+            self.exit_presence(&key);
             self.node.rooms.leave(&key, self.me.id);
             self.node.broker.release(&key);
         }
@@ -404,6 +415,7 @@ impl Socket {
     /// Leaves every room on this node (the identity keeps its recorded rooms).
     pub(super) fn leave_all(&mut self) {
         for key in std::mem::take(&mut self.rooms) {
+            self.exit_presence(&key);
             self.node.rooms.leave(&key, self.me.id);
             self.node.broker.release(&key);
         }

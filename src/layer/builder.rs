@@ -14,7 +14,7 @@ use crate::hooks::{
     SubscribeEvent, UnsubscribeEvent, Verdict,
 };
 use crate::node::Node;
-use crate::settings::{History, RoomSettings};
+use crate::settings::{History, Presence, RoomSettings};
 
 /// Builds a [`ThinWsLayer`]; see each setting for its default.
 ///
@@ -173,9 +173,38 @@ impl ThinWsBuilder {
     /// # let _ = layer;
     /// ```
     pub fn history(mut self, history: History) -> Self {
-        self.config
-            .rooms
-            .default_settings(RoomSettings::with_history(history));
+        let settings = self.config.rooms.defaults().history(Some(history));
+        self.config.rooms.default_settings(settings);
+        self
+    }
+
+    /// Makes every room track presence (unless a [`room_settings`](Self::room_settings)
+    /// rule or the [`room_policy`](Self::room_policy) says otherwise): who is in it, on any
+    /// node, with `join` and `leave` events for [`Presence::WithJoinLeave`]. Off by default.
+    ///
+    /// ```
+    /// use thinws::settings::Presence;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder().presence(Presence::WithJoinLeave).build();
+    /// # let _ = layer;
+    /// ```
+    pub fn presence(mut self, presence: Presence) -> Self {
+        let settings = self.config.rooms.defaults().presence(presence);
+        self.config.rooms.default_settings(settings);
+        self
+    }
+
+    /// How long a node's presence entries outlive it: a node that dies without saying
+    /// goodbye has its members taken out of every room (with `leave` events) within this
+    /// time. Nodes refresh their entries every sixth of it. Default 30 s.
+    pub fn presence_ttl(mut self, ttl: Duration) -> Self {
+        self.config.presence_ttl = ttl.max(Duration::from_millis(60));
+        self
+    }
+
+    /// The most identities a `presence` reply lists (its `count` stays exact). Default 1,000.
+    pub fn presence_members_max(mut self, max: usize) -> Self {
+        self.config.presence_members_max = max;
         self
     }
 

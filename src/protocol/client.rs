@@ -84,6 +84,11 @@ pub enum Command<'a> {
         /// How many, at most (the server caps it at the room's history size).
         limit: Option<u64>,
     },
+    /// Who is in a room with presence (protocol 1.1).
+    Presence {
+        /// The room.
+        room: Cow<'a, str>,
+    },
 }
 
 /// A place in a room's history: `{"offset": 40, "epoch": "7f3a9c"}`.
@@ -380,6 +385,7 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
             };
             Command::History { room, limit }
         }
+        "presence" => Command::Presence { room: room()? },
         _ => {
             return Err(FrameError::new(
                 Some(message_id),

@@ -24,6 +24,7 @@ pub fn encode(message_id: u64, command: &Command<'_>) -> String {
         Command::Message { .. } => "message",
         Command::Disconnect => "disconnect",
         Command::History { .. } => "history",
+        Command::Presence { .. } => "presence",
     };
     push_str_field(&mut out, "type", kind);
     push_key(&mut out, "messageID");
@@ -64,7 +65,9 @@ pub fn encode(message_id: u64, command: &Command<'_>) -> String {
                 out.push('}');
             }
         }
-        Command::Unsubscribe { room } => push_str_field(&mut out, "roomID", room),
+        Command::Unsubscribe { room } | Command::Presence { room } => {
+            push_str_field(&mut out, "roomID", room)
+        }
         Command::Message { room, payload } => {
             push_str_field(&mut out, "roomID", room);
             push_raw_field(&mut out, "payload", payload);

@@ -26,7 +26,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::json::{push_raw_field, push_str_field};
+use super::json::{push_key, push_raw_field, push_str_field};
 use super::ErrorCode;
 
 /// `{"type":"ack","messageID":…}`: the operation with this `messageID` is done.
@@ -198,6 +198,71 @@ pub fn history_ack(message_id: &RawValue, offset: u64, epoch: &str, messages: &[
     out
 }
 
+/// The ack of `presence` (protocol 1.1): `{"type":"ack","messageID":…,"count":2,"members":["alice","bob"]}`.
+/// `members` are JSON string literals, as [`presence_event_prefix`]'s frames end them
+/// (brokers keep identities encoded, so that no reply re-encodes them).
+pub fn presence_ack<'m>(
+    message_id: &RawValue,
+    count: u64,
+    members: impl IntoIterator<Item = &'m str>,
+) -> String {
+    let mut out = String::with_capacity(64);
+    out.push('{');
+    push_str_field(&mut out, "type", "ack");
+    push_raw_field(&mut out, "messageID", message_id);
+    out.push_str(",\"count\":");
+    out.push_str(&count.to_string());
+    out.push_str(",\"members\":[");
+    for (n, member) in members.into_iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        out.push_str(member);
+    }
+    out.push_str("]}");
+    out
+}
+
+/// An identity as presence keeps it: a JSON string literal.
+pub fn presence_member(connection_id: &str) -> String {
+    let mut out = String::with_capacity(connection_id.len() + 2);
+    super::json::push_string(&mut out, connection_id);
+    out
+}
+
+/// Which presence event a frame announces (protocol 1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceEvent {
+    /// An identity's first socket joined the room.
+    Join,
+    /// An identity's last socket left the room.
+    Leave,
+}
+
+/// The start of a `join` or `leave` frame, up to its `connectionID`'s value:
+/// `{"type":"join","roomID":"lobby","connectionID":`. A [`presence_member`] and `}` end it;
+/// the Redis broker's presence script does so for the members of a node that died.
+pub fn presence_event_prefix(event: PresenceEvent, room: &str) -> String {
+    let mut out = String::with_capacity(48 + room.len());
+    out.push('{');
+    let kind = match event {
+        PresenceEvent::Join => "join",
+        PresenceEvent::Leave => "leave",
+    };
+    push_str_field(&mut out, "type", kind);
+    push_str_field(&mut out, "roomID", room);
+    push_key(&mut out, "connectionID");
+    out
+}
+
+/// `{"type":"join","roomID":…,"connectionID":…}` (or `leave`).
+pub fn presence_event(event: PresenceEvent, room: &str, connection_id: &str) -> String {
+    let mut out = presence_event_prefix(event, room);
+    super::json::push_string(&mut out, connection_id);
+    out.push('}');
+    out
+}
+
 /// A delivered frame (see [`delivery`]) with its place in the room's history appended:
 /// `…,"offset":42,"epoch":"7f3a9c"}`. The Redis broker's publish script does the same in
 /// Lua.
@@ -235,6 +300,10 @@ pub enum ServerFrame<'a> {
         messages: Option<&'a RawValue>,
         /// For a `connect` with `since` (1.1): each rejoined room, a JSON object.
         rooms: Option<&'a RawValue>,
+        /// For `presence` (1.1): how many identities are in the room.
+        count: Option<u64>,
+        /// For `presence` (1.1): who is in the room (perhaps cut), a JSON array of strings.
+        members: Option<&'a RawValue>,
     },
     /// The operation failed, or a frame could not be read (`message_id` is then `None`).
     Error {
@@ -267,6 +336,21 @@ pub enum ServerFrame<'a> {
         /// Its epoch.
         epoch: Cow<'a, str>,
     },
+    /// An identity's first socket joined a room with join/leave events (1.1).
+    Join {
+        /// The room.
+        room: Cow<'a, str>,
+        /// The identity.
+        connection_id: Cow<'a, str>,
+    },
+    /// An identity's last socket left a room with join/leave events (1.1), or its node
+    /// died.
+    Leave {
+        /// The room.
+        room: Cow<'a, str>,
+        /// The identity.
+        connection_id: Cow<'a, str>,
+    },
     /// A frame of a type this version does not know (ignored by clients).
     Other,
 }
@@ -298,6 +382,10 @@ struct RawServerFrame<'a> {
     messages: Option<&'a RawValue>,
     #[serde(borrow, default)]
     rooms: Option<&'a RawValue>,
+    #[serde(default)]
+    count: Option<u64>,
+    #[serde(borrow, default)]
+    members: Option<&'a RawValue>,
 }
 
 /// Reads a frame the server sent; an error when it is not one of the shapes above.
@@ -328,6 +416,8 @@ pub fn parse(text: &str) -> Result<ServerFrame<'_>, serde_json::Error> {
             recovered: raw.recovered,
             messages: raw.messages,
             rooms: raw.rooms,
+            count: raw.count,
+            members: raw.members,
         },
         "error" => ServerFrame::Error {
             message_id,
@@ -345,6 +435,14 @@ pub fn parse(text: &str) -> Result<ServerFrame<'_>, serde_json::Error> {
             room: raw.room.ok_or_else(|| missing("roomID"))?,
             offset: raw.offset.ok_or_else(|| missing("offset"))?,
             epoch: raw.epoch.unwrap_or_default(),
+        },
+        "join" => ServerFrame::Join {
+            room: raw.room.ok_or_else(|| missing("roomID"))?,
+            connection_id: raw.connection_id.ok_or_else(|| missing("connectionID"))?,
+        },
+        "leave" => ServerFrame::Leave {
+            room: raw.room.ok_or_else(|| missing("roomID"))?,
+            connection_id: raw.connection_id.ok_or_else(|| missing("connectionID"))?,
         },
         _ => ServerFrame::Other,
     })
@@ -458,5 +556,44 @@ mod tests {
             ServerFrame::Other
         ));
         assert!(parse(r#"{"type":"ack"}"#).is_err());
+    }
+
+    #[test]
+    fn presence_frames_round_trip() {
+        let id = RawValue::from_string("9".into()).unwrap();
+        let members = [presence_member("alice"), presence_member("b\"ob")];
+        let ack = presence_ack(&id, 3, members.iter().map(String::as_str));
+        assert_eq!(
+            ack,
+            r#"{"type":"ack","messageID":9,"count":3,"members":["alice","b\"ob"]}"#
+        );
+        match parse(&ack).unwrap() {
+            ServerFrame::Ack { count, members, .. } => {
+                assert_eq!(count, Some(3));
+                let members: Vec<String> = serde_json::from_str(members.unwrap().get()).unwrap();
+                assert_eq!(members, ["alice", "b\"ob"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        let join = presence_event(PresenceEvent::Join, "lo\"bby", "é");
+        assert_eq!(
+            join,
+            format!(
+                "{}{}}}",
+                presence_event_prefix(PresenceEvent::Join, "lo\"bby"),
+                presence_member("é")
+            )
+        );
+        match parse(&join).unwrap() {
+            ServerFrame::Join {
+                room,
+                connection_id,
+            } => assert_eq!((&*room, &*connection_id), ("lo\"bby", "é")),
+            other => panic!("{other:?}"),
+        }
+        let leave = presence_event(PresenceEvent::Leave, "r", "x");
+        assert_eq!(leave, r#"{"type":"leave","roomID":"r","connectionID":"x"}"#);
+        assert!(matches!(parse(&leave).unwrap(), ServerFrame::Leave { .. }));
+        assert!(position_of(&leave).is_none());
     }
 }

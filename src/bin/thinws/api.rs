@@ -7,9 +7,11 @@
 //! - `GET /api/rooms/{roomID}` answers `{"roomID":...,"localMembers":n}` (this node's
 //!   members of the room);
 //! - `GET /api/rooms/{roomID}/history[?limit=N]` answers the room's kept messages, oldest
-//!   first, with its `offset` and `epoch` (404 `not_enabled` for a room without history).
+//!   first, with its `offset` and `epoch` (404 `not_enabled` for a room without history);
+//! - `GET /api/rooms/{roomID}/presence` answers `{"roomID":...,"count":n,"members":[...]}`:
+//!   who is in the room on every node (404 `not_enabled` for a room without presence).
 //!
-//! Both need `Authorization: apikey KEY` with the server's `--api-key`, compared in
+//! All need `Authorization: apikey KEY` with the server's `--api-key`, compared in
 //! constant time; without `--api-key` the API is off (404).
 
 use std::sync::Arc;
@@ -107,41 +109,33 @@ impl Api {
             (&Method::GET, path)
                 if path.starts_with("/api/rooms/") && path.ends_with("/history") =>
             {
-                let room = &path["/api/rooms/".len()..path.len() - "/history".len()];
-                let Ok(room) = percent_encoding::percent_decode_str(room).decode_utf8() else {
-                    return error(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_message",
-                        "no valid roomID in the path",
-                    );
+                let Some(room) = room_in(path, "/history") else {
+                    return no_room();
                 };
                 let limit = request
                     .uri()
                     .query()
                     .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("limit=")))
                     .and_then(|l| l.parse().ok());
-                match self.hub.history(&room, limit).await {
-                    Ok(Some(history)) => {
-                        let messages: Vec<serde_json::Value> = history
-                            .messages
-                            .iter()
-                            .filter_map(|m| serde_json::from_str(m).ok())
-                            .collect();
-                        json_response(
-                            StatusCode::OK,
-                            json!({"roomID": room, "offset": history.offset, "epoch": history.epoch, "messages": messages}),
-                        )
-                    }
+                self.history(&room, limit).await
+            }
+            (&Method::GET, path)
+                if path.starts_with("/api/rooms/") && path.ends_with("/presence") =>
+            {
+                let Some(room) = room_in(path, "/presence") else {
+                    return no_room();
+                };
+                match self.hub.presence(&room).await {
+                    Ok(Some(presence)) => json_response(
+                        StatusCode::OK,
+                        json!({"roomID": room, "count": presence.count, "members": presence.members}),
+                    ),
                     Ok(None) => error(
                         StatusCode::NOT_FOUND,
                         ErrorCode::NotEnabled.as_str(),
-                        "this room keeps no history",
+                        "this room does not track presence",
                     ),
-                    Err(e) => error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        ErrorCode::Unavailable.as_str(),
-                        &e.report(),
-                    ),
+                    Err(e) => unavailable(&e),
                 }
             }
             (&Method::GET, room) if room.starts_with("/api/rooms/") => {
@@ -159,6 +153,28 @@ impl Api {
                 }
             }
             _ => error(StatusCode::NOT_FOUND, "not_found", "no such API endpoint"),
+        }
+    }
+
+    async fn history(&self, room: &str, limit: Option<usize>) -> Response<Full<Bytes>> {
+        match self.hub.history(room, limit).await {
+            Ok(Some(history)) => {
+                let messages: Vec<serde_json::Value> = history
+                    .messages
+                    .iter()
+                    .filter_map(|m| serde_json::from_str(m).ok())
+                    .collect();
+                json_response(
+                    StatusCode::OK,
+                    json!({"roomID": room, "offset": history.offset, "epoch": history.epoch, "messages": messages}),
+                )
+            }
+            Ok(None) => error(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotEnabled.as_str(),
+                "this room keeps no history",
+            ),
+            Err(e) => unavailable(&e),
         }
     }
 
@@ -214,4 +230,30 @@ impl Api {
             ),
         }
     }
+}
+
+/// The room named in `path` (`/api/rooms/{roomID}{suffix}`), percent-decoded.
+fn room_in(path: &str, suffix: &str) -> Option<String> {
+    let room = path.strip_prefix("/api/rooms/")?.strip_suffix(suffix)?;
+    percent_encoding::percent_decode_str(room)
+        .decode_utf8()
+        .ok()
+        .filter(|room| !room.is_empty())
+        .map(|room| room.into_owned())
+}
+
+fn no_room() -> Response<Full<Bytes>> {
+    error(
+        StatusCode::BAD_REQUEST,
+        "invalid_message",
+        "no valid roomID in the path",
+    )
+}
+
+fn unavailable(e: &thinws::Error) -> Response<Full<Bytes>> {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable.as_str(),
+        &e.report(),
+    )
 }

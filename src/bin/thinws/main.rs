@@ -77,6 +77,18 @@ struct Args {
     /// Seconds a room's history lives after its last message.
     #[arg(long, env = "THINWS_HISTORY_TTL", default_value_t = 300)]
     history_ttl: u64,
+    /// Every room tracks who is in it, on every node (`presence` requests and
+    /// `GET /api/rooms/{roomID}/presence`): one Redis script call per subscribe and
+    /// unsubscribe.
+    #[arg(long, env = "THINWS_PRESENCE")]
+    presence: bool,
+    /// Every room's subscribers get `join` and `leave` events when an identity's first
+    /// socket joins or its last leaves (implies --presence; one more publish per change).
+    #[arg(long, env = "THINWS_JOIN_LEAVE")]
+    join_leave: bool,
+    /// Seconds within which the members of a node that died leave every room.
+    #[arg(long, env = "THINWS_PRESENCE_TTL", default_value_t = 30)]
+    presence_ttl: u64,
     /// Seconds between heartbeat pings.
     #[arg(long, env = "THINWS_PING_INTERVAL", default_value_t = 25)]
     ping_interval: u64,
@@ -267,6 +279,13 @@ async fn run(args: Args) -> Result<(), String> {
             Duration::from_secs(args.history_ttl.max(1)),
         ));
     }
+    builder = builder
+        .presence(match (args.join_leave, args.presence) {
+            (true, _) => thinws::settings::Presence::WithJoinLeave,
+            (false, true) => thinws::settings::Presence::On,
+            (false, false) => thinws::settings::Presence::Off,
+        })
+        .presence_ttl(Duration::from_secs(args.presence_ttl.max(1)));
     let auth = match (&args.token_secret, &args.token_public_key) {
         (Some(secret), _) => Some(auth::Auth::from_secret(secret)),
         (None, Some(path)) => {

@@ -3,7 +3,8 @@
 //! - `connect`: the URL, parsed once, and the `deadpool-redis` pool built on it;
 //! - `lanes`: publishing lanes, each holding a pooled connection and sending pipelines;
 //! - `subscriber`: the task that owns the pub/sub connection (read by `resp`);
-//! - `identities`: the rooms recorded per identity, through the pool.
+//! - `identities`: the rooms recorded per identity, through the pool;
+//! - `presence`: who is in each presence room, on every node (one task per node).
 //!
 //! Nothing connects when the broker is built (it may be built outside a Tokio runtime):
 //! the lanes and the subscriber task start together on first use.
@@ -13,6 +14,7 @@ mod connect;
 mod history;
 mod identities;
 mod lanes;
+mod presence;
 mod resp;
 mod subscriber;
 
@@ -25,8 +27,9 @@ pub(crate) use self::connect::{Disconnects, RedisTarget};
 use self::history::HistoryStore;
 use self::identities::Identities;
 pub(crate) use self::lanes::Lanes;
+use self::presence::PresenceStore;
 use self::subscriber::Subscriber;
-use super::{Acquire, BrokerHealth, Keys, Publish, SharedSink};
+use super::{BrokerHealth, Confirmation, Keys, Publish, SharedSink};
 use crate::error::BrokerError;
 use crate::settings::RoomPolicy;
 
@@ -43,6 +46,7 @@ pub(crate) struct RedisBroker {
     sink: SharedSink,
     identities: Identities,
     history: Arc<HistoryStore>,
+    presence: PresenceStore,
     rooms: RoomPolicy,
     running: OnceLock<Running>,
 }
@@ -69,6 +73,7 @@ impl RedisBroker {
         prefix: &str,
         timeout: Duration,
         identity_ttl: Duration,
+        presence_ttl: Duration,
         rooms: RoomPolicy,
         sink: SharedSink,
     ) -> Result<Self, BrokerError> {
@@ -77,6 +82,7 @@ impl RedisBroker {
         Ok(RedisBroker {
             identities: Identities::new(pool.clone(), keys.clone(), timeout, identity_ttl),
             history: Arc::new(HistoryStore::new(pool.clone(), keys.clone(), timeout)),
+            presence: PresenceStore::new(pool.clone(), keys.clone(), timeout, presence_ttl),
             rooms,
             target,
             pool,
@@ -92,6 +98,7 @@ impl RedisBroker {
     fn running(&self) -> &Running {
         self.running.get_or_init(|| {
             self.identities.start_refreshing();
+            self.presence.start();
             Running {
                 lanes: Lanes::start(PUBLISH_LANES, &self.pool, &self.disconnects, self.timeout),
                 subscriber: Subscriber::start(
@@ -125,7 +132,7 @@ impl RedisBroker {
         &self.history
     }
 
-    pub(crate) fn acquire(&self, room: Arc<str>) -> Acquire {
+    pub(crate) fn acquire(&self, room: Arc<str>) -> Confirmation {
         self.running().subscriber.acquire(room)
     }
 
@@ -133,6 +140,12 @@ impl RedisBroker {
         if let Some(running) = self.running.get() {
             running.subscriber.release(room);
         }
+    }
+
+    /// Presence rooms (the task starts with the broker's others).
+    pub(crate) fn presence(&self) -> &PresenceStore {
+        self.running();
+        &self.presence
     }
 
     pub(crate) fn identities(&self) -> &Identities {

@@ -16,7 +16,7 @@ use super::catch_up::Tracks;
 use super::connect::within;
 use super::history::HistoryStore;
 use super::resp::{Reply, RespConnection};
-use crate::broker::{Acquire, Keys, SharedSink};
+use crate::broker::{Confirmation, Keys, SharedSink};
 use crate::error::BrokerError;
 use crate::settings::RoomPolicy;
 
@@ -72,11 +72,11 @@ impl Subscriber {
     }
 
     /// See [`Broker::acquire`](crate::broker::Broker::acquire).
-    pub(crate) fn acquire(&self, room: Arc<str>) -> Acquire {
+    pub(crate) fn acquire(&self, room: Arc<str>) -> Confirmation {
         let (reply, answer) = oneshot::channel();
         match self.commands.send(Command::Acquire { room, reply }) {
-            Ok(()) => Acquire::Pending(answer),
-            Err(_) => Acquire::Done(Err(BrokerError::Stopped("subscriber task"))),
+            Ok(()) => Confirmation::Pending(answer, "subscriber task"),
+            Err(_) => Confirmation::Done(Err(BrokerError::Stopped("subscriber task"))),
         }
     }
 

@@ -7,6 +7,7 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde_json::value::RawValue;
 
 use super::{Refusal, Socket};
+use crate::broker::presence::Members;
 use crate::broker::Position;
 use crate::connection::outbound::OutboundQueue;
 use crate::connection::recovery::HoldingMember;
@@ -26,6 +27,8 @@ pub(super) enum Answer {
     Recovered(Recovering),
     /// The reply to a `connect` with `since`: each rejoined room.
     Connected(Vec<(String, Rejoined)>),
+    /// The reply to `presence`.
+    Presence(Members),
 }
 
 /// A history room being recovered for a socket.
@@ -71,6 +74,11 @@ impl Answer {
                 let frames: Vec<&str> = frames.iter().map(|f| f.as_str()).collect();
                 server::history_ack(message_id, at.offset, &at.epoch, &frames)
             }
+            Answer::Presence(members) => server::presence_ack(
+                message_id,
+                members.count,
+                members.listed.iter().map(String::as_str),
+            ),
             Answer::Recovered(r) => {
                 server::ack_recovered(message_id, r.at.offset, &r.at.epoch, r.recovered)
             }

@@ -55,6 +55,7 @@ impl Socket {
                     tracing::Span::current().record("identity", &*self.me.identity);
                     self.node.broker.hold(&self.me.identity);
                 }
+                self.rebind_presence().await;
                 Ok(match since {
                     Some(_) => Answer::Connected(rejoined),
                     None => Answer::Ack,

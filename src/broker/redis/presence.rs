@@ -1,0 +1,408 @@
+//! Presence on Redis: who is in each room, on every node, and what happens when a node dies.
+//!
+//! # Layout
+//! Per room, in its hash slot (see [`Keys`]):
+//! - hash `presence:{ROOM}`: each member identity, with its sockets in the room on every
+//!   node. `HLEN` is the member count; a `presence` read is one script call.
+//! - hash `presence-node:{ROOM}:NODE`: this node's share of it;
+//! - sorted set `presence-nodes:{ROOM}`: each node with members, scored by when its share
+//!   expires (Redis's clock, so that nodes' clocks do not matter).
+//!
+//! Every change goes through one script (`presence_script.lua`) that first sweeps out the
+//! shares of expired nodes, then applies the change to this node's share and to the member
+//! hash together. An identity's join (its total going from 0) and leave (to 0) are decided
+//! there, atomically, so that two nodes joining the same identity at once make exactly one
+//! `join`, and the script publishes the event on the room's channel.
+//!
+//! # This node
+//! One task owns this node's counts, so that changes reach Redis in the order sockets made
+//! them (each carries an absolute count, so sending one again is harmless). Every sixth of
+//! the presence TTL it renews its shares (`touch`: O(1) per room) and sweeps; a share that
+//! Redis lost or that was swept while this node was stalled is sent whole again (`sync`).
+//! Shares live five sixths of the TTL, so a dead node's members are gone, with `leave`
+//! events, within the TTL: expiry, then the next sweep by a survivor's refresh or by any
+//! `presence` read.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use deadpool_redis::{Connection, Pool};
+use redis::Value;
+use tokio::sync::{mpsc, oneshot};
+
+use super::connect::{pool_error, redis_error, within};
+use crate::broker::presence::{Counts, Members};
+use crate::broker::{Confirmation, Keys};
+use crate::error::BrokerError;
+use crate::protocol::server::{self, PresenceEvent};
+use crate::settings::Presence;
+
+/// The presence script (see the module docs).
+const SCRIPT: &str = include_str!("presence_script.lua");
+
+/// Script calls sent in one pipeline, at most.
+const BATCH: usize = 256;
+
+/// One socket joining or leaving a presence room.
+struct Change {
+    room: Arc<str>,
+    identity: Arc<str>,
+    joined: bool,
+    presence: Presence,
+    done: oneshot::Sender<Result<(), BrokerError>>,
+}
+
+/// What the task and the reads share.
+struct Shared {
+    pool: Pool,
+    keys: Keys,
+    timeout: Duration,
+    /// This node's id in every room's presence: random per broker.
+    node: Arc<str>,
+    ttl: Duration,
+    script: redis::Script,
+}
+
+impl Shared {
+    /// How long this node's shares live after each call.
+    fn lifetime_ms(&self) -> u64 {
+        u64::try_from((self.ttl * 5 / 6).as_millis())
+            .unwrap_or(u64::MAX)
+            .max(50)
+    }
+
+    /// Appends a call of the script in `mode` for `room`; the caller adds the mode's
+    /// arguments.
+    fn call<'p>(
+        &self,
+        pipeline: &'p mut redis::Pipeline,
+        mode: &str,
+        room: &str,
+        presence: Presence,
+    ) -> &'p mut redis::Pipeline {
+        let node_prefix = self.keys.presence_node_prefix(room);
+        pipeline
+            .cmd("EVALSHA")
+            .arg(self.script.get_hash())
+            .arg(3)
+            .arg(self.keys.presence_members(room))
+            .arg(self.keys.presence_nodes(room))
+            .arg(format!("{node_prefix}{}", self.node))
+            .arg(mode)
+            .arg(&*self.node)
+            .arg(self.lifetime_ms())
+            .arg(if presence.announces() { "1" } else { "0" })
+            .arg(self.keys.room_channel(room))
+            .arg(server::presence_event_prefix(PresenceEvent::Join, room))
+            .arg(server::presence_event_prefix(PresenceEvent::Leave, room))
+            .arg(node_prefix)
+    }
+
+    /// Sends `pipeline` on `connection` (the script loaded again if Redis lost it: every
+    /// call carries absolute counts, so sending the calls again is harmless).
+    async fn send(
+        &self,
+        connection: &mut Connection,
+        pipeline: &redis::Pipeline,
+    ) -> Result<Vec<Value>, BrokerError> {
+        let replies: Vec<Value> = pipeline
+            .query_async(connection)
+            .await
+            .map_err(redis_error)?;
+        let missing = replies.iter().any(|reply| {
+            matches!(reply, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
+        });
+        if !missing {
+            return Ok(replies);
+        }
+        self.script
+            .load_async(connection)
+            .await
+            .map_err(redis_error)?;
+        pipeline.query_async(connection).await.map_err(redis_error)
+    }
+}
+
+/// Presence rooms on Redis, for this node.
+pub(crate) struct PresenceStore {
+    shared: Arc<Shared>,
+    changes: mpsc::UnboundedSender<Change>,
+    /// The task's end of `changes`, until it starts.
+    waiting: Mutex<Option<mpsc::UnboundedReceiver<Change>>>,
+}
+
+impl std::fmt::Debug for PresenceStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PresenceStore")
+            .field("node", &self.shared.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PresenceStore {
+    pub(crate) fn new(pool: Pool, keys: Keys, timeout: Duration, ttl: Duration) -> Self {
+        let (changes, waiting) = mpsc::unbounded_channel();
+        PresenceStore {
+            shared: Arc::new(Shared {
+                pool,
+                keys,
+                timeout,
+                node: crate::broker::new_epoch(),
+                ttl,
+                script: redis::Script::new(SCRIPT),
+            }),
+            changes,
+            waiting: Mutex::new(Some(waiting)),
+        }
+    }
+
+    /// Starts the task (once; later calls do nothing). It ends when the store is dropped,
+    /// after sending the changes still queued.
+    pub(crate) fn start(&self) {
+        let waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(changes) = waiting {
+            let task = Task {
+                shared: self.shared.clone(),
+                counts: Counts::default(),
+                settings: HashMap::new(),
+                dirty: HashSet::new(),
+            };
+            tokio::spawn(task.run(changes));
+        }
+    }
+
+    /// One more socket of `identity` in `room`; confirmed once Redis has it (and announced
+    /// the join, if it was the identity's first socket there).
+    pub(crate) fn join(&self, room: &Arc<str>, identity: &str, presence: Presence) -> Confirmation {
+        self.change(room, identity, true, presence)
+    }
+
+    /// One socket of `identity` fewer in `room`.
+    pub(crate) fn leave(
+        &self,
+        room: &Arc<str>,
+        identity: &str,
+        presence: Presence,
+    ) -> Confirmation {
+        self.change(room, identity, false, presence)
+    }
+
+    fn change(
+        &self,
+        room: &Arc<str>,
+        identity: &str,
+        joined: bool,
+        presence: Presence,
+    ) -> Confirmation {
+        let (done, answer) = oneshot::channel();
+        let change = Change {
+            room: room.clone(),
+            identity: server::presence_member(identity).into(),
+            joined,
+            presence,
+            done,
+        };
+        match self.changes.send(change) {
+            Ok(()) => Confirmation::Pending(answer, "presence task"),
+            Err(_) => Confirmation::Done(Err(BrokerError::Stopped("presence task"))),
+        }
+    }
+
+    /// Who is in `room` on every node (after sweeping out dead nodes), listing at most `max`.
+    pub(crate) async fn members(
+        &self,
+        room: &str,
+        presence: Presence,
+        max: usize,
+    ) -> Result<Members, BrokerError> {
+        let shared = &self.shared;
+        let mut pipeline = redis::pipe();
+        shared.call(&mut pipeline, "read", room, presence).arg(max);
+        let reply = within(shared.timeout, async {
+            let mut connection = shared.pool.get().await.map_err(pool_error)?;
+            shared.send(&mut connection, &pipeline).await
+        })
+        .await?;
+        let unexpected = |reply: &dyn std::fmt::Debug| {
+            BrokerError::Protocol(format!("{reply:?} from the presence script"))
+        };
+        match reply.as_slice() {
+            [Value::Array(answer)] => match answer.as_slice() {
+                [Value::Int(count), Value::Array(listed)] => Ok(Members {
+                    count: u64::try_from(*count).map_err(|_| unexpected(count))?,
+                    listed: listed
+                        .iter()
+                        .map(|member| match member {
+                            Value::BulkString(bytes) => {
+                                String::from_utf8(bytes.clone()).map_err(|_| unexpected(member))
+                            }
+                            other => Err(unexpected(other)),
+                        })
+                        .collect::<Result<_, _>>()?,
+                }),
+                other => Err(unexpected(&other)),
+            },
+            [Value::ServerError(e)] => Err(BrokerError::Refused(Arc::new(
+                redis::RedisError::from(e.clone()),
+            ))),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+/// The task that owns this node's presence counts.
+struct Task {
+    shared: Arc<Shared>,
+    counts: Counts,
+    /// The presence setting of each room this node has (or had, while it is dirty).
+    settings: HashMap<Arc<str>, Presence>,
+    /// Rooms whose share on Redis may differ from `counts`: sent whole at the next refresh.
+    dirty: HashSet<Arc<str>>,
+}
+
+impl Task {
+    async fn run(mut self, mut changes: mpsc::UnboundedReceiver<Change>) {
+        let every = (self.shared.ttl / 6).max(Duration::from_millis(10));
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut batch = Vec::with_capacity(BATCH);
+        loop {
+            tokio::select! {
+                received = changes.recv_many(&mut batch, BATCH) => {
+                    if received == 0 {
+                        return;
+                    }
+                    self.apply(&mut batch).await;
+                }
+                _ = tick.tick() => self.refresh().await,
+            }
+        }
+    }
+
+    /// Applies `batch` to the counts and sends the new counts to Redis, in one pipeline.
+    async fn apply(&mut self, batch: &mut Vec<Change>) {
+        let mut pipeline = redis::pipe();
+        for change in batch.iter() {
+            let sockets = match change.joined {
+                true => self.counts.add(&change.room, &change.identity),
+                false => self.counts.remove(&change.room, &change.identity),
+            };
+            self.settings.insert(change.room.clone(), change.presence);
+            self.shared
+                .call(&mut pipeline, "set", &change.room, change.presence)
+                .arg(&*change.identity)
+                .arg(sockets);
+        }
+        let replies = self.send(&pipeline).await;
+        for (n, change) in batch.drain(..).enumerate() {
+            let result = match &replies {
+                Ok(replies) => match replies.get(n) {
+                    Some(Value::Int(1)) => Ok(()),
+                    // This node had been swept out as dead: its share goes whole again.
+                    Some(Value::Int(0)) => {
+                        self.dirty.insert(change.room.clone());
+                        Ok(())
+                    }
+                    Some(Value::ServerError(e)) => Err(BrokerError::Refused(Arc::new(
+                        redis::RedisError::from(e.clone()),
+                    ))),
+                    other => Err(BrokerError::Protocol(format!(
+                        "{other:?} from the presence script"
+                    ))),
+                },
+                Err(e) => Err(e.clone()),
+            };
+            if result.is_err() {
+                self.dirty.insert(change.room.clone());
+            }
+            let _ = change.done.send(result);
+        }
+        self.forget_settled();
+    }
+
+    /// Forgets the settings of rooms this node left, once Redis agrees.
+    fn forget_settled(&mut self) {
+        let (counts, dirty) = (&self.counts, &self.dirty);
+        self.settings
+            .retain(|room, _| counts.room(room).is_some() || dirty.contains(room));
+    }
+
+    /// Renews this node's share in every room it has, and sweeps out dead nodes. Rooms
+    /// that may differ from Redis (or that Redis lost) are sent whole.
+    async fn refresh(&mut self) {
+        let rooms: Vec<Arc<str>> = self.settings.keys().cloned().collect();
+        let mut whole = Vec::new();
+        for chunk in rooms.chunks(BATCH) {
+            let mut pipeline = redis::pipe();
+            for room in chunk {
+                let presence = self.settings[room];
+                let identities = self.counts.room(room).map_or(0, HashMap::len);
+                match self.dirty.contains(room) {
+                    true => whole.push(room.clone()),
+                    false => {
+                        self.shared
+                            .call(&mut pipeline, "touch", room, presence)
+                            .arg(identities);
+                    }
+                }
+            }
+            let touched: Vec<&Arc<str>> =
+                chunk.iter().filter(|r| !self.dirty.contains(*r)).collect();
+            if touched.is_empty() {
+                continue;
+            }
+            match self.send(&pipeline).await {
+                Ok(replies) => {
+                    for (room, reply) in touched.into_iter().zip(replies) {
+                        if !matches!(reply, Value::Int(1)) {
+                            whole.push(room.clone());
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.report(), "could not refresh presence");
+                    return;
+                }
+            }
+        }
+        for chunk in whole.chunks(BATCH) {
+            let mut pipeline = redis::pipe();
+            for room in chunk {
+                let command = self
+                    .shared
+                    .call(&mut pipeline, "sync", room, self.settings[room]);
+                for (identity, sockets) in self.counts.room(room).into_iter().flatten() {
+                    command.arg(&**identity).arg(*sockets);
+                }
+            }
+            match self.send(&pipeline).await {
+                Ok(replies) => {
+                    for (room, reply) in chunk.iter().zip(replies) {
+                        if matches!(reply, Value::Int(1)) {
+                            self.dirty.remove(room);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.report(), "could not send presence again");
+                    return;
+                }
+            }
+        }
+        self.forget_settled();
+    }
+
+    async fn send(&self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BrokerError> {
+        let shared = &self.shared;
+        within(shared.timeout, async {
+            let mut connection = shared.pool.get().await.map_err(pool_error)?;
+            shared.send(&mut connection, pipeline).await
+        })
+        .await
+    }
+}

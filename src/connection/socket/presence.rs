@@ -1,0 +1,78 @@
+//! Presence rooms on a socket: the socket counts in every presence room it is in, under
+//! the identity it had when it joined (moved over when `connect` binds another), and the
+//! `presence` request.
+
+use std::sync::Arc;
+
+use super::history::Answer;
+use super::{Refusal, Socket};
+use crate::settings::Presence;
+
+impl Socket {
+    /// Counts this socket in `room`'s presence, if the room has it on; once this returns
+    /// `Ok`, every node sees the socket's identity there. On `Err`, the caller leaves the
+    /// room (which takes the socket out again).
+    pub(super) async fn enter_presence(&mut self, room: &Arc<str>) -> Result<(), Refusal> {
+        let presence = self.node.config.rooms.settings(room).presence;
+        if !presence.is_on() || self.present.contains_key(room) {
+            return Ok(());
+        }
+        let identity = self.me.identity.clone();
+        // Queued now: from here on, leaving the room takes it out again, even if this
+        // future is dropped before the broker answers.
+        let entered = self.node.broker.presence_join(room, &identity, presence);
+        self.present.insert(room.clone(), (identity, presence));
+        entered.wait().await.map_err(Refusal::BrokerRead)
+    }
+
+    /// Takes this socket out of `room`'s presence, if it is counted there (without waiting
+    /// for the broker: the change is queued in order with the socket's others).
+    pub(super) fn exit_presence(&mut self, room: &str) {
+        if let Some((identity, presence)) = self.present.remove(room) {
+            let room: Arc<str> = room.into();
+            // Dropping the confirmation does not undo the change.
+            drop(self.node.broker.presence_leave(&room, &identity, presence));
+        }
+    }
+
+    /// After `connect` bound a new identity: the presence rooms the socket joined before
+    /// count it under that identity instead.
+    pub(super) async fn rebind_presence(&mut self) {
+        let identity = self.me.identity.clone();
+        let mut moved = Vec::new();
+        for (room, (counted, presence)) in self.present.iter_mut() {
+            if *counted == identity {
+                continue;
+            }
+            let broker = &self.node.broker;
+            drop(broker.presence_leave(room, counted, *presence));
+            moved.push(broker.presence_join(room, &identity, *presence));
+            *counted = identity.clone();
+        }
+        for entered in moved {
+            // A failed write is sent again by the node's next presence refresh.
+            if let Err(e) = entered.wait().await {
+                tracing::debug!(error = %e.report(), "presence not moved to the bound identity yet");
+            }
+        }
+    }
+
+    /// `presence` (protocol 1.1): who is in a room, on every node. A socket may ask about
+    /// a room it is in, or one the `subscribe` hook would let it join.
+    pub(super) async fn presence(&mut self, room: &str) -> Result<Answer, Refusal> {
+        let presence = self.node.config.rooms.settings(room).presence;
+        if presence == Presence::Off {
+            return Err(Refusal::NotEnabled("this room does not track presence"));
+        }
+        if !self.rooms.contains(room) {
+            self.allowed_to_subscribe(room).await?;
+        }
+        let max = self.node.config.presence_members_max;
+        self.node
+            .broker
+            .presence(room, presence, max)
+            .await
+            .map(Answer::Presence)
+            .map_err(Refusal::BrokerRead)
+    }
+}
