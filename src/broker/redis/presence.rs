@@ -44,6 +44,13 @@ const SCRIPT: &str = include_str!("presence_script.lua");
 /// Script calls sent in one pipeline, at most.
 const BATCH: usize = 256;
 
+/// An empty pipeline that answers each command's error in its place.
+fn pipeline() -> redis::Pipeline {
+    let mut pipeline = redis::pipe();
+    pipeline.ignore_errors();
+    pipeline
+}
+
 /// One socket joining or leaving a presence room.
 struct Change {
     room: Arc<str>,
@@ -221,7 +228,7 @@ impl PresenceStore {
         max: usize,
     ) -> Result<Members, BrokerError> {
         let shared = &self.shared;
-        let mut pipeline = redis::pipe();
+        let mut pipeline = pipeline();
         shared.call(&mut pipeline, "read", room, presence).arg(max);
         let reply = within(shared.timeout, async {
             let mut connection = shared.pool.get().await.map_err(pool_error)?;
@@ -286,7 +293,7 @@ impl Task {
 
     /// Applies `batch` to the counts and sends the new counts to Redis, in one pipeline.
     async fn apply(&mut self, batch: &mut Vec<Change>) {
-        let mut pipeline = redis::pipe();
+        let mut pipeline = pipeline();
         for change in batch.iter() {
             let sockets = match change.joined {
                 true => self.counts.add(&change.room, &change.identity),
@@ -338,7 +345,7 @@ impl Task {
         let rooms: Vec<Arc<str>> = self.settings.keys().cloned().collect();
         let mut whole = Vec::new();
         for chunk in rooms.chunks(BATCH) {
-            let mut pipeline = redis::pipe();
+            let mut pipeline = pipeline();
             for room in chunk {
                 let presence = self.settings[room];
                 let identities = self.counts.room(room).map_or(0, HashMap::len);
@@ -371,7 +378,7 @@ impl Task {
             }
         }
         for chunk in whole.chunks(BATCH) {
-            let mut pipeline = redis::pipe();
+            let mut pipeline = pipeline();
             for room in chunk {
                 let command = self
                     .shared

