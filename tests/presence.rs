@@ -189,3 +189,181 @@ async fn one_identity_joining_on_two_nodes_at_once_is_one_join() {
         assert_eq!(presence(&mut end, &room).await, sorted(&["watcher", "end"]));
     }
 }
+
+/// A `thinws` process on the private Redis, with join/leave events and a short TTL.
+struct Proc {
+    child: Child,
+    port: u16,
+}
+
+impl Proc {
+    async fn start(redis: &RedisServer, ttl_secs: u64) -> Proc {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(BIN)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--redis-url",
+                &redis.url(),
+                "--no-demo",
+                "--rate-limit",
+                "0",
+            ])
+            .args(["--join-leave", "--presence-ttl", &ttl_secs.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        within("a node to listen", async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        Proc { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_members_leave_within_the_ttl() {
+    const TTL: u64 = 2;
+    let redis = RedisServer::start().await;
+    let mut procs = Vec::new();
+    for _ in 0..3 {
+        procs.push(Proc::start(&redis, TTL).await);
+    }
+    let mut watcher = Client::connect_as(&procs[0].url(), "watcher").await;
+    watcher.subscribe("lobby").await;
+    let mut clients = Vec::new();
+    // bob and frank only on the node that dies; erin there and on a survivor.
+    for (name, node) in [
+        ("alice", 1),
+        ("bob", 2),
+        ("frank", 2),
+        ("erin", 2),
+        ("erin", 1),
+    ] {
+        let mut c = Client::connect_as(&procs[node].url(), name).await;
+        c.subscribe("lobby").await;
+        clients.push(c);
+    }
+    events(
+        &mut watcher,
+        "lobby",
+        &[
+            "join watcher",
+            "join alice",
+            "join bob",
+            "join frank",
+            "join erin",
+        ],
+    )
+    .await;
+    let killed = Instant::now();
+    procs[2].child.kill().unwrap();
+    procs[2].child.wait().unwrap();
+    let mut left = vec![event(&mut watcher, "lobby").await];
+    left.push(event(&mut watcher, "lobby").await);
+    let gone_after = killed.elapsed();
+    left.sort();
+    assert_eq!(left, ["leave bob", "leave frank"]);
+    println!("a killed node's members left {gone_after:?} after the SIGKILL (TTL {TTL} s)");
+    // Expiry (5/6 of the TTL after the last refresh) plus the next sweep (1/6): the TTL,
+    // with a little room for scheduling on a loaded machine.
+    assert!(
+        gone_after < Duration::from_millis(TTL * 1000 + 750),
+        "{gone_after:?}"
+    );
+    assert_eq!(
+        presence(&mut watcher, "lobby").await,
+        sorted(&["watcher", "alice", "erin"])
+    );
+    // Nothing else was announced: erin stays, and the next event is a new join.
+    let mut gail = Client::connect_as(&procs[1].url(), "gail").await;
+    gail.subscribe("lobby").await;
+    events(&mut watcher, "lobby", &["join gail"]).await;
+    // Redis agrees: the dead node's share is gone, the survivors' is whole.
+    let raw = redis_members(&redis, "lobby").await;
+    assert_eq!(raw.len(), 4, "{raw:?}");
+    assert_eq!(
+        raw["\"erin\""], 1,
+        "erin's socket on the dead node is no longer counted"
+    );
+}
+
+/// The members hash on Redis: identity (as stored, a JSON string) -> sockets.
+async fn redis_members(redis: &RedisServer, room: &str) -> HashMap<String, i64> {
+    let mut c = redis.client().await;
+    redis::cmd("HGETALL")
+        .arg(format!("thinws:presence:{{{room}}}"))
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_is_rebuilt_by_the_nodes_without_duplicates() {
+    let mut redis = RedisServer::start().await;
+    let ttl = Duration::from_millis(1200);
+    let a = Node::start(layer(Some(&redis), ttl)).await;
+    let b = Node::start(layer(Some(&redis), ttl)).await;
+    let mut alice = Client::connect_as(&a.url(), "alice").await;
+    let mut alice2 = Client::connect_as(&b.url(), "alice").await;
+    let mut bob = Client::connect_as(&b.url(), "bob").await;
+    for c in [&mut alice, &mut alice2, &mut bob] {
+        c.subscribe("lobby").await;
+    }
+    let before = redis_members(&redis, "lobby").await;
+    assert_eq!(
+        before,
+        HashMap::from([("\"alice\"".into(), 2), ("\"bob\"".into(), 1)])
+    );
+    redis.restart().await;
+    assert!(
+        redis_members(&redis, "lobby").await.is_empty(),
+        "the data is gone"
+    );
+    let rebuilt_in = Instant::now();
+    within("presence to be rebuilt", async {
+        while redis_members(&redis, "lobby").await != before {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    println!(
+        "presence rebuilt {:?} after the restart",
+        rebuilt_in.elapsed()
+    );
+    for hub in [&a.hub, &b.hub] {
+        let mut seen = hub.presence("lobby").await.unwrap().unwrap();
+        seen.members.sort();
+        assert_eq!((seen.count, seen.members), sorted(&["alice", "bob"]));
+    }
+    // And it stays right: leaves after the rebuild are counted against it.
+    alice2.close().await;
+    bob.unsubscribe("lobby").await;
+    within("bob and alice's second socket to leave", async {
+        while redis_members(&redis, "lobby").await != HashMap::from([("\"alice\"".into(), 1)]) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(presence(&mut alice, "lobby").await, sorted(&["alice"]));
+}
