@@ -41,7 +41,7 @@ impl Node {
         let sink = Arc::new(rooms.clone());
         let mut url_error = None;
         let broker = match redis_url {
-            None => Broker::Memory(MemoryBroker::new(sink, config.identity_ttl)),
+            None => Broker::Memory(Box::new(MemoryBroker::new(sink, config.identity_ttl))),
             Some(url) => match RedisTarget::parse(url) {
                 Ok(target) => {
                     let broker = RedisBroker::new(

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::json;
 use support::{within, Client, Node, RedisServer};
 use thinws::settings::{Presence, RoomSettings};
 use thinws::ThinWsLayer;

@@ -163,7 +163,7 @@ impl BrokerHealth {
 /// The node's broker.
 #[derive(Debug)]
 pub(crate) enum Broker {
-    Memory(MemoryBroker),
+    Memory(Box<MemoryBroker>),
     Redis(Box<RedisBroker>),
     /// The configured Redis URL is unusable: every operation fails with this error.
     Unusable(BrokerError),
