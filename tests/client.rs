@@ -335,3 +335,51 @@ async fn the_client_recovers_history_rooms_across_a_restart_and_reports_gaps() {
     .await;
     assert_eq!(gaps.lock().unwrap()[0].room, "h:c");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_asks_for_presence_and_hears_joins_and_leaves() {
+    use thinws::client::Member;
+    use thinws::settings::Presence;
+    let redis = RedisServer::start().await;
+    let layer = || {
+        ThinWsLayer::builder()
+            .redis_url(redis.url())
+            .presence(Presence::WithJoinLeave)
+            .build()
+    };
+    let (a, b) = (Node::start(layer()).await, Node::start(layer()).await);
+    let (events, mut heard) = tokio::sync::mpsc::unbounded_channel();
+    let leaves = events.clone();
+    let (alice, _messages) = ThinWsClient::builder(a.url(), "alice")
+        .on_join(move |m: Member| drop(events.send(format!("join {} {}", m.room, m.connection_id))))
+        .on_leave(move |m: Member| {
+            drop(leaves.send(format!("leave {} {}", m.room, m.connection_id)))
+        })
+        .connect()
+        .await
+        .unwrap();
+    alice.subscribe("lobby").await.unwrap();
+    let (bob, _bob_messages) = ThinWsClient::connect(b.url(), "bob").await.unwrap();
+    bob.subscribe("lobby").await.unwrap();
+    let presence = alice.presence("lobby").await.unwrap();
+    let mut members = presence.members.clone();
+    members.sort();
+    assert_eq!(
+        (presence.count, members),
+        (2, vec!["alice".into(), "bob".into()])
+    );
+    bob.unsubscribe("lobby").await.unwrap();
+    for want in ["join lobby alice", "join lobby bob", "leave lobby bob"] {
+        let got = within("a presence event", heard.recv()).await.unwrap();
+        assert_eq!(got, want);
+    }
+    assert_eq!(alice.presence("lobby").await.unwrap().count, 1);
+    let err = ThinWsClient::connect(Node::start(ThinWsLayer::in_memory()).await.url(), "carol")
+        .await
+        .unwrap()
+        .0
+        .presence("lobby")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotEnabled));
+}

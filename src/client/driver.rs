@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::{ClientBuilder, ClientError, Delivery, Gap, Op, Request};
+use super::{ClientBuilder, ClientError, Delivery, Gap, Member, Op, Request};
 use crate::protocol::server::{self, ServerFrame};
 use crate::protocol::{self, Command, ErrorCode};
 
@@ -43,6 +43,9 @@ fn encode(id: u64, op: &Op) -> String {
         Op::History(room, limit) => Command::History {
             room: Cow::Borrowed(room),
             limit: *limit,
+        },
+        Op::Presence(room) => Command::Presence {
+            room: Cow::Borrowed(room),
         },
     };
     protocol::encode(id, &command)
@@ -308,6 +311,8 @@ async fn session(
                             positions.insert(room.to_string(), (offset, epoch.to_string()));
                             config.gap(Gap { room: room.into_owned(), offset, epoch: epoch.into_owned() });
                         }
+                        Ok(ServerFrame::Join { room, connection_id }) => config.presence_event(true, Member { room: room.into_owned(), connection_id: connection_id.into_owned() }),
+                        Ok(ServerFrame::Leave { room, connection_id }) => config.presence_event(false, Member { room: room.into_owned(), connection_id: connection_id.into_owned() }),
                         Ok(_) => {}
                         Err(e) => tracing::debug!(error = %e, "ignored an unreadable frame from the server"),
                     },

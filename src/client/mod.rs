@@ -41,6 +41,7 @@
 //! ```
 
 mod driver;
+mod events;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -48,15 +49,14 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::Stream;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
+pub use self::events::{Delivery, Gap, Member, Messages, RoomHistory, RoomPresence};
+use self::events::{OnGap, OnPresence};
 use crate::protocol::ErrorCode;
 
 /// Why a client operation failed.
@@ -110,77 +110,6 @@ impl ClientError {
     }
 }
 
-/// A message delivered to a room the client subscribed to.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Delivery {
-    /// The room.
-    pub room: String,
-    /// The sender's `connectionID`.
-    pub sender: String,
-    /// The payload.
-    pub payload: serde_json::Value,
-    /// Its offset, in a room with history.
-    pub offset: Option<u64>,
-    /// Its room's epoch, in a room with history.
-    pub epoch: Option<String>,
-}
-
-/// Messages of a history room may have been missed, and the server could not send them
-/// (the room's history was lost, or no longer reached back): see
-/// [`ClientBuilder::on_gap`]. The room goes on from `offset` in `epoch`; ask
-/// [`ThinWsClient::history`] for what it still keeps.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Gap {
-    /// The room.
-    pub room: String,
-    /// Where the room goes on from.
-    pub offset: u64,
-    /// Its epoch.
-    pub epoch: String,
-}
-
-/// What [`ThinWsClient::history`] returns.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RoomHistory {
-    /// The room's top offset.
-    pub offset: u64,
-    /// Its epoch.
-    pub epoch: String,
-    /// The kept messages, oldest first.
-    pub messages: Vec<Delivery>,
-}
-
-/// The application's gap callback.
-#[derive(Clone)]
-pub(crate) struct OnGap(Arc<dyn Fn(Gap) + Send + Sync>);
-
-impl fmt::Debug for OnGap {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("OnGap")
-    }
-}
-
-impl Delivery {
-    /// The payload deserialized into `T`.
-    pub fn payload_as<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        T::deserialize(&self.payload)
-    }
-}
-
-/// The stream of [`Delivery`]s; ends when the client is closed.
-#[derive(Debug)]
-pub struct Messages {
-    rx: mpsc::Receiver<Delivery>,
-}
-
-impl Stream for Messages {
-    type Item = Delivery;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
-        self.rx.poll_recv(cx)
-    }
-}
-
 /// One operation for the server.
 #[derive(Debug)]
 pub(crate) enum Op {
@@ -188,6 +117,7 @@ pub(crate) enum Op {
     Unsubscribe(String),
     Message(String, Box<RawValue>),
     History(String, Option<u64>),
+    Presence(String),
 }
 
 pub(crate) enum Request {
@@ -240,6 +170,7 @@ pub struct ClientBuilder {
     pub(crate) connection_id: String,
     pub(crate) token: Option<TokenSource>,
     pub(crate) on_gap: Option<OnGap>,
+    pub(crate) on_presence: OnPresence,
     pub(crate) request_timeout: Duration,
     pub(crate) max_queued: usize,
     pub(crate) max_backoff: Duration,
@@ -319,6 +250,30 @@ impl ClientBuilder {
         self
     }
 
+    /// Called when an identity's first socket joins a room this client is in, on any node
+    /// (in rooms with join/leave events on the server).
+    pub fn on_join(mut self, callback: impl Fn(Member) + Send + Sync + 'static) -> Self {
+        self.on_presence.join = Some(Arc::new(callback));
+        self
+    }
+
+    /// Called when an identity's last socket leaves a room this client is in, or its node
+    /// died (in rooms with join/leave events on the server).
+    pub fn on_leave(mut self, callback: impl Fn(Member) + Send + Sync + 'static) -> Self {
+        self.on_presence.leave = Some(Arc::new(callback));
+        self
+    }
+
+    pub(crate) fn presence_event(&self, joined: bool, member: Member) {
+        let callback = match joined {
+            true => &self.on_presence.join,
+            false => &self.on_presence.leave,
+        };
+        if let Some(callback) = callback {
+            callback(member);
+        }
+    }
+
     pub(crate) fn gap(&self, gap: Gap) {
         tracing::debug!(
             room = gap.room,
@@ -384,6 +339,7 @@ impl ThinWsClient {
             connection_id: connection_id.into(),
             token: None,
             on_gap: None,
+            on_presence: OnPresence::default(),
             request_timeout: Duration::from_secs(10),
             max_queued: 1024,
             max_backoff: Duration::from_secs(10),
@@ -464,6 +420,25 @@ impl ThinWsClient {
             offset,
             epoch: epoch.into_owned(),
             messages: out,
+        })
+    }
+
+    /// Who is in a room with presence, on every node. A room without presence answers
+    /// [`ErrorCode::NotEnabled`].
+    pub async fn presence(&self, room: impl Into<String>) -> Result<RoomPresence, ClientError> {
+        let ack = self.request(Op::Presence(room.into())).await?;
+        let unreadable = || ClientError::Protocol(format!("unreadable presence: {ack}"));
+        let Ok(crate::protocol::server::ServerFrame::Ack {
+            count: Some(count),
+            members: Some(members),
+            ..
+        }) = crate::protocol::server::parse(&ack)
+        else {
+            return Err(unreadable());
+        };
+        Ok(RoomPresence {
+            count,
+            members: serde_json::from_str(members.get()).map_err(|_| unreadable())?,
         })
     }
 
