@@ -23,11 +23,16 @@
  * request), maxQueue: 1000, onClose(client) (called when a connection drops), token (a string,
  * or a function returning a string or a promise of one, called before every connect: a
  * signed token for a server that requires one), onGap(gap) (messages of a history room may
- * have been missed and could not be recovered: { roomID, offset, epoch }) }
+ * have been missed and could not be recovered: { roomID, offset, epoch }), onJoin(event) and
+ * onLeave(event) ({ roomID, connectionID }: an identity's first socket joined, or its last
+ * left, a room with join/leave events, on any node) }
  *
  * History rooms (protocol 1.1): the client remembers the last offset of each, sends it with
  * every connect so that the server sends what was missed, and drops messages it already
  * had; history(roomID, limit) returns the last messages a room keeps.
+ *
+ * Presence rooms (protocol 1.1): presence(roomID) resolves to { count, members }, who is in
+ * the room on every node.
  */
 (function (global) {
   "use strict";
@@ -132,6 +137,11 @@
           this._gap(frame);
           return;
         }
+        if (frame.type === "join" || frame.type === "leave") {
+          const callback = frame.type === "join" ? this.options.onJoin : this.options.onLeave;
+          if (callback) callback(frame);
+          return;
+        }
         const pending = this._pending.get(frame.messageID);
         if (!pending) return;
         this._pending.delete(frame.messageID);
@@ -217,6 +227,16 @@
         offset: ack.offset,
         epoch: ack.epoch,
         messages: ack.messages,
+      }));
+    }
+
+    // Who is in a room with presence, on every node: resolves to { count, members }
+    // (members may be cut at the server's maximum; count is exact). A room without presence
+    // rejects with code "not_enabled".
+    presence(roomID) {
+      return this._request({ type: "presence", roomID }).then((ack) => ({
+        count: ack.count,
+        members: ack.members,
       }));
     }
 

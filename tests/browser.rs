@@ -61,8 +61,9 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
         assert!(status.success(), "npm ci failed in {}", dir.display());
     }
     let redis = RedisServer::start().await;
-    let (_a, url_a) = start(&redis, &["--history-size", "100"]).await;
-    let (_b, url_b) = start(&redis, &["--history-size", "100"]).await;
+    let demo = ["--history-size", "100", "--join-leave"];
+    let (_a, url_a) = start(&redis, &demo).await;
+    let (_b, url_b) = start(&redis, &demo).await;
     // A third node requires tokens (and lets node A's pages in): thinws.js gets one from
     // its `token` option.
     let origin_a = url_a.trim_end_matches('/');
@@ -114,6 +115,10 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     );
     assert!(
         stdout.contains("ok: a late joiner saw the room's history"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok: the member list follows joins and leaves on the other node"),
         "{stdout}"
     );
 }

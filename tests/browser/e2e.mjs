@@ -34,6 +34,17 @@ try {
   }
   await join(pageA, urlA, "ann");
   await join(pageB, urlB, "ben");
+  // Who is here, live, across the two nodes: ann's page hears ben join on node B.
+  async function here(page, names) {
+    const want = names.slice().sort().join(",");
+    await page.waitForFunction(
+      (want) => [...document.querySelectorAll("#members li")].map((li) => li.textContent).join(",") === want,
+      want
+    );
+  }
+  await here(pageA, ["ann", "ben"]);
+  await here(pageB, ["ann", "ben"]);
+  console.log("ok: both pages show who is in the room");
 
   async function say(page, text) {
     await page.fill("#text", text);
@@ -73,6 +84,10 @@ try {
   const copies = await pageC.locator('#messages li:has-text("hello from node A")').count();
   if (copies !== 1) throw new Error(`the history showed a line ${copies} times`);
   console.log("ok: a late joiner saw the room's history");
+  await here(pageB, ["ann", "ben", "cid"]);
+  await pageC.close();
+  await here(pageB, ["ann", "ben"]);
+  console.log("ok: the member list follows joins and leaves on the other node");
 
   // thinws.js on a node that requires tokens: `token` as a function returning a promise.
   const tokenNode = process.env.THINWS_TOKEN_NODE;
