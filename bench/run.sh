@@ -8,6 +8,7 @@
 #   bench/run.sh fanout     # only some scenarios: fanout rooms latency idle chart
 #   TARGETS="thinws" bench/run.sh fanout
 #   TARGETS=thinws bench/run.sh rooms rooms-history fanout fanout-history recovery   # history rooms
+#   TARGETS=thinws bench/run.sh rooms rooms-presence fanout fanout-presence join-burst  # presence
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -97,6 +98,15 @@ for target in $targets; do
       # 1,000 subscribers come back after 1,000 messages and each recovers them all.
       recovery) [ "$target" = thinws ] && NODE_ARGS="--history-size 1000" LABEL=thinws-history \
         run "$target" recovery --subscribers 1000 --messages 1000 --window 64 ;;
+      # The same with presence and join/leave events on every room (thinws only): a message
+      # costs nothing more.
+      fanout-presence) [ "$target" = thinws ] && NODE_ARGS="--join-leave" LABEL=thinws-presence \
+        run "$target" fanout --subscribers 1000 --messages 2000 --window 64 ;;
+      rooms-presence) [ "$target" = thinws ] && NODE_ARGS="--join-leave" LABEL=thinws-presence \
+        run "$target" rooms --subscribers 1000 --messages 200 --window 16 ;;
+      # 1,000 sockets join one room with join/leave events at once.
+      join-burst) [ "$target" = thinws ] && NODE_ARGS="--join-leave" LABEL=thinws-join-leave \
+        run "$target" join-burst --subscribers 1000 --redis-port "$redis_port" ;;
       latency) run "$target" latency --subscribers 1000 --messages 2000 --rate 200 ;;
       idle) run "$target" idle --subscribers 10000 ;;
       chart)

@@ -223,12 +223,16 @@ impl Hub {
 
     /// Gracefully closes the node: stops accepting sockets, asks every socket to close with
     /// 1001 (going away) after the frames already queued for it, and waits until all are
-    /// closed or `deadline` has passed. Returns the number of sockets still open.
+    /// closed (and their presence entries removed) or `deadline` has passed. Returns the
+    /// number of sockets still open.
     pub async fn shutdown(&self, deadline: Duration) -> usize {
         self.node
             .rooms
             .close_all(CloseCode::Away, "server shutting down");
-        let _ = tokio::time::timeout(deadline, self.node.rooms.all_closed()).await;
+        let until = tokio::time::Instant::now() + deadline;
+        let _ = tokio::time::timeout_at(until, self.node.rooms.all_closed()).await;
+        // The closed sockets' presence leaves reach Redis now, not after the presence TTL.
+        let _ = tokio::time::timeout_at(until, self.node.broker.presence_flush()).await;
         self.socket_count()
     }
 }

@@ -367,3 +367,24 @@ async fn a_redis_restart_is_rebuilt_by_the_nodes_without_duplicates() {
     .await;
     assert_eq!(presence(&mut alice, "lobby").await, sorted(&["alice"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_with_sigterm_takes_its_members_out_at_once() {
+    // A 30 s TTL: a leave within the 10 s deadline of `event` comes from the shutdown, not
+    // from expiry.
+    let redis = RedisServer::start().await;
+    let (a, b) = (Proc::start(&redis, 30).await, Proc::start(&redis, 30).await);
+    let mut watcher = Client::connect_as(&a.url(), "watcher").await;
+    watcher.subscribe("lobby").await;
+    let mut hank = Client::connect_as(&b.url(), "hank").await;
+    hank.subscribe("lobby").await;
+    events(&mut watcher, "lobby", &["join watcher", "join hank"]).await;
+    let status = Command::new("kill")
+        .args(["-TERM", &b.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    events(&mut watcher, "lobby", &["leave hank"]).await;
+    assert_eq!(presence(&mut watcher, "lobby").await, sorted(&["watcher"]));
+    drop(b);
+}

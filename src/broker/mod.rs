@@ -290,6 +290,14 @@ impl Broker {
         }
     }
 
+    /// Waits until every presence change queued so far has reached the broker.
+    pub(crate) async fn presence_flush(&self) -> Result<(), BrokerError> {
+        match self {
+            Broker::Redis(b) => b.presence().flush().wait().await,
+            _ => Ok(()),
+        }
+    }
+
     /// Who is in `room` on every node, listing at most `max`.
     pub(crate) async fn presence(
         &self,

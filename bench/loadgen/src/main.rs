@@ -9,6 +9,7 @@
 mod chart;
 mod proto;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -48,6 +49,10 @@ enum Scenario {
     /// subscribe with `since` (where the room stood before) and each recovers all K; the time
     /// from the first reconnection to the last recovered message.
     Recovery,
+    /// thinws presence rooms: N sockets subscribe to one room at once (256 at a time), each
+    /// counted in its presence; the time until every one is visible (its subscribe acked),
+    /// checked by a `presence` request that must count all N.
+    JoinBurst,
 }
 
 #[derive(Parser, Clone)]
@@ -83,6 +88,10 @@ struct RunArgs {
     /// A name for the server under test, written into the report (e.g. "socketioxide").
     #[arg(long)]
     label: Option<String>,
+    /// The port of the Redis the nodes use (on 127.0.0.1), for counting its commands
+    /// (join-burst).
+    #[arg(long)]
+    redis_port: Option<u16>,
 }
 
 #[derive(Serialize, Default, serde::Deserialize, Clone)]
@@ -104,6 +113,12 @@ struct Report {
     rss_per_socket_kib: Option<f64>,
     /// What was measured, when the target alone does not say (e.g. "socketioxide").
     label: Option<String>,
+    /// Redis commands per socket (join-burst): script calls, and every command Redis ran,
+    /// those inside scripts included.
+    #[serde(default)]
+    redis_calls_per_socket: Option<f64>,
+    #[serde(default)]
+    redis_commands_per_socket: Option<f64>,
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -395,6 +410,7 @@ fn summarize(args: &RunArgs, seen: Vec<Seen>, expected: u64, started_us: u64, pe
         peak_rss_kib: peaks,
         rss_per_socket_kib: None,
         label: args.label.clone(),
+        ..Report::default()
     }
 }
 
@@ -626,6 +642,84 @@ async fn idle(args: &RunArgs) -> Report {
     }
 }
 
+async fn join_burst(args: &RunArgs) -> Report {
+    assert_eq!(args.target, Target::Thinws, "join-burst needs thinws presence rooms");
+    let (pids, rss) = (args.pids.clone(), watch_rss(args.pids.clone()));
+    let before = match args.redis_port {
+        Some(port) => Some(redis_commandstats(port).await),
+        None => None,
+    };
+    let started = Instant::now();
+    let sockets = connect_all(args, args.subscribers, |_| "burst".to_owned()).await;
+    // Each subscribe's ack means that its socket is counted on Redis.
+    let visible = started.elapsed();
+    let (calls, commands) = match (args.redis_port, before) {
+        (Some(port), Some(before)) => {
+            let after = redis_commandstats(port).await;
+            let delta = |name: Option<&str>| {
+                let sum = |stats: &HashMap<String, u64>| match name {
+                    Some(name) => stats.get(name).copied().unwrap_or(0),
+                    None => stats.values().sum(),
+                };
+                (sum(&after) - sum(&before)) as f64 / args.subscribers as f64
+            };
+            (Some(delta(Some("evalsha"))), Some(delta(None)))
+        }
+        _ => (None, None),
+    };
+    let url = args.target.url(&args.nodes[0]);
+    let (mut tx, mut rx) = proto::connect(args.target, &url, None).await.expect("the probe socket");
+    let probe = r#"{"type":"presence","messageID":1,"roomID":"burst"}"#.to_owned();
+    let ack = proto::request_text(&mut tx, &mut rx, 1, probe).await.expect("a presence room");
+    let ack: serde_json::Value = serde_json::from_str(&ack).expect("the presence ack");
+    let counted = ack["count"].as_u64().expect("a count");
+    rss.1.abort();
+    drop(sockets);
+    let peaks = rss.0.lock().unwrap().clone();
+    let _ = pids;
+    Report {
+        target: format!("{:?}", args.target).to_lowercase(),
+        scenario: "join-burst".into(),
+        sockets: args.subscribers,
+        expected: args.subscribers as u64,
+        delivered: counted,
+        missing: (args.subscribers as u64).saturating_sub(counted),
+        seconds: visible.as_secs_f64(),
+        deliveries_per_sec: args.subscribers as f64 / visible.as_secs_f64(),
+        peak_rss_kib: peaks,
+        label: args.label.clone(),
+        redis_calls_per_socket: calls,
+        redis_commands_per_socket: commands,
+        ..Report::default()
+    }
+}
+
+/// Calls per command since Redis started (or `CONFIG RESETSTAT`), from `INFO commandstats`.
+async fn redis_commandstats(port: u16) -> HashMap<String, u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to Redis");
+    redis.write_all(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n").await.expect("INFO");
+    let mut reply = Vec::new();
+    loop {
+        let mut chunk = [0u8; 4096];
+        let n = redis.read(&mut chunk).await.expect("read INFO");
+        reply.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&reply);
+        let Some((head, body)) = text.split_once("\r\n") else { continue };
+        let len: usize = head.trim_start_matches('$').parse().expect("a bulk reply");
+        if n == 0 || body.len() >= len {
+            return body
+                .lines()
+                .filter_map(|line| {
+                    let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+                    let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+                    Some((name.to_owned(), calls))
+                })
+                .collect();
+        }
+    }
+}
+
 fn read_reports(input: &std::path::Path) -> Vec<Report> {
     let text = std::fs::read_to_string(input).expect("read reports");
     text.lines()
@@ -640,6 +734,21 @@ fn print_table(reports: &[Report]) {
     for r in reports {
         let server = r.label.clone().unwrap_or_else(|| r.target.clone());
         let rss: Vec<String> = r.peak_rss_kib.iter().map(|k| format!("{:.0}", *k as f64 / 1024.0)).collect();
+        if r.scenario == "join-burst" {
+            println!(
+                "| join-burst | {server} | {} | | {:.0} joins/s | | | {:.0} (all {} counted) | {} | | {} | |",
+                r.sockets,
+                r.deliveries_per_sec,
+                r.seconds * 1000.0,
+                r.delivered,
+                r.missing,
+                rss.join(" / ")
+            );
+            if let (Some(calls), Some(commands)) = (r.redis_calls_per_socket, r.redis_commands_per_socket) {
+                println!("| | Redis per join: {calls:.2} script calls, {commands:.1} commands in all | | | | | | | | | | |");
+            }
+            continue;
+        }
         if r.scenario == "idle" {
             println!(
                 "| idle | {server} | {} | | | | | | | | {} | {:.1} |",
@@ -680,6 +789,7 @@ async fn main() {
                 Scenario::Rooms => rooms(&args).await,
                 Scenario::Idle => idle(&args).await,
                 Scenario::Recovery => recovery(&args).await,
+                Scenario::JoinBurst => join_burst(&args).await,
             };
             let line = serde_json::to_string(&report).expect("report");
             println!("{line}");

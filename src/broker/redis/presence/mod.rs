@@ -8,7 +8,7 @@
 //! - sorted set `presence-nodes:{ROOM}`: each node with members, scored by when its share
 //!   expires (Redis's clock, so that nodes' clocks do not matter).
 //!
-//! Every change goes through one script (`presence_script.lua`) that first sweeps out the
+//! Every change goes through one script (`script.lua`) that first sweeps out the
 //! shares of expired nodes, then applies the change to this node's share and to the member
 //! hash together. An identity's join (its total going from 0) and leave (to 0) are decided
 //! there, atomically, so that two nodes joining the same identity at once make exactly one
@@ -31,6 +31,9 @@ use deadpool_redis::{Connection, Pool};
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
+mod task;
+
+use self::task::Task;
 use super::connect::{pool_error, redis_error, within};
 use crate::broker::presence::{Counts, Members};
 use crate::broker::{Confirmation, Keys};
@@ -39,7 +42,7 @@ use crate::protocol::server::{self, PresenceEvent};
 use crate::settings::Presence;
 
 /// The presence script (see the module docs).
-const SCRIPT: &str = include_str!("presence_script.lua");
+const SCRIPT: &str = include_str!("script.lua");
 
 /// Script calls sent in one pipeline, at most.
 const BATCH: usize = 256;
@@ -49,6 +52,13 @@ fn pipeline() -> redis::Pipeline {
     let mut pipeline = redis::pipe();
     pipeline.ignore_errors();
     pipeline
+}
+
+/// What the task is asked.
+enum Request {
+    Change(Change),
+    /// Answered once every change queued before it has been sent.
+    Flush(oneshot::Sender<Result<(), BrokerError>>),
 }
 
 /// One socket joining or leaving a presence room.
@@ -134,9 +144,9 @@ impl Shared {
 /// Presence rooms on Redis, for this node.
 pub(crate) struct PresenceStore {
     shared: Arc<Shared>,
-    changes: mpsc::UnboundedSender<Change>,
+    changes: mpsc::UnboundedSender<Request>,
     /// The task's end of `changes`, until it starts.
-    waiting: Mutex<Option<mpsc::UnboundedReceiver<Change>>>,
+    waiting: Mutex<Option<mpsc::UnboundedReceiver<Request>>>,
 }
 
 impl std::fmt::Debug for PresenceStore {
@@ -214,7 +224,17 @@ impl PresenceStore {
             presence,
             done,
         };
-        match self.changes.send(change) {
+        match self.changes.send(Request::Change(change)) {
+            Ok(()) => Confirmation::Pending(answer, "presence task"),
+            Err(_) => Confirmation::Done(Err(BrokerError::Stopped("presence task"))),
+        }
+    }
+
+    /// Confirmed once every change queued so far has reached Redis (or failed): a node
+    /// shutting down waits for it, so that its members leave at once.
+    pub(crate) fn flush(&self) -> Confirmation {
+        let (done, answer) = oneshot::channel();
+        match self.changes.send(Request::Flush(done)) {
             Ok(()) => Confirmation::Pending(answer, "presence task"),
             Err(_) => Confirmation::Done(Err(BrokerError::Stopped("presence task"))),
         }
@@ -259,157 +279,5 @@ impl PresenceStore {
             ))),
             other => Err(unexpected(&other)),
         }
-    }
-}
-
-/// The task that owns this node's presence counts.
-struct Task {
-    shared: Arc<Shared>,
-    counts: Counts,
-    /// The presence setting of each room this node has (or had, while it is dirty).
-    settings: HashMap<Arc<str>, Presence>,
-    /// Rooms whose share on Redis may differ from `counts`: sent whole at the next refresh.
-    dirty: HashSet<Arc<str>>,
-}
-
-impl Task {
-    async fn run(mut self, mut changes: mpsc::UnboundedReceiver<Change>) {
-        let every = (self.shared.ttl / 6).max(Duration::from_millis(10));
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut batch = Vec::with_capacity(BATCH);
-        loop {
-            tokio::select! {
-                received = changes.recv_many(&mut batch, BATCH) => {
-                    if received == 0 {
-                        return;
-                    }
-                    self.apply(&mut batch).await;
-                }
-                _ = tick.tick() => self.refresh().await,
-            }
-        }
-    }
-
-    /// Applies `batch` to the counts and sends the new counts to Redis, in one pipeline.
-    async fn apply(&mut self, batch: &mut Vec<Change>) {
-        let mut pipeline = pipeline();
-        for change in batch.iter() {
-            let sockets = match change.joined {
-                true => self.counts.add(&change.room, &change.identity),
-                false => self.counts.remove(&change.room, &change.identity),
-            };
-            self.settings.insert(change.room.clone(), change.presence);
-            self.shared
-                .call(&mut pipeline, "set", &change.room, change.presence)
-                .arg(&*change.identity)
-                .arg(sockets);
-        }
-        let replies = self.send(&pipeline).await;
-        for (n, change) in batch.drain(..).enumerate() {
-            let result = match &replies {
-                Ok(replies) => match replies.get(n) {
-                    Some(Value::Int(1)) => Ok(()),
-                    // This node had been swept out as dead: its share goes whole again.
-                    Some(Value::Int(0)) => {
-                        self.dirty.insert(change.room.clone());
-                        Ok(())
-                    }
-                    Some(Value::ServerError(e)) => Err(BrokerError::Refused(Arc::new(
-                        redis::RedisError::from(e.clone()),
-                    ))),
-                    other => Err(BrokerError::Protocol(format!(
-                        "{other:?} from the presence script"
-                    ))),
-                },
-                Err(e) => Err(e.clone()),
-            };
-            if result.is_err() {
-                self.dirty.insert(change.room.clone());
-            }
-            let _ = change.done.send(result);
-        }
-        self.forget_settled();
-    }
-
-    /// Forgets the settings of rooms this node left, once Redis agrees.
-    fn forget_settled(&mut self) {
-        let (counts, dirty) = (&self.counts, &self.dirty);
-        self.settings
-            .retain(|room, _| counts.room(room).is_some() || dirty.contains(room));
-    }
-
-    /// Renews this node's share in every room it has, and sweeps out dead nodes. Rooms
-    /// that may differ from Redis (or that Redis lost) are sent whole.
-    async fn refresh(&mut self) {
-        let rooms: Vec<Arc<str>> = self.settings.keys().cloned().collect();
-        let mut whole = Vec::new();
-        for chunk in rooms.chunks(BATCH) {
-            let mut pipeline = pipeline();
-            for room in chunk {
-                let presence = self.settings[room];
-                let identities = self.counts.room(room).map_or(0, HashMap::len);
-                match self.dirty.contains(room) {
-                    true => whole.push(room.clone()),
-                    false => {
-                        self.shared
-                            .call(&mut pipeline, "touch", room, presence)
-                            .arg(identities);
-                    }
-                }
-            }
-            let touched: Vec<&Arc<str>> =
-                chunk.iter().filter(|r| !self.dirty.contains(*r)).collect();
-            if touched.is_empty() {
-                continue;
-            }
-            match self.send(&pipeline).await {
-                Ok(replies) => {
-                    for (room, reply) in touched.into_iter().zip(replies) {
-                        if !matches!(reply, Value::Int(1)) {
-                            whole.push(room.clone());
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e.report(), "could not refresh presence");
-                    return;
-                }
-            }
-        }
-        for chunk in whole.chunks(BATCH) {
-            let mut pipeline = pipeline();
-            for room in chunk {
-                let command = self
-                    .shared
-                    .call(&mut pipeline, "sync", room, self.settings[room]);
-                for (identity, sockets) in self.counts.room(room).into_iter().flatten() {
-                    command.arg(&**identity).arg(*sockets);
-                }
-            }
-            match self.send(&pipeline).await {
-                Ok(replies) => {
-                    for (room, reply) in chunk.iter().zip(replies) {
-                        if matches!(reply, Value::Int(1)) {
-                            self.dirty.remove(room);
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e.report(), "could not send presence again");
-                    return;
-                }
-            }
-        }
-        self.forget_settled();
-    }
-
-    async fn send(&self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BrokerError> {
-        let shared = &self.shared;
-        within(shared.timeout, async {
-            let mut connection = shared.pool.get().await.map_err(pool_error)?;
-            shared.send(&mut connection, pipeline).await
-        })
-        .await
     }
 }
