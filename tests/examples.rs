@@ -59,11 +59,14 @@ async fn post_json(addr: std::net::SocketAddr, path: &str, body: &str) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn axum_chat_publishes_from_a_post_handler_on_node_a_to_a_socket_on_node_b() {
     let redis = RedisServer::start().await;
-    let a = serve_axum(axum_chat::app(ThinWsLayer::new(redis.url()))).await;
-    let b = serve_axum(axum_chat::app(ThinWsLayer::new(redis.url()))).await;
+    let layer = || axum_chat::settings().redis_url(redis.url()).build();
+    let a = serve_axum(axum_chat::app(layer())).await;
+    let b = serve_axum(axum_chat::app(layer())).await;
     assert_eq!(http(a, "GET", "/", &[]).await.0, 200);
     let mut on_b = Client::connect(&format!("ws://{b}/")).await;
     on_b.subscribe("lobby").await;
+    // The app announces joins: the socket hears its own.
+    assert_eq!(on_b.recv().await["type"], "join");
     assert_eq!(
         post_json(a, "/rooms/lobby/messages", r#"{"text":"from http"}"#).await,
         202
@@ -72,6 +75,11 @@ async fn axum_chat_publishes_from_a_post_handler_on_node_a_to_a_socket_on_node_b
     assert_eq!(got["payload"], json!({"text": "from http"}));
     assert_eq!(got["roomID"], "lobby");
     assert_eq!(got["connectionID"], "server");
+    // Who is in the room, asked over HTTP on the other node.
+    let (status, body) = http(a, "GET", "/rooms/lobby/members", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["count"], 1, "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -388,3 +388,31 @@ async fn a_node_stopped_with_sigterm_takes_its_members_out_at_once() {
     assert_eq!(presence(&mut watcher, "lobby").await, sorted(&["watcher"]));
     drop(b);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_cut_at_the_maximum_while_the_count_stays_exact() {
+    let redis = RedisServer::start().await;
+    for redis in [Some(&redis), None] {
+        let builder = ThinWsLayer::builder()
+            .presence(Presence::On)
+            .presence_members_max(2);
+        let layer = match redis {
+            Some(redis) => builder.redis_url(redis.url()).build(),
+            None => builder.build(),
+        };
+        let node = Node::start(layer).await;
+        let mut clients = Vec::new();
+        for name in ["a", "b", "c", "d"] {
+            let mut c = Client::connect_as(&node.url(), name).await;
+            c.subscribe("big").await;
+            clients.push(c);
+        }
+        let (count, members) = presence(&mut clients[0], "big").await;
+        assert_eq!(count, 4);
+        assert_eq!(members.len(), 2, "{members:?}");
+        assert!(members
+            .iter()
+            .all(|m| ["a", "b", "c", "d"].contains(&m.as_str())));
+        assert!(members[0] != members[1], "distinct: {members:?}");
+    }
+}

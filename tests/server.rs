@@ -716,3 +716,30 @@ async fn the_api_serves_a_rooms_history() {
         http_with_body(server.addr, "GET", "/api/rooms/news/history", &key, "").await;
     assert_eq!((status, body["error"].as_str()), (404, Some("not_enabled")));
 }
+
+#[tokio::test]
+async fn the_api_serves_a_rooms_presence() {
+    let server = Server::start(&["--api-key", "k", "--presence"]).await;
+    let key = [("Authorization", "apikey k")];
+    let mut alice = Client::connect_as(&server.url(), "alice").await;
+    alice.subscribe("news room").await;
+    let mut bob = Client::connect_as(&server.url(), "bob").await;
+    bob.subscribe("news room").await;
+    let (status, body) = http_with_body(
+        server.addr,
+        "GET",
+        "/api/rooms/news%20room/presence",
+        &key,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["count"], 2);
+    let mut members: Vec<String> = serde_json::from_value(body["members"].clone()).unwrap();
+    members.sort();
+    assert_eq!(members, ["alice", "bob"]);
+    let server = Server::start(&["--api-key", "k"]).await;
+    let (status, body) =
+        http_with_body(server.addr, "GET", "/api/rooms/news/presence", &key, "").await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_enabled")));
+}
