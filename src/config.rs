@@ -26,6 +26,8 @@ pub(crate) struct Config {
     pub(crate) rate: RateConfig,
     /// tungstenite's read buffer per socket.
     pub(crate) read_buffer_size: usize,
+    /// A private CA to trust for `rediss://`.
+    pub(crate) redis_ca_pem: Option<std::sync::Arc<[u8]>>,
     /// How long any one Redis operation may take.
     pub(crate) redis_timeout: Duration,
     /// How long an identity's rooms are kept after its last socket went away.
@@ -66,6 +68,7 @@ impl Default for Config {
                 flood_after: 100,
             },
             read_buffer_size: 512,
+            redis_ca_pem: None,
             redis_timeout: Duration::from_secs(2),
             identity_ttl: Duration::from_secs(24 * 60 * 60),
             server_sender_id: "server".into(),

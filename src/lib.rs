@@ -46,6 +46,8 @@ pub mod protocol;
 pub mod publisher;
 mod rooms;
 pub mod settings;
+#[cfg(feature = "tls")]
+mod tls;
 
 pub use error::{BrokerError, Error, ErrorSource};
 pub use hub::{Health, Hub, PoolStatus, RoomHistory, RoomPresence};

@@ -42,7 +42,7 @@ impl Node {
         let mut url_error = None;
         let broker = match redis_url {
             None => Broker::Memory(Box::new(MemoryBroker::new(sink, config.identity_ttl))),
-            Some(url) => match RedisTarget::parse(url) {
+            Some(url) => match RedisTarget::parse(url, config.redis_ca_pem.as_deref()) {
                 Ok(target) => {
                     let broker = RedisBroker::new(
                         target,

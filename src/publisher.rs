@@ -79,9 +79,16 @@ pub struct PublisherBuilder {
     sender_id: String,
     timeout: Duration,
     rooms: RoomPolicy,
+    ca_pem: Option<Vec<u8>>,
 }
 
 impl PublisherBuilder {
+    /// For `rediss://`: a private CA (PEM) to trust, as `ThinWsBuilder::redis_ca_pem`.
+    pub fn redis_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem = Some(pem.into());
+        self
+    }
+
     /// The key prefix the nodes use (`ThinWsBuilder::key_prefix`). Default `"thinws:"`.
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = prefix.into();
@@ -109,7 +116,7 @@ impl PublisherBuilder {
 
     /// Builds the publisher. Connects lazily; fails only on a malformed URL.
     pub fn build(self) -> Result<Publisher, Error> {
-        let target = RedisTarget::parse(&self.url)?;
+        let target = RedisTarget::parse(&self.url, self.ca_pem.as_deref())?;
         let (pool, disconnects) = target.pool(1, self.timeout)?;
         Ok(Publisher {
             inner: Arc::new(Inner {
@@ -142,6 +149,7 @@ impl Publisher {
             sender_id: defaults.server_sender_id,
             timeout: defaults.redis_timeout,
             rooms: defaults.rooms,
+            ca_pem: None,
         }
     }
 

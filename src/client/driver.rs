@@ -67,6 +67,30 @@ fn server_error(code: &str, message: &str) -> ClientError {
     }
 }
 
+/// Opens the WebSocket: for `wss://`, over rustls with the system's roots and the
+/// configured CA.
+async fn connect(
+    config: &ClientBuilder,
+    url: &str,
+) -> Result<
+    (
+        Socket,
+        tokio_tungstenite::tungstenite::handshake::client::Response,
+    ),
+    tokio_tungstenite::tungstenite::Error,
+> {
+    #[cfg(feature = "tls")]
+    if url.starts_with("wss://") {
+        let tls = crate::tls::client_config(config.tls_ca_pem.as_deref())
+            .map_err(|e| tokio_tungstenite::tungstenite::Error::Io(std::io::Error::other(e)))?;
+        let connector = tokio_tungstenite::Connector::Rustls(tls);
+        return tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector))
+            .await;
+    }
+    let _ = config;
+    tokio_tungstenite::connect_async(url).await
+}
+
 /// Opens a socket and binds it to the identity; the server has rejoined the identity's
 /// rooms when this returns.
 pub(super) async fn open(
@@ -80,7 +104,7 @@ pub(super) async fn open(
             Some(source) => Some(source.get().await?),
         };
         let lost = |e| ClientError::Connect(std::sync::Arc::new(e));
-        let (mut socket, _) = tokio_tungstenite::connect_async(url).await.map_err(lost)?;
+        let (mut socket, _) = connect(config, url).await.map_err(lost)?;
         // Where each history room ends here, so that the server sends what followed.
         let since: Vec<_> = positions
             .iter()

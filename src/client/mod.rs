@@ -20,7 +20,8 @@
 //! [`ErrorCode::Timeout`] means that the outcome is unknown (the message may still be
 //! delivered), while [`ErrorCode::Unavailable`] means that nothing was done.
 //!
-//! Plain `ws://` only: this feature adds no TLS stack.
+//! `wss://` needs the `tls` feature too (rustls, trusting the system's roots and, with
+//! [`ClientBuilder::tls_ca_pem`], a private CA).
 //!
 //! # Example
 //!
@@ -172,6 +173,8 @@ pub struct ClientBuilder {
     pub(crate) on_gap: Option<OnGap>,
     pub(crate) on_presence: OnPresence,
     pub(crate) request_timeout: Duration,
+    /// For `wss://` (feature `tls`): a private CA to trust beside the system's roots.
+    pub(crate) tls_ca_pem: Option<Arc<[u8]>>,
     pub(crate) max_queued: usize,
     pub(crate) max_backoff: Duration,
 }
@@ -247,6 +250,13 @@ impl ClientBuilder {
     /// `connect`, and drops any message it already had.
     pub fn on_gap(mut self, callback: impl Fn(Gap) + Send + Sync + 'static) -> Self {
         self.on_gap = Some(OnGap(Arc::new(callback)));
+        self
+    }
+
+    /// For `wss://` URLs (feature `tls`): a private CA (PEM) to trust beside the system's
+    /// root certificates, e.g. for a self-signed proxy certificate in a test setup.
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_ca_pem = Some(pem.into().into());
         self
     }
 
@@ -340,6 +350,7 @@ impl ThinWsClient {
             token: None,
             on_gap: None,
             on_presence: OnPresence::default(),
+            tls_ca_pem: None,
             request_timeout: Duration::from_secs(10),
             max_queued: 1024,
             max_backoff: Duration::from_secs(10),

@@ -37,10 +37,19 @@ pub struct ThinWsBuilder {
 }
 
 impl ThinWsBuilder {
-    /// Fan out through Redis at this URL (`redis://[:password@]host:port[/db]`). Without
-    /// it, the layer uses the in-memory single-node broker.
+    /// Fan out through Redis at this URL (`redis://[:password@]host:port[/db]`, or
+    /// `rediss://` for TLS with the `tls` feature). Without it, the layer uses the
+    /// in-memory single-node broker.
     pub fn redis_url(mut self, url: impl Into<String>) -> Self {
         self.redis_url = Some(url.into());
+        self
+    }
+
+    /// For `rediss://`: a private CA (PEM) to trust beside the system's root certificates,
+    /// e.g. that of a self-hosted Redis. Managed offerings' certificates chain to public
+    /// roots and need none.
+    pub fn redis_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.config.redis_ca_pem = Some(pem.into().into());
         self
     }
 

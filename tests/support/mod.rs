@@ -6,6 +6,8 @@
 //! things settle".
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -44,6 +46,8 @@ pub struct RedisServer {
     pub port: u16,
     /// `requirepass`, when the server was started with one.
     password: Option<String>,
+    /// With TLS: its port (beside the plain `port`, kept for probes) and its certificate.
+    tls: Option<(u16, std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl RedisServer {
@@ -64,12 +68,36 @@ impl RedisServer {
                 child: None,
                 port,
                 password: password.clone(),
+                tls: None,
             };
             if server.spawn().await {
                 return server;
             }
         }
         panic!("could not start redis-server (is it installed?)");
+    }
+
+    /// Starts a server that also listens with TLS (certificate `certs.cert()`), on a port
+    /// of its own: see [`RedisServer::tls_url`].
+    pub async fn start_tls(certs: &certs::TestCerts) -> Self {
+        for _ in 0..20 {
+            let mut server = RedisServer {
+                child: None,
+                port: free_port(),
+                password: None,
+                tls: Some((free_port(), certs.cert(), certs.key())),
+            };
+            if server.spawn().await {
+                return server;
+            }
+        }
+        panic!("could not start redis-server with TLS (is it built with TLS?)");
+    }
+
+    /// `rediss://127.0.0.1:{tls port}`.
+    pub fn tls_url(&self) -> String {
+        let (port, ..) = self.tls.as_ref().expect("a TLS server");
+        format!("rediss://127.0.0.1:{port}")
     }
 
     /// `redis://127.0.0.1:{port}`, with `default:{password}@` when there is a password.
@@ -84,6 +112,15 @@ impl RedisServer {
         let mut command = Command::new("redis-server");
         if let Some(password) = &self.password {
             command.args(["--requirepass", password]);
+        }
+        if let Some((port, cert, key)) = &self.tls {
+            command
+                .args(["--tls-port", &port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .args(["--tls-auth-clients", "no"]);
         }
         let child = command
             .args(["--port", &self.port.to_string()])

@@ -39,9 +39,14 @@ struct Args {
     /// Address to listen on.
     #[arg(long, env = "THINWS_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
-    /// Redis to fan out through; without it, a single in-memory node.
+    /// Redis to fan out through (`redis://…`, or `rediss://…` for TLS); without it, a single
+    /// in-memory node.
     #[arg(long, env = "REDIS_URL")]
     redis_url: Option<String>,
+    /// For `rediss://`: a PEM file of the CA that signed Redis's certificate, trusted
+    /// beside the system's roots (needed for a private CA, not for managed Redis).
+    #[arg(long, env = "THINWS_REDIS_CA_FILE")]
+    redis_ca_file: Option<std::path::PathBuf>,
     /// Take over WebSocket upgrades on this path only (default: every path).
     #[arg(long, env = "THINWS_PATH")]
     path: Option<String>,
@@ -306,6 +311,11 @@ async fn run(args: Args) -> Result<(), String> {
     builder = builder.allow_same_host_origin();
     for origin in &args.allowed_origins {
         builder = builder.allow_origin(origin);
+    }
+    if let Some(path) = &args.redis_ca_file {
+        let pem =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        builder = builder.redis_ca_pem(pem);
     }
     let layer = match &args.redis_url {
         Some(url) => {

@@ -17,16 +17,69 @@ const SHARED_CONNECTIONS: usize = 8;
 #[derive(Debug, Clone)]
 pub(crate) struct RedisTarget {
     info: ConnectionInfo,
+    /// For `rediss://`: the pub/sub connection's TLS connector.
+    #[cfg(feature = "tls")]
+    tls: Option<super::tls::Tls>,
 }
 
 impl RedisTarget {
-    /// Parses `url`; the error redacts any password.
-    pub(crate) fn parse(url: &str) -> Result<Self, InvalidUrl> {
-        let info = url.into_connection_info().map_err(|e| InvalidUrl {
+    /// Parses `url`; `ca_pem` is a private CA to trust for `rediss://` (beside the system's
+    /// roots). The error redacts any password.
+    pub(crate) fn parse(url: &str, ca_pem: Option<&[u8]>) -> Result<Self, InvalidUrl> {
+        let invalid = |source: ErrorSource| InvalidUrl {
             url: redact(url),
-            source: Arc::new(e),
-        })?;
-        Ok(RedisTarget { info })
+            source,
+        };
+        let info = url
+            .into_connection_info()
+            .map_err(|e| invalid(Arc::new(e)))?;
+        let is_tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+        #[cfg(feature = "tls")]
+        {
+            if let redis::ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+                return Err(invalid(Arc::new(std::io::Error::other(
+                    "rediss://…#insecure skips certificate checks and is not supported: give the server's CA instead",
+                ))));
+            }
+            let (info, tls) = match is_tls {
+                false => (info, None),
+                true => {
+                    let tls = super::tls::Tls::new(ca_pem)
+                        .map_err(|e| invalid(Arc::new(std::io::Error::other(e))))?;
+                    let info = match ca_pem {
+                        None => info,
+                        Some(pem) => redis::Client::build_with_tls(
+                            info,
+                            redis::TlsCertificates {
+                                client_tls: None,
+                                root_cert: Some(pem.to_vec()),
+                            },
+                        )
+                        .map_err(|e| invalid(Arc::new(e)))?
+                        .get_connection_info()
+                        .clone(),
+                    };
+                    (info, Some(tls))
+                }
+            };
+            Ok(RedisTarget { info, tls })
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            let _ = ca_pem;
+            if is_tls {
+                return Err(invalid(Arc::new(std::io::Error::other(
+                    "rediss:// needs thinws's `tls` cargo feature",
+                ))));
+            }
+            Ok(RedisTarget { info })
+        }
+    }
+
+    /// The TLS connector for a `rediss://` target.
+    #[cfg(feature = "tls")]
+    pub(crate) fn tls(&self) -> Option<&super::tls::Tls> {
+        self.tls.as_ref()
     }
 
     /// The connection settings (address, user name, password, database).
@@ -156,7 +209,7 @@ mod tests {
 
     #[test]
     fn a_bad_url_is_refused_without_its_password() {
-        let e = Error::from(RedisTarget::parse("redis://:secret@h:notaport").unwrap_err());
+        let e = Error::from(RedisTarget::parse("redis://:secret@h:notaport", None).unwrap_err());
         assert!(!e.to_string().contains("secret"), "{e}");
         assert!(std::error::Error::source(&e).is_some());
     }

@@ -17,6 +17,8 @@ mod lanes;
 mod presence;
 mod resp;
 mod subscriber;
+#[cfg(feature = "tls")]
+mod tls;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -102,7 +104,7 @@ impl RedisBroker {
             Running {
                 lanes: Lanes::start(PUBLISH_LANES, &self.pool, &self.disconnects, self.timeout),
                 subscriber: Subscriber::start(
-                    self.target.info().clone(),
+                    self.target.clone(),
                     self.keys.clone(),
                     self.timeout,
                     self.sink.clone(),

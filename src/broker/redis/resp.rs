@@ -12,7 +12,9 @@
 use std::fmt;
 
 use bytes::{Buf, BytesMut};
-use redis::{ConnectionAddr, ConnectionInfo};
+use redis::ConnectionAddr;
+
+use super::connect::RedisTarget;
 use redis_protocol::resp2::decode::decode_range;
 use redis_protocol::resp2::types::RangeFrame;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -58,8 +60,10 @@ impl fmt::Debug for RespConnection {
 }
 
 impl RespConnection {
-    /// Connects and authenticates (with the URL's user name and password, if any).
-    pub(super) async fn connect(info: &ConnectionInfo) -> Result<Self, BrokerError> {
+    /// Connects (over TLS for `rediss://`) and authenticates (with the URL's user name and
+    /// password, if any).
+    pub(super) async fn connect(target: &RedisTarget) -> Result<Self, BrokerError> {
+        let info = target.info();
         let io: Box<dyn Io> = match info.addr() {
             ConnectionAddr::Tcp(host, port) => {
                 let stream = TcpStream::connect((host.as_str(), *port))
@@ -74,10 +78,21 @@ impl RespConnection {
                     .await
                     .map_err(io_error)?,
             ),
+            #[cfg(feature = "tls")]
+            ConnectionAddr::TcpTls { host, port, .. } => {
+                let tls = target.tls().ok_or_else(|| {
+                    BrokerError::connection(std::io::Error::other("no TLS settings for rediss://"))
+                })?;
+                let stream = TcpStream::connect((host.as_str(), *port))
+                    .await
+                    .map_err(io_error)?;
+                stream.set_nodelay(true).map_err(io_error)?;
+                Box::new(tls.connect(host, stream).await?)
+            }
             _ => {
                 return Err(BrokerError::connection(std::io::Error::new(
                     std::io::ErrorKind::Unsupported,
-                    "this Redis address is not supported (TLS is not built in)",
+                    "this Redis address is not supported",
                 )))
             }
         };

@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use hyper_tungstenite::tungstenite::Utf8Bytes;
-use redis::ConnectionInfo;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::catch_up::Tracks;
-use super::connect::within;
+use super::connect::{within, RedisTarget};
 use super::history::HistoryStore;
 use super::resp::{Reply, RespConnection};
 use crate::broker::{Confirmation, Keys, SharedSink};
@@ -48,7 +47,7 @@ pub(crate) struct Subscriber {
 impl Subscriber {
     /// Starts the task (inside a Tokio runtime).
     pub(crate) fn start(
-        info: ConnectionInfo,
+        target: RedisTarget,
         keys: Keys,
         timeout: Duration,
         sink: SharedSink,
@@ -58,7 +57,7 @@ impl Subscriber {
         let (commands, receiver) = mpsc::unbounded_channel();
         let (live_tx, live) = watch::channel(false);
         let task = Task {
-            info,
+            target,
             keys,
             timeout,
             sink,
@@ -124,7 +123,7 @@ enum Stop {
 
 /// The task's state.
 struct Task {
-    info: ConnectionInfo,
+    target: RedisTarget,
     keys: Keys,
     timeout: Duration,
     sink: SharedSink,
@@ -147,7 +146,7 @@ impl Task {
         let mut delays = policy.build();
         let mut connected_before = false;
         loop {
-            let stop = match within(self.timeout, RespConnection::connect(&self.info)).await {
+            let stop = match within(self.timeout, RespConnection::connect(&self.target)).await {
                 Ok(connection) => {
                     self.serve(connection, &mut commands, connected_before)
                         .await
