@@ -221,6 +221,13 @@ impl Hub {
         }
     }
 
+    /// Starts draining: from now on upgrades are answered 503 and [`Hub::health`] is not
+    /// ready (so a load balancer's health check takes the node out), while the open
+    /// sockets go on being served. [`Hub::shutdown`] then closes them.
+    pub fn drain(&self) {
+        self.node.rooms.stop_accepting();
+    }
+
     /// Gracefully closes the node: stops accepting sockets, asks every socket to close with
     /// 1001 (going away) after the frames already queued for it, and waits until all are
     /// closed (and their presence entries removed) or `deadline` has passed. Returns the

@@ -183,6 +183,11 @@ impl Rooms {
         }
     }
 
+    /// Stops accepting sockets; those open go on.
+    pub(crate) fn stop_accepting(&self) {
+        self.inner.accepting.store(false, Ordering::Release);
+    }
+
     /// Whether new sockets are accepted.
     pub(crate) fn is_accepting(&self) -> bool {
         self.inner.accepting.load(Ordering::Acquire)

@@ -65,10 +65,7 @@ async fn two_nodes_work_through_a_tls_redis_and_survive_its_restart() {
     let plain_port = format!("laddr=127.0.0.1:{} ", redis.port);
     let on_plain = clients.lines().filter(|l| l.contains(&plain_port)).count();
     assert_eq!(on_plain, 1, "only this inspecting client: {clients}");
-    let subscribers = clients
-        .lines()
-        .filter(|l| l.contains(" flags=P "))
-        .count();
+    let subscribers = clients.lines().filter(|l| l.contains(" flags=P ")).count();
     assert_eq!(subscribers, 2, "one pub/sub connection per node: {clients}");
 
     // Redis restarts: the pub/sub connections come back over TLS and delivery resumes.

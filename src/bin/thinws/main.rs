@@ -53,6 +53,11 @@ struct Args {
     /// Prefix of the Redis channels and keys.
     #[arg(long, env = "THINWS_KEY_PREFIX", default_value = "thinws:")]
     key_prefix: String,
+    /// On SIGTERM/SIGINT, seconds to go on serving open sockets while refusing new ones
+    /// (503, and /healthz 503) before closing them: long enough for a load balancer's
+    /// health check to take the node out (see deploy/).
+    #[arg(long, env = "THINWS_DRAIN_SECONDS", default_value_t = 0)]
+    drain_seconds: u64,
     /// Seconds to wait for sockets to close on shutdown.
     #[arg(long, env = "THINWS_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     shutdown_timeout: u64,
@@ -355,27 +360,35 @@ async fn run(args: Args) -> Result<(), String> {
     }
 
     let header_read_timeout = Duration::from_secs(args.header_read_timeout.max(1));
-    accept::accept_loop(
-        listener,
-        capacity.pending,
-        shutdown_signal(),
-        |tcp, permit| {
-            let service = TowerToHyperService::new(service.clone());
-            tokio::spawn(async move {
-                let served = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_read_timeout)
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .with_upgrades()
-                    .await;
-                // Upgraded (the socket now counts toward --max-sockets) or done.
-                drop(permit);
-                if let Err(e) = served {
-                    tracing::debug!(error = %e, "HTTP connection ended with an error");
-                }
-            });
-        },
-    )
+    let drain = Duration::from_secs(args.drain_seconds);
+    let draining = hub.clone();
+    let stop = async move {
+        shutdown_signal().await;
+        if !drain.is_zero() {
+            tracing::info!(
+                ?drain,
+                "draining: refusing new sockets, serving the open ones"
+            );
+            draining.drain();
+            tokio::time::sleep(drain).await;
+        }
+    };
+    accept::accept_loop(listener, capacity.pending, stop, |tcp, permit| {
+        let service = TowerToHyperService::new(service.clone());
+        tokio::spawn(async move {
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_read_timeout)
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades()
+                .await;
+            // Upgraded (the socket now counts toward --max-sockets) or done.
+            drop(permit);
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    })
     .await;
     let sockets = hub.socket_count();
     tracing::info!(sockets, "shutting down: closing sockets with 1001");
