@@ -209,7 +209,7 @@ impl Hub {
     pub fn redis_pool(&self) -> Option<PoolStatus> {
         match &self.node.broker {
             Broker::Redis(broker) => {
-                let status = broker.pool_status();
+                let status = broker.pool_status()?;
                 Some(PoolStatus {
                     max_size: status.max_size,
                     size: status.size,

@@ -36,7 +36,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::broker::redis::{Disconnects, Lanes, RedisTarget};
+use crate::broker::redis::{Commands, Disconnects, Lanes, RedisTarget};
 use crate::broker::Keys;
 use crate::config::Config;
 use crate::error::Error;
@@ -53,7 +53,7 @@ pub struct Publisher {
 struct Inner {
     keys: Keys,
     sender_id: String,
-    pool: deadpool_redis::Pool,
+    commands: Commands,
     disconnects: Disconnects,
     timeout: Duration,
     /// The lane, started on the first publish (inside a Tokio runtime).
@@ -122,7 +122,7 @@ impl PublisherBuilder {
             inner: Arc::new(Inner {
                 keys: Keys::new(&self.key_prefix),
                 sender_id: self.sender_id,
-                pool,
+                commands: Commands::Single(pool),
                 disconnects,
                 timeout: self.timeout,
                 lane: OnceLock::new(),
@@ -170,7 +170,7 @@ impl Publisher {
         let frame = server::delivery(room, &inner.sender_id, payload);
         let lane = inner
             .lane
-            .get_or_init(|| Lanes::start(1, &inner.pool, &inner.disconnects, inner.timeout));
+            .get_or_init(|| Lanes::start(1, &inner.commands, &inner.disconnects, inner.timeout));
         let history = inner.rooms.settings(room).history;
         let mut publish = lane.publish(0, &inner.keys, room, frame, history);
         publish.result().await.map(drop).map_err(Error::Unavailable)

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod certs;
+pub mod cluster;
 
 use std::collections::VecDeque;
 use std::convert::Infallible;

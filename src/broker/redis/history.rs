@@ -14,10 +14,10 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use deadpool_redis::Pool;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
-use super::connect::{pool_error, redis_error, within};
+use super::commands::Commands;
+use super::connect::{redis_error, within};
 use crate::broker::{new_epoch, Keys, Position, Recovery};
 use crate::error::BrokerError;
 use crate::settings::History;
@@ -29,9 +29,7 @@ use crate::settings::History;
 /// The stream is trimmed approximately (`MAXLEN ~`): Redis drops whole nodes of it, so it
 /// keeps at least `size` entries and sometimes a few more, at a fraction of exact
 /// trimming's cost.
-pub(crate) static PUBLISH: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
+const PUBLISH_TEXT: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
   epoch = ARGV[4]
@@ -49,9 +47,22 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return {first, epoch}
-"#,
-    )
+"#;
+
+static PUBLISH: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(PUBLISH_TEXT));
+
+/// The same on a Redis Cluster, where rooms' channels are sharded (`SPUBLISH`).
+static SPUBLISH: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(&PUBLISH_TEXT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"))
 });
+
+/// The publish script, for a cluster or not.
+pub(crate) fn publish_script(cluster: bool) -> &'static redis::Script {
+    match cluster {
+        true => &SPUBLISH,
+        false => &PUBLISH,
+    }
+}
 
 /// KEYS: meta, stream. ARGV: a new epoch, ttl (ms), how many frames. Returns
 /// `{top, epoch, {frames, oldest first}}`; makes the epoch if the room has none.
@@ -115,15 +126,15 @@ pub(crate) fn ttl_ms(history: History) -> u64 {
 /// Reads of history rooms, through the pool.
 #[derive(Debug)]
 pub(crate) struct HistoryStore {
-    pool: Pool,
+    commands: Commands,
     keys: Keys,
     timeout: Duration,
 }
 
 impl HistoryStore {
-    pub(crate) fn new(pool: Pool, keys: Keys, timeout: Duration) -> Self {
+    pub(crate) fn new(commands: Commands, keys: Keys, timeout: Duration) -> Self {
         HistoryStore {
-            pool,
+            commands,
             keys,
             timeout,
         }
@@ -158,7 +169,7 @@ impl HistoryStore {
         let (meta, stream) = (self.keys.history_meta(room), self.keys.history_stream(room));
         let (top, epoch, oldest, frames): (u64, String, u64, Vec<String>) =
             within(self.timeout, async {
-                let mut connection = self.pool.get().await.map_err(pool_error)?;
+                let mut connection = self.commands.get().await?;
                 RECOVER
                     .key(meta)
                     .key(stream)
@@ -189,7 +200,7 @@ impl HistoryStore {
     ) -> Result<(Position, Vec<Utf8Bytes>), BrokerError> {
         let (meta, stream) = (self.keys.history_meta(room), self.keys.history_stream(room));
         let (top, epoch, frames): (u64, String, Vec<String>) = within(self.timeout, async {
-            let mut connection = self.pool.get().await.map_err(pool_error)?;
+            let mut connection = self.commands.get().await?;
             READ.key(meta)
                 .key(stream)
                 .arg(&*new_epoch())

@@ -4,9 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use deadpool_redis::Pool;
-
-use super::connect::{pool_error, redis_error, within};
+use super::commands::{query_pipeline, Commands};
+use super::connect::{redis_error, within};
 use crate::broker::Keys;
 use crate::error::BrokerError;
 
@@ -31,7 +30,7 @@ const REFRESHES_PER_TTL: u32 = 3;
 /// refreshed; this node refreshes the sets of the identities its sockets are bound to.
 #[derive(Debug)]
 pub(crate) struct Identities {
-    pool: Pool,
+    commands: Commands,
     keys: Keys,
     timeout: Duration,
     ttl: Duration,
@@ -41,9 +40,9 @@ pub(crate) struct Identities {
 }
 
 impl Identities {
-    pub(crate) fn new(pool: Pool, keys: Keys, timeout: Duration, ttl: Duration) -> Self {
+    pub(crate) fn new(commands: Commands, keys: Keys, timeout: Duration, ttl: Duration) -> Self {
         Identities {
-            pool,
+            commands,
             keys,
             timeout,
             ttl,
@@ -77,10 +76,10 @@ impl Identities {
                 held.remove(identity);
                 drop(held);
                 let key = self.keys.identity_set(identity);
-                let (pool, timeout, ttl) = (self.pool.clone(), self.timeout, self.ttl_ms());
+                let (commands, timeout, ttl) = (self.commands.clone(), self.timeout, self.ttl_ms());
                 tokio::spawn(async move {
                     let expire = within(timeout, async {
-                        let mut connection = pool.get().await.map_err(pool_error)?;
+                        let mut connection = commands.get().await?;
                         redis::cmd("PEXPIRE")
                             .arg(key)
                             .arg(ttl)
@@ -101,8 +100,8 @@ impl Identities {
     /// is dropped. Started with the broker's other tasks.
     pub(crate) fn start_refreshing(&self) {
         let held = Arc::downgrade(&self.held);
-        let (pool, keys, timeout, ttl) = (
-            self.pool.clone(),
+        let (commands, keys, timeout, ttl) = (
+            self.commands.clone(),
             self.keys.clone(),
             self.timeout,
             self.ttl_ms(),
@@ -131,10 +130,10 @@ impl Identities {
                             .ignore();
                     }
                     let refreshed = within(timeout, async {
-                        let mut connection = pool.get().await.map_err(pool_error)?;
-                        pipeline
-                            .query_async::<()>(&mut connection)
+                        let mut connection = commands.get().await?;
+                        query_pipeline(&mut connection, &pipeline)
                             .await
+                            .map(drop)
                             .map_err(redis_error)
                     });
                     if let Err(e) = refreshed.await {
@@ -155,7 +154,7 @@ impl Identities {
     ) -> Result<bool, BrokerError> {
         let key = self.keys.identity_set(identity);
         within(self.timeout, async {
-            let mut connection = self.pool.get().await.map_err(pool_error)?;
+            let mut connection = self.commands.get().await?;
             self.record
                 .key(key)
                 .arg(room)
@@ -196,7 +195,7 @@ impl Identities {
         command: &redis::Cmd,
     ) -> Result<T, BrokerError> {
         within(self.timeout, async {
-            let mut connection = self.pool.get().await.map_err(pool_error)?;
+            let mut connection = self.commands.get().await?;
             command
                 .query_async::<T>(&mut connection)
                 .await

@@ -16,13 +16,13 @@
 
 use std::time::Duration;
 
-use deadpool_redis::{Connection, Pool};
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::connect::{pool_error, redis_error, Disconnects};
+use super::commands::{query_pipeline, Commands, Connection};
+use super::connect::{redis_error, Disconnects};
 use super::history;
 use crate::broker::{new_epoch, Keys, Position, Publish, Published};
 use crate::error::BrokerError;
@@ -74,11 +74,11 @@ pub(crate) struct Lanes {
 }
 
 impl Lanes {
-    /// Starts `count` lanes on `pool` (inside a Tokio runtime); each round trip takes at most
-    /// `timeout`.
+    /// Starts `count` lanes sending to `commands` (inside a Tokio runtime); each round trip
+    /// takes at most `timeout`.
     pub(crate) fn start(
         count: usize,
-        pool: &Pool,
+        commands: &Commands,
         disconnects: &Disconnects,
         timeout: Duration,
     ) -> Self {
@@ -86,7 +86,7 @@ impl Lanes {
             .map(|_| {
                 let (sender, requests) = mpsc::unbounded_channel();
                 let lane = Lane {
-                    pool: pool.clone(),
+                    commands: commands.clone(),
                     disconnects: disconnects.clone(),
                     timeout,
                     held: None,
@@ -169,7 +169,7 @@ impl Lanes {
 
 /// One lane's task state.
 struct Lane {
-    pool: Pool,
+    commands: Commands,
     disconnects: Disconnects,
     timeout: Duration,
     /// The connection this lane holds, and the disconnect count when it was checked out.
@@ -211,7 +211,7 @@ impl Lane {
             if !retry.is_empty() {
                 batch = retry;
                 let loaded = match &mut self.held {
-                    Some((connection, _)) => history::PUBLISH
+                    Some((connection, _)) => history::publish_script(self.commands.is_cluster())
                         .load_async(connection)
                         .await
                         .map_err(redis_error),
@@ -251,7 +251,11 @@ impl Lane {
         while i < batch.len() {
             match &batch[i].kind {
                 Kind::Publish { channel, frame } => {
-                    pipeline.cmd("PUBLISH").arg(channel).arg(frame.as_bytes());
+                    let publish = match self.commands.is_cluster() {
+                        true => "SPUBLISH",
+                        false => "PUBLISH",
+                    };
+                    pipeline.cmd(publish).arg(channel).arg(frame.as_bytes());
                     groups.push(1);
                 }
                 Kind::Ping => {
@@ -268,7 +272,7 @@ impl Lane {
                 } => {
                     let command = pipeline
                         .cmd("EVALSHA")
-                        .arg(history::PUBLISH.get_hash())
+                        .arg(history::publish_script(self.commands.is_cluster()).get_hash())
                         .arg(2)
                         .arg(meta)
                         .arg(stream)
@@ -372,17 +376,14 @@ impl Lane {
         let connection = match &mut self.held {
             Some((connection, _)) => connection,
             None => {
-                let connection = tokio::time::timeout_at(deadline, self.pool.get())
+                let connection = tokio::time::timeout_at(deadline, self.commands.get())
                     .await
-                    .map_err(|_| BrokerError::NotSent(self.timeout))?
-                    .map_err(pool_error)?;
+                    .map_err(|_| BrokerError::NotSent(self.timeout))??;
                 &mut self.held.insert((connection, lost)).0
             }
         };
         // From here on the pipeline may have reached Redis.
-        match tokio::time::timeout_at(deadline, pipeline.query_async::<Vec<Value>>(connection))
-            .await
-        {
+        match tokio::time::timeout_at(deadline, query_pipeline(connection, pipeline)).await {
             Err(_) => Err(BrokerError::Timeout(self.timeout)),
             Ok(Ok(replies)) => Ok(replies),
             Ok(Err(e)) if e.kind() == redis::ErrorKind::Io || e.is_connection_dropped() => {

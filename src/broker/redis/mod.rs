@@ -10,6 +10,7 @@
 //! the lanes and the subscriber task start together on first use.
 
 mod catch_up;
+mod commands;
 mod connect;
 mod history;
 mod identities;
@@ -23,8 +24,7 @@ mod tls;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use deadpool_redis::Pool;
-
+pub(crate) use self::commands::Commands;
 pub(crate) use self::connect::{Disconnects, RedisTarget};
 use self::history::HistoryStore;
 use self::identities::Identities;
@@ -41,7 +41,7 @@ const PUBLISH_LANES: usize = 4;
 /// The Redis broker.
 pub(crate) struct RedisBroker {
     target: RedisTarget,
-    pool: Pool,
+    commands: Commands,
     disconnects: Disconnects,
     keys: Keys,
     timeout: Duration,
@@ -80,14 +80,15 @@ impl RedisBroker {
         sink: SharedSink,
     ) -> Result<Self, BrokerError> {
         let (pool, disconnects) = target.pool(PUBLISH_LANES, timeout)?;
+        let commands = Commands::Single(pool);
         let keys = Keys::new(prefix);
         Ok(RedisBroker {
-            identities: Identities::new(pool.clone(), keys.clone(), timeout, identity_ttl),
-            history: Arc::new(HistoryStore::new(pool.clone(), keys.clone(), timeout)),
-            presence: PresenceStore::new(pool.clone(), keys.clone(), timeout, presence_ttl),
+            identities: Identities::new(commands.clone(), keys.clone(), timeout, identity_ttl),
+            history: Arc::new(HistoryStore::new(commands.clone(), keys.clone(), timeout)),
+            presence: PresenceStore::new(commands.clone(), keys.clone(), timeout, presence_ttl),
             rooms,
             target,
-            pool,
+            commands,
             disconnects,
             keys,
             timeout,
@@ -102,7 +103,12 @@ impl RedisBroker {
             self.identities.start_refreshing();
             self.presence.start();
             Running {
-                lanes: Lanes::start(PUBLISH_LANES, &self.pool, &self.disconnects, self.timeout),
+                lanes: Lanes::start(
+                    PUBLISH_LANES,
+                    &self.commands,
+                    &self.disconnects,
+                    self.timeout,
+                ),
                 subscriber: Subscriber::start(
                     self.target.clone(),
                     self.keys.clone(),
@@ -161,9 +167,10 @@ impl RedisBroker {
         self.identities.hold(identity);
     }
 
-    /// The pool's state: the lanes' connections are among those in use.
-    pub(crate) fn pool_status(&self) -> deadpool_redis::Status {
-        self.pool.status()
+    /// The pool's state (`None` on a cluster): the lanes' connections are among those in
+    /// use.
+    pub(crate) fn pool_status(&self) -> Option<deadpool_redis::Status> {
+        self.commands.pool_status()
     }
 
     /// Probes the lanes, the subscriber and the pool, each within `timeout`.

@@ -27,14 +27,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use deadpool_redis::{Connection, Pool};
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
 mod task;
 
 use self::task::Task;
-use super::connect::{pool_error, redis_error, within};
+use super::commands::{query_pipeline, Commands, Connection};
+use super::connect::{redis_error, within};
 use crate::broker::presence::{Counts, Members};
 use crate::broker::{Confirmation, Keys};
 use crate::error::BrokerError;
@@ -72,7 +72,7 @@ struct Change {
 
 /// What the task and the reads share.
 struct Shared {
-    pool: Pool,
+    commands: Commands,
     keys: Keys,
     timeout: Duration,
     /// This node's id in every room's presence: random per broker.
@@ -109,7 +109,11 @@ impl Shared {
             .arg(mode)
             .arg(&*self.node)
             .arg(self.lifetime_ms())
-            .arg(if presence.announces() { "1" } else { "0" })
+            .arg(match (presence.announces(), self.commands.is_cluster()) {
+                (false, _) => "0",
+                (true, false) => "PUBLISH",
+                (true, true) => "SPUBLISH",
+            })
             .arg(self.keys.room_channel(room))
             .arg(server::presence_event_prefix(PresenceEvent::Join, room))
             .arg(server::presence_event_prefix(PresenceEvent::Leave, room))
@@ -123,8 +127,7 @@ impl Shared {
         connection: &mut Connection,
         pipeline: &redis::Pipeline,
     ) -> Result<Vec<Value>, BrokerError> {
-        let replies: Vec<Value> = pipeline
-            .query_async(connection)
+        let replies = query_pipeline(connection, pipeline)
             .await
             .map_err(redis_error)?;
         let missing = replies.iter().any(|reply| {
@@ -137,7 +140,9 @@ impl Shared {
             .load_async(connection)
             .await
             .map_err(redis_error)?;
-        pipeline.query_async(connection).await.map_err(redis_error)
+        query_pipeline(connection, pipeline)
+            .await
+            .map_err(redis_error)
     }
 }
 
@@ -158,11 +163,11 @@ impl std::fmt::Debug for PresenceStore {
 }
 
 impl PresenceStore {
-    pub(crate) fn new(pool: Pool, keys: Keys, timeout: Duration, ttl: Duration) -> Self {
+    pub(crate) fn new(commands: Commands, keys: Keys, timeout: Duration, ttl: Duration) -> Self {
         let (changes, waiting) = mpsc::unbounded_channel();
         PresenceStore {
             shared: Arc::new(Shared {
-                pool,
+                commands,
                 keys,
                 timeout,
                 node: crate::broker::new_epoch(),
@@ -251,7 +256,7 @@ impl PresenceStore {
         let mut pipeline = pipeline();
         shared.call(&mut pipeline, "read", room, presence).arg(max);
         let reply = within(shared.timeout, async {
-            let mut connection = shared.pool.get().await.map_err(pool_error)?;
+            let mut connection = shared.commands.get().await?;
             shared.send(&mut connection, &pipeline).await
         })
         .await?;

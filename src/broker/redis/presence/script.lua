@@ -5,7 +5,7 @@
 -- ARGV[1]  mode: 'set', 'touch', 'sync' or 'read'
 -- ARGV[2]  this node's id
 -- ARGV[3]  how long this node's entries live after this call (ms)
--- ARGV[4]  '1' to publish join and leave events
+-- ARGV[4]  how to publish join and leave events: 'PUBLISH', 'SPUBLISH' (a cluster), or '0'
 -- ARGV[5]  the room's channel
 -- ARGV[6]  a join frame up to its connectionID's value; ARGV[7] the same for leave
 -- ARGV[8]  the prefix of every node's hash key (KEYS[3] is ARGV[8] .. ARGV[2])
@@ -16,7 +16,7 @@
 -- Identities are JSON string literals, so that frames and replies embed them as they are.
 local members, nodes, mine = KEYS[1], KEYS[2], KEYS[3]
 local mode, node, lifetime = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local events, channel = ARGV[4] == '1', ARGV[5]
+local events, channel = ARGV[4] ~= '0', ARGV[5]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 
@@ -26,10 +26,10 @@ local function adjust(identity, delta)
   if total <= 0 then
     redis.call('HDEL', members, identity)
     if total - delta > 0 and events then
-      redis.call('PUBLISH', channel, ARGV[7] .. identity .. '}')
+      redis.call(ARGV[4], channel, ARGV[7] .. identity .. '}')
     end
   elseif total - delta <= 0 and events then
-    redis.call('PUBLISH', channel, ARGV[6] .. identity .. '}')
+    redis.call(ARGV[4], channel, ARGV[6] .. identity .. '}')
   end
 end
 

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::{pipeline, Change, Request, Shared, BATCH};
 use crate::broker::presence::Counts;
-use crate::broker::redis::connect::{pool_error, within};
+use crate::broker::redis::connect::within;
 use crate::error::BrokerError;
 use crate::settings::Presence;
 
@@ -176,7 +176,7 @@ impl Task {
     async fn send(&self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BrokerError> {
         let shared = &self.shared;
         within(shared.timeout, async {
-            let mut connection = shared.pool.get().await.map_err(pool_error)?;
+            let mut connection = shared.commands.get().await?;
             shared.send(&mut connection, pipeline).await
         })
         .await

@@ -1,0 +1,208 @@
+//! Where commands go: one Redis, through the `deadpool-redis` pool, or a Redis Cluster,
+//! through redis-rs's cluster connection, which routes each command to the master of its
+//! key's slot, follows `MOVED`/`ASK`, refreshes the topology and reconnects on its own. It
+//! is multiplexed and cheap to clone, so every user shares one instead of pooling several
+//! (each would hold a connection to every node).
+//!
+//! A cluster pipeline must stay within one slot: [`query_pipeline`] sends a pipeline's
+//! commands as one pipeline per slot, concurrently, and answers in the original order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_redis::Pool;
+use redis::aio::ConnectionLike;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+use tokio::sync::OnceCell;
+
+use super::connect::{pool_error, redis_error};
+use crate::error::BrokerError;
+
+/// Where commands go.
+#[derive(Clone)]
+pub(crate) enum Commands {
+    Single(Pool),
+    Cluster(Arc<Cluster>),
+}
+
+impl std::fmt::Debug for Commands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Commands::Single(_) => "Commands::Single",
+            Commands::Cluster(_) => "Commands::Cluster",
+        })
+    }
+}
+
+/// A Redis Cluster: its client, and the one connection every user shares once it is made.
+pub(crate) struct Cluster {
+    client: redis::cluster::ClusterClient,
+    connection: OnceCell<ClusterConnection>,
+}
+
+impl Cluster {
+    pub(crate) fn new(client: redis::cluster::ClusterClient) -> Self {
+        Cluster {
+            client,
+            connection: OnceCell::new(),
+        }
+    }
+
+    /// The shared connection, made on first use (again after a failed attempt).
+    pub(crate) async fn connection(&self) -> Result<ClusterConnection, BrokerError> {
+        self.connection
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+            .map_err(redis_error)
+    }
+}
+
+/// A connection for commands.
+pub(crate) enum Connection {
+    Pooled(deadpool_redis::Connection),
+    Cluster(ClusterConnection),
+}
+
+impl Commands {
+    /// A connection: one out of the pool, or the cluster connection.
+    pub(crate) async fn get(&self) -> Result<Connection, BrokerError> {
+        match self {
+            Commands::Single(pool) => pool.get().await.map(Connection::Pooled).map_err(pool_error),
+            Commands::Cluster(cluster) => cluster.connection().await.map(Connection::Cluster),
+        }
+    }
+
+    /// The pool's state (`None` on a cluster).
+    pub(crate) fn pool_status(&self) -> Option<deadpool_redis::Status> {
+        match self {
+            Commands::Single(pool) => Some(pool.status()),
+            Commands::Cluster(_) => None,
+        }
+    }
+
+    /// Whether commands go to a cluster (rooms' channels are then sharded: `SPUBLISH`).
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, Commands::Cluster(_))
+    }
+
+    /// `PING`: on a cluster, to every master, each of which must answer.
+    pub(crate) async fn ping(&self, timeout: Duration) -> Result<(), BrokerError> {
+        super::connect::within(timeout, async {
+            match self.get().await? {
+                Connection::Pooled(mut c) => redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .map(drop)
+                    .map_err(redis_error),
+                Connection::Cluster(mut c) => {
+                    use redis::cluster_routing::{
+                        MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                    };
+                    c.route_command(
+                        redis::cmd("PING"),
+                        RoutingInfo::MultiNode((
+                            MultipleNodeRoutingInfo::AllMasters,
+                            Some(ResponsePolicy::AllSucceeded),
+                        )),
+                    )
+                    .await
+                    .map(drop)
+                    .map_err(redis_error)
+                }
+            }
+        })
+        .await
+    }
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Pooled(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Pooled(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Pooled(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The slot of the key a command of ours names: `EVALSHA`'s first key, or the first
+/// argument of anything else (`PUBLISH`, `SPUBLISH`, `PEXPIRE`…); `None` for `PING`.
+fn slot_of(cmd: &Cmd) -> Option<Slot> {
+    let args: Vec<&[u8]> = cmd
+        .args_iter()
+        .filter_map(|arg| match arg {
+            redis::Arg::Simple(bytes) => Some(bytes),
+            _ => None,
+        })
+        .collect();
+    let name = args.first()?;
+    let key = match name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL") {
+        true => args.get(3)?,
+        false => args.get(1)?,
+    };
+    Some(Slot::for_key(key))
+}
+
+/// Sends `pipeline` (which answers each command's error in its place, `ignore_errors`) and
+/// returns the replies in order. On a cluster, one pipeline per slot, concurrently: the
+/// commands of one slot keep their order.
+pub(crate) async fn query_pipeline(
+    connection: &mut Connection,
+    pipeline: &Pipeline,
+) -> Result<Vec<Value>, redis::RedisError> {
+    let cluster = match connection {
+        Connection::Pooled(c) => return pipeline.query_async(c).await,
+        Connection::Cluster(c) => c,
+    };
+    let mut groups: Vec<(Option<Slot>, Pipeline, Vec<usize>)> = Vec::new();
+    for (n, cmd) in pipeline.cmd_iter().enumerate() {
+        let slot = slot_of(cmd);
+        let group = match groups
+            .iter_mut()
+            .find(|(s, ..)| *s == slot && slot.is_some())
+        {
+            Some(group) => group,
+            None => {
+                let mut sub = redis::pipe();
+                sub.ignore_errors();
+                groups.push((slot, sub, Vec::new()));
+                groups.last_mut().expect("just pushed")
+            }
+        };
+        group.1.add_command(cmd.clone());
+        group.2.push(n);
+    }
+    let sends = groups.iter().map(|(_, sub, _)| {
+        let mut c = cluster.clone();
+        async move { sub.query_async::<Vec<Value>>(&mut c).await }
+    });
+    let answers = futures_util::future::join_all(sends).await;
+    let mut replies = vec![Value::Nil; pipeline.len()];
+    for ((_, _, indices), answer) in groups.iter().zip(answers) {
+        for (index, reply) in indices.iter().zip(answer?) {
+            replies[*index] = reply;
+        }
+    }
+    Ok(replies)
+}

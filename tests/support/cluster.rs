@@ -1,0 +1,198 @@
+//! A private local Redis Cluster per test: 3 masters and 3 replicas (`redis-server
+//! --cluster-enabled yes` on free loopback ports, joined by `redis-cli --cluster create
+//! --cluster-replicas 1`), with a short `cluster-node-timeout` so that a failover takes
+//! about a second. Every server is killed on drop.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::within;
+
+/// One server of the cluster.
+pub struct ClusterNode {
+    pub port: u16,
+    child: Option<Child>,
+    dir: std::path::PathBuf,
+}
+
+impl ClusterNode {
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            .args(["--cluster-config-file", "nodes.conf"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again with its cluster config (it rejoins, as a replica if it was failed
+    /// over).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+/// The cluster.
+pub struct RedisCluster {
+    pub nodes: Vec<ClusterNode>,
+}
+
+fn free_port() -> u16 {
+    // Cluster bus ports are port + 10000: keep both free and below 55536.
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl RedisCluster {
+    pub async fn start() -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let port = free_port();
+            let dir =
+                std::env::temp_dir().join(format!("thinws-cluster-{}-{port}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mut node = ClusterNode {
+                port,
+                child: None,
+                dir,
+            };
+            node.spawn();
+            nodes.push(node);
+        }
+        for node in &nodes {
+            let port = node.port;
+            within("a cluster node to listen", async move {
+                while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_err()
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await;
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// Waits until every live node says `cluster_state:ok` and knows 3 masters with slots.
+    pub async fn wait_ok(&self) {
+        within("the cluster to be ok", async {
+            loop {
+                let mut ok = true;
+                for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+                    let info = cli(node.port, &["cluster", "info"]);
+                    if !info.contains("cluster_state:ok")
+                        || !info.contains("cluster_slots_assigned:16384")
+                    {
+                        ok = false;
+                    }
+                }
+                if ok {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+        .await
+    }
+
+    /// The seed URLs (every node).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(ClusterNode::url).collect()
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn keyslot(&self, key: &str) -> u16 {
+        cli(self.nodes[0].port, &["cluster", "keyslot", key])
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// The index in `nodes` of the master serving `slot`, as `CLUSTER SHARDS` says.
+    pub fn master_of(&self, slot: u16) -> usize {
+        let live = self.nodes.iter().find(|n| n.child.is_some()).unwrap();
+        let slots = cli(live.port, &["cluster", "slots"]);
+        // redis-cli prints the nested reply flat: start, end, then the master's ip and port.
+        let lines: Vec<&str> = slots.lines().map(str::trim).collect();
+        let mut i = 0;
+        while i + 3 < lines.len() {
+            if let (Ok(start), Ok(end)) = (lines[i].parse::<u16>(), lines[i + 1].parse::<u16>()) {
+                if lines[i + 2] == "127.0.0.1" {
+                    if (start..=end).contains(&slot) {
+                        let port: u16 = lines[i + 3].parse().unwrap();
+                        return self.nodes.iter().position(|n| n.port == port).unwrap();
+                    }
+                    i += 4;
+                    continue;
+                }
+            }
+            i += 1;
+        }
+        panic!("no master for slot {slot} in {slots}");
+    }
+}
+
+/// `redis-cli -p PORT ARGS…`, its stdout.
+pub fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+            let _ = std::fs::remove_dir_all(&node.dir);
+        }
+    }
+}
