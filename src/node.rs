@@ -9,11 +9,20 @@ use std::sync::Arc;
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
-use crate::broker::redis::RedisTarget;
+use crate::broker::redis::{ClusterTarget, RedisTarget, Target};
 use crate::broker::{Broker, FrameSink, MemoryBroker, RedisBroker};
 use crate::config::Config;
 use crate::error::{BrokerError, Error};
 use crate::rooms::Rooms;
+
+/// Where the node's Redis is.
+#[derive(Debug, Clone)]
+pub(crate) enum RedisAddress {
+    /// One Redis (`redis://` or `rediss://`).
+    Url(String),
+    /// A Redis Cluster, by seed URLs.
+    Cluster(Vec<String>),
+}
 
 /// Everything one node shares between its sockets.
 #[derive(Debug)]
@@ -35,14 +44,19 @@ impl Node {
     /// Builds a node: on Redis at `redis_url`, or in memory without one. Connects nothing.
     /// Also returns why the Redis URL is unusable, if it is: the node then refuses sockets
     /// and fails every broker operation with that reason.
-    pub(crate) fn new(redis_url: Option<&str>, config: Config) -> (Node, Option<Error>) {
+    pub(crate) fn new(redis: Option<&RedisAddress>, config: Config) -> (Node, Option<Error>) {
         crate::metrics::describe_once();
         let rooms = Rooms::new(config.max_sockets);
         let sink = Arc::new(rooms.clone());
         let mut url_error = None;
-        let broker = match redis_url {
+        let ca = config.redis_ca_pem.as_deref();
+        let target = redis.map(|address| match address {
+            RedisAddress::Url(url) => RedisTarget::parse(url, ca).map(Target::Single),
+            RedisAddress::Cluster(urls) => ClusterTarget::parse(urls, ca).map(Target::Cluster),
+        });
+        let broker = match target {
             None => Broker::Memory(Box::new(MemoryBroker::new(sink, config.identity_ttl))),
-            Some(url) => match RedisTarget::parse(url, config.redis_ca_pem.as_deref()) {
+            Some(target) => match target {
                 Ok(target) => {
                     let broker = RedisBroker::new(
                         target,

@@ -13,7 +13,7 @@ use crate::hooks::{
     self, BoxError, ConnectEvent, ConnectVerdict, DisconnectEvent, MessageEvent, MessageVerdict,
     SubscribeEvent, UnsubscribeEvent, Verdict,
 };
-use crate::node::Node;
+use crate::node::{Node, RedisAddress};
 use crate::settings::{History, Presence, RoomSettings};
 
 /// Builds a [`ThinWsLayer`]; see each setting for its default.
@@ -32,7 +32,7 @@ use crate::settings::{History, Presence, RoomSettings};
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct ThinWsBuilder {
-    redis_url: Option<String>,
+    redis: Option<RedisAddress>,
     config: Config,
 }
 
@@ -41,7 +41,26 @@ impl ThinWsBuilder {
     /// `rediss://` for TLS with the `tls` feature). Without it, the layer uses the
     /// in-memory single-node broker.
     pub fn redis_url(mut self, url: impl Into<String>) -> Self {
-        self.redis_url = Some(url.into());
+        self.redis = Some(RedisAddress::Url(url.into()));
+        self
+    }
+
+    /// Fan out through a Redis Cluster (Redis 7 or newer), given the URLs of some of its
+    /// nodes (the rest are discovered). Each room's channel is then sharded: published with
+    /// `SPUBLISH` to, and subscribed with `SSUBSCRIBE` on, the shard that owns the room's
+    /// slot, where its history and presence keys live too. The node follows slot
+    /// migrations and failovers on its own.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .redis_cluster(["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"])
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn redis_cluster(mut self, urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.redis = Some(RedisAddress::Cluster(
+            urls.into_iter().map(Into::into).collect(),
+        ));
         self
     }
 
@@ -452,7 +471,7 @@ impl ThinWsBuilder {
     /// Builds the layer; also returns why its Redis URL is unusable, if it is (the layer
     /// then refuses sockets, see the module docs).
     fn assemble(self) -> (ThinWsLayer, Option<Error>) {
-        let (node, url_error) = Node::new(self.redis_url.as_deref(), self.config);
+        let (node, url_error) = Node::new(self.redis.as_ref(), self.config);
         let layer = ThinWsLayer {
             node: Arc::new(node),
         };

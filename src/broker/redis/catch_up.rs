@@ -88,41 +88,10 @@ impl Tracks {
     /// published since goes to `sink` (or a `gap` frame when it cannot), before any live
     /// frame is read.
     pub(super) async fn catch_up(&self, store: &HistoryStore, sink: &dyn FrameSink) {
-        let rooms: Vec<(Arc<str>, History, u64, Arc<str>)> = self
-            .rooms()
-            .iter()
-            .filter_map(|(room, track)| {
-                let (offset, epoch) = track.last.clone()?;
-                Some((room.clone(), track.history, offset, epoch))
-            })
-            .collect();
+        let rooms: Vec<Arc<str>> = self.rooms().keys().cloned().collect();
         let mut caught = 0usize;
-        for (room, history, offset, epoch) in rooms {
-            let recovery = match store.recover(&room, history, offset, false).await {
-                Ok(recovery) => recovery,
-                Err(e) => {
-                    tracing::warn!(room = &*room, error = %e.report(), "history catch-up failed");
-                    sink.deliver(&room, &Utf8Bytes::from(server::gap(&room, offset, &epoch)));
-                    continue;
-                }
-            };
-            if recovery.recovers(offset, &epoch, history.size) {
-                for frame in &recovery.frames {
-                    if self.admit(&room, frame) {
-                        caught += 1;
-                        sink.deliver(&room, frame);
-                    }
-                }
-            } else {
-                let top = &recovery.top;
-                sink.deliver(
-                    &room,
-                    &Utf8Bytes::from(server::gap(&room, top.offset, &top.epoch)),
-                );
-                if let Some(track) = self.rooms().get_mut(&room) {
-                    track.last = (!top.epoch.is_empty()).then(|| (top.offset, top.epoch.clone()));
-                }
-            }
+        for room in rooms {
+            caught += self.catch_up_room(&room, store, sink).await;
         }
         if caught > 0 {
             tracing::info!(
@@ -130,5 +99,48 @@ impl Tracks {
                 "caught up on history rooms after reconnecting"
             );
         }
+    }
+
+    /// [`Tracks::catch_up`] for one room (a sharded subscription that came back); returns
+    /// how many frames it delivered.
+    pub(super) async fn catch_up_room(
+        &self,
+        room: &Arc<str>,
+        store: &HistoryStore,
+        sink: &dyn FrameSink,
+    ) -> usize {
+        let Some((history, offset, epoch)) = self.rooms().get(room).and_then(|track| {
+            let (offset, epoch) = track.last.clone()?;
+            Some((track.history, offset, epoch))
+        }) else {
+            return 0;
+        };
+        let recovery = match store.recover(room, history, offset, false).await {
+            Ok(recovery) => recovery,
+            Err(e) => {
+                tracing::warn!(room = &**room, error = %e.report(), "history catch-up failed");
+                sink.deliver(room, &Utf8Bytes::from(server::gap(room, offset, &epoch)));
+                return 0;
+            }
+        };
+        let mut caught = 0;
+        if recovery.recovers(offset, &epoch, history.size) {
+            for frame in &recovery.frames {
+                if self.admit(room, frame) {
+                    caught += 1;
+                    sink.deliver(room, frame);
+                }
+            }
+        } else {
+            let top = &recovery.top;
+            sink.deliver(
+                room,
+                &Utf8Bytes::from(server::gap(room, top.offset, &top.epoch)),
+            );
+            if let Some(track) = self.rooms().get_mut(room) {
+                track.last = (!top.epoch.is_empty()).then(|| (top.offset, top.epoch.clone()));
+            }
+        }
+        caught
     }
 }

@@ -36,6 +36,66 @@ impl std::fmt::Debug for Commands {
     }
 }
 
+/// The seed URLs of a Redis Cluster (any of its nodes; the rest is discovered), and a
+/// private CA for `rediss://`.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterTarget {
+    urls: Vec<redis::ConnectionInfo>,
+    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
+    ca_pem: Option<Vec<u8>>,
+}
+
+impl ClusterTarget {
+    /// Checks every seed URL (the error redacts passwords).
+    pub(crate) fn parse(
+        urls: &[String],
+        ca_pem: Option<&[u8]>,
+    ) -> Result<Self, super::connect::InvalidUrl> {
+        let mut infos = Vec::with_capacity(urls.len());
+        for url in urls {
+            // The same checks as a single Redis URL (TLS support included).
+            let single = super::connect::RedisTarget::parse(url, ca_pem)?;
+            infos.push(single.info().clone());
+        }
+        if infos.is_empty() {
+            return Err(super::connect::InvalidUrl::new(
+                "(no cluster URL)",
+                "a Redis Cluster needs at least one seed URL",
+            ));
+        }
+        Ok(ClusterTarget {
+            urls: infos,
+            ca_pem: ca_pem.map(<[u8]>::to_vec),
+        })
+    }
+
+    /// A cluster client; with `pushes`, it speaks RESP3 and hands pushes (sharded messages)
+    /// to that channel.
+    pub(crate) fn client(
+        &self,
+        timeout: Duration,
+        pushes: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
+    ) -> Result<Cluster, BrokerError> {
+        let mut builder = redis::cluster::ClusterClientBuilder::new(self.urls.clone())
+            .connection_timeout(timeout)
+            .response_timeout(timeout);
+        if let Some(pushes) = pushes {
+            builder = builder
+                .use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(pushes);
+        }
+        #[cfg(feature = "tls")]
+        if let Some(ca) = &self.ca_pem {
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca.clone()),
+            });
+        }
+        let client = builder.build().map_err(BrokerError::connection)?;
+        Ok(Cluster::new(client))
+    }
+}
+
 /// A Redis Cluster: its client, and the one connection every user shares once it is made.
 pub(crate) struct Cluster {
     client: redis::cluster::ClusterClient,

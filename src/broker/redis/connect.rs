@@ -135,6 +135,15 @@ pub(crate) struct InvalidUrl {
     source: ErrorSource,
 }
 
+impl InvalidUrl {
+    pub(crate) fn new(url: &str, why: &str) -> Self {
+        InvalidUrl {
+            url: redact(url),
+            source: Arc::new(std::io::Error::other(why.to_owned())),
+        }
+    }
+}
+
 impl From<InvalidUrl> for Error {
     fn from(e: InvalidUrl) -> Self {
         Error::InvalidRedisUrl {

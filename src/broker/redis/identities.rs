@@ -185,11 +185,6 @@ impl Identities {
             .await
     }
 
-    /// `PING` on a pooled connection.
-    pub(crate) async fn ping(&self) -> Result<(), BrokerError> {
-        self.query::<String>(&redis::cmd("PING")).await.map(drop)
-    }
-
     async fn query<T: redis::FromRedisValue>(
         &self,
         command: &redis::Cmd,

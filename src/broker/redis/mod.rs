@@ -17,6 +17,7 @@ mod identities;
 mod lanes;
 mod presence;
 mod resp;
+mod sharded;
 mod subscriber;
 #[cfg(feature = "tls")]
 mod tls;
@@ -24,12 +25,16 @@ mod tls;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-pub(crate) use self::commands::Commands;
+use tokio::sync::mpsc;
+
+pub(crate) use self::commands::{ClusterTarget, Commands};
+
 pub(crate) use self::connect::{Disconnects, RedisTarget};
 use self::history::HistoryStore;
 use self::identities::Identities;
 pub(crate) use self::lanes::Lanes;
 use self::presence::PresenceStore;
+use self::sharded::ShardedSubscriber;
 use self::subscriber::Subscriber;
 use super::{BrokerHealth, Confirmation, Keys, Publish, SharedSink};
 use crate::error::BrokerError;
@@ -40,7 +45,7 @@ const PUBLISH_LANES: usize = 4;
 
 /// The Redis broker.
 pub(crate) struct RedisBroker {
-    target: RedisTarget,
+    target: Target,
     commands: Commands,
     disconnects: Disconnects,
     keys: Keys,
@@ -50,13 +55,61 @@ pub(crate) struct RedisBroker {
     history: Arc<HistoryStore>,
     presence: PresenceStore,
     rooms: RoomPolicy,
+    /// On a cluster: the subscriber's client and its pushes, until the task starts.
+    sharded:
+        std::sync::Mutex<Option<(commands::Cluster, mpsc::UnboundedReceiver<redis::PushInfo>)>>,
     running: OnceLock<Running>,
+}
+
+/// One Redis, or a Redis Cluster.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    Single(RedisTarget),
+    Cluster(ClusterTarget),
 }
 
 /// The broker's tasks, once started.
 struct Running {
     lanes: Lanes,
-    subscriber: Subscriber,
+    subscriber: Subscription,
+}
+
+/// The task that holds the node's room subscriptions.
+enum Subscription {
+    /// `SUBSCRIBE` on one pub/sub connection to the one Redis.
+    Single(Subscriber),
+    /// `SSUBSCRIBE` on each shard, through a cluster connection.
+    Sharded(ShardedSubscriber),
+}
+
+impl Subscription {
+    fn acquire(&self, room: Arc<str>) -> Confirmation {
+        match self {
+            Subscription::Single(s) => s.acquire(room),
+            Subscription::Sharded(s) => s.acquire(room),
+        }
+    }
+
+    fn release(&self, room: Arc<str>) {
+        match self {
+            Subscription::Single(s) => s.release(room),
+            Subscription::Sharded(s) => s.release(room),
+        }
+    }
+
+    async fn ping(&self, timeout: Duration) -> Result<(), BrokerError> {
+        match self {
+            Subscription::Single(s) => s.ping(timeout).await,
+            Subscription::Sharded(s) => s.ping(timeout).await,
+        }
+    }
+
+    async fn wait_live(&self, timeout: Duration) -> Result<(), BrokerError> {
+        match self {
+            Subscription::Single(s) => s.wait_live(timeout).await,
+            Subscription::Sharded(s) => s.wait_live(timeout).await,
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -71,7 +124,7 @@ impl std::fmt::Debug for RedisBroker {
 impl RedisBroker {
     /// Builds the broker without connecting.
     pub(crate) fn new(
-        target: RedisTarget,
+        target: Target,
         prefix: &str,
         timeout: Duration,
         identity_ttl: Duration,
@@ -79,8 +132,23 @@ impl RedisBroker {
         rooms: RoomPolicy,
         sink: SharedSink,
     ) -> Result<Self, BrokerError> {
-        let (pool, disconnects) = target.pool(PUBLISH_LANES, timeout)?;
-        let commands = Commands::Single(pool);
+        let (commands, disconnects) = match &target {
+            Target::Single(single) => {
+                let (pool, disconnects) = single.pool(PUBLISH_LANES, timeout)?;
+                (Commands::Single(pool), disconnects)
+            }
+            Target::Cluster(cluster) => (
+                Commands::Cluster(Arc::new(cluster.client(timeout, None)?)),
+                Disconnects::default(),
+            ),
+        };
+        let sharded = match &target {
+            Target::Single(_) => None,
+            Target::Cluster(cluster) => {
+                let (pushes, received) = mpsc::unbounded_channel();
+                Some((cluster.client(timeout, Some(pushes))?, received))
+            }
+        };
         let keys = Keys::new(prefix);
         Ok(RedisBroker {
             identities: Identities::new(commands.clone(), keys.clone(), timeout, identity_ttl),
@@ -93,6 +161,7 @@ impl RedisBroker {
             keys,
             timeout,
             sink,
+            sharded: std::sync::Mutex::new(sharded),
             running: OnceLock::new(),
         })
     }
@@ -109,14 +178,33 @@ impl RedisBroker {
                     &self.disconnects,
                     self.timeout,
                 ),
-                subscriber: Subscriber::start(
-                    self.target.clone(),
-                    self.keys.clone(),
-                    self.timeout,
-                    self.sink.clone(),
-                    self.rooms.clone(),
-                    self.history.clone(),
-                ),
+                subscriber: match &self.target {
+                    Target::Single(single) => Subscription::Single(Subscriber::start(
+                        single.clone(),
+                        self.keys.clone(),
+                        self.timeout,
+                        self.sink.clone(),
+                        self.rooms.clone(),
+                        self.history.clone(),
+                    )),
+                    Target::Cluster(_) => {
+                        let (client, pushes) = self
+                            .sharded
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .take()
+                            .expect("started once");
+                        Subscription::Sharded(ShardedSubscriber::start(
+                            client,
+                            pushes,
+                            self.keys.clone(),
+                            self.timeout,
+                            self.sink.clone(),
+                            self.rooms.clone(),
+                            self.history.clone(),
+                        ))
+                    }
+                },
             }
         })
     }
@@ -179,7 +267,7 @@ impl RedisBroker {
         let (publish, subscriptions, pool) = tokio::join!(
             connect::within(timeout, running.lanes.ping()),
             running.subscriber.ping(timeout),
-            connect::within(timeout, self.identities.ping()),
+            self.commands.ping(timeout),
         );
         BrokerHealth {
             publish,
@@ -192,7 +280,7 @@ impl RedisBroker {
     pub(crate) async fn ready(&self, timeout: Duration) -> Result<(), BrokerError> {
         let running = self.running();
         connect::within(timeout, running.lanes.ping()).await?;
-        connect::within(timeout, self.identities.ping()).await?;
+        self.commands.ping(timeout).await?;
         running.subscriber.wait_live(timeout).await
     }
 }

@@ -1,0 +1,295 @@
+//! The subscriber task on a Redis Cluster: one `SSUBSCRIBE` per room with local members,
+//! on the shard that owns the room's slot, through redis-rs's cluster connection (RESP3,
+//! messages as pushes). redis-rs holds one connection per shard it needs, follows `MOVED`,
+//! refreshes the topology and resubscribes after a reconnection or a failover.
+//!
+//! What this task adds, as the single-Redis subscriber does: reference counts per room, a
+//! subscribe confirmed before its caller goes on, and history rooms that lose nothing. A
+//! room's subscription that comes back (a new `ssubscribe` push after a failover, or after
+//! the server dropped it when its slot moved: an unasked `sunsubscribe` push, answered by
+//! subscribing again on the new owner) is caught up from the room's history before any
+//! later push is read.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::catch_up::Tracks;
+use super::commands::Cluster;
+use super::connect::within;
+use super::history::HistoryStore;
+use crate::broker::{Confirmation, Keys, SharedSink};
+use crate::error::BrokerError;
+use crate::settings::RoomPolicy;
+
+enum Command {
+    Acquire {
+        room: Arc<str>,
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+    Release {
+        room: Arc<str>,
+    },
+    Ping {
+        reply: oneshot::Sender<Result<(), BrokerError>>,
+    },
+}
+
+/// The handle to a running sharded subscriber; the task ends when it is dropped.
+#[derive(Debug)]
+pub(crate) struct ShardedSubscriber {
+    commands: mpsc::UnboundedSender<Command>,
+    live: watch::Receiver<bool>,
+}
+
+impl ShardedSubscriber {
+    /// Starts the task on `cluster` (a client of its own, built with `pushes` as its push
+    /// sender), inside a Tokio runtime.
+    pub(crate) fn start(
+        cluster: Cluster,
+        pushes: mpsc::UnboundedReceiver<PushInfo>,
+        keys: Keys,
+        timeout: Duration,
+        sink: SharedSink,
+        rooms: RoomPolicy,
+        store: Arc<HistoryStore>,
+    ) -> Self {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let (live_tx, live) = watch::channel(false);
+        let task = Task {
+            cluster,
+            keys,
+            timeout,
+            sink,
+            live: live_tx,
+            counts: HashMap::new(),
+            tracks: Tracks::new(rooms),
+            store,
+        };
+        tokio::spawn(task.run(receiver, pushes));
+        ShardedSubscriber { commands, live }
+    }
+
+    pub(crate) fn acquire(&self, room: Arc<str>) -> Confirmation {
+        let (reply, answer) = oneshot::channel();
+        match self.commands.send(Command::Acquire { room, reply }) {
+            Ok(()) => Confirmation::Pending(answer, "sharded subscriber task"),
+            Err(_) => Confirmation::Done(Err(BrokerError::Stopped("sharded subscriber task"))),
+        }
+    }
+
+    pub(crate) fn release(&self, room: Arc<str>) {
+        let _ = self.commands.send(Command::Release { room });
+    }
+
+    /// Pings every master through the subscriber's cluster connection.
+    pub(crate) async fn ping(&self, timeout: Duration) -> Result<(), BrokerError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Ping { reply })
+            .map_err(|_| BrokerError::Stopped("sharded subscriber task"))?;
+        within(timeout, async {
+            answer
+                .await
+                .unwrap_or(Err(BrokerError::Stopped("sharded subscriber task")))
+        })
+        .await
+    }
+
+    /// Waits until the cluster connection is made, at most `timeout`.
+    pub(crate) async fn wait_live(&self, timeout: Duration) -> Result<(), BrokerError> {
+        let mut live = self.live.clone();
+        let up = tokio::time::timeout(timeout, live.wait_for(|up| *up))
+            .await
+            .map(|changed| changed.is_ok());
+        match up {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(BrokerError::Stopped("sharded subscriber task")),
+            Err(_) => Err(BrokerError::Timeout(timeout)),
+        }
+    }
+}
+
+struct Task {
+    cluster: Cluster,
+    keys: Keys,
+    timeout: Duration,
+    sink: SharedSink,
+    live: watch::Sender<bool>,
+    /// Local acquisitions per room; the room is subscribed while its count is > 0.
+    counts: HashMap<Arc<str>, usize>,
+    tracks: Tracks,
+    store: Arc<HistoryStore>,
+}
+
+impl Task {
+    async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut pushes: mpsc::UnboundedReceiver<PushInfo>,
+    ) {
+        // Connect at once, so that health and readiness know.
+        if self.connection().await.is_ok() {
+            let _ = self.live.send(true);
+        }
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.command(command).await,
+                    None => return,
+                },
+                Some(push) = pushes.recv() => self.push(push).await,
+            }
+        }
+    }
+
+    async fn connection(&self) -> Result<ClusterConnection, BrokerError> {
+        let connection = within(self.timeout, self.cluster.connection()).await;
+        if connection.is_ok() {
+            let _ = self.live.send(true);
+        }
+        connection
+    }
+
+    async fn command(&mut self, command: Command) {
+        match command {
+            Command::Acquire { room, reply } => {
+                let count = self.counts.entry(room.clone()).or_insert(0);
+                *count += 1;
+                if *count > 1 {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                self.tracks.opened(&room);
+                let subscribed = self.subscribe(&room).await;
+                if subscribed.is_err() {
+                    self.decrement(&room).await;
+                }
+                let _ = reply.send(subscribed);
+            }
+            Command::Release { room } => self.decrement(&room).await,
+            Command::Ping { reply } => {
+                let pinged = async {
+                    let mut connection = self.connection().await?;
+                    within(self.timeout, ping_masters(&mut connection)).await
+                };
+                let _ = reply.send(pinged.await);
+            }
+        }
+    }
+
+    async fn subscribe(&self, room: &str) -> Result<(), BrokerError> {
+        let mut connection = self.connection().await?;
+        let channel = self.keys.room_channel(room);
+        within(self.timeout, async {
+            connection
+                .ssubscribe(&channel)
+                .await
+                .map_err(super::connect::redis_error)
+        })
+        .await
+    }
+
+    async fn decrement(&mut self, room: &str) {
+        let Some(count) = self.counts.get_mut(room) else {
+            return;
+        };
+        *count -= 1;
+        if *count > 0 {
+            return;
+        }
+        self.counts.remove(room);
+        self.tracks.closed(room);
+        let channel = self.keys.room_channel(room);
+        if let Ok(mut connection) = self.connection().await {
+            let unsubscribed = within(self.timeout, async {
+                connection
+                    .sunsubscribe(&channel)
+                    .await
+                    .map_err(super::connect::redis_error)
+            });
+            if let Err(e) = unsubscribed.await {
+                tracing::debug!(error = %e.report(), room, "sunsubscribe failed");
+            }
+        }
+    }
+
+    /// The room a push is about, if it is a room this node holds.
+    fn room_of(&self, push: &PushInfo) -> Option<Arc<str>> {
+        let Some(Value::BulkString(channel)) = push.data.first() else {
+            return None;
+        };
+        let channel = std::str::from_utf8(channel).ok()?;
+        let room = self.keys.room_of_channel(channel)?;
+        self.counts
+            .get_key_value(room)
+            .map(|(room, _)| room.clone())
+    }
+
+    async fn push(&mut self, push: PushInfo) {
+        match push.kind {
+            PushKind::SMessage => {
+                let (Some(room), Some(Value::BulkString(payload))) =
+                    (self.room_of(&push), push.data.get(1))
+                else {
+                    return;
+                };
+                let Ok(frame) = String::from_utf8(payload.clone()) else {
+                    tracing::warn!(room = &*room, "dropped a non-UTF-8 frame");
+                    return;
+                };
+                if self.tracks.admit(&room, &frame) {
+                    self.sink.deliver(&room, &Utf8Bytes::from(frame));
+                }
+            }
+            // A subscription (re)confirmed: after a reconnection or a failover, what was
+            // published meanwhile comes from the history, before any later push.
+            PushKind::SSubscribe => {
+                if let Some(room) = self.room_of(&push) {
+                    let caught = self
+                        .tracks
+                        .catch_up_room(&room, &self.store, &*self.sink)
+                        .await;
+                    if caught > 0 {
+                        tracing::info!(
+                            room = &*room,
+                            messages = caught,
+                            "caught up after a resubscription"
+                        );
+                    }
+                }
+            }
+            // The server dropped a subscription we hold: its slot moved to another shard.
+            PushKind::SUnsubscribe => {
+                if let Some(room) = self.room_of(&push) {
+                    tracing::info!(room = &*room, "sharded subscription dropped by the server (slot moved): subscribing again");
+                    if let Err(e) = self.subscribe(&room).await {
+                        tracing::warn!(room = &*room, error = %e.report(), "could not subscribe again");
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// `PING` to every master.
+async fn ping_masters(connection: &mut ClusterConnection) -> Result<(), BrokerError> {
+    use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+    connection
+        .route_command(
+            redis::cmd("PING"),
+            RoutingInfo::MultiNode((
+                MultipleNodeRoutingInfo::AllMasters,
+                Some(ResponsePolicy::AllSucceeded),
+            )),
+        )
+        .await
+        .map(drop)
+        .map_err(super::connect::redis_error)
+}
