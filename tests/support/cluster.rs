@@ -21,6 +21,9 @@ impl ClusterNode {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
             .args(["--cluster-config-file", "nodes.conf"])
+            // Replicas sync at once (Redis waits 5 s by default), so that one can take over
+            // from a master killed right after the cluster starts.
+            .args(["--repl-diskless-sync-delay", "0"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(&self.dir)

@@ -15,7 +15,7 @@ use redis::aio::ConnectionLike;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
-use tokio::sync::OnceCell;
+use tokio::time::Instant;
 
 use super::connect::{pool_error, redis_error};
 use crate::error::BrokerError;
@@ -76,9 +76,14 @@ impl ClusterTarget {
         timeout: Duration,
         pushes: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
     ) -> Result<Cluster, BrokerError> {
+        // Fail fast, so that a command for a dead master comes back in time to replace the
+        // connection (see `Cluster`) rather than retrying the dead address for long.
         let mut builder = redis::cluster::ClusterClientBuilder::new(self.urls.clone())
-            .connection_timeout(timeout)
-            .response_timeout(timeout);
+            .connection_timeout(timeout / 4)
+            .response_timeout(timeout / 2)
+            .retries(2)
+            .min_retry_wait(10)
+            .max_retry_wait(100);
         if let Some(pushes) = pushes {
             builder = builder
                 .use_protocol(redis::ProtocolVersion::RESP3)
@@ -97,33 +102,89 @@ impl ClusterTarget {
 }
 
 /// A Redis Cluster: its client, and the one connection every user shares once it is made.
+///
+/// redis-rs refreshes its slot map on `MOVED`, but a command for a slot whose master died
+/// only reconnects to the dead address until its retries run out, so a failover would go
+/// unnoticed for as long as no command gets `MOVED`. So a command that fails as if a node
+/// were gone (an I/O error, a timeout, `CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`) drops the
+/// shared connection, at most every [`RECONNECT_EVERY`]: the next user makes a new one, with
+/// the topology as the live nodes see it now.
 pub(crate) struct Cluster {
     client: redis::cluster::ClusterClient,
-    connection: OnceCell<ClusterConnection>,
+    connection: tokio::sync::Mutex<Option<(ClusterConnection, Instant)>>,
 }
+
+/// How often a failing cluster connection is replaced, at most.
+const RECONNECT_EVERY: Duration = Duration::from_millis(250);
 
 impl Cluster {
     pub(crate) fn new(client: redis::cluster::ClusterClient) -> Self {
         Cluster {
             client,
-            connection: OnceCell::new(),
+            connection: tokio::sync::Mutex::new(None),
         }
     }
 
-    /// The shared connection, made on first use (again after a failed attempt).
+    /// The shared connection, made on first use (and again after [`Cluster::failed`]).
     pub(crate) async fn connection(&self) -> Result<ClusterConnection, BrokerError> {
-        self.connection
-            .get_or_try_init(|| self.client.get_async_connection())
+        let mut held = self.connection.lock().await;
+        if let Some((connection, _)) = &*held {
+            return Ok(connection.clone());
+        }
+        let connection = self
+            .client
+            .get_async_connection()
             .await
-            .cloned()
-            .map_err(redis_error)
+            .map_err(redis_error)?;
+        *held = Some((connection.clone(), Instant::now()));
+        Ok(connection)
     }
+
+    /// Drops the shared connection: the next user makes a new one.
+    pub(crate) async fn reset(&self) {
+        *self.connection.lock().await = None;
+    }
+
+    /// A command failed with `e`: if it looks like a node is gone, the next user gets a new
+    /// connection (see the type's docs).
+    pub(crate) fn failed(&self, e: &redis::RedisError) {
+        if !node_gone(e) {
+            return;
+        }
+        if let Ok(mut held) = self.connection.try_lock() {
+            if held
+                .as_ref()
+                .is_some_and(|(_, made)| made.elapsed() >= RECONNECT_EVERY)
+            {
+                tracing::info!(error = %e, "a Redis Cluster node seems gone: reconnecting with a fresh topology");
+                *held = None;
+            }
+        }
+    }
+}
+
+/// Whether `e` says that a node is unreachable or not serving its slots.
+pub(crate) fn node_gone(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(
+                ServerErrorKind::ClusterDown
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::MasterDown
+            )
+        )
 }
 
 /// A connection for commands.
 pub(crate) enum Connection {
     Pooled(deadpool_redis::Connection),
-    Cluster(ClusterConnection),
+    /// The cluster connection, and the cluster to tell when a command fails.
+    Cluster(ClusterConnection, Arc<Cluster>),
 }
 
 impl Commands {
@@ -131,7 +192,10 @@ impl Commands {
     pub(crate) async fn get(&self) -> Result<Connection, BrokerError> {
         match self {
             Commands::Single(pool) => pool.get().await.map(Connection::Pooled).map_err(pool_error),
-            Commands::Cluster(cluster) => cluster.connection().await.map(Connection::Cluster),
+            Commands::Cluster(cluster) => cluster
+                .connection()
+                .await
+                .map(|c| Connection::Cluster(c, cluster.clone())),
         }
     }
 
@@ -157,7 +221,7 @@ impl Commands {
                     .await
                     .map(drop)
                     .map_err(redis_error),
-                Connection::Cluster(mut c) => {
+                Connection::Cluster(mut c, cluster) => {
                     use redis::cluster_routing::{
                         MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
                     };
@@ -170,7 +234,10 @@ impl Commands {
                     )
                     .await
                     .map(drop)
-                    .map_err(redis_error)
+                    .map_err(|e| {
+                        cluster.failed(&e);
+                        redis_error(e)
+                    })
                 }
             }
         })
@@ -182,7 +249,13 @@ impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Connection::Pooled(c) => c.req_packed_command(cmd),
-            Connection::Cluster(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c, cluster) => Box::pin(async move {
+                let reply = c.req_packed_command(cmd).await;
+                if let Err(e) = &reply {
+                    cluster.failed(e);
+                }
+                reply
+            }),
         }
     }
 
@@ -194,14 +267,27 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Pooled(c) => c.req_packed_commands(cmd, offset, count),
-            Connection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            Connection::Cluster(c, cluster) => Box::pin(async move {
+                let replies = c.req_packed_commands(cmd, offset, count).await;
+                match &replies {
+                    Err(e) => cluster.failed(e),
+                    Ok(replies) => {
+                        for reply in replies {
+                            if let Value::ServerError(e) = reply {
+                                cluster.failed(&redis::RedisError::from(e.clone()));
+                            }
+                        }
+                    }
+                }
+                replies
+            }),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Connection::Pooled(c) => c.get_db(),
-            Connection::Cluster(c) => c.get_db(),
+            Connection::Cluster(c, _) => c.get_db(),
         }
     }
 }
@@ -231,9 +317,9 @@ pub(crate) async fn query_pipeline(
     connection: &mut Connection,
     pipeline: &Pipeline,
 ) -> Result<Vec<Value>, redis::RedisError> {
-    let cluster = match connection {
+    let (cluster, shared) = match connection {
         Connection::Pooled(c) => return pipeline.query_async(c).await,
-        Connection::Cluster(c) => c,
+        Connection::Cluster(c, shared) => (c, shared.clone()),
     };
     let mut groups: Vec<(Option<Slot>, Pipeline, Vec<usize>)> = Vec::new();
     for (n, cmd) in pipeline.cmd_iter().enumerate() {
@@ -254,7 +340,7 @@ pub(crate) async fn query_pipeline(
         group.2.push(n);
     }
     let sends = groups.iter().map(|(_, sub, _)| {
-        let mut c = cluster.clone();
+        let mut c = Connection::Cluster(cluster.clone(), shared.clone());
         async move { sub.query_async::<Vec<Value>>(&mut c).await }
     });
     let answers = futures_util::future::join_all(sends).await;

@@ -9,6 +9,13 @@
 //! the server dropped it when its slot moved: an unasked `sunsubscribe` push, answered by
 //! subscribing again on the new owner) is caught up from the room's history before any
 //! later push is read.
+//!
+//! redis-rs notices a changed topology only when a command gets `MOVED`, and a subscriber
+//! sends no commands: so twice a second the task reads the slot map (`CLUSTER SLOTS`, from
+//! any node) and pings every master (for health). When the map changed (a replica was
+//! promoted, a slot migrated), it drops its connection (the subscriptions go with it),
+//! subscribes to every room again on a new one, which follows the new map, and catches
+//! history rooms up.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,6 +33,9 @@ use super::history::HistoryStore;
 use crate::broker::{Confirmation, Keys, SharedSink};
 use crate::error::BrokerError;
 use crate::settings::RoomPolicy;
+
+/// How often the task pings every master.
+const CHECK_EVERY: Duration = Duration::from_millis(500);
 
 enum Command {
     Acquire {
@@ -67,6 +77,7 @@ impl ShardedSubscriber {
             timeout,
             sink,
             live: live_tx,
+            slots: None,
             counts: HashMap::new(),
             tracks: Tracks::new(rooms),
             store,
@@ -121,6 +132,8 @@ struct Task {
     timeout: Duration,
     sink: SharedSink,
     live: watch::Sender<bool>,
+    /// The slot map last read: each range and its master's address.
+    slots: Option<Vec<(i64, i64, String)>>,
     /// Local acquisitions per room; the room is subscribed while its count is > 0.
     counts: HashMap<Arc<str>, usize>,
     tracks: Tracks,
@@ -137,6 +150,8 @@ impl Task {
         if self.connection().await.is_ok() {
             let _ = self.live.send(true);
         }
+        let mut check = tokio::time::interval(CHECK_EVERY);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 command = commands.recv() => match command {
@@ -144,8 +159,41 @@ impl Task {
                     None => return,
                 },
                 Some(push) = pushes.recv() => self.push(push).await,
+                _ = check.tick() => self.check().await,
             }
         }
+    }
+
+    /// Reads the slot map and pings every master; see the module docs.
+    async fn check(&mut self) {
+        let read = async {
+            let mut connection = self.connection().await?;
+            within(CHECK_EVERY, slot_map(&mut connection)).await
+        };
+        match read.await {
+            Ok(slots) if self.slots.as_ref().is_some_and(|known| *known != slots) => {
+                self.slots = Some(slots);
+                tracing::info!(
+                    "the Redis Cluster's slot map changed: subscribing again on a new connection"
+                );
+                self.cluster.reset().await;
+                let rooms: Vec<Arc<str>> = self.counts.keys().cloned().collect();
+                for room in rooms {
+                    if let Err(e) = self.subscribe(&room).await {
+                        tracing::warn!(room = &*room, error = %e.report(), "could not subscribe again");
+                        // Read the map again next time, and subscribe again then.
+                        self.slots = None;
+                    }
+                }
+            }
+            Ok(slots) => self.slots = Some(slots),
+            Err(e) => tracing::debug!(error = %e.report(), "could not read the slot map"),
+        }
+        let pinged = async {
+            let mut connection = self.connection().await?;
+            within(CHECK_EVERY, ping_masters(&mut connection)).await
+        };
+        let _ = self.live.send(pinged.await.is_ok());
     }
 
     async fn connection(&self) -> Result<ClusterConnection, BrokerError> {
@@ -276,6 +324,44 @@ impl Task {
             _ => {}
         }
     }
+}
+
+/// The slot map, as one node says (`CLUSTER SLOTS`): each range and its master.
+async fn slot_map(
+    connection: &mut ClusterConnection,
+) -> Result<Vec<(i64, i64, String)>, BrokerError> {
+    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+    let reply = connection
+        .route_command(
+            redis::cmd("CLUSTER").arg("SLOTS").clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+        )
+        .await
+        .map_err(super::connect::redis_error)?;
+    let unexpected = || BrokerError::Protocol("an unexpected CLUSTER SLOTS reply".into());
+    let Value::Array(ranges) = reply else {
+        return Err(unexpected());
+    };
+    let mut map = Vec::with_capacity(ranges.len());
+    for range in ranges {
+        let Value::Array(fields) = range else {
+            return Err(unexpected());
+        };
+        match fields.as_slice() {
+            [Value::Int(start), Value::Int(end), Value::Array(master), ..] => {
+                let address = match master.as_slice() {
+                    [Value::BulkString(host), Value::Int(port), ..] => {
+                        format!("{}:{port}", String::from_utf8_lossy(host))
+                    }
+                    _ => return Err(unexpected()),
+                };
+                map.push((*start, *end, address));
+            }
+            _ => return Err(unexpected()),
+        }
+    }
+    map.sort();
+    Ok(map)
 }
 
 /// `PING` to every master.
