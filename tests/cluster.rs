@@ -189,3 +189,115 @@ async fn a_master_killed_is_failed_over_and_history_rooms_lose_nothing_acked() {
     // promoted replica.
     assert_ne!(cluster.master_of(slot), victim, "the replica took over");
 }
+
+/// The Redis Cluster slot of `key` (CRC16-XMODEM of its hash tag, mod 16384), computed
+/// here so that a name can be searched for a given slot (checked against `CLUSTER KEYSLOT`).
+fn slot_of(key: &str) -> u16 {
+    let tagged = match (
+        key.find('{'),
+        key.find('{').and_then(|o| key[o + 1..].find('}')),
+    ) {
+        (Some(open), Some(len)) if len > 0 => &key[open + 1..open + 1 + len],
+        _ => key,
+    };
+    let mut crc: u16 = 0;
+    for byte in tagged.bytes() {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// A room named `{prefix}{n}` whose channel is in `slot`.
+fn room_in_slot(prefix: &str, slot: u16) -> String {
+    (0..)
+        .map(|n| format!("{prefix}{n}"))
+        .find(|room| slot_of(&format!("thinws:room:{{{room}}}")) == slot)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rooms_slot_migrated_while_messages_flow() {
+    let cluster = RedisCluster::start().await;
+    let a = Node::start(layer(&cluster)).await;
+    let b = Node::start(layer(&cluster)).await;
+    // `redis-cli --cluster reshard` moves a source's lowest slots first: put a history
+    // room and a plain room in the lowest slot of one master.
+    let source = cluster.master_of(0);
+    let slot = 0;
+    let history = room_in_slot("h:mig", slot);
+    let plain = room_in_slot("mig", slot);
+    assert_eq!(cluster.keyslot(&format!("thinws:room:{{{history}}}")), slot);
+    let target = (0..cluster.nodes.len())
+        .find(|&n| {
+            n != source
+                && support::cluster::cli(cluster.nodes[n].port, &["role"]).starts_with("master")
+        })
+        .unwrap();
+    let id = |n: usize| {
+        support::cluster::cli(cluster.nodes[n].port, &["cluster", "myid"])
+            .trim()
+            .to_owned()
+    };
+    let (from, to) = (id(source), id(target));
+    let rooms = vec![history.clone(), plain.clone()];
+    let mut subscriber = Client::connect_as(&b.url(), "sub").await;
+    for room in &rooms {
+        subscriber.subscribe(room).await;
+    }
+    let mut publisher = Client::connect_as(&a.url(), "pub").await;
+    let start = tokio::time::Instant::now();
+    let publishing = publish_until(&mut publisher, &rooms, start + Duration::from_secs(6));
+    let seed = format!("127.0.0.1:{}", cluster.nodes[0].port);
+    let resharding = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("redis-cli")
+                .args(["--cluster", "reshard", &seed])
+                .args(["--cluster-from", &from, "--cluster-to", &to])
+                .args(["--cluster-slots", "1", "--cluster-yes"])
+                .output()
+                .expect("redis-cli --cluster reshard")
+        })
+        .await
+        .unwrap()
+    };
+    let (acked, resharded) = tokio::join!(publishing, resharding);
+    assert!(
+        resharded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resharded.stdout)
+    );
+    assert_eq!(cluster.master_of(slot), target, "the slot moved");
+    let got = received(&mut subscriber, &rooms, Duration::from_secs(3)).await;
+    let seen: HashSet<u64> = got[0].iter().copied().collect();
+    let lost: Vec<u64> = acked[0]
+        .iter()
+        .filter(|n| !seen.contains(n))
+        .copied()
+        .collect();
+    assert!(lost.is_empty(), "history room lost acked messages {lost:?}");
+    assert!(got[0].windows(2).all(|w| w[0] < w[1]), "{:?}", got[0]);
+    let seen: HashSet<u64> = got[1].iter().copied().collect();
+    let plain_lost = acked[1].iter().filter(|n| !seen.contains(n)).count();
+    println!(
+        "slot migration: history room {} acked, none lost; plain room {} acked, {plain_lost} lost",
+        acked[0].len(),
+        acked[1].len()
+    );
+    // The room's history moved with its slot and goes on.
+    let after = publisher
+        .request(json!({"type": "message", "roomID": history, "payload": "after"}))
+        .await;
+    assert_eq!(after["type"], "ack", "{after}");
+    assert!(
+        after["offset"].as_u64() > Some(acked[0].len() as u64),
+        "offsets go on on the new shard: {after}"
+    );
+}
