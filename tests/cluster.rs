@@ -94,6 +94,20 @@ async fn rooms_on_every_shard_fan_out_across_nodes_in_order() {
     assert!(a.hub.health().await.is_ready(), "{}", a.hub.health().await);
     let recent = b.hub.history(&history[0], Some(3)).await.unwrap().unwrap();
     assert_eq!(recent.offset, 20);
+    // Identity sets (each in its own slot): alice's rooms come back on the other node.
+    drop(alice);
+    let mut again = Client::connect(&b.url()).await;
+    let reply = again
+        .request(json!({"type": "connect", "messageID": 1, "connectionID": "alice"}))
+        .await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    bob.publish(&plain[0], json!("welcome back")).await;
+    loop {
+        let got = again.delivery().await;
+        if got["payload"] == "welcome back" {
+            break;
+        }
+    }
 }
 
 /// Publishes `0..` to `rooms` in turn from `publisher` until `stop`; returns, per room, the
@@ -161,8 +175,18 @@ async fn a_master_killed_is_failed_over_and_history_rooms_lose_nothing_acked() {
     let killing = async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         cluster.nodes[victim].kill();
+        // Health says so while the shard is unreachable, and recovers once its replica
+        // took over.
+        let mut unready = false;
+        while tokio::time::Instant::now() < start + Duration::from_secs(8) {
+            unready |= !a.hub.health().await.is_ready();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        unready
     };
-    let (acked, ()) = tokio::join!(publishing, killing);
+    let (acked, unready) = tokio::join!(publishing, killing);
+    assert!(unready, "health never reported the dead master");
+    assert!(a.hub.health().await.is_ready(), "{}", a.hub.health().await);
     let got = received(&mut subscriber, &rooms, Duration::from_secs(3)).await;
     // History room: every acked message, once, in order (unacked ones may be there too).
     let seen: HashSet<u64> = got[0].iter().copied().collect();
@@ -300,4 +324,39 @@ async fn a_rooms_slot_migrated_while_messages_flow() {
         after["offset"].as_u64() > Some(acked[0].len() as u64),
         "offsets go on on the new shard: {after}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standalone_server_takes_cluster_urls() {
+    let cluster = RedisCluster::start().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_thinws"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--no-demo"])
+        .args(["--redis-cluster-url", &cluster.urls()[0]])
+        .args(["--redis-cluster-url", &cluster.urls()[1]])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    support::within("the server to listen", async {
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let (status, body) = support::http(addr, "GET", "/healthz", &[]).await;
+    assert_eq!(status, 200, "{body}");
+    let node = Node::start(layer(&cluster)).await;
+    let mut on_server = Client::connect(&format!("ws://{addr}/")).await;
+    on_server.subscribe("across").await;
+    let mut on_node = Client::connect(&node.url()).await;
+    on_node.publish("across", json!("sharded")).await;
+    assert_eq!(on_server.delivery().await["payload"], "sharded");
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -43,6 +43,16 @@ struct Args {
     /// in-memory node.
     #[arg(long, env = "REDIS_URL")]
     redis_url: Option<String>,
+    /// A Redis Cluster node to fan out through instead of one Redis (repeatable; any of its
+    /// nodes, the rest are discovered; comma-separated in the environment). Rooms' channels
+    /// are then sharded (`SPUBLISH`/`SSUBSCRIBE`, Redis 7 or newer).
+    #[arg(
+        long = "redis-cluster-url",
+        env = "THINWS_REDIS_CLUSTER_URLS",
+        value_delimiter = ',',
+        conflicts_with = "redis_url"
+    )]
+    redis_cluster_urls: Vec<String>,
     /// For `rediss://`: a PEM file of the CA that signed Redis's certificate, trusted
     /// beside the system's roots (needed for a private CA, not for managed Redis).
     #[arg(long, env = "THINWS_REDIS_CA_FILE")]
@@ -323,6 +333,15 @@ async fn run(args: Args) -> Result<(), String> {
         builder = builder.redis_ca_pem(pem);
     }
     let layer = match &args.redis_url {
+        None if !args.redis_cluster_urls.is_empty() => {
+            let layer = builder
+                .redis_cluster(args.redis_cluster_urls.clone())
+                .connect()
+                .await
+                .map_err(|e| e.report())?;
+            tracing::info!("fanning out through a Redis Cluster (sharded pub/sub)");
+            layer
+        }
         Some(url) => {
             let layer = builder
                 .redis_url(url)
