@@ -9,6 +9,7 @@
 #   TARGETS="thinws" bench/run.sh fanout
 #   TARGETS=thinws bench/run.sh rooms rooms-history fanout fanout-history recovery   # history rooms
 #   TARGETS=thinws bench/run.sh rooms rooms-presence fanout fanout-presence join-burst  # presence
+#   TARGETS=thinws bench/run.sh rooms rooms-cluster fanout fanout-cluster   # 3-master Redis Cluster
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -34,10 +35,29 @@ redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >/dev/null &
 redis_pid=$!
 pids=()
-cleanup() { kill "${pids[@]}" "$redis_pid" 2>/dev/null || true; wait 2>/dev/null || true; }
+# shellcheck disable=SC2086 # redis_pid lists the cluster's servers too
+cleanup() { kill "${pids[@]}" $redis_pid 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT
 until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.05; done
 redis_url=redis://127.0.0.1:$redis_port
+
+cluster_urls=()
+start_cluster() { # a 3-master Redis Cluster (no replicas), once: sets cluster_urls
+  [ ${#cluster_urls[@]} -gt 0 ] && return
+  local ports=() p
+  for _ in 1 2 3; do
+    p=$(free_port); while (( p > 55000 )); do p=$(free_port); done
+    rm -rf "$out/cluster-$p"; mkdir -p "$out/cluster-$p"
+    redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --dir "$out/cluster-$p" \
+      --cluster-config-file nodes.conf --save "" --appendonly no --daemonize no >/dev/null &
+    redis_pid="$redis_pid $!"
+    ports+=("$p")
+  done
+  for p in "${ports[@]}"; do until redis-cli -p "$p" ping >/dev/null 2>&1; do sleep 0.05; done; done
+  redis-cli --cluster create "${ports[@]/#/127.0.0.1:}" --cluster-yes >/dev/null
+  for p in "${ports[@]}"; do until redis-cli -p "$p" cluster info | grep -q cluster_state:ok; do sleep 0.1; done; done
+  for p in "${ports[@]}"; do cluster_urls+=("redis://127.0.0.1:$p"); done
+}
 
 start_nodes() { # target [extra thinws args...] -> sets nodes (URLs) and node_pids
   local target=$1 urls=() ids=()
@@ -46,7 +66,13 @@ start_nodes() { # target [extra thinws args...] -> sets nodes (URLs) and node_pi
   for i in 1 2; do
     local port; port=$(free_port)
     case $target in
-      thinws) "$root/target/release/thinws" --listen "127.0.0.1:$port" --redis-url "$redis_url" \
+      thinws)
+        local redis_args=(--redis-url "$redis_url")
+        if [ -n "${CLUSTER:-}" ]; then
+          redis_args=()
+          for url in "${cluster_urls[@]}"; do redis_args+=(--redis-cluster-url "$url"); done
+        fi
+        "$root/target/release/thinws" --listen "127.0.0.1:$port" "${redis_args[@]}" \
                 --rate-limit 0 --max-sockets 300000 --no-demo "${extra[@]}" >/dev/null 2>&1 & ;;
       socketio) node bench/peers/socketio/server.js "$port" "$redis_url" >/dev/null 2>&1 & ;;
       socketioxide) bench/peers/socketioxide/target/release/socketioxide-peer "$port" "$redis_url" >/dev/null 2>&1 & ;;
@@ -63,7 +89,11 @@ start_nodes() { # target [extra thinws args...] -> sets nodes (URLs) and node_pi
   nodes=$(IFS=,; echo "${urls[*]}")
   node_pids=$(IFS=,; echo "${ids[*]}")
 }
-stop_nodes() { kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; pids=(); redis-cli -p "$redis_port" flushall >/dev/null; }
+stop_nodes() {
+  kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/null || true; pids=()
+  redis-cli -p "$redis_port" flushall >/dev/null
+  local url; for url in "${cluster_urls[@]}"; do redis-cli -p "${url##*:}" flushall >/dev/null 2>&1 || true; done
+}
 
 run_one_node() { # like run, against the first node only
   local target=$1 scenario=$2; shift 2
@@ -104,6 +134,11 @@ for target in $targets; do
         run "$target" fanout --subscribers 1000 --messages 2000 --window 64 ;;
       rooms-presence) [ "$target" = thinws ] && NODE_ARGS="--join-leave" LABEL=thinws-presence \
         run "$target" rooms --subscribers 1000 --messages 200 --window 16 ;;
+      # The same on a 3-master Redis Cluster: rooms' channels sharded (thinws only).
+      fanout-cluster) [ "$target" = thinws ] && { start_cluster; CLUSTER=1 LABEL=thinws-cluster \
+        run "$target" fanout --subscribers 1000 --messages 2000 --window 64; } ;;
+      rooms-cluster) [ "$target" = thinws ] && { start_cluster; CLUSTER=1 LABEL=thinws-cluster \
+        run "$target" rooms --subscribers 1000 --messages 200 --window 16; } ;;
       # 1,000 sockets join one room with join/leave events at once.
       join-burst) [ "$target" = thinws ] && NODE_ARGS="--join-leave" LABEL=thinws-join-leave \
         run "$target" join-burst --subscribers 1000 --redis-port "$redis_port" ;;

@@ -11,7 +11,8 @@
 //!
 //! # Redis layout
 //! With the default prefix `thinws:` (braces literal: the room is a Cluster hash tag):
-//! - channel `thinws:room:{ROOM}`: one per room; each message is a complete delivered
+//! - channel `thinws:room:{ROOM}` (sharded on a Redis Cluster: `SPUBLISH`/`SSUBSCRIBE`):
+//!   one per room; each message is a complete delivered
 //!   `message` frame (see [`protocol::server::delivery`](crate::protocol::server::delivery)),
 //!   forwarded to sockets byte for byte;
 //! - set `thinws:identity:{connectionID}`: the rooms that identity subscribed to; it

@@ -1,8 +1,12 @@
 //! The Redis broker.
 //!
 //! - `connect`: the URL, parsed once, and the `deadpool-redis` pool built on it;
+//! - `commands`: where commands go (the pool, or a Redis Cluster's shared connection, with
+//!   pipelines split per slot);
+//! - `sharded`: on a cluster, the subscriber task (`SSUBSCRIBE` per room on its shard);
 //! - `lanes`: publishing lanes, each holding a pooled connection and sending pipelines;
-//! - `subscriber`: the task that owns the pub/sub connection (read by `resp`);
+//! - `subscriber`: on one Redis, the task that owns the pub/sub connection (read by `resp`);
+//! - `tls`: `rediss://` for the pub/sub connection (feature `tls`);
 //! - `identities`: the rooms recorded per identity, through the pool;
 //! - `presence`: who is in each presence room, on every node (one task per node).
 //!

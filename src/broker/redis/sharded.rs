@@ -364,18 +364,7 @@ async fn slot_map(
     Ok(map)
 }
 
-/// `PING` to every master.
+/// `PING` to every master (see `commands`).
 async fn ping_masters(connection: &mut ClusterConnection) -> Result<(), BrokerError> {
-    use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
-    connection
-        .route_command(
-            redis::cmd("PING"),
-            RoutingInfo::MultiNode((
-                MultipleNodeRoutingInfo::AllMasters,
-                Some(ResponsePolicy::AllSucceeded),
-            )),
-        )
-        .await
-        .map(drop)
-        .map_err(super::connect::redis_error)
+    super::commands::ping_every_master(connection).await
 }
