@@ -337,7 +337,7 @@ pub(crate) async fn query_pipeline(
     let mut again: Vec<usize> = (0..commands.len()).collect();
     if let Some(map) = shared.slot_map(&cluster).await {
         // By master: each group is one pipeline to that node.
-        let mut groups: Vec<(Option<(String, u16)>, Vec<usize>)> = Vec::new();
+        let mut groups: Vec<(Option<Address>, Vec<usize>)> = Vec::new();
         for (n, cmd) in commands.iter().enumerate() {
             let owner = key_of(cmd).and_then(|key| map.owner(key_slot(key)));
             match groups.iter_mut().find(|(o, _)| *o == owner) {
@@ -462,6 +462,9 @@ fn redirected(e: &redis::ServerError) -> bool {
         Some(ServerErrorKind::Moved | ServerErrorKind::Ask | ServerErrorKind::TryAgain)
     )
 }
+
+/// A node's host and port.
+type Address = (String, u16);
 
 /// Which master serves each slot, as `CLUSTER SLOTS` said.
 pub(crate) struct SlotMap(Vec<(u16, u16, String, u16)>);
