@@ -231,6 +231,21 @@ impl Commands {
         }
     }
 
+    /// A connection for one user to hold (a publishing lane): out of the pool, or on a
+    /// cluster a cluster connection of its own, so that lanes do not queue behind one
+    /// another in one connection's routing task.
+    pub(crate) async fn get_own(&self) -> Result<Connection, BrokerError> {
+        match self {
+            Commands::Single(_) => self.get().await,
+            Commands::Cluster(cluster) => cluster
+                .client
+                .get_async_connection()
+                .await
+                .map(|c| Connection::Cluster(c, cluster.clone()))
+                .map_err(redis_error),
+        }
+    }
+
     /// The pool's state (`None` on a cluster).
     pub(crate) fn pool_status(&self) -> Option<deadpool_redis::Status> {
         match self {

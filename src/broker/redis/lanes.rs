@@ -376,7 +376,7 @@ impl Lane {
         let connection = match &mut self.held {
             Some((connection, _)) => connection,
             None => {
-                let connection = tokio::time::timeout_at(deadline, self.commands.get())
+                let connection = tokio::time::timeout_at(deadline, self.commands.get_own())
                     .await
                     .map_err(|_| BrokerError::NotSent(self.timeout))??;
                 &mut self.held.insert((connection, lost)).0

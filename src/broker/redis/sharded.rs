@@ -282,12 +282,14 @@ impl Task {
     async fn push(&mut self, push: PushInfo) {
         match push.kind {
             PushKind::SMessage => {
-                let (Some(room), Some(Value::BulkString(payload))) =
-                    (self.room_of(&push), push.data.get(1))
-                else {
+                let Some(room) = self.room_of(&push) else {
                     return;
                 };
-                let Ok(frame) = String::from_utf8(payload.clone()) else {
+                // The payload's bytes become the frame without a copy.
+                let Some(Value::BulkString(payload)) = push.data.into_iter().nth(1) else {
+                    return;
+                };
+                let Ok(frame) = String::from_utf8(payload) else {
                     tracing::warn!(room = &*room, "dropped a non-UTF-8 frame");
                     return;
                 };
