@@ -212,6 +212,19 @@ async fn a_master_killed_is_failed_over_and_history_rooms_lose_nothing_acked() {
     // Delivery resumed without client action (the last acked messages arrived), on the
     // promoted replica.
     assert_ne!(cluster.master_of(slot), victim, "the replica took over");
+    // The dead master comes back (as a replica of the one that took over): nothing changes
+    // for the nodes.
+    cluster.nodes[victim].restart();
+    cluster.wait_ok().await;
+    publisher.publish(&history, json!(u64::MAX)).await;
+    loop {
+        let got = subscriber.delivery().await;
+        if got["roomID"] == history.as_str() {
+            assert_eq!(got["payload"], json!(u64::MAX));
+            break;
+        }
+    }
+    assert!(a.hub.health().await.is_ready(), "{}", a.hub.health().await);
 }
 
 /// The Redis Cluster slot of `key` (CRC16-XMODEM of its hash tag, mod 16384), computed
@@ -359,4 +372,48 @@ async fn the_standalone_server_takes_cluster_urls() {
     assert_eq!(on_server.delivery().await["payload"], "sharded");
     let _ = child.kill();
     let _ = child.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_speaks_only_tls() {
+    let certs = support::certs::TestCerts::new();
+    let cluster = RedisCluster::start_tls(&certs).await;
+    let layer = || {
+        ThinWsLayer::builder()
+            .rate_limit(0, 0)
+            .redis_cluster(cluster.urls())
+            .redis_ca_pem(certs.ca_pem())
+            .room_settings(
+                "h:*",
+                RoomSettings::with_history(History::new(100, Duration::from_secs(60))),
+            )
+            .build()
+    };
+    let (a, b) = (Node::start(layer()).await, Node::start(layer()).await);
+    let rooms = ["tls:a", "tls:b", "tls:c", "h:tls"];
+    let mut on_b = Client::connect(&b.url()).await;
+    for room in rooms {
+        on_b.subscribe(room).await;
+    }
+    let mut on_a = Client::connect(&a.url()).await;
+    for room in rooms {
+        on_a.publish(room, json!(room)).await;
+    }
+    for room in rooms {
+        let got = on_b.delivery().await;
+        assert_eq!(got["payload"], room);
+    }
+    assert!(a.hub.health().await.is_ready(), "{}", a.hub.health().await);
+    // Without the CA, the certificate is refused.
+    let refused = ThinWsLayer::builder()
+        .redis_cluster(cluster.urls())
+        .redis_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(
+        refused.report().to_lowercase().contains("certificate"),
+        "{}",
+        refused.report()
+    );
 }

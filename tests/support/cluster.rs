@@ -13,12 +13,28 @@ pub struct ClusterNode {
     pub port: u16,
     child: Option<Child>,
     dir: std::path::PathBuf,
+    /// With TLS (clients and the cluster bus): the certificate, key and CA files.
+    tls: Option<[std::path::PathBuf; 3]>,
 }
 
 impl ClusterNode {
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        let mut command = Command::new("redis-server");
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some([cert, key, ca]) => command
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        let child = command
+            .args(["--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
             .args(["--cluster-config-file", "nodes.conf"])
             // Replicas sync at once (Redis waits 5 s by default), so that one can take over
@@ -50,13 +66,18 @@ impl ClusterNode {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(_) => format!("rediss://127.0.0.1:{}", self.port),
+        }
     }
 }
 
 /// The cluster.
 pub struct RedisCluster {
     pub nodes: Vec<ClusterNode>,
+    /// redis-cli's TLS arguments, when the cluster speaks TLS.
+    tls_args: Vec<String>,
 }
 
 fn free_port() -> u16 {
@@ -75,6 +96,24 @@ fn free_port() -> u16 {
 
 impl RedisCluster {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// A cluster that speaks only TLS (to clients and on its bus), with `certs`' server
+    /// certificate.
+    pub async fn start_tls(certs: &super::certs::TestCerts) -> Self {
+        Self::start_with(Some([certs.cert(), certs.key(), certs.ca()])).await
+    }
+
+    async fn start_with(tls: Option<[std::path::PathBuf; 3]>) -> Self {
+        let tls_args: Vec<String> = match &tls {
+            None => Vec::new(),
+            Some([_, _, ca]) => vec![
+                "--tls".into(),
+                "--cacert".into(),
+                ca.to_string_lossy().into_owned(),
+            ],
+        };
         let mut nodes = Vec::new();
         for _ in 0..6 {
             let port = free_port();
@@ -86,6 +125,7 @@ impl RedisCluster {
                 port,
                 child: None,
                 dir,
+                tls: tls.clone(),
             };
             node.spawn();
             nodes.push(node);
@@ -106,7 +146,10 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
-        let out = Command::new("redis-cli")
+        // Bounded: a cluster whose nodes cannot meet would make redis-cli wait forever.
+        let out = Command::new("timeout")
+            .args(["60", "redis-cli"])
+            .args(&tls_args)
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
@@ -117,7 +160,7 @@ impl RedisCluster {
             "redis-cli --cluster create: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let cluster = RedisCluster { nodes };
+        let cluster = RedisCluster { nodes, tls_args };
         cluster.wait_ok().await;
         cluster
     }
@@ -128,7 +171,7 @@ impl RedisCluster {
             loop {
                 let mut ok = true;
                 for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-                    let info = cli(node.port, &["cluster", "info"]);
+                    let info = self.cli(node.port, &["cluster", "info"]);
                     if !info.contains("cluster_state:ok")
                         || !info.contains("cluster_slots_assigned:16384")
                     {
@@ -151,7 +194,7 @@ impl RedisCluster {
 
     /// The slot of `key` (`CLUSTER KEYSLOT`).
     pub fn keyslot(&self, key: &str) -> u16 {
-        cli(self.nodes[0].port, &["cluster", "keyslot", key])
+        self.cli(self.nodes[0].port, &["cluster", "keyslot", key])
             .trim()
             .parse()
             .unwrap()
@@ -160,7 +203,7 @@ impl RedisCluster {
     /// The index in `nodes` of the master serving `slot`, as `CLUSTER SHARDS` says.
     pub fn master_of(&self, slot: u16) -> usize {
         let live = self.nodes.iter().find(|n| n.child.is_some()).unwrap();
-        let slots = cli(live.port, &["cluster", "slots"]);
+        let slots = self.cli(live.port, &["cluster", "slots"]);
         // redis-cli prints the nested reply flat: start, end, then the master's ip and port.
         let lines: Vec<&str> = slots.lines().map(str::trim).collect();
         let mut i = 0;
@@ -178,6 +221,19 @@ impl RedisCluster {
             i += 1;
         }
         panic!("no master for slot {slot} in {slots}");
+    }
+}
+
+impl RedisCluster {
+    /// `redis-cli` (with TLS when the cluster speaks it) `-p PORT ARGS…`, its stdout.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(&self.tls_args)
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
 
