@@ -48,6 +48,19 @@ async fn listening(port: u16) {
 /// A child process killed on drop.
 struct Proc(Option<Child>);
 
+/// A proxy process, stopped on drop with SIGTERM (nginx's workers would outlive a SIGKILL
+/// of their master, holding its ports).
+struct Stopped(Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
 impl Proc {
     fn signal(&self, signal: &str) {
         if let Some(child) = &self.0 {
@@ -131,7 +144,7 @@ enum Kind {
 struct Proxy {
     port: u16,
     tls_port: u16,
-    _proc: Proc,
+    _proc: Stopped,
     _dir: tempdir::Dir,
 }
 
@@ -202,7 +215,7 @@ impl Proxy {
         Proxy {
             port,
             tls_port,
-            _proc: Proc(Some(child)),
+            _proc: Stopped(child),
             _dir: tempdir::Dir(dir),
         }
     }

@@ -111,6 +111,12 @@ struct Report {
     max_ms: f64,
     peak_rss_kib: Vec<u64>,
     rss_per_socket_kib: Option<f64>,
+    /// Idle: the nodes' CPU per socket to open and subscribe it (µs), and per socket and
+    /// second while idle (µs).
+    #[serde(default)]
+    cpu_us_per_socket_setup: Option<f64>,
+    #[serde(default)]
+    cpu_us_per_socket_second_idle: Option<f64>,
     /// What was measured, when the target alone does not say (e.g. "socketioxide").
     label: Option<String>,
     /// Redis commands per socket (join-burst): script calls, and every command Redis ran,
@@ -119,6 +125,20 @@ struct Report {
     redis_calls_per_socket: Option<f64>,
     #[serde(default)]
     redis_commands_per_socket: Option<f64>,
+}
+
+/// A process's CPU time so far (user + system), in seconds, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // Clock ticks: 100 a second on Linux (`getconf CLK_TCK`).
+    Some(ticks as f64 / 100.0)
+}
+
+fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|p| cpu_seconds(*p)).sum()
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -607,9 +627,11 @@ async fn rooms(args: &RunArgs) -> Report {
 async fn idle(args: &RunArgs) -> Report {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before: Vec<u64> = args.pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
+    let cpu_before = cpu_of(&args.pids);
     let started = Instant::now();
     let sockets = connect_all(args, args.subscribers, |i| format!("idle-{}", i % 100)).await;
     let connected = started.elapsed();
+    let cpu_connected = cpu_of(&args.pids);
     // Keep answering pings while the servers settle.
     let mut keep = Vec::new();
     for (mut tx, mut rx) in sockets {
@@ -624,7 +646,10 @@ async fn idle(args: &RunArgs) -> Report {
             }
         }));
     }
+    let idle_from = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let cpu_idle = cpu_of(&args.pids) - cpu_connected;
+    let idle_seconds = idle_from.elapsed().as_secs_f64();
     let after: Vec<u64> = args.pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
     let grown: u64 = after.iter().zip(&before).map(|(a, b)| a.saturating_sub(*b)).sum();
     for k in keep {
@@ -637,6 +662,8 @@ async fn idle(args: &RunArgs) -> Report {
         seconds: connected.as_secs_f64(),
         peak_rss_kib: after,
         rss_per_socket_kib: Some(grown as f64 / args.subscribers as f64),
+        cpu_us_per_socket_setup: Some((cpu_connected - cpu_before) * 1e6 / args.subscribers as f64),
+        cpu_us_per_socket_second_idle: Some(cpu_idle * 1e6 / args.subscribers as f64 / idle_seconds),
         label: args.label.clone(),
         ..Report::default()
     }
@@ -756,6 +783,9 @@ fn print_table(reports: &[Report]) {
                 rss.join(" / "),
                 r.rss_per_socket_kib.unwrap_or(0.0)
             );
+            if let (Some(setup), Some(idle)) = (r.cpu_us_per_socket_setup, r.cpu_us_per_socket_second_idle) {
+                println!("| | node CPU per socket: {setup:.0} µs to open and subscribe, {idle:.2} µs per second idle | | | | | | | | | | |");
+            }
             continue;
         }
         println!(
