@@ -82,7 +82,7 @@ impl ClusterTarget {
         // Fail fast, so that a command for a dead master comes back in time to replace the
         // connection (see `Cluster`) rather than retrying the dead address for long.
         let mut builder = redis::cluster::ClusterClientBuilder::new(self.urls.clone())
-            .connection_timeout(timeout / 4)
+            .connection_timeout(timeout / 2)
             .response_timeout(timeout / 2)
             .retries(2)
             .min_retry_wait(10)
