@@ -23,6 +23,7 @@ mod presence;
 mod resp;
 mod sharded;
 mod subscriber;
+mod subscriptions;
 #[cfg(feature = "tls")]
 mod tls;
 
@@ -40,6 +41,7 @@ pub(crate) use self::lanes::Lanes;
 use self::presence::PresenceStore;
 use self::sharded::ShardedSubscriber;
 use self::subscriber::Subscriber;
+use self::subscriptions::Subscriptions;
 use super::{BrokerHealth, Confirmation, Keys, Publish, SharedSink};
 use crate::error::BrokerError;
 use crate::settings::RoomPolicy;
@@ -75,45 +77,9 @@ pub(crate) enum Target {
 /// The broker's tasks, once started.
 struct Running {
     lanes: Lanes,
-    subscriber: Subscription,
-}
-
-/// The task that holds the node's room subscriptions.
-enum Subscription {
-    /// `SUBSCRIBE` on one pub/sub connection to the one Redis.
-    Single(Subscriber),
-    /// `SSUBSCRIBE` on each shard, through a cluster connection.
-    Sharded(ShardedSubscriber),
-}
-
-impl Subscription {
-    fn acquire(&self, room: Arc<str>) -> Confirmation {
-        match self {
-            Subscription::Single(s) => s.acquire(room),
-            Subscription::Sharded(s) => s.acquire(room),
-        }
-    }
-
-    fn release(&self, room: Arc<str>) {
-        match self {
-            Subscription::Single(s) => s.release(room),
-            Subscription::Sharded(s) => s.release(room),
-        }
-    }
-
-    async fn ping(&self, timeout: Duration) -> Result<(), BrokerError> {
-        match self {
-            Subscription::Single(s) => s.ping(timeout).await,
-            Subscription::Sharded(s) => s.ping(timeout).await,
-        }
-    }
-
-    async fn wait_live(&self, timeout: Duration) -> Result<(), BrokerError> {
-        match self {
-            Subscription::Single(s) => s.wait_live(timeout).await,
-            Subscription::Sharded(s) => s.wait_live(timeout).await,
-        }
-    }
+    /// The task that holds the node's room subscriptions: `SUBSCRIBE` on one pub/sub
+    /// connection to one Redis, or `SSUBSCRIBE` on each shard of a cluster.
+    subscriber: Subscriptions,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -183,14 +149,14 @@ impl RedisBroker {
                     self.timeout,
                 ),
                 subscriber: match &self.target {
-                    Target::Single(single) => Subscription::Single(Subscriber::start(
+                    Target::Single(single) => Subscriber::start(
                         single.clone(),
                         self.keys.clone(),
                         self.timeout,
                         self.sink.clone(),
                         self.rooms.clone(),
                         self.history.clone(),
-                    )),
+                    ),
                     Target::Cluster(_) => {
                         let (client, pushes) = self
                             .sharded
@@ -198,7 +164,7 @@ impl RedisBroker {
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
                             .take()
                             .expect("started once");
-                        Subscription::Sharded(ShardedSubscriber::start(
+                        ShardedSubscriber::start(
                             client,
                             pushes,
                             self.keys.clone(),
@@ -206,7 +172,7 @@ impl RedisBroker {
                             self.sink.clone(),
                             self.rooms.clone(),
                             self.history.clone(),
-                        ))
+                        )
                     }
                 },
             }

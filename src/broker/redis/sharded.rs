@@ -24,42 +24,26 @@ use std::time::Duration;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use redis::cluster_async::ClusterConnection;
 use redis::{PushInfo, PushKind, Value};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use super::catch_up::Tracks;
-use super::commands::Cluster;
+use super::commands::{ping_every_master, read_slot_map, Cluster, SlotMap};
 use super::connect::within;
 use super::history::HistoryStore;
-use crate::broker::{Confirmation, Keys, SharedSink};
+use super::subscriptions::{Command, Subscriptions};
+use crate::broker::{Keys, SharedSink};
 use crate::error::BrokerError;
 use crate::settings::RoomPolicy;
 
 /// How often the task pings every master.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
 
-enum Command {
-    Acquire {
-        room: Arc<str>,
-        reply: oneshot::Sender<Result<(), BrokerError>>,
-    },
-    Release {
-        room: Arc<str>,
-    },
-    Ping {
-        reply: oneshot::Sender<Result<(), BrokerError>>,
-    },
-}
-
-/// The handle to a running sharded subscriber; the task ends when it is dropped.
-#[derive(Debug)]
-pub(crate) struct ShardedSubscriber {
-    commands: mpsc::UnboundedSender<Command>,
-    live: watch::Receiver<bool>,
-}
+/// The subscriber task on a Redis Cluster.
+pub(crate) struct ShardedSubscriber;
 
 impl ShardedSubscriber {
     /// Starts the task on `cluster` (a client of its own, built with `pushes` as its push
-    /// sender), inside a Tokio runtime.
+    /// sender), inside a Tokio runtime; the returned handle drives it.
     pub(crate) fn start(
         cluster: Cluster,
         pushes: mpsc::UnboundedReceiver<PushInfo>,
@@ -68,61 +52,21 @@ impl ShardedSubscriber {
         sink: SharedSink,
         rooms: RoomPolicy,
         store: Arc<HistoryStore>,
-    ) -> Self {
-        let (commands, receiver) = mpsc::unbounded_channel();
-        let (live_tx, live) = watch::channel(false);
+    ) -> Subscriptions {
+        let (handle, ends) = Subscriptions::new("sharded subscriber task");
         let task = Task {
             cluster,
             keys,
             timeout,
             sink,
-            live: live_tx,
+            live: ends.live,
             slots: None,
             counts: HashMap::new(),
             tracks: Tracks::new(rooms),
             store,
         };
-        tokio::spawn(task.run(receiver, pushes));
-        ShardedSubscriber { commands, live }
-    }
-
-    pub(crate) fn acquire(&self, room: Arc<str>) -> Confirmation {
-        let (reply, answer) = oneshot::channel();
-        match self.commands.send(Command::Acquire { room, reply }) {
-            Ok(()) => Confirmation::Pending(answer, "sharded subscriber task"),
-            Err(_) => Confirmation::Done(Err(BrokerError::Stopped("sharded subscriber task"))),
-        }
-    }
-
-    pub(crate) fn release(&self, room: Arc<str>) {
-        let _ = self.commands.send(Command::Release { room });
-    }
-
-    /// Pings every master through the subscriber's cluster connection.
-    pub(crate) async fn ping(&self, timeout: Duration) -> Result<(), BrokerError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Ping { reply })
-            .map_err(|_| BrokerError::Stopped("sharded subscriber task"))?;
-        within(timeout, async {
-            answer
-                .await
-                .unwrap_or(Err(BrokerError::Stopped("sharded subscriber task")))
-        })
-        .await
-    }
-
-    /// Waits until the cluster connection is made, at most `timeout`.
-    pub(crate) async fn wait_live(&self, timeout: Duration) -> Result<(), BrokerError> {
-        let mut live = self.live.clone();
-        let up = tokio::time::timeout(timeout, live.wait_for(|up| *up))
-            .await
-            .map(|changed| changed.is_ok());
-        match up {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(BrokerError::Stopped("sharded subscriber task")),
-            Err(_) => Err(BrokerError::Timeout(timeout)),
-        }
+        tokio::spawn(task.run(ends.commands, pushes));
+        handle
     }
 }
 
@@ -132,8 +76,8 @@ struct Task {
     timeout: Duration,
     sink: SharedSink,
     live: watch::Sender<bool>,
-    /// The slot map last read: each range and its master's address.
-    slots: Option<Vec<(i64, i64, String)>>,
+    /// The slot map last read.
+    slots: Option<SlotMap>,
     /// Local acquisitions per room; the room is subscribed while its count is > 0.
     counts: HashMap<Arc<str>, usize>,
     tracks: Tracks,
@@ -168,7 +112,12 @@ impl Task {
     async fn check(&mut self) {
         let read = async {
             let mut connection = self.connection().await?;
-            within(CHECK_EVERY, slot_map(&mut connection)).await
+            within(CHECK_EVERY, async {
+                read_slot_map(&mut connection)
+                    .await
+                    .ok_or(BrokerError::Protocol("no slot map from the cluster".into()))
+            })
+            .await
         };
         match read.await {
             Ok(slots) if self.slots.as_ref().is_some_and(|known| *known != slots) => {
@@ -191,7 +140,7 @@ impl Task {
         }
         let pinged = async {
             let mut connection = self.connection().await?;
-            within(CHECK_EVERY, ping_masters(&mut connection)).await
+            within(CHECK_EVERY, ping_every_master(&mut connection)).await
         };
         let _ = self.live.send(pinged.await.is_ok());
     }
@@ -224,7 +173,7 @@ impl Task {
             Command::Ping { reply } => {
                 let pinged = async {
                     let mut connection = self.connection().await?;
-                    within(self.timeout, ping_masters(&mut connection)).await
+                    within(self.timeout, ping_every_master(&mut connection)).await
                 };
                 let _ = reply.send(pinged.await);
             }
@@ -326,47 +275,4 @@ impl Task {
             _ => {}
         }
     }
-}
-
-/// The slot map, as one node says (`CLUSTER SLOTS`): each range and its master.
-async fn slot_map(
-    connection: &mut ClusterConnection,
-) -> Result<Vec<(i64, i64, String)>, BrokerError> {
-    use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-    let reply = connection
-        .route_command(
-            redis::cmd("CLUSTER").arg("SLOTS").clone(),
-            RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
-        )
-        .await
-        .map_err(super::connect::redis_error)?;
-    let unexpected = || BrokerError::Protocol("an unexpected CLUSTER SLOTS reply".into());
-    let Value::Array(ranges) = reply else {
-        return Err(unexpected());
-    };
-    let mut map = Vec::with_capacity(ranges.len());
-    for range in ranges {
-        let Value::Array(fields) = range else {
-            return Err(unexpected());
-        };
-        match fields.as_slice() {
-            [Value::Int(start), Value::Int(end), Value::Array(master), ..] => {
-                let address = match master.as_slice() {
-                    [Value::BulkString(host), Value::Int(port), ..] => {
-                        format!("{}:{port}", String::from_utf8_lossy(host))
-                    }
-                    _ => return Err(unexpected()),
-                };
-                map.push((*start, *end, address));
-            }
-            _ => return Err(unexpected()),
-        }
-    }
-    map.sort();
-    Ok(map)
-}
-
-/// `PING` to every master (see `commands`).
-async fn ping_masters(connection: &mut ClusterConnection) -> Result<(), BrokerError> {
-    super::commands::ping_every_master(connection).await
 }

@@ -9,43 +9,22 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use hyper_tungstenite::tungstenite::Utf8Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use super::catch_up::Tracks;
 use super::connect::{within, RedisTarget};
 use super::history::HistoryStore;
 use super::resp::{Reply, RespConnection};
-use crate::broker::{Confirmation, Keys, SharedSink};
+use super::subscriptions::{Command, Subscriptions};
+use crate::broker::{Keys, SharedSink};
 use crate::error::BrokerError;
 use crate::settings::RoomPolicy;
 
-/// Commands for the subscriber task.
-///
-/// The channel is unbounded on purpose: a `Release` is sent from cleanup paths that cannot
-/// wait, and every queued command stands for one membership or one waiting caller, so the
-/// queue is bounded by the node's sockets and rooms.
-enum Command {
-    Acquire {
-        room: Arc<str>,
-        reply: oneshot::Sender<Result<(), BrokerError>>,
-    },
-    Release {
-        room: Arc<str>,
-    },
-    Ping {
-        reply: oneshot::Sender<Result<(), BrokerError>>,
-    },
-}
-
-/// The handle to a running subscriber task; the task ends when the handle is dropped.
-#[derive(Debug)]
-pub(crate) struct Subscriber {
-    commands: mpsc::UnboundedSender<Command>,
-    live: watch::Receiver<bool>,
-}
+/// The subscriber task on one Redis.
+pub(crate) struct Subscriber;
 
 impl Subscriber {
-    /// Starts the task (inside a Tokio runtime).
+    /// Starts the task (inside a Tokio runtime); the returned handle drives it.
     pub(crate) fn start(
         target: RedisTarget,
         keys: Keys,
@@ -53,63 +32,20 @@ impl Subscriber {
         sink: SharedSink,
         rooms: RoomPolicy,
         store: Arc<HistoryStore>,
-    ) -> Self {
-        let (commands, receiver) = mpsc::unbounded_channel();
-        let (live_tx, live) = watch::channel(false);
+    ) -> Subscriptions {
+        let (handle, ends) = Subscriptions::new("subscriber task");
         let task = Task {
             target,
             keys,
             timeout,
             sink,
-            live: live_tx,
+            live: ends.live,
             counts: HashMap::new(),
             tracks: Tracks::new(rooms),
             store,
         };
-        tokio::spawn(task.run(receiver));
-        Subscriber { commands, live }
-    }
-
-    /// See [`Broker::acquire`](crate::broker::Broker::acquire).
-    pub(crate) fn acquire(&self, room: Arc<str>) -> Confirmation {
-        let (reply, answer) = oneshot::channel();
-        match self.commands.send(Command::Acquire { room, reply }) {
-            Ok(()) => Confirmation::Pending(answer, "subscriber task"),
-            Err(_) => Confirmation::Done(Err(BrokerError::Stopped("subscriber task"))),
-        }
-    }
-
-    /// See [`Broker::release`](crate::broker::Broker::release).
-    pub(crate) fn release(&self, room: Arc<str>) {
-        // Fails only when the task is gone, and then there is nothing left to release.
-        let _ = self.commands.send(Command::Release { room });
-    }
-
-    /// Pings Redis on the pub/sub connection, within `timeout`.
-    pub(crate) async fn ping(&self, timeout: Duration) -> Result<(), BrokerError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Ping { reply })
-            .map_err(|_| BrokerError::Stopped("subscriber task"))?;
-        within(timeout, async {
-            answer
-                .await
-                .unwrap_or(Err(BrokerError::Stopped("subscriber task")))
-        })
-        .await
-    }
-
-    /// Waits until the pub/sub connection is up, at most `timeout`.
-    pub(crate) async fn wait_live(&self, timeout: Duration) -> Result<(), BrokerError> {
-        let mut live = self.live.clone();
-        let up = tokio::time::timeout(timeout, live.wait_for(|up| *up))
-            .await
-            .map(|changed| changed.is_ok());
-        match up {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(BrokerError::Stopped("subscriber task")),
-            Err(_) => Err(BrokerError::Timeout(timeout)),
-        }
+        tokio::spawn(task.run(ends.commands));
+        handle
     }
 }
 

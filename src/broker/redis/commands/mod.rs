@@ -18,8 +18,7 @@ use tokio::time::Instant;
 
 mod slots;
 
-pub(crate) use self::slots::{ping_every_master, query_pipeline};
-use self::slots::{read_slot_map, SlotMap};
+pub(crate) use self::slots::{ping_every_master, query_pipeline, read_slot_map, SlotMap};
 use super::connect::{pool_error, redis_error};
 use crate::error::BrokerError;
 

@@ -162,6 +162,7 @@ fn redirected(e: &redis::ServerError) -> bool {
 type Address = (String, u16);
 
 /// Which master serves each slot, as `CLUSTER SLOTS` said.
+#[derive(Debug, PartialEq, Eq)]
 pub(crate) struct SlotMap(pub(super) Vec<(u16, u16, String, u16)>);
 
 impl SlotMap {
@@ -175,7 +176,7 @@ impl SlotMap {
 }
 
 /// Reads the slot map from any node.
-pub(super) async fn read_slot_map(connection: &mut ClusterConnection) -> Option<SlotMap> {
+pub(crate) async fn read_slot_map(connection: &mut ClusterConnection) -> Option<SlotMap> {
     let reply = connection
         .route_command(
             redis::cmd("CLUSTER").arg("SLOTS").clone(),
