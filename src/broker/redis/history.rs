@@ -64,12 +64,12 @@ pub(crate) fn publish_script(cluster: bool) -> &'static redis::Script {
     }
 }
 
-/// KEYS: meta, stream. ARGV: a new epoch, ttl (ms), how many frames. Returns
-/// `{top, epoch, {frames, oldest first}}`; makes the epoch if the room has none.
-static READ: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r#"
+/// The start of the read scripts (KEYS: meta, stream; ARGV: a new epoch, ttl (ms)): the
+/// room's epoch, made (with an empty history and its time to live) if it has none.
+const READ_EPOCH: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
+"#;
+const MAKE_EPOCH: &str = r#"
 if not epoch then
   epoch = ARGV[1]
   redis.call('DEL', KEYS[2])
@@ -77,6 +77,16 @@ if not epoch then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 local top = tonumber(redis.call('HGET', KEYS[1], 'top'))
+"#;
+
+/// KEYS: meta, stream. ARGV: a new epoch, ttl (ms), how many frames. Returns
+/// `{top, epoch, {frames, oldest first}}`; makes the epoch if the room has none.
+static READ: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        &[
+            READ_EPOCH,
+            MAKE_EPOCH,
+            r#"
 local frames = {}
 if tonumber(ARGV[3]) > 0 then
   local entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[3])
@@ -84,6 +94,8 @@ if tonumber(ARGV[3]) > 0 then
 end
 return {top, epoch, frames}
 "#,
+        ]
+        .concat(),
     )
 });
 
@@ -92,16 +104,11 @@ return {top, epoch, frames}
 /// `{top, epoch, oldest kept offset (top + 1 when none), {frames after the offset}}`.
 static RECOVER: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
-        r#"
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch and ARGV[4] == '0' then return {0, '', 1, {}} end
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'top', 0)
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-local top = tonumber(redis.call('HGET', KEYS[1], 'top'))
+        &[
+            READ_EPOCH,
+            "if not epoch and ARGV[4] == '0' then return {0, '', 1, {}} end",
+            MAKE_EPOCH,
+            r#"
 local oldest = top + 1
 local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
@@ -113,6 +120,8 @@ if since < top then
 end
 return {top, epoch, oldest, frames}
 "#,
+        ]
+        .concat(),
     )
 });
 
