@@ -28,8 +28,7 @@ impl Socket {
     /// Takes this socket out of `room`'s presence, if it is counted there (without waiting
     /// for the broker: the change is queued in order with the socket's others).
     pub(super) fn exit_presence(&mut self, room: &str) {
-        if let Some((identity, presence)) = self.present.remove(room) {
-            let room: Arc<str> = room.into();
+        if let Some((room, (identity, presence))) = self.present.remove_entry(room) {
             // Dropping the confirmation does not undo the change.
             drop(self.node.broker.presence_leave(&room, &identity, presence));
         }

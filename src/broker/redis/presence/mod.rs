@@ -99,6 +99,11 @@ impl Shared {
         presence: Presence,
     ) -> &'p mut redis::Pipeline {
         let node_prefix = self.keys.presence_node_prefix(room);
+        // The events' frames are built only for a room that announces them.
+        let event = |event| match presence.announces() {
+            true => server::presence_event_prefix(event, room),
+            false => String::new(),
+        };
         pipeline
             .cmd("EVALSHA")
             .arg(self.script.get_hash())
@@ -115,8 +120,8 @@ impl Shared {
                 (true, true) => "SPUBLISH",
             })
             .arg(self.keys.room_channel(room))
-            .arg(server::presence_event_prefix(PresenceEvent::Join, room))
-            .arg(server::presence_event_prefix(PresenceEvent::Leave, room))
+            .arg(event(PresenceEvent::Join))
+            .arg(event(PresenceEvent::Leave))
             .arg(node_prefix)
     }
 
