@@ -119,7 +119,6 @@ async fn publish_until(
 ) -> Vec<Vec<u64>> {
     let mut acked = vec![Vec::new(); rooms.len()];
     let mut n = 0u64;
-    let start_debug = tokio::time::Instant::now();
     while tokio::time::Instant::now() < stop {
         for (i, room) in rooms.iter().enumerate() {
             let reply = publisher
@@ -127,8 +126,6 @@ async fn publish_until(
                 .await;
             if reply["type"] == "ack" {
                 acked[i].push(n);
-            } else if std::env::var("THINWS_DEBUG").is_ok() {
-                eprintln!("{:?} {reply}", start_debug.elapsed());
             }
         }
         n += 1;
@@ -149,6 +146,31 @@ async fn received(c: &mut Client, rooms: &[String], quiet: Duration) -> Vec<Vec<
         }
     }
     got
+}
+
+/// For a history room (`[0]`) and a plain room (`[1]`): the history room received every
+/// acked message, once and in order (unacked ones may be there too); what the plain room
+/// lost is printed.
+fn no_acked_loss(what: &str, acked: &[Vec<u64>], got: &[Vec<u64>]) {
+    let seen: HashSet<u64> = got[0].iter().copied().collect();
+    let lost: Vec<u64> = acked[0]
+        .iter()
+        .filter(|n| !seen.contains(n))
+        .copied()
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{what}: history room lost acked messages {lost:?}; received {:?}",
+        got[0]
+    );
+    assert!(got[0].windows(2).all(|w| w[0] < w[1]), "{:?}", got[0]);
+    let seen: HashSet<u64> = got[1].iter().copied().collect();
+    let plain_lost = acked[1].iter().filter(|n| !seen.contains(n)).count();
+    println!(
+        "{what}: history room {} acked, none lost; plain room {} acked, {plain_lost} lost",
+        acked[0].len(),
+        acked[1].len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,27 +210,8 @@ async fn a_master_killed_is_failed_over_and_history_rooms_lose_nothing_acked() {
     assert!(unready, "health never reported the dead master");
     assert!(a.hub.health().await.is_ready(), "{}", a.hub.health().await);
     let got = received(&mut subscriber, &rooms, Duration::from_secs(3)).await;
-    // History room: every acked message, once, in order (unacked ones may be there too).
-    let seen: HashSet<u64> = got[0].iter().copied().collect();
-    let lost: Vec<u64> = acked[0]
-        .iter()
-        .filter(|n| !seen.contains(n))
-        .copied()
-        .collect();
-    assert!(
-        lost.is_empty(),
-        "history room lost acked messages {lost:?}; received {:?}",
-        got[0]
-    );
-    assert!(got[0].windows(2).all(|w| w[0] < w[1]), "{:?}", got[0]);
+    no_acked_loss("failover", &acked, &got);
     assert!(acked[0].len() > 100, "only {} acked", acked[0].len());
-    let seen: HashSet<u64> = got[1].iter().copied().collect();
-    let plain_lost = acked[1].iter().filter(|n| !seen.contains(n)).count();
-    println!(
-        "failover: history room {} acked, none lost; plain room {} acked, {plain_lost} lost",
-        acked[0].len(),
-        acked[1].len()
-    );
     // Delivery resumed without client action (the last acked messages arrived), on the
     // promoted replica.
     assert_ne!(cluster.master_of(slot), victim, "the replica took over");
@@ -313,21 +316,7 @@ async fn a_rooms_slot_migrated_while_messages_flow() {
     );
     assert_eq!(cluster.master_of(slot), target, "the slot moved");
     let got = received(&mut subscriber, &rooms, Duration::from_secs(3)).await;
-    let seen: HashSet<u64> = got[0].iter().copied().collect();
-    let lost: Vec<u64> = acked[0]
-        .iter()
-        .filter(|n| !seen.contains(n))
-        .copied()
-        .collect();
-    assert!(lost.is_empty(), "history room lost acked messages {lost:?}");
-    assert!(got[0].windows(2).all(|w| w[0] < w[1]), "{:?}", got[0]);
-    let seen: HashSet<u64> = got[1].iter().copied().collect();
-    let plain_lost = acked[1].iter().filter(|n| !seen.contains(n)).count();
-    println!(
-        "slot migration: history room {} acked, none lost; plain room {} acked, {plain_lost} lost",
-        acked[0].len(),
-        acked[1].len()
-    );
+    no_acked_loss("slot migration", &acked, &got);
     // The room's history moved with its slot and goes on.
     let after = publisher
         .request(json!({"type": "message", "roomID": history, "payload": "after"}))
@@ -342,11 +331,7 @@ async fn a_rooms_slot_migrated_while_messages_flow() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standalone_server_takes_cluster_urls() {
     let cluster = RedisCluster::start().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_thinws"))
         .args(["--listen", &format!("127.0.0.1:{port}"), "--no-demo"])
         .args(["--redis-cluster-url", &cluster.urls()[0]])
@@ -355,13 +340,8 @@ async fn the_standalone_server_takes_cluster_urls() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    support::listening(port).await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    support::within("the server to listen", async {
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
     let (status, body) = support::http(addr, "GET", "/healthz", &[]).await;
     assert_eq!(status, 200, "{body}");
     let node = Node::start(layer(&cluster)).await;

@@ -198,11 +198,7 @@ struct Proc {
 
 impl Proc {
     async fn start(redis: &RedisServer, ttl_secs: u64) -> Proc {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = support::free_port();
         let child = Command::new(BIN)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args([
@@ -217,15 +213,7 @@ impl Proc {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        within("a node to listen", async {
-            while tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_err()
-            {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
+        support::listening(port).await;
         Proc { child, port }
     }
 

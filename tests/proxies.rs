@@ -19,31 +19,11 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::json;
 use support::certs::TestCerts;
-use support::{http, within, Client, RedisServer};
+use support::{free_port, http, listening, within, Client, RedisServer};
 use thinws::client::{Messages, ThinWsClient};
 
 const BIN: &str = env!("CARGO_BIN_EXE_thinws");
 const ROOM: &str = "deploy:history";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn listening(port: u16) {
-    within(&format!("port {port} to listen"), async {
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-}
 
 /// A child process killed on drop.
 struct Proc(Option<Child>);

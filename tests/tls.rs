@@ -118,11 +118,7 @@ async fn the_standalone_server_takes_a_ca_file() {
     let redis = RedisServer::start_tls(&certs).await;
     let mut nodes = Vec::new();
     for _ in 0..2 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = support::free_port();
         let child = Command::new(BIN)
             .args(["--listen", &format!("127.0.0.1:{port}"), "--no-demo"])
             .args(["--redis-url", &redis.tls_url()])
@@ -132,13 +128,8 @@ async fn the_standalone_server_takes_a_ca_file() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
+        support::listening(port).await;
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        within("the node to listen", async {
-            while tokio::net::TcpStream::connect(addr).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
         nodes.push((KillOnDrop(child), addr));
     }
     let (status, body) = http(nodes[0].1, "GET", "/healthz", &[]).await;

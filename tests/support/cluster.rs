@@ -131,16 +131,7 @@ impl RedisCluster {
             nodes.push(node);
         }
         for node in &nodes {
-            let port = node.port;
-            within("a cluster node to listen", async move {
-                while tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_err()
-                {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-            .await;
+            super::listening(node.port).await;
         }
         let addrs: Vec<String> = nodes
             .iter()
