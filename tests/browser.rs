@@ -71,7 +71,7 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
         &redis,
         &[
             "--token-secret",
-            "browser-secret",
+            "browser-secret-of-at-least-32-bytes",
             "--allowed-origin",
             origin_a,
         ],
@@ -85,7 +85,7 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &serde_json::json!({"sub": "cat", "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(b"browser-secret"),
+        &jsonwebtoken::EncodingKey::from_secret(b"browser-secret-of-at-least-32-bytes"),
     )
     .unwrap();
     let mut node = tokio::process::Command::new("node");

@@ -2,76 +2,17 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
 use support::{http, within, Client, RedisServer};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-const BIN: &str = env!("CARGO_BIN_EXE_thinws");
+#[path = "support/binary.rs"]
+mod binary;
 
-struct Server {
-    child: Child,
-    addr: std::net::SocketAddr,
-}
-
-impl Server {
-    async fn start(args: &[&str]) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let child = Command::new(BIN)
-            .args(["--listen", &addr.to_string()])
-            .args(args)
-            .env_remove("REDIS_URL")
-            .env_remove("THINWS_LISTEN")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        within("the server to listen", async {
-            while tokio::net::TcpStream::connect(addr).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
-        Server { child, addr }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://{}/", self.addr)
-    }
-
-    /// Sends SIGTERM.
-    fn terminate(&self) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    }
-
-    /// Waits for the process to exit.
-    async fn exited(mut self) -> std::process::ExitStatus {
-        within("the server to exit", async {
-            loop {
-                if let Some(status) = self.child.try_wait().unwrap() {
-                    return status;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use binary::{hs256, http_with_body, now, Server, BIN, SECRET};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_memory_server_serves_health_and_sockets_and_shuts_down_with_1001() {
@@ -387,27 +328,11 @@ async fn the_server_allows_its_own_origin_and_the_listed_ones() {
     }
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn hs256(secret: &str, claims: serde_json::Value) -> String {
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::default(),
-        &claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_token_secret_only_signed_tokens_get_in_and_their_claims_hold() {
-    let server = Server::start(&["--token-secret", "s3cret", "--auth-grace", "1"]).await;
+    let server = Server::start(&["--token-secret", SECRET, "--auth-grace", "1"]).await;
     let token = hs256(
-        "s3cret",
+        SECRET,
         json!({"sub": "alice", "exp": now() + 60, "rooms": ["chat:*"]}),
     );
 
@@ -437,7 +362,7 @@ async fn with_a_token_secret_only_signed_tokens_get_in_and_their_claims_hold() {
     assert_eq!(reply["type"], "ack", "{reply}");
 
     // Without a valid token: forbidden everywhere, then closed with 1008.
-    let expired = hs256("s3cret", json!({"sub": "alice", "exp": now() - 120}));
+    let expired = hs256(SECRET, json!({"sub": "alice", "exp": now() - 120}));
     let forged = hs256("guess", json!({"sub": "alice", "exp": now() + 60}));
     for (what, token) in [
         ("none", None),
@@ -563,38 +488,6 @@ async fn es256_and_rs256_tokens_are_checked_with_a_public_key() {
 }
 
 /// An HTTP request with a body; the status and the body of the answer.
-async fn http_with_body(
-    addr: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> (u16, serde_json::Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        request.push_str(&format!("{name}: {value}\r\n"));
-    }
-    request.push_str("\r\n");
-    request.push_str(body);
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut response = Vec::new();
-    within("the API's answer", tcp.read_to_end(&mut response))
-        .await
-        .unwrap();
-    let response = String::from_utf8_lossy(&response).into_owned();
-    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
-    (
-        status,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backends_publish_through_the_http_api_with_an_api_key() {
     let mut redis = RedisServer::start().await;

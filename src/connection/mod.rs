@@ -26,7 +26,7 @@ mod writer;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
@@ -221,6 +221,11 @@ fn handle(mut socket: Box<Socket>, (message, rate): Frame, stop: Arc<Notify>) ->
     })
 }
 
+/// The monotonic instant of a wall-clock deadline (now, if it has passed).
+fn instant_of(at: SystemTime) -> Instant {
+    Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default()
+}
+
 /// RFC 6455 §7.1.1: once the close frame is out, shut the write half down and read (and
 /// drop) what the client still sends until it closes too, for at most [`CLOSE_TIMEOUT`].
 /// Closing with unread data in the kernel's buffer would reset the connection, and the
@@ -270,6 +275,11 @@ async fn run(
     let unbound = tokio::time::sleep(connect_within.unwrap_or(Duration::MAX / 4));
     tokio::pin!(unbound);
     let mut bind_checked = connect_within.is_none();
+    // Armed while the socket's grant has a deadline (a token's `exp`).
+    let expiry = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(expiry);
+    let mut expires_at: Option<SystemTime> = None;
+    let mut expired = false;
     let stop = Arc::new(Notify::new());
     let mut reader = Reader::Free(socket);
     // At most one frame read ahead while another is being handled; it is handled next, so
@@ -288,7 +298,15 @@ async fn run(
                 break DisconnectReason::Server;
             }
             progress = reader.progress() => match progress {
-                Progress::Handled(socket) => reader = Reader::Free(socket),
+                Progress::Handled(socket) => {
+                    if socket.expires_at() != expires_at {
+                        expires_at = socket.expires_at();
+                        if let Some(at) = expires_at {
+                            expiry.as_mut().reset(instant_of(at));
+                        }
+                    }
+                    reader = Reader::Free(socket);
+                }
                 Progress::Answered => {
                     if let Reader::Free(socket) = &mut reader {
                         socket.settle_oldest().await;
@@ -327,6 +345,17 @@ async fn run(
                 // A frame (perhaps the `connect`) is being handled: look again shortly.
                 Reader::Handling(_) => {
                     unbound.as_mut().reset(Instant::now() + Duration::from_millis(100));
+                }
+            },
+            () = &mut expiry, if expires_at.is_some() && !expired => match &reader {
+                Reader::Free(_) => {
+                    tracing::debug!("the socket's grant expired: closing the socket");
+                    queue.request_close(CloseCode::Policy, "token expired");
+                    expired = true;
+                }
+                // Perhaps a `refresh`: look again once it is handled.
+                Reader::Handling(_) => {
+                    expiry.as_mut().reset(Instant::now() + Duration::from_millis(100));
                 }
             },
             () = &mut idle => {

@@ -22,6 +22,9 @@ pub(super) enum Refusal {
     OtherIdentity,
     /// The room has this feature off.
     NotEnabled(&'static str),
+    /// The identity a `connect` would bind (claimed, or assigned by its hook) cannot be
+    /// used: this says why.
+    BadIdentity(String),
 }
 
 impl Refusal {
@@ -37,7 +40,7 @@ impl Refusal {
             Refusal::Forbidden(_) => ErrorCode::Forbidden,
             Refusal::HookFailed(_) => ErrorCode::Internal,
             Refusal::TooManyRooms(_) | Refusal::IdentityFull(_) => ErrorCode::LimitExceeded,
-            Refusal::OtherIdentity => ErrorCode::InvalidMessage,
+            Refusal::OtherIdentity | Refusal::BadIdentity(_) => ErrorCode::InvalidMessage,
             Refusal::NotEnabled(_) => ErrorCode::NotEnabled,
         }
     }
@@ -52,6 +55,7 @@ impl Refusal {
                 format!("an identity may record at most {max} rooms: unsubscribe one first")
             }
             Refusal::NotEnabled(what) => (*what).to_owned(),
+            Refusal::BadIdentity(why) => why.clone(),
             Refusal::OtherIdentity => {
                 "this socket is already connected with another connectionID".into()
             }

@@ -2,8 +2,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use http::request::Parts;
+use http::Extensions;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde_json::value::RawValue;
@@ -41,6 +43,8 @@ pub(super) struct Socket {
     disconnect_fired: bool,
     metrics: SocketMetrics,
     in_flight: InFlight,
+    /// When the socket's grant ends (it is then closed), unless a `refresh` renews it.
+    expires_at: Option<SystemTime>,
 }
 
 /// What hooks are told about the socket.
@@ -52,6 +56,8 @@ struct Me {
     bound: bool,
     /// The upgrade request's head, shared with every hook event.
     request: Arc<Parts>,
+    /// What the `connect` or `refresh` hook granted (empty until then).
+    granted: Arc<Extensions>,
 }
 
 impl Me {
@@ -61,6 +67,7 @@ impl Me {
             connection_id: self.identity.clone(),
             bound: self.bound,
             request: self.request.clone(),
+            granted: self.granted.clone(),
         }
     }
 }
@@ -87,6 +94,7 @@ impl Socket {
                 identity,
                 bound: false,
                 request,
+                granted: Arc::default(),
             },
             rooms: HashSet::new(),
             present: HashMap::new(),
@@ -95,7 +103,13 @@ impl Socket {
             disconnect_fired: false,
             metrics: SocketMetrics::new(),
             in_flight: InFlight::default(),
+            expires_at: None,
         }
+    }
+
+    /// When the socket's grant ends, if it does.
+    pub(super) fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at
     }
 
     /// Whether a `connect` bound an identity.
@@ -185,6 +199,7 @@ impl Socket {
 
     /// Handles every operation but `message`, and sends its reply.
     async fn command(&mut self, message_id: &RawValue, command: Command<'_>) {
+        let grants = matches!(command, Command::Connect { .. } | Command::Refresh { .. });
         let result = match command {
             Command::Connect {
                 connection_id,
@@ -201,6 +216,7 @@ impl Socket {
                 .await
                 .map(|(at, frames)| Answer::History(at, frames)),
             Command::Presence { room } => self.presence(&room).await,
+            Command::Refresh { token } => self.refresh(&token).await,
             Command::Disconnect => {
                 self.fire_disconnect(DisconnectReason::Requested).await;
                 self.leave_all();
@@ -211,7 +227,12 @@ impl Socket {
         };
         match result {
             Ok(answer) => {
-                self.reply(answer.frame(message_id)).await;
+                let mut frame = answer.frame(message_id);
+                if let (true, Some(at)) = (grants, self.expires_at) {
+                    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                    frame = server::with_expires_in(frame, left.as_secs());
+                }
+                self.reply(frame).await;
                 answer.follow_up(&self.queue).await;
             }
             Err(refusal) => self.refuse(message_id, refusal).await,

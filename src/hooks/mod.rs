@@ -1,7 +1,8 @@
 //! Hooks: application code that decides, per socket and per frame, what is allowed.
 //!
-//! A hook is any [`tower::Service`] of one of the five events ([`ConnectEvent`],
-//! [`SubscribeEvent`], [`UnsubscribeEvent`], [`MessageEvent`], [`DisconnectEvent`]), set on
+//! A hook is any [`tower::Service`] of one of the six events ([`ConnectEvent`],
+//! [`SubscribeEvent`], [`UnsubscribeEvent`], [`MessageEvent`], [`DisconnectEvent`],
+//! [`RefreshEvent`]), set on
 //! [`ThinWsBuilder`](crate::ThinWsBuilder) with `on_connect`, `on_subscribe`, and so on. So
 //! the usual tower middleware composes: wrap a hook in `ServiceBuilder::new().timeout(..)`,
 //! `.concurrency_limit(..)` or `.rate_limit(..)`.
@@ -11,7 +12,8 @@
 //!   layer placed outside `ThinWsLayer` filled in).
 //! - A hook can allow, refuse with a reason (the client gets an `error` frame with code
 //!   `forbidden` and that reason, and nothing happens), or, for `message`, replace the
-//!   payload; a `connect` hook can also assign the identity (e.g. the authenticated user).
+//!   payload; a `connect` hook can also assign the identity (e.g. the authenticated user)
+//!   and grant the socket values and a deadline ([`Grant`]), which a `refresh` hook renews.
 //! - A hook that fails (returns `Err`, e.g. a `timeout` that elapsed) refuses safely: the
 //!   client gets `internal`, the error is logged, and the socket goes on.
 //! - Each socket calls its own clone of the hook, one frame at a time and in order, so a
@@ -61,6 +63,10 @@
 use std::fmt;
 use std::sync::Arc;
 
+mod grant;
+
+pub use self::grant::{Grant, RefreshEvent, RefreshVerdict};
+
 use http::request::Parts;
 use http::Extensions;
 use serde::de::DeserializeOwned;
@@ -79,6 +85,7 @@ pub struct SocketInfo {
     pub(crate) connection_id: Arc<str>,
     pub(crate) bound: bool,
     pub(crate) request: Arc<Parts>,
+    pub(crate) granted: Arc<Extensions>,
 }
 
 impl SocketInfo {
@@ -107,6 +114,12 @@ impl SocketInfo {
     /// The upgrade request's extensions (where an auth layer puts what it verified).
     pub fn extensions(&self) -> &Extensions {
         &self.request.extensions
+    }
+
+    /// The values the `connect` (or latest `refresh`) hook attached with its [`Grant`];
+    /// empty until a `connect` succeeded.
+    pub fn granted(&self) -> &Extensions {
+        &self.granted
     }
 }
 
@@ -241,7 +254,7 @@ impl DisconnectEvent {
 }
 
 /// What a `connect` hook decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum ConnectVerdict {
     /// Bind the socket to the `connectionID` the client claimed.
     Accept,
@@ -249,6 +262,9 @@ pub enum ConnectVerdict {
     Assign(String),
     /// Refuse: the client gets `forbidden` with this reason and stays as it was.
     Refuse(String),
+    /// Bind the socket as the [`Grant`] says (its identity, or the claimed one), attach its
+    /// values and set its deadline, once the `connect` succeeds.
+    Grant(Grant),
 }
 
 impl ConnectVerdict {
@@ -330,6 +346,7 @@ pub(crate) struct Hooks {
     pub(crate) unsubscribe: Option<Hook<UnsubscribeEvent, Verdict>>,
     pub(crate) message: Option<Hook<MessageEvent, MessageVerdict>>,
     pub(crate) disconnect: Option<Hook<DisconnectEvent, ()>>,
+    pub(crate) refresh: Option<Hook<RefreshEvent, RefreshVerdict>>,
 }
 
 impl Hooks {
@@ -340,6 +357,7 @@ impl Hooks {
             && self.unsubscribe.is_none()
             && self.message.is_none()
             && self.disconnect.is_none()
+            && self.refresh.is_none()
     }
 }
 
@@ -351,6 +369,7 @@ impl fmt::Debug for Hooks {
             .field("unsubscribe", &self.unsubscribe.is_some())
             .field("message", &self.message.is_some())
             .field("disconnect", &self.disconnect.is_some())
+            .field("refresh", &self.refresh.is_some())
             .finish()
     }
 }

@@ -11,7 +11,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::hooks::{
     self, BoxError, ConnectEvent, ConnectVerdict, DisconnectEvent, MessageEvent, MessageVerdict,
-    SubscribeEvent, UnsubscribeEvent, Verdict,
+    RefreshEvent, RefreshVerdict, SubscribeEvent, UnsubscribeEvent, Verdict,
 };
 use crate::node::{Node, RedisAddress};
 use crate::settings::{History, Presence, RoomSettings};
@@ -303,17 +303,35 @@ impl ThinWsBuilder {
         self
     }
 
-    /// Allows pages served from the upgrade request's own host (its `Origin` names the
-    /// request's `Host`, with the same port), in addition to
-    /// [`allow_origin`](Self::allow_origin)'s list.
+    /// Allows pages served from the upgrade request's own host (an `http`/`https` `Origin`
+    /// naming the request's `Host`, with the same port), in addition to
+    /// [`allow_origin`](Self::allow_origin)'s list, when that host is a loopback name
+    /// (`localhost`, `*.localhost`), an IP address, or named by
+    /// [`public_host`](Self::public_host). Any other name is refused: it could be an
+    /// attacker's domain rebound to this server's address (DNS rebinding).
     pub fn allow_same_host_origin(mut self) -> Self {
         self.config.origins.allow_same_host();
         self
     }
 
+    /// Names a host (`chat.example.com`, or with its port: `chat.example.com:8443`) that
+    /// pages open sockets from with [`allow_same_host_origin`](Self::allow_same_host_origin)
+    /// (which this turns on).
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .public_host("chat.example.com")
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn public_host(mut self, host: impl AsRef<str>) -> Self {
+        self.config.origins.public_host(host.as_ref());
+        self
+    }
+
     /// The `connectionID` that frames published with [`Hub::publish`](crate::Hub::publish) carry. Default
-    /// `"server"`. Clients can claim any identity, so refuse this one in a `connect` hook
-    /// if recipients must be able to trust it.
+    /// `"server"`. No socket may `connect` as this identity (claimed or assigned by a hook), so
+    /// recipients can trust it.
     pub fn server_sender_id(mut self, id: impl Into<String>) -> Self {
         self.config.server_sender_id = id.into();
         self
@@ -460,6 +478,38 @@ impl ThinWsBuilder {
         S::Future: Send + 'static,
     {
         self.config.hooks.disconnect = Some(hooks::boxed(hook));
+        self
+    }
+
+    /// Sets the hook asked when a client sends `refresh` with a new token: it grants the
+    /// socket new values and a new deadline ([`hooks::Grant`]), or refuses (the socket
+    /// keeps its grant, and is closed at its deadline). Without it, `refresh` is answered
+    /// `not_enabled`.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use thinws::hooks::{Grant, RefreshEvent, RefreshVerdict};
+    /// use tower::service_fn;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .on_refresh(service_fn(|event: RefreshEvent| async move {
+    ///         // A real hook checks `event.token()` here.
+    ///         let renewed = SystemTime::now() + Duration::from_secs(600);
+    ///         Ok::<_, std::convert::Infallible>(match event.token() {
+    ///             "" => RefreshVerdict::refuse("empty token"),
+    ///             _ => RefreshVerdict::Grant(Grant::new().expires_at(renewed)),
+    ///         })
+    ///     }))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_refresh<S>(mut self, hook: S) -> Self
+    where
+        S: Service<RefreshEvent, Response = RefreshVerdict> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError> + 'static,
+        S::Future: Send + 'static,
+    {
+        self.config.hooks.refresh = Some(hooks::boxed(hook));
         self
     }
 

@@ -89,6 +89,13 @@ pub enum Command<'a> {
         /// The room.
         room: Cow<'a, str>,
     },
+    /// Replace the socket's credential before it expires (protocol 1.1): the server checks
+    /// the new token (same identity) and, when it is valid, the socket's grant and deadline
+    /// become the new token's.
+    Refresh {
+        /// The new credential.
+        token: Cow<'a, str>,
+    },
 }
 
 /// A place in a room's history: `{"offset": 40, "epoch": "7f3a9c"}`.
@@ -386,6 +393,14 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
             Command::History { room, limit }
         }
         "presence" => Command::Presence { room: room()? },
+        "refresh" => match raw.token.map(as_str) {
+            Some(Some(token)) if !token.is_empty() => Command::Refresh { token },
+            Some(Some(_)) => {
+                return Err(fail(ErrorCode::InvalidMessage, "token must not be empty"))
+            }
+            Some(None) => return Err(fail(ErrorCode::InvalidMessage, "token must be a string")),
+            None => return Err(fail(ErrorCode::InvalidMessage, "token is required")),
+        },
         _ => {
             return Err(FrameError::new(
                 Some(message_id),

@@ -25,6 +25,7 @@ pub fn encode(message_id: u64, command: &Command<'_>) -> String {
         Command::Disconnect => "disconnect",
         Command::History { .. } => "history",
         Command::Presence { .. } => "presence",
+        Command::Refresh { .. } => "refresh",
     };
     push_str_field(&mut out, "type", kind);
     push_key(&mut out, "messageID");
@@ -73,6 +74,7 @@ pub fn encode(message_id: u64, command: &Command<'_>) -> String {
             push_raw_field(&mut out, "payload", payload);
         }
         Command::Disconnect => {}
+        Command::Refresh { token } => push_str_field(&mut out, "token", token),
         Command::History { room, limit } => {
             push_str_field(&mut out, "roomID", room);
             if let Some(limit) = limit {

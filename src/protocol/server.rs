@@ -177,6 +177,16 @@ pub fn gap(room: &str, offset: u64, epoch: &str) -> String {
     out
 }
 
+/// `frame` (an ack) with `"expiresIn": seconds` added: how long the socket's grant lasts
+/// (the ack of a `connect` or `refresh` whose grant has a deadline).
+pub(crate) fn with_expires_in(mut frame: String, seconds: u64) -> String {
+    frame.pop();
+    frame.push_str(",\"expiresIn\":");
+    frame.push_str(&seconds.to_string());
+    frame.push('}');
+    frame
+}
+
 /// The ack of `history`: the room's top `offset` and `epoch`, and the kept messages (oldest
 /// first), each a delivered frame as it was sent.
 pub fn history_ack(message_id: &RawValue, offset: u64, epoch: &str, messages: &[&str]) -> String {
@@ -304,6 +314,9 @@ pub enum ServerFrame<'a> {
         count: Option<u64>,
         /// For `presence` (1.1): who is in the room (perhaps cut), a JSON array of strings.
         members: Option<&'a RawValue>,
+        /// For a `connect` or `refresh` (1.1) whose credential expires: seconds until the
+        /// socket is closed unless it sends `refresh` with a new one.
+        expires_in: Option<u64>,
     },
     /// The operation failed, or a frame could not be read (`message_id` is then `None`).
     Error {
@@ -386,6 +399,8 @@ struct RawServerFrame<'a> {
     count: Option<u64>,
     #[serde(borrow, default)]
     members: Option<&'a RawValue>,
+    #[serde(rename = "expiresIn", default)]
+    expires_in: Option<u64>,
 }
 
 /// Reads a frame the server sent; an error when it is not one of the shapes above.
@@ -418,6 +433,7 @@ pub fn parse(text: &str) -> Result<ServerFrame<'_>, serde_json::Error> {
             rooms: raw.rooms,
             count: raw.count,
             members: raw.members,
+            expires_in: raw.expires_in,
         },
         "error" => ServerFrame::Error {
             message_id,

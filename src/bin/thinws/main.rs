@@ -123,10 +123,29 @@ struct Args {
         value_delimiter = ','
     )]
     allowed_origins: Vec<String>,
-    /// Require HS256 connection tokens signed with this secret (see the README's Security
-    /// section).
-    #[arg(long, env = "THINWS_TOKEN_SECRET", conflicts_with = "token_public_key")]
+    /// Require HS256 connection tokens signed with this secret, at least 32 bytes (see the
+    /// README's Security section). Prefer --token-secret-file: a command line is visible
+    /// to every user of the machine.
+    #[arg(
+        long,
+        env = "THINWS_TOKEN_SECRET",
+        conflicts_with_all = ["token_public_key", "token_secret_file"]
+    )]
     token_secret: Option<String>,
+    /// Like --token-secret, read from this file (a trailing newline is ignored).
+    #[arg(
+        long,
+        env = "THINWS_TOKEN_SECRET_FILE",
+        conflicts_with = "token_public_key"
+    )]
+    token_secret_file: Option<std::path::PathBuf>,
+    /// Tokens must name this issuer (`iss`).
+    #[arg(long, env = "THINWS_TOKEN_ISSUER")]
+    token_issuer: Option<String>,
+    /// Tokens must name this audience (`aud`); without it, a token that names an audience
+    /// is refused.
+    #[arg(long, env = "THINWS_TOKEN_AUDIENCE")]
+    token_audience: Option<String>,
     /// Require RS256 or ES256 connection tokens, checked with the public key in this PEM
     /// file.
     #[arg(long, env = "THINWS_TOKEN_PUBLIC_KEY")]
@@ -136,8 +155,22 @@ struct Args {
     auth_grace: u64,
     /// Turns on the HTTP API (`POST /api/publish`, `GET /api/rooms/{room}`) for requests
     /// with `Authorization: apikey KEY`.
-    #[arg(long, env = "THINWS_API_KEY")]
+    /// Prefer --api-key-file: a command line is visible to every user of the machine.
+    #[arg(long, env = "THINWS_API_KEY", conflicts_with = "api_key_file")]
     api_key: Option<String>,
+    /// Like --api-key, read from this file (a trailing newline is ignored).
+    #[arg(long, env = "THINWS_API_KEY_FILE")]
+    api_key_file: Option<std::path::PathBuf>,
+    /// A host name (with its port, if not the default) that browsers reach this server by,
+    /// e.g. `chat.example.com` (repeatable): pages on it may open sockets. Loopback names
+    /// and IP addresses are always allowed; any other name a page uses is refused 403
+    /// unless listed here or by --allowed-origin (a defence against DNS rebinding).
+    #[arg(
+        long = "public-host",
+        env = "THINWS_PUBLIC_HOSTS",
+        value_delimiter = ','
+    )]
+    public_hosts: Vec<String>,
     /// Don't serve the demo chat page at `/`.
     #[arg(long, env = "THINWS_NO_DEMO")]
     no_demo: bool,
@@ -210,6 +243,29 @@ where
             Ok(response)
         })
     }
+}
+
+/// A secret given by `flag` or read from `file` (without a trailing newline); refused when
+/// empty: an empty secret would let anyone in while the log says otherwise.
+fn secret_of(
+    flag: &str,
+    value: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> Result<Option<String>, String> {
+    let secret = match (value, file) {
+        (Some(value), _) => value.to_owned(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {flag}-file {}: {e}", path.display()))?
+            .trim_end_matches(['\r', '\n'])
+            .to_owned(),
+        (None, None) => return Ok(None),
+    };
+    if secret.is_empty() {
+        return Err(format!(
+            "{flag} is empty: refusing to start with an empty secret"
+        ));
+    }
+    Ok(Some(secret))
 }
 
 async fn shutdown_signal() {
@@ -306,26 +362,57 @@ async fn run(args: Args) -> Result<(), String> {
             (false, false) => thinws::settings::Presence::Off,
         })
         .presence_ttl(Duration::from_secs(args.presence_ttl.max(1)));
-    let auth = match (&args.token_secret, &args.token_public_key) {
-        (Some(secret), _) => Some(auth::Auth::from_secret(secret)),
+    let expected = auth::Expected {
+        issuer: args.token_issuer.clone(),
+        audience: args.token_audience.clone(),
+    };
+    let secret = secret_of(
+        "--token-secret",
+        args.token_secret.as_deref(),
+        args.token_secret_file.as_deref(),
+    )?;
+    let auth = match (secret, &args.token_public_key) {
+        (Some(secret), _) => Some(auth::Auth::from_secret(secret.as_bytes(), &expected)?),
         (None, Some(path)) => {
             let pem =
                 std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             Some(
-                auth::Auth::from_public_key(&pem)
+                auth::Auth::from_public_key(&pem, &expected)
                     .map_err(|e| format!("{}: {e}", path.display()))?,
             )
         }
         (None, None) => None,
     };
+    if auth.is_none() && (expected.issuer.is_some() || expected.audience.is_some()) {
+        return Err(
+            "--token-issuer and --token-audience need --token-secret(-file) or --token-public-key"
+                .into(),
+        );
+    }
+    let api_key = secret_of(
+        "--api-key",
+        args.api_key.as_deref(),
+        args.api_key_file.as_deref(),
+    )?;
+    let open_to_anyone = auth.is_none();
     if let Some(auth) = auth {
         tracing::info!("sockets must connect with a signed token");
         builder = auth.apply(builder, Duration::from_secs(args.auth_grace.max(1)));
     }
-    // Pages from the server's own host (the demo), and whatever is listed.
+    // Pages from loopback and IP hosts (the demo), the named public hosts, and whatever is
+    // listed.
     builder = builder.allow_same_host_origin();
+    for host in &args.public_hosts {
+        builder = builder.public_host(host);
+    }
     for origin in &args.allowed_origins {
         builder = builder.allow_origin(origin);
+    }
+    if open_to_anyone && !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %args.listen,
+            "listening beyond loopback without tokens: anyone who reaches this address may connect as any identity and use any room (set --token-secret-file or --token-public-key; --allowed-origin and --public-host limit which web pages may open sockets)"
+        );
     }
     if let Some(path) = &args.redis_ca_file {
         let pem =
@@ -363,7 +450,7 @@ async fn run(args: Args) -> Result<(), String> {
     let hub = layer.hub();
     let ws_path = args.path.clone().unwrap_or_else(|| "/".to_owned());
     let demo = (!args.no_demo).then(|| Bytes::from(DEMO.replace("{{WS_PATH}}", &ws_path)));
-    let api = api::Api::new(hub.clone(), args.api_key.clone(), 64 * 1024);
+    let api = api::Api::new(hub.clone(), api_key, 64 * 1024);
     let service = layer.layer(Endpoints {
         hub: hub.clone(),
         metrics,

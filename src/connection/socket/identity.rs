@@ -2,59 +2,65 @@
 //! recorded rooms, all or nothing.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use super::history::{Answer, Rejoined};
 use super::{Refusal, Socket};
-use crate::hooks::{ask, ConnectEvent, ConnectVerdict};
+use crate::hooks::{ask, ConnectEvent, ConnectVerdict, Grant, RefreshEvent, RefreshVerdict};
 use crate::protocol::Since;
 
 impl Socket {
     /// `connect`; with `since` (protocol 1.1), history rooms are recovered and the ack
-    /// lists every rejoined room.
+    /// lists every rejoined room. The socket's identity, grant and deadline change only
+    /// when it succeeds.
     pub(super) async fn connect(
         &mut self,
         claimed: &str,
         token: Option<&str>,
         since: Option<Vec<(Cow<'_, str>, Since<'_>)>>,
     ) -> Result<Answer, Refusal> {
-        let mut connection_id = claimed.to_owned();
         let verdict = ask(&mut self.hooks.connect, || ConnectEvent {
             socket: self.me.info(),
             connection_id: claimed.to_owned(),
             token: token.map(str::to_owned),
         });
-        match verdict.await {
-            None | Some(Ok(ConnectVerdict::Accept)) => {}
-            Some(Ok(ConnectVerdict::Assign(id))) if id.is_empty() => {
-                return Err(Refusal::hook_failed(
-                    "connect",
-                    "assigned an empty identity".into(),
-                ))
-            }
-            Some(Ok(ConnectVerdict::Assign(id))) => connection_id = id,
+        let grant = match verdict.await {
+            None | Some(Ok(ConnectVerdict::Accept)) => Grant::new(),
+            Some(Ok(ConnectVerdict::Assign(id))) => Grant::new().identity(id),
+            Some(Ok(ConnectVerdict::Grant(grant))) => grant,
             Some(Ok(ConnectVerdict::Refuse(reason))) => return Err(Refusal::Forbidden(reason)),
             Some(Err(e)) => return Err(Refusal::hook_failed("connect", e)),
-        }
+        };
+        let connection_id = grant.identity.as_deref().unwrap_or(claimed);
+        self.check_identity(connection_id, grant.identity.is_some())?;
         if self.me.bound && *self.me.identity != *connection_id {
             return Err(Refusal::OtherIdentity);
         }
         let rooms = self
             .node
             .broker
-            .rooms_of(&connection_id)
+            .rooms_of(connection_id)
             .await
             .map_err(Refusal::BrokerRead)?;
-        // Bound for the rejoin (the subscribe hook sees the identity being connected), and
-        // unbound again if it fails: a refused connect changes nothing.
-        let before = (self.me.identity.clone(), self.me.bound);
+        // Bound with the new grant for the rejoin (the subscribe hook sees the identity
+        // and grant being connected), and put back as it was if it fails: a refused
+        // connect changes nothing.
+        let granted = Arc::new(grant.values);
+        let before = (
+            self.me.identity.clone(),
+            self.me.bound,
+            self.me.granted.clone(),
+        );
         self.me.identity = connection_id.into();
         self.me.bound = true;
+        self.me.granted = granted;
         match self.rejoin(rooms, since.as_deref()).await {
             Ok(rejoined) => {
                 if !before.1 {
                     tracing::Span::current().record("identity", &*self.me.identity);
                     self.node.broker.hold(&self.me.identity);
                 }
+                self.expires_at = grant.expires_at;
                 self.rebind_presence().await;
                 Ok(match since {
                     Some(_) => Answer::Connected(rejoined),
@@ -62,10 +68,68 @@ impl Socket {
                 })
             }
             Err(refusal) => {
-                (self.me.identity, self.me.bound) = before;
+                (self.me.identity, self.me.bound, self.me.granted) = before;
                 Err(refusal)
             }
         }
+    }
+
+    /// Whether a `connect` may bind `identity`: within the identity length limit, and not
+    /// the identity the server's own publishes are sent as. `assigned`: a hook chose it.
+    fn check_identity(&self, identity: &str, assigned: bool) -> Result<(), Refusal> {
+        let config = &self.node.config;
+        let max = config.limits.max_connection_id_len;
+        let who = if assigned {
+            "assigned identity"
+        } else {
+            "connectionID"
+        };
+        if identity.is_empty() {
+            return Err(Refusal::BadIdentity(format!("the {who} is empty")));
+        }
+        if identity.len() > max {
+            return Err(Refusal::BadIdentity(format!(
+                "the {who} is longer than {max} bytes"
+            )));
+        }
+        if identity == config.server_sender_id {
+            return Err(Refusal::BadIdentity(format!(
+                "the {who} {identity:?} is reserved for the server's own messages"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `refresh`: the hook checks the new token; on success the socket's grant and
+    /// deadline become the new ones, and on refusal nothing changes.
+    pub(super) async fn refresh(&mut self, token: &str) -> Result<Answer, Refusal> {
+        if !self.me.bound && self.hooks.refresh.is_some() {
+            return Err(Refusal::Forbidden("connect first".into()));
+        }
+        let verdict = ask(&mut self.hooks.refresh, || RefreshEvent {
+            socket: self.me.info(),
+            token: token.to_owned(),
+        });
+        let grant = match verdict.await {
+            None => {
+                return Err(Refusal::NotEnabled(
+                    "this server does not renew credentials",
+                ))
+            }
+            Some(Ok(RefreshVerdict::Grant(grant))) => grant,
+            Some(Ok(RefreshVerdict::Refuse(reason))) => return Err(Refusal::Forbidden(reason)),
+            Some(Err(e)) => return Err(Refusal::hook_failed("refresh", e)),
+        };
+        if grant
+            .identity
+            .as_deref()
+            .is_some_and(|id| *id != *self.me.identity)
+        {
+            return Err(Refusal::OtherIdentity);
+        }
+        self.me.granted = Arc::new(grant.values);
+        self.expires_at = grant.expires_at;
+        Ok(Answer::Ack)
     }
 
     /// Joins every recorded room the subscribe hook allows, or none: past the socket's room
