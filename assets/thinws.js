@@ -22,7 +22,8 @@
  * options: { minDelay: 250, maxDelay: 10000 (ms, the backoff), timeout: 10000 (ms per
  * request), maxQueue: 1000, onClose(client) (called when a connection drops), token (a string,
  * or a function returning a string or a promise of one, called before every connect: a
- * signed token for a server that requires one), onGap(gap) (messages of a history room may
+ * signed token for a server that requires one; as a function, it is also asked for a new
+ * token before the current one expires, which is sent in a `refresh`), onGap(gap) (messages of a history room may
  * have been missed and could not be recovered: { roomID, offset, epoch }), onJoin(event) and
  * onLeave(event) ({ roomID, connectionID }: an identity's first socket joined, or its last
  * left, a room with join/leave events, on any node) }
@@ -109,6 +110,7 @@
                   }
                 }
               }
+              this._renewIn(ws, ack && ack.expiresIn);
               this.connected = true;
               this._attempt = 0;
               const queued = this._queue.splice(0);
@@ -150,6 +152,7 @@
         else pending.reject(new ThinWSError(frame.code, frame.message, frame.messageID));
       };
       ws.onclose = () => {
+        clearTimeout(this._renewal);
         const wasConnected = this.connected;
         this.connected = false;
         if (wasConnected && this.options.onClose) this.options.onClose(this);
@@ -166,6 +169,29 @@
           if (!this._closed) this._open();
         }, delay);
       };
+    }
+
+    // When the server says how long this socket's token lasts (`expiresIn`, seconds), asks
+    // options.token (a function) for a new one at three quarters of that time and sends
+    // `refresh`, so that the socket is not closed; tries again 5 s after a failure.
+    _renewIn(ws, expiresIn) {
+      clearTimeout(this._renewal);
+      if (typeof expiresIn !== "number") return;
+      this._renewAfter(ws, expiresIn * 750);
+    }
+
+    _renewAfter(ws, ms) {
+      const token = this.options.token;
+      if (typeof token !== "function") return;
+      this._renewal = setTimeout(() => {
+        if (this.ws !== ws || this._closed) return;
+        Promise.resolve(token())
+          .then((value) => (this.ws === ws ? this._send({ type: "refresh", token: value }) : null))
+          .then(
+            (ack) => ack && this._renewIn(ws, ack.expiresIn),
+            () => this._renewAfter(ws, 5000)
+          );
+      }, ms);
     }
 
     // Sends now on the open socket (used for `connect`, before the socket counts as connected).

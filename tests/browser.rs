@@ -44,6 +44,9 @@ async fn start(redis: &RedisServer, extra: &[&str]) -> (Server, String) {
     (server, format!("http://{addr}/"))
 }
 
+/// The token node's HS256 secret (the page signs its own short-lived tokens with it).
+const SECRET: &str = "browser-secret-of-at-least-32-bytes";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
@@ -69,12 +72,7 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     let origin_a = url_a.trim_end_matches('/');
     let (_c, url_c) = start(
         &redis,
-        &[
-            "--token-secret",
-            "browser-secret-of-at-least-32-bytes",
-            "--allowed-origin",
-            origin_a,
-        ],
+        &["--token-secret", SECRET, "--allowed-origin", origin_a],
     )
     .await;
     let exp = std::time::SystemTime::now()
@@ -85,13 +83,14 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &serde_json::json!({"sub": "cat", "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(b"browser-secret-of-at-least-32-bytes"),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap();
     let mut node = tokio::process::Command::new("node");
     node.arg(dir.join("e2e.mjs")).arg(&url_a).arg(&url_b);
     node.env("THINWS_TOKEN_NODE", &url_c)
-        .env("THINWS_TOKEN", &token);
+        .env("THINWS_TOKEN", &token)
+        .env("THINWS_TOKEN_SECRET", SECRET);
     if let Ok(path) = std::env::var("THINWS_SCREENSHOT") {
         node.arg(path);
     }
@@ -111,6 +110,10 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     );
     assert!(
         stdout.contains("ok: thinws.js connected with a token"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok: thinws.js refreshed its token without dropping the socket"),
         "{stdout}"
     );
     assert!(

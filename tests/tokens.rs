@@ -396,3 +396,62 @@ async fn an_open_server_beyond_loopback_says_so_at_startup() {
     assert_eq!(text.matches("without tokens").count(), 1, "{text:?}");
     assert!(text.contains("--token-secret-file"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_client_refreshes_its_token_without_dropping_the_socket() {
+    use futures_util::StreamExt;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use thinws::client::ThinWsClient;
+
+    let server = Server::start(&["--token-secret", SECRET]).await;
+    // Each token lasts 3 s (the socket is closed 5 s later without a refresh).
+    let asked = Arc::new(AtomicUsize::new(0));
+    let (client, mut messages) = ThinWsClient::builder(server.url(), "x")
+        .token_provider({
+            let asked = asked.clone();
+            move || {
+                asked.fetch_add(1, Ordering::SeqCst);
+                let token = hs256(SECRET, json!({"sub": "dana", "exp": now() + 3}));
+                Box::pin(async move { Ok(token) })
+            }
+        })
+        .connect()
+        .await
+        .unwrap();
+    client.subscribe("r").await.unwrap();
+    let (mut sender, _) = connect_with(
+        &server,
+        &hs256(SECRET, json!({"sub": "erin", "exp": now() + 60})),
+    )
+    .await;
+
+    // 14 s: past two deadlines. The socket never drops, and every message arrives.
+    let dropped = Arc::new(AtomicBool::new(false));
+    let watch = tokio::spawn({
+        let (client, dropped) = (client.clone(), dropped.clone());
+        async move {
+            loop {
+                if !client.is_connected() {
+                    dropped.store(true, Ordering::SeqCst);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    });
+    for n in 0..28 {
+        sender.publish("r", json!(n)).await;
+        let delivery = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("a delivery")
+            .expect("the stream goes on");
+        assert_eq!(delivery.payload, json!(n));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    watch.abort();
+    assert!(!dropped.load(Ordering::SeqCst), "the socket dropped");
+    assert!(
+        asked.load(Ordering::SeqCst) >= 3,
+        "the provider was not asked again"
+    );
+}

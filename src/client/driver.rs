@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use super::renewal::Renewal;
 use super::{ClientBuilder, ClientError, Delivery, Gap, Member, Op, Request};
 use crate::protocol::server::{self, ServerFrame};
 use crate::protocol::{self, Command, ErrorCode};
@@ -91,13 +92,17 @@ async fn connect(
     tokio_tungstenite::connect_async(url).await
 }
 
+/// An open socket bound to the identity, and how long its credential lasts, if the server
+/// said.
+pub(super) type Opened = (Socket, Option<Duration>);
+
 /// Opens a socket and binds it to the identity; the server has rejoined the identity's
 /// rooms when this returns.
 pub(super) async fn open(
     config: &ClientBuilder,
     url: &str,
     positions: &mut Positions,
-) -> Result<Socket, ClientError> {
+) -> Result<Opened, ClientError> {
     let connect = async {
         let token = match &config.token {
             None => None,
@@ -133,10 +138,13 @@ pub(super) async fn open(
             };
             match server::parse(&text) {
                 Ok(ServerFrame::Ack {
-                    message_id, rooms, ..
+                    message_id,
+                    rooms,
+                    expires_in,
+                    ..
                 }) if answered(Some(message_id)) == Some(0) => {
                     rejoined(config, positions, rooms);
-                    return Ok(socket);
+                    return Ok((socket, expires_in.map(Duration::from_secs)));
                 }
                 Ok(ServerFrame::Error {
                     message_id,
@@ -188,7 +196,7 @@ enum End {
 
 pub(super) async fn drive(
     config: ClientBuilder,
-    first: Socket,
+    first: Opened,
     mut requests: mpsc::Receiver<Request>,
     deliveries: mpsc::Sender<Delivery>,
     mut queued: VecDeque<(Op, Reply)>,
@@ -205,11 +213,12 @@ pub(super) async fn drive(
     // Which URL the client tries next (see `ClientBuilder::fallback_urls`).
     let mut attempt = 0usize;
     loop {
-        if let Some(mut open) = socket.take() {
+        if let Some((mut open, expires_in)) = socket.take() {
             connected.store(true, Ordering::Relaxed);
             let end = session(
                 &config,
                 &mut open,
+                Renewal::new(config.token.as_ref(), expires_in),
                 &mut requests,
                 &deliveries,
                 &mut queued,
@@ -257,9 +266,11 @@ pub(super) async fn drive(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn session(
     config: &ClientBuilder,
     socket: &mut Socket,
+    mut renewal: Renewal,
     requests: &mut mpsc::Receiver<Request>,
     deliveries: &mpsc::Sender<Delivery>,
     queued: &mut VecDeque<(Op, Reply)>,
@@ -294,6 +305,17 @@ async fn session(
                         }
                     }
                 },
+                token = renewal.token() => {
+                    let (reply, answer) = oneshot::channel();
+                    let id = *next_id;
+                    *next_id += 1;
+                    let frame = protocol::encode(id, &Command::Refresh { token: Cow::Borrowed(&token) });
+                    if socket.send(Message::text(frame)).await.is_err() {
+                        break 'session End::Lost;
+                    }
+                    in_flight.insert(id, (reply, None));
+                    renewal.sent(answer);
+                }
                 message = socket.next() => match message {
                     Some(Ok(Message::Text(text))) => match server::parse(&text) {
                         Ok(ServerFrame::Message { room, connection_id, payload, offset, epoch }) => {

@@ -43,6 +43,7 @@
 
 mod driver;
 mod events;
+mod renewal;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -224,7 +225,9 @@ impl ClientBuilder {
     }
 
     /// Asks `provider` for a fresh token before every connection (the first and each
-    /// reconnection), for tokens that expire.
+    /// reconnection), for tokens that expire; and, when the server says how long the
+    /// socket's token lasts (`expiresIn`), again at three quarters of that time, sending it
+    /// in a `refresh` so that the socket is not closed.
     ///
     /// ```no_run
     /// # async fn fetch_token_from_my_backend() -> Result<String, std::io::Error> { Ok(String::new()) }

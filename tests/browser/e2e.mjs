@@ -116,6 +116,56 @@ try {
     );
     if (sender !== "cat") throw new Error(`the token's identity was not used: ${sender}`);
     console.log("ok: thinws.js connected with a token");
+
+    // Tokens that last 3 s (the node closes a socket 5 s after `exp`): thinws.js asks its
+    // token function again before the deadline and sends `refresh`; the socket never drops.
+    const renewed = await pageA.evaluate(
+      ([url, secret]) =>
+        new Promise((resolve, reject) => {
+          const b64 = (bytes) =>
+            btoa(String.fromCharCode(...new Uint8Array(bytes)))
+              .replace(/=+$/, "").replace(/\+/g, "-").replace(/\//g, "_");
+          const text = (s) => new TextEncoder().encode(s);
+          const sign = async (claims) => {
+            const head = b64(text(JSON.stringify({ alg: "HS256", typ: "JWT" })));
+            const body = b64(text(JSON.stringify(claims)));
+            const key = await crypto.subtle.importKey(
+              "raw", text(secret), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+            const mac = await crypto.subtle.sign("HMAC", key, text(`${head}.${body}`));
+            return `${head}.${body}.${b64(mac)}`;
+          };
+          let asked = 0;
+          let drops = 0;
+          let opens = 0;
+          const c = new ThinWSClient(
+            url.replace(/^http/, "ws"),
+            "ignored",
+            () => {},
+            () => { opens += 1; },
+            {
+              token: () => {
+                asked += 1;
+                return sign({ sub: "cat", exp: Math.floor(Date.now() / 1000) + 3 });
+              },
+              onClose: () => { drops += 1; },
+            }
+          );
+          setTimeout(async () => {
+            try {
+              await c.subscribe("secure");
+              c.disconnect();
+              resolve({ asked, drops, opens });
+            } catch (e) {
+              reject(e);
+            }
+          }, 14000);
+        }),
+      [tokenNode, process.env.THINWS_TOKEN_SECRET]
+    );
+    if (renewed.drops !== 0 || renewed.opens !== 1 || renewed.asked < 3) {
+      throw new Error(`the socket was not kept by refresh: ${JSON.stringify(renewed)}`);
+    }
+    console.log("ok: thinws.js refreshed its token without dropping the socket");
   }
 
   if (screenshot) await pageA.screenshot({ path: screenshot });

@@ -1,0 +1,110 @@
+//! Keeping a socket's credential fresh: when the server says how long the socket's token
+//! lasts (`expiresIn` in the `connect` ack), the client asks its token provider for a new
+//! one ahead of time and sends `refresh`, so the socket is never closed for an expired
+//! token while it is in use.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::{ClientError, TokenSource};
+use crate::protocol::server::{self, ServerFrame};
+
+/// How long after a failed renewal (the provider failed, or the server refused the token)
+/// the client tries again, while the socket lasts.
+const RETRY: Duration = Duration::from_secs(5);
+
+type Fetching = Pin<Box<dyn Future<Output = Result<String, ClientError>> + Send>>;
+
+/// Where the renewal of one connection's credential stands.
+pub(super) struct Renewal {
+    /// The token provider; `None` for a fixed token (nothing to renew with).
+    provider: Option<TokenSource>,
+    state: State,
+}
+
+enum State {
+    /// Nothing to renew (no deadline, or no provider).
+    Idle,
+    /// Renew at this instant.
+    At(Instant),
+    /// Asking the provider.
+    Fetching(Fetching),
+    /// `refresh` sent: waiting for the server's answer.
+    Sent(oneshot::Receiver<Result<String, ClientError>>),
+}
+
+impl Renewal {
+    /// The renewal of a connection whose `connect` ack said `expires_in`.
+    pub(super) fn new(token: Option<&TokenSource>, expires_in: Option<Duration>) -> Self {
+        let provider = token.filter(|t| matches!(t, TokenSource::Provider(_)));
+        let mut renewal = Renewal {
+            provider: provider.cloned(),
+            state: State::Idle,
+        };
+        renewal.schedule(expires_in);
+        renewal
+    }
+
+    /// Renews at three quarters of `expires_in`.
+    fn schedule(&mut self, expires_in: Option<Duration>) {
+        self.state = match (&self.provider, expires_in) {
+            (Some(_), Some(left)) => State::At(Instant::now() + left * 3 / 4),
+            _ => State::Idle,
+        };
+    }
+
+    /// Resolves with a fresh token to send in a `refresh` (never, while nothing is due).
+    /// Cancel-safe: what it has done so far is kept in `self`.
+    pub(super) async fn token(&mut self) -> String {
+        loop {
+            match &mut self.state {
+                State::Idle => std::future::pending::<()>().await,
+                State::At(at) => {
+                    tokio::time::sleep_until(*at).await;
+                    let Some(provider) = self.provider.clone() else {
+                        self.state = State::Idle;
+                        continue;
+                    };
+                    self.state = State::Fetching(Box::pin(async move { provider.get().await }));
+                }
+                State::Fetching(fetching) => match fetching.await {
+                    Ok(token) => {
+                        self.state = State::Idle;
+                        return token;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the token provider failed; trying again");
+                        self.state = State::At(Instant::now() + RETRY);
+                    }
+                },
+                State::Sent(answer) => {
+                    let answer = answer.await;
+                    match answer {
+                        Ok(Ok(ack)) => {
+                            let expires_in = match server::parse(&ack) {
+                                Ok(ServerFrame::Ack { expires_in, .. }) => expires_in,
+                                _ => None,
+                            };
+                            self.schedule(expires_in.map(Duration::from_secs));
+                        }
+                        Ok(Err(ClientError::Disconnected)) | Err(_) => self.state = State::Idle,
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "the server refused the new token; trying again");
+                            self.state = State::At(Instant::now() + RETRY);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The `refresh` with the token from [`Renewal::token`] was sent; `answer` gets its ack
+    /// or error.
+    pub(super) fn sent(&mut self, answer: oneshot::Receiver<Result<String, ClientError>>) {
+        self.state = State::Sent(answer);
+    }
+}
