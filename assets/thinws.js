@@ -244,16 +244,27 @@
     }
 
     // The last `limit` messages a room with history keeps (all it keeps without `limit`),
-    // oldest first: resolves to { offset, epoch, messages }. A room without history
-    // rejects with code "not_enabled".
-    history(roomID, limit) {
-      const frame = { type: "history", roomID };
-      if (limit !== undefined) frame.limit = limit;
-      return this._request(frame).then((ack) => ({
-        offset: ack.offset,
-        epoch: ack.epoch,
-        messages: ack.messages,
-      }));
+    // oldest first: resolves to { offset, epoch, messages }. The server sends a long history
+    // in pages (each within its byte budget, `more` when older ones are left); this asks
+    // for them all. A room without history rejects with code "not_enabled".
+    async history(roomID, limit) {
+      const page = (limit, before) => {
+        const frame = { type: "history", roomID };
+        if (limit !== undefined) frame.limit = limit;
+        if (before !== undefined) frame.before = before;
+        return this._request(frame);
+      };
+      const first = await page(limit);
+      let messages = first.messages;
+      let more = first.more === true;
+      while (more && messages.length > 0) {
+        const wanted = limit === undefined ? undefined : limit - messages.length;
+        if (wanted === 0) break;
+        const earlier = await page(wanted, messages[0].offset);
+        messages = earlier.messages.concat(messages);
+        more = earlier.more === true;
+      }
+      return { offset: first.offset, epoch: first.epoch, messages };
     }
 
     // Who is in a room with presence, on every node: resolves to { count, members }

@@ -41,9 +41,10 @@ fn encode(id: u64, op: &Op) -> String {
             room: Cow::Borrowed(room),
             payload,
         },
-        Op::History(room, limit) => Command::History {
+        Op::History(room, limit, before) => Command::History {
             room: Cow::Borrowed(room),
             limit: *limit,
+            before: *before,
         },
         Op::Presence(room) => Command::Presence {
             room: Cow::Borrowed(room),

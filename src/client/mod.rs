@@ -118,7 +118,8 @@ pub(crate) enum Op {
     Subscribe(String),
     Unsubscribe(String),
     Message(String, Box<RawValue>),
-    History(String, Option<u64>),
+    /// A room, a limit, and `before` (the next page back).
+    History(String, Option<u64>, Option<u64>),
     Presence(String),
 }
 
@@ -326,6 +327,13 @@ impl ClientBuilder {
     }
 }
 
+/// One page of a `history` reply.
+struct Page {
+    history: RoomHistory,
+    /// Older messages are left.
+    more: bool,
+}
+
 /// A ThinWS client; cheap to clone (all clones share one connection).
 #[derive(Debug, Clone)]
 pub struct ThinWsClient {
@@ -391,19 +399,48 @@ impl ThinWsClient {
     }
 
     /// The last `limit` messages a room with history keeps (all it keeps when `None`),
-    /// oldest first: what a chat shows on join. A room without history answers
-    /// [`ErrorCode::NotEnabled`].
+    /// oldest first: what a chat shows on join. The server sends a long history in pages
+    /// (each within its byte budget); this asks for them all. A room without history
+    /// answers [`ErrorCode::NotEnabled`].
     pub async fn history(
         &self,
         room: impl Into<String>,
         limit: Option<u64>,
     ) -> Result<RoomHistory, ClientError> {
-        let ack = self.request(Op::History(room.into(), limit)).await?;
+        let room = room.into();
+        let mut page = self.history_page(&room, limit, None).await?;
+        let mut more = page.more;
+        while more {
+            let got = page.history.messages.len() as u64;
+            let wanted = limit.map(|limit| limit.saturating_sub(got));
+            let before = page.history.messages.first().and_then(|m| m.offset);
+            let (Some(before), false) = (before, wanted == Some(0)) else {
+                break;
+            };
+            let mut earlier = self.history_page(&room, wanted, Some(before)).await?;
+            earlier.history.messages.append(&mut page.history.messages);
+            page.history.messages = earlier.history.messages;
+            more = earlier.more;
+        }
+        Ok(page.history)
+    }
+
+    /// One page of a room's history: up to `limit` messages before `before`.
+    async fn history_page(
+        &self,
+        room: &str,
+        limit: Option<u64>,
+        before: Option<u64>,
+    ) -> Result<Page, ClientError> {
+        let ack = self
+            .request(Op::History(room.to_owned(), limit, before))
+            .await?;
         let unreadable = || ClientError::Protocol(format!("unreadable history: {ack}"));
         let Ok(crate::protocol::server::ServerFrame::Ack {
             offset: Some(offset),
             epoch: Some(epoch),
             messages: Some(messages),
+            more,
             ..
         }) = crate::protocol::server::parse(&ack)
         else {
@@ -430,10 +467,13 @@ impl ThinWsClient {
                 });
             }
         }
-        Ok(RoomHistory {
-            offset,
-            epoch: epoch.into_owned(),
-            messages: out,
+        Ok(Page {
+            history: RoomHistory {
+                offset,
+                epoch: epoch.into_owned(),
+                messages: out,
+            },
+            more: more == Some(true),
         })
     }
 

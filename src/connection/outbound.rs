@@ -3,8 +3,10 @@
 //!
 //! Deliveries from the rooms never wait here: [`OutboundQueue::offer`] takes a frame or,
 //! when the queue is over either bound, asks the socket to close with 1013 (slow reader) and
-//! takes nothing more from then on. The socket's own replies may wait for space
-//! ([`OutboundQueue::push`]), since its reader has nothing better to do.
+//! takes nothing more from then on. The socket's own replies count toward the same bytes
+//! ([`OutboundQueue::push`]): a reply that would exceed them closes the socket with 1013
+//! too. Catch-up frames wait for the queue to drain to half its bytes
+//! ([`OutboundQueue::push_draining`]).
 //!
 //! The queue is a `VecDeque` under a mutex rather than a tokio channel: a channel allocates
 //! its first block of 32 slots (1 KiB) up front, for every socket, idle or not; an empty
@@ -128,10 +130,40 @@ impl OutboundQueue {
     }
 
     /// Queues one of the socket's own replies, waiting for space if the queue holds its
-    /// most frames; `Err` when the socket is ending. Replies are not held to the byte
-    /// bound: a socket has at most one frame's replies (and `MAX_IN_FLIGHT` acks) pending.
+    /// most frames; `Err` when the socket is ending. Replies count toward the byte bound
+    /// like deliveries: one that would exceed it closes the socket with 1013 (a socket that
+    /// asks for more than it reads is a slow reader), and is not queued.
     pub(crate) async fn push(&self, frame: Utf8Bytes) -> Result<(), Rejected> {
-        self.queued_bytes.fetch_add(frame.len(), Ordering::Relaxed);
+        let len = frame.len();
+        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
+            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.slow_reader();
+            return Err(Rejected::Closed);
+        }
+        self.push_counted(frame).await
+    }
+
+    /// Queues a catch-up frame (what a socket missed, sent after its ack) once the queue is
+    /// under half its byte bound, so that catch-up goes out as the socket drains and leaves
+    /// room for live deliveries; `Err` when the socket is ending.
+    pub(crate) async fn push_draining(&self, frame: Utf8Bytes) -> Result<(), Rejected> {
+        loop {
+            let space = self.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            if self.is_closing() || self.queue().closed {
+                return Err(Rejected::Closed);
+            }
+            if self.queued() <= self.max_bytes / 2 {
+                break;
+            }
+            space.await;
+        }
+        self.push(frame).await
+    }
+
+    /// [`OutboundQueue::push`] of a frame whose bytes are counted in already.
+    async fn push_counted(&self, frame: Utf8Bytes) -> Result<(), Rejected> {
         loop {
             let space = self.space.notified();
             tokio::pin!(space);
@@ -146,6 +178,11 @@ impl OutboundQueue {
                 }
             }
         }
+    }
+
+    /// The most bytes the queue holds.
+    pub(crate) fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 
     /// Moves every queued frame to the back of `batch` and counts their bytes out; returns
@@ -208,6 +245,8 @@ impl OutboundQueue {
             *close = Some((code, reason));
             self.closing.store(true, Ordering::Release);
             self.close_requested.notify_one();
+            // Catch-up waiting for the queue to drain stops waiting.
+            self.space.notify_waiters();
         }
     }
 
@@ -320,6 +359,47 @@ mod tests {
         assert_eq!(waiting.await.unwrap(), Err(Rejected::Closed));
         assert_eq!(queue.queued(), 0, "dropped frames are counted out");
         assert!(!queue.offer(&frame("e")));
+    }
+
+    #[tokio::test]
+    async fn replies_count_toward_the_byte_bound() {
+        let queue = OutboundQueue::new(100, 250);
+        let big = frame(&"x".repeat(100));
+        queue.push(big.clone()).await.unwrap();
+        queue.push(big.clone()).await.unwrap();
+        assert_eq!(
+            queue.push(big.clone()).await,
+            Err(Rejected::Closed),
+            "a third reply would exceed 250 bytes"
+        );
+        assert_eq!(queue.close_requested().await.0, CloseCode::Again);
+        assert_eq!(queue.queued(), 200);
+    }
+
+    #[tokio::test]
+    async fn catch_up_waits_for_the_queue_to_drain_to_half() {
+        let queue = Arc::new(OutboundQueue::new(100, 300));
+        let big = frame(&"x".repeat(100));
+        queue.push(big.clone()).await.unwrap();
+        queue.push(big.clone()).await.unwrap();
+        let waiting = tokio::spawn({
+            let (queue, big) = (queue.clone(), big.clone());
+            async move { queue.push_draining(big).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "200 bytes queued: over half of 300");
+        assert_eq!(queue.drain().len(), 2);
+        waiting.await.unwrap().unwrap();
+        assert_eq!(queue.queued(), 100);
+        // A close ends the wait.
+        queue.push(big.clone()).await.unwrap();
+        let waiting = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.push_draining(big).await }
+        });
+        tokio::task::yield_now().await;
+        queue.request_close(CloseCode::Away, "bye");
+        assert_eq!(waiting.await.unwrap(), Err(Rejected::Closed));
     }
 
     #[test]

@@ -28,8 +28,11 @@ pub(crate) struct HoldingMember {
 /// Where a [`HoldingMember`] stands.
 #[derive(Debug)]
 enum Phase {
-    /// Live frames wait here while the missed ones are read.
-    Holding(Vec<Utf8Bytes>),
+    /// Live frames wait here while the missed ones are read (`bytes`: their length).
+    Holding {
+        frames: Vec<Utf8Bytes>,
+        bytes: usize,
+    },
     /// Released after the history read that ended at `offset` in `epoch`. A live frame at or
     /// below it is dropped: the history read returns on another Redis connection than the
     /// node's pub/sub one, so a frame it covered can still reach the node after it. Live
@@ -62,7 +65,10 @@ impl HoldingMember {
     pub(crate) fn new(queue: Arc<OutboundQueue>, max_held: usize) -> Self {
         HoldingMember {
             queue,
-            phase: Mutex::new(Phase::Holding(Vec::new())),
+            phase: Mutex::new(Phase::Holding {
+                frames: Vec::new(),
+                bytes: 0,
+            }),
             max_held,
         }
     }
@@ -83,7 +89,7 @@ impl HoldingMember {
                 epoch: after.epoch.clone(),
             },
         );
-        let Phase::Holding(frames) = held else {
+        let Phase::Holding { frames, .. } = held else {
             *phase = held;
             return;
         };
@@ -103,13 +109,18 @@ impl Member for HoldingMember {
             return true;
         }
         match &mut *phase {
-            Phase::Holding(frames) if frames.len() >= self.max_held => {
+            // Held frames count toward the socket's bounds like queued ones.
+            Phase::Holding { frames, bytes }
+                if frames.len() >= self.max_held
+                    || *bytes + frame.len() + self.queue.queued() > self.queue.max_bytes() =>
+            {
                 drop(phase);
                 self.queue
                     .request_close(CloseCode::Again, "outbound queue full");
                 false
             }
-            Phase::Holding(frames) => {
+            Phase::Holding { frames, bytes } => {
+                *bytes += frame.len();
                 frames.push(frame.clone());
                 true
             }
@@ -166,6 +177,19 @@ mod tests {
     /// The history read and the node's pub/sub connection are two Redis connections: a
     /// frame the read covered can reach the member after the release. It is dropped; the
     /// frames after it, and frames of another epoch, pass.
+    #[test]
+    fn held_frames_count_toward_the_byte_bound() {
+        let queue = Arc::new(OutboundQueue::new(100, 250));
+        let member = HoldingMember::new(queue.clone(), 10);
+        assert!(member.offer(&frame(1, "e")));
+        let big = Utf8Bytes::from(format!(
+            r#"{{"offset":2,"epoch":"e","p":"{}"}}"#,
+            "x".repeat(200)
+        ));
+        assert!(!member.offer(&big), "held bytes would exceed 250");
+        assert!(queue.is_closing());
+    }
+
     #[test]
     fn a_covered_frame_arriving_after_the_release_is_dropped() {
         let queue = Arc::new(OutboundQueue::new(100, usize::MAX));

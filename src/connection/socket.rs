@@ -211,10 +211,11 @@ impl Socket {
                 None => self.subscribe(&room).await.map(Answer::at),
             },
             Command::Unsubscribe { room } => self.unsubscribe(&room).await.map(|()| Answer::Ack),
-            Command::History { room, limit } => self
-                .history(&room, limit)
-                .await
-                .map(|(at, frames)| Answer::History(at, frames)),
+            Command::History {
+                room,
+                limit,
+                before,
+            } => self.history(&room, limit, before).await,
             Command::Presence { room } => self.presence(&room).await,
             Command::Refresh { token } => self.refresh(&token).await,
             Command::Disconnect => {

@@ -83,6 +83,9 @@ pub enum Command<'a> {
         room: Cow<'a, str>,
         /// How many, at most (the server caps it at the room's history size).
         limit: Option<u64>,
+        /// Only messages before this offset: the next page back, after a reply that said
+        /// `more` (the offset of its first message).
+        before: Option<u64>,
     },
     /// Who is in a room with presence (protocol 1.1).
     Presence {
@@ -130,6 +133,8 @@ struct RawFrame<'a> {
     token: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     limit: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    before: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     since: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
@@ -377,20 +382,22 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
         "disconnect" => Command::Disconnect,
         "history" => {
             let room = room()?;
-            let limit = match raw.limit {
-                None => None,
-                Some(limit) if limit.get() == "null" => None,
-                Some(limit) => match limit.get().parse::<u64>() {
-                    Ok(limit) => Some(limit),
-                    Err(_) => {
-                        return Err(fail(
-                            ErrorCode::InvalidMessage,
-                            "limit must be a whole number",
-                        ))
-                    }
-                },
+            let whole = |field: Option<&RawValue>, error| match field {
+                None => Ok(None),
+                Some(value) if value.get() == "null" => Ok(None),
+                Some(value) => value
+                    .get()
+                    .parse::<u64>()
+                    .map(Some)
+                    .map_err(|_| fail(ErrorCode::InvalidMessage, error)),
             };
-            Command::History { room, limit }
+            let limit = whole(raw.limit, "limit must be a whole number")?;
+            let before = whole(raw.before, "before must be a whole number")?;
+            Command::History {
+                room,
+                limit,
+                before,
+            }
         }
         "presence" => Command::Presence { room: room()? },
         "refresh" => match raw.token.map(as_str) {

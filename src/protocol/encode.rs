@@ -75,11 +75,17 @@ pub fn encode(message_id: u64, command: &Command<'_>) -> String {
         }
         Command::Disconnect => {}
         Command::Refresh { token } => push_str_field(&mut out, "token", token),
-        Command::History { room, limit } => {
+        Command::History {
+            room,
+            limit,
+            before,
+        } => {
             push_str_field(&mut out, "roomID", room);
-            if let Some(limit) = limit {
-                push_key(&mut out, "limit");
-                out.push_str(&limit.to_string());
+            for (key, value) in [("limit", limit), ("before", before)] {
+                if let Some(value) = value {
+                    push_key(&mut out, key);
+                    out.push_str(&value.to_string());
+                }
             }
         }
     }

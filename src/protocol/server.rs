@@ -188,8 +188,15 @@ pub(crate) fn with_expires_in(mut frame: String, seconds: u64) -> String {
 }
 
 /// The ack of `history`: the room's top `offset` and `epoch`, and the kept messages (oldest
-/// first), each a delivered frame as it was sent.
-pub fn history_ack(message_id: &RawValue, offset: u64, epoch: &str, messages: &[&str]) -> String {
+/// first), each a delivered frame as it was sent; `more` when older messages were left out
+/// to keep the reply within its byte budget (ask again with `before`).
+pub fn history_ack(
+    message_id: &RawValue,
+    offset: u64,
+    epoch: &str,
+    messages: &[&str],
+    more: bool,
+) -> String {
     let mut out = String::with_capacity(
         64 + epoch.len() + messages.iter().map(|m| m.len() + 1).sum::<usize>(),
     );
@@ -204,7 +211,11 @@ pub fn history_ack(message_id: &RawValue, offset: u64, epoch: &str, messages: &[
         }
         out.push_str(message);
     }
-    out.push_str("]}");
+    out.push(']');
+    if more {
+        out.push_str(",\"more\":true");
+    }
+    out.push('}');
     out
 }
 
@@ -308,6 +319,9 @@ pub enum ServerFrame<'a> {
         recovered: Option<bool>,
         /// For `history` (1.1): the kept messages, a JSON array of delivered frames.
         messages: Option<&'a RawValue>,
+        /// For `history` (1.1): older messages were left out to keep the reply within its
+        /// byte budget; ask again with `before` set to the first message's offset.
+        more: Option<bool>,
         /// For a `connect` with `since` (1.1): each rejoined room, a JSON object.
         rooms: Option<&'a RawValue>,
         /// For `presence` (1.1): how many identities are in the room.
@@ -393,6 +407,8 @@ struct RawServerFrame<'a> {
     recovered: Option<bool>,
     #[serde(borrow, default)]
     messages: Option<&'a RawValue>,
+    #[serde(default)]
+    more: Option<bool>,
     #[serde(borrow, default)]
     rooms: Option<&'a RawValue>,
     #[serde(default)]
@@ -430,6 +446,7 @@ pub fn parse(text: &str) -> Result<ServerFrame<'_>, serde_json::Error> {
             epoch: raw.epoch,
             recovered: raw.recovered,
             messages: raw.messages,
+            more: raw.more,
             rooms: raw.rooms,
             count: raw.count,
             members: raw.members,
@@ -528,7 +545,7 @@ mod tests {
             ack_recovered(&id, 3, "e1", false),
             r#"{"type":"ack","messageID":7,"offset":3,"epoch":"e1","recovered":false}"#
         );
-        let ack = history_ack(&id, 3, "e1", &[&frame, &frame]);
+        let ack = history_ack(&id, 3, "e1", &[&frame, &frame], false);
         let v: serde_json::Value = serde_json::from_str(&ack).unwrap();
         assert_eq!(v["messages"][1]["offset"], 3);
         assert_eq!(v["offset"], 3);

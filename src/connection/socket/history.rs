@@ -21,8 +21,9 @@ pub(super) enum Answer {
     Ack,
     /// Where the room's history stands (a message to, or a subscribe of, a history room).
     At(Position),
-    /// The reply to `history`.
-    History(Position, Vec<Utf8Bytes>),
+    /// The reply to `history`: where the room stands, the messages, and whether older ones
+    /// were left out to keep the reply within its byte budget.
+    History(Position, Vec<Utf8Bytes>, bool),
     /// The reply to a `subscribe` with `since`, and what follows the ack.
     Recovered(Recovering),
     /// The reply to a `connect` with `since`: each rejoined room.
@@ -45,7 +46,7 @@ impl Recovering {
     /// Queues the missed frames, then the held live ones.
     async fn follow_up(self, queue: &OutboundQueue) {
         for frame in self.missed {
-            if queue.push(frame).await.is_err() {
+            if queue.push_draining(frame).await.is_err() {
                 // The socket is ending.
                 return;
             }
@@ -70,9 +71,9 @@ impl Answer {
         match self {
             Answer::Ack => server::ack(message_id),
             Answer::At(at) => server::ack_at(message_id, at.offset, &at.epoch),
-            Answer::History(at, frames) => {
+            Answer::History(at, frames, more) => {
                 let frames: Vec<&str> = frames.iter().map(|f| f.as_str()).collect();
-                server::history_ack(message_id, at.offset, &at.epoch, &frames)
+                server::history_ack(message_id, at.offset, &at.epoch, &frames, *more)
             }
             Answer::Presence(members) => server::presence_ack(
                 message_id,
@@ -141,7 +142,10 @@ impl Socket {
             return self.subscribe(room).await.map(Answer::at);
         };
         self.allowed_to_subscribe(room).await?;
-        let recovering = self.join_recovering(room, history, since).await?;
+        let mut budget = self.catch_up_budget();
+        let recovering = self
+            .join_recovering(room, history, since, &mut budget)
+            .await?;
         if self.me.bound {
             let max = self.node.config.max_rooms_per_socket;
             let refusal = match self.node.broker.record(&self.me.identity, room, max).await {
@@ -155,13 +159,24 @@ impl Socket {
         Ok(Answer::Recovered(recovering))
     }
 
+    /// How many bytes of missed messages one request (a `subscribe`, or a `connect` for all
+    /// its rooms) may recover: the socket's byte bound. A room whose missed messages do not
+    /// fit in what is left is not recovered (`recovered: false`: the client learns of the
+    /// gap and can page back through `history`), so that a socket never makes the node hold
+    /// more than its bound in catch-up.
+    pub(super) fn catch_up_budget(&self) -> usize {
+        self.queue.max_bytes()
+    }
+
     /// Joins `room` holding its live frames, and reads what its history keeps after
-    /// `since` (leaving the room again if that fails).
+    /// `since` (leaving the room again if that fails); what it recovers comes out of
+    /// `budget`.
     pub(super) async fn join_recovering(
         &mut self,
         room: &str,
         history: History,
         since: &Since<'_>,
+        budget: &mut usize,
     ) -> Result<Recovering, Refusal> {
         let member = Arc::new(HoldingMember::new(
             self.queue.clone(),
@@ -176,7 +191,12 @@ impl Socket {
                 return Err(Refusal::BrokerRead(e));
             }
         };
-        let recovered = recovery.recovers(since.offset, &since.epoch, history.size);
+        let bytes: usize = recovery.frames.iter().map(|frame| frame.len()).sum();
+        let recovered =
+            recovery.recovers(since.offset, &since.epoch, history.size) && bytes <= *budget;
+        if recovered {
+            *budget -= bytes;
+        }
         Ok(Recovering {
             at: recovery.top,
             recovered,
@@ -190,12 +210,15 @@ impl Socket {
     }
 
     /// The last messages of a room with history (the `subscribe` hook decides who may read
-    /// them, as it decides who may receive them).
+    /// them, as it decides who may receive them): the last `limit` before `before` (if
+    /// given), cut to the newest that fit in [`Socket::reply_budget`] (at least one), and
+    /// whether older ones were left out for it.
     pub(super) async fn history(
         &mut self,
         room: &str,
         limit: Option<u64>,
-    ) -> Result<(Position, Vec<Utf8Bytes>), Refusal> {
+        before: Option<u64>,
+    ) -> Result<Answer, Refusal> {
         let Some(history) = self.node.config.rooms.settings(room).history else {
             return Err(Refusal::NotEnabled("this room keeps no history"));
         };
@@ -205,10 +228,48 @@ impl Socket {
                 .unwrap_or(usize::MAX)
                 .min(history.size)
         });
-        self.node
+        // With `before`, all that is kept is read (at most the history's size) and the page
+        // taken from it; the read is released before the reply is queued.
+        let read = if before.is_some() {
+            history.size
+        } else {
+            limit
+        };
+        let (at, mut frames) = self
+            .node
             .broker
-            .history(room, history, limit)
+            .history(room, history, read)
             .await
-            .map_err(Refusal::BrokerRead)
+            .map_err(Refusal::BrokerRead)?;
+        if let Some(before) = before {
+            frames.retain(|frame| server::offset_of(frame).is_some_and(|at| at < before));
+        }
+        let skip = frames.len().saturating_sub(limit);
+        frames.drain(..skip);
+        let kept = newest_within(&frames, self.reply_budget());
+        let more = kept < frames.len();
+        frames.drain(..frames.len() - kept);
+        Ok(Answer::History(at, frames, more))
     }
+
+    /// The most bytes of messages one `history` reply carries: a quarter of the socket's
+    /// byte bound, so that a reply always fits beside what is queued.
+    fn reply_budget(&self) -> usize {
+        self.queue.max_bytes() / 4
+    }
+}
+
+/// How many of the newest `frames` fit in `budget` bytes (at least one, so that paging
+/// always moves on).
+fn newest_within(frames: &[Utf8Bytes], budget: usize) -> usize {
+    let mut bytes = 0;
+    let fitting = frames
+        .iter()
+        .rev()
+        .take_while(|frame| {
+            bytes += frame.len() + 1;
+            bytes <= budget
+        })
+        .count();
+    fitting.max(frames.len().min(1))
 }

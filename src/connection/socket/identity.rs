@@ -159,8 +159,9 @@ impl Socket {
             return Err(Refusal::TooManyRooms(max));
         }
         let mut rejoined = Vec::with_capacity(wanted.len());
+        let mut budget = self.catch_up_budget();
         for room in wanted {
-            match self.rejoin_one(&room, since).await {
+            match self.rejoin_one(&room, since, &mut budget).await {
                 Ok(how) => rejoined.push((room, how)),
                 Err(refusal) => {
                     for (joined, _) in &rejoined {
@@ -177,6 +178,7 @@ impl Socket {
         &mut self,
         room: &str,
         since: Option<&[(Cow<'_, str>, Since<'_>)]>,
+        budget: &mut usize,
     ) -> Result<Rejoined, Refusal> {
         let history = self.node.config.rooms.settings(room).history;
         let (Some(history), Some(since)) = (history, since) else {
@@ -185,7 +187,7 @@ impl Socket {
         };
         if let Some((_, since)) = since.iter().find(|(r, _)| r == room) {
             return self
-                .join_recovering(room, history, since)
+                .join_recovering(room, history, since, budget)
                 .await
                 .map(Rejoined::Recovered);
         }
