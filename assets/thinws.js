@@ -23,8 +23,9 @@
  * request), maxQueue: 1000, onClose(client) (called when a connection drops), token (a string,
  * or a function returning a string or a promise of one, called before every connect: a
  * signed token for a server that requires one; as a function, it is also asked for a new
- * token before the current one expires, which is sent in a `refresh`), onGap(gap) (messages of a history room may
- * have been missed and could not be recovered: { roomID, offset, epoch }), onJoin(event) and
+ * token before the current one expires, which is sent in a `refresh`), onGap(gap) (messages
+ * of a room may have been missed and could not be recovered: { roomID, offset, epoch } for a
+ * history room, { roomID } when the server lost Redis: refetch what you show), onJoin(event) and
  * onLeave(event) ({ roomID, connectionID }: an identity's first socket joined, or its last
  * left, a room with join/leave events, on any node) }
  *
@@ -77,8 +78,12 @@
       return true;
     }
 
+    // Messages of a room may have been missed: in a history room up to `offset` (where it
+    // goes on from), in any room when the server's node lost Redis (no offset then).
     _gap(gap) {
-      this._positions.set(gap.roomID, { offset: gap.offset, epoch: gap.epoch });
+      if (typeof gap.offset === "number") {
+        this._positions.set(gap.roomID, { offset: gap.offset, epoch: gap.epoch });
+      }
       if (this.options.onGap) this.options.onGap(gap);
     }
 

@@ -61,9 +61,19 @@ pub fn describe() {
         "thinws_redis_reconnects_total",
         "Times the Redis pub/sub connection was re-established"
     );
+    describe_counter!(
+        "thinws_redis_pubsub_cut_total",
+        "Times Redis closed the node's pub/sub connection (e.g. past its client-output-buffer-limit pubsub): what it had buffered for the node was lost, and its rooms' members got a gap"
+    );
+    describe_counter!(
+        "thinws_gaps_total",
+        "Rooms whose local members were told that messages may have been missed (gap frames, one per room)"
+    );
     // Rare events are shown as 0 from the start, so that dashboards and alerts see them.
     counter!("thinws_slow_reader_drops_total").increment(0);
     counter!("thinws_redis_reconnects_total").increment(0);
+    counter!("thinws_redis_pubsub_cut_total").increment(0);
+    counter!("thinws_gaps_total").increment(0);
 }
 
 pub(crate) fn describe_once() {
@@ -113,6 +123,14 @@ pub(crate) fn error(code: ErrorCode) {
 
 pub(crate) fn slow_reader_dropped() {
     counter!("thinws_slow_reader_drops_total").increment(1);
+}
+
+pub(crate) fn redis_pubsub_cut() {
+    counter!("thinws_redis_pubsub_cut_total").increment(1);
+}
+
+pub(crate) fn gap() {
+    counter!("thinws_gaps_total").increment(1);
 }
 
 pub(crate) fn redis_reconnected() {

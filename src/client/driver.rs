@@ -182,8 +182,8 @@ fn rejoined(config: &ClientBuilder, positions: &mut Positions, rooms: Option<&Ra
             positions.insert(room.clone(), (offset, epoch.clone()));
             config.gap(Gap {
                 room,
-                offset,
-                epoch,
+                offset: Some(offset),
+                epoch: Some(epoch),
             });
         }
     }
@@ -355,8 +355,10 @@ async fn session(
                             }
                         }
                         Ok(ServerFrame::Gap { room, offset, epoch }) => {
-                            positions.insert(room.to_string(), (offset, epoch.to_string()));
-                            config.gap(Gap { room: room.into_owned(), offset, epoch: epoch.into_owned() });
+                            if let (Some(offset), Some(epoch)) = (offset, &epoch) {
+                                positions.insert(room.to_string(), (offset, epoch.to_string()));
+                            }
+                            config.gap(Gap { room: room.into_owned(), offset, epoch: epoch.map(Cow::into_owned) });
                         }
                         Ok(ServerFrame::Join { room, connection_id }) => config.presence_event(true, Member { room: room.into_owned(), connection_id: connection_id.into_owned() }),
                         Ok(ServerFrame::Leave { room, connection_id }) => config.presence_event(false, Member { room: room.into_owned(), connection_id: connection_id.into_owned() }),

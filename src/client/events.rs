@@ -25,18 +25,20 @@ pub struct Delivery {
     pub epoch: Option<String>,
 }
 
-/// Messages of a history room may have been missed, and the server could not send them
-/// (the room's history was lost, or no longer reached back): see
-/// [`ClientBuilder::on_gap`]. The room goes on from `offset` in `epoch`; ask
-/// [`ThinWsClient::history`] for what it still keeps.
+/// Messages of a room may have been missed, and the server could not send them: see
+/// [`ClientBuilder::on_gap`]. In a history room (the room's history was lost, or no longer
+/// reached back) the room goes on from `offset` in `epoch`, and
+/// [`ThinWsClient::history`] tells what it still keeps; in any room when the server's node
+/// lost its Redis pub/sub connection (no position then): refetch what the application
+/// shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Gap {
     /// The room.
     pub room: String,
-    /// Where the room goes on from.
-    pub offset: u64,
+    /// Where a history room goes on from.
+    pub offset: Option<u64>,
     /// Its epoch.
-    pub epoch: String,
+    pub epoch: Option<String>,
 }
 
 /// What [`ThinWsClient::history`] returns.

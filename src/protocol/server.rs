@@ -168,11 +168,21 @@ pub fn position_of(frame: &str) -> Option<(u64, &str)> {
 /// history room may have been missed and cannot be sent (the history was lost, or no longer
 /// reaches back); the room goes on from this offset and epoch.
 pub fn gap(room: &str, offset: u64, epoch: &str) -> String {
-    let mut out = String::with_capacity(64 + room.len() + epoch.len());
+    let mut out = gap_unplaced(room);
+    out.pop();
+    push_position(&mut out, offset, epoch);
+    out.push('}');
+    out
+}
+
+/// `{"type":"gap","roomID":…}`: messages of this room may have been missed (the node's
+/// pub/sub connection was lost, or Redis cut it), and no history says which; an
+/// application that must not miss any refetches what it shows.
+pub(crate) fn gap_unplaced(room: &str) -> String {
+    let mut out = String::with_capacity(96 + room.len());
     out.push('{');
     push_str_field(&mut out, "type", "gap");
     push_str_field(&mut out, "roomID", room);
-    push_position(&mut out, offset, epoch);
     out.push('}');
     out
 }
@@ -354,14 +364,16 @@ pub enum ServerFrame<'a> {
         /// Its room's epoch, in a history room (1.1).
         epoch: Option<Cow<'a, str>>,
     },
-    /// Messages of a history room may have been missed up to `offset` (1.1; see [`gap`]).
+    /// Messages of a room may have been missed (1.1; see [`gap`]): in a history room, up
+    /// to `offset` in `epoch`; in any room when the node lost its pub/sub connection (no
+    /// position then).
     Gap {
         /// The room.
         room: Cow<'a, str>,
-        /// Where the room goes on from.
-        offset: u64,
+        /// Where a history room goes on from.
+        offset: Option<u64>,
         /// Its epoch.
-        epoch: Cow<'a, str>,
+        epoch: Option<Cow<'a, str>>,
     },
     /// An identity's first socket joined a room with join/leave events (1.1).
     Join {
@@ -466,8 +478,8 @@ pub fn parse(text: &str) -> Result<ServerFrame<'_>, serde_json::Error> {
         },
         "gap" => ServerFrame::Gap {
             room: raw.room.ok_or_else(|| missing("roomID"))?,
-            offset: raw.offset.ok_or_else(|| missing("offset"))?,
-            epoch: raw.epoch.unwrap_or_default(),
+            offset: raw.offset,
+            epoch: raw.epoch,
         },
         "join" => ServerFrame::Join {
             room: raw.room.ok_or_else(|| missing("roomID"))?,

@@ -3,7 +3,11 @@
 //! and after its pub/sub connection was lost and came back, reads what was published
 //! meanwhile from the history and delivers it before the live frames that waited on the
 //! connection. Where the history cannot fill the gap (another epoch: the history was lost;
-//! or it no longer reaches back), the room's local members get a `gap` frame instead.
+//! or it no longer reaches back), the room's local members get a `gap` frame instead; so do
+//! the members of every room without history (nothing can say what they missed), and of a
+//! history room the node had delivered nothing in yet (nothing says where to start).
+//! Rooms are read a few at a time, so that thousands of history rooms do not queue behind
+//! one another.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -14,6 +18,15 @@ use super::history::HistoryStore;
 use crate::broker::FrameSink;
 use crate::protocol::server;
 use crate::settings::{History, RoomPolicy};
+
+/// History rooms read at once while catching up.
+const CONCURRENT_READS: usize = 16;
+
+/// Tells `room`'s local members that they may have missed messages.
+fn gap_unplaced(room: &str, sink: &dyn FrameSink) {
+    crate::metrics::gap();
+    sink.deliver(room, &Utf8Bytes::from(server::gap_unplaced(room)));
+}
 
 /// What the subscriber knows of one history room.
 #[derive(Debug)]
@@ -84,14 +97,38 @@ impl Tracks {
         true
     }
 
-    /// After a reconnection: for every history room that had delivered something, what was
-    /// published since goes to `sink` (or a `gap` frame when it cannot), before any live
-    /// frame is read.
-    pub(super) async fn catch_up(&self, store: &HistoryStore, sink: &dyn FrameSink) {
-        let rooms: Vec<Arc<str>> = self.rooms().keys().cloned().collect();
-        let mut caught = 0usize;
-        for room in rooms {
-            caught += self.catch_up_room(&room, store, sink).await;
+    /// After a reconnection, for each of `rooms` (every room the node holds): in a history
+    /// room, what was published since goes to `sink`, or a `gap` frame when it cannot; any
+    /// other room gets a `gap` frame. All before any live frame is read.
+    pub(super) async fn catch_up<'r>(
+        &self,
+        rooms: impl Iterator<Item = &'r Arc<str>>,
+        store: &HistoryStore,
+        sink: &dyn FrameSink,
+    ) {
+        let (history_rooms, plain): (Vec<Arc<str>>, Vec<Arc<str>>) = {
+            let tracked = self.rooms();
+            rooms.cloned().partition(|room| tracked.contains_key(room))
+        };
+        for room in &plain {
+            gap_unplaced(room, sink);
+        }
+        let mut caught = 0;
+        for rooms in history_rooms.chunks(CONCURRENT_READS) {
+            let mut reads = Vec::with_capacity(rooms.len());
+            for room in rooms {
+                reads.push(self.catch_up_room(room, store, sink));
+            }
+            caught += futures_util::future::join_all(reads)
+                .await
+                .into_iter()
+                .sum::<usize>();
+        }
+        if !plain.is_empty() {
+            tracing::warn!(
+                rooms = plain.len(),
+                "messages published while the pub/sub connection was down are lost in rooms without history: their members got a gap"
+            );
         }
         if caught > 0 {
             tracing::info!(
@@ -101,24 +138,30 @@ impl Tracks {
         }
     }
 
-    /// [`Tracks::catch_up`] for one room (a sharded subscription that came back); returns
-    /// how many frames it delivered.
-    pub(super) async fn catch_up_room(
+    /// [`Tracks::catch_up`] for one history room; returns how many frames it delivered.
+    async fn catch_up_room(
         &self,
         room: &Arc<str>,
         store: &HistoryStore,
         sink: &dyn FrameSink,
     ) -> usize {
-        let Some((history, offset, epoch)) = self.rooms().get(room).and_then(|track| {
-            let (offset, epoch) = track.last.clone()?;
-            Some((track.history, offset, epoch))
-        }) else {
+        let Some((history, last)) = self
+            .rooms()
+            .get(room)
+            .map(|track| (track.history, track.last.clone()))
+        else {
+            return 0;
+        };
+        let Some((offset, epoch)) = last else {
+            // Nothing delivered here yet: nothing says where the room's members stand.
+            gap_unplaced(room, sink);
             return 0;
         };
         let recovery = match store.recover(room, history, offset, false).await {
             Ok(recovery) => recovery,
             Err(e) => {
                 tracing::warn!(room = &**room, error = %e.report(), "history catch-up failed");
+                crate::metrics::gap();
                 sink.deliver(room, &Utf8Bytes::from(server::gap(room, offset, &epoch)));
                 return 0;
             }
@@ -133,6 +176,7 @@ impl Tracks {
             }
         } else {
             let top = &recovery.top;
+            crate::metrics::gap();
             sink.deliver(
                 room,
                 &Utf8Bytes::from(server::gap(room, top.offset, &top.epoch)),

@@ -21,6 +21,7 @@ mod identities;
 mod lanes;
 mod presence;
 mod resp;
+mod room_counts;
 mod sharded;
 mod subscriber;
 mod subscriptions;

@@ -17,7 +17,6 @@
 //! subscribes to every room again on a new one, which follows the new map, and catches
 //! history rooms up.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +29,7 @@ use super::catch_up::Tracks;
 use super::commands::{ping_every_master, read_slot_map, Cluster, SlotMap};
 use super::connect::within;
 use super::history::HistoryStore;
+use super::room_counts::{Acquired, RoomCounts};
 use super::subscriptions::{Command, Subscriptions};
 use crate::broker::{Keys, SharedSink};
 use crate::error::BrokerError;
@@ -61,7 +61,7 @@ impl ShardedSubscriber {
             sink,
             live: ends.live,
             slots: None,
-            counts: HashMap::new(),
+            counts: RoomCounts::default(),
             tracks: Tracks::new(rooms),
             store,
         };
@@ -79,7 +79,7 @@ struct Task {
     /// The slot map last read.
     slots: Option<SlotMap>,
     /// Local acquisitions per room; the room is subscribed while its count is > 0.
-    counts: HashMap<Arc<str>, usize>,
+    counts: RoomCounts,
     tracks: Tracks,
     store: Arc<HistoryStore>,
 }
@@ -126,7 +126,7 @@ impl Task {
                     "the Redis Cluster's slot map changed: subscribing again on a new connection"
                 );
                 self.cluster.reset().await;
-                let rooms: Vec<Arc<str>> = self.counts.keys().cloned().collect();
+                let rooms: Vec<Arc<str>> = self.counts.rooms().cloned().collect();
                 for room in rooms {
                     if let Err(e) = self.subscribe(&room).await {
                         tracing::warn!(room = &*room, error = %e.report(), "could not subscribe again");
@@ -156,17 +156,15 @@ impl Task {
     async fn command(&mut self, command: Command) {
         match command {
             Command::Acquire { room, reply } => {
-                let count = self.counts.entry(room.clone()).or_insert(0);
-                *count += 1;
-                if *count > 1 {
+                if self.counts.acquire(&room) == Acquired::Subscribed {
                     let _ = reply.send(Ok(()));
                     return;
                 }
                 self.tracks.opened(&room);
+                // On failure the room stays counted until its caller releases it (see
+                // `room_counts`).
                 let subscribed = self.subscribe(&room).await;
-                if subscribed.is_err() {
-                    self.decrement(&room).await;
-                }
+                self.counts.subscribed(&room, subscribed.is_ok());
                 let _ = reply.send(subscribed);
             }
             Command::Release { room } => self.decrement(&room).await,
@@ -193,14 +191,9 @@ impl Task {
     }
 
     async fn decrement(&mut self, room: &str) {
-        let Some(count) = self.counts.get_mut(room) else {
-            return;
-        };
-        *count -= 1;
-        if *count > 0 {
+        if !self.counts.release(room) {
             return;
         }
-        self.counts.remove(room);
         self.tracks.closed(room);
         let channel = self.keys.room_channel(room);
         if let Ok(mut connection) = self.connection().await {
@@ -223,9 +216,7 @@ impl Task {
         };
         let channel = std::str::from_utf8(channel).ok()?;
         let room = self.keys.room_of_channel(channel)?;
-        self.counts
-            .get_key_value(room)
-            .map(|(room, _)| room.clone())
+        self.counts.get(room).cloned()
     }
 
     async fn push(&mut self, push: PushInfo) {
@@ -246,21 +237,17 @@ impl Task {
                     self.sink.deliver(&room, &Utf8Bytes::from(frame));
                 }
             }
-            // A subscription (re)confirmed: after a reconnection or a failover, what was
-            // published meanwhile comes from the history, before any later push.
+            // A subscription confirmed again: after a reconnection or a failover, what was
+            // published meanwhile comes from the history, before any later push (a room
+            // without history gets a gap).
             PushKind::SSubscribe => {
-                if let Some(room) = self.room_of(&push) {
-                    let caught = self
-                        .tracks
-                        .catch_up_room(&room, &self.store, &*self.sink)
+                let Some(room) = self.room_of(&push) else {
+                    return;
+                };
+                if self.counts.confirmed(&room) {
+                    self.tracks
+                        .catch_up(std::iter::once(&room), &self.store, &*self.sink)
                         .await;
-                    if caught > 0 {
-                        tracing::info!(
-                            room = &*room,
-                            messages = caught,
-                            "caught up after a resubscription"
-                        );
-                    }
                 }
             }
             // The server dropped a subscription we hold: its slot moved to another shard.

@@ -99,7 +99,15 @@ impl Task {
                 Stop::Exit => return,
                 Stop::Lost(e) => {
                     let delay = delays.next().unwrap_or(Duration::from_secs(1));
-                    tracing::warn!(error = %e.report(), retry_in = ?delay, "Redis pub/sub connection down");
+                    if closed_by_redis(&e) {
+                        crate::metrics::redis_pubsub_cut();
+                        tracing::warn!(
+                            retry_in = ?delay,
+                            "Redis closed this node's pub/sub connection: what it had buffered for the node is lost (Redis does this to a subscriber past its `client-output-buffer-limit pubsub`, see the README's deployment section); members of its rooms get a gap"
+                        );
+                    } else {
+                        tracing::warn!(error = %e.report(), retry_in = ?delay, "Redis pub/sub connection down");
+                    }
                     if !self.answer_while_down(&mut commands, delay).await {
                         return;
                     }
@@ -184,7 +192,9 @@ impl Task {
         if reconnection {
             // What was published while the connection was down, before any live frame
             // (which waits, unread, on the connection meanwhile).
-            self.tracks.catch_up(&self.store, &*self.sink).await;
+            self.tracks
+                .catch_up(self.counts.keys(), &self.store, &*self.sink)
+                .await;
             crate::metrics::redis_reconnected();
             tracing::info!(
                 rooms = channels.len(),
@@ -286,6 +296,17 @@ impl Task {
                 .await
         })
         .await
+    }
+}
+
+/// Whether Redis itself closed the connection (an orderly end of stream, as when it cuts
+/// a client past its output buffer limit), rather than it failing or timing out.
+fn closed_by_redis(e: &BrokerError) -> bool {
+    match e {
+        BrokerError::Connection(source) => source
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof),
+        _ => false,
     }
 }
 

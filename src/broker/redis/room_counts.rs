@@ -1,0 +1,138 @@
+//! A cluster subscriber's bookkeeping of its rooms: how many local acquisitions each room
+//! has, which of them Redis has not confirmed (a subscribe that failed while the room is
+//! still counted), and which have been confirmed once, so that a second confirmation is
+//! known for what it is: a subscription that came back after it was lost.
+//!
+//! A failed subscribe leaves the room counted until its caller releases it (the caller's
+//! cleanup always does): giving the count back at the failure too would release it twice,
+//! and the second release could unsubscribe a room that another socket acquired meanwhile.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+/// What to do for an acquisition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Acquired {
+    /// The room is subscribed already: confirm at once.
+    Subscribed,
+    /// Subscribe (the room is new, or its last subscribe failed), then call
+    /// [`RoomCounts::subscribed`] with the outcome.
+    Subscribe,
+}
+
+/// Acquisitions per room, and their subscriptions' state.
+#[derive(Debug, Default)]
+pub(super) struct RoomCounts {
+    counts: HashMap<Arc<str>, usize>,
+    /// Counted rooms whose last subscribe failed.
+    failed: HashSet<Arc<str>>,
+    /// Rooms whose subscription Redis confirmed at least once.
+    confirmed: HashSet<Arc<str>>,
+}
+
+impl RoomCounts {
+    /// Counts one acquisition of `room`.
+    pub(super) fn acquire(&mut self, room: &Arc<str>) -> Acquired {
+        let count = self.counts.entry(room.clone()).or_insert(0);
+        *count += 1;
+        if *count > 1 && !self.failed.contains(room) {
+            Acquired::Subscribed
+        } else {
+            Acquired::Subscribe
+        }
+    }
+
+    /// The subscribe that an acquisition asked for succeeded, or not.
+    pub(super) fn subscribed(&mut self, room: &Arc<str>, ok: bool) {
+        if !self.counts.contains_key(room) {
+            return;
+        }
+        if ok {
+            self.failed.remove(room);
+        } else {
+            self.failed.insert(room.clone());
+        }
+    }
+
+    /// Gives one acquisition back; `true` when it was the room's last (unsubscribe then).
+    pub(super) fn release(&mut self, room: &str) -> bool {
+        match self.counts.get_mut(room) {
+            Some(count) if *count > 1 => {
+                *count -= 1;
+                false
+            }
+            Some(_) => {
+                self.counts.remove(room);
+                self.failed.remove(room);
+                self.confirmed.remove(room);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Redis confirmed `room`'s subscription (a push); `true` when it had confirmed it
+    /// before, so that this is a subscription that came back (what was published meanwhile
+    /// may be missing).
+    pub(super) fn confirmed(&mut self, room: &Arc<str>) -> bool {
+        self.counts.contains_key(room) && !self.confirmed.insert(room.clone())
+    }
+
+    /// The counted room equal to `room`, if any.
+    pub(super) fn get(&self, room: &str) -> Option<&Arc<str>> {
+        self.counts.get_key_value(room).map(|(room, _)| room)
+    }
+
+    /// Every counted room.
+    pub(super) fn rooms(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.counts.keys()
+    }
+
+    /// Whether no room is counted.
+    #[cfg(test)]
+    pub(super) fn is_empty(&self) -> bool {
+        self.counts.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The trust issue's race: socket A's subscribe fails, socket B acquires the same room
+    /// before A's cleanup releases it. B's acquisition subscribes again, and A's release
+    /// does not unsubscribe B's room.
+    #[test]
+    fn a_failed_subscribe_racing_a_successful_one_keeps_the_survivor_subscribed() {
+        let room: Arc<str> = "r".into();
+        let mut counts = RoomCounts::default();
+        assert_eq!(counts.acquire(&room), Acquired::Subscribe);
+        counts.subscribed(&room, false);
+        // B, before A's cleanup: the room must be subscribed again, not taken as done.
+        assert_eq!(counts.acquire(&room), Acquired::Subscribe);
+        counts.subscribed(&room, true);
+        // A's cleanup: not the last acquisition, so no unsubscribe.
+        assert!(!counts.release(&room));
+        assert_eq!(
+            counts.acquire(&room),
+            Acquired::Subscribed,
+            "still subscribed"
+        );
+        assert!(!counts.release(&room));
+        assert!(counts.release(&room), "B's release is the last");
+        assert!(counts.is_empty());
+    }
+
+    #[test]
+    fn a_second_confirmation_is_a_subscription_that_came_back() {
+        let room: Arc<str> = "r".into();
+        let mut counts = RoomCounts::default();
+        counts.acquire(&room);
+        assert!(!counts.confirmed(&room), "the first confirmation");
+        assert!(counts.confirmed(&room), "after a failover or a moved slot");
+        counts.release(&room);
+        assert!(!counts.confirmed(&room), "a room no longer held");
+        counts.acquire(&room);
+        assert!(!counts.confirmed(&room), "held again: a first confirmation");
+    }
+}

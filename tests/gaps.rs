@@ -1,0 +1,128 @@
+//! Nothing dropped silently: when Redis cuts a node's pub/sub connection (a subscriber that
+//! lags past `client-output-buffer-limit pubsub`), the node logs and counts it, and every
+//! socket in a room that may have missed messages gets a `gap`, plain rooms included.
+
+mod support;
+
+#[path = "support/binary.rs"]
+mod binary;
+
+use std::process::Command;
+
+use binary::Server;
+use serde_json::json;
+use support::{http, within, Client, RedisServer};
+
+/// The value of a Prometheus metric line (without labels) in `text`.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Messages of 60 KB published while the node is stopped: 20 MB, more than the kernel's
+/// socket buffers hold, so that Redis's output buffer for the node overflows.
+const MESSAGES: usize = 330;
+
+fn signal(server: &Server, signal: &str) {
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// The reproduction: a small pub/sub output buffer limit, and node B stopped while
+/// 20 MB are published into a room it holds: Redis cuts B's pub/sub connection, and what
+/// it had buffered for B is gone, including messages of another room ("quiet"). Once B is
+/// back, its socket in "quiet" (a room without history: nothing can say what was missed)
+/// gets a `gap`, while a socket on node A gets every message and no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_connection_that_redis_cut_gives_its_rooms_a_gap() {
+    let redis = RedisServer::start().await;
+    let mut admin = redis.client().await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("client-output-buffer-limit")
+        .arg("pubsub 256kb 128kb 1")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let a = Server::start(&["--redis-url", &redis.url(), "--no-demo"]).await;
+    let b = Server::start(&["--redis-url", &redis.url(), "--no-demo"]).await;
+    let mut on_a = Client::connect_as(&a.url(), "on-a").await;
+    let mut on_b = Client::connect_as(&b.url(), "on-b").await;
+    on_a.subscribe("quiet").await;
+    on_b.subscribe("quiet").await;
+    // Holds the flooded room on B (it will be dropped as a slow reader; never read).
+    let mut flooded = Client::connect_as(&b.url(), "flooded").await;
+    flooded.subscribe("flood").await;
+
+    let publish = |room: &'static str, payload: serde_json::Value| {
+        let frame =
+            json!({"type": "message", "roomID": room, "connectionID": "p", "payload": payload});
+        redis::cmd("PUBLISH")
+            .arg(format!("thinws:room:{{{room}}}"))
+            .arg(frame.to_string())
+            .clone()
+    };
+    signal(&b, "-STOP");
+    let fill = "x".repeat(60_000);
+    for n in 0..MESSAGES {
+        let _: i64 = publish("flood", json!({"n": n, "fill": fill}))
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    for n in 0..10 {
+        let _: i64 = publish("quiet", json!(n))
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    // Redis cuts B's connection at once past the hard limit.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    signal(&b, "-CONT");
+
+    let received_before_gap = within("a gap on the node that was cut", async {
+        let mut received = 0;
+        loop {
+            let frame = on_b.recv().await;
+            match frame["type"].as_str() {
+                Some("gap") => {
+                    assert_eq!(frame["roomID"], "quiet", "{frame}");
+                    assert!(frame.get("offset").is_none(), "{frame}");
+                    return received;
+                }
+                Some("message") => received += 1,
+                _ => panic!("unexpected {frame}"),
+            }
+        }
+    })
+    .await;
+    assert!(
+        received_before_gap < 10,
+        "nothing was lost: the test proves nothing"
+    );
+    for n in 0..10 {
+        assert_eq!(on_a.delivery().await["payload"], n);
+    }
+
+    let (_, metrics) = http(b.addr, "GET", "/metrics", &[]).await;
+    assert_eq!(
+        metric(&metrics, "thinws_redis_pubsub_cut_total"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(metric(&metrics, "thinws_gaps_total") >= 1.0, "{metrics}");
+
+    // The room goes on: live messages reach both nodes again.
+    on_a.publish("quiet", json!("after")).await;
+    assert_eq!(on_b.delivery().await["payload"], "after");
+    assert_eq!(on_a.delivery().await["payload"], "after");
+    let (_, metrics) = http(a.addr, "GET", "/metrics", &[]).await;
+    assert_eq!(metric(&metrics, "thinws_gaps_total"), 0.0, "{metrics}");
+    drop(flooded);
+}
