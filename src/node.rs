@@ -42,8 +42,8 @@ impl FrameSink for Rooms {
 
 impl Node {
     /// Builds a node: on Redis at `redis_url`, or in memory without one. Connects nothing.
-    /// Also returns why the Redis URL is unusable, if it is: the node then refuses sockets
-    /// and fails every broker operation with that reason.
+    /// Also returns why the Redis URL is unusable or the broker cannot be built on it, if
+    /// so: the node then refuses sockets and fails every broker operation with that reason.
     pub(crate) fn new(redis: Option<&RedisAddress>, config: Config) -> (Node, Option<Error>) {
         crate::metrics::describe_once();
         let rooms = Rooms::new(config.max_sockets);
@@ -69,7 +69,11 @@ impl Node {
                     );
                     match broker {
                         Ok(broker) => Broker::Redis(Box::new(broker)),
-                        Err(e) => Broker::Unusable(e),
+                        Err(e) => {
+                            tracing::error!(error = %e.report(), "thinws cannot build its Redis broker");
+                            url_error = Some(Error::from(e.clone()));
+                            Broker::Unusable(e)
+                        }
                     }
                 }
                 Err(invalid) => {

@@ -10,9 +10,13 @@
 //!
 //! [`Publisher`] does exactly that, with only a Redis URL, through the same publishing lane
 //! a node uses (one pooled connection, pipelined): it needs no hub and holds no
-//! subscription. From any language, `PUBLISH 'thinws:room:{lobby}' '<frame>'` does the same
-//! for a room without history (a room with history needs the nodes' publish script: give
-//! the publisher the same [`room_settings`](PublisherBuilder::room_settings)).
+//! subscription. On a Redis Cluster, build it with [`Publisher::cluster_builder`]: rooms'
+//! channels are sharded there (`SPUBLISH`), and a single-URL publisher pointed at a
+//! cluster node refuses to publish (a plain `PUBLISH` would reach no node). From any
+//! language, on one Redis, `PUBLISH 'thinws:room:{lobby}' '<frame>'` does the same for a
+//! room without history (`SPUBLISH` on a cluster; a room with history needs the nodes'
+//! publish script: give the publisher the same
+//! [`room_settings`](PublisherBuilder::room_settings)).
 //!
 //! # Example
 //!
@@ -36,10 +40,11 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::broker::redis::{Commands, Disconnects, Lanes, RedisTarget};
+use crate::broker::redis::{ClusterTarget, Commands, Disconnects, Lanes, RedisTarget};
 use crate::broker::Keys;
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{BrokerError, Error};
+use crate::node::RedisAddress;
 use crate::protocol::server;
 use crate::settings::{RoomPolicy, RoomSettings};
 
@@ -58,6 +63,8 @@ struct Inner {
     timeout: Duration,
     /// The lane, started on the first publish (inside a Tokio runtime).
     lane: OnceLock<Lanes>,
+    /// For a single URL: whether it is a cluster node, asked before the first publish.
+    cluster_node: tokio::sync::OnceCell<bool>,
     rooms: RoomPolicy,
 }
 
@@ -74,7 +81,7 @@ impl fmt::Debug for Publisher {
 /// ([`ThinWsBuilder`](crate::ThinWsBuilder)).
 #[derive(Debug, Clone)]
 pub struct PublisherBuilder {
-    url: String,
+    redis: RedisAddress,
     key_prefix: String,
     sender_id: String,
     timeout: Duration,
@@ -116,16 +123,26 @@ impl PublisherBuilder {
 
     /// Builds the publisher. Connects lazily; fails only on a malformed URL.
     pub fn build(self) -> Result<Publisher, Error> {
-        let target = RedisTarget::parse(&self.url, self.ca_pem.as_deref())?;
-        let (pool, disconnects) = target.pool(1, self.timeout)?;
+        let ca = self.ca_pem.as_deref();
+        let (commands, disconnects) = match &self.redis {
+            RedisAddress::Url(url) => {
+                let (pool, disconnects) = RedisTarget::parse(url, ca)?.pool(1, self.timeout)?;
+                (Commands::Single(pool), disconnects)
+            }
+            RedisAddress::Cluster(urls) => {
+                let cluster = ClusterTarget::parse(urls, ca)?.client(self.timeout, None)?;
+                (Commands::Cluster(Arc::new(cluster)), Disconnects::default())
+            }
+        };
         Ok(Publisher {
             inner: Arc::new(Inner {
                 keys: Keys::new(&self.key_prefix),
                 sender_id: self.sender_id,
-                commands: Commands::Single(pool),
+                commands,
                 disconnects,
                 timeout: self.timeout,
                 lane: OnceLock::new(),
+                cluster_node: tokio::sync::OnceCell::new(),
                 rooms: self.rooms,
             }),
         })
@@ -142,9 +159,26 @@ impl Publisher {
 
     /// Settings for a publisher of the Redis at `redis_url`.
     pub fn builder(redis_url: impl Into<String>) -> PublisherBuilder {
+        Self::builder_for(RedisAddress::Url(redis_url.into()))
+    }
+
+    /// Settings for a publisher of a Redis Cluster, by seed URLs (any of its nodes), as
+    /// `ThinWsBuilder::redis_cluster`: rooms' channels are sharded (`SPUBLISH`).
+    ///
+    /// ```
+    /// let publisher = thinws::Publisher::cluster_builder(["redis://10.0.0.1:6379"]).build();
+    /// assert!(publisher.is_ok());
+    /// ```
+    pub fn cluster_builder(urls: impl IntoIterator<Item = impl Into<String>>) -> PublisherBuilder {
+        Self::builder_for(RedisAddress::Cluster(
+            urls.into_iter().map(Into::into).collect(),
+        ))
+    }
+
+    fn builder_for(redis: RedisAddress) -> PublisherBuilder {
         let defaults = Config::default();
         PublisherBuilder {
-            url: redis_url.into(),
+            redis,
             key_prefix: defaults.key_prefix,
             sender_id: defaults.server_sender_id,
             timeout: defaults.redis_timeout,
@@ -167,6 +201,17 @@ impl Publisher {
     /// Publishes an already-serialised JSON payload.
     pub async fn publish_raw(&self, room: &str, payload: &RawValue) -> Result<(), Error> {
         let inner = &*self.inner;
+        let cluster_node = inner
+            .cluster_node
+            .get_or_try_init(|| inner.commands.is_cluster_node(inner.timeout))
+            .await?;
+        if *cluster_node {
+            return Err(Error::Unavailable(BrokerError::Misconfigured(Arc::new(
+                std::io::Error::other(
+                    "this Redis is a node of a Redis Cluster, where rooms' channels are sharded: build the publisher with Publisher::cluster_builder",
+                ),
+            ))));
+        }
         let frame = server::delivery(room, &inner.sender_id, payload);
         let lane = inner
             .lane

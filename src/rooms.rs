@@ -89,11 +89,6 @@ impl Rooms {
         Ok(id)
     }
 
-    /// Whether the node has space for another socket (a hint: `register` decides).
-    pub(crate) fn has_capacity(&self) -> bool {
-        self.socket_count() < self.inner.max_sockets
-    }
-
     /// Bytes waiting to be written to every socket.
     pub(crate) fn queued_bytes(&self) -> usize {
         self.sockets().values().map(|m| m.queued_bytes()).sum()
@@ -293,7 +288,6 @@ mod tests {
     fn sockets_beyond_the_limit_are_refused() {
         let rooms = Rooms::new(1);
         assert!(rooms.register(inbox(1)).is_ok());
-        assert!(!rooms.has_capacity());
         assert_eq!(rooms.register(inbox(1)), Err(Refused::Full));
     }
 

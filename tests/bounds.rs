@@ -206,3 +206,34 @@ async fn recovery_beyond_the_bound_is_a_gap_not_a_flood() {
     publisher.publish("big", json!("live")).await;
     assert_eq!(reader.delivery().await["payload"], "live");
 }
+
+/// At the socket limit, a burst of upgrades: exactly the free slots get 101 and stay open,
+/// and every other one gets 503 (never a 101 followed by a close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_upgrades_at_the_limit_gets_101_or_503_never_both() {
+    let server = Server::start(&["--max-sockets", "20", "--no-demo"]).await;
+    let url = server.url();
+    let attempts: Vec<_> = (0..50)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { tokio_tungstenite::connect_async(url).await })
+        })
+        .collect();
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for attempt in attempts {
+        match attempt.await.unwrap() {
+            Ok((ws, _)) => open.push(Client::from_stream(ws)),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 503);
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((open.len(), refused), (20, 30));
+    // Every socket that got 101 works.
+    for (n, client) in open.iter_mut().enumerate() {
+        client.subscribe(&format!("room-{n}")).await;
+    }
+}

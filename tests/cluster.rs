@@ -108,6 +108,44 @@ async fn rooms_on_every_shard_fan_out_across_nodes_in_order() {
             break;
         }
     }
+
+    // A `Publisher` on the cluster publishes with SPUBLISH on each room's shard, through the
+    // nodes' script in history rooms; one built with a single URL refuses (its PUBLISH would
+    // reach no node).
+    let publisher = thinws::Publisher::cluster_builder(cluster.urls())
+        .room_settings(
+            "h:*",
+            RoomSettings::with_history(History::new(10_000, Duration::from_secs(300))),
+        )
+        .build()
+        .unwrap();
+    for room in plain.iter().chain(&history) {
+        publisher
+            .publish(room, &json!({"from": "worker"}))
+            .await
+            .unwrap();
+        // (bob's own "welcome back" may come first.)
+        let got = loop {
+            let got = bob.delivery().await;
+            if got["payload"] != "welcome back" {
+                break got;
+            }
+        };
+        assert_eq!(
+            (&got["roomID"], &got["connectionID"]),
+            (&json!(room), &json!("server"))
+        );
+        if room.starts_with("h:") {
+            assert_eq!(got["offset"], 21, "{got}");
+        }
+    }
+    let single = thinws::Publisher::new(&cluster.urls()[0]).unwrap();
+    let refused = single.publish(&plain[0], &json!("lost")).await.unwrap_err();
+    assert!(
+        refused.report().contains("cluster_builder"),
+        "{}",
+        refused.report()
+    );
 }
 
 /// Publishes `0..` to `rooms` in turn from `publisher` until `stop`; returns, per room, the

@@ -36,12 +36,15 @@ async fn wait_health(hub: &Hub, ready: bool) -> Duration {
 /// Publishes probes from `publisher` until one reaches every subscriber; returns how long
 /// that took. A probe published while a node is still resubscribing never reaches that
 /// node's sockets (that is pub/sub), so a fresh probe follows after a short wait.
+/// How long until a probe reaches every subscriber again; each subscriber must have been
+/// told by a `gap` (room "r" has no history) that it may have missed messages meanwhile.
 async fn time_to_resumed_delivery(
     publisher: &mut Client,
     subscribers: &mut [&mut Client],
 ) -> Duration {
     let started = Instant::now();
-    within("delivery to resume", async {
+    let mut gaps = vec![0; subscribers.len()];
+    let resumed = within("delivery to resume", async {
         let mut probe = 0;
         'probe: loop {
             probe += 1;
@@ -56,9 +59,13 @@ async fn time_to_resumed_delivery(
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
-            for s in subscribers.iter_mut() {
+            for (s, gaps) in subscribers.iter_mut().zip(gaps.iter_mut()) {
                 loop {
-                    match tokio::time::timeout(Duration::from_millis(200), s.delivery()).await {
+                    match tokio::time::timeout(Duration::from_millis(200), s.recv()).await {
+                        Ok(v) if v["type"] == "gap" => {
+                            assert_eq!(v["roomID"], "r", "{v}");
+                            *gaps += 1;
+                        }
                         Ok(v) if v["payload"]["probe"] == probe => break,
                         Ok(_) => continue, // an earlier probe that made it after all
                         Err(_) => continue 'probe,
@@ -68,7 +75,12 @@ async fn time_to_resumed_delivery(
             return started.elapsed();
         }
     })
-    .await
+    .await;
+    assert!(
+        gaps.iter().all(|&n| n == 1),
+        "each subscriber gets one gap: {gaps:?}"
+    );
+    resumed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -205,6 +205,13 @@ async fn recovery(a: &Node, b: &Node) {
         "{ack}"
     );
     assert_eq!(offsets(&mut again, 3).await, [4, 5, 6]);
+    // `since` on a room the socket is in already is refused, and changes nothing.
+    let refused = again
+        .request(
+            json!({"type": "subscribe", "roomID": "h:rec", "since": {"offset": 1, "epoch": epoch}}),
+        )
+        .await;
+    assert_eq!(refused["code"], "invalid_message", "{refused}");
     publish(&mut publisher, "h:rec", json!(7)).await;
     assert_eq!(offsets(&mut again, 1).await, [7]);
 

@@ -161,6 +161,27 @@ async fn an_unreachable_redis_is_a_clear_error() {
     assert!(matches!(err, thinws::Error::Unavailable(_)), "{err:?}");
 }
 
+/// URLs that parse one by one but cannot make one broker (a cluster's seeds with two
+/// passwords): `connect` says so, rather than returning a layer that refuses every socket.
+#[tokio::test]
+async fn a_broker_that_cannot_be_built_is_a_connect_error() {
+    let err = ThinWsLayer::builder()
+        .redis_cluster([
+            "redis://:pw-alpha@127.0.0.1:7001",
+            "redis://:pw-beta@127.0.0.1:7002",
+        ])
+        .connect()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, thinws::Error::Unavailable(_)), "{err:?}");
+    assert!(
+        err.report().contains("different password"),
+        "{}",
+        err.report()
+    );
+    assert!(!err.report().contains("pw-"), "{}", err.report());
+}
+
 #[tokio::test]
 async fn the_browser_client_is_served_when_asked() {
     let node = Node::start(ThinWsLayer::builder().serve_client(true).build()).await;

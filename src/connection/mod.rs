@@ -51,28 +51,43 @@ use crate::rooms::{Refused, SocketId};
 /// How long a closing socket may take to write its close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Completes the upgrade and runs the socket until it closes.
-pub(crate) async fn serve(node: Arc<Node>, upgrade: HyperWebsocket, parts: Parts) {
-    let stream = match upgrade.await {
-        Ok(stream) => stream,
-        Err(e) => {
-            tracing::debug!(error = %e, "WebSocket upgrade failed");
-            return;
-        }
-    };
+/// A socket's slot on the node, taken before the upgrade is answered: every upgrade that
+/// gets 101 has one, and one that cannot get a slot is answered 503 instead.
+pub(crate) struct Admitted {
+    id: SocketId,
+    queue: Arc<OutboundQueue>,
+}
+
+/// Takes a slot for a new socket, unless the node is shutting down or full.
+pub(crate) fn admit(node: &Node) -> Result<Admitted, Refused> {
     let queue = Arc::new(OutboundQueue::new(
         node.config.outbound_queue,
         node.config.max_queued_bytes,
     ));
-    let id = match node.rooms.register(queue.clone()) {
-        Ok(id) => id,
-        Err(refused) => {
-            let close = match refused {
-                Refused::ShuttingDown => close_frame(CloseCode::Away, "server shutting down"),
-                Refused::Full => close_frame(CloseCode::Again, "server full, try again later"),
-            };
-            let mut stream = stream;
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, stream.close(Some(close))).await;
+    let id = node.rooms.register(queue.clone())?;
+    Ok(Admitted { id, queue })
+}
+
+impl Admitted {
+    /// Gives the slot back (the upgrade was not answered 101).
+    pub(crate) fn release(self, node: &Node) {
+        node.rooms.unregister(self.id);
+    }
+}
+
+/// Completes the upgrade and runs the socket until it closes (giving its slot back).
+pub(crate) async fn serve(
+    node: Arc<Node>,
+    admitted: Admitted,
+    upgrade: HyperWebsocket,
+    parts: Parts,
+) {
+    let Admitted { id, queue } = admitted;
+    let stream = match upgrade.await {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::debug!(error = %e, "WebSocket upgrade failed");
+            node.rooms.unregister(id);
             return;
         }
     };

@@ -22,6 +22,8 @@ pub(super) enum Refusal {
     OtherIdentity,
     /// The room has this feature off.
     NotEnabled(&'static str),
+    /// A `subscribe` with `since` to a room the socket is in already.
+    AlreadyIn,
     /// The identity a `connect` would bind (claimed, or assigned by its hook) cannot be
     /// used: this says why.
     BadIdentity(String),
@@ -40,7 +42,9 @@ impl Refusal {
             Refusal::Forbidden(_) => ErrorCode::Forbidden,
             Refusal::HookFailed(_) => ErrorCode::Internal,
             Refusal::TooManyRooms(_) | Refusal::IdentityFull(_) => ErrorCode::LimitExceeded,
-            Refusal::OtherIdentity | Refusal::BadIdentity(_) => ErrorCode::InvalidMessage,
+            Refusal::OtherIdentity | Refusal::BadIdentity(_) | Refusal::AlreadyIn => {
+                ErrorCode::InvalidMessage
+            }
             Refusal::NotEnabled(_) => ErrorCode::NotEnabled,
         }
     }
@@ -56,6 +60,7 @@ impl Refusal {
             }
             Refusal::NotEnabled(what) => (*what).to_owned(),
             Refusal::BadIdentity(why) => why.clone(),
+            Refusal::AlreadyIn => "already subscribed to this room: since recovers only on a new subscription (unsubscribe first, or ask history)".into(),
             Refusal::OtherIdentity => {
                 "this socket is already connected with another connectionID".into()
             }

@@ -298,6 +298,7 @@ impl Socket {
                 .await
                 .map_err(Refusal::Broker)?;
         }
+        self.exit_presence_confirmed(room).await;
         self.leave(room);
         Ok(())
     }

@@ -9,6 +9,7 @@ use tower_service::Service;
 use super::{client_script, ResponseBody, ResponseFuture, ThinWsLayer};
 use crate::connection;
 use crate::node::Node;
+use crate::rooms::Refused;
 
 /// The service built by [`ThinWsLayer`]: upgrade requests on the configured path become
 /// ThinWS sockets; everything else goes to the inner service `S` untouched.
@@ -88,18 +89,21 @@ where
                 format!("{}\n", reason.report()),
             ));
         }
-        if !self.node.rooms.is_accepting() {
-            return ResponseFuture::ready(plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server shutting down\n".into(),
-            ));
-        }
-        if !self.node.rooms.has_capacity() {
-            return ResponseFuture::ready(plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server full, try again later\n".into(),
-            ));
-        }
+        // The socket's slot is taken now, before the 101: a burst of upgrades at the limit
+        // gets 503s, never a 101 followed by a close.
+        let admitted = match connection::admit(&self.node) {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                let reason = match refused {
+                    Refused::ShuttingDown => "server shutting down\n",
+                    Refused::Full => "server full, try again later\n",
+                };
+                return ResponseFuture::ready(plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    reason.into(),
+                ));
+            }
+        };
         let config = &self.node.config;
         let ws_config = hyper_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(config.read_buffer_size)
@@ -108,13 +112,21 @@ where
         match hyper_tungstenite::upgrade(&mut request, Some(ws_config)) {
             Ok((response, upgrade)) => {
                 let (parts, _body) = request.into_parts();
-                tokio::spawn(connection::serve(self.node.clone(), upgrade, parts));
+                tokio::spawn(connection::serve(
+                    self.node.clone(),
+                    admitted,
+                    upgrade,
+                    parts,
+                ));
                 ResponseFuture::ready(response)
             }
-            Err(e) => ResponseFuture::ready(plain(
-                StatusCode::BAD_REQUEST,
-                format!("invalid WebSocket upgrade: {e}\n"),
-            )),
+            Err(e) => {
+                admitted.release(&self.node);
+                ResponseFuture::ready(plain(
+                    StatusCode::BAD_REQUEST,
+                    format!("invalid WebSocket upgrade: {e}\n"),
+                ))
+            }
         }
     }
 }

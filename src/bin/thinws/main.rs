@@ -434,7 +434,7 @@ async fn run(args: Args) -> Result<(), String> {
                 .redis_url(url)
                 .connect()
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.report())?;
             tracing::info!("fanning out through Redis");
             layer
         }

@@ -131,16 +131,20 @@ impl Socket {
     /// gets the missed messages, then the live ones: each message after `since` once, in
     /// offset order. `recovered: false` when the epoch differs or the history no longer
     /// reaches back to `since`; the socket then gets what follows the current top. In a
-    /// room without history, or one the socket is already in, `since` is ignored.
+    /// room without history `since` is ignored; in one the socket is already in, it is
+    /// refused (nothing changes): the socket has had every message since it joined, or a
+    /// `gap`.
     pub(super) async fn subscribe_since(
         &mut self,
         room: &str,
         since: &Since<'_>,
     ) -> Result<Answer, Refusal> {
-        let history = self.node.config.rooms.settings(room).history;
-        let (Some(history), false) = (history, self.rooms.contains(room)) else {
+        let Some(history) = self.node.config.rooms.settings(room).history else {
             return self.subscribe(room).await.map(Answer::at);
         };
+        if self.rooms.contains(room) {
+            return Err(Refusal::AlreadyIn);
+        }
         self.allowed_to_subscribe(room).await?;
         let mut budget = self.catch_up_budget();
         let recovering = self

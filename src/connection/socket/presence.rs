@@ -34,6 +34,19 @@ impl Socket {
         }
     }
 
+    /// [`Socket::exit_presence`], waiting until the broker has taken the socket out (and
+    /// published its `leave`, if it was the identity's last): an `unsubscribe` is acked
+    /// only then, so that what the client does next comes after its leave everywhere.
+    pub(super) async fn exit_presence_confirmed(&mut self, room: &str) {
+        if let Some((room, (identity, presence))) = self.present.remove_entry(room) {
+            let left = self.node.broker.presence_leave(&room, &identity, presence);
+            if let Err(e) = left.wait().await {
+                // The node's next presence refresh writes it again.
+                tracing::debug!(error = %e.report(), "presence leave not confirmed yet");
+            }
+        }
+    }
+
     /// After `connect` bound a new identity: the presence rooms the socket joined before
     /// count it under that identity instead.
     pub(super) async fn rebind_presence(&mut self) {

@@ -261,6 +261,23 @@ impl Commands {
     }
 
     /// `PING`: on a cluster, to every master, each of which must answer.
+    /// Whether the single Redis behind the pool is a node of a Redis Cluster (`INFO
+    /// cluster` says `cluster_enabled:1`); `false` on a cluster target.
+    pub(crate) async fn is_cluster_node(&self, timeout: Duration) -> Result<bool, BrokerError> {
+        super::connect::within(timeout, async {
+            match self.get().await? {
+                Connection::Pooled(mut c) => redis::cmd("INFO")
+                    .arg("cluster")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .map(|info| info.lines().any(|line| line.trim() == "cluster_enabled:1"))
+                    .map_err(redis_error),
+                Connection::Cluster(..) => Ok(false),
+            }
+        })
+        .await
+    }
+
     pub(crate) async fn ping(&self, timeout: Duration) -> Result<(), BrokerError> {
         super::connect::within(timeout, async {
             match self.get().await? {
