@@ -67,6 +67,9 @@
       // History rooms (protocol 1.1): the last offset and epoch seen in each, sent with
       // every connect so that the server sends what was missed.
       this._positions = new Map();
+      // The rooms this client subscribed to and has not left: after a reconnection, one the
+      // server no longer lists (it lost the identity's record) is subscribed again.
+      this._rooms = new Set();
       this._open();
     }
 
@@ -98,7 +101,10 @@
           .then((value) => {
             const frame = { type: "connect", connectionID: this.connectionID };
             if (value) frame.token = value;
-            if (this._positions.size > 0) frame.since = Object.fromEntries(this._positions);
+            // `since` (even empty) makes the ack list the rooms the server rejoined.
+            if (this._positions.size > 0 || this._rooms.size > 0) {
+              frame.since = Object.fromEntries(this._positions);
+            }
             return this._send(frame);
           })
           .then(
@@ -106,10 +112,11 @@
               // Rooms the server could not recover are gaps; rooms it no longer lists
               // are forgotten.
               if (ack && ack.rooms) {
-                for (const roomID of [...this._positions.keys()]) {
-                  if (!(roomID in ack.rooms)) this._positions.delete(roomID);
+                for (const roomID of this._rooms) {
+                  if (!(roomID in ack.rooms)) this._resubscribe(roomID);
                 }
                 for (const [roomID, room] of Object.entries(ack.rooms)) {
+                  this._rooms.add(roomID);
                   if (room.recovered === false) {
                     this._gap({ type: "gap", roomID, offset: room.offset, epoch: room.epoch });
                   }
@@ -199,6 +206,31 @@
       }, ms);
     }
 
+    // A room this client holds that the server no longer lists (Redis lost the identity's
+    // record): subscribed again, with `since` in a history room; the application gets a
+    // gap unless everything was recovered, and a gap too if the room cannot be rejoined.
+    _resubscribe(roomID) {
+      const frame = { type: "subscribe", roomID };
+      const at = this._positions.get(roomID);
+      if (at) frame.since = at;
+      this._send(frame).then(
+        (ack) => {
+          if (ack.recovered !== true) {
+            this._gap({ type: "gap", roomID, offset: ack.offset, epoch: ack.epoch });
+          }
+          if (typeof ack.offset === "number" && !this._positions.has(roomID)) {
+            this._positions.set(roomID, { offset: ack.offset, epoch: ack.epoch });
+          }
+        },
+        (error) => {
+          if (error.code === "disconnected") return; // tried again on the next connection
+          this._rooms.delete(roomID);
+          this._positions.delete(roomID);
+          this._gap({ type: "gap", roomID });
+        }
+      );
+    }
+
     // Sends now on the open socket (used for `connect`, before the socket counts as connected).
     _send(frame) {
       return new Promise((resolve, reject) => {
@@ -237,6 +269,7 @@
       const frame = { type: "subscribe", roomID };
       if (since) frame.since = { offset: since.offset, epoch: since.epoch };
       return this._request(frame).then((ack) => {
+        this._rooms.add(roomID);
         // A history room: where this client starts.
         if (typeof ack.offset === "number" && !this._positions.has(roomID)) {
           this._positions.set(roomID, since && ack.recovered ? since : { offset: ack.offset, epoch: ack.epoch });
@@ -283,7 +316,11 @@
     }
 
     unsubscribe(roomID) {
-      return this._request({ type: "unsubscribe", roomID });
+      return this._request({ type: "unsubscribe", roomID }).then((ack) => {
+        this._rooms.delete(roomID);
+        this._positions.delete(roomID);
+        return ack;
+      });
     }
 
     send(payload, roomID) {

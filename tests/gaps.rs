@@ -126,3 +126,85 @@ async fn a_subscriber_connection_that_redis_cut_gives_its_rooms_a_gap() {
     assert_eq!(metric(&metrics, "thinws_gaps_total"), 0.0, "{metrics}");
     drop(flooded);
 }
+
+/// Redis loses its data (identities' records and histories with it), then the client's
+/// node goes away: the client reconnects to another node, whose `connect` ack lists none of
+/// its rooms. It subscribes to them again on its own and tells the application with a gap
+/// for each (no room it believed it was in vanishes silently), and messages flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_rooms_redis_lost_subscribes_again_and_is_told() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use thinws::client::{Gap, ThinWsClient};
+    use thinws::settings::{History, RoomSettings};
+
+    let mut redis = RedisServer::start().await;
+    let layer = || {
+        thinws::ThinWsLayer::builder()
+            .redis_url(redis.url())
+            .room_settings(
+                "h:*",
+                RoomSettings::with_history(History::new(100, Duration::from_secs(60))),
+            )
+            .build()
+    };
+    let a = support::Node::start(layer()).await;
+    let b = support::Node::start(layer()).await;
+    let gaps: Arc<Mutex<Vec<Gap>>> = Arc::default();
+    let (client, mut messages) = ThinWsClient::builder(a.url(), "zed")
+        .fallback_urls([b.url()])
+        .max_backoff(Duration::from_millis(200))
+        .on_gap({
+            let gaps = gaps.clone();
+            move |gap| gaps.lock().unwrap().push(gap)
+        })
+        .connect()
+        .await
+        .unwrap();
+    client.subscribe("p").await.unwrap();
+    client.subscribe("h:x").await.unwrap();
+    let mut sender = Client::connect_as(&b.url(), "sender").await;
+    sender.publish("h:x", json!(1)).await;
+    assert_eq!(next_delivery(&mut messages).await.payload, json!(1));
+
+    redis.restart().await;
+    within("the nodes to be back on Redis", async {
+        while !(a.hub.health().await.is_ready() && b.hub.health().await.is_ready()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    a.hub.shutdown(Duration::from_secs(5)).await;
+    // Back in both rooms, on node B, though B's `connect` ack listed neither.
+    support::members(&b.hub, "p", 1).await;
+    support::members(&b.hub, "h:x", 1).await;
+    // Told for each room (by node A when its pub/sub connection came back on an empty
+    // Redis, and again when the client subscribed again on B).
+    let told: std::collections::BTreeSet<(String, bool)> = gaps
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|gap| (gap.room.clone(), gap.offset.is_some()))
+        .collect();
+    assert_eq!(
+        told.into_iter().collect::<Vec<_>>(),
+        [("h:x".to_owned(), true), ("p".to_owned(), false)]
+    );
+    let mut sender = Client::connect_as(&b.url(), "sender2").await;
+    sender.publish("p", json!("plain again")).await;
+    sender.publish("h:x", json!("history again")).await;
+    assert_eq!(
+        next_delivery(&mut messages).await.payload,
+        json!("plain again")
+    );
+    assert_eq!(
+        next_delivery(&mut messages).await.payload,
+        json!("history again")
+    );
+}
+
+async fn next_delivery(messages: &mut thinws::client::Messages) -> thinws::client::Delivery {
+    within("a delivery", futures_util::StreamExt::next(messages))
+        .await
+        .expect("the stream goes on")
+}

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use super::held::Held;
 use super::renewal::Renewal;
 use super::{ClientBuilder, ClientError, Delivery, Gap, Member, Op, Request};
 use crate::protocol::server::{self, ServerFrame};
@@ -23,9 +24,6 @@ use crate::protocol::{self, Command, ErrorCode};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 type Reply = oneshot::Sender<Result<String, ClientError>>;
-
-/// Where the client's copy of each history room ends: `(offset, epoch)`, by room.
-pub(super) type Positions = HashMap<String, (u64, String)>;
 
 /// The frame for request `id`.
 fn encode(id: u64, op: &Op) -> String {
@@ -93,16 +91,21 @@ async fn connect(
     tokio_tungstenite::connect_async(url).await
 }
 
-/// An open socket bound to the identity, and how long its credential lasts, if the server
-/// said.
-pub(super) type Opened = (Socket, Option<Duration>);
+/// An open socket bound to the identity.
+pub(super) struct Opened {
+    socket: Socket,
+    /// How long its credential lasts, if the server said.
+    expires_in: Option<Duration>,
+    /// Rooms the client holds that the server did not rejoin: subscribed again first.
+    missing: Vec<String>,
+}
 
 /// Opens a socket and binds it to the identity; the server has rejoined the identity's
 /// rooms when this returns.
 pub(super) async fn open(
     config: &ClientBuilder,
     url: &str,
-    positions: &mut Positions,
+    held: &mut Held,
 ) -> Result<Opened, ClientError> {
     let connect = async {
         let token = match &config.token {
@@ -112,26 +115,7 @@ pub(super) async fn open(
         let lost = |e| ClientError::Connect(std::sync::Arc::new(e));
         let (mut socket, _) = connect(config, url).await.map_err(lost)?;
         // Where each history room ends here, so that the server sends what followed.
-        let since: Vec<_> = positions
-            .iter()
-            .map(|(room, (offset, epoch))| {
-                (
-                    Cow::Borrowed(room.as_str()),
-                    protocol::Since {
-                        offset: *offset,
-                        epoch: Cow::Borrowed(epoch.as_str()),
-                    },
-                )
-            })
-            .collect();
-        let frame = protocol::encode(
-            0,
-            &Command::Connect {
-                connection_id: Cow::Borrowed(&config.connection_id),
-                token: token.as_deref().map(Cow::Borrowed),
-                since: (!since.is_empty()).then_some(since),
-            },
-        );
+        let frame = held.connect_frame(&config.connection_id, token.as_deref());
         socket.send(Message::text(frame)).await.map_err(lost)?;
         while let Some(message) = socket.next().await {
             let Message::Text(text) = message.map_err(lost)? else {
@@ -144,8 +128,12 @@ pub(super) async fn open(
                     expires_in,
                     ..
                 }) if answered(Some(message_id)) == Some(0) => {
-                    rejoined(config, positions, rooms);
-                    return Ok((socket, expires_in.map(Duration::from_secs)));
+                    let missing = held.rejoined(rooms, |gap| config.gap(gap));
+                    return Ok(Opened {
+                        socket,
+                        expires_in: expires_in.map(Duration::from_secs),
+                        missing,
+                    });
                 }
                 Ok(ServerFrame::Error {
                     message_id,
@@ -162,32 +150,16 @@ pub(super) async fn open(
         .unwrap_or(Err(ClientError::Timeout))
 }
 
-/// Reads the rooms of a `connect` ack: a history room that could not be recovered is a
-/// gap for the application, and rooms the identity no longer has are forgotten.
-fn rejoined(config: &ClientBuilder, positions: &mut Positions, rooms: Option<&RawValue>) {
-    #[derive(serde::Deserialize)]
-    struct RoomAck {
-        offset: Option<u64>,
-        epoch: Option<String>,
-        recovered: Option<bool>,
-    }
-    let Some(rooms) =
-        rooms.and_then(|r| serde_json::from_str::<HashMap<String, RoomAck>>(r.get()).ok())
-    else {
-        return;
-    };
-    positions.retain(|room, _| rooms.contains_key(room));
-    for (room, ack) in rooms {
-        if let (Some(false), Some(offset), Some(epoch)) = (ack.recovered, ack.offset, ack.epoch) {
-            positions.insert(room.clone(), (offset, epoch.clone()));
-            config.gap(Gap {
-                room,
-                offset: Some(offset),
-                epoch: Some(epoch),
-            });
-        }
-    }
+/// What a request in flight changes in what the client holds when it is answered.
+enum Pending {
+    Other,
+    Subscribe(String),
+    Unsubscribe(String),
+    /// A room the server had lost, subscribed again.
+    Resubscribe(String),
 }
+
+type InFlight = HashMap<u64, (Reply, Pending)>;
 
 /// Why a connected session ended.
 enum End {
@@ -202,7 +174,7 @@ pub(super) async fn drive(
     deliveries: mpsc::Sender<Delivery>,
     mut queued: VecDeque<(Op, Reply)>,
     connected: Arc<AtomicBool>,
-    mut positions: Positions,
+    mut held: Held,
 ) {
     let policy = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
@@ -214,17 +186,18 @@ pub(super) async fn drive(
     // Which URL the client tries next (see `ClientBuilder::fallback_urls`).
     let mut attempt = 0usize;
     loop {
-        if let Some((mut open, expires_in)) = socket.take() {
+        if let Some(mut open) = socket.take() {
             connected.store(true, Ordering::Relaxed);
             let end = session(
                 &config,
-                &mut open,
-                Renewal::new(config.token.as_ref(), expires_in),
+                &mut open.socket,
+                Renewal::new(config.token.as_ref(), open.expires_in),
+                std::mem::take(&mut open.missing),
                 &mut requests,
                 &deliveries,
                 &mut queued,
                 &mut next_id,
-                &mut positions,
+                &mut held,
             )
             .await;
             connected.store(false, Ordering::Relaxed);
@@ -259,7 +232,7 @@ pub(super) async fn drive(
                 }
             }
             attempt += 1;
-            match open(&config, config.url_for(attempt), &mut positions).await {
+            match open(&config, config.url_for(attempt), &mut held).await {
                 Ok(s) => socket = Some(s),
                 Err(e) => tracing::debug!(error = %e, "reconnect failed"),
             }
@@ -272,14 +245,29 @@ async fn session(
     config: &ClientBuilder,
     socket: &mut Socket,
     mut renewal: Renewal,
+    missing: Vec<String>,
     requests: &mut mpsc::Receiver<Request>,
     deliveries: &mpsc::Sender<Delivery>,
     queued: &mut VecDeque<(Op, Reply)>,
     next_id: &mut u64,
-    positions: &mut Positions,
+    held: &mut Held,
 ) -> End {
-    let mut in_flight: HashMap<u64, (Reply, Option<String>)> = HashMap::new();
+    let mut in_flight = InFlight::new();
     let end = 'session: {
+        // Rooms the server lost go first: subscribed again, each told as a gap unless all
+        // was recovered (answered below, like any request; nobody waits for the reply).
+        for room in missing {
+            let id = *next_id;
+            *next_id += 1;
+            if socket
+                .send(Message::text(held.resubscribe_frame(id, &room)))
+                .await
+                .is_err()
+            {
+                break 'session End::Lost;
+            }
+            in_flight.insert(id, (oneshot::channel().0, Pending::Resubscribe(room)));
+        }
         // What waited for the connection goes first, in order (unless its caller gave up).
         while let Some((op, reply)) = queued.pop_front() {
             if reply.is_closed() {
@@ -314,7 +302,7 @@ async fn session(
                     if socket.send(Message::text(frame)).await.is_err() {
                         break 'session End::Lost;
                     }
-                    in_flight.insert(id, (reply, None));
+                    in_flight.insert(id, (reply, Pending::Other));
                     renewal.sent(answer);
                 }
                 message = socket.next() => match message {
@@ -322,7 +310,7 @@ async fn session(
                         Ok(ServerFrame::Message { room, connection_id, payload, offset, epoch }) => {
                             if let (Some(offset), Some(epoch)) = (offset, &epoch) {
                                 // Seen already (recovery may resend what arrived live).
-                                if !advance(positions, &room, offset, epoch) {
+                                if !held.advance(&room, offset, epoch) {
                                     continue;
                                 }
                             }
@@ -340,23 +328,26 @@ async fn session(
                             // Nobody reads the stream any more: drop deliveries.
                             let _ = deliveries.send(delivery).await;
                         }
-                        Ok(ServerFrame::Ack { message_id, offset, epoch, .. }) => {
-                            if let Some((reply, subscribed)) = answered(Some(message_id)).and_then(|id| in_flight.remove(&id)) {
-                                // A history room's subscribe ack: where the client starts.
-                                if let (Some(room), Some(offset), Some(epoch)) = (subscribed, offset, epoch) {
-                                    positions.entry(room).or_insert((offset, epoch.into_owned()));
-                                }
+                        Ok(ServerFrame::Ack { message_id, offset, epoch, recovered, .. }) => {
+                            if let Some((reply, pending)) = answered(Some(message_id)).and_then(|id| in_flight.remove(&id)) {
+                                let at = offset.zip(epoch.map(Cow::into_owned));
+                                acked(config, held, pending, at, recovered);
                                 let _ = reply.send(Ok(text.as_str().to_owned()));
                             }
                         }
                         Ok(ServerFrame::Error { message_id, code, message }) => {
-                            if let Some((reply, _)) = answered(message_id).and_then(|id| in_flight.remove(&id)) {
+                            if let Some((reply, pending)) = answered(message_id).and_then(|id| in_flight.remove(&id)) {
+                                if let Pending::Resubscribe(room) = pending {
+                                    tracing::warn!(room, code = %code, message = %message, "a room the server lost could not be subscribed again");
+                                    held.left(&room);
+                                    config.gap(Gap { room, offset: None, epoch: None });
+                                }
                                 let _ = reply.send(Err(server_error(&code, &message)));
                             }
                         }
                         Ok(ServerFrame::Gap { room, offset, epoch }) => {
                             if let (Some(offset), Some(epoch)) = (offset, &epoch) {
-                                positions.insert(room.to_string(), (offset, epoch.to_string()));
+                                held.jump(&room, offset, epoch);
                             }
                             config.gap(Gap { room: room.into_owned(), offset, epoch: epoch.map(Cow::into_owned) });
                         }
@@ -377,28 +368,42 @@ async fn session(
     end
 }
 
-/// Records a delivery at `offset` in `room`; false when the client had it already.
-fn advance(positions: &mut Positions, room: &str, offset: u64, epoch: &str) -> bool {
-    match positions.get_mut(room) {
-        Some((last, last_epoch)) if last_epoch == epoch => {
-            if offset <= *last {
-                return false;
+/// What an answered request changes in what the client holds.
+fn acked(
+    config: &ClientBuilder,
+    held: &mut Held,
+    pending: Pending,
+    at: Option<(u64, String)>,
+    recovered: Option<bool>,
+) {
+    match pending {
+        Pending::Other => {}
+        Pending::Subscribe(room) => held.subscribed(room, at),
+        Pending::Unsubscribe(room) => held.left(&room),
+        Pending::Resubscribe(room) => {
+            // Messages published while the server had lost the room may be missing,
+            // unless its history gave them all back.
+            if recovered != Some(true) {
+                let (offset, epoch) = at.clone().unzip();
+                if let Some((offset, epoch)) = &at {
+                    held.jump(&room, *offset, epoch);
+                }
+                config.gap(Gap {
+                    room: room.clone(),
+                    offset,
+                    epoch,
+                });
             }
-            *last = offset;
-        }
-        Some(position) => *position = (offset, epoch.to_owned()),
-        None => {
-            positions.insert(room.to_owned(), (offset, epoch.to_owned()));
+            held.subscribed(room, at);
         }
     }
-    true
 }
 
 /// Sends one request; gives it back when the connection is gone (it goes out again after
 /// reconnecting).
 async fn send(
     socket: &mut Socket,
-    in_flight: &mut HashMap<u64, (Reply, Option<String>)>,
+    in_flight: &mut InFlight,
     next_id: &mut u64,
     op: Op,
     reply: Reply,
@@ -407,11 +412,12 @@ async fn send(
     *next_id += 1;
     match socket.send(Message::text(encode(id, &op))).await {
         Ok(()) => {
-            let subscribed = match &op {
-                Op::Subscribe(room) => Some(room.clone()),
-                _ => None,
+            let pending = match &op {
+                Op::Subscribe(room) => Pending::Subscribe(room.clone()),
+                Op::Unsubscribe(room) => Pending::Unsubscribe(room.clone()),
+                _ => Pending::Other,
             };
-            in_flight.insert(id, (reply, subscribed));
+            in_flight.insert(id, (reply, pending));
             Ok(())
         }
         Err(_) => Err((op, reply)),

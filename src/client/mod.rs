@@ -43,6 +43,7 @@
 
 mod driver;
 mod events;
+mod held;
 mod renewal;
 
 use std::collections::VecDeque;
@@ -301,8 +302,8 @@ impl ClientBuilder {
 
     /// Opens the first connection (failing at once if it cannot) and starts the client.
     pub async fn connect(self) -> Result<(ThinWsClient, Messages), ClientError> {
-        let mut positions = driver::Positions::new();
-        let socket = driver::open(&self, self.url_for(0), &mut positions).await?;
+        let mut held = held::Held::default();
+        let socket = driver::open(&self, self.url_for(0), &mut held).await?;
         let (requests, requests_rx) = mpsc::channel(64);
         let (deliveries, deliveries_rx) = mpsc::channel(1024);
         let timeout = self.request_timeout;
@@ -314,7 +315,7 @@ impl ClientBuilder {
             deliveries,
             VecDeque::new(),
             connected.clone(),
-            positions,
+            held,
         ));
         Ok((
             ThinWsClient {

@@ -1,0 +1,146 @@
+//! What the client holds across connections: the rooms it subscribed to (and has not left),
+//! and where its copy of each history room ends.
+//!
+//! After a reconnection the server rejoins the identity's recorded rooms and lists them in
+//! the `connect` ack. A room the client holds that the ack does not list (the server lost
+//! the identity's record: Redis lost its data) is subscribed again, with `since` in a
+//! history room, and the application hears of it through a gap unless every message was
+//! recovered: no room vanishes without an event.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+
+use serde_json::value::RawValue;
+
+use super::Gap;
+use crate::protocol::{self, Command, Since};
+
+/// The rooms a client holds, and its position in each history room.
+#[derive(Debug, Default)]
+pub(super) struct Held {
+    rooms: HashSet<String>,
+    /// `(offset, epoch)` of the last message seen, by history room.
+    positions: HashMap<String, (u64, String)>,
+}
+
+/// How one room stood in a `connect` ack.
+#[derive(serde::Deserialize)]
+struct RoomAck {
+    offset: Option<u64>,
+    epoch: Option<String>,
+    recovered: Option<bool>,
+}
+
+impl Held {
+    /// The `connect` frame (request 0): with `since` for every history room, and an empty
+    /// `since` when the client holds rooms but no position, so that the ack lists the
+    /// rooms the server rejoined.
+    pub(super) fn connect_frame(&self, connection_id: &str, token: Option<&str>) -> String {
+        let since: Vec<_> = self
+            .positions
+            .iter()
+            .map(|(room, (offset, epoch))| (Cow::Borrowed(room.as_str()), since(*offset, epoch)))
+            .collect();
+        let ask = !self.rooms.is_empty() || !since.is_empty();
+        protocol::encode(
+            0,
+            &Command::Connect {
+                connection_id: Cow::Borrowed(connection_id),
+                token: token.map(Cow::Borrowed),
+                since: ask.then_some(since),
+            },
+        )
+    }
+
+    /// Reads the rooms of a `connect` ack: rooms the server rejoined are held; a history
+    /// room it could not recover is a gap. Returns the held rooms it did not list, to be
+    /// subscribed again (each with its `since`, if any).
+    pub(super) fn rejoined(&mut self, rooms: Option<&RawValue>, gap: impl Fn(Gap)) -> Vec<String> {
+        let Some(rooms) =
+            rooms.and_then(|r| serde_json::from_str::<HashMap<String, RoomAck>>(r.get()).ok())
+        else {
+            return Vec::new();
+        };
+        let missing: Vec<String> = self
+            .rooms
+            .iter()
+            .filter(|room| !rooms.contains_key(*room))
+            .cloned()
+            .collect();
+        for (room, ack) in rooms {
+            if let (Some(false), Some(offset), Some(epoch)) = (ack.recovered, ack.offset, ack.epoch)
+            {
+                self.positions.insert(room.clone(), (offset, epoch.clone()));
+                gap(Gap {
+                    room: room.clone(),
+                    offset: Some(offset),
+                    epoch: Some(epoch),
+                });
+            }
+            self.rooms.insert(room);
+        }
+        missing
+    }
+
+    /// The frame that subscribes to `room` again after the server lost it (request `id`).
+    pub(super) fn resubscribe_frame(&self, id: u64, room: &str) -> String {
+        let since = self
+            .positions
+            .get(room)
+            .map(|(offset, epoch)| since(*offset, epoch));
+        protocol::encode(
+            id,
+            &Command::Subscribe {
+                room: Cow::Borrowed(room),
+                since,
+            },
+        )
+    }
+
+    /// The server answered a `subscribe` to `room`: held from now on; in a history room the
+    /// client starts where the ack says, unless it has a position already.
+    pub(super) fn subscribed(&mut self, room: String, at: Option<(u64, String)>) {
+        if let Some(at) = at {
+            self.positions.entry(room.clone()).or_insert(at);
+        }
+        self.rooms.insert(room);
+    }
+
+    /// The server answered an `unsubscribe` of `room` (or refused to subscribe to it
+    /// again): no longer held.
+    pub(super) fn left(&mut self, room: &str) {
+        self.rooms.remove(room);
+        self.positions.remove(room);
+    }
+
+    /// Records a delivery at `offset` in `room`; false when the client had it already.
+    pub(super) fn advance(&mut self, room: &str, offset: u64, epoch: &str) -> bool {
+        match self.positions.get_mut(room) {
+            Some((last, last_epoch)) if last_epoch == epoch => {
+                if offset <= *last {
+                    return false;
+                }
+                *last = offset;
+            }
+            Some(position) => *position = (offset, epoch.to_owned()),
+            None => {
+                self.positions
+                    .insert(room.to_owned(), (offset, epoch.to_owned()));
+            }
+        }
+        true
+    }
+
+    /// A history room goes on from `offset` in `epoch` (after a gap).
+    pub(super) fn jump(&mut self, room: &str, offset: u64, epoch: &str) {
+        self.positions
+            .insert(room.to_owned(), (offset, epoch.to_owned()));
+    }
+}
+
+fn since(offset: u64, epoch: &str) -> Since<'_> {
+    Since {
+        offset,
+        epoch: Cow::Borrowed(epoch),
+    }
+}
