@@ -90,7 +90,8 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     node.arg(dir.join("e2e.mjs")).arg(&url_a).arg(&url_b);
     node.env("THINWS_TOKEN_NODE", &url_c)
         .env("THINWS_TOKEN", &token)
-        .env("THINWS_TOKEN_SECRET", SECRET);
+        .env("THINWS_TOKEN_SECRET", SECRET)
+        .env("THINWS_REDIS_PORT", redis.port.to_string());
     if let Ok(path) = std::env::var("THINWS_SCREENSHOT") {
         node.arg(path);
     }
@@ -114,6 +115,10 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     );
     assert!(
         stdout.contains("ok: thinws.js refreshed its token without dropping the socket"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok: thinws.js reports gaps and rejoins a room Redis lost"),
         "{stdout}"
     );
     assert!(

@@ -1,6 +1,7 @@
 // Two pages of the demo chat, on two thinws nodes, talk to each other in headless Chromium.
 // Usage: node e2e.mjs <url of node A> <url of node B> [screenshot.png]
 import { chromium } from "playwright-core";
+import net from "node:net";
 
 const [urlA, urlB, screenshot] = process.argv.slice(2);
 if (!urlA || !urlB) {
@@ -117,23 +118,27 @@ try {
     if (sender !== "cat") throw new Error(`the token's identity was not used: ${sender}`);
     console.log("ok: thinws.js connected with a token");
 
+    // The page signs its own HS256 tokens (WebCrypto) with the token node's secret.
+    await pageA.evaluate((secret) => {
+      const b64 = (bytes) =>
+        btoa(String.fromCharCode(...new Uint8Array(bytes)))
+          .replace(/=+$/, "").replace(/\+/g, "-").replace(/\//g, "_");
+      const text = (s) => new TextEncoder().encode(s);
+      window.sign = async (claims) => {
+        const head = b64(text(JSON.stringify({ alg: "HS256", typ: "JWT" })));
+        const body = b64(text(JSON.stringify(claims)));
+        const key = await crypto.subtle.importKey(
+          "raw", text(secret), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
+        const mac = await crypto.subtle.sign("HMAC", key, text(`${head}.${body}`));
+        return `${head}.${body}.${b64(mac)}`;
+      };
+    }, process.env.THINWS_TOKEN_SECRET);
+
     // Tokens that last 3 s (the node closes a socket 5 s after `exp`): thinws.js asks its
     // token function again before the deadline and sends `refresh`; the socket never drops.
     const renewed = await pageA.evaluate(
-      ([url, secret]) =>
+      (url) =>
         new Promise((resolve, reject) => {
-          const b64 = (bytes) =>
-            btoa(String.fromCharCode(...new Uint8Array(bytes)))
-              .replace(/=+$/, "").replace(/\+/g, "-").replace(/\//g, "_");
-          const text = (s) => new TextEncoder().encode(s);
-          const sign = async (claims) => {
-            const head = b64(text(JSON.stringify({ alg: "HS256", typ: "JWT" })));
-            const body = b64(text(JSON.stringify(claims)));
-            const key = await crypto.subtle.importKey(
-              "raw", text(secret), { name: "HMAC", hash: "SHA-256" }, false, ["sign"]);
-            const mac = await crypto.subtle.sign("HMAC", key, text(`${head}.${body}`));
-            return `${head}.${body}.${b64(mac)}`;
-          };
           let asked = 0;
           let drops = 0;
           let opens = 0;
@@ -145,7 +150,7 @@ try {
             {
               token: () => {
                 asked += 1;
-                return sign({ sub: "cat", exp: Math.floor(Date.now() / 1000) + 3 });
+                return window.sign({ sub: "cat", exp: Math.floor(Date.now() / 1000) + 3 });
               },
               onClose: () => { drops += 1; },
             }
@@ -160,12 +165,54 @@ try {
             }
           }, 14000);
         }),
-      [tokenNode, process.env.THINWS_TOKEN_SECRET]
+      tokenNode
     );
     if (renewed.drops !== 0 || renewed.opens !== 1 || renewed.asked < 3) {
       throw new Error(`the socket was not kept by refresh: ${JSON.stringify(renewed)}`);
     }
     console.log("ok: thinws.js refreshed its token without dropping the socket");
+
+    // Nothing vanishes silently. The token node keeps no history: when Redis cuts its
+    // pub/sub connection, the page hears of a gap (no offset); when Redis loses the
+    // identity's record and the socket reconnects, thinws.js subscribes again and says so.
+    const redis = (line) =>
+      new Promise((resolve, reject) => {
+        const socket = net.connect(Number(process.env.THINWS_REDIS_PORT), "127.0.0.1", () =>
+          socket.write(line + "\r\n"));
+        socket.once("data", (data) => { socket.end(); resolve(data.toString()); });
+        socket.on("error", reject);
+      });
+    await pageA.evaluate(
+      (url) =>
+        new Promise((resolve, reject) => {
+          window.lost = { gaps: [], messages: [] };
+          const c = new ThinWSClient(
+            url.replace(/^http/, "ws"),
+            "ignored",
+            (msg) => window.lost.messages.push(msg.payload),
+            () => {},
+            {
+              token: () => window.sign({ sub: "lou", exp: Math.floor(Date.now() / 1000) + 600 }),
+              onGap: (gap) => window.lost.gaps.push(gap),
+            }
+          );
+          window.lost.client = c;
+          c.subscribe("lost-room").then(resolve, reject);
+        }),
+      tokenNode
+    );
+    await redis("CLIENT KILL TYPE pubsub");
+    await pageA.waitForFunction(() => window.lost.gaps.length >= 1);
+    const cut = await pageA.evaluate(() => window.lost.gaps[0]);
+    if (cut.roomID !== "lost-room" || cut.offset !== undefined) {
+      throw new Error(`unexpected gap after the cut: ${JSON.stringify(cut)}`);
+    }
+    await redis("FLUSHALL");
+    await pageA.evaluate(() => window.lost.client.ws.close());
+    await pageA.waitForFunction(() => window.lost.gaps.length >= 2);
+    await pageA.evaluate(() => window.lost.client.send("back", "lost-room"));
+    await pageA.waitForFunction(() => window.lost.messages.includes("back"));
+    console.log("ok: thinws.js reports gaps and rejoins a room Redis lost");
   }
 
   if (screenshot) await pageA.screenshot({ path: screenshot });
