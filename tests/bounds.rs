@@ -9,7 +9,7 @@ mod binary;
 
 use std::time::{Duration, Instant};
 
-use binary::Server;
+use binary::{metric, rss_kib, Server};
 use futures_util::SinkExt;
 use serde_json::json;
 use support::{http, Client, Node};
@@ -21,24 +21,6 @@ use tokio_tungstenite::tungstenite::Message;
 /// A payload of about 60 KB (a delivered frame stays under the 64 KiB frame limit).
 fn big(n: usize) -> serde_json::Value {
     json!({"n": n, "fill": "x".repeat(60_000)})
-}
-
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-/// The value of a Prometheus metric line (without labels) in `text`.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// The probe: a room of 50 messages of 60 KB (a 3 MB history), and a socket that

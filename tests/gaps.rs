@@ -9,17 +9,9 @@ mod binary;
 
 use std::process::Command;
 
-use binary::Server;
+use binary::{metric, Server};
 use serde_json::json;
 use support::{http, within, Client, RedisServer};
-
-/// The value of a Prometheus metric line (without labels) in `text`.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 /// Messages of 60 KB published while the node is stopped: 20 MB, more than the kernel's
 /// socket buffers hold, so that Redis's output buffer for the node overflows.

@@ -11,7 +11,7 @@ mod binary;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use binary::{hs256, http_with_body, now, Server, BIN, SECRET};
+use binary::{hs256, http_with_body, now, rss_kib, Server, BIN, SECRET};
 use serde_json::json;
 use support::Client;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -54,16 +54,6 @@ async fn a_refused_second_connect_changes_nothing() {
     socket.subscribe("chat:y").await;
     socket.publish("chat:y", json!("hi")).await;
     assert_eq!(socket.delivery().await["connectionID"], "alice2");
-}
-
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

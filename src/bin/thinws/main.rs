@@ -8,29 +8,27 @@
 //! when the node can serve and 503 otherwise; `GET /metrics` serves Prometheus metrics. SIGINT/SIGTERM close every socket with 1001
 //! and exit 0.
 
-use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::process::ExitCode;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use thinws::{Hub, ThinWsLayer};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use thinws::ThinWsLayer;
 use tokio::net::TcpListener;
 use tower_layer::Layer;
-use tower_service::Service;
 
 mod accept;
 mod api;
 mod auth;
+mod endpoints;
+mod secrets;
+
+use endpoints::Endpoints;
+use secrets::secret_of;
 
 /// ThinWS server: WebSocket rooms that scale out through Redis pub/sub.
 #[derive(Debug, Parser)]
@@ -178,95 +176,6 @@ struct Args {
 
 /// The demo chat page, built on `/thinws.js`.
 const DEMO: &str = include_str!("../../../assets/demo.html");
-
-/// The server's own HTTP endpoints, behind the ThinWS layer.
-#[derive(Clone)]
-struct Endpoints {
-    hub: Hub,
-    metrics: PrometheusHandle,
-    /// The demo page, with the socket path filled in, unless disabled.
-    demo: Option<Bytes>,
-    api: api::Api,
-}
-
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
-impl<B> Service<Request<B>> for Endpoints
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Response = Response<Full<Bytes>>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<B>) -> Self::Future {
-        if api::Api::handles(request.uri().path()) {
-            let api = self.api.clone();
-            return Box::pin(async move { Ok(api.respond(request).await) });
-        }
-        let hub = self.hub.clone();
-        let metrics = self.metrics.clone();
-        let path = request.uri().path().to_owned();
-        if let (Some(demo), "/") = (&self.demo, path.as_str()) {
-            let mut response = Response::new(Full::new(demo.clone()));
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/html; charset=utf-8"),
-            );
-            return Box::pin(std::future::ready(Ok(response)));
-        }
-        Box::pin(async move {
-            let (status, body) = match path.as_str() {
-                "/healthz" => {
-                    let health = hub.health().await;
-                    let status = if health.is_ready() {
-                        StatusCode::OK
-                    } else {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    };
-                    (status, format!("{health}\n"))
-                }
-                "/metrics" => (StatusCode::OK, metrics.render()),
-                _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
-            };
-            let mut response = Response::new(Full::new(Bytes::from(body)));
-            *response.status_mut() = status;
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; charset=utf-8"),
-            );
-            Ok(response)
-        })
-    }
-}
-
-/// A secret given by `flag` or read from `file` (without a trailing newline); refused when
-/// empty: an empty secret would let anyone in while the log says otherwise.
-fn secret_of(
-    flag: &str,
-    value: Option<&str>,
-    file: Option<&std::path::Path>,
-) -> Result<Option<String>, String> {
-    let secret = match (value, file) {
-        (Some(value), _) => value.to_owned(),
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {flag}-file {}: {e}", path.display()))?
-            .trim_end_matches(['\r', '\n'])
-            .to_owned(),
-        (None, None) => return Ok(None),
-    };
-    if secret.is_empty() {
-        return Err(format!(
-            "{flag} is empty: refusing to start with an empty secret"
-        ));
-    }
-    Ok(Some(secret))
-}
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
