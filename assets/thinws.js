@@ -201,7 +201,11 @@
           .then((value) => (this.ws === ws ? this._send({ type: "refresh", token: value }) : null))
           .then(
             (ack) => ack && this._renewIn(ws, ack.expiresIn),
-            () => this._renewAfter(ws, 5000)
+            (error) => {
+              // The server does not renew credentials, or never will this one's.
+              if (error.code === "not_enabled" || error.code === "invalid_message") return;
+              this._renewAfter(ws, 5000);
+            }
           );
       }, ms);
     }
@@ -224,6 +228,11 @@
         },
         (error) => {
           if (error.code === "disconnected") return; // tried again on the next connection
+          if (error.code === "unavailable" || error.code === "timeout") {
+            // Redis is struggling: reconnect, and try again then.
+            if (this.ws) this.ws.close();
+            return;
+          }
           this._rooms.delete(roomID);
           this._positions.delete(roomID);
           this._gap({ type: "gap", roomID });
@@ -299,6 +308,8 @@
         const wanted = limit === undefined ? undefined : limit - messages.length;
         if (wanted === 0) break;
         const earlier = await page(wanted, messages[0].offset);
+        // A history recreated meanwhile (another epoch) does not continue this one.
+        if (earlier.epoch !== first.epoch) break;
         messages = earlier.messages.concat(messages);
         more = earlier.more === true;
       }

@@ -23,7 +23,7 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Page};
 use crate::error::{BrokerError, Error};
 use crate::node::Node;
 use crate::protocol::server;
@@ -127,10 +127,15 @@ impl Hub {
             return Ok(None);
         };
         let limit = limit.map_or(history.size, |limit| limit.min(history.size));
-        let (at, frames) = self
+        let page = Page {
+            limit,
+            before: None,
+            budget: 0,
+        };
+        let (at, frames, _) = self
             .node
             .broker
-            .history(room, history, limit)
+            .history(room, history, page)
             .await
             .map_err(Error::Unavailable)?;
         Ok(Some(RoomHistory {

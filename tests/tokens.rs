@@ -124,6 +124,7 @@ async fn claims_are_checked() {
     let long_sub = "a".repeat(20_000);
     for (what, token) in [
         ("nbf tomorrow", with("nbf", json!(now() + 86_400))),
+        ("exp beyond time", with("exp", json!(i64::MAX))),
         ("rooms null", with("rooms", json!(null))),
         ("rooms not a list", with("rooms", json!("chat:*"))),
         ("sub of 20 KB", with("sub", json!(long_sub))),
@@ -175,18 +176,28 @@ async fn an_expired_token_closes_its_socket_unless_refreshed() {
     let (mut renewing, _) = connect_with(&server, &token).await;
     renewing.subscribe("chat:1").await;
 
-    // A refused refresh (another sub, a forged token) changes nothing.
-    for token in [
-        hs256(SECRET, json!({"sub": "bob", "exp": now() + 600})),
-        hs256(
-            "another-secret-of-at-least-32-bytes",
-            json!({"sub": "alice", "exp": now() + 600}),
+    // A refused refresh (another sub, a forged token, an exp beyond time) changes nothing.
+    for (token, code) in [
+        (
+            hs256(SECRET, json!({"sub": "bob", "exp": now() + 600})),
+            "invalid_message",
+        ),
+        (
+            hs256(
+                "another-secret-of-at-least-32-bytes",
+                json!({"sub": "alice", "exp": now() + 600}),
+            ),
+            "forbidden",
+        ),
+        (
+            hs256(SECRET, json!({"sub": "alice", "exp": u64::MAX})),
+            "forbidden",
         ),
     ] {
         let reply = renewing
             .request(json!({"type": "refresh", "token": token}))
             .await;
-        assert_eq!(reply["code"], "forbidden", "{reply}");
+        assert_eq!(reply["code"], code, "{reply}");
     }
     let fresh = hs256(
         SECRET,

@@ -9,7 +9,7 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::time::Instant;
 
 use super::presence::MemoryPresence;
-use super::{new_epoch, Position, Recovery, SharedSink};
+use super::{new_epoch, recoverable, HistoryPage, Page, Position, Recovery, SharedSink};
 use crate::protocol::server;
 use crate::settings::History;
 
@@ -161,44 +161,69 @@ impl MemoryBroker {
     }
 
     /// Where `room`'s history stands, what it keeps, and its frames after `since`.
-    pub(crate) fn recover(&self, room: &str, history: History, since: u64) -> Recovery {
+    /// As with the Redis broker's: the frames after `since` in `epoch` only when they can all be
+    /// recovered and fit in `budget` bytes (`0`: no budget).
+    pub(crate) fn recover(
+        &self,
+        room: &str,
+        history: History,
+        (since, epoch): (u64, &str),
+        budget: usize,
+    ) -> Recovery {
         let now = Instant::now();
         let mut histories = self.histories(now);
         let h = Self::room_history(&mut histories.rooms, room, history, now);
+        let oldest = h.kept.front().map_or(h.top + 1, |(offset, _)| *offset);
+        let mut frames = Vec::new();
+        let mut fits = true;
+        if recoverable(h.top, &h.epoch, oldest, since, epoch, history.size) {
+            frames = (h.kept.iter())
+                .filter(|(offset, _)| *offset > since)
+                .map(|(_, f)| f.clone())
+                .collect();
+            let bytes: usize = frames.iter().map(|frame| frame.len()).sum();
+            if budget > 0 && bytes > budget {
+                frames.clear();
+                fits = false;
+            }
+        }
         Recovery {
             top: Position {
                 offset: h.top,
                 epoch: h.epoch.clone(),
             },
-            oldest: h.kept.front().map_or(h.top + 1, |(offset, _)| *offset),
-            frames: h
-                .kept
-                .iter()
-                .filter(|(offset, _)| *offset > since)
-                .map(|(_, f)| f.clone())
-                .collect(),
+            oldest,
+            frames,
+            fits,
         }
     }
 
-    /// The last `limit` kept frames of `room`, oldest first.
-    pub(crate) fn history(
-        &self,
-        room: &str,
-        history: History,
-        limit: usize,
-    ) -> (Position, Vec<Utf8Bytes>) {
+    /// A page of `room`'s history (see [`Page`]): the same frames the Redis broker reads.
+    pub(crate) fn history(&self, room: &str, history: History, page: Page) -> HistoryPage {
         let now = Instant::now();
         let mut histories = self.histories(now);
         let h = Self::room_history(&mut histories.rooms, room, history, now);
-        let skip = h.kept.len().saturating_sub(limit);
-        let frames = h.kept.iter().skip(skip).map(|(_, f)| f.clone()).collect();
-        (
-            Position {
-                offset: h.top,
-                epoch: h.epoch.clone(),
-            },
-            frames,
-        )
+        let before = page.before.unwrap_or(u64::MAX);
+        let asked: Vec<&Utf8Bytes> = (h.kept.iter().rev())
+            .filter(|(offset, _)| *offset < before)
+            .take(page.limit)
+            .map(|(_, f)| f)
+            .collect();
+        let mut bytes = 0;
+        let kept = asked
+            .iter()
+            .take_while(|frame| {
+                bytes += frame.len() + 1;
+                page.budget == 0 || bytes <= page.budget
+            })
+            .count()
+            .max(asked.len().min(1));
+        let frames = asked[..kept].iter().rev().map(|f| (*f).clone()).collect();
+        let position = Position {
+            offset: h.top,
+            epoch: h.epoch.clone(),
+        };
+        (position, frames, kept < asked.len())
     }
 
     pub(crate) fn publish(&self, room: &str, frame: &Utf8Bytes) {

@@ -67,8 +67,11 @@ pub(crate) struct Recovery {
     pub(crate) top: Position,
     /// The oldest offset still kept (`top + 1` when none is).
     pub(crate) oldest: u64,
-    /// The kept frames after the client's offset, in order.
+    /// The kept frames after the client's offset, in order: all of them, or none when they
+    /// cannot all be recovered or do not fit in the read's budget (`fits` says which).
     pub(crate) frames: Vec<Utf8Bytes>,
+    /// Whether the frames missed fit in the read's byte budget.
+    pub(crate) fits: bool,
 }
 
 impl Recovery {
@@ -77,12 +80,46 @@ impl Recovery {
     /// (Redis trims a history approximately and may keep a few more; the size is the
     /// promise, on every broker.)
     pub(crate) fn recovers(&self, since: u64, epoch: &str, size: usize) -> bool {
-        *self.top.epoch == *epoch
-            && since <= self.top.offset
-            && self.top.offset - since <= size as u64
-            && (since == self.top.offset || self.oldest <= since + 1)
+        self.fits
+            && recoverable(
+                self.top.offset,
+                &self.top.epoch,
+                self.oldest,
+                since,
+                epoch,
+                size,
+            )
     }
 }
+
+/// [`Recovery::recovers`], from where the history stands (`top`, `top_epoch`, its `oldest`
+/// kept offset): the rule the Redis recovery script applies too, before reading anything.
+pub(crate) fn recoverable(
+    top: u64,
+    top_epoch: &str,
+    oldest: u64,
+    since: u64,
+    epoch: &str,
+    size: usize,
+) -> bool {
+    top_epoch == epoch
+        && since <= top
+        && top - since <= size as u64
+        && (since == top || oldest <= since + 1)
+}
+
+/// Which messages of a room's history a read asks for: the last `limit` before offset
+/// `before` (if given), the newest of them that fit in `budget` bytes (at least one).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Page {
+    pub(crate) limit: usize,
+    pub(crate) before: Option<u64>,
+    pub(crate) budget: usize,
+}
+
+/// A page of a room's history: where the history stands, the frames (oldest first), and
+/// whether older ones asked for were left out to keep within the budget.
+pub(crate) type HistoryPage = (Position, Vec<Utf8Bytes>, bool);
 
 /// The broker's answer to a publish: where the message sits, for a room with history.
 pub(crate) type Published = Result<Option<Position>, BrokerError>;
@@ -206,30 +243,37 @@ impl Broker {
         }
     }
 
-    /// The last `limit` frames kept in `room`'s history, oldest first, and where it stands.
+    /// A page of `room`'s history (see [`Page`]), and where it stands.
     pub(crate) async fn history(
         &self,
         room: &str,
         history: History,
-        limit: usize,
-    ) -> Result<(Position, Vec<Utf8Bytes>), BrokerError> {
+        page: Page,
+    ) -> Result<HistoryPage, BrokerError> {
         match self {
-            Broker::Memory(b) => Ok(b.history(room, history, limit)),
-            Broker::Redis(b) => b.history().last(room, history, limit).await,
+            Broker::Memory(b) => Ok(b.history(room, history, page)),
+            Broker::Redis(b) => b.history().last(room, history, page).await,
             Broker::Unusable(e) => Err(e.clone()),
         }
     }
 
-    /// Where `room`'s history stands, what it still keeps, and its frames after `since`.
+    /// Where `room`'s history stands, what it still keeps, and its frames after `since` in
+    /// `epoch`: read only when they can all be recovered and fit in `budget` bytes (else
+    /// none are).
     pub(crate) async fn recover(
         &self,
         room: &str,
         history: History,
-        since: u64,
+        (since, epoch): (u64, &str),
+        budget: usize,
     ) -> Result<Recovery, BrokerError> {
         match self {
-            Broker::Memory(b) => Ok(b.recover(room, history, since)),
-            Broker::Redis(b) => b.history().recover(room, history, since, true).await,
+            Broker::Memory(b) => Ok(b.recover(room, history, (since, epoch), budget)),
+            Broker::Redis(b) => {
+                b.history()
+                    .recover(room, history, (since, epoch), budget, true)
+                    .await
+            }
             Broker::Unusable(e) => Err(e.clone()),
         }
     }

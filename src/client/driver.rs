@@ -338,6 +338,11 @@ async fn session(
                         Ok(ServerFrame::Error { message_id, code, message }) => {
                             if let Some((reply, pending)) = answered(message_id).and_then(|id| in_flight.remove(&id)) {
                                 if let Pending::Resubscribe(room) = pending {
+                                    if code == "unavailable" || code == "timeout" {
+                                        // Redis is struggling: reconnect, and try again then.
+                                        tracing::debug!(room, code = %code, "could not subscribe again yet; reconnecting");
+                                        break 'session End::Lost;
+                                    }
                                     tracing::warn!(room, code = %code, message = %message, "a room the server lost could not be subscribed again");
                                     held.left(&room);
                                     config.gap(Gap { room, offset: None, epoch: None });

@@ -33,6 +33,10 @@ impl ThinWsClient {
                 break;
             };
             let mut earlier = self.history_page(&room, wanted, Some(before)).await?;
+            // A history recreated meanwhile (another epoch) does not continue this one.
+            if earlier.history.epoch != page.history.epoch {
+                break;
+            }
             earlier.history.messages.append(&mut page.history.messages);
             page.history.messages = earlier.history.messages;
             more = earlier.more;

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::{ClientError, TokenSource};
 use crate::protocol::server::{self, ServerFrame};
+use crate::protocol::ErrorCode;
 
 /// How long after a failed renewal (the provider failed, or the server refused the token)
 /// the client tries again, while the socket lasts.
@@ -92,6 +93,17 @@ impl Renewal {
                             self.schedule(expires_in.map(Duration::from_secs));
                         }
                         Ok(Err(ClientError::Disconnected)) | Err(_) => self.state = State::Idle,
+                        // The server does not renew credentials, or never will this one's
+                        // (another identity): trying again would not help.
+                        Ok(Err(e))
+                            if matches!(
+                                e.code(),
+                                Some(ErrorCode::NotEnabled | ErrorCode::InvalidMessage)
+                            ) =>
+                        {
+                            tracing::warn!(error = %e, "the server will not renew this socket's credential; it closes at its deadline");
+                            self.state = State::Idle;
+                        }
                         Ok(Err(e)) => {
                             tracing::warn!(error = %e, "the server refused the new token; trying again");
                             self.state = State::At(Instant::now() + RETRY);

@@ -236,9 +236,12 @@ fn handle(mut socket: Box<Socket>, (message, rate): Frame, stop: Arc<Notify>) ->
     })
 }
 
-/// The monotonic instant of a wall-clock deadline (now, if it has passed).
+/// The monotonic instant of a wall-clock deadline (now, if it has passed; a century ahead
+/// at most).
 fn instant_of(at: SystemTime) -> Instant {
-    Instant::now() + at.duration_since(SystemTime::now()).unwrap_or_default()
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    Instant::now() + left.min(CENTURY)
 }
 
 /// RFC 6455 §7.1.1: once the close frame is out, shut the write half down and read (and
@@ -289,6 +292,10 @@ async fn run(
     let connect_within = socket.node.config.connect_within;
     let unbound = tokio::time::sleep(connect_within.unwrap_or(Duration::MAX / 4));
     tokio::pin!(unbound);
+    // A deadline waits for the frame being handled (perhaps the `connect` or `refresh` that
+    // meets it), but no longer than this past the deadline.
+    const DEADLINE_GRACE: Duration = Duration::from_secs(5);
+    let unbound_at = connect_within.map(|within| Instant::now() + within);
     let mut bind_checked = connect_within.is_none();
     // Armed while the socket's grant has a deadline (a token's `exp`).
     let expiry = tokio::time::sleep(Duration::MAX / 4);
@@ -352,25 +359,29 @@ async fn run(
             }
             () = &mut unbound, if !bind_checked => match &reader {
                 Reader::Free(socket) if socket.is_bound() => bind_checked = true,
-                Reader::Free(_) => {
+                // A frame (perhaps the `connect`) is being handled: look again shortly.
+                Reader::Handling(_)
+                    if unbound_at.is_some_and(|at| Instant::now() < at + DEADLINE_GRACE) =>
+                {
+                    unbound.as_mut().reset(Instant::now() + Duration::from_millis(100));
+                }
+                _ => {
                     tracing::debug!("no identity bound in time: closing the socket");
                     queue.request_close(CloseCode::Policy, "connect first");
                     bind_checked = true;
                 }
-                // A frame (perhaps the `connect`) is being handled: look again shortly.
-                Reader::Handling(_) => {
-                    unbound.as_mut().reset(Instant::now() + Duration::from_millis(100));
-                }
             },
             () = &mut expiry, if expires_at.is_some() && !expired => match &reader {
-                Reader::Free(_) => {
+                // Perhaps a `refresh`: look again once it is handled.
+                Reader::Handling(_)
+                    if expires_at.is_some_and(|at| Instant::now() < instant_of(at) + DEADLINE_GRACE) =>
+                {
+                    expiry.as_mut().reset(Instant::now() + Duration::from_millis(100));
+                }
+                _ => {
                     tracing::debug!("the socket's grant expired: closing the socket");
                     queue.request_close(CloseCode::Policy, "token expired");
                     expired = true;
-                }
-                // Perhaps a `refresh`: look again once it is handled.
-                Reader::Handling(_) => {
-                    expiry.as_mut().reset(Instant::now() + Duration::from_millis(100));
                 }
             },
             () = &mut idle => {

@@ -100,19 +100,36 @@ impl OutboundQueue {
     /// Offers a delivered frame without waiting; returns whether it was queued. Over either
     /// bound, the socket is asked to close with 1013 (once) and gets nothing more.
     pub(crate) fn offer(&self, frame: &Utf8Bytes) -> bool {
+        self.reserve(frame.len()) && self.offer_reserved(frame)
+    }
+
+    /// Counts `len` bytes toward the socket's byte bound: bytes about to be queued, or held
+    /// for the socket elsewhere (live frames held while a room recovers). `false`, and the
+    /// socket asked to close with 1013, when they do not fit.
+    pub(crate) fn reserve(&self, len: usize) -> bool {
         if self.is_closing() {
             return false;
         }
-        let len = frame.len();
         if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             self.slow_reader();
             return false;
         }
+        true
+    }
+
+    /// Gives back `len` reserved bytes that will not be queued.
+    pub(crate) fn unreserve(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    /// Offers a frame whose bytes are [reserved](Self::reserve) already: queued, or its bytes
+    /// given back.
+    pub(crate) fn offer_reserved(&self, frame: &Utf8Bytes) -> bool {
         match self.try_push(frame) {
             Ok(()) => true,
             Err(rejected) => {
-                self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+                self.unreserve(frame.len());
                 if rejected == Rejected::Full {
                     self.slow_reader();
                 }
@@ -122,7 +139,8 @@ impl OutboundQueue {
         }
     }
 
-    fn slow_reader(&self) {
+    /// Drops the socket as a slow reader: counted, and closed with 1013 (once).
+    pub(crate) fn slow_reader(&self) {
         if !self.is_closing() {
             crate::metrics::slow_reader_dropped();
             self.request_close(CloseCode::Again, "outbound queue full");

@@ -93,11 +93,24 @@ impl HoldingMember {
             *phase = held;
             return;
         };
+        // Their bytes were counted toward the socket's bound when they were held.
         for frame in frames {
-            if !phase.covers(&frame) {
+            if phase.covers(&frame) {
+                self.queue.unreserve(frame.len());
+            } else {
                 phase.went_out(&frame);
-                self.queue.offer(&frame);
+                self.queue.offer_reserved(&frame);
             }
+        }
+    }
+}
+
+impl Drop for HoldingMember {
+    /// A member dropped while holding (the socket left the room before its recovery ended)
+    /// gives the held bytes back.
+    fn drop(&mut self) {
+        if let Phase::Holding { bytes, .. } = &*self.phase() {
+            self.queue.unreserve(*bytes);
         }
     }
 }
@@ -109,17 +122,17 @@ impl Member for HoldingMember {
             return true;
         }
         match &mut *phase {
-            // Held frames count toward the socket's bounds like queued ones.
-            Phase::Holding { frames, bytes }
-                if frames.len() >= self.max_held
-                    || *bytes + frame.len() + self.queue.queued() > self.queue.max_bytes() =>
-            {
+            Phase::Holding { frames, .. } if frames.len() >= self.max_held => {
                 drop(phase);
-                self.queue
-                    .request_close(CloseCode::Again, "outbound queue full");
+                self.queue.slow_reader();
                 false
             }
+            // Held bytes count toward the socket's byte bound (across all the rooms it
+            // recovers at once) like queued ones.
             Phase::Holding { frames, bytes } => {
+                if !self.queue.reserve(frame.len()) {
+                    return false;
+                }
                 *bytes += frame.len();
                 frames.push(frame.clone());
                 true
@@ -178,10 +191,29 @@ mod tests {
     /// frame the read covered can reach the member after the release. It is dropped; the
     /// frames after it, and frames of another epoch, pass.
     #[test]
-    fn held_frames_count_toward_the_byte_bound() {
+    fn held_frames_count_toward_the_byte_bound_of_the_socket() {
         let queue = Arc::new(OutboundQueue::new(100, 250));
+        let first = frame(1, "e");
+        // Two rooms recovering at once share the socket's bound.
+        let one = HoldingMember::new(queue.clone(), 10);
+        let two = HoldingMember::new(queue.clone(), 10);
+        assert!(one.offer(&first));
+        assert!(two.offer(&first));
+        assert_eq!(queue.queued(), 2 * first.len());
+        // Released: queued without being counted twice.
+        one.release(&at(0));
+        assert_eq!(queue.queued(), 2 * first.len());
+        assert_eq!(queue.drain().len(), 1);
+        assert_eq!(queue.queued(), first.len());
+        drop(two);
+        assert_eq!(
+            queue.queued(),
+            0,
+            "a member dropped while holding gives its bytes back"
+        );
+
         let member = HoldingMember::new(queue.clone(), 10);
-        assert!(member.offer(&frame(1, "e")));
+        assert!(member.offer(&first));
         let big = Utf8Bytes::from(format!(
             r#"{{"offset":2,"epoch":"e","p":"{}"}}"#,
             "x".repeat(200)

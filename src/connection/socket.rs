@@ -45,6 +45,9 @@ pub(super) struct Socket {
     in_flight: InFlight,
     /// When the socket's grant ends (it is then closed), unless a `refresh` renews it.
     expires_at: Option<SystemTime>,
+    /// Whether the socket holds its bound identity at the broker (see
+    /// [`Socket::release_identity`]).
+    holds_identity: bool,
 }
 
 /// What hooks are told about the socket.
@@ -104,12 +107,18 @@ impl Socket {
             metrics: SocketMetrics::new(),
             in_flight: InFlight::default(),
             expires_at: None,
+            holds_identity: false,
         }
     }
 
     /// When the socket's grant ends, if it does.
     pub(super) fn expires_at(&self) -> Option<SystemTime> {
         self.expires_at
+    }
+
+    /// Whether the socket's grant has ended.
+    fn expired(&self) -> bool {
+        self.expires_at.is_some_and(|at| at <= SystemTime::now())
     }
 
     /// Whether a `connect` bound an identity.
@@ -177,6 +186,17 @@ impl Socket {
                     Some(message_id),
                     ErrorCode::RateLimited,
                     "too many frames: slow down",
+                )
+                .await;
+        }
+        if self.expired() && !matches!(frame.command, Command::Refresh { .. }) {
+            // Past its deadline the socket is closed shortly; until then it may only renew.
+            self.settle_all().await;
+            return self
+                .reply_error(
+                    Some(message_id),
+                    ErrorCode::Forbidden,
+                    "the socket's credential expired: send refresh with a new one",
                 )
                 .await;
         }
@@ -430,7 +450,7 @@ impl Socket {
     /// Lets go of the bound identity (its record's time to live runs once no socket holds
     /// it); called once, when the socket ends.
     pub(super) fn release_identity(&mut self) {
-        if std::mem::take(&mut self.me.bound) {
+        if std::mem::take(&mut self.holds_identity) {
             self.node.broker.unhold(&self.me.identity);
         }
     }

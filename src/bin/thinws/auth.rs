@@ -157,10 +157,15 @@ impl Auth {
             Some(Some(rooms)) => Some(rooms.into()),
             Some(None) => return Err("invalid token: rooms must be a list of rooms".into()),
         };
+        let deadline = UNIX_EPOCH
+            .checked_add(Duration::from_secs(
+                claims.exp.saturating_add(LEEWAY_SECONDS),
+            ))
+            .ok_or("invalid token: exp out of range")?;
         Ok(Verified {
             identity: claims.sub,
             rooms: Rooms { patterns },
-            deadline: UNIX_EPOCH + Duration::from_secs(claims.exp.saturating_add(LEEWAY_SECONDS)),
+            deadline,
         })
     }
 
@@ -198,10 +203,9 @@ impl Auth {
                 async move { Ok::<_, Infallible>(verdict) }
             }))
             .on_refresh(service_fn(move |event: RefreshEvent| {
+                // A token for another `sub` is refused by thinws itself (a socket never
+                // changes identity).
                 let verdict = match refresh.verify(event.token()) {
-                    Ok(verified) if verified.identity != event.socket().connection_id() => {
-                        RefreshVerdict::refuse("the new token is for another sub")
-                    }
                     Ok(verified) => RefreshVerdict::Grant(verified.grant()),
                     Err(reason) => RefreshVerdict::Refuse(reason),
                 };

@@ -99,13 +99,14 @@ impl Tracks {
 
     /// After a reconnection, for each of `rooms` (every room the node holds): in a history
     /// room, what was published since goes to `sink`, or a `gap` frame when it cannot; any
-    /// other room gets a `gap` frame. All before any live frame is read.
+    /// other room gets a `gap` frame. All before any live frame is read. Returns how many
+    /// rooms without history got a gap.
     pub(super) async fn catch_up<'r>(
         &self,
         rooms: impl Iterator<Item = &'r Arc<str>>,
         store: &HistoryStore,
         sink: &dyn FrameSink,
-    ) {
+    ) -> usize {
         let (history_rooms, plain): (Vec<Arc<str>>, Vec<Arc<str>>) = {
             let tracked = self.rooms();
             rooms.cloned().partition(|room| tracked.contains_key(room))
@@ -124,18 +125,13 @@ impl Tracks {
                 .into_iter()
                 .sum::<usize>();
         }
-        if !plain.is_empty() {
-            tracing::warn!(
-                rooms = plain.len(),
-                "messages published while the pub/sub connection was down are lost in rooms without history: their members got a gap"
-            );
-        }
         if caught > 0 {
             tracing::info!(
                 messages = caught,
                 "caught up on history rooms after reconnecting"
             );
         }
+        plain.len()
     }
 
     /// [`Tracks::catch_up`] for one history room; returns how many frames it delivered.
@@ -157,7 +153,10 @@ impl Tracks {
             gap_unplaced(room, sink);
             return 0;
         };
-        let recovery = match store.recover(room, history, offset, false).await {
+        let recovery = match store
+            .recover(room, history, (offset, &epoch), 0, false)
+            .await
+        {
             Ok(recovery) => recovery,
             Err(e) => {
                 tracing::warn!(room = &**room, error = %e.report(), "history catch-up failed");

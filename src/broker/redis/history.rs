@@ -18,7 +18,7 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 use super::commands::Commands;
 use super::connect::{redis_error, within};
-use crate::broker::{new_epoch, Keys, Position, Recovery};
+use crate::broker::{new_epoch, HistoryPage, Keys, Page, Position, Recovery};
 use crate::error::BrokerError;
 use crate::settings::History;
 
@@ -79,8 +79,10 @@ end
 local top = tonumber(redis.call('HGET', KEYS[1], 'top'))
 "#;
 
-/// KEYS: meta, stream. ARGV: a new epoch, ttl (ms), how many frames. Returns
-/// `{top, epoch, {frames, oldest first}}`; makes the epoch if the room has none.
+/// KEYS: meta, stream. ARGV: a new epoch, ttl (ms), how many frames, before which offset
+/// (`0`: the newest), a byte budget (`0`: none). Returns `{top, epoch, {frames, oldest
+/// first}, more}`: the newest of those frames that fit in the budget (at least one), and
+/// `more` = 1 when older ones were left out for it. Makes the epoch if the room has none.
 static READ: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         &[
@@ -88,11 +90,23 @@ static READ: LazyLock<redis::Script> = LazyLock::new(|| {
             MAKE_EPOCH,
             r#"
 local frames = {}
-if tonumber(ARGV[3]) > 0 then
-  local entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[3])
-  for i = #entries, 1, -1 do frames[#frames + 1] = entries[i][2][2] end
+local more = 0
+local limit = tonumber(ARGV[3])
+local before = tonumber(ARGV[4])
+local budget = tonumber(ARGV[5])
+if limit > 0 and before ~= 1 then
+  local newest = '+'
+  if before > 1 then newest = string.format('%d-0', before - 1) end
+  local entries = redis.call('XREVRANGE', KEYS[2], newest, '-', 'COUNT', limit)
+  local kept, bytes = 0, 0
+  for i = 1, #entries do
+    bytes = bytes + #entries[i][2][2] + 1
+    if budget > 0 and bytes > budget and kept > 0 then more = 1 break end
+    kept = i
+  end
+  for i = kept, 1, -1 do frames[#frames + 1] = entries[i][2][2] end
 end
-return {top, epoch, frames}
+return {top, epoch, frames, more}
 "#,
         ]
         .concat(),
@@ -100,13 +114,17 @@ return {top, epoch, frames}
 });
 
 /// KEYS: meta, stream. ARGV: a new epoch, ttl (ms), the client's offset, whether to make
-/// the epoch when there is none (`1`) or answer an empty one (`0`). Returns
-/// `{top, epoch, oldest kept offset (top + 1 when none), {frames after the offset}}`.
+/// the epoch when there is none (`1`) or answer an empty one (`0`), the client's epoch, the
+/// history's size, a byte budget (`0`: none). Returns `{top, epoch, oldest kept offset
+/// (one past the top when none), {frames after the offset}, fits}`: the frames only when
+/// every missed one can be recovered (`broker::recoverable`) and they fit in the budget
+/// (`fits` = 0 when they do not), so that nothing is read for a client that cannot be
+/// recovered.
 static RECOVER: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         &[
             READ_EPOCH,
-            "if not epoch and ARGV[4] == '0' then return {0, '', 1, {}} end",
+            "if not epoch and ARGV[4] == '0' then return {0, '', 1, {}, 1} end",
             MAKE_EPOCH,
             r#"
 local oldest = top + 1
@@ -114,11 +132,17 @@ local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
 if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
 local frames = {}
 local since = tonumber(ARGV[3])
-if since < top then
-  local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', since + 1), '+')
-  for i = 1, #entries do frames[#frames + 1] = entries[i][2][2] end
+local recoverable = epoch == ARGV[5] and since <= top and top - since <= tonumber(ARGV[6])
+  and (since == top or oldest <= since + 1)
+if not recoverable or since == top then return {top, epoch, oldest, frames, 1} end
+local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', since + 1), '+')
+local budget, bytes = tonumber(ARGV[7]), 0
+for i = 1, #entries do
+  bytes = bytes + #entries[i][2][2]
+  if budget > 0 and bytes > budget then return {top, epoch, oldest, {}, 0} end
+  frames[#frames + 1] = entries[i][2][2]
 end
-return {top, epoch, oldest, frames}
+return {top, epoch, oldest, frames, 1}
 "#,
         ]
         .concat(),
@@ -151,32 +175,63 @@ impl HistoryStore {
 
     /// Where `room`'s history stands.
     pub(crate) async fn top(&self, room: &str, history: History) -> Result<Position, BrokerError> {
-        self.read(room, history, 0)
+        let nothing = Page {
+            limit: 0,
+            before: None,
+            budget: 0,
+        };
+        self.last(room, history, nothing)
             .await
-            .map(|(position, _)| position)
+            .map(|(position, _, _)| position)
     }
 
-    /// The last `limit` frames kept, oldest first, and where the history stands.
+    /// A page of the history (see [`Page`]), and where it stands.
     pub(crate) async fn last(
         &self,
         room: &str,
         history: History,
-        limit: usize,
-    ) -> Result<(Position, Vec<Utf8Bytes>), BrokerError> {
-        self.read(room, history, limit).await
+        page: Page,
+    ) -> Result<HistoryPage, BrokerError> {
+        let (meta, stream) = (self.keys.history_meta(room), self.keys.history_stream(room));
+        let (top, epoch, frames, more): (u64, String, Vec<String>, u8) =
+            within(self.timeout, async {
+                let mut connection = self.commands.get().await?;
+                READ.key(meta)
+                    .key(stream)
+                    .arg(&*new_epoch())
+                    .arg(ttl_ms(history))
+                    .arg(page.limit)
+                    .arg(page.before.unwrap_or(0))
+                    .arg(page.budget)
+                    .invoke_async(&mut connection)
+                    .await
+                    .map_err(redis_error)
+            })
+            .await?;
+        Ok((
+            Position {
+                offset: top,
+                epoch: epoch.into(),
+            },
+            frames.into_iter().map(Utf8Bytes::from).collect(),
+            more == 1,
+        ))
     }
 
-    /// Where the history stands, its oldest kept offset, and the frames after `since`; with
-    /// `create`, a room without history gets its epoch (else its epoch is empty).
+    /// Where the history stands, its oldest kept offset, and the frames after `since` in
+    /// `epoch` (only when they can all be recovered and fit in `budget` bytes; `0`: no
+    /// budget); with `create`, a room without history gets its epoch (else its epoch is
+    /// empty).
     pub(crate) async fn recover(
         &self,
         room: &str,
         history: History,
-        since: u64,
+        (since, epoch): (u64, &str),
+        budget: usize,
         create: bool,
     ) -> Result<Recovery, BrokerError> {
         let (meta, stream) = (self.keys.history_meta(room), self.keys.history_stream(room));
-        let (top, epoch, oldest, frames): (u64, String, u64, Vec<String>) =
+        let (top, top_epoch, oldest, frames, fits): (u64, String, u64, Vec<String>, u8) =
             within(self.timeout, async {
                 let mut connection = self.commands.get().await?;
                 RECOVER
@@ -186,6 +241,9 @@ impl HistoryStore {
                     .arg(ttl_ms(history))
                     .arg(since)
                     .arg(if create { "1" } else { "0" })
+                    .arg(epoch)
+                    .arg(history.size)
+                    .arg(budget)
                     .invoke_async(&mut connection)
                     .await
                     .map_err(redis_error)
@@ -194,38 +252,11 @@ impl HistoryStore {
         Ok(Recovery {
             top: Position {
                 offset: top,
-                epoch: epoch.into(),
+                epoch: top_epoch.into(),
             },
             oldest,
             frames: frames.into_iter().map(Utf8Bytes::from).collect(),
+            fits: fits == 1,
         })
-    }
-
-    async fn read(
-        &self,
-        room: &str,
-        history: History,
-        limit: usize,
-    ) -> Result<(Position, Vec<Utf8Bytes>), BrokerError> {
-        let (meta, stream) = (self.keys.history_meta(room), self.keys.history_stream(room));
-        let (top, epoch, frames): (u64, String, Vec<String>) = within(self.timeout, async {
-            let mut connection = self.commands.get().await?;
-            READ.key(meta)
-                .key(stream)
-                .arg(&*new_epoch())
-                .arg(ttl_ms(history))
-                .arg(limit)
-                .invoke_async(&mut connection)
-                .await
-                .map_err(redis_error)
-        })
-        .await?;
-        Ok((
-            Position {
-                offset: top,
-                epoch: epoch.into(),
-            },
-            frames.into_iter().map(Utf8Bytes::from).collect(),
-        ))
     }
 }

@@ -245,9 +245,16 @@ impl Task {
                     return;
                 };
                 if self.counts.confirmed(&room) {
-                    self.tracks
+                    let plain = self
+                        .tracks
                         .catch_up(std::iter::once(&room), &self.store, &*self.sink)
                         .await;
+                    if plain > 0 {
+                        tracing::debug!(
+                            room = &*room,
+                            "a subscription came back: its members got a gap"
+                        );
+                    }
                 }
             }
             // The server dropped a subscription we hold: its slot moved to another shard.

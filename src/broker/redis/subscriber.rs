@@ -192,9 +192,16 @@ impl Task {
         if reconnection {
             // What was published while the connection was down, before any live frame
             // (which waits, unread, on the connection meanwhile).
-            self.tracks
+            let plain = self
+                .tracks
                 .catch_up(self.counts.keys(), &self.store, &*self.sink)
                 .await;
+            if plain > 0 {
+                tracing::warn!(
+                    rooms = plain,
+                    "messages published while the pub/sub connection was down are lost in rooms without history: their members got a gap"
+                );
+            }
             crate::metrics::redis_reconnected();
             tracing::info!(
                 rooms = channels.len(),

@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 
 use super::{Refusal, Socket};
 use crate::broker::presence::Members;
-use crate::broker::Position;
+use crate::broker::{Page, Position};
 use crate::connection::outbound::OutboundQueue;
 use crate::connection::recovery::HoldingMember;
 use crate::protocol::server::{self, RoomAck};
@@ -188,18 +188,24 @@ impl Socket {
         ));
         let shared: SharedMember = member.clone();
         self.join_as(room, shared).await?;
-        let recovery = match self.node.broker.recover(room, history, since.offset).await {
+        let read = (since.offset, &*since.epoch);
+        // (At least 1: a budget of 0 means none.)
+        let recovery = match self
+            .node
+            .broker
+            .recover(room, history, read, (*budget).max(1))
+            .await
+        {
             Ok(recovery) => recovery,
             Err(e) => {
                 self.leave(room);
                 return Err(Refusal::BrokerRead(e));
             }
         };
-        let bytes: usize = recovery.frames.iter().map(|frame| frame.len()).sum();
-        let recovered =
-            recovery.recovers(since.offset, &since.epoch, history.size) && bytes <= *budget;
+        let recovered = recovery.recovers(since.offset, &since.epoch, history.size);
         if recovered {
-            *budget -= bytes;
+            let bytes: usize = recovery.frames.iter().map(|frame| frame.len()).sum();
+            *budget = budget.saturating_sub(bytes);
         }
         Ok(Recovering {
             at: recovery.top,
@@ -232,48 +238,23 @@ impl Socket {
                 .unwrap_or(usize::MAX)
                 .min(history.size)
         });
-        // With `before`, all that is kept is read (at most the history's size) and the page
-        // taken from it; the read is released before the reply is queued.
-        let read = if before.is_some() {
-            history.size
-        } else {
-            limit
+        let page = Page {
+            limit,
+            before,
+            budget: self.reply_budget(),
         };
-        let (at, mut frames) = self
+        let (at, frames, more) = self
             .node
             .broker
-            .history(room, history, read)
+            .history(room, history, page)
             .await
             .map_err(Refusal::BrokerRead)?;
-        if let Some(before) = before {
-            frames.retain(|frame| server::offset_of(frame).is_some_and(|at| at < before));
-        }
-        let skip = frames.len().saturating_sub(limit);
-        frames.drain(..skip);
-        let kept = newest_within(&frames, self.reply_budget());
-        let more = kept < frames.len();
-        frames.drain(..frames.len() - kept);
         Ok(Answer::History(at, frames, more))
     }
 
     /// The most bytes of messages one `history` reply carries: a quarter of the socket's
     /// byte bound, so that a reply always fits beside what is queued.
     fn reply_budget(&self) -> usize {
-        self.queue.max_bytes() / 4
+        (self.queue.max_bytes() / 4).max(1)
     }
-}
-
-/// How many of the newest `frames` fit in `budget` bytes (at least one, so that paging
-/// always moves on).
-fn newest_within(frames: &[Utf8Bytes], budget: usize) -> usize {
-    let mut bytes = 0;
-    let fitting = frames
-        .iter()
-        .rev()
-        .take_while(|frame| {
-            bytes += frame.len() + 1;
-            bytes <= budget
-        })
-        .count();
-    fitting.max(frames.len().min(1))
 }

@@ -56,9 +56,10 @@ impl Socket {
         self.me.granted = granted;
         match self.rejoin(rooms, since.as_deref()).await {
             Ok(rejoined) => {
-                if !before.1 {
+                if !self.holds_identity {
                     tracing::Span::current().record("identity", &*self.me.identity);
                     self.node.broker.hold(&self.me.identity);
+                    self.holds_identity = true;
                 }
                 self.expires_at = grant.expires_at;
                 self.rebind_presence().await;

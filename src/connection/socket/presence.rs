@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::history::Answer;
 use super::{Refusal, Socket};
+use crate::broker::Confirmation;
 use crate::settings::Presence;
 
 impl Socket {
@@ -25,25 +26,24 @@ impl Socket {
         entered.wait().await.map_err(Refusal::BrokerRead)
     }
 
-    /// Takes this socket out of `room`'s presence, if it is counted there (without waiting
-    /// for the broker: the change is queued in order with the socket's others).
-    pub(super) fn exit_presence(&mut self, room: &str) {
-        if let Some((room, (identity, presence))) = self.present.remove_entry(room) {
-            // Dropping the confirmation does not undo the change.
-            drop(self.node.broker.presence_leave(&room, &identity, presence));
-        }
+    /// Takes this socket out of `room`'s presence, if it is counted there. The change is
+    /// queued in order with the socket's others; dropping the returned confirmation does
+    /// not undo it.
+    pub(super) fn exit_presence(&mut self, room: &str) -> Option<Confirmation> {
+        let (room, (identity, presence)) = self.present.remove_entry(room)?;
+        Some(self.node.broker.presence_leave(&room, &identity, presence))
     }
 
     /// [`Socket::exit_presence`], waiting until the broker has taken the socket out (and
     /// published its `leave`, if it was the identity's last): an `unsubscribe` is acked
     /// only then, so that what the client does next comes after its leave everywhere.
     pub(super) async fn exit_presence_confirmed(&mut self, room: &str) {
-        if let Some((room, (identity, presence))) = self.present.remove_entry(room) {
-            let left = self.node.broker.presence_leave(&room, &identity, presence);
-            if let Err(e) = left.wait().await {
-                // The node's next presence refresh writes it again.
-                tracing::debug!(error = %e.report(), "presence leave not confirmed yet");
-            }
+        let Some(left) = self.exit_presence(room) else {
+            return;
+        };
+        if let Err(e) = left.wait().await {
+            // The node's next presence refresh writes it again.
+            tracing::debug!(error = %e.report(), "presence leave not confirmed yet");
         }
     }
 

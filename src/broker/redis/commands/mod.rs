@@ -260,11 +260,11 @@ impl Commands {
         matches!(self, Commands::Cluster(_))
     }
 
-    /// `PING`: on a cluster, to every master, each of which must answer.
     /// Whether the single Redis behind the pool is a node of a Redis Cluster (`INFO
-    /// cluster` says `cluster_enabled:1`); `false` on a cluster target.
+    /// cluster` says `cluster_enabled:1`); `false` on a cluster target, and when Redis
+    /// refuses `INFO` (an ACL without it, a renamed command: logged).
     pub(crate) async fn is_cluster_node(&self, timeout: Duration) -> Result<bool, BrokerError> {
-        super::connect::within(timeout, async {
+        let asked = super::connect::within(timeout, async {
             match self.get().await? {
                 Connection::Pooled(mut c) => redis::cmd("INFO")
                     .arg("cluster")
@@ -275,9 +275,17 @@ impl Commands {
                 Connection::Cluster(..) => Ok(false),
             }
         })
-        .await
+        .await;
+        match asked {
+            Err(BrokerError::Refused(e)) => {
+                tracing::warn!(error = %e, "cannot tell whether this Redis is a cluster node (INFO refused); taking it for a single Redis");
+                Ok(false)
+            }
+            asked => asked,
+        }
     }
 
+    /// `PING`: on a cluster, to every master, each of which must answer.
     pub(crate) async fn ping(&self, timeout: Duration) -> Result<(), BrokerError> {
         super::connect::within(timeout, async {
             match self.get().await? {
