@@ -49,6 +49,12 @@ enum Scenario {
     /// subscribe with `since` (where the room stood before) and each recovers all K; the time
     /// from the first reconnection to the last recovered message.
     Recovery,
+    /// thinws history rooms: N sockets, each in a history room of its own in which it has
+    /// received one message. Redis cuts the nodes' pub/sub connections (`CLIENT KILL TYPE
+    /// pubsub`, needs --redis-port) and one more message is published to every room at
+    /// once: the time until every socket has it (the nodes reconnect, catch every history
+    /// room up, then go on live).
+    CatchUp,
     /// thinws presence rooms: N sockets subscribe to one room at once (256 at a time), each
     /// counted in its presence; the time until every one is visible (its subscribe acked),
     /// checked by a `presence` request that must count all N.
@@ -721,6 +727,83 @@ async fn join_burst(args: &RunArgs) -> Report {
     }
 }
 
+async fn catch_up(args: &RunArgs) -> Report {
+    assert_eq!(args.target, Target::Thinws, "catch-up needs thinws history rooms");
+    let port = args.redis_port.expect("catch-up needs --redis-port");
+    let (peaks, watcher) = watch_rss(args.pids.clone());
+    let n = args.subscribers;
+    let mut sockets = connect_all(args, n, |i| format!("catch-{i}")).await;
+    let url = args.target.url(&args.nodes[0]);
+    let (mut ptx, mut prx) = proto::connect(args.target, &url, None).await.expect("the publisher");
+    // One message to every room (pipelined), and every socket waits for its own.
+    async fn round(ptx: &mut Tx, prx: &mut Rx, sockets: Vec<(Tx, Rx)>, k: u64) -> Vec<(Tx, Rx)> {
+        let n = sockets.len();
+        let waiting: Vec<_> = sockets
+            .into_iter()
+            .map(|(tx, mut rx)| {
+                tokio::spawn(async move {
+                    let wanted = format!(r#""payload":{k}"#);
+                    while let Some(Ok(message)) = rx.next().await {
+                        if matches!(&message, Message::Text(t) if t.contains(&wanted)) {
+                            break;
+                        }
+                    }
+                    (tx, rx)
+                })
+            })
+            .collect();
+        for i in 0..n {
+            let frame = format!(r#"{{"type":"message","messageID":{i},"roomID":"catch-{i}","payload":{k}}}"#);
+            ptx.feed(Message::text(frame)).await.expect("publish");
+        }
+        ptx.flush().await.expect("publish");
+        let mut acked = 0;
+        while acked < n {
+            match prx.next().await {
+                Some(Ok(Message::Text(text))) if text.starts_with(r#"{"type":"ack""#) => acked += 1,
+                Some(Ok(Message::Text(text))) if text.starts_with(r#"{"type":"error""#) => panic!("refused: {text}"),
+                Some(Ok(_)) => {}
+                _ => panic!("the publisher's socket ended"),
+            }
+        }
+        let mut back = Vec::with_capacity(n);
+        for task in waiting {
+            back.push(task.await.expect("a receiver"));
+        }
+        back
+    }
+    sockets = round(&mut ptx, &mut prx, sockets, 1).await;
+    let started = Instant::now();
+    redis_command(port, "*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nTYPE\r\n$6\r\npubsub\r\n").await;
+    let sockets = round(&mut ptx, &mut prx, sockets, 2).await;
+    let seconds = started.elapsed().as_secs_f64();
+    watcher.abort();
+    drop(sockets);
+    let peaks = peaks.lock().unwrap().clone();
+    Report {
+        target: format!("{:?}", args.target).to_lowercase(),
+        scenario: "catch-up".into(),
+        sockets: n,
+        messages: 1,
+        expected: n as u64,
+        delivered: n as u64,
+        seconds,
+        deliveries_per_sec: n as f64 / seconds,
+        peak_rss_kib: peaks,
+        label: args.label.clone(),
+        ..Report::default()
+    }
+}
+
+/// Sends one command (`resp`, already encoded) to the Redis on `port` and reads its reply.
+async fn redis_command(port: u16, resp: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to Redis");
+    redis.write_all(resp.as_bytes()).await.expect("a Redis command");
+    let mut reply = [0u8; 256];
+    let _ = redis.read(&mut reply).await.expect("its reply");
+}
+
 /// Calls per command since Redis started (or `CONFIG RESETSTAT`), from `INFO commandstats`.
 async fn redis_commandstats(port: u16) -> HashMap<String, u64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -820,6 +903,7 @@ async fn main() {
                 Scenario::Idle => idle(&args).await,
                 Scenario::Recovery => recovery(&args).await,
                 Scenario::JoinBurst => join_burst(&args).await,
+                Scenario::CatchUp => catch_up(&args).await,
             };
             let line = serde_json::to_string(&report).expect("report");
             println!("{line}");
