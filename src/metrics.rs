@@ -69,6 +69,10 @@ pub fn describe() {
         "thinws_gaps_total",
         "Rooms whose local members were told that messages may have been missed (gap frames, one per room)"
     );
+    describe_counter!(
+        "thinws_hook_unavailable_total",
+        "Operations answered `unavailable` because a hook's backend did not answer, by event"
+    );
     // Rare events are shown as 0 from the start, so that dashboards and alerts see them.
     counter!("thinws_slow_reader_drops_total").increment(0);
     counter!("thinws_redis_reconnects_total").increment(0);
@@ -123,6 +127,10 @@ pub(crate) fn error(code: ErrorCode) {
 
 pub(crate) fn slow_reader_dropped() {
     counter!("thinws_slow_reader_drops_total").increment(1);
+}
+
+pub(crate) fn hook_unavailable(event: &'static str) {
+    counter!("thinws_hook_unavailable_total", "event" => event).increment(1);
 }
 
 pub(crate) fn redis_pubsub_cut() {

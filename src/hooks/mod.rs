@@ -15,7 +15,9 @@
 //!   payload; a `connect` hook can also assign the identity (e.g. the authenticated user)
 //!   and grant the socket values and a deadline ([`Grant`]), which a `refresh` hook renews.
 //! - A hook that fails (returns `Err`, e.g. a `timeout` that elapsed) refuses safely: the
-//!   client gets `internal`, the error is logged, and the socket goes on.
+//!   client gets `internal`, the error is logged, and the socket goes on. A hook that fails
+//!   with a [`HookError`] chooses what the client gets instead: `unavailable`, or a
+//!   refusal with a code of its own.
 //! - Each socket calls its own clone of the hook, one frame at a time and in order, so a
 //!   slow hook on one socket never delays another. State that should be shared between
 //!   sockets (a global concurrency limit, a cache) belongs behind an `Arc` in the service.
@@ -63,12 +65,16 @@
 use std::fmt;
 use std::sync::Arc;
 
+mod error;
 mod grant;
+#[cfg(feature = "http-hooks")]
+pub mod http;
 
+pub use self::error::HookError;
 pub use self::grant::{Grant, RefreshEvent, RefreshVerdict};
 
-use http::request::Parts;
-use http::Extensions;
+use ::http::request::Parts;
+use ::http::Extensions;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::value::RawValue;

@@ -25,6 +25,7 @@ mod accept;
 mod api;
 mod auth;
 mod endpoints;
+mod proxy;
 mod secrets;
 
 use endpoints::Endpoints;
@@ -169,6 +170,8 @@ struct Args {
         value_delimiter = ','
     )]
     public_hosts: Vec<String>,
+    #[command(flatten)]
+    proxy: proxy::ProxyArgs,
     /// Don't serve the demo chat page at `/`.
     #[arg(long, env = "THINWS_NO_DEMO")]
     no_demo: bool,
@@ -303,7 +306,11 @@ async fn run(args: Args) -> Result<(), String> {
         args.api_key.as_deref(),
         args.api_key_file.as_deref(),
     )?;
-    let open_to_anyone = auth.is_none();
+    let open_to_anyone = auth.is_none() && !args.proxy.any();
+    if auth.is_some() && args.proxy.any() {
+        return Err("signed tokens (--token-secret-file, --token-public-key) and hooks over HTTP (--proxy-*-url) cannot be combined yet: let the backend check the token at connect instead".into());
+    }
+    builder = args.proxy.apply(builder, args.listen.to_string())?;
     if let Some(auth) = auth {
         tracing::info!("sockets must connect with a signed token");
         builder = auth.apply(builder, Duration::from_secs(args.auth_grace.max(1)));

@@ -1,0 +1,102 @@
+//! Hooks over HTTP for the standalone server: `--proxy-connect-url` and friends ask the
+//! operator's backend, in any language, at each event (see docs/HOOKS.md).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use thinws::hooks::http::Backend;
+use thinws::ThinWsBuilder;
+
+use crate::secrets::secret_of;
+
+/// The flags of the HTTP hooks.
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    /// A backend URL asked at every `connect`: it may refuse, assign the identity and
+    /// attach `meta` (hooks over HTTP: see docs/HOOKS.md).
+    #[arg(long, env = "THINWS_PROXY_CONNECT_URL")]
+    proxy_connect_url: Option<String>,
+    /// A backend URL asked at every `subscribe` (and for each room a `connect` rejoins).
+    #[arg(long, env = "THINWS_PROXY_SUBSCRIBE_URL")]
+    proxy_subscribe_url: Option<String>,
+    /// A backend URL asked before every publish: it may refuse or rewrite the payload.
+    #[arg(long, env = "THINWS_PROXY_PUBLISH_URL")]
+    proxy_publish_url: Option<String>,
+    /// A backend URL asked at every `refresh` (a new credential for an open socket).
+    #[arg(long, env = "THINWS_PROXY_REFRESH_URL")]
+    proxy_refresh_url: Option<String>,
+    /// Seconds the backend may take per event (decimals allowed); past it the client gets
+    /// `unavailable` and nothing happens.
+    #[arg(long, env = "THINWS_PROXY_TIMEOUT", default_value_t = 2.0)]
+    proxy_timeout: f64,
+    /// A header of the socket's upgrade request forwarded with every event, e.g. `Cookie`
+    /// (repeatable; comma-separated in the environment).
+    #[arg(
+        long = "proxy-header",
+        env = "THINWS_PROXY_HEADERS",
+        value_delimiter = ','
+    )]
+    proxy_headers: Vec<String>,
+    /// Only rooms starting with this prefix ask the backend (repeatable); other rooms cost
+    /// no HTTP call. Default: every room.
+    #[arg(
+        long = "proxy-room-prefix",
+        env = "THINWS_PROXY_ROOM_PREFIXES",
+        value_delimiter = ','
+    )]
+    proxy_room_prefixes: Vec<String>,
+    /// Requests to the backend in flight at once on this node; past it, `unavailable`.
+    #[arg(long, env = "THINWS_PROXY_MAX_IN_FLIGHT", default_value_t = 256)]
+    proxy_max_in_flight: usize,
+    /// Signs every request (HMAC-SHA256 over the timestamp and body) with the secret in
+    /// this file, so that the backend can refuse forged or replayed calls.
+    #[arg(long, env = "THINWS_PROXY_SECRET_FILE")]
+    proxy_secret_file: Option<PathBuf>,
+}
+
+impl ProxyArgs {
+    /// Whether any event asks a backend.
+    pub fn any(&self) -> bool {
+        self.proxy_connect_url.is_some()
+            || self.proxy_subscribe_url.is_some()
+            || self.proxy_publish_url.is_some()
+            || self.proxy_refresh_url.is_some()
+    }
+
+    /// Sets the hooks these flags ask for on `builder`.
+    pub fn apply(&self, mut builder: ThinWsBuilder, node: String) -> Result<ThinWsBuilder, String> {
+        if !self.proxy_timeout.is_finite() || self.proxy_timeout <= 0.0 {
+            return Err("--proxy-timeout must be a positive number of seconds".into());
+        }
+        let mut backend = Backend::builder()
+            .timeout(Duration::from_secs_f64(self.proxy_timeout))
+            .max_in_flight(self.proxy_max_in_flight)
+            .node_name(node);
+        for header in &self.proxy_headers {
+            backend = backend.forward_header(header.trim());
+        }
+        for prefix in &self.proxy_room_prefixes {
+            backend = backend.rooms_with_prefix(prefix);
+        }
+        if let Some(secret) = secret_of("--proxy-secret", None, self.proxy_secret_file.as_deref())?
+        {
+            backend = backend.secret(secret.into_bytes());
+        }
+        let backend = backend.build();
+        let invalid = |e: thinws::hooks::http::InvalidHookUrl| e.to_string();
+        if let Some(url) = &self.proxy_connect_url {
+            builder = builder.on_connect(backend.connect(url).map_err(invalid)?);
+        }
+        if let Some(url) = &self.proxy_subscribe_url {
+            builder = builder.on_subscribe(backend.subscribe(url).map_err(invalid)?);
+        }
+        if let Some(url) = &self.proxy_publish_url {
+            builder = builder.on_message(backend.publish(url).map_err(invalid)?);
+        }
+        if let Some(url) = &self.proxy_refresh_url {
+            builder = builder.on_refresh(backend.refresh(url).map_err(invalid)?);
+        }
+        Ok(builder)
+    }
+}

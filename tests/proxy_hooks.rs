@@ -1,0 +1,195 @@
+//! Hooks over HTTP against a real backend process: the Node example backend
+//! (`examples/backends/node/backend.js`) decides for the standalone server.
+
+mod support;
+
+#[path = "support/binary.rs"]
+mod binary;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use binary::{http_with_body, Server};
+use serde_json::json;
+use support::{free_port, listening, Client};
+
+const SECRET: &str = "a backend secret of at least 32 bytes";
+
+/// The example backend, on a free port.
+struct NodeBackend {
+    child: Child,
+    port: u16,
+}
+
+impl NodeBackend {
+    async fn start(port: u16) -> NodeBackend {
+        let child = Command::new("node")
+            .arg("examples/backends/node/backend.js")
+            .env("PORT", port.to_string())
+            .env("THINWS_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("node is needed for the example backend");
+        listening(port).await;
+        NodeBackend { child, port }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}/thinws/{path}", self.port)
+    }
+}
+
+impl Drop for NodeBackend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A thinws node whose hooks ask `backend`; `extra` flags added.
+async fn node(backend: &NodeBackend, extra: &[&str]) -> (Server, std::path::PathBuf) {
+    let secret = std::env::temp_dir().join(format!("thinws-proxy-{}", free_port()));
+    std::fs::write(&secret, SECRET).unwrap();
+    let (connect, subscribe, publish) = (
+        backend.url("connect"),
+        backend.url("subscribe"),
+        backend.url("publish"),
+    );
+    let mut args = vec![
+        "--proxy-connect-url",
+        &connect,
+        "--proxy-subscribe-url",
+        &subscribe,
+        "--proxy-publish-url",
+        &publish,
+        "--proxy-header",
+        "Cookie",
+        "--proxy-timeout",
+        "1",
+        "--proxy-secret-file",
+        secret.to_str().unwrap(),
+        "--no-demo",
+    ];
+    args.extend_from_slice(extra);
+    (Server::start(&args).await, secret)
+}
+
+/// A socket whose upgrade request carries `cookie`.
+async fn with_cookie(server: &Server, cookie: Option<&str>) -> Client {
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            server.url(),
+        )
+        .unwrap();
+    if let Some(cookie) = cookie {
+        request
+            .headers_mut()
+            .insert("Cookie", cookie.parse().unwrap());
+    }
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    Client::from_stream(ws)
+}
+
+async fn connect(client: &mut Client) -> serde_json::Value {
+    client
+        .request(json!({"type": "connect", "connectionID": "whoever"}))
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_decides_by_cookie_room_and_message() {
+    let backend = NodeBackend::start(free_port()).await;
+    let (server, secret) = node(&backend, &[]).await;
+
+    // Connect: allowed by a session cookie, named by the backend; refused without one.
+    let mut alice = with_cookie(&server, Some("theme=dark; session=alice-session")).await;
+    assert_eq!(connect(&mut alice).await["type"], "ack");
+    let mut bob = with_cookie(&server, Some("session=bob-session")).await;
+    assert_eq!(connect(&mut bob).await["type"], "ack");
+    let mut stranger = with_cookie(&server, None).await;
+    let refused = connect(&mut stranger).await;
+    assert_eq!(
+        (&refused["code"], &refused["message"]),
+        (&json!("forbidden"), &json!("log in first")),
+        "{refused}"
+    );
+
+    // Subscribe: refused with the backend's reason; the meta it attached at connect decides.
+    alice.subscribe("private:admins").await;
+    alice.subscribe("pro:lounge").await;
+    let refused = bob
+        .request(json!({"type": "subscribe", "roomID": "private:admins"}))
+        .await;
+    assert_eq!(refused["message"], "admins only", "{refused}");
+    let refused = bob
+        .request(json!({"type": "subscribe", "roomID": "pro:lounge"}))
+        .await;
+    assert_eq!(
+        refused["message"], "upgrade to pro for this room",
+        "{refused}"
+    );
+    bob.subscribe("lobby").await;
+    alice.subscribe("lobby").await;
+
+    // Publish: rewritten by the backend, delivered under the identity it assigned.
+    alice
+        .publish("lobby", json!({"text": "darn, it works"}))
+        .await;
+    for client in [&mut alice, &mut bob] {
+        let got = client.delivery().await;
+        assert_eq!(got["connectionID"], "alice");
+        assert_eq!(got["payload"], json!({"text": "****, it works"}));
+    }
+
+    // A call that is not signed with the secret is refused by the backend.
+    let forged = r#"{"event":"connect","node":"x","socket":{"id":"1","identity":null}}"#;
+    let (status, _) = http_with_body(
+        format!("127.0.0.1:{}", backend.port).parse().unwrap(),
+        "POST",
+        "/thinws/connect",
+        &[
+            ("X-Thinws-Timestamp", "1"),
+            ("X-Thinws-Signature", "v1=00"),
+            ("Cookie", "session=alice-session"),
+        ],
+        forged,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let _ = std::fs::remove_file(secret);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_is_down_means_unavailable_and_the_socket_goes_on() {
+    let port = free_port();
+    let backend = NodeBackend::start(port).await;
+    let (server, secret) = node(&backend, &["--proxy-room-prefix", "private:"]).await;
+    let mut alice = with_cookie(&server, Some("session=alice-session")).await;
+    assert_eq!(connect(&mut alice).await["type"], "ack");
+    alice.subscribe("private:admins").await;
+    alice.subscribe("lobby").await;
+
+    drop(backend);
+    // Asking the backend fails within the timeout: nothing happened.
+    let started = Instant::now();
+    let reply = alice
+        .request(json!({"type": "message", "roomID": "private:admins", "payload": "x"}))
+        .await;
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // A room that does not ask the backend costs no call, and works.
+    alice.publish("lobby", json!("still here")).await;
+    assert_eq!(alice.delivery().await["payload"], "still here");
+
+    // Back: asked again.
+    let _backend = NodeBackend::start(port).await;
+    alice
+        .publish("private:admins", json!({"text": "darn"}))
+        .await;
+    assert_eq!(alice.delivery().await["payload"], json!({"text": "****"}));
+    let _ = std::fs::remove_file(secret);
+}
