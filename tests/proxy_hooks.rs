@@ -1,5 +1,6 @@
-//! Hooks over HTTP against a real backend process: the Node example backend
-//! (`examples/backends/node/backend.js`) decides for the standalone server.
+//! Hooks over HTTP against real backend processes: the example backends in Node
+//! (`examples/backends/node/backend.js`) and Python (`examples/backends/python/backend.py`)
+//! decide for the standalone server; each test runs against both.
 
 mod support;
 
@@ -15,23 +16,29 @@ use support::{free_port, listening, Client};
 
 const SECRET: &str = "a backend secret of at least 32 bytes";
 
-/// The example backend, on a free port.
-struct NodeBackend {
+/// The example backends: the program and its script.
+const BACKENDS: [(&str, &str); 2] = [
+    ("node", "examples/backends/node/backend.js"),
+    ("python3", "examples/backends/python/backend.py"),
+];
+
+/// An example backend, on a free port.
+struct Backend {
     child: Child,
     port: u16,
 }
 
-impl NodeBackend {
-    async fn start(port: u16) -> NodeBackend {
-        let child = Command::new("node")
-            .arg("examples/backends/node/backend.js")
+impl Backend {
+    async fn start((program, script): (&str, &str), port: u16) -> Backend {
+        let child = Command::new(program)
+            .arg(script)
             .env("PORT", port.to_string())
             .env("THINWS_SECRET", SECRET)
             .stdout(Stdio::null())
             .spawn()
-            .expect("node is needed for the example backend");
+            .unwrap_or_else(|e| panic!("{program} is needed for {script}: {e}"));
         listening(port).await;
-        NodeBackend { child, port }
+        Backend { child, port }
     }
 
     fn url(&self, path: &str) -> String {
@@ -39,7 +46,7 @@ impl NodeBackend {
     }
 }
 
-impl Drop for NodeBackend {
+impl Drop for Backend {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -47,7 +54,7 @@ impl Drop for NodeBackend {
 }
 
 /// A thinws node whose hooks ask `backend`; `extra` flags added.
-async fn node(backend: &NodeBackend, extra: &[&str]) -> (Server, std::path::PathBuf) {
+async fn node(backend: &Backend, extra: &[&str]) -> (Server, std::path::PathBuf) {
     let secret = std::env::temp_dir().join(format!("thinws-proxy-{}", free_port()));
     std::fs::write(&secret, SECRET).unwrap();
     let (connect, subscribe, publish) = (
@@ -98,7 +105,13 @@ async fn connect(client: &mut Client) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backend_decides_by_cookie_room_and_message() {
-    let backend = NodeBackend::start(free_port()).await;
+    for example in BACKENDS {
+        decides_by_cookie_room_and_message(example).await;
+    }
+}
+
+async fn decides_by_cookie_room_and_message(example: (&str, &str)) {
+    let backend = Backend::start(example, free_port()).await;
     let (server, secret) = node(&backend, &[]).await;
 
     // Connect: allowed by a session cookie, named by the backend; refused without one.
@@ -161,8 +174,14 @@ async fn the_backend_decides_by_cookie_room_and_message() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_is_down_means_unavailable_and_the_socket_goes_on() {
+    for example in BACKENDS {
+        down_means_unavailable(example).await;
+    }
+}
+
+async fn down_means_unavailable(example: (&str, &str)) {
     let port = free_port();
-    let backend = NodeBackend::start(port).await;
+    let backend = Backend::start(example, port).await;
     let (server, secret) = node(&backend, &["--proxy-room-prefix", "private:"]).await;
     let mut alice = with_cookie(&server, Some("session=alice-session")).await;
     assert_eq!(connect(&mut alice).await["type"], "ack");
@@ -186,7 +205,7 @@ async fn a_backend_that_is_down_means_unavailable_and_the_socket_goes_on() {
     assert_eq!(alice.delivery().await["payload"], "still here");
 
     // Back: asked again.
-    let _backend = NodeBackend::start(port).await;
+    let _backend = Backend::start(example, port).await;
     alice
         .publish("private:admins", json!({"text": "darn"}))
         .await;

@@ -1,0 +1,117 @@
+"""An example backend for thinws's hooks over HTTP, in plain Python (standard library only).
+
+    THINWS_SECRET=... PORT=3000 python3 examples/backends/python/backend.py
+    thinws --proxy-connect-url http://127.0.0.1:3000/thinws/connect \\
+           --proxy-subscribe-url http://127.0.0.1:3000/thinws/subscribe \\
+           --proxy-publish-url http://127.0.0.1:3000/thinws/publish \\
+           --proxy-header Cookie --proxy-secret-file secret.txt
+
+The same rules as the Node example: browsers are authenticated by their session cookie at
+connect (and named), only admins enter `private:admins` and "pro" users `pro:` rooms,
+messages are rewritten (a censored word), calls not signed with THINWS_SECRET are refused,
+and every event is logged as one JSON line. The wire contract is docs/hooks/.
+"""
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import time
+from http.cookies import SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# Sessions your login would have made: cookie value -> user.
+SESSIONS = {
+    "alice-session": {"id": "alice", "plan": "pro", "admin": True},
+    "bob-session": {"id": "bob", "plan": "free", "admin": False},
+}
+SECRET = os.environ.get("THINWS_SECRET", "").encode()
+
+
+def signed(headers, body):
+    """X-Thinws-Signature: v1=hex(HMAC-SHA256(secret, timestamp + "." + body)), and a
+    timestamp within 5 minutes (so that a recorded call cannot be replayed later)."""
+    if not SECRET:
+        return True
+    timestamp = headers.get("X-Thinws-Timestamp", "")
+    signature = headers.get("X-Thinws-Signature", "")
+    try:
+        if abs(time.time() - int(timestamp)) > 300:
+            return False
+    except ValueError:
+        return False
+    digest = hmac.new(SECRET, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(signature, "v1=" + digest)
+
+
+def refuse(code, message):
+    return {"error": {"code": code, "message": message}}
+
+
+def connect(event, headers):
+    cookie = SimpleCookie(headers.get("Cookie", ""))
+    user = SESSIONS.get(cookie["session"].value) if "session" in cookie else None
+    if user is None:
+        return refuse("forbidden", "log in first")
+    return {"result": {"identity": user["id"], "meta": {"plan": user["plan"], "admin": user["admin"]}}}
+
+
+def subscribe(event, headers):
+    meta = event["socket"].get("meta") or {}
+    if event["room"] == "private:admins" and not meta.get("admin"):
+        return refuse("forbidden", "admins only")
+    if event["room"].startswith("pro:") and meta.get("plan") != "pro":
+        return refuse("forbidden", "upgrade to pro for this room")
+    return {"result": {}}
+
+
+def publish(event, headers):
+    payload = event.get("payload")
+    if isinstance(payload, dict) and isinstance(payload.get("text"), str):
+        text = re.sub("darn", "****", payload["text"], flags=re.IGNORECASE)
+        return {"result": {"payload": {**payload, "text": text}}}
+    return {"result": {}}
+
+
+HANDLERS = {
+    "/thinws/connect": connect,
+    "/thinws/subscribe": subscribe,
+    "/thinws/publish": publish,
+}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: thinws reuses its connections
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        handler = HANDLERS.get(self.path)
+        if handler is None:
+            return self.reply(404, b"")
+        if not signed(self.headers, body):
+            print(json.dumps({"refused": "bad signature", "path": self.path}), flush=True)
+            return self.reply(401, b"")
+        try:
+            event = json.loads(body)
+        except ValueError:
+            return self.reply(400, b"")
+        answer = handler(event, self.headers)
+        print(json.dumps({"event": event.get("event"), "room": event.get("room"), "answer": answer}), flush=True)
+        self.reply(200, json.dumps(answer).encode(), "application/json")
+
+    def reply(self, status, body, content_type="text/plain"):
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass  # one JSON line per event instead
+
+
+if __name__ == "__main__":
+    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("PORT", "3000"))), Handler)
+    print(json.dumps({"listening": server.server_address[1]}), flush=True)
+    server.serve_forever()
