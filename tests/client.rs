@@ -38,7 +38,7 @@ async fn acks_errors_and_deliveries_map_to_types() {
     client.send("lobby", &json!({"text": "hi"})).await.unwrap();
     let got = next(&mut messages).await;
     assert_eq!(got.room, "lobby");
-    assert_eq!(got.sender, "alice");
+    assert_eq!(got.sender.as_deref(), Some("alice"));
     #[derive(serde::Deserialize, PartialEq, Debug)]
     struct Chat {
         text: String,
@@ -198,7 +198,7 @@ async fn a_token_goes_with_every_connect_and_a_provider_is_asked_each_time() {
         .unwrap();
     client.subscribe("r").await.unwrap();
     client.send("r", &json!(1)).await.unwrap();
-    assert_eq!(next(&mut messages).await.sender, "fixed");
+    assert_eq!(next(&mut messages).await.sender.as_deref(), Some("fixed"));
 
     let asked = Arc::new(AtomicUsize::new(0));
     let (client, mut messages) = ThinWsClient::builder(node.url(), "x")
@@ -215,7 +215,7 @@ async fn a_token_goes_with_every_connect_and_a_provider_is_asked_each_time() {
         .unwrap();
     client.subscribe("r").await.unwrap();
     client.send("r", &json!(2)).await.unwrap();
-    assert_eq!(next(&mut messages).await.sender, "fresh-1");
+    assert_eq!(next(&mut messages).await.sender.as_deref(), Some("fresh-1"));
 
     // The server restarts: the client reconnects with a fresh token from the provider.
     let addr = node.addr;
@@ -237,7 +237,7 @@ async fn a_token_goes_with_every_connect_and_a_provider_is_asked_each_time() {
     // A new in-memory node has no record of the rooms: join again.
     client.subscribe("r").await.unwrap();
     client.send("r", &json!(3)).await.unwrap();
-    let sender = next(&mut messages).await.sender;
+    let sender = next(&mut messages).await.sender.unwrap_or_default();
     assert!(
         sender.starts_with("fresh-") && sender != "fresh-1",
         "{sender}"
@@ -382,4 +382,23 @@ async fn the_client_asks_for_presence_and_hears_joins_and_leaves() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::NotEnabled));
+}
+
+/// The original ThinWS server sends deliveries without `connectionID`: the client delivers
+/// them with no sender instead of dropping them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_without_a_sender_is_delivered() {
+    let redis = RedisServer::start().await;
+    let node = Node::redis(&redis).await;
+    let (client, mut messages) = ThinWsClient::connect(node.url(), "c").await.unwrap();
+    client.subscribe("r").await.unwrap();
+    let mut conn = redis.client().await;
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg("thinws:room:{r}")
+        .arg(r#"{"type":"message","roomID":"r","payload":{"old":true}}"#)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let got = next(&mut messages).await;
+    assert_eq!((got.sender, got.payload), (None, json!({"old": true})));
 }

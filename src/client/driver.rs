@@ -320,7 +320,7 @@ async fn session(
                             };
                             let delivery = Delivery {
                                 room: room.into_owned(),
-                                sender: connection_id.into_owned(),
+                                sender: connection_id.map(Cow::into_owned),
                                 payload,
                                 offset,
                                 epoch: epoch.map(Cow::into_owned),

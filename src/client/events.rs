@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 pub struct Delivery {
     /// The room.
     pub room: String,
-    /// The sender's `connectionID`.
-    pub sender: String,
+    /// The sender's `connectionID` (absent when the server sent none: the original ThinWS
+    /// server omits it).
+    pub sender: Option<String>,
     /// The payload.
     pub payload: serde_json::Value,
     /// Its offset, in a room with history.

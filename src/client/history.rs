@@ -79,7 +79,7 @@ impl ThinWsClient {
             {
                 out.push(Delivery {
                     room: room.into_owned(),
-                    sender: connection_id.into_owned(),
+                    sender: connection_id.map(|id| id.into_owned()),
                     payload: serde_json::from_str(payload.get()).map_err(|_| unreadable())?,
                     offset,
                     epoch: epoch.map(|e| e.into_owned()),

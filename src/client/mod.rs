@@ -35,7 +35,7 @@
 //! client.subscribe("lobby").await?;
 //! client.send("lobby", &serde_json::json!({"text": "hi"})).await?;
 //! while let Some(message) = messages.next().await {
-//!     println!("{} in {}: {}", message.sender, message.room, message.payload);
+//!     println!("{:?} in {}: {}", message.sender, message.room, message.payload);
 //! }
 //! # Ok(())
 //! # }

@@ -355,8 +355,9 @@ pub enum ServerFrame<'a> {
     Message {
         /// The room.
         room: Cow<'a, str>,
-        /// The sender's `connectionID`.
-        connection_id: Cow<'a, str>,
+        /// The sender's `connectionID` (thinws always sends it; the original ThinWS server
+        /// does not).
+        connection_id: Option<Cow<'a, str>>,
         /// The payload, verbatim.
         payload: &'a RawValue,
         /// Its offset, in a history room (1.1).
@@ -471,7 +472,7 @@ pub fn parse(text: &str) -> Result<ServerFrame<'_>, serde_json::Error> {
         },
         "message" => ServerFrame::Message {
             room: raw.room.ok_or_else(|| missing("roomID"))?,
-            connection_id: raw.connection_id.ok_or_else(|| missing("connectionID"))?,
+            connection_id: raw.connection_id,
             payload: raw.payload.ok_or_else(|| missing("payload"))?,
             offset: raw.offset,
             epoch: raw.epoch,
@@ -590,8 +591,8 @@ mod tests {
                 ..
             } => {
                 assert_eq!(
-                    (&*room, &*connection_id, payload.get()),
-                    ("r", "é", r#"{"a":[1]}"#)
+                    (&*room, connection_id.as_deref(), payload.get()),
+                    ("r", Some("é"), r#"{"a":[1]}"#)
                 );
             }
             other => panic!("{other:?}"),
