@@ -27,7 +27,7 @@ one() { # label binary
   until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.05; done
   "$loadgen" run --target thinws --label "$1" --nodes "http://127.0.0.1:$port" --pids "$node_pid" \
     --scenario catch-up --subscribers "$rooms" --redis-port "$redis_port" \
-    | python3 -c 'import json,sys; r=json.load(sys.stdin); print(f"{r[\"label\"]:>6}: {r[\"sockets\"]} history rooms caught up and delivered in {r[\"seconds\"]*1000:.0f} ms")'
+    | python3 -c 'import json,sys; r=json.load(sys.stdin); print("%6s: %d history rooms caught up and delivered in %.0f ms" % (r["label"], r["sockets"], r["seconds"] * 1000))'
   kill "$node_pid"; wait "$node_pid" 2>/dev/null || true
   redis-cli -p "$redis_port" flushall >/dev/null
 }
