@@ -122,6 +122,10 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
         "{stdout}"
     );
     assert!(
+        stdout.contains("ok: the compatibility client works as the original's README shows"),
+        "{stdout}"
+    );
+    assert!(
         stdout.contains("ok: a late joiner saw the room's history"),
         "{stdout}"
     );

@@ -1,6 +1,8 @@
-//! Compatibility with the original ThinWS JavaScript client: it sends `messageID` as a
-//! number, `connectionID` only in `connect`, the payload under `message`, and never a
-//! `payload` key. These are its frames, replayed byte for byte.
+//! Compatibility with the original ThinWS JavaScript client (cloverstudio/ThinWS v1.0.x): it
+//! sends `messageID` as a number counting up from a random start below 2^53 (16 digits),
+//! `connectionID` only in `connect` and as a hash of its argument (Java's `hashCode` as a
+//! decimal string: `"alice"` becomes `"92903040"`), the payload under `message`, and never a
+//! `payload` key. These are such frames, replayed byte for byte.
 
 mod support;
 
@@ -12,35 +14,41 @@ async fn replay(url_a: &str, url_b: &str) {
     let mut alice = Client::connect(url_a).await;
     let mut bob = Client::connect(url_b).await;
     let frames_alice = [
-        r#"{"type":"connect","messageID":1,"connectionID":"alice"}"#,
-        r#"{"type":"subscribe","messageID":2,"roomID":"general"}"#,
+        r#"{"type":"connect","messageID":4503599627370495,"connectionID":"92903040"}"#,
+        r#"{"type":"subscribe","messageID":4503599627370496,"roomID":"general"}"#,
     ];
     let frames_bob = [
-        r#"{"type":"connect","messageID":1,"connectionID":"bob"}"#,
-        r#"{"type":"subscribe","messageID":2,"roomID":"general"}"#,
+        r#"{"type":"connect","messageID":1234567890123456,"connectionID":"97717"}"#,
+        r#"{"type":"subscribe","messageID":1234567890123457,"roomID":"general"}"#,
     ];
+    // Acks echo the messageID byte for byte.
     for (i, frame) in frames_alice.iter().enumerate() {
         alice.send_text(*frame).await;
-        assert_eq!(
-            alice.recv().await,
-            json!({"type": "ack", "messageID": i + 1})
+        let ack = format!(
+            r#"{{"type":"ack","messageID":{}}}"#,
+            4503599627370495u64 + i as u64
         );
+        assert_eq!(alice.recv_text().await, ack);
     }
     for (i, frame) in frames_bob.iter().enumerate() {
         bob.send_text(*frame).await;
-        assert_eq!(bob.recv().await, json!({"type": "ack", "messageID": i + 1}));
+        let ack = format!(
+            r#"{{"type":"ack","messageID":{}}}"#,
+            1234567890123456u64 + i as u64
+        );
+        assert_eq!(bob.recv_text().await, ack);
     }
     alice
-        .send_text(r#"{"type":"message","messageID":3,"roomID":"general","message":{"text":"hello from the old client"}}"#)
+        .send_text(r#"{"type":"message","messageID":4503599627370497,"roomID":"general","message":{"text":"hello from the old client"}}"#)
         .await;
     alice
         .send_text(
-            r#"{"type":"message","messageID":4,"roomID":"general","message":"plain string"}"#,
+            r#"{"type":"message","messageID":4503599627370498,"roomID":"general","message":"plain string"}"#,
         )
         .await;
     let expected = [
-        json!({"type": "message", "roomID": "general", "connectionID": "alice", "payload": {"text": "hello from the old client"}}),
-        json!({"type": "message", "roomID": "general", "connectionID": "alice", "payload": "plain string"}),
+        json!({"type": "message", "roomID": "general", "connectionID": "92903040", "payload": {"text": "hello from the old client"}}),
+        json!({"type": "message", "roomID": "general", "connectionID": "92903040", "payload": "plain string"}),
     ];
     for e in &expected {
         assert_eq!(&bob.recv().await, e);
@@ -51,11 +59,11 @@ async fn replay(url_a: &str, url_b: &str) {
         got.push(alice.recv().await);
     }
     assert!(
-        got.contains(&json!({"type": "ack", "messageID": 3})),
+        got.contains(&json!({"type": "ack", "messageID": 4503599627370497u64})),
         "{got:?}"
     );
     assert!(
-        got.contains(&json!({"type": "ack", "messageID": 4})),
+        got.contains(&json!({"type": "ack", "messageID": 4503599627370498u64})),
         "{got:?}"
     );
     assert!(
@@ -63,12 +71,18 @@ async fn replay(url_a: &str, url_b: &str) {
         "{got:?}"
     );
 
-    bob.send_text(r#"{"type":"unsubscribe","messageID":5,"roomID":"general"}"#)
+    bob.send_text(r#"{"type":"unsubscribe","messageID":1234567890123458,"roomID":"general"}"#)
         .await;
-    assert_eq!(bob.recv().await, json!({"type": "ack", "messageID": 5}));
-    bob.send_text(r#"{"type":"disconnect","messageID":6}"#)
+    assert_eq!(
+        bob.recv().await,
+        json!({"type": "ack", "messageID": 1234567890123458u64})
+    );
+    bob.send_text(r#"{"type":"disconnect","messageID":1234567890123459}"#)
         .await;
-    assert_eq!(bob.recv().await, json!({"type": "ack", "messageID": 6}));
+    assert_eq!(
+        bob.recv().await,
+        json!({"type": "ack", "messageID": 1234567890123459u64})
+    );
 }
 
 #[tokio::test]

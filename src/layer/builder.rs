@@ -272,7 +272,8 @@ impl ThinWsBuilder {
     }
 
     /// Serves the browser client: `GET /thinws.js` (a plain script defining
-    /// `ThinWSClient`) and `GET /thinws.mjs` (the same as an ES module), with a
+    /// `ThinWSClient`), `GET /thinws.mjs` (the same as an ES module) and
+    /// `GET /thinws-compat.js` (a drop-in for the original ThinWS client), with a
     /// JavaScript content type, an `ETag` and `Cache-Control: public, max-age=3600`, the
     /// way Socket.IO serves its client. Off by default; the standalone server turns it on.
     ///

@@ -16,6 +16,9 @@ pub(crate) const MODULE: &str = concat!(
     "export default ThinWSClient;\n"
 );
 
+/// The drop-in for the original ThinWS client (its API exactly, with backoff).
+pub(crate) const COMPAT: &str = include_str!("../../assets/thinws-compat.js");
+
 /// FNV-1a of the script, so that the ETag changes whenever the script does.
 const fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -34,8 +37,8 @@ fn etag(body: &str) -> String {
     format!("\"{:016x}\"", fnv1a(body.as_bytes()))
 }
 
-/// The response for `GET`/`HEAD /thinws.js` or `/thinws.mjs`, or `None` for any other
-/// request.
+/// The response for `GET`/`HEAD /thinws.js`, `/thinws.mjs` or `/thinws-compat.js`, or
+/// `None` for any other request.
 pub(crate) fn respond<B>(request: &Request<B>) -> Option<Response<Full<Bytes>>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return None;
@@ -43,6 +46,7 @@ pub(crate) fn respond<B>(request: &Request<B>) -> Option<Response<Full<Bytes>>> 
     let body = match request.uri().path() {
         "/thinws.js" => SCRIPT,
         "/thinws.mjs" => MODULE,
+        "/thinws-compat.js" => COMPAT,
         _ => return None,
     };
     let etag = etag(body);

@@ -215,6 +215,39 @@ try {
     console.log("ok: thinws.js reports gaps and rejoins a room Redis lost");
   }
 
+  // The drop-in for the original ThinWS client, used as the original's README shows: raw
+  // strings in onMessage (acks included), send returning the messageID, getReadyState.
+  const compat = async (url, name) => {
+    const page = await context.newPage();
+    page.setDefaultTimeout(timeout);
+    await page.goto(url + "healthz");
+    await page.addScriptTag({ url: url + "thinws-compat.js" });
+    await page.evaluate((name) => new Promise((resolve) => {
+      window.frames_ = [];
+      const onMessage = (message) => { window.frames_.push(JSON.parse(message)); };
+      const onOpen = () => resolve();
+      window.wsClient = new ThinWSClient(location.origin.replace(/^http/, "ws") + "/", name, onMessage, onOpen);
+    }), name);
+    return page;
+  };
+  const oldA = await compat(urlA, "old-ann");
+  const oldB = await compat(urlB, "old-ben");
+  for (const page of [oldA, oldB]) {
+    await page.evaluate(() => window.wsClient.subscribe("old-room"));
+    await page.waitForFunction(() => window.frames_.some((f) => f.type === "ack"));
+  }
+  const sent = await oldA.evaluate(() => ({
+    id: window.wsClient.send("hello from 2019", "old-room"),
+    state: window.wsClient.getReadyState(),
+  }));
+  if (typeof sent.id !== "number" || sent.state !== 1) {
+    throw new Error(`not the original's surface: ${JSON.stringify(sent)}`);
+  }
+  await oldA.waitForFunction((id) => window.frames_.some((f) => f.type === "ack" && f.messageID === id), sent.id);
+  await oldB.waitForFunction(() =>
+    window.frames_.some((f) => f.type === "message" && f.payload === "hello from 2019"));
+  console.log("ok: the compatibility client works as the original's README shows, across nodes");
+
   if (screenshot) await pageA.screenshot({ path: screenshot });
   console.log("ok: two pages on two nodes exchanged messages, and one reconnected");
 } finally {

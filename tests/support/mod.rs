@@ -389,6 +389,19 @@ impl Client {
         self.read().await
     }
 
+    /// The next text frame as the server sent it, byte for byte.
+    pub async fn recv_text(&mut self) -> String {
+        loop {
+            let message = within("a frame from the server", self.ws.next())
+                .await
+                .expect("socket closed while a frame was expected")
+                .expect("socket error while a frame was expected");
+            if let Message::Text(text) = message {
+                return text.to_string();
+            }
+        }
+    }
+
     async fn read(&mut self) -> Value {
         loop {
             let message = within("a frame from the server", self.ws.next())

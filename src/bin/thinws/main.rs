@@ -76,6 +76,10 @@ struct Args {
     /// Burst of frames each socket may send at once.
     #[arg(long, env = "THINWS_RATE_BURST", default_value_t = 200)]
     rate_burst: u32,
+    /// Largest message (and frame) a client may send, in bytes; larger ones close the socket
+    /// with 1009.
+    #[arg(long, env = "THINWS_MAX_FRAME_SIZE", default_value_t = 64 * 1024)]
+    max_frame_size: usize,
     /// Sockets this node accepts at most (lowered to fit the open-file limit).
     #[arg(long, env = "THINWS_MAX_SOCKETS", default_value_t = 100_000)]
     max_sockets: usize,
@@ -254,6 +258,7 @@ async fn run(args: Args) -> Result<(), String> {
         .serve_client(true)
         .key_prefix(args.key_prefix)
         .rate_limit(args.rate_limit, args.rate_burst)
+        .max_frame_size(args.max_frame_size)
         .max_sockets(capacity.sockets)
         .identity_ttl(Duration::from_secs(args.identity_ttl.max(1)))
         .ping_interval(Duration::from_secs(args.ping_interval))
