@@ -8,6 +8,7 @@
 #
 #   bench/compare.sh BEFORE_BINARY AFTER_BINARY [ROUNDS]
 #   AFTER_ARGS="--history-size 1000" bench/compare.sh BIN BIN 1   # one binary, two settings
+#   ROOMS_ARGS="--subscribers 200 --messages 100 --window 16" bench/compare.sh ...  # smaller
 #   PERF=1 bench/compare.sh ...   # also records the first node with `perf record` into
 #                                 # bench/results/perf-{before,after}-{scenario}.data
 set -euo pipefail
@@ -68,7 +69,9 @@ PY
 for round in $(seq "$rounds"); do
   for side in before after; do
     binary=$before; [ "$side" = after ] && binary=$after
-    one "$side" "$binary" rooms --subscribers 1000 --messages 1000 --window 16
-    one "$side" "$binary" fanout --subscribers 1000 --messages 5000 --window 64
+    # shellcheck disable=SC2086 # the scenarios' arguments, word-split on purpose
+    one "$side" "$binary" rooms ${ROOMS_ARGS:---subscribers 1000 --messages 1000 --window 16}
+    # shellcheck disable=SC2086
+    one "$side" "$binary" fanout ${FANOUT_ARGS:---subscribers 1000 --messages 5000 --window 64}
   done
 done

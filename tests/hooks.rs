@@ -190,6 +190,66 @@ async fn a_failing_or_timed_out_hook_refuses_safely() {
     c.subscribe("fine").await;
 }
 
+/// A hook that fails with a `HookError` chooses the client's error: `unavailable` (nothing
+/// happened), or a refusal with its own code; a recorded room refused with any code is
+/// skipped at `connect`, while one the hook cannot decide on fails the `connect`.
+#[tokio::test]
+async fn a_hook_error_chooses_what_the_client_is_told() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use thinws::hooks::HookError;
+    use thinws::protocol::ErrorCode;
+    let closed = Arc::new(AtomicBool::new(false));
+    let layer = ThinWsLayer::builder()
+        .on_subscribe(service_fn({
+            let closed = closed.clone();
+            move |event: SubscribeEvent| {
+                let closed = closed.load(Ordering::SeqCst);
+                async move {
+                    match event.room() {
+                        "full" => Err(HookError::refused(ErrorCode::LimitExceeded, "room is full")),
+                        "down" => Err(HookError::unavailable(std::io::Error::other(
+                            "backend down",
+                        ))),
+                        "later" if closed => Err(HookError::refused(
+                            ErrorCode::InvalidMessage,
+                            "not any more",
+                        )),
+                        _ => Ok(Verdict::Allow),
+                    }
+                }
+            }
+        }))
+        .build();
+    let node = Node::start(layer).await;
+    let mut c = Client::connect(&node.url()).await;
+    let reply = c
+        .request(json!({"type": "subscribe", "roomID": "full"}))
+        .await;
+    assert_eq!(
+        (&reply["code"], &reply["message"]),
+        (&json!("limit_exceeded"), &json!("room is full")),
+        "{reply}"
+    );
+    let reply = c
+        .request(json!({"type": "subscribe", "roomID": "down"}))
+        .await;
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+    assert_eq!(node.hub.member_count("down"), 0);
+
+    // A recorded room the hook now refuses is skipped at connect; the others are rejoined.
+    let mut first = Client::connect_as(&node.url(), "rae").await;
+    first.subscribe("later").await;
+    first.subscribe("open").await;
+    first.close().await;
+    closed.store(true, Ordering::SeqCst);
+    let mut again = Client::connect(&node.url()).await;
+    let reply = again
+        .request(json!({"type": "connect", "connectionID": "rae", "since": {}}))
+        .await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    assert_eq!(reply["rooms"], json!({"open": {}}), "{reply}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_fires_exactly_once_however_the_socket_ends() {
     let log: Log = Arc::default();

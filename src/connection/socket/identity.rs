@@ -149,9 +149,12 @@ impl Socket {
             }
             match self.allowed_to_subscribe(&room).await {
                 Ok(()) => wanted.push(room),
-                Err(Refusal::Forbidden(reason)) => {
+                // Refused (by any code): skipped, and it stays recorded.
+                Err(refusal @ (Refusal::Forbidden(_) | Refusal::HookRefused(..))) => {
+                    let reason = refusal.message();
                     tracing::debug!(room, reason, "subscribe hook refused a recorded room");
                 }
+                // The hook could not decide: nothing is joined.
                 Err(refusal) => return Err(refusal),
             }
         }

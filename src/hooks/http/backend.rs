@@ -274,7 +274,17 @@ impl BackendBuilder {
                 )
             }
         };
-        let connector = https.https_or_http().enable_http1().enable_http2().build();
+        // Small requests on kept-alive connections: without TCP_NODELAY each one can wait
+        // for the peer's delayed ACK (tens of milliseconds).
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(self.timeout));
+        let connector = https
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .build(connector);
