@@ -36,6 +36,11 @@
       this.userDefinedOnOpen = userDefinedOnOpen;
       this._attempt = 0;
       this._stopped = false;
+      // The original's methods are arrow-function fields: bound, so that
+      // `button.onclick = ws.disconnect` and `rooms.forEach(ws.subscribe)` work.
+      for (const name of ["startup", "connect", "subscribe", "unsubscribe", "disconnect", "send", "getReadyState", "hashCode"]) {
+        this[name] = this[name].bind(this);
+      }
       this.startup(this.url, connectionID);
     }
 
@@ -51,9 +56,15 @@
       };
       ws.onopen = () => {
         this._attempt = 0;
-        this.connect();
-        if (this.userDefinedOnOpen) {
-          this.userDefinedOnOpen();
+        // As the original: an exception (from onOpen) is logged and `connect` sent again.
+        try {
+          this.connect();
+          if (this.userDefinedOnOpen) {
+            this.userDefinedOnOpen();
+          }
+        } catch (err) {
+          console.log(err);
+          this.connect();
         }
       };
       ws.onmessage = (message) => {
@@ -72,6 +83,7 @@
     }
 
     connect() {
+      this._stopped = false;
       this._frame({ type: "connect", connectionID: this.connectionID });
     }
 
@@ -90,8 +102,8 @@
     }
 
     disconnect() {
-      this._frame({ type: "disconnect" });
       this._stopped = true;
+      this._frame({ type: "disconnect" });
     }
 
     send(message, roomID) {
@@ -117,4 +129,8 @@
   }
 
   global.ThinWSClient = ThinWSClient;
+  // `const { ThinWSClient } = require(...)` or a bundler's `import { ThinWSClient }`.
+  if (typeof module !== "undefined" && module.exports) {
+    module.exports = { ThinWSClient, default: ThinWSClient };
+  }
 })(typeof globalThis !== "undefined" ? globalThis : window);

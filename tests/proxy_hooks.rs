@@ -119,13 +119,21 @@ async fn decides_by_cookie_room_and_message(example: (&str, &str)) {
     assert_eq!(connect(&mut alice).await["type"], "ack");
     let mut bob = with_cookie(&server, Some("session=bob-session")).await;
     assert_eq!(connect(&mut bob).await["type"], "ack");
-    let mut stranger = with_cookie(&server, None).await;
-    let refused = connect(&mut stranger).await;
-    assert_eq!(
-        (&refused["code"], &refused["message"]),
-        (&json!("forbidden"), &json!("log in first")),
-        "{refused}"
-    );
+    // No cookie, an unknown one, or one named after a JavaScript object's own properties.
+    for cookie in [
+        None,
+        Some("session=nobody"),
+        Some("session=constructor"),
+        Some("session=__proto__"),
+    ] {
+        let mut stranger = with_cookie(&server, cookie).await;
+        let refused = connect(&mut stranger).await;
+        assert_eq!(
+            (&refused["code"], &refused["message"]),
+            (&json!("forbidden"), &json!("log in first")),
+            "{cookie:?}: {refused}"
+        );
+    }
 
     // Subscribe: refused with the backend's reason; the meta it attached at connect decides.
     alice.subscribe("private:admins").await;

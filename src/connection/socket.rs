@@ -342,6 +342,14 @@ impl Socket {
             Some(Ok(MessageVerdict::Refuse(reason))) => return Err(Refusal::Forbidden(reason)),
             Some(Err(e)) => return Err(Refusal::hook_failed("message", e)),
         };
+        if replaced
+            .as_ref()
+            .is_some_and(|p| p.get().len() > self.node.config.max_frame_size)
+        {
+            // The hook's payload is over what a client may send: its mistake.
+            let e = std::io::Error::other("the replaced payload is over the frame size limit");
+            return Err(Refusal::hook_failed("message", e.into()));
+        }
         let payload = replaced.as_deref().unwrap_or(payload);
         let frame = server::delivery(room, &self.me.identity, payload);
         // Queued at the broker now, in this socket's order; several may be in flight.

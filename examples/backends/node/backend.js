@@ -9,17 +9,23 @@
 // It authenticates browsers by their session cookie at connect (and names them), lets only
 // admins into `private:admins` and "pro" users into `pro:` rooms, rewrites messages (a
 // censored word), refuses calls that are not signed with THINWS_SECRET, and logs every
-// event as one JSON line. The wire contract is docs/HOOKS.md.
+// event as one JSON line. The wire contract is docs/hooks/.
 "use strict";
 const http = require("node:http");
 const crypto = require("node:crypto");
 
-// Sessions your login would have made: cookie value -> user.
-const SESSIONS = {
-  "alice-session": { id: "alice", plan: "pro", admin: true },
-  "bob-session": { id: "bob", plan: "free", admin: false },
-};
+// Sessions your login would have made: cookie value -> user. A Map: a plain object would
+// find `constructor` or `__proto__` too, and let such a cookie in.
+const SESSIONS = new Map([
+  ["alice-session", { id: "alice", plan: "pro", admin: true }],
+  ["bob-session", { id: "bob", plan: "free", admin: false }],
+]);
 const SECRET = process.env.THINWS_SECRET || "";
+if (!SECRET && process.env.THINWS_INSECURE !== "1") {
+  console.error("set THINWS_SECRET (the secret thinws signs with), or THINWS_INSECURE=1 to accept unsigned calls");
+  process.exit(2);
+}
+const MAX_BODY = 64 * 1024;
 
 // Checks X-Thinws-Signature: v1=hex(HMAC-SHA256(secret, timestamp + "." + body)), and that
 // the timestamp is within 5 minutes (so that a recorded call cannot be replayed later).
@@ -47,14 +53,15 @@ const refuse = (code, message) => ({ error: { code, message } });
 
 const handlers = {
   "/thinws/connect": (event, req) => {
-    const user = SESSIONS[cookie(req, "session")];
+    const user = SESSIONS.get(cookie(req, "session"));
     if (!user) return refuse("forbidden", "log in first");
     return { result: { identity: user.id, meta: { plan: user.plan, admin: user.admin } } };
   },
   "/thinws/subscribe": (event) => {
-    const meta = event.socket.meta || {};
-    if (event.room === "private:admins" && !meta.admin) return refuse("forbidden", "admins only");
-    if (event.room.startsWith("pro:") && meta.plan !== "pro") {
+    const meta = (event.socket && event.socket.meta) || {};
+    const room = String(event.room);
+    if (room === "private:admins" && !meta.admin) return refuse("forbidden", "admins only");
+    if (room.startsWith("pro:") && meta.plan !== "pro") {
       return refuse("forbidden", "upgrade to pro for this room");
     }
     return { result: {} };
@@ -70,30 +77,38 @@ const handlers = {
 };
 
 const server = http.createServer((req, res) => {
+  const handler = Object.hasOwn(handlers, req.url) ? handlers[req.url] : undefined;
+  if (req.method !== "POST" || !handler) {
+    res.writeHead(404).end();
+    return;
+  }
   const chunks = [];
-  req.on("data", (chunk) => chunks.push(chunk));
-  req.on("end", () => {
-    const body = Buffer.concat(chunks);
-    const handler = handlers[req.url];
-    if (req.method !== "POST" || !handler) {
-      res.writeHead(404).end();
+  let size = 0;
+  req.on("data", (chunk) => {
+    size += chunk.length;
+    if (size > MAX_BODY) {
+      res.writeHead(413).end();
+      req.destroy();
       return;
     }
+    chunks.push(chunk);
+  });
+  req.on("end", () => {
+    const body = Buffer.concat(chunks);
     if (!signed(req, body)) {
       console.log(JSON.stringify({ refused: "bad signature", path: req.url }));
       res.writeHead(401).end();
       return;
     }
-    let event;
     try {
-      event = JSON.parse(body);
+      const event = JSON.parse(body);
+      const answer = handler(event, req);
+      console.log(JSON.stringify({ event: event.event, room: event.room, answer }));
+      res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify(answer));
     } catch (e) {
+      // Not an event this backend understands: thinws answers its client `unavailable`.
       res.writeHead(400).end();
-      return;
     }
-    const answer = handler(event, req);
-    console.log(JSON.stringify({ event: event.event || event.type, room: event.room, answer }));
-    res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify(answer));
   });
 });
 server.listen(Number(process.env.PORT || 3000), "127.0.0.1", () => {

@@ -27,6 +27,7 @@ SESSIONS = {
     "bob-session": {"id": "bob", "plan": "free", "admin": False},
 }
 SECRET = os.environ.get("THINWS_SECRET", "").encode()
+MAX_BODY = 64 * 1024
 
 
 def signed(headers, body):
@@ -42,7 +43,7 @@ def signed(headers, body):
     except ValueError:
         return False
     digest = hmac.new(SECRET, timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(signature, "v1=" + digest)
+    return hmac.compare_digest(signature.encode(), ("v1=" + digest).encode())
 
 
 def refuse(code, message):
@@ -85,18 +86,27 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: thinws reuses its connections
 
     def do_POST(self):
-        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         handler = HANDLERS.get(self.path)
         if handler is None:
+            self.close_connection = True
             return self.reply(404, b"")
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self.close_connection = True
+            return self.reply(413, b"")
+        body = self.rfile.read(length)
         if not signed(self.headers, body):
             print(json.dumps({"refused": "bad signature", "path": self.path}), flush=True)
             return self.reply(401, b"")
         try:
             event = json.loads(body)
-        except ValueError:
+            answer = handler(event, self.headers)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            # Not an event this backend understands: thinws answers its client `unavailable`.
             return self.reply(400, b"")
-        answer = handler(event, self.headers)
         print(json.dumps({"event": event.get("event"), "room": event.get("room"), "answer": answer}), flush=True)
         self.reply(200, json.dumps(answer).encode(), "application/json")
 
@@ -112,6 +122,8 @@ class Handler(BaseHTTPRequestHandler):
 
 
 if __name__ == "__main__":
+    if not SECRET and os.environ.get("THINWS_INSECURE") != "1":
+        raise SystemExit("set THINWS_SECRET (the secret thinws signs with), or THINWS_INSECURE=1 to accept unsigned calls")
     server = ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("PORT", "3000"))), Handler)
     print(json.dumps({"listening": server.server_address[1]}), flush=True)
     server.serve_forever()

@@ -311,7 +311,7 @@ async fn run(args: Args) -> Result<(), String> {
         args.api_key.as_deref(),
         args.api_key_file.as_deref(),
     )?;
-    let open_to_anyone = auth.is_none() && !args.proxy.any();
+    let open_to_anyone = auth.is_none() && !args.proxy.decides_identities();
     if auth.is_some() && args.proxy.any() {
         return Err("signed tokens (--token-secret-file, --token-public-key) and hooks over HTTP (--proxy-*-url) cannot be combined yet: let the backend check the token at connect instead".into());
     }

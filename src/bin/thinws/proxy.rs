@@ -1,5 +1,5 @@
 //! Hooks over HTTP for the standalone server: `--proxy-connect-url` and friends ask the
-//! operator's backend, in any language, at each event (see docs/HOOKS.md).
+//! operator's backend, in any language, at each event (see docs/hooks/).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,7 +14,7 @@ use crate::secrets::secret_of;
 #[derive(Debug, Args)]
 pub struct ProxyArgs {
     /// A backend URL asked at every `connect`: it may refuse, assign the identity and
-    /// attach `meta` (hooks over HTTP: see docs/HOOKS.md).
+    /// attach `meta` (hooks over HTTP: see docs/hooks/).
     #[arg(long, env = "THINWS_PROXY_CONNECT_URL")]
     proxy_connect_url: Option<String>,
     /// A backend URL asked at every `subscribe` (and for each room a `connect` rejoins).
@@ -56,6 +56,11 @@ pub struct ProxyArgs {
 }
 
 impl ProxyArgs {
+    /// Whether `connect` asks a backend (which then decides who may connect as whom).
+    pub fn decides_identities(&self) -> bool {
+        self.proxy_connect_url.is_some()
+    }
+
     /// Whether any event asks a backend.
     pub fn any(&self) -> bool {
         self.proxy_connect_url.is_some()
@@ -66,11 +71,12 @@ impl ProxyArgs {
 
     /// Sets the hooks these flags ask for on `builder`.
     pub fn apply(&self, mut builder: ThinWsBuilder, node: String) -> Result<ThinWsBuilder, String> {
-        if !self.proxy_timeout.is_finite() || self.proxy_timeout <= 0.0 {
-            return Err("--proxy-timeout must be a positive number of seconds".into());
-        }
+        let timeout = Duration::try_from_secs_f64(self.proxy_timeout)
+            .ok()
+            .filter(|timeout| !timeout.is_zero() && *timeout <= Duration::from_secs(3600))
+            .ok_or("--proxy-timeout must be a number of seconds above 0, up to 3600")?;
         let mut backend = Backend::builder()
-            .timeout(Duration::from_secs_f64(self.proxy_timeout))
+            .timeout(timeout)
             .max_in_flight(self.proxy_max_in_flight)
             .node_name(node);
         for header in &self.proxy_headers {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::history::{Answer, Rejoined};
 use super::{Refusal, Socket};
 use crate::hooks::{ask, ConnectEvent, ConnectVerdict, Grant, RefreshEvent, RefreshVerdict};
-use crate::protocol::Since;
+use crate::protocol::{ErrorCode, Since};
 
 impl Socket {
     /// `connect`; with `since` (protocol 1.1), history rooms are recovered and the ack
@@ -32,7 +32,14 @@ impl Socket {
             Some(Err(e)) => return Err(Refusal::hook_failed("connect", e)),
         };
         let connection_id = grant.identity.as_deref().unwrap_or(claimed);
-        self.check_identity(connection_id, grant.identity.is_some())?;
+        if let Err(refusal) = self.check_identity(connection_id, grant.identity.is_some()) {
+            if grant.identity.is_some() {
+                // The hook's mistake, not the client's.
+                let e = std::io::Error::other(refusal.message());
+                return Err(Refusal::hook_failed("connect", e.into()));
+            }
+            return Err(refusal);
+        }
         if self.me.bound && *self.me.identity != *connection_id {
             return Err(Refusal::OtherIdentity);
         }
@@ -149,8 +156,14 @@ impl Socket {
             }
             match self.allowed_to_subscribe(&room).await {
                 Ok(()) => wanted.push(room),
-                // Refused (by any code): skipped, and it stays recorded.
-                Err(refusal @ (Refusal::Forbidden(_) | Refusal::HookRefused(..))) => {
+                // Refused: skipped, and it stays recorded (a hook's "try later" codes are
+                // not refusals: they fail the connect below).
+                Err(refusal @ (Refusal::Forbidden(_) | Refusal::HookRefused(..)))
+                    if !matches!(
+                        refusal.code(),
+                        ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::Internal
+                    ) =>
+                {
                     let reason = refusal.message();
                     tracing::debug!(room, reason, "subscribe hook refused a recorded room");
                 }

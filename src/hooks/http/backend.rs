@@ -73,7 +73,7 @@ impl std::fmt::Debug for Backend {
 }
 
 /// Settings of a [`Backend`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use]
 pub struct BackendBuilder {
     node: String,
@@ -82,6 +82,40 @@ pub struct BackendBuilder {
     timeout: Duration,
     max_in_flight: usize,
     prefixes: Vec<String>,
+}
+
+impl std::fmt::Debug for BackendBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the secret.
+        f.debug_struct("BackendBuilder")
+            .field("node", &self.node)
+            .field("secret", &self.secret.as_ref().map(|_| "***"))
+            .field("headers", &self.headers)
+            .field("timeout", &self.timeout)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("prefixes", &self.prefixes)
+            .finish()
+    }
+}
+
+/// Headers a client's upgrade request cannot make the node send to the backend: the
+/// request's own framing and routing, and thinws's signature headers.
+fn forwardable(name: &HeaderName) -> bool {
+    !(name.as_str().starts_with("x-thinws-")
+        || name.as_str().starts_with("proxy-")
+        || matches!(
+            name.as_str(),
+            "host"
+                | "content-length"
+                | "content-type"
+                | "transfer-encoding"
+                | "connection"
+                | "upgrade"
+                | "te"
+                | "trailer"
+                | "keep-alive"
+                | "expect"
+        ))
 }
 
 impl Backend {
@@ -216,10 +250,14 @@ impl BackendBuilder {
 
     /// Forwards this header of the socket's upgrade request with every event (e.g.
     /// `cookie`, `authorization`, `x-forwarded-for`), so that the backend can authenticate
-    /// a browser by its session cookie. Ignored if it is not a valid header name.
+    /// a browser by its session cookie. The signature covers the body and timestamp, not
+    /// these headers. Ignored (with a warning) if it is not a header name, or one that
+    /// cannot be forwarded: `Host`, the request's framing (`Content-Length`,
+    /// `Transfer-Encoding`, `Connection`, …) and `X-Thinws-*`.
     pub fn forward_header(mut self, name: impl AsRef<str>) -> Self {
         match HeaderName::try_from(name.as_ref()) {
-            Ok(name) => self.headers.push(name),
+            Ok(name) if forwardable(&name) => self.headers.push(name),
+            Ok(name) => tracing::warn!(%name, "this header is not forwarded to the backend"),
             Err(e) => {
                 tracing::warn!(name = name.as_ref(), error = %e, "not a header name; not forwarded")
             }
@@ -238,7 +276,7 @@ impl BackendBuilder {
     /// Requests in flight at once for the whole node (default 256); past it the client gets
     /// `unavailable` at once instead of queueing behind a slow backend.
     pub fn max_in_flight(mut self, requests: usize) -> Self {
-        self.max_in_flight = requests.max(1);
+        self.max_in_flight = requests.clamp(1, Semaphore::MAX_PERMITS);
         self
     }
 
@@ -318,6 +356,20 @@ mod tests {
             .map(|b| format!("{b:02x}"))
             .collect();
         assert_eq!(signature, format!("v1={hex}"));
+    }
+
+    #[test]
+    fn framing_and_signature_headers_are_never_forwarded() {
+        let builder = Backend::builder()
+            .forward_header("Cookie")
+            .forward_header("host")
+            .forward_header("Content-Length")
+            .forward_header("X-Thinws-Signature")
+            .forward_header("transfer-encoding")
+            .forward_header("not a header")
+            .secret(b"hidden".to_vec());
+        assert_eq!(builder.headers, [HeaderName::from_static("cookie")]);
+        assert!(!format!("{builder:?}").contains("hidden"), "{builder:?}");
     }
 
     #[test]

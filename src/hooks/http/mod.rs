@@ -6,7 +6,7 @@
 //! assigns the identity and attaches `meta` at connect, or rewrites a message. A backend
 //! that is down, slow or answers nonsense gives the client `unavailable` (nothing happened)
 //! within the timeout, and the socket goes on. The wire contract, with examples, is in
-//! `docs/HOOKS.md`.
+//! `docs/hooks/`.
 //!
 //! Every hook made by one [`Backend`] shares its pooled HTTP/1.1 and HTTP/2 client
 //! (keep-alive, `https` with the system's roots), its timeout, its limit on requests in

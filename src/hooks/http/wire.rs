@@ -1,8 +1,8 @@
-//! The JSON of the HTTP hooks (see `docs/HOOKS.md`): the request body of each event, and
+//! The JSON of the HTTP hooks (see `docs/hooks/`): the request body of each event, and
 //! the backend's answer turned into the hook's verdict.
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
@@ -159,6 +159,11 @@ impl Result_ {
     fn grant(self) -> Result<Grant, HookError> {
         let mut grant = Grant::new();
         if let Some(identity) = self.identity {
+            if identity.is_empty() {
+                return Err(HookError::unavailable(
+                    "the backend assigned an empty identity",
+                ));
+            }
             grant = grant.identity(identity);
         }
         if let Some(meta) = self.meta {
@@ -170,9 +175,22 @@ impl Result_ {
             grant = grant.with(Meta(Arc::from(meta)));
         }
         if let Some(at) = self.expire_at {
+            // Seconds, not milliseconds: beyond ten years it is taken for a mistake.
+            let now = SystemTime::now();
             let at = UNIX_EPOCH
                 .checked_add(Duration::from_secs(at))
-                .ok_or_else(|| HookError::unavailable("the backend's expireAt is out of range"))?;
+                .filter(|at| *at <= now + Duration::from_secs(10 * 365 * 24 * 60 * 60))
+                .ok_or_else(|| {
+                    HookError::unavailable(
+                        "the backend's expireAt is not Unix seconds within ten years",
+                    )
+                })?;
+            if at <= now {
+                return Err(HookError::refused(
+                    ErrorCode::Forbidden,
+                    "the credential has expired",
+                ));
+            }
             grant = grant.expires_at(at);
         }
         Ok(grant)
@@ -324,6 +342,33 @@ mod tests {
             .unwrap()
             .grant();
         assert!(matches!(grant, Err(HookError::Unavailable(_))));
+        // A deadline already past refuses; milliseconds by mistake, or an empty identity, is
+        // the backend's failure.
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        for (answer, refused) in [
+            (format!(r#"{{"result":{{"expireAt":{}}}}}"#, now - 10), true),
+            (
+                format!(r#"{{"result":{{"expireAt":{}}}}}"#, now * 1000),
+                false,
+            ),
+            (r#"{"result":{"identity":""}}"#.to_owned(), false),
+        ] {
+            let grant = Answer::parse(answer.as_bytes())
+                .unwrap()
+                .result()
+                .unwrap()
+                .grant();
+            match (grant, refused) {
+                (Err(HookError::Refused { code, .. }), true) => {
+                    assert_eq!(code, ErrorCode::Forbidden)
+                }
+                (Err(HookError::Unavailable(_)), false) => {}
+                (other, _) => panic!("{answer}: {other:?}"),
+            }
+        }
         // A payload of `null` replaces; a missing one keeps the client's.
         let null = Answer::parse(br#"{"result":{"payload":null}}"#).unwrap();
         assert_eq!(null.result().unwrap().payload.unwrap().get(), "null");
