@@ -107,9 +107,12 @@ impl OutboundQueue {
     /// for the socket elsewhere (live frames held while a room recovers). `false`, and the
     /// socket asked to close with 1013, when they do not fit.
     pub(crate) fn reserve(&self, len: usize) -> bool {
-        if self.is_closing() {
-            return false;
-        }
+        !self.is_closing() && self.count(len)
+    }
+
+    /// Adds `len` bytes to the count, unless that would pass the bound: then the socket is
+    /// dropped as a slow reader and `false` returned.
+    fn count(&self, len: usize) -> bool {
         if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
             self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
             self.slow_reader();
@@ -152,10 +155,9 @@ impl OutboundQueue {
     /// like deliveries: one that would exceed it closes the socket with 1013 (a socket that
     /// asks for more than it reads is a slow reader), and is not queued.
     pub(crate) async fn push(&self, frame: Utf8Bytes) -> Result<(), Rejected> {
-        let len = frame.len();
-        if self.queued_bytes.fetch_add(len, Ordering::Relaxed) + len > self.max_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            self.slow_reader();
+        // Not `reserve`: a reply still goes out once a close is requested (every frame read
+        // gets its reply before the close frame).
+        if !self.count(frame.len()) {
             return Err(Rejected::Closed);
         }
         self.push_counted(frame).await
@@ -191,7 +193,7 @@ impl OutboundQueue {
                 Ok(()) => return Ok(()),
                 Err(Rejected::Full) => space.await,
                 Err(Rejected::Closed) => {
-                    self.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
+                    self.unreserve(frame.len());
                     return Err(Rejected::Closed);
                 }
             }
