@@ -130,7 +130,7 @@ impl Hub {
         let page = Page {
             limit,
             before: None,
-            budget: 0,
+            budget: None,
         };
         let (at, frames, _) = self
             .node

@@ -162,13 +162,13 @@ impl MemoryBroker {
 
     /// Where `room`'s history stands, what it keeps, and its frames after `since`.
     /// As with the Redis broker's: the frames after `since` in `epoch` only when they can all be
-    /// recovered and fit in `budget` bytes (`0`: no budget).
+    /// recovered and fit in `budget` bytes (if given).
     pub(crate) fn recover(
         &self,
         room: &str,
         history: History,
         (since, epoch): (u64, &str),
-        budget: usize,
+        budget: Option<usize>,
     ) -> Recovery {
         let now = Instant::now();
         let mut histories = self.histories(now);
@@ -182,7 +182,7 @@ impl MemoryBroker {
                 .map(|(_, f)| f.clone())
                 .collect();
             let bytes: usize = frames.iter().map(|frame| frame.len()).sum();
-            if budget > 0 && bytes > budget {
+            if budget.is_some_and(|budget| bytes > budget) {
                 frames.clear();
                 fits = false;
             }
@@ -214,7 +214,7 @@ impl MemoryBroker {
             .iter()
             .take_while(|frame| {
                 bytes += frame.len() + 1;
-                page.budget == 0 || bytes <= page.budget
+                page.budget.is_none_or(|budget| bytes <= budget)
             })
             .count()
             .max(asked.len().min(1));

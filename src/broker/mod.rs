@@ -109,12 +109,13 @@ pub(crate) fn recoverable(
 }
 
 /// Which messages of a room's history a read asks for: the last `limit` before offset
-/// `before` (if given), the newest of them that fit in `budget` bytes (at least one).
+/// `before` (if given), the newest of them that fit in `budget` bytes (if given; at least
+/// one).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Page {
     pub(crate) limit: usize,
     pub(crate) before: Option<u64>,
-    pub(crate) budget: usize,
+    pub(crate) budget: Option<usize>,
 }
 
 /// A page of a room's history: where the history stands, the frames (oldest first), and
@@ -258,14 +259,14 @@ impl Broker {
     }
 
     /// Where `room`'s history stands, what it still keeps, and its frames after `since` in
-    /// `epoch`: read only when they can all be recovered and fit in `budget` bytes (else
-    /// none are).
+    /// `epoch`: read only when they can all be recovered and fit in `budget` bytes, if
+    /// given (else none are).
     pub(crate) async fn recover(
         &self,
         room: &str,
         history: History,
         (since, epoch): (u64, &str),
-        budget: usize,
+        budget: Option<usize>,
     ) -> Result<Recovery, BrokerError> {
         match self {
             Broker::Memory(b) => Ok(b.recover(room, history, (since, epoch), budget)),

@@ -154,7 +154,7 @@ impl Tracks {
             return 0;
         };
         let recovery = match store
-            .recover(room, history, (offset, &epoch), 0, false)
+            .recover(room, history, (offset, &epoch), None, false)
             .await
         {
             Ok(recovery) => recovery,

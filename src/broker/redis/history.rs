@@ -156,6 +156,11 @@ pub(crate) fn ttl_ms(history: History) -> u64 {
         .max(1)
 }
 
+/// A byte budget as the read scripts take it: `0` for none, at least `1` for one.
+fn script_budget(budget: Option<usize>) -> usize {
+    budget.map_or(0, |budget| budget.max(1))
+}
+
 /// Reads of history rooms, through the pool.
 #[derive(Debug)]
 pub(crate) struct HistoryStore {
@@ -178,7 +183,7 @@ impl HistoryStore {
         let nothing = Page {
             limit: 0,
             before: None,
-            budget: 0,
+            budget: None,
         };
         self.last(room, history, nothing)
             .await
@@ -202,7 +207,7 @@ impl HistoryStore {
                     .arg(ttl_ms(history))
                     .arg(page.limit)
                     .arg(page.before.unwrap_or(0))
-                    .arg(page.budget)
+                    .arg(script_budget(page.budget))
                     .invoke_async(&mut connection)
                     .await
                     .map_err(redis_error)
@@ -219,15 +224,15 @@ impl HistoryStore {
     }
 
     /// Where the history stands, its oldest kept offset, and the frames after `since` in
-    /// `epoch` (only when they can all be recovered and fit in `budget` bytes; `0`: no
-    /// budget); with `create`, a room without history gets its epoch (else its epoch is
+    /// `epoch` (only when they can all be recovered and fit in `budget` bytes, if given);
+    /// with `create`, a room without history gets its epoch (else its epoch is
     /// empty).
     pub(crate) async fn recover(
         &self,
         room: &str,
         history: History,
         (since, epoch): (u64, &str),
-        budget: usize,
+        budget: Option<usize>,
         create: bool,
     ) -> Result<Recovery, BrokerError> {
         let (meta, stream) = (self.keys.history_meta(room), self.keys.history_stream(room));
@@ -243,7 +248,7 @@ impl HistoryStore {
                     .arg(if create { "1" } else { "0" })
                     .arg(epoch)
                     .arg(history.size)
-                    .arg(budget)
+                    .arg(script_budget(budget))
                     .invoke_async(&mut connection)
                     .await
                     .map_err(redis_error)

@@ -189,11 +189,10 @@ impl Socket {
         let shared: SharedMember = member.clone();
         self.join_as(room, shared).await?;
         let read = (since.offset, &*since.epoch);
-        // (At least 1: a budget of 0 means none.)
         let recovery = match self
             .node
             .broker
-            .recover(room, history, read, (*budget).max(1))
+            .recover(room, history, read, Some(*budget))
             .await
         {
             Ok(recovery) => recovery,
@@ -241,7 +240,7 @@ impl Socket {
         let page = Page {
             limit,
             before,
-            budget: self.reply_budget(),
+            budget: Some(self.reply_budget()),
         };
         let (at, frames, more) = self
             .node
@@ -255,6 +254,6 @@ impl Socket {
     /// The most bytes of messages one `history` reply carries: a quarter of the socket's
     /// byte bound, so that a reply always fits beside what is queued.
     fn reply_budget(&self) -> usize {
-        (self.queue.max_bytes() / 4).max(1)
+        self.queue.max_bytes() / 4
     }
 }
