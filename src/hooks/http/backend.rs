@@ -344,6 +344,49 @@ impl BackendBuilder {
 mod tests {
     use super::*;
 
+    /// A backend that answers 200 with `body` to every request, on a free port.
+    async fn answering(body: Vec<u8>) -> Uri {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = tcp.read(&mut request).await;
+                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", body.len());
+                let _ = tcp.write_all(head.as_bytes()).await;
+                let _ = tcp.write_all(&body).await;
+            }
+        });
+        format!("http://127.0.0.1:{port}/hook").parse().unwrap()
+    }
+
+    fn socket() -> SocketInfo {
+        SocketInfo {
+            id: 1,
+            connection_id: "c".into(),
+            bound: false,
+            request: Arc::new(Request::new(()).into_parts().0),
+            granted: Arc::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_over_64_kib_is_a_failure_and_nothing_more_is_held() {
+        let backend = Backend::builder().build();
+        let big = format!(r#"{{"result":{{"payload":"{}"}}}}"#, "x".repeat(MAX_ANSWER));
+        let url = answering(big.into_bytes()).await;
+        let asked = backend
+            .ask(&url, "publish", &socket(), b"{}".to_vec())
+            .await;
+        assert!(matches!(asked, Err(HookError::Unavailable(_))), "{asked:?}");
+        let small = answering(br#"{"result":{}}"#.to_vec()).await;
+        let asked = backend
+            .ask(&small, "publish", &socket(), b"{}".to_vec())
+            .await;
+        assert!(asked.is_ok(), "{asked:?}");
+    }
+
     #[test]
     fn a_signature_is_the_hmac_of_timestamp_dot_body() {
         let (timestamp, signature) = sign(b"key", b"{}");
