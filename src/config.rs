@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::hooks::Hooks;
+use crate::hooks::{Hook, Hooks, Notification};
 use crate::origin::OriginPolicy;
 use crate::protocol::Limits;
 use crate::settings::RoomPolicy;
@@ -47,6 +47,20 @@ pub(crate) struct Config {
     pub(crate) presence_ttl: Duration,
     /// The most identities a `presence` reply lists.
     pub(crate) presence_members_max: usize,
+    /// The notification hook (webhooks), if any.
+    pub(crate) notifications: Option<NotificationHook>,
+    /// The most notifications the node queues for it.
+    pub(crate) notification_queue: usize,
+}
+
+/// The notification hook, in a [`Config`].
+#[derive(Clone)]
+pub(crate) struct NotificationHook(pub(crate) Hook<Notification, ()>);
+
+impl std::fmt::Debug for NotificationHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NotificationHook")
+    }
 }
 
 impl Default for Config {
@@ -79,6 +93,8 @@ impl Default for Config {
             connect_within: None,
             presence_ttl: Duration::from_secs(30),
             presence_members_max: 1000,
+            notifications: None,
+            notification_queue: 10_000,
         }
     }
 }

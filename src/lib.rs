@@ -41,6 +41,8 @@ pub mod hub;
 pub mod layer;
 pub mod metrics;
 mod node;
+mod notifier;
+mod occupancy;
 mod origin;
 pub mod protocol;
 pub mod publisher;

@@ -17,6 +17,10 @@
 //! | `thinws_errors_total{code}` | counter | `error` frames sent, by code |
 //! | `thinws_slow_reader_drops_total` | counter | sockets closed with 1013 because their queue was full |
 //! | `thinws_redis_reconnects_total` | counter | times the pub/sub connection was re-established |
+//! | `thinws_notifications_sent_total` | counter | notifications (webhooks) the notification hook took |
+//! | `thinws_notifications_failed_total` | counter | failed calls of the notification hook (each retried) |
+//! | `thinws_notifications_dropped_total` | counter | notifications dropped, oldest first, from a full queue |
+//! | `thinws_notifications_queued` | gauge | notifications waiting to be sent |
 //!
 //! # Example
 //!
@@ -73,11 +77,25 @@ pub fn describe() {
         "thinws_hook_unavailable_total",
         "Operations answered `unavailable` because a hook's backend did not answer, by event"
     );
+    describe_counter!(
+        "thinws_notifications_sent_total",
+        "Notifications (webhooks) the notification hook took"
+    );
+    describe_counter!(
+        "thinws_notifications_failed_total",
+        "Calls of the notification hook that failed (each is retried)"
+    );
+    describe_counter!(
+        "thinws_notifications_dropped_total",
+        "Notifications dropped, oldest first, because the queue was full"
+    );
+    describe_gauge!("thinws_notifications_queued", "Notifications waiting to be sent");
     // Rare events are shown as 0 from the start, so that dashboards and alerts see them.
     counter!("thinws_slow_reader_drops_total").increment(0);
     counter!("thinws_redis_reconnects_total").increment(0);
     counter!("thinws_redis_pubsub_cut_total").increment(0);
     counter!("thinws_gaps_total").increment(0);
+    counter!("thinws_notifications_dropped_total").increment(0);
 }
 
 pub(crate) fn describe_once() {
@@ -131,6 +149,22 @@ pub(crate) fn slow_reader_dropped() {
 
 pub(crate) fn hook_unavailable(event: &'static str) {
     counter!("thinws_hook_unavailable_total", "event" => event).increment(1);
+}
+
+pub(crate) fn notification_sent() {
+    counter!("thinws_notifications_sent_total").increment(1);
+}
+
+pub(crate) fn notification_failed() {
+    counter!("thinws_notifications_failed_total").increment(1);
+}
+
+pub(crate) fn notification_dropped() {
+    counter!("thinws_notifications_dropped_total").increment(1);
+}
+
+pub(crate) fn notifications_queued(delta: f64) {
+    gauge!("thinws_notifications_queued").increment(delta);
 }
 
 pub(crate) fn redis_pubsub_cut() {

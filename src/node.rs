@@ -13,6 +13,8 @@ use crate::broker::redis::{ClusterTarget, RedisTarget, Target};
 use crate::broker::{Broker, FrameSink, MemoryBroker, RedisBroker};
 use crate::config::Config;
 use crate::error::{BrokerError, Error};
+use crate::notifier::Notifier;
+use crate::occupancy::{Ledger, Occupancy};
 use crate::rooms::Rooms;
 
 /// Where the node's Redis is.
@@ -32,6 +34,10 @@ pub(crate) struct Node {
     pub(crate) broker: Broker,
     /// Random per process; makes server-generated identities unique across nodes.
     pub(crate) instance: u64,
+    /// The notification hook's queue, if there is a hook.
+    pub(crate) notifier: Option<Notifier>,
+    /// Decides when rooms become occupied or vacant, for the notification hook.
+    occupancy: Option<Occupancy>,
 }
 
 impl FrameSink for Rooms {
@@ -46,7 +52,18 @@ impl Node {
     /// so: the node then refuses sockets and fails every broker operation with that reason.
     pub(crate) fn new(redis: Option<&RedisAddress>, config: Config) -> (Node, Option<Error>) {
         crate::metrics::describe_once();
-        let rooms = Rooms::new(config.max_sockets);
+        let notifier = config
+            .notifications
+            .as_ref()
+            .map(|hook| Notifier::new(hook.0.clone(), config.notification_queue));
+        let (watcher, changes) = match notifier {
+            Some(_) => {
+                let (watcher, changes) = tokio::sync::mpsc::unbounded_channel();
+                (Some(watcher), Some(changes))
+            }
+            None => (None, None),
+        };
+        let rooms = Rooms::watched(config.max_sockets, watcher);
         let sink = Arc::new(rooms.clone());
         let mut url_error = None;
         let ca = config.redis_ca_pem.as_deref();
@@ -55,7 +72,11 @@ impl Node {
             RedisAddress::Cluster(urls) => ClusterTarget::parse(urls, ca).map(Target::Cluster),
         });
         let broker = match target {
-            None => Broker::Memory(Box::new(MemoryBroker::new(sink, config.identity_ttl))),
+            None => Broker::Memory(Box::new(MemoryBroker::new(
+                sink,
+                config.identity_ttl,
+                notifier.clone(),
+            ))),
             Some(target) => match target {
                 Ok(target) => {
                     let broker = RedisBroker::new(
@@ -66,6 +87,7 @@ impl Node {
                         config.presence_ttl,
                         config.rooms.clone(),
                         sink,
+                        notifier.clone(),
                     );
                     match broker {
                         Ok(broker) => Broker::Redis(Box::new(broker)),
@@ -84,12 +106,33 @@ impl Node {
                 }
             },
         };
+        let ledger = match &broker {
+            Broker::Memory(_) => Some(Ledger::Local),
+            Broker::Redis(b) => Some(Ledger::Redis(b.occupancy(config.presence_ttl))),
+            Broker::Unusable(_) => None,
+        };
+        let occupancy = match (ledger, &notifier, changes) {
+            (Some(ledger), Some(notifier), Some(changes)) => {
+                Some(Occupancy::new(ledger, notifier.clone(), changes))
+            }
+            _ => None,
+        };
         let node = Node {
             config,
             rooms,
             broker,
             instance: RandomState::new().hash_one(std::process::id()),
+            notifier,
+            occupancy,
         };
         (node, url_error)
+    }
+
+    /// Starts the node's own tasks, once (later calls cost an uncontended lock at most).
+    /// Must be called within a Tokio runtime.
+    pub(crate) fn start(&self) {
+        if let Some(occupancy) = &self.occupancy {
+            occupancy.start();
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockWriteGuard};
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 /// A socket's id, unique on this node.
 pub(crate) type SocketId = u64;
@@ -48,6 +48,16 @@ struct Inner {
     accepting: AtomicBool,
     /// Sockets this node accepts at most.
     max_sockets: usize,
+    /// Told when a room gets its first local member or loses its last, in the order that
+    /// happens (sent under the rooms' lock), if anyone watches (see `occupancy`).
+    watcher: Option<mpsc::UnboundedSender<RoomChange>>,
+}
+
+/// A room got its first local member (`occupied`) or lost its last.
+#[derive(Debug)]
+pub(crate) struct RoomChange {
+    pub(crate) room: Arc<str>,
+    pub(crate) occupied: bool,
 }
 
 /// Why a socket was not registered.
@@ -59,7 +69,16 @@ pub(crate) enum Refused {
 
 impl Rooms {
     /// Rooms of a node that accepts at most `max_sockets` sockets.
+    #[cfg(test)]
     pub(crate) fn new(max_sockets: usize) -> Self {
+        Self::watched(max_sockets, None)
+    }
+
+    /// [`Rooms::new`], telling `watcher` of every [`RoomChange`].
+    pub(crate) fn watched(
+        max_sockets: usize,
+        watcher: Option<mpsc::UnboundedSender<RoomChange>>,
+    ) -> Self {
         Rooms {
             inner: Arc::new(Inner {
                 rooms: RwLock::default(),
@@ -68,6 +87,7 @@ impl Rooms {
                 next_id: AtomicU64::new(1),
                 accepting: AtomicBool::new(true),
                 max_sockets,
+                watcher,
             }),
         }
     }
@@ -117,7 +137,17 @@ impl Rooms {
         let key: Arc<str> = Arc::from(room);
         rooms.insert(key.clone(), HashMap::from([(id, member.clone())]));
         crate::metrics::room_opened();
+        self.tell(&key, true);
         key
+    }
+
+    fn tell(&self, room: &Arc<str>, occupied: bool) {
+        if let Some(watcher) = &self.inner.watcher {
+            let _ = watcher.send(RoomChange {
+                room: room.clone(),
+                occupied,
+            });
+        }
     }
 
     /// Removes a socket from a room's local members.
@@ -126,7 +156,9 @@ impl Rooms {
         if let Some(members) = rooms.get_mut(room) {
             members.remove(&id);
             if members.is_empty() {
-                rooms.remove(room);
+                if let Some((key, _)) = rooms.remove_entry(room) {
+                    self.tell(&key, false);
+                }
                 crate::metrics::room_closed();
             }
         }

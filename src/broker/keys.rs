@@ -14,6 +14,9 @@ pub(crate) struct Keys {
     presence_prefix: String,
     presence_nodes_prefix: String,
     presence_node_prefix: String,
+    occupancy_prefix: String,
+    occupancy_lease_prefix: String,
+    occupancy_leases: String,
 }
 
 impl Keys {
@@ -26,7 +29,29 @@ impl Keys {
             presence_prefix: format!("{prefix}presence:{{"),
             presence_nodes_prefix: format!("{prefix}presence-nodes:{{"),
             presence_node_prefix: format!("{prefix}presence-node:{{"),
+            occupancy_prefix: format!("{prefix}occupancy:{{"),
+            occupancy_lease_prefix: format!("{prefix}occupancy-lease:{{"),
+            occupancy_leases: format!("{prefix}occupancy-leases:{{leases}}"),
         }
+    }
+
+    /// The hash of which nodes have members in `room`: `{prefix}occupancy:{ROOM}`.
+    pub(crate) fn occupancy(&self, room: &str) -> String {
+        Self::tagged(&self.occupancy_prefix, room)
+    }
+
+    /// The set of rooms a node holds under `lease`: `{prefix}occupancy-lease:{LEASE}`.
+    pub(crate) fn occupancy_lease(&self, lease: &str) -> String {
+        Self::tagged(&self.occupancy_lease_prefix, lease)
+    }
+
+    /// The two sorted sets of the nodes' leases (live, and claimed for a sweep), in one
+    /// hash slot.
+    pub(crate) fn occupancy_leases(&self) -> [String; 2] {
+        [
+            format!("{}:live", self.occupancy_leases),
+            format!("{}:sweeping", self.occupancy_leases),
+        ]
     }
 
     fn tagged(prefix: &str, room: &str) -> String {

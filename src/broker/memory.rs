@@ -8,6 +8,7 @@ use std::time::Duration;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::time::Instant;
 
+use crate::notifier::Notifier;
 use super::presence::MemoryPresence;
 use super::{new_epoch, recoverable, HistoryPage, Page, Position, Recovery, SharedSink};
 use crate::protocol::server;
@@ -71,9 +72,9 @@ impl std::fmt::Debug for MemoryBroker {
 }
 
 impl MemoryBroker {
-    pub(crate) fn new(sink: SharedSink, identity_ttl: Duration) -> Self {
+    pub(crate) fn new(sink: SharedSink, identity_ttl: Duration, notifier: Option<Notifier>) -> Self {
         MemoryBroker {
-            presence: MemoryPresence::new(sink.clone()),
+            presence: MemoryPresence::new(sink.clone(), notifier),
             sink,
             identities: Mutex::new(Identities {
                 records: HashMap::new(),

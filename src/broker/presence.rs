@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 use super::SharedSink;
+use crate::hooks::Happened;
+use crate::notifier::Notifier;
 use crate::protocol::server::{self, PresenceEvent};
 use crate::settings::Presence;
 
@@ -74,13 +76,21 @@ impl Counts {
 pub(crate) struct MemoryPresence {
     counts: Mutex<Counts>,
     sink: SharedSink,
+    notifier: Option<Notifier>,
 }
 
 impl MemoryPresence {
-    pub(crate) fn new(sink: SharedSink) -> Self {
+    pub(crate) fn new(sink: SharedSink, notifier: Option<Notifier>) -> Self {
         MemoryPresence {
             counts: Mutex::default(),
             sink,
+            notifier,
+        }
+    }
+
+    fn notify(&self, what: Happened) {
+        if let Some(notifier) = &self.notifier {
+            notifier.notify(what);
         }
     }
 
@@ -98,12 +108,20 @@ impl MemoryPresence {
         if first && presence.announces() {
             self.announce(PresenceEvent::Join, room, identity);
         }
+        if first {
+            let (room, identity) = (room.clone(), identity.clone());
+            self.notify(Happened::Join { room, identity });
+        }
     }
 
     pub(crate) fn leave(&self, room: &str, identity: &str, presence: Presence) {
         let last = self.counts().remove(room, identity) == 0;
         if last && presence.announces() {
             self.announce(PresenceEvent::Leave, room, identity);
+        }
+        if last {
+            let (room, identity) = (Arc::from(room), Arc::from(identity));
+            self.notify(Happened::Leave { room, identity });
         }
     }
 

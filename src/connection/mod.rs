@@ -83,6 +83,7 @@ pub(crate) async fn serve(
     parts: Parts,
 ) {
     let Admitted { id, queue } = admitted;
+    node.start();
     let stream = match upgrade.await {
         Ok(stream) => stream,
         Err(e) => {

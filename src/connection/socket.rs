@@ -21,7 +21,7 @@ use super::refusal::Refusal;
 use super::request_head::detach;
 use crate::broker::Position;
 use crate::hooks::{
-    ask, DisconnectEvent, DisconnectReason, Hooks, MessageEvent, MessageVerdict, SocketInfo,
+    ask, DisconnectEvent, DisconnectReason, Happened, Hooks, MessageEvent, MessageVerdict, SocketInfo,
     SubscribeEvent, UnsubscribeEvent, Verdict,
 };
 use crate::metrics::SocketMetrics;
@@ -401,6 +401,12 @@ impl Socket {
             return;
         }
         self.disconnect_fired = true;
+        if let Some(notifier) = &self.node.notifier {
+            notifier.notify(Happened::Disconnect {
+                socket: Box::new(self.me.info()),
+                reason,
+            });
+        }
         let done = ask(&mut self.hooks.disconnect, || DisconnectEvent {
             socket: self.me.info(),
             reason,

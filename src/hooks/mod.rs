@@ -69,9 +69,11 @@ mod error;
 mod grant;
 #[cfg(feature = "http-hooks")]
 pub mod http;
+mod notification;
 
 pub use self::error::HookError;
 pub use self::grant::{Grant, RefreshEvent, RefreshVerdict};
+pub use self::notification::{Happened, Notification};
 
 use ::http::request::Parts;
 use ::http::Extensions;

@@ -7,11 +7,11 @@ use tower_service::Service;
 
 use super::ThinWsLayer;
 use crate::broker::Broker;
-use crate::config::Config;
+use crate::config::{Config, NotificationHook};
 use crate::error::Error;
 use crate::hooks::{
     self, BoxError, ConnectEvent, ConnectVerdict, DisconnectEvent, MessageEvent, MessageVerdict,
-    RefreshEvent, RefreshVerdict, SubscribeEvent, UnsubscribeEvent, Verdict,
+    Notification, RefreshEvent, RefreshVerdict, SubscribeEvent, UnsubscribeEvent, Verdict,
 };
 use crate::node::{Node, RedisAddress};
 use crate::settings::{History, Presence, RoomSettings};
@@ -511,6 +511,50 @@ impl ThinWsBuilder {
         S::Future: Send + 'static,
     {
         self.config.hooks.refresh = Some(hooks::boxed(hook));
+        self
+    }
+
+    /// Sets the hook told what happened, after the fact (webhooks): a room became occupied or
+    /// vacant across every node, an identity joined or left a presence room, a socket ended
+    /// ([`hooks::Happened`]). The node queues each [`hooks::Notification`] (see
+    /// [`notification_queue`](Self::notification_queue)) and calls the hook with it in turn,
+    /// in order per room, again after a growing pause while it fails; no socket ever waits
+    /// for it. [`hooks::http::Backend::webhook`] POSTs them to a URL.
+    ///
+    /// ```
+    /// use thinws::hooks::{Happened, Notification};
+    /// use tower::service_fn;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .on_notification(service_fn(|n: Notification| async move {
+    ///         if let Happened::RoomVacated { room, .. } = n.what() {
+    ///             tracing::info!(%room, "nobody left");
+    ///         }
+    ///         Ok::<_, std::convert::Infallible>(())
+    ///     }))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn on_notification<S>(mut self, hook: S) -> Self
+    where
+        S: Service<Notification, Response = ()> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError> + 'static,
+        S::Future: Send + 'static,
+    {
+        self.config.notifications = Some(NotificationHook(hooks::boxed(hook)));
+        self
+    }
+
+    /// How many notifications the node holds for the notification hook while it is slow or
+    /// failing (default 10,000); past it the oldest are dropped and counted in
+    /// `thinws_notifications_dropped_total`.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder().notification_queue(50_000).build();
+    /// # let _ = layer;
+    /// ```
+    pub fn notification_queue(mut self, notifications: usize) -> Self {
+        self.config.notification_queue = notifications.max(1);
         self
     }
 

@@ -1,5 +1,6 @@
 //! Hooks over HTTP for the standalone server: `--proxy-connect-url` and friends ask the
-//! operator's backend, in any language, at each event (see docs/hooks/).
+//! operator's backend, in any language, at each event, and `--webhook-url` tells it what
+//! happened (see docs/hooks/).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,6 +27,16 @@ pub struct ProxyArgs {
     /// A backend URL asked at every `refresh` (a new credential for an open socket).
     #[arg(long, env = "THINWS_PROXY_REFRESH_URL")]
     proxy_refresh_url: Option<String>,
+    /// A backend URL told what happened, after the fact (webhooks): a room became occupied
+    /// or vacant across every node, an identity joined or left a presence room, a socket
+    /// ended. Signed like the proxy; retried until it answers 2xx (see
+    /// docs/hooks/webhooks.md).
+    #[arg(long, env = "THINWS_WEBHOOK_URL")]
+    webhook_url: Option<String>,
+    /// Notifications held for the webhook while it is down or slow; past it the oldest are
+    /// dropped (and counted in thinws_notifications_dropped_total).
+    #[arg(long, env = "THINWS_WEBHOOK_QUEUE", default_value_t = 10_000)]
+    webhook_queue: usize,
     /// Seconds the backend may take per event (decimals allowed); past it the client gets
     /// `unavailable` and nothing happens.
     #[arg(long, env = "THINWS_PROXY_TIMEOUT", default_value_t = 2.0)]
@@ -49,8 +60,9 @@ pub struct ProxyArgs {
     /// Requests to the backend in flight at once on this node; past it, `unavailable`.
     #[arg(long, env = "THINWS_PROXY_MAX_IN_FLIGHT", default_value_t = 256)]
     proxy_max_in_flight: usize,
-    /// Signs every request (HMAC-SHA256 over the timestamp and body) with the secret in
-    /// this file, so that the backend can refuse forged or replayed calls.
+    /// Signs every request, webhooks included (HMAC-SHA256 over the timestamp and body),
+    /// with the secret in this file, so that the backend can refuse forged or replayed
+    /// calls.
     #[arg(long, env = "THINWS_PROXY_SECRET_FILE")]
     proxy_secret_file: Option<PathBuf>,
 }
@@ -102,6 +114,11 @@ impl ProxyArgs {
         }
         if let Some(url) = &self.proxy_refresh_url {
             builder = builder.on_refresh(backend.refresh(url).map_err(invalid)?);
+        }
+        if let Some(url) = &self.webhook_url {
+            builder = builder
+                .on_notification(backend.webhook(url).map_err(invalid)?)
+                .notification_queue(self.webhook_queue);
         }
         Ok(builder)
     }

@@ -8,7 +8,8 @@
 //! - `subscriber`: on one Redis, the task that owns the pub/sub connection (read by `resp`);
 //! - `tls`: `rediss://` for the pub/sub connection (feature `tls`);
 //! - `identities`: the rooms recorded per identity, through the pool;
-//! - `presence`: who is in each presence room, on every node (one task per node).
+//! - `presence`: who is in each presence room, on every node (one task per node);
+//! - `occupancy`: which nodes have members in each room (for `occupied`/`vacated`).
 //!
 //! Nothing connects when the broker is built (it may be built outside a Tokio runtime):
 //! the lanes and the subscriber task start together on first use.
@@ -19,6 +20,7 @@ mod connect;
 mod history;
 mod identities;
 mod lanes;
+mod occupancy;
 mod presence;
 mod resp;
 mod room_counts;
@@ -39,12 +41,14 @@ pub(crate) use self::connect::{Disconnects, RedisTarget};
 use self::history::HistoryStore;
 use self::identities::Identities;
 pub(crate) use self::lanes::Lanes;
+pub(crate) use self::occupancy::OccupancyStore;
 use self::presence::PresenceStore;
 use self::sharded::ShardedSubscriber;
 use self::subscriber::Subscriber;
 use self::subscriptions::Subscriptions;
 use super::{BrokerHealth, Confirmation, Keys, Publish, SharedSink};
 use crate::error::BrokerError;
+use crate::notifier::Notifier;
 use crate::settings::RoomPolicy;
 
 /// How many publishing lanes (and held pooled connections) a node keeps.
@@ -102,6 +106,7 @@ impl RedisBroker {
         presence_ttl: Duration,
         rooms: RoomPolicy,
         sink: SharedSink,
+        notifier: Option<Notifier>,
     ) -> Result<Self, BrokerError> {
         let (commands, disconnects) = match &target {
             Target::Single(single) => {
@@ -124,7 +129,13 @@ impl RedisBroker {
         Ok(RedisBroker {
             identities: Identities::new(commands.clone(), keys.clone(), timeout, identity_ttl),
             history: Arc::new(HistoryStore::new(commands.clone(), keys.clone(), timeout)),
-            presence: PresenceStore::new(commands.clone(), keys.clone(), timeout, presence_ttl),
+            presence: PresenceStore::new(
+                commands.clone(),
+                keys.clone(),
+                timeout,
+                presence_ttl,
+                notifier,
+            ),
             rooms,
             target,
             commands,
@@ -192,6 +203,11 @@ impl RedisBroker {
         self.running()
             .lanes
             .publish(lane, &self.keys, room, frame, history)
+    }
+
+    /// Room occupancy on this Redis, with leases that live `lifetime`.
+    pub(crate) fn occupancy(&self, lifetime: Duration) -> OccupancyStore {
+        OccupancyStore::new(self.commands.clone(), self.keys.clone(), self.timeout, lifetime)
     }
 
     /// Reads of history rooms.

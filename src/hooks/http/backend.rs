@@ -18,7 +18,7 @@ use sha2::Sha256;
 use tokio::sync::Semaphore;
 
 use super::wire::Answer;
-use super::HttpHook;
+use super::{HttpHook, Webhook};
 use crate::hooks::{
     ConnectEvent, HookError, MessageEvent, RefreshEvent, SocketInfo, SubscribeEvent,
 };
@@ -152,6 +152,15 @@ impl Backend {
         HttpHook::new(self.clone(), url)
     }
 
+    /// A notification hook (for
+    /// [`ThinWsBuilder::on_notification`](crate::ThinWsBuilder::on_notification)) that POSTs
+    /// each notification to `url` (see `docs/hooks/webhooks.md`); any 2xx status
+    /// acknowledges it, anything else fails it (the node sends it again later). The
+    /// backend's room prefixes do not apply: every room's notifications are sent.
+    pub fn webhook(&self, url: &str) -> Result<Webhook, InvalidHookUrl> {
+        Webhook::new(self.clone(), url)
+    }
+
     pub(super) fn node(&self) -> &str {
         &self.inner.node
     }
@@ -174,16 +183,36 @@ impl Backend {
         socket: &SocketInfo,
         body: Vec<u8>,
     ) -> Result<Answer, HookError> {
-        let inner = &*self.inner;
-        let _permit = inner.in_flight.try_acquire().map_err(|_| {
+        let _permit = self.inner.in_flight.try_acquire().map_err(|_| {
             HookError::unavailable("too many requests to the hooks' backend in flight")
         })?;
+        let (status, body) = self.exchange(url, event, Some(socket), body).await?;
+        if status != StatusCode::OK {
+            return Err(HookError::unavailable(format!(
+                "the backend answered {status}"
+            )));
+        }
+        Answer::parse(&body)
+    }
+
+    /// POSTs `body` for `event` to `url` (signed, with `socket`'s forwarded headers if
+    /// any); the answer's status and body (at most 64 KiB), within the timeout.
+    pub(super) async fn exchange(
+        &self,
+        url: &Uri,
+        event: &'static str,
+        socket: Option<&SocketInfo>,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), HookError> {
+        let inner = &*self.inner;
         let mut request = Request::post(url.clone())
             .header(CONTENT_TYPE, "application/json")
             .header("x-thinws-event", event);
-        for name in &inner.headers {
-            for value in socket.request().headers.get_all(name) {
-                request = request.header(name, value);
+        if let Some(socket) = socket {
+            for name in &inner.headers {
+                for value in socket.request().headers.get_all(name) {
+                    request = request.header(name, value);
+                }
             }
         }
         if let Some(secret) = &inner.secret {
@@ -201,18 +230,13 @@ impl Backend {
                 .request(request)
                 .await
                 .map_err(HookError::unavailable)?;
-            if response.status() != StatusCode::OK {
-                return Err(HookError::unavailable(format!(
-                    "the backend answered {}",
-                    response.status()
-                )));
-            }
+            let status = response.status();
             let body = Limited::new(response.into_body(), MAX_ANSWER)
                 .collect()
                 .await
                 .map_err(HookError::unavailable)?
                 .to_bytes();
-            Answer::parse(&body)
+            Ok((status, body))
         };
         match tokio::time::timeout(inner.timeout, answered).await {
             Ok(answer) => answer,

@@ -31,10 +31,15 @@
 //! # Ok::<(), thinws::hooks::http::InvalidHookUrl>(())
 //! ```
 //!
+//! Notifications (webhooks: a room became occupied or vacant, an identity joined or left a
+//! presence room, a socket ended) go to [`Backend::webhook`], set with
+//! [`ThinWsBuilder::on_notification`](crate::ThinWsBuilder::on_notification).
+//!
 //! They compose with tower middleware like any hook, e.g.
 //! `ServiceBuilder::new().concurrency_limit(64).service(backend.subscribe(url))`.
 
 mod backend;
+mod webhook;
 mod wire;
 
 use std::future::Future;
@@ -47,6 +52,7 @@ use http::Uri;
 use tower_service::Service;
 
 pub use self::backend::{Backend, BackendBuilder, InvalidHookUrl};
+pub use self::webhook::Webhook;
 pub use self::wire::Meta;
 use self::wire::ProxyEvent;
 use super::{ConnectEvent, HookError, MessageEvent, RefreshEvent, SubscribeEvent};
@@ -114,6 +120,11 @@ pub fn publish(url: &str) -> Result<HttpHook<MessageEvent>, InvalidHookUrl> {
 /// A `refresh` hook on a [`Backend`] of its own with the default settings.
 pub fn refresh(url: &str) -> Result<HttpHook<RefreshEvent>, InvalidHookUrl> {
     Backend::builder().build().refresh(url)
+}
+
+/// A notification hook (webhook) on a [`Backend`] of its own with the default settings.
+pub fn webhook(url: &str) -> Result<Webhook, InvalidHookUrl> {
+    Backend::builder().build().webhook(url)
 }
 
 impl<E> HttpHook<E> {

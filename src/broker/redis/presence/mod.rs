@@ -38,6 +38,8 @@ use super::connect::{redis_error, within};
 use crate::broker::presence::{Counts, Members};
 use crate::broker::{Confirmation, Keys};
 use crate::error::BrokerError;
+use crate::hooks::Happened;
+use crate::notifier::Notifier;
 use crate::protocol::server::{self, PresenceEvent};
 use crate::settings::Presence;
 
@@ -52,6 +54,10 @@ fn pipeline() -> redis::Pipeline {
     let mut pipeline = redis::pipe();
     pipeline.ignore_errors();
     pipeline
+}
+
+fn no_script(reply: &Value) -> bool {
+    matches!(reply, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
 }
 
 /// What the task is asked.
@@ -79,6 +85,8 @@ struct Shared {
     node: Arc<str>,
     ttl: Duration,
     script: redis::Script,
+    /// Told of every join and leave a script call of this node made.
+    notifier: Option<Notifier>,
 }
 
 impl Shared {
@@ -125,8 +133,47 @@ impl Shared {
             .arg(node_prefix)
     }
 
+    /// The status of a `set`, `touch` or `sync` call's reply (`None` for an error), after
+    /// telling the notifier of the joins and leaves it made.
+    fn status(&self, room: &Arc<str>, reply: &Value) -> Option<i64> {
+        match reply {
+            Value::Array(answer) => match answer.split_first() {
+                Some((Value::Int(status), told)) => {
+                    self.tell(room, told);
+                    Some(*status)
+                }
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Notifies each join (`j` + identity) and leave (`l` + identity) in `told`.
+    fn tell(&self, room: &Arc<str>, told: &[Value]) {
+        let Some(notifier) = &self.notifier else {
+            return;
+        };
+        for event in told {
+            let Value::BulkString(event) = event else {
+                continue;
+            };
+            let Some((kind, identity)) = event.split_first() else {
+                continue;
+            };
+            let Ok(identity) = serde_json::from_slice::<String>(identity) else {
+                continue;
+            };
+            let (room, identity) = (room.clone(), Arc::from(identity));
+            notifier.notify(match kind {
+                b'j' => Happened::Join { room, identity },
+                _ => Happened::Leave { room, identity },
+            });
+        }
+    }
+
     /// Sends `pipeline` on `connection` (the script loaded again if Redis lost it: every
-    /// call carries absolute counts, so sending the calls again is harmless).
+    /// call carries absolute counts, so sending the calls again is harmless; a call that
+    /// had run keeps its first reply, which holds the events it made).
     async fn send(
         &self,
         connection: &mut Connection,
@@ -135,9 +182,7 @@ impl Shared {
         let replies = query_pipeline(connection, pipeline)
             .await
             .map_err(redis_error)?;
-        let missing = replies.iter().any(|reply| {
-            matches!(reply, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
-        });
+        let missing = replies.iter().any(no_script);
         if !missing {
             return Ok(replies);
         }
@@ -145,9 +190,17 @@ impl Shared {
             .load_async(connection)
             .await
             .map_err(redis_error)?;
-        query_pipeline(connection, pipeline)
+        let again = query_pipeline(connection, pipeline)
             .await
-            .map_err(redis_error)
+            .map_err(redis_error)?;
+        Ok(replies
+            .into_iter()
+            .zip(again)
+            .map(|(first, again)| match no_script(&first) {
+                true => again,
+                false => first,
+            })
+            .collect())
     }
 }
 
@@ -168,7 +221,13 @@ impl std::fmt::Debug for PresenceStore {
 }
 
 impl PresenceStore {
-    pub(crate) fn new(commands: Commands, keys: Keys, timeout: Duration, ttl: Duration) -> Self {
+    pub(crate) fn new(
+        commands: Commands,
+        keys: Keys,
+        timeout: Duration,
+        ttl: Duration,
+        notifier: Option<Notifier>,
+    ) -> Self {
         let (changes, waiting) = mpsc::unbounded_channel();
         PresenceStore {
             shared: Arc::new(Shared {
@@ -178,6 +237,7 @@ impl PresenceStore {
                 node: crate::broker::new_epoch(),
                 ttl,
                 script: redis::Script::new(SCRIPT),
+                notifier,
             }),
             changes,
             waiting: Mutex::new(Some(waiting)),
@@ -270,7 +330,9 @@ impl PresenceStore {
         };
         match reply.as_slice() {
             [Value::Array(answer)] => match answer.as_slice() {
-                [Value::Int(count), Value::Array(listed)] => Ok(Members {
+                [Value::Int(count), Value::Array(listed), Value::Array(told)] => {
+                    shared.tell(&Arc::from(room), told);
+                    Ok(Members {
                     count: u64::try_from(*count).map_err(|_| unexpected(count))?,
                     listed: listed
                         .iter()
@@ -281,7 +343,8 @@ impl PresenceStore {
                             other => Err(unexpected(other)),
                         })
                         .collect::<Result<_, _>>()?,
-                }),
+                    })
+                }
                 other => Err(unexpected(&other)),
             },
             [Value::ServerError(e)] => Err(BrokerError::Refused(Arc::new(

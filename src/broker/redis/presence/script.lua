@@ -14,23 +14,36 @@
 -- sync:  ARGV[9..] identity, sockets pairs: everything this node has in the room
 -- read:  ARGV[9] the most members to list
 -- Identities are JSON string literals, so that frames and replies embed them as they are.
+-- Replies: set, touch and sync {1 (or 0: this node had been swept out or its share
+-- differs), told...}; read {count, listed, told}. `told` is every join ('j' .. identity)
+-- and leave ('l' .. identity) the call made, in order: the caller's to notify.
 local members, nodes, mine = KEYS[1], KEYS[2], KEYS[3]
 local mode, node, lifetime = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local events, channel = ARGV[4] ~= '0', ARGV[5]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 
+local told = {}
+
 local function adjust(identity, delta)
   if delta == 0 then return end
   local total = redis.call('HINCRBY', members, identity, delta)
   if total <= 0 then
     redis.call('HDEL', members, identity)
-    if total - delta > 0 and events then
-      redis.call(ARGV[4], channel, ARGV[7] .. identity .. '}')
+    if total - delta > 0 then
+      table.insert(told, 'l' .. identity)
+      if events then redis.call(ARGV[4], channel, ARGV[7] .. identity .. '}') end
     end
-  elseif total - delta <= 0 and events then
-    redis.call(ARGV[4], channel, ARGV[6] .. identity .. '}')
+  elseif total - delta <= 0 then
+    table.insert(told, 'j' .. identity)
+    if events then redis.call(ARGV[4], channel, ARGV[6] .. identity .. '}') end
   end
+end
+
+local function reply(status)
+  local answer = {status}
+  for _, event in ipairs(told) do table.insert(answer, event) end
+  return answer
 end
 
 -- Takes out the entries of every node that stopped refreshing them; says whether this
@@ -64,8 +77,8 @@ if mode == 'read' then
   sweep()
   local count = redis.call('HLEN', members)
   local max = tonumber(ARGV[9])
-  if count <= max then return {count, redis.call('HKEYS', members)} end
-  return {count, redis.call('HRANDFIELD', members, max)}
+  if count <= max then return {count, redis.call('HKEYS', members), told} end
+  return {count, redis.call('HRANDFIELD', members, max), told}
 end
 
 local swept_mine = sweep()
@@ -79,7 +92,7 @@ if mode == 'set' then
   end
   adjust(identity, sockets - before)
 elseif mode == 'touch' then
-  if swept_mine or redis.call('HLEN', mine) ~= tonumber(ARGV[9]) then return 0 end
+  if swept_mine or redis.call('HLEN', mine) ~= tonumber(ARGV[9]) then return reply(0) end
 elseif mode == 'sync' then
   local before = {}
   local held = redis.call('HGETALL', mine)
@@ -95,5 +108,5 @@ elseif mode == 'sync' then
   swept_mine = false
 end
 touch()
-if swept_mine then return 0 end
-return 1
+if swept_mine then return reply(0) end
+return reply(1)

@@ -78,18 +78,20 @@ impl Task {
         for (n, change) in batch.drain(..).enumerate() {
             let result = match &replies {
                 Ok(replies) => match replies.get(n) {
-                    Some(Value::Int(1)) => Ok(()),
-                    // This node had been swept out as dead: its share goes whole again.
-                    Some(Value::Int(0)) => {
-                        self.dirty.insert(change.room.clone());
-                        Ok(())
-                    }
                     Some(Value::ServerError(e)) => Err(BrokerError::Refused(Arc::new(
                         redis::RedisError::from(e.clone()),
                     ))),
-                    other => Err(BrokerError::Protocol(format!(
-                        "{other:?} from the presence script"
-                    ))),
+                    reply => match reply.and_then(|r| self.shared.status(&change.room, r)) {
+                        Some(1) => Ok(()),
+                        // This node had been swept out as dead: its share goes whole again.
+                        Some(0) => {
+                            self.dirty.insert(change.room.clone());
+                            Ok(())
+                        }
+                        _ => Err(BrokerError::Protocol(format!(
+                            "{reply:?} from the presence script"
+                        ))),
+                    },
                 },
                 Err(e) => Err(e.clone()),
             };
@@ -135,7 +137,7 @@ impl Task {
             match self.send(&pipeline).await {
                 Ok(replies) => {
                     for (room, reply) in touched.into_iter().zip(replies) {
-                        if !matches!(reply, Value::Int(1)) {
+                        if self.shared.status(room, &reply) != Some(1) {
                             whole.push(room.clone());
                         }
                     }
@@ -159,7 +161,7 @@ impl Task {
             match self.send(&pipeline).await {
                 Ok(replies) => {
                     for (room, reply) in chunk.iter().zip(replies) {
-                        if matches!(reply, Value::Int(1)) {
+                        if self.shared.status(room, &reply) == Some(1) {
                             self.dirty.remove(room);
                         }
                     }

@@ -1,0 +1,274 @@
+//! Room occupancy on Redis: which nodes have members in each room, so that "occupied"
+//! and "vacated" are decided once for the whole cluster, and what happens when a node dies.
+//!
+//! # Layout
+//! - hash `occupancy:{ROOM}` (the room's hash slot): each node with members there, with
+//!   the lease it holds them under, and `#`, the room's sequence number. `room.lua` adds
+//!   or takes out one node atomically and says whether the room went from no node to one
+//!   (occupied) or from one to none (vacated), with the next sequence number.
+//! - set `occupancy-lease:{LEASE}`: the rooms a node holds under one lease, for sweeping.
+//! - sorted sets `occupancy-leases:{leases}:live` (every lease, scored by when it runs
+//!   out) and `…:sweeping` (leases claimed for a sweep), handled by `leases.lua`.
+//!
+//! A node renews its lease every third of its lifetime. A lease that ran out is claimed by
+//! whichever node sweeps first: it takes the dead lease's rooms out, each only if it still
+//! holds that lease (so a node that came back under a new lease keeps its rooms), and the
+//! rooms that become vacant are the sweeper's to announce. A node whose lease was swept
+//! while it stalled finds out at its next renewal and registers its rooms again under a
+//! new lease (the backend then hears `vacated` and `occupied` again, which is what it
+//! looked like from outside).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::Value;
+
+use super::commands::{query_pipeline, Commands, Connection};
+use super::connect::{redis_error, within};
+use crate::broker::Keys;
+use crate::error::BrokerError;
+
+/// Script calls sent in one pipeline, at most.
+const BATCH: usize = 256;
+/// Leases one sweep claims, at most.
+const CLAIM: usize = 16;
+/// How long a vacant room's sequence number is kept.
+const SEQ_KEPT: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// This node's side of occupancy on Redis.
+pub(crate) struct OccupancyStore {
+    commands: Commands,
+    keys: Keys,
+    timeout: Duration,
+    /// This node's id in every room's hash: random per store.
+    node: Arc<str>,
+    lifetime: Duration,
+    room: redis::Script,
+    leases: redis::Script,
+}
+
+impl std::fmt::Debug for OccupancyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OccupancyStore")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl OccupancyStore {
+    pub(crate) fn new(commands: Commands, keys: Keys, timeout: Duration, lifetime: Duration) -> Self {
+        OccupancyStore {
+            commands,
+            keys,
+            timeout,
+            node: crate::broker::new_epoch(),
+            lifetime: lifetime.max(Duration::from_millis(300)),
+            room: redis::Script::new(include_str!("room.lua")),
+            leases: redis::Script::new(include_str!("leases.lua")),
+        }
+    }
+
+    /// How often the lease is renewed.
+    pub(crate) fn renew_every(&self) -> Duration {
+        self.lifetime / 3
+    }
+
+    /// The `n`th lease of this node.
+    pub(crate) fn lease(&self, n: u64) -> String {
+        format!("{}:{n}", self.node)
+    }
+
+    /// Sends `pipeline`; loads the scripts again if Redis lost them (the calls that failed
+    /// for it answer an error in their place: the caller sends them again).
+    async fn send(&self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BrokerError> {
+        within(self.timeout, async {
+            let mut connection = self.commands.get().await?;
+            let replies = query_pipeline(&mut connection, pipeline)
+                .await
+                .map_err(redis_error)?;
+            if replies.iter().any(no_script) {
+                self.load(&mut connection).await?;
+            }
+            Ok(replies)
+        })
+        .await
+    }
+
+    async fn load(&self, connection: &mut Connection) -> Result<(), BrokerError> {
+        self.room.load_async(connection).await.map_err(redis_error)?;
+        self.leases.load_async(connection).await.map_err(redis_error)?;
+        Ok(())
+    }
+
+    fn leases_call(&self, mode: &str) -> redis::Pipeline {
+        let mut pipeline = pipeline();
+        let [live, sweeping] = self.keys.occupancy_leases();
+        pipeline
+            .cmd("EVALSHA")
+            .arg(self.leases.get_hash())
+            .arg(2)
+            .arg(live)
+            .arg(sweeping)
+            .arg(mode);
+        pipeline
+    }
+
+    /// One call of the leases script; its reply (sent again once if Redis lost the script).
+    async fn leases_reply(&self, pipeline: redis::Pipeline) -> Result<Value, BrokerError> {
+        let mut reply = self.send(&pipeline).await?;
+        if reply.first().is_some_and(no_script) {
+            reply = self.send(&pipeline).await?;
+        }
+        match reply.into_iter().next() {
+            Some(Value::ServerError(e)) => Err(BrokerError::Refused(Arc::new(redis::RedisError::from(e)))),
+            Some(value) => Ok(value),
+            None => Err(unexpected(&"no reply")),
+        }
+    }
+
+    /// Registers `lease` (live for the lifetime from now).
+    pub(crate) async fn start(&self, lease: &str) -> Result<(), BrokerError> {
+        let mut call = self.leases_call("start");
+        call.arg(lease).arg(millis(self.lifetime));
+        self.leases_reply(call).await.map(drop)
+    }
+
+    /// Renews `lease`; `false` if it was swept (the node must take a new one).
+    pub(crate) async fn renew(&self, lease: &str) -> Result<bool, BrokerError> {
+        let mut call = self.leases_call("renew");
+        call.arg(lease).arg(millis(self.lifetime));
+        match self.leases_reply(call).await? {
+            Value::Int(renewed) => Ok(renewed == 1),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Registers (`true`) or takes out (`false`) this node in each room under `lease`. Per
+    /// change, in order: `Some(seq)` if it was applied (`seq` > 0 if the room became
+    /// occupied or vacant across every node), `None` if it was not (send it again).
+    pub(crate) async fn apply(
+        &self,
+        lease: &str,
+        changes: &[(Arc<str>, bool)],
+    ) -> Result<Vec<Option<u64>>, BrokerError> {
+        let rooms = self.keys.occupancy_lease(lease);
+        let mut pipeline = pipeline();
+        for (room, occupied) in changes {
+            if *occupied {
+                pipeline.cmd("SADD").arg(&rooms).arg(&**room);
+                self.room_call(&mut pipeline, room, "occupy", &self.node, lease);
+            } else {
+                self.room_call(&mut pipeline, room, "vacate", &self.node, lease);
+                pipeline.cmd("SREM").arg(&rooms).arg(&**room);
+            }
+        }
+        let replies = self.send(&pipeline).await?;
+        Ok(changes
+            .iter()
+            .enumerate()
+            .map(|(n, (_, occupied))| {
+                let (set, script) = match occupied {
+                    true => (2 * n, 2 * n + 1),
+                    false => (2 * n + 1, 2 * n),
+                };
+                match (replies.get(set), replies.get(script)) {
+                    (Some(Value::Int(_)), Some(Value::Int(seq))) => u64::try_from(*seq).ok(),
+                    _ => None,
+                }
+            })
+            .collect())
+    }
+
+    fn room_call(
+        &self,
+        pipeline: &mut redis::Pipeline,
+        room: &str,
+        mode: &str,
+        node: &str,
+        lease: &str,
+    ) {
+        pipeline
+            .cmd("EVALSHA")
+            .arg(self.room.get_hash())
+            .arg(1)
+            .arg(self.keys.occupancy(room))
+            .arg(mode)
+            .arg(node)
+            .arg(lease)
+            .arg(millis(SEQ_KEPT));
+    }
+
+    /// Claims leases that ran out (other nodes', or this node's own after a stall) and
+    /// takes their rooms out; returns the rooms that became vacant, with their sequence
+    /// numbers. A sweep that fails half-way is taken up again once its claim runs out.
+    pub(crate) async fn sweep(&self) -> Result<Vec<(Arc<str>, u64)>, BrokerError> {
+        let mut call = self.leases_call("claim");
+        call.arg(CLAIM).arg(millis(self.lifetime));
+        let claimed = match self.leases_reply(call).await? {
+            Value::Array(leases) => leases
+                .into_iter()
+                .map(|lease| match lease {
+                    Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|e| unexpected(&e)),
+                    other => Err(unexpected(&other)),
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            other => return Err(unexpected(&other)),
+        };
+        let mut vacated = Vec::new();
+        for lease in claimed {
+            let node = lease.rsplit_once(':').map_or(&*lease, |(node, _)| node);
+            let set = self.keys.occupancy_lease(&lease);
+            let rooms: Vec<String> = within(self.timeout, async {
+                let mut connection = self.commands.get().await?;
+                redis::cmd("SMEMBERS")
+                    .arg(&set)
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(redis_error)
+            })
+            .await?;
+            for chunk in rooms.chunks(BATCH) {
+                let mut pipeline = pipeline();
+                for room in chunk {
+                    self.room_call(&mut pipeline, room, "vacate", node, &lease);
+                }
+                let mut replies = self.send(&pipeline).await?;
+                if replies.iter().any(no_script) {
+                    // Taking out is idempotent (only a field still holding the lease goes).
+                    replies = self.send(&pipeline).await?;
+                }
+                for (room, reply) in chunk.iter().zip(replies) {
+                    match reply {
+                        Value::Int(0) => {}
+                        Value::Int(seq) => vacated.push((Arc::from(room.as_str()), seq as u64)),
+                        other => return Err(unexpected(&other)),
+                    }
+                }
+            }
+            let mut done = self.leases_call("done");
+            done.arg(&lease);
+            done.cmd("DEL").arg(&set);
+            self.send(&done).await?;
+        }
+        Ok(vacated)
+    }
+}
+
+/// An empty pipeline that answers each command's error in its place.
+fn pipeline() -> redis::Pipeline {
+    let mut pipeline = redis::pipe();
+    pipeline.ignore_errors();
+    pipeline
+}
+
+fn no_script(reply: &Value) -> bool {
+    matches!(reply, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
+}
+
+fn unexpected(reply: &dyn std::fmt::Debug) -> BrokerError {
+    BrokerError::Protocol(format!("{reply:?} from the occupancy scripts"))
+}
