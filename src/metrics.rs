@@ -89,7 +89,10 @@ pub fn describe() {
         "thinws_notifications_dropped_total",
         "Notifications dropped, oldest first, because the queue was full"
     );
-    describe_gauge!("thinws_notifications_queued", "Notifications waiting to be sent");
+    describe_gauge!(
+        "thinws_notifications_queued",
+        "Notifications waiting to be sent"
+    );
     // Rare events are shown as 0 from the start, so that dashboards and alerts see them.
     counter!("thinws_slow_reader_drops_total").increment(0);
     counter!("thinws_redis_reconnects_total").increment(0);

@@ -79,16 +79,7 @@ impl Node {
             ))),
             Some(target) => match target {
                 Ok(target) => {
-                    let broker = RedisBroker::new(
-                        target,
-                        &config.key_prefix,
-                        config.redis_timeout,
-                        config.identity_ttl,
-                        config.presence_ttl,
-                        config.rooms.clone(),
-                        sink,
-                        notifier.clone(),
-                    );
+                    let broker = RedisBroker::new(target, &config, sink, notifier.clone());
                     match broker {
                         Ok(broker) => Broker::Redis(Box::new(broker)),
                         Err(e) => {
@@ -108,7 +99,7 @@ impl Node {
         };
         let ledger = match &broker {
             Broker::Memory(_) => Some(Ledger::Local),
-            Broker::Redis(b) => Some(Ledger::Redis(b.occupancy(config.presence_ttl))),
+            Broker::Redis(b) => Some(Ledger::Redis(Box::new(b.occupancy(config.presence_ttl)))),
             Broker::Unusable(_) => None,
         };
         let occupancy = match (ledger, &notifier, changes) {

@@ -153,7 +153,7 @@ async fn run(lane: Arc<Lane>, mut hook: Hook<Notification, ()>) {
             lane.ready.notified().await;
             continue;
         };
-        let sent = match (&mut hook).ready().await {
+        let sent = match hook.ready().await {
             Ok(hook) => hook.call(notification).await,
             Err(e) => Err(e),
         };

@@ -31,7 +31,7 @@ pub(crate) enum Ledger {
     /// This node is the whole cluster.
     Local,
     /// Redis decides, across every node.
-    Redis(OccupancyStore),
+    Redis(Box<OccupancyStore>),
 }
 
 /// The occupancy task, until it starts.

@@ -7,51 +7,15 @@ mod support;
 #[path = "support/binary.rs"]
 mod binary;
 
-use std::process::{Child, Command, Stdio};
+#[path = "support/backend.rs"]
+mod backend;
+
 use std::time::{Duration, Instant};
 
+use backend::{Backend, BACKENDS, SECRET};
 use binary::{http_with_body, Server};
 use serde_json::json;
-use support::{free_port, listening, Client};
-
-const SECRET: &str = "a backend secret of at least 32 bytes";
-
-/// The example backends: the program and its script.
-const BACKENDS: [(&str, &str); 2] = [
-    ("node", "examples/backends/node/backend.js"),
-    ("python3", "examples/backends/python/backend.py"),
-];
-
-/// An example backend, on a free port.
-struct Backend {
-    child: Child,
-    port: u16,
-}
-
-impl Backend {
-    async fn start((program, script): (&str, &str), port: u16) -> Backend {
-        let child = Command::new(program)
-            .arg(script)
-            .env("PORT", port.to_string())
-            .env("THINWS_SECRET", SECRET)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{program} is needed for {script}: {e}"));
-        listening(port).await;
-        Backend { child, port }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}/thinws/{path}", self.port)
-    }
-}
-
-impl Drop for Backend {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use support::{free_port, Client};
 
 /// A thinws node whose hooks ask `backend`; `extra` flags added.
 async fn node(backend: &Backend, extra: &[&str]) -> (Server, std::path::PathBuf) {

@@ -8,9 +8,9 @@ use std::time::Duration;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::time::Instant;
 
-use crate::notifier::Notifier;
 use super::presence::MemoryPresence;
 use super::{new_epoch, recoverable, HistoryPage, Page, Position, Recovery, SharedSink};
+use crate::notifier::Notifier;
 use crate::protocol::server;
 use crate::settings::History;
 
@@ -72,7 +72,11 @@ impl std::fmt::Debug for MemoryBroker {
 }
 
 impl MemoryBroker {
-    pub(crate) fn new(sink: SharedSink, identity_ttl: Duration, notifier: Option<Notifier>) -> Self {
+    pub(crate) fn new(
+        sink: SharedSink,
+        identity_ttl: Duration,
+        notifier: Option<Notifier>,
+    ) -> Self {
         MemoryBroker {
             presence: MemoryPresence::new(sink.clone(), notifier),
             sink,

@@ -21,8 +21,8 @@ use super::refusal::Refusal;
 use super::request_head::detach;
 use crate::broker::Position;
 use crate::hooks::{
-    ask, DisconnectEvent, DisconnectReason, Happened, Hooks, MessageEvent, MessageVerdict, SocketInfo,
-    SubscribeEvent, UnsubscribeEvent, Verdict,
+    ask, DisconnectEvent, DisconnectReason, Happened, Hooks, MessageEvent, MessageVerdict,
+    SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
 };
 use crate::metrics::SocketMetrics;
 use crate::node::Node;

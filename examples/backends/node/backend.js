@@ -4,12 +4,13 @@
 //   thinws --proxy-connect-url http://127.0.0.1:3000/thinws/connect \
 //          --proxy-subscribe-url http://127.0.0.1:3000/thinws/subscribe \
 //          --proxy-publish-url http://127.0.0.1:3000/thinws/publish \
-//          --proxy-header Cookie --proxy-secret-file secret.txt
+//          --proxy-header Cookie --proxy-secret-file secret.txt \
+//          --webhook-url http://127.0.0.1:3000/thinws/webhook
 //
 // It authenticates browsers by their session cookie at connect (and names them), lets only
 // admins into `private:admins` and "pro" users into `pro:` rooms, rewrites messages (a
 // censored word), refuses calls that are not signed with THINWS_SECRET, and logs every
-// event as one JSON line. The wire contract is docs/hooks/.
+// event and webhook as one JSON line. The wire contract is docs/hooks/.
 "use strict";
 const http = require("node:http");
 const crypto = require("node:crypto");
@@ -73,7 +74,11 @@ const handlers = {
     }
     return { result: {} };
   },
-  "/thinws/webhook": () => ({}),
+  // Notifications (--webhook-url): a room occupied or vacated on every node, a join or leave
+  // in a presence room, a socket that ended. Nothing to answer: any 2xx acknowledges, and
+  // thinws sends it again until one does. A real backend acts here (e.g. ends a game when
+  // its room is vacated); `seq` orders a room's occupied/vacated across nodes.
+  "/thinws/webhook": () => null,
 };
 
 const server = http.createServer((req, res) => {
@@ -103,6 +108,11 @@ const server = http.createServer((req, res) => {
     try {
       const event = JSON.parse(body);
       const answer = handler(event, req);
+      if (answer === null) {
+        console.log(JSON.stringify({ webhook: event }));
+        res.writeHead(204).end();
+        return;
+      }
       console.log(JSON.stringify({ event: event.event, room: event.room, answer }));
       res.writeHead(200, { "content-type": "application/json" }).end(JSON.stringify(answer));
     } catch (e) {

@@ -4,12 +4,13 @@
     thinws --proxy-connect-url http://127.0.0.1:3000/thinws/connect \\
            --proxy-subscribe-url http://127.0.0.1:3000/thinws/subscribe \\
            --proxy-publish-url http://127.0.0.1:3000/thinws/publish \\
-           --proxy-header Cookie --proxy-secret-file secret.txt
+           --proxy-header Cookie --proxy-secret-file secret.txt \\
+           --webhook-url http://127.0.0.1:3000/thinws/webhook
 
 The same rules as the Node example: browsers are authenticated by their session cookie at
 connect (and named), only admins enter `private:admins` and "pro" users `pro:` rooms,
 messages are rewritten (a censored word), calls not signed with THINWS_SECRET are refused,
-and every event is logged as one JSON line. The wire contract is docs/hooks/.
+and every event and webhook is logged as one JSON line. The wire contract is docs/hooks/.
 """
 
 import hashlib
@@ -75,10 +76,20 @@ def publish(event, headers):
     return {"result": {}}
 
 
+def webhook(event, headers):
+    """Notifications (--webhook-url): a room occupied or vacated on every node, a join or
+    leave in a presence room, a socket that ended. Nothing to answer: any 2xx acknowledges,
+    and thinws sends it again until one does. A real backend acts here (e.g. ends a game
+    when its room is vacated); `seq` orders a room's occupied/vacated across nodes."""
+    print(json.dumps({"webhook": event}), flush=True)
+    return None
+
+
 HANDLERS = {
     "/thinws/connect": connect,
     "/thinws/subscribe": subscribe,
     "/thinws/publish": publish,
+    "/thinws/webhook": webhook,
 }
 
 
@@ -107,6 +118,8 @@ class Handler(BaseHTTPRequestHandler):
         except (ValueError, KeyError, TypeError, AttributeError):
             # Not an event this backend understands: thinws answers its client `unavailable`.
             return self.reply(400, b"")
+        if answer is None:
+            return self.reply(204, b"")
         print(json.dumps({"event": event.get("event"), "room": event.get("room"), "answer": answer}), flush=True)
         self.reply(200, json.dumps(answer).encode(), "application/json")
 

@@ -47,6 +47,7 @@ use self::sharded::ShardedSubscriber;
 use self::subscriber::Subscriber;
 use self::subscriptions::Subscriptions;
 use super::{BrokerHealth, Confirmation, Keys, Publish, SharedSink};
+use crate::config::Config;
 use crate::error::BrokerError;
 use crate::notifier::Notifier;
 use crate::settings::RoomPolicy;
@@ -97,17 +98,17 @@ impl std::fmt::Debug for RedisBroker {
 }
 
 impl RedisBroker {
-    /// Builds the broker without connecting.
+    /// Builds the broker without connecting, with `config`'s key prefix, timeout, lifetimes
+    /// and room settings.
     pub(crate) fn new(
         target: Target,
-        prefix: &str,
-        timeout: Duration,
-        identity_ttl: Duration,
-        presence_ttl: Duration,
-        rooms: RoomPolicy,
+        config: &Config,
         sink: SharedSink,
         notifier: Option<Notifier>,
     ) -> Result<Self, BrokerError> {
+        let (prefix, timeout) = (&config.key_prefix, config.redis_timeout);
+        let (identity_ttl, presence_ttl) = (config.identity_ttl, config.presence_ttl);
+        let rooms = config.rooms.clone();
         let (commands, disconnects) = match &target {
             Target::Single(single) => {
                 let (pool, disconnects) = single.pool(PUBLISH_LANES, timeout)?;
@@ -207,7 +208,12 @@ impl RedisBroker {
 
     /// Room occupancy on this Redis, with leases that live `lifetime`.
     pub(crate) fn occupancy(&self, lifetime: Duration) -> OccupancyStore {
-        OccupancyStore::new(self.commands.clone(), self.keys.clone(), self.timeout, lifetime)
+        OccupancyStore::new(
+            self.commands.clone(),
+            self.keys.clone(),
+            self.timeout,
+            lifetime,
+        )
     }
 
     /// Reads of history rooms.

@@ -105,10 +105,16 @@ fn body(notification: &Notification, node: &str) -> (&'static str, Vec<u8>) {
         reason: None,
     };
     match notification.what() {
-        Happened::RoomOccupied { seq, .. } => (body.event, body.seq) = ("room_occupied", Some(*seq)),
+        Happened::RoomOccupied { seq, .. } => {
+            (body.event, body.seq) = ("room_occupied", Some(*seq))
+        }
         Happened::RoomVacated { seq, .. } => (body.event, body.seq) = ("room_vacated", Some(*seq)),
-        Happened::Join { identity, .. } => (body.event, body.identity) = ("join", Some(&**identity)),
-        Happened::Leave { identity, .. } => (body.event, body.identity) = ("leave", Some(&**identity)),
+        Happened::Join { identity, .. } => {
+            (body.event, body.identity) = ("join", Some(&**identity))
+        }
+        Happened::Leave { identity, .. } => {
+            (body.event, body.identity) = ("leave", Some(&**identity))
+        }
         Happened::Disconnect { socket, reason } => {
             body.event = "disconnect";
             body.socket = Some(socket_body(socket));
@@ -116,7 +122,10 @@ fn body(notification: &Notification, node: &str) -> (&'static str, Vec<u8>) {
         }
     }
     let event = body.event;
-    (event, serde_json::to_vec(&body).expect("the body is plain JSON"))
+    (
+        event,
+        serde_json::to_vec(&body).expect("the body is plain JSON"),
+    )
 }
 
 fn socket_body(socket: &SocketInfo) -> SocketBody<'_> {

@@ -60,7 +60,12 @@ fn millis(d: Duration) -> u64 {
 }
 
 impl OccupancyStore {
-    pub(crate) fn new(commands: Commands, keys: Keys, timeout: Duration, lifetime: Duration) -> Self {
+    pub(crate) fn new(
+        commands: Commands,
+        keys: Keys,
+        timeout: Duration,
+        lifetime: Duration,
+    ) -> Self {
         OccupancyStore {
             commands,
             keys,
@@ -99,8 +104,14 @@ impl OccupancyStore {
     }
 
     async fn load(&self, connection: &mut Connection) -> Result<(), BrokerError> {
-        self.room.load_async(connection).await.map_err(redis_error)?;
-        self.leases.load_async(connection).await.map_err(redis_error)?;
+        self.room
+            .load_async(connection)
+            .await
+            .map_err(redis_error)?;
+        self.leases
+            .load_async(connection)
+            .await
+            .map_err(redis_error)?;
         Ok(())
     }
 
@@ -124,7 +135,9 @@ impl OccupancyStore {
             reply = self.send(&pipeline).await?;
         }
         match reply.into_iter().next() {
-            Some(Value::ServerError(e)) => Err(BrokerError::Refused(Arc::new(redis::RedisError::from(e)))),
+            Some(Value::ServerError(e)) => {
+                Err(BrokerError::Refused(Arc::new(redis::RedisError::from(e))))
+            }
             Some(value) => Ok(value),
             None => Err(unexpected(&"no reply")),
         }
@@ -212,7 +225,9 @@ impl OccupancyStore {
             Value::Array(leases) => leases
                 .into_iter()
                 .map(|lease| match lease {
-                    Value::BulkString(bytes) => String::from_utf8(bytes).map_err(|e| unexpected(&e)),
+                    Value::BulkString(bytes) => {
+                        String::from_utf8(bytes).map_err(|e| unexpected(&e))
+                    }
                     other => Err(unexpected(&other)),
                 })
                 .collect::<Result<Vec<_>, _>>()?,

@@ -333,16 +333,16 @@ impl PresenceStore {
                 [Value::Int(count), Value::Array(listed), Value::Array(told)] => {
                     shared.tell(&Arc::from(room), told);
                     Ok(Members {
-                    count: u64::try_from(*count).map_err(|_| unexpected(count))?,
-                    listed: listed
-                        .iter()
-                        .map(|member| match member {
-                            Value::BulkString(bytes) => {
-                                String::from_utf8(bytes.clone()).map_err(|_| unexpected(member))
-                            }
-                            other => Err(unexpected(other)),
-                        })
-                        .collect::<Result<_, _>>()?,
+                        count: u64::try_from(*count).map_err(|_| unexpected(count))?,
+                        listed: listed
+                            .iter()
+                            .map(|member| match member {
+                                Value::BulkString(bytes) => {
+                                    String::from_utf8(bytes.clone()).map_err(|_| unexpected(member))
+                                }
+                                other => Err(unexpected(other)),
+                            })
+                            .collect::<Result<_, _>>()?,
                     })
                 }
                 other => Err(unexpected(&other)),

@@ -1,0 +1,232 @@
+//! Webhooks (notifications) from real nodes to the example backends (real processes): a
+//! room occupied and vacated once for the whole cluster, joins and leaves in presence rooms,
+//! disconnects, a dead node's rooms vacated by a survivor, and a backend that was down
+//! receiving everything, in order, once it is back.
+
+mod support;
+
+#[path = "support/binary.rs"]
+mod binary;
+
+#[path = "support/backend.rs"]
+mod backend;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use backend::{Backend, Webhooks, BACKENDS, SECRET};
+use binary::{metric, Server};
+use serde_json::Value;
+use support::{free_port, http, within, Client, RedisServer};
+
+/// A node on `redis` whose webhooks go to `backend` (signed), with presence in every room
+/// and a 2 s presence and occupancy lease.
+async fn node(redis: &RedisServer, backend: &Backend) -> (Server, PathBuf) {
+    let secret = std::env::temp_dir().join(format!("thinws-webhook-{}", free_port()));
+    std::fs::write(&secret, SECRET).unwrap();
+    let webhook = backend.url("webhook");
+    let server = Server::start(&[
+        "--redis-url",
+        &redis.url(),
+        "--webhook-url",
+        &webhook,
+        "--proxy-secret-file",
+        secret.to_str().unwrap(),
+        "--proxy-timeout",
+        "1",
+        "--presence",
+        "--presence-ttl",
+        "2",
+        "--no-demo",
+    ])
+    .await;
+    (server, secret)
+}
+
+/// The webhooks of `event` about `room`.
+fn of(webhooks: &Webhooks, event: &str, room: &str) -> Vec<Value> {
+    webhooks
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w["event"] == event && w["room"] == room)
+        .cloned()
+        .collect()
+}
+
+/// Waits until the backend logged `n` webhooks of `event` about `room`.
+async fn logged(webhooks: &Webhooks, event: &str, room: &str, n: usize) {
+    within(&format!("{n} × {event} of {room}"), async {
+        while of(webhooks, event, room).len() < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_over_two_nodes_is_occupied_and_vacated_once() {
+    for example in BACKENDS {
+        occupied_and_vacated_once(example).await;
+    }
+}
+
+async fn occupied_and_vacated_once(example: (&str, &str)) {
+    let redis = RedisServer::start().await;
+    let webhooks = Webhooks::default();
+    let backend = Backend::logging(example, free_port(), webhooks.clone()).await;
+    let (a, secret_a) = node(&redis, &backend).await;
+    let (b, secret_b) = node(&redis, &backend).await;
+
+    let mut alice_a = Client::connect_as(&a.url(), "alice").await;
+    alice_a.subscribe("game").await;
+    logged(&webhooks, "room_occupied", "game", 1).await;
+    let mut alice_b = Client::connect_as(&b.url(), "alice").await;
+    alice_b.subscribe("game").await;
+    let mut bob_b = Client::connect_as(&b.url(), "bob").await;
+    bob_b.subscribe("game").await;
+    logged(&webhooks, "join", "game", 2).await;
+
+    alice_a.unsubscribe("game").await;
+    alice_b.close().await;
+    bob_b.unsubscribe("game").await;
+    logged(&webhooks, "room_vacated", "game", 1).await;
+    logged(&webhooks, "leave", "game", 2).await;
+    // Whatever else was going to come has had time to.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let occupied = of(&webhooks, "room_occupied", "game");
+    let vacated = of(&webhooks, "room_vacated", "game");
+    assert_eq!(
+        (occupied.len(), vacated.len()),
+        (1, 1),
+        "{occupied:?} {vacated:?}"
+    );
+    assert!(
+        vacated[0]["seq"].as_u64() > occupied[0]["seq"].as_u64(),
+        "{occupied:?} {vacated:?}"
+    );
+    let identities = |event| {
+        let mut ids: Vec<Value> = of(&webhooks, event, "game")
+            .into_iter()
+            .map(|w| w["identity"].clone())
+            .collect();
+        ids.sort_by_key(|id| id.to_string());
+        ids
+    };
+    // Alice had a socket on each node: one join and one leave, like bob.
+    assert_eq!(identities("join"), ["alice", "bob"]);
+    assert_eq!(identities("leave"), ["alice", "bob"]);
+    // The socket that closed was reported, with its identity and why.
+    within("alice's disconnect", async {
+        loop {
+            let gone = webhooks.lock().unwrap().iter().any(|w| {
+                w["event"] == "disconnect"
+                    && w["socket"]["identity"] == "alice"
+                    && w["reason"] == "closed"
+            });
+            if gone {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    // A node dies with the only member of a room: a survivor sweeps its lease out and the
+    // room is vacated, once.
+    let mut solo = Client::connect_as(&a.url(), "carol").await;
+    solo.subscribe("solo").await;
+    logged(&webhooks, "room_occupied", "solo", 1).await;
+    drop(a); // SIGKILL: no goodbye
+    logged(&webhooks, "room_vacated", "solo", 1).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(of(&webhooks, "room_vacated", "solo").len(), 1);
+    drop((b, bob_b, alice_a, solo));
+    let _ = std::fs::remove_file(secret_a);
+    let _ = std::fs::remove_file(secret_b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_wait_for_a_backend_that_is_down_and_arrive_in_order() {
+    for example in BACKENDS {
+        arrive_in_order(example).await;
+    }
+}
+
+async fn arrive_in_order(example: (&str, &str)) {
+    let redis = RedisServer::start().await;
+    let mut redis_client = redis.client().await;
+    let webhooks = Webhooks::default();
+    let port = free_port();
+    let backend = Backend::logging(example, port, webhooks.clone()).await;
+    let (server, secret) = node(&redis, &backend).await;
+    let mut client = Client::connect_as(&server.url(), "dave").await;
+
+    drop(backend);
+    // The room's sequence number, as Redis has it (each occupied and vacated counts one).
+    let seq = |redis_client: &mut redis::aio::MultiplexedConnection| {
+        let mut redis_client = redis_client.clone();
+        async move {
+            redis::cmd("HGET")
+                .arg("thinws:occupancy:{r}")
+                .arg("#")
+                .query_async::<Option<u64>>(&mut redis_client)
+                .await
+                .unwrap()
+                .unwrap_or(0)
+        }
+    };
+    for round in 1..=3u64 {
+        client.subscribe("r").await;
+        within("occupied at Redis", async {
+            while seq(&mut redis_client).await < 2 * round - 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        client.unsubscribe("r").await;
+        within("vacated at Redis", async {
+            while seq(&mut redis_client).await < 2 * round {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+    // Nothing reached the backend, and the node counted its failed attempts.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, metrics) = http(server.addr, "GET", "/metrics", &[]).await;
+    assert!(
+        metric(&metrics, "thinws_notifications_failed_total") >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(metric(&metrics, "thinws_notifications_dropped_total"), 0.0);
+
+    // Back: all six arrive, in the order they happened.
+    let _backend = Backend::logging(example, port, webhooks.clone()).await;
+    logged(&webhooks, "room_vacated", "r", 3).await;
+    let events: Vec<(String, u64)> = webhooks
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w["room"] == "r" && w["event"].as_str().unwrap().starts_with("room_"))
+        .map(|w| {
+            (
+                w["event"].as_str().unwrap().to_owned(),
+                w["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(String, u64)> = (1..=6)
+        .map(|seq| {
+            let event = if seq % 2 == 1 {
+                "room_occupied"
+            } else {
+                "room_vacated"
+            };
+            (event.to_owned(), seq)
+        })
+        .collect();
+    assert_eq!(events, expected);
+    let _ = std::fs::remove_file(secret);
+}
