@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::json;
 use support::{within, Client, Node};
 use thinws::hooks::{
-    ConnectEvent, ConnectVerdict, DisconnectEvent, MessageEvent, MessageVerdict, SubscribeEvent,
-    UnsubscribeEvent, Verdict,
+    ConnectEvent, ConnectVerdict, DisconnectEvent, Grant, Happened, MessageEvent, MessageVerdict,
+    Notification, SubscribeEvent, UnsubscribeEvent, Verdict,
 };
 use thinws::ThinWsLayer;
 use tokio::sync::{mpsc, Semaphore};
@@ -427,4 +427,105 @@ async fn close_during_hooks(builder: thinws::ThinWsBuilder, redis: Option<&suppo
         })
         .await;
     }
+}
+
+#[tokio::test]
+async fn a_connect_hook_can_put_the_socket_in_rooms_without_the_subscribe_hook() {
+    let layer = ThinWsLayer::builder()
+        .max_rooms_per_socket(4)
+        .on_connect(service_fn(|event: ConnectEvent| async move {
+            let id = event.connection_id().to_owned();
+            let grant = match id.as_str() {
+                "greedy" => (0..5).fold(Grant::new(), |g, n| g.room(format!("r{n}"))),
+                "broken" => Grant::new().room("user:broken").room(""),
+                _ => Grant::new().room(format!("user:{id}")),
+            };
+            Ok::<_, Infallible>(ConnectVerdict::Grant(grant))
+        }))
+        .on_subscribe(service_fn(|_: SubscribeEvent| async move {
+            Ok::<_, Infallible>(Verdict::refuse("nobody subscribes here"))
+        }))
+        .build();
+    let node = Node::start(layer).await;
+
+    let mut alice = Client::connect_as(&node.url(), "alice").await;
+    let mut bob = Client::connect_as(&node.url(), "bob").await;
+    bob.publish("user:alice", json!("for alice")).await;
+    let got = alice.delivery().await;
+    assert_eq!(
+        (&got["roomID"], &got["payload"]),
+        (&json!("user:alice"), &json!("for alice"))
+    );
+    // Subscribing is still the subscribe hook's to decide.
+    let refused = alice
+        .request(json!({"type": "subscribe", "roomID": "lobby"}))
+        .await;
+    assert_eq!(refused["code"], "forbidden");
+
+    // More rooms than the socket may hold, or a room that cannot be used: the connect
+    // fails and the socket is in no room.
+    let mut greedy = Client::connect(&node.url()).await;
+    let refused = greedy
+        .request(json!({"type": "connect", "connectionID": "greedy"}))
+        .await;
+    assert_eq!(refused["code"], "limit_exceeded", "{refused}");
+    let mut broken = Client::connect(&node.url()).await;
+    let refused = broken
+        .request(json!({"type": "connect", "connectionID": "broken"}))
+        .await;
+    assert_eq!(refused["code"], "internal", "{refused}");
+    assert_eq!(node.hub.member_count("r0"), 0);
+    assert_eq!(node.hub.member_count("user:broken"), 0);
+    assert_eq!(node.hub.room_count(), 2, "user:alice and user:bob");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_tell_occupied_vacated_join_leave_and_disconnect_in_order() {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    let layer = ThinWsLayer::builder()
+        .presence(thinws::settings::Presence::On)
+        .on_notification(service_fn(move |n: Notification| {
+            let log = log.clone();
+            async move {
+                let line = match n.what() {
+                    Happened::RoomOccupied { room, .. } => format!("occupied {room}"),
+                    Happened::RoomVacated { room, .. } => format!("vacated {room}"),
+                    Happened::Join { room, identity } => format!("join {room} {identity}"),
+                    Happened::Leave { room, identity } => format!("leave {room} {identity}"),
+                    Happened::Disconnect { socket, .. } => {
+                        format!("disconnect {}", socket.connection_id())
+                    }
+                    _ => "other".into(),
+                };
+                log.lock().unwrap().push(line);
+                Ok::<_, Infallible>(())
+            }
+        }))
+        .build();
+    let node = Node::start(layer).await;
+    let mut alice = Client::connect_as(&node.url(), "alice").await;
+    let mut alice_too = Client::connect_as(&node.url(), "alice").await;
+    alice.subscribe("game").await;
+    alice_too.subscribe("game").await;
+    alice.unsubscribe("game").await;
+    alice_too.close().await;
+    let lines = wait_for_log(&seen, 5).await;
+    // Occupancy and presence are decided apart: each kind keeps its order.
+    let of = |kinds: [&str; 2]| -> Vec<&str> {
+        lines
+            .iter()
+            .map(String::as_str)
+            .filter(|l| kinds.iter().any(|k| l.starts_with(k)))
+            .collect()
+    };
+    assert_eq!(
+        of(["occupied", "vacated"]),
+        ["occupied game", "vacated game"]
+    );
+    assert_eq!(
+        of(["join", "leave"]),
+        ["join game alice", "leave game alice"]
+    );
+    assert!(lines.contains(&"disconnect alice".to_owned()), "{lines:?}");
 }

@@ -116,6 +116,15 @@ async fn decides_by_cookie_room_and_message(example: (&str, &str)) {
     bob.subscribe("lobby").await;
     alice.subscribe("lobby").await;
 
+    // Rooms the backend put a socket in at connect: alice is in `user:alice` without
+    // having subscribed (nor asked /subscribe), so bob can reach her there.
+    bob.publish("user:alice", json!("just for you")).await;
+    let got = alice.delivery().await;
+    assert_eq!(
+        (&got["roomID"], &got["payload"]),
+        (&json!("user:alice"), &json!("just for you"))
+    );
+
     // Publish: rewritten by the backend, delivered under the identity it assigned.
     alice
         .publish("lobby", json!({"text": "darn, it works"}))

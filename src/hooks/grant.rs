@@ -49,6 +49,7 @@ pub struct Grant {
     pub(crate) identity: Option<String>,
     pub(crate) values: Extensions,
     pub(crate) expires_at: Option<SystemTime>,
+    pub(crate) rooms: Vec<String>,
 }
 
 impl Grant {
@@ -68,6 +69,16 @@ impl Grant {
     /// [`SocketInfo::granted`] until the socket ends or a `refresh` replaces the grant.
     pub fn with<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
         self.values.insert(value);
+        self
+    }
+
+    /// At `connect` only: joins the socket to `room` too, besides the identity's recorded
+    /// rooms, without asking the `subscribe` hook (this hook decided) and without recording
+    /// it for the identity (the hook decides again at the next `connect`). A room that is
+    /// empty or too long makes the `connect` fail with `internal`; past the socket's room
+    /// limit it fails with `limit_exceeded`. Ignored in a `refresh` verdict.
+    pub fn room(mut self, room: impl Into<String>) -> Self {
+        self.rooms.push(room.into());
         self
     }
 

@@ -7,7 +7,8 @@
 //          --proxy-header Cookie --proxy-secret-file secret.txt \
 //          --webhook-url http://127.0.0.1:3000/thinws/webhook
 //
-// It authenticates browsers by their session cookie at connect (and names them), lets only
+// It authenticates browsers by their session cookie at connect (and names them, and puts
+// them in their personal room `user:<id>`), lets only
 // admins into `private:admins` and "pro" users into `pro:` rooms, rewrites messages (a
 // censored word), refuses calls that are not signed with THINWS_SECRET, and logs every
 // event and webhook as one JSON line. The wire contract is docs/hooks/.
@@ -56,7 +57,15 @@ const handlers = {
   "/thinws/connect": (event, req) => {
     const user = SESSIONS.get(cookie(req, "session"));
     if (!user) return refuse("forbidden", "log in first");
-    return { result: { identity: user.id, meta: { plan: user.plan, admin: user.admin } } };
+    // Named after the user, with what later events need to know, and in a personal room
+    // (joined now, without asking /subscribe) where the app can reach this user alone.
+    return {
+      result: {
+        identity: user.id,
+        rooms: [`user:${user.id}`],
+        meta: { plan: user.plan, admin: user.admin },
+      },
+    };
   },
   "/thinws/subscribe": (event) => {
     const meta = (event.socket && event.socket.meta) || {};

@@ -8,7 +8,7 @@
            --webhook-url http://127.0.0.1:3000/thinws/webhook
 
 The same rules as the Node example: browsers are authenticated by their session cookie at
-connect (and named), only admins enter `private:admins` and "pro" users `pro:` rooms,
+connect (named, and put in their personal room `user:<id>`), only admins enter `private:admins` and "pro" users `pro:` rooms,
 messages are rewritten (a censored word), calls not signed with THINWS_SECRET are refused,
 and every event and webhook is logged as one JSON line. The wire contract is docs/hooks/.
 """
@@ -56,7 +56,15 @@ def connect(event, headers):
     user = SESSIONS.get(cookie["session"].value) if "session" in cookie else None
     if user is None:
         return refuse("forbidden", "log in first")
-    return {"result": {"identity": user["id"], "meta": {"plan": user["plan"], "admin": user["admin"]}}}
+    # Named after the user, with what later events need to know, and in a personal room
+    # (joined now, without asking /subscribe) where the app can reach this user alone.
+    return {
+        "result": {
+            "identity": user["id"],
+            "rooms": ["user:" + user["id"]],
+            "meta": {"plan": user["plan"], "admin": user["admin"]},
+        }
+    }
 
 
 def subscribe(event, headers):

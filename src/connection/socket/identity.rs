@@ -43,6 +43,18 @@ impl Socket {
         if self.me.bound && *self.me.identity != *connection_id {
             return Err(Refusal::OtherIdentity);
         }
+        let max_room = self.node.config.limits.max_room_id_len;
+        if let Some(room) = grant
+            .rooms
+            .iter()
+            .find(|room| room.is_empty() || room.len() > max_room)
+        {
+            let e = format!("the connect hook granted a room that cannot be used: {room:?}");
+            return Err(Refusal::hook_failed(
+                "connect",
+                std::io::Error::other(e).into(),
+            ));
+        }
         let rooms = self
             .node
             .broker
@@ -61,7 +73,7 @@ impl Socket {
         self.me.identity = connection_id.into();
         self.me.bound = true;
         self.me.granted = granted;
-        match self.rejoin(rooms, since.as_deref()).await {
+        match self.rejoin(rooms, grant.rooms, since.as_deref()).await {
             Ok(rejoined) => {
                 if !self.holds_identity {
                     tracing::Span::current().record("identity", &*self.me.identity);
@@ -140,18 +152,28 @@ impl Socket {
         Ok(Answer::Ack)
     }
 
-    /// Joins every recorded room the subscribe hook allows, or none: past the socket's room
-    /// limit, or when one cannot be joined, whatever this call joined is left again. With
-    /// `since` (a 1.1 client), history rooms say where they stand, and those listed in it
-    /// are recovered.
+    /// Joins every room the connect hook granted and every recorded room the subscribe
+    /// hook allows, or none: past the socket's room limit, or when one cannot be joined,
+    /// whatever this call joined is left again. With `since` (a 1.1 client), history rooms
+    /// say where they stand, and those listed in it are recovered.
     async fn rejoin(
         &mut self,
-        rooms: Vec<String>,
+        recorded: Vec<String>,
+        granted: Vec<String>,
         since: Option<&[(Cow<'_, str>, Since<'_>)]>,
     ) -> Result<Vec<(String, Rejoined)>, Refusal> {
-        let mut wanted = Vec::with_capacity(rooms.len());
-        for room in rooms {
-            if self.rooms.contains(room.as_str()) {
+        let max = self.node.config.max_rooms_per_socket;
+        if granted.len() > max {
+            return Err(Refusal::TooManyRooms(max));
+        }
+        let mut wanted: Vec<String> = Vec::with_capacity(recorded.len() + granted.len());
+        for room in granted {
+            if !self.rooms.contains(room.as_str()) && !wanted.contains(&room) {
+                wanted.push(room);
+            }
+        }
+        for room in recorded {
+            if self.rooms.contains(room.as_str()) || wanted.contains(&room) {
                 continue;
             }
             match self.allowed_to_subscribe(&room).await {
@@ -171,7 +193,6 @@ impl Socket {
                 Err(refusal) => return Err(refusal),
             }
         }
-        let max = self.node.config.max_rooms_per_socket;
         if self.rooms.len() + wanted.len() > max {
             return Err(Refusal::TooManyRooms(max));
         }

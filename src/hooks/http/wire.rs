@@ -118,6 +118,8 @@ struct Result_ {
     payload: Option<Box<RawValue>>,
     #[serde(default, rename = "expireAt")]
     expire_at: Option<u64>,
+    #[serde(default)]
+    rooms: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,7 +157,7 @@ impl Answer {
 }
 
 impl Result_ {
-    /// A grant of the answer's identity, `meta` and `expireAt`.
+    /// A grant of the answer's identity, `rooms`, `meta` and `expireAt`.
     fn grant(self) -> Result<Grant, HookError> {
         let mut grant = Grant::new();
         if let Some(identity) = self.identity {
@@ -165,6 +167,9 @@ impl Result_ {
                 ));
             }
             grant = grant.identity(identity);
+        }
+        for room in self.rooms.into_iter().flatten() {
+            grant = grant.room(room);
         }
         if let Some(meta) = self.meta {
             if meta.get().len() > MAX_META {
