@@ -436,3 +436,67 @@ async fn a_cluster_that_speaks_only_tls() {
         refused.report()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_on_every_shard_are_occupied_and_vacated_once_over_two_nodes() {
+    use std::sync::{Arc, Mutex};
+    use thinws::hooks::{Happened, Notification};
+
+    let cluster = RedisCluster::start().await;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let node_of = |seen: &Arc<Mutex<Vec<String>>>| {
+        let seen = seen.clone();
+        ThinWsLayer::builder()
+            .redis_cluster(cluster.urls())
+            .presence(Presence::On)
+            .on_notification(tower::service_fn(move |n: Notification| {
+                let seen = seen.clone();
+                async move {
+                    let line = match n.what() {
+                        Happened::RoomOccupied { room, .. } => format!("occupied {room}"),
+                        Happened::RoomVacated { room, .. } => format!("vacated {room}"),
+                        Happened::Join { room, identity } => format!("join {room} {identity}"),
+                        Happened::Leave { room, identity } => format!("leave {room} {identity}"),
+                        _ => return Ok::<_, std::convert::Infallible>(()),
+                    };
+                    seen.lock().unwrap().push(line);
+                    Ok(())
+                }
+            }))
+            .build()
+    };
+    let a = Node::start(node_of(&seen)).await;
+    let b = Node::start(node_of(&seen)).await;
+    let rooms = rooms_on_every_shard(&cluster, "occ-");
+    let mut on_a = Client::connect_as(&a.url(), "alice").await;
+    let mut on_b = Client::connect_as(&b.url(), "alice").await;
+    for room in &rooms {
+        on_a.subscribe(room).await;
+        on_b.subscribe(room).await;
+    }
+    for room in &rooms {
+        on_a.unsubscribe(room).await;
+        on_b.unsubscribe(room).await;
+    }
+    let expected: Vec<String> = rooms
+        .iter()
+        .flat_map(|room| {
+            ["occupied", "vacated", "join", "leave"].map(|event| match event {
+                "join" | "leave" => format!("{event} {room} alice"),
+                _ => format!("{event} {room}"),
+            })
+        })
+        .collect();
+    support::within("every notification", async {
+        while seen.lock().unwrap().len() < expected.len() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut got = seen.lock().unwrap().clone();
+    got.sort();
+    let mut expected = expected;
+    expected.sort();
+    assert_eq!(got, expected, "once each, per room, over both nodes");
+}
