@@ -235,8 +235,9 @@ impl Hub {
 
     /// Gracefully closes the node: stops accepting sockets, asks every socket to close with
     /// 1001 (going away) after the frames already queued for it, and waits until all are
-    /// closed (and their presence entries removed) or `deadline` has passed. Returns the
-    /// number of sockets still open.
+    /// closed (and their presence entries removed, and the notifications they made taken
+    /// by the notification hook) or `deadline` has passed. Returns the number of sockets
+    /// still open.
     pub async fn shutdown(&self, deadline: Duration) -> usize {
         self.node
             .rooms
@@ -245,6 +246,8 @@ impl Hub {
         let _ = tokio::time::timeout_at(until, self.node.rooms.all_closed()).await;
         // The closed sockets' presence leaves reach Redis now, not after the presence TTL.
         let _ = tokio::time::timeout_at(until, self.node.broker.presence_flush()).await;
+        // Their rooms' vacated, leaves and disconnects reach the notification hook.
+        let _ = tokio::time::timeout_at(until, self.node.flush_notifications()).await;
         self.socket_count()
     }
 }

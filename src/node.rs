@@ -119,6 +119,18 @@ impl Node {
         (node, url_error)
     }
 
+    /// Sends what the notification hook is still owed: the occupancy changes of the
+    /// sockets that closed (giving up the lease if no room is left), then every queued
+    /// notification. A node shutting down waits for it, bounded by its deadline.
+    pub(crate) async fn flush_notifications(&self) {
+        if let Some(occupancy) = &self.occupancy {
+            occupancy.flush().await;
+        }
+        if let Some(notifier) = &self.notifier {
+            notifier.drained().await;
+        }
+    }
+
     /// Starts the node's own tasks, once (later calls cost an uncontended lock at most).
     /// Must be called within a Tokio runtime.
     pub(crate) fn start(&self) {

@@ -5,9 +5,11 @@
 //! socket), so that a room's notifications keep their order while other rooms' go on. Each
 //! lane is a task that calls the hook with its oldest notification and, while that fails,
 //! calls it again with the same one after a growing pause (100 ms doubling to 10 s, with
-//! jitter). A lane holds at most its share of the queue's bound; past it the oldest is
-//! dropped and counted (`thinws_notifications_dropped_total`), so a backend that is down
-//! for long costs the node a bounded amount of memory and nothing else.
+//! jitter). A lane holds at most its share of the queue's bounds, in notifications and in
+//! bytes (a disconnect holds its socket's upgrade request, which a peer chose); past them
+//! the lane's oldest is dropped and counted (`thinws_notifications_dropped_total`), so a
+//! backend that is down for long costs the node a bounded amount of memory and nothing
+//! else.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
@@ -23,6 +25,8 @@ use crate::hooks::{Happened, Hook, Notification};
 
 /// How many lanes (hook calls at once) a node has.
 const LANES: usize = 4;
+/// The most bytes (roughly: what the notifications hold) the queue keeps.
+const MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// The node's notification queue (cheap to clone; the lanes stop once every clone is gone).
 #[derive(Clone)]
@@ -34,6 +38,7 @@ struct Inner {
     hook: Hook<Notification, ()>,
     lanes: Vec<Arc<Lane>>,
     per_lane: usize,
+    bytes_per_lane: usize,
     hasher: RandomState,
     started: OnceLock<()>,
 }
@@ -41,15 +46,49 @@ struct Inner {
 struct Lane {
     queue: Mutex<Queued>,
     ready: Notify,
+    /// Woken whenever the lane took a notification off (for [`Notifier::drained`]).
+    emptied: Notify,
     /// Set when the notifier is gone: the lane sends what it holds, once each, and ends.
     closed: AtomicBool,
 }
 
 #[derive(Default)]
 struct Queued {
-    items: VecDeque<(u64, Notification)>,
+    /// Each notification with its number and its size (see [`size_of`]).
+    items: VecDeque<(u64, Notification, usize)>,
+    bytes: usize,
     /// The number the next pushed notification gets (tells whether the front changed).
     next: u64,
+    dropped: u64,
+}
+
+impl Queued {
+    fn pop_front(&mut self) {
+        if let Some((_, _, size)) = self.items.pop_front() {
+            self.bytes -= size;
+            crate::metrics::notifications_queued(-1.0);
+        }
+    }
+}
+
+/// Roughly the bytes `notification` holds.
+fn size_of(notification: &Notification) -> usize {
+    let held = match &notification.what {
+        Happened::RoomOccupied { room, .. } | Happened::RoomVacated { room, .. } => room.len(),
+        Happened::Join { room, identity } | Happened::Leave { room, identity } => {
+            room.len() + identity.len()
+        }
+        Happened::Disconnect { socket, .. } => {
+            let request = socket.request();
+            let headers: usize = request
+                .headers
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 64)
+                .sum();
+            headers + request.uri.to_string().len() + socket.connection_id().len() + 512
+        }
+    };
+    held + std::mem::size_of::<Notification>()
 }
 
 impl std::fmt::Debug for Notifier {
@@ -84,6 +123,7 @@ impl Notifier {
                 Arc::new(Lane {
                     queue: Mutex::default(),
                     ready: Notify::new(),
+                    emptied: Notify::new(),
                     closed: AtomicBool::new(false),
                 })
             })
@@ -93,6 +133,7 @@ impl Notifier {
                 hook,
                 lanes,
                 per_lane: capacity.div_ceil(LANES).max(1),
+                bytes_per_lane: MAX_BYTES / LANES,
                 hasher: RandomState::new(),
                 started: OnceLock::new(),
             }),
@@ -116,20 +157,47 @@ impl Notifier {
                 .hash_one(notification.room().unwrap_or_default()),
         };
         let lane = &inner.lanes[(hash % LANES as u64) as usize];
+        let size = size_of(&notification);
         {
             let mut queued = lane.queue();
-            if queued.items.len() >= inner.per_lane {
-                queued.items.pop_front();
+            while !queued.items.is_empty()
+                && (queued.items.len() >= inner.per_lane
+                    || queued.bytes + size > inner.bytes_per_lane)
+            {
+                queued.pop_front();
+                queued.dropped += 1;
                 crate::metrics::notification_dropped();
-                crate::metrics::notifications_queued(-1.0);
-                tracing::warn!("notification queue full: dropped the oldest notification");
+                // Once, then at every power of two: a long outage does not flood the log.
+                if queued.dropped.is_power_of_two() {
+                    tracing::warn!(
+                        dropped = queued.dropped,
+                        "notification queue full: dropped the oldest notifications"
+                    );
+                }
             }
             let number = queued.next;
             queued.next += 1;
-            queued.items.push_back((number, notification));
+            queued.bytes += size;
+            queued.items.push_back((number, notification, size));
         }
         crate::metrics::notifications_queued(1.0);
         lane.ready.notify_one();
+    }
+}
+
+impl Notifier {
+    /// Resolves once every queued notification was taken by the hook (or dropped): a node
+    /// shutting down waits for it, bounded by its deadline.
+    pub(crate) async fn drained(&self) {
+        for lane in &self.inner.lanes {
+            loop {
+                let emptied = lane.emptied.notified();
+                if lane.queue().items.is_empty() {
+                    break;
+                }
+                emptied.await;
+            }
+        }
     }
 }
 
@@ -145,7 +213,11 @@ async fn run(lane: Arc<Lane>, mut hook: Hook<Notification, ()>) {
     };
     let mut backoff = pauses();
     loop {
-        let front = lane.queue().items.front().cloned();
+        let front = lane
+            .queue()
+            .items
+            .front()
+            .map(|(n, item, _)| (*n, item.clone()));
         let Some((number, notification)) = front else {
             if lane.closed.load(Ordering::Acquire) {
                 return;
@@ -167,32 +239,20 @@ async fn run(lane: Arc<Lane>, mut hook: Hook<Notification, ()>) {
                 crate::metrics::notification_failed();
                 tracing::warn!(error = %e, "notification hook failed; retrying");
                 if !closed {
+                    // The whole pause, even if the front is dropped meanwhile: a backend
+                    // that is down gets no more calls because events keep coming.
                     let pause = backoff.next().unwrap_or(Duration::from_secs(10));
-                    tokio::select! {
-                        _ = tokio::time::sleep(pause) => {}
-                        // A full lane dropped the front: go on with the new front at once.
-                        _ = wait_until_dropped(&lane, number) => {}
-                    }
+                    tokio::time::sleep(pause).await;
                     continue;
                 }
             }
         }
         let mut queued = lane.queue();
-        if queued.items.front().is_some_and(|(n, _)| *n == number) {
-            queued.items.pop_front();
-            crate::metrics::notifications_queued(-1.0);
+        if queued.items.front().is_some_and(|(n, _, _)| *n == number) {
+            queued.pop_front();
         }
-    }
-}
-
-/// Resolves once notification `number` is no longer the lane's front.
-async fn wait_until_dropped(lane: &Lane, number: u64) {
-    loop {
-        let notified = lane.ready.notified();
-        if lane.queue().items.front().is_none_or(|(n, _)| *n != number) {
-            return;
-        }
-        notified.await;
+        drop(queued);
+        lane.emptied.notify_waiters();
     }
 }
 
@@ -262,7 +322,12 @@ mod tests {
             .iter()
             .find(|lane| !lane.queue().items.is_empty())
             .expect("one lane holds the room");
-        let held: Vec<u64> = lane.queue().items.iter().map(|(_, n)| seq_of(n)).collect();
+        let held: Vec<u64> = lane
+            .queue()
+            .items
+            .iter()
+            .map(|(_, n, _)| seq_of(n))
+            .collect();
         assert_eq!(held, vec![7, 8, 9], "the newest three are kept");
         assert!(seen.lock().unwrap().is_empty());
     }

@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::broker::redis::OccupancyStore;
@@ -34,9 +34,10 @@ pub(crate) enum Ledger {
     Redis(Box<OccupancyStore>),
 }
 
-/// The occupancy task, until it starts.
+/// The occupancy task, until it starts, and the way to ask it for a flush.
 pub(crate) struct Occupancy {
     waiting: Mutex<Option<Task>>,
+    flushes: mpsc::UnboundedSender<oneshot::Sender<()>>,
 }
 
 impl std::fmt::Debug for Occupancy {
@@ -51,19 +52,22 @@ impl Occupancy {
         notifier: Notifier,
         changes: mpsc::UnboundedReceiver<RoomChange>,
     ) -> Self {
+        let (flushes, flush_requests) = mpsc::unbounded_channel();
         let task = Task {
             ledger,
             notifier,
             changes,
+            flushes: flush_requests,
             held: HashSet::new(),
             wanted: HashMap::new(),
             lease: None,
             leases: 0,
             renewed: Instant::now(),
-            seq: 0,
+            seq: local_seq_base(),
         };
         Occupancy {
             waiting: Mutex::new(Some(task)),
+            flushes,
         }
     }
 
@@ -79,12 +83,42 @@ impl Occupancy {
             tokio::spawn(task.run());
         }
     }
+
+    /// Resolves once every change made so far was sent (or failed once more), and, if this
+    /// node holds no room any more, its lease was given up: a node shutting down waits for
+    /// it, so that its rooms are vacated now rather than when its lease runs out.
+    pub(crate) async fn flush(&self) {
+        if self
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+        {
+            return; // never started: no socket, no change
+        }
+        let (done, flushed) = oneshot::channel();
+        if self.flushes.send(done).is_ok() {
+            let _ = flushed.await;
+        }
+    }
+}
+
+/// Where the local ledger's sequence numbers start: the clock (ms × 1000), so that they
+/// keep growing across restarts, as Redis's do (see `room.lua`).
+fn local_seq_base() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(now.as_millis())
+        .unwrap_or(0)
+        .saturating_mul(1000)
 }
 
 struct Task {
     ledger: Ledger,
     notifier: Notifier,
     changes: mpsc::UnboundedReceiver<RoomChange>,
+    flushes: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
     /// Rooms registered in the ledger.
     held: HashSet<Arc<str>>,
     /// Rooms whose registration should change: `true` to register.
@@ -93,13 +127,17 @@ struct Task {
     lease: Option<String>,
     leases: u64,
     renewed: Instant,
-    /// The local ledger's sequence number (one for every room: it only grows).
+    /// The local ledger's last sequence number (one for every room: it only grows).
     seq: u64,
 }
 
 impl Task {
     async fn run(mut self) {
-        let mut tick = tokio::time::interval(RETRY);
+        let every = match &self.ledger {
+            Ledger::Local => RETRY,
+            Ledger::Redis(store) => store.tick(),
+        };
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut batch = Vec::with_capacity(BATCH);
         loop {
@@ -111,6 +149,13 @@ impl Task {
                     for change in batch.drain(..) {
                         self.want(change);
                     }
+                }
+                Some(done) = self.flushes.recv() => {
+                    self.drain();
+                    self.send().await;
+                    self.release().await;
+                    let _ = done.send(());
+                    continue;
                 }
                 _ = tick.tick() => self.maintain().await,
             }
@@ -126,15 +171,31 @@ impl Task {
         }
     }
 
-    /// Sends the wanted changes, a batch at a time, until none is left or one fails.
+    /// Takes in every change waiting in the channel: they coalesce in `wanted` (bounded by
+    /// the rooms), however far behind Redis is.
+    fn drain(&mut self) {
+        while let Ok(change) = self.changes.try_recv() {
+            self.want(change);
+        }
+    }
+
+    /// Sends the wanted changes, a batch at a time, until none is left or none of a batch
+    /// went through (the rest wait for the next tick). A change that failed is not sent
+    /// again in this call, so that rooms that keep failing cannot hold up the others.
     async fn send(&mut self) {
-        while !self.wanted.is_empty() {
+        let mut failed: HashSet<Arc<str>> = HashSet::new();
+        loop {
+            self.drain();
             let batch: Vec<(Arc<str>, bool)> = self
                 .wanted
                 .iter()
+                .filter(|(room, _)| !failed.contains(*room))
                 .take(BATCH)
                 .map(|(room, occupied)| (room.clone(), *occupied))
                 .collect();
+            if batch.is_empty() {
+                return;
+            }
             let applied = match &self.ledger {
                 Ledger::Local => batch
                     .iter()
@@ -154,10 +215,11 @@ impl Task {
                     }
                 }
             };
-            let mut progress = false;
             for ((room, occupied), applied) in batch.into_iter().zip(applied) {
-                let Some(seq) = applied else { continue };
-                progress = true;
+                let Some(seq) = applied else {
+                    failed.insert(room);
+                    continue;
+                };
                 self.wanted.remove(&room);
                 match occupied {
                     true => self.held.insert(room.clone()),
@@ -170,54 +232,85 @@ impl Task {
                     });
                 }
             }
-            if !progress {
-                return;
-            }
+            // A long send must not let the lease run out.
+            self.renew().await;
         }
     }
 
-    /// On Redis: takes a lease (or a new one, if this node's was swept), renews it, and
-    /// sweeps out dead nodes' leases.
+    /// On Redis, at a shutdown: gives the lease up if it holds no room any more.
+    async fn release(&mut self) {
+        let (Ledger::Redis(store), Some(lease)) = (&self.ledger, &self.lease) else {
+            return;
+        };
+        if !self.held.is_empty() || !self.wanted.is_empty() {
+            return;
+        }
+        match store.release(lease).await {
+            Ok(()) => self.lease = None,
+            Err(e) => tracing::warn!(error = %e, "occupancy: cannot give the lease up"),
+        }
+    }
+
+    /// On Redis: takes a lease if there is none, renews it when due (taking a new one if
+    /// this node's was swept), and sweeps out dead nodes' leases.
     async fn maintain(&mut self) {
         let Ledger::Redis(store) = &self.ledger else {
             return;
         };
-        match &self.lease {
-            None => {
-                let lease = store.lease(self.leases);
-                if let Err(e) = store.start(&lease).await {
-                    tracing::warn!(error = %e, "occupancy: cannot take a lease; retrying");
-                    return;
-                }
-                self.leases += 1;
-                self.renewed = Instant::now();
-                self.lease = Some(lease);
+        if self.lease.is_some() {
+            if !self.renew().await {
+                return;
             }
-            Some(_) if self.renewed.elapsed() < store.renew_every() => return,
-            Some(lease) => match store.renew(lease).await {
-                Ok(true) => self.renewed = Instant::now(),
-                Ok(false) => {
-                    tracing::warn!("occupancy: this node's lease was swept (it stalled); registering its rooms again");
-                    self.lease = None;
-                    for room in self.held.drain() {
-                        self.wanted.entry(room).or_insert(true);
-                    }
-                    self.wanted.retain(|_, occupied| *occupied);
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "occupancy: cannot renew the lease");
-                    return;
-                }
-            },
+        } else {
+            let lease = store.lease(self.leases);
+            if let Err(e) = store.start(&lease).await {
+                tracing::warn!(error = %e, "occupancy: cannot take a lease; retrying");
+                return;
+            }
+            self.leases += 1;
+            self.renewed = Instant::now();
+            self.lease = Some(lease);
         }
-        match store.sweep().await {
-            Ok(vacated) => {
-                for (room, seq) in vacated {
-                    self.notifier.notify(Happened::RoomVacated { room, seq });
-                }
+        let Ledger::Redis(store) = &self.ledger else {
+            return;
+        };
+        let notifier = &self.notifier;
+        let swept = store
+            .sweep(|room, seq| notifier.notify(Happened::RoomVacated { room, seq }))
+            .await;
+        if let Err(e) = swept {
+            tracing::warn!(error = %e, "occupancy: sweep failed");
+        }
+    }
+
+    /// Renews the lease if a third of its lifetime went by since the last renewal; whether
+    /// it was renewed. A lease that was swept (this node stalled) is replaced at the next
+    /// tick, and every room registered again.
+    async fn renew(&mut self) -> bool {
+        let (Ledger::Redis(store), Some(lease)) = (&self.ledger, &self.lease) else {
+            return false;
+        };
+        if self.renewed.elapsed() < store.renew_every() {
+            return false;
+        }
+        match store.renew(lease).await {
+            Ok(true) => {
+                self.renewed = Instant::now();
+                true
             }
-            Err(e) => tracing::warn!(error = %e, "occupancy: sweep failed"),
+            Ok(false) => {
+                tracing::warn!("occupancy: this node's lease was swept (it stalled); registering its rooms again");
+                self.lease = None;
+                for room in self.held.drain() {
+                    self.wanted.entry(room).or_insert(true);
+                }
+                self.wanted.retain(|_, occupied| *occupied);
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "occupancy: cannot renew the lease");
+                false
+            }
         }
     }
 }

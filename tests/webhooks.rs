@@ -177,22 +177,32 @@ async fn arrive_in_order(example: (&str, &str)) {
                 .unwrap_or(0)
         }
     };
+    // The room's numbers start from Redis's clock: `base` is the one before the first.
+    let mut base = None;
     for round in 1..=3u64 {
         client.subscribe("r").await;
         within("occupied at Redis", async {
-            while seq(&mut redis_client).await < 2 * round - 1 {
+            loop {
+                let now = seq(&mut redis_client).await;
+                if now > 0 {
+                    let base = *base.get_or_insert(now - 1);
+                    if now >= base + 2 * round - 1 {
+                        break;
+                    }
+                }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await;
         client.unsubscribe("r").await;
         within("vacated at Redis", async {
-            while seq(&mut redis_client).await < 2 * round {
+            while seq(&mut redis_client).await < base.unwrap() + 2 * round {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await;
     }
+    let base = base.unwrap();
     // Nothing reached the backend, and the node counted its failed attempts.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, metrics) = http(server.addr, "GET", "/metrics", &[]).await;
@@ -224,9 +234,28 @@ async fn arrive_in_order(example: (&str, &str)) {
             } else {
                 "room_vacated"
             };
-            (event.to_owned(), seq)
+            (event.to_owned(), base + seq)
         })
         .collect();
     assert_eq!(events, expected);
+
+    // A graceful shutdown sends what its sockets' end made before the node exits, and
+    // gives its lease up.
+    client.subscribe("last").await;
+    logged(&webhooks, "room_occupied", "last", 1).await;
+    server.terminate();
+    assert!(server.exited().await.success());
+    logged(&webhooks, "room_vacated", "last", 1).await;
+    logged(&webhooks, "leave", "last", 1).await;
+    let gone = webhooks.lock().unwrap().iter().any(|w| {
+        w["event"] == "disconnect" && w["socket"]["identity"] == "dave" && w["reason"] == "server"
+    });
+    assert!(gone, "{:?}", webhooks.lock().unwrap());
+    let live: u64 = redis::cmd("ZCARD")
+        .arg("thinws:occupancy-leases:{leases}:live")
+        .query_async(&mut redis_client)
+        .await
+        .unwrap();
+    assert_eq!(live, 0, "the lease was given up");
     let _ = std::fs::remove_file(secret);
 }

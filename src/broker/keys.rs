@@ -15,6 +15,7 @@ pub(crate) struct Keys {
     presence_nodes_prefix: String,
     presence_node_prefix: String,
     occupancy_prefix: String,
+    occupancy_done_prefix: String,
     occupancy_lease_prefix: String,
     occupancy_leases: String,
 }
@@ -30,6 +31,7 @@ impl Keys {
             presence_nodes_prefix: format!("{prefix}presence-nodes:{{"),
             presence_node_prefix: format!("{prefix}presence-node:{{"),
             occupancy_prefix: format!("{prefix}occupancy:{{"),
+            occupancy_done_prefix: format!("{prefix}occupancy-done:{{"),
             occupancy_lease_prefix: format!("{prefix}occupancy-lease:{{"),
             occupancy_leases: format!("{prefix}occupancy-leases:{{leases}}"),
         }
@@ -38,6 +40,12 @@ impl Keys {
     /// The hash of which nodes have members in `room`: `{prefix}occupancy:{ROOM}`.
     pub(crate) fn occupancy(&self, room: &str) -> String {
         Self::tagged(&self.occupancy_prefix, room)
+    }
+
+    /// The hash of each node's last taking out of `room` (see `room.lua`):
+    /// `{prefix}occupancy-done:{ROOM}`.
+    pub(crate) fn occupancy_done(&self, room: &str) -> String {
+        Self::tagged(&self.occupancy_done_prefix, room)
     }
 
     /// The set of rooms a node holds under `lease`: `{prefix}occupancy-lease:{LEASE}`.

@@ -546,7 +546,8 @@ impl ThinWsBuilder {
     }
 
     /// How many notifications the node holds for the notification hook while it is slow or
-    /// failing (default 10,000); past it the oldest are dropped and counted in
+    /// failing (default 10,000, spread over 4 lanes by room; each lane also holds at most
+    /// 16 MiB); past it a lane's oldest are dropped and counted in
     /// `thinws_notifications_dropped_total`.
     ///
     /// ```

@@ -33,8 +33,9 @@ pub struct ProxyArgs {
     /// docs/hooks/webhooks.md).
     #[arg(long, env = "THINWS_WEBHOOK_URL")]
     webhook_url: Option<String>,
-    /// Notifications held for the webhook while it is down or slow; past it the oldest are
-    /// dropped (and counted in thinws_notifications_dropped_total).
+    /// Notifications held for the webhook while it is down or slow (spread over 4 lanes by
+    /// room); past it a lane's oldest are dropped (and counted in
+    /// thinws_notifications_dropped_total).
     #[arg(long, env = "THINWS_WEBHOOK_QUEUE", default_value_t = 10_000)]
     webhook_queue: usize,
     /// Seconds the backend may take per event (decimals allowed); past it the client gets

@@ -192,18 +192,21 @@ impl Backend {
                 "the backend answered {status}"
             )));
         }
-        Answer::parse(&body)
+        Answer::parse(&body?)
     }
 
     /// POSTs `body` for `event` to `url` (signed, with `socket`'s forwarded headers if
-    /// any); the answer's status and body (at most 64 KiB), within the timeout.
+    /// any), and reads the answer, all within the timeout: the status (an error if none
+    /// came), and for a 2xx its body, at most 64 KiB (an error if it could not be read: a
+    /// webhook, which only needs the status, goes on without it). Other answers' bodies
+    /// are not read.
     pub(super) async fn exchange(
         &self,
         url: &Uri,
         event: &'static str,
         socket: Option<&SocketInfo>,
         body: Vec<u8>,
-    ) -> Result<(StatusCode, Bytes), HookError> {
+    ) -> Result<(StatusCode, Result<Bytes, HookError>), HookError> {
         let inner = &*self.inner;
         let mut request = Request::post(url.clone())
             .header(CONTENT_TYPE, "application/json")
@@ -224,27 +227,28 @@ impl Backend {
         let request = request
             .body(Full::new(Bytes::from(body)))
             .map_err(HookError::unavailable)?;
-        let answered = async {
-            let response = inner
-                .client
-                .request(request)
-                .await
-                .map_err(HookError::unavailable)?;
-            let status = response.status();
-            let body = Limited::new(response.into_body(), MAX_ANSWER)
-                .collect()
-                .await
-                .map_err(HookError::unavailable)?
-                .to_bytes();
-            Ok((status, body))
-        };
-        match tokio::time::timeout(inner.timeout, answered).await {
-            Ok(answer) => answer,
-            Err(_) => Err(HookError::unavailable(format!(
+        let deadline = tokio::time::Instant::now() + inner.timeout;
+        let late = || {
+            HookError::unavailable(format!(
                 "no answer from the backend within {:?}",
                 inner.timeout
-            ))),
+            ))
+        };
+        let response = tokio::time::timeout_at(deadline, inner.client.request(request))
+            .await
+            .map_err(|_| late())?
+            .map_err(HookError::unavailable)?;
+        let status = response.status();
+        if !status.is_success() {
+            return Ok((status, Ok(Bytes::new())));
         }
+        let read = Limited::new(response.into_body(), MAX_ANSWER).collect();
+        let body = match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(body)) => Ok(body.to_bytes()),
+            Ok(Err(e)) => Err(HookError::unavailable(e)),
+            Err(_) => Err(late()),
+        };
+        Ok((status, body))
     }
 }
 

@@ -30,10 +30,14 @@ use crate::error::BrokerError;
 
 /// Script calls sent in one pipeline, at most.
 const BATCH: usize = 256;
+/// The shortest lease.
+const MIN_LIFETIME: Duration = Duration::from_secs(3);
 /// Leases one sweep claims, at most.
 const CLAIM: usize = 16;
 /// How long a vacant room's sequence number is kept.
 const SEQ_KEPT: Duration = Duration::from_secs(24 * 60 * 60);
+/// How long a node's last taking out of a room is remembered (to answer it again).
+const DONE_KEPT: Duration = Duration::from_secs(60 * 60);
 
 /// This node's side of occupancy on Redis.
 pub(crate) struct OccupancyStore {
@@ -71,7 +75,8 @@ impl OccupancyStore {
             keys,
             timeout,
             node: crate::broker::new_epoch(),
-            lifetime: lifetime.max(Duration::from_millis(300)),
+            // Renewed every third of it, by a task that may be busy for a timeout or two.
+            lifetime: lifetime.max(MIN_LIFETIME),
             room: redis::Script::new(include_str!("room.lua")),
             leases: redis::Script::new(include_str!("leases.lua")),
         }
@@ -82,23 +87,44 @@ impl OccupancyStore {
         self.lifetime / 3
     }
 
+    /// How often the task looks at its lease (and sends again what failed).
+    pub(crate) fn tick(&self) -> Duration {
+        (self.lifetime / 6).min(Duration::from_secs(1))
+    }
+
+    /// Gives up `lease`, which holds no room any more (a node shutting down).
+    pub(crate) async fn release(&self, lease: &str) -> Result<(), BrokerError> {
+        let mut call = self.leases_call("release");
+        call.arg(lease);
+        call.cmd("DEL").arg(self.keys.occupancy_lease(lease));
+        self.send(&call).await.map(drop)
+    }
+
     /// The `n`th lease of this node.
     pub(crate) fn lease(&self, n: u64) -> String {
         format!("{}:{n}", self.node)
     }
 
-    /// Sends `pipeline`; loads the scripts again if Redis lost them (the calls that failed
-    /// for it answer an error in their place: the caller sends them again).
+    /// Sends `pipeline`; if Redis lost the scripts, loads them and sends again the calls
+    /// that failed for it (every call that ran keeps its first reply).
     async fn send(&self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BrokerError> {
         within(self.timeout, async {
             let mut connection = self.commands.get().await?;
             let replies = query_pipeline(&mut connection, pipeline)
                 .await
                 .map_err(redis_error)?;
-            if replies.iter().any(no_script) {
-                self.load(&mut connection).await?;
+            if !replies.iter().any(no_script) {
+                return Ok(replies);
             }
-            Ok(replies)
+            self.load(&mut connection).await?;
+            let again = query_pipeline(&mut connection, pipeline)
+                .await
+                .map_err(redis_error)?;
+            Ok(replies
+                .into_iter()
+                .zip(again)
+                .map(|(first, again)| if no_script(&first) { again } else { first })
+                .collect())
         })
         .await
     }
@@ -162,38 +188,60 @@ impl OccupancyStore {
 
     /// Registers (`true`) or takes out (`false`) this node in each room under `lease`. Per
     /// change, in order: `Some(seq)` if it was applied (`seq` > 0 if the room became
-    /// occupied or vacant across every node), `None` if it was not (send it again).
+    /// occupied or vacant across every node), `None` if it was not (send it again: a call
+    /// that ran but whose reply was lost answers the same again).
+    ///
+    /// In three steps, so that the lease's set of rooms (what a sweep reads) always holds
+    /// every room registered under it: the rooms to register are added to it first, then
+    /// the room scripts run, then the rooms taken out leave it.
     pub(crate) async fn apply(
         &self,
         lease: &str,
         changes: &[(Arc<str>, bool)],
     ) -> Result<Vec<Option<u64>>, BrokerError> {
-        let rooms = self.keys.occupancy_lease(lease);
-        let mut pipeline = pipeline();
-        for (room, occupied) in changes {
-            if *occupied {
-                pipeline.cmd("SADD").arg(&rooms).arg(&**room);
-                self.room_call(&mut pipeline, room, "occupy", &self.node, lease);
-            } else {
-                self.room_call(&mut pipeline, room, "vacate", &self.node, lease);
-                pipeline.cmd("SREM").arg(&rooms).arg(&**room);
+        let set = self.keys.occupancy_lease(lease);
+        let registering: Vec<&str> = changes
+            .iter()
+            .filter(|(_, occupied)| *occupied)
+            .map(|(room, _)| &**room)
+            .collect();
+        if !registering.is_empty() {
+            let mut add = pipeline();
+            add.cmd("SADD").arg(&set).arg(&registering);
+            match self.send(&add).await?.first() {
+                Some(Value::Int(_)) => {}
+                other => return Err(unexpected(&other)),
             }
         }
-        let replies = self.send(&pipeline).await?;
-        Ok(changes
+        let mut scripts = pipeline();
+        for (room, occupied) in changes {
+            let mode = if *occupied { "occupy" } else { "vacate" };
+            self.room_call(&mut scripts, room, mode, &self.node, lease);
+        }
+        let applied: Vec<Option<u64>> = self
+            .send(&scripts)
+            .await?
             .iter()
-            .enumerate()
-            .map(|(n, (_, occupied))| {
-                let (set, script) = match occupied {
-                    true => (2 * n, 2 * n + 1),
-                    false => (2 * n + 1, 2 * n),
-                };
-                match (replies.get(set), replies.get(script)) {
-                    (Some(Value::Int(_)), Some(Value::Int(seq))) => u64::try_from(*seq).ok(),
-                    _ => None,
-                }
+            .map(|reply| match reply {
+                Value::Int(seq) => u64::try_from(*seq).ok(),
+                _ => None,
             })
-            .collect())
+            .collect();
+        let left: Vec<&str> = changes
+            .iter()
+            .zip(&applied)
+            .filter(|((_, occupied), applied)| !occupied && applied.is_some())
+            .map(|((room, _), _)| &**room)
+            .collect();
+        if !left.is_empty() {
+            let mut remove = pipeline();
+            remove.cmd("SREM").arg(&set).arg(&left);
+            // A room left in the set costs a sweep one call that finds nothing.
+            if let Err(e) = self.send(&remove).await {
+                tracing::debug!(error = %e, "occupancy: rooms left in the lease's set");
+            }
+        }
+        Ok(applied)
     }
 
     fn room_call(
@@ -207,18 +255,24 @@ impl OccupancyStore {
         pipeline
             .cmd("EVALSHA")
             .arg(self.room.get_hash())
-            .arg(1)
+            .arg(2)
             .arg(self.keys.occupancy(room))
+            .arg(self.keys.occupancy_done(room))
             .arg(mode)
             .arg(node)
             .arg(lease)
-            .arg(millis(SEQ_KEPT));
+            .arg(millis(SEQ_KEPT))
+            .arg(millis(DONE_KEPT));
     }
 
     /// Claims leases that ran out (other nodes', or this node's own after a stall) and
-    /// takes their rooms out; returns the rooms that became vacant, with their sequence
-    /// numbers. A sweep that fails half-way is taken up again once its claim runs out.
-    pub(crate) async fn sweep(&self) -> Result<Vec<(Arc<str>, u64)>, BrokerError> {
+    /// takes their rooms out; tells `vacated` of each room that became vacant, with its
+    /// sequence number, as soon as it is known. A sweep that fails half-way is taken up
+    /// again once its claim runs out (what it did is answered the same again).
+    pub(crate) async fn sweep(
+        &self,
+        mut vacated: impl FnMut(Arc<str>, u64),
+    ) -> Result<(), BrokerError> {
         let mut call = self.leases_call("claim");
         call.arg(CLAIM).arg(millis(self.lifetime));
         let claimed = match self.leases_reply(call).await? {
@@ -233,7 +287,6 @@ impl OccupancyStore {
                 .collect::<Result<Vec<_>, _>>()?,
             other => return Err(unexpected(&other)),
         };
-        let mut vacated = Vec::new();
         for lease in claimed {
             let node = lease.rsplit_once(':').map_or(&*lease, |(node, _)| node);
             let set = self.keys.occupancy_lease(&lease);
@@ -251,17 +304,17 @@ impl OccupancyStore {
                 for room in chunk {
                     self.room_call(&mut pipeline, room, "vacate", node, &lease);
                 }
-                let mut replies = self.send(&pipeline).await?;
-                if replies.iter().any(no_script) {
-                    // Taking out is idempotent (only a field still holding the lease goes).
-                    replies = self.send(&pipeline).await?;
-                }
+                let replies = self.send(&pipeline).await?;
+                let mut failed = None;
                 for (room, reply) in chunk.iter().zip(replies) {
                     match reply {
                         Value::Int(0) => {}
-                        Value::Int(seq) => vacated.push((Arc::from(room.as_str()), seq as u64)),
-                        other => return Err(unexpected(&other)),
+                        Value::Int(seq) => vacated(Arc::from(room.as_str()), seq as u64),
+                        other => failed = Some(unexpected(&other)),
                     }
+                }
+                if let Some(e) = failed {
+                    return Err(e);
                 }
             }
             let mut done = self.leases_call("done");
@@ -269,7 +322,7 @@ impl OccupancyStore {
             done.cmd("DEL").arg(&set);
             self.send(&done).await?;
         }
-        Ok(vacated)
+        Ok(())
     }
 }
 

@@ -1,29 +1,71 @@
--- Occupancy of one room (see mod.rs). KEYS[1], in the room's hash slot, is a hash:
--- node id -> the lease under which that node has members in the room, and '#' -> the
--- room's sequence number (counts every occupied and vacated).
+-- Occupancy of one room (see mod.rs). Both keys are in the room's hash slot.
+-- KEYS[1]  hash  node id -> 'LEASE|SEQ': the lease under which that node has members in
+--                the room, and the sequence number its registration made (0: none); and
+--                '#' -> the room's sequence number
+-- KEYS[2]  hash  node id -> 'LEASE|SEQ' of that node's last taking out (for answering a
+--                call sent again the same)
 -- ARGV[1]  'occupy' or 'vacate'
 -- ARGV[2]  the node's id
 -- ARGV[3]  the lease (vacate: only a field still holding this lease is taken out)
 -- ARGV[4]  how long a vacant room's sequence number is kept (ms)
+-- ARGV[5]  how long a taking out is remembered (ms)
 -- Returns the room's new sequence number if the room became occupied or vacant across
--- every node, else 0.
-local key, mode, node, lease = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
+-- every node, else 0. A call sent again after it ran (its reply was lost) answers what it
+-- answered the first time.
+local key, done = KEYS[1], KEYS[2]
+local mode, node, lease = ARGV[1], ARGV[2], ARGV[3]
 
 local function nodes()
   return redis.call('HLEN', key) - redis.call('HEXISTS', key, '#')
 end
 
-if mode == 'occupy' then
-  local had = redis.call('HGET', key, node)
-  redis.call('HSET', key, node, lease)
-  if had or nodes() ~= 1 then return 0 end
-  redis.call('PERSIST', key)
+-- The lease and sequence number of a 'LEASE|SEQ' value.
+local function parse(value)
+  if not value then return nil, nil end
+  local held, seq = string.match(value, '^(.*)|(%d+)$')
+  return held, tonumber(seq)
+end
+
+-- Sequence numbers are written with string.format: Lua's own conversion of a number this
+-- large to a string would round it.
+local function entry(seq)
+  return lease .. '|' .. string.format('%d', seq)
+end
+
+-- The room's next sequence number. A room Redis forgot starts from Redis's clock (ms x
+-- 1000), so that its numbers keep growing across the forgetting.
+local function next_seq()
+  if redis.call('HEXISTS', key, '#') == 0 then
+    local time = redis.call('TIME')
+    local base = tonumber(time[1]) * 1000000 + math.floor(tonumber(time[2]) / 1000) * 1000
+    redis.call('HSET', key, '#', string.format('%d', base))
+  end
   return redis.call('HINCRBY', key, '#', 1)
 end
 
-if redis.call('HGET', key, node) ~= lease then return 0 end
+if mode == 'occupy' then
+  local held, seq = parse(redis.call('HGET', key, node))
+  if held == lease then return seq end
+  redis.call('HSET', key, node, lease .. '|0')
+  if held or nodes() ~= 1 then return 0 end
+  redis.call('PERSIST', key)
+  seq = next_seq()
+  redis.call('HSET', key, node, entry(seq))
+  return seq
+end
+
+local held = parse(redis.call('HGET', key, node))
+if held ~= lease then
+  local gone, seq = parse(redis.call('HGET', done, node))
+  if gone == lease then return seq end
+  return 0
+end
 redis.call('HDEL', key, node)
-if nodes() ~= 0 then return 0 end
-local seq = redis.call('HINCRBY', key, '#', 1)
-redis.call('PEXPIRE', key, tonumber(ARGV[4]))
+local seq = 0
+if nodes() == 0 then
+  seq = next_seq()
+  redis.call('PEXPIRE', key, tonumber(ARGV[4]))
+end
+redis.call('HSET', done, node, entry(seq))
+redis.call('PEXPIRE', done, tonumber(ARGV[5]))
 return seq

@@ -1,0 +1,108 @@
+//! The room occupancy script (`src/broker/redis/occupancy/room.lua`) on a private
+//! redis-server: exactly one occupied and one vacated for a room over two nodes, the same
+//! answer to a call sent again after it ran (its reply lost), a stale lease's field left
+//! alone, and sequence numbers that keep growing after Redis forgot the room.
+
+mod support;
+
+use support::RedisServer;
+
+const SCRIPT: &str = include_str!("../src/broker/redis/occupancy/room.lua");
+
+async fn call(
+    redis: &mut redis::aio::MultiplexedConnection,
+    mode: &str,
+    node: &str,
+    lease: &str,
+) -> u64 {
+    redis::cmd("EVAL")
+        .arg(SCRIPT)
+        .arg(2)
+        .arg("occupancy:{r}")
+        .arg("occupancy-done:{r}")
+        .arg(mode)
+        .arg(node)
+        .arg(lease)
+        .arg(86_400_000)
+        .arg(3_600_000)
+        .query_async(redis)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn occupied_and_vacated_once_and_a_repeated_call_answers_the_same() {
+    let server = RedisServer::start().await;
+    let mut redis = server.client().await;
+
+    let occupied = call(&mut redis, "occupy", "a", "a:0").await;
+    assert!(
+        occupied > 1_700_000_000_000_000,
+        "from the clock: {occupied}"
+    );
+    assert_eq!(
+        call(&mut redis, "occupy", "a", "a:0").await,
+        occupied,
+        "sent again"
+    );
+    assert_eq!(
+        call(&mut redis, "occupy", "b", "b:0").await,
+        0,
+        "already occupied"
+    );
+
+    assert_eq!(
+        call(&mut redis, "vacate", "a", "a:0").await,
+        0,
+        "b is still in"
+    );
+    assert_eq!(
+        call(&mut redis, "vacate", "a", "a:0").await,
+        0,
+        "sent again"
+    );
+    let vacated = call(&mut redis, "vacate", "b", "b:0").await;
+    assert_eq!(vacated, occupied + 1);
+    assert_eq!(
+        call(&mut redis, "vacate", "b", "b:0").await,
+        vacated,
+        "sent again"
+    );
+    // A sweep of a lease that no longer holds the room finds nothing.
+    assert_eq!(call(&mut redis, "vacate", "a", "a:1").await, 0);
+
+    // A node's old lease is replaced by its new one without an event, and a sweep of the
+    // old lease leaves the new registration alone.
+    let again = call(&mut redis, "occupy", "a", "a:0").await;
+    assert_eq!(again, vacated + 1);
+    assert_eq!(call(&mut redis, "occupy", "a", "a:1").await, 0);
+    assert_eq!(
+        call(&mut redis, "vacate", "a", "a:0").await,
+        0,
+        "the stale lease's sweep"
+    );
+    let gone = call(&mut redis, "vacate", "a", "a:1").await;
+    assert_eq!(gone, again + 1);
+
+    // Redis forgets the room: its numbers go on growing from the clock.
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let reborn = call(&mut redis, "occupy", "c", "c:0").await;
+    assert!(reborn > gone, "{reborn} after {gone}");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("occupancy:{r}")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(ttl, -1, "an occupied room does not expire");
+    assert!(call(&mut redis, "vacate", "c", "c:0").await > reborn);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("occupancy:{r}")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(ttl > 0, "a vacant room's number is kept for a while: {ttl}");
+}
