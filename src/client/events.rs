@@ -27,9 +27,9 @@ pub struct Delivery {
 }
 
 /// Messages of a room may have been missed, and the server could not send them: see
-/// [`ClientBuilder::on_gap`]. In a history room (the room's history was lost, or no longer
+/// [`ClientBuilder::on_gap`](super::ClientBuilder::on_gap). In a history room (the room's history was lost, or no longer
 /// reached back) the room goes on from `offset` in `epoch`, and
-/// [`ThinWsClient::history`] tells what it still keeps; in any room when the server's node
+/// [`ThinWsClient::history`](super::ThinWsClient::history) tells what it still keeps; in any room when the server's node
 /// lost its Redis pub/sub connection (no position then): refetch what the application
 /// shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +42,7 @@ pub struct Gap {
     pub epoch: Option<String>,
 }
 
-/// What [`ThinWsClient::history`] returns.
+/// What [`ThinWsClient::history`](super::ThinWsClient::history) returns.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoomHistory {
     /// The room's top offset.

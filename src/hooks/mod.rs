@@ -26,7 +26,14 @@
 //! - Without hooks everything is allowed, and no event is even built.
 //!
 //! When a client `connect`s, the rooms its identity had recorded are rejoined through the
-//! `subscribe` hook too; a room it refuses is skipped (and stays recorded).
+//! `subscribe` hook too; a room it refuses is skipped (and stays recorded). A `connect`
+//! hook can also put the socket in rooms of its own choosing ([`Grant::room`]).
+//!
+//! Besides these hooks, which decide, a notification hook
+//! ([`ThinWsBuilder::on_notification`](crate::ThinWsBuilder::on_notification)) is told what
+//! happened, after the fact ([`Notification`]): a room became occupied or vacant across
+//! every node, an identity joined or left a presence room, a socket ended. It never delays
+//! a socket; [`http::Backend::webhook`] sends them to a URL.
 //!
 //! # Example
 //!

@@ -4,7 +4,7 @@ use super::client::Command;
 use super::json::{push_key, push_raw_field, push_str_field};
 
 /// Encodes a client frame: what a client sends for `command` with a numeric `messageID`
-/// (the inverse of [`parse`]).
+/// (the inverse of [`parse`](super::parse)).
 ///
 /// ```
 /// use std::borrow::Cow;
