@@ -1,19 +1,4 @@
-//! [`Hub`]: the application's handle to its node: health, local statistics, publishing from
-//! server code, and shutdown.
-//!
-//! # Example
-//!
-//! ```
-//! use thinws::ThinWsLayer;
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() {
-//! let layer = ThinWsLayer::in_memory();
-//! let hub = layer.hub();
-//! assert_eq!(hub.socket_count(), 0);
-//! assert!(hub.health().await.is_ready());
-//! # }
-//! ```
+//! The application's handle to its node ([`Hub`], re-exported at the crate root).
 
 use std::fmt;
 use std::sync::Arc;
@@ -28,10 +13,25 @@ use crate::error::{BrokerError, Error};
 use crate::node::Node;
 use crate::protocol::server;
 
-/// A handle to the node: health, local statistics and shutdown.
+/// A handle to the node: health, local statistics, publishing from server code, and
+/// shutdown.
 ///
 /// Obtained from [`ThinWsLayer::hub`](crate::ThinWsLayer::hub); cheap to clone, `Send` and
 /// `Sync`. Every service built from the same layer shares one node.
+///
+/// # Example
+///
+/// ```
+/// use thinws::ThinWsLayer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let layer = ThinWsLayer::in_memory();
+/// let hub = layer.hub();
+/// assert_eq!(hub.socket_count(), 0);
+/// assert!(hub.health().await.is_ready());
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Hub {
     pub(crate) node: Arc<Node>,

@@ -37,15 +37,15 @@ mod config;
 mod connection;
 mod error;
 pub mod hooks;
-pub mod hub;
-pub mod layer;
+mod hub;
+mod layer;
 pub mod metrics;
 mod node;
 mod notifier;
 mod occupancy;
 mod origin;
 pub mod protocol;
-pub mod publisher;
+mod publisher;
 mod rooms;
 pub mod settings;
 #[cfg(feature = "tls")]
@@ -53,7 +53,7 @@ mod tls;
 
 pub use error::{BrokerError, Error, ErrorSource};
 pub use hub::{Health, Hub, PoolStatus, RoomHistory, RoomPresence};
-pub use layer::{ThinWsBuilder, ThinWsLayer};
+pub use layer::{ResponseBody, ResponseFuture, ThinWsBuilder, ThinWsLayer, ThinWsService};
 pub use publisher::{Publisher, PublisherBuilder};
 
 /// The README's Rust examples, compiled as doctests.

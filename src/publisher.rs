@@ -1,37 +1,5 @@
-//! Publishing to rooms from a process that runs no sockets (a worker, a cron job).
-//!
-//! Every node subscribes to one Redis channel per room, `{prefix}room:{ROOM}` (prefix
-//! `thinws:` by default; the braces are literal, a Redis Cluster hash tag), and forwards each message on it to the room's sockets byte for
-//! byte. So a message is published by sending a complete delivered frame to that channel:
-//!
-//! ```json
-//! {"type":"message","roomID":"lobby","connectionID":"server","payload":{"text":"hi"}}
-//! ```
-//!
-//! [`Publisher`] does exactly that, with only a Redis URL, through the same publishing lane
-//! a node uses (one pooled connection, pipelined): it needs no hub and holds no
-//! subscription. On a Redis Cluster, build it with [`Publisher::cluster_builder`]: rooms'
-//! channels are sharded there (`SPUBLISH`), and a single-URL publisher pointed at a
-//! cluster node refuses to publish (a plain `PUBLISH` would reach no node). From any
-//! language, on one Redis, `PUBLISH 'thinws:room:{lobby}' '<frame>'` does the same for a
-//! room without history (`SPUBLISH` on a cluster; a room with history needs the nodes'
-//! publish script: give the publisher the same
-//! [`room_settings`](PublisherBuilder::room_settings)).
-//!
-//! # Example
-//!
-//! ```no_run
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), thinws::Error> {
-//! let publisher = thinws::Publisher::builder("redis://127.0.0.1:6379")
-//!     .sender_id("nightly-report")
-//!     .build()?;
-//! publisher
-//!     .publish("dashboards", &serde_json::json!({"revenue": 1234}))
-//!     .await?;
-//! # Ok(())
-//! # }
-//! ```
+//! Publishing from a process that runs no sockets ([`Publisher`], re-exported at the crate
+//! root).
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
@@ -50,6 +18,41 @@ use crate::settings::{RoomPolicy, RoomSettings};
 
 /// Publishes to rooms through Redis without running sockets. Cheap to clone; clones share
 /// one pooled connection, and publishes from one task reach subscribers in order.
+///
+/// Publishing to rooms from a process that runs no sockets (a worker, a cron job).
+///
+/// Every node subscribes to one Redis channel per room, `{prefix}room:{ROOM}` (prefix
+/// `thinws:` by default; the braces are literal, a Redis Cluster hash tag), and forwards each message on it to the room's sockets byte for
+/// byte. So a message is published by sending a complete delivered frame to that channel:
+///
+/// ```json
+/// {"type":"message","roomID":"lobby","connectionID":"server","payload":{"text":"hi"}}
+/// ```
+///
+/// [`Publisher`] does exactly that, with only a Redis URL, through the same publishing lane
+/// a node uses (one pooled connection, pipelined): it needs no hub and holds no
+/// subscription. On a Redis Cluster, build it with [`Publisher::cluster_builder`]: rooms'
+/// channels are sharded there (`SPUBLISH`), and a single-URL publisher pointed at a
+/// cluster node refuses to publish (a plain `PUBLISH` would reach no node). From any
+/// language, on one Redis, `PUBLISH 'thinws:room:{lobby}' '<frame>'` does the same for a
+/// room without history (`SPUBLISH` on a cluster; a room with history needs the nodes'
+/// publish script: give the publisher the same
+/// [`room_settings`](PublisherBuilder::room_settings)).
+///
+/// # Example
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), thinws::Error> {
+/// let publisher = thinws::Publisher::builder("redis://127.0.0.1:6379")
+///     .sender_id("nightly-report")
+///     .build()?;
+/// publisher
+///     .publish("dashboards", &serde_json::json!({"revenue": 1234}))
+///     .await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<Inner>,
@@ -80,6 +83,7 @@ impl fmt::Debug for Publisher {
 /// Settings of a [`Publisher`]; the defaults are the layer's
 /// ([`ThinWsBuilder`](crate::ThinWsBuilder)).
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct PublisherBuilder {
     redis: RedisAddress,
     key_prefix: String,

@@ -42,9 +42,11 @@ pub struct Gap {
     pub epoch: Option<String>,
 }
 
-/// What [`ThinWsClient::history`](super::ThinWsClient::history) returns.
+/// What [`ThinWsClient::history`](super::ThinWsClient::history) returns: one page of a
+/// room's history, as deliveries (the server side's [`RoomHistory`](crate::RoomHistory)
+/// holds frames).
 #[derive(Debug, Clone, PartialEq)]
-pub struct RoomHistory {
+pub struct HistoryPage {
     /// The room's top offset.
     pub offset: u64,
     /// Its epoch.
@@ -82,16 +84,6 @@ impl Stream for Messages {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         self.rx.poll_recv(cx)
     }
-}
-
-/// Who is in a room with presence: see [`ThinWsClient::presence`](super::ThinWsClient::presence).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RoomPresence {
-    /// How many identities have a socket in the room, on any node.
-    pub count: u64,
-    /// Which (all of them, unless the server cuts the list at its maximum).
-    pub members: Vec<String>,
 }
 
 /// An identity that joined or left a room with join/leave events: see

@@ -3,11 +3,11 @@
 
 use serde_json::value::RawValue;
 
-use super::{ClientError, Delivery, Op, RoomHistory, ThinWsClient};
+use super::{ClientError, Delivery, HistoryPage, Op, ThinWsClient};
 
 /// One page of a `history` reply.
 struct Page {
-    history: RoomHistory,
+    history: HistoryPage,
     /// Older messages are left.
     more: bool,
 }
@@ -21,7 +21,7 @@ impl ThinWsClient {
         &self,
         room: impl Into<String>,
         limit: Option<u64>,
-    ) -> Result<RoomHistory, ClientError> {
+    ) -> Result<HistoryPage, ClientError> {
         let room = room.into();
         let mut page = self.history_page(&room, limit, None).await?;
         let mut more = page.more;
@@ -87,7 +87,7 @@ impl ThinWsClient {
             }
         }
         Ok(Page {
-            history: RoomHistory {
+            history: HistoryPage {
                 offset,
                 epoch: epoch.into_owned(),
                 messages: out,

@@ -59,9 +59,10 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
-pub use self::events::{Delivery, Gap, Member, Messages, RoomHistory, RoomPresence};
+pub use self::events::{Delivery, Gap, HistoryPage, Member, Messages};
 use self::events::{OnGap, OnPresence};
 use crate::protocol::ErrorCode;
+use crate::RoomPresence;
 
 /// Why a client operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -168,6 +169,7 @@ impl fmt::Debug for TokenSource {
 
 /// Settings of a [`ThinWsClient`].
 #[derive(Debug, Clone)]
+#[must_use]
 pub struct ClientBuilder {
     pub(crate) url: String,
     /// More nodes to reconnect to, in turn with `url`.

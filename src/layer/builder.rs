@@ -31,6 +31,7 @@ use crate::settings::{History, Presence, RoomSettings};
 /// # let _ = layer;
 /// ```
 #[derive(Debug, Clone, Default)]
+#[must_use]
 pub struct ThinWsBuilder {
     redis: Option<RedisAddress>,
     config: Config,
@@ -565,7 +566,7 @@ impl ThinWsBuilder {
     }
 
     /// Builds the layer; also returns why its Redis URL is unusable, if it is (the layer
-    /// then refuses sockets, see the module docs).
+    /// then refuses sockets, see [`ThinWsLayer`]).
     fn assemble(self) -> (ThinWsLayer, Option<Error>) {
         let (node, url_error) = Node::new(self.redis.as_ref(), self.config);
         let layer = ThinWsLayer {

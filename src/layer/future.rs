@@ -12,6 +12,7 @@ use super::ResponseBody;
 /// The response future of [`ThinWsService`](super::ThinWsService).
 #[pin_project]
 #[derive(Debug)]
+#[must_use]
 pub struct ResponseFuture<F> {
     #[pin]
     kind: Kind<F>,

@@ -1,36 +1,5 @@
-//! [`ThinWsLayer`]: the tower layer that turns WebSocket upgrade requests into ThinWS
-//! sockets, and its builder.
-//!
-//! Upgrade requests on the configured path (every path by default) are answered with
-//! `101 Switching Protocols` and handed to the node's hub; every other request, including a
-//! plain `GET` on that path, reaches the inner service untouched. All services built from
-//! one layer (axum builds one per route) share one hub.
-//!
-//! # Example
-//!
-//! ```no_run
-//! use axum::{routing::get, Router};
-//! use thinws::ThinWsLayer;
-//!
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let app = Router::new()
-//!     .route("/", get(|| async { "hello" }))
-//!     .layer(ThinWsLayer::new("redis://127.0.0.1:6379"));
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-//! axum::serve(listener, app).await?;
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! # When Redis is misconfigured or down
-//! [`ThinWsLayer::new`] does not connect: it only parses the URL. A malformed URL is logged
-//! and the layer answers upgrade requests with `503 Service Unavailable` and the reason; an
-//! unreachable Redis shows as `unavailable` errors on `subscribe`, `connect` and `message`
-//! and as a failing [`Hub::health`]. To fail fast at start-up instead, build the layer with
-//! [`ThinWsLayer::connect`] (or [`ThinWsBuilder::connect`]), which checks the URL and every
-//! Redis path (each publishing lane, the pool, the subscription connection) and returns an
-//! [`Error`].
+//! The tower layer ([`ThinWsLayer`]), its builder, service, future and body, re-exported
+//! at the crate root.
 
 mod body;
 mod builder;
@@ -52,6 +21,20 @@ use crate::node::Node;
 
 /// The tower [`Layer`] that serves ThinWS sockets in front of an inner service.
 ///
+/// Upgrade requests on the configured path (every path by default) are answered with
+/// `101 Switching Protocols` and handed to the node's hub; every other request, including a
+/// plain `GET` on that path, reaches the inner service untouched. All services built from
+/// one layer (axum builds one per route) share one hub.
+///
+/// # When Redis is misconfigured or down
+/// [`ThinWsLayer::new`] does not connect: it only parses the URL. A malformed URL is logged
+/// and the layer answers upgrade requests with `503 Service Unavailable` and the reason; an
+/// unreachable Redis shows as `unavailable` errors on `subscribe`, `connect` and `message`
+/// and as a failing [`Hub::health`]. To fail fast at start-up instead, build the layer with
+/// [`ThinWsLayer::connect`] (or [`ThinWsBuilder::connect`]), which checks the URL and every
+/// Redis path (each publishing lane, the pool, the subscription connection) and returns an
+/// [`Error`].
+///
 /// ```
 /// use thinws::ThinWsLayer;
 ///
@@ -63,6 +46,7 @@ use crate::node::Node;
 /// # let _ = layer;
 /// ```
 #[derive(Clone, Debug)]
+#[must_use]
 pub struct ThinWsLayer {
     pub(crate) node: Arc<Node>,
 }
@@ -70,8 +54,10 @@ pub struct ThinWsLayer {
 impl ThinWsLayer {
     /// A layer that fans out through Redis at `redis_url`, with default settings.
     ///
-    /// Connects lazily; see the [module docs](crate::layer) for what happens when the URL is
-    /// malformed or Redis is down, and [`ThinWsLayer::connect`] for an eager check.
+    /// Connects lazily; see
+    /// [when Redis is misconfigured or down](ThinWsLayer#when-redis-is-misconfigured-or-down)
+    /// for what happens when the URL is malformed or Redis is down, and
+    /// [`ThinWsLayer::connect`] for an eager check.
     pub fn new(redis_url: impl Into<String>) -> Self {
         Self::builder().redis_url(redis_url).build()
     }

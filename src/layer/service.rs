@@ -14,22 +14,33 @@ use crate::rooms::Refused;
 /// The service built by [`ThinWsLayer`]: upgrade requests on the configured path become
 /// ThinWS sockets; everything else goes to the inner service `S` untouched.
 #[derive(Clone, Debug)]
+#[must_use]
 pub struct ThinWsService<S> {
     inner: S,
     node: Arc<Node>,
 }
 
 impl<S> ThinWsService<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Takes the inner service out.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
     pub(crate) fn new(inner: S, layer: ThinWsLayer) -> Self {
         ThinWsService {
             inner,
             node: layer.node,
         }
-    }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
     }
 
     /// Whether this request is one the layer takes over: a `GET` with upgrade headers

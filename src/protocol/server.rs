@@ -71,7 +71,7 @@ pub fn delivery(room: &str, connection_id: &str, payload: &RawValue) -> String {
 
 /// `{"type":"ack","messageID":…,"offset":…,"epoch":…}`: the ack of a `message` to, or a
 /// `subscribe` of, a room with history (protocol 1.1): where the room's history stands.
-pub fn ack_at(message_id: &RawValue, offset: u64, epoch: &str) -> String {
+pub(crate) fn ack_at(message_id: &RawValue, offset: u64, epoch: &str) -> String {
     let mut out = String::with_capacity(64 + message_id.get().len() + epoch.len());
     out.push('{');
     push_str_field(&mut out, "type", "ack");
@@ -83,7 +83,12 @@ pub fn ack_at(message_id: &RawValue, offset: u64, epoch: &str) -> String {
 
 /// The ack of a `subscribe` with `since` to a room with history: where it stands, and
 /// whether the messages after `since` follow (`recovered`).
-pub fn ack_recovered(message_id: &RawValue, offset: u64, epoch: &str, recovered: bool) -> String {
+pub(crate) fn ack_recovered(
+    message_id: &RawValue,
+    offset: u64,
+    epoch: &str,
+    recovered: bool,
+) -> String {
     let mut out = ack_at(message_id, offset, epoch);
     out.pop();
     out.push_str(if recovered {
@@ -96,7 +101,7 @@ pub fn ack_recovered(message_id: &RawValue, offset: u64, epoch: &str, recovered:
 
 /// What the ack of a `connect` with `since` says of one rejoined room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RoomAck<'a> {
+pub(crate) enum RoomAck<'a> {
     /// A room without history: `{}`.
     Plain,
     /// A history room: where it stands, and whether the messages after the client's
@@ -112,7 +117,7 @@ pub enum RoomAck<'a> {
 }
 
 /// The ack of a `connect` with `since`: every room the identity rejoined.
-pub fn connect_ack(message_id: &RawValue, rooms: &[(&str, RoomAck<'_>)]) -> String {
+pub(crate) fn connect_ack(message_id: &RawValue, rooms: &[(&str, RoomAck<'_>)]) -> String {
     let mut out = String::with_capacity(64 + rooms.len() * 64);
     out.push('{');
     push_str_field(&mut out, "type", "ack");
@@ -148,13 +153,14 @@ pub fn connect_ack(message_id: &RawValue, rooms: &[(&str, RoomAck<'_>)]) -> Stri
 }
 
 /// The `offset` a delivered frame carries at its end (see [`with_position`]), if any.
-pub fn offset_of(frame: &str) -> Option<u64> {
+#[cfg(test)]
+pub(crate) fn offset_of(frame: &str) -> Option<u64> {
     position_of(frame).map(|(offset, _)| offset)
 }
 
 /// The `offset` and `epoch` a delivered frame of a history room carries at its end (see
 /// [`with_position`]), if it does.
-pub fn position_of(frame: &str) -> Option<(u64, &str)> {
+pub(crate) fn position_of(frame: &str) -> Option<(u64, &str)> {
     let at = frame.rfind(",\"offset\":")? + ",\"offset\":".len();
     let rest = &frame[at..];
     let digits = rest.split(|c: char| !c.is_ascii_digit()).next()?;
@@ -167,7 +173,7 @@ pub fn position_of(frame: &str) -> Option<(u64, &str)> {
 /// `{"type":"gap","roomID":…,"offset":…,"epoch":…}` (protocol 1.1): messages of this
 /// history room may have been missed and cannot be sent (the history was lost, or no longer
 /// reaches back); the room goes on from this offset and epoch.
-pub fn gap(room: &str, offset: u64, epoch: &str) -> String {
+pub(crate) fn gap(room: &str, offset: u64, epoch: &str) -> String {
     let mut out = gap_unplaced(room);
     out.pop();
     push_position(&mut out, offset, epoch);
@@ -200,7 +206,7 @@ pub(crate) fn with_expires_in(mut frame: String, seconds: u64) -> String {
 /// The ack of `history`: the room's top `offset` and `epoch`, and the kept messages (oldest
 /// first), each a delivered frame as it was sent; `more` when older messages were left out
 /// to keep the reply within its byte budget (ask again with `before`).
-pub fn history_ack(
+pub(crate) fn history_ack(
     message_id: &RawValue,
     offset: u64,
     epoch: &str,
@@ -232,7 +238,7 @@ pub fn history_ack(
 /// The ack of `presence` (protocol 1.1): `{"type":"ack","messageID":…,"count":2,"members":["alice","bob"]}`.
 /// `members` are JSON string literals, as [`presence_event_prefix`]'s frames end them
 /// (brokers keep identities encoded, so that no reply re-encodes them).
-pub fn presence_ack<'m>(
+pub(crate) fn presence_ack<'m>(
     message_id: &RawValue,
     count: u64,
     members: impl IntoIterator<Item = &'m str>,
@@ -255,7 +261,7 @@ pub fn presence_ack<'m>(
 }
 
 /// An identity as presence keeps it: a JSON string literal.
-pub fn presence_member(connection_id: &str) -> String {
+pub(crate) fn presence_member(connection_id: &str) -> String {
     let mut out = String::with_capacity(connection_id.len() + 2);
     super::json::push_string(&mut out, connection_id);
     out
@@ -263,7 +269,7 @@ pub fn presence_member(connection_id: &str) -> String {
 
 /// Which presence event a frame announces (protocol 1.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PresenceEvent {
+pub(crate) enum PresenceEvent {
     /// An identity's first socket joined the room.
     Join,
     /// An identity's last socket left the room.
@@ -273,7 +279,7 @@ pub enum PresenceEvent {
 /// The start of a `join` or `leave` frame, up to its `connectionID`'s value:
 /// `{"type":"join","roomID":"lobby","connectionID":`. A [`presence_member`] and `}` end it;
 /// the Redis broker's presence script does so for the members of a node that died.
-pub fn presence_event_prefix(event: PresenceEvent, room: &str) -> String {
+pub(crate) fn presence_event_prefix(event: PresenceEvent, room: &str) -> String {
     let mut out = String::with_capacity(48 + room.len());
     out.push('{');
     let kind = match event {
@@ -287,7 +293,7 @@ pub fn presence_event_prefix(event: PresenceEvent, room: &str) -> String {
 }
 
 /// `{"type":"join","roomID":…,"connectionID":…}` (or `leave`).
-pub fn presence_event(event: PresenceEvent, room: &str, connection_id: &str) -> String {
+pub(crate) fn presence_event(event: PresenceEvent, room: &str, connection_id: &str) -> String {
     let mut out = presence_event_prefix(event, room);
     super::json::push_string(&mut out, connection_id);
     out.push('}');
@@ -297,7 +303,7 @@ pub fn presence_event(event: PresenceEvent, room: &str, connection_id: &str) -> 
 /// A delivered frame (see [`delivery`]) with its place in the room's history appended:
 /// `…,"offset":42,"epoch":"7f3a9c"}`. The Redis broker's publish script does the same in
 /// Lua.
-pub fn with_position(frame: &str, offset: u64, epoch: &str) -> String {
+pub(crate) fn with_position(frame: &str, offset: u64, epoch: &str) -> String {
     debug_assert!(frame.ends_with('}'), "a delivered frame is a JSON object");
     let mut out = String::with_capacity(frame.len() + 40 + epoch.len());
     out.push_str(frame.strip_suffix('}').unwrap_or(frame));
@@ -365,7 +371,7 @@ pub enum ServerFrame<'a> {
         /// Its room's epoch, in a history room (1.1).
         epoch: Option<Cow<'a, str>>,
     },
-    /// Messages of a room may have been missed (1.1; see [`gap`]): in a history room, up
+    /// Messages of a room may have been missed (1.1; see docs/PROTOCOL.md): in a history room, up
     /// to `offset` in `epoch`; in any room when the node lost its pub/sub connection (no
     /// position then).
     Gap {

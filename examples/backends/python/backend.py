@@ -18,6 +18,7 @@ import hmac
 import json
 import os
 import re
+import threading
 import time
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +30,14 @@ SESSIONS = {
 }
 SECRET = os.environ.get("THINWS_SECRET", "").encode()
 MAX_BODY = 64 * 1024
+# One line at a time: the server runs a thread per connection, and two prints at once
+# would mix their lines.
+PRINTING = threading.Lock()
+
+
+def log(entry):
+    with PRINTING:
+        print(json.dumps(entry), flush=True)
 
 
 def signed(headers, body):
@@ -89,7 +98,7 @@ def webhook(event, headers):
     leave in a presence room, a socket that ended. Nothing to answer: any 2xx acknowledges,
     and thinws sends it again until one does. A real backend acts here (e.g. ends a game
     when its room is vacated); `seq` orders a room's occupied/vacated across nodes."""
-    print(json.dumps({"webhook": event}), flush=True)
+    log({"webhook": event})
     return None
 
 
@@ -118,7 +127,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(413, b"")
         body = self.rfile.read(length)
         if not signed(self.headers, body):
-            print(json.dumps({"refused": "bad signature", "path": self.path}), flush=True)
+            log({"refused": "bad signature", "path": self.path})
             return self.reply(401, b"")
         try:
             event = json.loads(body)
@@ -128,7 +137,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(400, b"")
         if answer is None:
             return self.reply(204, b"")
-        print(json.dumps({"event": event.get("event"), "room": event.get("room"), "answer": answer}), flush=True)
+        log({"event": event.get("event"), "room": event.get("room"), "answer": answer})
         self.reply(200, json.dumps(answer).encode(), "application/json")
 
     def reply(self, status, body, content_type="text/plain"):
@@ -146,5 +155,5 @@ if __name__ == "__main__":
     if not SECRET and os.environ.get("THINWS_INSECURE") != "1":
         raise SystemExit("set THINWS_SECRET (the secret thinws signs with), or THINWS_INSECURE=1 to accept unsigned calls")
     server = ThreadingHTTPServer(("127.0.0.1", int(os.environ.get("PORT", "3000"))), Handler)
-    print(json.dumps({"listening": server.server_address[1]}), flush=True)
+    log({"listening": server.server_address[1]})
     server.serve_forever()

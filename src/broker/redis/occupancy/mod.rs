@@ -34,10 +34,10 @@ const BATCH: usize = 256;
 const MIN_LIFETIME: Duration = Duration::from_secs(3);
 /// Leases one sweep claims, at most.
 const CLAIM: usize = 16;
-/// How long a vacant room's sequence number is kept.
-const SEQ_KEPT: Duration = Duration::from_secs(24 * 60 * 60);
-/// How long a node's last taking out of a room is remembered (to answer it again).
-const DONE_KEPT: Duration = Duration::from_secs(60 * 60);
+/// How long a vacant room's sequence number is kept: long enough that a room occupied
+/// again soon goes on counting; after it, numbers start again from Redis's clock (ms ×
+/// 1000), which is past them (see `room.lua`). Short, because a peer can make rooms.
+const SEQ_KEPT: Duration = Duration::from_secs(60);
 
 /// This node's side of occupancy on Redis.
 pub(crate) struct OccupancyStore {
@@ -262,7 +262,8 @@ impl OccupancyStore {
             .arg(node)
             .arg(lease)
             .arg(millis(SEQ_KEPT))
-            .arg(millis(DONE_KEPT));
+            // A taking out is sent again within a tick, or by a sweep within two lifetimes.
+            .arg(millis(self.lifetime * 3));
     }
 
     /// Claims leases that ran out (other nodes', or this node's own after a stall) and

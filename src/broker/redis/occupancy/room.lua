@@ -7,7 +7,8 @@
 -- ARGV[1]  'occupy' or 'vacate'
 -- ARGV[2]  the node's id
 -- ARGV[3]  the lease (vacate: only a field still holding this lease is taken out)
--- ARGV[4]  how long a vacant room's sequence number is kept (ms)
+-- ARGV[4]  how long a vacant room's sequence number is kept (ms); a room Redis forgot
+--          starts again from Redis's clock
 -- ARGV[5]  how long a taking out is remembered (ms)
 -- Returns the room's new sequence number if the room became occupied or vacant across
 -- every node, else 0. A call sent again after it ran (its reply was lost) answers what it
