@@ -95,24 +95,56 @@ pub struct PublisherBuilder {
 
 impl PublisherBuilder {
     /// For `rediss://`: a private CA (PEM) to trust, as `ThinWsBuilder::redis_ca_pem`.
+    ///
+    /// ```
+    /// let builder = thinws::Publisher::builder("rediss://redis.internal:6380")
+    ///     .redis_ca_pem(std::fs::read("ca.pem").unwrap_or_default());
+    /// # let _ = builder;
+    /// ```
     pub fn redis_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.ca_pem = Some(pem.into());
         self
     }
 
     /// The key prefix the nodes use (`ThinWsBuilder::key_prefix`). Default `"thinws:"`.
+    ///
+    /// ```
+    /// let publisher = thinws::Publisher::builder("redis://127.0.0.1:6379")
+    ///     .key_prefix("chat:")
+    ///     .build()?;
+    /// # let _ = publisher;
+    /// # Ok::<(), thinws::Error>(())
+    /// ```
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = prefix.into();
         self
     }
 
     /// The `connectionID` recipients see as the sender. Default `"server"`.
+    ///
+    /// ```
+    /// let publisher = thinws::Publisher::builder("redis://127.0.0.1:6379")
+    ///     .sender_id("billing")
+    ///     .build()?;
+    /// # let _ = publisher;
+    /// # Ok::<(), thinws::Error>(())
+    /// ```
     pub fn sender_id(mut self, id: impl Into<String>) -> Self {
         self.sender_id = id.into();
         self
     }
 
     /// How long one publish may take (`ThinWsBuilder::redis_timeout`). Default 2 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let publisher = thinws::Publisher::builder("redis://127.0.0.1:6379")
+    ///     .timeout(Duration::from_millis(500))
+    ///     .build()?;
+    /// # let _ = publisher;
+    /// # Ok::<(), thinws::Error>(())
+    /// ```
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -120,6 +152,20 @@ impl PublisherBuilder {
 
     /// Gives rooms matching `pattern` (an exact name, or a prefix ending in `*`) these
     /// settings: use the nodes' own, so that a message to a history room gets its offset.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use thinws::settings::{History, RoomSettings};
+    ///
+    /// let publisher = thinws::Publisher::builder("redis://127.0.0.1:6379")
+    ///     .room_settings(
+    ///     "chat:*",
+    ///     RoomSettings::with_history(History::new(100, Duration::from_secs(300))),
+    ///     )
+    ///     .build()?;
+    /// # let _ = publisher;
+    /// # Ok::<(), thinws::Error>(())
+    /// ```
     pub fn room_settings(mut self, pattern: &str, settings: RoomSettings) -> Self {
         self.rooms.rule(pattern, settings);
         self

@@ -41,6 +41,13 @@ impl ThinWsBuilder {
     /// Fan out through Redis at this URL (`redis://[:password@]host:port[/db]`, or
     /// `rediss://` for TLS with the `tls` feature). Without it, the layer uses the
     /// in-memory single-node broker.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .redis_url("redis://:password@127.0.0.1:6379/0")
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn redis_url(mut self, url: impl Into<String>) -> Self {
         self.redis = Some(RedisAddress::Url(url.into()));
         self
@@ -68,6 +75,14 @@ impl ThinWsBuilder {
     /// For `rediss://`: a private CA (PEM) to trust beside the system's root certificates,
     /// e.g. that of a self-hosted Redis. Managed offerings' certificates chain to public
     /// roots and need none.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .redis_url("rediss://redis.internal:6380")
+    ///     .redis_ca_pem(std::fs::read("ca.pem").unwrap_or_default())
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn redis_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
         self.config.redis_ca_pem = Some(pem.into().into());
         self
@@ -75,12 +90,26 @@ impl ThinWsBuilder {
 
     /// Take over upgrade requests on this path only (exact match, e.g. `"/ws"`). Default:
     /// every path.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .path("/ws")
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn path(mut self, path: impl Into<String>) -> Self {
         self.config.path = Some(path.into());
         self
     }
 
     /// Prefix of every Redis channel and key this node uses. Default `"thinws:"`.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .key_prefix("chat:")
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.config.key_prefix = prefix.into();
         self
@@ -88,18 +117,39 @@ impl ThinWsBuilder {
 
     /// Largest accepted client frame, in bytes; a larger one closes the socket with 1009.
     /// Default 64 KiB.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .max_frame_size(16 * 1024)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn max_frame_size(mut self, bytes: usize) -> Self {
         self.config.max_frame_size = bytes;
         self
     }
 
     /// Longest accepted `roomID`, in bytes (`too_large` error beyond). Default 256.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .max_room_id_len(64)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn max_room_id_len(mut self, bytes: usize) -> Self {
         self.config.limits.max_room_id_len = bytes;
         self
     }
 
     /// Longest accepted `connectionID`, in bytes (`too_large` error beyond). Default 256.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .max_connection_id_len(64)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn max_connection_id_len(mut self, bytes: usize) -> Self {
         self.config.limits.max_connection_id_len = bytes;
         self
@@ -107,6 +157,13 @@ impl ThinWsBuilder {
 
     /// Deepest accepted nesting of arrays and objects in a `payload` (`too_large` error
     /// beyond). Default 64.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .max_payload_depth(16)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn max_payload_depth(mut self, levels: usize) -> Self {
         self.config.limits.max_payload_depth = levels;
         self
@@ -117,6 +174,13 @@ impl ThinWsBuilder {
     /// ([`max_queued_bytes`](Self::max_queued_bytes), 1 MiB) is the one that normally
     /// applies, this one only for very small frames. The queue takes memory as it fills,
     /// not up front.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .outbound_queue(1024)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn outbound_queue(mut self, frames: usize) -> Self {
         self.config.outbound_queue = frames.max(1);
         self
@@ -125,6 +189,13 @@ impl ThinWsBuilder {
     /// Size of each socket's read buffer (tungstenite's, allocated up front). Default 512
     /// bytes: an idle socket then costs little memory, and larger frames are read in
     /// several steps. Raise it for sockets that mostly receive large frames.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .read_buffer_size(4096)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn read_buffer_size(mut self, bytes: usize) -> Self {
         self.config.read_buffer_size = bytes.max(64);
         self
@@ -133,6 +204,13 @@ impl ThinWsBuilder {
     /// How many bytes may wait to be written to one socket; beyond that it is closed with
     /// 1013 like a full queue. Default 1 MiB. A node's outbound memory is bounded by this
     /// times its sockets.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .max_queued_bytes(256 * 1024)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
         self.config.max_queued_bytes = bytes;
         self
@@ -140,18 +218,41 @@ impl ThinWsBuilder {
 
     /// How many sockets this node accepts; beyond that, upgrade requests get `503` (and a
     /// socket that raced past the check is closed with 1013). Default 100,000.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .max_sockets(50_000)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn max_sockets(mut self, sockets: usize) -> Self {
         self.config.max_sockets = sockets;
         self
     }
 
     /// How many rooms one socket may be in (`limit_exceeded` beyond). Default 256.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .max_rooms_per_socket(32)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn max_rooms_per_socket(mut self, rooms: usize) -> Self {
         self.config.max_rooms_per_socket = rooms;
         self
     }
 
     /// How often the server pings each socket. Default 25 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .ping_interval(Duration::from_secs(15))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn ping_interval(mut self, interval: Duration) -> Self {
         self.config.ping_interval = interval.max(Duration::from_millis(1));
         self
@@ -160,6 +261,15 @@ impl ThinWsBuilder {
     /// How long a socket may stay silent (no frame, no pong) before it is dropped and its
     /// `disconnect` hook fires with [`DisconnectReason::TimedOut`](crate::hooks::DisconnectReason::TimedOut).
     /// Default 60 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .idle_timeout(Duration::from_secs(45))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.config.idle_timeout = timeout;
         self
@@ -168,6 +278,13 @@ impl ThinWsBuilder {
     /// Each socket's frame rate: `per_second` on average, in bursts of up to `burst`
     /// (a token bucket). A frame over the rate gets `rate_limited`; default 100 per second
     /// with bursts of 200. `per_second = 0` disables the limit.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .rate_limit(20, 40) // 20 frames/s on average, bursts of 40
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn rate_limit(mut self, per_second: u32, burst: u32) -> Self {
         self.config.rate.per_second = per_second;
         self.config.rate.burst = burst;
@@ -176,6 +293,13 @@ impl ThinWsBuilder {
 
     /// After this many `rate_limited` frames in a row, the socket is closed with 1008 (a
     /// flood). Default 100.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .flood_close_after(50)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn flood_close_after(mut self, refusals: u32) -> Self {
         self.config.rate.flood_after = refusals;
         self
@@ -183,6 +307,15 @@ impl ThinWsBuilder {
 
     /// How long one Redis operation (publish, subscribe, identity lookup, health probe) may
     /// take before the client gets `unavailable`. Default 2 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .redis_timeout(Duration::from_millis(500))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn redis_timeout(mut self, timeout: Duration) -> Self {
         self.config.redis_timeout = timeout;
         self
@@ -226,12 +359,28 @@ impl ThinWsBuilder {
     /// How long a node's presence entries outlive it: a node that dies without saying
     /// goodbye has its members taken out of every room (with `leave` events) within this
     /// time. Nodes refresh their entries every sixth of it. Default 30 s.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .presence_ttl(Duration::from_secs(10))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn presence_ttl(mut self, ttl: Duration) -> Self {
         self.config.presence_ttl = ttl.max(Duration::from_millis(60));
         self
     }
 
     /// The most identities a `presence` reply lists (its `count` stays exact). Default 1,000.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .presence_members_max(100)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn presence_members_max(mut self, max: usize) -> Self {
         self.config.presence_members_max = max;
         self
@@ -239,6 +388,19 @@ impl ThinWsBuilder {
 
     /// Gives rooms matching `pattern` (an exact room name, or a prefix ending in `*`) these
     /// settings; the first matching rule wins. See [`settings`](crate::settings).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use thinws::settings::{History, RoomSettings};
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .room_settings(
+    ///     "chat:*",
+    ///     RoomSettings::with_history(History::new(100, Duration::from_secs(300))),
+    ///     )
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn room_settings(mut self, pattern: &str, settings: RoomSettings) -> Self {
         self.config.rooms.rule(pattern, settings);
         self
@@ -258,6 +420,15 @@ impl ThinWsBuilder {
     /// accepted) within `grace` of opening, with 1008 (policy violation). With an
     /// authenticating `connect` hook, this keeps unauthenticated sockets from lingering.
     /// Off by default.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .require_connect_within(Duration::from_secs(5))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn require_connect_within(mut self, grace: Duration) -> Self {
         self.config.connect_within = Some(grace);
         self
@@ -267,6 +438,15 @@ impl ThinWsBuilder {
     /// every node); while any socket of the identity is connected they are kept. Default
     /// 24 h. On Redis the identity's set gets this time to live; in memory the same rule
     /// applies.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .identity_ttl(Duration::from_secs(60 * 60))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn identity_ttl(mut self, ttl: Duration) -> Self {
         self.config.identity_ttl = ttl.max(Duration::from_millis(1));
         self
@@ -311,6 +491,13 @@ impl ThinWsBuilder {
     /// (`localhost`, `*.localhost`), an IP address, or named by
     /// [`public_host`](Self::public_host). Any other name is refused: it could be an
     /// attacker's domain rebound to this server's address (DNS rebinding).
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .allow_same_host_origin()
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn allow_same_host_origin(mut self) -> Self {
         self.config.origins.allow_same_host();
         self
@@ -334,6 +521,13 @@ impl ThinWsBuilder {
     /// The `connectionID` that frames published with [`Hub::publish`](crate::Hub::publish) carry. Default
     /// `"server"`. No socket may `connect` as this identity (claimed or assigned by a hook), so
     /// recipients can trust it.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .server_sender_id("system")
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
     pub fn server_sender_id(mut self, id: impl Into<String>) -> Self {
         self.config.server_sender_id = id.into();
         self
