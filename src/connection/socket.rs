@@ -10,11 +10,12 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde_json::value::RawValue;
 
+mod answer;
 mod history;
 mod identity;
 mod presence;
 
-use self::history::Answer;
+use self::answer::Answer;
 use super::in_flight::{Answered, InFlight};
 use super::outbound::OutboundQueue;
 use super::refusal::Refusal;

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use super::history::{Answer, Rejoined};
+use super::answer::{Answer, Rejoined};
 use super::{Refusal, Socket};
 use crate::hooks::{ask, ConnectEvent, ConnectVerdict, Grant, RefreshEvent, RefreshVerdict};
 use crate::protocol::{ErrorCode, Since};

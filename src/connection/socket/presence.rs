@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::history::Answer;
+use super::answer::Answer;
 use super::{Refusal, Socket};
 use crate::broker::Confirmation;
 use crate::settings::Presence;
