@@ -331,4 +331,32 @@ mod tests {
         assert_eq!(held, vec![7, 8, 9], "the newest three are kept");
         assert!(seen.lock().unwrap().is_empty());
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn disconnects_with_big_request_heads_are_bounded_in_bytes() {
+        let (hook, _) = recording(usize::MAX);
+        let notifier = Notifier::new(hook, 1_000_000);
+        let mut head = http::Request::new(()).into_parts().0;
+        head.headers
+            .insert("cookie", "x".repeat(60 * 1024).parse().unwrap());
+        let head = Arc::new(head);
+        for id in 0..2_000 {
+            notifier.notify(Happened::Disconnect {
+                socket: Box::new(crate::hooks::SocketInfo {
+                    id,
+                    connection_id: "c".into(),
+                    bound: false,
+                    request: head.clone(),
+                    granted: Arc::default(),
+                }),
+                reason: crate::hooks::DisconnectReason::Closed,
+            });
+        }
+        // 2,000 × 60 KiB would be ~120 MiB: each lane keeps at most its share of 64 MiB.
+        for lane in &notifier.inner.lanes {
+            let queued = lane.queue();
+            assert!(queued.bytes <= MAX_BYTES / LANES, "{}", queued.bytes);
+            assert!(queued.dropped > 0, "every lane got more than its share");
+        }
+    }
 }

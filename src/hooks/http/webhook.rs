@@ -8,12 +8,11 @@ use std::time::UNIX_EPOCH;
 
 use http::Uri;
 use serde::Serialize;
-use serde_json::value::RawValue;
 use tower_service::Service;
 
 use super::backend::{parse_url, Backend, InvalidHookUrl};
-use super::wire::Meta;
-use crate::hooks::{DisconnectReason, Happened, HookError, Notification, SocketInfo};
+use super::wire::SocketBody;
+use crate::hooks::{DisconnectReason, Happened, HookError, Notification};
 
 /// A notification hook that POSTs each notification to one URL, signed like the proxy
 /// hooks (see [`Backend::webhook`]).
@@ -80,14 +79,6 @@ struct Body<'a> {
     reason: Option<&'static str>,
 }
 
-#[derive(Serialize)]
-struct SocketBody<'a> {
-    id: String,
-    identity: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    meta: Option<&'a RawValue>,
-}
-
 /// The event's name and the request body of `notification`.
 fn body(notification: &Notification, node: &str) -> (&'static str, Vec<u8>) {
     let time = notification
@@ -117,7 +108,7 @@ fn body(notification: &Notification, node: &str) -> (&'static str, Vec<u8>) {
         }
         Happened::Disconnect { socket, reason } => {
             body.event = "disconnect";
-            body.socket = Some(socket_body(socket));
+            body.socket = Some(SocketBody::of(socket));
             body.reason = Some(reason_name(*reason));
         }
     }
@@ -126,14 +117,6 @@ fn body(notification: &Notification, node: &str) -> (&'static str, Vec<u8>) {
         event,
         serde_json::to_vec(&body).expect("the body is plain JSON"),
     )
-}
-
-fn socket_body(socket: &SocketInfo) -> SocketBody<'_> {
-    SocketBody {
-        id: socket.id().to_string(),
-        identity: socket.has_bound_identity().then(|| socket.connection_id()),
-        meta: socket.granted().get::<Meta>().map(Meta::get),
-    }
 }
 
 fn reason_name(reason: DisconnectReason) -> &'static str {

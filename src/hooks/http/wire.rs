@@ -68,12 +68,23 @@ struct Body<'a> {
     token: Option<&'a str>,
 }
 
+/// The `socket` of a request or webhook body: its id, bound identity and `meta`.
 #[derive(Serialize)]
-struct SocketBody<'a> {
+pub(super) struct SocketBody<'a> {
     id: String,
     identity: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     meta: Option<&'a RawValue>,
+}
+
+impl<'a> SocketBody<'a> {
+    pub(super) fn of(socket: &'a SocketInfo) -> Self {
+        SocketBody {
+            id: socket.id().to_string(),
+            identity: socket.has_bound_identity().then(|| socket.connection_id()),
+            meta: socket.granted().get::<Meta>().map(Meta::get),
+        }
+    }
 }
 
 fn body<E: ProxyEvent>(
@@ -87,11 +98,7 @@ fn body<E: ProxyEvent>(
     let body = Body {
         event: E::NAME,
         node,
-        socket: SocketBody {
-            id: socket.id().to_string(),
-            identity: socket.has_bound_identity().then(|| socket.connection_id()),
-            meta: socket.granted().get::<Meta>().map(Meta::get),
-        },
+        socket: SocketBody::of(socket),
         room,
         payload,
         token,

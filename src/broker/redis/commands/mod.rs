@@ -19,6 +19,42 @@ use tokio::time::Instant;
 mod slots;
 
 pub(crate) use self::slots::{ping_every_master, query_pipeline, read_slot_map, SlotMap};
+
+/// An empty pipeline that answers each command's error in its place.
+pub(crate) fn pipeline() -> redis::Pipeline {
+    let mut pipeline = redis::pipe();
+    pipeline.ignore_errors();
+    pipeline
+}
+
+/// Whether `reply` says that Redis does not have the script called (it lost its scripts).
+pub(crate) fn no_script(reply: &redis::Value) -> bool {
+    matches!(reply, redis::Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
+}
+
+/// Sends `pipeline` (see [`query_pipeline`]); if Redis lost the scripts it calls, loads
+/// `scripts` and sends it again. Each call keeps its first reply unless that was the lost
+/// script's error: a call that ran is not answered by its second run (the callers' scripts
+/// are harmless to run twice, and the first reply holds what they decided).
+pub(crate) async fn query_with_scripts(
+    connection: &mut Connection,
+    pipeline: &redis::Pipeline,
+    scripts: &[&redis::Script],
+) -> Result<Vec<redis::Value>, redis::RedisError> {
+    let replies = query_pipeline(connection, pipeline).await?;
+    if !replies.iter().any(no_script) {
+        return Ok(replies);
+    }
+    for script in scripts {
+        script.load_async(connection).await?;
+    }
+    let again = query_pipeline(connection, pipeline).await?;
+    Ok(replies
+        .into_iter()
+        .zip(again)
+        .map(|(first, again)| if no_script(&first) { again } else { first })
+        .collect())
+}
 use super::connect::{pool_error, redis_error};
 use crate::error::BrokerError;
 

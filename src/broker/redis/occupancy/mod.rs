@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use redis::Value;
 
-use super::commands::{query_pipeline, Commands, Connection};
+use super::commands::{pipeline, query_with_scripts, Commands};
 use super::connect::{redis_error, within};
 use crate::broker::Keys;
 use crate::error::BrokerError;
@@ -110,35 +110,11 @@ impl OccupancyStore {
     async fn send(&self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BrokerError> {
         within(self.timeout, async {
             let mut connection = self.commands.get().await?;
-            let replies = query_pipeline(&mut connection, pipeline)
+            query_with_scripts(&mut connection, pipeline, &[&self.room, &self.leases])
                 .await
-                .map_err(redis_error)?;
-            if !replies.iter().any(no_script) {
-                return Ok(replies);
-            }
-            self.load(&mut connection).await?;
-            let again = query_pipeline(&mut connection, pipeline)
-                .await
-                .map_err(redis_error)?;
-            Ok(replies
-                .into_iter()
-                .zip(again)
-                .map(|(first, again)| if no_script(&first) { again } else { first })
-                .collect())
+                .map_err(redis_error)
         })
         .await
-    }
-
-    async fn load(&self, connection: &mut Connection) -> Result<(), BrokerError> {
-        self.room
-            .load_async(connection)
-            .await
-            .map_err(redis_error)?;
-        self.leases
-            .load_async(connection)
-            .await
-            .map_err(redis_error)?;
-        Ok(())
     }
 
     fn leases_call(&self, mode: &str) -> redis::Pipeline {
@@ -154,13 +130,9 @@ impl OccupancyStore {
         pipeline
     }
 
-    /// One call of the leases script; its reply (sent again once if Redis lost the script).
+    /// One call of the leases script; its reply.
     async fn leases_reply(&self, pipeline: redis::Pipeline) -> Result<Value, BrokerError> {
-        let mut reply = self.send(&pipeline).await?;
-        if reply.first().is_some_and(no_script) {
-            reply = self.send(&pipeline).await?;
-        }
-        match reply.into_iter().next() {
+        match self.send(&pipeline).await?.into_iter().next() {
             Some(Value::ServerError(e)) => {
                 Err(BrokerError::Refused(Arc::new(redis::RedisError::from(e))))
             }
@@ -325,17 +297,6 @@ impl OccupancyStore {
         }
         Ok(())
     }
-}
-
-/// An empty pipeline that answers each command's error in its place.
-fn pipeline() -> redis::Pipeline {
-    let mut pipeline = redis::pipe();
-    pipeline.ignore_errors();
-    pipeline
-}
-
-fn no_script(reply: &Value) -> bool {
-    matches!(reply, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
 }
 
 fn unexpected(reply: &dyn std::fmt::Debug) -> BrokerError {

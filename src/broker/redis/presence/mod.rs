@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 mod task;
 
 use self::task::Task;
-use super::commands::{query_pipeline, Commands, Connection};
+use super::commands::{pipeline, query_with_scripts, Commands, Connection};
 use super::connect::{redis_error, within};
 use crate::broker::presence::{Counts, Members};
 use crate::broker::{Confirmation, Keys};
@@ -48,17 +48,6 @@ const SCRIPT: &str = include_str!("script.lua");
 
 /// Script calls sent in one pipeline, at most.
 const BATCH: usize = 256;
-
-/// An empty pipeline that answers each command's error in its place.
-fn pipeline() -> redis::Pipeline {
-    let mut pipeline = redis::pipe();
-    pipeline.ignore_errors();
-    pipeline
-}
-
-fn no_script(reply: &Value) -> bool {
-    matches!(reply, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::NoScript))
-}
 
 /// What the task is asked.
 enum Request {
@@ -179,28 +168,9 @@ impl Shared {
         connection: &mut Connection,
         pipeline: &redis::Pipeline,
     ) -> Result<Vec<Value>, BrokerError> {
-        let replies = query_pipeline(connection, pipeline)
+        query_with_scripts(connection, pipeline, &[&self.script])
             .await
-            .map_err(redis_error)?;
-        let missing = replies.iter().any(no_script);
-        if !missing {
-            return Ok(replies);
-        }
-        self.script
-            .load_async(connection)
-            .await
-            .map_err(redis_error)?;
-        let again = query_pipeline(connection, pipeline)
-            .await
-            .map_err(redis_error)?;
-        Ok(replies
-            .into_iter()
-            .zip(again)
-            .map(|(first, again)| match no_script(&first) {
-                true => again,
-                false => first,
-            })
-            .collect())
+            .map_err(redis_error)
     }
 }
 
