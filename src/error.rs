@@ -1,17 +1,32 @@
-//! The crate's error types.
+//! The crate's error types: one per operation at the library boundary, each with its
+//! sources, and [`BrokerError`], why Redis could not do what one of them asked.
+//!
+//! ```
+//! # async fn run(hub: thinws::Hub) {
+//! match hub.publish("lobby", &"hi").await {
+//!     Ok(()) => {}
+//!     Err(thinws::PublishError::Unavailable(e)) if e.outcome_unknown() => {
+//!         // Sent, never answered: it may have been published.
+//!     }
+//!     Err(e) => eprintln!("not published: {}", e.report()),
+//! }
+//! # }
+//! ```
 
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The underlying cause of a [`BrokerError`], shared between the callers that waited for
-/// the same Redis round trip.
+/// The underlying cause of an error, shared between the callers that waited for the same
+/// Redis round trip.
 pub type ErrorSource = Arc<dyn std::error::Error + Send + Sync>;
 
-/// Errors at the library boundary.
-#[derive(Debug, thiserror::Error)]
+/// Why a layer or publisher could not be built on its Redis URL, or why
+/// [`ThinWsBuilder::connect`](crate::ThinWsBuilder::connect) found Redis unusable.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
-pub enum Error {
-    /// The Redis URL could not be parsed (the password, if any, is redacted).
+pub enum ConnectError {
+    /// The Redis URL could not be parsed, or its TLS settings cannot be used (the password,
+    /// if any, is redacted).
     #[error("invalid Redis URL {url:?}")]
     InvalidRedisUrl {
         /// The URL, with any password replaced by `***`.
@@ -20,12 +35,56 @@ pub enum Error {
         #[source]
         source: ErrorSource,
     },
-    /// Redis could not be used; nothing was published or changed.
+    /// Redis did not answer the connection check, or a connection pool could not be built.
     #[error("Redis unavailable")]
     Unavailable(#[from] BrokerError),
-    /// A payload could not be serialised to JSON.
+}
+
+/// Why a publish ([`Hub::publish`](crate::Hub::publish),
+/// [`Publisher::publish`](crate::Publisher::publish)) failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// The payload could not be serialised to JSON; nothing was sent.
     #[error("payload is not serialisable to JSON")]
-    InvalidPayload(#[source] serde_json::Error),
+    InvalidPayload(#[source] Arc<serde_json::Error>),
+    /// The publisher was built for one Redis but its URL names a node of a Redis Cluster,
+    /// where rooms' channels are sharded; nothing was sent. Build it with
+    /// [`Publisher::cluster_builder`](crate::Publisher::cluster_builder).
+    #[error("this Redis is a node of a Redis Cluster: build the publisher with Publisher::cluster_builder")]
+    ClusterNode,
+    /// Redis could not take the message; [`BrokerError::outcome_unknown`] says whether it
+    /// may have been published all the same.
+    #[error("Redis unavailable")]
+    Unavailable(#[from] BrokerError),
+}
+
+/// Why [`Hub::history`](crate::Hub::history) failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum HistoryError {
+    /// Redis could not be read.
+    #[error("Redis unavailable")]
+    Unavailable(#[from] BrokerError),
+}
+
+/// Why [`Hub::presence`](crate::Hub::presence) failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PresenceError {
+    /// Redis could not be read.
+    #[error("Redis unavailable")]
+    Unavailable(#[from] BrokerError),
+    /// A member kept in Redis is not the JSON string thinws writes (another writer, or a
+    /// different key prefix's data).
+    #[error("unreadable presence member {member:?}")]
+    InvalidMember {
+        /// The member as kept.
+        member: String,
+        /// Why it could not be read.
+        #[source]
+        source: Arc<serde_json::Error>,
+    },
 }
 
 /// Why the broker (Redis) could not do an operation, or why a health probe failed.
@@ -59,16 +118,10 @@ pub enum BrokerError {
     /// A task of the broker has stopped (the layer is being dropped).
     #[error("the broker's {0} has stopped")]
     Stopped(&'static str),
-    /// The layer's Redis URL is unusable, so the node serves no sockets.
+    /// The layer was built on a Redis URL it cannot use, so it serves no sockets and does
+    /// nothing on Redis.
     #[error("thinws cannot use its Redis URL")]
-    Misconfigured(#[source] ErrorSource),
-}
-
-impl Error {
-    /// The error and its causes in one line (for error replies and logs).
-    pub fn report(&self) -> String {
-        report(self)
-    }
+    Misconfigured(#[source] Arc<ConnectError>),
 }
 
 impl BrokerError {
@@ -84,10 +137,33 @@ impl BrokerError {
     pub fn outcome_unknown(&self) -> bool {
         matches!(self, BrokerError::Timeout(_) | BrokerError::Lost(_))
     }
+}
 
-    /// The error and its causes in one line (for `error` frames and logs).
-    pub fn report(&self) -> String {
-        report(self)
+/// `report()` on every error type of the boundary.
+macro_rules! reportable {
+    ($($error:ty),*) => {$(
+        impl $error {
+            /// The error and its causes in one line (for error replies and logs).
+            pub fn report(&self) -> String {
+                report(self)
+            }
+        }
+    )*};
+}
+
+reportable!(
+    ConnectError,
+    PublishError,
+    HistoryError,
+    PresenceError,
+    BrokerError
+);
+
+impl PublishError {
+    /// Whether the message may have been published all the same (see
+    /// [`BrokerError::outcome_unknown`]).
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, PublishError::Unavailable(e) if e.outcome_unknown())
     }
 }
 
@@ -106,8 +182,8 @@ pub(crate) fn report(error: &dyn std::error::Error) -> String {
 /// Serialises an application payload to raw JSON, for publishing.
 pub(crate) fn raw_payload<T: serde::Serialize + ?Sized>(
     payload: &T,
-) -> Result<Box<serde_json::value::RawValue>, Error> {
-    serde_json::value::to_raw_value(payload).map_err(Error::InvalidPayload)
+) -> Result<Box<serde_json::value::RawValue>, PublishError> {
+    serde_json::value::to_raw_value(payload).map_err(|e| PublishError::InvalidPayload(Arc::new(e)))
 }
 
 #[cfg(test)]
@@ -117,11 +193,19 @@ mod tests {
     #[test]
     fn a_report_names_every_cause() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        let e = Error::Unavailable(BrokerError::connection(io));
+        let e = PublishError::Unavailable(BrokerError::connection(io));
         assert_eq!(
             report(&e),
             "Redis unavailable: Redis connection failed: refused"
         );
         assert!(std::error::Error::source(&e).is_some());
+        assert!(!e.outcome_unknown());
+    }
+
+    #[test]
+    fn only_a_sent_unanswered_publish_has_an_unknown_outcome() {
+        let timeout = PublishError::from(BrokerError::Timeout(Duration::from_secs(1)));
+        assert!(timeout.outcome_unknown());
+        assert!(!PublishError::ClusterNode.outcome_unknown());
     }
 }

@@ -9,9 +9,10 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::broker::{Broker, Page};
-use crate::error::{BrokerError, Error};
+use crate::error::{BrokerError, ConnectError, HistoryError, PresenceError, PublishError};
 use crate::node::Node;
 use crate::protocol::server;
+use crate::rooms::Rooms;
 
 /// A handle to the node: health, local statistics, publishing from server code, and
 /// shutdown.
@@ -34,7 +35,9 @@ use crate::protocol::server;
 /// ```
 #[derive(Clone)]
 pub struct Hub {
-    pub(crate) node: Arc<Node>,
+    /// The node, or why the layer could not build it (then every operation fails with
+    /// [`BrokerError::Misconfigured`] and every count is 0).
+    pub(crate) node: Result<Arc<Node>, ConnectError>,
 }
 
 impl fmt::Debug for Hub {
@@ -47,25 +50,37 @@ impl fmt::Debug for Hub {
 }
 
 impl Hub {
+    /// The node, or the layer's reason for having none.
+    fn node(&self) -> Result<&Arc<Node>, BrokerError> {
+        self.node
+            .as_ref()
+            .map_err(|e| BrokerError::Misconfigured(Arc::new(e.clone())))
+    }
+
+    /// `count` of this node's rooms, or 0 when the layer serves nothing.
+    fn count(&self, count: impl FnOnce(&Rooms) -> usize) -> usize {
+        self.node.as_ref().map_or(0, |node| count(&node.rooms))
+    }
+
     /// Number of open sockets on this node.
     pub fn socket_count(&self) -> usize {
-        self.node.rooms.socket_count()
+        self.count(Rooms::socket_count)
     }
 
     /// Number of rooms with at least one member on this node.
     pub fn room_count(&self) -> usize {
-        self.node.rooms.room_count()
+        self.count(Rooms::room_count)
     }
 
     /// Bytes waiting in the outbound queues of this node's sockets (each bounded by
     /// [`ThinWsBuilder::max_queued_bytes`](crate::ThinWsBuilder::max_queued_bytes)).
     pub fn queued_bytes(&self) -> usize {
-        self.node.rooms.queued_bytes()
+        self.count(Rooms::queued_bytes)
     }
 
     /// Number of this node's sockets in `room`.
     pub fn member_count(&self, room: &str) -> usize {
-        self.node.rooms.member_count(room)
+        self.count(|rooms| rooms.member_count(room))
     }
 
     /// Publishes `payload` (serialised to JSON) to every subscriber of `room` on every node,
@@ -75,7 +90,7 @@ impl Hub {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), thinws::Error> {
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let hub = thinws::ThinWsLayer::in_memory().hub();
     /// hub.publish("news", &serde_json::json!({"headline": "thinws ships"})).await?;
     /// # Ok(())
@@ -85,17 +100,18 @@ impl Hub {
         &self,
         room: &str,
         payload: &T,
-    ) -> Result<(), Error> {
+    ) -> Result<(), PublishError> {
         self.publish_raw(room, &crate::error::raw_payload(payload)?)
             .await
     }
 
     /// Publishes an already-serialised JSON payload; see [`Hub::publish`].
-    pub async fn publish_raw(&self, room: &str, payload: &RawValue) -> Result<(), Error> {
-        let frame = server::delivery(room, &self.node.config.server_sender_id, payload);
-        let history = self.node.config.rooms.settings(room).history;
-        let mut publish = self.node.broker.publish(room, frame, 0, history);
-        publish.result().await.map(drop).map_err(Error::Unavailable)
+    pub async fn publish_raw(&self, room: &str, payload: &RawValue) -> Result<(), PublishError> {
+        let node = self.node()?;
+        let frame = server::delivery(room, &node.config.server_sender_id, payload);
+        let history = node.config.rooms.settings(room).history;
+        let mut publish = node.broker.publish(room, frame, 0, history);
+        Ok(publish.result().await.map(drop)?)
     }
 
     /// The last `limit` messages `room` keeps (all it keeps when `None`), oldest first, as
@@ -103,7 +119,7 @@ impl Hub {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), thinws::Error> {
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// use std::time::Duration;
     /// use thinws::settings::History;
     ///
@@ -122,8 +138,9 @@ impl Hub {
         &self,
         room: &str,
         limit: Option<usize>,
-    ) -> Result<Option<RoomHistory>, Error> {
-        let Some(history) = self.node.config.rooms.settings(room).history else {
+    ) -> Result<Option<RoomHistory>, HistoryError> {
+        let node = self.node()?;
+        let Some(history) = node.config.rooms.settings(room).history else {
             return Ok(None);
         };
         let limit = limit.map_or(history.size, |limit| limit.min(history.size));
@@ -132,12 +149,7 @@ impl Hub {
             before: None,
             budget: None,
         };
-        let (at, frames, _) = self
-            .node
-            .broker
-            .history(room, history, page)
-            .await
-            .map_err(Error::Unavailable)?;
+        let (at, frames, _) = node.broker.history(room, history, page).await?;
         Ok(Some(RoomHistory {
             offset: at.offset,
             epoch: at.epoch.to_string(),
@@ -152,7 +164,7 @@ impl Hub {
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), thinws::Error> {
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// use thinws::settings::Presence;
     ///
     /// let hub = thinws::ThinWsLayer::builder().presence(Presence::On).build().hub();
@@ -162,26 +174,21 @@ impl Hub {
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn presence(&self, room: &str) -> Result<Option<RoomPresence>, Error> {
-        let presence = self.node.config.rooms.settings(room).presence;
+    pub async fn presence(&self, room: &str) -> Result<Option<RoomPresence>, PresenceError> {
+        let node = self.node()?;
+        let presence = node.config.rooms.settings(room).presence;
         if !presence.is_on() {
             return Ok(None);
         }
-        let max = self.node.config.presence_members_max;
-        let found = self
-            .node
-            .broker
-            .presence(room, presence, max)
-            .await
-            .map_err(Error::Unavailable)?;
+        let max = node.config.presence_members_max;
+        let found = node.broker.presence(room, presence, max).await?;
         let members = found
             .listed
             .iter()
             .map(|member| {
-                serde_json::from_str(member).map_err(|e| {
-                    Error::Unavailable(BrokerError::Protocol(format!(
-                        "presence member {member:?}: {e}"
-                    )))
+                serde_json::from_str(member).map_err(|e| PresenceError::InvalidMember {
+                    member: member.clone(),
+                    source: Arc::new(e),
                 })
             })
             .collect::<Result<_, _>>()?;
@@ -196,23 +203,30 @@ impl Hub {
     /// and one on a connection of the pool, each within the layer's Redis timeout. The
     /// in-memory node is always ready.
     pub async fn health(&self) -> Health {
-        let probe = self
-            .node
-            .broker
-            .health(self.node.config.redis_timeout)
-            .await;
+        let node = match self.node() {
+            Ok(node) => node,
+            Err(unusable) => {
+                return Health {
+                    publish: Err(unusable.clone()),
+                    subscriptions: Err(unusable.clone()),
+                    pool: Err(unusable),
+                    accepting: false,
+                }
+            }
+        };
+        let probe = node.broker.health(node.config.redis_timeout).await;
         Health {
             publish: probe.publish,
             subscriptions: probe.subscriptions,
             pool: probe.pool,
-            accepting: self.node.rooms.is_accepting(),
+            accepting: node.rooms.is_accepting(),
         }
     }
 
     /// The Redis connection pool's state (`None` for the in-memory node). The publishing
     /// lanes each hold one connection of it for as long as it works.
     pub fn redis_pool(&self) -> Option<PoolStatus> {
-        match &self.node.broker {
+        match &self.node.as_ref().ok()?.broker {
             Broker::Redis(broker) => {
                 let status = broker.pool_status()?;
                 Some(PoolStatus {
@@ -230,7 +244,9 @@ impl Hub {
     /// ready (so a load balancer's health check takes the node out), while the open
     /// sockets go on being served. [`Hub::shutdown`] then closes them.
     pub fn drain(&self) {
-        self.node.rooms.stop_accepting();
+        if let Ok(node) = &self.node {
+            node.rooms.stop_accepting();
+        }
     }
 
     /// Gracefully closes the node: stops accepting sockets, asks every socket to close with
@@ -239,15 +255,15 @@ impl Hub {
     /// by the notification hook) or `deadline` has passed. Returns the number of sockets
     /// still open.
     pub async fn shutdown(&self, deadline: Duration) -> usize {
-        self.node
-            .rooms
+        let Ok(node) = &self.node else { return 0 };
+        node.rooms
             .close_all(CloseCode::Away, "server shutting down");
         let until = tokio::time::Instant::now() + deadline;
-        let _ = tokio::time::timeout_at(until, self.node.rooms.all_closed()).await;
+        let _ = tokio::time::timeout_at(until, node.rooms.all_closed()).await;
         // The closed sockets' presence leaves reach Redis now, not after the presence TTL.
-        let _ = tokio::time::timeout_at(until, self.node.broker.presence_flush()).await;
+        let _ = tokio::time::timeout_at(until, node.broker.presence_flush()).await;
         // Their rooms' vacated, leaves and disconnects reach the notification hook.
-        let _ = tokio::time::timeout_at(until, self.node.flush_notifications()).await;
+        let _ = tokio::time::timeout_at(until, node.flush_notifications()).await;
         self.socket_count()
     }
 }

@@ -51,7 +51,9 @@ pub mod settings;
 #[cfg(feature = "tls")]
 mod tls;
 
-pub use error::{BrokerError, Error, ErrorSource};
+pub use error::{
+    BrokerError, ConnectError, ErrorSource, HistoryError, PresenceError, PublishError,
+};
 pub use hub::{Health, Hub, PoolStatus, RoomHistory, RoomPresence};
 pub use layer::{ResponseBody, ResponseFuture, ThinWsBuilder, ThinWsLayer, ThinWsService};
 pub use publisher::{Publisher, PublisherBuilder};

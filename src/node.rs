@@ -12,7 +12,7 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use crate::broker::redis::{ClusterTarget, RedisTarget, Target};
 use crate::broker::{Broker, FrameSink, MemoryBroker, RedisBroker};
 use crate::config::Config;
-use crate::error::{BrokerError, Error};
+use crate::error::ConnectError;
 use crate::notifier::Notifier;
 use crate::occupancy::{Ledger, Occupancy};
 use crate::rooms::Rooms;
@@ -29,7 +29,7 @@ pub(crate) enum RedisAddress {
 /// Everything one node shares between its sockets.
 #[derive(Debug)]
 pub(crate) struct Node {
-    pub(crate) config: Config,
+    pub(crate) config: Arc<Config>,
     pub(crate) rooms: Rooms,
     pub(crate) broker: Broker,
     /// Random per process; makes server-generated identities unique across nodes.
@@ -47,10 +47,12 @@ impl FrameSink for Rooms {
 }
 
 impl Node {
-    /// Builds a node: on Redis at `redis_url`, or in memory without one. Connects nothing.
-    /// Also returns why the Redis URL is unusable or the broker cannot be built on it, if
-    /// so: the node then refuses sockets and fails every broker operation with that reason.
-    pub(crate) fn new(redis: Option<&RedisAddress>, config: Config) -> (Node, Option<Error>) {
+    /// Builds a node: on Redis at `redis`, or in memory without one. Connects nothing;
+    /// fails when the Redis URL is unusable or the broker cannot be built on it.
+    pub(crate) fn new(
+        redis: Option<&RedisAddress>,
+        config: Arc<Config>,
+    ) -> Result<Node, ConnectError> {
         crate::metrics::describe_once();
         let notifier = config
             .notifications
@@ -65,58 +67,42 @@ impl Node {
         };
         let rooms = Rooms::watched(config.max_sockets, watcher);
         let sink = Arc::new(rooms.clone());
-        let mut url_error = None;
         let ca = config.redis_ca_pem.as_deref();
-        let target = redis.map(|address| match address {
-            RedisAddress::Url(url) => RedisTarget::parse(url, ca).map(Target::Single),
-            RedisAddress::Cluster(urls) => ClusterTarget::parse(urls, ca).map(Target::Cluster),
-        });
-        let broker = match target {
+        let broker = match redis {
             None => Broker::Memory(Box::new(MemoryBroker::new(
                 sink,
                 config.identity_ttl,
                 notifier.clone(),
             ))),
-            Some(target) => match target {
-                Ok(target) => {
-                    let broker = RedisBroker::new(target, &config, sink, notifier.clone());
-                    match broker {
-                        Ok(broker) => Broker::Redis(Box::new(broker)),
-                        Err(e) => {
-                            tracing::error!(error = %e.report(), "thinws cannot build its Redis broker");
-                            url_error = Some(Error::from(e.clone()));
-                            Broker::Unusable(e)
-                        }
+            Some(address) => {
+                let target = match address {
+                    RedisAddress::Url(url) => RedisTarget::parse(url, ca).map(Target::Single),
+                    RedisAddress::Cluster(urls) => {
+                        ClusterTarget::parse(urls, ca).map(Target::Cluster)
                     }
-                }
-                Err(invalid) => {
-                    let e = Error::from(invalid.clone());
-                    tracing::error!(error = %crate::error::report(&e), "thinws cannot use its Redis URL");
-                    url_error = Some(e);
-                    Broker::Unusable(BrokerError::Misconfigured(Arc::new(Error::from(invalid))))
-                }
-            },
+                }?;
+                let broker = RedisBroker::new(target, &config, sink, notifier.clone())?;
+                Broker::Redis(Box::new(broker))
+            }
         };
-        let ledger = match &broker {
-            Broker::Memory(_) => Some(Ledger::Local),
-            Broker::Redis(b) => Some(Ledger::Redis(Box::new(b.occupancy(config.presence_ttl)))),
-            Broker::Unusable(_) => None,
-        };
-        let occupancy = match (ledger, &notifier, changes) {
-            (Some(ledger), Some(notifier), Some(changes)) => {
+        let occupancy = match (&notifier, changes) {
+            (Some(notifier), Some(changes)) => {
+                let ledger = match &broker {
+                    Broker::Memory(_) => Ledger::Local,
+                    Broker::Redis(b) => Ledger::Redis(Box::new(b.occupancy(config.presence_ttl))),
+                };
                 Some(Occupancy::new(ledger, notifier.clone(), changes))
             }
             _ => None,
         };
-        let node = Node {
+        Ok(Node {
             config,
             rooms,
             broker,
             instance: RandomState::new().hash_one(std::process::id()),
             notifier,
             occupancy,
-        };
-        (node, url_error)
+        })
     }
 
     /// Sends what the notification hook is still owed: the occupancy changes of the

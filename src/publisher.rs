@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use crate::broker::redis::{ClusterTarget, Commands, Disconnects, Lanes, RedisTarget};
 use crate::broker::Keys;
 use crate::config::Config;
-use crate::error::{BrokerError, Error};
+use crate::error::{ConnectError, PublishError};
 use crate::node::RedisAddress;
 use crate::protocol::server;
 use crate::settings::{RoomPolicy, RoomSettings};
@@ -43,7 +43,7 @@ use crate::settings::{RoomPolicy, RoomSettings};
 ///
 /// ```no_run
 /// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), thinws::Error> {
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let publisher = thinws::Publisher::builder("redis://127.0.0.1:6379")
 ///     .sender_id("nightly-report")
 ///     .build()?;
@@ -113,7 +113,7 @@ impl PublisherBuilder {
     ///     .key_prefix("chat:")
     ///     .build()?;
     /// # let _ = publisher;
-    /// # Ok::<(), thinws::Error>(())
+    /// # Ok::<(), thinws::ConnectError>(())
     /// ```
     pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.key_prefix = prefix.into();
@@ -127,7 +127,7 @@ impl PublisherBuilder {
     ///     .sender_id("billing")
     ///     .build()?;
     /// # let _ = publisher;
-    /// # Ok::<(), thinws::Error>(())
+    /// # Ok::<(), thinws::ConnectError>(())
     /// ```
     pub fn sender_id(mut self, id: impl Into<String>) -> Self {
         self.sender_id = id.into();
@@ -143,7 +143,7 @@ impl PublisherBuilder {
     ///     .timeout(Duration::from_millis(500))
     ///     .build()?;
     /// # let _ = publisher;
-    /// # Ok::<(), thinws::Error>(())
+    /// # Ok::<(), thinws::ConnectError>(())
     /// ```
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -164,7 +164,7 @@ impl PublisherBuilder {
     ///     )
     ///     .build()?;
     /// # let _ = publisher;
-    /// # Ok::<(), thinws::Error>(())
+    /// # Ok::<(), thinws::ConnectError>(())
     /// ```
     pub fn room_settings(mut self, pattern: &str, settings: RoomSettings) -> Self {
         self.rooms.rule(pattern, settings);
@@ -172,7 +172,7 @@ impl PublisherBuilder {
     }
 
     /// Builds the publisher. Connects lazily; fails only on a malformed URL.
-    pub fn build(self) -> Result<Publisher, Error> {
+    pub fn build(self) -> Result<Publisher, ConnectError> {
         let ca = self.ca_pem.as_deref();
         let (commands, disconnects) = match &self.redis {
             RedisAddress::Url(url) => {
@@ -203,7 +203,7 @@ impl Publisher {
     /// A publisher for the Redis at `redis_url` with the layer's defaults (prefix
     /// `thinws:`, sender id `"server"`, 2 s timeout). Connects lazily; fails only on a
     /// malformed URL.
-    pub fn new(redis_url: &str) -> Result<Self, Error> {
+    pub fn new(redis_url: &str) -> Result<Self, ConnectError> {
         Self::builder(redis_url).build()
     }
 
@@ -243,24 +243,20 @@ impl Publisher {
         &self,
         room: &str,
         payload: &T,
-    ) -> Result<(), Error> {
+    ) -> Result<(), PublishError> {
         self.publish_raw(room, &crate::error::raw_payload(payload)?)
             .await
     }
 
     /// Publishes an already-serialised JSON payload.
-    pub async fn publish_raw(&self, room: &str, payload: &RawValue) -> Result<(), Error> {
+    pub async fn publish_raw(&self, room: &str, payload: &RawValue) -> Result<(), PublishError> {
         let inner = &*self.inner;
         let cluster_node = inner
             .cluster_node
             .get_or_try_init(|| inner.commands.is_cluster_node(inner.timeout))
             .await?;
         if *cluster_node {
-            return Err(Error::Unavailable(BrokerError::Misconfigured(Arc::new(
-                std::io::Error::other(
-                    "this Redis is a node of a Redis Cluster, where rooms' channels are sharded: build the publisher with Publisher::cluster_builder",
-                ),
-            ))));
+            return Err(PublishError::ClusterNode);
         }
         let frame = server::delivery(room, &inner.sender_id, payload);
         let lane = inner
@@ -268,6 +264,6 @@ impl Publisher {
             .get_or_init(|| Lanes::start(1, &inner.commands, &inner.disconnects, inner.timeout));
         let history = inner.rooms.settings(room).history;
         let mut publish = lane.publish(0, &inner.keys, room, frame, history);
-        publish.result().await.map(drop).map_err(Error::Unavailable)
+        Ok(publish.result().await.map(drop)?)
     }
 }

@@ -8,8 +8,27 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+/// Why a TLS client configuration could not be made.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TlsConfigError {
+    /// The CA file is not PEM, or holds a certificate rustls cannot use.
+    #[error("the CA file")]
+    CaFile(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The CA file holds no certificate.
+    #[error("the CA file holds no PEM certificate")]
+    EmptyCaFile,
+    /// Nothing to trust.
+    #[error("no trusted root certificate (none on the system, no CA file given)")]
+    NoRoots,
+    /// rustls refused the protocol versions.
+    #[error("TLS protocol versions")]
+    Versions(#[source] rustls::Error),
+}
+
 /// A client configuration trusting the system's roots and the certificates in `ca_pem`.
-pub(crate) fn client_config(ca_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientConfig>, String> {
+pub(crate) fn client_config(
+    ca_pem: Option<&[u8]>,
+) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
     let mut roots = RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         // A system certificate rustls cannot read is skipped, as browsers do.
@@ -18,22 +37,24 @@ pub(crate) fn client_config(ca_pem: Option<&[u8]>) -> Result<Arc<rustls::ClientC
     if let Some(pem) = ca_pem {
         let mut found = 0;
         for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| format!("the CA file: {e}"))?;
-            roots.add(cert).map_err(|e| format!("the CA file: {e}"))?;
+            let cert = cert.map_err(|e| TlsConfigError::CaFile(Box::new(e)))?;
+            roots
+                .add(cert)
+                .map_err(|e| TlsConfigError::CaFile(Box::new(e)))?;
             found += 1;
         }
         if found == 0 {
-            return Err("the CA file holds no PEM certificate".into());
+            return Err(TlsConfigError::EmptyCaFile);
         }
     }
     if roots.is_empty() {
-        return Err("no trusted root certificate (none on the system, no CA file given)".into());
+        return Err(TlsConfigError::NoRoots);
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
+    .map_err(TlsConfigError::Versions)?
     .with_root_certificates(roots)
     .with_no_client_auth();
     Ok(Arc::new(config))

@@ -111,7 +111,7 @@ async fn under_plain_hyper() {
 async fn a_malformed_redis_url_is_a_clear_error() {
     let err = ThinWsLayer::connect("not a url").await.unwrap_err();
     assert!(
-        matches!(err, thinws::Error::InvalidRedisUrl { .. }),
+        matches!(err, thinws::ConnectError::InvalidRedisUrl { .. }),
         "{err:?}"
     );
     // The password is never shown, and the lazy layer refuses sockets with the reason
@@ -119,7 +119,7 @@ async fn a_malformed_redis_url_is_a_clear_error() {
     let url = "redis://:secret@127.0.0.1:notaport";
     let err = ThinWsLayer::connect(url).await.unwrap_err();
     assert!(
-        matches!(err, thinws::Error::InvalidRedisUrl { .. }),
+        matches!(err, thinws::ConnectError::InvalidRedisUrl { .. }),
         "{err:?}"
     );
     assert!(!err.to_string().contains("secret"), "{err}");
@@ -127,6 +127,23 @@ async fn a_malformed_redis_url_is_a_clear_error() {
     let health = layer.hub().health().await;
     assert!(!health.is_ready());
     assert!(!health.to_string().contains("secret"), "{health}");
+    // The hub of a layer that serves nothing does nothing, and says why.
+    let hub = layer.hub();
+    let published = hub.publish("lobby", &"hi").await.unwrap_err();
+    assert!(
+        matches!(
+            &published,
+            thinws::PublishError::Unavailable(thinws::BrokerError::Misconfigured(_))
+        ),
+        "{published:?}"
+    );
+    assert!(!published.outcome_unknown());
+    assert!(
+        published.report().contains("invalid Redis URL"),
+        "{}",
+        published.report()
+    );
+    assert_eq!(hub.socket_count(), 0);
     let node = Node::start(layer).await;
     let (status, body) = http(
         node.addr,
@@ -158,7 +175,10 @@ async fn an_unreachable_redis_is_a_clear_error() {
         .connect()
         .await
         .unwrap_err();
-    assert!(matches!(err, thinws::Error::Unavailable(_)), "{err:?}");
+    assert!(
+        matches!(err, thinws::ConnectError::Unavailable(_)),
+        "{err:?}"
+    );
 }
 
 /// URLs that parse one by one but cannot make one broker (a cluster's seeds with two
@@ -173,7 +193,10 @@ async fn a_broker_that_cannot_be_built_is_a_connect_error() {
         .connect()
         .await
         .unwrap_err();
-    assert!(matches!(err, thinws::Error::Unavailable(_)), "{err:?}");
+    assert!(
+        matches!(err, thinws::ConnectError::Unavailable(_)),
+        "{err:?}"
+    );
     assert!(
         err.report().contains("different password"),
         "{}",

@@ -404,3 +404,25 @@ async fn members_are_cut_at_the_maximum_while_the_count_stays_exact() {
         assert!(members[0] != members[1], "distinct: {members:?}");
     }
 }
+
+/// A member in Redis that thinws did not write (not a JSON string) is named in a clear
+/// error, not passed off as Redis being unavailable.
+#[tokio::test]
+async fn an_unreadable_member_is_an_invalid_member_error() {
+    let redis = RedisServer::start().await;
+    let layer = layer(Some(&redis), Duration::from_secs(30));
+    let hub = layer.hub();
+    let mut c = redis.client().await;
+    let _: () = redis::cmd("HSET")
+        .arg("thinws:presence:{odd}")
+        .arg("not json")
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let err = hub.presence("odd").await.unwrap_err();
+    assert!(
+        matches!(&err, thinws::PresenceError::InvalidMember { member, .. } if member == "not json"),
+        "{err:?}"
+    );
+}

@@ -204,8 +204,6 @@ impl BrokerHealth {
 pub(crate) enum Broker {
     Memory(Box<MemoryBroker>),
     Redis(Box<RedisBroker>),
-    /// The configured Redis URL is unusable: every operation fails with this error.
-    Unusable(BrokerError),
 }
 
 impl Broker {
@@ -231,7 +229,6 @@ impl Broker {
                 Publish::Done(Ok(Some(b.publish_history(room, &frame, history))))
             }
             (Broker::Redis(b), history) => b.publish(room, frame, lane, history),
-            (Broker::Unusable(e), _) => Publish::Done(Err(e.clone())),
         }
     }
 
@@ -240,7 +237,6 @@ impl Broker {
         match self {
             Broker::Memory(b) => Ok(b.top(room, history)),
             Broker::Redis(b) => b.history().top(room, history).await,
-            Broker::Unusable(e) => Err(e.clone()),
         }
     }
 
@@ -254,7 +250,6 @@ impl Broker {
         match self {
             Broker::Memory(b) => Ok(b.history(room, history, page)),
             Broker::Redis(b) => b.history().last(room, history, page).await,
-            Broker::Unusable(e) => Err(e.clone()),
         }
     }
 
@@ -275,7 +270,6 @@ impl Broker {
                     .recover(room, history, (since, epoch), budget, true)
                     .await
             }
-            Broker::Unusable(e) => Err(e.clone()),
         }
     }
 
@@ -288,7 +282,6 @@ impl Broker {
         match self {
             Broker::Memory(_) => Confirmation::Done(Ok(())),
             Broker::Redis(b) => b.acquire(room.clone()),
-            Broker::Unusable(e) => Confirmation::Done(Err(e.clone())),
         }
     }
 
@@ -314,7 +307,6 @@ impl Broker {
                 Confirmation::Done(Ok(()))
             }
             Broker::Redis(b) => b.presence().join(room, identity, presence),
-            Broker::Unusable(e) => Confirmation::Done(Err(e.clone())),
         }
     }
 
@@ -332,7 +324,6 @@ impl Broker {
                 Confirmation::Done(Ok(()))
             }
             Broker::Redis(b) => b.presence().leave(room, identity, presence),
-            Broker::Unusable(e) => Confirmation::Done(Err(e.clone())),
         }
     }
 
@@ -354,7 +345,6 @@ impl Broker {
         match self {
             Broker::Memory(b) => Ok(b.presence().members(room, max)),
             Broker::Redis(b) => b.presence().members(room, presence, max).await,
-            Broker::Unusable(e) => Err(e.clone()),
         }
     }
 
@@ -369,7 +359,6 @@ impl Broker {
         match self {
             Broker::Memory(b) => Ok(b.record(identity, room, max)),
             Broker::Redis(b) => b.identities().record(identity, room, max).await,
-            Broker::Unusable(e) => Err(e.clone()),
         }
     }
 
@@ -381,7 +370,6 @@ impl Broker {
                 Ok(())
             }
             Broker::Redis(b) => b.identities().forget(identity, room).await,
-            Broker::Unusable(e) => Err(e.clone()),
         }
     }
 
@@ -390,7 +378,6 @@ impl Broker {
         match self {
             Broker::Memory(b) => Ok(b.rooms_of(identity)),
             Broker::Redis(b) => b.identities().rooms_of(identity).await,
-            Broker::Unusable(e) => Err(e.clone()),
         }
     }
 
@@ -399,7 +386,6 @@ impl Broker {
         match self {
             Broker::Memory(b) => b.hold(identity),
             Broker::Redis(b) => b.hold(identity),
-            Broker::Unusable(_) => {}
         }
     }
 
@@ -409,7 +395,6 @@ impl Broker {
         match self {
             Broker::Memory(b) => b.unhold(identity),
             Broker::Redis(b) => b.identities().unhold(identity),
-            Broker::Unusable(_) => {}
         }
     }
 
@@ -418,15 +403,6 @@ impl Broker {
         match self {
             Broker::Memory(_) => BrokerHealth::all(Ok(())),
             Broker::Redis(b) => b.health(timeout).await,
-            Broker::Unusable(e) => BrokerHealth::all(Err(e.clone())),
-        }
-    }
-
-    /// Why this broker can do nothing at all (an unusable Redis URL), if so.
-    pub(crate) fn unusable(&self) -> Option<&BrokerError> {
-        match self {
-            Broker::Unusable(e) => Some(e),
-            _ => None,
         }
     }
 }

@@ -8,7 +8,7 @@ use tower_service::Service;
 use super::ThinWsLayer;
 use crate::broker::Broker;
 use crate::config::{Config, NotificationHook};
-use crate::error::Error;
+use crate::error::ConnectError;
 use crate::hooks::{
     self, BoxError, ConnectEvent, ConnectVerdict, DisconnectEvent, MessageEvent, MessageVerdict,
     Notification, RefreshEvent, RefreshVerdict, SubscribeEvent, UnsubscribeEvent, Verdict,
@@ -756,29 +756,25 @@ impl ThinWsBuilder {
 
     /// Builds the layer without connecting to Redis.
     pub fn build(self) -> ThinWsLayer {
-        self.assemble().0
-    }
-
-    /// Builds the layer; also returns why its Redis URL is unusable, if it is (the layer
-    /// then refuses sockets, see [`ThinWsLayer`]).
-    fn assemble(self) -> (ThinWsLayer, Option<Error>) {
-        let (node, url_error) = Node::new(self.redis.as_ref(), self.config);
-        let layer = ThinWsLayer {
-            node: Arc::new(node),
-        };
-        (layer, url_error)
+        let config = Arc::new(self.config);
+        let node = Node::new(self.redis.as_ref(), config.clone()).map(Arc::new);
+        if let Err(e) = &node {
+            tracing::error!(error = %e.report(), "thinws cannot use its Redis URL and will serve no sockets");
+        }
+        ThinWsLayer { config, node }
     }
 
     /// Builds the layer and checks now that Redis (if configured) can be used: the URL
     /// parses, and every publishing lane, the pool and the subscription connection answer.
-    pub async fn connect(self) -> Result<ThinWsLayer, Error> {
-        let (layer, url_error) = self.assemble();
-        if let Some(e) = url_error {
-            return Err(e);
+    pub async fn connect(self) -> Result<ThinWsLayer, ConnectError> {
+        let config = Arc::new(self.config);
+        let node = Arc::new(Node::new(self.redis.as_ref(), config.clone())?);
+        if let Broker::Redis(broker) = &node.broker {
+            broker.ready(config.redis_timeout).await?;
         }
-        if let Broker::Redis(broker) = &layer.node.broker {
-            broker.ready(layer.node.config.redis_timeout).await?;
-        }
-        Ok(layer)
+        Ok(ThinWsLayer {
+            config,
+            node: Ok(node),
+        })
     }
 }

@@ -15,7 +15,8 @@ pub use self::body::ResponseBody;
 pub use self::builder::ThinWsBuilder;
 pub use self::future::ResponseFuture;
 pub use self::service::ThinWsService;
-use crate::error::Error;
+use crate::config::Config;
+use crate::error::ConnectError;
 use crate::hub::Hub;
 use crate::node::Node;
 
@@ -32,8 +33,8 @@ use crate::node::Node;
 /// unreachable Redis shows as `unavailable` errors on `subscribe`, `connect` and `message`
 /// and as a failing [`Hub::health`]. To fail fast at start-up instead, build the layer with
 /// [`ThinWsLayer::connect`] (or [`ThinWsBuilder::connect`]), which checks the URL and every
-/// Redis path (each publishing lane, the pool, the subscription connection) and returns an
-/// [`Error`].
+/// Redis path (each publishing lane, the pool, the subscription connection) and returns a
+/// [`ConnectError`].
 ///
 /// ```
 /// use thinws::ThinWsLayer;
@@ -48,7 +49,9 @@ use crate::node::Node;
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct ThinWsLayer {
-    pub(crate) node: Arc<Node>,
+    pub(crate) config: Arc<Config>,
+    /// The node, or why it could not be built on the Redis URL.
+    pub(crate) node: Result<Arc<Node>, ConnectError>,
 }
 
 impl ThinWsLayer {
@@ -78,13 +81,13 @@ impl ThinWsLayer {
     ///
     /// ```no_run
     /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), thinws::Error> {
+    /// # async fn main() -> Result<(), thinws::ConnectError> {
     /// let layer = thinws::ThinWsLayer::connect("redis://127.0.0.1:6379").await?;
     /// # let _ = layer;
     /// # Ok(())
     /// # }
     /// ```
-    pub async fn connect(redis_url: impl Into<String>) -> Result<Self, Error> {
+    pub async fn connect(redis_url: impl Into<String>) -> Result<Self, ConnectError> {
         Self::builder().redis_url(redis_url).connect().await
     }
 

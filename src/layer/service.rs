@@ -7,7 +7,9 @@ use http_body_util::Full;
 use tower_service::Service;
 
 use super::{client_script, ResponseBody, ResponseFuture, ThinWsLayer};
+use crate::config::Config;
 use crate::connection;
+use crate::error::ConnectError;
 use crate::node::Node;
 use crate::rooms::Refused;
 
@@ -17,7 +19,8 @@ use crate::rooms::Refused;
 #[must_use]
 pub struct ThinWsService<S> {
     inner: S,
-    node: Arc<Node>,
+    config: Arc<Config>,
+    node: Result<Arc<Node>, ConnectError>,
 }
 
 impl<S> ThinWsService<S> {
@@ -39,6 +42,7 @@ impl<S> ThinWsService<S> {
     pub(crate) fn new(inner: S, layer: ThinWsLayer) -> Self {
         ThinWsService {
             inner,
+            config: layer.config,
             node: layer.node,
         }
     }
@@ -48,7 +52,6 @@ impl<S> ThinWsService<S> {
     fn takes<B>(&self, request: &Request<B>) -> bool {
         request.method() == http::Method::GET
             && self
-                .node
                 .config
                 .path
                 .as_deref()
@@ -80,7 +83,7 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        if self.node.config.serve_client {
+        if self.config.serve_client {
             if let Some(response) = client_script::respond(&request) {
                 return ResponseFuture::ready(response);
             }
@@ -88,21 +91,24 @@ where
         if !self.takes(&request) {
             return ResponseFuture::inner(self.inner.call(request));
         }
-        if !self.node.config.origins.permits(request.headers()) {
+        if !self.config.origins.permits(request.headers()) {
             return ResponseFuture::ready(plain(
                 StatusCode::FORBIDDEN,
                 "this Origin may not open sockets here\n".into(),
             ));
         }
-        if let Some(reason) = self.node.broker.unusable() {
-            return ResponseFuture::ready(plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{}\n", reason.report()),
-            ));
-        }
+        let node = match &self.node {
+            Ok(node) => node,
+            Err(unusable) => {
+                return ResponseFuture::ready(plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{}\n", unusable.report()),
+                ))
+            }
+        };
         // The socket's slot is taken now, before the 101: a burst of upgrades at the limit
         // gets 503s, never a 101 followed by a close.
-        let admitted = match connection::admit(&self.node) {
+        let admitted = match connection::admit(node) {
             Ok(admitted) => admitted,
             Err(refused) => {
                 let reason = match refused {
@@ -115,7 +121,7 @@ where
                 ));
             }
         };
-        let config = &self.node.config;
+        let config = &self.config;
         let ws_config = hyper_tungstenite::tungstenite::protocol::WebSocketConfig::default()
             .read_buffer_size(config.read_buffer_size)
             .max_message_size(Some(config.max_frame_size))
@@ -123,16 +129,11 @@ where
         match hyper_tungstenite::upgrade(&mut request, Some(ws_config)) {
             Ok((response, upgrade)) => {
                 let (parts, _body) = request.into_parts();
-                tokio::spawn(connection::serve(
-                    self.node.clone(),
-                    admitted,
-                    upgrade,
-                    parts,
-                ));
+                tokio::spawn(connection::serve(node.clone(), admitted, upgrade, parts));
                 ResponseFuture::ready(response)
             }
             Err(e) => {
-                admitted.release(&self.node);
+                admitted.release(node);
                 ResponseFuture::ready(plain(
                     StatusCode::BAD_REQUEST,
                     format!("invalid WebSocket upgrade: {e}\n"),

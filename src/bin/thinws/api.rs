@@ -135,7 +135,7 @@ impl Api {
                         ErrorCode::NotEnabled.as_str(),
                         "this room does not track presence",
                     ),
-                    Err(e) => unavailable(&e),
+                    Err(e) => unavailable(&e.report()),
                 }
             }
             (&Method::GET, room) if room.starts_with("/api/rooms/") => {
@@ -174,7 +174,7 @@ impl Api {
                 ErrorCode::NotEnabled.as_str(),
                 "this room keeps no history",
             ),
-            Err(e) => unavailable(&e),
+            Err(e) => unavailable(&e.report()),
         }
     }
 
@@ -218,16 +218,12 @@ impl Api {
         };
         match self.hub.publish_raw(&room, payload).await {
             Ok(()) => json_response(StatusCode::OK, json!({"ok": true})),
-            Err(thinws::Error::Unavailable(e)) if e.outcome_unknown() => error(
+            Err(e) if e.outcome_unknown() => error(
                 StatusCode::GATEWAY_TIMEOUT,
                 ErrorCode::Timeout.as_str(),
                 &e.report(),
             ),
-            Err(e) => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Unavailable.as_str(),
-                &e.to_string(),
-            ),
+            Err(e) => unavailable(&e.report()),
         }
     }
 }
@@ -250,10 +246,10 @@ fn no_room() -> Response<Full<Bytes>> {
     )
 }
 
-fn unavailable(e: &thinws::Error) -> Response<Full<Bytes>> {
+fn unavailable(report: &str) -> Response<Full<Bytes>> {
     error(
         StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Unavailable.as_str(),
-        &e.report(),
+        report,
     )
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use deadpool_redis::{Manager, Pool, Runtime};
 use redis::{AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, ProtocolVersion};
 
-use crate::error::{BrokerError, Error, ErrorSource};
+use crate::error::{BrokerError, ConnectError, ErrorSource};
 
 /// How many pooled connections a node may open beyond those its publishing lanes hold
 /// (identity commands and health probes share them).
@@ -44,8 +44,7 @@ impl RedisTarget {
             let (info, tls) = match is_tls {
                 false => (info, None),
                 true => {
-                    let tls = super::tls::Tls::new(ca_pem)
-                        .map_err(|e| invalid(Arc::new(std::io::Error::other(e))))?;
+                    let tls = super::tls::Tls::new(ca_pem).map_err(|e| invalid(Arc::new(e)))?;
                     let info = match ca_pem {
                         None => info,
                         Some(pem) => redis::Client::build_with_tls(
@@ -144,9 +143,9 @@ impl InvalidUrl {
     }
 }
 
-impl From<InvalidUrl> for Error {
+impl From<InvalidUrl> for ConnectError {
     fn from(e: InvalidUrl) -> Self {
-        Error::InvalidRedisUrl {
+        ConnectError::InvalidRedisUrl {
             url: e.url,
             source: e.source,
         }
@@ -218,7 +217,8 @@ mod tests {
 
     #[test]
     fn a_bad_url_is_refused_without_its_password() {
-        let e = Error::from(RedisTarget::parse("redis://:secret@h:notaport", None).unwrap_err());
+        let e =
+            ConnectError::from(RedisTarget::parse("redis://:secret@h:notaport", None).unwrap_err());
         assert!(!e.to_string().contains("secret"), "{e}");
         assert!(std::error::Error::source(&e).is_some());
     }

@@ -24,7 +24,7 @@ impl std::fmt::Debug for Tls {
 
 impl Tls {
     /// A connector trusting the system's roots and the certificates in `ca_pem`, if any.
-    pub(crate) fn new(ca_pem: Option<&[u8]>) -> Result<Self, String> {
+    pub(crate) fn new(ca_pem: Option<&[u8]>) -> Result<Self, crate::tls::TlsConfigError> {
         Ok(Tls {
             connector: TlsConnector::from(crate::tls::client_config(ca_pem)?),
         })
