@@ -1,0 +1,327 @@
+//! The socket's task: its state between events ([`SocketTask`]), one method per event,
+//! and the loop that waits for the next event and hands it to that method.
+//!
+//! Events, in the order the loop prefers them: the writer ended; the frame being handled
+//! finished (or, while none is, the broker answered the oldest publish in flight); a read
+//! from the socket; the `connect` grace period ran out; the socket's grant expired; the
+//! idle timer fired.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::stream::SplitStream;
+use futures_util::StreamExt;
+use http::request::Parts;
+use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::{Error as WsError, Message};
+use hyper_tungstenite::HyperWebsocketStream;
+use metrics::Counter;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+use tracing::Instrument;
+
+use super::outbound::OutboundQueue;
+use super::rate_limit::{Rate, RateLimit};
+use super::reader::{check_rate, handle, read_result, Frame, Progress, Read, Reader};
+use super::socket::Socket;
+use super::{writer, CLOSE_TIMEOUT};
+use crate::hooks::DisconnectReason;
+use crate::node::Node;
+use crate::rooms::SocketId;
+
+/// A deadline waits for the frame being handled (perhaps the `connect` or `refresh` that
+/// meets it), but no longer than this past the deadline.
+const DEADLINE_GRACE: Duration = Duration::from_secs(5);
+
+/// How soon a deadline looks again while a frame is being handled.
+const RECHECK: Duration = Duration::from_millis(100);
+
+/// A timer that is never meant to fire (until reset).
+const FAR: Duration = Duration::MAX.checked_div(4).unwrap();
+
+/// What one socket's task keeps between events. The timers live pinned in [`run`], which
+/// hands each to the method of its event.
+struct SocketTask {
+    /// The socket, free or handling a frame.
+    reader: Reader,
+    /// At most one frame read ahead while another is being handled; it is handled next, so
+    /// frames are still handled one at a time and in order.
+    ahead: Option<Frame>,
+    /// A flood was seen: nothing more is read, and the socket closes once the last frame
+    /// read is answered.
+    flooded: bool,
+    rate: Option<RateLimit>,
+    /// Stops the frame being handled when the socket ends.
+    stop: Arc<Notify>,
+    queue: Arc<OutboundQueue>,
+    frames_in: Counter,
+    /// Anything received (a pong included) proves the peer alive; the idle timer is reset
+    /// lazily from it.
+    last_seen: Instant,
+    idle_timeout: Duration,
+    /// When the `connect` grace period ends, if the node requires one.
+    unbound_at: Option<Instant>,
+    /// The socket was bound in time, or closed for not being (or no `connect` is required).
+    bind_checked: bool,
+    /// The socket's grant's deadline (a token's `exp`), if it has one.
+    expires_at: Option<SystemTime>,
+    /// Closed for an expired grant.
+    expired: bool,
+}
+
+impl SocketTask {
+    fn new(node: &Node, socket: Box<Socket>, queue: Arc<OutboundQueue>) -> Self {
+        let config = &node.config;
+        let now = Instant::now();
+        SocketTask {
+            frames_in: socket.metrics().frames_in.clone(),
+            reader: Reader::Free(socket),
+            ahead: None,
+            flooded: false,
+            rate: RateLimit::new(config.rate, now),
+            stop: Arc::new(Notify::new()),
+            queue,
+            last_seen: now,
+            idle_timeout: config.idle_timeout,
+            unbound_at: config.connect_within.map(|within| now + within),
+            bind_checked: config.connect_within.is_none(),
+            expires_at: None,
+            expired: false,
+        }
+    }
+
+    /// Starts handling the frame read ahead, if there is one and the socket is free.
+    fn start_ahead(&mut self) {
+        if !matches!(self.reader, Reader::Free(_)) {
+            return;
+        }
+        let Some(frame) = self.ahead.take() else {
+            return;
+        };
+        // A stand-in for the two lines the socket is out (a zero-sized future: no
+        // allocation).
+        let stand_in = Reader::Handling(Box::pin(std::future::pending()));
+        if let Reader::Free(socket) = std::mem::replace(&mut self.reader, stand_in) {
+            self.reader = Reader::Handling(handle(socket, frame, self.stop.clone()));
+        }
+    }
+
+    /// Whether the loop reads from the socket: not while a frame waits, nor after a flood.
+    fn reads(&self) -> bool {
+        self.ahead.is_none() && !self.flooded
+    }
+
+    /// The frame being handled finished, or the oldest publish in flight was answered.
+    async fn on_progress(&mut self, progress: Progress, expiry: Pin<&mut Sleep>) {
+        match progress {
+            Progress::Handled(socket) => {
+                if socket.expires_at() != self.expires_at {
+                    self.expires_at = socket.expires_at();
+                    if let Some(at) = self.expires_at {
+                        expiry.reset(instant_of(at));
+                    }
+                }
+                self.reader = Reader::Free(socket);
+            }
+            Progress::Answered => {
+                if let Reader::Free(socket) = &mut self.reader {
+                    socket.settle_oldest().await;
+                }
+            }
+        }
+    }
+
+    /// A read from the socket; the reason the socket ends, if it does.
+    fn on_read(&mut self, read: Option<Result<Message, WsError>>) -> Option<DisconnectReason> {
+        self.last_seen = Instant::now();
+        match read_result(read, &self.queue) {
+            Read::Frame(message) => {
+                self.frames_in.increment(1);
+                let verdict = check_rate(&mut self.rate);
+                // Nothing more is read after a flood: the socket closes once this frame is
+                // answered.
+                self.flooded = verdict == Rate::Flood;
+                self.ahead = Some((message, verdict));
+            }
+            Read::Ping => {
+                if check_rate(&mut self.rate) == Rate::Flood {
+                    tracing::debug!("ping flood: closing the socket");
+                    self.flooded = true;
+                    self.queue
+                        .request_close(CloseCode::Policy, "too many frames");
+                }
+            }
+            Read::Control => {}
+            Read::End(reason) => return Some(reason),
+        }
+        None
+    }
+
+    /// Whether the `connect` grace period is still watched.
+    fn watches_binding(&self) -> bool {
+        !self.bind_checked
+    }
+
+    /// The `connect` grace period ran out.
+    fn on_unbound(&mut self, timer: Pin<&mut Sleep>) {
+        match &self.reader {
+            Reader::Free(socket) if socket.is_bound() => self.bind_checked = true,
+            // A frame (perhaps the `connect`) is being handled: look again shortly.
+            Reader::Handling(_)
+                if self
+                    .unbound_at
+                    .is_some_and(|at| Instant::now() < at + DEADLINE_GRACE) =>
+            {
+                timer.reset(Instant::now() + RECHECK);
+            }
+            _ => {
+                tracing::debug!("no identity bound in time: closing the socket");
+                self.queue.request_close(CloseCode::Policy, "connect first");
+                self.bind_checked = true;
+            }
+        }
+    }
+
+    /// Whether the grant's deadline is watched.
+    fn watches_expiry(&self) -> bool {
+        self.expires_at.is_some() && !self.expired
+    }
+
+    /// The socket's grant expired.
+    fn on_expiry(&mut self, timer: Pin<&mut Sleep>) {
+        match &self.reader {
+            // Perhaps a `refresh`: look again once it is handled.
+            Reader::Handling(_)
+                if self
+                    .expires_at
+                    .is_some_and(|at| Instant::now() < instant_of(at) + DEADLINE_GRACE) =>
+            {
+                timer.reset(Instant::now() + RECHECK);
+            }
+            _ => {
+                tracing::debug!("the socket's grant expired: closing the socket");
+                self.queue.request_close(CloseCode::Policy, "token expired");
+                self.expired = true;
+            }
+        }
+    }
+
+    /// The idle timer fired; the socket ends if nothing arrived for the idle timeout.
+    fn on_idle(&self, timer: Pin<&mut Sleep>) -> Option<DisconnectReason> {
+        if self.last_seen.elapsed() >= self.idle_timeout {
+            return Some(DisconnectReason::TimedOut);
+        }
+        timer.reset(self.last_seen + self.idle_timeout);
+        None
+    }
+
+    /// The socket ends: whatever was being handled stops, and leaving the rooms undoes
+    /// what it had begun; the disconnect hook runs and the identity is given back.
+    async fn end(self, reason: DisconnectReason) {
+        let mut socket = self.reader.into_socket(&self.stop).await;
+        socket.leave_all();
+        Box::pin(socket.fire_disconnect(reason)).await;
+        socket.release_identity();
+    }
+}
+
+/// Runs the socket until it ends, then closes it and gives its slot back.
+pub(super) async fn run(
+    node: Arc<Node>,
+    stream: HyperWebsocketStream,
+    parts: Parts,
+    id: SocketId,
+    queue: Arc<OutboundQueue>,
+) {
+    let (sink, mut source) = stream.split();
+    let socket = Box::new(Socket::new(node.clone(), id, queue.clone(), parts));
+    let writer_future = writer::write_loop(
+        sink,
+        queue.clone(),
+        node.config.ping_interval,
+        socket.metrics().frames_out.clone(),
+    )
+    .in_current_span();
+    let mut writer = tokio::spawn(writer_future);
+    let mut task = SocketTask::new(&node, socket, queue.clone());
+    tracing::debug!("socket open");
+
+    let idle = tokio::time::sleep(task.idle_timeout);
+    tokio::pin!(idle);
+    let unbound = tokio::time::sleep(node.config.connect_within.unwrap_or(FAR));
+    tokio::pin!(unbound);
+    let expiry = tokio::time::sleep(FAR);
+    tokio::pin!(expiry);
+    // Set when the writer ended first (with the sink, if it gave it back).
+    let mut writer_ended = None;
+    let reason = loop {
+        task.start_ahead();
+        tokio::select! {
+            biased;
+            written = &mut writer => {
+                writer_ended = Some(written.ok());
+                break DisconnectReason::Server;
+            }
+            progress = task.reader.progress() => task.on_progress(progress, expiry.as_mut()).await,
+            read = source.next(), if task.reads() => {
+                if let Some(reason) = task.on_read(read) {
+                    break reason;
+                }
+            }
+            () = &mut unbound, if task.watches_binding() => task.on_unbound(unbound.as_mut()),
+            () = &mut expiry, if task.watches_expiry() => task.on_expiry(expiry.as_mut()),
+            () = &mut idle => {
+                if let Some(reason) = task.on_idle(idle.as_mut()) {
+                    break reason;
+                }
+            }
+        }
+    };
+
+    task.end(reason).await;
+    // The socket has left its rooms: the writer drains what is queued, closes the socket
+    // and ends.
+    queue.finish();
+    let sink = match writer_ended {
+        Some(sink) => sink,
+        None => {
+            if reason == DisconnectReason::TimedOut || reason == DisconnectReason::Lost {
+                // Nobody is reading: don't wait for a flush that may never come.
+                queue.request_close(CloseCode::Away, "idle timeout");
+            }
+            writer.await.ok()
+        }
+    };
+    let gone = matches!(reason, DisconnectReason::Lost | DisconnectReason::TimedOut);
+    if let (Some(sink), false) = (sink, gone) {
+        linger(sink, source).await;
+    }
+    // Only now, so that a node waiting for its sockets to close also waits for the flush.
+    node.rooms.unregister(id);
+    tracing::debug!(?reason, "socket closed");
+}
+
+/// The monotonic instant of a wall-clock deadline (now, if it has passed; a century ahead
+/// at most).
+fn instant_of(at: SystemTime) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+    let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+    Instant::now() + left.min(CENTURY)
+}
+
+/// RFC 6455 §7.1.1: once the close frame is out, shut the write half down and read (and
+/// drop) what the client still sends until it closes too, for at most [`CLOSE_TIMEOUT`].
+/// Closing with unread data in the kernel's buffer would reset the connection, and the
+/// client could lose the close frame and the replies before it.
+async fn linger(sink: writer::WsSink, source: SplitStream<HyperWebsocketStream>) {
+    let Ok(mut stream) = sink.reunite(source) else {
+        return;
+    };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        let _ = stream.get_mut().shutdown().await;
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+}
