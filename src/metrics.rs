@@ -17,6 +17,9 @@
 //! | `thinws_errors_total{code}` | counter | `error` frames sent, by code |
 //! | `thinws_slow_reader_drops_total` | counter | sockets closed with 1013 because their queue was full |
 //! | `thinws_redis_reconnects_total` | counter | times the pub/sub connection was re-established |
+//! | `thinws_redis_pubsub_cut_total` | counter | times Redis cut the pub/sub connection (e.g. its output buffer limit) |
+//! | `thinws_gaps_total` | counter | rooms whose local members were told they may have missed messages (`gap`) |
+//! | `thinws_hook_unavailable_total{event}` | counter | hook calls answered `unavailable`, by event |
 //! | `thinws_notifications_sent_total` | counter | notifications (webhooks) the notification hook took |
 //! | `thinws_notifications_failed_total` | counter | failed calls of the notification hook (each retried) |
 //! | `thinws_notifications_dropped_total` | counter | notifications dropped, oldest first, from a full queue |

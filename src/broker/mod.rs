@@ -21,7 +21,9 @@
 //!   (see `redis::history`);
 //! - for rooms with presence, hashes `thinws:presence:{ROOM}` and
 //!   `thinws:presence-node:{ROOM}:NODE`, and sorted set `thinws:presence-nodes:{ROOM}` (see
-//!   `redis::presence`); the channel also carries the room's `join` and `leave` frames.
+//!   `redis::presence`); the channel also carries the room's `join` and `leave` frames;
+//! - with a notification hook, the occupancy keys (see `redis::occupancy` and
+//!   docs/PROTOCOL.md).
 //!
 //! No other keys are written.
 

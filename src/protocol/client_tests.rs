@@ -218,7 +218,7 @@ fn invalid_frames_table() {
             "duplicate field",
         ),
         (deep, TooLarge, Some("1"), "nests deeper than 64"),
-        // Found by the fuzzer: numbers that overflow an f64 make frames some parsers refuse.
+        // Numbers that overflow an f64 would make frames some parsers refuse (a fuzz seed).
         (
             r#"{"type":"message","messageID":7777e777773}"#.into(),
             InvalidMessage,

@@ -99,7 +99,7 @@ impl RoomCounts {
 mod tests {
     use super::*;
 
-    /// The trust issue's race: socket A's subscribe fails, socket B acquires the same room
+    /// A failed subscribe racing a successful one: socket A's subscribe fails, socket B acquires the same room
     /// before A's cleanup releases it. B's acquisition subscribes again, and A's release
     /// does not unsubscribe B's room.
     #[test]
