@@ -27,6 +27,19 @@
 //! broker, so every message published after the ack reaches the socket; for `message`, the
 //! broker accepted the publish. Messages from one socket to one room reach every subscriber
 //! in the order they were sent.
+//!
+//! # API conventions
+//! - Every public item has one path: the layer, hub, publisher and errors at the root,
+//!   the rest in [`settings`], [`hooks`], [`protocol`], [`metrics`] and `client`.
+//! - `#[non_exhaustive]`, by one rule: on every public enum thinws hands out (errors,
+//!   events, frames, codes, reasons) and on every public struct with public fields, so
+//!   that a variant or a field can be added without breaking anyone; such structs that
+//!   you fill in have a constructor (`History::new`, `Limits::default`). Enums that you
+//!   hand to thinws and it alone reads (the hooks' verdicts, `Presence`) are exhaustive.
+//! - Builders, layers, services and futures are `#[must_use]`; setters take
+//!   `impl Into<…>` where a value has more than one natural form.
+//! - Each operation has its own error type ([`ConnectError`], [`PublishError`],
+//!   [`HistoryError`], [`PresenceError`]); [`BrokerError`] says why Redis could not do it.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -166,7 +166,7 @@ impl PublisherBuilder {
     /// # let _ = publisher;
     /// # Ok::<(), thinws::ConnectError>(())
     /// ```
-    pub fn room_settings(mut self, pattern: &str, settings: RoomSettings) -> Self {
+    pub fn room_settings(mut self, pattern: impl Into<String>, settings: RoomSettings) -> Self {
         self.rooms.rule(pattern, settings);
         self
     }

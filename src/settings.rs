@@ -22,6 +22,7 @@ use std::time::Duration;
 
 /// How much of a room's past is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct History {
     /// Messages kept (the oldest go first).
     pub size: usize,
@@ -130,8 +131,8 @@ impl fmt::Debug for RoomPolicy {
 }
 
 impl RoomPolicy {
-    pub(crate) fn rule(&mut self, pattern: &str, settings: RoomSettings) {
-        self.rules.push((pattern.to_owned(), settings));
+    pub(crate) fn rule(&mut self, pattern: impl Into<String>, settings: RoomSettings) {
+        self.rules.push((pattern.into(), settings));
     }
 
     pub(crate) fn function(&mut self, f: PolicyFn) {

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 /// A message delivered to a room the client subscribed to.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Delivery {
     /// The room.
     pub room: String,
@@ -33,6 +34,7 @@ pub struct Delivery {
 /// lost its Redis pub/sub connection (no position then): refetch what the application
 /// shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Gap {
     /// The room.
     pub room: String,
@@ -46,6 +48,7 @@ pub struct Gap {
 /// room's history, as deliveries (the server side's [`RoomHistory`](crate::RoomHistory)
 /// holds frames).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct HistoryPage {
     /// The room's top offset.
     pub offset: u64,
@@ -89,6 +92,7 @@ impl Stream for Messages {
 /// An identity that joined or left a room with join/leave events: see
 /// [`ClientBuilder::on_join`](super::ClientBuilder::on_join).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Member {
     /// The room.
     pub room: String,

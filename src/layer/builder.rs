@@ -401,7 +401,7 @@ impl ThinWsBuilder {
     ///     .build();
     /// # let _ = layer;
     /// ```
-    pub fn room_settings(mut self, pattern: &str, settings: RoomSettings) -> Self {
+    pub fn room_settings(mut self, pattern: impl Into<String>, settings: RoomSettings) -> Self {
         self.config.rooms.rule(pattern, settings);
         self
     }

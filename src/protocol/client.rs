@@ -10,6 +10,7 @@ use super::{ErrorCode, FrameError};
 
 /// Limits applied while parsing a client frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Longest accepted `roomID`, in bytes (default 256).
     pub max_room_id_len: usize,
@@ -33,6 +34,7 @@ impl Default for Limits {
 
 /// One parsed client frame: its `messageID` and what it asks for.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientFrame<'a> {
     /// The client's `messageID` (a JSON string or number), kept verbatim for echoing.
     pub message_id: &'a RawValue,
@@ -103,6 +105,7 @@ pub enum Command<'a> {
 
 /// A place in a room's history: `{"offset": 40, "epoch": "7f3a9c"}`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Since<'a> {
     /// The last offset the client has.
     pub offset: u64,

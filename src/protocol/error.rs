@@ -76,6 +76,7 @@ impl ErrorCode {
 /// A `code` this version of the protocol does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unknown error code {0:?}")]
+#[non_exhaustive]
 pub struct UnknownErrorCode(pub String);
 
 impl std::str::FromStr for ErrorCode {
@@ -105,6 +106,7 @@ impl fmt::Display for ErrorCode {
 /// Why a client frame was refused: the code and message for the `error` frame, and the
 /// frame's `messageID` when it was readable (a string or a number).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct FrameError<'a> {
     /// The `messageID` to echo, if the frame had a readable one.
     pub message_id: Option<&'a RawValue>,
