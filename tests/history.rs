@@ -390,3 +390,117 @@ async fn connect_with_since_recovers_every_listed_room() {
     connect_recovery(&Node::start(layer(Some(&redis))).await).await;
     connect_recovery(&Node::start(layer(None)).await).await;
 }
+
+/// More history rooms than one `SUBSCRIBE` carries (the node resubscribes in chunks of
+/// 1,024 channels after a reconnection): a live frame of a room resubscribed in an early
+/// chunk, arriving while a later chunk is being confirmed, must not make the catch-up
+/// start after it. Every room gets every offset once and in order, or a `gap` frame where
+/// it could not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_history_room_catches_up_when_they_take_more_than_one_subscribe() {
+    const ROOMS: usize = 1_300;
+    const ROUNDS: u64 = 12;
+    let redis = RedisServer::start().await;
+    let settings = RoomSettings::with_history(History::new(1000, Duration::from_secs(60)));
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .rate_limit(0, 0)
+            .max_rooms_per_socket(ROOMS)
+            .max_queued_bytes(64 << 20)
+            .room_settings("many:*", settings)
+            .redis_url(redis.url())
+            .build(),
+    )
+    .await;
+    let rooms: Vec<String> = (0..ROOMS).map(|i| format!("many:{i}")).collect();
+    let mut s = Client::connect(&node.url()).await;
+    for room in &rooms {
+        s.subscribe(room).await;
+    }
+    let publisher = thinws::Publisher::builder(redis.url())
+        .room_settings("many:*", settings)
+        .build()
+        .unwrap();
+    // Round 1 before any loss, so that the node knows where every room stands.
+    for room in &rooms {
+        publisher.publish(room, &1).await.unwrap();
+    }
+    let reader = tokio::spawn(async move {
+        let mut seen: std::collections::HashMap<String, (u64, usize)> = Default::default();
+        let mut done = 0;
+        while done < ROOMS {
+            let frame = s.recv().await;
+            let room = frame["roomID"].as_str().unwrap().to_owned();
+            let entry = seen.entry(room.clone()).or_default();
+            match frame["type"].as_str() {
+                Some("message") => {
+                    let offset = frame["offset"].as_u64().unwrap();
+                    assert_eq!(
+                        offset,
+                        entry.0 + 1,
+                        "{room}: offset {offset} after {} with no gap frame between",
+                        entry.0
+                    );
+                    entry.0 = offset;
+                    if offset == ROUNDS {
+                        done += 1;
+                    }
+                }
+                Some("gap") => {
+                    // Told: the next offset may be anything.
+                    entry.1 += 1;
+                    entry.0 = frame["offset"].as_u64().unwrap_or(entry.0);
+                }
+                _ => panic!("unexpected {frame}"),
+            }
+        }
+        seen.values().map(|(_, gaps)| gaps).sum::<usize>()
+    });
+    // Cut the node's pub/sub connection again and again (every 20 ms, as soon as it is
+    // back) while four publishers go on.
+    let admin_redis = redis.url();
+    let publishing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let still = publishing.clone();
+    let killer = tokio::spawn(async move {
+        let client = redis::Client::open(admin_redis).unwrap();
+        let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+        let mut cuts = 0;
+        while still.load(std::sync::atomic::Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let killed: i64 = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            cuts += killed;
+        }
+        cuts
+    });
+    let mut publishers = Vec::new();
+    for lane in 0..4 {
+        let (publisher, rooms) = (publisher.clone(), rooms.clone());
+        publishers.push(tokio::spawn(async move {
+            for _ in 2..=ROUNDS {
+                for room in rooms.iter().skip(lane).step_by(4) {
+                    publisher.publish(room, &0).await.unwrap();
+                }
+            }
+        }));
+    }
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    publishing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let cuts = killer.await.unwrap();
+    assert!(cuts >= 3, "the pub/sub connection was cut {cuts} times");
+    let gaps = support::within("every room's last offset", reader)
+        .await
+        .unwrap();
+    // The history keeps everything here: a catch-up never needs a gap.
+    assert_eq!(
+        gaps, 0,
+        "gap frames although the history kept every message"
+    );
+}

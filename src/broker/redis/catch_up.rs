@@ -75,6 +75,11 @@ impl Tracks {
         self.rooms().remove(room);
     }
 
+    /// Whether `room` is a history room the node holds.
+    pub(super) fn holds(&self, room: &str) -> bool {
+        self.enabled && self.rooms().contains_key(room)
+    }
+
     /// Whether a frame received for `room` is to be delivered: not one already delivered
     /// (by offset, within one epoch). Remembers it as the room's last.
     pub(super) fn admit(&self, room: &str, frame: &str) -> bool {

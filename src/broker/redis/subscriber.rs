@@ -179,11 +179,25 @@ impl Task {
             .keys()
             .map(|room| self.keys.room_channel(room))
             .collect();
+        // While a later chunk is being confirmed, live frames of rooms in earlier chunks
+        // arrive. After a reconnection, a history room's are left to the catch-up, which
+        // reads them from the history in order with what was missed: delivered now, they
+        // would come before older missed ones, and the catch-up would start after them.
+        let held = match reconnection {
+            true => Held::HistoryRooms,
+            false => Held::Nothing,
+        };
         for chunk in channels.chunks(1024) {
             let mut subscribe = redis::cmd("SUBSCRIBE");
             subscribe.arg(chunk);
             if let Err(e) = self
-                .command(&mut connection, &subscribe, Reply::Subscribed, chunk.len())
+                .command(
+                    &mut connection,
+                    &subscribe,
+                    Reply::Subscribed,
+                    chunk.len(),
+                    held,
+                )
                 .await
             {
                 return Stop::Lost(e);
@@ -214,7 +228,7 @@ impl Task {
         loop {
             tokio::select! {
                 // Between commands, nothing but messages may arrive.
-                read = connection.next_reply(|channel, payload| forward(&self.keys, &*self.sink, &self.tracks, channel, payload)) => {
+                read = connection.next_reply(|channel, payload| forward(&self.keys, &*self.sink, &self.tracks, channel, payload, Held::Nothing)) => {
                     return Stop::Lost(match read {
                         Ok(reply) => BrokerError::Protocol(format!("{reply:?} between commands")),
                         Err(e) => e,
@@ -253,7 +267,7 @@ impl Task {
                 // On failure the room stays counted until its release (see
                 // `Broker::acquire`).
                 let result = self
-                    .command(connection, &subscribe, Reply::Subscribed, 1)
+                    .command(connection, &subscribe, Reply::Subscribed, 1, Held::Nothing)
                     .await;
                 let _ = reply.send(result.clone());
                 crate::metrics::redis_subscriptions(self.counts.len());
@@ -266,14 +280,26 @@ impl Task {
                 let unsubscribe = redis::cmd("UNSUBSCRIBE")
                     .arg(self.keys.room_channel(&room))
                     .clone();
-                self.command(connection, &unsubscribe, Reply::Unsubscribed, 1)
-                    .await?;
+                self.command(
+                    connection,
+                    &unsubscribe,
+                    Reply::Unsubscribed,
+                    1,
+                    Held::Nothing,
+                )
+                .await?;
                 crate::metrics::redis_subscriptions(self.counts.len());
                 Ok(())
             }
             Command::Ping { reply } => {
                 let result = self
-                    .command(connection, &redis::cmd("PING"), Reply::Pong, 1)
+                    .command(
+                        connection,
+                        &redis::cmd("PING"),
+                        Reply::Pong,
+                        1,
+                        Held::Nothing,
+                    )
                     .await;
                 let _ = reply.send(result.clone());
                 result
@@ -282,13 +308,14 @@ impl Task {
     }
 
     /// Sends `command` and waits (within the timeout) for `count` replies of kind
-    /// `expected`, delivering the messages that arrive meanwhile.
+    /// `expected`, delivering the messages that arrive meanwhile (but those `held`).
     async fn command(
         &self,
         connection: &mut RespConnection,
         command: &redis::Cmd,
         expected: Reply,
         count: usize,
+        held: Held,
     ) -> Result<(), BrokerError> {
         within(self.timeout, async {
             connection.send(command).await?;
@@ -297,7 +324,14 @@ impl Task {
                     count,
                     |reply| *reply == expected,
                     |channel, payload| {
-                        forward(&self.keys, &*self.sink, &self.tracks, channel, payload)
+                        forward(
+                            &self.keys,
+                            &*self.sink,
+                            &self.tracks,
+                            channel,
+                            payload,
+                            held,
+                        )
                     },
                 )
                 .await
@@ -317,14 +351,23 @@ fn closed_by_redis(e: &BrokerError) -> bool {
     }
 }
 
+/// Which frames received from Redis are not delivered when they arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    Nothing,
+    /// History rooms' frames: a catch-up that follows reads them from the history.
+    HistoryRooms,
+}
+
 /// Hands a frame received from Redis to the sink, unchanged (copied once out of the read
-/// buffer; see `resp`).
+/// buffer; see `resp`), unless it is `held`.
 fn forward(
     keys: &Keys,
     sink: &dyn crate::broker::FrameSink,
     tracks: &Tracks,
     channel: &[u8],
     payload: &[u8],
+    held: Held,
 ) {
     let Some(room) = std::str::from_utf8(channel)
         .ok()
@@ -332,6 +375,9 @@ fn forward(
     else {
         return;
     };
+    if held == Held::HistoryRooms && tracks.holds(room) {
+        return;
+    }
     match std::str::from_utf8(payload) {
         // A history room's frame already delivered (after a catch-up) is dropped.
         Ok(frame) if !tracks.admit(room, frame) => {}
