@@ -500,3 +500,75 @@ async fn rooms_on_every_shard_are_occupied_and_vacated_once_over_two_nodes() {
     expected.sort();
     assert_eq!(got, expected, "once each, per room, over both nodes");
 }
+
+/// A room whose subscription could not be made again after a slot-map change (here its
+/// shard refuses the channel for a while, by ACL) is retried until it succeeds: its
+/// members get a `gap` and then the room's messages again, rather than nothing for as
+/// long as they stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_refused_after_a_slot_map_change_is_subscribed_again_once_allowed() {
+    let cluster = RedisCluster::start().await;
+    let a = Node::start(layer(&cluster)).await;
+    let room = "deaf";
+    let owner = cluster.master_of(cluster.keyslot(&format!("thinws:room:{{{room}}}")));
+    let mut subscriber = Client::connect_as(&a.url(), "sub").await;
+    subscriber.subscribe(room).await;
+    // The room's shard refuses every channel, then one slot moves between the two other
+    // masters: the node reads a new slot map and subscribes to its rooms again.
+    let port = cluster.nodes[owner].port;
+    let set = |rule: &str| cluster.cli(port, &["acl", "setuser", "default", rule]);
+    assert_eq!(set("resetchannels").trim(), "OK");
+    let others: Vec<usize> = (0..cluster.nodes.len())
+        .filter(|&n| {
+            n != owner
+                && support::cluster::cli(cluster.nodes[n].port, &["role"]).starts_with("master")
+        })
+        .collect();
+    let id = |n: usize| {
+        cluster
+            .cli(cluster.nodes[n].port, &["cluster", "myid"])
+            .trim()
+            .to_owned()
+    };
+    let (from, to) = (id(others[0]), id(others[1]));
+    let seed = format!("127.0.0.1:{}", cluster.nodes[others[0]].port);
+    let resharded = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-cli")
+            .args(["--cluster", "reshard", &seed])
+            .args(["--cluster-from", &from, "--cluster-to", &to])
+            .args(["--cluster-slots", "1", "--cluster-yes"])
+            .output()
+            .expect("redis-cli --cluster reshard")
+    })
+    .await
+    .unwrap();
+    assert!(
+        resharded.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resharded.stdout)
+    );
+    // Two checks of the slot map (every 500 ms) see the change while the channel is refused.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(set("allchannels").trim(), "OK");
+    let mut publisher = Client::connect_as(&a.url(), "pub").await;
+    let mut gaps = 0;
+    support::within("the room's messages again", async {
+        loop {
+            let ack = publisher
+                .request(json!({"type": "message", "roomID": room, "payload": "again"}))
+                .await;
+            assert_eq!(ack["type"], "ack", "{ack}");
+            match tokio::time::timeout(Duration::from_millis(200), subscriber.recv()).await {
+                Ok(frame) if frame["type"] == "gap" => gaps += 1,
+                Ok(frame) if frame["type"] == "message" => break,
+                Ok(frame) => panic!("unexpected {frame}"),
+                Err(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        gaps >= 1,
+        "its members were told that they may have missed messages"
+    );
+}

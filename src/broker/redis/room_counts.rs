@@ -71,6 +71,12 @@ impl RoomCounts {
         }
     }
 
+    /// The counted rooms whose last subscribe failed: not receiving anything until a
+    /// subscribe succeeds (retried by the subscriber).
+    pub(super) fn failed(&self) -> Vec<Arc<str>> {
+        self.failed.iter().cloned().collect()
+    }
+
     /// Redis confirmed `room`'s subscription (a push); `true` when it had confirmed it
     /// before, so that this is a subscription that came back (what was published meanwhile
     /// may be missing).
@@ -121,6 +127,31 @@ mod tests {
         assert!(!counts.release(&room));
         assert!(counts.release(&room), "B's release is the last");
         assert!(counts.is_empty());
+    }
+
+    /// A held room whose subscription was lost and could not be made again is listed
+    /// for a retry until one succeeds, and no longer once it is released.
+    #[test]
+    fn a_room_whose_subscribe_failed_is_retried_until_it_succeeds() {
+        let room: Arc<str> = "r".into();
+        let mut counts = RoomCounts::default();
+        counts.acquire(&room);
+        counts.subscribed(&room, true);
+        assert!(counts.failed().is_empty());
+        // Its slot moved and subscribing on the new owner failed.
+        counts.subscribed(&room, false);
+        assert_eq!(counts.failed(), vec![room.clone()]);
+        assert_eq!(
+            counts.acquire(&room),
+            Acquired::Subscribe,
+            "a new member does not take a lost subscription as done"
+        );
+        counts.subscribed(&room, true);
+        assert!(counts.failed().is_empty());
+        counts.subscribed(&room, false);
+        counts.release(&room);
+        counts.release(&room);
+        assert!(counts.failed().is_empty(), "released: nothing to retry");
     }
 
     #[test]

@@ -127,15 +127,17 @@ impl Task {
                 );
                 self.cluster.reset().await;
                 let rooms: Vec<Arc<str>> = self.counts.rooms().cloned().collect();
-                for room in rooms {
-                    if let Err(e) = self.subscribe(&room).await {
-                        tracing::warn!(room = &*room, error = %e.report(), "could not subscribe again");
-                        // Read the map again next time, and subscribe again then.
-                        self.slots = None;
-                    }
-                }
+                self.resubscribe(rooms).await;
             }
-            Ok(slots) => self.slots = Some(slots),
+            Ok(slots) => {
+                self.slots = Some(slots);
+                // Rooms left without a subscription (a subscribe again that failed) are
+                // retried while the cluster answers; until then they receive nothing, and
+                // once back they catch up (or get a gap) like any subscription that came
+                // back.
+                let failed = self.counts.failed();
+                self.resubscribe(failed).await;
+            }
             Err(e) => tracing::debug!(error = %e.report(), "could not read the slot map"),
         }
         let pinged = async {
@@ -143,6 +145,18 @@ impl Task {
             within(CHECK_EVERY, ping_every_master(&mut connection)).await
         };
         let _ = self.live.send(pinged.await.is_ok());
+    }
+
+    /// Subscribes to each of `rooms` again; one that fails is marked for a retry at the
+    /// next check.
+    async fn resubscribe(&mut self, rooms: Vec<Arc<str>>) {
+        for room in rooms {
+            let subscribed = self.subscribe(&room).await;
+            if let Err(e) = &subscribed {
+                tracing::warn!(room = &*room, error = %e.report(), "could not subscribe again: retrying at the next check");
+            }
+            self.counts.subscribed(&room, subscribed.is_ok());
+        }
     }
 
     async fn connection(&self) -> Result<ClusterConnection, BrokerError> {
@@ -261,9 +275,7 @@ impl Task {
             PushKind::SUnsubscribe => {
                 if let Some(room) = self.room_of(&push) {
                     tracing::info!(room = &*room, "sharded subscription dropped by the server (slot moved): subscribing again");
-                    if let Err(e) = self.subscribe(&room).await {
-                        tracing::warn!(room = &*room, error = %e.report(), "could not subscribe again");
-                    }
+                    self.resubscribe(vec![room]).await;
                 }
             }
             _ => {}
