@@ -74,8 +74,18 @@ async fn a_subscriber_connection_that_redis_cut_gives_its_rooms_a_gap() {
             .await
             .unwrap();
     }
-    // Redis cuts B's connection at once past the hard limit.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Redis cuts B's connection past the hard limit: only A's pub/sub client is left.
+    support::until("Redis to cut B's pub/sub connection", async || {
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        clients.lines().count() == 1
+    })
+    .await;
     signal(&b, "-CONT");
 
     let received_before_gap = within("a gap on the node that was cut", async {

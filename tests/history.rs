@@ -165,6 +165,11 @@ async fn history_rooms_in_memory() {
     scenario(&node, &node).await;
 }
 
+/// Where `room`'s history stands (its top offset), read through `hub`.
+async fn top_of(hub: &thinws::Hub, room: &str) -> u64 {
+    hub.history(room, Some(1)).await.unwrap().unwrap().offset
+}
+
 /// Offsets of the next `n` deliveries to `c`.
 async fn offsets(c: &mut Client, n: usize) -> Vec<u64> {
     let mut got = Vec::with_capacity(n);
@@ -223,7 +228,11 @@ async fn recovery(a: &Node, b: &Node) {
             publish(&mut p, "big:rec2", json!(n)).await;
         }
     });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The flood is under way before the late socket recovers.
+    support::until("the flood to be under way", async || {
+        top_of(&b.hub, "big:rec2").await >= 10
+    })
+    .await;
     let mut late = Client::connect(&b.url()).await;
     let probe = history(&mut late, "big:rec2", Some(1)).await;
     let (top, epoch2) = (
@@ -293,7 +302,10 @@ async fn a_node_catches_up_after_its_pubsub_connection_comes_back() {
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    support::until("messages to flow", async || {
+        top_of(&a.hub, "big:c").await >= 30
+    })
+    .await;
     let mut admin = redis.client().await;
     for _ in 0..3 {
         let killed: i64 = redis::cmd("CLIENT")
@@ -304,7 +316,18 @@ async fn a_node_catches_up_after_its_pubsub_connection_comes_back() {
             .await
             .unwrap();
         assert!(killed >= 1);
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Node A subscribed again, and messages flowed since, before the next cut.
+        let at_cut = top_of(&a.hub, "big:c").await;
+        support::until("node A to subscribe again", async || {
+            let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("thinws:room:{big:c}")
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+            subscribers == 1 && top_of(&a.hub, "big:c").await >= at_cut + 20
+        })
+        .await;
     }
     publisher.await.unwrap();
     let got = offsets(&mut s, 300).await;

@@ -88,13 +88,20 @@ async fn a_grant_lives_and_dies_with_its_socket() {
             }
         }
     };
+    // The server has dropped the closed sockets (and their grants) when its gauge says so.
+    let closed = async || {
+        support::until("the closed sockets to be dropped", async || {
+            server.metric("thinws_sockets").await == 0.0
+        })
+        .await
+    };
     round(0).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    closed().await;
     let before = rss_kib(server.child.id());
     for n in 1..=4 {
         round(n).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    closed().await;
     let grown = rss_kib(server.child.id()).saturating_sub(before);
     // Before the fix: about 25 MB per round here (150 grants of 40 KB kept forever, and
     // their tokens parsed); after it, allocator noise only.

@@ -96,11 +96,20 @@ async fn a_frozen_redis_gets_timeout_or_unavailable_in_time_and_unavailable_mean
         .await
         .expect("every frame gets its reply")
         .unwrap();
-    let _tx = sender.await.unwrap();
-    // Whatever Redis accepted reaches the observer soon after the thaw.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A last message on the same socket (the same publishing lane, run in order by Redis):
+    // once the observer has it, it has everything Redis accepted before it.
+    const BARRIER: u64 = 1_000_000;
+    let mut tx = sender.await.unwrap();
+    let barrier =
+        json!({"type": "message", "messageID": "barrier", "roomID": "r", "payload": BARRIER});
+    tx.send(Message::text(barrier.to_string())).await.unwrap();
+    support::until("the barrier to reach the observer", async || {
+        seen.lock().unwrap().contains(&BARRIER)
+    })
+    .await;
     watch.abort();
-    let seen = seen.lock().unwrap().clone();
+    let mut seen = seen.lock().unwrap().clone();
+    seen.remove(&BARRIER);
 
     let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
     let mut slowest = Duration::ZERO;

@@ -204,7 +204,10 @@ async fn arrive_in_order(example: (&str, &str)) {
     }
     let base = base.unwrap();
     // Nothing reached the backend, and the node counted its failed attempts.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    support::until("a failed webhook attempt counted", async || {
+        server.metric("thinws_notifications_failed_total").await >= 1.0
+    })
+    .await;
     let (_, metrics) = http(server.addr, "GET", "/metrics", &[]).await;
     assert!(
         metric(&metrics, "thinws_notifications_failed_total") >= 1.0,

@@ -3,9 +3,8 @@
 //! `server` feature).
 
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
-use super::support::{free_port, within};
+use super::support::{eventually, free_port, until, within, DEADLINE};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_thinws");
 
@@ -26,13 +25,15 @@ impl Server {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        within("the server to listen", async {
-            while tokio::net::TcpStream::connect(addr).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut server = Server { child, addr };
+        until("the server to listen", async || {
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("the server exited before listening: {status}");
             }
+            tokio::net::TcpStream::connect(addr).await.is_ok()
         })
         .await;
-        Server { child, addr }
+        server
     }
 
     pub fn url(&self) -> String {
@@ -47,15 +48,17 @@ impl Server {
 
     /// Waits for the process to exit.
     pub async fn exited(mut self) -> std::process::ExitStatus {
-        within("the server to exit", async {
-            loop {
-                if let Some(status) = self.child.try_wait().unwrap() {
-                    return status;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        eventually("the server to exit", DEADLINE, async || {
+            self.child.try_wait().unwrap()
         })
         .await
+    }
+
+    /// The value of `name` (a metric without labels) on the server's `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let (status, body) = super::support::http(self.addr, "GET", "/metrics", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        metric(&body, name)
     }
 }
 

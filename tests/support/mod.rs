@@ -41,6 +41,43 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
     }
 }
 
+/// How often [`eventually`] and [`until`] look again.
+pub const POLL: Duration = Duration::from_millis(10);
+
+/// Calls `check` every [`POLL`] until it gives `Some`, and returns that; fails the test with
+/// `what` after `timeout` (a `check` that hangs included).
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl AsyncFnMut() -> Option<T>,
+) -> T {
+    let poll = async move {
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    };
+    match tokio::time::timeout(timeout, poll).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {timeout:?} waiting for {what}"),
+    }
+}
+
+/// Waits until `condition` holds, within [`DEADLINE`].
+pub async fn until(what: &str, mut condition: impl AsyncFnMut() -> bool) {
+    eventually(what, DEADLINE, async || condition().await.then_some(())).await
+}
+
+/// Waits until `hub` reports ready (or not ready), within [`DEADLINE`].
+pub async fn health_is(hub: &Hub, ready: bool) {
+    until(&format!("health ready = {ready}"), async || {
+        hub.health().await.is_ready() == ready
+    })
+    .await
+}
+
 /// A private `redis-server` on a free loopback port, stopped on drop.
 pub struct RedisServer {
     child: Option<Child>,
@@ -237,10 +274,8 @@ pub fn free_port() -> u16 {
 
 /// Waits until something listens on the loopback `port`.
 pub async fn listening(port: u16) {
-    within(&format!("port {port} to listen"), async {
-        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    until(&format!("port {port} to listen"), async || {
+        TcpStream::connect(("127.0.0.1", port)).await.is_ok()
     })
     .await
 }
@@ -284,13 +319,8 @@ impl Node {
     /// Serves `layer` on `addr` (retrying while the port is still held by a node that was
     /// just stopped).
     pub async fn start_on(addr: SocketAddr, layer: ThinWsLayer) -> Self {
-        let listener = within("the port to be free", async {
-            loop {
-                match TcpListener::bind(addr).await {
-                    Ok(listener) => return listener,
-                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                }
-            }
+        let listener = eventually("the port to be free", DEADLINE, async || {
+            TcpListener::bind(addr).await.ok()
         })
         .await;
         let addr = listener.local_addr().unwrap();
@@ -495,10 +525,8 @@ impl Client {
 
 /// Waits until `hub` reports `n` members in `room` (socket cleanup is asynchronous).
 pub async fn members(hub: &Hub, room: &str, n: usize) {
-    within(&format!("{n} members in {room}"), async {
-        while hub.member_count(room) != n {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    until(&format!("{n} members in {room}"), async || {
+        hub.member_count(room) == n
     })
     .await
 }
