@@ -7,7 +7,7 @@ mod support;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{within, RedisServer};
+use support::RedisServer;
 
 const BIN: &str = env!("CARGO_BIN_EXE_thinws");
 
@@ -35,10 +35,8 @@ async fn start(redis: &RedisServer, extra: &[&str]) -> (Server, String) {
         .spawn()
         .unwrap();
     let server = Server(child);
-    within("the server to listen", async {
-        while tokio::net::TcpStream::connect(&addr).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    support::until("the server to listen", async || {
+        tokio::net::TcpStream::connect(&addr).await.is_ok()
     })
     .await;
     (server, format!("http://{addr}/"))

@@ -63,10 +63,8 @@ impl Proc {
             .unwrap();
         self.child = Some(child);
         let addr = format!("127.0.0.1:{}", self.port);
-        within("a node to listen", async {
-            while tokio::net::TcpStream::connect(&addr).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        support::until("a node to listen", async || {
+            tokio::net::TcpStream::connect(&addr).await.is_ok()
         })
         .await;
     }

@@ -84,12 +84,7 @@ async fn the_client_reconnects_after_a_server_restart_and_gets_its_rooms_back() 
     // The server goes away (its sockets are closed with 1001), then comes back.
     node.hub.shutdown(Duration::from_secs(5)).await;
     drop(node);
-    within("the client to notice", async {
-        while client.is_connected() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    support::until("the client to notice", async || !client.is_connected()).await;
     // A request made while disconnected waits in the queue.
     let queued = tokio::spawn({
         let client = client.clone();
@@ -221,19 +216,9 @@ async fn a_token_goes_with_every_connect_and_a_provider_is_asked_each_time() {
     let addr = node.addr;
     node.hub.shutdown(Duration::from_secs(5)).await;
     drop(node);
-    within("the client to notice", async {
-        while client.is_connected() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    support::until("the client to notice", async || !client.is_connected()).await;
     let _node = Node::start_on(addr, layer()).await;
-    within("the client to reconnect", async {
-        while !client.is_connected() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    support::until("the client to reconnect", async || client.is_connected()).await;
     // A new in-memory node has no record of the rooms: join again.
     client.subscribe("r").await.unwrap();
     client.send("r", &json!(3)).await.unwrap();
@@ -283,12 +268,7 @@ async fn the_client_recovers_history_rooms_across_a_restart_and_reports_gaps() {
     // The node goes away; messages go on through the other node meanwhile.
     node.hub.shutdown(Duration::from_secs(5)).await;
     drop(node);
-    within("the client to notice", async {
-        while client.is_connected() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    support::until("the client to notice", async || !client.is_connected()).await;
     for n in 4..=6 {
         publisher.publish("h:c", json!(n)).await;
     }
@@ -313,12 +293,7 @@ async fn the_client_recovers_history_rooms_across_a_restart_and_reports_gaps() {
     let node_addr = addr;
     _node.hub.shutdown(Duration::from_secs(5)).await;
     drop(_node);
-    within("the client to notice", async {
-        while client.is_connected() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    support::until("the client to notice", async || !client.is_connected()).await;
     let mut admin = redis.client().await;
     let _: () = redis::cmd("DEL")
         .arg("thinws:meta:{h:c}")
@@ -327,10 +302,8 @@ async fn the_client_recovers_history_rooms_across_a_restart_and_reports_gaps() {
         .await
         .unwrap();
     let _node = Node::start_on(node_addr, layer()).await;
-    within("the gap to be reported", async {
-        while gaps.lock().unwrap().is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    support::until("the gap to be reported", async || {
+        !gaps.lock().unwrap().is_empty()
     })
     .await;
     assert_eq!(gaps.lock().unwrap()[0].room, "h:c");

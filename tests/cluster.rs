@@ -487,10 +487,8 @@ async fn rooms_on_every_shard_are_occupied_and_vacated_once_over_two_nodes() {
             })
         })
         .collect();
-    support::within("every notification", async {
-        while seen.lock().unwrap().len() < expected.len() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    support::until("every notification", async || {
+        seen.lock().unwrap().len() >= expected.len()
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;

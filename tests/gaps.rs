@@ -170,10 +170,8 @@ async fn a_client_whose_rooms_redis_lost_subscribes_again_and_is_told() {
     assert_eq!(next_delivery(&mut messages).await.payload, json!(1));
 
     redis.restart().await;
-    within("the nodes to be back on Redis", async {
-        while !(a.hub.health().await.is_ready() && b.hub.health().await.is_ready()) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    support::until("the nodes to be back on Redis", async || {
+        a.hub.health().await.is_ready() && b.hub.health().await.is_ready()
     })
     .await;
     a.hub.shutdown(Duration::from_secs(5)).await;

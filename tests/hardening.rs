@@ -24,10 +24,8 @@ fn redis_layer(redis: &RedisServer) -> ThinWsLayer {
 
 async fn wait_health(hub: &Hub, ready: bool) -> Duration {
     let started = Instant::now();
-    within(&format!("health to become {ready}"), async {
-        while hub.health().await.is_ready() != ready {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    support::until(&format!("health to become {ready}"), async || {
+        hub.health().await.is_ready() == ready
     })
     .await;
     started.elapsed()
@@ -256,10 +254,8 @@ async fn a_reader_that_stops_reading_is_dropped_and_the_others_get_everything() 
         open.push(within("a fast reader", r).await.unwrap());
     }
     // The slow reader was dropped, and its queue with it.
-    within("the slow reader to be dropped", async {
-        while node.hub.socket_count() > 4 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    support::until("the slow reader to be dropped", async || {
+        node.hub.socket_count() <= 4
     })
     .await;
     assert_eq!(
@@ -272,12 +268,7 @@ async fn a_reader_that_stops_reading_is_dropped_and_the_others_get_everything() 
     println!("peak queued bytes on the node: {peak}");
     // Each socket's queue is bounded; five sockets at most ever had bytes queued.
     assert!(peak <= 5 * (MAX_QUEUED + 2048), "peak {peak}");
-    within("queues to drain", async {
-        while node.hub.queued_bytes() > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    support::until("queues to drain", async || node.hub.queued_bytes() == 0).await;
     drop((slow, open));
 }
 
@@ -326,10 +317,8 @@ async fn a_silent_socket_is_dropped_by_the_heartbeat_and_a_live_one_is_kept() {
     // A silent client (as a half-open connection looks to the server): never reads, never
     // answers a ping.
     let silent = Client::connect_as(&node.url(), "silent").await;
-    within("the silent socket to be dropped", async {
-        while log.lock().unwrap().is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    support::until("the silent socket to be dropped", async || {
+        !log.lock().unwrap().is_empty()
     })
     .await;
     assert_eq!(

@@ -355,10 +355,8 @@ async fn a_node_catches_up_after_its_pubsub_connection_comes_back() {
         (Some("gap"), Some("big:c")),
         "{gap}"
     );
-    support::within("health after the reconnection", async {
-        while !a.hub.health().await.is_ready() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    support::until("health after the reconnection", async || {
+        a.hub.health().await.is_ready()
     })
     .await;
     let mut p = Client::connect(&b.url()).await;

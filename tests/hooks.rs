@@ -271,12 +271,7 @@ async fn disconnect_fires_exactly_once_however_the_socket_ends() {
     // Vanishes: the TCP connection drops without a close frame.
     let vanished = Client::connect_as(&node.url(), "vanished").await;
     drop(vanished);
-    within("all sockets to go", async {
-        while node.hub.socket_count() > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    support::until("all sockets to go", async || node.hub.socket_count() == 0).await;
     let mut entries = wait_for_log(&log, 3).await;
     entries.sort();
     assert_eq!(entries.len(), 3, "{entries:?}");
@@ -403,12 +398,7 @@ async fn close_during_hooks(builder: thinws::ThinWsBuilder, redis: Option<&suppo
 
     let entries = wait_for_log(&log, 2).await;
     assert_eq!(entries.len(), 2, "{entries:?}");
-    within("all sockets to go", async {
-        while node.hub.socket_count() > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    support::until("all sockets to go", async || node.hub.socket_count() == 0).await;
     assert_eq!(node.hub.room_count(), 0, "no room is left behind");
     if let Some(redis) = redis {
         let mut conn = redis.client().await;

@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{within, Client, Node, RedisServer};
+use support::{Client, Node, RedisServer};
 use thinws::settings::{Presence, RoomSettings};
 use thinws::ThinWsLayer;
 
@@ -329,10 +329,8 @@ async fn a_redis_restart_is_rebuilt_by_the_nodes_without_duplicates() {
         "the data is gone"
     );
     let rebuilt_in = Instant::now();
-    within("presence to be rebuilt", async {
-        while redis_members(&redis, "lobby").await != before {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    support::until("presence to be rebuilt", async || {
+        redis_members(&redis, "lobby").await == before
     })
     .await;
     println!(
@@ -347,10 +345,8 @@ async fn a_redis_restart_is_rebuilt_by_the_nodes_without_duplicates() {
     // And it stays right: leaves after the rebuild are counted against it.
     alice2.close().await;
     bob.unsubscribe("lobby").await;
-    within("bob and alice's second socket to leave", async {
-        while redis_members(&redis, "lobby").await != HashMap::from([("\"alice\"".into(), 1)]) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    support::until("bob and alice's second socket to leave", async || {
+        redis_members(&redis, "lobby").await == HashMap::from([("\"alice\"".into(), 1)])
     })
     .await;
     assert_eq!(presence(&mut alice, "lobby").await, sorted(&["alice"]));

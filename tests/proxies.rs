@@ -306,10 +306,8 @@ async fn scenario(kind: Kind) {
     nodes[victim].proc.signal("-KILL");
     nodes[victim].proc.wait().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    within("every subscriber to be back", async {
-        while !subscribers.iter().all(|(c, _)| c.is_connected()) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    support::until("every subscriber to be back", async || {
+        subscribers.iter().all(|(c, _)| c.is_connected())
     })
     .await;
     nodes[victim].spawn().await;
@@ -319,10 +317,8 @@ async fn scenario(kind: Kind) {
     for node in nodes.iter_mut() {
         node.proc.signal("-TERM");
         let addr = format!("127.0.0.1:{}", node.port).parse().unwrap();
-        within("/healthz to say 503 while the node drains", async {
-            while http(addr, "GET", "/healthz", &[]).await.0 != 503 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        support::until("/healthz to say 503 while the node drains", async || {
+            http(addr, "GET", "/healthz", &[]).await.0 == 503
         })
         .await;
         node.proc.wait().await;

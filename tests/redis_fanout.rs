@@ -231,10 +231,8 @@ async fn a_node_holds_one_redis_subscription_per_room_with_local_members() {
     // The last local member leaving by closing its socket drops the subscription.
     a2.close().await;
     support::members(&a.hub, "shared", 0).await;
-    within("node a to unsubscribe", async {
-        while numsub(&redis, channel).await != 1 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+    support::until("node a to unsubscribe", async || {
+        numsub(&redis, channel).await == 1
     })
     .await;
     // And a message still reaches node b's member.

@@ -263,10 +263,8 @@ async fn at_the_open_file_limit_upgrades_get_503_and_nothing_spins() {
         .spawn()
         .unwrap();
     let server = Server { child, addr };
-    within("the server to listen", async {
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    support::until("the server to listen", async || {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
     })
     .await;
     let (mut open, mut refused) = (Vec::new(), 0);

@@ -163,10 +163,8 @@ async fn the_first_publish_after_a_redis_restart_is_not_refused_once_health_is_r
     c.publish("r", json!("before")).await;
     for round in 0..3 {
         redis.restart().await;
-        support::within("health after the restart", async {
-            while !hub.health().await.is_ready() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        support::until("health after the restart", async || {
+            hub.health().await.is_ready()
         })
         .await;
         let reply = c

@@ -56,10 +56,8 @@ fn of(webhooks: &Webhooks, event: &str, room: &str) -> Vec<Value> {
 
 /// Waits until the backend logged `n` webhooks of `event` about `room`.
 async fn logged(webhooks: &Webhooks, event: &str, room: &str, n: usize) {
-    within(&format!("{n} × {event} of {room}"), async {
-        while of(webhooks, event, room).len() < n {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    support::until(&format!("{n} × {event} of {room}"), async || {
+        of(webhooks, event, room).len() >= n
     })
     .await;
 }
@@ -195,10 +193,8 @@ async fn arrive_in_order(example: (&str, &str)) {
         })
         .await;
         client.unsubscribe("r").await;
-        within("vacated at Redis", async {
-            while seq(&mut redis_client).await < base.unwrap() + 2 * round {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        support::until("vacated at Redis", async || {
+            seq(&mut redis_client).await >= base.unwrap() + 2 * round
         })
         .await;
     }
