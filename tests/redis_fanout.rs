@@ -344,3 +344,44 @@ async fn each_senders_order_holds_with_many_publishes_in_flight_at_once() {
         open.push(within("a receiver", r).await.unwrap());
     }
 }
+
+/// A subscribe that Redis refuses (here a channel its ACL does not allow) fails alone: the
+/// node's pub/sub connection stays up, the node's other rooms keep their messages without
+/// a gap, and the room can be subscribed once Redis allows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_subscribe_leaves_the_other_rooms_alone() {
+    let redis = RedisServer::start().await;
+    let node = Node::redis(&redis).await;
+    let mut member = Client::connect(&node.url()).await;
+    member.subscribe("ok:1").await;
+    let mut admin = redis.client().await;
+    let acl = async |admin: &mut redis::aio::MultiplexedConnection, rules: &[&str]| {
+        let _: () = redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg(rules)
+            .query_async(admin)
+            .await
+            .unwrap();
+    };
+    acl(&mut admin, &["resetchannels", "&thinws:room:{ok:*"]).await;
+    let mut refused = Client::connect(&node.url()).await;
+    for _ in 0..2 {
+        let reply = refused
+            .request(json!({"type": "subscribe", "roomID": "blocked"}))
+            .await;
+        assert_eq!(reply["type"], "error", "{reply}");
+    }
+    let mut publisher = Client::connect(&node.url()).await;
+    publisher.publish("ok:1", json!("still here")).await;
+    let frame = member.recv().await;
+    assert_eq!(
+        (frame["type"].as_str(), frame["payload"].as_str()),
+        (Some("message"), Some("still here")),
+        "no gap, no lost message: {frame}"
+    );
+    acl(&mut admin, &["allchannels"]).await;
+    refused.subscribe("blocked").await;
+    publisher.publish("blocked", json!("allowed")).await;
+    assert_eq!(refused.delivery().await["payload"], "allowed");
+}

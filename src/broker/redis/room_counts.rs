@@ -94,6 +94,11 @@ impl RoomCounts {
         self.counts.keys()
     }
 
+    /// How many rooms are counted.
+    pub(super) fn len(&self) -> usize {
+        self.counts.len()
+    }
+
     /// Whether no room is counted.
     #[cfg(test)]
     pub(super) fn is_empty(&self) -> bool {

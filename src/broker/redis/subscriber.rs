@@ -3,7 +3,6 @@
 //! on, forwards every frame received to the sink unchanged, and after a lost connection
 //! reconnects with backoff and resubscribes every room it holds.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +14,7 @@ use super::catch_up::Tracks;
 use super::connect::{within, RedisTarget};
 use super::history::HistoryStore;
 use super::resp::{Reply, RespConnection};
+use super::room_counts::{Acquired, RoomCounts};
 use super::subscriptions::{Command, Subscriptions};
 use crate::broker::{Keys, SharedSink};
 use crate::error::BrokerError;
@@ -40,7 +40,7 @@ impl Subscriber {
             timeout,
             sink,
             live: ends.live,
-            counts: HashMap::new(),
+            counts: RoomCounts::default(),
             tracks: Tracks::new(rooms),
             store,
         };
@@ -64,9 +64,10 @@ struct Task {
     timeout: Duration,
     sink: SharedSink,
     live: watch::Sender<bool>,
-    /// Acquisitions per room not yet released; a room is subscribed at Redis while its
-    /// count is > 0 (and the connection is up).
-    counts: HashMap<Arc<str>, usize>,
+    /// Acquisitions per room not yet released, and which of them Redis refused (or could
+    /// not take, while down): a room is subscribed at Redis while it is counted and not
+    /// failed (and the connection is up).
+    counts: RoomCounts,
     /// Where each history room stands, for the catch-up after a reconnection.
     tracks: Tracks,
     store: Arc<HistoryStore>,
@@ -133,38 +134,32 @@ impl Task {
                     Some(Command::Acquire { room, reply }) => {
                         // Counted all the same: the matching release will come, and a
                         // room still wanted at reconnection is resubscribed.
-                        let count = self.counts.entry(room.clone()).or_insert(0);
-                        *count += 1;
-                        if *count == 1 {
+                        if self.counts.get(&room).is_none() {
                             self.tracks.opened(&room);
                         }
+                        self.counts.acquire(&room);
+                        self.counts.subscribed(&room, false);
                         let _ = reply.send(Err(BrokerError::SubscriberDown));
                     }
                     Some(Command::Ping { reply }) => {
                         let _ = reply.send(Err(BrokerError::SubscriberDown));
                     }
                     Some(Command::Release { room }) => {
-                        self.decrement(&room);
+                        self.release(&room);
                     }
                 },
             }
         }
     }
 
-    /// Returns `true` when the count reached zero (the room is no longer wanted).
-    fn decrement(&mut self, room: &str) -> bool {
-        match self.counts.get_mut(room) {
-            Some(count) if *count > 1 => {
-                *count -= 1;
-                false
-            }
-            Some(_) => {
-                self.counts.remove(room);
-                self.tracks.closed(room);
-                true
-            }
-            None => false,
+    /// Gives one acquisition of `room` back; `true` when it was the last (the room is no
+    /// longer wanted).
+    fn release(&mut self, room: &str) -> bool {
+        let last = self.counts.release(room);
+        if last {
+            self.tracks.closed(room);
         }
+        last
     }
 
     async fn serve(
@@ -174,9 +169,9 @@ impl Task {
         reconnection: bool,
     ) -> Stop {
         // Resubscribe every room this node holds (after a reconnect).
-        let channels: Vec<String> = self
-            .counts
-            .keys()
+        let rooms: Vec<Arc<str>> = self.counts.rooms().cloned().collect();
+        let channels: Vec<String> = rooms
+            .iter()
             .map(|room| self.keys.room_channel(room))
             .collect();
         // While a later chunk is being confirmed, live frames of rooms in earlier chunks
@@ -203,12 +198,15 @@ impl Task {
                 return Stop::Lost(e);
             }
         }
+        for room in &rooms {
+            self.counts.subscribed(room, true);
+        }
         if reconnection {
             // What was published while the connection was down, before any live frame
             // (which waits, unread, on the connection meanwhile).
             let plain = self
                 .tracks
-                .catch_up(self.counts.keys(), &self.store, &*self.sink)
+                .catch_up(rooms.iter(), &self.store, &*self.sink)
                 .await;
             if plain > 0 {
                 tracing::warn!(
@@ -253,14 +251,15 @@ impl Task {
     ) -> Result<(), BrokerError> {
         match command {
             Command::Acquire { room, reply } => {
-                let count = self.counts.entry(room.clone()).or_insert(0);
-                *count += 1;
-                if *count > 1 {
+                let first = self.counts.get(&room).is_none();
+                if self.counts.acquire(&room) == Acquired::Subscribed {
                     // Already subscribed (commands are handled in order).
                     let _ = reply.send(Ok(()));
                     return Ok(());
                 }
-                self.tracks.opened(&room);
+                if first {
+                    self.tracks.opened(&room);
+                }
                 let subscribe = redis::cmd("SUBSCRIBE")
                     .arg(self.keys.room_channel(&room))
                     .clone();
@@ -269,27 +268,29 @@ impl Task {
                 let result = self
                     .command(connection, &subscribe, Reply::Subscribed, 1, Held::Nothing)
                     .await;
+                self.counts.subscribed(&room, result.is_ok());
                 let _ = reply.send(result.clone());
                 crate::metrics::redis_subscriptions(self.counts.len());
-                result
+                still_connected(result)
             }
             Command::Release { room } => {
-                if !self.decrement(&room) {
+                if !self.release(&room) {
                     return Ok(());
                 }
                 let unsubscribe = redis::cmd("UNSUBSCRIBE")
                     .arg(self.keys.room_channel(&room))
                     .clone();
-                self.command(
-                    connection,
-                    &unsubscribe,
-                    Reply::Unsubscribed,
-                    1,
-                    Held::Nothing,
-                )
-                .await?;
+                let result = self
+                    .command(
+                        connection,
+                        &unsubscribe,
+                        Reply::Unsubscribed,
+                        1,
+                        Held::Nothing,
+                    )
+                    .await;
                 crate::metrics::redis_subscriptions(self.counts.len());
-                Ok(())
+                still_connected(result)
             }
             Command::Ping { reply } => {
                 let result = self
@@ -337,6 +338,16 @@ impl Task {
                 .await
         })
         .await
+    }
+}
+
+/// A one-reply command's outcome for the connection: Redis answering it with an error
+/// (e.g. a channel its ACL refuses) leaves the connection in step and every other room
+/// subscribed; anything else wrong means the connection is lost.
+fn still_connected(result: Result<(), BrokerError>) -> Result<(), BrokerError> {
+    match result {
+        Err(BrokerError::Refused(_)) => Ok(()),
+        other => other,
     }
 }
 
