@@ -370,14 +370,16 @@ async fn a_rooms_slot_migrated_while_messages_flow() {
 async fn the_standalone_server_takes_cluster_urls() {
     let cluster = RedisCluster::start().await;
     let port = support::free_port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_thinws"))
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--no-demo"])
-        .args(["--redis-cluster-url", &cluster.urls()[0]])
-        .args(["--redis-cluster-url", &cluster.urls()[1]])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let _server = support::KillOnDrop(
+        std::process::Command::new(env!("CARGO_BIN_EXE_thinws"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--no-demo"])
+            .args(["--redis-cluster-url", &cluster.urls()[0]])
+            .args(["--redis-cluster-url", &cluster.urls()[1]])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     support::listening(port).await;
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let (status, body) = support::http(addr, "GET", "/healthz", &[]).await;
@@ -388,8 +390,6 @@ async fn the_standalone_server_takes_cluster_urls() {
     let mut on_node = Client::connect(&node.url()).await;
     on_node.publish("across", json!("sharded")).await;
     assert_eq!(on_server.delivery().await["payload"], "sharded");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,17 +17,10 @@ mod hyper_example;
 mod warp_example;
 
 use serde_json::json;
-use support::{http, Client, RedisServer};
+use support::{http, Client, RedisServer, UPGRADE};
 use thinws::ThinWsLayer;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-
-const UPGRADE: [(&str, &str); 4] = [
-    ("Connection", "Upgrade"),
-    ("Upgrade", "websocket"),
-    ("Sec-WebSocket-Version", "13"),
-    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-];
 
 async fn serve_axum(app: axum::Router) -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

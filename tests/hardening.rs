@@ -356,18 +356,7 @@ async fn rooms_per_socket_and_sockets_per_node_are_limited() {
     c.subscribe("d").await;
 
     let _second = Client::connect(&node.url()).await;
-    let (status, body) = support::http(
-        node.addr,
-        "GET",
-        "/",
-        &[
-            ("Connection", "Upgrade"),
-            ("Upgrade", "websocket"),
-            ("Sec-WebSocket-Version", "13"),
-            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-        ],
-    )
-    .await;
+    let (status, body) = support::http(node.addr, "GET", "/", &support::UPGRADE).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("full"), "{body}");
 }

@@ -85,24 +85,13 @@ async fn under_plain_hyper() {
         (200, "inner /anything".into())
     );
     // Upgrade headers on another path go to the inner service too.
-    let upgrade = [
-        ("Connection", "Upgrade"),
-        ("Upgrade", "websocket"),
-        ("Sec-WebSocket-Version", "13"),
-        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-    ];
+    let upgrade = support::UPGRADE;
     assert_eq!(
         http(node.addr, "GET", "/elsewhere", &upgrade).await,
         (200, "inner /elsewhere".into())
     );
     // A broken handshake on the path gets a clear 400.
-    let (status, body) = http(
-        node.addr,
-        "GET",
-        "/ws",
-        &[("Connection", "Upgrade"), ("Upgrade", "websocket")],
-    )
-    .await;
+    let (status, body) = http(node.addr, "GET", "/ws", &support::UPGRADE[..2]).await;
     assert_eq!(status, 400);
     assert!(body.contains("invalid WebSocket upgrade"), "{body}");
 }
@@ -145,18 +134,7 @@ async fn a_malformed_redis_url_is_a_clear_error() {
     );
     assert_eq!(hub.socket_count(), 0);
     let node = Node::start(layer).await;
-    let (status, body) = http(
-        node.addr,
-        "GET",
-        "/",
-        &[
-            ("Connection", "Upgrade"),
-            ("Upgrade", "websocket"),
-            ("Sec-WebSocket-Version", "13"),
-            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-        ],
-    )
-    .await;
+    let (status, body) = http(node.addr, "GET", "/", &support::UPGRADE).await;
     assert_eq!(status, 503);
     assert!(body.contains("invalid Redis URL"), "{body}");
 }
@@ -276,12 +254,7 @@ async fn raw_response(addr: std::net::SocketAddr, request: &str) -> String {
 #[tokio::test]
 async fn only_get_requests_are_upgraded() {
     let node = Node::start(ThinWsLayer::in_memory()).await;
-    let upgrade = [
-        ("Upgrade", "websocket"),
-        ("Connection", "Upgrade"),
-        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-        ("Sec-WebSocket-Version", "13"),
-    ];
+    let upgrade = support::UPGRADE;
     for method in ["POST", "PUT", "DELETE"] {
         let (status, _) = http(node.addr, method, "/", &upgrade).await;
         assert_ne!(
@@ -317,12 +290,7 @@ async fn upgrade_status(addr: std::net::SocketAddr, headers: &[(&str, &str)]) ->
 #[tokio::test]
 async fn origins_outside_the_allow_list_get_403() {
     let upgrade = |origin: Option<&'static str>| {
-        let mut h = vec![
-            ("Upgrade", "websocket"),
-            ("Connection", "Upgrade"),
-            ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
-            ("Sec-WebSocket-Version", "13"),
-        ];
+        let mut h = support::UPGRADE.to_vec();
         if let Some(origin) = origin {
             h.push(("Origin", origin));
         }

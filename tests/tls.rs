@@ -130,7 +130,7 @@ async fn the_standalone_server_takes_a_ca_file() {
             .unwrap();
         support::listening(port).await;
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        nodes.push((KillOnDrop(child), addr));
+        nodes.push((support::KillOnDrop(child), addr));
     }
     let (status, body) = http(nodes[0].1, "GET", "/healthz", &[]).await;
     assert_eq!(status, 200, "{body}");
@@ -139,13 +139,4 @@ async fn the_standalone_server_takes_a_ca_file() {
     let mut on_a = Client::connect(&format!("ws://{}/", nodes[0].1)).await;
     on_a.publish("lobby", json!("across, over tls")).await;
     assert_eq!(on_b.delivery().await["payload"], "across, over tls");
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }

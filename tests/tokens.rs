@@ -389,17 +389,18 @@ async fn pages_on_rebound_or_unnamed_hosts_cannot_open_sockets() {
 async fn an_open_server_beyond_loopback_says_so_at_startup() {
     let port = support::free_port();
     let log = std::env::temp_dir().join(format!("thinws-open-{}.log", std::process::id()));
-    let mut child = Command::new(BIN)
-        .args(["--listen", &format!("0.0.0.0:{port}"), "--no-demo"])
-        .env_remove("THINWS_TOKEN_SECRET")
-        // The log goes to standard output.
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = support::KillOnDrop(
+        Command::new(BIN)
+            .args(["--listen", &format!("0.0.0.0:{port}"), "--no-demo"])
+            .env_remove("THINWS_TOKEN_SECRET")
+            // The log goes to standard output.
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     support::listening(port).await;
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let text = std::fs::read_to_string(&log).unwrap();
     let _ = std::fs::remove_file(&log);
     assert_eq!(text.matches("without tokens").count(), 1, "{text:?}");

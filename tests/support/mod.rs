@@ -264,6 +264,25 @@ impl Drop for RedisServer {
     }
 }
 
+/// A child process killed and reaped on drop (a test that panics leaks nothing).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The headers of a WebSocket upgrade request (RFC 6455 §4.1, with its sample key), in
+/// this order: `&UPGRADE[..2]` is an incomplete handshake.
+pub const UPGRADE: [(&str, &str); 4] = [
+    ("Connection", "Upgrade"),
+    ("Upgrade", "websocket"),
+    ("Sec-WebSocket-Version", "13"),
+    ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+];
+
 /// A loopback port free now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
