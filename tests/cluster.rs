@@ -390,6 +390,14 @@ async fn the_standalone_server_takes_cluster_urls() {
     let mut on_node = Client::connect(&node.url()).await;
     on_node.publish("across", json!("sharded")).await;
     assert_eq!(on_server.delivery().await["payload"], "sharded");
+    // The sharded subscriber reports its subscriptions, as the single-Redis one does.
+    let (_, metrics) = support::http(addr, "GET", "/metrics", &[]).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "thinws_redis_subscriptions 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

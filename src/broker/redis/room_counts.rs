@@ -94,9 +94,9 @@ impl RoomCounts {
         self.counts.keys()
     }
 
-    /// How many rooms are counted.
-    pub(super) fn len(&self) -> usize {
-        self.counts.len()
+    /// How many counted rooms are subscribed (not failed).
+    pub(super) fn subscribed_count(&self) -> usize {
+        self.counts.len() - self.failed.len()
     }
 
     /// Whether no room is counted.

@@ -157,6 +157,7 @@ impl Task {
             }
             self.counts.subscribed(&room, subscribed.is_ok());
         }
+        crate::metrics::redis_subscriptions(self.counts.subscribed_count());
     }
 
     async fn connection(&self) -> Result<ClusterConnection, BrokerError> {
@@ -179,6 +180,7 @@ impl Task {
                 // `room_counts`).
                 let subscribed = self.subscribe(&room).await;
                 self.counts.subscribed(&room, subscribed.is_ok());
+                crate::metrics::redis_subscriptions(self.counts.subscribed_count());
                 let _ = reply.send(subscribed);
             }
             Command::Release { room } => self.decrement(&room).await,
@@ -208,6 +210,7 @@ impl Task {
         if !self.counts.release(room) {
             return;
         }
+        crate::metrics::redis_subscriptions(self.counts.subscribed_count());
         self.tracks.closed(room);
         let channel = self.keys.room_channel(room);
         if let Ok(mut connection) = self.connection().await {

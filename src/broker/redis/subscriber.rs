@@ -220,7 +220,7 @@ impl Task {
                 "reconnected to Redis and resubscribed"
             );
         }
-        crate::metrics::redis_subscriptions(self.counts.len());
+        crate::metrics::redis_subscriptions(self.counts.subscribed_count());
         self.live.send_replace(true);
 
         loop {
@@ -270,7 +270,7 @@ impl Task {
                     .await;
                 self.counts.subscribed(&room, result.is_ok());
                 let _ = reply.send(result.clone());
-                crate::metrics::redis_subscriptions(self.counts.len());
+                crate::metrics::redis_subscriptions(self.counts.subscribed_count());
                 still_connected(result)
             }
             Command::Release { room } => {
@@ -289,7 +289,7 @@ impl Task {
                         Held::Nothing,
                     )
                     .await;
-                crate::metrics::redis_subscriptions(self.counts.len());
+                crate::metrics::redis_subscriptions(self.counts.subscribed_count());
                 still_connected(result)
             }
             Command::Ping { reply } => {
