@@ -73,6 +73,15 @@ impl Proc {
         format!("ws://127.0.0.1:{}/", self.port)
     }
 
+    /// Waits until the node's `/healthz` says every Redis path works.
+    async fn healthy(&self) {
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
+        support::until("a node to be healthy", async || {
+            support::http(addr, "GET", "/healthz", &[]).await.0 == 200
+        })
+        .await;
+    }
+
     fn signal(&self, signal: &str) {
         if let Some(child) = &self.child {
             let _ = Command::new("kill")
@@ -223,10 +232,13 @@ async fn run(
             tokio::time::sleep(Duration::from_secs(3)).await;
             redis.thaw();
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Every node is back on Redis before the rolling restart.
+        for node in nodes.iter() {
+            node.healthy().await;
+        }
         for node in nodes.iter_mut() {
             node.rolling_restart().await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            node.healthy().await;
         }
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -236,8 +248,23 @@ async fn run(
         let (p, seqs) = within("a publisher to stop", publisher).await.unwrap();
         acked.insert((p, p), seqs);
     }
-    // Let every subscriber catch up.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Wait (a bounded time) until every subscriber has every acked message of its room or,
+    // once Redis lost its data, was told of a gap; the callers' assertions say what did not
+    // arrive.
+    let caught_up = || {
+        if lose_redis {
+            return *gaps.lock().unwrap() >= subscribers.len();
+        }
+        subscribers.iter().all(|(room, _, seen, _)| {
+            let seen = seen.lock().unwrap();
+            let got: std::collections::HashSet<u64> = seen.iter().map(|&(_, seq, _)| seq).collect();
+            acked[&(*room, *room)].iter().all(|seq| got.contains(seq))
+        })
+    };
+    let give_up = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !caught_up() && tokio::time::Instant::now() < give_up {
+        tokio::time::sleep(support::POLL).await;
+    }
     let mut received = Vec::new();
     for (room, client, seen, collect) in subscribers {
         client.close().await;

@@ -289,7 +289,13 @@ async fn scenario(kind: Kind) {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    support::until("publishing to be under way", async || {
+        acked.lock().unwrap().len() >= 20
+            && subscribers
+                .iter()
+                .all(|(_, seen)| !seen.lock().unwrap().is_empty())
+    })
+    .await;
 
     // SIGKILL of a node with subscribers: they come back through the proxy elsewhere.
     let victim = {
@@ -305,16 +311,23 @@ async fn scenario(kind: Kind) {
     };
     nodes[victim].proc.signal("-KILL");
     nodes[victim].proc.wait().await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    support::until("every subscriber to be back", async || {
-        subscribers.iter().all(|(c, _)| c.is_connected())
+    // Back means: in the room on one of the other nodes, every one of them.
+    support::until("every subscriber to be back on another node", async || {
+        let mut members = 0;
+        for (i, node) in nodes.iter().enumerate() {
+            if i != victim {
+                members += node.local_members(ROOM).await;
+            }
+        }
+        members == subscribers.len() as u64 && subscribers.iter().all(|(c, _)| c.is_connected())
     })
     .await;
     nodes[victim].spawn().await;
 
     // A rolling restart: SIGTERM node by node; each drains (503 on /healthz and on
     // upgrades) for a second, then closes its sockets with 1001 and exits.
-    for node in nodes.iter_mut() {
+    for restarting in 0..nodes.len() {
+        let node = &mut nodes[restarting];
         node.proc.signal("-TERM");
         let addr = format!("127.0.0.1:{}", node.port).parse().unwrap();
         support::until("/healthz to say 503 while the node drains", async || {
@@ -323,7 +336,20 @@ async fn scenario(kind: Kind) {
         .await;
         node.proc.wait().await;
         node.spawn().await;
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        let addr = format!("127.0.0.1:{}", node.port).parse().unwrap();
+        support::until("the node to be healthy again", async || {
+            http(addr, "GET", "/healthz", &[]).await.0 == 200
+        })
+        .await;
+        // Every subscriber is back in the room before the next node goes.
+        support::until("every subscriber to be back in the room", async || {
+            let mut members = 0;
+            for node in &nodes {
+                members += node.local_members(ROOM).await;
+            }
+            members == subscribers.len() as u64 && subscribers.iter().all(|(c, _)| c.is_connected())
+        })
+        .await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
