@@ -225,14 +225,15 @@ async fn heap_per_idle_socket(layer: ThinWsLayer) -> f64 {
     // The first socket pays for first-use allocations (the room, maps, timers).
     let mut sockets = vec![idle_socket(node.addr, "idle").await];
     support::members(&hub, "idle", 1).await;
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let before = LIVE_BYTES.load(Ordering::Relaxed);
+    // Measured once the server's tasks are done with the upgrades (the heap stops moving).
+    let live = || LIVE_BYTES.load(Ordering::Relaxed);
+    let before = support::settled("the heap to settle", 3, live).await;
     for _ in 0..N {
         sockets.push(idle_socket(node.addr, "idle").await);
     }
     support::members(&hub, "idle", N + 1).await;
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let per_socket = (LIVE_BYTES.load(Ordering::Relaxed) - before) as f64 / N as f64;
+    let after = support::settled("the heap to settle", 3, live).await;
+    let per_socket = (after - before) as f64 / N as f64;
     drop(sockets);
     per_socket
 }

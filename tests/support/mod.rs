@@ -70,6 +70,21 @@ pub async fn until(what: &str, mut condition: impl AsyncFnMut() -> bool) {
     eventually(what, DEADLINE, async || condition().await.then_some(())).await
 }
 
+/// Waits until `read` gives the same value `times` readings in a row, [`POLL`] apart
+/// (something has settled, for a measurement), within [`DEADLINE`]; returns that value.
+pub async fn settled<T: PartialEq>(what: &str, times: usize, mut read: impl FnMut() -> T) -> T {
+    let mut last = read();
+    let mut same = 1;
+    eventually(what, DEADLINE, async || {
+        let now = read();
+        same = if now == last { same + 1 } else { 1 };
+        last = now;
+        (same >= times).then_some(())
+    })
+    .await;
+    last
+}
+
 /// Waits until `hub` reports ready (or not ready), within [`DEADLINE`].
 pub async fn health_is(hub: &Hub, ready: bool) {
     until(&format!("health ready = {ready}"), async || {
