@@ -4,42 +4,26 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+#[path = "support/binary.rs"]
+mod binary;
+
+use std::process::Command;
 use std::time::Duration;
 
+use binary::Server;
 use support::RedisServer;
 
-const BIN: &str = env!("CARGO_BIN_EXE_thinws");
-
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// A `thinws` server on `redis` with `extra` arguments, and its page's address.
 async fn start(redis: &RedisServer, extra: &[&str]) -> (Server, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let child = Command::new(BIN)
-        .args(["--listen", &addr, "--redis-url", &redis.url()])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child);
-    support::until("the server to listen", async || {
-        tokio::net::TcpStream::connect(&addr).await.is_ok()
-    })
-    .await;
-    (server, format!("http://{addr}/"))
+    let url = redis.url();
+    let args: Vec<&str> = ["--redis-url", url.as_str()]
+        .iter()
+        .chain(extra)
+        .copied()
+        .collect();
+    let server = Server::start(&args).await;
+    let page = format!("http://{}/", server.addr);
+    (server, page)
 }
 
 /// The token node's HS256 secret (the page signs its own short-lived tokens with it).
@@ -85,6 +69,8 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     )
     .unwrap();
     let mut node = tokio::process::Command::new("node");
+    // Killed (with the Chromium it drives) if the test gives up.
+    node.kill_on_drop(true);
     node.arg(dir.join("e2e.mjs")).arg(&url_a).arg(&url_b);
     node.env("THINWS_TOKEN_NODE", &url_c)
         .env("THINWS_TOKEN", &token)

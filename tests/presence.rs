@@ -5,16 +5,17 @@
 
 mod support;
 
+#[path = "support/binary.rs"]
+mod binary;
+
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use binary::Server;
 use serde_json::json;
 use support::{Client, Node, RedisServer};
 use thinws::settings::{Presence, RoomSettings};
 use thinws::ThinWsLayer;
-
-const BIN: &str = env!("CARGO_BIN_EXE_thinws");
 
 fn layer(redis: Option<&RedisServer>, ttl: Duration) -> ThinWsLayer {
     let builder = ThinWsLayer::builder()
@@ -191,42 +192,19 @@ async fn one_identity_joining_on_two_nodes_at_once_is_one_join() {
 }
 
 /// A `thinws` process on the private Redis, with join/leave events and a short TTL.
-struct Proc {
-    child: Child,
-    port: u16,
-}
-
-impl Proc {
-    async fn start(redis: &RedisServer, ttl_secs: u64) -> Proc {
-        let port = support::free_port();
-        let child = Command::new(BIN)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args([
-                "--redis-url",
-                &redis.url(),
-                "--no-demo",
-                "--rate-limit",
-                "0",
-            ])
-            .args(["--join-leave", "--presence-ttl", &ttl_secs.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        support::listening(port).await;
-        Proc { child, port }
-    }
-
-    fn url(&self) -> String {
-        format!("ws://127.0.0.1:{}/", self.port)
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+async fn start_binary(redis: &RedisServer, ttl_secs: u64) -> Server {
+    let ttl = ttl_secs.to_string();
+    Server::start(&[
+        "--redis-url",
+        &redis.url(),
+        "--no-demo",
+        "--rate-limit",
+        "0",
+        "--join-leave",
+        "--presence-ttl",
+        &ttl,
+    ])
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,7 +213,7 @@ async fn a_killed_node_s_members_leave_within_the_ttl() {
     let redis = RedisServer::start().await;
     let mut procs = Vec::new();
     for _ in 0..3 {
-        procs.push(Proc::start(&redis, TTL).await);
+        procs.push(start_binary(&redis, TTL).await);
     }
     let mut watcher = Client::connect_as(&procs[0].url(), "watcher").await;
     watcher.subscribe("lobby").await;
@@ -357,17 +335,16 @@ async fn a_node_stopped_with_sigterm_takes_its_members_out_at_once() {
     // A 30 s TTL: a leave within the 10 s deadline of `event` comes from the shutdown, not
     // from expiry.
     let redis = RedisServer::start().await;
-    let (a, b) = (Proc::start(&redis, 30).await, Proc::start(&redis, 30).await);
+    let (a, b) = (
+        start_binary(&redis, 30).await,
+        start_binary(&redis, 30).await,
+    );
     let mut watcher = Client::connect_as(&a.url(), "watcher").await;
     watcher.subscribe("lobby").await;
     let mut hank = Client::connect_as(&b.url(), "hank").await;
     hank.subscribe("lobby").await;
     events(&mut watcher, "lobby", &["join watcher", "join hank"]).await;
-    let status = Command::new("kill")
-        .args(["-TERM", &b.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    b.terminate();
     events(&mut watcher, "lobby", &["leave hank"]).await;
     assert_eq!(presence(&mut watcher, "lobby").await, sorted(&["watcher"]));
     drop(b);
