@@ -313,17 +313,8 @@ async fn a_rooms_slot_migrated_while_messages_flow() {
     let plain = room_in_slot("mig", slot);
     assert_eq!(cluster.keyslot(&format!("thinws:room:{{{history}}}")), slot);
     let target = (0..cluster.nodes.len())
-        .find(|&n| {
-            n != source
-                && support::cluster::cli(cluster.nodes[n].port, &["role"]).starts_with("master")
-        })
+        .find(|&n| n != source && cluster.is_master(n))
         .unwrap();
-    let id = |n: usize| {
-        support::cluster::cli(cluster.nodes[n].port, &["cluster", "myid"])
-            .trim()
-            .to_owned()
-    };
-    let (from, to) = (id(source), id(target));
     let rooms = vec![history.clone(), plain.clone()];
     let mut subscriber = Client::connect_as(&b.url(), "sub").await;
     for room in &rooms {
@@ -332,19 +323,12 @@ async fn a_rooms_slot_migrated_while_messages_flow() {
     let mut publisher = Client::connect_as(&a.url(), "pub").await;
     let start = tokio::time::Instant::now();
     let publishing = publish_until(&mut publisher, &rooms, start + Duration::from_secs(6));
-    let seed = format!("127.0.0.1:{}", cluster.nodes[0].port);
+    let mut reshard = cluster.reshard_one(source, target);
     let resharding = async {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new("redis-cli")
-                .args(["--cluster", "reshard", &seed])
-                .args(["--cluster-from", &from, "--cluster-to", &to])
-                .args(["--cluster-slots", "1", "--cluster-yes"])
-                .output()
-                .expect("redis-cli --cluster reshard")
-        })
-        .await
-        .unwrap()
+        tokio::task::spawn_blocking(move || reshard.output().expect("redis-cli --cluster reshard"))
+            .await
+            .unwrap()
     };
     let (acked, resharded) = tokio::join!(publishing, resharding);
     assert!(
@@ -525,29 +509,13 @@ async fn a_room_refused_after_a_slot_map_change_is_subscribed_again_once_allowed
     let set = |rule: &str| cluster.cli(port, &["acl", "setuser", "default", rule]);
     assert_eq!(set("resetchannels").trim(), "OK");
     let others: Vec<usize> = (0..cluster.nodes.len())
-        .filter(|&n| {
-            n != owner
-                && support::cluster::cli(cluster.nodes[n].port, &["role"]).starts_with("master")
-        })
+        .filter(|&n| n != owner && cluster.is_master(n))
         .collect();
-    let id = |n: usize| {
-        cluster
-            .cli(cluster.nodes[n].port, &["cluster", "myid"])
-            .trim()
-            .to_owned()
-    };
-    let (from, to) = (id(others[0]), id(others[1]));
-    let seed = format!("127.0.0.1:{}", cluster.nodes[others[0]].port);
-    let resharded = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("redis-cli")
-            .args(["--cluster", "reshard", &seed])
-            .args(["--cluster-from", &from, "--cluster-to", &to])
-            .args(["--cluster-slots", "1", "--cluster-yes"])
-            .output()
-            .expect("redis-cli --cluster reshard")
-    })
-    .await
-    .unwrap();
+    let mut reshard = cluster.reshard_one(others[0], others[1]);
+    let resharded =
+        tokio::task::spawn_blocking(move || reshard.output().expect("redis-cli --cluster reshard"))
+            .await
+            .unwrap();
     assert!(
         resharded.status.success(),
         "{}",

@@ -151,13 +151,7 @@ async fn killing_only_the_pubsub_connections_is_recovered_without_client_action(
     assert_eq!(on_b.delivery().await["payload"], "before");
 
     let mut conn = redis.client().await;
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let killed: i64 = support::kill_clients(&mut conn, "pubsub").await;
     assert_eq!(killed, 2, "one pub/sub connection per node");
     let resumed = time_to_resumed_delivery(&mut publisher, &mut [&mut on_a, &mut on_b]).await;
     println!("delivery resumed {resumed:?} after CLIENT KILL TYPE pubsub");

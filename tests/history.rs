@@ -308,13 +308,7 @@ async fn a_node_catches_up_after_its_pubsub_connection_comes_back() {
     .await;
     let mut admin = redis.client().await;
     for _ in 0..3 {
-        let killed: i64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("pubsub")
-            .query_async(&mut admin)
-            .await
-            .unwrap();
+        let killed: i64 = support::kill_clients(&mut admin, "pubsub").await;
         assert!(killed >= 1);
         // Node A subscribed again, and messages flowed since, before the next cut.
         let at_cut = top_of(&a.hub, "big:c").await;
@@ -342,13 +336,7 @@ async fn a_node_catches_up_after_its_pubsub_connection_comes_back() {
         .query_async(&mut admin)
         .await
         .unwrap();
-    let _: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let _: i64 = support::kill_clients(&mut admin, "pubsub").await;
     let gap = s.recv().await;
     assert_eq!(
         (gap["type"].as_str(), gap["roomID"].as_str()),
@@ -488,13 +476,7 @@ async fn every_history_room_catches_up_when_they_take_more_than_one_subscribe() 
         let mut cuts = 0;
         while still.load(std::sync::atomic::Ordering::Relaxed) {
             tokio::time::sleep(Duration::from_millis(20)).await;
-            let killed: i64 = redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("TYPE")
-                .arg("pubsub")
-                .query_async(&mut admin)
-                .await
-                .unwrap();
+            let killed: i64 = support::kill_clients(&mut admin, "pubsub").await;
             cuts += killed;
         }
         cuts

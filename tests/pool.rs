@@ -70,15 +70,7 @@ async fn publishes_go_through_pooled_connections_and_survive_their_loss() {
 
     // Kill every pooled connection (the lanes' among them); the pub/sub one stays.
     let mut admin = redis.client().await;
-    let killed: i64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("normal")
-        .arg("SKIPME")
-        .arg("yes")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    let killed: i64 = support::kill_clients(&mut admin, "normal").await;
     assert!(killed >= 4, "killed {killed}");
     // Give each connection's driver a moment to see the close.
     tokio::time::sleep(Duration::from_millis(200)).await;

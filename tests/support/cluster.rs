@@ -191,6 +191,40 @@ impl RedisCluster {
             .unwrap()
     }
 
+    /// The cluster id of node `n` (`CLUSTER MYID`).
+    pub fn id(&self, n: usize) -> String {
+        self.cli(self.nodes[n].port, &["cluster", "myid"])
+            .trim()
+            .to_owned()
+    }
+
+    /// Whether node `n` is a master now.
+    pub fn is_master(&self, n: usize) -> bool {
+        self.cli(self.nodes[n].port, &["role"])
+            .starts_with("master")
+    }
+
+    /// `redis-cli --cluster reshard` of one slot from master `from` to master `to` (a
+    /// source's lowest slot first), ready to run on a blocking thread.
+    pub fn reshard_one(&self, from: usize, to: usize) -> Command {
+        let mut command = Command::new("redis-cli");
+        command
+            .args(&self.tls_args)
+            .args([
+                "--cluster",
+                "reshard",
+                &format!("127.0.0.1:{}", self.nodes[from].port),
+            ])
+            .args([
+                "--cluster-from",
+                &self.id(from),
+                "--cluster-to",
+                &self.id(to),
+            ])
+            .args(["--cluster-slots", "1", "--cluster-yes"]);
+        command
+    }
+
     /// The index in `nodes` of the master serving `slot`, as `CLUSTER SHARDS` says.
     pub fn master_of(&self, slot: u16) -> usize {
         let live = self.nodes.iter().find(|n| n.child.is_some()).unwrap();

@@ -298,6 +298,20 @@ pub const UPGRADE: [(&str, &str); 4] = [
     ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
 ];
 
+/// `CLIENT KILL TYPE {kind} SKIPME yes` on `admin`: how many connections of that kind
+/// ("pubsub", "normal") Redis closed.
+pub async fn kill_clients(admin: &mut redis::aio::MultiplexedConnection, kind: &str) -> i64 {
+    redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg(kind)
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(admin)
+        .await
+        .expect("CLIENT KILL")
+}
+
 /// A loopback port free now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
