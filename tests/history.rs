@@ -434,10 +434,19 @@ async fn every_history_room_catches_up_when_they_take_more_than_one_subscribe() 
     for room in &rooms {
         publisher.publish(room, &1).await.unwrap();
     }
+    // The reader says when every room's round 1 is in: only then does the node know where
+    // each room stands (before that, a cut would rightly give a room a gap).
+    let (placed, all_placed) = tokio::sync::oneshot::channel();
     let reader = tokio::spawn(async move {
+        let mut placed = Some(placed);
         let mut seen: std::collections::HashMap<String, (u64, usize)> = Default::default();
         let mut done = 0;
         while done < ROOMS {
+            if seen.len() == ROOMS {
+                if let Some(placed) = placed.take() {
+                    let _ = placed.send(());
+                }
+            }
             let frame = s.recv().await;
             let room = frame["roomID"].as_str().unwrap().to_owned();
             let entry = seen.entry(room.clone()).or_default();
@@ -465,6 +474,9 @@ async fn every_history_room_catches_up_when_they_take_more_than_one_subscribe() 
         }
         seen.values().map(|(_, gaps)| gaps).sum::<usize>()
     });
+    support::within("round 1 in every room", all_placed)
+        .await
+        .unwrap();
     // Cut the node's pub/sub connection again and again (every 20 ms, as soon as it is
     // back) while four publishers go on.
     let admin_redis = redis.url();

@@ -635,3 +635,28 @@ async fn the_api_serves_a_rooms_presence() {
         http_with_body(server.addr, "GET", "/api/rooms/news/presence", &key, "").await;
     assert_eq!((status, body["error"].as_str()), (404, Some("not_enabled")));
 }
+
+/// A presence member in Redis that thinws did not write is the server's fault, not Redis
+/// being away: `500 internal`, not `503 unavailable` (which would invite a retry).
+#[tokio::test]
+async fn the_api_answers_an_unreadable_presence_member_with_internal() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let server = Server::start(&["--redis-url", &url, "--api-key", "k", "--presence"]).await;
+    let mut c = redis.client().await;
+    let _: () = redis::cmd("HSET")
+        .arg("thinws:presence:{odd}")
+        .arg("not json")
+        .arg(1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let key = [("Authorization", "apikey k")];
+    let (status, body) =
+        http_with_body(server.addr, "GET", "/api/rooms/odd/presence", &key, "").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (500, Some("internal")),
+        "{body}"
+    );
+}

@@ -81,8 +81,11 @@ async fn connect(
 > {
     #[cfg(feature = "tls")]
     if url.starts_with("wss://") {
-        let tls = crate::tls::client_config(config.tls_ca_pem.as_deref())
-            .map_err(|e| tokio_tungstenite::tungstenite::Error::Io(std::io::Error::other(e)))?;
+        let tls = crate::tls::client_config(config.tls_ca_pem.as_deref()).map_err(|e| {
+            // The reason is in the source chain, which the socket error's Display drops.
+            let report = crate::error::report(&e);
+            tokio_tungstenite::tungstenite::Error::Io(std::io::Error::other(report))
+        })?;
         let connector = tokio_tungstenite::Connector::Rustls(tls);
         return tokio_tungstenite::connect_async_tls_with_config(url, None, false, Some(connector))
             .await;

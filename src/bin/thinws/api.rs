@@ -25,7 +25,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 use thinws::protocol::{self, Command, ErrorCode, Limits};
-use thinws::Hub;
+use thinws::{Hub, PresenceError};
 
 /// The API's state.
 #[derive(Clone)]
@@ -135,6 +135,14 @@ impl Api {
                         ErrorCode::NotEnabled.as_str(),
                         "this room does not track presence",
                     ),
+                    Err(e @ PresenceError::InvalidMember { .. }) => {
+                        tracing::error!(room = %room, error = %e.report(), "presence read");
+                        error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            ErrorCode::Internal.as_str(),
+                            "a presence member kept in Redis could not be read",
+                        )
+                    }
                     Err(e) => unavailable(&e.report()),
                 }
             }

@@ -84,6 +84,16 @@ impl RoomCounts {
         self.counts.contains_key(room) && !self.confirmed.insert(room.clone())
     }
 
+    /// Whether some counted room's last subscribe failed.
+    pub(super) fn has_failed(&self) -> bool {
+        !self.failed.is_empty()
+    }
+
+    /// Whether `room` is counted and its last subscribe succeeded.
+    pub(super) fn is_subscribed(&self, room: &str) -> bool {
+        self.counts.contains_key(room) && !self.failed.contains(room)
+    }
+
     /// The counted room equal to `room`, if any.
     pub(super) fn get(&self, room: &str) -> Option<&Arc<str>> {
         self.counts.get_key_value(room).map(|(room, _)| room)

@@ -38,6 +38,9 @@ use crate::settings::RoomPolicy;
 /// How often the task pings every master.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
 
+/// At most this many rooms whose subscribe failed are tried again per check.
+const RETRY_AT_ONCE: usize = 64;
+
 /// The subscriber task on a Redis Cluster.
 pub(crate) struct ShardedSubscriber;
 
@@ -136,7 +139,7 @@ impl Task {
                 // once back they catch up (or get a gap) like any subscription that came
                 // back.
                 let failed = self.counts.failed();
-                self.resubscribe(failed).await;
+                self.retry(failed).await;
             }
             Err(e) => tracing::debug!(error = %e.report(), "could not read the slot map"),
         }
@@ -160,6 +163,28 @@ impl Task {
         crate::metrics::redis_subscriptions(self.counts.subscribed_count());
     }
 
+    /// Subscribes again to rooms whose last subscribe failed, quietly (each was warned
+    /// about when it failed), at most [`RETRY_AT_ONCE`] per check and only while the
+    /// cluster answers: one not refused but unanswered ends this round, so that a shard
+    /// that is away costs one timeout per check, not one per room.
+    async fn retry(&mut self, rooms: Vec<Arc<str>>) {
+        for room in rooms.into_iter().take(RETRY_AT_ONCE) {
+            let subscribed = self.subscribe(&room).await;
+            self.counts.subscribed(&room, subscribed.is_ok());
+            match subscribed {
+                Ok(()) => tracing::info!(room = &*room, "subscribed again"),
+                Err(BrokerError::Refused(e)) => {
+                    tracing::debug!(room = &*room, error = %e, "still refused")
+                }
+                Err(e) => {
+                    tracing::debug!(room = &*room, error = %e.report(), "no answer: retrying at the next check");
+                    break;
+                }
+            }
+        }
+        crate::metrics::redis_subscriptions(self.counts.subscribed_count());
+    }
+
     async fn connection(&self) -> Result<ClusterConnection, BrokerError> {
         let connection = within(self.timeout, self.cluster.connection()).await;
         if connection.is_ok() {
@@ -171,11 +196,16 @@ impl Task {
     async fn command(&mut self, command: Command) {
         match command {
             Command::Acquire { room, reply } => {
+                let first = self.counts.get(&room).is_none();
                 if self.counts.acquire(&room) == Acquired::Subscribed {
                     let _ = reply.send(Ok(()));
                     return;
                 }
-                self.tracks.opened(&room);
+                if first {
+                    // Not for a held room whose subscribe failed: its position stays, for
+                    // the catch-up when the subscription comes back.
+                    self.tracks.opened(&room);
+                }
                 // On failure the room stays counted until its caller releases it (see
                 // `room_counts`).
                 let subscribed = self.subscribe(&room).await;

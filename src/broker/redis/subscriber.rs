@@ -20,6 +20,13 @@ use crate::broker::{Keys, SharedSink};
 use crate::error::BrokerError;
 use crate::settings::RoomPolicy;
 
+/// How often rooms Redis refused (while the node holds them) are tried again.
+const RETRY_EVERY: Duration = Duration::from_secs(2);
+
+/// At most this many refused rooms are tried one at a time per retry (a `SUBSCRIBE` each);
+/// the rest wait for the next.
+const RETRY_ONE_BY_ONE: usize = 64;
+
 /// The subscriber task on one Redis.
 pub(crate) struct Subscriber;
 
@@ -170,10 +177,6 @@ impl Task {
     ) -> Stop {
         // Resubscribe every room this node holds (after a reconnect).
         let rooms: Vec<Arc<str>> = self.counts.rooms().cloned().collect();
-        let channels: Vec<String> = rooms
-            .iter()
-            .map(|room| self.keys.room_channel(room))
-            .collect();
         // While a later chunk is being confirmed, live frames of rooms in earlier chunks
         // arrive. After a reconnection, a history room's are left to the catch-up, which
         // reads them from the history in order with what was missed: delivered now, they
@@ -182,24 +185,19 @@ impl Task {
             true => Held::HistoryRooms,
             false => Held::Nothing,
         };
-        for chunk in channels.chunks(1024) {
-            let mut subscribe = redis::cmd("SUBSCRIBE");
-            subscribe.arg(chunk);
-            if let Err(e) = self
-                .command(
-                    &mut connection,
-                    &subscribe,
-                    Reply::Subscribed,
-                    chunk.len(),
-                    held,
-                )
-                .await
-            {
-                return Stop::Lost(e);
-            }
-        }
-        for room in &rooms {
-            self.counts.subscribed(room, true);
+        let refused = match self
+            .subscribe_rooms(&mut connection, &rooms, held, usize::MAX)
+            .await
+        {
+            Ok(refused) => refused,
+            Err(e) => return Stop::Lost(e),
+        };
+        if refused > 0 {
+            tracing::warn!(
+                rooms = refused,
+                retry_every = ?RETRY_EVERY,
+                "Redis refused to subscribe to rooms this node holds (an ACL?): their members receive nothing until a retry succeeds, and get a gap or the history then"
+            );
         }
         if reconnection {
             // What was published while the connection was down, before any live frame
@@ -215,16 +213,21 @@ impl Task {
                 );
             }
             crate::metrics::redis_reconnected();
-            tracing::info!(
-                rooms = channels.len(),
-                "reconnected to Redis and resubscribed"
-            );
+            tracing::info!(rooms = rooms.len(), "reconnected to Redis and resubscribed");
         }
         crate::metrics::redis_subscriptions(self.counts.subscribed_count());
         self.live.send_replace(true);
 
+        let mut retry =
+            tokio::time::interval_at(tokio::time::Instant::now() + RETRY_EVERY, RETRY_EVERY);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = retry.tick(), if self.counts.has_failed() => {
+                    if let Err(e) = self.retry_failed(&mut connection).await {
+                        return Stop::Lost(e);
+                    }
+                }
                 // Between commands, nothing but messages may arrive.
                 read = connection.next_reply(|channel, payload| forward(&self.keys, &*self.sink, &self.tracks, channel, payload, Held::Nothing)) => {
                     return Stop::Lost(match read {
@@ -240,6 +243,82 @@ impl Task {
                 }
             }
         }
+    }
+
+    /// Subscribes to `rooms` (chunks of 1,024 channels a command) and records each room's
+    /// outcome in the counts; returns how many Redis refused. Redis refuses a whole
+    /// `SUBSCRIBE` for one channel it will not give (an ACL): the rooms of a refused chunk
+    /// are then subscribed one at a time (at most `one_by_one` of them; the rest stay
+    /// failed), so that only those refused go without. An error means the connection is
+    /// lost.
+    async fn subscribe_rooms(
+        &mut self,
+        connection: &mut RespConnection,
+        rooms: &[Arc<str>],
+        held: Held,
+        mut one_by_one: usize,
+    ) -> Result<usize, BrokerError> {
+        let mut refused = 0;
+        for chunk in rooms.chunks(1024) {
+            let mut subscribe = redis::cmd("SUBSCRIBE");
+            for room in chunk {
+                subscribe.arg(self.keys.room_channel(room));
+            }
+            let result = self
+                .command(connection, &subscribe, Reply::Subscribed, chunk.len(), held)
+                .await;
+            match result {
+                Ok(()) => {
+                    for room in chunk {
+                        self.counts.subscribed(room, true);
+                    }
+                    continue;
+                }
+                Err(BrokerError::Refused(_)) => {}
+                Err(e) => return Err(e),
+            }
+            for room in chunk {
+                if one_by_one == 0 {
+                    // Not tried this time: still failed.
+                    refused += 1;
+                    self.counts.subscribed(room, false);
+                    continue;
+                }
+                one_by_one -= 1;
+                let subscribe = redis::cmd("SUBSCRIBE")
+                    .arg(self.keys.room_channel(room))
+                    .clone();
+                let result = self
+                    .command(connection, &subscribe, Reply::Subscribed, 1, held)
+                    .await;
+                if result.is_err() {
+                    refused += 1;
+                }
+                self.counts.subscribed(room, result.is_ok());
+                still_connected(result)?;
+            }
+        }
+        Ok(refused)
+    }
+
+    /// Subscribes again to the rooms Redis refused (see [`Task::subscribe_rooms`]); those it
+    /// takes now catch up (or get a gap) for what they missed meanwhile.
+    async fn retry_failed(&mut self, connection: &mut RespConnection) -> Result<(), BrokerError> {
+        let failed = self.counts.failed();
+        self.subscribe_rooms(connection, &failed, Held::Nothing, RETRY_ONE_BY_ONE)
+            .await?;
+        let back: Vec<Arc<str>> = failed
+            .into_iter()
+            .filter(|room| self.counts.is_subscribed(room))
+            .collect();
+        if !back.is_empty() {
+            tracing::info!(rooms = back.len(), "Redis took rooms it had refused");
+            self.tracks
+                .catch_up(back.iter(), &self.store, &*self.sink)
+                .await;
+            crate::metrics::redis_subscriptions(self.counts.subscribed_count());
+        }
+        Ok(())
     }
 
     /// Carries out one command on the live connection; an error means the connection is
@@ -270,6 +349,13 @@ impl Task {
                     .await;
                 self.counts.subscribed(&room, result.is_ok());
                 let _ = reply.send(result.clone());
+                if !first && result.is_ok() {
+                    // A room Redis had refused (or could not take): its members missed
+                    // what was published meanwhile.
+                    self.tracks
+                        .catch_up(std::iter::once(&room), &self.store, &*self.sink)
+                        .await;
+                }
                 crate::metrics::redis_subscriptions(self.counts.subscribed_count());
                 still_connected(result)
             }
@@ -386,13 +472,67 @@ fn forward(
     else {
         return;
     };
-    if held == Held::HistoryRooms && tracks.holds(room) {
-        return;
-    }
     match std::str::from_utf8(payload) {
+        // Only frames the history keeps (those with an offset): a join or leave event
+        // is not in it and would be lost.
+        Ok(frame)
+            if held == Held::HistoryRooms
+                && tracks.holds(room)
+                && crate::protocol::server::position_of(frame).is_some() => {}
         // A history room's frame already delivered (after a catch-up) is dropped.
         Ok(frame) if !tracks.admit(room, frame) => {}
         Ok(frame) => sink.deliver(room, &Utf8Bytes::from(frame.to_owned())),
         Err(_) => tracing::warn!(room, "dropped a non-UTF-8 frame received from Redis"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::protocol::server::{self, PresenceEvent};
+    use crate::settings::{History, RoomSettings};
+
+    #[derive(Default)]
+    struct Delivered(Mutex<Vec<String>>);
+
+    impl crate::broker::FrameSink for Delivered {
+        fn deliver(&self, _room: &str, frame: &Utf8Bytes) {
+            self.0.lock().unwrap().push(frame.to_string());
+        }
+    }
+
+    /// While rooms are subscribed again after a reconnection, a history room's messages
+    /// wait for the catch-up (which reads them from the history), but its join and leave
+    /// events, which the history does not keep, are delivered: held, they would be lost.
+    #[test]
+    fn held_history_rooms_keep_their_join_and_leave_events() {
+        let mut policy = RoomPolicy::default();
+        let history = History::new(10, Duration::from_secs(60));
+        policy.default_settings(RoomSettings::with_history(history));
+        let tracks = Tracks::new(policy);
+        let room: Arc<str> = "chat".into();
+        tracks.opened(&room);
+        let keys = Keys::new("thinws");
+        let channel = keys.room_channel(&room);
+        let sink = Delivered::default();
+        let payload = serde_json::value::RawValue::from_string("1".into()).unwrap();
+        let message = server::with_position(&server::delivery(&room, "c1", &payload), 4, "e");
+        let join = server::presence_event(PresenceEvent::Join, &room, "c2");
+        for frame in [&message, &join] {
+            let (channel, frame) = (channel.as_bytes(), frame.as_bytes());
+            forward(&keys, &sink, &tracks, channel, frame, Held::HistoryRooms);
+        }
+        assert_eq!(*sink.0.lock().unwrap(), std::slice::from_ref(&join));
+        forward(
+            &keys,
+            &sink,
+            &tracks,
+            channel.as_bytes(),
+            message.as_bytes(),
+            Held::Nothing,
+        );
+        assert_eq!(*sink.0.lock().unwrap(), [join, message]);
     }
 }
