@@ -180,7 +180,7 @@ impl PublisherBuilder {
                 (Commands::Single(pool), disconnects)
             }
             RedisAddress::Cluster(urls) => {
-                let cluster = ClusterTarget::parse(urls, ca)?.client(self.timeout, None)?;
+                let cluster = ClusterTarget::parse(urls, ca)?.client(self.timeout)?;
                 (Commands::Cluster(Arc::new(cluster)), Disconnects::default())
             }
         };

@@ -484,13 +484,14 @@ async fn rooms_on_every_shard_are_occupied_and_vacated_once_over_two_nodes() {
     assert_eq!(got, expected, "once each, per room, over both nodes");
 }
 
-/// A room whose subscription could not be made again after a slot-map change (here its
-/// shard refuses `SSUBSCRIBE` for a while, by ACL) is retried until it succeeds, and then
-/// its members get what was published meanwhile from the history, rather than nothing for
-/// as long as they stay. A member that tries to join while the room is refused is told so
-/// and changes nothing: the room's place in its history is kept for the catch-up.
+/// A room whose subscription could not be made again after its shard's pub/sub connection
+/// was lost (here the shard refuses `SSUBSCRIBE` for a while, by ACL) is retried until it
+/// succeeds, and then its members get what was published meanwhile from the history,
+/// rather than nothing for as long as they stay. A member that tries to join while the
+/// room is refused is told so and changes nothing: the room's place in its history is kept
+/// for the catch-up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_room_refused_after_a_slot_map_change_is_subscribed_again_once_allowed() {
+async fn a_room_refused_after_its_shard_reconnects_is_subscribed_again_once_allowed() {
     let cluster = RedisCluster::start().await;
     let urls = cluster.urls();
     let server = binary::Server::start(&[
@@ -510,24 +511,16 @@ async fn a_room_refused_after_a_slot_map_change_is_subscribed_again_once_allowed
     let mut publisher = Client::connect_as(&server.url(), "pub").await;
     publisher.publish(room, json!("before")).await;
     assert_eq!(subscriber.delivery().await["payload"], "before");
-    // The room's shard refuses subscribing (publishing still works), then one slot moves
-    // between the two other masters: the node reads a new slot map and subscribes to its
-    // rooms again.
+    // The room's shard refuses subscribing (publishing still works), then cuts the node's
+    // pub/sub connection: the node connects again and subscribes its rooms there again.
     let port = cluster.nodes[owner].port;
     let set = |rule: &str| cluster.cli(port, &["acl", "setuser", "default", rule]);
     assert_eq!(set("-ssubscribe").trim(), "OK");
-    let others: Vec<usize> = (0..cluster.nodes.len())
-        .filter(|&n| n != owner && cluster.is_master(n))
-        .collect();
-    let mut reshard = cluster.reshard_one(others[0], others[1]);
-    let resharded =
-        tokio::task::spawn_blocking(move || reshard.output().expect("redis-cli --cluster reshard"))
-            .await
-            .unwrap();
-    assert!(
-        resharded.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resharded.stdout)
+    assert_eq!(
+        cluster
+            .cli(port, &["client", "kill", "type", "pubsub"])
+            .trim(),
+        "1"
     );
     // The node subscribed again and was refused.
     support::until(
@@ -551,4 +544,105 @@ async fn a_room_refused_after_a_slot_map_change_is_subscribed_again_once_allowed
     publisher.publish(room, json!("after")).await;
     assert_eq!(subscriber.delivery().await["payload"], "after");
     assert_eq!(server.metric("thinws_redis_subscriptions").await, 1.0);
+}
+
+/// On a slot-map change only the rooms whose slot moved are subscribed again: a plain
+/// room that moved gets a `gap` (what was published while it moved is lost to the node),
+/// and the rooms that did not, on the same master or another, go on without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_map_change_resubscribes_only_the_rooms_whose_slot_moved() {
+    let cluster = RedisCluster::start().await;
+    let node = Node::start(layer(&cluster)).await;
+    // `redis-cli --cluster reshard` of one slot moves the source's lowest: slot 0.
+    let source = cluster.master_of(0);
+    let target = [5500, 11000, 16383]
+        .into_iter()
+        .map(|slot| cluster.master_of(slot))
+        .find(|&master| master != source)
+        .unwrap();
+    let elsewhere_slot = (0..16384u16)
+        .step_by(97)
+        .find(|&slot| cluster.master_of(slot) == target)
+        .unwrap();
+    let moved = room_in_slot("moved", 0);
+    let rooms = [
+        moved.clone(),
+        room_in_slot("stays", 1),
+        room_in_slot("elsewhere", elsewhere_slot),
+    ];
+    let mut subscriber = Client::connect_as(&node.url(), "sub").await;
+    let mut publisher = Client::connect_as(&node.url(), "pub").await;
+    for room in &rooms {
+        subscriber.subscribe(room).await;
+        publisher.publish(room, json!("before")).await;
+        assert_eq!(subscriber.delivery().await["payload"], "before");
+    }
+    let mut reshard = cluster.reshard_one(source, target);
+    let resharded =
+        tokio::task::spawn_blocking(move || reshard.output().expect("redis-cli --cluster reshard"))
+            .await
+            .unwrap();
+    assert!(resharded.status.success());
+    assert_eq!(cluster.master_of(0), target, "the slot moved");
+    // Until the moved room delivers again, every frame is kept.
+    let mut frames = Vec::new();
+    support::within("the moved room's messages again", async {
+        loop {
+            publisher.publish(&moved, json!("again")).await;
+            match tokio::time::timeout(Duration::from_millis(200), subscriber.recv()).await {
+                Ok(frame) if frame["type"] == "message" => break,
+                Ok(frame) => frames.push(frame),
+                Err(_) => {}
+            }
+        }
+    })
+    .await;
+    for room in &rooms[1..] {
+        publisher.publish(room, json!("after")).await;
+    }
+    for _ in &rooms[1..] {
+        loop {
+            let frame = subscriber.recv().await;
+            if frame["type"] == "message" && frame["payload"] == "after" {
+                break;
+            }
+            frames.push(frame);
+        }
+    }
+    let gaps: Vec<&str> = frames
+        .iter()
+        .filter(|frame| frame["type"] == "gap")
+        .map(|frame| frame["roomID"].as_str().unwrap())
+        .collect();
+    assert_eq!(gaps, [moved.as_str()], "only the moved room: {frames:?}");
+}
+
+/// A room subscribed right after its slot moved, before the node read the new slot map,
+/// is refused by its former master (`MOVED`): the node reads the map then and subscribes
+/// on the new master, and the socket's subscribe succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_answered_moved_follows_the_slot_to_its_new_master() {
+    let cluster = RedisCluster::start().await;
+    let node = Node::start(layer(&cluster)).await;
+    let source = cluster.master_of(0);
+    let target = [5500, 11000, 16383]
+        .into_iter()
+        .map(|slot| cluster.master_of(slot))
+        .find(|&master| master != source)
+        .unwrap();
+    // Something on the source, so that the node has a connection there.
+    let mut subscriber = Client::connect_as(&node.url(), "sub").await;
+    subscriber.subscribe(&room_in_slot("held", 1)).await;
+    let mut reshard = cluster.reshard_one(source, target);
+    let resharded =
+        tokio::task::spawn_blocking(move || reshard.output().expect("redis-cli --cluster reshard"))
+            .await
+            .unwrap();
+    assert!(resharded.status.success());
+    // At once (the node reads the slot map twice a second): most likely before it did.
+    let room = room_in_slot("fresh", 0);
+    subscriber.subscribe(&room).await;
+    let mut publisher = Client::connect_as(&node.url(), "pub").await;
+    publisher.publish(&room, json!("there")).await;
+    assert_eq!(subscriber.delivery().await["payload"], "there");
 }

@@ -81,6 +81,29 @@ impl RedisTarget {
         self.tls.as_ref()
     }
 
+    /// The same settings (TLS, user name, password) for the node at `host`:`port` (a
+    /// cluster master).
+    pub(crate) fn at(&self, host: &str, port: u16) -> RedisTarget {
+        let addr = match self.info.addr() {
+            redis::ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => redis::ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => redis::ConnectionAddr::Tcp(host.to_owned(), port),
+        };
+        RedisTarget {
+            info: self.info.clone().set_addr(addr),
+            #[cfg(feature = "tls")]
+            tls: self.tls.clone(),
+        }
+    }
+
     /// The connection settings (address, user name, password, database).
     pub(crate) fn info(&self) -> &ConnectionInfo {
         &self.info

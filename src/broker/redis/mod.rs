@@ -3,9 +3,9 @@
 //! - `connect`: the URL, parsed once, and the `deadpool-redis` pool built on it;
 //! - `commands`: where commands go (the pool, or a Redis Cluster's shared connection, with
 //!   pipelines split per slot);
-//! - `sharded`: on a cluster, the subscriber task (`SSUBSCRIBE` per room on its shard);
 //! - `lanes`: publishing lanes, each holding a pooled connection and sending pipelines;
-//! - `subscriber`: on one Redis, the task that owns the pub/sub connection (read by `resp`);
+//! - `subscriber`: the task that holds the node's room subscriptions, on one pub/sub
+//!   connection (`SUBSCRIBE`) or one per cluster master (`SSUBSCRIBE`), read by `resp`;
 //! - `tls`: `rediss://` for the pub/sub connection (feature `tls`);
 //! - `identities`: the rooms recorded per identity, through the pool;
 //! - `presence`: who is in each presence room, on every node (one task per node);
@@ -14,7 +14,6 @@
 //! Nothing connects when the broker is built (it may be built outside a Tokio runtime):
 //! the lanes and the subscriber task start together on first use.
 
-mod catch_up;
 mod commands;
 mod connect;
 mod history;
@@ -23,17 +22,12 @@ mod lanes;
 mod occupancy;
 mod presence;
 mod resp;
-mod room_counts;
-mod sharded;
 mod subscriber;
-mod subscriptions;
 #[cfg(feature = "tls")]
 mod tls;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-
-use tokio::sync::mpsc;
 
 pub(crate) use self::commands::{ClusterTarget, Commands};
 
@@ -43,9 +37,7 @@ use self::identities::Identities;
 pub(crate) use self::lanes::Lanes;
 pub(crate) use self::occupancy::OccupancyStore;
 use self::presence::PresenceStore;
-use self::sharded::ShardedSubscriber;
-use self::subscriber::Subscriber;
-use self::subscriptions::Subscriptions;
+use self::subscriber::{Subscriber, Subscriptions, Topology};
 use super::{BrokerHealth, Confirmation, Keys, Publish, SharedSink};
 use crate::config::Config;
 use crate::error::BrokerError;
@@ -57,7 +49,6 @@ const PUBLISH_LANES: usize = 4;
 
 /// The Redis broker.
 pub(crate) struct RedisBroker {
-    target: Target,
     commands: Commands,
     disconnects: Disconnects,
     keys: Keys,
@@ -67,9 +58,8 @@ pub(crate) struct RedisBroker {
     history: Arc<HistoryStore>,
     presence: PresenceStore,
     rooms: RoomPolicy,
-    /// On a cluster: the subscriber's client and its pushes, until the task starts.
-    sharded:
-        std::sync::Mutex<Option<(commands::Cluster, mpsc::UnboundedReceiver<redis::PushInfo>)>>,
+    /// The subscriber's topology, until the task starts.
+    topology: std::sync::Mutex<Option<Topology>>,
     running: OnceLock<Running>,
 }
 
@@ -109,21 +99,19 @@ impl RedisBroker {
         let (prefix, timeout) = (&config.key_prefix, config.redis_timeout);
         let (identity_ttl, presence_ttl) = (config.identity_ttl, config.presence_ttl);
         let rooms = config.rooms.clone();
-        let (commands, disconnects) = match &target {
+        let (commands, disconnects, topology) = match target {
             Target::Single(single) => {
                 let (pool, disconnects) = single.pool(PUBLISH_LANES, timeout)?;
-                (Commands::Single(pool), disconnects)
+                (
+                    Commands::Single(pool),
+                    disconnects,
+                    Topology::Single(single),
+                )
             }
-            Target::Cluster(cluster) => (
-                Commands::Cluster(Arc::new(cluster.client(timeout, None)?)),
-                Disconnects::default(),
-            ),
-        };
-        let sharded = match &target {
-            Target::Single(_) => None,
             Target::Cluster(cluster) => {
-                let (pushes, received) = mpsc::unbounded_channel();
-                Some((cluster.client(timeout, Some(pushes))?, received))
+                let client = Arc::new(cluster.client(timeout)?);
+                let topology = Topology::cluster(cluster.seed().clone(), client.clone());
+                (Commands::Cluster(client), Disconnects::default(), topology)
             }
         };
         let keys = Keys::new(prefix);
@@ -138,13 +126,12 @@ impl RedisBroker {
                 notifier,
             ),
             rooms,
-            target,
             commands,
             disconnects,
             keys,
             timeout,
             sink,
-            sharded: std::sync::Mutex::new(sharded),
+            topology: std::sync::Mutex::new(Some(topology)),
             running: OnceLock::new(),
         })
     }
@@ -161,33 +148,18 @@ impl RedisBroker {
                     &self.disconnects,
                     self.timeout,
                 ),
-                subscriber: match &self.target {
-                    Target::Single(single) => Subscriber::start(
-                        single.clone(),
-                        self.keys.clone(),
-                        self.timeout,
-                        self.sink.clone(),
-                        self.rooms.clone(),
-                        self.history.clone(),
-                    ),
-                    Target::Cluster(_) => {
-                        let (client, pushes) = self
-                            .sharded
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .take()
-                            .expect("started once");
-                        ShardedSubscriber::start(
-                            client,
-                            pushes,
-                            self.keys.clone(),
-                            self.timeout,
-                            self.sink.clone(),
-                            self.rooms.clone(),
-                            self.history.clone(),
-                        )
-                    }
-                },
+                subscriber: Subscriber::start(
+                    self.topology
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take()
+                        .expect("started once"),
+                    self.keys.clone(),
+                    self.timeout,
+                    self.sink.clone(),
+                    self.rooms.clone(),
+                    self.history.clone(),
+                ),
             }
         })
     }

@@ -1,4 +1,5 @@
-//! A plain RESP2 connection to Redis for the subscriber task's pub/sub connection.
+//! A plain RESP2 connection to Redis (or to one Cluster shard) for the subscriber task's
+//! pub/sub connections.
 //!
 //! Commands are packed by `redis::Cmd`; replies and published messages are read with
 //! `redis-protocol`'s range decoder straight out of one read buffer, which allocates one
@@ -35,10 +36,12 @@ pub(super) enum Reply {
     Ok,
     /// An integer.
     Integer(i64),
-    /// A `subscribe` confirmation (one per channel).
+    /// A `subscribe` or `ssubscribe` confirmation (one per channel).
     Subscribed,
-    /// An `unsubscribe` confirmation (one per channel).
-    Unsubscribed,
+    /// An `unsubscribe` or `sunsubscribe` confirmation (one per channel), or, unasked, a
+    /// cluster shard dropping a sharded subscription whose slot it no longer serves: the
+    /// channel.
+    Unsubscribed(Vec<u8>),
     /// The answer to `PING`.
     Pong,
     /// An error reply.
@@ -217,15 +220,21 @@ fn classify(
             };
             match (bytes(*kind), items.get(1), items.get(2)) {
                 (
-                    b"message",
+                    b"message" | b"smessage",
                     Some(RangeFrame::BulkString(channel)),
                     Some(RangeFrame::BulkString(payload)),
                 ) => {
                     on_message(bytes(*channel), bytes(*payload));
                     Ok(None)
                 }
-                (b"subscribe", _, _) => Ok(Some(Reply::Subscribed)),
-                (b"unsubscribe", _, _) => Ok(Some(Reply::Unsubscribed)),
+                (b"subscribe" | b"ssubscribe", _, _) => Ok(Some(Reply::Subscribed)),
+                (b"unsubscribe" | b"sunsubscribe", channel, _) => {
+                    let channel = match channel {
+                        Some(RangeFrame::BulkString(channel)) => bytes(*channel).to_vec(),
+                        _ => Vec::new(),
+                    };
+                    Ok(Some(Reply::Unsubscribed(channel)))
+                }
                 (b"pong", _, _) => Ok(Some(Reply::Pong)),
                 (other, _, _) => Err(BrokerError::Protocol(format!(
                     "a push of kind {}",
@@ -283,20 +292,29 @@ mod tests {
             *3\r\n$7\r\nmessage\r\n$6\r\nroom:a\r\n$5\r\nhello\r\n\
             *2\r\n$4\r\npong\r\n$0\r\n\r\n\
             *3\r\n$11\r\nunsubscribe\r\n$6\r\nroom:a\r\n:0\r\n\
-            +PONG\r\n+OK\r\n-ERR nope\r\n";
+            +PONG\r\n+OK\r\n-ERR nope\r\n\
+            *3\r\n$10\r\nssubscribe\r\n$6\r\nroom:b\r\n:1\r\n\
+            *3\r\n$8\r\nsmessage\r\n$6\r\nroom:b\r\n$2\r\nhi\r\n\
+            *3\r\n$12\r\nsunsubscribe\r\n$6\r\nroom:b\r\n:0\r\n";
         let (replies, messages) = decode_all(input);
         assert_eq!(
             replies,
             [
                 Reply::Subscribed,
                 Reply::Pong,
-                Reply::Unsubscribed,
+                Reply::Unsubscribed(b"room:a".to_vec()),
                 Reply::Pong,
                 Reply::Ok,
-                Reply::Error("ERR nope".into())
+                Reply::Error("ERR nope".into()),
+                Reply::Subscribed,
+                Reply::Unsubscribed(b"room:b".to_vec()),
             ]
         );
-        assert_eq!(messages, [("room:a".to_owned(), "hello".to_owned())]);
+        let messages: Vec<(&str, &str)> = messages
+            .iter()
+            .map(|(c, p)| (c.as_str(), p.as_str()))
+            .collect();
+        assert_eq!(messages, [("room:a", "hello"), ("room:b", "hi")]);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 mod slots;
 
-pub(crate) use self::slots::{ping_every_master, query_pipeline, read_slot_map, SlotMap};
+pub(crate) use self::slots::{key_slot, ping_every_master, query_pipeline, read_slot_map, SlotMap};
 
 /// An empty pipeline that answers each command's error in its place.
 pub(crate) fn pipeline() -> redis::Pipeline {
@@ -79,6 +79,8 @@ impl std::fmt::Debug for Commands {
 #[derive(Debug, Clone)]
 pub(crate) struct ClusterTarget {
     urls: Vec<redis::ConnectionInfo>,
+    /// The first seed: its settings (TLS, user, password) reach every master.
+    seed: super::connect::RedisTarget,
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     ca_pem: Option<Vec<u8>>,
 }
@@ -89,31 +91,31 @@ impl ClusterTarget {
         urls: &[String],
         ca_pem: Option<&[u8]>,
     ) -> Result<Self, super::connect::InvalidUrl> {
-        let mut infos = Vec::with_capacity(urls.len());
+        let mut seeds = Vec::with_capacity(urls.len());
         for url in urls {
             // The same checks as a single Redis URL (TLS support included).
-            let single = super::connect::RedisTarget::parse(url, ca_pem)?;
-            infos.push(single.info().clone());
+            seeds.push(super::connect::RedisTarget::parse(url, ca_pem)?);
         }
-        if infos.is_empty() {
+        let Some(seed) = seeds.first().cloned() else {
             return Err(super::connect::InvalidUrl::new(
                 "(no cluster URL)",
                 "a Redis Cluster needs at least one seed URL",
             ));
-        }
+        };
         Ok(ClusterTarget {
-            urls: infos,
+            urls: seeds.iter().map(|seed| seed.info().clone()).collect(),
+            seed,
             ca_pem: ca_pem.map(<[u8]>::to_vec),
         })
     }
 
-    /// A cluster client; with `pushes`, it speaks RESP3 and hands pushes (sharded messages)
-    /// to that channel.
-    pub(crate) fn client(
-        &self,
-        timeout: Duration,
-        pushes: Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>,
-    ) -> Result<Cluster, BrokerError> {
+    /// The first seed node's target: its settings reach every master.
+    pub(crate) fn seed(&self) -> &super::connect::RedisTarget {
+        &self.seed
+    }
+
+    /// A cluster client for commands.
+    pub(crate) fn client(&self, timeout: Duration) -> Result<Cluster, BrokerError> {
         // Fail fast, so that a command for a dead master comes back in time to replace the
         // connection (see `Cluster`) rather than retrying the dead address for long.
         let mut builder = redis::cluster::ClusterClientBuilder::new(self.urls.clone())
@@ -122,11 +124,6 @@ impl ClusterTarget {
             .retries(2)
             .min_retry_wait(10)
             .max_retry_wait(100);
-        if let Some(pushes) = pushes {
-            builder = builder
-                .use_protocol(redis::ProtocolVersion::RESP3)
-                .push_sender(pushes);
-        }
         #[cfg(feature = "tls")]
         if let Some(ca) = &self.ca_pem {
             builder = builder.certs(redis::TlsCertificates {

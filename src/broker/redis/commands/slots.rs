@@ -123,11 +123,7 @@ pub(crate) async fn ping_every_master(
     let map = read_slot_map(connection)
         .await
         .ok_or_else(|| BrokerError::Protocol("no slot map from the cluster".into()))?;
-    let mut masters: Vec<(String, u16)> =
-        map.0.iter().map(|(_, _, h, p)| (h.clone(), *p)).collect();
-    masters.sort();
-    masters.dedup();
-    let pings = masters.into_iter().map(|(host, port)| {
+    let pings = map.masters().into_iter().map(|(host, port)| {
         let mut c = connection.clone();
         async move {
             c.route_command(
@@ -166,7 +162,17 @@ type Address = (String, u16);
 pub(crate) struct SlotMap(pub(super) Vec<(u16, u16, String, u16)>);
 
 impl SlotMap {
-    fn owner(&self, slot: u16) -> Option<(String, u16)> {
+    /// Every master's address, once each.
+    pub(crate) fn masters(&self) -> Vec<(String, u16)> {
+        let mut masters: Vec<(String, u16)> =
+            self.0.iter().map(|(_, _, h, p)| (h.clone(), *p)).collect();
+        masters.sort();
+        masters.dedup();
+        masters
+    }
+
+    /// The master that serves `slot`, if any does.
+    pub(crate) fn owner(&self, slot: u16) -> Option<(String, u16)> {
         let at = self.0.partition_point(|(_, end, ..)| *end < slot);
         self.0
             .get(at)

@@ -1,13 +1,12 @@
-//! The handle both subscriber tasks share (`subscriber` on one Redis, `sharded` on a
-//! cluster): the commands they take and the `live` flag they keep, so that the broker
-//! holds one handle type whichever task runs behind it.
+//! The handle to the subscriber task: the commands it takes, and the `live` flag it keeps
+//! (up while every pub/sub connection it needs is).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::connect::within;
+use super::super::connect::within;
 use crate::broker::Confirmation;
 use crate::error::BrokerError;
 

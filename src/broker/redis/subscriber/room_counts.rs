@@ -1,7 +1,6 @@
-//! A cluster subscriber's bookkeeping of its rooms: how many local acquisitions each room
-//! has, which of them Redis has not confirmed (a subscribe that failed while the room is
-//! still counted), and which have been confirmed once, so that a second confirmation is
-//! known for what it is: a subscription that came back after it was lost.
+//! The subscriber's bookkeeping of its rooms: how many local acquisitions each room has,
+//! and which of them have no subscription (a subscribe that failed or a connection lost
+//! while the room is still counted).
 //!
 //! A failed subscribe leaves the room counted until its caller releases it (the caller's
 //! cleanup always does): giving the count back at the failure too would release it twice,
@@ -26,8 +25,6 @@ pub(super) struct RoomCounts {
     counts: HashMap<Arc<str>, usize>,
     /// Counted rooms whose last subscribe failed.
     failed: HashSet<Arc<str>>,
-    /// Rooms whose subscription Redis confirmed at least once.
-    confirmed: HashSet<Arc<str>>,
 }
 
 impl RoomCounts {
@@ -64,7 +61,6 @@ impl RoomCounts {
             Some(_) => {
                 self.counts.remove(room);
                 self.failed.remove(room);
-                self.confirmed.remove(room);
                 true
             }
             None => false,
@@ -75,13 +71,6 @@ impl RoomCounts {
     /// subscribe succeeds (retried by the subscriber).
     pub(super) fn failed(&self) -> Vec<Arc<str>> {
         self.failed.iter().cloned().collect()
-    }
-
-    /// Redis confirmed `room`'s subscription (a push); `true` when it had confirmed it
-    /// before, so that this is a subscription that came back (what was published meanwhile
-    /// may be missing).
-    pub(super) fn confirmed(&mut self, room: &Arc<str>) -> bool {
-        self.counts.contains_key(room) && !self.confirmed.insert(room.clone())
     }
 
     /// Whether some counted room's last subscribe failed.
@@ -97,11 +86,6 @@ impl RoomCounts {
     /// The counted room equal to `room`, if any.
     pub(super) fn get(&self, room: &str) -> Option<&Arc<str>> {
         self.counts.get_key_value(room).map(|(room, _)| room)
-    }
-
-    /// Every counted room.
-    pub(super) fn rooms(&self) -> impl Iterator<Item = &Arc<str>> {
-        self.counts.keys()
     }
 
     /// How many counted rooms are subscribed (not failed).
@@ -167,18 +151,5 @@ mod tests {
         counts.release(&room);
         counts.release(&room);
         assert!(counts.failed().is_empty(), "released: nothing to retry");
-    }
-
-    #[test]
-    fn a_second_confirmation_is_a_subscription_that_came_back() {
-        let room: Arc<str> = "r".into();
-        let mut counts = RoomCounts::default();
-        counts.acquire(&room);
-        assert!(!counts.confirmed(&room), "the first confirmation");
-        assert!(counts.confirmed(&room), "after a failover or a moved slot");
-        counts.release(&room);
-        assert!(!counts.confirmed(&room), "a room no longer held");
-        counts.acquire(&room);
-        assert!(!counts.confirmed(&room), "held again: a first confirmation");
     }
 }

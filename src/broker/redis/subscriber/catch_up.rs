@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
-use super::history::HistoryStore;
+use super::super::history::HistoryStore;
 use crate::broker::FrameSink;
 use crate::protocol::server;
 use crate::settings::{History, RoomPolicy};

@@ -1,0 +1,118 @@
+//! What the subscriber does with a message read from a pub/sub connection: hand it to the
+//! sink unchanged (copied once out of the read buffer; see `resp`), unless it is one the
+//! room's members have had already, or one a catch-up about to run will read from the
+//! history in its place.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+
+use super::catch_up::Tracks;
+use crate::broker::{FrameSink, Keys};
+use crate::protocol::server;
+
+/// Which messages read from Redis are not delivered when they arrive.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Held<'a> {
+    Nothing,
+    /// History frames of these rooms, which are being subscribed (again) and will then be
+    /// caught up from their history: delivered now, a live frame of a room subscribed in
+    /// an early chunk would come before older missed ones, and the catch-up would start
+    /// after it.
+    Rooms(&'a HashSet<Arc<str>>),
+}
+
+/// The shared parts a message needs on its way to the sink.
+#[derive(Clone, Copy)]
+pub(super) struct Forward<'a> {
+    pub(super) keys: &'a Keys,
+    pub(super) sink: &'a dyn FrameSink,
+    pub(super) tracks: &'a Tracks,
+}
+
+impl Forward<'_> {
+    /// Hands a message received on `channel` to the sink, unless it is `held`.
+    pub(super) fn message(&self, channel: &[u8], payload: &[u8], held: Held<'_>) {
+        let Some(room) = std::str::from_utf8(channel)
+            .ok()
+            .and_then(|channel| self.keys.room_of_channel(channel))
+        else {
+            return;
+        };
+        match std::str::from_utf8(payload) {
+            // Only frames the history keeps (those with an offset): a join or leave event
+            // is not in it and would be lost.
+            Ok(frame) if is_held(held, room, frame, self.tracks) => {}
+            // A history room's frame already delivered (after a catch-up) is dropped.
+            Ok(frame) if !self.tracks.admit(room, frame) => {}
+            Ok(frame) => self.sink.deliver(room, &Utf8Bytes::from(frame.to_owned())),
+            Err(_) => tracing::warn!(room, "dropped a non-UTF-8 frame received from Redis"),
+        }
+    }
+}
+
+fn is_held(held: Held<'_>, room: &str, frame: &str, tracks: &Tracks) -> bool {
+    match held {
+        Held::Nothing => false,
+        Held::Rooms(rooms) => {
+            rooms.contains(room) && tracks.holds(room) && server::position_of(frame).is_some()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::protocol::server::PresenceEvent;
+    use crate::settings::{History, RoomPolicy, RoomSettings};
+
+    #[derive(Default)]
+    struct Delivered(Mutex<Vec<String>>);
+
+    impl FrameSink for Delivered {
+        fn deliver(&self, _room: &str, frame: &Utf8Bytes) {
+            self.0.lock().unwrap().push(frame.to_string());
+        }
+    }
+
+    /// While rooms are subscribed again, a history room's messages wait for the catch-up
+    /// (which reads them from the history), but its join and leave events, which the
+    /// history does not keep, are delivered: held, they would be lost. A history room not
+    /// being subscribed again is not held at all.
+    #[test]
+    fn held_history_rooms_keep_their_join_and_leave_events() {
+        let mut policy = RoomPolicy::default();
+        let history = History::new(10, Duration::from_secs(60));
+        policy.default_settings(RoomSettings::with_history(history));
+        let tracks = Tracks::new(policy);
+        let keys = Keys::new("thinws");
+        let sink = Delivered::default();
+        let forward = Forward {
+            keys: &keys,
+            sink: &sink,
+            tracks: &tracks,
+        };
+        let (room, other): (Arc<str>, Arc<str>) = ("chat".into(), "other".into());
+        tracks.opened(&room);
+        tracks.opened(&other);
+        let held: HashSet<Arc<str>> = [room.clone()].into();
+        let payload = serde_json::value::RawValue::from_string("1".into()).unwrap();
+        let frame = |room: &str, offset| {
+            server::with_position(&server::delivery(room, "c1", &payload), offset, "e")
+        };
+        let (message, elsewhere) = (frame(&room, 4), frame(&other, 9));
+        let join = server::presence_event(PresenceEvent::Join, &room, "c2");
+        for (room, frame) in [(&room, &message), (&room, &join), (&other, &elsewhere)] {
+            let channel = keys.room_channel(room);
+            forward.message(channel.as_bytes(), frame.as_bytes(), Held::Rooms(&held));
+        }
+        assert_eq!(*sink.0.lock().unwrap(), [join.clone(), elsewhere.clone()]);
+        let channel = keys.room_channel(&room);
+        forward.message(channel.as_bytes(), message.as_bytes(), Held::Nothing);
+        assert_eq!(*sink.0.lock().unwrap(), [join, elsewhere, message]);
+    }
+}

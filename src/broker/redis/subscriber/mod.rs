@@ -1,0 +1,455 @@
+//! The subscriber task: it holds the node's room subscriptions, on one Redis or on a Redis
+//! Cluster, with one bookkeeping for both.
+//!
+//! - `topology`: where each room's subscription lives: the one pub/sub connection
+//!   (`SUBSCRIBE`), or the connection to the master serving its slot (`SSUBSCRIBE`);
+//! - `shard`: one pub/sub connection (read by hand, see `resp`), its rooms, its backoff;
+//! - `room_counts`: acquisitions per room, and which rooms are not subscribed (refused, or
+//!   their connection lost);
+//! - `catch_up`: history rooms' positions, and what members missed while a room was not
+//!   subscribed;
+//! - `forward`: a message read from Redis on its way to the sink;
+//! - `handle`: the handle that drives the task, and the commands it sends;
+//! - `commands`: how the task carries them out.
+//!
+//! Every subscribe is confirmed before its caller goes on. A room that is not subscribed
+//! while it is held (its connection was lost, Redis refused it, its slot moved) is
+//! subscribed again as soon as it can be, and then caught up: what was published meanwhile
+//! comes from the history, before any later message, or its members get a `gap`. Twice a
+//! second the task retries such rooms and, on a cluster, reads the slot map: rooms whose
+//! slot moved go to their new master; the others stay where they are.
+
+mod catch_up;
+mod commands;
+mod forward;
+mod handle;
+mod room_counts;
+mod shard;
+mod topology;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use self::catch_up::Tracks;
+use self::forward::{Forward, Held};
+use self::handle::Command;
+pub(crate) use self::handle::Subscriptions;
+use self::room_counts::RoomCounts;
+use self::shard::{read_any, Shard};
+pub(crate) use self::topology::Topology;
+use super::history::HistoryStore;
+use super::resp::Reply;
+use crate::broker::{Keys, SharedSink};
+use crate::error::BrokerError;
+use crate::settings::RoomPolicy;
+
+/// How often rooms left without a subscription are retried and a cluster's slot map read.
+const CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// At most this many refused rooms are tried one at a time per check (a command each).
+const ONE_BY_ONE: usize = 64;
+
+/// The subscriber task.
+pub(crate) struct Subscriber;
+
+impl Subscriber {
+    /// Starts the task (inside a Tokio runtime); the returned handle drives it.
+    pub(crate) fn start(
+        topology: Topology,
+        keys: Keys,
+        timeout: Duration,
+        sink: SharedSink,
+        rooms: RoomPolicy,
+        store: Arc<HistoryStore>,
+    ) -> Subscriptions {
+        let (handle, ends) = Subscriptions::new("subscriber task");
+        let shards = topology
+            .shards()
+            .into_iter()
+            .map(|key| Shard::new(key.clone(), topology.target(&key)))
+            .collect();
+        let task = Task {
+            topology,
+            shards,
+            book: Book {
+                keys,
+                sink,
+                counts: RoomCounts::default(),
+                tracks: Tracks::new(rooms),
+                store,
+            },
+            timeout,
+            live: ends.live,
+            next_check: Instant::now(),
+        };
+        tokio::spawn(task.run(ends.commands));
+        handle
+    }
+}
+
+/// The bookkeeping, whatever the topology.
+struct Book {
+    keys: Keys,
+    sink: SharedSink,
+    /// Acquisitions per room not yet released, and which rooms are not subscribed.
+    counts: RoomCounts,
+    /// Where each history room stands, for catch-ups.
+    tracks: Tracks,
+    store: Arc<HistoryStore>,
+}
+
+impl Book {
+    fn forward(&self) -> Forward<'_> {
+        Forward {
+            keys: &self.keys,
+            sink: &*self.sink,
+            tracks: &self.tracks,
+        }
+    }
+
+    /// What `rooms`' members missed: from the history, or a `gap`. Returns how many rooms
+    /// without history got a gap.
+    async fn catch_up(&self, rooms: &[Arc<str>]) -> usize {
+        self.tracks
+            .catch_up(rooms.iter(), &self.store, &*self.sink)
+            .await
+    }
+
+    fn subscribed(&mut self, room: &Arc<str>, ok: bool) {
+        self.counts.subscribed(room, ok);
+    }
+}
+
+struct Task {
+    topology: Topology,
+    shards: Vec<Shard>,
+    book: Book,
+    timeout: Duration,
+    live: watch::Sender<bool>,
+    next_check: Instant,
+}
+
+impl Task {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        loop {
+            if Instant::now() >= self.next_check {
+                self.next_check = Instant::now() + CHECK_EVERY;
+                self.check().await;
+            }
+            self.connect_due().await;
+            let live =
+                !self.shards.is_empty() && self.shards.iter().all(|s| s.connection.is_some());
+            self.live
+                .send_if_modified(|was| std::mem::replace(was, live) != live);
+            let wake = self
+                .shards
+                .iter()
+                .filter_map(Shard::retry_at)
+                .fold(self.next_check, Instant::min);
+            tokio::select! {
+                (index, read) = read_any(&mut self.shards, self.book.forward()) => {
+                    self.between_commands(index, read).await;
+                }
+                command = commands.recv() => match command {
+                    Some(command) => self.handle(command).await,
+                    None => return,
+                },
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// Reads the slot map (on a cluster) and moves the rooms whose slot moved; subscribes
+    /// rooms left without a subscription again where their shard is connected.
+    async fn check(&mut self) {
+        match self.topology.refresh(CHECK_EVERY).await {
+            Ok(true) => self.follow_map().await,
+            Ok(false) => {}
+            Err(e) => tracing::debug!(error = %e.report(), "could not read the slot map"),
+        }
+        if !self.book.counts.has_failed() {
+            return;
+        }
+        for index in 0..self.shards.len() {
+            if self.shards[index].connection.is_some() {
+                if let Err(e) = self.subscribe_failed(index, ONE_BY_ONE, false).await {
+                    self.lost(index, e);
+                }
+            }
+        }
+    }
+
+    /// A new slot map: shards for new masters, none for former ones, and every room whose
+    /// slot moved off the shard it is on (subscribed on its new master by the caller).
+    async fn follow_map(&mut self) {
+        let masters = self.topology.shards();
+        let mut moved = Vec::new();
+        self.shards.retain_mut(|shard| {
+            let keep = masters.contains(&shard.key);
+            if !keep {
+                moved.extend(std::mem::take(&mut shard.rooms));
+            }
+            keep
+        });
+        for key in masters {
+            if !self.shards.iter().any(|shard| shard.key == key) {
+                let target = self.topology.target(&key);
+                self.shards.push(Shard::new(key, target));
+            }
+        }
+        for index in 0..self.shards.len() {
+            let shard = &self.shards[index];
+            let away: Vec<Arc<str>> = shard
+                .rooms
+                .iter()
+                .filter(|room| {
+                    self.topology.owner(&self.book.keys, room) != Some(shard.key.clone())
+                })
+                .cloned()
+                .collect();
+            for room in away {
+                self.shards[index].rooms.remove(&room);
+                // Redis dropped it already if the slot left this master; if not, ask.
+                if let Err(e) = self.unsubscribe(index, &room).await {
+                    self.lost(index, e);
+                }
+                moved.push(room);
+            }
+        }
+        for room in &moved {
+            self.book.subscribed(room, false);
+        }
+        tracing::info!(rooms = moved.len(), "the Redis Cluster's slot map changed: subscribing the rooms whose slot moved on their new master");
+        crate::metrics::redis_subscriptions(self.book.counts.subscribed_count());
+        self.connect_due().await;
+    }
+
+    /// Connects every shard whose time has come, and subscribes its rooms.
+    async fn connect_due(&mut self) {
+        let now = Instant::now();
+        for index in 0..self.shards.len() {
+            if self.shards[index].retry_at().is_none_or(|at| at > now) {
+                continue;
+            }
+            let target = &self.shards[index].target;
+            match within_connect(self.timeout, target).await {
+                Ok(connection) => {
+                    let reconnection = self.shards[index].connected(connection);
+                    match self.subscribe_failed(index, usize::MAX, true).await {
+                        Ok(rooms) if reconnection => {
+                            crate::metrics::redis_reconnected();
+                            tracing::info!(rooms, "reconnected to Redis and resubscribed");
+                        }
+                        Ok(_) => {}
+                        Err(e) => self.lost(index, e),
+                    }
+                }
+                Err(e) => {
+                    let (retry_in, _) = self.shards[index].lost();
+                    tracing::warn!(error = %e.report(), ?retry_in, "Redis pub/sub connection down");
+                }
+            }
+        }
+    }
+
+    /// Subscribes the rooms without a subscription that shard `index` serves, then catches
+    /// up those taken (after a `reconnection`, every room tried: the refused ones too, whose
+    /// members learn now that they are missing messages). Returns how many rooms it tried.
+    async fn subscribe_failed(
+        &mut self,
+        index: usize,
+        one_by_one: usize,
+        reconnection: bool,
+    ) -> Result<usize, BrokerError> {
+        let key = Some(self.shards[index].key.clone());
+        let rooms: Vec<Arc<str>> = self
+            .book
+            .counts
+            .failed()
+            .into_iter()
+            .filter(|room| self.topology.owner(&self.book.keys, room) == key)
+            .collect();
+        if rooms.is_empty() {
+            return Ok(0);
+        }
+        let refused = self.subscribe_rooms(index, &rooms, one_by_one).await?;
+        let caught: Vec<Arc<str>> = match reconnection {
+            true => rooms.clone(),
+            false => rooms
+                .iter()
+                .filter(|room| self.book.counts.is_subscribed(room))
+                .cloned()
+                .collect(),
+        };
+        let plain = self.book.catch_up(&caught).await;
+        if reconnection && plain > 0 {
+            tracing::warn!(rooms = plain, "messages published while the pub/sub connection was down are lost in rooms without history: their members got a gap");
+        }
+        if refused > 0 && reconnection {
+            tracing::warn!(rooms = refused, retry_every = ?CHECK_EVERY, "Redis refused to subscribe to rooms this node holds (an ACL?): their members receive nothing until a retry succeeds");
+        } else if refused > 0 {
+            tracing::debug!(rooms = refused, "rooms still refused");
+        }
+        crate::metrics::redis_subscriptions(self.book.counts.subscribed_count());
+        Ok(rooms.len())
+    }
+
+    /// Subscribes `rooms` on shard `index`, in the groups one command takes, holding their
+    /// history frames for the catch-up that follows. Redis refuses a whole command for one
+    /// channel it will not give (an ACL) or does not serve (`MOVED`): a refused group's
+    /// rooms are then tried one at a time (at most `one_by_one`; the rest stay failed).
+    /// Returns how many rooms are left without a subscription. An error means the
+    /// connection is lost.
+    async fn subscribe_rooms(
+        &mut self,
+        index: usize,
+        rooms: &[Arc<str>],
+        mut one_by_one: usize,
+    ) -> Result<usize, BrokerError> {
+        let held_rooms = rooms.iter().cloned().collect();
+        let held = Held::Rooms(&held_rooms);
+        let mut refused = 0;
+        for group in self.topology.groups(&self.book.keys, rooms) {
+            let mut tries = vec![group];
+            while let Some(rooms) = tries.pop() {
+                let mut subscribe = self.topology.subscribe();
+                for room in &rooms {
+                    subscribe.arg(self.book.keys.room_channel(room));
+                }
+                let shard = &mut self.shards[index];
+                let result = shard
+                    .command(
+                        &subscribe,
+                        is_subscribed,
+                        rooms.len(),
+                        self.book.forward(),
+                        held,
+                        self.timeout,
+                    )
+                    .await;
+                match result {
+                    Ok(()) => {
+                        for room in rooms {
+                            self.book.subscribed(&room, true);
+                            self.shards[index].rooms.insert(room);
+                        }
+                    }
+                    Err(BrokerError::Refused(_)) if rooms.len() > 1 => {
+                        let take = one_by_one.min(rooms.len());
+                        one_by_one -= take;
+                        refused += rooms.len() - take;
+                        tries.extend(rooms[..take].iter().map(|room| vec![room.clone()]));
+                    }
+                    Err(BrokerError::Refused(_)) => refused += rooms.len(),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(refused)
+    }
+
+    /// Unsubscribes `room` on shard `index`, if it is connected. An error means the
+    /// connection is lost.
+    async fn unsubscribe(&mut self, index: usize, room: &str) -> Result<(), BrokerError> {
+        if self.shards[index].connection.is_none() {
+            return Ok(());
+        }
+        let unsubscribe = self
+            .topology
+            .unsubscribe()
+            .arg(self.book.keys.room_channel(room))
+            .clone();
+        let shard = &mut self.shards[index];
+        let result = shard
+            .command(
+                &unsubscribe,
+                is_unsubscribed,
+                1,
+                self.book.forward(),
+                Held::Nothing,
+                self.timeout,
+            )
+            .await;
+        still_connected(result)
+    }
+
+    /// Shard `index` is lost: its rooms wait for a new connection (or, on a cluster, a new
+    /// master), and are caught up then.
+    fn lost(&mut self, index: usize, e: BrokerError) {
+        let (retry_in, rooms) = self.shards[index].lost();
+        for room in &rooms {
+            self.book.subscribed(room, false);
+        }
+        crate::metrics::redis_subscriptions(self.book.counts.subscribed_count());
+        if closed_by_redis(&e) {
+            crate::metrics::redis_pubsub_cut();
+            tracing::warn!(?retry_in, "Redis closed this node's pub/sub connection: what it had buffered for the node is lost (Redis does this to a subscriber past its `client-output-buffer-limit pubsub`, see the README's deployment section); members of its rooms get a gap");
+        } else {
+            tracing::warn!(error = %e.report(), ?retry_in, "Redis pub/sub connection down");
+        }
+    }
+
+    /// Shard `index` gave a reply while no command was waiting for one.
+    async fn between_commands(&mut self, index: usize, read: Result<Reply, BrokerError>) {
+        let e = match read {
+            // A cluster master dropped a sharded subscription: its slot moved.
+            Ok(Reply::Unsubscribed(channel)) if self.topology.is_cluster() => {
+                let room = std::str::from_utf8(&channel)
+                    .ok()
+                    .and_then(|channel| self.book.keys.room_of_channel(channel))
+                    .and_then(|room| self.shards[index].rooms.take(room));
+                if let Some(room) = room {
+                    tracing::info!(
+                        room = &*room,
+                        "sharded subscription dropped by Redis (its slot moved): subscribing again"
+                    );
+                    self.book.subscribed(&room, false);
+                    self.next_check = Instant::now();
+                }
+                return;
+            }
+            Ok(reply) => BrokerError::Protocol(format!("{reply:?} between commands")),
+            Err(e) => e,
+        };
+        self.lost(index, e);
+    }
+}
+
+async fn within_connect(
+    timeout: Duration,
+    target: &super::connect::RedisTarget,
+) -> Result<super::resp::RespConnection, BrokerError> {
+    super::connect::within(timeout, super::resp::RespConnection::connect(target)).await
+}
+
+fn is_subscribed(reply: &Reply) -> bool {
+    matches!(reply, Reply::Subscribed)
+}
+
+fn is_unsubscribed(reply: &Reply) -> bool {
+    matches!(reply, Reply::Unsubscribed(_))
+}
+
+/// A one-command outcome for the connection: Redis answering it with an error (e.g. a
+/// channel its ACL refuses) leaves the connection in step; anything else wrong means the
+/// connection is lost.
+fn still_connected(result: Result<(), BrokerError>) -> Result<(), BrokerError> {
+    match result {
+        Err(BrokerError::Refused(_)) => Ok(()),
+        other => other,
+    }
+}
+
+/// Whether Redis itself closed the connection (an orderly end of stream, as when it cuts
+/// a client past its output buffer limit), rather than it failing or timing out.
+fn closed_by_redis(e: &BrokerError) -> bool {
+    match e {
+        BrokerError::Connection(source) => source
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::UnexpectedEof),
+        _ => false,
+    }
+}
