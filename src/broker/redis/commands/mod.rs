@@ -205,11 +205,6 @@ impl Cluster {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
-    /// Drops the shared connection: the next user makes a new one.
-    pub(crate) async fn reset(&self) {
-        *self.connection.lock().await = None;
-    }
-
     /// A command failed with `e`: if it looks like a node is gone, the next user gets a new
     /// connection (see the type's docs).
     pub(crate) fn failed(&self, e: &redis::RedisError) {
