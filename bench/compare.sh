@@ -11,6 +11,9 @@
 #   ROOMS_ARGS="--subscribers 200 --messages 100 --window 16" bench/compare.sh ...  # smaller
 #   PERF=1 bench/compare.sh ...   # also records the first node with `perf record` into
 #                                 # bench/results/perf-{before,after}-{scenario}.data
+#   AFTER_REDIS=cluster bench/compare.sh BIN BIN 3   # the "after" side on a local 3-master
+#                                 # Redis Cluster (no replicas), the "before" on one Redis;
+#                                 # BEFORE_REDIS=cluster likewise (both: two binaries on it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 before=$1 after=$2 rounds=${3:-3}
@@ -23,16 +26,37 @@ redis_pid=$!
 pids=()
 trap 'kill "${pids[@]}" "$redis_pid" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
 until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.05; done
+cluster_pids=() cluster_ports=()
+if [ "${AFTER_REDIS:-}" = cluster ] || [ "${BEFORE_REDIS:-}" = cluster ]; then
+  cluster_dir=$(mktemp -d)
+  for _ in 1 2 3; do
+    p=$(free_port); while (( p > 55000 )); do p=$(free_port); done
+    mkdir -p "$cluster_dir/$p"
+    redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --dir "$cluster_dir/$p" \
+      --cluster-config-file nodes.conf --save "" --appendonly no >/dev/null &
+    cluster_pids+=("$!"); cluster_ports+=("$p")
+  done
+  trap 'kill "${pids[@]}" "$redis_pid" "${cluster_pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$cluster_dir"' EXIT
+  for p in "${cluster_ports[@]}"; do until redis-cli -p "$p" ping >/dev/null 2>&1; do sleep 0.05; done; done
+  redis-cli --cluster create "${cluster_ports[@]/#/127.0.0.1:}" --cluster-yes >/dev/null
+  for p in "${cluster_ports[@]}"; do until redis-cli -p "$p" cluster info | grep -q cluster_state:ok; do sleep 0.1; done; done
+fi
 ticks=$(getconf CLK_TCK)
 cpu_ticks() { local t=0 p; for p in "$@"; do t=$(( t + $(awk '{print $14 + $15}' "/proc/$p/stat") )); done; echo "$t"; }
 
 one() { # label binary scenario args...
   local label=$1 binary=$2 scenario=$3; shift 3
-  local urls=() ids=() node_args=()
+  local urls=() ids=() node_args=() redis_args=(--redis-url "redis://127.0.0.1:$redis_port")
+  local redis_pids=("$redis_pid")
   if [ "$label" = after ]; then read -ra node_args <<< "${AFTER_ARGS:-}"; else read -ra node_args <<< "${BEFORE_ARGS:-}"; fi
+  local on_redis=${BEFORE_REDIS:-}; [ "$label" = after ] && on_redis=${AFTER_REDIS:-}
+  if [ "$on_redis" = cluster ]; then
+    redis_args=(--redis-cluster-url "redis://127.0.0.1:${cluster_ports[0]}")
+    redis_pids=("${cluster_pids[@]}")
+  fi
   for _ in 1 2; do
     local port; port=$(free_port)
-    "$binary" --listen "127.0.0.1:$port" --redis-url "redis://127.0.0.1:$redis_port" \
+    "$binary" --listen "127.0.0.1:$port" "${redis_args[@]}" \
       --rate-limit 0 --max-sockets 300000 --no-demo "${node_args[@]}" >/dev/null 2>&1 &
     ids+=("$!"); urls+=("http://127.0.0.1:$port")
     until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.05; done
@@ -45,15 +69,16 @@ one() { # label binary scenario args...
     perf_pid=$!
   fi
   local start; start=$(cpu_ticks "${ids[@]}")
-  local redis_start; redis_start=$(cpu_ticks "$redis_pid")
+  local redis_start; redis_start=$(cpu_ticks "${redis_pids[@]}")
   local report
   report=$("$loadgen" run --target thinws --label "$label" --nodes "$(IFS=,; echo "${urls[*]}")" \
     --scenario "$scenario" "$@" 2>/dev/null)
   local used=$(( $(cpu_ticks "${ids[@]}") - start ))
-  local redis_used=$(( $(cpu_ticks "$redis_pid") - redis_start ))
+  local redis_used=$(( $(cpu_ticks "${redis_pids[@]}") - redis_start ))
   if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi
   kill "${ids[@]}"; wait "${ids[@]}" 2>/dev/null || true; pids=()
   redis-cli -p "$redis_port" flushall >/dev/null
+  for p in "${cluster_ports[@]}"; do redis-cli -p "$p" flushall >/dev/null; done
   python3 - "$label" "$scenario" "$used" "$ticks" "$report" "$redis_used" <<'PY'
 import json, sys
 label, scenario, used, ticks, report, redis_used = sys.argv[1:]
