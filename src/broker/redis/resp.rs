@@ -159,17 +159,22 @@ impl RespConnection {
         }
     }
 
-    /// Waits for `count` replies that `expected` accepts, handing messages to `on_message`;
-    /// an error reply or any other reply is an error.
+    /// Waits for `count` replies that `expected` accepts, handing messages to `on_message`
+    /// and replies nobody asked for (a cluster master dropping a sharded subscription) to
+    /// `unasked`, which says whether it took them; an error reply or any other reply is an
+    /// error.
     pub(super) async fn expect(
         &mut self,
         count: usize,
         expected: impl Fn(&Reply) -> bool,
+        mut unasked: impl FnMut(&Reply) -> bool,
         mut on_message: impl FnMut(&[u8], &[u8]),
     ) -> Result<(), BrokerError> {
-        for _ in 0..count {
+        let mut left = count;
+        while left > 0 {
             match self.next_reply(&mut on_message).await? {
-                reply if expected(&reply) => {}
+                reply if expected(&reply) => left -= 1,
+                reply if unasked(&reply) => {}
                 Reply::Error(e) => return Err(refused(e)),
                 other => return Err(unexpected(&other)),
             }

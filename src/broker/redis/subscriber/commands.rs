@@ -2,13 +2,11 @@
 
 use std::sync::Arc;
 
-use tokio::time::Instant;
-
 use super::forward::Held;
 use super::handle::Command;
 use super::room_counts::Acquired;
 use super::topology::moved;
-use super::{is_subscribed, still_connected, Task, CHECK_EVERY};
+use super::{is_subscribed, still_connected, Task};
 use crate::error::BrokerError;
 
 impl Task {
@@ -36,17 +34,26 @@ impl Task {
         if first {
             self.book.tracks.opened(room);
         }
+        let known = self.book.counts.was_subscribed(room);
         let mut result = self.subscribe_one(room).await;
         if result.as_ref().is_err_and(moved) {
             // The slot map known is out of date: read it, and try where it says now.
-            self.next_check = Instant::now() + CHECK_EVERY;
             if let Ok(true) = self.topology.refresh(self.timeout).await {
                 self.follow_map().await;
+            }
+            // The new owner may be a master just added: wait for its connection.
+            let owner = self.topology.owner(&self.book.keys, room);
+            let index = self
+                .shards
+                .iter()
+                .position(|s| Some(&s.key) == owner.as_ref());
+            if let Some(index) = index {
+                self.finish_connecting(index).await;
             }
             result = self.subscribe_one(room).await;
         }
         crate::metrics::redis_subscriptions(self.book.counts.subscribed_count());
-        if !first && result.is_ok() {
+        if known && result.is_ok() {
             // A room held without a subscription: its members missed what was published
             // meanwhile.
             self.book.catch_up(std::slice::from_ref(room)).await;
@@ -60,7 +67,15 @@ impl Task {
         let index = self
             .shards
             .iter()
-            .position(|shard| Some(&shard.key) == owner.as_ref() && shard.connection.is_some());
+            .position(|shard| Some(&shard.key) == owner.as_ref());
+        if let Some(index) = index {
+            if !self.shards[index].connected_before {
+                // Its first connection, being made: wait for it (a node just started).
+                // After a loss, fail at once, as while it is down.
+                self.finish_connecting(index).await;
+            }
+        }
+        let index = index.filter(|&index| self.shards[index].connection.is_some());
         let Some(index) = index else {
             self.book.subscribed(room, false);
             return Err(BrokerError::SubscriberDown);
@@ -74,7 +89,7 @@ impl Task {
         let result = shard
             .command(
                 &subscribe,
-                is_subscribed,
+                &is_subscribed,
                 1,
                 self.book.forward(),
                 Held::Nothing,
@@ -109,8 +124,9 @@ impl Task {
         crate::metrics::redis_subscriptions(self.book.counts.subscribed_count());
     }
 
-    /// Pings Redis on every pub/sub connection; all must answer.
-    async fn ping(&mut self) -> Result<(), BrokerError> {
+    /// Pings Redis on every pub/sub connection; all must answer. One that does not is
+    /// lost (and connected again).
+    pub(super) async fn ping(&mut self) -> Result<(), BrokerError> {
         let mut result = match self.shards.is_empty() {
             true => Err(BrokerError::SubscriberDown),
             false => Ok(()),
@@ -124,7 +140,7 @@ impl Task {
             let pinged = shard
                 .command(
                     &redis::cmd("PING"),
-                    |reply| matches!(reply, super::Reply::Pong),
+                    &|reply| matches!(reply, super::Reply::Pong),
                     1,
                     self.book.forward(),
                     Held::Nothing,

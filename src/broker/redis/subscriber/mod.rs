@@ -38,16 +38,21 @@ use self::forward::{Forward, Held};
 use self::handle::Command;
 pub(crate) use self::handle::Subscriptions;
 use self::room_counts::RoomCounts;
-use self::shard::{read_any, Shard};
+use self::shard::{joined, next_event, Event, Shard};
 pub(crate) use self::topology::Topology;
 use super::history::HistoryStore;
-use super::resp::Reply;
+use super::resp::{Reply, RespConnection};
 use crate::broker::{Keys, SharedSink};
 use crate::error::BrokerError;
 use crate::settings::RoomPolicy;
 
 /// How often rooms left without a subscription are retried and a cluster's slot map read.
 const CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// How often every pub/sub connection is pinged: one that went silent without closing (a
+/// host that rebooted, a network that dropped it) is found and replaced, and its rooms
+/// caught up.
+const PING_EVERY: Duration = Duration::from_secs(15);
 
 /// At most this many refused rooms are tried one at a time per check (a command each).
 const ONE_BY_ONE: usize = 64;
@@ -84,6 +89,7 @@ impl Subscriber {
             timeout,
             live: ends.live,
             next_check: Instant::now(),
+            next_ping: Instant::now() + PING_EVERY,
         };
         tokio::spawn(task.run(ends.commands));
         handle
@@ -130,16 +136,18 @@ struct Task {
     timeout: Duration,
     live: watch::Sender<bool>,
     next_check: Instant,
+    next_ping: Instant,
 }
 
 impl Task {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         loop {
+            self.take_dropped();
             if Instant::now() >= self.next_check {
                 self.next_check = Instant::now() + CHECK_EVERY;
                 self.check().await;
             }
-            self.connect_due().await;
+            self.connect_due();
             let live =
                 !self.shards.is_empty() && self.shards.iter().all(|s| s.connection.is_some());
             self.live
@@ -150,9 +158,10 @@ impl Task {
                 .filter_map(Shard::retry_at)
                 .fold(self.next_check, Instant::min);
             tokio::select! {
-                (index, read) = read_any(&mut self.shards, self.book.forward()) => {
-                    self.between_commands(index, read).await;
-                }
+                event = next_event(&mut self.shards, self.book.forward()) => match event {
+                    Event::Read(index, read) => self.between_commands(index, read).await,
+                    Event::Connected(index, outcome) => self.connected(index, outcome).await,
+                },
                 command = commands.recv() => match command {
                     Some(command) => self.handle(command).await,
                     None => return,
@@ -169,6 +178,11 @@ impl Task {
             Ok(true) => self.follow_map().await,
             Ok(false) => {}
             Err(e) => tracing::debug!(error = %e.report(), "could not read the slot map"),
+        }
+        if Instant::now() >= self.next_ping {
+            self.next_ping = Instant::now() + PING_EVERY;
+            // A failure is logged by `lost`.
+            let _ = self.ping().await;
         }
         if !self.book.counts.has_failed() {
             return;
@@ -210,12 +224,11 @@ impl Task {
                 })
                 .cloned()
                 .collect();
+            // Not unsubscribed: Redis drops a channel whose slot leaves a master on its
+            // own (a `sunsubscribe` it sends, ignored for a room no longer on the shard),
+            // and answers an unsubscribe for it with an error.
             for room in away {
                 self.shards[index].rooms.remove(&room);
-                // Redis dropped it already if the slot left this master; if not, ask.
-                if let Err(e) = self.unsubscribe(index, &room).await {
-                    self.lost(index, e);
-                }
                 moved.push(room);
             }
         }
@@ -224,40 +237,51 @@ impl Task {
         }
         tracing::info!(rooms = moved.len(), "the Redis Cluster's slot map changed: subscribing the rooms whose slot moved on their new master");
         crate::metrics::redis_subscriptions(self.book.counts.subscribed_count());
-        self.connect_due().await;
+        self.connect_due();
     }
 
-    /// Connects every shard whose time has come, and subscribes its rooms.
-    async fn connect_due(&mut self) {
+    /// Starts connecting every shard whose time has come.
+    fn connect_due(&mut self) {
         let now = Instant::now();
-        for index in 0..self.shards.len() {
-            if self.shards[index].retry_at().is_none_or(|at| at > now) {
-                continue;
-            }
-            let target = &self.shards[index].target;
-            match within_connect(self.timeout, target).await {
-                Ok(connection) => {
-                    let reconnection = self.shards[index].connected(connection);
-                    match self.subscribe_failed(index, usize::MAX, true).await {
-                        Ok(rooms) if reconnection => {
+        for shard in &mut self.shards {
+            shard.connect_if_due(now, self.timeout);
+        }
+    }
+
+    /// Waits for shard `index`'s connection being made, if one is.
+    async fn finish_connecting(&mut self, index: usize) {
+        if let Some(connecting) = self.shards[index].connecting.as_mut() {
+            let outcome = joined(connecting.await);
+            self.connected(index, outcome).await;
+        }
+    }
+
+    /// A connection for shard `index` was made (its rooms are subscribed on it), or not.
+    async fn connected(&mut self, index: usize, outcome: Result<RespConnection, BrokerError>) {
+        self.shards[index].connecting = None;
+        match outcome {
+            Ok(connection) => {
+                let reconnection = self.shards[index].connected(connection);
+                match self.subscribe_failed(index, usize::MAX, reconnection).await {
+                    Ok(rooms) => {
+                        self.shards[index].settled();
+                        if reconnection {
                             crate::metrics::redis_reconnected();
                             tracing::info!(rooms, "reconnected to Redis and resubscribed");
                         }
-                        Ok(_) => {}
-                        Err(e) => self.lost(index, e),
                     }
+                    Err(e) => self.lost(index, e),
                 }
-                Err(e) => {
-                    let (retry_in, _) = self.shards[index].lost();
-                    tracing::warn!(error = %e.report(), ?retry_in, "Redis pub/sub connection down");
-                }
+            }
+            Err(e) => {
+                let (retry_in, _) = self.shards[index].lost();
+                tracing::warn!(error = %e.report(), ?retry_in, "Redis pub/sub connection down");
             }
         }
     }
 
-    /// Subscribes the rooms without a subscription that shard `index` serves, then catches
-    /// up those taken (after a `reconnection`, every room tried: the refused ones too, whose
-    /// members learn now that they are missing messages). Returns how many rooms it tried.
+    /// Subscribes the rooms without a subscription that shard `index` serves (see
+    /// [`Task::subscribe_rooms`]). Returns how many rooms it tried.
     async fn subscribe_failed(
         &mut self,
         index: usize,
@@ -275,16 +299,9 @@ impl Task {
         if rooms.is_empty() {
             return Ok(0);
         }
-        let refused = self.subscribe_rooms(index, &rooms, one_by_one).await?;
-        let caught: Vec<Arc<str>> = match reconnection {
-            true => rooms.clone(),
-            false => rooms
-                .iter()
-                .filter(|room| self.book.counts.is_subscribed(room))
-                .cloned()
-                .collect(),
-        };
-        let plain = self.book.catch_up(&caught).await;
+        let (refused, plain) = self
+            .subscribe_rooms(index, &rooms, one_by_one, reconnection)
+            .await?;
         if reconnection && plain > 0 {
             tracing::warn!(rooms = plain, "messages published while the pub/sub connection was down are lost in rooms without history: their members got a gap");
         }
@@ -297,58 +314,93 @@ impl Task {
         Ok(rooms.len())
     }
 
-    /// Subscribes `rooms` on shard `index`, in the groups one command takes, holding their
-    /// history frames for the catch-up that follows. Redis refuses a whole command for one
-    /// channel it will not give (an ACL) or does not serve (`MOVED`): a refused group's
-    /// rooms are then tried one at a time (at most `one_by_one`; the rest stay failed).
-    /// Returns how many rooms are left without a subscription. An error means the
-    /// connection is lost.
+    /// Subscribes `rooms` on shard `index`, in the groups one command takes, and catches
+    /// each group up as soon as Redis confirmed it, before any later message of its rooms
+    /// is read (their history frames that arrive while the group is being confirmed are
+    /// held for it): what was published while a room that had been subscribed was not
+    /// comes from the history, or its members get a `gap`. With `refused_too`, rooms Redis
+    /// refuses are caught up as well (their members learn at once that they miss
+    /// messages). Redis refuses a whole command for one channel its ACL denies: such a
+    /// group's rooms are then tried one at a time (at most `one_by_one`; the rest stay
+    /// failed). Returns how many rooms are left without a subscription, and how many rooms
+    /// without history got a gap. An error means the connection is lost.
     async fn subscribe_rooms(
         &mut self,
         index: usize,
         rooms: &[Arc<str>],
         mut one_by_one: usize,
-    ) -> Result<usize, BrokerError> {
-        let held_rooms = rooms.iter().cloned().collect();
-        let held = Held::Rooms(&held_rooms);
-        let mut refused = 0;
-        for group in self.topology.groups(&self.book.keys, rooms) {
-            let mut tries = vec![group];
-            while let Some(rooms) = tries.pop() {
-                let mut subscribe = self.topology.subscribe();
-                for room in &rooms {
-                    subscribe.arg(self.book.keys.room_channel(room));
-                }
-                let shard = &mut self.shards[index];
-                let result = shard
-                    .command(
-                        &subscribe,
-                        is_subscribed,
-                        rooms.len(),
-                        self.book.forward(),
-                        held,
-                        self.timeout,
-                    )
-                    .await;
-                match result {
-                    Ok(()) => {
-                        for room in rooms {
-                            self.book.subscribed(&room, true);
-                            self.shards[index].rooms.insert(room);
-                        }
+        refused_too: bool,
+    ) -> Result<(usize, usize), BrokerError> {
+        let (mut refused, mut plain) = (0, 0);
+        let mut tries = self.topology.groups(&self.book.keys, rooms);
+        tries.reverse();
+        while let Some(group) = tries.pop() {
+            let mut subscribe = self.topology.subscribe();
+            for room in &group {
+                subscribe.arg(self.book.keys.room_channel(room));
+            }
+            let held_rooms = group.iter().cloned().collect();
+            let shard = &mut self.shards[index];
+            let result = shard
+                .command(
+                    &subscribe,
+                    &is_subscribed,
+                    group.len(),
+                    self.book.forward(),
+                    Held::Rooms(&held_rooms),
+                    self.timeout,
+                )
+                .await;
+            // Rooms that had a subscription before: their members may have missed messages.
+            let known: Vec<Arc<str>> = group
+                .iter()
+                .filter(|room| self.book.counts.was_subscribed(room))
+                .cloned()
+                .collect();
+            match result {
+                Ok(()) => {
+                    for room in &group {
+                        self.book.subscribed(room, true);
+                        self.shards[index].rooms.insert(room.clone());
                     }
-                    Err(BrokerError::Refused(_)) if rooms.len() > 1 => {
-                        let take = one_by_one.min(rooms.len());
-                        one_by_one -= take;
-                        refused += rooms.len() - take;
-                        tries.extend(rooms[..take].iter().map(|room| vec![room.clone()]));
-                    }
-                    Err(BrokerError::Refused(_)) => refused += rooms.len(),
-                    Err(e) => return Err(e),
+                    plain += self.book.catch_up(&known).await;
+                    continue;
                 }
+                Err(BrokerError::Refused(e)) if group.len() > 1 && denied(&*e) => {
+                    // Next, one at a time and in order (at most `one_by_one`).
+                    let take = one_by_one.min(group.len());
+                    one_by_one -= take;
+                    for room in &group[take..] {
+                        self.book.subscribed(room, false);
+                        refused += 1;
+                    }
+                    if refused_too {
+                        let untried: Vec<Arc<str>> = known
+                            .into_iter()
+                            .filter(|room| !group[..take].contains(room))
+                            .collect();
+                        plain += self.book.catch_up(&untried).await;
+                    }
+                    tries.extend(group[..take].iter().rev().map(|room| vec![room.clone()]));
+                    continue;
+                }
+                Err(BrokerError::Refused(e)) => {
+                    if moved_error(&*e) {
+                        // The slot map is out of date: read it at once.
+                        self.next_check = Instant::now();
+                    }
+                    for room in &group {
+                        self.book.subscribed(room, false);
+                    }
+                    refused += group.len();
+                }
+                Err(e) => return Err(e),
+            }
+            if refused_too {
+                plain += self.book.catch_up(&known).await;
             }
         }
-        Ok(refused)
+        Ok((refused, plain))
     }
 
     /// Unsubscribes `room` on shard `index`, if it is connected. An error means the
@@ -357,16 +409,16 @@ impl Task {
         if self.shards[index].connection.is_none() {
             return Ok(());
         }
-        let unsubscribe = self
-            .topology
-            .unsubscribe()
-            .arg(self.book.keys.room_channel(room))
-            .clone();
+        let channel = self.book.keys.room_channel(room);
+        let unsubscribe = self.topology.unsubscribe().arg(&channel).clone();
+        // Its own confirmation: a master dropping another channel meanwhile says so too.
+        let confirmed =
+            |reply: &Reply| matches!(reply, Reply::Unsubscribed(c) if *c == channel.as_bytes());
         let shard = &mut self.shards[index];
         let result = shard
             .command(
                 &unsubscribe,
-                is_unsubscribed,
+                &confirmed,
                 1,
                 self.book.forward(),
                 Held::Nothing,
@@ -392,11 +444,12 @@ impl Task {
         }
     }
 
-    /// Shard `index` gave a reply while no command was waiting for one.
-    async fn between_commands(&mut self, index: usize, read: Result<Reply, BrokerError>) {
-        let e = match read {
-            // A cluster master dropped a sharded subscription: its slot moved.
-            Ok(Reply::Unsubscribed(channel)) if self.topology.is_cluster() => {
+    /// Channels cluster masters dropped on their own (their slot moved): their rooms wait
+    /// for the next check, which reads the slot map at once and subscribes them on their
+    /// new master.
+    fn take_dropped(&mut self) {
+        for index in 0..self.shards.len() {
+            for channel in std::mem::take(&mut self.shards[index].dropped) {
                 let room = std::str::from_utf8(&channel)
                     .ok()
                     .and_then(|channel| self.book.keys.room_of_channel(channel))
@@ -408,7 +461,18 @@ impl Task {
                     );
                     self.book.subscribed(&room, false);
                     self.next_check = Instant::now();
+                    crate::metrics::redis_subscriptions(self.book.counts.subscribed_count());
                 }
+            }
+        }
+    }
+
+    /// Shard `index` gave a reply while no command was waiting for one.
+    async fn between_commands(&mut self, index: usize, read: Result<Reply, BrokerError>) {
+        let e = match read {
+            // A cluster master dropped a sharded subscription: its slot moved.
+            Ok(Reply::Unsubscribed(channel)) if self.topology.is_cluster() => {
+                self.shards[index].dropped.push(channel);
                 return;
             }
             Ok(reply) => BrokerError::Protocol(format!("{reply:?} between commands")),
@@ -418,19 +482,18 @@ impl Task {
     }
 }
 
-async fn within_connect(
-    timeout: Duration,
-    target: &super::connect::RedisTarget,
-) -> Result<super::resp::RespConnection, BrokerError> {
-    super::connect::within(timeout, super::resp::RespConnection::connect(target)).await
-}
-
 fn is_subscribed(reply: &Reply) -> bool {
     matches!(reply, Reply::Subscribed)
 }
 
-fn is_unsubscribed(reply: &Reply) -> bool {
-    matches!(reply, Reply::Unsubscribed(_))
+/// Whether Redis refused a command for a channel its ACL denies (`NOPERM`).
+fn denied(e: &(dyn std::error::Error + Send + Sync)) -> bool {
+    e.to_string().starts_with("NOPERM")
+}
+
+/// Whether Redis answered `MOVED`: the slot map known is out of date.
+fn moved_error(e: &(dyn std::error::Error + Send + Sync)) -> bool {
+    e.to_string().starts_with("MOVED ")
 }
 
 /// A one-command outcome for the connection: Redis answering it with an error (e.g. a

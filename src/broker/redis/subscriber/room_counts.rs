@@ -25,6 +25,10 @@ pub(super) struct RoomCounts {
     counts: HashMap<Arc<str>, usize>,
     /// Counted rooms whose last subscribe failed.
     failed: HashSet<Arc<str>>,
+    /// Counted rooms Redis subscribed at least once: a room among them that lost its
+    /// subscription may have missed messages; one never subscribed has no member that
+    /// was told it joined.
+    confirmed: HashSet<Arc<str>>,
 }
 
 impl RoomCounts {
@@ -46,6 +50,7 @@ impl RoomCounts {
         }
         if ok {
             self.failed.remove(room);
+            self.confirmed.insert(room.clone());
         } else {
             self.failed.insert(room.clone());
         }
@@ -61,6 +66,7 @@ impl RoomCounts {
             Some(_) => {
                 self.counts.remove(room);
                 self.failed.remove(room);
+                self.confirmed.remove(room);
                 true
             }
             None => false,
@@ -78,9 +84,9 @@ impl RoomCounts {
         !self.failed.is_empty()
     }
 
-    /// Whether `room` is counted and its last subscribe succeeded.
-    pub(super) fn is_subscribed(&self, room: &str) -> bool {
-        self.counts.contains_key(room) && !self.failed.contains(room)
+    /// Whether `room` is counted and Redis subscribed it at least once since.
+    pub(super) fn was_subscribed(&self, room: &str) -> bool {
+        self.confirmed.contains(room)
     }
 
     /// The counted room equal to `room`, if any.
