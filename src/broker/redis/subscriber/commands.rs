@@ -132,6 +132,10 @@ impl Task {
             false => Ok(()),
         };
         for index in 0..self.shards.len() {
+            if !self.shards[index].connected_before {
+                // Its first connection, being made: wait for it (a node just started).
+                self.finish_connecting(index).await;
+            }
             if self.shards[index].connection.is_none() {
                 result = result.and(Err(BrokerError::SubscriberDown));
                 continue;
