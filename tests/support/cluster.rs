@@ -207,8 +207,10 @@ impl RedisCluster {
     /// `redis-cli --cluster reshard` of one slot from master `from` to master `to` (a
     /// source's lowest slot first), ready to run on a blocking thread.
     pub fn reshard_one(&self, from: usize, to: usize) -> Command {
-        let mut command = Command::new("redis-cli");
+        // Bounded: a reshard that cannot finish fails the test instead of hanging it.
+        let mut command = Command::new("timeout");
         command
+            .args(["60", "redis-cli"])
             .args(&self.tls_args)
             .args([
                 "--cluster",
