@@ -42,12 +42,7 @@ impl Task {
                 self.follow_map().await;
             }
             // The new owner may be a master just added: wait for its connection.
-            let owner = self.topology.owner(&self.book.keys, room);
-            let index = self
-                .shards
-                .iter()
-                .position(|s| Some(&s.key) == owner.as_ref());
-            if let Some(index) = index {
+            if let Some(index) = self.shard_of(room) {
                 self.finish_connecting(index).await;
             }
             result = self.subscribe_one(room).await;
@@ -61,13 +56,15 @@ impl Task {
         result
     }
 
+    /// The index of the shard that serves `room`, if there is one.
+    fn shard_of(&self, room: &str) -> Option<usize> {
+        let owner = self.topology.owner(&self.book.keys, room)?;
+        self.shards.iter().position(|shard| shard.key == owner)
+    }
+
     /// Subscribes `room` on the shard that serves it.
     async fn subscribe_one(&mut self, room: &Arc<str>) -> Result<(), BrokerError> {
-        let owner = self.topology.owner(&self.book.keys, room);
-        let index = self
-            .shards
-            .iter()
-            .position(|shard| Some(&shard.key) == owner.as_ref());
+        let index = self.shard_of(room);
         if let Some(index) = index {
             if !self.shards[index].connected_before {
                 // Its first connection, being made: wait for it (a node just started).
