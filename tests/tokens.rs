@@ -9,7 +9,7 @@ mod support;
 mod binary;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use binary::{hs256, http_with_body, now, rss_kib, Server, BIN, SECRET};
 use serde_json::json;
@@ -258,31 +258,28 @@ async fn nobody_connects_as_the_server() {
     assert_eq!(reply["code"], "invalid_message", "{reply}");
 }
 
-/// Runs the binary with `args` (and `env`) and expects it to refuse to start.
-fn refuses_to_start(args: &[&str], env: &[(&str, &str)]) -> String {
-    let mut command = Command::new(BIN);
+/// Runs the binary with `args` (and `env`) and expects it to refuse to start: it exits,
+/// unsuccessfully, within [`support::DEADLINE`] (killed otherwise). Returns its stderr.
+async fn refuses_to_start(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut command = tokio::process::Command::new(BIN);
     command
         .args(["--listen", "127.0.0.1:0", "--no-demo"])
         .args(args)
         .env_remove("THINWS_TOKEN_SECRET")
-        .env_remove("THINWS_API_KEY");
+        .env_remove("THINWS_API_KEY")
+        .kill_on_drop(true);
     for (key, value) in env {
         command.env(key, value);
     }
-    let mut child = command
+    let child = command
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(10) {
-            let _ = child.kill();
-            panic!("{args:?} {env:?}: the server started");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let output = child.wait_with_output().unwrap();
+    let output = tokio::time::timeout(support::DEADLINE, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{args:?} {env:?}: the server started"))
+        .unwrap();
     assert!(!output.status.success(), "{args:?} {env:?}");
     String::from_utf8(output.stderr).unwrap()
 }
@@ -304,7 +301,7 @@ async fn empty_or_short_secrets_refuse_to_start() {
         (vec!["--api-key-file", empty], vec![]),
         (vec!["--token-audience", "chat"], vec![]),
     ] {
-        let stderr = refuses_to_start(&args, &env);
+        let stderr = refuses_to_start(&args, &env).await;
         assert!(stderr.contains("thinws: "), "{args:?}: {stderr}");
     }
 
