@@ -326,19 +326,11 @@ async fn a_rooms_slot_migrated_while_messages_flow() {
     let mut publisher = Client::connect_as(&a.url(), "pub").await;
     let start = tokio::time::Instant::now();
     let publishing = publish_until(&mut publisher, &rooms, start + Duration::from_secs(6));
-    let mut reshard = cluster.reshard_one(source, target);
     let resharding = async {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        tokio::task::spawn_blocking(move || reshard.output().expect("redis-cli --cluster reshard"))
-            .await
-            .unwrap()
+        reshard(&cluster, source, target).await;
     };
-    let (acked, resharded) = tokio::join!(publishing, resharding);
-    assert!(
-        resharded.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resharded.stdout)
-    );
+    let (acked, ()) = tokio::join!(publishing, resharding);
     assert_eq!(cluster.master_of(slot), target, "the slot moved");
     let got = received(&mut subscriber, &rooms, Duration::from_secs(3)).await;
     no_acked_loss("slot migration", &acked, &got);

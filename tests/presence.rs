@@ -385,14 +385,7 @@ async fn an_unreadable_member_is_an_invalid_member_error() {
     let redis = RedisServer::start().await;
     let layer = layer(Some(&redis), Duration::from_secs(30));
     let hub = layer.hub();
-    let mut c = redis.client().await;
-    let _: () = redis::cmd("HSET")
-        .arg("thinws:presence:{odd}")
-        .arg("not json")
-        .arg(1)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    support::plant_unreadable_presence_member(&redis, "odd").await;
     let err = hub.presence("odd").await.unwrap_err();
     assert!(
         matches!(&err, thinws::PresenceError::InvalidMember { member, .. } if member == "not json"),

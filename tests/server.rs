@@ -643,14 +643,7 @@ async fn the_api_answers_an_unreadable_presence_member_with_internal() {
     let redis = RedisServer::start().await;
     let url = redis.url();
     let server = Server::start(&["--redis-url", &url, "--api-key", "k", "--presence"]).await;
-    let mut c = redis.client().await;
-    let _: () = redis::cmd("HSET")
-        .arg("thinws:presence:{odd}")
-        .arg("not json")
-        .arg(1)
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    support::plant_unreadable_presence_member(&redis, "odd").await;
     let key = [("Authorization", "apikey k")];
     let (status, body) =
         http_with_body(server.addr, "GET", "/api/rooms/odd/presence", &key, "").await;

@@ -312,6 +312,18 @@ pub async fn kill_clients(admin: &mut redis::aio::MultiplexedConnection, kind: &
         .expect("CLIENT KILL")
 }
 
+/// Puts into `room`'s presence (default key prefix) a member that thinws did not write:
+/// not a JSON string, as another writer of the same keys might leave.
+pub async fn plant_unreadable_presence_member(redis: &RedisServer, room: &str) {
+    let _: () = redis::cmd("HSET")
+        .arg(format!("thinws:presence:{{{room}}}"))
+        .arg("not json")
+        .arg(1)
+        .query_async(&mut redis.client().await)
+        .await
+        .unwrap();
+}
+
 /// A loopback port free now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

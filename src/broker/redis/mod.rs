@@ -58,8 +58,8 @@ pub(crate) struct RedisBroker {
     history: Arc<HistoryStore>,
     presence: PresenceStore,
     rooms: RoomPolicy,
-    /// The subscriber's topology, until the task starts.
-    topology: std::sync::Mutex<Option<Topology>>,
+    /// Where the subscriber task, once started, holds its subscriptions.
+    topology: Topology,
     running: OnceLock<Running>,
 }
 
@@ -131,7 +131,7 @@ impl RedisBroker {
             keys,
             timeout,
             sink,
-            topology: std::sync::Mutex::new(Some(topology)),
+            topology,
             running: OnceLock::new(),
         })
     }
@@ -149,11 +149,7 @@ impl RedisBroker {
                     self.timeout,
                 ),
                 subscriber: Subscriber::start(
-                    self.topology
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .take()
-                        .expect("started once"),
+                    self.topology.clone(),
                     self.keys.clone(),
                     self.timeout,
                     self.sink.clone(),

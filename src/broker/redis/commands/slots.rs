@@ -158,7 +158,7 @@ fn redirected(e: &redis::ServerError) -> bool {
 type Address = (String, u16);
 
 /// Which master serves each slot, as `CLUSTER SLOTS` said.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SlotMap(pub(super) Vec<(u16, u16, String, u16)>);
 
 impl SlotMap {

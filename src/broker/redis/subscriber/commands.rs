@@ -5,8 +5,7 @@ use std::sync::Arc;
 use super::forward::Held;
 use super::handle::Command;
 use super::room_counts::Acquired;
-use super::topology::moved;
-use super::{is_subscribed, still_connected, Task};
+use super::{is_subscribed, moved, still_connected, Task};
 use crate::error::BrokerError;
 
 impl Task {
@@ -56,25 +55,15 @@ impl Task {
         result
     }
 
-    /// The index of the shard that serves `room`, if there is one.
-    fn shard_of(&self, room: &str) -> Option<usize> {
-        let owner = self.topology.owner(&self.book.keys, room)?;
-        self.shards.iter().position(|shard| shard.key == owner)
-    }
-
     /// Subscribes `room` on the shard that serves it.
     async fn subscribe_one(&mut self, room: &Arc<str>) -> Result<(), BrokerError> {
         let index = self.shard_of(room);
         if let Some(index) = index {
-            if !self.shards[index].connected_before {
-                // Its first connection, being made: wait for it (a node just started).
-                // After a loss, fail at once, as while it is down.
-                self.finish_connecting(index).await;
-            }
+            self.first_connection(index).await;
         }
         let index = index.filter(|&index| self.shards[index].connection.is_some());
         let Some(index) = index else {
-            self.book.subscribed(room, false);
+            self.book.counts.subscribed(room, false);
             return Err(BrokerError::SubscriberDown);
         };
         let subscribe = self
@@ -82,20 +71,12 @@ impl Task {
             .subscribe()
             .arg(self.book.keys.room_channel(room))
             .clone();
-        let shard = &mut self.shards[index];
-        let result = shard
-            .command(
-                &subscribe,
-                &is_subscribed,
-                1,
-                self.book.forward(),
-                Held::Nothing,
-                self.timeout,
-            )
+        let result = self
+            .on_shard(index, &subscribe, &is_subscribed, 1, Held::Nothing)
             .await;
-        self.book.subscribed(room, result.is_ok());
-        if result.is_ok() {
-            self.shards[index].rooms.insert(room.clone());
+        match result {
+            Ok(()) => self.subscribed_on(index, room),
+            Err(_) => self.book.counts.subscribed(room, false),
         }
         if let Err(e) = still_connected(result.clone()) {
             self.lost(index, e);
@@ -129,24 +110,14 @@ impl Task {
             false => Ok(()),
         };
         for index in 0..self.shards.len() {
-            if !self.shards[index].connected_before {
-                // Its first connection, being made: wait for it (a node just started).
-                self.finish_connecting(index).await;
-            }
+            self.first_connection(index).await;
             if self.shards[index].connection.is_none() {
                 result = result.and(Err(BrokerError::SubscriberDown));
                 continue;
             }
-            let shard = &mut self.shards[index];
-            let pinged = shard
-                .command(
-                    &redis::cmd("PING"),
-                    &|reply| matches!(reply, super::Reply::Pong),
-                    1,
-                    self.book.forward(),
-                    Held::Nothing,
-                    self.timeout,
-                )
+            let is_pong = |reply: &super::Reply| matches!(reply, super::Reply::Pong);
+            let pinged = self
+                .on_shard(index, &redis::cmd("PING"), &is_pong, 1, Held::Nothing)
                 .await;
             if let Err(e) = still_connected(pinged.clone()) {
                 self.lost(index, e);

@@ -34,10 +34,7 @@ pub(super) struct Forward<'a> {
 impl Forward<'_> {
     /// Hands a message received on `channel` to the sink, unless it is `held`.
     pub(super) fn message(&self, channel: &[u8], payload: &[u8], held: Held<'_>) {
-        let Some(room) = std::str::from_utf8(channel)
-            .ok()
-            .and_then(|channel| self.keys.room_of_channel(channel))
-        else {
+        let Some(room) = room_of(self.keys, channel) else {
             return;
         };
         match std::str::from_utf8(payload) {
@@ -50,6 +47,11 @@ impl Forward<'_> {
             Err(_) => tracing::warn!(room, "dropped a non-UTF-8 frame received from Redis"),
         }
     }
+}
+
+/// The room whose channel `channel` is, if it is one of ours.
+pub(super) fn room_of<'c>(keys: &Keys, channel: &'c [u8]) -> Option<&'c str> {
+    keys.room_of_channel(std::str::from_utf8(channel).ok()?)
 }
 
 fn is_held(held: Held<'_>, room: &str, frame: &str, tracks: &Tracks) -> bool {

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use self::catch_up::Tracks;
-use self::forward::Forward;
+use self::forward::{Forward, Held};
 use self::handle::Command;
 pub(crate) use self::handle::Subscriptions;
 use self::room_counts::RoomCounts;
@@ -125,10 +125,6 @@ impl Book {
             .catch_up(rooms.iter(), &self.store, &*self.sink)
             .await
     }
-
-    fn subscribed(&mut self, room: &Arc<str>, ok: bool) {
-        self.counts.subscribed(room, ok);
-    }
 }
 
 struct Task {
@@ -189,9 +185,9 @@ impl Task {
         if !self.book.counts.has_failed() {
             return;
         }
-        for index in 0..self.shards.len() {
+        for (index, rooms) in self.failed_by_shard().into_iter().enumerate() {
             if self.shards[index].connection.is_some() {
-                if let Err(e) = self.subscribe_failed(index, ONE_BY_ONE, false).await {
+                if let Err(e) = self.subscribe_failed(index, rooms, ONE_BY_ONE, false).await {
                     self.lost(index, e);
                 }
             }
@@ -235,11 +231,59 @@ impl Task {
             }
         }
         for room in &moved {
-            self.book.subscribed(room, false);
+            self.book.counts.subscribed(room, false);
         }
         tracing::info!(rooms = moved.len(), "the Redis Cluster's slot map changed: subscribing the rooms whose slot moved on their new master");
         crate::metrics::redis_subscriptions(self.book.counts.subscribed_count());
         self.connect_due();
+    }
+
+    /// The index of the shard that serves `room`, if there is one.
+    fn shard_of(&self, room: &str) -> Option<usize> {
+        let owner = self.topology.owner(&self.book.keys, room)?;
+        self.shards.iter().position(|shard| shard.key == owner)
+    }
+
+    /// The rooms without a subscription, by the shard that serves them (a room no known
+    /// master serves is in none).
+    fn failed_by_shard(&self) -> Vec<Vec<Arc<str>>> {
+        let mut by_shard = vec![Vec::new(); self.shards.len()];
+        for room in self.book.counts.failed() {
+            if let Some(index) = self.shard_of(&room) {
+                by_shard[index].push(room);
+            }
+        }
+        by_shard
+    }
+
+    /// Redis confirmed `room`'s subscription on shard `index`.
+    fn subscribed_on(&mut self, index: usize, room: &Arc<str>) {
+        self.book.counts.subscribed(room, true);
+        self.shards[index].rooms.insert(room.clone());
+    }
+
+    /// Sends `command` on shard `index` and waits for `count` replies that `expected`
+    /// accepts (see [`Shard::command`]).
+    async fn on_shard(
+        &mut self,
+        index: usize,
+        command: &redis::Cmd,
+        expected: &(dyn Fn(&Reply) -> bool + Sync),
+        count: usize,
+        held: Held<'_>,
+    ) -> Result<(), BrokerError> {
+        let forward = self.book.forward();
+        self.shards[index]
+            .command(command, expected, count, forward, held, self.timeout)
+            .await
+    }
+
+    /// Waits for shard `index`'s first connection if it is being made (a node just
+    /// started); after a loss, for nothing: its rooms fail at once, as while it is down.
+    async fn first_connection(&mut self, index: usize) {
+        if !self.shards[index].connected_before {
+            self.finish_connecting(index).await;
+        }
     }
 
     /// Starts connecting every shard whose time has come.
@@ -264,7 +308,11 @@ impl Task {
         match outcome {
             Ok(connection) => {
                 let reconnection = self.shards[index].connected(connection);
-                match self.subscribe_failed(index, usize::MAX, reconnection).await {
+                let rooms = self.failed_by_shard().swap_remove(index);
+                match self
+                    .subscribe_failed(index, rooms, usize::MAX, reconnection)
+                    .await
+                {
                     Ok(rooms) => {
                         self.shards[index].settled();
                         if reconnection {
@@ -287,7 +335,7 @@ impl Task {
     fn lost(&mut self, index: usize, e: BrokerError) {
         let (retry_in, rooms) = self.shards[index].lost();
         for room in &rooms {
-            self.book.subscribed(room, false);
+            self.book.counts.subscribed(room, false);
         }
         crate::metrics::redis_subscriptions(self.book.counts.subscribed_count());
         if closed_by_redis(&e) {
@@ -304,16 +352,14 @@ impl Task {
     fn take_dropped(&mut self) {
         for index in 0..self.shards.len() {
             for channel in std::mem::take(&mut self.shards[index].dropped) {
-                let room = std::str::from_utf8(&channel)
-                    .ok()
-                    .and_then(|channel| self.book.keys.room_of_channel(channel))
+                let room = forward::room_of(&self.book.keys, &channel)
                     .and_then(|room| self.shards[index].rooms.take(room));
                 if let Some(room) = room {
                     tracing::info!(
                         room = &*room,
                         "sharded subscription dropped by Redis (its slot moved): subscribing again"
                     );
-                    self.book.subscribed(&room, false);
+                    self.book.counts.subscribed(&room, false);
                     self.next_check = Instant::now();
                     crate::metrics::redis_subscriptions(self.book.counts.subscribed_count());
                 }
@@ -325,7 +371,7 @@ impl Task {
     async fn between_commands(&mut self, index: usize, read: Result<Reply, BrokerError>) {
         let e = match read {
             // A cluster master dropped a sharded subscription: its slot moved.
-            Ok(Reply::Unsubscribed(channel)) if self.topology.is_cluster() => {
+            Ok(Reply::Unsubscribed(channel)) if self.shards[index].drops_on_its_own() => {
                 self.shards[index].dropped.push(channel);
                 return;
             }
@@ -338,6 +384,21 @@ impl Task {
 
 fn is_subscribed(reply: &Reply) -> bool {
     matches!(reply, Reply::Subscribed)
+}
+
+/// Whether Redis answered `MOVED`: the slot map known is out of date.
+fn moved(e: &BrokerError) -> bool {
+    refused_with(e, "MOVED ")
+}
+
+/// Whether Redis refused a command for a channel its ACL denies (`NOPERM`).
+fn denied(e: &BrokerError) -> bool {
+    refused_with(e, "NOPERM")
+}
+
+/// Whether Redis answered the command with an error reply that starts with `code`.
+fn refused_with(e: &BrokerError, code: &str) -> bool {
+    matches!(e, BrokerError::Refused(reply) if reply.to_string().starts_with(code))
 }
 
 /// A one-command outcome for the connection: Redis answering it with an error (e.g. a

@@ -29,8 +29,6 @@ pub(super) struct Shard {
     /// Channels a cluster master dropped on its own (their slot left it), read while a
     /// command waited for its replies: the task takes them.
     pub(super) dropped: Vec<Vec<u8>>,
-    /// Whether this is a cluster master (which may drop subscriptions on its own).
-    cluster: bool,
     /// When to try connecting again, while there is no connection.
     retry_at: Instant,
     delays: ExponentialBackoff,
@@ -51,7 +49,6 @@ impl Shard {
     /// A shard to connect to at once.
     pub(super) fn new(key: ShardKey, target: RedisTarget) -> Self {
         Shard {
-            cluster: key.is_some(),
             key,
             target,
             connection: None,
@@ -62,6 +59,12 @@ impl Shard {
             delays: delays(),
             connected_before: false,
         }
+    }
+
+    /// Whether this is a cluster master, which drops a subscription on its own when the
+    /// channel's slot leaves it (an unasked `sunsubscribe`).
+    pub(super) fn drops_on_its_own(&self) -> bool {
+        self.key.is_some()
     }
 
     /// When to try connecting, if there is no connection and none is being made.
@@ -114,11 +117,12 @@ impl Shard {
         held: Held<'_>,
         timeout: Duration,
     ) -> Result<(), BrokerError> {
+        let cluster = self.drops_on_its_own();
         let connection = self
             .connection
             .as_mut()
             .ok_or(BrokerError::SubscriberDown)?;
-        let (dropped, cluster) = (&mut self.dropped, self.cluster);
+        let dropped = &mut self.dropped;
         within(timeout, async {
             connection.send(command).await?;
             connection

@@ -6,27 +6,20 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::forward::Held;
-use super::{is_subscribed, still_connected, Task, CHECK_EVERY};
+use super::{denied, is_subscribed, moved, still_connected, Task, CHECK_EVERY};
 use crate::broker::redis::resp::Reply;
 use crate::error::BrokerError;
 
 impl Task {
-    /// Subscribes the rooms without a subscription that shard `index` serves (see
+    /// Subscribes `rooms`, rooms without a subscription that shard `index` serves (see
     /// [`Task::subscribe_rooms`]). Returns how many rooms it tried.
     pub(super) async fn subscribe_failed(
         &mut self,
         index: usize,
+        rooms: Vec<Arc<str>>,
         one_by_one: usize,
         reconnection: bool,
     ) -> Result<usize, BrokerError> {
-        let key = Some(self.shards[index].key.clone());
-        let rooms: Vec<Arc<str>> = self
-            .book
-            .counts
-            .failed()
-            .into_iter()
-            .filter(|room| self.topology.owner(&self.book.keys, room) == key)
-            .collect();
         if rooms.is_empty() {
             return Ok(0);
         }
@@ -71,16 +64,9 @@ impl Task {
                 subscribe.arg(self.book.keys.room_channel(room));
             }
             let held_rooms = group.iter().cloned().collect();
-            let shard = &mut self.shards[index];
-            let result = shard
-                .command(
-                    &subscribe,
-                    &is_subscribed,
-                    group.len(),
-                    self.book.forward(),
-                    Held::Rooms(&held_rooms),
-                    self.timeout,
-                )
+            let held = Held::Rooms(&held_rooms);
+            let result = self
+                .on_shard(index, &subscribe, &is_subscribed, group.len(), held)
                 .await;
             // Rooms that had a subscription before: their members may have missed messages.
             let known: Vec<Arc<str>> = group
@@ -91,18 +77,17 @@ impl Task {
             match result {
                 Ok(()) => {
                     for room in &group {
-                        self.book.subscribed(room, true);
-                        self.shards[index].rooms.insert(room.clone());
+                        self.subscribed_on(index, room);
                     }
                     plain += self.book.catch_up(&known).await;
                     continue;
                 }
-                Err(BrokerError::Refused(e)) if group.len() > 1 && denied(&*e) => {
+                Err(e) if group.len() > 1 && denied(&e) => {
                     // Next, one at a time and in order (at most `one_by_one`).
                     let take = one_by_one.min(group.len());
                     one_by_one -= take;
                     for room in &group[take..] {
-                        self.book.subscribed(room, false);
+                        self.book.counts.subscribed(room, false);
                         refused += 1;
                     }
                     if refused_too {
@@ -115,13 +100,13 @@ impl Task {
                     tries.extend(group[..take].iter().rev().map(|room| vec![room.clone()]));
                     continue;
                 }
-                Err(BrokerError::Refused(e)) => {
-                    if moved_error(&*e) {
+                Err(e @ BrokerError::Refused(_)) => {
+                    if moved(&e) {
                         // The slot map is out of date: read it at once.
                         self.next_check = Instant::now();
                     }
                     for room in &group {
-                        self.book.subscribed(room, false);
+                        self.book.counts.subscribed(room, false);
                     }
                     refused += group.len();
                 }
@@ -149,27 +134,9 @@ impl Task {
         // Its own confirmation: a master dropping another channel meanwhile says so too.
         let confirmed =
             |reply: &Reply| matches!(reply, Reply::Unsubscribed(c) if *c == channel.as_bytes());
-        let shard = &mut self.shards[index];
-        let result = shard
-            .command(
-                &unsubscribe,
-                &confirmed,
-                1,
-                self.book.forward(),
-                Held::Nothing,
-                self.timeout,
-            )
+        let result = self
+            .on_shard(index, &unsubscribe, &confirmed, 1, Held::Nothing)
             .await;
         still_connected(result)
     }
-}
-
-/// Whether Redis refused a command for a channel its ACL denies (`NOPERM`).
-fn denied(e: &(dyn std::error::Error + Send + Sync)) -> bool {
-    e.to_string().starts_with("NOPERM")
-}
-
-/// Whether Redis answered `MOVED`: the slot map known is out of date.
-fn moved_error(e: &(dyn std::error::Error + Send + Sync)) -> bool {
-    e.to_string().starts_with("MOVED ")
 }

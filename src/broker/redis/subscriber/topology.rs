@@ -18,6 +18,7 @@ const CHUNK: usize = 1024;
 pub(super) type ShardKey = Option<(String, u16)>;
 
 /// One Redis, or a Redis Cluster and its slot map.
+#[derive(Clone)]
 pub(crate) enum Topology {
     Single(RedisTarget),
     Cluster {
@@ -37,10 +38,6 @@ impl Topology {
             cluster,
             map: None,
         }
-    }
-
-    pub(super) fn is_cluster(&self) -> bool {
-        matches!(self, Topology::Cluster { .. })
     }
 
     /// The command that subscribes to channels.
@@ -74,10 +71,7 @@ impl Topology {
     pub(super) fn owner(&self, keys: &Keys, room: &str) -> Option<ShardKey> {
         match self {
             Topology::Single(_) => Some(None),
-            Topology::Cluster { map, .. } => {
-                let slot = key_slot(keys.room_channel(room).as_bytes());
-                map.as_ref()?.owner(slot).map(Some)
-            }
+            Topology::Cluster { map, .. } => map.as_ref()?.owner(slot_of(keys, room)).map(Some),
         }
     }
 
@@ -97,7 +91,7 @@ impl Topology {
             Topology::Cluster { .. } => {
                 let mut by_slot: Vec<(u16, Arc<str>)> = rooms
                     .iter()
-                    .map(|room| (key_slot(keys.room_channel(room).as_bytes()), room.clone()))
+                    .map(|room| (slot_of(keys, room), room.clone()))
                     .collect();
                 by_slot.sort_unstable();
                 by_slot
@@ -131,7 +125,7 @@ impl Topology {
     }
 }
 
-/// Whether Redis answered `MOVED`: the slot map known is out of date.
-pub(super) fn moved(e: &BrokerError) -> bool {
-    matches!(e, BrokerError::Refused(source) if source.to_string().starts_with("MOVED "))
+/// The slot of `room`'s channel.
+fn slot_of(keys: &Keys, room: &str) -> u16 {
+    key_slot(keys.room_channel(room).as_bytes())
 }
