@@ -11,6 +11,8 @@
 #   ROOMS_ARGS="--subscribers 200 --messages 100 --window 16" bench/compare.sh ...  # smaller
 #   PERF=1 bench/compare.sh ...   # also records the first node with `perf record` into
 #                                 # bench/results/perf-{before,after}-{scenario}.data
+#   PERF=stat bench/compare.sh ...   # instead counts both nodes' context switches and system
+#                                 # calls into bench/results/perf-stat-{side}-{scenario}.txt
 #   AFTER_REDIS=cluster bench/compare.sh BIN BIN 3   # the "after" side on a local 3-master
 #                                 # Redis Cluster (no replicas), the "before" on one Redis;
 #                                 # BEFORE_REDIS=cluster likewise (both: two binaries on it)
@@ -63,7 +65,12 @@ one() { # label binary scenario args...
   done
   pids=("${ids[@]}")
   local perf_pid=
-  if [ -n "${PERF:-}" ]; then
+  if [ "${PERF:-}" = stat ]; then
+    mkdir -p bench/results
+    perf stat -e task-clock,context-switches,raw_syscalls:sys_enter -p "$(IFS=,; echo "${ids[*]}")" \
+      -o "bench/results/perf-stat-$label-$scenario.txt" >/dev/null 2>&1 &
+    perf_pid=$!
+  elif [ -n "${PERF:-}" ]; then
     mkdir -p bench/results
     perf record -q -F 999 -p "${ids[0]}" -o "bench/results/perf-$label-$scenario.data" >/dev/null 2>&1 &
     perf_pid=$!
