@@ -7,8 +7,8 @@
 //! publishes reach Redis in the order it sent them; up to 64 publishes may await Redis's
 //! answer at once, and their acks go out in frame order. While a frame is being handled the
 //! reader keeps watching the socket (reading at most one frame ahead), so a socket that
-//! ends mid-way is cleaned up at once. The writer feeds everything queued and flushes once
-//! per batch. Deliveries from the rooms never wait on this socket: when its outbound queue
+//! ends mid-way is cleaned up at once. The writer writes everything queued in one vectored
+//! write, framing it itself (`wire`); tungstenite only reads. Deliveries from the rooms never wait on this socket: when its outbound queue
 //! is full, the queue asks it to close with 1013.
 //!
 //! Heartbeats: the writer pings every `ping_interval`; the reader drops a socket from which
@@ -23,16 +23,15 @@ mod refusal;
 mod request_head;
 mod socket;
 mod task;
+mod wire;
 mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::request::Parts;
-use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use hyper_tungstenite::tungstenite::protocol::CloseFrame;
-use hyper_tungstenite::tungstenite::Utf8Bytes;
-use hyper_tungstenite::HyperWebsocket;
+use hyper::upgrade::OnUpgrade;
+use hyper_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::Instrument;
 
 use self::outbound::OutboundQueue;
@@ -70,28 +69,24 @@ impl Admitted {
 pub(crate) async fn serve(
     node: Arc<Node>,
     admitted: Admitted,
-    upgrade: HyperWebsocket,
+    upgrade: OnUpgrade,
+    config: WebSocketConfig,
     parts: Parts,
 ) {
     let Admitted { id, queue } = admitted;
     node.start();
-    let stream = match upgrade.await {
-        Ok(stream) => stream,
+    let upgraded = match upgrade.await {
+        Ok(upgraded) => upgraded,
         Err(e) => {
             tracing::debug!(error = %e, "WebSocket upgrade failed");
             node.rooms.unregister(id);
             return;
         }
     };
+    // Boxed: inline, its state would stay in every socket's task for the socket's life.
+    let halves = Box::pin(wire::open(upgraded, config, queue.clone())).await;
     let span = tracing::debug_span!("socket", id, identity = tracing::field::Empty);
-    task::run(node, stream, parts, id, queue)
+    task::run(node, halves, parts, id, queue)
         .instrument(span)
         .await
-}
-
-fn close_frame(code: CloseCode, reason: &'static str) -> CloseFrame {
-    CloseFrame {
-        code,
-        reason: Utf8Bytes::from_static(reason),
-    }
 }

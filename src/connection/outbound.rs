@@ -227,6 +227,11 @@ impl OutboundQueue {
         finished
     }
 
+    /// Wakes the writer (bytes of its own to write).
+    pub(crate) fn wake_writer(&self) {
+        self.ready.notify_one();
+    }
+
     /// Waits until frames are queued or the reader has finished (it may wake spuriously).
     pub(crate) async fn ready(&self) {
         self.ready.notified().await

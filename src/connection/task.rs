@@ -10,14 +10,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use http::request::Parts;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message};
-use hyper_tungstenite::HyperWebsocketStream;
 use metrics::Counter;
-use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 use tracing::Instrument;
@@ -26,6 +23,7 @@ use super::outbound::OutboundQueue;
 use super::rate_limit::{Rate, RateLimit};
 use super::reader::{check_rate, handle, read_result, Frame, Progress, Read, Reader};
 use super::socket::Socket;
+use super::wire::{Control, FrameWriter, WsStream};
 use super::{writer, CLOSE_TIMEOUT};
 use crate::hooks::DisconnectReason;
 use crate::node::Node;
@@ -56,6 +54,8 @@ struct SocketTask {
     /// Stops the frame being handled when the socket ends.
     stop: Arc<Notify>,
     queue: Arc<OutboundQueue>,
+    /// Told when the client's close frame is read (tungstenite answers it).
+    control: Arc<Control>,
     frames_in: Counter,
     /// Anything received (a pong included) proves the peer alive; the idle timer is reset
     /// lazily from it.
@@ -72,7 +72,12 @@ struct SocketTask {
 }
 
 impl SocketTask {
-    fn new(node: &Node, socket: Box<Socket>, queue: Arc<OutboundQueue>) -> Self {
+    fn new(
+        node: &Node,
+        socket: Box<Socket>,
+        queue: Arc<OutboundQueue>,
+        control: Arc<Control>,
+    ) -> Self {
         let config = &node.config;
         let now = Instant::now();
         SocketTask {
@@ -83,6 +88,7 @@ impl SocketTask {
             rate: RateLimit::new(config.rate, now),
             stop: Arc::new(Notify::new()),
             queue,
+            control,
             last_seen: now,
             idle_timeout: config.idle_timeout,
             unbound_at: config.connect_within.map(|within| now + within),
@@ -136,6 +142,9 @@ impl SocketTask {
     /// A read from the socket; the reason the socket ends, if it does.
     fn on_read(&mut self, read: Option<Result<Message, WsError>>) -> Option<DisconnectReason> {
         self.last_seen = Instant::now();
+        if let Some(Ok(Message::Close(_))) = &read {
+            self.control.peer_closed();
+        }
         match read_result(read, &self.queue) {
             Read::Frame(message) => {
                 self.frames_in.increment(1);
@@ -230,22 +239,22 @@ impl SocketTask {
 /// Runs the socket until it ends, then closes it and gives its slot back.
 pub(super) async fn run(
     node: Arc<Node>,
-    stream: HyperWebsocketStream,
+    (mut source, sink, control): (WsStream, FrameWriter, Arc<Control>),
     parts: Parts,
     id: SocketId,
     queue: Arc<OutboundQueue>,
 ) {
-    let (sink, mut source) = stream.split();
     let socket = Box::new(Socket::new(node.clone(), id, queue.clone(), parts));
     let writer_future = writer::write_loop(
         sink,
         queue.clone(),
+        control.clone(),
         node.config.ping_interval,
         socket.metrics().frames_out.clone(),
     )
     .in_current_span();
     let mut writer = tokio::spawn(writer_future);
-    let mut task = SocketTask::new(&node, socket, queue.clone());
+    let mut task = SocketTask::new(&node, socket, queue.clone(), control);
     tracing::debug!("socket open");
 
     let idle = tokio::time::sleep(task.idle_timeout);
@@ -315,13 +324,10 @@ fn instant_of(at: SystemTime) -> Instant {
 /// drop) what the client still sends until it closes too, for at most [`CLOSE_TIMEOUT`].
 /// Closing with unread data in the kernel's buffer would reset the connection, and the
 /// client could lose the close frame and the replies before it.
-async fn linger(sink: writer::WsSink, source: SplitStream<HyperWebsocketStream>) {
-    let Ok(mut stream) = sink.reunite(source) else {
-        return;
-    };
+async fn linger(mut sink: FrameWriter, mut source: WsStream) {
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-        let _ = stream.get_mut().shutdown().await;
-        while let Some(Ok(_)) = stream.next().await {}
+        let _ = sink.shutdown().await;
+        while let Some(Ok(_)) = source.next().await {}
     })
     .await;
 }

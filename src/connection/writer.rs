@@ -2,22 +2,18 @@
 //! pings, and writes the close frame when a close is requested.
 
 use std::collections::VecDeque;
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use futures_util::stream::SplitSink;
-use futures_util::SinkExt;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use hyper_tungstenite::HyperWebsocketStream;
+use hyper_tungstenite::tungstenite::Utf8Bytes;
 use metrics::Counter;
 use tokio::time::MissedTickBehavior;
 
 use super::outbound::OutboundQueue;
-use super::{close_frame, CLOSE_TIMEOUT};
-
-pub(super) type WsSink = SplitSink<HyperWebsocketStream, Message>;
+use super::wire::{Control, FrameWriter};
+use super::CLOSE_TIMEOUT;
 
 /// Closes the socket's queue when the writer ends, however it ends, so that nothing waits
 /// for a writer that is gone.
@@ -30,14 +26,15 @@ impl Drop for CloseQueueOnDrop<'_> {
 }
 
 /// Everything queued is fed, then flushed once. Ends when the reader has finished and the
-/// queue is written, when a write fails, or when a close is requested; gives the sink back,
-/// so that the socket can shut down its write half and linger (see `connection::run`).
+/// queue is written, when a write fails, or when a close is requested; gives the writer
+/// back, so that the socket can shut down its write half and linger (see `task::run`).
 pub(super) async fn write_loop(
-    mut sink: WsSink,
+    mut sink: FrameWriter,
     queue: Arc<OutboundQueue>,
+    control: Arc<Control>,
     ping_interval: Duration,
     frames_out: Counter,
-) -> WsSink {
+) -> FrameWriter {
     let _close_queue = CloseQueueOnDrop(&queue);
     let mut ping =
         tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
@@ -50,22 +47,36 @@ pub(super) async fn write_loop(
     loop {
         let finished = queue.take(&mut batch);
         if !batch.is_empty() {
-            let close = tokio::select! {
-                biased;
-                close = &mut closing => Some(close),
-                written = write_batch(&mut sink, &mut batch) => match written {
-                    Ok(frames) => {
-                        frames_out.increment(frames);
-                        None
+            let outcome = {
+                let write = write_batch(&mut sink, &control, &mut batch);
+                tokio::pin!(write);
+                tokio::select! {
+                    biased;
+                    close = &mut closing => Written::Interrupted(close),
+                    written = &mut write => Written::Done(written),
+                }
+            };
+            let close = match outcome {
+                Written::Done(Ok(frames)) => {
+                    frames_out.increment(frames);
+                    None
+                }
+                Written::Done(Err(e)) => {
+                    tracing::debug!(error = %e, "socket write failed");
+                    return sink;
+                }
+                Written::Interrupted(close) if !sink.is_unfinished() => Some(close),
+                Written::Interrupted(close) => {
+                    // A frame cut short would garble the close frame: what the write had
+                    // begun goes out first, if the client takes it in time.
+                    match tokio::time::timeout(CLOSE_TIMEOUT, sink.finish()).await {
+                        Ok(Ok(())) => Some(close),
+                        _ => return sink,
                     }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "socket write failed");
-                        return sink;
-                    }
-                },
+                }
             };
             if let Some(close) = close {
-                send_close(&mut sink, &queue, &mut batch, close).await;
+                send_close(&mut sink, &queue, &control, &mut batch, close).await;
                 return sink;
             }
             // Keep a small batch's buffer for next time; give a large one back.
@@ -78,9 +89,19 @@ pub(super) async fn write_loop(
             // A close requested just before the reader finished (a protocol error, a
             // flood) keeps its code; otherwise the socket ends with a plain close.
             match queue.close_request() {
-                Some(close) => send_close(&mut sink, &queue, &mut batch, close).await,
+                Some(close) => send_close(&mut sink, &queue, &control, &mut batch, close).await,
                 None => {
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
+                    // After the client's close, tungstenite's reply is in `control`.
+                    let close = async {
+                        match control.is_peer_closed() {
+                            true => sink
+                                .write_texts(&control.take(), &mut batch)
+                                .await
+                                .map(drop),
+                            false => sink.close(&control.take(), None).await,
+                        }
+                    };
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
                 }
             }
             return sink;
@@ -88,12 +109,21 @@ pub(super) async fn write_loop(
         tokio::select! {
             biased;
             close = &mut closing => {
-                send_close(&mut sink, &queue, &mut batch, close).await;
+                send_close(&mut sink, &queue, &control, &mut batch, close).await;
                 return sink;
             }
-            () = queue.ready() => {}
+            () = queue.ready() => {
+                // Woken for tungstenite's bytes (a pong), or for frames taken next round.
+                let bytes = control.take();
+                if !bytes.is_empty() {
+                    if let Err(e) = sink.write_texts(&bytes, &mut VecDeque::new()).await {
+                        tracing::debug!(error = %e, "socket write failed");
+                        return sink;
+                    }
+                }
+            }
             _ = ping.tick() => {
-                if let Err(e) = sink.send(Message::Ping(Bytes::new())).await {
+                if let Err(e) = sink.ping(&control.take()).await {
                     tracing::debug!(error = %e, "ping failed");
                     return sink;
                 }
@@ -102,19 +132,27 @@ pub(super) async fn write_loop(
     }
 }
 
-/// Feeds every frame of `batch` (emptying it), then flushes; returns the frame count.
-async fn write_batch(sink: &mut WsSink, batch: &mut VecDeque<Utf8Bytes>) -> Result<u64, WsError> {
-    let frames = batch.len() as u64;
-    while let Some(frame) = batch.pop_front() {
-        sink.feed(Message::Text(frame)).await?;
-    }
-    sink.flush().await?;
-    Ok(frames)
+/// How a write of a batch ended.
+enum Written {
+    Done(io::Result<u64>),
+    /// A close was requested first.
+    Interrupted((CloseCode, &'static str)),
+}
+
+/// Writes tungstenite's bytes and every frame of `batch` (emptying it), then flushes;
+/// returns the frame count.
+async fn write_batch(
+    sink: &mut FrameWriter,
+    control: &Control,
+    batch: &mut VecDeque<Utf8Bytes>,
+) -> io::Result<u64> {
+    sink.write_texts(&control.take(), batch).await
 }
 
 async fn send_close(
-    sink: &mut WsSink,
+    sink: &mut FrameWriter,
     queue: &OutboundQueue,
+    control: &Control,
     batch: &mut VecDeque<Utf8Bytes>,
     (code, reason): (CloseCode, &'static str),
 ) {
@@ -124,13 +162,11 @@ async fn send_close(
         // first; only a slow reader's backlog, the reason it is closed, is dropped.
         if code != CloseCode::Again {
             queue.take(batch);
-            while let Some(frame) = batch.pop_front() {
-                sink.feed(Message::Text(frame)).await?;
-            }
+            sink.write_texts(&control.take(), batch).await?;
         }
+        batch.clear();
         queue.close_queue();
-        sink.send(Message::Close(Some(close_frame(code, reason))))
-            .await
+        sink.close(&control.take(), Some((code, reason))).await
     };
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, close).await;
 }

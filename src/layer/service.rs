@@ -60,6 +60,33 @@ impl<S> ThinWsService<S> {
     }
 }
 
+/// The 101 answer to an upgrade request (RFC 6455 §4.2.2), and the upgrade it completes.
+fn accept<B>(
+    request: &mut Request<B>,
+) -> Result<(Response<Full<Bytes>>, hyper::upgrade::OnUpgrade), &'static str> {
+    use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
+    let headers = request.headers();
+    let key = headers
+        .get(http::header::SEC_WEBSOCKET_KEY)
+        .ok_or("no Sec-WebSocket-Key header")?;
+    if headers
+        .get(http::header::SEC_WEBSOCKET_VERSION)
+        .map(http::HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err("Sec-WebSocket-Version is not 13");
+    }
+    let accept = derive_accept_key(key.as_bytes());
+    let response = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(http::header::CONNECTION, "upgrade")
+        .header(http::header::UPGRADE, "websocket")
+        .header(http::header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Full::new(Bytes::new()))
+        .map_err(|_| "unusable Sec-WebSocket-Key")?;
+    Ok((response, hyper::upgrade::on(request)))
+}
+
 fn plain(status: StatusCode, text: String) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(text)));
     *response.status_mut() = status;
@@ -126,10 +153,11 @@ where
             .read_buffer_size(config.read_buffer_size)
             .max_message_size(Some(config.max_frame_size))
             .max_frame_size(Some(config.max_frame_size));
-        match hyper_tungstenite::upgrade(&mut request, Some(ws_config)) {
+        match accept(&mut request) {
             Ok((response, upgrade)) => {
                 let (parts, _body) = request.into_parts();
-                tokio::spawn(connection::serve(node.clone(), admitted, upgrade, parts));
+                let socket = connection::serve(node.clone(), admitted, upgrade, ws_config, parts);
+                tokio::spawn(socket);
                 ResponseFuture::ready(response)
             }
             Err(e) => {

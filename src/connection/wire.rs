@@ -1,0 +1,441 @@
+//! The socket's two halves on the wire: tungstenite reads (and answers pings and the
+//! client's close itself), and the writer task writes the frames it sends without it.
+//!
+//! A server's frames are unmasked (RFC 6455 §5.1), so a delivery's frame is the same bytes
+//! for every member of its room: the writer puts a 2-to-10-byte header before the payload
+//! that every member shares, and sends every frame queued since its last write in one
+//! vectored write, with no copy of the payload in user space. What tungstenite writes while
+//! reading (pongs, the reply to the client's close) lands in [`Control`] and goes out
+//! first in the writer's next write.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use hyper::upgrade::Upgraded;
+use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use hyper_tungstenite::WebSocketStream;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::outbound::OutboundQueue;
+
+type Io = TokioIo<Upgraded>;
+
+/// The socket as tungstenite sees it: the read half, and [`Control`] to write to. Boxed:
+/// the socket's task moves it from state to state, and async functions keep room for each
+/// copy.
+pub(super) type WsStream = Box<WebSocketStream<SocketIo>>;
+
+/// The most bytes tungstenite may leave in [`Control`] before its writes wait (a client
+/// that pings and does not read).
+const MAX_CONTROL_BYTES: usize = 16 * 1024;
+
+/// At most this many frames go in one write (a vectored write takes at most 1,024 slices on
+/// Linux, two per frame written from where it is).
+const FRAMES_PER_WRITE: usize = 500;
+
+/// Payloads this long or longer are written from the buffer the room shares; shorter ones
+/// are copied next to their headers. The kernel copies many small slices of a vectored
+/// write more slowly than user space copies them into one (profiled: fanout of ~100-byte
+/// frames spent 19 % of the node in `_copy_from_iter` with a slice per header and payload,
+/// 4 % with one buffer).
+const ZERO_COPY_FROM: usize = 1024;
+
+/// A buffer this large is given back after its write rather than kept for the next.
+const KEEP_BUFFER_UP_TO: usize = 1024;
+
+/// Splits an upgraded connection into the stream tungstenite reads and the writer's half.
+pub(super) async fn open(
+    upgraded: Upgraded,
+    config: WebSocketConfig,
+    queue: Arc<OutboundQueue>,
+) -> (WsStream, FrameWriter, Arc<Control>) {
+    let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+    let control = Arc::new(Control {
+        bytes: Mutex::default(),
+        peer_closed: AtomicBool::new(false),
+        queue,
+    });
+    let io = SocketIo {
+        read,
+        control: control.clone(),
+    };
+    // tungstenite writes only pongs and close replies: at once, not once 128 KiB gathered.
+    let config = config.write_buffer_size(0);
+    let stream = Box::new(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await);
+    (stream, FrameWriter::new(write), control)
+}
+
+/// What tungstenite wrote while reading, waiting for the writer.
+#[derive(Debug)]
+pub(super) struct Control {
+    bytes: Mutex<Vec<u8>>,
+    /// The client's close frame was read (and tungstenite queued its reply).
+    peer_closed: AtomicBool,
+    /// Its writer is woken when bytes arrive.
+    queue: Arc<OutboundQueue>,
+}
+
+impl Control {
+    /// Takes what tungstenite wrote.
+    pub(super) fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.bytes.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The client's close frame was read: tungstenite has answered it.
+    pub(super) fn peer_closed(&self) {
+        self.peer_closed.store(true, Ordering::Release);
+    }
+
+    /// Whether the client's close was read (and answered).
+    pub(super) fn is_peer_closed(&self) -> bool {
+        self.peer_closed.load(Ordering::Acquire)
+    }
+}
+
+/// The read half, with tungstenite's writes going to [`Control`].
+#[derive(Debug)]
+pub(super) struct SocketIo {
+    read: tokio::io::ReadHalf<Io>,
+    control: Arc<Control>,
+}
+
+impl AsyncRead for SocketIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SocketIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut bytes = self
+            .control
+            .bytes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !bytes.is_empty() && bytes.len() + buf.len() > MAX_CONTROL_BYTES {
+            // tungstenite keeps the frame and tries again after its next read.
+            return Poll::Pending;
+        }
+        bytes.extend_from_slice(buf);
+        drop(bytes);
+        self.control.queue.wake_writer();
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The header of an unmasked, final frame with `opcode` and a payload of `len` bytes.
+fn header(opcode: u8, len: usize) -> ([u8; 10], usize) {
+    let mut header = [0; 10];
+    header[0] = 0x80 | opcode;
+    match len {
+        0..=125 => {
+            header[1] = len as u8;
+            (header, 2)
+        }
+        126..=0xFFFF => {
+            header[1] = 126;
+            header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            (header, 4)
+        }
+        _ => {
+            header[1] = 127;
+            header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            (header, 10)
+        }
+    }
+}
+
+const TEXT: u8 = 0x1;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+
+/// The writer's half of the socket.
+///
+/// Cancel-safe: a write dropped part-way leaves what it had begun in `rest` (its frames
+/// taken out of the caller's queue), and [`FrameWriter::finish`] or the next write sends
+/// it first, so the stream never carries half a frame followed by another.
+pub(super) struct FrameWriter<W = tokio::io::WriteHalf<Io>> {
+    io: W,
+    /// Bytes handed to this writer and not written yet, from `rest_at` on.
+    rest: Vec<u8>,
+    rest_at: usize,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    fn new(io: W) -> Self {
+        FrameWriter {
+            io,
+            rest: Vec::new(),
+            rest_at: 0,
+        }
+    }
+
+    /// Writes `control` (tungstenite's bytes), then every frame of `frames` as a text
+    /// frame, taking them out of `frames`, then flushes; returns how many frames it wrote.
+    pub(super) async fn write_texts(
+        &mut self,
+        control: &[u8],
+        frames: &mut VecDeque<Utf8Bytes>,
+    ) -> io::Result<u64> {
+        // Rare (pongs, a close reply): a write of their own.
+        self.rest.extend_from_slice(control);
+        self.finish().await?;
+        let mut written = 0;
+        while !frames.is_empty() {
+            let count = frames.len().min(FRAMES_PER_WRITE);
+            self.start(frames.range(..count)).await?;
+            // Written, or what is left of them is in `rest`.
+            frames.drain(..count);
+            written += count as u64;
+            self.finish().await?;
+        }
+        self.io.flush().await?;
+        Ok(written)
+    }
+
+    /// Gathers `frames` into `rest` for [`FrameWriter::finish`] to write. When the
+    /// connection takes vectored writes and a payload has [`ZERO_COPY_FROM`] bytes or more,
+    /// such payloads are written from where they are instead, with one vectored write for
+    /// the lot, and what that write did not take is copied into `rest`. Cancel-safe: its
+    /// only await is that write, and `rest` is untouched until it is done.
+    async fn start<'a>(
+        &mut self,
+        frames: impl Iterator<Item = &'a Utf8Bytes> + Clone,
+    ) -> io::Result<()> {
+        let FrameWriter { io, rest, rest_at } = self;
+        debug_assert!(*rest_at == 0 && rest.is_empty());
+        let zero_copy = io.is_write_vectored()
+            && frames.clone().any(|frame| frame.len() >= ZERO_COPY_FROM);
+        if !zero_copy {
+            for frame in frames {
+                let (header, len) = header(TEXT, frame.len());
+                rest.extend_from_slice(&header[..len]);
+                rest.extend_from_slice(frame.as_bytes());
+            }
+            return Ok(());
+        }
+        // Headers and short payloads, and the long payloads each after an offset in them.
+        let mut gathered = Vec::new();
+        let mut apart: Vec<(usize, &Utf8Bytes)> = Vec::new();
+        for frame in frames {
+            let (header, len) = header(TEXT, frame.len());
+            gathered.extend_from_slice(&header[..len]);
+            match frame.len() >= ZERO_COPY_FROM {
+                true => apart.push((gathered.len(), frame)),
+                false => gathered.extend_from_slice(frame.as_bytes()),
+            }
+        }
+        let mut slices = Vec::with_capacity(2 * apart.len() + 1);
+        let mut at = 0;
+        for (end, payload) in &apart {
+            slices.push(IoSlice::new(&gathered[at..*end]));
+            slices.push(IoSlice::new(payload.as_bytes()));
+            at = *end;
+        }
+        slices.push(IoSlice::new(&gathered[at..]));
+        let written = io.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut left = &mut slices[..];
+        IoSlice::advance_slices(&mut left, written);
+        for slice in left.iter() {
+            rest.extend_from_slice(slice);
+        }
+        Ok(())
+    }
+
+    /// Whether a write was dropped part-way (see [`FrameWriter::finish`]).
+    pub(super) fn is_unfinished(&self) -> bool {
+        self.rest_at < self.rest.len()
+    }
+
+    /// Writes what a write dropped part-way had begun. Cancel-safe.
+    pub(super) async fn finish(&mut self) -> io::Result<()> {
+        while self.rest_at < self.rest.len() {
+            let written = self.io.write(&self.rest[self.rest_at..]).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.rest_at += written;
+        }
+        self.rest_at = 0;
+        self.rest.clear();
+        if self.rest.capacity() > KEEP_BUFFER_UP_TO {
+            self.rest = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Writes `control`, then a ping, and flushes.
+    pub(super) async fn ping(&mut self, control: &[u8]) -> io::Result<()> {
+        let (header, len) = header(PING, 0);
+        self.write_raw(control, &header[..len]).await
+    }
+
+    /// Writes `control`, then a close frame with `code` and `reason` (an empty one without
+    /// a code), and flushes.
+    pub(super) async fn close(
+        &mut self,
+        control: &[u8],
+        code: Option<(CloseCode, &str)>,
+    ) -> io::Result<()> {
+        let payload = code.map(|(code, reason)| {
+            // A close frame's payload is at most 125 bytes (RFC 6455 §5.5).
+            let reason = &reason.as_bytes()[..reason.len().min(123)];
+            (u16::from(code), reason)
+        });
+        let len = payload.map_or(0, |(_, reason)| 2 + reason.len());
+        let (header, header_len) = header(CLOSE, len);
+        let mut frame = Vec::with_capacity(header_len + len);
+        frame.extend_from_slice(&header[..header_len]);
+        if let Some((code, reason)) = payload {
+            frame.extend_from_slice(&code.to_be_bytes());
+            frame.extend_from_slice(reason);
+        }
+        self.write_raw(control, &frame).await
+    }
+
+    async fn write_raw(&mut self, control: &[u8], frame: &[u8]) -> io::Result<()> {
+        self.finish().await?;
+        self.rest.extend_from_slice(control);
+        self.rest.extend_from_slice(frame);
+        self.finish().await?;
+        self.io.flush().await
+    }
+
+    /// Shuts the write half down (TCP FIN).
+    pub(super) async fn shutdown(&mut self) -> io::Result<()> {
+        self.io.shutdown().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+    use hyper_tungstenite::tungstenite::Message;
+
+    use super::*;
+
+    fn texts() -> VecDeque<Utf8Bytes> {
+        [0, 125, 126, 0xFFFF, 0x1_0000]
+            .into_iter()
+            .map(|len| Utf8Bytes::from("x".repeat(len)))
+            .collect()
+    }
+
+    /// Writes [`texts`], a ping and a close with `writer`, and reads them back as a client.
+    async fn round_trip<W, R>(mut writer: FrameWriter<W>, client: R)
+    where
+        W: AsyncWrite + Unpin + Send + 'static,
+        R: AsyncRead + AsyncWrite + Unpin,
+    {
+        let writing = tokio::spawn(async move {
+            let written = writer.write_texts(&[], &mut texts()).await.unwrap();
+            assert_eq!(written, 5);
+            writer.ping(&[]).await.unwrap();
+            let close = Some((CloseCode::Again, "outbound queue full"));
+            writer.close(&[], close).await.unwrap();
+            // Kept until the client is done: it answers the ping.
+            writer
+        });
+        let mut read = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        for text in texts() {
+            assert_eq!(read.next().await.unwrap().unwrap(), Message::Text(text));
+        }
+        assert!(matches!(read.next().await, Some(Ok(Message::Ping(_)))));
+        match read.next().await {
+            Some(Ok(Message::Close(Some(close)))) => {
+                assert_eq!(close.code, CloseCode::Again);
+                assert_eq!(close.reason.as_str(), "outbound queue full");
+            }
+            other => panic!("expected the close frame, got {other:?}"),
+        }
+        writing.await.unwrap();
+    }
+
+    /// A connection without vectored writes: frames are gathered, then written.
+    #[tokio::test]
+    async fn tungstenite_reads_what_the_writer_writes_gathered() {
+        let (client, server) = tokio::io::duplex(4096);
+        round_trip(FrameWriter::new(server), client).await;
+    }
+
+    /// A TCP connection: one vectored write per batch, finished by hand when the kernel
+    /// takes part of it.
+    #[tokio::test]
+    async fn tungstenite_reads_what_the_writer_writes_vectored() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let server = accepted.unwrap().0;
+        assert!(server.is_write_vectored());
+        round_trip(FrameWriter::new(server), client.unwrap()).await;
+    }
+
+    /// A write dropped part-way (a close requested while the client does not read) is
+    /// finished first: the client reads whole frames, then the close.
+    #[tokio::test]
+    async fn a_write_dropped_part_way_is_finished_before_the_close() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut writer = FrameWriter::new(server);
+        let mut frames = texts();
+        let write = writer.write_texts(&[], &mut frames);
+        let stuck = tokio::time::timeout(std::time::Duration::from_millis(50), write).await;
+        assert!(stuck.is_err(), "nobody reads: the write waits");
+        assert!(writer.is_unfinished());
+        let taken = texts().len() - frames.len();
+        assert!(taken > 0, "the frames begun were taken out of the queue");
+        let reading = tokio::spawn(async move {
+            let mut read = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+            let mut texts = 0;
+            loop {
+                match read.next().await {
+                    Some(Ok(Message::Text(_))) => texts += 1,
+                    Some(Ok(Message::Close(close))) => return (texts, close.unwrap().code),
+                    other => panic!("expected whole frames, then the close: {other:?}"),
+                }
+            }
+        });
+        writer.finish().await.unwrap();
+        let close = Some((CloseCode::Again, "outbound queue full"));
+        writer.close(&[], close).await.unwrap();
+        assert_eq!(reading.await.unwrap(), (taken, CloseCode::Again));
+    }
+
+    #[test]
+    fn headers_take_the_shortest_length_that_fits() {
+        assert_eq!(header(TEXT, 0), ([0x81, 0, 0, 0, 0, 0, 0, 0, 0, 0], 2));
+        assert_eq!(header(TEXT, 125).0[..2], [0x81, 125]);
+        assert_eq!(header(TEXT, 126).0[..4], [0x81, 126, 0, 126]);
+        assert_eq!(header(TEXT, 0xFFFF).0[..4], [0x81, 126, 0xFF, 0xFF]);
+        assert_eq!(
+            header(CLOSE, 0x1_0000),
+            ([0x88, 127, 0, 0, 0, 0, 0, 1, 0, 0], 10)
+        );
+        assert_eq!(header(PING, 0).0[..2], [0x89, 0]);
+    }
+}
