@@ -10,6 +10,8 @@
 #   TARGETS=thinws bench/run.sh rooms rooms-history fanout fanout-history recovery   # history rooms
 #   TARGETS=thinws bench/run.sh rooms rooms-presence fanout fanout-presence join-burst  # presence
 #   TARGETS=thinws bench/run.sh rooms rooms-cluster fanout fanout-cluster   # 3-master Redis Cluster
+#   THINWS_BIN=/tmp/thinws-before TARGETS=thinws bench/run.sh idle latency   # another build
+#                                 # of thinws (e.g. an earlier commit's) instead of this tree's
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -24,7 +26,8 @@ results=${RESULTS:-$out/results.jsonl}
 ulimit -n 300000 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 echo "building (release)…" >&2
-cargo build --quiet --release --features server --bin thinws
+thinws_bin=${THINWS_BIN:-$root/target/release/thinws}
+[ -n "${THINWS_BIN:-}" ] || cargo build --quiet --release --features server --bin thinws
 (cd bench/loadgen && cargo build --quiet --release)
 [[ " $targets " == *" socketioxide "* ]] && (cd bench/peers/socketioxide && cargo build --quiet --release)
 [[ " $targets " == *" socketio "* ]] && { [ -d bench/peers/socketio/node_modules ] || (cd bench/peers/socketio && npm ci --no-audit --no-fund --silent); }
@@ -72,7 +75,7 @@ start_nodes() { # target [extra thinws args...] -> sets nodes (URLs) and node_pi
           redis_args=()
           for url in "${cluster_urls[@]}"; do redis_args+=(--redis-cluster-url "$url"); done
         fi
-        "$root/target/release/thinws" --listen "127.0.0.1:$port" "${redis_args[@]}" \
+        "$thinws_bin" --listen "127.0.0.1:$port" "${redis_args[@]}" \
                 --rate-limit 0 --max-sockets 300000 --no-demo "${extra[@]}" >/dev/null 2>&1 & ;;
       socketio) node bench/peers/socketio/server.js "$port" "$redis_url" >/dev/null 2>&1 & ;;
       socketioxide) bench/peers/socketioxide/target/release/socketioxide-peer "$port" "$redis_url" >/dev/null 2>&1 & ;;

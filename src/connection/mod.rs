@@ -1,18 +1,17 @@
-//! One socket's life: the reader loop that handles the client's frames in order, the writer
-//! task that drains the socket's bounded outbound queue, heartbeats, its identity and its
-//! rooms.
+//! One socket's life: one task that handles the client's frames in order and drains the
+//! socket's bounded outbound queue into it, heartbeats, its identity and its rooms.
 //!
 //! The reader handles one frame at a time: a frame's hooks and broker work (subscribe
 //! confirmation, queueing a publish) finish before the next frame is handled, so a socket's
 //! publishes reach Redis in the order it sent them; up to 64 publishes may await Redis's
 //! answer at once, and their acks go out in frame order. While a frame is being handled the
-//! reader keeps watching the socket (reading at most one frame ahead), so a socket that
-//! ends mid-way is cleaned up at once. The writer writes everything queued in one vectored
-//! write, framing it itself (`wire`); tungstenite only reads. Deliveries from the rooms never wait on this socket: when its outbound queue
-//! is full, the queue asks it to close with 1013.
+//! task keeps reading (at most one frame ahead) and writing, so a socket that ends mid-way
+//! is cleaned up at once. Everything queued since the last write goes out in one write,
+//! framed by thinws (`wire`); tungstenite only reads. Deliveries from the rooms never wait
+//! on this socket: when its outbound queue is full, the queue asks it to close with 1013.
 //!
-//! Heartbeats: the writer pings every `ping_interval`; the reader drops a socket from which
-//! nothing (not even a pong) arrived for `idle_timeout`.
+//! Heartbeats: the task pings every `ping_interval`, and drops a socket from which nothing
+//! (not even a pong) arrived for `idle_timeout`.
 
 mod in_flight;
 pub(crate) mod outbound;
@@ -35,6 +34,7 @@ use hyper_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::Instrument;
 
 use self::outbound::OutboundQueue;
+use self::socket::Socket;
 use crate::node::Node;
 use crate::rooms::{Refused, SocketId};
 
@@ -66,27 +66,32 @@ impl Admitted {
 }
 
 /// Completes the upgrade and runs the socket until it closes (giving its slot back).
-pub(crate) async fn serve(
+///
+/// The socket's state is built before the future, so that the future does not keep room
+/// for the upgrade request's head all the socket's life.
+pub(crate) fn serve(
     node: Arc<Node>,
     admitted: Admitted,
     upgrade: OnUpgrade,
     config: WebSocketConfig,
     parts: Parts,
-) {
+) -> impl std::future::Future<Output = ()> + Send {
     let Admitted { id, queue } = admitted;
-    node.start();
-    let upgraded = match upgrade.await {
-        Ok(upgraded) => upgraded,
-        Err(e) => {
-            tracing::debug!(error = %e, "WebSocket upgrade failed");
-            node.rooms.unregister(id);
-            return;
-        }
-    };
-    // Boxed: inline, its state would stay in every socket's task for the socket's life.
-    let halves = Box::pin(wire::open(upgraded, config, queue.clone())).await;
-    let span = tracing::debug_span!("socket", id, identity = tracing::field::Empty);
-    task::run(node, halves, parts, id, queue)
-        .instrument(span)
-        .await
+    let socket = Box::new(Socket::new(node.clone(), id, queue.clone(), parts));
+    async move {
+        node.start();
+        let upgraded = match upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "WebSocket upgrade failed");
+                node.rooms.unregister(id);
+                return;
+            }
+        };
+        let halves = wire::open(upgraded, config, queue.clone()).await;
+        let span = tracing::debug_span!("socket", id, identity = tracing::field::Empty);
+        task::run(node, halves, socket, queue)
+            .instrument(span)
+            .await
+    }
 }

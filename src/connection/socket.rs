@@ -76,6 +76,10 @@ impl Me {
     }
 }
 
+/// The empty request head every socket shares when no hook would read its own.
+static NO_REQUEST: std::sync::LazyLock<Arc<Parts>> =
+    std::sync::LazyLock::new(|| Arc::new(http::Request::new(()).into_parts().0));
+
 impl Socket {
     pub(super) fn new(
         node: Arc<Node>,
@@ -87,10 +91,10 @@ impl Socket {
         let hooks = node.config.hooks.clone();
         // Only hooks read the upgrade request: without them, don't keep its headers for the
         // socket's whole life.
-        let request = Arc::new(match hooks.is_empty() {
-            false => detach(request),
-            true => http::Request::new(()).into_parts().0,
-        });
+        let request = match hooks.is_empty() {
+            false => Arc::new(detach(request)),
+            true => NO_REQUEST.clone(),
+        };
         Socket {
             node,
             me: Me {
@@ -110,6 +114,11 @@ impl Socket {
             expires_at: None,
             holds_identity: false,
         }
+    }
+
+    /// The socket's slot on the node.
+    pub(super) fn id(&self) -> SocketId {
+        self.me.id
     }
 
     /// When the socket's grant ends, if it does.

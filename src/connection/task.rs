@@ -1,33 +1,32 @@
 //! The socket's task: its state between events ([`SocketTask`]), one method per event,
 //! and the loop that waits for the next event and hands it to that method.
 //!
-//! Events, in the order the loop prefers them: the writer ended; the frame being handled
-//! finished (or, while none is, the broker answered the oldest publish in flight); a read
-//! from the socket; the `connect` grace period ran out; the socket's grant expired; the
-//! idle timer fired.
+//! One task per socket does both the reading and the writing. Events, in the order the
+//! loop prefers them: a close was requested; a write of what is queued finished; the frame
+//! being handled finished (or, while none is, the broker answered the oldest publish in
+//! flight); a read from the socket; frames were queued; the heartbeat ping is due; the
+//! `connect` grace period ran out; the socket's grant expired; the idle timer fired.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
-use http::request::Parts;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message};
 use metrics::Counter;
 use tokio::sync::Notify;
-use tokio::time::{Instant, Sleep};
-use tracing::Instrument;
+use tokio::time::{Instant, MissedTickBehavior, Sleep};
 
 use super::outbound::OutboundQueue;
 use super::rate_limit::{Rate, RateLimit};
 use super::reader::{check_rate, handle, read_result, Frame, Progress, Read, Reader};
 use super::socket::Socket;
 use super::wire::{Control, FrameWriter, WsStream};
-use super::{writer, CLOSE_TIMEOUT};
+use super::writer::Writer;
+use super::CLOSE_TIMEOUT;
 use crate::hooks::DisconnectReason;
 use crate::node::Node;
-use crate::rooms::SocketId;
 
 /// A deadline waits for the frame being handled (perhaps the `connect` or `refresh` that
 /// meets it), but no longer than this past the deadline.
@@ -240,76 +239,101 @@ impl SocketTask {
 pub(super) async fn run(
     node: Arc<Node>,
     (mut source, sink, control): (WsStream, FrameWriter, Arc<Control>),
-    parts: Parts,
-    id: SocketId,
+    socket: Box<Socket>,
     queue: Arc<OutboundQueue>,
 ) {
-    let socket = Box::new(Socket::new(node.clone(), id, queue.clone(), parts));
-    let writer_future = writer::write_loop(
-        sink,
-        queue.clone(),
-        control.clone(),
-        node.config.ping_interval,
-        socket.metrics().frames_out.clone(),
-    )
-    .in_current_span();
-    let mut writer = tokio::spawn(writer_future);
+    let id = socket.id();
+    let frames_out = socket.metrics().frames_out.clone();
+    let mut writer = Writer::new(sink, queue.clone(), control.clone(), frames_out);
     let mut task = SocketTask::new(&node, socket, queue.clone(), control);
     tracing::debug!("socket open");
 
+    let (reason, written_off) = events(&mut task, &mut writer, &mut source, &node, &queue).await;
+
+    // The socket leaves its rooms while the writer writes what is queued; then it closes
+    // the socket.
+    let end = async {
+        task.end(reason).await;
+        queue.finish();
+    };
+    let sink = match written_off {
+        true => {
+            end.await;
+            writer.into_sink()
+        }
+        false => {
+            if reason == DisconnectReason::TimedOut || reason == DisconnectReason::Lost {
+                // Nobody is reading: don't wait for a flush that may never come.
+                queue.request_close(CloseCode::Away, "idle timeout");
+            }
+            // Boxed: the socket's task keeps room for its largest state all its life.
+            tokio::join!(end, Box::pin(writer.drain())).1
+        }
+    };
+    let gone = matches!(reason, DisconnectReason::Lost | DisconnectReason::TimedOut);
+    if !gone {
+        linger(sink, source).await;
+    }
+    // Only now, so that a node waiting for its sockets to close also waits for the flush.
+    node.rooms.unregister(id);
+    tracing::debug!(?reason, "socket closed");
+}
+
+/// Hands each event to its method until the socket ends; returns why, and whether the
+/// writing is over (the close frame written, or a write failed). A function of its own so
+/// that its timers are not kept in the socket's task while the socket closes.
+async fn events(
+    task: &mut SocketTask,
+    writer: &mut Writer,
+    source: &mut WsStream,
+    node: &Node,
+    queue: &OutboundQueue,
+) -> (DisconnectReason, bool) {
     let idle = tokio::time::sleep(task.idle_timeout);
     tokio::pin!(idle);
     let unbound = tokio::time::sleep(node.config.connect_within.unwrap_or(FAR));
     tokio::pin!(unbound);
     let expiry = tokio::time::sleep(FAR);
     tokio::pin!(expiry);
-    // Set when the writer ended first (with the sink, if it gave it back).
-    let mut writer_ended = None;
-    let reason = loop {
+    let every = node.config.ping_interval;
+    let mut ping = tokio::time::interval_at(Instant::now() + every, every);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // One close future for the socket's life rather than one per turn: registering it
+    // costs a lock and a waker.
+    let closing = queue.close_requested();
+    tokio::pin!(closing);
+    loop {
         task.start_ahead();
+        let work = writer.has_work();
         tokio::select! {
             biased;
-            written = &mut writer => {
-                writer_ended = Some(written.ok());
-                break DisconnectReason::Server;
+            close = &mut closing => {
+                writer.close(close).await;
+                break (DisconnectReason::Server, true);
+            }
+            written = writer.write(), if work => {
+                if let Err(e) = written {
+                    tracing::debug!(error = %e, "socket write failed");
+                    break (DisconnectReason::Server, true);
+                }
             }
             progress = task.reader.progress() => task.on_progress(progress, expiry.as_mut()).await,
             read = source.next(), if task.reads() => {
                 if let Some(reason) = task.on_read(read) {
-                    break reason;
+                    break (reason, false);
                 }
             }
+            () = queue.ready(), if !work => {}
+            _ = ping.tick() => writer.ping(),
             () = &mut unbound, if task.watches_binding() => task.on_unbound(unbound.as_mut()),
             () = &mut expiry, if task.watches_expiry() => task.on_expiry(expiry.as_mut()),
             () = &mut idle => {
                 if let Some(reason) = task.on_idle(idle.as_mut()) {
-                    break reason;
+                    break (reason, false);
                 }
             }
         }
-    };
-
-    task.end(reason).await;
-    // The socket has left its rooms: the writer drains what is queued, closes the socket
-    // and ends.
-    queue.finish();
-    let sink = match writer_ended {
-        Some(sink) => sink,
-        None => {
-            if reason == DisconnectReason::TimedOut || reason == DisconnectReason::Lost {
-                // Nobody is reading: don't wait for a flush that may never come.
-                queue.request_close(CloseCode::Away, "idle timeout");
-            }
-            writer.await.ok()
-        }
-    };
-    let gone = matches!(reason, DisconnectReason::Lost | DisconnectReason::TimedOut);
-    if let (Some(sink), false) = (sink, gone) {
-        linger(sink, source).await;
     }
-    // Only now, so that a node waiting for its sockets to close also waits for the flush.
-    node.rooms.unregister(id);
-    tracing::debug!(?reason, "socket closed");
 }
 
 /// The monotonic instant of a wall-clock deadline (now, if it has passed; a century ahead

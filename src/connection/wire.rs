@@ -40,6 +40,10 @@ const MAX_CONTROL_BYTES: usize = 16 * 1024;
 /// Linux, two per frame written from where it is).
 const FRAMES_PER_WRITE: usize = 500;
 
+/// A write takes frames until it holds this many bytes of payload (and one more frame): what
+/// a client does not take stays in the writer, so this bounds it.
+const BYTES_PER_WRITE: usize = 64 * 1024;
+
 /// Payloads this long or longer are written from the buffer the room shares; shorter ones
 /// are copied next to their headers. The kernel copies many small slices of a vectored
 /// write more slowly than user space copies them into one (profiled: fanout of ~100-byte
@@ -91,6 +95,15 @@ impl Control {
     /// The client's close frame was read: tungstenite has answered it.
     pub(super) fn peer_closed(&self) {
         self.peer_closed.store(true, Ordering::Release);
+    }
+
+    /// Whether tungstenite wrote anything not yet taken.
+    pub(super) fn has_bytes(&self) -> bool {
+        !self
+            .bytes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
     }
 
     /// Whether the client's close was read (and answered).
@@ -205,7 +218,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.finish().await?;
         let mut written = 0;
         while !frames.is_empty() {
-            let count = frames.len().min(FRAMES_PER_WRITE);
+            let mut count = 0;
+            let mut bytes = 0;
+            while count < frames.len() && count < FRAMES_PER_WRITE && bytes < BYTES_PER_WRITE {
+                bytes += frames[count].len();
+                count += 1;
+            }
             self.start(frames.range(..count)).await?;
             // Written, or what is left of them is in `rest`.
             frames.drain(..count);
@@ -227,8 +245,8 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     ) -> io::Result<()> {
         let FrameWriter { io, rest, rest_at } = self;
         debug_assert!(*rest_at == 0 && rest.is_empty());
-        let zero_copy = io.is_write_vectored()
-            && frames.clone().any(|frame| frame.len() >= ZERO_COPY_FROM);
+        let zero_copy =
+            io.is_write_vectored() && frames.clone().any(|frame| frame.len() >= ZERO_COPY_FROM);
         if !zero_copy {
             for frame in frames {
                 let (header, len) = header(TEXT, frame.len());
@@ -290,10 +308,10 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
-    /// Writes `control`, then a ping, and flushes.
-    pub(super) async fn ping(&mut self, control: &[u8]) -> io::Result<()> {
+    /// Queues a ping, written first by the next write (or [`FrameWriter::finish`]).
+    pub(super) fn queue_ping(&mut self) {
         let (header, len) = header(PING, 0);
-        self.write_raw(control, &header[..len]).await
+        self.rest.extend_from_slice(&header[..len]);
     }
 
     /// Writes `control`, then a close frame with `code` and `reason` (an empty one without
@@ -356,7 +374,8 @@ mod tests {
         let writing = tokio::spawn(async move {
             let written = writer.write_texts(&[], &mut texts()).await.unwrap();
             assert_eq!(written, 5);
-            writer.ping(&[]).await.unwrap();
+            writer.queue_ping();
+            writer.finish().await.unwrap();
             let close = Some((CloseCode::Again, "outbound queue full"));
             writer.close(&[], close).await.unwrap();
             // Kept until the client is done: it answers the ping.
