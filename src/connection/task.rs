@@ -35,6 +35,9 @@ const DEADLINE_GRACE: Duration = Duration::from_secs(5);
 /// How soon a deadline looks again while a frame is being handled.
 const RECHECK: Duration = Duration::from_millis(100);
 
+/// At most this many events are handled while frames wait to be written.
+const EVENTS_BEFORE_WRITING: u32 = 32;
+
 /// A timer that is never meant to fire (until reset).
 const FAR: Duration = Duration::MAX.checked_div(4).unwrap();
 
@@ -118,8 +121,14 @@ impl SocketTask {
         self.ahead.is_none() && !self.flooded
     }
 
-    /// The frame being handled finished, or the oldest publish in flight was answered.
-    async fn on_progress(&mut self, progress: Progress, expiry: Pin<&mut Sleep>) {
+    /// The frame being handled finished, or the oldest publish in flight was answered (its
+    /// reply may wait for room in the queue: the writer goes on meanwhile).
+    async fn on_progress(
+        &mut self,
+        progress: Progress,
+        expiry: Pin<&mut Sleep>,
+        writer: &mut Writer,
+    ) {
         match progress {
             Progress::Handled(socket) => {
                 if socket.expires_at() != self.expires_at {
@@ -132,7 +141,8 @@ impl SocketTask {
             }
             Progress::Answered => {
                 if let Reader::Free(socket) = &mut self.reader {
-                    socket.settle_oldest().await;
+                    // Boxed: inline, its state would stay in the socket's task all its life.
+                    Box::pin(writer.while_writing(socket.settle_oldest())).await;
                 }
             }
         }
@@ -302,27 +312,40 @@ async fn events(
     // costs a lock and a waker.
     let closing = queue.close_requested();
     tokio::pin!(closing);
+    // Reads and replies come first, so that what they queue goes out in one write with
+    // the rest; the write comes first once nothing else was ready, or after
+    // `EVENTS_BEFORE_WRITING` events, so that a client that floods still gets its replies.
+    let mut write_first = false;
+    let mut events = 0;
     loop {
+        if writer.failed() {
+            break (DisconnectReason::Server, true);
+        }
         task.start_ahead();
         let work = writer.has_work();
+        write_first |= work && events >= EVENTS_BEFORE_WRITING;
+        events += 1;
         tokio::select! {
             biased;
             close = &mut closing => {
                 writer.close(close).await;
                 break (DisconnectReason::Server, true);
             }
-            written = writer.write(), if work => {
-                if let Err(e) = written {
-                    tracing::debug!(error = %e, "socket write failed");
+            written = writer.write(), if work && write_first => {
+                if written.is_err() {
                     break (DisconnectReason::Server, true);
                 }
+                (write_first, events) = (false, 0);
             }
-            progress = task.reader.progress() => task.on_progress(progress, expiry.as_mut()).await,
+            progress = task.reader.progress() => {
+                task.on_progress(progress, expiry.as_mut(), writer).await;
+            }
             read = source.next(), if task.reads() => {
                 if let Some(reason) = task.on_read(read) {
                     break (reason, false);
                 }
             }
+            () = std::future::ready(()), if work && !write_first => write_first = true,
             () = queue.ready(), if !work => {}
             _ = ping.tick() => writer.ping(),
             () = &mut unbound, if task.watches_binding() => task.on_unbound(unbound.as_mut()),

@@ -6,8 +6,10 @@
 //! the socket ends, [`Writer::drain`] writes what is left and closes.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::task::Poll;
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
@@ -35,6 +37,11 @@ pub(super) struct Writer {
     /// Frames taken from the queue and not yet written.
     batch: VecDeque<Utf8Bytes>,
     frames_out: Counter,
+    /// A write began and has not finished (it waits for the client, or was cut short by
+    /// another event and goes on at the next write).
+    writing: bool,
+    /// A write failed: nothing more is written.
+    failed: bool,
 }
 
 impl Writer {
@@ -50,6 +57,8 @@ impl Writer {
             control,
             batch: VecDeque::new(),
             frames_out,
+            writing: false,
+            failed: false,
         }
     }
 
@@ -57,24 +66,63 @@ impl Writer {
     /// written. While a write waits for the client, new frames stay in the queue, where
     /// they count toward the socket's bounds.
     pub(super) fn has_work(&mut self) -> bool {
-        if self.batch.is_empty() && !self.sink.is_unfinished() {
+        if self.failed {
+            return false;
+        }
+        if self.writing && self.batch.is_empty() && !self.sink.is_unfinished() {
+            // A write cut short after it had handed everything to the socket.
+            self.writing = false;
+        }
+        if !self.writing {
             self.queue.take(&mut self.batch);
         }
         !self.batch.is_empty() || self.sink.is_unfinished() || self.control.has_bytes()
     }
 
+    /// Whether a write failed.
+    pub(super) fn failed(&self) -> bool {
+        self.failed
+    }
+
     /// Writes tungstenite's bytes and the frames taken, then flushes. Cancel-safe.
     pub(super) async fn write(&mut self) -> io::Result<()> {
-        let frames = self
+        self.writing = true;
+        let written = self
             .sink
             .write_texts(&self.control.take(), &mut self.batch)
-            .await?;
+            .await;
+        let frames = written.inspect_err(|e| {
+            tracing::debug!(error = %e, "socket write failed");
+            self.failed = true;
+        })?;
         self.frames_out.increment(frames);
+        self.writing = false;
         // Keep a small batch's buffer for next time; give a large one back.
         if self.batch.capacity() > 64 {
             self.batch = VecDeque::new();
         }
         Ok(())
+    }
+
+    /// Runs `work` to completion, writing meanwhile: work that waits for room in the queue
+    /// (a reply) gets it as the writer drains it.
+    pub(super) async fn while_writing<T>(&mut self, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        // Most often the work is done at once (the queue has room).
+        let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+        if let Poll::Ready(done) = first {
+            return done;
+        }
+        loop {
+            let queue = self.queue.clone();
+            let work_to_do = self.has_work();
+            tokio::select! {
+                biased;
+                done = &mut work => return done,
+                _ = self.write(), if work_to_do => {}
+                () = queue.ready(), if !work_to_do => {}
+            }
+        }
     }
 
     /// Queues a ping, written with the next write.
