@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{within, Client, Node, RedisServer};
+use support::{until, within, Client, Node, RedisServer};
 use thinws::hooks::{DisconnectEvent, DisconnectReason};
 use thinws::{Hub, ThinWsLayer};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -288,6 +288,65 @@ fn disconnect_log() -> (
         }
     });
     (hook, log)
+}
+
+/// A client that stops reading, lets the node's writes to it back up, then sends its close
+/// frame: the socket ends, and its last writes give up after the idle timeout instead of
+/// keeping its slot (and what it holds) for as long as the client stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_closes_without_reading_gives_its_slot_back() {
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .rate_limit(0, 0)
+            .idle_timeout(Duration::from_secs(3))
+            .max_queued_bytes(16 << 20)
+            .build(),
+    )
+    .await;
+    let tcp = {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.connect(node.addr).await.unwrap()
+    };
+    let (ws, _) =
+        tokio_tungstenite::client_async(node.url(), tokio_tungstenite::MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap();
+    let mut stuck = Client::from_stream(ws);
+    stuck.subscribe("r").await;
+    let mut publisher = Client::connect(&node.url()).await;
+    // Under the socket's byte bound, so it is not dropped as a slow reader; more than the
+    // connection takes, so the node's writes to it wait.
+    let pad = "x".repeat(16 * 1024);
+    let mut sent = 0;
+    while node.hub.queued_bytes() == 0 {
+        assert!(
+            sent < 600,
+            "the node's writes to the stuck client never waited"
+        );
+        publisher.publish("r", json!({"i": sent, "pad": pad})).await;
+        sent += 1;
+    }
+    println!("the node's writes wait after {sent} messages of 16 KiB");
+    stuck.send_close().await;
+    // The publisher stays active (under the idle timeout), so the slot freed is the stuck
+    // client's.
+    let publisher = tokio::spawn(async move {
+        loop {
+            publisher.publish("other", json!("still here")).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    until("the stuck socket to give its slot back", async || {
+        node.hub.socket_count() == 1
+    })
+    .await;
+    assert!(
+        !publisher.is_finished(),
+        "the publisher was served throughout"
+    );
+    publisher.abort();
+    drop(stuck);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

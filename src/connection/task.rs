@@ -266,22 +266,20 @@ pub(super) async fn run(
         task.end(reason).await;
         queue.finish();
     };
-    let sink = match written_off {
-        true => {
-            end.await;
-            writer.into_sink()
+    if !written_off {
+        if reason == DisconnectReason::TimedOut || reason == DisconnectReason::Lost {
+            // Nobody is reading: don't wait for a flush that may never come.
+            queue.request_close(CloseCode::Away, "idle timeout");
         }
-        false => {
-            if reason == DisconnectReason::TimedOut || reason == DisconnectReason::Lost {
-                // Nobody is reading: don't wait for a flush that may never come.
-                queue.request_close(CloseCode::Away, "idle timeout");
-            }
-            // Boxed: the socket's task keeps room for its largest state all its life.
-            tokio::join!(end, Box::pin(writer.drain())).1
-        }
-    };
+        // Boxed: the socket's task keeps room for its largest state all its life.
+        let drain = Box::pin(writer.drain(node.config.idle_timeout));
+        tokio::join!(end, drain);
+    } else {
+        end.await;
+    }
+    let sink = writer.into_sink();
     let gone = matches!(reason, DisconnectReason::Lost | DisconnectReason::TimedOut);
-    if !gone {
+    if let (Some(sink), false) = (sink, gone) {
         linger(sink, source).await;
     }
     // Only now, so that a node waiting for its sockets to close also waits for the flush.

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::Duration;
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
@@ -158,10 +159,17 @@ impl Writer {
     }
 
     /// Once the socket's reader has finished: writes everything queued, then the close
-    /// frame (a requested one, or a plain one unless the client's close was answered),
-    /// and gives the socket's write half back, so that the socket can shut it down and
-    /// linger (see `task::run`).
-    pub(super) async fn drain(mut self) -> FrameWriter {
+    /// frame (a requested one, or a plain one unless the client's close was answered).
+    /// Gives up after `within`: a client that takes nothing cannot keep its socket.
+    pub(super) async fn drain(&mut self, within: Duration) {
+        let drained = tokio::time::timeout(within, self.drain_all()).await;
+        if drained.is_err() {
+            tracing::debug!(?within, "the client took nothing: socket dropped");
+            self.failed = true;
+        }
+    }
+
+    async fn drain_all(&mut self) {
         let queue = self.queue.clone();
         let _close_queue = CloseQueueOnDrop(&queue);
         let closing = queue.close_requested();
@@ -178,7 +186,7 @@ impl Writer {
                     Ok(Ok(())) => continue,
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "socket write failed");
-                        return self.sink;
+                        return;
                     }
                     Err(close) => {
                         // A frame cut short would garble the close frame: what the write
@@ -187,7 +195,7 @@ impl Writer {
                         if let Ok(Ok(())) = finished.await {
                             self.close(close).await;
                         }
-                        return self.sink;
+                        return;
                     }
                 }
             }
@@ -203,22 +211,23 @@ impl Writer {
                         let _ = tokio::time::timeout(CLOSE_TIMEOUT, plain).await;
                     }
                 }
-                return self.sink;
+                return;
             }
             tokio::select! {
                 biased;
                 close = &mut closing => {
                     self.close(close).await;
-                    return self.sink;
+                    return;
                 }
                 () = queue.ready() => {}
             }
         }
     }
 
-    /// The socket's write half, once the writing is over.
-    pub(super) fn into_sink(self) -> FrameWriter {
+    /// The socket's write half, once the writing is over; `None` when a write failed or
+    /// the client took nothing.
+    pub(super) fn into_sink(self) -> Option<FrameWriter> {
         self.queue.close_queue();
-        self.sink
+        (!self.failed).then_some(self.sink)
     }
 }

@@ -573,6 +573,11 @@ impl Client {
         }
     }
 
+    /// Sends a close frame and reads nothing (a client that stopped reading).
+    pub async fn send_close(&mut self) {
+        self.ws.close(None).await.expect("the close frame was sent");
+    }
+
     pub async fn close(mut self) {
         let _ = self.ws.close(None).await;
         // Wait until the server has seen it (its close reply or the end of the stream).
