@@ -1,4 +1,4 @@
-//! One socket's outbound queue: the frames waiting for its writer task, bounded in frames
+//! One socket's outbound queue: the frames waiting for the socket's writer, bounded in frames
 //! and in bytes, and the socket's close request.
 //!
 //! Deliveries from the rooms never wait here: [`OutboundQueue::offer`] takes a frame or,

@@ -1,5 +1,5 @@
 //! The socket's two halves on the wire: tungstenite reads (and answers pings and the
-//! client's close itself), and the writer task writes the frames it sends without it.
+//! client's close itself), and the socket's writer writes the frames it sends without it.
 //!
 //! A server's frames are unmasked (RFC 6455 §5.1), so a delivery's frame is the same bytes
 //! for every member of its room: the writer puts a 2-to-10-byte header before the payload
