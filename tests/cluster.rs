@@ -398,7 +398,9 @@ async fn a_cluster_that_speaks_only_tls() {
         let got = on_b.delivery().await;
         assert_eq!(got["payload"], room);
     }
-    assert!(a.hub.health().await.is_ready(), "{}", a.hub.health().await);
+    // Ready once every lane has its connections (made at first use, TLS handshakes to
+    // every master: on a loaded machine the first probe may still see one connecting).
+    support::health_is(&a.hub, true).await;
     // Without the CA, the certificate is refused (a long timeout, so that a loaded machine
     // reports the refusal rather than a slow handshake).
     let refused = ThinWsLayer::builder()
