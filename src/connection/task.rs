@@ -7,8 +7,9 @@
 //! flight); a read from the socket; frames were queued; the heartbeat ping is due; the
 //! `connect` grace period ran out; the socket's grant expired; the idle timer fired.
 
-use std::pin::Pin;
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
@@ -16,7 +17,7 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message};
 use metrics::Counter;
 use tokio::sync::Notify;
-use tokio::time::{Instant, MissedTickBehavior, Sleep};
+use tokio::time::Instant;
 
 use super::outbound::OutboundQueue;
 use super::rate_limit::{Rate, RateLimit};
@@ -38,11 +39,12 @@ const RECHECK: Duration = Duration::from_millis(100);
 /// At most this many events are handled while frames wait to be written.
 const EVENTS_BEFORE_WRITING: u32 = 32;
 
-/// A timer that is never meant to fire (until reset).
-const FAR: Duration = Duration::MAX.checked_div(4).unwrap();
+/// A deadline that is never meant to come (until moved): a century.
+const FAR: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
-/// What one socket's task keeps between events. The timers live pinned in [`run`], which
-/// hands each to the method of its event.
+/// What one socket's task keeps between events. Its deadlines share one timer (see
+/// [`SocketTask::next_deadline`]): each `tokio::time::Sleep` would stay in the socket's task
+/// all its life.
 struct SocketTask {
     /// The socket, free or handling a frame.
     reader: Reader,
@@ -71,6 +73,13 @@ struct SocketTask {
     expires_at: Option<SystemTime>,
     /// Closed for an expired grant.
     expired: bool,
+    /// When to look at the idle timeout, the `connect` grace period and the grant's
+    /// deadline next, and when the next heartbeat ping is due.
+    idle_check: Instant,
+    unbound_check: Instant,
+    expiry_check: Instant,
+    ping_at: Instant,
+    ping_interval: Duration,
 }
 
 impl SocketTask {
@@ -97,6 +106,11 @@ impl SocketTask {
             bind_checked: config.connect_within.is_none(),
             expires_at: None,
             expired: false,
+            idle_check: now + config.idle_timeout,
+            unbound_check: now + config.connect_within.unwrap_or(FAR),
+            expiry_check: now + FAR,
+            ping_at: now + config.ping_interval,
+            ping_interval: config.ping_interval,
         }
     }
 
@@ -123,26 +137,27 @@ impl SocketTask {
 
     /// The frame being handled finished, or the oldest publish in flight was answered (its
     /// reply may wait for room in the queue: the writer goes on meanwhile).
-    async fn on_progress(
-        &mut self,
-        progress: Progress,
-        expiry: Pin<&mut Sleep>,
-        writer: &mut Writer,
-    ) {
+    async fn on_progress(&mut self, progress: Progress, writer: &mut Writer) {
         match progress {
             Progress::Handled(socket) => {
                 if socket.expires_at() != self.expires_at {
                     self.expires_at = socket.expires_at();
                     if let Some(at) = self.expires_at {
-                        expiry.reset(instant_of(at));
+                        self.expiry_check = instant_of(at);
                     }
                 }
                 self.reader = Reader::Free(socket);
             }
             Progress::Answered => {
                 if let Reader::Free(socket) = &mut self.reader {
-                    // Boxed: inline, its state would stay in the socket's task all its life.
-                    Box::pin(writer.while_writing(socket.settle_oldest())).await;
+                    let mut settle = std::pin::pin!(socket.settle_oldest());
+                    // Most often done at once (the queue has room for the reply).
+                    let first = std::future::poll_fn(|cx| Poll::Ready(settle.as_mut().poll(cx)));
+                    if first.await.is_pending() {
+                        // Boxed: inline, its state would stay in the socket's task all its
+                        // life.
+                        Box::pin(writer.while_writing(settle)).await;
+                    }
                 }
             }
         }
@@ -183,7 +198,7 @@ impl SocketTask {
     }
 
     /// The `connect` grace period ran out.
-    fn on_unbound(&mut self, timer: Pin<&mut Sleep>) {
+    fn on_unbound(&mut self) {
         match &self.reader {
             Reader::Free(socket) if socket.is_bound() => self.bind_checked = true,
             // A frame (perhaps the `connect`) is being handled: look again shortly.
@@ -192,7 +207,7 @@ impl SocketTask {
                     .unbound_at
                     .is_some_and(|at| Instant::now() < at + DEADLINE_GRACE) =>
             {
-                timer.reset(Instant::now() + RECHECK);
+                self.unbound_check = Instant::now() + RECHECK;
             }
             _ => {
                 tracing::debug!("no identity bound in time: closing the socket");
@@ -208,7 +223,7 @@ impl SocketTask {
     }
 
     /// The socket's grant expired.
-    fn on_expiry(&mut self, timer: Pin<&mut Sleep>) {
+    fn on_expiry(&mut self) {
         match &self.reader {
             // Perhaps a `refresh`: look again once it is handled.
             Reader::Handling(_)
@@ -216,7 +231,7 @@ impl SocketTask {
                     .expires_at
                     .is_some_and(|at| Instant::now() < instant_of(at) + DEADLINE_GRACE) =>
             {
-                timer.reset(Instant::now() + RECHECK);
+                self.expiry_check = Instant::now() + RECHECK;
             }
             _ => {
                 tracing::debug!("the socket's grant expired: closing the socket");
@@ -226,13 +241,45 @@ impl SocketTask {
         }
     }
 
-    /// The idle timer fired; the socket ends if nothing arrived for the idle timeout.
-    fn on_idle(&self, timer: Pin<&mut Sleep>) -> Option<DisconnectReason> {
+    /// The idle check is due; the socket ends if nothing arrived for the idle timeout.
+    fn on_idle(&mut self) -> Option<DisconnectReason> {
         if self.last_seen.elapsed() >= self.idle_timeout {
             return Some(DisconnectReason::TimedOut);
         }
-        timer.reset(self.last_seen + self.idle_timeout);
+        self.idle_check = self.last_seen + self.idle_timeout;
         None
+    }
+
+    /// The earliest of the deadlines watched.
+    fn next_deadline(&self) -> Instant {
+        let mut next = self.idle_check.min(self.ping_at);
+        if self.watches_binding() {
+            next = next.min(self.unbound_check);
+        }
+        if self.watches_expiry() {
+            next = next.min(self.expiry_check);
+        }
+        next
+    }
+
+    /// The timer fired: every deadline that is due is handled; the reason the socket ends,
+    /// if it does.
+    fn on_timer(&mut self, writer: &mut Writer) -> Option<DisconnectReason> {
+        let now = Instant::now();
+        if self.ping_at <= now {
+            writer.ping();
+            self.ping_at = now + self.ping_interval;
+        }
+        if self.watches_binding() && self.unbound_check <= now {
+            self.on_unbound();
+        }
+        if self.watches_expiry() && self.expiry_check <= now {
+            self.on_expiry();
+        }
+        match self.idle_check <= now {
+            true => self.on_idle(),
+            false => None,
+        }
     }
 
     /// The socket ends: whatever was being handled stops, and leaving the rooms undoes
@@ -258,14 +305,15 @@ pub(super) async fn run(
     let mut task = SocketTask::new(&node, socket, queue.clone(), control);
     tracing::debug!("socket open");
 
-    let (reason, written_off) = events(&mut task, &mut writer, &mut source, &node, &queue).await;
+    let (reason, written_off) = events(&mut task, &mut writer, &mut source, &queue).await;
 
     // The socket leaves its rooms while the writer writes what is queued; then it closes
     // the socket.
-    let end = async {
+    // Boxed, like the drain: the socket's task keeps room for its largest state all its life.
+    let end = Box::pin(async {
         task.end(reason).await;
         queue.finish();
-    };
+    });
     if !written_off {
         if reason == DisconnectReason::TimedOut || reason == DisconnectReason::Lost {
             // Nobody is reading: don't wait for a flush that may never come.
@@ -294,18 +342,10 @@ async fn events(
     task: &mut SocketTask,
     writer: &mut Writer,
     source: &mut WsStream,
-    node: &Node,
     queue: &OutboundQueue,
 ) -> (DisconnectReason, bool) {
-    let idle = tokio::time::sleep(task.idle_timeout);
-    tokio::pin!(idle);
-    let unbound = tokio::time::sleep(node.config.connect_within.unwrap_or(FAR));
-    tokio::pin!(unbound);
-    let expiry = tokio::time::sleep(FAR);
-    tokio::pin!(expiry);
-    let every = node.config.ping_interval;
-    let mut ping = tokio::time::interval_at(Instant::now() + every, every);
-    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let timer = tokio::time::sleep_until(task.next_deadline());
+    tokio::pin!(timer);
     // One close future for the socket's life rather than one per turn: registering it
     // costs a lock and a waker.
     let closing = queue.close_requested();
@@ -320,6 +360,10 @@ async fn events(
             break (DisconnectReason::Server, true);
         }
         task.start_ahead();
+        let next = task.next_deadline();
+        if timer.deadline() != next {
+            timer.as_mut().reset(next);
+        }
         let work = writer.has_work();
         write_first |= work && events >= EVENTS_BEFORE_WRITING;
         events += 1;
@@ -336,7 +380,7 @@ async fn events(
                 (write_first, events) = (false, 0);
             }
             progress = task.reader.progress() => {
-                task.on_progress(progress, expiry.as_mut(), writer).await;
+                task.on_progress(progress, writer).await;
             }
             read = source.next(), if task.reads() => {
                 if let Some(reason) = task.on_read(read) {
@@ -345,11 +389,8 @@ async fn events(
             }
             () = std::future::ready(()), if work && !write_first => write_first = true,
             () = queue.ready(), if !work => {}
-            _ = ping.tick() => writer.ping(),
-            () = &mut unbound, if task.watches_binding() => task.on_unbound(unbound.as_mut()),
-            () = &mut expiry, if task.watches_expiry() => task.on_expiry(expiry.as_mut()),
-            () = &mut idle => {
-                if let Some(reason) = task.on_idle(idle.as_mut()) {
+            () = &mut timer => {
+                if let Some(reason) = task.on_timer(writer) {
                     break (reason, false);
                 }
             }

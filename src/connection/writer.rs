@@ -9,7 +9,6 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -109,11 +108,6 @@ impl Writer {
     /// (a reply) gets it as the writer drains it.
     pub(super) async fn while_writing<T>(&mut self, work: impl Future<Output = T>) -> T {
         tokio::pin!(work);
-        // Most often the work is done at once (the queue has room).
-        let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
-        if let Poll::Ready(done) = first {
-            return done;
-        }
         loop {
             let queue = self.queue.clone();
             let work_to_do = self.has_work();
