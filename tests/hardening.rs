@@ -177,18 +177,7 @@ async fn a_reader_that_stops_reading_is_dropped_and_the_others_get_everything() 
     )
     .await;
     // The slow reader: a small receive buffer, and it never reads after subscribing.
-    let slow_tcp = {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        socket.connect(node.addr).await.unwrap()
-    };
-    let (slow_ws, _) = tokio_tungstenite::client_async(
-        node.url(),
-        tokio_tungstenite::MaybeTlsStream::Plain(slow_tcp),
-    )
-    .await
-    .unwrap();
-    let mut slow = Client::from_stream(slow_ws);
+    let mut slow = Client::connect_with_receive_buffer(&node.url(), node.addr, 4096).await;
     slow.subscribe("r").await;
     let mut readers = Vec::new();
     for _ in 0..3 {
@@ -303,16 +292,7 @@ async fn a_client_that_closes_without_reading_gives_its_slot_back() {
             .build(),
     )
     .await;
-    let tcp = {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        socket.connect(node.addr).await.unwrap()
-    };
-    let (ws, _) =
-        tokio_tungstenite::client_async(node.url(), tokio_tungstenite::MaybeTlsStream::Plain(tcp))
-            .await
-            .unwrap();
-    let mut stuck = Client::from_stream(ws);
+    let mut stuck = Client::connect_with_receive_buffer(&node.url(), node.addr, 4096).await;
     stuck.subscribe("r").await;
     let mut publisher = Client::connect(&node.url()).await;
     // Under the socket's byte bound, so it is not dropped as a slow reader; more than the

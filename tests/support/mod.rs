@@ -450,6 +450,19 @@ impl Client {
         }
     }
 
+    /// Connects to the node at `addr` over a TCP connection whose receive buffer is
+    /// `bytes` (a client that reads slowly, or not at all, backs the node's writes up
+    /// soon).
+    pub async fn connect_with_receive_buffer(url: &str, addr: SocketAddr, bytes: u32) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(bytes).unwrap();
+        let tcp = socket.connect(addr).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap();
+        Self::from_stream(ws)
+    }
+
     /// Connects and binds `connection_id`.
     pub async fn connect_as(url: &str, connection_id: &str) -> Self {
         let mut client = Self::connect(url).await;
