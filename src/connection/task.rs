@@ -2,10 +2,11 @@
 //! and the loop that waits for the next event and hands it to that method.
 //!
 //! One task per socket does both the reading and the writing. Events, in the order the
-//! loop prefers them: a close was requested; a write of what is queued finished; the frame
-//! being handled finished (or, while none is, the broker answered the oldest publish in
-//! flight); a read from the socket; frames were queued; the heartbeat ping is due; the
-//! `connect` grace period ran out; the socket's grant expired; the idle timer fired.
+//! loop prefers them: a close was requested; a write of what is queued finished (first only
+//! once it is due, see [`EVENTS_BEFORE_WRITING`]); the frame being handled finished (or,
+//! while none is, the broker answered the oldest publish in flight); a read from the
+//! socket; a write finished (otherwise); frames were queued; the socket's one timer fired
+//! (heartbeat ping, `connect` grace period, grant expiry, idle timeout).
 
 use std::future::Future;
 use std::sync::Arc;

@@ -63,6 +63,7 @@ pub(super) async fn open(
     let (read, write) = tokio::io::split(TokioIo::new(upgraded));
     let control = Arc::new(Control {
         bytes: Mutex::default(),
+        pending: AtomicBool::new(false),
         peer_closed: AtomicBool::new(false),
         queue,
     });
@@ -80,6 +81,8 @@ pub(super) async fn open(
 #[derive(Debug)]
 pub(super) struct Control {
     bytes: Mutex<Vec<u8>>,
+    /// Whether `bytes` holds any: the socket's task asks at every turn, without the lock.
+    pending: AtomicBool,
     /// The client's close frame was read (and tungstenite queued its reply).
     peer_closed: AtomicBool,
     /// Its writer is woken when bytes arrive.
@@ -89,7 +92,12 @@ pub(super) struct Control {
 impl Control {
     /// Takes what tungstenite wrote.
     pub(super) fn take(&self) -> Vec<u8> {
-        std::mem::take(&mut *self.bytes.lock().unwrap_or_else(PoisonError::into_inner))
+        if !self.has_bytes() {
+            return Vec::new();
+        }
+        let mut bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
+        self.pending.store(false, Ordering::Release);
+        std::mem::take(&mut *bytes)
     }
 
     /// The client's close frame was read: tungstenite has answered it.
@@ -99,11 +107,7 @@ impl Control {
 
     /// Whether tungstenite wrote anything not yet taken.
     pub(super) fn has_bytes(&self) -> bool {
-        !self
-            .bytes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_empty()
+        self.pending.load(Ordering::Acquire)
     }
 
     /// Whether the client's close was read (and answered).
@@ -145,6 +149,7 @@ impl AsyncWrite for SocketIo {
             return Poll::Pending;
         }
         bytes.extend_from_slice(buf);
+        self.control.pending.store(true, Ordering::Release);
         drop(bytes);
         self.control.queue.wake_writer();
         Poll::Ready(Ok(buf.len()))

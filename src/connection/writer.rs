@@ -108,8 +108,8 @@ impl Writer {
     /// (a reply) gets it as the writer drains it.
     pub(super) async fn while_writing<T>(&mut self, work: impl Future<Output = T>) -> T {
         tokio::pin!(work);
+        let queue = self.queue.clone();
         loop {
-            let queue = self.queue.clone();
             let work_to_do = self.has_work();
             tokio::select! {
                 biased;
@@ -178,10 +178,8 @@ impl Writer {
                 };
                 match outcome {
                     Ok(Ok(())) => continue,
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "socket write failed");
-                        return;
-                    }
+                    // Logged by `write`.
+                    Ok(Err(_)) => return,
                     Err(close) => {
                         // A frame cut short would garble the close frame: what the write
                         // had begun goes out first, if the client takes it in time.
