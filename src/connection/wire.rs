@@ -105,6 +105,20 @@ impl Control {
         self.peer_closed.store(true, Ordering::Release);
     }
 
+    /// Keeps what tungstenite wrote for the writer, and wakes it; `false` (nothing kept)
+    /// when that would hold more than [`MAX_CONTROL_BYTES`].
+    fn push(&self, buf: &[u8]) -> bool {
+        let mut bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
+        if !bytes.is_empty() && bytes.len() + buf.len() > MAX_CONTROL_BYTES {
+            return false;
+        }
+        bytes.extend_from_slice(buf);
+        self.pending.store(true, Ordering::Release);
+        drop(bytes);
+        self.queue.wake_writer();
+        true
+    }
+
     /// Whether tungstenite wrote anything not yet taken.
     pub(super) fn has_bytes(&self) -> bool {
         self.pending.load(Ordering::Acquire)
@@ -139,20 +153,11 @@ impl AsyncWrite for SocketIo {
         _: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let mut bytes = self
-            .control
-            .bytes
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if !bytes.is_empty() && bytes.len() + buf.len() > MAX_CONTROL_BYTES {
+        match self.control.push(buf) {
+            true => Poll::Ready(Ok(buf.len())),
             // tungstenite keeps the frame and tries again after its next read.
-            return Poll::Pending;
+            false => Poll::Pending,
         }
-        bytes.extend_from_slice(buf);
-        self.control.pending.store(true, Ordering::Release);
-        drop(bytes);
-        self.control.queue.wake_writer();
-        Poll::Ready(Ok(buf.len()))
     }
 
     fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -291,12 +296,14 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
-    /// Whether a write was dropped part-way (see [`FrameWriter::finish`]).
+    /// Whether bytes wait in `rest`: a write dropped part-way, or a queued ping (see
+    /// [`FrameWriter::finish`]).
     pub(super) fn is_unfinished(&self) -> bool {
         self.rest_at < self.rest.len()
     }
 
-    /// Writes what a write dropped part-way had begun. Cancel-safe.
+    /// Writes what waits in `rest` (what a write dropped part-way had begun, a queued
+    /// ping). Cancel-safe.
     pub(super) async fn finish(&mut self) -> io::Result<()> {
         while self.rest_at < self.rest.len() {
             let written = self.io.write(&self.rest[self.rest_at..]).await?;
@@ -448,6 +455,29 @@ mod tests {
         let close = Some((CloseCode::Again, "outbound queue full"));
         writer.close(&[], close).await.unwrap();
         assert_eq!(reading.await.unwrap(), (taken, CloseCode::Again));
+    }
+
+    /// A client that pings and never reads: the pongs waiting for the writer stay under
+    /// the bound, and what is refused waits in tungstenite (which keeps one pong).
+    #[test]
+    fn what_tungstenite_writes_is_held_within_its_bound() {
+        let control = Control {
+            bytes: Mutex::default(),
+            pending: AtomicBool::new(false),
+            peer_closed: AtomicBool::new(false),
+            queue: Arc::new(OutboundQueue::new(16, 1 << 20)),
+        };
+        let pong = [0x8A, 0];
+        let mut kept = 0;
+        while control.push(&pong) {
+            kept += pong.len();
+            assert!(kept <= MAX_CONTROL_BYTES, "{kept} bytes held");
+        }
+        assert_eq!(kept, MAX_CONTROL_BYTES);
+        assert!(control.has_bytes());
+        assert_eq!(control.take().len(), MAX_CONTROL_BYTES);
+        assert!(!control.has_bytes());
+        assert!(control.push(&pong), "taken: room again");
     }
 
     #[test]
