@@ -90,10 +90,21 @@ async fn under_plain_hyper() {
         http(node.addr, "GET", "/elsewhere", &upgrade).await,
         (200, "inner /elsewhere".into())
     );
-    // A broken handshake on the path gets a clear 400.
+    // A broken handshake on the path gets a clear 400, and gives back the socket's slot
+    // it had taken: no key, or a version other than 13 (RFC 6455 §4.2.1).
     let (status, body) = http(node.addr, "GET", "/ws", &support::UPGRADE[..2]).await;
     assert_eq!(status, 400);
     assert!(body.contains("invalid WebSocket upgrade"), "{body}");
+    let mut old_version = support::UPGRADE;
+    old_version[2].1 = "8";
+    let (status, body) = http(node.addr, "GET", "/ws", &old_version).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("Sec-WebSocket-Version is not 13"), "{body}");
+    // The round trip's socket closes on its own; the refused upgrades keep no slot.
+    support::until("no socket on the node", async || {
+        node.hub.socket_count() == 0
+    })
+    .await;
 }
 
 #[tokio::test]
