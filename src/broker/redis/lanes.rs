@@ -14,6 +14,7 @@
 //! pooled connection was reported lost since it was checked out, so that a publish is not
 //! sent on a connection already known to be closed.
 
+use std::ops::Range;
 use std::time::Duration;
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
@@ -21,7 +22,7 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::commands::{query_pipeline, Commands, Connection};
+use super::commands::{query_commands, Commands, Connection};
 use super::connect::{redis_error, Disconnects};
 use super::history;
 use crate::broker::{new_epoch, Keys, Position, Publish, Published};
@@ -57,6 +58,60 @@ enum Kind {
     },
     /// A health probe: `PING` on the lane's connection, in order with the publishes.
     Ping,
+}
+
+impl Kind {
+    /// The key the command for this request names: the channel, or the history's meta key
+    /// (the publish script's first key); `None` for a `PING`.
+    fn key(&self) -> Option<&[u8]> {
+        match self {
+            Kind::Publish { channel, .. } => Some(channel.as_bytes()),
+            Kind::History { meta, .. } => Some(meta.as_bytes()),
+            Kind::Ping => None,
+        }
+    }
+}
+
+/// Appends to `pipeline` the one command that answers `requests`: a publish, a `PING`, or
+/// one publish script call for consecutive publishes to one history room.
+fn command(requests: &[Request], cluster: bool, pipeline: &mut redis::Pipeline) {
+    match &requests[0].kind {
+        Kind::Publish { channel, frame } => {
+            let publish = match cluster {
+                true => "SPUBLISH",
+                false => "PUBLISH",
+            };
+            pipeline.cmd(publish).arg(channel).arg(frame.as_bytes());
+        }
+        Kind::Ping => {
+            pipeline.cmd("PING");
+        }
+        Kind::History {
+            meta,
+            stream,
+            channel,
+            size,
+            ttl_ms,
+            ..
+        } => {
+            let command = pipeline
+                .cmd("EVALSHA")
+                .arg(history::publish_script(cluster).get_hash())
+                .arg(2)
+                .arg(meta)
+                .arg(stream)
+                .arg(channel)
+                .arg(*size)
+                .arg(*ttl_ms)
+                // Used only if the room has no history yet (or lost it).
+                .arg(&*new_epoch());
+            for request in requests {
+                if let Kind::History { frame, .. } = &request.kind {
+                    command.arg(frame);
+                }
+            }
+        }
+    }
 }
 
 impl Request {
@@ -243,65 +298,37 @@ impl Lane {
         batch: &mut Vec<Request>,
         deadline: Instant,
     ) -> Vec<Request> {
-        pipeline.clear();
-        // How many requests each pipelined command answers: consecutive publishes to one
-        // history room go as one script call.
-        let mut groups = Vec::with_capacity(batch.len());
+        // The requests each pipelined command answers: consecutive publishes to one history
+        // room go as one script call.
+        let mut commands: Vec<Range<usize>> = Vec::with_capacity(batch.len());
         let mut i = 0;
         while i < batch.len() {
-            match &batch[i].kind {
-                Kind::Publish { channel, frame } => {
-                    let publish = match self.commands.is_cluster() {
-                        true => "SPUBLISH",
-                        false => "PUBLISH",
-                    };
-                    pipeline.cmd(publish).arg(channel).arg(frame.as_bytes());
-                    groups.push(1);
-                }
-                Kind::Ping => {
-                    pipeline.cmd("PING");
-                    groups.push(1);
-                }
-                Kind::History {
-                    meta,
-                    stream,
-                    channel,
-                    size,
-                    ttl_ms,
-                    ..
-                } => {
-                    let command = pipeline
-                        .cmd("EVALSHA")
-                        .arg(history::publish_script(self.commands.is_cluster()).get_hash())
-                        .arg(2)
-                        .arg(meta)
-                        .arg(stream)
-                        .arg(channel)
-                        .arg(*size)
-                        .arg(*ttl_ms)
-                        // Used only if the room has no history yet (or lost it).
-                        .arg(&*new_epoch());
-                    let mut n = 0;
-                    while let Some(Kind::History {
-                        meta: next, frame, ..
-                    }) = batch.get(i + n).map(|r| &r.kind)
-                    {
-                        if next != meta {
-                            break;
-                        }
-                        command.arg(frame);
-                        n += 1;
-                    }
-                    groups.push(n);
-                    i += n;
-                    continue;
+            let mut end = i + 1;
+            if let Kind::History { meta, .. } = &batch[i].kind {
+                while matches!(batch.get(end).map(|r| &r.kind),
+                    Some(Kind::History { meta: next, .. }) if next == meta)
+                {
+                    end += 1;
                 }
             }
-            i += 1;
+            commands.push(i..end);
+            i = end;
         }
+        let cluster = self.commands.is_cluster();
+        let requests = &batch[..];
+        let sent = self
+            .send(
+                pipeline,
+                commands.len(),
+                |n| requests[commands[n].start].kind.key(),
+                |n, into| command(&requests[commands[n].clone()], cluster, into),
+                deadline,
+            )
+            .await;
+        let groups = commands.iter().map(Range::len);
         let mut retry = Vec::new();
-        match self.send(pipeline, deadline).await {
-            Ok(replies) if replies.len() == groups.len() => {
+        match sent {
+            Ok(replies) if replies.len() == commands.len() => {
                 let mut requests = batch.drain(..);
                 for (reply, n) in replies.into_iter().zip(groups) {
                     let group: Vec<Request> = requests.by_ref().take(n).collect();
@@ -343,7 +370,7 @@ impl Lane {
                 let e = BrokerError::Protocol(format!(
                     "{} replies to a pipeline of {} commands",
                     replies.len(),
-                    groups.len()
+                    commands.len()
                 ));
                 batch
                     .drain(..)
@@ -360,11 +387,14 @@ impl Lane {
         retry
     }
 
-    /// Sends `pipeline` on the held connection (checking one out first if needed), and
-    /// waits for its replies until `deadline`.
-    async fn send(
+    /// Sends `count` commands (see [`query_commands`]) on the held connection (checking one
+    /// out first if needed), and waits for their replies until `deadline`.
+    async fn send<'k>(
         &mut self,
-        pipeline: &redis::Pipeline,
+        scratch: &mut redis::Pipeline,
+        count: usize,
+        key: impl Fn(usize) -> Option<&'k [u8]>,
+        build: impl FnMut(usize, &mut redis::Pipeline),
         deadline: Instant,
     ) -> Result<Vec<Value>, BrokerError> {
         let lost = self.disconnects.current();
@@ -383,7 +413,8 @@ impl Lane {
             }
         };
         // From here on the pipeline may have reached Redis.
-        match tokio::time::timeout_at(deadline, query_pipeline(connection, pipeline)).await {
+        let query = query_commands(connection, scratch, count, key, build);
+        match tokio::time::timeout_at(deadline, query).await {
             Err(_) => Err(BrokerError::Timeout(self.timeout)),
             Ok(Ok(replies)) => Ok(replies),
             Ok(Err(e)) if e.kind() == redis::ErrorKind::Io || e.is_connection_dropped() => {

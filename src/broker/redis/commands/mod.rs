@@ -4,8 +4,10 @@
 //! is multiplexed and cheap to clone, so every user shares one instead of pooling several
 //! (each would hold a connection to every node).
 //!
-//! A cluster pipeline must stay within one slot: [`query_pipeline`] sends a pipeline's
-//! commands as one pipeline per slot, concurrently, and answers in the original order.
+//! redis-rs keeps a cluster pipeline within one slot; [`query_commands`] sends one pipeline
+//! per master instead, by the slot map, built directly for that master, and answers in the
+//! original order. [`query_pipeline`] does the same for a pipeline built beforehand (its
+//! commands are copied into the per-master pipelines: fine off the hot path).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +20,9 @@ use tokio::time::Instant;
 
 mod slots;
 
-pub(crate) use self::slots::{key_slot, ping_every_master, query_pipeline, read_slot_map, SlotMap};
+pub(crate) use self::slots::{
+    key_slot, ping_every_master, query_commands, query_pipeline, read_slot_map, SlotMap,
+};
 
 /// An empty pipeline that answers each command's error in its place.
 pub(crate) fn pipeline() -> redis::Pipeline {

@@ -8,57 +8,84 @@ use redis::{Cmd, Pipeline, Value};
 use super::Connection;
 use crate::error::BrokerError;
 
-/// The slot of the key a command of ours names (see [`key_of`]).
-fn slot_of(cmd: &Cmd) -> Option<Slot> {
-    key_of(cmd).map(Slot::for_key)
-}
-
 /// Sends `pipeline` (which answers each command's error in its place, `ignore_errors`) and
-/// returns the replies in order. On a cluster: one pipeline per master, concurrently, by
-/// the slot map the cluster last reported (a shard takes commands of many slots in one
-/// pipeline; only redis-rs's own routing insists on one slot); commands that come back
-/// `MOVED`, `ASK` or `TRYAGAIN` (the map changed) go again one pipeline per slot, where
-/// redis-rs follows the redirection. The commands of one slot keep their order.
+/// returns the replies in order (see [`query_commands`]).
 pub(crate) async fn query_pipeline(
     connection: &mut Connection,
     pipeline: &Pipeline,
 ) -> Result<Vec<Value>, redis::RedisError> {
+    if let Connection::Pooled(c) = connection {
+        return pipeline.query_async(c).await;
+    }
+    let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
+    let mut scratch = redis::pipe();
+    query_commands(
+        connection,
+        &mut scratch,
+        commands.len(),
+        |n| key_of(commands[n]),
+        |n, into| {
+            into.add_command(commands[n].clone());
+        },
+    )
+    .await
+}
+
+/// Sends `count` commands and returns their replies in order (each command's error in its
+/// place). Command `n` is what `build(n, pipeline)` appends to a pipeline, and names the
+/// key `key(n)` (`None` for a command without one).
+///
+/// On one Redis, the commands go as one pipeline, built in `scratch` (kept for the next
+/// call). On a cluster: one pipeline per master, built directly (no command is copied),
+/// sent concurrently by the slot map the cluster last reported; a shard takes commands of
+/// many slots in one pipeline (only redis-rs's own routing insists on one slot). Commands
+/// that come back `MOVED`, `ASK` or `TRYAGAIN` (the map changed) are built again and go one
+/// pipeline per slot through redis-rs's routing, which follows the redirection. The
+/// commands of one slot keep their order.
+pub(crate) async fn query_commands<'k>(
+    connection: &mut Connection,
+    scratch: &mut Pipeline,
+    count: usize,
+    key: impl Fn(usize) -> Option<&'k [u8]>,
+    mut build: impl FnMut(usize, &mut Pipeline),
+) -> Result<Vec<Value>, redis::RedisError> {
     let (cluster, shared) = match connection {
-        Connection::Pooled(c) => return pipeline.query_async(c).await,
+        Connection::Pooled(c) => {
+            scratch.clear();
+            (0..count).for_each(|n| build(n, scratch));
+            return scratch.query_async(c).await;
+        }
         Connection::Cluster(c, shared) => (c.clone(), shared.clone()),
     };
-    let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
-    let mut replies = vec![Value::Nil; commands.len()];
-    let mut again: Vec<usize> = (0..commands.len()).collect();
+    let mut replies = vec![Value::Nil; count];
+    let mut again: Vec<usize> = (0..count).collect();
     if let Some(map) = shared.slot_map(&cluster).await {
         // By master: each group is one pipeline to that node.
-        let mut groups: Vec<(Option<Address>, Vec<usize>)> = Vec::new();
-        for (n, cmd) in commands.iter().enumerate() {
-            let owner = key_of(cmd).and_then(|key| map.owner(key_slot(key)));
-            match groups.iter_mut().find(|(o, _)| *o == owner) {
-                Some((_, indices)) => indices.push(n),
-                None => groups.push((owner, vec![n])),
-            }
+        let mut groups: Vec<Group<Option<(&str, u16)>>> = Vec::new();
+        for n in 0..count {
+            let owner = key(n).and_then(|key| map.owner_of(key_slot(key)));
+            Group::of(&mut groups, owner, |_| true).add(n, &mut build);
         }
-        let sends = groups.iter().map(|(owner, indices)| {
-            let mut sub = redis::pipe();
-            sub.ignore_errors();
-            for &n in indices {
-                sub.add_command(commands[n].clone());
-            }
-            let mut c = cluster.clone();
-            let route = match owner {
-                Some((host, port)) => SingleNodeRoutingInfo::ByAddress {
-                    host: host.clone(),
-                    port: *port,
-                },
-                None => SingleNodeRoutingInfo::Random,
-            };
-            async move { c.route_pipeline(sub, 0, indices.len(), route).await }
-        });
+        let (sends, indices): (Vec<_>, Vec<_>) = groups
+            .into_iter()
+            .map(|group| {
+                let mut c = cluster.clone();
+                let route = match group.to {
+                    Some((host, port)) => SingleNodeRoutingInfo::ByAddress {
+                        host: host.to_owned(),
+                        port,
+                    },
+                    None => SingleNodeRoutingInfo::Random,
+                };
+                let count = group.indices.len();
+                let pipeline = group.pipeline;
+                let send = async move { c.route_pipeline(pipeline, 0, count, route).await };
+                (send, group.indices)
+            })
+            .unzip();
         let answers = futures_util::future::join_all(sends).await;
         again.clear();
-        for ((_, indices), answer) in groups.iter().zip(answers) {
+        for (indices, answer) in indices.iter().zip(answers) {
             let answer = match answer {
                 Ok(answer) => answer,
                 Err(e) => {
@@ -84,35 +111,55 @@ pub(crate) async fn query_pipeline(
         again.sort_unstable();
     }
     // One pipeline per slot through redis-rs's routing (it follows `MOVED` and `ASK`).
-    let mut groups: Vec<(Option<Slot>, Pipeline, Vec<usize>)> = Vec::new();
+    let mut groups: Vec<Group<Option<Slot>>> = Vec::new();
     for &n in &again {
-        let slot = slot_of(commands[n]);
-        let group = match groups
-            .iter_mut()
-            .find(|(s, ..)| *s == slot && slot.is_some())
-        {
-            Some(group) => group,
-            None => {
-                let mut sub = redis::pipe();
-                sub.ignore_errors();
-                groups.push((slot, sub, Vec::new()));
-                groups.last_mut().expect("just pushed")
-            }
-        };
-        group.1.add_command(commands[n].clone());
-        group.2.push(n);
+        let slot = key(n).map(Slot::for_key);
+        Group::of(&mut groups, slot, |slot| slot.is_some()).add(n, &mut build);
     }
-    let sends = groups.iter().map(|(_, sub, _)| {
+    let sends = groups.iter().map(|group| {
         let mut c = Connection::Cluster(cluster.clone(), shared.clone());
-        async move { sub.query_async::<Vec<Value>>(&mut c).await }
+        async move { group.pipeline.query_async::<Vec<Value>>(&mut c).await }
     });
     let answers = futures_util::future::join_all(sends).await;
-    for ((_, _, indices), answer) in groups.iter().zip(answers) {
-        for (index, reply) in indices.iter().zip(answer?) {
+    for (group, answer) in groups.iter().zip(answers) {
+        for (index, reply) in group.indices.iter().zip(answer?) {
             replies[*index] = reply;
         }
     }
     Ok(replies)
+}
+
+/// Commands that go together: one pipeline to one place (`to`), and the index of each of
+/// its commands in the caller's order.
+struct Group<T> {
+    to: T,
+    pipeline: Pipeline,
+    indices: Vec<usize>,
+}
+
+impl<T: PartialEq> Group<T> {
+    /// The group in `groups` that goes to `to`, added if there is none (or if `shared(to)`
+    /// says that commands for `to` may not share a pipeline).
+    fn of(groups: &mut Vec<Self>, to: T, shared: impl Fn(&T) -> bool) -> &mut Self {
+        let at = match groups.iter().position(|g| g.to == to && shared(&to)) {
+            Some(at) => at,
+            None => {
+                groups.push(Group {
+                    to,
+                    pipeline: super::pipeline(),
+                    indices: Vec::new(),
+                });
+                groups.len() - 1
+            }
+        };
+        &mut groups[at]
+    }
+
+    /// Appends command `n`, as `build` makes it.
+    fn add(&mut self, n: usize, build: &mut impl FnMut(usize, &mut Pipeline)) {
+        build(n, &mut self.pipeline);
+        self.indices.push(n);
+    }
 }
 
 /// `PING` to every master the slot map lists (each by its address: redis-rs's own
@@ -154,9 +201,6 @@ fn redirected(e: &redis::ServerError) -> bool {
     )
 }
 
-/// A node's host and port.
-type Address = (String, u16);
-
 /// Which master serves each slot, as `CLUSTER SLOTS` said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SlotMap(pub(super) Vec<(u16, u16, String, u16)>);
@@ -173,11 +217,17 @@ impl SlotMap {
 
     /// The master that serves `slot`, if any does.
     pub(crate) fn owner(&self, slot: u16) -> Option<(String, u16)> {
+        self.owner_of(slot)
+            .map(|(host, port)| (host.to_owned(), port))
+    }
+
+    /// The master that serves `slot`, if any does, borrowed from the map.
+    pub(crate) fn owner_of(&self, slot: u16) -> Option<(&str, u16)> {
         let at = self.0.partition_point(|(_, end, ..)| *end < slot);
         self.0
             .get(at)
             .filter(|(start, ..)| *start <= slot)
-            .map(|(_, _, host, port)| (host.clone(), *port))
+            .map(|(_, _, host, port)| (host.as_str(), *port))
     }
 }
 
