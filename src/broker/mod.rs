@@ -157,6 +157,22 @@ impl Publish {
         *self = Publish::Done(result.clone());
         result
     }
+
+    /// The broker's answer if it came; `None` while it has not.
+    pub(crate) fn try_result(&mut self) -> Option<Published> {
+        let result = match self {
+            Publish::Done(result) => return Some(result.clone()),
+            Publish::Pending(answer) => match answer.try_recv() {
+                Ok(result) => result,
+                Err(oneshot::error::TryRecvError::Empty) => return None,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    Err(BrokerError::Stopped("publishing lane"))
+                }
+            },
+        };
+        *self = Publish::Done(result.clone());
+        Some(result)
+    }
 }
 
 /// A pending [`Broker::acquire`] or [`Broker::presence_join`]: the broker's word that it

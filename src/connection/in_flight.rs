@@ -67,6 +67,17 @@ impl InFlight {
         }
     }
 
+    /// The broker's answer to the oldest publish, taken off the queue, if it came.
+    pub(super) fn answered(&mut self) -> Option<Answered> {
+        let result = self.queue.front_mut()?.publish.try_result()?;
+        let oldest = self.queue.pop_front()?;
+        Some(Answered {
+            message_id: oldest.message_id,
+            started: oldest.started,
+            result,
+        })
+    }
+
     /// Waits for the broker's answer to the oldest publish and takes it off the queue;
     /// `None` when none is in flight.
     pub(super) async fn next_answer(&mut self) -> Option<Answered> {

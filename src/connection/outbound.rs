@@ -182,8 +182,25 @@ impl OutboundQueue {
         self.push(frame).await
     }
 
+    /// [`OutboundQueue::push`] without waiting: `Some(frame)` back when the queue holds its
+    /// most frames (its bytes are counted in: queue it with [`OutboundQueue::push_counted`]);
+    /// `None` when it was queued, or dropped because the socket is ending.
+    pub(crate) fn push_now(&self, frame: Utf8Bytes) -> Option<Utf8Bytes> {
+        if !self.count(frame.len()) {
+            return None;
+        }
+        match self.try_push(&frame) {
+            Ok(()) => None,
+            Err(Rejected::Full) => Some(frame),
+            Err(Rejected::Closed) => {
+                self.unreserve(frame.len());
+                None
+            }
+        }
+    }
+
     /// [`OutboundQueue::push`] of a frame whose bytes are counted in already.
-    async fn push_counted(&self, frame: Utf8Bytes) -> Result<(), Rejected> {
+    pub(crate) async fn push_counted(&self, frame: Utf8Bytes) -> Result<(), Rejected> {
         loop {
             let space = self.space.notified();
             tokio::pin!(space);

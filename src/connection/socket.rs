@@ -379,22 +379,38 @@ impl Socket {
     }
 
     /// Sends the ack or error of the oldest publish in flight, once the broker answered it.
-    pub(super) async fn settle_oldest(&mut self) {
-        let Some(Answered {
+    async fn settle_oldest(&mut self) {
+        if let Some(answered) = self.in_flight.next_answer().await {
+            let frame = self.reply_to(answered);
+            self.reply(frame).await;
+        }
+    }
+
+    /// The ack or error of the oldest publish in flight, taken off the window, if the
+    /// broker answered it.
+    pub(super) fn oldest_reply(&mut self) -> Option<String> {
+        let answered = self.in_flight.answered()?;
+        Some(self.reply_to(answered))
+    }
+
+    /// The ack or error for a publish the broker answered.
+    fn reply_to(&self, answered: Answered) -> String {
+        let Answered {
             message_id,
             started,
             result,
-        }) = self.in_flight.next_answer().await
-        else {
-            return;
-        };
+        } = answered;
         match result {
             Ok(at) => {
                 self.metrics.publishes.increment(1);
                 self.metrics.publish_duration.record(started.elapsed());
-                self.reply(Answer::at(at).frame(&message_id)).await
+                Answer::at(at).frame(&message_id)
             }
-            Err(e) => self.refuse(&message_id, Refusal::Broker(e)).await,
+            Err(e) => {
+                let refusal = Refusal::Broker(e);
+                crate::metrics::error(refusal.code());
+                server::error(Some(&message_id), refusal.code(), &refusal.message())
+            }
         }
     }
 

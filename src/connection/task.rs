@@ -8,14 +8,12 @@
 //! socket; a write finished (otherwise); frames were queued; the socket's one timer fired
 //! (heartbeat ping, `connect` grace period, grant expiry, idle timeout).
 
-use std::future::Future;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use hyper_tungstenite::tungstenite::{Error as WsError, Message};
+use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use metrics::Counter;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -150,15 +148,16 @@ impl SocketTask {
                 self.reader = Reader::Free(socket);
             }
             Progress::Answered => {
-                if let Reader::Free(socket) = &mut self.reader {
-                    let mut settle = std::pin::pin!(socket.settle_oldest());
-                    // Most often done at once (the queue has room for the reply).
-                    let first = std::future::poll_fn(|cx| Poll::Ready(settle.as_mut().poll(cx)));
-                    if first.await.is_pending() {
-                        // Boxed: inline, its state would stay in the socket's task all its
-                        // life.
-                        Box::pin(writer.while_writing(settle)).await;
-                    }
+                let Reader::Free(socket) = &mut self.reader else {
+                    return;
+                };
+                // Most often the queue has room for the reply at once.
+                let full = socket
+                    .oldest_reply()
+                    .and_then(|reply| self.queue.push_now(Utf8Bytes::from(reply)));
+                if let Some(reply) = full {
+                    // Boxed: inline, its state would stay in the socket's task all its life.
+                    let _ = Box::pin(writer.while_writing(self.queue.push_counted(reply))).await;
                 }
             }
         }
@@ -371,7 +370,8 @@ async fn events(
         tokio::select! {
             biased;
             close = &mut closing => {
-                writer.close(close).await;
+                // Boxed: inline, its state would stay in the socket's task all its life.
+                Box::pin(writer.close(close)).await;
                 break (DisconnectReason::Server, true);
             }
             written = writer.write(), if work && write_first => {

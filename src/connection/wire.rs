@@ -223,36 +223,57 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         control: &[u8],
         frames: &mut VecDeque<Utf8Bytes>,
     ) -> io::Result<u64> {
-        // Rare (pongs, a close reply): a write of their own.
-        self.rest.extend_from_slice(control);
-        self.finish().await?;
+        self.add_control(control);
         let mut written = 0;
-        while !frames.is_empty() {
+        std::future::poll_fn(|cx| self.poll_write_texts(cx, frames, &mut written)).await?;
+        Ok(written)
+    }
+
+    /// Adds `control` (tungstenite's bytes) to what the next write sends first.
+    pub(super) fn add_control(&mut self, control: &[u8]) {
+        // Rare (pongs, a close reply): after what a write had begun, before any frame.
+        self.rest.extend_from_slice(control);
+    }
+
+    /// [`FrameWriter::write_texts`] (after [`FrameWriter::add_control`]) as a poll, for a
+    /// caller that keeps no future between polls: everything begun is in `rest` and what
+    /// is left in `frames`, and the next poll goes on from there. `written` counts the
+    /// frames handed to the connection.
+    pub(super) fn poll_write_texts(
+        &mut self,
+        cx: &mut Context<'_>,
+        frames: &mut VecDeque<Utf8Bytes>,
+        written: &mut u64,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            std::task::ready!(self.poll_finish(cx))?;
+            if frames.is_empty() {
+                return Pin::new(&mut self.io).poll_flush(cx);
+            }
             let mut count = 0;
             let mut bytes = 0;
             while count < frames.len() && count < FRAMES_PER_WRITE && bytes < BYTES_PER_WRITE {
                 bytes += frames[count].len();
                 count += 1;
             }
-            self.start(frames.range(..count)).await?;
+            std::task::ready!(self.poll_start(cx, frames.range(..count)))?;
             // Written, or what is left of them is in `rest`.
             frames.drain(..count);
-            written += count as u64;
-            self.finish().await?;
+            *written += count as u64;
         }
-        self.io.flush().await?;
-        Ok(written)
     }
 
-    /// Gathers `frames` into `rest` for [`FrameWriter::finish`] to write. When the
+    /// Gathers `frames` into `rest` for [`FrameWriter::poll_finish`] to write. When the
     /// connection takes vectored writes and a payload has [`ZERO_COPY_FROM`] bytes or more,
     /// such payloads are written from where they are instead, with one vectored write for
-    /// the lot, and what that write did not take is copied into `rest`. Cancel-safe: its
-    /// only await is that write, and `rest` is untouched until it is done.
-    async fn start<'a>(
+    /// the lot, and what that write did not take is copied into `rest`. `rest` is untouched
+    /// until that write is done: a poll that finds the connection full leaves everything
+    /// as it was.
+    fn poll_start<'a>(
         &mut self,
+        cx: &mut Context<'_>,
         frames: impl Iterator<Item = &'a Utf8Bytes> + Clone,
-    ) -> io::Result<()> {
+    ) -> Poll<io::Result<()>> {
         let FrameWriter { io, rest, rest_at } = self;
         debug_assert!(*rest_at == 0 && rest.is_empty());
         let zero_copy =
@@ -263,7 +284,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 rest.extend_from_slice(&header[..len]);
                 rest.extend_from_slice(frame.as_bytes());
             }
-            return Ok(());
+            return Poll::Ready(Ok(()));
         }
         // Headers and short payloads, and the long payloads each after an offset in them.
         let mut gathered = Vec::new();
@@ -284,16 +305,16 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             at = *end;
         }
         slices.push(IoSlice::new(&gathered[at..]));
-        let written = io.write_vectored(&slices).await?;
+        let written = std::task::ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices))?;
         if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
         }
         let mut left = &mut slices[..];
         IoSlice::advance_slices(&mut left, written);
         for slice in left.iter() {
             rest.extend_from_slice(slice);
         }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
     /// Whether bytes wait in `rest`: a write dropped part-way, or a queued ping (see
@@ -305,10 +326,17 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     /// Writes what waits in `rest` (what a write dropped part-way had begun, a queued
     /// ping). Cancel-safe.
     pub(super) async fn finish(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_finish(cx)).await
+    }
+
+    /// [`FrameWriter::finish`] as a poll.
+    fn poll_finish(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.rest_at < self.rest.len() {
-            let written = self.io.write(&self.rest[self.rest_at..]).await?;
+            let written = std::task::ready!(
+                Pin::new(&mut self.io).poll_write(cx, &self.rest[self.rest_at..])
+            )?;
             if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.rest_at += written;
         }
@@ -317,7 +345,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         if self.rest.capacity() > KEEP_BUFFER_UP_TO {
             self.rest = Vec::new();
         }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
     /// Queues a ping, written first by the next write (or [`FrameWriter::finish`]).

@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -84,24 +85,30 @@ impl Writer {
         self.failed
     }
 
-    /// Writes tungstenite's bytes and the frames taken, then flushes. Cancel-safe.
+    /// Writes tungstenite's bytes and the frames taken, then flushes. Cancel-safe, and its
+    /// future holds nothing but `self` (it is one of the socket task's events, kept in the
+    /// task all the socket's life): what a write has begun is in the sink and the batch.
     pub(super) async fn write(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_write(cx)).await
+    }
+
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.writing = true;
-        let written = self
-            .sink
-            .write_texts(&self.control.take(), &mut self.batch)
-            .await;
-        let frames = written.inspect_err(|e| {
+        self.sink.add_control(&self.control.take());
+        let mut frames = 0;
+        let polled = self.sink.poll_write_texts(cx, &mut self.batch, &mut frames);
+        self.frames_out.increment(frames);
+        if let Err(e) = std::task::ready!(polled) {
             tracing::debug!(error = %e, "socket write failed");
             self.failed = true;
-        })?;
-        self.frames_out.increment(frames);
+            return Poll::Ready(Err(e));
+        }
         self.writing = false;
         // Keep a small batch's buffer for next time; give a large one back.
         if self.batch.capacity() > 64 {
             self.batch = VecDeque::new();
         }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
     /// Runs `work` to completion, writing meanwhile: work that waits for room in the queue
