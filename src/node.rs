@@ -38,6 +38,9 @@ pub(crate) struct Node {
     pub(crate) notifier: Option<Notifier>,
     /// Decides when rooms become occupied or vacant, for the notification hook.
     occupancy: Option<Occupancy>,
+    /// The metric handles every socket clones, taken when the first socket opens (taking
+    /// them per socket costs a registry lookup and ~100 bytes each).
+    socket_metrics: std::sync::OnceLock<crate::metrics::SocketMetrics>,
 }
 
 impl FrameSink for Rooms {
@@ -47,6 +50,13 @@ impl FrameSink for Rooms {
 }
 
 impl Node {
+    /// Metric handles for a new socket.
+    pub(crate) fn socket_metrics(&self) -> crate::metrics::SocketMetrics {
+        self.socket_metrics
+            .get_or_init(crate::metrics::SocketMetrics::new)
+            .clone()
+    }
+
     /// Builds a node: on Redis at `redis`, or in memory without one. Connects nothing;
     /// fails when the Redis URL is unusable or the broker cannot be built on it.
     pub(crate) fn new(
@@ -102,6 +112,7 @@ impl Node {
             instance: RandomState::new().hash_one(std::process::id()),
             notifier,
             occupancy,
+            socket_metrics: std::sync::OnceLock::new(),
         })
     }
 

@@ -65,7 +65,8 @@ impl Admitted {
     }
 }
 
-/// Completes the upgrade and runs the socket until it closes (giving its slot back).
+/// Completes the upgrade, then spawns the socket's task, which runs the socket until it
+/// closes (giving its slot back).
 ///
 /// The socket's state is built before the future, so that the future does not keep room
 /// for the upgrade request's head all the socket's life.
@@ -90,8 +91,8 @@ pub(crate) fn serve(
         };
         let halves = wire::open(upgraded, config, queue.clone()).await;
         let span = tracing::debug_span!("socket", id, identity = tracing::field::Empty);
-        task::run(node, halves, socket, queue)
-            .instrument(span)
-            .await
+        // A task of its own, so that the socket's life does not keep room for this one's
+        // state (the upgrade and the stream's set-up, and what they captured).
+        tokio::spawn(task::run(node, halves, socket, queue).instrument(span));
     }
 }

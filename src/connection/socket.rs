@@ -89,6 +89,7 @@ impl Socket {
     ) -> Self {
         let identity: Arc<str> = format!("{:016x}-{id}", node.instance).into();
         let hooks = node.config.hooks.clone();
+        let metrics = node.socket_metrics();
         // Only hooks read the upgrade request: without them, don't keep its headers for the
         // socket's whole life.
         let request = match hooks.is_empty() {
@@ -109,7 +110,7 @@ impl Socket {
             queue,
             hooks,
             disconnect_fired: false,
-            metrics: SocketMetrics::new(),
+            metrics,
             in_flight: InFlight::default(),
             expires_at: None,
             holds_identity: false,
