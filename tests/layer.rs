@@ -324,3 +324,48 @@ async fn origins_outside_the_allow_list_get_403() {
         assert_eq!(upgrade_status(node.addr, &upgrade(ok)).await, 101, "{ok:?}");
     }
 }
+
+/// Writes the upgrade request and two frames in one write, as a client that does not wait
+/// for the 101 may, and reads until both replies came: the frames hyper read along with
+/// the request are not lost (thinws takes the TCP stream back out of hyper when the server
+/// handed it one, and must read those bytes first).
+async fn frames_with_the_upgrade_request(addr: std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut bytes = b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n"
+        .to_vec();
+    for id in [1, 2] {
+        let text = format!(r#"{{"type":"subscribe","messageID":{id},"roomID":"early"}}"#);
+        // Masked with a zero key: the payload stays as it is.
+        bytes.extend_from_slice(&[0x81, 0x80 | text.len() as u8, 0, 0, 0, 0]);
+        bytes.extend_from_slice(text.as_bytes());
+    }
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&bytes).await.unwrap();
+    let mut got = Vec::new();
+    support::within("both replies", async {
+        while !String::from_utf8_lossy(&got).contains(r#""messageID":2"#) {
+            let mut chunk = [0u8; 1024];
+            let n = tcp.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await;
+    let got = String::from_utf8_lossy(&got);
+    assert!(got.starts_with("HTTP/1.1 101"), "{got}");
+    assert!(got.contains(r#""messageID":1"#), "{got}");
+}
+
+#[tokio::test]
+async fn frames_sent_with_the_upgrade_request_are_read_under_plain_hyper() {
+    let node = Node::start(ThinWsLayer::in_memory()).await;
+    frames_with_the_upgrade_request(node.addr).await;
+}
+
+#[tokio::test]
+async fn frames_sent_with_the_upgrade_request_are_read_under_axum() {
+    let app = Router::new().layer(ThinWsLayer::in_memory());
+    frames_with_the_upgrade_request(serve_axum(app).await).await;
+}

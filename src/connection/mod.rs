@@ -13,6 +13,7 @@
 //! Heartbeats: the task pings every `ping_interval`, and drops a socket from which nothing
 //! (not even a pong) arrived for `idle_timeout`.
 
+mod halves;
 mod in_flight;
 pub(crate) mod outbound;
 mod rate_limit;

@@ -20,12 +20,9 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use hyper_tungstenite::WebSocketStream;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::outbound::OutboundQueue;
-
-type Io = TokioIo<Upgraded>;
 
 /// The socket as tungstenite sees it: the read half, and [`Control`] to write to. Boxed:
 /// the socket's task moves it from state to state, and async functions keep room for each
@@ -60,7 +57,7 @@ pub(super) async fn open(
     config: WebSocketConfig,
     queue: Arc<OutboundQueue>,
 ) -> (WsStream, FrameWriter, Arc<Control>) {
-    let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+    let (read, write) = super::halves::split(upgraded);
     let control = Arc::new(Control {
         bytes: Mutex::default(),
         pending: AtomicBool::new(false),
@@ -133,7 +130,7 @@ impl Control {
 /// The read half, with tungstenite's writes going to [`Control`].
 #[derive(Debug)]
 pub(super) struct SocketIo {
-    read: tokio::io::ReadHalf<Io>,
+    read: super::halves::ReadSide,
     control: Arc<Control>,
 }
 
@@ -200,7 +197,7 @@ const PING: u8 = 0x9;
 /// Cancel-safe: a write dropped part-way leaves what it had begun in `rest` (its frames
 /// taken out of the caller's queue), and [`FrameWriter::finish`] or the next write sends
 /// it first, so the stream never carries half a frame followed by another.
-pub(super) struct FrameWriter<W = tokio::io::WriteHalf<Io>> {
+pub(super) struct FrameWriter<W = super::halves::WriteSide> {
     io: W,
     /// Bytes handed to this writer and not written yet, from `rest_at` on.
     rest: Vec<u8>,
