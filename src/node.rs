@@ -40,7 +40,7 @@ pub(crate) struct Node {
     occupancy: Option<Occupancy>,
     /// The metric handles every socket clones, taken when the first socket opens (taking
     /// them per socket costs a registry lookup and ~100 bytes each).
-    socket_metrics: std::sync::OnceLock<crate::metrics::SocketMetrics>,
+    socket_metrics: std::sync::OnceLock<Arc<crate::metrics::SocketMetrics>>,
 }
 
 impl FrameSink for Rooms {
@@ -51,9 +51,9 @@ impl FrameSink for Rooms {
 
 impl Node {
     /// Metric handles for a new socket.
-    pub(crate) fn socket_metrics(&self) -> crate::metrics::SocketMetrics {
+    pub(crate) fn socket_metrics(&self) -> Arc<crate::metrics::SocketMetrics> {
         self.socket_metrics
-            .get_or_init(crate::metrics::SocketMetrics::new)
+            .get_or_init(|| Arc::new(crate::metrics::SocketMetrics::new()))
             .clone()
     }
 

@@ -22,7 +22,7 @@ use super::refusal::Refusal;
 use super::request_head::detach;
 use crate::broker::Position;
 use crate::hooks::{
-    ask, DisconnectEvent, DisconnectReason, Happened, Hooks, MessageEvent, MessageVerdict,
+    ask, DisconnectEvent, DisconnectReason, Happened, MessageEvent, MessageVerdict, SocketHooks,
     SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
 };
 use crate::metrics::SocketMetrics;
@@ -40,9 +40,9 @@ pub(super) struct Socket {
     present: HashMap<Arc<str>, (Arc<str>, Presence)>,
     queue: Arc<OutboundQueue>,
     /// This socket's own clones of the layer's hooks.
-    hooks: Hooks,
+    hooks: SocketHooks,
     disconnect_fired: bool,
-    metrics: SocketMetrics,
+    metrics: Arc<SocketMetrics>,
     in_flight: InFlight,
     /// When the socket's grant ends (it is then closed), unless a `refresh` renews it.
     expires_at: Option<SystemTime>,
@@ -88,7 +88,7 @@ impl Socket {
         request: Parts,
     ) -> Self {
         let identity: Arc<str> = format!("{:016x}-{id}", node.instance).into();
-        let hooks = node.config.hooks.clone();
+        let hooks = SocketHooks::new(&node.config.hooks);
         let metrics = node.socket_metrics();
         // Only hooks read the upgrade request: without them, don't keep its headers for the
         // socket's whole life.
@@ -272,7 +272,7 @@ impl Socket {
     }
 
     async fn allowed_to_subscribe(&mut self, room: &str) -> Result<(), Refusal> {
-        let verdict = ask(&mut self.hooks.subscribe, || SubscribeEvent {
+        let verdict = ask(self.hooks.get(|h| &mut h.subscribe), || SubscribeEvent {
             socket: self.me.info(),
             room: room.to_owned(),
         });
@@ -313,9 +313,11 @@ impl Socket {
     }
 
     async fn unsubscribe(&mut self, room: &str) -> Result<(), Refusal> {
-        let verdict = ask(&mut self.hooks.unsubscribe, || UnsubscribeEvent {
-            socket: self.me.info(),
-            room: room.to_owned(),
+        let verdict = ask(self.hooks.get(|h| &mut h.unsubscribe), || {
+            UnsubscribeEvent {
+                socket: self.me.info(),
+                room: room.to_owned(),
+            }
         });
         match verdict.await {
             None | Some(Ok(Verdict::Allow)) => {}
@@ -342,7 +344,7 @@ impl Socket {
         room: &str,
         payload: &RawValue,
     ) -> Result<(), Refusal> {
-        let verdict = ask(&mut self.hooks.message, || MessageEvent {
+        let verdict = ask(self.hooks.get(|h| &mut h.message), || MessageEvent {
             socket: self.me.info(),
             room: room.to_owned(),
             payload: payload.to_owned(),
@@ -434,7 +436,7 @@ impl Socket {
                 reason,
             });
         }
-        let done = ask(&mut self.hooks.disconnect, || DisconnectEvent {
+        let done = ask(self.hooks.get(|h| &mut h.disconnect), || DisconnectEvent {
             socket: self.me.info(),
             reason,
         });

@@ -346,11 +346,36 @@ where
 /// Asks `hook`, if one is set, about the event that `event` builds (built only then);
 /// `None` when no hook is set.
 pub(crate) async fn ask<E, R>(
-    hook: &mut Option<Hook<E, R>>,
+    hook: Option<&mut Hook<E, R>>,
     event: impl FnOnce() -> E,
 ) -> Option<Result<R, BoxError>> {
-    let hook = hook.as_mut()?;
+    let hook = hook?;
     Some(async { hook.ready().await?.call(event()).await }.await)
+}
+
+/// A socket's own clones of the layer's hooks: nothing but a null pointer when the layer
+/// has none, as most sockets' layers have.
+#[derive(Default)]
+pub(crate) struct SocketHooks(Option<Box<Hooks>>);
+
+impl SocketHooks {
+    /// Clones of `hooks` (none kept if none is set).
+    pub(crate) fn new(hooks: &Hooks) -> Self {
+        SocketHooks((!hooks.is_empty()).then(|| Box::new(hooks.clone())))
+    }
+
+    /// Whether no hook is set.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// The hook `pick` chooses, if it is set.
+    pub(crate) fn get<T>(
+        &mut self,
+        pick: impl FnOnce(&mut Hooks) -> &mut Option<T>,
+    ) -> Option<&mut T> {
+        self.0.as_deref_mut().and_then(|hooks| pick(hooks).as_mut())
+    }
 }
 
 /// The hooks of a layer; each socket takes its own clone.

@@ -19,7 +19,7 @@ impl Socket {
         token: Option<&str>,
         since: Option<Vec<(Cow<'_, str>, Since<'_>)>>,
     ) -> Result<Answer, Refusal> {
-        let verdict = ask(&mut self.hooks.connect, || ConnectEvent {
+        let verdict = ask(self.hooks.get(|h| &mut h.connect), || ConnectEvent {
             socket: self.me.info(),
             connection_id: claimed.to_owned(),
             token: token.map(str::to_owned),
@@ -123,10 +123,10 @@ impl Socket {
     /// `refresh`: the hook checks the new token; on success the socket's grant and
     /// deadline become the new ones, and on refusal nothing changes.
     pub(super) async fn refresh(&mut self, token: &str) -> Result<Answer, Refusal> {
-        if !self.me.bound && self.hooks.refresh.is_some() {
+        if !self.me.bound && self.hooks.get(|h| &mut h.refresh).is_some() {
             return Err(Refusal::Forbidden("connect first".into()));
         }
-        let verdict = ask(&mut self.hooks.refresh, || RefreshEvent {
+        let verdict = ask(self.hooks.get(|h| &mut h.refresh), || RefreshEvent {
             socket: self.me.info(),
             token: token.to_owned(),
         });
