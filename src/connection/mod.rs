@@ -91,9 +91,15 @@ pub(crate) fn serve(
             }
         };
         let halves = wire::open(upgraded, config, queue.clone()).await;
-        let span = tracing::debug_span!("socket", id, identity = tracing::field::Empty);
         // A task of its own, so that the socket's life does not keep room for this one's
         // state (the upgrade and the stream's set-up, and what they captured).
-        tokio::spawn(task::run(node, halves, socket, queue).instrument(span));
+        let run = task::run(node, halves, socket, queue);
+        // The span takes room in the socket's task all its life: only when it is logged.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let span = tracing::debug_span!("socket", id, identity = tracing::field::Empty);
+            tokio::spawn(run.instrument(span));
+        } else {
+            tokio::spawn(run);
+        }
     }
 }

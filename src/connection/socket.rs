@@ -137,7 +137,7 @@ impl Socket {
         self.me.bound
     }
 
-    pub(super) fn metrics(&self) -> &SocketMetrics {
+    pub(super) fn metrics(&self) -> &Arc<SocketMetrics> {
         &self.metrics
     }
 

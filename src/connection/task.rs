@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 use futures_util::StreamExt;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use metrics::Counter;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -25,7 +24,9 @@ use super::socket::Socket;
 use super::wire::{Control, FrameWriter, WsStream};
 use super::writer::Writer;
 use super::CLOSE_TIMEOUT;
+use crate::config::Config;
 use crate::hooks::DisconnectReason;
+use crate::metrics::SocketMetrics;
 use crate::node::Node;
 
 /// A deadline waits for the frame being handled (perhaps the `connect` or `refresh` that
@@ -59,11 +60,13 @@ struct SocketTask {
     queue: Arc<OutboundQueue>,
     /// Told when the client's close frame is read (tungstenite answers it).
     control: Arc<Control>,
-    frames_in: Counter,
+    /// The socket's metric handles (`thinws_frames_in_total` is counted here).
+    metrics: Arc<SocketMetrics>,
+    /// The layer's settings (idle timeout, ping interval).
+    config: Arc<Config>,
     /// Anything received (a pong included) proves the peer alive; the idle timer is reset
     /// lazily from it.
     last_seen: Instant,
-    idle_timeout: Duration,
     /// When the `connect` grace period ends, if the node requires one.
     unbound_at: Option<Instant>,
     /// The socket was bound in time, or closed for not being (or no `connect` is required).
@@ -78,7 +81,6 @@ struct SocketTask {
     unbound_check: Instant,
     expiry_check: Instant,
     ping_at: Instant,
-    ping_interval: Duration,
 }
 
 impl SocketTask {
@@ -91,7 +93,8 @@ impl SocketTask {
         let config = &node.config;
         let now = Instant::now();
         SocketTask {
-            frames_in: socket.metrics().frames_in.clone(),
+            metrics: socket.metrics().clone(),
+            config: config.clone(),
             reader: Reader::Free(socket),
             ahead: None,
             flooded: false,
@@ -100,7 +103,6 @@ impl SocketTask {
             queue,
             control,
             last_seen: now,
-            idle_timeout: config.idle_timeout,
             unbound_at: config.connect_within.map(|within| now + within),
             bind_checked: config.connect_within.is_none(),
             expires_at: None,
@@ -109,7 +111,6 @@ impl SocketTask {
             unbound_check: now + config.connect_within.unwrap_or(FAR),
             expiry_check: now + FAR,
             ping_at: now + config.ping_interval,
-            ping_interval: config.ping_interval,
         }
     }
 
@@ -171,7 +172,7 @@ impl SocketTask {
         }
         match read_result(read, &self.queue) {
             Read::Frame(message) => {
-                self.frames_in.increment(1);
+                self.metrics.frames_in.increment(1);
                 let verdict = check_rate(&mut self.rate);
                 // Nothing more is read after a flood: the socket closes once this frame is
                 // answered.
@@ -243,10 +244,10 @@ impl SocketTask {
 
     /// The idle check is due; the socket ends if nothing arrived for the idle timeout.
     fn on_idle(&mut self) -> Option<DisconnectReason> {
-        if self.last_seen.elapsed() >= self.idle_timeout {
+        if self.last_seen.elapsed() >= self.config.idle_timeout {
             return Some(DisconnectReason::TimedOut);
         }
-        self.idle_check = self.last_seen + self.idle_timeout;
+        self.idle_check = self.last_seen + self.config.idle_timeout;
         None
     }
 
@@ -268,7 +269,7 @@ impl SocketTask {
         let now = Instant::now();
         if self.ping_at <= now {
             writer.ping();
-            self.ping_at = now + self.ping_interval;
+            self.ping_at = now + self.config.ping_interval;
         }
         if self.watches_binding() && self.unbound_check <= now {
             self.on_unbound();
@@ -300,8 +301,8 @@ pub(super) async fn run(
     queue: Arc<OutboundQueue>,
 ) {
     let id = socket.id();
-    let frames_out = socket.metrics().frames_out.clone();
-    let mut writer = Writer::new(sink, queue.clone(), control.clone(), frames_out);
+    let metrics = socket.metrics().clone();
+    let mut writer = Writer::new(sink, queue.clone(), control.clone(), metrics);
     let mut task = SocketTask::new(&node, socket, queue.clone(), control);
     tracing::debug!("socket open");
 

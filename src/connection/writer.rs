@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::metrics::SocketMetrics;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
-use metrics::Counter;
 
 use super::outbound::OutboundQueue;
 use super::wire::{Control, FrameWriter};
@@ -37,7 +37,8 @@ pub(super) struct Writer {
     control: Arc<Control>,
     /// Frames taken from the queue and not yet written.
     batch: VecDeque<Utf8Bytes>,
-    frames_out: Counter,
+    /// The socket's metric handles (`thinws_frames_out_total` is counted here).
+    metrics: Arc<SocketMetrics>,
     /// A write began and has not finished (it waits for the client, or was cut short by
     /// another event and goes on at the next write).
     writing: bool,
@@ -50,14 +51,14 @@ impl Writer {
         sink: FrameWriter,
         queue: Arc<OutboundQueue>,
         control: Arc<Control>,
-        frames_out: Counter,
+        metrics: Arc<SocketMetrics>,
     ) -> Self {
         Writer {
             sink,
             queue,
             control,
             batch: VecDeque::new(),
-            frames_out,
+            metrics,
             writing: false,
             failed: false,
         }
@@ -97,7 +98,7 @@ impl Writer {
         self.sink.add_control(&self.control.take());
         let mut frames = 0;
         let polled = self.sink.poll_write_texts(cx, &mut self.batch, &mut frames);
-        self.frames_out.increment(frames);
+        self.metrics.frames_out.increment(frames);
         if let Err(e) = std::task::ready!(polled) {
             tracing::debug!(error = %e, "socket write failed");
             self.failed = true;
