@@ -2,8 +2,9 @@
 //!
 //! thinws records to whatever recorder the application installs (Prometheus, StatsD,
 //! OpenTelemetry, ...); without one, recording costs next to nothing. Install the recorder
-//! **before** building the layer: some handles are taken when a socket opens. The
-//! standalone server installs `metrics-exporter-prometheus` and serves `GET /metrics`.
+//! **before** building the layer: the per-socket counters' handles are taken once, when the
+//! node's first socket opens, and every socket shares them. The standalone server installs
+//! `metrics-exporter-prometheus` and serves `GET /metrics`.
 //!
 //! | name | kind | what |
 //! | --- | --- | --- |
