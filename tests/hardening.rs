@@ -329,6 +329,65 @@ async fn a_client_that_closes_without_reading_gives_its_slot_back() {
     drop(stuck);
 }
 
+/// A client that stops reading once its queue is full of frames, then sends publishes:
+/// their acks wait for room that never comes. The socket must still end (as a slow reader,
+/// once the idle timeout has passed) and give its slot back, not wait for the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_acks_wait_for_a_full_queue_gives_its_slot_back() {
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .rate_limit(0, 0)
+            .idle_timeout(Duration::from_secs(2))
+            .outbound_queue(8)
+            .max_queued_bytes(16 << 20)
+            .build(),
+    )
+    .await;
+    let mut stuck = Client::connect_with_receive_buffer(&node.url(), node.addr, 4096).await;
+    stuck.subscribe("big").await;
+    let mut publisher = Client::connect(&node.url()).await;
+    // Fill what the connection takes, so that the node's writes to the stuck client wait
+    // and what follows stays in its queue.
+    let pad = "x".repeat(16 * 1024);
+    let mut sent = 0;
+    while node.hub.queued_bytes() == 0 {
+        assert!(
+            sent < 600,
+            "the node's writes to the stuck client never waited"
+        );
+        publisher
+            .publish("big", json!({"i": sent, "pad": pad}))
+            .await;
+        sent += 1;
+    }
+    // More publishes than the queue holds frames: the last acks wait for room.
+    for i in 0..16 {
+        stuck
+            .send_text(
+                json!({"type": "message", "messageID": i, "roomID": "x", "payload": i}).to_string(),
+            )
+            .await;
+    }
+    // The publisher stays active (under the idle timeout), so the slot freed is the stuck
+    // client's.
+    let publisher = tokio::spawn(async move {
+        loop {
+            publisher.publish("other", json!("still here")).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    until("the stuck socket to give its slot back", async || {
+        node.hub.socket_count() == 1
+    })
+    .await;
+    assert!(
+        !publisher.is_finished(),
+        "the publisher was served throughout"
+    );
+    publisher.abort();
+    drop(stuck);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_socket_is_dropped_by_the_heartbeat_and_a_live_one_is_kept() {
     let (hook, log) = disconnect_log();

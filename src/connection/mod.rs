@@ -94,12 +94,13 @@ pub(crate) fn serve(
         // A task of its own, so that the socket's life does not keep room for this one's
         // state (the upgrade and the stream's set-up, and what they captured).
         let run = task::run(node, halves, socket, queue);
-        // The span takes room in the socket's task all its life: only when it is logged.
-        if tracing::enabled!(tracing::Level::DEBUG) {
-            let span = tracing::debug_span!("socket", id, identity = tracing::field::Empty);
-            tokio::spawn(run.instrument(span));
-        } else {
+        // The span takes room in the socket's task all its life: only when a subscriber
+        // takes it (debug logging, or a filter naming the `socket` span).
+        let span = tracing::debug_span!("socket", id, identity = tracing::field::Empty);
+        if span.is_disabled() {
             tokio::spawn(run);
+        } else {
+            tokio::spawn(run.instrument(span));
         }
     }
 }

@@ -158,7 +158,8 @@ impl SocketTask {
                     .and_then(|reply| self.queue.push_now(Utf8Bytes::from(reply)));
                 if let Some(reply) = full {
                     // Boxed: inline, its state would stay in the socket's task all its life.
-                    let _ = Box::pin(writer.while_writing(self.queue.push_counted(reply))).await;
+                    let idle_timeout = self.config.idle_timeout;
+                    Box::pin(wait_for_room(writer, &self.queue, reply, idle_timeout)).await;
                 }
             }
         }
@@ -397,6 +398,24 @@ async fn events(
                 }
             }
         }
+    }
+}
+
+/// Queues `reply` (its bytes counted in already) once the queue has room, writing
+/// meanwhile. A client that takes nothing for `within` while its reply waits is a slow
+/// reader: the reply is dropped and the socket asked to close with 1013, so that a client
+/// that stops reading cannot keep its socket (the socket's other events wait meanwhile).
+async fn wait_for_room(
+    writer: &mut Writer,
+    queue: &OutboundQueue,
+    reply: Utf8Bytes,
+    within: Duration,
+) {
+    let len = reply.len();
+    let queued = writer.while_writing(queue.push_counted(reply));
+    if tokio::time::timeout(within, queued).await.is_err() {
+        queue.unreserve(len);
+        queue.slow_reader();
     }
 }
 
