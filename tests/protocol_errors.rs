@@ -6,7 +6,8 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use support::Node;
+use serde_json::json;
+use support::{Client, Node};
 use thinws::ThinWsLayer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -119,4 +120,81 @@ async fn protocol_errors_close_with_1002_and_invalid_utf8_with_1007() {
     // The node is fine afterwards.
     let mut ok = support::Client::connect(&node.url()).await;
     ok.subscribe("r").await;
+}
+
+/// A client that closes first while frames wait for it: whatever the server still sends
+/// comes before its close frame, never after it (RFC 6455 §5.5.1: nothing follows a close).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_follows_the_servers_close_frame_when_the_client_closes_first() {
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .rate_limit(0, 0)
+            .max_queued_bytes(16 << 20)
+            .build(),
+    )
+    .await;
+    // A small receive buffer, so that the node's writes to this client wait.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut tcp = socket.connect(node.addr).await.unwrap();
+    let request = "GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+        Sec-WebSocket-Version: 13\r\n\r\n";
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "not upgraded");
+    let subscribe = br#"{"type":"subscribe","messageID":1,"roomID":"r"}"#;
+    tcp.write_all(&frame(0x81, subscribe, true)).await.unwrap();
+    support::members(&node.hub, "r", 1).await;
+    let mut publisher = Client::connect(&node.url()).await;
+    let pad = "x".repeat(16 * 1024);
+    let mut sent = 0;
+    while node.hub.queued_bytes() == 0 {
+        assert!(sent < 600, "the node's writes to the client never waited");
+        publisher.publish("r", json!({"i": sent, "pad": pad})).await;
+        sent += 1;
+    }
+    // Frames wait in the node's queue; the client closes.
+    tcp.write_all(&frame(0x88, &1000u16.to_be_bytes(), true))
+        .await
+        .unwrap();
+    // Everything the server sends, frame by frame, until it closes the connection.
+    let mut opcodes = Vec::new();
+    support::within("the server to finish", async {
+        loop {
+            let mut head = [0u8; 2];
+            if tcp.read_exact(&mut head).await.is_err() {
+                break;
+            }
+            let mut len = (head[1] & 0x7f) as usize;
+            if len == 126 {
+                let mut ext = [0u8; 2];
+                tcp.read_exact(&mut ext).await.unwrap();
+                len = u16::from_be_bytes(ext) as usize;
+            } else if len == 127 {
+                let mut ext = [0u8; 8];
+                tcp.read_exact(&mut ext).await.unwrap();
+                len = u64::from_be_bytes(ext) as usize;
+            }
+            let mut payload = vec![0u8; len];
+            tcp.read_exact(&mut payload).await.unwrap();
+            opcodes.push(head[0] & 0x0f);
+        }
+    })
+    .await;
+    let close = opcodes.iter().position(|&op| op == 0x8);
+    assert!(
+        close.is_some(),
+        "no close frame among {} frames",
+        opcodes.len()
+    );
+    assert_eq!(
+        close,
+        Some(opcodes.len() - 1),
+        "frames after the close frame: {:?}",
+        &opcodes[close.unwrap()..]
+    );
 }

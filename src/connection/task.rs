@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio::sync::Notify;
@@ -308,6 +308,12 @@ pub(super) async fn run(
     tracing::debug!("socket open");
 
     let (reason, written_off) = events(&mut task, &mut writer, &mut source, &queue).await;
+    if task.control.is_peer_closed() {
+        // tungstenite hands over its reply to the client's close when it is next polled
+        // (its read writes what is pending first); once is enough, and the read that
+        // follows may wait, so it is not awaited.
+        let _ = source.next().now_or_never();
+    }
 
     // The socket leaves its rooms while the writer writes what is queued; then it closes
     // the socket.

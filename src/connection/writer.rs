@@ -44,6 +44,8 @@ pub(super) struct Writer {
     writing: bool,
     /// A write failed: nothing more is written.
     failed: bool,
+    /// The reply to the client's close frame is handed to the sink: no frame follows it.
+    answered_close: bool,
 }
 
 impl Writer {
@@ -61,6 +63,7 @@ impl Writer {
             metrics,
             writing: false,
             failed: false,
+            answered_close: false,
         }
     }
 
@@ -75,7 +78,7 @@ impl Writer {
             // A write cut short after it had handed everything to the socket.
             self.writing = false;
         }
-        if !self.writing {
+        if !self.writing && !self.answered_close {
             self.queue.take(&mut self.batch);
         }
         !self.batch.is_empty() || self.sink.is_unfinished() || self.control.has_bytes()
@@ -95,7 +98,14 @@ impl Writer {
 
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.writing = true;
-        self.sink.add_control(&self.control.take());
+        // Once the client closed first, tungstenite's bytes hold the reply to its close:
+        // they go after the frames taken, and nothing goes after them (RFC 6455 §5.5.1).
+        let peer_closed = self.control.is_peer_closed();
+        if !peer_closed || self.batch.is_empty() {
+            let control = self.control.take();
+            self.answered_close |= peer_closed && !control.is_empty();
+            self.sink.add_control(&control);
+        }
         let mut frames = 0;
         let polled = self.sink.poll_write_texts(cx, &mut self.batch, &mut frames);
         self.metrics.frames_out.increment(frames);
@@ -177,7 +187,11 @@ impl Writer {
         let closing = queue.close_requested();
         tokio::pin!(closing);
         loop {
-            let finished = queue.take(&mut self.batch);
+            let finished = match self.answered_close {
+                // Nothing follows the reply to the client's close.
+                true => true,
+                false => queue.take(&mut self.batch),
+            };
             if self.has_work() {
                 let outcome = tokio::select! {
                     biased;
@@ -200,6 +214,9 @@ impl Writer {
                 }
             }
             if finished {
+                if self.answered_close {
+                    return;
+                }
                 // A close requested just before the reader finished (a protocol error, a
                 // flood) keeps its code; otherwise the socket ends with a plain close.
                 match queue.close_request() {
