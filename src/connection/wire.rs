@@ -202,6 +202,9 @@ pub(super) struct FrameWriter<W = super::halves::WriteSide> {
     /// Bytes handed to this writer and not written yet, from `rest_at` on.
     rest: Vec<u8>,
     rest_at: usize,
+    /// Bytes were written and not flushed since: a connection that buffers (TLS) may hold
+    /// them until it is flushed, so a flush cut short is finished by the next write.
+    unflushed: bool,
 }
 
 impl<W: AsyncWrite + Unpin> FrameWriter<W> {
@@ -210,6 +213,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             io,
             rest: Vec::new(),
             rest_at: 0,
+            unflushed: false,
         }
     }
 
@@ -245,7 +249,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         loop {
             std::task::ready!(self.poll_finish(cx))?;
             if frames.is_empty() {
-                return Pin::new(&mut self.io).poll_flush(cx);
+                std::task::ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+                self.unflushed = false;
+                return Poll::Ready(Ok(()));
             }
             let mut count = 0;
             let mut bytes = 0;
@@ -271,7 +277,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         cx: &mut Context<'_>,
         frames: impl Iterator<Item = &'a Utf8Bytes> + Clone,
     ) -> Poll<io::Result<()>> {
-        let FrameWriter { io, rest, rest_at } = self;
+        let FrameWriter {
+            io,
+            rest,
+            rest_at,
+            unflushed,
+        } = self;
         debug_assert!(*rest_at == 0 && rest.is_empty());
         let zero_copy =
             io.is_write_vectored() && frames.clone().any(|frame| frame.len() >= ZERO_COPY_FROM);
@@ -306,6 +317,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         if written == 0 {
             return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
         }
+        *unflushed = true;
         let mut left = &mut slices[..];
         IoSlice::advance_slices(&mut left, written);
         for slice in left.iter() {
@@ -314,10 +326,10 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Poll::Ready(Ok(()))
     }
 
-    /// Whether bytes wait in `rest`: a write dropped part-way, or a queued ping (see
-    /// [`FrameWriter::finish`]).
+    /// Whether bytes wait: in `rest` (a write dropped part-way, or a queued ping, see
+    /// [`FrameWriter::finish`]), or in the connection, written and not flushed.
     pub(super) fn is_unfinished(&self) -> bool {
-        self.rest_at < self.rest.len()
+        self.rest_at < self.rest.len() || self.unflushed
     }
 
     /// Writes what waits in `rest` (what a write dropped part-way had begun, a queued
@@ -336,6 +348,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.rest_at += written;
+            self.unflushed = true;
         }
         self.rest_at = 0;
         self.rest.clear();
@@ -379,7 +392,9 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         self.rest.extend_from_slice(control);
         self.rest.extend_from_slice(frame);
         self.finish().await?;
-        self.io.flush().await
+        self.io.flush().await?;
+        self.unflushed = false;
+        Ok(())
     }
 
     /// Shuts the write half down (TCP FIN).
@@ -400,6 +415,66 @@ mod tests {
             .into_iter()
             .map(|len| Utf8Bytes::from("x".repeat(len)))
             .collect()
+    }
+
+    /// A connection that takes every write but holds the bytes until a flush, and whose
+    /// first flush does not finish at once (as TLS may when the socket is full).
+    #[derive(Default)]
+    struct Buffering {
+        held: Vec<u8>,
+        sent: Vec<u8>,
+        flushes_tried: usize,
+    }
+
+    impl AsyncWrite for Buffering {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.flushes_tried += 1;
+            if self.flushes_tried == 1 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let held = std::mem::take(&mut self.held);
+            self.sent.extend_from_slice(&held);
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A write cut short while its flush waits leaves the writer unfinished, so that the
+    /// socket's task writes again and the flush completes; otherwise the frames would sit
+    /// in the connection's buffer until some later write.
+    #[test]
+    fn a_flush_cut_short_is_finished_by_the_next_write() {
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut writer = FrameWriter::new(Buffering::default());
+        let mut frames: VecDeque<Utf8Bytes> = ["a", "b"].into_iter().map(Utf8Bytes::from).collect();
+        let mut written = 0;
+        assert!(writer
+            .poll_write_texts(&mut cx, &mut frames, &mut written)
+            .is_pending());
+        assert_eq!((written, frames.len()), (2, 0), "both frames handed over");
+        assert!(writer.io.sent.is_empty(), "nothing flushed yet");
+        // The write is dropped here (another event came first).
+        assert!(writer.is_unfinished(), "the flush still has to happen");
+        assert!(matches!(
+            writer.poll_write_texts(&mut cx, &mut frames, &mut written),
+            Poll::Ready(Ok(()))
+        ));
+        assert_eq!(writer.io.sent.len(), 6, "two 1-byte text frames");
+        assert!(!writer.is_unfinished());
     }
 
     /// Writes [`texts`], a ping and a close with `writer`, and reads them back as a client.
