@@ -279,24 +279,13 @@ fn disconnect_log() -> (
     (hook, log)
 }
 
-/// A client that stops reading, lets the node's writes to it back up, then sends its close
-/// frame: the socket ends, and its last writes give up after the idle timeout instead of
-/// keeping its slot (and what it holds) for as long as the client stays connected.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_closes_without_reading_gives_its_slot_back() {
-    let node = Node::start(
-        ThinWsLayer::builder()
-            .rate_limit(0, 0)
-            .idle_timeout(Duration::from_secs(3))
-            .max_queued_bytes(16 << 20)
-            .build(),
-    )
-    .await;
+/// A client with a small receive buffer, subscribed to `room`, that reads nothing, and a
+/// publisher that sends 16 KiB messages to `room` until the node's writes to that client
+/// wait (under the socket's byte bound, so it is not dropped as a slow reader).
+async fn a_client_with_writes_backed_up(node: &Node, room: &str) -> (Client, Client) {
     let mut stuck = Client::connect_with_receive_buffer(&node.url(), node.addr, 4096).await;
-    stuck.subscribe("r").await;
+    stuck.subscribe(room).await;
     let mut publisher = Client::connect(&node.url()).await;
-    // Under the socket's byte bound, so it is not dropped as a slow reader; more than the
-    // connection takes, so the node's writes to it wait.
     let pad = "x".repeat(16 * 1024);
     let mut sent = 0;
     while node.hub.queued_bytes() == 0 {
@@ -304,13 +293,19 @@ async fn a_client_that_closes_without_reading_gives_its_slot_back() {
             sent < 600,
             "the node's writes to the stuck client never waited"
         );
-        publisher.publish("r", json!({"i": sent, "pad": pad})).await;
+        publisher
+            .publish(room, json!({"i": sent, "pad": pad}))
+            .await;
         sent += 1;
     }
     println!("the node's writes wait after {sent} messages of 16 KiB");
-    stuck.send_close().await;
-    // The publisher stays active (under the idle timeout), so the slot freed is the stuck
-    // client's.
+    (stuck, publisher)
+}
+
+/// Waits until the stuck client's socket has given its slot back, while `publisher` stays
+/// active (under the idle timeout, so the slot freed is the stuck client's) and is served
+/// throughout.
+async fn the_stuck_socket_gives_its_slot_back(node: &Node, mut publisher: Client) {
     let publisher = tokio::spawn(async move {
         loop {
             publisher.publish("other", json!("still here")).await;
@@ -326,6 +321,24 @@ async fn a_client_that_closes_without_reading_gives_its_slot_back() {
         "the publisher was served throughout"
     );
     publisher.abort();
+}
+
+/// A client that stops reading, lets the node's writes to it back up, then sends its close
+/// frame: the socket ends, and its last writes give up after the idle timeout instead of
+/// keeping its slot (and what it holds) for as long as the client stays connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_closes_without_reading_gives_its_slot_back() {
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .rate_limit(0, 0)
+            .idle_timeout(Duration::from_secs(3))
+            .max_queued_bytes(16 << 20)
+            .build(),
+    )
+    .await;
+    let (mut stuck, publisher) = a_client_with_writes_backed_up(&node, "r").await;
+    stuck.send_close().await;
+    the_stuck_socket_gives_its_slot_back(&node, publisher).await;
     drop(stuck);
 }
 
@@ -343,23 +356,8 @@ async fn a_client_whose_acks_wait_for_a_full_queue_gives_its_slot_back() {
             .build(),
     )
     .await;
-    let mut stuck = Client::connect_with_receive_buffer(&node.url(), node.addr, 4096).await;
-    stuck.subscribe("big").await;
-    let mut publisher = Client::connect(&node.url()).await;
-    // Fill what the connection takes, so that the node's writes to the stuck client wait
-    // and what follows stays in its queue.
-    let pad = "x".repeat(16 * 1024);
-    let mut sent = 0;
-    while node.hub.queued_bytes() == 0 {
-        assert!(
-            sent < 600,
-            "the node's writes to the stuck client never waited"
-        );
-        publisher
-            .publish("big", json!({"i": sent, "pad": pad}))
-            .await;
-        sent += 1;
-    }
+    // What follows stays in the stuck client's queue.
+    let (mut stuck, publisher) = a_client_with_writes_backed_up(&node, "big").await;
     // More publishes than the queue holds frames: the last acks wait for room.
     for i in 0..16 {
         stuck
@@ -368,23 +366,7 @@ async fn a_client_whose_acks_wait_for_a_full_queue_gives_its_slot_back() {
             )
             .await;
     }
-    // The publisher stays active (under the idle timeout), so the slot freed is the stuck
-    // client's.
-    let publisher = tokio::spawn(async move {
-        loop {
-            publisher.publish("other", json!("still here")).await;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
-    until("the stuck socket to give its slot back", async || {
-        node.hub.socket_count() == 1
-    })
-    .await;
-    assert!(
-        !publisher.is_finished(),
-        "the publisher was served throughout"
-    );
-    publisher.abort();
+    the_stuck_socket_gives_its_slot_back(&node, publisher).await;
     drop(stuck);
 }
 

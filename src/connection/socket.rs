@@ -76,6 +76,12 @@ impl Me {
     }
 }
 
+/// An `error` frame, counted in the errors metric.
+fn error_frame(message_id: Option<&RawValue>, code: ErrorCode, message: &str) -> String {
+    crate::metrics::error(code);
+    server::error(message_id, code, message)
+}
+
 /// The empty request head every socket shares when no hook would read its own.
 static NO_REQUEST: std::sync::LazyLock<Arc<Parts>> =
     std::sync::LazyLock::new(|| Arc::new(http::Request::new(()).into_parts().0));
@@ -153,8 +159,7 @@ impl Socket {
     }
 
     async fn reply_error(&self, message_id: Option<&RawValue>, code: ErrorCode, message: &str) {
-        crate::metrics::error(code);
-        self.reply(server::error(message_id, code, message)).await
+        self.reply(error_frame(message_id, code, message)).await
     }
 
     async fn refuse(&self, message_id: &RawValue, refusal: Refusal) {
@@ -411,8 +416,7 @@ impl Socket {
             }
             Err(e) => {
                 let refusal = Refusal::Broker(e);
-                crate::metrics::error(refusal.code());
-                server::error(Some(&message_id), refusal.code(), &refusal.message())
+                error_frame(Some(&message_id), refusal.code(), &refusal.message())
             }
         }
     }

@@ -428,9 +428,8 @@ async fn wait_for_room(
 /// The monotonic instant of a wall-clock deadline (now, if it has passed; a century ahead
 /// at most).
 fn instant_of(at: SystemTime) -> Instant {
-    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
     let left = at.duration_since(SystemTime::now()).unwrap_or_default();
-    Instant::now() + left.min(CENTURY)
+    Instant::now() + left.min(FAR)
 }
 
 /// RFC 6455 §7.1.1: once the close frame is out, shut the write half down and read (and

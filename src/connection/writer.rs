@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use crate::metrics::SocketMetrics;
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 use super::outbound::OutboundQueue;
 use super::wire::{Control, FrameWriter};
 use super::CLOSE_TIMEOUT;
+use crate::metrics::SocketMetrics;
 
 /// Closes the socket's queue when the writing ends, however it ends, so that nothing waits
 /// for a writer that is gone.
