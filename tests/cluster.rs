@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use serde_json::json;
-use support::cluster::RedisCluster;
+use support::cluster::{room_in_slot, RedisCluster};
 use support::{Client, Node};
 use thinws::settings::{History, Presence, RoomSettings};
 use thinws::ThinWsLayer;
@@ -269,38 +269,6 @@ async fn a_master_killed_is_failed_over_and_history_rooms_lose_nothing_acked() {
         }
     }
     assert!(a.hub.health().await.is_ready(), "{}", a.hub.health().await);
-}
-
-/// The Redis Cluster slot of `key` (CRC16-XMODEM of its hash tag, mod 16384), computed
-/// here so that a name can be searched for a given slot (checked against `CLUSTER KEYSLOT`).
-fn slot_of(key: &str) -> u16 {
-    let tagged = match (
-        key.find('{'),
-        key.find('{').and_then(|o| key[o + 1..].find('}')),
-    ) {
-        (Some(open), Some(len)) if len > 0 => &key[open + 1..open + 1 + len],
-        _ => key,
-    };
-    let mut crc: u16 = 0;
-    for byte in tagged.bytes() {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc % 16384
-}
-
-/// A room named `{prefix}{n}` whose channel is in `slot`.
-fn room_in_slot(prefix: &str, slot: u16) -> String {
-    (0..)
-        .map(|n| format!("{prefix}{n}"))
-        .find(|room| slot_of(&format!("thinws:room:{{{room}}}")) == slot)
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

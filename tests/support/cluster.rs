@@ -282,3 +282,35 @@ impl Drop for RedisCluster {
         }
     }
 }
+
+/// The Redis Cluster slot of `key` (CRC16-XMODEM of its hash tag, mod 16384), computed
+/// here so that a name can be searched for a given slot (checked against `CLUSTER KEYSLOT`).
+pub fn slot_of(key: &str) -> u16 {
+    let tagged = match (
+        key.find('{'),
+        key.find('{').and_then(|o| key[o + 1..].find('}')),
+    ) {
+        (Some(open), Some(len)) if len > 0 => &key[open + 1..open + 1 + len],
+        _ => key,
+    };
+    let mut crc: u16 = 0;
+    for byte in tagged.bytes() {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// A room named `{prefix}{n}` whose channel is in `slot`.
+pub fn room_in_slot(prefix: &str, slot: u16) -> String {
+    (0..)
+        .map(|n| format!("{prefix}{n}"))
+        .find(|room| slot_of(&format!("thinws:room:{{{room}}}")) == slot)
+        .unwrap()
+}

@@ -22,7 +22,7 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::commands::{query_commands, Commands, Connection};
+use super::commands::{query_commands, Commands, Connection, Failure};
 use super::connect::{redis_error, Disconnects};
 use super::history;
 use crate::broker::{new_epoch, Keys, Position, Publish, Published};
@@ -328,10 +328,19 @@ impl Lane {
         let groups = commands.iter().map(Range::len);
         let mut retry = Vec::new();
         match sent {
-            Ok(replies) if replies.len() == commands.len() => {
+            Ok(replies) => {
                 let mut requests = batch.drain(..);
                 for (reply, n) in replies.into_iter().zip(groups) {
                     let group: Vec<Request> = requests.by_ref().take(n).collect();
+                    let reply = match reply {
+                        Ok(reply) => reply,
+                        Err(e) => {
+                            // Handed back: the pool's recycle check keeps it or replaces it.
+                            self.held = None;
+                            group.into_iter().for_each(|r| r.reply(Err(e.clone())));
+                            continue;
+                        }
+                    };
                     let results: Vec<Published> = match (&group[0].kind, reply) {
                         (_, Value::ServerError(e))
                             if e.kind() == Some(redis::ServerErrorKind::NoScript) =>
@@ -365,17 +374,6 @@ impl Lane {
                     }
                 }
             }
-            Ok(replies) => {
-                self.held = None;
-                let e = BrokerError::Protocol(format!(
-                    "{} replies to a pipeline of {} commands",
-                    replies.len(),
-                    commands.len()
-                ));
-                batch
-                    .drain(..)
-                    .for_each(|request| request.reply(Err(e.clone())));
-            }
             Err(e) => {
                 // Handed back: the pool's recycle check keeps it or replaces it.
                 self.held = None;
@@ -388,7 +386,8 @@ impl Lane {
     }
 
     /// Sends `count` commands (see [`query_commands`]) on the held connection (checking one
-    /// out first if needed), and waits for their replies until `deadline`.
+    /// out first if needed), and waits for their replies until `deadline`: each command's
+    /// reply or error, or one error for all.
     async fn send<'k>(
         &mut self,
         scratch: &mut redis::Pipeline,
@@ -396,7 +395,7 @@ impl Lane {
         key: impl Fn(usize) -> Option<&'k [u8]>,
         build: impl FnMut(usize, &mut redis::Pipeline),
         deadline: Instant,
-    ) -> Result<Vec<Value>, BrokerError> {
+    ) -> Result<Vec<Result<Value, BrokerError>>, BrokerError> {
         let lost = self.disconnects.current();
         if self.held.as_ref().is_some_and(|(_, seen)| *seen != lost) {
             // Some pooled connection was lost since this one was checked out: it may be
@@ -406,7 +405,7 @@ impl Lane {
         let connection = match &mut self.held {
             Some((connection, _)) => connection,
             None => {
-                let connection = tokio::time::timeout_at(deadline, self.commands.get_own())
+                let connection = tokio::time::timeout_at(deadline, self.commands.get())
                     .await
                     .map_err(|_| BrokerError::NotSent(self.timeout))??;
                 &mut self.held.insert((connection, lost)).0
@@ -416,12 +415,21 @@ impl Lane {
         let query = query_commands(connection, scratch, count, key, build);
         match tokio::time::timeout_at(deadline, query).await {
             Err(_) => Err(BrokerError::Timeout(self.timeout)),
-            Ok(Ok(replies)) => Ok(replies),
-            Ok(Err(e)) if e.kind() == redis::ErrorKind::Io || e.is_connection_dropped() => {
-                Err(BrokerError::Lost(std::sync::Arc::new(e)))
-            }
-            Ok(Err(e)) => Err(redis_error(e)),
+            Ok(replies) => Ok(replies
+                .into_iter()
+                .map(|reply| reply.map_err(unanswered))
+                .collect()),
         }
+    }
+}
+
+/// What a command that got no reply tells its caller: nothing was done if it was never
+/// sent (no connection to its master could be had); otherwise its outcome is unknown (the
+/// connection failed, or the reply could not be read).
+fn unanswered(failure: Failure) -> BrokerError {
+    match failure.sent {
+        false => BrokerError::connection(failure.error),
+        true => BrokerError::Lost(std::sync::Arc::new(failure.error)),
     }
 }
 

@@ -1,28 +1,32 @@
-//! Where commands go: one Redis, through the `deadpool-redis` pool, or a Redis Cluster,
-//! through redis-rs's cluster connection, which routes each command to the master of its
-//! key's slot, follows `MOVED`/`ASK`, refreshes the topology and reconnects on its own. It
-//! is multiplexed and cheap to clone, so every user shares one instead of pooling several
-//! (each would hold a connection to every node).
+//! Where commands go: one Redis, through the `deadpool-redis` pool, or a Redis Cluster.
 //!
-//! redis-rs keeps a cluster pipeline within one slot; [`query_commands`] sends one pipeline
-//! per master instead, by the slot map, built directly for that master, and answers in the
-//! original order. [`query_pipeline`] does the same for a pipeline built beforehand (its
-//! commands are copied into the per-master pipelines: fine off the hot path).
+//! On a cluster, single commands (loading a script, reading the slot map, `PING`) go
+//! through redis-rs's cluster connection, which routes each to the master of its key's
+//! slot, follows `MOVED`/`ASK`, refreshes the topology and reconnects on its own; it is
+//! multiplexed and cheap to clone, so every user shares one. Pipelines do not: redis-rs
+//! keeps a pipeline within one slot and sends it whole again when one of its commands is
+//! redirected or its connection fails, so that commands that had run would run twice.
+//! [`query_commands`] sends one pipeline per master on a multiplexed connection to that
+//! master (one per master, shared by every user), answers each command for itself and
+//! follows redirections per command. [`query_pipeline`] does the same for a pipeline built
+//! beforehand (its commands are copied into the per-master pipelines: fine off the hot
+//! path).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_redis::Pool;
 use redis::aio::ConnectionLike;
+use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 use tokio::time::Instant;
 
+mod per_master;
 mod slots;
 
-pub(crate) use self::slots::{
-    key_slot, ping_every_master, query_commands, query_pipeline, read_slot_map, SlotMap,
-};
+pub(crate) use self::per_master::{query_commands, query_pipeline, Failure};
+pub(crate) use self::slots::{key_slot, ping_every_master, read_slot_map, SlotMap};
 
 /// An empty pipeline that answers each command's error in its place.
 pub(crate) fn pipeline() -> redis::Pipeline {
@@ -122,21 +126,29 @@ impl ClusterTarget {
     pub(crate) fn client(&self, timeout: Duration) -> Result<Cluster, BrokerError> {
         // Fail fast, so that a command for a dead master comes back in time to replace the
         // connection (see `Cluster`) rather than retrying the dead address for long.
-        let mut builder = redis::cluster::ClusterClientBuilder::new(self.urls.clone())
+        let builder = redis::cluster::ClusterClientBuilder::new(self.urls.clone())
             .connection_timeout(timeout / 2)
             .response_timeout(timeout / 2)
             .retries(2)
             .min_retry_wait(10)
             .max_retry_wait(100);
         #[cfg(feature = "tls")]
-        if let Some(ca) = &self.ca_pem {
-            builder = builder.certs(redis::TlsCertificates {
+        let builder = match &self.ca_pem {
+            Some(ca) => builder.certs(redis::TlsCertificates {
                 client_tls: None,
                 root_cert: Some(ca.clone()),
-            });
-        }
+            }),
+            None => builder,
+        };
         let client = builder.build().map_err(BrokerError::connection)?;
-        Ok(Cluster::new(client))
+        Ok(Cluster {
+            client,
+            seed: self.seed.clone(),
+            timeout,
+            connection: tokio::sync::Mutex::new(None),
+            slots: std::sync::RwLock::new(None),
+            masters: std::sync::Mutex::new(Vec::new()),
+        })
     }
 }
 
@@ -150,22 +162,59 @@ impl ClusterTarget {
 /// the topology as the live nodes see it now.
 pub(crate) struct Cluster {
     client: redis::cluster::ClusterClient,
+    /// The first seed: its settings (TLS, user, password) reach every master.
+    seed: super::connect::RedisTarget,
+    /// How long connecting to a master may take.
+    timeout: Duration,
     connection: tokio::sync::Mutex<Option<(ClusterConnection, Instant)>>,
     /// The slot map pipelines are grouped by (see [`query_pipeline`]), read on first use
     /// and again after a redirection or a failure.
     slots: std::sync::RwLock<Option<Arc<SlotMap>>>,
+    /// A connection to each master pipelines went to (see [`Cluster::master`]).
+    masters: std::sync::Mutex<Vec<((String, u16), MultiplexedConnection)>>,
 }
 
 /// How often a failing cluster connection is replaced, at most.
 const RECONNECT_EVERY: Duration = Duration::from_millis(250);
 
 impl Cluster {
-    pub(crate) fn new(client: redis::cluster::ClusterClient) -> Self {
-        Cluster {
-            client,
-            connection: tokio::sync::Mutex::new(None),
-            slots: std::sync::RwLock::new(None),
+    /// The connection to the master at `host`:`port` that every pipeline to it shares (it
+    /// is multiplexed), made on first use and again after [`Cluster::master_failed`].
+    async fn master(&self, host: &str, port: u16) -> Result<MultiplexedConnection, RedisError> {
+        let known = self
+            .lock_masters()
+            .iter()
+            .find(|((h, p), _)| h == host && *p == port)
+            .map(|(_, c)| c.clone());
+        if let Some(connection) = known {
+            return Ok(connection);
         }
+        let client = redis::Client::open(self.seed.at(host, port).info().clone())?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            // Every caller bounds its whole operation itself.
+            .set_response_timeout(None);
+        let connection = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let mut masters = self.lock_masters();
+        masters.retain(|((h, p), _)| !(h == host && *p == port));
+        masters.push(((host.to_owned(), port), connection.clone()));
+        Ok(connection)
+    }
+
+    /// A pipeline to `host`:`port` failed: the next one connects again.
+    fn master_failed(&self, host: &str, port: u16) {
+        self.lock_masters()
+            .retain(|((h, p), _)| !(h == host && *p == port));
+    }
+
+    fn lock_masters(
+        &self,
+    ) -> std::sync::MutexGuard<'_, Vec<((String, u16), MultiplexedConnection)>> {
+        self.masters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The shared connection, made on first use (and again after [`Cluster::failed`]).
@@ -261,21 +310,6 @@ impl Commands {
                 .connection()
                 .await
                 .map(|c| Connection::Cluster(c, cluster.clone())),
-        }
-    }
-
-    /// A connection for one user to hold (a publishing lane): out of the pool, or on a
-    /// cluster a cluster connection of its own, so that lanes do not queue behind one
-    /// another in one connection's routing task.
-    pub(crate) async fn get_own(&self) -> Result<Connection, BrokerError> {
-        match self {
-            Commands::Single(_) => self.get().await,
-            Commands::Cluster(cluster) => cluster
-                .client
-                .get_async_connection()
-                .await
-                .map(|c| Connection::Cluster(c, cluster.clone()))
-                .map_err(redis_error),
         }
     }
 

@@ -1,0 +1,276 @@
+//! Pipelines on a Redis Cluster, one per master: each goes as it is on a connection of its
+//! own to that master, so that Redis's answer to each command comes back in its place, and
+//! thinws follows `MOVED`, `ASK` and `TRYAGAIN` itself, for the commands that got them
+//! only. (redis-rs's cluster routing sends a whole pipeline again when one of its commands
+//! is redirected, or when its connection fails: the commands that had run would run twice.)
+
+use std::time::Duration;
+
+use redis::{Cmd, Pipeline, Value};
+
+use super::slots::{key_of, key_slot};
+use super::Connection;
+
+/// How many times a command redirected (`MOVED`, `ASK`, `TRYAGAIN`) is sent again.
+const REDIRECTS: usize = 3;
+
+/// How long to wait before sending again commands answered `TRYAGAIN` (their keys are
+/// being migrated).
+const TRY_AGAIN_AFTER: Duration = Duration::from_millis(20);
+
+/// One command's reply from [`query_commands`]: what Redis answered (an error reply
+/// included), or why no reply came.
+pub(crate) type Reply = Result<Value, Failure>;
+
+/// Why a command got no reply, and whether it may have reached Redis.
+#[derive(Debug, Clone)]
+pub(crate) struct Failure {
+    pub(crate) error: redis::RedisError,
+    /// `false` when the command was never sent (no connection to its master could be had).
+    pub(crate) sent: bool,
+}
+
+/// Sends `pipeline` (which answers each command's error in its place, `ignore_errors`) and
+/// returns the replies in order (see [`query_commands`]).
+pub(crate) async fn query_pipeline(
+    connection: &mut Connection,
+    pipeline: &Pipeline,
+) -> Result<Vec<Value>, redis::RedisError> {
+    if let Connection::Pooled(c) = connection {
+        return pipeline.query_async(c).await;
+    }
+    let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
+    let mut scratch = redis::pipe();
+    query_commands(
+        connection,
+        &mut scratch,
+        commands.len(),
+        |n| key_of(commands[n]),
+        |n, into| {
+            into.add_command(commands[n].clone());
+        },
+    )
+    .await
+    .into_iter()
+    .map(|reply| reply.map_err(|failure| failure.error))
+    .collect()
+}
+
+/// Sends `count` commands and returns their replies in order: each command's reply (an
+/// error reply in its place), or why none came. Command `n` is what `build(n, pipeline)`
+/// appends to a pipeline, and names the key `key(n)` (`None` for a command without one).
+///
+/// On one Redis, the commands go as one pipeline, built in `scratch` (kept for the next
+/// call). On a cluster: one pipeline per master, by the slot map the cluster last
+/// reported, built directly (no command is copied) and sent concurrently; a master takes
+/// commands of many slots in one pipeline. A command answered `MOVED` (its slot moved) or
+/// `TRYAGAIN` (its keys are moving) did not run: it is built again and sent by the map read
+/// again; one answered `ASK` goes to the node named, after `ASKING`. Each is sent again at
+/// most [`REDIRECTS`] times, then answered with its last redirection. The commands of one
+/// slot keep their order.
+///
+/// A pipeline that fails answers its own commands with its error, and no other: the
+/// pipelines to the other masters may have been carried out.
+pub(crate) async fn query_commands<'k>(
+    connection: &mut Connection,
+    scratch: &mut Pipeline,
+    count: usize,
+    key: impl Fn(usize) -> Option<&'k [u8]>,
+    mut build: impl FnMut(usize, &mut Pipeline),
+) -> Vec<Reply> {
+    let (cluster, shared) = match connection {
+        Connection::Pooled(c) => {
+            scratch.clear();
+            (0..count).for_each(|n| build(n, scratch));
+            let answer = scratch.query_async::<Vec<Value>>(c).await;
+            return match answer.and_then(|answer| whole(answer, count)) {
+                Ok(replies) => replies.into_iter().map(Ok).collect(),
+                Err(error) => vec![Err(Failure { error, sent: true }); count],
+            };
+        }
+        Connection::Cluster(c, shared) => (c.clone(), shared.clone()),
+    };
+    let mut replies: Vec<Option<Reply>> = vec![None; count];
+    // The commands to send in this attempt, each to its slot's master or to the node that
+    // answered `ASK`.
+    let mut pending: Vec<(usize, Option<Asked>)> = (0..count).map(|n| (n, None)).collect();
+    for attempt in 0..=REDIRECTS {
+        let Some(map) = shared.slot_map(&cluster).await else {
+            let error =
+                redis::RedisError::from(std::io::Error::other("no slot map from the cluster"));
+            for (n, _) in pending.drain(..) {
+                replies[n] = Some(Err(Failure {
+                    error: error.clone(),
+                    sent: false,
+                }));
+            }
+            break;
+        };
+        let mut groups: Vec<Group> = Vec::new();
+        for (n, asked) in pending.drain(..) {
+            let to = match &asked {
+                Some(Asked(host, port)) => Some((host.as_str(), *port, true)),
+                None => match key(n) {
+                    Some(key) => map.owner_of(key_slot(key)),
+                    None => map
+                        .0
+                        .first()
+                        .map(|(_, _, host, port)| (host.as_str(), *port)),
+                }
+                .map(|(host, port)| (host, port, false)),
+            };
+            let Some((host, port, asking)) = to else {
+                let error = redis::RedisError::from(std::io::Error::other(format!(
+                    "no master serves slot {}",
+                    key(n).map(key_slot).unwrap_or_default()
+                )));
+                replies[n] = Some(Err(Failure { error, sent: false }));
+                continue;
+            };
+            let at = groups
+                .iter()
+                .position(|g| g.to.0 == host && g.to.1 == port && g.to.2 == asking);
+            let group = match at {
+                Some(at) => &mut groups[at],
+                None => {
+                    groups.push(Group::new((host.to_owned(), port, asking)));
+                    groups.last_mut().expect("just pushed")
+                }
+            };
+            if group.to.2 {
+                group.pipeline.cmd("ASKING");
+            }
+            build(n, &mut group.pipeline);
+            group.indices.push(n);
+        }
+        let sends = groups.iter().map(|group| {
+            let shared = &shared;
+            async move {
+                let (host, port, _) = &group.to;
+                let mut c = match shared.master(host, *port).await {
+                    Ok(c) => c,
+                    Err(error) => {
+                        shared.failed(&error);
+                        return Err(Failure { error, sent: false });
+                    }
+                };
+                let answer = group.pipeline.query_async::<Vec<Value>>(&mut c).await;
+                let sent = group.pipeline.cmd_iter().count();
+                match answer.and_then(|answer| whole(answer, sent)) {
+                    Ok(answer) => Ok(answer),
+                    Err(error) => {
+                        shared.master_failed(host, *port);
+                        shared.failed(&error);
+                        Err(Failure { error, sent: true })
+                    }
+                }
+            }
+        });
+        let answers = futures_util::future::join_all(sends).await;
+        let mut try_again = false;
+        for (group, answer) in groups.iter().zip(answers) {
+            let answer = match answer {
+                Ok(answer) => answer,
+                Err(failure) => {
+                    for &n in &group.indices {
+                        replies[n] = Some(Err(failure.clone()));
+                    }
+                    continue;
+                }
+            };
+            // After `ASKING`, every other reply is its `OK`.
+            let step = if group.to.2 { 2 } else { 1 };
+            let answer = answer.into_iter().skip(step - 1).step_by(step);
+            for (&n, reply) in group.indices.iter().zip(answer) {
+                let again = match &reply {
+                    Value::ServerError(e) if attempt < REDIRECTS => redirection(e),
+                    _ => None,
+                };
+                match again {
+                    None => replies[n] = Some(Ok(reply)),
+                    Some(Redirect::Moved) => {
+                        shared.forget_slot_map();
+                        pending.push((n, None));
+                    }
+                    Some(Redirect::TryAgain) => {
+                        try_again = true;
+                        pending.push((n, None));
+                    }
+                    Some(Redirect::Ask(asked)) => pending.push((n, Some(asked))),
+                }
+            }
+        }
+        if pending.is_empty() {
+            break;
+        }
+        // In the caller's order, so that the commands of one slot keep theirs.
+        pending.sort_unstable_by_key(|(n, _)| *n);
+        if try_again {
+            tokio::time::sleep(TRY_AGAIN_AFTER).await;
+        }
+    }
+    replies
+        .into_iter()
+        .map(|reply| reply.expect("every command is answered or failed"))
+        .collect()
+}
+
+/// Commands that go together: one pipeline to one node (`to`: its host, its port, and
+/// whether each command is preceded by `ASKING`), and each command's index in the caller's
+/// order.
+struct Group {
+    to: (String, u16, bool),
+    pipeline: Pipeline,
+    indices: Vec<usize>,
+}
+
+impl Group {
+    fn new(to: (String, u16, bool)) -> Self {
+        Group {
+            to,
+            pipeline: super::pipeline(),
+            indices: Vec::new(),
+        }
+    }
+}
+
+/// The node an `ASK` named.
+#[derive(Debug, Clone)]
+struct Asked(String, u16);
+
+/// What a redirection asks for.
+enum Redirect {
+    /// The slot moved: send it by the slot map, read again.
+    Moved,
+    /// The keys are being migrated: send it again, a little later.
+    TryAgain,
+    /// Send it once to this node, after `ASKING`.
+    Ask(Asked),
+}
+
+/// Whether an error reply says that its command did not run and where it goes instead.
+fn redirection(e: &redis::ServerError) -> Option<Redirect> {
+    use redis::ServerErrorKind;
+    match e.kind()? {
+        ServerErrorKind::Moved => Some(Redirect::Moved),
+        ServerErrorKind::TryAgain => Some(Redirect::TryAgain),
+        ServerErrorKind::Ask => {
+            // `ASK <slot> <host>:<port>`
+            let (host, port) = e.details()?.split_whitespace().nth(1)?.rsplit_once(':')?;
+            Some(Redirect::Ask(Asked(host.to_owned(), port.parse().ok()?)))
+        }
+        _ => None,
+    }
+}
+
+/// `answer`, if it holds a reply for each of the `sent` commands; otherwise an error that
+/// leaves their outcome unknown.
+fn whole(answer: Vec<Value>, sent: usize) -> Result<Vec<Value>, redis::RedisError> {
+    if answer.len() == sent {
+        return Ok(answer);
+    }
+    Err(redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        format!("{} replies to a pipeline of {sent} commands", answer.len()),
+    )))
+}
