@@ -11,115 +11,36 @@
 
 mod support;
 
+#[path = "support/binary.rs"]
+mod binary;
+
 use std::collections::{BTreeMap, HashMap};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use binary::Server;
 use futures_util::StreamExt;
 use serde_json::json;
 use support::{within, RedisServer};
 use thinws::client::{ClientError, ThinWsClient};
 
-const BIN: &str = env!("CARGO_BIN_EXE_thinws");
 const ROOMS: [&str; 3] = ["chaos:a", "chaos:b", "chaos:c"];
 
-struct Proc {
-    child: Option<Child>,
-    port: u16,
-    redis: String,
-}
-
-impl Proc {
-    async fn start(redis: &RedisServer) -> Proc {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut p = Proc {
-            child: None,
-            port,
-            redis: redis.url(),
-        };
-        p.spawn().await;
-        p
-    }
-
-    async fn spawn(&mut self) {
-        let child = Command::new(BIN)
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args([
-                "--redis-url",
-                &self.redis,
-                "--history-size",
-                "10000",
-                "--no-demo",
-            ])
-            .args(["--rate-limit", "0", "--shutdown-timeout", "2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let addr = format!("127.0.0.1:{}", self.port);
-        support::until("a node to listen", async || {
-            tokio::net::TcpStream::connect(&addr).await.is_ok()
-        })
-        .await;
-    }
-
-    fn url(&self) -> String {
-        format!("ws://127.0.0.1:{}/", self.port)
-    }
-
-    /// Waits until the node's `/healthz` says every Redis path works.
-    async fn healthy(&self) {
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", self.port).parse().unwrap();
-        support::until("a node to be healthy", async || {
-            support::http(addr, "GET", "/healthz", &[]).await.0 == 200
-        })
-        .await;
-    }
-
-    fn signal(&self, signal: &str) {
-        if let Some(child) = &self.child {
-            let _ = Command::new("kill")
-                .args([signal, &child.id().to_string()])
-                .status();
-        }
-    }
-
-    async fn wait(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-        }
-    }
-
-    /// SIGKILL; the node stays down `down` (its clients move to the other nodes), then
-    /// starts again on the same port.
-    async fn kill_and_restart(&mut self, down: Duration) {
-        self.signal("-KILL");
-        self.wait().await;
-        tokio::time::sleep(down).await;
-        self.spawn().await;
-    }
-
-    /// SIGTERM (sockets closed with 1001), then the same port again.
-    async fn rolling_restart(&mut self) {
-        self.signal("-TERM");
-        self.wait().await;
-        self.spawn().await;
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// A node on `redis`, with history in every room.
+async fn node(redis: &RedisServer) -> Server {
+    let url = redis.url();
+    Server::start(&[
+        "--redis-url",
+        &url,
+        "--history-size",
+        "10000",
+        "--no-demo",
+        "--rate-limit",
+        "0",
+        "--shutdown-timeout",
+        "2",
+    ])
+    .await
 }
 
 /// What one subscriber received: (publisher, seq, offset), in order.
@@ -136,7 +57,7 @@ struct Outcome {
 
 async fn run(
     redis: &mut RedisServer,
-    nodes: &mut [Proc],
+    nodes: &mut [Server],
     rounds: usize,
     lose_redis: bool,
 ) -> Outcome {
@@ -147,8 +68,8 @@ async fn run(
         let node = &nodes[i % nodes.len()];
         let others: Vec<String> = nodes
             .iter()
-            .filter(|n| n.port != node.port)
-            .map(Proc::url)
+            .filter(|n| n.addr != node.addr)
+            .map(Server::url)
             .collect();
         let gaps = gaps.clone();
         let (client, mut messages) = ThinWsClient::builder(node.url(), format!("sub-{i}"))
@@ -180,7 +101,11 @@ async fn run(
     let mut publishers = Vec::new();
     for p in 0..3 {
         let url = nodes[p % nodes.len()].url();
-        let others: Vec<String> = nodes.iter().map(Proc::url).filter(|u| *u != url).collect();
+        let others: Vec<String> = nodes
+            .iter()
+            .map(Server::url)
+            .filter(|u| *u != url)
+            .collect();
         let stop = stop.clone();
         publishers.push(tokio::spawn(async move {
             let (client, _messages) = ThinWsClient::builder(url, format!("pub-{p}"))
@@ -237,7 +162,7 @@ async fn run(
             node.healthy().await;
         }
         for node in nodes.iter_mut() {
-            node.rolling_restart().await;
+            node.restart().await;
             node.healthy().await;
         }
     }
@@ -287,11 +212,7 @@ async fn every_acked_message_reaches_every_subscriber_once_in_order_through_faul
         1
     };
     let mut redis = RedisServer::start().await;
-    let mut nodes = vec![
-        Proc::start(&redis).await,
-        Proc::start(&redis).await,
-        Proc::start(&redis).await,
-    ];
+    let mut nodes = vec![node(&redis).await, node(&redis).await, node(&redis).await];
     let outcome = run(&mut redis, &mut nodes, rounds, false).await;
     let (mut missing, mut duplicated, mut out_of_order, mut total) = (0, 0, 0, 0);
     for (room, seen) in &outcome.received {
@@ -323,11 +244,7 @@ async fn every_acked_message_reaches_every_subscriber_once_in_order_through_faul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_loses_its_data_is_reported_as_a_gap_never_a_silent_hole() {
     let mut redis = RedisServer::start().await;
-    let mut nodes = vec![
-        Proc::start(&redis).await,
-        Proc::start(&redis).await,
-        Proc::start(&redis).await,
-    ];
+    let mut nodes = vec![node(&redis).await, node(&redis).await, node(&redis).await];
     let outcome = run(&mut redis, &mut nodes, 1, true).await;
     println!("gaps reported: {}", outcome.gaps);
     // Every subscriber had received messages before the loss, so each learns of it.

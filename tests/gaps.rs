@@ -7,8 +7,6 @@ mod support;
 #[path = "support/binary.rs"]
 mod binary;
 
-use std::process::Command;
-
 use binary::{metric, Server};
 use serde_json::json;
 use support::{http, within, Client, RedisServer};
@@ -16,15 +14,6 @@ use support::{http, within, Client, RedisServer};
 /// Messages of 60 KB published while the node is stopped: 20 MB, more than the kernel's
 /// socket buffers hold, so that Redis's output buffer for the node overflows.
 const MESSAGES: usize = 330;
-
-fn signal(server: &Server, signal: &str) {
-    let pid = server.child.id().to_string();
-    assert!(Command::new("kill")
-        .args([signal, &pid])
-        .status()
-        .unwrap()
-        .success());
-}
 
 /// The reproduction: a small pub/sub output buffer limit, and node B stopped while
 /// 20 MB are published into a room it holds: Redis cuts B's pub/sub connection, and what
@@ -60,7 +49,7 @@ async fn a_subscriber_connection_that_redis_cut_gives_its_rooms_a_gap() {
             .arg(frame.to_string())
             .clone()
     };
-    signal(&b, "-STOP");
+    b.signal("-STOP");
     let fill = "x".repeat(60_000);
     for n in 0..MESSAGES {
         let _: i64 = publish("flood", json!({"n": n, "fill": fill}))
@@ -86,7 +75,7 @@ async fn a_subscriber_connection_that_redis_cut_gives_its_rooms_a_gap() {
         clients.lines().count() == 1
     })
     .await;
-    signal(&b, "-CONT");
+    b.signal("-CONT");
 
     let received_before_gap = within("a gap on the node that was cut", async {
         let mut received = 0;

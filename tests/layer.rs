@@ -331,10 +331,7 @@ async fn origins_outside_the_allow_list_get_403() {
 /// handed it one, and must read those bytes first).
 async fn frames_with_the_upgrade_request(addr: std::net::SocketAddr) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut bytes = b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-        Sec-WebSocket-Version: 13\r\n\r\n"
-        .to_vec();
+    let mut bytes = support::UPGRADE_REQUEST.as_bytes().to_vec();
     for id in [1, 2] {
         let text = format!(r#"{{"type":"subscribe","messageID":{id},"roomID":"early"}}"#);
         // Masked with a zero key: the payload stays as it is.

@@ -15,21 +15,7 @@ use tokio::net::TcpStream;
 /// Opens a socket with a hand-written upgrade request.
 async fn upgrade(addr: SocketAddr) -> TcpStream {
     let mut tcp = TcpStream::connect(addr).await.unwrap();
-    let request = "GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-        Sec-WebSocket-Version: 13\r\n\r\n";
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            tcp.read(&mut byte).await.unwrap(),
-            1,
-            "closed during the handshake"
-        );
-        head.push(byte[0]);
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "not upgraded");
+    support::upgrade_by_hand(&mut tcp).await;
     tcp
 }
 
@@ -137,15 +123,7 @@ async fn nothing_follows_the_servers_close_frame_when_the_client_closes_first() 
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut tcp = socket.connect(node.addr).await.unwrap();
-    let request = "GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
-        Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-        Sec-WebSocket-Version: 13\r\n\r\n";
-    tcp.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(tcp.read_u8().await.unwrap());
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"), "not upgraded");
+    support::upgrade_by_hand(&mut tcp).await;
     let subscribe = br#"{"type":"subscribe","messageID":1,"roomID":"r"}"#;
     tcp.write_all(&frame(0x81, subscribe, true)).await.unwrap();
     support::members(&node.hub, "r", 1).await;

@@ -10,23 +10,23 @@
 
 mod support;
 
+#[path = "support/binary.rs"]
+mod binary;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use binary::Server;
 use futures_util::StreamExt;
 use serde_json::json;
 use support::certs::TestCerts;
-use support::{free_port, http, listening, within, Client, RedisServer};
+use support::{free_port, http, listening, within, Client, RedisServer, TempDir};
 use thinws::client::{Messages, ThinWsClient};
 
-const BIN: &str = env!("CARGO_BIN_EXE_thinws");
 const ROOM: &str = "deploy:history";
-
-/// A child process killed on drop.
-struct Proc(Option<Child>);
 
 /// A proxy process, stopped on drop with SIGTERM (nginx's workers would outlive a SIGKILL
 /// of their master, holding its ports).
@@ -41,77 +41,39 @@ impl Drop for Stopped {
     }
 }
 
-impl Proc {
-    fn signal(&self, signal: &str) {
-        if let Some(child) = &self.0 {
-            let _ = Command::new("kill")
-                .args([signal, &child.id().to_string()])
-                .status();
-        }
-    }
-
-    async fn wait(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
-        }
-    }
+/// One thinws node on `redis`, with history and the HTTP API.
+async fn thinws(redis: &RedisServer) -> Server {
+    let url = redis.url();
+    Server::start(&[
+        "--redis-url",
+        &url,
+        "--history-size",
+        "10000",
+        "--no-demo",
+        "--rate-limit",
+        "0",
+        "--api-key",
+        "k",
+        "--drain-seconds",
+        "1",
+        "--shutdown-timeout",
+        "2",
+    ])
+    .await
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// One thinws node.
-struct ThinWs {
-    port: u16,
-    redis: String,
-    proc: Proc,
-}
-
-impl ThinWs {
-    async fn start(redis: &RedisServer) -> Self {
-        let mut node = ThinWs {
-            port: free_port(),
-            redis: redis.url(),
-            proc: Proc(None),
-        };
-        node.spawn().await;
-        node
-    }
-
-    async fn spawn(&mut self) {
-        let child = Command::new(BIN)
-            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
-            .args(["--redis-url", &self.redis, "--history-size", "10000"])
-            .args(["--no-demo", "--rate-limit", "0", "--api-key", "k"])
-            .args(["--drain-seconds", "1", "--shutdown-timeout", "2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.proc = Proc(Some(child));
-        listening(self.port).await;
-    }
-
-    /// This node's members of `room` (its HTTP API).
-    async fn local_members(&self, room: &str) -> u64 {
-        let addr = format!("127.0.0.1:{}", self.port).parse().unwrap();
-        let (status, body) = http(
-            addr,
-            "GET",
-            &format!("/api/rooms/{room}"),
-            &[("Authorization", "apikey k")],
-        )
-        .await;
-        assert_eq!(status, 200, "{body}");
-        let body: serde_json::Value = serde_json::from_str(&body).unwrap();
-        body["localMembers"].as_u64().unwrap()
-    }
+/// `node`'s members of `room` (its HTTP API).
+async fn local_members(node: &Server, room: &str) -> u64 {
+    let (status, body) = http(
+        node.addr,
+        "GET",
+        &format!("/api/rooms/{room}"),
+        &[("Authorization", "apikey k")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    body["localMembers"].as_u64().unwrap()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -125,25 +87,13 @@ struct Proxy {
     port: u16,
     tls_port: u16,
     _proc: Stopped,
-    _dir: tempdir::Dir,
-}
-
-mod tempdir {
-    /// A directory removed on drop.
-    pub struct Dir(pub std::path::PathBuf);
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
+    _dir: TempDir,
 }
 
 impl Proxy {
-    async fn start(kind: Kind, nodes: &[ThinWs], certs: &TestCerts) -> Self {
+    async fn start(kind: Kind, nodes: &[Server], certs: &TestCerts) -> Self {
         let (port, tls_port) = (free_port(), free_port());
-        let dir = std::env::temp_dir().join(format!("thinws-{kind:?}-{port}"));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::new(&format!("{kind:?}"));
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
         let mut config = std::fs::read_to_string(root.join(match kind {
             Kind::Nginx => "nginx.conf",
@@ -152,10 +102,7 @@ impl Proxy {
         .unwrap();
         // Only ports and paths change: the rest is what ships.
         for (n, node) in nodes.iter().enumerate() {
-            config = config.replace(
-                &format!("127.0.0.1:{}", 8081 + n),
-                &format!("127.0.0.1:{}", node.port),
-            );
+            config = config.replace(&format!("127.0.0.1:{}", 8081 + n), &node.addr.to_string());
         }
         let tls = |p: &Path| p.to_string_lossy().into_owned();
         config = config
@@ -175,7 +122,7 @@ impl Proxy {
         let mut command = match kind {
             Kind::Nginx => {
                 let mut c = Command::new("nginx");
-                c.arg("-c").arg(&file).arg("-p").arg(&dir);
+                c.arg("-c").arg(&file).arg("-p").arg(dir.path());
                 c.args(["-e", "stderr", "-g", "daemon off;"]);
                 c
             }
@@ -196,7 +143,7 @@ impl Proxy {
             port,
             tls_port,
             _proc: Stopped(child),
-            _dir: tempdir::Dir(dir),
+            _dir: dir,
         }
     }
 
@@ -228,7 +175,7 @@ async fn scenario(kind: Kind) {
     let redis = RedisServer::start().await;
     let mut nodes = Vec::new();
     for _ in 0..3 {
-        nodes.push(ThinWs::start(&redis).await);
+        nodes.push(thinws(&redis).await);
     }
     let proxy = Proxy::start(kind, &nodes, &certs).await;
 
@@ -241,7 +188,7 @@ async fn scenario(kind: Kind) {
     }
     let mut spread = Vec::new();
     for node in &nodes {
-        spread.push(node.local_members("plain").await);
+        spread.push(local_members(node, "plain").await);
     }
     assert_eq!(spread.iter().sum::<u64>(), 6, "{spread:?}");
     assert!(
@@ -301,7 +248,7 @@ async fn scenario(kind: Kind) {
     let victim = {
         let mut most = (0, 0);
         for (i, node) in nodes.iter().enumerate() {
-            let n = node.local_members(ROOM).await;
+            let n = local_members(node, ROOM).await;
             if n > most.1 {
                 most = (i, n);
             }
@@ -309,43 +256,39 @@ async fn scenario(kind: Kind) {
         assert!(most.1 > 0, "no node has a subscriber");
         most.0
     };
-    nodes[victim].proc.signal("-KILL");
-    nodes[victim].proc.wait().await;
+    nodes[victim].signal("-KILL");
+    nodes[victim].stopped().await;
     // Back means: in the room on one of the other nodes, every one of them.
     support::until("every subscriber to be back on another node", async || {
         let mut members = 0;
         for (i, node) in nodes.iter().enumerate() {
             if i != victim {
-                members += node.local_members(ROOM).await;
+                members += local_members(node, ROOM).await;
             }
         }
         members == subscribers.len() as u64 && subscribers.iter().all(|(c, _)| c.is_connected())
     })
     .await;
-    nodes[victim].spawn().await;
+    nodes[victim].start_again().await;
 
     // A rolling restart: SIGTERM node by node; each drains (503 on /healthz and on
     // upgrades) for a second, then closes its sockets with 1001 and exits.
     for restarting in 0..nodes.len() {
         let node = &mut nodes[restarting];
-        node.proc.signal("-TERM");
-        let addr = format!("127.0.0.1:{}", node.port).parse().unwrap();
+        node.terminate();
+        let addr = node.addr;
         support::until("/healthz to say 503 while the node drains", async || {
             http(addr, "GET", "/healthz", &[]).await.0 == 503
         })
         .await;
-        node.proc.wait().await;
-        node.spawn().await;
-        let addr = format!("127.0.0.1:{}", node.port).parse().unwrap();
-        support::until("the node to be healthy again", async || {
-            http(addr, "GET", "/healthz", &[]).await.0 == 200
-        })
-        .await;
+        node.stopped().await;
+        node.start_again().await;
+        node.healthy().await;
         // Every subscriber is back in the room before the next node goes.
         support::until("every subscriber to be back in the room", async || {
             let mut members = 0;
             for node in &nodes {
-                members += node.local_members(ROOM).await;
+                members += local_members(node, ROOM).await;
             }
             members == subscribers.len() as u64 && subscribers.iter().all(|(c, _)| c.is_connected())
         })

@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 use backend::{Backend, BACKENDS, SECRET};
 use binary::{http_with_body, Server};
 use serde_json::json;
-use support::{free_port, Client};
+use support::{free_port, Client, TempDir};
 
 /// A thinws node whose hooks ask `backend`; `extra` flags added.
-async fn node(backend: &Backend, extra: &[&str]) -> (Server, std::path::PathBuf) {
-    let secret = std::env::temp_dir().join(format!("thinws-proxy-{}", free_port()));
-    std::fs::write(&secret, SECRET).unwrap();
+async fn node(backend: &Backend, extra: &[&str]) -> (Server, TempDir) {
+    let dir = TempDir::new("proxy");
+    let secret = dir.file("secret", SECRET);
     let (connect, subscribe, publish) = (
         backend.url("connect"),
         backend.url("subscribe"),
@@ -42,7 +42,7 @@ async fn node(backend: &Backend, extra: &[&str]) -> (Server, std::path::PathBuf)
         "--no-demo",
     ];
     args.extend_from_slice(extra);
-    (Server::start(&args).await, secret)
+    (Server::start(&args).await, dir)
 }
 
 /// A socket whose upgrade request carries `cookie`.
@@ -76,7 +76,7 @@ async fn the_backend_decides_by_cookie_room_and_message() {
 
 async fn decides_by_cookie_room_and_message(example: (&str, &str)) {
     let backend = Backend::start(example, free_port()).await;
-    let (server, secret) = node(&backend, &[]).await;
+    let (server, _secret) = node(&backend, &[]).await;
 
     // Connect: allowed by a session cookie, named by the backend; refused without one.
     let mut alice = with_cookie(&server, Some("theme=dark; session=alice-session")).await;
@@ -150,7 +150,6 @@ async fn decides_by_cookie_room_and_message(example: (&str, &str)) {
     )
     .await;
     assert_eq!(status, 401);
-    let _ = std::fs::remove_file(secret);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,7 +162,7 @@ async fn a_backend_that_is_down_means_unavailable_and_the_socket_goes_on() {
 async fn down_means_unavailable(example: (&str, &str)) {
     let port = free_port();
     let backend = Backend::start(example, port).await;
-    let (server, secret) = node(&backend, &["--proxy-room-prefix", "private:"]).await;
+    let (server, _secret) = node(&backend, &["--proxy-room-prefix", "private:"]).await;
     let mut alice = with_cookie(&server, Some("session=alice-session")).await;
     assert_eq!(connect(&mut alice).await["type"], "ack");
     alice.subscribe("private:admins").await;
@@ -191,5 +190,4 @@ async fn down_means_unavailable(example: (&str, &str)) {
         .publish("private:admins", json!({"text": "darn"}))
         .await;
     assert_eq!(alice.delivery().await["payload"], json!({"text": "****"}));
-    let _ = std::fs::remove_file(secret);
 }

@@ -6,6 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::json;
+use support::certs::key_pair;
 use support::{http, within, Client, RedisServer};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
@@ -250,7 +251,8 @@ async fn at_the_open_file_limit_upgrades_get_503_and_nothing_spins() {
         .unwrap()
         .port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let log = std::env::temp_dir().join(format!("thinws-fd-{port}.log"));
+    let dir = support::TempDir::new("fd");
+    let log = dir.join("stderr.log");
     // 160 open files at most (soft and hard): 40 pending places, 160 - 40 - 64 = 56 sockets.
     let child = Command::new("sh")
         .arg("-c")
@@ -262,7 +264,7 @@ async fn at_the_open_file_limit_upgrades_get_503_and_nothing_spins() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let server = Server { child, addr };
+    let server = Server::adopt(child, addr);
     support::until("the server to listen", async || {
         tokio::net::TcpStream::connect(addr).await.is_ok()
     })
@@ -295,7 +297,6 @@ async fn at_the_open_file_limit_upgrades_get_503_and_nothing_spins() {
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(log_text.matches("accept failed").count(), 0, "{log_text}");
     drop(open);
-    let _ = std::fs::remove_file(log);
 }
 
 #[tokio::test]
@@ -389,44 +390,8 @@ async fn with_a_token_secret_only_signed_tokens_get_in_and_their_claims_hold() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn es256_and_rs256_tokens_are_checked_with_a_public_key() {
-    let dir = std::env::temp_dir().join(format!("thinws-es256-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key = dir.join("key.pem");
-    let pkcs8 = dir.join("key.pkcs8.pem");
-    let public = dir.join("public.pem");
-    let run = |args: &[&str]| {
-        let status = Command::new("openssl")
-            .args(args)
-            .status()
-            .expect("openssl");
-        assert!(status.success(), "openssl {args:?}");
-    };
-    run(&[
-        "ecparam",
-        "-genkey",
-        "-name",
-        "prime256v1",
-        "-noout",
-        "-out",
-        key.to_str().unwrap(),
-    ]);
-    run(&[
-        "pkcs8",
-        "-topk8",
-        "-nocrypt",
-        "-in",
-        key.to_str().unwrap(),
-        "-out",
-        pkcs8.to_str().unwrap(),
-    ]);
-    run(&[
-        "ec",
-        "-in",
-        key.to_str().unwrap(),
-        "-pubout",
-        "-out",
-        public.to_str().unwrap(),
-    ]);
+    let dir = support::TempDir::new("es256");
+    let (pkcs8, public) = key_pair(&dir, "EC", "ec_paramgen_curve:P-256");
     let server = Server::start(&["--token-public-key", public.to_str().unwrap()]).await;
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256),
@@ -452,25 +417,7 @@ async fn es256_and_rs256_tokens_are_checked_with_a_public_key() {
     assert_eq!(reply["code"], "forbidden", "{reply}");
 
     // RS256 with an RSA key pair.
-    let rsa = dir.join("rsa.pem");
-    let rsa_public = dir.join("rsa.public.pem");
-    run(&[
-        "genpkey",
-        "-algorithm",
-        "RSA",
-        "-pkeyopt",
-        "rsa_keygen_bits:2048",
-        "-out",
-        rsa.to_str().unwrap(),
-    ]);
-    run(&[
-        "pkey",
-        "-in",
-        rsa.to_str().unwrap(),
-        "-pubout",
-        "-out",
-        rsa_public.to_str().unwrap(),
-    ]);
+    let (rsa, rsa_public) = key_pair(&dir, "RSA", "rsa_keygen_bits:2048");
     let server = Server::start(&["--token-public-key", rsa_public.to_str().unwrap()]).await;
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
@@ -483,7 +430,6 @@ async fn es256_and_rs256_tokens_are_checked_with_a_public_key() {
         .request(json!({"type": "connect", "connectionID": "x", "token": token}))
         .await;
     assert_eq!(reply["type"], "ack", "{reply}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// An HTTP request with a body; the status and the body of the answer.

@@ -5,16 +5,17 @@
 
 mod support;
 
-use std::process::{Command, Stdio};
+#[path = "support/binary.rs"]
+mod binary;
+
 use std::time::Duration;
 
+use binary::Server;
 use serde_json::json;
 use support::certs::TestCerts;
-use support::{http, within, Client, Node, RedisServer};
+use support::{http, Client, Node, RedisServer};
 use thinws::settings::{History, Presence, RoomSettings};
 use thinws::ThinWsLayer;
-
-const BIN: &str = env!("CARGO_BIN_EXE_thinws");
 
 async fn layer(redis: &RedisServer, certs: &TestCerts) -> ThinWsLayer {
     ThinWsLayer::builder()
@@ -70,24 +71,12 @@ async fn two_nodes_work_through_a_tls_redis_and_survive_its_restart() {
 
     // Redis restarts: the pub/sub connections come back over TLS and delivery resumes.
     redis.restart().await;
-    within("delivery to resume over TLS", async {
-        loop {
-            let reply = alice
-                .request(json!({"type": "message", "roomID": "lobby", "payload": "again"}))
-                .await;
-            if reply["type"] == "ack" {
-                if let Ok(Some(v)) = tokio::time::timeout(Duration::from_millis(500), async {
-                    Some(bob.recv().await)
-                })
-                .await
-                {
-                    if v["payload"] == "again" {
-                        return;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+    support::until("delivery to resume over TLS", async || {
+        let reply = alice
+            .request(json!({"type": "message", "roomID": "lobby", "payload": "again"}))
+            .await;
+        let delivered = tokio::time::timeout(Duration::from_millis(500), bob.recv()).await;
+        reply["type"] == "ack" && matches!(delivered, Ok(v) if v["payload"] == "again")
     })
     .await;
 }
@@ -116,27 +105,14 @@ async fn without_the_ca_the_certificate_is_refused_with_a_clear_error() {
 async fn the_standalone_server_takes_a_ca_file() {
     let certs = TestCerts::new();
     let redis = RedisServer::start_tls(&certs).await;
-    let mut nodes = Vec::new();
-    for _ in 0..2 {
-        let port = support::free_port();
-        let child = Command::new(BIN)
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--no-demo"])
-            .args(["--redis-url", &redis.tls_url()])
-            .arg("--redis-ca-file")
-            .arg(certs.ca())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        support::listening(port).await;
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        nodes.push((support::KillOnDrop(child), addr));
-    }
-    let (status, body) = http(nodes[0].1, "GET", "/healthz", &[]).await;
+    let (url, ca) = (redis.tls_url(), certs.ca().to_string_lossy().into_owned());
+    let args = ["--no-demo", "--redis-url", &url, "--redis-ca-file", &ca];
+    let nodes = [Server::start(&args).await, Server::start(&args).await];
+    let (status, body) = http(nodes[0].addr, "GET", "/healthz", &[]).await;
     assert_eq!(status, 200, "{body}");
-    let mut on_b = Client::connect(&format!("ws://{}/", nodes[1].1)).await;
+    let mut on_b = Client::connect(&nodes[1].url()).await;
     on_b.subscribe("lobby").await;
-    let mut on_a = Client::connect(&format!("ws://{}/", nodes[0].1)).await;
+    let mut on_a = Client::connect(&nodes[0].url()).await;
     on_a.publish("lobby", json!("across, over tls")).await;
     assert_eq!(on_b.delivery().await["payload"], "across, over tls");
 }

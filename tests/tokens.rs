@@ -286,10 +286,8 @@ async fn refuses_to_start(args: &[&str], env: &[(&str, &str)]) -> String {
 
 #[tokio::test]
 async fn empty_or_short_secrets_refuse_to_start() {
-    let dir = std::env::temp_dir().join(format!("thinws-secrets-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let empty = dir.join("empty");
-    std::fs::write(&empty, "\n").unwrap();
+    let dir = support::TempDir::new("secrets");
+    let empty = dir.file("empty", "\n");
     let empty = empty.to_str().unwrap();
     for (args, env) in [
         (vec!["--token-secret", ""], vec![]),
@@ -306,10 +304,8 @@ async fn empty_or_short_secrets_refuse_to_start() {
     }
 
     // From files: a secret and a key that are not on the command line.
-    let secret = dir.join("secret");
-    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
-    let key = dir.join("key");
-    std::fs::write(&key, "k3y\n").unwrap();
+    let secret = dir.file("secret", format!("{SECRET}\n"));
+    let key = dir.file("key", "k3y\n");
     let server = Server::start(&[
         "--token-secret-file",
         secret.to_str().unwrap(),
@@ -338,7 +334,6 @@ async fn empty_or_short_secrets_refuse_to_start() {
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// The status of an upgrade with these `Origin` and `Host` headers.
@@ -385,7 +380,8 @@ async fn pages_on_rebound_or_unnamed_hosts_cannot_open_sockets() {
 #[tokio::test]
 async fn an_open_server_beyond_loopback_says_so_at_startup() {
     let port = support::free_port();
-    let log = std::env::temp_dir().join(format!("thinws-open-{}.log", std::process::id()));
+    let dir = support::TempDir::new("open");
+    let log = dir.join("stdout.log");
     let child = support::KillOnDrop(
         Command::new(BIN)
             .args(["--listen", &format!("0.0.0.0:{port}"), "--no-demo"])
@@ -399,7 +395,6 @@ async fn an_open_server_beyond_loopback_says_so_at_startup() {
     support::listening(port).await;
     drop(child);
     let text = std::fs::read_to_string(&log).unwrap();
-    let _ = std::fs::remove_file(&log);
     assert_eq!(text.matches("without tokens").count(), 1, "{text:?}");
     assert!(text.contains("--token-secret-file"), "{text}");
 }

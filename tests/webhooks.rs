@@ -11,19 +11,18 @@ mod binary;
 #[path = "support/backend.rs"]
 mod backend;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use backend::{Backend, Webhooks, BACKENDS, SECRET};
 use binary::{metric, Server};
 use serde_json::Value;
-use support::{free_port, http, within, Client, RedisServer};
+use support::{free_port, http, within, Client, RedisServer, TempDir};
 
 /// A node on `redis` whose webhooks go to `backend` (signed), with presence in every room
 /// and a 2 s presence and occupancy lease.
-async fn node(redis: &RedisServer, backend: &Backend) -> (Server, PathBuf) {
-    let secret = std::env::temp_dir().join(format!("thinws-webhook-{}", free_port()));
-    std::fs::write(&secret, SECRET).unwrap();
+async fn node(redis: &RedisServer, backend: &Backend) -> (Server, TempDir) {
+    let dir = TempDir::new("webhook");
+    let secret = dir.file("secret", SECRET);
     let webhook = backend.url("webhook");
     let server = Server::start(&[
         "--redis-url",
@@ -40,7 +39,7 @@ async fn node(redis: &RedisServer, backend: &Backend) -> (Server, PathBuf) {
         "--no-demo",
     ])
     .await;
-    (server, secret)
+    (server, dir)
 }
 
 /// The webhooks of `event` about `room`.
@@ -73,8 +72,8 @@ async fn occupied_and_vacated_once(example: (&str, &str)) {
     let redis = RedisServer::start().await;
     let webhooks = Webhooks::default();
     let backend = Backend::logging(example, free_port(), webhooks.clone()).await;
-    let (a, secret_a) = node(&redis, &backend).await;
-    let (b, secret_b) = node(&redis, &backend).await;
+    let (a, _secret_a) = node(&redis, &backend).await;
+    let (b, _secret_b) = node(&redis, &backend).await;
 
     let mut alice_a = Client::connect_as(&a.url(), "alice").await;
     alice_a.subscribe("game").await;
@@ -141,8 +140,6 @@ async fn occupied_and_vacated_once(example: (&str, &str)) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(of(&webhooks, "room_vacated", "solo").len(), 1);
     drop((b, bob_b, alice_a, solo));
-    let _ = std::fs::remove_file(secret_a);
-    let _ = std::fs::remove_file(secret_b);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,7 +155,7 @@ async fn arrive_in_order(example: (&str, &str)) {
     let webhooks = Webhooks::default();
     let port = free_port();
     let backend = Backend::logging(example, port, webhooks.clone()).await;
-    let (server, secret) = node(&redis, &backend).await;
+    let (server, _secret) = node(&redis, &backend).await;
     let mut client = Client::connect_as(&server.url(), "dave").await;
 
     drop(backend);
@@ -256,5 +253,4 @@ async fn arrive_in_order(example: (&str, &str)) {
         .await
         .unwrap();
     assert_eq!(live, 0, "the lease was given up");
-    let _ = std::fs::remove_file(secret);
 }

@@ -8,50 +8,103 @@ use super::support::{eventually, free_port, until, within, DEADLINE};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_thinws");
 
+/// A `thinws` process on a private port, killed on drop. It can be signalled and started
+/// again on the same port with the same arguments.
 pub struct Server {
     pub child: Child,
     pub addr: std::net::SocketAddr,
+    args: Vec<String>,
 }
 
 impl Server {
+    /// Starts the binary with `args` on a free port and waits until it listens.
     pub async fn start(args: &[&str]) -> Server {
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(BIN)
-            .args(["--listen", &addr.to_string()])
-            .args(args)
-            .env_remove("REDIS_URL")
-            .env_remove("THINWS_LISTEN")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut server = Server { child, addr };
+        let addr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
+        let child = spawn(addr, &args);
+        let mut server = Server { child, addr, args };
+        server.listening().await;
+        server
+    }
+
+    /// A server started some other way (under a shell that sets its limits): killed on drop,
+    /// not started again.
+    pub fn adopt(child: Child, addr: std::net::SocketAddr) -> Server {
+        let args = Vec::new();
+        Server { child, addr, args }
+    }
+
+    async fn listening(&mut self) {
+        let addr = self.addr;
+        let child = &mut self.child;
         until("the server to listen", async || {
-            if let Some(status) = server.child.try_wait().unwrap() {
+            if let Some(status) = child.try_wait().unwrap() {
                 panic!("the server exited before listening: {status}");
             }
             tokio::net::TcpStream::connect(addr).await.is_ok()
         })
         .await;
-        server
     }
 
     pub fn url(&self) -> String {
         format!("ws://{}/", self.addr)
     }
 
+    /// Sends `signal` (`-TERM`, `-KILL`, `-STOP`…).
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(sent.success(), "kill {signal} {pid}");
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.signal("-TERM");
     }
 
     /// Waits for the process to exit.
     pub async fn exited(mut self) -> std::process::ExitStatus {
+        self.stopped().await
+    }
+
+    /// Waits for the process to exit, keeping the server to start again.
+    pub async fn stopped(&mut self) -> std::process::ExitStatus {
+        let child = &mut self.child;
         eventually("the server to exit", DEADLINE, async || {
-            self.child.try_wait().unwrap()
+            child.try_wait().unwrap()
         })
         .await
+    }
+
+    /// Starts the process again (it must have exited), on the same port with the same
+    /// arguments, and waits until it listens.
+    pub async fn start_again(&mut self) {
+        self.child = spawn(self.addr, &self.args);
+        self.listening().await;
+    }
+
+    /// SIGKILL; the server stays down `down`, then starts again.
+    pub async fn kill_and_restart(&mut self, down: std::time::Duration) {
+        self.signal("-KILL");
+        self.stopped().await;
+        tokio::time::sleep(down).await;
+        self.start_again().await;
+    }
+
+    /// SIGTERM (a graceful shutdown), then the server starts again once it exited.
+    pub async fn restart(&mut self) {
+        self.terminate();
+        self.stopped().await;
+        self.start_again().await;
+    }
+
+    /// Waits until `/healthz` answers 200 (every Redis path works).
+    pub async fn healthy(&self) {
+        let addr = self.addr;
+        until("the server to be healthy", async || {
+            super::support::http(addr, "GET", "/healthz", &[]).await.0 == 200
+        })
+        .await;
     }
 
     /// The value of `name` (a metric without labels) on the server's `/metrics`.
@@ -60,6 +113,19 @@ impl Server {
         assert_eq!(status, 200, "{body}");
         metric(&body, name)
     }
+}
+
+/// The binary listening on `addr` with `args`, its output discarded.
+fn spawn(addr: std::net::SocketAddr, args: &[String]) -> Child {
+    Command::new(BIN)
+        .args(["--listen", &addr.to_string()])
+        .args(args)
+        .env_remove("REDIS_URL")
+        .env_remove("THINWS_LISTEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 impl Drop for Server {

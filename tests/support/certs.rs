@@ -7,32 +7,14 @@ use std::process::Command;
 
 /// The files of a test PKI.
 pub struct TestCerts {
-    dir: PathBuf,
+    dir: super::TempDir,
 }
 
 impl TestCerts {
     /// Makes a CA (EC P-256) and a server certificate it signed.
     pub fn new() -> Self {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "thinws-certs-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .expect("openssl is needed for the TLS tests (scripts/test installs it)");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
+        let dir = super::TempDir::new("certs");
+        let run = |args: &[&str]| openssl(dir.path(), args);
         let ec = [
             "-newkey",
             "ec",
@@ -68,11 +50,10 @@ impl TestCerts {
             ],
         ]
         .concat());
-        std::fs::write(
-            dir.join("ext.cnf"),
+        dir.file(
+            "ext.cnf",
             "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\n",
-        )
-        .unwrap();
+        );
         run(&[
             "x509",
             "-req",
@@ -96,12 +77,12 @@ impl TestCerts {
             std::fs::read(dir.join("key.pem")).unwrap(),
         ]
         .concat();
-        std::fs::write(dir.join("both.pem"), both).unwrap();
+        dir.file("both.pem", both);
         TestCerts { dir }
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
     }
 
     /// The CA's certificate (PEM).
@@ -129,8 +110,40 @@ impl TestCerts {
     }
 }
 
-impl Drop for TestCerts {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A key pair for signing tokens, made in `dir` by `openssl genpkey -algorithm {algorithm}
+/// -pkeyopt {option}` (`"EC", "ec_paramgen_curve:P-256"` for ES256, `"RSA",
+/// "rsa_keygen_bits:2048"` for RS256): its private key (PKCS#8 PEM) and its public key (PEM).
+pub fn key_pair(dir: &super::TempDir, algorithm: &str, option: &str) -> (PathBuf, PathBuf) {
+    let (private, public) = (format!("{algorithm}.pem"), format!("{algorithm}.pub.pem"));
+    openssl(
+        dir.path(),
+        &[
+            "genpkey",
+            "-algorithm",
+            algorithm,
+            "-pkeyopt",
+            option,
+            "-out",
+            &private,
+        ],
+    );
+    openssl(
+        dir.path(),
+        &["pkey", "-in", &private, "-pubout", "-out", &public],
+    );
+    (dir.join(&private), dir.join(&public))
+}
+
+/// Runs `openssl` with `args` in `dir`, which must succeed.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is needed for the TLS tests (scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

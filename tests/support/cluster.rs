@@ -12,7 +12,7 @@ use super::within;
 pub struct ClusterNode {
     pub port: u16,
     child: Option<Child>,
-    dir: std::path::PathBuf,
+    dir: super::TempDir,
     /// With TLS (clients and the cluster bus): the certificate, key and CA files.
     tls: Option<[std::path::PathBuf; 3]>,
 }
@@ -42,7 +42,7 @@ impl ClusterNode {
             .args(["--repl-diskless-sync-delay", "0"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
-            .arg(&self.dir)
+            .arg(self.dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -117,10 +117,7 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..6 {
             let port = free_port();
-            let dir =
-                std::env::temp_dir().join(format!("thinws-cluster-{}-{port}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
+            let dir = super::TempDir::new("cluster");
             let mut node = ClusterNode {
                 port,
                 child: None,
@@ -277,8 +274,8 @@ pub fn cli(port: u16, args: &[&str]) -> String {
 impl Drop for RedisCluster {
     fn drop(&mut self) {
         for node in &mut self.nodes {
+            // Its directory goes with it.
             node.kill();
-            let _ = std::fs::remove_dir_all(&node.dir);
         }
     }
 }

@@ -298,6 +298,28 @@ pub const UPGRADE: [(&str, &str); 4] = [
     ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
 ];
 
+/// A WebSocket upgrade request for `/`, as a client writes it by hand (RFC 6455 §4.1, with
+/// its sample key).
+pub const UPGRADE_REQUEST: &str = "GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+    Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+    Sec-WebSocket-Version: 13\r\n\r\n";
+
+/// Writes [`UPGRADE_REQUEST`] on `tcp` and reads the answer's head (byte by byte, so that
+/// nothing after it is consumed), which must say `101`.
+pub async fn upgrade_by_hand(tcp: &mut TcpStream) {
+    tcp.write_all(UPGRADE_REQUEST.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = within("the upgrade's answer", tcp.read_u8()).await;
+        head.push(byte.expect("closed during the handshake"));
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "not upgraded: {}",
+        String::from_utf8_lossy(&head)
+    );
+}
+
 /// `CLIENT KILL TYPE {kind} SKIPME yes` on `admin`: how many connections of that kind
 /// ("pubsub", "normal") Redis closed.
 pub async fn kill_clients(admin: &mut redis::aio::MultiplexedConnection, kind: &str) -> i64 {
@@ -322,6 +344,48 @@ pub async fn plant_unreadable_presence_member(redis: &RedisServer, room: &str) {
         .query_async(&mut redis.client().await)
         .await
         .unwrap();
+}
+
+/// A private directory under the system's temp directory, removed with everything in it on
+/// drop (a test that fails leaves nothing behind either).
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    /// A new empty directory whose name starts with `thinws-{label}-`.
+    pub fn new(label: &str) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "thinws-{label}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    /// The path of `name` in this directory.
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+
+    /// Writes `contents` to the file `name` in this directory; returns its path.
+    pub fn file(&self, name: &str, contents: impl AsRef<[u8]>) -> std::path::PathBuf {
+        let path = self.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A loopback port free now.

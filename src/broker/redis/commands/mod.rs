@@ -164,7 +164,7 @@ pub(crate) struct Cluster {
     client: redis::cluster::ClusterClient,
     /// The first seed: its settings (TLS, user, password) reach every master.
     seed: super::connect::RedisTarget,
-    /// How long connecting to a master may take.
+    /// The Redis timeout: connecting to a master, and each of its answers, may take half.
     timeout: Duration,
     connection: tokio::sync::Mutex<Option<(ClusterConnection, Instant)>>,
     /// The slot map pipelines are grouped by (see [`query_pipeline`]), read on first use
@@ -190,10 +190,12 @@ impl Cluster {
             return Ok(connection);
         }
         let client = redis::Client::open(self.seed.at(host, port).info().clone())?;
+        // Fail fast, as the cluster client does: a master that stopped answering (frozen,
+        // cut off without a reset) fails its pipelines in time for the next one to connect
+        // again, by the slot map as the live nodes see it then.
         let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            // Every caller bounds its whole operation itself.
-            .set_response_timeout(None);
+            .set_connection_timeout(Some(self.timeout / 2))
+            .set_response_timeout(Some(self.timeout / 2));
         let connection = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
