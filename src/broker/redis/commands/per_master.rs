@@ -274,3 +274,42 @@ fn whole(answer: Vec<Value>, sent: usize) -> Result<Vec<Value>, redis::RedisErro
         format!("{} replies to a pipeline of {sent} commands", answer.len()),
     )))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_reply(resp: &[u8]) -> redis::ServerError {
+        match redis::parse_redis_value(resp).unwrap() {
+            Value::ServerError(e) => e,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn redirections_say_where_a_command_goes() {
+        let ask = error_reply(b"-ASK 3999 127.0.0.1:6381\r\n");
+        assert!(matches!(
+            redirection(&ask),
+            Some(Redirect::Ask(Asked(host, 6381))) if host == "127.0.0.1"
+        ));
+        let moved = error_reply(b"-MOVED 3999 127.0.0.1:6381\r\n");
+        assert!(matches!(redirection(&moved), Some(Redirect::Moved)));
+        let again = error_reply(b"-TRYAGAIN Multiple keys request during rehashing of slot\r\n");
+        assert!(matches!(redirection(&again), Some(Redirect::TryAgain)));
+        // Not redirections: the command did not run, and is answered so.
+        for reply in [
+            &b"-CLUSTERDOWN The cluster is down\r\n"[..],
+            b"-ERR unknown\r\n",
+        ] {
+            assert!(redirection(&error_reply(reply)).is_none());
+        }
+    }
+
+    #[test]
+    fn a_short_answer_leaves_its_commands_unknown() {
+        assert_eq!(whole(vec![Value::Nil; 2], 2).unwrap().len(), 2);
+        let e = whole(vec![Value::Nil], 2).unwrap_err();
+        assert!(e.is_io_error(), "{e}");
+    }
+}
