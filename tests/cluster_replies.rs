@@ -132,12 +132,19 @@ async fn bursts(
 }
 
 /// Checks every reply against what `subscriber` received (until it is quiet): an `ack`'s
-/// message delivered once, a definite error's never, an unknown outcome's at most once, and
-/// each room's messages in the order sent.
+/// message delivered once (or, in a room without history, lost with a `gap` for the room),
+/// a definite error's never, an unknown outcome's at most once, and each room's messages in
+/// the order sent.
 async fn replies_were_true(subscriber: &mut Client, answered: &[(u64, String, Value)]) {
     let mut delivered: HashMap<u64, usize> = HashMap::new();
     let mut order: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut gaps: HashMap<String, usize> = HashMap::new();
     while let Ok(v) = tokio::time::timeout(Duration::from_secs(3), subscriber.recv()).await {
+        if v["type"] == "gap" {
+            *gaps
+                .entry(v["roomID"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
         if let (Some(id), Some(room)) = (v["payload"].as_u64(), v["roomID"].as_str()) {
             *delivered.entry(id).or_default() += 1;
             order.entry(room.to_owned()).or_default().push(id);
@@ -147,7 +154,13 @@ async fn replies_were_true(subscriber: &mut Client, answered: &[(u64, String, Va
         let got = delivered.get(id).copied().unwrap_or(0);
         assert!(got <= 1, "message {id} ({room}) delivered {got} times");
         match (reply["type"].as_str(), reply["code"].as_str()) {
-            (Some("ack"), _) => assert_eq!(got, 1, "message {id} ({room}) acked, not delivered"),
+            // A room without history whose subscription moved with its slot may lose
+            // messages, and its members are told so with a `gap`.
+            (Some("ack"), _) if got == 0 && gaps.contains_key(room) && !room.starts_with("h:") => {}
+            (Some("ack"), _) => assert_eq!(
+                got, 1,
+                "message {id} ({room}) acked, not delivered; gaps {gaps:?}"
+            ),
             (Some("error"), Some("timeout")) => {}
             _ => assert_eq!(
                 got, 0,

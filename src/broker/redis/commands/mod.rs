@@ -17,14 +17,17 @@ use std::time::Duration;
 
 use deadpool_redis::Pool;
 use redis::aio::ConnectionLike;
-use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
-use tokio::time::Instant;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
+use super::connect::{pool_error, redis_error};
+use crate::error::BrokerError;
+
+mod cluster;
 mod per_master;
 mod slots;
 
+pub(crate) use self::cluster::{Cluster, ClusterTarget};
 pub(crate) use self::per_master::{query_commands, query_pipeline, Failure};
 pub(crate) use self::slots::{key_slot, ping_every_master, read_slot_map, SlotMap};
 
@@ -63,8 +66,6 @@ pub(crate) async fn query_with_scripts(
         .map(|(first, again)| if no_script(&first) { again } else { first })
         .collect())
 }
-use super::connect::{pool_error, redis_error};
-use crate::error::BrokerError;
 
 /// Where commands go.
 #[derive(Clone)]
@@ -80,220 +81,6 @@ impl std::fmt::Debug for Commands {
             Commands::Cluster(_) => "Commands::Cluster",
         })
     }
-}
-
-/// The seed URLs of a Redis Cluster (any of its nodes; the rest is discovered), and a
-/// private CA for `rediss://`.
-#[derive(Debug, Clone)]
-pub(crate) struct ClusterTarget {
-    urls: Vec<redis::ConnectionInfo>,
-    /// The first seed: its settings (TLS, user, password) reach every master.
-    seed: super::connect::RedisTarget,
-    #[cfg_attr(not(feature = "tls"), allow(dead_code))]
-    ca_pem: Option<Vec<u8>>,
-}
-
-impl ClusterTarget {
-    /// Checks every seed URL (the error redacts passwords).
-    pub(crate) fn parse(
-        urls: &[String],
-        ca_pem: Option<&[u8]>,
-    ) -> Result<Self, super::connect::InvalidUrl> {
-        let mut seeds = Vec::with_capacity(urls.len());
-        for url in urls {
-            // The same checks as a single Redis URL (TLS support included).
-            seeds.push(super::connect::RedisTarget::parse(url, ca_pem)?);
-        }
-        let Some(seed) = seeds.first().cloned() else {
-            return Err(super::connect::InvalidUrl::new(
-                "(no cluster URL)",
-                "a Redis Cluster needs at least one seed URL",
-            ));
-        };
-        Ok(ClusterTarget {
-            urls: seeds.iter().map(|seed| seed.info().clone()).collect(),
-            seed,
-            ca_pem: ca_pem.map(<[u8]>::to_vec),
-        })
-    }
-
-    /// The first seed node's target: its settings reach every master.
-    pub(crate) fn seed(&self) -> &super::connect::RedisTarget {
-        &self.seed
-    }
-
-    /// A cluster client for commands.
-    pub(crate) fn client(&self, timeout: Duration) -> Result<Cluster, BrokerError> {
-        // Fail fast, so that a command for a dead master comes back in time to replace the
-        // connection (see `Cluster`) rather than retrying the dead address for long.
-        let builder = redis::cluster::ClusterClientBuilder::new(self.urls.clone())
-            .connection_timeout(timeout / 2)
-            .response_timeout(timeout / 2)
-            .retries(2)
-            .min_retry_wait(10)
-            .max_retry_wait(100);
-        #[cfg(feature = "tls")]
-        let builder = match &self.ca_pem {
-            Some(ca) => builder.certs(redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca.clone()),
-            }),
-            None => builder,
-        };
-        let client = builder.build().map_err(BrokerError::connection)?;
-        Ok(Cluster {
-            client,
-            seed: self.seed.clone(),
-            timeout,
-            connection: tokio::sync::Mutex::new(None),
-            slots: std::sync::RwLock::new(None),
-            masters: std::sync::Mutex::new(Vec::new()),
-        })
-    }
-}
-
-/// A Redis Cluster: its client, and the one connection every user shares once it is made.
-///
-/// redis-rs refreshes its slot map on `MOVED`, but a command for a slot whose master died
-/// only reconnects to the dead address until its retries run out, so a failover would go
-/// unnoticed for as long as no command gets `MOVED`. So a command that fails as if a node
-/// were gone (an I/O error, a timeout, `CLUSTERDOWN`, `TRYAGAIN`, `MASTERDOWN`) drops the
-/// shared connection, at most every [`RECONNECT_EVERY`]: the next user makes a new one, with
-/// the topology as the live nodes see it now.
-pub(crate) struct Cluster {
-    client: redis::cluster::ClusterClient,
-    /// The first seed: its settings (TLS, user, password) reach every master.
-    seed: super::connect::RedisTarget,
-    /// The Redis timeout: connecting to a master, and each of its answers, may take half.
-    timeout: Duration,
-    connection: tokio::sync::Mutex<Option<(ClusterConnection, Instant)>>,
-    /// The slot map pipelines are grouped by (see [`query_pipeline`]), read on first use
-    /// and again after a redirection or a failure.
-    slots: std::sync::RwLock<Option<Arc<SlotMap>>>,
-    /// A connection to each master pipelines went to (see [`Cluster::master`]).
-    masters: std::sync::Mutex<Vec<((String, u16), MultiplexedConnection)>>,
-}
-
-/// How often a failing cluster connection is replaced, at most.
-const RECONNECT_EVERY: Duration = Duration::from_millis(250);
-
-impl Cluster {
-    /// The connection to the master at `host`:`port` that every pipeline to it shares (it
-    /// is multiplexed), made on first use and again after [`Cluster::master_failed`].
-    async fn master(&self, host: &str, port: u16) -> Result<MultiplexedConnection, RedisError> {
-        let known = self
-            .lock_masters()
-            .iter()
-            .find(|((h, p), _)| h == host && *p == port)
-            .map(|(_, c)| c.clone());
-        if let Some(connection) = known {
-            return Ok(connection);
-        }
-        let client = redis::Client::open(self.seed.at(host, port).info().clone())?;
-        // Fail fast, as the cluster client does: a master that stopped answering (frozen,
-        // cut off without a reset) fails its pipelines in time for the next one to connect
-        // again, by the slot map as the live nodes see it then.
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout / 2))
-            .set_response_timeout(Some(self.timeout / 2));
-        let connection = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let mut masters = self.lock_masters();
-        masters.retain(|((h, p), _)| !(h == host && *p == port));
-        masters.push(((host.to_owned(), port), connection.clone()));
-        Ok(connection)
-    }
-
-    /// A pipeline to `host`:`port` failed: the next one connects again.
-    fn master_failed(&self, host: &str, port: u16) {
-        self.lock_masters()
-            .retain(|((h, p), _)| !(h == host && *p == port));
-    }
-
-    fn lock_masters(
-        &self,
-    ) -> std::sync::MutexGuard<'_, Vec<((String, u16), MultiplexedConnection)>> {
-        self.masters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The shared connection, made on first use (and again after [`Cluster::failed`]).
-    pub(crate) async fn connection(&self) -> Result<ClusterConnection, BrokerError> {
-        let mut held = self.connection.lock().await;
-        if let Some((connection, _)) = &*held {
-            return Ok(connection.clone());
-        }
-        let connection = self
-            .client
-            .get_async_connection()
-            .await
-            .map_err(redis_error)?;
-        *held = Some((connection.clone(), Instant::now()));
-        Ok(connection)
-    }
-
-    /// The slot map, read from the cluster if none is known.
-    async fn slot_map(&self, connection: &ClusterConnection) -> Option<Arc<SlotMap>> {
-        let known = self
-            .slots
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        if known.is_some() {
-            return known;
-        }
-        let map = Arc::new(read_slot_map(&mut connection.clone()).await?);
-        *self
-            .slots
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(map.clone());
-        Some(map)
-    }
-
-    /// The slot map changed: read it again before the next pipeline.
-    fn forget_slot_map(&self) {
-        *self
-            .slots
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-    }
-
-    /// A command failed with `e`: if it looks like a node is gone, the next user gets a new
-    /// connection (see the type's docs).
-    pub(crate) fn failed(&self, e: &redis::RedisError) {
-        if !node_gone(e) {
-            return;
-        }
-        self.forget_slot_map();
-        if let Ok(mut held) = self.connection.try_lock() {
-            if held
-                .as_ref()
-                .is_some_and(|(_, made)| made.elapsed() >= RECONNECT_EVERY)
-            {
-                tracing::info!(error = %e, "a Redis Cluster node seems gone: reconnecting with a fresh topology");
-                *held = None;
-            }
-        }
-    }
-}
-
-/// Whether `e` says that a node is unreachable or not serving its slots.
-pub(crate) fn node_gone(e: &redis::RedisError) -> bool {
-    use redis::{ErrorKind, ServerErrorKind};
-    e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_dropped()
-        || e.is_connection_refusal()
-        || matches!(
-            e.kind(),
-            ErrorKind::Server(
-                ServerErrorKind::ClusterDown
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::MasterDown
-            )
-        )
 }
 
 /// A connection for commands.
