@@ -156,7 +156,9 @@ async fn replies_were_true(subscriber: &mut Client, answered: &[(u64, String, Va
         match (reply["type"].as_str(), reply["code"].as_str()) {
             // A room without history whose subscription moved with its slot may lose
             // messages, and its members are told so with a `gap`.
-            (Some("ack"), _) if got == 0 && gaps.contains_key(room) && !room.starts_with("h:") => {}
+            (Some("ack"), _) if got == 0 && gaps.contains_key(room) && !room.starts_with("h:") => {
+                println!("message {id} ({room}) acked, lost with a gap for its room");
+            }
             (Some("ack"), _) => assert_eq!(
                 got, 1,
                 "message {id} ({room}) acked, not delivered; gaps {gaps:?}"

@@ -1,6 +1,7 @@
 //! A Redis Cluster: its seeds, its client and shared connection, and a connection to each
 //! master for pipelines (see [`super::query_commands`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,6 +82,7 @@ impl ClusterTarget {
             connection: tokio::sync::Mutex::new(None),
             slots: std::sync::RwLock::new(None),
             masters: std::sync::Mutex::new(Vec::new()),
+            connecting: tokio::sync::Mutex::new(()),
         })
     }
 }
@@ -104,7 +106,24 @@ pub(crate) struct Cluster {
     /// and again after a redirection or a failure.
     slots: std::sync::RwLock<Option<Arc<SlotMap>>>,
     /// A connection to each master pipelines went to (see [`Cluster::master`]).
-    masters: std::sync::Mutex<Vec<((String, u16), MultiplexedConnection)>>,
+    masters: std::sync::Mutex<Vec<(String, u16, Master)>>,
+    /// Held while a connection to a master is made.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+/// A connection to one master, shared by every pipeline to it.
+#[derive(Clone)]
+pub(super) struct Master {
+    pub(super) connection: MultiplexedConnection,
+    /// Set when Redis closed it, or a pipeline on it failed: the next user connects again.
+    lost: Arc<AtomicBool>,
+}
+
+impl Master {
+    /// A pipeline on this connection failed: it is not used again.
+    pub(super) fn failed(&self) {
+        self.lost.store(true, Ordering::Release);
+    }
 }
 
 /// How often a failing cluster connection is replaced, at most.
@@ -112,45 +131,61 @@ const RECONNECT_EVERY: Duration = Duration::from_millis(250);
 
 impl Cluster {
     /// The connection to the master at `host`:`port` that every pipeline to it shares (it
-    /// is multiplexed), made on first use and again after [`Cluster::master_failed`].
-    pub(super) async fn master(
-        &self,
-        host: &str,
-        port: u16,
-    ) -> Result<MultiplexedConnection, RedisError> {
-        let known = self
-            .lock_masters()
-            .iter()
-            .find(|((h, p), _)| h == host && *p == port)
-            .map(|(_, c)| c.clone());
-        if let Some(connection) = known {
-            return Ok(connection);
+    /// is multiplexed), made on first use, and again once it was lost (Redis closed it, or a
+    /// pipeline on it failed: [`Master::failed`]). One task connects at a time, so that
+    /// the lanes do not all connect to a master at once after it failed.
+    pub(super) async fn master(&self, host: &str, port: u16) -> Result<Master, RedisError> {
+        if let Some(master) = self.known_master(host, port) {
+            return Ok(master);
         }
-        let client = redis::Client::open(self.seed.at(host, port).info().clone())?;
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(master) = self.known_master(host, port) {
+            return Ok(master);
+        }
+        let target = self.seed.at(host, port);
+        // RESP3, so that the connection reports its own loss (a `Disconnection` push), as
+        // the single Redis's pooled connections do: a publish is then not sent on a
+        // connection already known to be closed.
+        let info = target.info().clone().set_redis_settings(
+            target
+                .info()
+                .redis_settings()
+                .clone()
+                .set_protocol(redis::ProtocolVersion::RESP3),
+        );
+        let lost = Arc::new(AtomicBool::new(false));
+        let seen = lost.clone();
         // Fail fast, as the cluster client does: a master that stopped answering (frozen,
         // cut off without a reset) fails its pipelines in time for the next one to connect
         // again, by the slot map as the live nodes see it then.
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout / 2))
-            .set_response_timeout(Some(self.timeout / 2));
-        let connection = client
+            .set_response_timeout(Some(self.timeout / 2))
+            .set_push_sender(move |push: redis::PushInfo| {
+                if push.kind == redis::PushKind::Disconnection {
+                    seen.store(true, Ordering::Release);
+                }
+                Ok::<(), std::convert::Infallible>(())
+            });
+        let connection = redis::Client::open(info)?
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
+        let master = Master { connection, lost };
         let mut masters = self.lock_masters();
-        masters.retain(|((h, p), _)| !(h == host && *p == port));
-        masters.push(((host.to_owned(), port), connection.clone()));
-        Ok(connection)
+        masters.retain(|(h, p, _)| !(h == host && *p == port));
+        masters.push((host.to_owned(), port, master.clone()));
+        Ok(master)
     }
 
-    /// A pipeline to `host`:`port` failed: the next one connects again.
-    pub(super) fn master_failed(&self, host: &str, port: u16) {
+    /// The connection to `host`:`port`, unless there is none or it was lost.
+    fn known_master(&self, host: &str, port: u16) -> Option<Master> {
         self.lock_masters()
-            .retain(|((h, p), _)| !(h == host && *p == port));
+            .iter()
+            .find(|(h, p, m)| h == host && *p == port && !m.lost.load(Ordering::Acquire))
+            .map(|(_, _, m)| m.clone())
     }
 
-    fn lock_masters(
-        &self,
-    ) -> std::sync::MutexGuard<'_, Vec<((String, u16), MultiplexedConnection)>> {
+    fn lock_masters(&self) -> std::sync::MutexGuard<'_, Vec<(String, u16, Master)>> {
         self.masters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -66,8 +66,10 @@ pub(crate) async fn query_pipeline(
 /// commands of many slots in one pipeline. A command answered `MOVED` (its slot moved) or
 /// `TRYAGAIN` (its keys are moving) did not run: it is built again and sent by the map read
 /// again; one answered `ASK` goes to the node named, after `ASKING`. Each is sent again at
-/// most [`REDIRECTS`] times, then answered with its last redirection. The commands of one
-/// slot keep their order.
+/// most [`REDIRECTS`] times, then answered with its last redirection. The commands naming
+/// one key (a room's) keep their order: a re-send carries them in one pipeline, and a
+/// command redirected after which one naming the same key ran is not sent again (its
+/// redirection answers it: it did not run).
 ///
 /// A pipeline that fails answers its own commands with its error, and no other: the
 /// pipelines to the other masters may have been carried out.
@@ -107,6 +109,8 @@ pub(crate) async fn query_commands<'k>(
             break;
         };
         let mut groups: Vec<Group> = Vec::new();
+        // In a re-send, where the first command naming each key goes (see below).
+        let mut first_of_key: Vec<(&[u8], Destination<'static>)> = Vec::new();
         for (n, asked) in pending.drain(..) {
             let to = match &asked {
                 Some(Asked(host, port)) => Some((host.as_str(), *port, true)),
@@ -127,13 +131,27 @@ pub(crate) async fn query_commands<'k>(
                 replies[n] = Some(Err(Failure { error, sent: false }));
                 continue;
             };
+            let mut to: Destination = (std::borrow::Cow::Borrowed(host), port, asking);
+            // Commands naming one key (one room) keep their order: in a re-send, each goes
+            // in one pipeline with the first of them, wherever that one goes (where Redis
+            // sends the others elsewhere, they come back redirected, and are answered by
+            // the rule below).
+            if let (true, Some(key)) = (attempt > 0, key(n)) {
+                match first_of_key.iter().find(|(k, _)| *k == key) {
+                    Some((_, first)) => to = first.clone(),
+                    None => {
+                        let owned = std::borrow::Cow::Owned(host.to_owned());
+                        first_of_key.push((key, (owned, port, asking)));
+                    }
+                }
+            }
             let at = groups
                 .iter()
-                .position(|g| g.to.0 == host && g.to.1 == port && g.to.2 == asking);
+                .position(|g| g.to.0 == *to.0 && g.to.1 == to.1 && g.to.2 == to.2);
             let group = match at {
                 Some(at) => &mut groups[at],
                 None => {
-                    groups.push(Group::new((host.to_owned(), port, asking)));
+                    groups.push(Group::new((to.0.into_owned(), to.1, to.2)));
                     groups.last_mut().expect("just pushed")
                 }
             };
@@ -147,19 +165,20 @@ pub(crate) async fn query_commands<'k>(
             let shared = &shared;
             async move {
                 let (host, port, _) = &group.to;
-                let mut c = match shared.master(host, *port).await {
-                    Ok(c) => c,
+                let master = match shared.master(host, *port).await {
+                    Ok(master) => master,
                     Err(error) => {
                         shared.failed(&error);
                         return Err(Failure { error, sent: false });
                     }
                 };
+                let mut c = master.connection.clone();
                 let answer = group.pipeline.query_async::<Vec<Value>>(&mut c).await;
                 let sent = group.pipeline.cmd_iter().count();
                 match answer.and_then(|answer| whole(answer, sent)) {
                     Ok(answer) => Ok(answer),
                     Err(error) => {
-                        shared.master_failed(host, *port);
+                        master.failed();
                         shared.failed(&error);
                         Err(Failure { error, sent: true })
                     }
@@ -181,11 +200,27 @@ pub(crate) async fn query_commands<'k>(
             // After `ASKING`, every other reply is its `OK`.
             let step = if group.to.2 { 2 } else { 1 };
             let answer = answer.into_iter().skip(step - 1).step_by(step);
-            for (&n, reply) in group.indices.iter().zip(answer) {
-                let again = match &reply {
-                    Value::ServerError(e) if attempt < REDIRECTS => redirection(e),
-                    _ => None,
-                };
+            // From the last command back: the keys of the commands that got an answer (not a
+            // redirection) so far, that is, later in the caller's order.
+            let mut answered_later: Vec<&[u8]> = Vec::new();
+            let answers: Vec<(usize, Value)> = group.indices.iter().copied().zip(answer).collect();
+            let redirected = |reply: &Value| match reply {
+                Value::ServerError(e) if attempt < REDIRECTS => redirection(e),
+                _ => None,
+            };
+            // Only a pipeline with a redirection needs the keys looked at.
+            let any = answers.iter().any(|(_, reply)| redirected(reply).is_some());
+            for (n, reply) in answers.into_iter().rev() {
+                let mut again = redirected(&reply);
+                let key = key(n).filter(|_| any);
+                match (&again, key) {
+                    // A command redirected after which one naming the same key ran is not
+                    // sent again: it would run after it. Its redirection answers it (it did
+                    // not run).
+                    (Some(_), Some(key)) if answered_later.contains(&key) => again = None,
+                    (None, Some(key)) if !answered_later.contains(&key) => answered_later.push(key),
+                    _ => {}
+                }
                 match again {
                     None => replies[n] = Some(Ok(reply)),
                     Some(Redirect::Moved) => {
@@ -203,7 +238,7 @@ pub(crate) async fn query_commands<'k>(
         if pending.is_empty() {
             break;
         }
-        // In the caller's order, so that the commands of one slot keep theirs.
+        // In the caller's order, so that the commands naming one key keep theirs.
         pending.sort_unstable_by_key(|(n, _)| *n);
         if try_again {
             tokio::time::sleep(TRY_AGAIN_AFTER).await;
@@ -214,6 +249,10 @@ pub(crate) async fn query_commands<'k>(
         .map(|reply| reply.expect("every command is answered or failed"))
         .collect()
 }
+
+/// Where a pipeline goes: a node's host and port, and whether each command is preceded by
+/// `ASKING`.
+type Destination<'a> = (std::borrow::Cow<'a, str>, u16, bool);
 
 /// Commands that go together: one pipeline to one node (`to`: its host, its port, and
 /// whether each command is preceded by `ASKING`), and each command's index in the caller's
