@@ -134,7 +134,7 @@ impl Identities {
                         query_pipeline(&mut connection, &pipeline)
                             .await
                             .map(drop)
-                            .map_err(redis_error)
+                            .map_err(BrokerError::from)
                     });
                     if let Err(e) = refreshed.await {
                         tracing::warn!(error = %e.report(), "could not refresh identities' TTL");

@@ -22,7 +22,7 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::commands::{query_commands, Commands, Connection, Failure};
+use super::commands::{query_commands, Commands, Connection};
 use super::connect::{redis_error, Disconnects};
 use super::history;
 use crate::broker::{new_epoch, Keys, Position, Publish, Published};
@@ -417,19 +417,9 @@ impl Lane {
             Err(_) => Err(BrokerError::Timeout(self.timeout)),
             Ok(replies) => Ok(replies
                 .into_iter()
-                .map(|reply| reply.map_err(unanswered))
+                .map(|reply| reply.map_err(BrokerError::from))
                 .collect()),
         }
-    }
-}
-
-/// What a command that got no reply tells its caller: nothing was done if it was never
-/// sent (no connection to its master could be had); otherwise its outcome is unknown (the
-/// connection failed, or the reply could not be read).
-fn unanswered(failure: Failure) -> BrokerError {
-    match failure.sent {
-        false => BrokerError::connection(failure.error),
-        true => BrokerError::Lost(std::sync::Arc::new(failure.error)),
     }
 }
 

@@ -46,18 +46,22 @@ pub(crate) fn no_script(reply: &redis::Value) -> bool {
 /// Sends `pipeline` (see [`query_pipeline`]); if Redis lost the scripts it calls, loads
 /// `scripts` and sends it again. Each call keeps its first reply unless that was the lost
 /// script's error: a call that ran is not answered by its second run (the callers' scripts
-/// are harmless to run twice, and the first reply holds what they decided).
+/// are harmless to run twice, and the first reply holds what they decided). If the scripts
+/// cannot be loaded, the outcome is unknown (the calls that found their script ran).
 pub(crate) async fn query_with_scripts(
     connection: &mut Connection,
     pipeline: &redis::Pipeline,
     scripts: &[&redis::Script],
-) -> Result<Vec<redis::Value>, redis::RedisError> {
+) -> Result<Vec<redis::Value>, Failure> {
     let replies = query_pipeline(connection, pipeline).await?;
     if !replies.iter().any(no_script) {
         return Ok(replies);
     }
     for script in scripts {
-        script.load_async(connection).await?;
+        script
+            .load_async(connection)
+            .await
+            .map_err(|error| Failure { error, sent: true })?;
     }
     let again = query_pipeline(connection, pipeline).await?;
     Ok(replies

@@ -10,6 +10,7 @@ use redis::{Cmd, Pipeline, Value};
 
 use super::slots::{key_of, key_slot};
 use super::Connection;
+use crate::error::BrokerError;
 
 /// How many times a command redirected (`MOVED`, `ASK`, `TRYAGAIN`) is sent again.
 const REDIRECTS: usize = 3;
@@ -30,14 +31,25 @@ pub(crate) struct Failure {
     pub(crate) sent: bool,
 }
 
+impl From<Failure> for BrokerError {
+    /// Nothing was done if the command was never sent; otherwise its outcome is unknown.
+    fn from(failure: Failure) -> Self {
+        match failure.sent {
+            false => BrokerError::connection(failure.error),
+            true => BrokerError::Lost(std::sync::Arc::new(failure.error)),
+        }
+    }
+}
+
 /// Sends `pipeline` (which answers each command's error in its place, `ignore_errors`) and
-/// returns the replies in order (see [`query_commands`]).
+/// returns the replies in order, or the first command's failure (see [`query_commands`]).
 pub(crate) async fn query_pipeline(
     connection: &mut Connection,
     pipeline: &Pipeline,
-) -> Result<Vec<Value>, redis::RedisError> {
+) -> Result<Vec<Value>, Failure> {
     if let Connection::Pooled(c) = connection {
-        return pipeline.query_async(c).await;
+        let answer = pipeline.query_async(c).await;
+        return answer.map_err(|error| Failure { error, sent: true });
     }
     let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
     let mut scratch = redis::pipe();
@@ -52,7 +64,6 @@ pub(crate) async fn query_pipeline(
     )
     .await
     .into_iter()
-    .map(|reply| reply.map_err(|failure| failure.error))
     .collect()
 }
 
@@ -343,6 +354,21 @@ mod tests {
         ] {
             assert!(redirection(&error_reply(reply)).is_none());
         }
+    }
+
+    #[test]
+    fn a_failure_is_unknown_only_if_the_command_may_have_been_sent() {
+        let error = || redis::RedisError::from(std::io::Error::other("gone"));
+        let sent = BrokerError::from(Failure {
+            error: error(),
+            sent: true,
+        });
+        assert!(sent.outcome_unknown(), "{sent}");
+        let unsent = BrokerError::from(Failure {
+            error: error(),
+            sent: false,
+        });
+        assert!(!unsent.outcome_unknown(), "{unsent}");
     }
 
     #[test]

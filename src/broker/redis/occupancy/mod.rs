@@ -112,7 +112,7 @@ impl OccupancyStore {
             let mut connection = self.commands.get().await?;
             query_with_scripts(&mut connection, pipeline, &[&self.room, &self.leases])
                 .await
-                .map_err(redis_error)
+                .map_err(BrokerError::from)
         })
         .await
     }

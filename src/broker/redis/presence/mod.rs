@@ -34,7 +34,7 @@ mod task;
 
 use self::task::Task;
 use super::commands::{pipeline, query_with_scripts, Commands, Connection};
-use super::connect::{redis_error, within};
+use super::connect::within;
 use crate::broker::presence::{Counts, Members};
 use crate::broker::{Confirmation, Keys};
 use crate::error::BrokerError;
@@ -170,7 +170,7 @@ impl Shared {
     ) -> Result<Vec<Value>, BrokerError> {
         query_with_scripts(connection, pipeline, &[&self.script])
             .await
-            .map_err(redis_error)
+            .map_err(BrokerError::from)
     }
 }
 
