@@ -257,3 +257,20 @@ async fn identity_records_expire_after_their_last_socket_but_not_before() {
         identity_expiry(&in_memory, None)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_are_recorded_after_redis_lost_its_scripts() {
+    let redis = RedisServer::start().await;
+    let node = Node::redis(&redis).await;
+    let mut alice = Client::connect_as(&node.url(), "alice").await;
+    alice.subscribe("before").await;
+    // A failover to a replica, or an operator, empties Redis's script cache: the record
+    // script is loaded again and the subscribe goes through, recorded.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut redis.client().await)
+        .await
+        .unwrap();
+    alice.subscribe("after").await;
+    assert_eq!(rooms_in_redis(&redis, "alice").await, ["after", "before"]);
+}

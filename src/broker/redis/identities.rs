@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use super::commands::{query_pipeline, Commands};
+use super::commands::{query_pipeline, query_with_scripts, Commands};
 use super::connect::{redis_error, within};
 use crate::broker::Keys;
 use crate::error::BrokerError;
@@ -153,19 +153,17 @@ impl Identities {
         max: usize,
     ) -> Result<bool, BrokerError> {
         let key = self.keys.identity_set(identity);
-        within(self.timeout, async {
-            let mut connection = self.commands.get().await?;
-            self.record
-                .key(key)
-                .arg(room)
-                .arg(max)
-                .arg(self.ttl_ms())
-                .invoke_async::<i64>(&mut connection)
-                .await
-                .map(|recorded| recorded == 1)
-                .map_err(redis_error)
-        })
-        .await
+        let call = redis::cmd("EVALSHA")
+            .arg(self.record.get_hash())
+            .arg(1)
+            .arg(key)
+            .arg(room)
+            .arg(max)
+            .arg(self.ttl_ms())
+            .clone();
+        self.query::<i64>(&call, &[&self.record])
+            .await
+            .map(|recorded| recorded == 1)
     }
 
     /// Forgets `room` for `identity` (`SREM`).
@@ -174,6 +172,7 @@ impl Identities {
             redis::cmd("SREM")
                 .arg(self.keys.identity_set(identity))
                 .arg(room),
+            &[],
         )
         .await
         .map(drop)
@@ -181,20 +180,37 @@ impl Identities {
 
     /// The rooms recorded for `identity` (`SMEMBERS`).
     pub(crate) async fn rooms_of(&self, identity: &str) -> Result<Vec<String>, BrokerError> {
-        self.query(redis::cmd("SMEMBERS").arg(self.keys.identity_set(identity)))
-            .await
+        self.query(
+            redis::cmd("SMEMBERS").arg(self.keys.identity_set(identity)),
+            &[],
+        )
+        .await
     }
 
+    /// Sends `command` alone (as a one-command pipeline, see `query_pipeline`: on a cluster
+    /// it is not sent twice), with `scripts` loaded again if Redis lost them; its reply as
+    /// `T`. A failure after sending leaves the outcome unknown.
     async fn query<T: redis::FromRedisValue>(
         &self,
         command: &redis::Cmd,
+        scripts: &[&redis::Script],
     ) -> Result<T, BrokerError> {
         within(self.timeout, async {
             let mut connection = self.commands.get().await?;
-            command
-                .query_async::<T>(&mut connection)
-                .await
-                .map_err(redis_error)
+            let mut pipeline = super::commands::pipeline();
+            pipeline.add_command(command.clone());
+            let reply = query_with_scripts(&mut connection, &pipeline, scripts)
+                .await?
+                .pop()
+                .ok_or_else(|| BrokerError::Protocol("no reply".into()))?;
+            match reply {
+                redis::Value::ServerError(e) => {
+                    Err(BrokerError::Refused(Arc::new(redis::RedisError::from(e))))
+                }
+                reply => {
+                    T::from_redis_value(reply).map_err(|e| BrokerError::Protocol(e.to_string()))
+                }
+            }
         })
         .await
     }
