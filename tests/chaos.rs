@@ -26,23 +26,6 @@ use thinws::client::{ClientError, ThinWsClient};
 
 const ROOMS: [&str; 3] = ["chaos:a", "chaos:b", "chaos:c"];
 
-/// A node on `redis`, with history in every room.
-async fn node(redis: &RedisServer) -> Server {
-    let url = redis.url();
-    Server::start(&[
-        "--redis-url",
-        &url,
-        "--history-size",
-        "10000",
-        "--no-demo",
-        "--rate-limit",
-        "0",
-        "--shutdown-timeout",
-        "2",
-    ])
-    .await
-}
-
 /// What one subscriber received: (publisher, seq, offset), in order.
 type Received = Vec<(usize, u64, u64)>;
 type Seen = Arc<Mutex<Received>>;
@@ -212,7 +195,11 @@ async fn every_acked_message_reaches_every_subscriber_once_in_order_through_faul
         1
     };
     let mut redis = RedisServer::start().await;
-    let mut nodes = vec![node(&redis).await, node(&redis).await, node(&redis).await];
+    let mut nodes = vec![
+        Server::with_history(&redis, &[]).await,
+        Server::with_history(&redis, &[]).await,
+        Server::with_history(&redis, &[]).await,
+    ];
     let outcome = run(&mut redis, &mut nodes, rounds, false).await;
     let (mut missing, mut duplicated, mut out_of_order, mut total) = (0, 0, 0, 0);
     for (room, seen) in &outcome.received {
@@ -244,7 +231,11 @@ async fn every_acked_message_reaches_every_subscriber_once_in_order_through_faul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_loses_its_data_is_reported_as_a_gap_never_a_silent_hole() {
     let mut redis = RedisServer::start().await;
-    let mut nodes = vec![node(&redis).await, node(&redis).await, node(&redis).await];
+    let mut nodes = vec![
+        Server::with_history(&redis, &[]).await,
+        Server::with_history(&redis, &[]).await,
+        Server::with_history(&redis, &[]).await,
+    ];
     let outcome = run(&mut redis, &mut nodes, 1, true).await;
     println!("gaps reported: {}", outcome.gaps);
     // Every subscriber had received messages before the loss, so each learns of it.

@@ -296,7 +296,7 @@ async fn a_rooms_slot_migrated_while_messages_flow() {
     let publishing = publish_until(&mut publisher, &rooms, start + Duration::from_secs(6));
     let resharding = async {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        reshard(&cluster, source, target).await;
+        cluster.reshard_one(source, target).await;
     };
     let (acked, ()) = tokio::join!(publishing, resharding);
     assert_eq!(cluster.master_of(slot), target, "the slot moved");
@@ -515,7 +515,7 @@ async fn a_room_refused_after_its_shard_reconnects_is_subscribed_again_once_allo
 async fn a_slot_map_change_resubscribes_only_the_rooms_whose_slot_moved() {
     let cluster = RedisCluster::start().await;
     let node = Node::start(layer(&cluster)).await;
-    let (source, target) = slot_zero_move(&cluster);
+    let (source, target) = cluster.slot_zero_move();
     let elsewhere_slot = (0..16384u16)
         .step_by(97)
         .find(|&slot| cluster.master_of(slot) == target)
@@ -533,7 +533,7 @@ async fn a_slot_map_change_resubscribes_only_the_rooms_whose_slot_moved() {
         publisher.publish(room, json!("before")).await;
         assert_eq!(subscriber.delivery().await["payload"], "before");
     }
-    reshard(&cluster, source, target).await;
+    cluster.reshard_one(source, target).await;
     assert_eq!(cluster.master_of(0), target, "the slot moved");
     // Until the moved room delivers again, every frame is kept.
     let mut frames = Vec::new();
@@ -575,41 +575,15 @@ async fn a_slot_map_change_resubscribes_only_the_rooms_whose_slot_moved() {
 async fn a_subscribe_answered_moved_follows_the_slot_to_its_new_master() {
     let cluster = RedisCluster::start().await;
     let node = Node::start(layer(&cluster)).await;
-    let (source, target) = slot_zero_move(&cluster);
+    let (source, target) = cluster.slot_zero_move();
     // Something on the source, so that the node has a connection there.
     let mut subscriber = Client::connect_as(&node.url(), "sub").await;
     subscriber.subscribe(&room_in_slot("held", 1)).await;
-    reshard(&cluster, source, target).await;
+    cluster.reshard_one(source, target).await;
     // At once (the node reads the slot map twice a second): most likely before it did.
     let room = room_in_slot("fresh", 0);
     subscriber.subscribe(&room).await;
     let mut publisher = Client::connect_as(&node.url(), "pub").await;
     publisher.publish(&room, json!("there")).await;
     assert_eq!(subscriber.delivery().await["payload"], "there");
-}
-
-/// Where `redis-cli --cluster reshard` of one slot moves slot 0 (it takes the source's
-/// lowest): from its master to another one.
-fn slot_zero_move(cluster: &RedisCluster) -> (usize, usize) {
-    let source = cluster.master_of(0);
-    let target = [5500, 11000, 16383]
-        .into_iter()
-        .map(|slot| cluster.master_of(slot))
-        .find(|&master| master != source)
-        .unwrap();
-    (source, target)
-}
-
-/// Moves one slot (the lowest) from master `from` to master `to`.
-async fn reshard(cluster: &RedisCluster, from: usize, to: usize) {
-    let mut reshard = cluster.reshard_one(from, to);
-    let resharded =
-        tokio::task::spawn_blocking(move || reshard.output().expect("redis-cli --cluster reshard"))
-            .await
-            .unwrap();
-    assert!(
-        resharded.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resharded.stdout)
-    );
 }

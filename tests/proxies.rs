@@ -43,23 +43,8 @@ impl Drop for Stopped {
 
 /// One thinws node on `redis`, with history and the HTTP API.
 async fn thinws(redis: &RedisServer) -> Server {
-    let url = redis.url();
-    Server::start(&[
-        "--redis-url",
-        &url,
-        "--history-size",
-        "10000",
-        "--no-demo",
-        "--rate-limit",
-        "0",
-        "--api-key",
-        "k",
-        "--drain-seconds",
-        "1",
-        "--shutdown-timeout",
-        "2",
-    ])
-    .await
+    let extra = ["--api-key", "k", "--drain-seconds", "1"];
+    Server::with_history(redis, &extra).await
 }
 
 /// `node`'s members of `room` (its HTTP API).

@@ -27,6 +27,16 @@ impl Server {
         server
     }
 
+    /// A node on `redis` with history in every room (10,000 messages), no demo page and no
+    /// rate limit, a 2 s shutdown, and `extra` arguments: the fault tests' node.
+    pub async fn with_history(redis: &super::support::RedisServer, extra: &[&str]) -> Server {
+        let url = redis.url();
+        let mut args = vec!["--redis-url", &url, "--history-size", "10000", "--no-demo"];
+        args.extend(["--rate-limit", "0", "--shutdown-timeout", "2"]);
+        args.extend(extra);
+        Server::start(&args).await
+    }
+
     /// A server started some other way (under a shell that sets its limits): killed on drop,
     /// not started again.
     pub fn adopt(child: Child, addr: std::net::SocketAddr) -> Server {

@@ -201,10 +201,10 @@ impl RedisCluster {
             .starts_with("master")
     }
 
-    /// `redis-cli --cluster reshard` of one slot from master `from` to master `to` (a
-    /// source's lowest slot first), ready to run on a blocking thread.
-    pub fn reshard_one(&self, from: usize, to: usize) -> Command {
-        // Bounded: a reshard that cannot finish fails the test instead of hanging it.
+    /// Moves one slot, the lowest, from master `from` to master `to` with `redis-cli
+    /// --cluster reshard` (on a blocking thread; bounded: a reshard that cannot finish fails
+    /// the test instead of hanging it).
+    pub async fn reshard_one(&self, from: usize, to: usize) {
         let mut command = Command::new("timeout");
         command
             .args(["60", "redis-cli"])
@@ -221,7 +221,28 @@ impl RedisCluster {
                 &self.id(to),
             ])
             .args(["--cluster-slots", "1", "--cluster-yes"]);
-        command
+        let resharded = tokio::task::spawn_blocking(move || {
+            command.output().expect("redis-cli --cluster reshard")
+        })
+        .await
+        .unwrap();
+        assert!(
+            resharded.status.success(),
+            "{}",
+            String::from_utf8_lossy(&resharded.stdout)
+        );
+    }
+
+    /// Where [`RedisCluster::reshard_one`] moves slot 0 (it takes the source's lowest): from
+    /// its master to another one.
+    pub fn slot_zero_move(&self) -> (usize, usize) {
+        let source = self.master_of(0);
+        let target = [5500, 11000, 16383]
+            .into_iter()
+            .map(|slot| self.master_of(slot))
+            .find(|&master| master != source)
+            .unwrap();
+        (source, target)
     }
 
     /// The index in `nodes` of the master serving `slot`, as `CLUSTER SHARDS` says.
