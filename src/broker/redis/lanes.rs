@@ -334,9 +334,10 @@ impl Lane {
                     let group: Vec<Request> = requests.by_ref().take(n).collect();
                     let reply = match reply {
                         Ok(reply) => reply,
-                        Err(e) => {
+                        Err(failure) => {
                             // Handed back: the pool's recycle check keeps it or replaces it.
                             self.held = None;
+                            let e = BrokerError::from(failure);
                             group.into_iter().for_each(|r| r.reply(Err(e.clone())));
                             continue;
                         }
@@ -395,7 +396,7 @@ impl Lane {
         key: impl Fn(usize) -> Option<&'k [u8]>,
         build: impl FnMut(usize, &mut redis::Pipeline),
         deadline: Instant,
-    ) -> Result<Vec<Result<Value, BrokerError>>, BrokerError> {
+    ) -> Result<Vec<super::commands::Reply>, BrokerError> {
         let lost = self.disconnects.current();
         if self.held.as_ref().is_some_and(|(_, seen)| *seen != lost) {
             // Some pooled connection was lost since this one was checked out: it may be
@@ -415,10 +416,7 @@ impl Lane {
         let query = query_commands(connection, scratch, count, key, build);
         match tokio::time::timeout_at(deadline, query).await {
             Err(_) => Err(BrokerError::Timeout(self.timeout)),
-            Ok(replies) => Ok(replies
-                .into_iter()
-                .map(|reply| reply.map_err(BrokerError::from))
-                .collect()),
+            Ok(replies) => Ok(replies),
         }
     }
 }
