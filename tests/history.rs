@@ -519,3 +519,75 @@ async fn every_history_room_catches_up_when_they_take_more_than_one_subscribe() 
         "gap frames although the history kept every message"
     );
 }
+
+/// On one Redis, a lane sends the history publishes of a round, whatever their rooms, as one
+/// script call, and each room still gets its own answers: a room whose channel Redis
+/// refuses (its ACL) is refused alone, while the other rooms' messages in the same calls are
+/// acked with their own consecutive offsets and delivered in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_publishes_to_many_rooms_share_script_calls_and_keep_their_own_answers() {
+    const ROUNDS: usize = 10;
+    let rooms = ["big:ok:0", "big:ok:1", "big:no", "big:ok:2", "big:ok:3"];
+    let redis = RedisServer::start().await;
+    let node = Node::start(layer(Some(&redis))).await;
+    let mut member = Client::connect(&node.url()).await;
+    for room in rooms.iter().filter(|room| room.contains("ok")) {
+        member.subscribe(room).await;
+    }
+    let mut admin = redis.client().await;
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "resetchannels", "&thinws:room:{big:ok:*"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // Every frame is sent before any reply is read, so that they queue up in the lane.
+    let mut publisher = Client::connect(&node.url()).await;
+    let mut sent = Vec::new();
+    for i in 0..ROUNDS {
+        for room in rooms {
+            let id = sent.len();
+            let frame = json!({"type": "message", "roomID": room, "payload": i, "messageID": id});
+            publisher.send_text(frame.to_string()).await;
+            sent.push((room, i));
+        }
+    }
+    for (id, (room, i)) in sent.into_iter().enumerate() {
+        let reply = publisher.reply_to(&json!(id)).await;
+        if room == "big:no" {
+            assert_eq!(reply["type"], "error", "{room} #{i}: {reply}");
+        } else {
+            assert_eq!(reply["type"], "ack", "{room} #{i}: {reply}");
+            assert_eq!(reply["offset"], i + 1, "{room} #{i}: {reply}");
+        }
+    }
+    let mut next = std::collections::HashMap::new();
+    for _ in 0..ROUNDS * 4 {
+        let frame = member.delivery().await;
+        let room = frame["roomID"].as_str().unwrap().to_owned();
+        let expected = next.entry(room.clone()).or_insert(0);
+        assert_eq!(frame["payload"], *expected, "{room} in order: {frame}");
+        assert_eq!(frame["offset"], *expected + 1, "{frame}");
+        *expected += 1;
+    }
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let calls: usize = stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|calls| calls.parse().ok())
+        .expect("EVALSHA calls in INFO commandstats");
+    assert!(
+        calls < ROUNDS * rooms.len(),
+        "{calls} script calls for {} publishes: rooms shared none",
+        ROUNDS * rooms.len()
+    );
+}

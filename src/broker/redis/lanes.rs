@@ -72,8 +72,15 @@ impl Kind {
     }
 }
 
+/// Whether `a` and `b` are publishes to the same history room.
+fn same_room(a: &Request, b: &Request) -> bool {
+    matches!((&a.kind, &b.kind),
+        (Kind::History { meta: a, .. }, Kind::History { meta: b, .. }) if a == b)
+}
+
 /// Appends to `pipeline` the one command that answers `requests`: a publish, a `PING`, or
-/// one publish script call for consecutive publishes to one history room.
+/// one publish script call for consecutive history publishes (of one room on a cluster, of
+/// any rooms on one Redis), in runs of one room each.
 fn command(requests: &[Request], cluster: bool, pipeline: &mut redis::Pipeline) {
     match &requests[0].kind {
         Kind::Publish { channel, frame } => {
@@ -86,32 +93,71 @@ fn command(requests: &[Request], cluster: bool, pipeline: &mut redis::Pipeline) 
         Kind::Ping => {
             pipeline.cmd("PING");
         }
-        Kind::History {
-            meta,
-            stream,
-            channel,
-            size,
-            ttl_ms,
-            ..
-        } => {
+        Kind::History { .. } => {
+            let runs = || requests.chunk_by(same_room);
             let command = pipeline
                 .cmd("EVALSHA")
                 .arg(history::publish_script(cluster).get_hash())
-                .arg(2)
-                .arg(meta)
-                .arg(stream)
-                .arg(channel)
-                .arg(*size)
-                .arg(*ttl_ms)
-                // Used only if the room has no history yet (or lost it).
-                .arg(&*new_epoch());
-            for request in requests {
-                if let Kind::History { frame, .. } = &request.kind {
-                    command.arg(frame);
+                .arg(2 * runs().count());
+            for run in runs() {
+                if let Kind::History { meta, stream, .. } = &run[0].kind {
+                    command.arg(meta).arg(stream);
+                }
+            }
+            // Used only for rooms that have no history yet (or lost it).
+            command.arg(&*new_epoch());
+            for run in runs() {
+                if let Kind::History {
+                    channel,
+                    size,
+                    ttl_ms,
+                    ..
+                } = &run[0].kind
+                {
+                    command.arg(channel).arg(*size).arg(*ttl_ms).arg(run.len());
+                }
+                for request in run {
+                    if let Kind::History { frame, .. } = &request.kind {
+                        command.arg(frame);
+                    }
                 }
             }
         }
     }
+}
+
+/// Each request's result from the publish script's `answers`, one per run of `group` in
+/// one room: consecutive offsets from the run's first, or the error that stopped its room.
+fn history_results(group: &[Request], answers: Vec<Value>) -> Vec<Published> {
+    let runs: Vec<usize> = group.chunk_by(same_room).map(<[Request]>::len).collect();
+    if answers.len() != runs.len() {
+        let e = BrokerError::Protocol(format!(
+            "{} answers from the publish script for {} rooms",
+            answers.len(),
+            runs.len()
+        ));
+        return vec![Err(e); group.len()];
+    }
+    let mut results = Vec::with_capacity(group.len());
+    for (n, answer) in runs.into_iter().zip(answers) {
+        let first = match answer {
+            Value::ServerError(e) => Err(refused(e)),
+            answer => position(answer),
+        };
+        results.extend((0..n as u64).map(|k| match &first {
+            Ok(first) => Ok(Some(Position {
+                offset: first.offset + k,
+                epoch: first.epoch.clone(),
+            })),
+            Err(e) => Err(e.clone()),
+        }));
+    }
+    results
+}
+
+/// What Redis's refusal of a command says to its callers.
+fn refused(e: redis::ServerError) -> BrokerError {
+    BrokerError::Refused(std::sync::Arc::new(redis::RedisError::from(e)))
 }
 
 impl Request {
@@ -298,15 +344,21 @@ impl Lane {
         batch: &mut Vec<Request>,
         deadline: Instant,
     ) -> Vec<Request> {
-        // The requests each pipelined command answers: consecutive publishes to one history
-        // room go as one script call.
+        // The requests each pipelined command answers: consecutive history publishes go as
+        // one script call.
+        let cluster = self.commands.is_cluster();
         let mut commands: Vec<Range<usize>> = Vec::with_capacity(batch.len());
         let mut i = 0;
         while i < batch.len() {
             let mut end = i + 1;
-            if let Kind::History { meta, .. } = &batch[i].kind {
-                while matches!(batch.get(end).map(|r| &r.kind),
-                    Some(Kind::History { meta: next, .. }) if next == meta)
+            if let Kind::History { .. } = &batch[i].kind {
+                // A script call's keys must share a slot on a cluster: one room there.
+                while batch
+                    .get(end)
+                    .is_some_and(|next| match cluster {
+                        true => same_room(&batch[i], next),
+                        false => matches!(next.kind, Kind::History { .. }),
+                    })
                 {
                     end += 1;
                 }
@@ -314,7 +366,6 @@ impl Lane {
             commands.push(i..end);
             i = end;
         }
-        let cluster = self.commands.is_cluster();
         let requests = &batch[..];
         let sent = self
             .send(
@@ -349,24 +400,13 @@ impl Lane {
                             retry.extend(group);
                             continue;
                         }
-                        (_, Value::ServerError(e)) => {
-                            let e = BrokerError::Refused(std::sync::Arc::new(
-                                redis::RedisError::from(e),
-                            ));
-                            vec![Err(e); n]
-                        }
+                        // Refused as a whole: it did nothing. (The script answers its
+                        // rooms' own errors one by one, below.)
+                        (_, Value::ServerError(e)) => vec![Err(refused(e)); n],
                         (Kind::Publish { .. }, Value::Int(_)) => vec![Ok(None)],
-                        (Kind::History { .. }, reply) => match position(reply) {
-                            Ok(first) => (0..n as u64)
-                                .map(|k| {
-                                    Ok(Some(Position {
-                                        offset: first.offset + k,
-                                        epoch: first.epoch.clone(),
-                                    }))
-                                })
-                                .collect(),
-                            Err(e) => vec![Err(e); n],
-                        },
+                        (Kind::History { .. }, Value::Array(answers)) => {
+                            history_results(&group, answers)
+                        }
                         (Kind::Ping, Value::SimpleString(_) | Value::Okay) => vec![Ok(None)],
                         (_, other) => vec![Err(BrokerError::Protocol(format!("{other:?}")))],
                     };
