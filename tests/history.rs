@@ -536,7 +536,12 @@ async fn history_publishes_to_many_rooms_share_script_calls_and_keep_their_own_a
     }
     let mut admin = redis.client().await;
     let _: () = redis::cmd("ACL")
-        .arg(&["SETUSER", "default", "resetchannels", "&thinws:room:{big:ok:*"])
+        .arg(&[
+            "SETUSER",
+            "default",
+            "resetchannels",
+            "&thinws:room:{big:ok:*",
+        ])
         .query_async(&mut admin)
         .await
         .unwrap();

@@ -25,17 +25,20 @@ use crate::settings::History;
 
 /// KEYS: a meta and a stream key per room. ARGV: a new epoch (used for any room that has
 /// none), then per room its channel, size, ttl (ms), how many frames (`n`) and the `n`
-/// frames (JSON objects) in order. Gives each room's frames consecutive offsets, keeps and
+/// frames (JSON objects without their closing `}`, which the script writes after the
+/// `offset` and `epoch` it adds) in order. Gives each room's frames consecutive offsets, keeps and
 /// publishes each with its `offset` and `epoch`, refreshes the room's time to live, and
 /// returns per room `{first offset, epoch}`, or the error that stopped that room (each room
 /// runs under its own `pcall`, so one room's error leaves the others' answers true).
 ///
 /// A lane sends all the history publishes of one round as one call on one Redis (on a
-/// cluster, each room's run on its own: a call's keys must share a slot): the call itself
-/// costs Redis about as much as a room's commands, so this halves Redis's work per
-/// publish when many rooms are busy (BENCHMARKS finding 25). The stream is trimmed
-/// approximately (`MAXLEN ~`): Redis drops whole nodes of it, so it keeps at least `size`
-/// entries and sometimes a few more, at a fraction of exact trimming's cost.
+/// cluster, each room's run on its own: a call's keys must share a slot): a call costs
+/// Redis about 4 µs before any command runs, as much as one frame's commands, so rooms
+/// with one publish each in a round cost Redis about half as much this way (BENCHMARKS
+/// finding 25). The stream is trimmed once
+/// per room and call, approximately (`MAXLEN ~`): Redis drops whole nodes of it, so it keeps
+/// at least `size` entries and sometimes a few more, at a fraction of exact trimming's cost
+/// (trimming in each `XADD` cost Redis ~0.2 µs more per frame).
 const PUBLISH_TEXT: &str = r#"
 local function publish(meta, stream, channel, size, ttl, a, n)
   local epoch = redis.call('HGET', meta, 'epoch')
@@ -45,12 +48,14 @@ local function publish(meta, stream, channel, size, ttl, a, n)
     redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
   end
   local first = redis.call('HINCRBY', meta, 'top', n) - n + 1
+  local tail = ',"epoch":"' .. epoch .. '"}'
   for i = 0, n - 1 do
     local offset = string.format('%d', first + i)
-    local frame = string.sub(ARGV[a + i], 1, -2) .. ',"offset":' .. offset .. ',"epoch":"' .. epoch .. '"}'
-    redis.call('XADD', stream, 'MAXLEN', '~', size, offset .. '-0', 'f', frame)
+    local frame = ARGV[a + i] .. ',"offset":' .. offset .. tail
+    redis.call('XADD', stream, offset .. '-0', 'f', frame)
     redis.call('PUBLISH', channel, frame)
   end
+  redis.call('XTRIM', stream, 'MAXLEN', '~', size)
   redis.call('PEXPIRE', meta, ttl)
   redis.call('PEXPIRE', stream, ttl)
   return {first, epoch}

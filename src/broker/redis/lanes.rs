@@ -47,7 +47,8 @@ enum Kind {
         channel: String,
         frame: Utf8Bytes,
     },
-    /// A publish to a room with history: the publish script (see `history`).
+    /// A publish to a room with history: the publish script (see `history`). `frame` is
+    /// the delivered frame without its closing `}`.
     History {
         meta: String,
         stream: String,
@@ -211,9 +212,15 @@ impl Lanes {
         lane: u64,
         keys: &Keys,
         room: &str,
-        frame: String,
+        mut frame: String,
         history: Option<History>,
     ) -> Publish {
+        // The publish script writes a history frame's closing brace itself, after the
+        // offset and epoch it adds.
+        if history.is_some() && frame.pop() != Some('}') {
+            let e = BrokerError::Protocol("a history frame that is not a JSON object".into());
+            return Publish::Done(Err(e));
+        }
         let kind = match history {
             None => Kind::Publish {
                 channel: keys.room_channel(room),
@@ -353,13 +360,10 @@ impl Lane {
             let mut end = i + 1;
             if let Kind::History { .. } = &batch[i].kind {
                 // A script call's keys must share a slot on a cluster: one room there.
-                while batch
-                    .get(end)
-                    .is_some_and(|next| match cluster {
-                        true => same_room(&batch[i], next),
-                        false => matches!(next.kind, Kind::History { .. }),
-                    })
-                {
+                while batch.get(end).is_some_and(|next| match cluster {
+                    true => same_room(&batch[i], next),
+                    false => matches!(next.kind, Kind::History { .. }),
+                }) {
                     end += 1;
                 }
             }
