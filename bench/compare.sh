@@ -16,14 +16,20 @@
 #   AFTER_REDIS=cluster bench/compare.sh BIN BIN 3   # the "after" side on a local 3-master
 #                                 # Redis Cluster (no replicas), the "before" on one Redis;
 #                                 # BEFORE_REDIS=cluster likewise (both: two binaries on it)
+#   REDIS_SESSION=shared bench/compare.sh ...   # Redis in this script's session (see below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 before=$1 after=$2 rounds=${3:-3}
 (cd bench/loadgen && cargo build --quiet --release)
 loadgen=bench/loadgen/target/release/thinws-bench
+# Redis runs as a service of its own would: in its own session, so that the kernel's
+# autogroup scheduling (on here) gives its one thread a group's share of the CPU rather than
+# one thread's share among the nodes' and the load generator's (BENCHMARKS finding 25).
+# REDIS_SESSION=shared runs it in this script's session instead, as before that finding.
+own_session=(setsid); [ "${REDIS_SESSION:-own}" = shared ] && own_session=()
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 redis_port=$(free_port)
-redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
+"${own_session[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
 redis_pid=$!
 pids=()
 trap 'kill "${pids[@]}" "$redis_pid" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
@@ -34,7 +40,7 @@ if [ "${AFTER_REDIS:-}" = cluster ] || [ "${BEFORE_REDIS:-}" = cluster ]; then
   for _ in 1 2 3; do
     p=$(free_port); while (( p > 55000 )); do p=$(free_port); done
     mkdir -p "$cluster_dir/$p"
-    redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --dir "$cluster_dir/$p" \
+    "${own_session[@]}" redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --dir "$cluster_dir/$p" \
       --cluster-config-file nodes.conf --save "" --appendonly no >/dev/null &
     cluster_pids+=("$!"); cluster_ports+=("$p")
   done

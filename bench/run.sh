@@ -12,6 +12,7 @@
 #   TARGETS=thinws bench/run.sh rooms rooms-cluster fanout fanout-cluster   # 3-master Redis Cluster
 #   THINWS_BIN=/tmp/thinws-before TARGETS=thinws bench/run.sh idle latency   # another build
 #                                 # of thinws (e.g. an earlier commit's) instead of this tree's
+#   REDIS_SESSION=shared bench/run.sh ...   # Redis in this script's session (see below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -33,9 +34,14 @@ thinws_bin=${THINWS_BIN:-$root/target/release/thinws}
 [[ " $targets " == *" socketio "* ]] && { [ -d bench/peers/socketio/node_modules ] || (cd bench/peers/socketio && npm ci --no-audit --no-fund --silent); }
 loadgen=$root/bench/loadgen/target/release/thinws-bench
 
+# Redis runs as a service of its own would: in its own session, so that the kernel's
+# autogroup scheduling (on here) gives its one thread a group's share of the CPU rather than
+# one thread's share among the nodes' and the load generator's (BENCHMARKS finding 25).
+# REDIS_SESSION=shared runs it in this script's session instead, as before that finding.
+own_session=(setsid); [ "${REDIS_SESSION:-own}" = shared ] && own_session=()
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 redis_port=$(free_port)
-redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >/dev/null &
+"${own_session[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --daemonize no >/dev/null &
 redis_pid=$!
 pids=()
 # shellcheck disable=SC2086 # redis_pid lists the cluster's servers too
@@ -51,7 +57,7 @@ start_cluster() { # a 3-master Redis Cluster (no replicas), once: sets cluster_u
   for _ in 1 2 3; do
     p=$(free_port); while (( p > 55000 )); do p=$(free_port); done
     rm -rf "$out/cluster-$p"; mkdir -p "$out/cluster-$p"
-    redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --dir "$out/cluster-$p" \
+    "${own_session[@]}" redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --dir "$out/cluster-$p" \
       --cluster-config-file nodes.conf --save "" --appendonly no --daemonize no >/dev/null &
     redis_pid="$redis_pid $!"
     ports+=("$p")

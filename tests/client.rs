@@ -297,7 +297,7 @@ async fn the_client_recovers_history_rooms_across_a_restart_and_reports_gaps() {
     let mut admin = redis.client().await;
     let _: () = redis::cmd("DEL")
         .arg("thinws:meta:{h:c}")
-        .arg("thinws:history:{h:c}")
+        .arg("thinws:frames:{h:c}")
         .query_async(&mut admin)
         .await
         .unwrap();

@@ -142,7 +142,7 @@ async fn history_rooms_on_redis_across_two_nodes() {
     // The room's keys and channel share one hash slot (ready for Redis Cluster).
     let slot = |key: &str| redis_protocol::redis_keyslot(key.as_bytes());
     assert_eq!(slot("thinws:meta:{h:1}"), slot("thinws:room:{h:1}"));
-    assert_eq!(slot("thinws:history:{h:1}"), slot("thinws:room:{h:1}"));
+    assert_eq!(slot("thinws:frames:{h:1}"), slot("thinws:room:{h:1}"));
     assert_ne!(slot("thinws:room:{h:1}"), slot("thinws:room:{h:2}"));
 
     // A Publisher with the same settings continues the offsets.
@@ -595,4 +595,42 @@ async fn history_publishes_to_many_rooms_share_script_calls_and_keep_their_own_a
         "{calls} script calls for {} publishes: rooms shared none",
         ROUNDS * rooms.len()
     );
+}
+
+/// The history list's first frame is taken to be at `top - LLEN + 1`. When the frames do not
+/// say so (here the newest was taken out of the list behind thinws's back), reads and
+/// recovery serve none of them rather than frames at the wrong offsets: the history comes
+/// back empty and the recovery says `recovered: false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_out_of_place_in_the_history_are_never_served() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(layer(Some(&redis))).await;
+    let mut c = Client::connect(&node.url()).await;
+    let mut epoch = String::new();
+    for n in 1..=3 {
+        let ack = publish(&mut c, "h:odd", json!(n)).await;
+        epoch = ack["epoch"].as_str().unwrap().to_owned();
+    }
+    let whole = history(&mut c, "h:odd", None).await;
+    assert_eq!(
+        whole["messages"].as_array().map(Vec::len),
+        Some(3),
+        "{whole}"
+    );
+    let mut admin = redis.client().await;
+    let _: String = redis::cmd("RPOP")
+        .arg("thinws:frames:{h:odd}")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let read = history(&mut c, "h:odd", None).await;
+    assert_eq!(read["type"], "ack", "{read}");
+    assert_eq!(read["messages"], json!([]), "{read}");
+    let ack = c
+        .request(
+            json!({"type": "subscribe", "roomID": "h:odd", "since": {"offset": 1, "epoch": epoch}}),
+        )
+        .await;
+    assert_eq!(ack["recovered"], false, "{ack}");
+    assert_eq!(ack["offset"], 3, "{ack}");
 }

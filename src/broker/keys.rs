@@ -9,7 +9,7 @@
 pub(crate) struct Keys {
     room_prefix: String,
     meta_prefix: String,
-    history_prefix: String,
+    frames_prefix: String,
     identity_prefix: String,
     presence_prefix: String,
     presence_nodes_prefix: String,
@@ -25,7 +25,7 @@ impl Keys {
         Keys {
             room_prefix: format!("{prefix}room:{{"),
             meta_prefix: format!("{prefix}meta:{{"),
-            history_prefix: format!("{prefix}history:{{"),
+            frames_prefix: format!("{prefix}frames:{{"),
             identity_prefix: format!("{prefix}identity:"),
             presence_prefix: format!("{prefix}presence:{{"),
             presence_nodes_prefix: format!("{prefix}presence-nodes:{{"),
@@ -85,9 +85,9 @@ impl Keys {
         Self::tagged(&self.meta_prefix, room)
     }
 
-    /// The stream of a history room's kept frames: `{prefix}history:{ROOM}`.
-    pub(crate) fn history_stream(&self, room: &str) -> String {
-        Self::tagged(&self.history_prefix, room)
+    /// The list of a history room's kept frames: `{prefix}frames:{ROOM}`.
+    pub(crate) fn history_frames(&self, room: &str) -> String {
+        Self::tagged(&self.frames_prefix, room)
     }
 
     /// The hash of a presence room's members and their sockets on every node:
@@ -128,7 +128,7 @@ mod tests {
         assert_eq!(keys.room_of_channel("p:room:{a}}"), Some("a}"));
         assert_eq!(keys.room_of_channel("q:room:{a}"), None);
         assert_eq!(keys.history_meta("a"), "p:meta:{a}");
-        assert_eq!(keys.history_stream("a"), "p:history:{a}");
+        assert_eq!(keys.history_frames("a"), "p:frames:{a}");
         assert_eq!(keys.identity_set("alice"), "p:identity:alice");
         assert_eq!(keys.presence_members("a"), "p:presence:{a}");
         assert_eq!(keys.presence_nodes("a"), "p:presence-nodes:{a}");

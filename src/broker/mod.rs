@@ -17,7 +17,7 @@
 //!   forwarded to sockets byte for byte;
 //! - set `thinws:identity:{connectionID}`: the rooms that identity subscribed to; it
 //!   expires after the identity TTL (24 h by default) without a socket of the identity;
-//! - for rooms with history, hash `thinws:meta:{ROOM}` and stream `thinws:history:{ROOM}`
+//! - for rooms with history, hash `thinws:meta:{ROOM}` and list `thinws:frames:{ROOM}`
 //!   (see `redis::history`);
 //! - for rooms with presence, hashes `thinws:presence:{ROOM}` and
 //!   `thinws:presence-node:{ROOM}:NODE`, and sorted set `thinws:presence-nodes:{ROOM}` (see

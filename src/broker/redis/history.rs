@@ -1,16 +1,20 @@
 //! Room history on Redis: per history room, a hash `{prefix}meta:{ROOM}` (its `epoch` and
-//! `top` offset) and a stream `{prefix}history:{ROOM}` (the last frames, entry ids
-//! `OFFSET-0`), both in the room's hash slot and both expiring after the history TTL
-//! without a publish.
+//! `top` offset) and a list `{prefix}frames:{ROOM}` (its last frames, oldest first, the
+//! newest at offset `top`), both in the room's hash slot and both expiring after the history
+//! TTL without a publish.
 //!
 //! Publishes go through one Lua script (by `EVALSHA`, see `lanes`; one call can carry
-//! several rooms): for each room it takes the next offsets, adds each frame with its
-//! `offset` and `epoch` to the stream (trimmed to the history size), publishes it and
-//! refreshes both keys' time to live, with no other client's command in between. A stream,
-//! rather than a list or a sorted set, because its entry ids are the offsets: reading what
-//! followed an offset is one `XRANGE`, and trimming is built in. The epoch is made when the
-//! hash is missing: on the room's first use, after its history expired, or after Redis lost
-//! its data, so that offsets from a lost history are never taken for current ones.
+//! several rooms): for each room it takes the next offsets, appends the frames with their
+//! `offset` and `epoch` to the list (one `RPUSH`, then trimmed to the history size),
+//! publishes them and refreshes both keys' time to live, with no other client's command in
+//! between. A list rather than a stream (whose entry ids could be the offsets): the frames
+//! of a run go in one command, where a stream takes one `XADD` each, and Redis spends
+//! about 0.6 µs less per frame (BENCHMARKS finding 25). The list always ends at `top` and
+//! holds consecutive offsets, so the offset of its first frame is `top - LLEN + 1`; the read
+//! scripts check that against the offsets written in the frames at both ends of what they
+//! read, and read nothing when they disagree. The epoch is made when the hash is missing:
+//! on the room's first use, after its history expired, or after Redis lost its data, so
+//! that offsets from a lost history are never taken for current ones.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -23,41 +27,41 @@ use crate::broker::{new_epoch, HistoryPage, Keys, Page, Position, Recovery};
 use crate::error::BrokerError;
 use crate::settings::History;
 
-/// KEYS: a meta and a stream key per room. ARGV: a new epoch (used for any room that has
+/// KEYS: a meta and a frames key per room. ARGV: a new epoch (used for any room that has
 /// none), then per room its channel, size, ttl (ms), how many frames (`n`) and the `n`
 /// frames (JSON objects without their closing `}`, which the script writes after the
-/// `offset` and `epoch` it adds) in order. Gives each room's frames consecutive offsets, keeps and
-/// publishes each with its `offset` and `epoch`, refreshes the room's time to live, and
-/// returns per room `{first offset, epoch}`, or the error that stopped that room (each room
-/// runs under its own `pcall`, so one room's error leaves the others' answers true).
+/// `offset` and `epoch` it adds) in order. Gives each room's frames consecutive offsets,
+/// keeps them (trimmed to the size) and then publishes each, refreshes the room's time to
+/// live, and returns per room `{first offset, epoch}`, or the error that stopped that room
+/// (each room runs under its own `pcall`, so one room's error leaves the others' answers
+/// true).
 ///
 /// A lane sends all the history publishes of one round as one call on one Redis (on a
 /// cluster, each room's run on its own: a call's keys must share a slot): a call costs
-/// Redis about 4 µs before any command runs, as much as one frame's commands, so rooms
+/// Redis about 4 µs before any command runs, as much as a few frames' commands, so rooms
 /// with one publish each in a round cost Redis about half as much this way (BENCHMARKS
-/// finding 25). The stream is trimmed once
-/// per room and call, approximately (`MAXLEN ~`): Redis drops whole nodes of it, so it keeps
-/// at least `size` entries and sometimes a few more, at a fraction of exact trimming's cost
-/// (trimming in each `XADD` cost Redis ~0.2 µs more per frame).
+/// finding 25).
 const PUBLISH_TEXT: &str = r#"
-local function publish(meta, stream, channel, size, ttl, a, n)
+local function publish(meta, list, channel, size, ttl, a, n)
   local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
     epoch = ARGV[1]
-    redis.call('DEL', stream)
+    redis.call('DEL', list)
     redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
   end
   local first = redis.call('HINCRBY', meta, 'top', n) - n + 1
   local tail = ',"epoch":"' .. epoch .. '"}'
+  local frames = {}
   for i = 0, n - 1 do
-    local offset = string.format('%d', first + i)
-    local frame = ARGV[a + i] .. ',"offset":' .. offset .. tail
-    redis.call('XADD', stream, offset .. '-0', 'f', frame)
-    redis.call('PUBLISH', channel, frame)
+    frames[i + 1] = ARGV[a + i] .. ',"offset":' .. string.format('%d', first + i) .. tail
   end
-  redis.call('XTRIM', stream, 'MAXLEN', '~', size)
+  redis.call('RPUSH', list, unpack(frames))
+  redis.call('LTRIM', list, -tonumber(size), -1)
   redis.call('PEXPIRE', meta, ttl)
-  redis.call('PEXPIRE', stream, ttl)
+  redis.call('PEXPIRE', list, ttl)
+  for i = 1, n do
+    redis.call('PUBLISH', channel, frames[i])
+  end
   return {first, epoch}
 end
 local answers = {}
@@ -92,11 +96,14 @@ pub(crate) fn publish_script(cluster: bool) -> &'static redis::Script {
     }
 }
 
-/// The start of the read scripts (KEYS: meta, stream; ARGV: a new epoch, ttl (ms)): the
+/// The start of the read scripts (KEYS: meta, frames; ARGV: a new epoch, ttl (ms)): the
 /// room's epoch, made (with an empty history and its time to live) if it has none.
 const READ_EPOCH: &str = r#"
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 "#;
+/// Then its `top` offset, the offset of the list's first frame (`oldest`, one past the top
+/// when the list is empty), and `wrote(frame, offset)`: whether `frame` was kept at
+/// `offset` in this epoch (the end the publish script wrote).
 const MAKE_EPOCH: &str = r#"
 if not epoch then
   epoch = ARGV[1]
@@ -105,9 +112,14 @@ if not epoch then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 local top = tonumber(redis.call('HGET', KEYS[1], 'top'))
+local oldest = top - redis.call('LLEN', KEYS[2]) + 1
+local function wrote(frame, offset)
+  local tail = ',"offset":' .. string.format('%d', offset) .. ',"epoch":"' .. epoch .. '"}'
+  return frame ~= nil and string.sub(frame, -#tail) == tail
+end
 "#;
 
-/// KEYS: meta, stream. ARGV: a new epoch, ttl (ms), how many frames, before which offset
+/// KEYS: meta, frames. ARGV: a new epoch, ttl (ms), how many frames, before which offset
 /// (`0`: the newest), a byte budget (`0`: none). Returns `{top, epoch, {frames, oldest
 /// first}, more}`: the newest of those frames that fit in the budget (at least one), and
 /// `more` = 1 when older ones were left out for it. Makes the epoch if the room has none.
@@ -122,17 +134,20 @@ local more = 0
 local limit = tonumber(ARGV[3])
 local before = tonumber(ARGV[4])
 local budget = tonumber(ARGV[5])
-if limit > 0 and before ~= 1 then
-  local newest = '+'
-  if before > 1 then newest = string.format('%d-0', before - 1) end
-  local entries = redis.call('XREVRANGE', KEYS[2], newest, '-', 'COUNT', limit)
-  local kept, bytes = 0, 0
-  for i = 1, #entries do
-    bytes = bytes + #entries[i][2][2] + 1
-    if budget > 0 and bytes > budget and kept > 0 then more = 1 break end
-    kept = i
+local newest = top
+if before > 0 and before - 1 < top then newest = before - 1 end
+if limit > 0 and newest >= oldest then
+  local from = math.max(oldest, newest - limit + 1)
+  local entries = redis.call('LRANGE', KEYS[2], from - oldest, newest - oldest)
+  if wrote(entries[1], from) and wrote(entries[#entries], newest) then
+    local kept, bytes = #entries + 1, 0
+    for i = #entries, 1, -1 do
+      bytes = bytes + #entries[i] + 1
+      if budget > 0 and bytes > budget and kept <= #entries then more = 1 break end
+      kept = i
+    end
+    for i = kept, #entries do frames[#frames + 1] = entries[i] end
   end
-  for i = kept, 1, -1 do frames[#frames + 1] = entries[i][2][2] end
 end
 return {top, epoch, frames, more}
 "#,
@@ -141,13 +156,13 @@ return {top, epoch, frames, more}
     )
 });
 
-/// KEYS: meta, stream. ARGV: a new epoch, ttl (ms), the client's offset, whether to make
+/// KEYS: meta, frames. ARGV: a new epoch, ttl (ms), the client's offset, whether to make
 /// the epoch when there is none (`1`) or answer an empty one (`0`), the client's epoch, the
 /// history's size, a byte budget (`0`: none). Returns `{top, epoch, oldest kept offset
 /// (one past the top when none), {frames after the offset}, fits}`: the frames only when
 /// every missed one can be recovered (`broker::recoverable`) and they fit in the budget
 /// (`fits` = 0 when they do not), so that nothing is read for a client that cannot be
-/// recovered.
+/// recovered. Frames whose offsets are not where the list says count as none kept.
 static RECOVER: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         &[
@@ -155,20 +170,20 @@ static RECOVER: LazyLock<redis::Script> = LazyLock::new(|| {
             "if not epoch and ARGV[4] == '0' then return {0, '', 1, {}, 1} end",
             MAKE_EPOCH,
             r#"
-local oldest = top + 1
-local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
-if #first > 0 then oldest = tonumber(string.match(first[1][1], '^(%d+)')) end
 local frames = {}
 local since = tonumber(ARGV[3])
 local recoverable = epoch == ARGV[5] and since <= top and top - since <= tonumber(ARGV[6])
   and (since == top or oldest <= since + 1)
 if not recoverable or since == top then return {top, epoch, oldest, frames, 1} end
-local entries = redis.call('XRANGE', KEYS[2], string.format('%d-0', since + 1), '+')
+local entries = redis.call('LRANGE', KEYS[2], since + 1 - oldest, -1)
+if not (wrote(entries[1], since + 1) and wrote(entries[#entries], top)) then
+  return {top, epoch, top + 1, frames, 1}
+end
 local budget, bytes = tonumber(ARGV[7]), 0
 for i = 1, #entries do
-  bytes = bytes + #entries[i][2][2]
+  bytes = bytes + #entries[i]
   if budget > 0 and bytes > budget then return {top, epoch, oldest, {}, 0} end
-  frames[#frames + 1] = entries[i][2][2]
+  frames[#frames + 1] = entries[i]
 end
 return {top, epoch, oldest, frames, 1}
 "#,
@@ -225,12 +240,12 @@ impl HistoryStore {
         history: History,
         page: Page,
     ) -> Result<HistoryPage, BrokerError> {
-        let (meta, stream) = (self.keys.history_meta(room), self.keys.history_stream(room));
+        let (meta, frames) = (self.keys.history_meta(room), self.keys.history_frames(room));
         let (top, epoch, frames, more): (u64, String, Vec<String>, u8) =
             within(self.timeout, async {
                 let mut connection = self.commands.get().await?;
                 READ.key(meta)
-                    .key(stream)
+                    .key(frames)
                     .arg(&*new_epoch())
                     .arg(ttl_ms(history))
                     .arg(page.limit)
@@ -263,13 +278,13 @@ impl HistoryStore {
         budget: Option<usize>,
         create: bool,
     ) -> Result<Recovery, BrokerError> {
-        let (meta, stream) = (self.keys.history_meta(room), self.keys.history_stream(room));
+        let (meta, frames) = (self.keys.history_meta(room), self.keys.history_frames(room));
         let (top, top_epoch, oldest, frames, fits): (u64, String, u64, Vec<String>, u8) =
             within(self.timeout, async {
                 let mut connection = self.commands.get().await?;
                 RECOVER
                     .key(meta)
-                    .key(stream)
+                    .key(frames)
                     .arg(&*new_epoch())
                     .arg(ttl_ms(history))
                     .arg(since)

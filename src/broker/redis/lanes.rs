@@ -51,7 +51,7 @@ enum Kind {
     /// the delivered frame without its closing `}`.
     History {
         meta: String,
-        stream: String,
+        list: String,
         channel: String,
         frame: String,
         size: usize,
@@ -101,8 +101,8 @@ fn command(requests: &[Request], cluster: bool, pipeline: &mut redis::Pipeline) 
                 .arg(history::publish_script(cluster).get_hash())
                 .arg(2 * runs().count());
             for run in runs() {
-                if let Kind::History { meta, stream, .. } = &run[0].kind {
-                    command.arg(meta).arg(stream);
+                if let Kind::History { meta, list, .. } = &run[0].kind {
+                    command.arg(meta).arg(list);
                 }
             }
             // Used only for rooms that have no history yet (or lost it).
@@ -228,7 +228,7 @@ impl Lanes {
             },
             Some(history) => Kind::History {
                 meta: keys.history_meta(room),
-                stream: keys.history_stream(room),
+                list: keys.history_frames(room),
                 channel: keys.room_channel(room),
                 frame,
                 size: history.size,
