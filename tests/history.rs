@@ -634,3 +634,33 @@ async fn frames_out_of_place_in_the_history_are_never_served() {
     assert_eq!(ack["recovered"], false, "{ack}");
     assert_eq!(ack["offset"], 3, "{ack}");
 }
+
+/// Redis keeps a history room's last `size` frames and at most `max(16, size / 8)` more
+/// (the list is trimmed in steps, not on every publish), and a reader gets the last `size`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_list_stays_within_its_size_and_its_trimming_step() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(layer(Some(&redis))).await;
+    let mut c = Client::connect(&node.url()).await;
+    let mut admin = redis.client().await;
+    let mut longest = 0;
+    for n in 1..=60 {
+        publish(&mut c, "h:trim", json!(n)).await;
+        let len: usize = redis::cmd("LLEN")
+            .arg("thinws:frames:{h:trim}")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        longest = longest.max(len);
+    }
+    // The room keeps 5 (see `layer`): trimmed back to 5 when a publish takes it past 5 + 16.
+    assert_eq!(longest, 5 + 16, "the longest the list got");
+    let read = history(&mut c, "h:trim", None).await;
+    let offsets: Vec<u64> = read["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [56, 57, 58, 59, 60], "{read}");
+}
