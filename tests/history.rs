@@ -522,8 +522,9 @@ async fn every_history_room_catches_up_when_they_take_more_than_one_subscribe() 
 
 /// On one Redis, a lane sends the history publishes of a round, whatever their rooms, as one
 /// script call, and each room still gets its own answers: a room whose channel Redis
-/// refuses (its ACL) is refused alone, while the other rooms' messages in the same calls are
-/// acked with their own consecutive offsets and delivered in order.
+/// refuses (its ACL) is refused alone, and nothing happens in it (no offset is taken, no
+/// frame kept), while the other rooms' messages in the same calls are acked with their own
+/// consecutive offsets and delivered in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_publishes_to_many_rooms_share_script_calls_and_keep_their_own_answers() {
     const ROUNDS: usize = 10;
@@ -595,6 +596,21 @@ async fn history_publishes_to_many_rooms_share_script_calls_and_keep_their_own_a
         "{calls} script calls for {} publishes: rooms shared none",
         ROUNDS * rooms.len()
     );
+    // The refused room's errors meant that nothing happened: no offset taken, nothing kept.
+    let kept: usize = redis::cmd("EXISTS")
+        .arg("thinws:meta:{big:no}")
+        .arg("thinws:frames:{big:no}")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(kept, 0, "the refused room left keys behind");
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "default", "allchannels"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let ack = publish(&mut publisher, "big:no", json!("allowed")).await;
+    assert_eq!(ack["offset"], 1, "{ack}");
 }
 
 /// The history list's first frame is taken to be at `top - LLEN + 1`. When the frames do not
@@ -663,4 +679,31 @@ async fn the_history_list_stays_within_its_size_and_its_trimming_step() {
         .map(|m| m["offset"].as_u64().unwrap())
         .collect();
     assert_eq!(offsets, [56, 57, 58, 59, 60], "{read}");
+}
+
+/// Paging back with `before` never reaches past the room's last `size` messages, on Redis
+/// (whose list keeps a few more between trims) as in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paging_back_stops_at_the_history_size() {
+    let redis = RedisServer::start().await;
+    for node in [
+        Node::start(layer(Some(&redis))).await,
+        Node::start(layer(None)).await,
+    ] {
+        let mut c = Client::connect(&node.url()).await;
+        for n in 1..=12 {
+            publish(&mut c, "h:page", json!(n)).await;
+        }
+        // The room keeps 5: offsets 8 to 12. Before offset 9, only offset 8 is left.
+        let read = c
+            .request(json!({"type": "history", "roomID": "h:page", "before": 9, "limit": 5}))
+            .await;
+        let offsets: Vec<u64> = read["messages"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{read}"))
+            .iter()
+            .map(|m| m["offset"].as_u64().unwrap())
+            .collect();
+        assert_eq!(offsets, [8], "{read}");
+    }
 }

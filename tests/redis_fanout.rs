@@ -191,13 +191,19 @@ async fn the_ack_for_a_message_means_redis_accepted_the_publish() {
     assert_eq!(frame["payload"], "first");
     drop(stream);
 
-    // With Redis gone, a message gets `unavailable` and never an ack.
+    // With Redis gone, a message never gets an ack: `unavailable` when the node knows the
+    // connection is gone before sending, `timeout` (outcome unknown) when it wrote the
+    // publish to a connection Redis had closed before the node noticed (under load this
+    // happens: both answers are true).
     redis.kill();
     let reply = c
         .request(json!({"type": "message", "roomID": "r", "payload": "lost"}))
         .await;
     assert_eq!(reply["type"], "error", "{reply}");
-    assert_eq!(reply["code"], "unavailable");
+    assert!(
+        reply["code"] == "unavailable" || reply["code"] == "timeout",
+        "{reply}"
+    );
     // The socket stays open and usable.
     let reply = c.request(json!({"type": "nope"})).await;
     assert_eq!(reply["code"], "unknown_type");

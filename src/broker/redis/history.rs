@@ -31,9 +31,15 @@ use crate::settings::History;
 /// none), then per room its channel, size, ttl (ms), how many frames (`n`) and the `n`
 /// frames (JSON objects without their closing `}`, which the script writes after the
 /// `offset` and `epoch` it adds) in order. Gives each room's frames consecutive offsets,
-/// keeps them and then publishes each, refreshes the room's time to live, and returns per room `{first offset, epoch}`, or the error that stopped that room
-/// (each room runs under its own `pcall`, so one room's error leaves the others' answers
-/// true).
+/// keeps them, refreshes the room's time to live, then publishes each, and returns per
+/// room `{first offset, epoch}` or the error that stopped that room.
+///
+/// Each room runs under its own `pcall`, so one room's error leaves the others' answers
+/// true. The publish permission on a room's channel is checked before anything is written,
+/// and a room that fails before any of its frames went out is put back as it was (its
+/// offsets and kept frames taken back, a history it made deleted): its error means that
+/// nothing happened. A room whose frames went out in part, or that could not be put back,
+/// answers `UNKNOWN …`: its outcome is unknown.
 ///
 /// A lane sends all the history publishes of one round as one call on one Redis (on a
 /// cluster, each room's run on its own: a call's keys must share a slot): a call costs
@@ -45,21 +51,27 @@ use crate::settings::History;
 /// every call: it keeps at least the last `size` frames and a few more, and a room's call
 /// mostly saves an `LTRIM` (about 1 µs of Redis's time on a full list).
 const PUBLISH_TEXT: &str = r#"
-local function publish(meta, list, channel, size, ttl, a, n)
+local function publish(meta, list, channel, size, ttl, a, n, done)
+  if not redis.acl_check_cmd('PUBLISH', channel, '') then
+    return redis.error_reply("NOPERM this user may not publish to the room's channel")
+  end
   size = tonumber(size)
   local epoch = redis.call('HGET', meta, 'epoch')
   if not epoch then
     epoch = ARGV[1]
     redis.call('DEL', list)
     redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
+    done.created = true
   end
   local first = redis.call('HINCRBY', meta, 'top', n) - n + 1
+  done.counted = true
   local tail = ',"epoch":"' .. epoch .. '"}'
   local frames = {}
   for i = 0, n - 1 do
     frames[i + 1] = ARGV[a + i] .. ',"offset":' .. string.format('%d', first + i) .. tail
   end
   local len = redis.call('RPUSH', list, unpack(frames))
+  done.kept = true
   if len > size + math.max(16, math.floor(size / 8)) then
     redis.call('LTRIM', list, -size, -1)
   end
@@ -67,20 +79,34 @@ local function publish(meta, list, channel, size, ttl, a, n)
   redis.call('PEXPIRE', list, ttl)
   for i = 1, n do
     redis.call('PUBLISH', channel, frames[i])
+    done.published = i
   end
   return {first, epoch}
+end
+local function undo(meta, list, n, done)
+  if done.created then
+    redis.call('DEL', meta, list)
+    return
+  end
+  if done.kept then redis.call('RPOP', list, n) end
+  if done.counted then redis.call('HINCRBY', meta, 'top', -n) end
 end
 local answers = {}
 local a = 2
 for r = 1, #KEYS / 2 do
-  local n = tonumber(ARGV[a + 3])
-  local ok, answer = pcall(publish, KEYS[2 * r - 1], KEYS[2 * r], ARGV[a], ARGV[a + 1], ARGV[a + 2], a + 4, n)
+  local meta, list, n = KEYS[2 * r - 1], KEYS[2 * r], tonumber(ARGV[a + 3])
+  local done = {published = 0}
+  local ok, answer = pcall(publish, meta, list, ARGV[a], ARGV[a + 1], ARGV[a + 2], a + 4, n, done)
   if ok then
     answers[r] = answer
-  elseif type(answer) == 'table' and answer.err then
-    answers[r] = answer
   else
-    answers[r] = redis.error_reply(tostring(answer))
+    local e = tostring(answer)
+    if type(answer) == 'table' and answer.err then e = answer.err end
+    if done.published == 0 and pcall(undo, meta, list, n, done) then
+      answers[r] = redis.error_reply(e)
+    else
+      answers[r] = redis.error_reply('UNKNOWN ' .. e)
+    end
   end
   a = a + 4 + n
 end
@@ -90,9 +116,8 @@ return answers
 static PUBLISH: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(PUBLISH_TEXT));
 
 /// The same on a Redis Cluster, where rooms' channels are sharded (`SPUBLISH`).
-static SPUBLISH: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(&PUBLISH_TEXT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"))
-});
+static SPUBLISH: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&PUBLISH_TEXT.replace("'PUBLISH'", "'SPUBLISH'")));
 
 /// The publish script, for a cluster or not.
 pub(crate) fn publish_script(cluster: bool) -> &'static redis::Script {
@@ -119,6 +144,8 @@ if not epoch then
 end
 local top = tonumber(redis.call('HGET', KEYS[1], 'top'))
 local oldest = top - redis.call('LLEN', KEYS[2]) + 1
+-- More frames than offsets: not what the publish script writes. Count none as kept.
+if oldest < 1 then oldest = top + 1 end
 local function wrote(frame, offset)
   local tail = ',"offset":' .. string.format('%d', offset) .. ',"epoch":"' .. epoch .. '"}'
   return frame ~= nil and string.sub(frame, -#tail) == tail
@@ -126,9 +153,11 @@ end
 "#;
 
 /// KEYS: meta, frames. ARGV: a new epoch, ttl (ms), how many frames, before which offset
-/// (`0`: the newest), a byte budget (`0`: none). Returns `{top, epoch, {frames, oldest
-/// first}, more}`: the newest of those frames that fit in the budget (at least one), and
-/// `more` = 1 when older ones were left out for it. Makes the epoch if the room has none.
+/// (`0`: the newest), a byte budget (`0`: none), the history's size. Returns `{top, epoch,
+/// {frames, oldest first}, more}`: the newest of those frames that fit in the budget (at
+/// least one), and `more` = 1 when older ones were left out for it; never a frame older
+/// than the last `size` (the list may hold a few more, see the publish script). Makes the
+/// epoch if the room has none.
 static READ: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         &[
@@ -140,10 +169,11 @@ local more = 0
 local limit = tonumber(ARGV[3])
 local before = tonumber(ARGV[4])
 local budget = tonumber(ARGV[5])
+local lowest = math.max(oldest, top - tonumber(ARGV[6]) + 1)
 local newest = top
 if before > 0 and before - 1 < top then newest = before - 1 end
-if limit > 0 and newest >= oldest then
-  local from = math.max(oldest, newest - limit + 1)
+if limit > 0 and newest >= lowest then
+  local from = math.max(lowest, newest - limit + 1)
   local entries = redis.call('LRANGE', KEYS[2], from - oldest, newest - oldest)
   if wrote(entries[1], from) and wrote(entries[#entries], newest) then
     local kept, bytes = #entries + 1, 0
@@ -257,6 +287,7 @@ impl HistoryStore {
                     .arg(page.limit)
                     .arg(page.before.unwrap_or(0))
                     .arg(script_budget(page.budget))
+                    .arg(history.size)
                     .invoke_async(&mut connection)
                     .await
                     .map_err(redis_error)

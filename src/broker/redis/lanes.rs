@@ -29,7 +29,9 @@ use crate::broker::{new_epoch, Keys, Position, Publish, Published};
 use crate::error::BrokerError;
 use crate::settings::History;
 
-/// The most requests one pipeline carries.
+/// The most requests one pipeline carries. It also bounds the frames of one room in one
+/// publish script call, which go to one `RPUSH` through Lua's `unpack` (Redis's Lua takes
+/// at most about 8,000 values there).
 const MAX_BATCH: usize = 512;
 
 type Reply = oneshot::Sender<Published>;
@@ -129,10 +131,11 @@ fn command(requests: &[Request], cluster: bool, pipeline: &mut redis::Pipeline) 
 
 /// Each request's result from the publish script's `answers`, one per run of `group` in
 /// one room: consecutive offsets from the run's first, or the error that stopped its room.
+/// The script ran, so an answer it should not have given leaves the outcome unknown.
 fn history_results(group: &[Request], answers: Vec<Value>) -> Vec<Published> {
     let runs: Vec<usize> = group.chunk_by(same_room).map(<[Request]>::len).collect();
     if answers.len() != runs.len() {
-        let e = BrokerError::Protocol(format!(
+        let e = unknown(format!(
             "{} answers from the publish script for {} rooms",
             answers.len(),
             runs.len()
@@ -142,8 +145,13 @@ fn history_results(group: &[Request], answers: Vec<Value>) -> Vec<Published> {
     let mut results = Vec::with_capacity(group.len());
     for (n, answer) in runs.into_iter().zip(answers) {
         let first = match answer {
+            // The room's frames went out in part, or it could not be put back as it was.
+            Value::ServerError(e) if e.code() == "UNKNOWN" => Err(BrokerError::Lost(
+                std::sync::Arc::new(redis::RedisError::from(e)),
+            )),
+            // The room was put back as it was: nothing happened.
             Value::ServerError(e) => Err(refused(e)),
-            answer => position(answer),
+            answer => position(answer).map_err(|e| unknown(e.to_string())),
         };
         results.extend((0..n as u64).map(|k| match &first {
             Ok(first) => Ok(Some(Position {
@@ -159,6 +167,11 @@ fn history_results(group: &[Request], answers: Vec<Value>) -> Vec<Published> {
 /// What Redis's refusal of a command says to its callers.
 fn refused(e: redis::ServerError) -> BrokerError {
     BrokerError::Refused(std::sync::Arc::new(redis::RedisError::from(e)))
+}
+
+/// A command that ran but whose answer does not say what it did: the outcome is unknown.
+fn unknown(what: String) -> BrokerError {
+    BrokerError::Lost(std::sync::Arc::new(std::io::Error::other(what)))
 }
 
 impl Request {
@@ -412,7 +425,10 @@ impl Lane {
                             history_results(&group, answers)
                         }
                         (Kind::Ping, Value::SimpleString(_) | Value::Okay) => vec![Ok(None)],
-                        (_, other) => vec![Err(BrokerError::Protocol(format!("{other:?}")))],
+                        (Kind::History { .. }, other) => {
+                            vec![Err(unknown(format!("{other:?} from the publish script"))); n]
+                        }
+                        (_, other) => vec![Err(BrokerError::Protocol(format!("{other:?}"))); n],
                     };
                     for (request, result) in group.into_iter().zip(results) {
                         request.reply(result);
