@@ -210,6 +210,11 @@ pub(crate) fn redis_error(e: redis::RedisError) -> BrokerError {
     }
 }
 
+/// Redis's error reply to one command: it refused the command, which did nothing.
+pub(crate) fn refused(e: redis::ServerError) -> BrokerError {
+    BrokerError::Refused(Arc::new(redis::RedisError::from(e)))
+}
+
 /// A pool error: a timeout, or a connection that could not be made.
 pub(crate) fn pool_error(e: deadpool_redis::PoolError) -> BrokerError {
     match e {

@@ -22,9 +22,9 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use self::script_call::{history_results, refused, same_room, unknown};
+use self::script_call::{history_results, same_room, unknown};
 use super::commands::{query_commands, Commands, Connection};
-use super::connect::{redis_error, Disconnects};
+use super::connect::{redis_error, refused, Disconnects};
 use super::history;
 use crate::broker::{Keys, Publish, Published};
 use crate::error::BrokerError;

@@ -4,6 +4,7 @@
 use redis::Value;
 
 use super::{Kind, Request};
+use crate::broker::redis::connect::refused;
 use crate::broker::redis::history;
 use crate::broker::{new_epoch, Position, Published};
 use crate::error::BrokerError;
@@ -80,11 +81,6 @@ pub(super) fn history_results(group: &[Request], answers: Vec<Value>) -> Vec<Pub
         }));
     }
     results
-}
-
-/// What Redis's refusal of a command says to its callers.
-pub(super) fn refused(e: redis::ServerError) -> BrokerError {
-    BrokerError::Refused(std::sync::Arc::new(redis::RedisError::from(e)))
 }
 
 /// A command that ran but whose answer does not say what it did: the outcome is unknown.

@@ -24,7 +24,7 @@ use std::time::Duration;
 use redis::Value;
 
 use super::commands::{pipeline, query_with_scripts, Commands};
-use super::connect::{redis_error, within};
+use super::connect::{redis_error, refused, within};
 use crate::broker::Keys;
 use crate::error::BrokerError;
 
@@ -133,9 +133,7 @@ impl OccupancyStore {
     /// One call of the leases script; its reply.
     async fn leases_reply(&self, pipeline: redis::Pipeline) -> Result<Value, BrokerError> {
         match self.send(&pipeline).await?.into_iter().next() {
-            Some(Value::ServerError(e)) => {
-                Err(BrokerError::Refused(Arc::new(redis::RedisError::from(e))))
-            }
+            Some(Value::ServerError(e)) => Err(refused(e)),
             Some(value) => Ok(value),
             None => Err(unexpected(&"no reply")),
         }

@@ -34,7 +34,7 @@ mod task;
 
 use self::task::Task;
 use super::commands::{pipeline, query_with_scripts, Commands, Connection};
-use super::connect::within;
+use super::connect::{refused, within};
 use crate::broker::presence::{Counts, Members};
 use crate::broker::{Confirmation, Keys};
 use crate::error::BrokerError;
@@ -317,9 +317,7 @@ impl PresenceStore {
                 }
                 other => Err(unexpected(&other)),
             },
-            [Value::ServerError(e)] => Err(BrokerError::Refused(Arc::new(
-                redis::RedisError::from(e.clone()),
-            ))),
+            [Value::ServerError(e)] => Err(refused(e.clone())),
             other => Err(unexpected(&other)),
         }
     }

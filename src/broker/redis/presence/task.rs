@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::{pipeline, Change, Request, Shared, BATCH};
 use crate::broker::presence::Counts;
-use crate::broker::redis::connect::within;
+use crate::broker::redis::connect::{refused, within};
 use crate::error::BrokerError;
 use crate::settings::Presence;
 
@@ -78,9 +78,7 @@ impl Task {
         for (n, change) in batch.drain(..).enumerate() {
             let result = match &replies {
                 Ok(replies) => match replies.get(n) {
-                    Some(Value::ServerError(e)) => Err(BrokerError::Refused(Arc::new(
-                        redis::RedisError::from(e.clone()),
-                    ))),
+                    Some(Value::ServerError(e)) => Err(refused(e.clone())),
                     reply => match reply.and_then(|r| self.shared.status(&change.room, r)) {
                         Some(1) => Ok(()),
                         // This node had been swept out as dead: its share goes whole again.
