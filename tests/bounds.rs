@@ -98,12 +98,7 @@ async fn a_long_history_comes_in_pages_within_the_byte_budget() {
             "a reply over its budget"
         );
         assert_eq!(reply["offset"], 50, "the room's top");
-        let page: Vec<u64> = reply["messages"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m["offset"].as_u64().unwrap())
-            .collect();
+        let page = support::message_offsets(&reply);
         assert!(!page.is_empty());
         offsets.splice(0..0, page.iter().copied());
         if reply["more"] != true {

@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{Client, Node, RedisServer};
+use support::{acl, message_offsets, Client, Node, RedisServer};
 use thinws::settings::{History, RoomSettings};
 use thinws::ThinWsLayer;
 
@@ -90,21 +90,9 @@ async fn scenario(a: &Node, b: &Node) {
     // `history`: the last ones kept (5 at most), oldest first, as delivered.
     let last = history(&mut bob, "h:1", Some(2)).await;
     assert_eq!(last["offset"], 8);
-    let offsets: Vec<u64> = last["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["offset"].as_u64().unwrap())
-        .collect();
-    assert_eq!(offsets, [7, 8]);
+    assert_eq!(message_offsets(&last), [7, 8]);
     let all = history(&mut bob, "h:1", None).await;
-    let offsets: Vec<u64> = all["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["offset"].as_u64().unwrap())
-        .collect();
-    assert_eq!(offsets, [4, 5, 6, 7, 8], "the size caps it");
+    assert_eq!(message_offsets(&all), [4, 5, 6, 7, 8], "the size caps it");
     assert_eq!(all["messages"][4]["payload"], 8);
 
     // A history that lived past its time to live starts again under a new epoch.
@@ -536,16 +524,7 @@ async fn history_publishes_to_many_rooms_share_script_calls_and_keep_their_own_a
         member.subscribe(room).await;
     }
     let mut admin = redis.client().await;
-    let _: () = redis::cmd("ACL")
-        .arg(&[
-            "SETUSER",
-            "default",
-            "resetchannels",
-            "&thinws:room:{big:ok:*",
-        ])
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    acl(&mut admin, &["resetchannels", "&thinws:room:{big:ok:*"]).await;
     let _: () = redis::cmd("CONFIG")
         .arg("RESETSTAT")
         .query_async(&mut admin)
@@ -604,11 +583,7 @@ async fn history_publishes_to_many_rooms_share_script_calls_and_keep_their_own_a
         .await
         .unwrap();
     assert_eq!(kept, 0, "the refused room left keys behind");
-    let _: () = redis::cmd("ACL")
-        .arg(&["SETUSER", "default", "allchannels"])
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    acl(&mut admin, &["allchannels"]).await;
     let ack = publish(&mut publisher, "big:no", json!("allowed")).await;
     assert_eq!(ack["offset"], 1, "{ack}");
 }
@@ -672,13 +647,7 @@ async fn the_history_list_stays_within_its_size_and_its_trimming_step() {
     // The room keeps 5 (see `layer`): trimmed back to 5 when a publish takes it past 5 + 16.
     assert_eq!(longest, 5 + 16, "the longest the list got");
     let read = history(&mut c, "h:trim", None).await;
-    let offsets: Vec<u64> = read["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["offset"].as_u64().unwrap())
-        .collect();
-    assert_eq!(offsets, [56, 57, 58, 59, 60], "{read}");
+    assert_eq!(message_offsets(&read), [56, 57, 58, 59, 60], "{read}");
 }
 
 /// Paging back with `before` never reaches past the room's last `size` messages, on Redis
@@ -698,12 +667,6 @@ async fn paging_back_stops_at_the_history_size() {
         let read = c
             .request(json!({"type": "history", "roomID": "h:page", "before": 9, "limit": 5}))
             .await;
-        let offsets: Vec<u64> = read["messages"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{read}"))
-            .iter()
-            .map(|m| m["offset"].as_u64().unwrap())
-            .collect();
-        assert_eq!(offsets, [8], "{read}");
+        assert_eq!(message_offsets(&read), [8], "{read}");
     }
 }

@@ -4,7 +4,7 @@ mod support;
 
 use redis::AsyncCommands;
 use serde_json::json;
-use support::{within, Client, Node, RedisServer};
+use support::{acl, within, Client, Node, RedisServer};
 use thinws::ThinWsLayer;
 
 async fn numsub(redis: &RedisServer, channel: &str) -> i64 {
@@ -381,17 +381,6 @@ async fn a_refused_subscribe_leaves_the_other_rooms_alone() {
     refused.subscribe("blocked").await;
     publisher.publish("blocked", json!("allowed")).await;
     assert_eq!(refused.delivery().await["payload"], "allowed");
-}
-
-/// Sets the rules of Redis's `default` user.
-async fn acl(admin: &mut redis::aio::MultiplexedConnection, rules: &[&str]) {
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("default")
-        .arg(rules)
-        .query_async(admin)
-        .await
-        .unwrap();
 }
 
 /// When Redis stops allowing one room the node holds (an ACL change: Redis then cuts the

@@ -320,6 +320,27 @@ pub async fn upgrade_by_hand(tcp: &mut TcpStream) {
     );
 }
 
+/// Sets the rules of Redis's `default` user (`ACL SETUSER default RULES…`) on `admin`.
+pub async fn acl(admin: &mut redis::aio::MultiplexedConnection, rules: &[&str]) {
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("default")
+        .arg(rules)
+        .query_async(admin)
+        .await
+        .unwrap();
+}
+
+/// The offsets of the messages in a `history` reply, in the order given.
+pub fn message_offsets(reply: &Value) -> Vec<u64> {
+    reply["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no messages in {reply}"))
+        .iter()
+        .map(|m| m["offset"].as_u64().unwrap())
+        .collect()
+}
+
 /// `CLIENT KILL TYPE {kind} SKIPME yes` on `admin`: how many connections of that kind
 /// ("pubsub", "normal") Redis closed.
 pub async fn kill_clients(admin: &mut redis::aio::MultiplexedConnection, kind: &str) -> i64 {
