@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use self::script_call::{history_results, same_room, unknown};
-use super::commands::{query_commands, Commands, Connection};
+use super::commands::{no_script, query_commands, Commands, Connection};
 use super::connect::{redis_error, refused, Disconnects};
 use super::history;
 use crate::broker::{Keys, Publish, Published};
@@ -334,9 +334,7 @@ impl Lane {
                         }
                     };
                     let results: Vec<Published> = match (&group[0].kind, reply) {
-                        (_, Value::ServerError(e))
-                            if e.kind() == Some(redis::ServerErrorKind::NoScript) =>
-                        {
+                        (_, reply) if no_script(&reply) => {
                             retry.extend(group);
                             continue;
                         }
