@@ -47,6 +47,10 @@ impl FrameSink for Rooms {
     fn deliver(&self, room: &str, frame: &Utf8Bytes) {
         Rooms::deliver(self, room, frame);
     }
+
+    fn deliver_run(&self, room: &str, frames: &[Utf8Bytes]) {
+        Rooms::deliver_run(self, room, frames);
+    }
 }
 
 impl Node {

@@ -22,6 +22,15 @@ pub(crate) type SocketId = u64;
 pub(crate) trait Member: Send + Sync + std::fmt::Debug {
     /// Takes a delivered frame without waiting; returns whether it was taken.
     fn offer(&self, frame: &Utf8Bytes) -> bool;
+    /// Takes a run of delivered frames of one room without waiting, in order, as
+    /// [`Member::offer`] one by one would (none after the first it cannot take).
+    fn offer_run(&self, frames: &[Utf8Bytes]) {
+        for frame in frames {
+            if !self.offer(frame) {
+                break;
+            }
+        }
+    }
     /// Bytes waiting to be written to the socket.
     fn queued_bytes(&self) -> usize;
     /// Asks the socket to close with `code`.
@@ -175,6 +184,21 @@ impl Rooms {
         rooms.get(room).map_or(0, |members| {
             members.values().filter(|m| m.offer(frame)).count()
         })
+    }
+
+    /// Offers a run of frames of `room`, in order, to every local member of the room: one
+    /// lookup of the room and one [`Member::offer_run`] per member for the whole run.
+    pub(crate) fn deliver_run(&self, room: &str, frames: &[Utf8Bytes]) {
+        let rooms = self
+            .inner
+            .rooms
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(members) = rooms.get(room) {
+            for member in members.values() {
+                member.offer_run(frames);
+            }
+        }
     }
 
     /// Number of sockets on this node.

@@ -49,6 +49,13 @@ use crate::settings::{History, Presence};
 pub(crate) trait FrameSink: Send + Sync + 'static {
     /// Delivers `frame` to this node's members of `room`, without waiting.
     fn deliver(&self, room: &str, frame: &Utf8Bytes);
+    /// Delivers a run of frames of `room`, in order, as [`FrameSink::deliver`] one by one
+    /// would.
+    fn deliver_run(&self, room: &str, frames: &[Utf8Bytes]) {
+        for frame in frames {
+            self.deliver(room, frame);
+        }
+    }
 }
 
 /// A [`FrameSink`] shared by the broker's tasks.

@@ -103,6 +103,52 @@ impl OutboundQueue {
         self.reserve(frame.len()) && self.offer_reserved(frame)
     }
 
+    /// Offers a run of delivered frames of one room, in order, as [`OutboundQueue::offer`]
+    /// would one by one (the frames up to the first that does not fit are queued, and the
+    /// socket is dropped as a slow reader from there), with one count of their bytes, one
+    /// lock and one wake-up of the writer for the whole run.
+    pub(crate) fn offer_run(&self, frames: &[Utf8Bytes]) {
+        if let [frame] = frames {
+            self.offer(frame);
+            return;
+        }
+        let bytes: usize = frames.iter().map(|frame| frame.len()).sum();
+        if self.is_closing() {
+            return;
+        }
+        if self.queued_bytes.fetch_add(bytes, Ordering::Relaxed) + bytes > self.max_bytes {
+            // Over the bound somewhere in the run: find where, one frame at a time.
+            self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+            for frame in frames {
+                if !self.offer(frame) {
+                    break;
+                }
+            }
+            return;
+        }
+        let mut queue = self.queue();
+        let (taken, full) = if queue.closed || queue.finished {
+            (0, false)
+        } else {
+            let taken = self
+                .max_frames
+                .saturating_sub(queue.frames.len())
+                .min(frames.len());
+            queue.frames.extend(frames[..taken].iter().cloned());
+            (taken, taken < frames.len())
+        };
+        drop(queue);
+        if taken > 0 {
+            self.ready.notify_one();
+        }
+        if taken < frames.len() {
+            self.unreserve(frames[taken..].iter().map(|frame| frame.len()).sum());
+            if full {
+                self.slow_reader();
+            }
+        }
+    }
+
     /// Counts `len` bytes toward the socket's byte bound: bytes about to be queued, or held
     /// for the socket elsewhere (live frames held while a room recovers). `false`, and the
     /// socket asked to close with 1013, when they do not fit.
@@ -321,6 +367,10 @@ impl Member for OutboundQueue {
         OutboundQueue::offer(self, frame)
     }
 
+    fn offer_run(&self, frames: &[Utf8Bytes]) {
+        OutboundQueue::offer_run(self, frames)
+    }
+
     fn queued_bytes(&self) -> usize {
         self.queued()
     }
@@ -442,6 +492,41 @@ mod tests {
         tokio::task::yield_now().await;
         queue.request_close(CloseCode::Away, "bye");
         assert_eq!(waiting.await.unwrap(), Err(Rejected::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_run_is_queued_like_its_frames_one_by_one() {
+        let run: Vec<Utf8Bytes> = (0..4)
+            .map(|n| frame(&format!("{n}{}", "x".repeat(99))))
+            .collect();
+        // Room for all of it.
+        let queue = OutboundQueue::new(10, 1_000);
+        queue.offer_run(&run);
+        assert_eq!(queue.drain(), run);
+        assert!(queue.close_request().is_none());
+        // Two frames fit the frame bound: they are queued, then the socket is dropped.
+        let queue = OutboundQueue::new(2, 1_000);
+        queue.offer_run(&run);
+        assert_eq!(queue.close_requested().await.0, CloseCode::Again);
+        assert_eq!(queue.queued(), 200);
+        assert_eq!(queue.drain(), run[..2]);
+        assert_eq!(queue.queued(), 0);
+        // Three frames fit the byte bound.
+        let queue = OutboundQueue::new(10, 350);
+        queue.offer_run(&run);
+        assert_eq!(queue.close_requested().await.0, CloseCode::Again);
+        assert_eq!(queue.drain(), run[..3]);
+        assert_eq!(queue.queued(), 0);
+        // A dropped socket takes no more.
+        queue.offer_run(&run);
+        assert!(queue.drain().is_empty());
+        assert_eq!(queue.queued(), 0);
+        // Nor does a finished one, and its bytes are not counted.
+        let queue = OutboundQueue::new(10, 1_000);
+        queue.finish();
+        queue.offer_run(&run);
+        assert_eq!(queue.queued(), 0);
+        assert!(queue.close_request().is_none());
     }
 
     #[test]

@@ -111,7 +111,7 @@ impl RespConnection {
             }
             auth.arg(password);
             connection.send(&auth).await?;
-            match connection.next_reply(|_, _| {}).await? {
+            match connection.next_reply(&mut |_: &[u8], _: &[u8]| {}).await? {
                 Reply::Ok => {}
                 Reply::Error(e) => return Err(refused(e)),
                 other => return Err(unexpected(&other)),
@@ -129,20 +129,31 @@ impl RespConnection {
     }
 
     /// Reads until the next reply, handing every published message met on the way to
-    /// `on_message(channel, payload)`.
+    /// `messages`, and [flushing](Messages::flush) it before each wait for bytes and before
+    /// returning.
     ///
     /// Cancel-safe: a message is handed over at most once, and a reply is consumed only when
     /// it is returned.
     pub(super) async fn next_reply(
         &mut self,
-        mut on_message: impl FnMut(&[u8], &[u8]),
+        messages: &mut impl Messages,
     ) -> Result<Reply, BrokerError> {
         loop {
-            while let Some(event) = self.decode_one(&mut on_message)? {
-                if let Some(reply) = event {
-                    return Ok(reply);
+            loop {
+                match self.decode_one(messages) {
+                    Ok(None) => break,
+                    Ok(Some(None)) => {}
+                    Ok(Some(Some(reply))) => {
+                        messages.flush();
+                        return Ok(reply);
+                    }
+                    Err(e) => {
+                        messages.flush();
+                        return Err(e);
+                    }
                 }
             }
+            messages.flush();
             if self.buf.capacity() - self.buf.len() < READ_BUFFER / 4 {
                 self.buf.reserve(READ_BUFFER);
             }
@@ -159,7 +170,7 @@ impl RespConnection {
         }
     }
 
-    /// Waits for `count` replies that `expected` accepts, handing messages to `on_message`
+    /// Waits for `count` replies that `expected` accepts, handing messages to `messages`
     /// and replies nobody asked for (a cluster master dropping a sharded subscription) to
     /// `unasked`, which says whether it took them; an error reply or any other reply is an
     /// error.
@@ -168,11 +179,11 @@ impl RespConnection {
         count: usize,
         expected: impl Fn(&Reply) -> bool,
         mut unasked: impl FnMut(&Reply) -> bool,
-        mut on_message: impl FnMut(&[u8], &[u8]),
+        messages: &mut impl Messages,
     ) -> Result<(), BrokerError> {
         let mut left = count;
         while left > 0 {
-            match self.next_reply(&mut on_message).await? {
+            match self.next_reply(messages).await? {
                 reply if expected(&reply) => left -= 1,
                 reply if unasked(&reply) => {}
                 Reply::Error(e) => return Err(refused(e)),
@@ -183,19 +194,34 @@ impl RespConnection {
     }
 
     /// Decodes one frame from the buffer: `None` when it holds no complete frame,
-    /// `Some(None)` for a message (handed to `on_message`), `Some(Some(reply))` for a reply.
+    /// `Some(None)` for a message (handed to `messages`), `Some(Some(reply))` for a reply.
     fn decode_one(
         &mut self,
-        on_message: &mut impl FnMut(&[u8], &[u8]),
+        messages: &mut impl Messages,
     ) -> Result<Option<Option<Reply>>, BrokerError> {
         let Some((frame, used)) = decode_range(&self.buf)
             .map_err(|e| BrokerError::Protocol(format!("malformed: {e:?}")))?
         else {
             return Ok(None);
         };
-        let event = classify(&self.buf, &frame, on_message);
+        let event = classify(&self.buf, &frame, messages);
         self.buf.advance(used);
         event.map(Some)
+    }
+}
+
+/// Where the messages published to the channels a connection subscribes go.
+pub(super) trait Messages {
+    /// A message published on `channel`.
+    fn message(&mut self, channel: &[u8], payload: &[u8]);
+    /// Called whenever the connection stops handing over messages (to wait for bytes, or to
+    /// return a reply or an error): whatever was kept back must go on now.
+    fn flush(&mut self) {}
+}
+
+impl<F: FnMut(&[u8], &[u8])> Messages for F {
+    fn message(&mut self, channel: &[u8], payload: &[u8]) {
+        self(channel, payload)
     }
 }
 
@@ -203,7 +229,7 @@ impl RespConnection {
 fn classify(
     buf: &[u8],
     frame: &RangeFrame,
-    on_message: &mut impl FnMut(&[u8], &[u8]),
+    messages: &mut impl Messages,
 ) -> Result<Option<Reply>, BrokerError> {
     let bytes = |(start, end): (usize, usize)| buf.get(start..end).unwrap_or_default();
     match frame {
@@ -229,7 +255,7 @@ fn classify(
                     Some(RangeFrame::BulkString(channel)),
                     Some(RangeFrame::BulkString(payload)),
                 ) => {
-                    on_message(bytes(*channel), bytes(*payload));
+                    messages.message(bytes(*channel), bytes(*payload));
                     Ok(None)
                 }
                 (b"subscribe" | b"ssubscribe", _, _) => Ok(Some(Reply::Subscribed)),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
+use super::super::resp::Messages;
 use super::catch_up::Tracks;
 use crate::broker::{FrameSink, Keys};
 use crate::protocol::server;
@@ -31,21 +32,70 @@ pub(super) struct Forward<'a> {
     pub(super) tracks: &'a Tracks,
 }
 
-impl Forward<'_> {
-    /// Hands a message received on `channel` to the sink, unless it is `held`.
-    pub(super) fn message(&self, channel: &[u8], payload: &[u8], held: Held<'_>) {
-        let Some(room) = room_of(self.keys, channel) else {
+impl<'a> Forward<'a> {
+    /// Where a connection's messages go: to the sink, but those `held`.
+    pub(super) fn messages(self, held: Held<'a>) -> Forwarding<'a> {
+        Forwarding {
+            forward: self,
+            held,
+            room: String::new(),
+            run: Vec::new(),
+        }
+    }
+}
+
+/// The messages of one read from a connection on their way to the sink. Consecutive
+/// messages of one room go as one run (in fanout, a read holds many messages of one room:
+/// each member's queue is then locked and its socket woken once for all of them); a run
+/// ends with a message of another room, or when the connection
+/// [flushes](Messages::flush), before it waits for bytes or returns.
+pub(super) struct Forwarding<'a> {
+    forward: Forward<'a>,
+    held: Held<'a>,
+    /// The room of the run, when `run` is not empty.
+    room: String,
+    run: Vec<Utf8Bytes>,
+}
+
+impl Messages for Forwarding<'_> {
+    /// Adds a message received on `channel` to the run, unless it is held.
+    fn message(&mut self, channel: &[u8], payload: &[u8]) {
+        let Forward { keys, tracks, .. } = self.forward;
+        let Some(room) = room_of(keys, channel) else {
             return;
         };
         match std::str::from_utf8(payload) {
             // Only frames the history keeps (those with an offset): a join or leave event
             // is not in it and would be lost.
-            Ok(frame) if is_held(held, room, frame, self.tracks) => {}
+            Ok(frame) if is_held(self.held, room, frame, tracks) => {}
             // A history room's frame already delivered (after a catch-up) is dropped.
-            Ok(frame) if !self.tracks.admit(room, frame) => {}
-            Ok(frame) => self.sink.deliver(room, &Utf8Bytes::from(frame.to_owned())),
+            Ok(frame) if !tracks.admit(room, frame) => {}
+            Ok(frame) => {
+                if self.room != room {
+                    self.flush();
+                    room.clone_into(&mut self.room);
+                }
+                self.run.push(Utf8Bytes::from(frame.to_owned()));
+            }
             Err(_) => tracing::warn!(room, "dropped a non-UTF-8 frame received from Redis"),
         }
+    }
+
+    fn flush(&mut self) {
+        match self.run.as_slice() {
+            [] => return,
+            [frame] => self.forward.sink.deliver(&self.room, frame),
+            run => self.forward.sink.deliver_run(&self.room, run),
+        }
+        self.run.clear();
+    }
+}
+
+impl Drop for Forwarding<'_> {
+    /// Nothing kept back is lost (a connection flushes before every wait, so there is
+    /// nothing left here unless a caller forgot to).
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -72,13 +122,47 @@ mod tests {
     use crate::protocol::server::PresenceEvent;
     use crate::settings::{History, RoomPolicy, RoomSettings};
 
+    /// Every frame delivered, and the runs (room and length) delivered as runs.
     #[derive(Default)]
-    struct Delivered(Mutex<Vec<String>>);
+    struct Delivered(Mutex<Vec<String>>, Mutex<Vec<(String, usize)>>);
 
     impl FrameSink for Delivered {
         fn deliver(&self, _room: &str, frame: &Utf8Bytes) {
             self.0.lock().unwrap().push(frame.to_string());
         }
+        fn deliver_run(&self, room: &str, frames: &[Utf8Bytes]) {
+            self.1.lock().unwrap().push((room.to_owned(), frames.len()));
+            for frame in frames {
+                self.deliver(room, frame);
+            }
+        }
+    }
+
+    /// Consecutive messages of one room reach the sink as one run, in order; a message of
+    /// another room ends the run, and so does a flush; nothing waits past a flush.
+    #[test]
+    fn consecutive_messages_of_a_room_go_as_one_run() {
+        let tracks = Tracks::new(RoomPolicy::default());
+        let keys = Keys::new("thinws");
+        let sink = Delivered::default();
+        let forward = Forward {
+            keys: &keys,
+            sink: &sink,
+            tracks: &tracks,
+        };
+        let mut messages = forward.messages(Held::Nothing);
+        let sent = [("a", "1"), ("a", "2"), ("a", "3"), ("b", "4"), ("a", "5")];
+        for (room, frame) in sent {
+            messages.message(keys.room_channel(room).as_bytes(), frame.as_bytes());
+        }
+        assert_eq!(*sink.0.lock().unwrap(), ["1", "2", "3", "4"]);
+        messages.flush();
+        assert_eq!(*sink.0.lock().unwrap(), ["1", "2", "3", "4", "5"]);
+        let runs = [("a".to_owned(), 3)];
+        assert_eq!(*sink.1.lock().unwrap(), runs, "single frames go one by one");
+        messages.message(keys.room_channel("b").as_bytes(), b"6");
+        drop(messages);
+        assert_eq!(sink.0.lock().unwrap().len(), 6, "dropped, it flushes");
     }
 
     /// While rooms are subscribed again, a history room's messages wait for the catch-up
@@ -110,11 +194,14 @@ mod tests {
         let join = server::presence_event(PresenceEvent::Join, &room, "c2");
         for (room, frame) in [(&room, &message), (&room, &join), (&other, &elsewhere)] {
             let channel = keys.room_channel(room);
-            forward.message(channel.as_bytes(), frame.as_bytes(), Held::Rooms(&held));
+            let mut messages = forward.messages(Held::Rooms(&held));
+            messages.message(channel.as_bytes(), frame.as_bytes());
         }
         assert_eq!(*sink.0.lock().unwrap(), [join.clone(), elsewhere.clone()]);
         let channel = keys.room_channel(&room);
-        forward.message(channel.as_bytes(), message.as_bytes(), Held::Nothing);
+        forward
+            .messages(Held::Nothing)
+            .message(channel.as_bytes(), message.as_bytes());
         assert_eq!(*sink.0.lock().unwrap(), [join, elsewhere, message]);
     }
 }

@@ -136,7 +136,7 @@ impl Shard {
                         }
                         _ => false,
                     },
-                    |channel, payload| forward.message(channel, payload, held),
+                    &mut forward.messages(held),
                 )
                 .await
         })
@@ -169,7 +169,7 @@ pub(super) async fn next_event(shards: &mut [Shard], forward: Forward<'_>) -> Ev
         if let Some(connection) = shard.connection.as_mut() {
             waits.push(Box::pin(async move {
                 let reply = connection
-                    .next_reply(|channel, payload| forward.message(channel, payload, Held::Nothing))
+                    .next_reply(&mut forward.messages(Held::Nothing))
                     .await;
                 Event::Read(index, reply)
             }));
