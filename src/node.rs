@@ -48,8 +48,8 @@ impl FrameSink for Rooms {
         Rooms::deliver(self, room, frame);
     }
 
-    fn deliver_run(&self, room: &str, frames: &[Utf8Bytes]) {
-        Rooms::deliver_run(self, room, frames);
+    fn deliver_run(&self, room: &str, run: &std::sync::Arc<[Utf8Bytes]>) {
+        Rooms::deliver_run(self, room, run);
     }
 }
 

@@ -23,9 +23,10 @@ pub(crate) trait Member: Send + Sync + std::fmt::Debug {
     /// Takes a delivered frame without waiting; returns whether it was taken.
     fn offer(&self, frame: &Utf8Bytes) -> bool;
     /// Takes a run of delivered frames of one room without waiting, in order, as
-    /// [`Member::offer`] one by one would (none after the first it cannot take).
-    fn offer_run(&self, frames: &[Utf8Bytes]) {
-        for frame in frames {
+    /// [`Member::offer`] one by one would (none after the first it cannot take). The run is
+    /// shared by every member it goes to: a member may keep it rather than its frames.
+    fn offer_run(&self, run: &Arc<[Utf8Bytes]>) {
+        for frame in run.iter() {
             if !self.offer(frame) {
                 break;
             }
@@ -188,7 +189,7 @@ impl Rooms {
 
     /// Offers a run of frames of `room`, in order, to every local member of the room: one
     /// lookup of the room and one [`Member::offer_run`] per member for the whole run.
-    pub(crate) fn deliver_run(&self, room: &str, frames: &[Utf8Bytes]) {
+    pub(crate) fn deliver_run(&self, room: &str, run: &Arc<[Utf8Bytes]>) {
         let rooms = self
             .inner
             .rooms
@@ -196,7 +197,7 @@ impl Rooms {
             .unwrap_or_else(PoisonError::into_inner);
         if let Some(members) = rooms.get(room) {
             for member in members.values() {
-                member.offer_run(frames);
+                member.offer_run(run);
             }
         }
     }

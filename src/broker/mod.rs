@@ -50,9 +50,9 @@ pub(crate) trait FrameSink: Send + Sync + 'static {
     /// Delivers `frame` to this node's members of `room`, without waiting.
     fn deliver(&self, room: &str, frame: &Utf8Bytes);
     /// Delivers a run of frames of `room`, in order, as [`FrameSink::deliver`] one by one
-    /// would.
-    fn deliver_run(&self, room: &str, frames: &[Utf8Bytes]) {
-        for frame in frames {
+    /// would; every member shares the run.
+    fn deliver_run(&self, room: &str, run: &std::sync::Arc<[Utf8Bytes]>) {
+        for frame in run.iter() {
             self.deliver(room, frame);
         }
     }

@@ -16,6 +16,7 @@
 mod halves;
 mod in_flight;
 pub(crate) mod outbound;
+pub(crate) mod pending;
 mod rate_limit;
 mod reader;
 mod recovery;

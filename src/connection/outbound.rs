@@ -8,18 +8,19 @@
 //! too. Catch-up frames wait for the queue to drain to half its bytes
 //! ([`OutboundQueue::push_draining`]).
 //!
-//! The queue is a `VecDeque` under a mutex rather than a tokio channel: a channel allocates
-//! its first block of 32 slots (1 KiB) up front, for every socket, idle or not; an empty
-//! `VecDeque` allocates nothing, and the writer takes the whole queue in one swap.
+//! The queue is a [`Pending`] (a `VecDeque`) under a mutex rather than a tokio channel: a
+//! channel allocates its first block of 32 slots (1 KiB) up front, for every socket, idle or
+//! not; an empty `VecDeque` allocates nothing, and the writer takes the whole queue in one
+//! swap. A run of one room's frames is queued as one shared entry.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::sync::Notify;
 
+use super::pending::Pending;
 use crate::rooms::Member;
 
 /// The outbound queue and close request of one socket, shared by its reader, its writer and
@@ -45,7 +46,7 @@ pub(crate) struct OutboundQueue {
 
 #[derive(Debug, Default)]
 struct Queue {
-    frames: VecDeque<Utf8Bytes>,
+    frames: Pending,
     /// The socket's reader is done: the writer sends what is queued, then closes.
     finished: bool,
     /// The writer has stopped: frames are refused.
@@ -91,7 +92,7 @@ impl OutboundQueue {
         if queue.frames.len() >= self.max_frames {
             return Err(Rejected::Full);
         }
-        queue.frames.push_back(frame.clone());
+        queue.frames.push(frame.clone());
         drop(queue);
         self.ready.notify_one();
         Ok(())
@@ -106,8 +107,9 @@ impl OutboundQueue {
     /// Offers a run of delivered frames of one room, in order, as [`OutboundQueue::offer`]
     /// would one by one (the frames up to the first that does not fit are queued, and the
     /// socket is dropped as a slow reader from there), with one count of their bytes, one
-    /// lock and one wake-up of the writer for the whole run.
-    pub(crate) fn offer_run(&self, frames: &[Utf8Bytes]) {
+    /// lock, one wake-up of the writer and one shared entry in the queue for the whole run.
+    pub(crate) fn offer_run(&self, run: &Arc<[Utf8Bytes]>) {
+        let frames = &run[..];
         if let [frame] = frames {
             self.offer(frame);
             return;
@@ -134,7 +136,7 @@ impl OutboundQueue {
                 .max_frames
                 .saturating_sub(queue.frames.len())
                 .min(frames.len());
-            queue.frames.extend(frames[..taken].iter().cloned());
+            queue.frames.push_run(run, taken);
             (taken, taken < frames.len())
         };
         drop(queue);
@@ -270,21 +272,23 @@ impl OutboundQueue {
 
     /// Moves every queued frame to the back of `batch` and counts their bytes out; returns
     /// whether the reader has finished.
-    pub(crate) fn take(&self, batch: &mut VecDeque<Utf8Bytes>) -> bool {
-        let before = batch.len();
+    pub(crate) fn take(&self, batch: &mut Pending) -> bool {
         let mut queue = self.queue();
-        if batch.is_empty() {
-            std::mem::swap(&mut queue.frames, batch);
-        } else {
-            batch.extend(queue.frames.drain(..));
-        }
         let finished = queue.finished;
-        drop(queue);
-        let bytes: usize = batch.iter().skip(before).map(|frame| frame.len()).sum();
+        let (taken, bytes) = if batch.is_empty() {
+            std::mem::swap(&mut queue.frames, batch);
+            drop(queue);
+            (batch.len(), batch.bytes())
+        } else {
+            // Moved over, so that the queue keeps its buffer for the next frames.
+            let taken = (queue.frames.len(), queue.frames.bytes());
+            batch.append(&mut queue.frames);
+            taken
+        };
         if bytes > 0 {
             self.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         }
-        if batch.len() > before {
+        if taken > 0 {
             self.space.notify_waiters();
         }
         finished
@@ -311,7 +315,7 @@ impl OutboundQueue {
     pub(crate) fn close_queue(&self) {
         self.queue().closed = true;
         // Taken out (and counted out) like a batch, then dropped.
-        self.take(&mut VecDeque::new());
+        self.take(&mut Pending::default());
         self.space.notify_waiters();
     }
 
@@ -356,9 +360,9 @@ impl OutboundQueue {
     /// Takes what is queued (tests).
     #[cfg(test)]
     pub(crate) fn drain(&self) -> Vec<Utf8Bytes> {
-        let mut batch = VecDeque::new();
+        let mut batch = Pending::default();
         self.take(&mut batch);
-        batch.into()
+        batch.iter().cloned().collect()
     }
 }
 
@@ -367,8 +371,8 @@ impl Member for OutboundQueue {
         OutboundQueue::offer(self, frame)
     }
 
-    fn offer_run(&self, frames: &[Utf8Bytes]) {
-        OutboundQueue::offer_run(self, frames)
+    fn offer_run(&self, run: &Arc<[Utf8Bytes]>) {
+        OutboundQueue::offer_run(self, run)
     }
 
     fn queued_bytes(&self) -> usize {
@@ -496,13 +500,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_run_is_queued_like_its_frames_one_by_one() {
-        let run: Vec<Utf8Bytes> = (0..4)
+        let run: Arc<[Utf8Bytes]> = (0..4)
             .map(|n| frame(&format!("{n}{}", "x".repeat(99))))
             .collect();
-        // Room for all of it.
+        // Room for all of it, queued as one entry that shares the run.
         let queue = OutboundQueue::new(10, 1_000);
         queue.offer_run(&run);
-        assert_eq!(queue.drain(), run);
+        assert_eq!(Arc::strong_count(&run), 2);
+        assert_eq!(queue.drain(), run[..]);
         assert!(queue.close_request().is_none());
         // Two frames fit the frame bound: they are queued, then the socket is dropped.
         let queue = OutboundQueue::new(2, 1_000);
@@ -535,8 +540,8 @@ mod tests {
         assert!(queue.offer(&frame("a")));
         queue.finish();
         assert!(!queue.offer(&frame("b")));
-        let mut batch = VecDeque::new();
+        let mut batch = Pending::default();
         assert!(queue.take(&mut batch), "finished");
-        assert_eq!(batch, ["a"]);
+        assert_eq!(batch.iter().map(|f| f.as_str()).collect::<Vec<_>>(), ["a"]);
     }
 }

@@ -8,7 +8,6 @@
 //! reading (pongs, the reply to the client's close) lands in [`Control`] and goes out
 //! first in the writer's next write.
 
-use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +22,7 @@ use hyper_tungstenite::WebSocketStream;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use super::outbound::OutboundQueue;
+use super::pending::Pending;
 
 /// The socket as tungstenite sees it: the read half, and [`Control`] to write to. Boxed:
 /// the socket's task moves it from state to state, and async functions keep room for each
@@ -222,7 +222,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub(super) async fn write_texts(
         &mut self,
         control: &[u8],
-        frames: &mut VecDeque<Utf8Bytes>,
+        frames: &mut Pending,
     ) -> io::Result<u64> {
         self.add_control(control);
         let mut written = 0;
@@ -243,7 +243,7 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub(super) fn poll_write_texts(
         &mut self,
         cx: &mut Context<'_>,
-        frames: &mut VecDeque<Utf8Bytes>,
+        frames: &mut Pending,
         written: &mut u64,
     ) -> Poll<io::Result<()>> {
         loop {
@@ -255,13 +255,16 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             }
             let mut count = 0;
             let mut bytes = 0;
-            while count < frames.len() && count < FRAMES_PER_WRITE && bytes < BYTES_PER_WRITE {
-                bytes += frames[count].len();
+            for frame in frames.iter() {
+                if count == FRAMES_PER_WRITE || bytes >= BYTES_PER_WRITE {
+                    break;
+                }
+                bytes += frame.len();
                 count += 1;
             }
-            std::task::ready!(self.poll_start(cx, frames.range(..count)))?;
+            std::task::ready!(self.poll_start(cx, frames.iter().take(count)))?;
             // Written, or what is left of them is in `rest`.
-            frames.drain(..count);
+            frames.advance(count);
             *written += count as u64;
         }
     }
@@ -410,7 +413,7 @@ mod tests {
 
     use super::*;
 
-    fn texts() -> VecDeque<Utf8Bytes> {
+    fn texts() -> Pending {
         [0, 125, 126, 0xFFFF, 0x1_0000]
             .into_iter()
             .map(|len| Utf8Bytes::from("x".repeat(len)))
@@ -460,7 +463,7 @@ mod tests {
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         let mut writer = FrameWriter::new(Buffering::default());
-        let mut frames: VecDeque<Utf8Bytes> = ["a", "b"].into_iter().map(Utf8Bytes::from).collect();
+        let mut frames: Pending = ["a", "b"].into_iter().collect();
         let mut written = 0;
         assert!(writer
             .poll_write_texts(&mut cx, &mut frames, &mut written)
@@ -494,8 +497,11 @@ mod tests {
             writer
         });
         let mut read = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
-        for text in texts() {
-            assert_eq!(read.next().await.unwrap().unwrap(), Message::Text(text));
+        for text in texts().iter() {
+            assert_eq!(
+                read.next().await.unwrap().unwrap(),
+                Message::Text(text.clone())
+            );
         }
         assert!(matches!(read.next().await, Some(Ok(Message::Ping(_)))));
         match read.next().await {

@@ -5,7 +5,6 @@
 //! for (cancel-safe: a write cut short by another event goes on at the next one). Once
 //! the socket ends, [`Writer::drain`] writes what is left and closes.
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
@@ -13,9 +12,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 use super::outbound::OutboundQueue;
+use super::pending::Pending;
 use super::wire::{Control, FrameWriter};
 use super::CLOSE_TIMEOUT;
 use crate::metrics::SocketMetrics;
@@ -36,7 +35,7 @@ pub(super) struct Writer {
     queue: Arc<OutboundQueue>,
     control: Arc<Control>,
     /// Frames taken from the queue and not yet written.
-    batch: VecDeque<Utf8Bytes>,
+    batch: Pending,
     /// The socket's metric handles (`thinws_frames_out_total` is counted here).
     metrics: Arc<SocketMetrics>,
     /// A write began and has not finished (it waits for the client, or was cut short by
@@ -59,7 +58,7 @@ impl Writer {
             sink,
             queue,
             control,
-            batch: VecDeque::new(),
+            batch: Pending::default(),
             metrics,
             writing: false,
             failed: false,
@@ -117,7 +116,7 @@ impl Writer {
         self.writing = false;
         // Keep a small batch's buffer for next time; give a large one back.
         if self.batch.capacity() > 64 {
-            self.batch = VecDeque::new();
+            self.batch = Pending::default();
         }
         Poll::Ready(Ok(()))
     }

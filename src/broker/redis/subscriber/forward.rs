@@ -85,7 +85,10 @@ impl Messages for Forwarding<'_> {
         match self.run.as_slice() {
             [] => return,
             [frame] => self.forward.sink.deliver(&self.room, frame),
-            run => self.forward.sink.deliver_run(&self.room, run),
+            _ => {
+                let run: std::sync::Arc<[Utf8Bytes]> = self.run.drain(..).collect();
+                self.forward.sink.deliver_run(&self.room, &run);
+            }
         }
         self.run.clear();
     }
@@ -130,9 +133,9 @@ mod tests {
         fn deliver(&self, _room: &str, frame: &Utf8Bytes) {
             self.0.lock().unwrap().push(frame.to_string());
         }
-        fn deliver_run(&self, room: &str, frames: &[Utf8Bytes]) {
-            self.1.lock().unwrap().push((room.to_owned(), frames.len()));
-            for frame in frames {
+        fn deliver_run(&self, room: &str, run: &std::sync::Arc<[Utf8Bytes]>) {
+            self.1.lock().unwrap().push((room.to_owned(), run.len()));
+            for frame in run.iter() {
                 self.deliver(room, frame);
             }
         }
