@@ -48,6 +48,10 @@ pub enum PublishError {
     /// The payload could not be serialised to JSON; nothing was sent.
     #[error("payload is not serialisable to JSON")]
     InvalidPayload(#[source] Arc<serde_json::Error>),
+    /// The idempotency key is empty or longer than
+    /// [`MAX_KEY_LEN`](crate::protocol::MAX_KEY_LEN) bytes; nothing was sent.
+    #[error("an idempotency key must be 1 to 64 bytes long")]
+    InvalidKey,
     /// The publisher was built for one Redis but its URL names a node of a Redis Cluster,
     /// where rooms' channels are sharded; nothing was sent. Build it with
     /// [`Publisher::cluster_builder`](crate::Publisher::cluster_builder).

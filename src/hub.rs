@@ -8,8 +8,9 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::broker::{Broker, Page};
+use crate::broker::{Broker, Once, Page};
 use crate::error::{BrokerError, ConnectError, HistoryError, PresenceError, PublishError};
+use crate::idempotent::{check_key, Idempotent};
 use crate::node::Node;
 use crate::protocol::server;
 use crate::rooms::Rooms;
@@ -110,8 +111,50 @@ impl Hub {
         let node = self.node()?;
         let frame = server::delivery(room, &node.config.server_sender_id, payload);
         let history = node.config.rooms.settings(room).history;
-        let mut publish = node.broker.publish(room, frame, 0, history);
+        let mut publish = node.broker.publish(room, frame, 0, history, None);
         Ok(publish.result().await.map(drop)?)
+    }
+
+    /// Publishes `payload` to `room` as [`Hub::publish`] does, at most once for `key` (1 to
+    /// 64 bytes): within the room's idempotency window after the first publish with this
+    /// key (two minutes unless set, see
+    /// [`RoomSettings::idempotency_window`](crate::settings::RoomSettings::idempotency_window)),
+    /// another with the same key is not published and answers [`Idempotent::Duplicate`].
+    /// Keys are the server sender id's: they never match a client's. After an error that
+    /// leaves the outcome unknown ([`BrokerError::outcome_unknown`]), call again with the
+    /// same key.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use thinws::Idempotent;
+    ///
+    /// let hub = thinws::ThinWsLayer::in_memory().hub();
+    /// let order = serde_json::json!({"order": 17, "status": "shipped"});
+    /// assert_eq!(hub.publish_once("orders", "17-shipped", &order).await?, Idempotent::Published);
+    /// assert_eq!(hub.publish_once("orders", "17-shipped", &order).await?, Idempotent::Duplicate);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn publish_once<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        key: &str,
+        payload: &T,
+    ) -> Result<Idempotent, PublishError> {
+        check_key(key)?;
+        let payload = crate::error::raw_payload(payload)?;
+        let node = self.node()?;
+        let frame = server::delivery(room, &node.config.server_sender_id, &payload);
+        let settings = node.config.rooms.settings(room);
+        let once = Once {
+            identity: &node.config.server_sender_id,
+            key,
+            window: settings.idempotency_window,
+        };
+        let once = (!once.window.is_zero()).then_some(once);
+        let mut publish = node.broker.publish(room, frame, 0, settings.history, once);
+        Ok(Idempotent::of(&publish.result().await?))
     }
 
     /// The last `limit` messages `room` keeps (all it keeps when `None`), oldest first, as

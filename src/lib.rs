@@ -51,6 +51,7 @@ mod connection;
 mod error;
 pub mod hooks;
 mod hub;
+mod idempotent;
 mod layer;
 pub mod metrics;
 mod node;
@@ -68,6 +69,7 @@ pub use error::{
     BrokerError, ConnectError, ErrorSource, HistoryError, PresenceError, PublishError,
 };
 pub use hub::{Health, Hub, PoolStatus, RoomHistory, RoomPresence};
+pub use idempotent::Idempotent;
 pub use layer::{ResponseBody, ResponseFuture, ThinWsBuilder, ThinWsLayer, ThinWsService};
 pub use publisher::{Publisher, PublisherBuilder};
 

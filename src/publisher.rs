@@ -9,9 +9,10 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::broker::redis::{ClusterTarget, Commands, Disconnects, Lanes, RedisTarget};
-use crate::broker::Keys;
+use crate::broker::{Accepted, Keys, Once};
 use crate::config::Config;
 use crate::error::{ConnectError, PublishError};
+use crate::idempotent::{check_key, Idempotent};
 use crate::node::RedisAddress;
 use crate::protocol::server;
 use crate::settings::{RoomPolicy, RoomSettings};
@@ -250,6 +251,43 @@ impl Publisher {
 
     /// Publishes an already-serialised JSON payload.
     pub async fn publish_raw(&self, room: &str, payload: &RawValue) -> Result<(), PublishError> {
+        self.send(room, payload, None).await.map(drop)
+    }
+
+    /// Publishes `payload` to `room` at most once for `key` (1 to 64 bytes), as
+    /// [`Hub::publish_once`](crate::Hub::publish_once) does: within the room's idempotency
+    /// window (the publisher's room settings say it, as the nodes' must), a publish with a
+    /// key already published answers [`Idempotent::Duplicate`] and sends nothing to the
+    /// room. Keys are the sender id's. After an error whose outcome is unknown, call again
+    /// with the same key.
+    ///
+    /// ```no_run
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let publisher = thinws::Publisher::new("redis://127.0.0.1:6379")?;
+    /// let status = serde_json::json!({"order": 17, "status": "shipped"});
+    /// publisher.publish_once("orders", "17-shipped", &status).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn publish_once<T: Serialize + ?Sized>(
+        &self,
+        room: &str,
+        key: &str,
+        payload: &T,
+    ) -> Result<Idempotent, PublishError> {
+        check_key(key)?;
+        let payload = crate::error::raw_payload(payload)?;
+        let accepted = self.send(room, &payload, Some(key)).await?;
+        Ok(Idempotent::of(&accepted))
+    }
+
+    async fn send(
+        &self,
+        room: &str,
+        payload: &RawValue,
+        key: Option<&str>,
+    ) -> Result<Accepted, PublishError> {
         let inner = &*self.inner;
         let cluster_node = inner
             .cluster_node
@@ -262,8 +300,15 @@ impl Publisher {
         let lane = inner
             .lane
             .get_or_init(|| Lanes::start(1, &inner.commands, &inner.disconnects, inner.timeout));
-        let history = inner.rooms.settings(room).history;
-        let mut publish = lane.publish(0, &inner.keys, room, frame, history);
-        Ok(publish.result().await.map(drop)?)
+        let settings = inner.rooms.settings(room);
+        let once = key
+            .filter(|_| !settings.idempotency_window.is_zero())
+            .map(|key| Once {
+                identity: &inner.sender_id,
+                key,
+                window: settings.idempotency_window,
+            });
+        let mut publish = lane.publish(0, &inner.keys, room, frame, settings.history, once);
+        Ok(publish.result().await?)
     }
 }

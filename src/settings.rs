@@ -68,7 +68,7 @@ impl Presence {
 }
 
 /// The settings of one room.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RoomSettings {
     /// Its history, if it keeps one: messages then carry an `offset` and an `epoch`, and
@@ -76,6 +76,24 @@ pub struct RoomSettings {
     pub history: Option<History>,
     /// Whether it tracks who is in it (and announces joins and leaves).
     pub presence: Presence,
+    /// How long after a message with an idempotency key was published a resend with the
+    /// same key (same room, same identity) is answered as a duplicate rather than published
+    /// again (protocol 1.2): [`DEFAULT_IDEMPOTENCY_WINDOW`] unless set. Zero turns keys
+    /// off in the room: every publish goes out, keyed or not.
+    pub idempotency_window: Duration,
+}
+
+/// The idempotency window of a room whose settings do not set one: 2 minutes.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(120);
+
+impl Default for RoomSettings {
+    fn default() -> Self {
+        RoomSettings {
+            history: None,
+            presence: Presence::Off,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
+        }
+    }
 }
 
 impl RoomSettings {
@@ -103,6 +121,22 @@ impl RoomSettings {
     /// These settings, with this presence.
     pub fn presence(self, presence: Presence) -> Self {
         RoomSettings { presence, ..self }
+    }
+
+    /// These settings, with this idempotency window (zero turns keys off).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use thinws::settings::RoomSettings;
+    ///
+    /// let settings = RoomSettings::default().idempotency_window(Duration::from_secs(600));
+    /// assert_eq!(settings.idempotency_window, Duration::from_secs(600));
+    /// ```
+    pub fn idempotency_window(self, idempotency_window: Duration) -> Self {
+        RoomSettings {
+            idempotency_window,
+            ..self
+        }
     }
 }
 

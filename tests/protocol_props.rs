@@ -119,7 +119,7 @@ proptest! {
         match parsed.command {
             Command::Connect { connection_id, .. } => prop_assert_eq!(connection_id, identity.as_str()),
             Command::Subscribe { room: r, .. } | Command::Unsubscribe { room: r } => prop_assert_eq!(r, room.as_str()),
-            Command::Message { room: r, payload: p } => {
+            Command::Message { room: r, payload: p, .. } => {
                 prop_assert_eq!(r, room.as_str());
                 // Byte for byte as it was in the frame (no re-serialisation).
                 prop_assert_eq!(p.get(), payload.to_string());

@@ -503,6 +503,68 @@ async fn backends_publish_through_the_http_api_with_an_api_key() {
     );
 }
 
+/// `POST /api/publish` with an idempotency key (in the body or the `Idempotency-Key`
+/// header): a resend is answered `duplicate` and delivered to nobody.
+#[tokio::test]
+async fn the_api_publishes_a_key_once() {
+    let server = Server::start(&["--api-key", "k", "--history-size", "10"]).await;
+    let mut subscriber = Client::connect(&server.url()).await;
+    subscriber.subscribe("orders").await;
+    const KEY: &[(&str, &str)] = &[("Authorization", "apikey k")];
+    const WITH_HEADER: &[(&str, &str)] =
+        &[("Authorization", "apikey k"), ("Idempotency-Key", "o-17")];
+    let (key, with_header) = (KEY, WITH_HEADER);
+    let publish = |headers: &'static [(&'static str, &'static str)], body: &'static str| {
+        http_with_body(server.addr, "POST", "/api/publish", headers, body)
+    };
+    let body = r#"{"roomID":"orders","payload":17,"idempotencyKey":"o-17"}"#;
+    let (status, first) = publish(key, body).await;
+    assert_eq!((status, &first), (200, &json!({"ok": true})));
+    let (status, again) = publish(key, body).await;
+    assert_eq!(
+        (status, &again),
+        (200, &json!({"ok": true, "duplicate": true}))
+    );
+    // The header names the same key.
+    let (status, again) = publish(with_header, r#"{"roomID":"orders","payload":17}"#).await;
+    assert_eq!(
+        (status, &again),
+        (200, &json!({"ok": true, "duplicate": true}))
+    );
+    // Differing keys, or a key too long: refused, nothing published.
+    let (status, refused) = publish(
+        with_header,
+        r#"{"roomID":"orders","payload":1,"idempotencyKey":"other"}"#,
+    )
+    .await;
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (400, Some("invalid_message"))
+    );
+    let too_long = format!(
+        r#"{{"roomID":"orders","payload":1,"idempotencyKey":"{}"}}"#,
+        "k".repeat(65)
+    );
+    let (status, refused) =
+        http_with_body(server.addr, "POST", "/api/publish", key, &too_long).await;
+    assert_eq!(
+        (status, refused["error"].as_str()),
+        (400, Some("invalid_message"))
+    );
+    let (status, _) = publish(key, r#"{"roomID":"orders","payload":"marker"}"#).await;
+    assert_eq!(status, 200);
+    let first = subscriber.delivery().await;
+    assert_eq!(
+        (&first["payload"], &first["offset"]),
+        (&json!(17), &json!(1))
+    );
+    let next = subscriber.delivery().await;
+    assert_eq!(
+        (&next["payload"], &next["offset"]),
+        (&json!("marker"), &json!(2))
+    );
+}
+
 #[tokio::test]
 async fn without_an_api_key_the_api_is_off() {
     let server = Server::start(&[]).await;

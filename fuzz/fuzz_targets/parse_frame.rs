@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(frame) => {
             let ack = server::ack(frame.message_id);
             assert!(serde_json::from_str::<Value>(&ack).is_ok(), "invalid ack {ack}");
-            if let Command::Message { room, payload } = frame.command {
+            if let Command::Message { room, payload, .. } = frame.command {
                 let delivery = server::delivery(&room, "fuzz", payload);
                 // Deliveries must be readable by a parser with a recursion limit.
                 assert!(

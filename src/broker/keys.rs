@@ -10,6 +10,7 @@ pub(crate) struct Keys {
     room_prefix: String,
     meta_prefix: String,
     frames_prefix: String,
+    published_prefix: String,
     identity_prefix: String,
     presence_prefix: String,
     presence_nodes_prefix: String,
@@ -26,6 +27,7 @@ impl Keys {
             room_prefix: format!("{prefix}room:{{"),
             meta_prefix: format!("{prefix}meta:{{"),
             frames_prefix: format!("{prefix}frames:{{"),
+            published_prefix: format!("{prefix}published:{{"),
             identity_prefix: format!("{prefix}identity:"),
             presence_prefix: format!("{prefix}presence:{{"),
             presence_nodes_prefix: format!("{prefix}presence-nodes:{{"),
@@ -111,6 +113,19 @@ impl Keys {
     }
 
     /// The set of rooms recorded for `identity`.
+    /// The record of an idempotency key published to `room` by `identity`, in the room's
+    /// hash slot: `{prefix}published:{ROOM}:` then the identity's length, `:`, the identity
+    /// and the key (the length keeps identity and key apart).
+    pub(crate) fn published_key(&self, room: &str, identity: &str, key: &str) -> String {
+        let mut s = Self::tagged(&self.published_prefix, room);
+        s.push(':');
+        s.push_str(&identity.len().to_string());
+        s.push(':');
+        s.push_str(identity);
+        s.push_str(key);
+        s
+    }
+
     pub(crate) fn identity_set(&self, identity: &str) -> String {
         format!("{}{identity}", self.identity_prefix)
     }

@@ -8,8 +8,11 @@ use std::time::Duration;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 use tokio::time::Instant;
 
+use super::idempotency::KeyRecords;
 use super::presence::MemoryPresence;
-use super::{new_epoch, recoverable, HistoryPage, Page, Position, Recovery, SharedSink};
+use super::{
+    new_epoch, recoverable, Accepted, HistoryPage, Once, Page, Position, Recovery, SharedSink,
+};
 use crate::notifier::Notifier;
 use crate::protocol::server;
 use crate::settings::History;
@@ -20,6 +23,8 @@ pub(crate) struct MemoryBroker {
     presence: MemoryPresence,
     identities: Mutex<Identities>,
     histories: Mutex<Histories>,
+    /// Idempotency keys published within their windows. Taken before `histories`.
+    keys: Mutex<KeyRecords>,
 }
 
 /// How often expired room histories are swept out, at most.
@@ -89,6 +94,7 @@ impl MemoryBroker {
                 rooms: HashMap::new(),
                 swept: Instant::now(),
             }),
+            keys: Mutex::default(),
         }
     }
 
@@ -134,7 +140,7 @@ impl MemoryBroker {
 
     /// Appends `frame` to `room`'s history with the next offset and delivers it, in one
     /// step (under the lock, so that offsets reach the sink in order).
-    pub(crate) fn publish_history(&self, room: &str, frame: &str, history: History) -> Position {
+    fn publish_history(&self, room: &str, frame: &str, history: History) -> Position {
         let now = Instant::now();
         let mut histories = self.histories(now);
         let room_history = Self::room_history(&mut histories.rooms, room, history, now);
@@ -231,8 +237,39 @@ impl MemoryBroker {
         (position, frames, kept < asked.len())
     }
 
-    pub(crate) fn publish(&self, room: &str, frame: &Utf8Bytes) {
-        self.sink.deliver(room, frame);
+    /// Publishes `frame` to `room` (into its history, if it has one). With `once`, unless
+    /// its key is recorded within its window: then nothing is published and the answer is a
+    /// duplicate's. The check, the publish and the record happen under one lock.
+    pub(crate) fn publish(
+        &self,
+        room: &str,
+        frame: String,
+        history: Option<History>,
+        once: Option<Once<'_>>,
+    ) -> Accepted {
+        let mut keys = once.map(|_| self.keys.lock().unwrap_or_else(PoisonError::into_inner));
+        if let (Some(keys), Some(once)) = (&mut keys, &once) {
+            if let Some(position) = keys.seen(room, once) {
+                return Accepted {
+                    position,
+                    duplicate: true,
+                };
+            }
+        }
+        let position = match history {
+            Some(history) => Some(self.publish_history(room, &frame, history)),
+            None => {
+                self.sink.deliver(room, &Utf8Bytes::from(frame));
+                None
+            }
+        };
+        if let (Some(keys), Some(once)) = (&mut keys, &once) {
+            keys.record(room, once, position.clone());
+        }
+        Accepted {
+            position,
+            duplicate: false,
+        }
     }
 
     /// The identities, with expired records swept out (at most once per third of the TTL,

@@ -27,6 +27,7 @@
 //!
 //! No other keys are written.
 
+mod idempotency;
 mod keys;
 mod memory;
 pub(crate) mod presence;
@@ -131,8 +132,27 @@ pub(crate) struct Page {
 /// whether older ones asked for were left out to keep within the budget.
 pub(crate) type HistoryPage = (Position, Vec<Utf8Bytes>, bool);
 
-/// The broker's answer to a publish: where the message sits, for a room with history.
-pub(crate) type Published = Result<Option<Position>, BrokerError>;
+/// A publish the broker accepted: where the message sits, in a room with history, and
+/// whether it was a duplicate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Accepted {
+    pub(crate) position: Option<Position>,
+    /// The publish carried an idempotency key recorded within its window: the message went
+    /// out before (at `position`, in a room with history) and was not published again.
+    pub(crate) duplicate: bool,
+}
+
+/// The broker's answer to a publish.
+pub(crate) type Published = Result<Accepted, BrokerError>;
+
+/// An idempotency key on a publish: with the room and the publisher's identity, it names
+/// one message for `window` after its first publish (protocol 1.2).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Once<'a> {
+    pub(crate) identity: &'a str,
+    pub(crate) key: &'a str,
+    pub(crate) window: std::time::Duration,
+}
 
 /// A fresh epoch: random, so that a history recreated after a loss never reuses one.
 pub(crate) fn new_epoch() -> Arc<str> {
@@ -237,23 +257,20 @@ impl Broker {
     /// same `lane` (a socket id) reach the broker in the order of these calls. The
     /// [`Publish`] resolves once the broker accepted it. In a room with `history`, one
     /// atomic step takes the next offset, keeps the frame and publishes it with its
-    /// `offset` and `epoch`, and the [`Publish`] resolves to the message's position.
+    /// `offset` and `epoch`, and the [`Publish`] resolves to the message's position. With
+    /// `once`, the check of its key, the publish and the key's record are one atomic step:
+    /// a key recorded within its window publishes nothing and answers as a duplicate.
     pub(crate) fn publish(
         &self,
         room: &str,
         frame: String,
         lane: u64,
         history: Option<History>,
+        once: Option<Once<'_>>,
     ) -> Publish {
-        match (self, history) {
-            (Broker::Memory(b), None) => {
-                b.publish(room, &Utf8Bytes::from(frame));
-                Publish::Done(Ok(None))
-            }
-            (Broker::Memory(b), Some(history)) => {
-                Publish::Done(Ok(Some(b.publish_history(room, &frame, history))))
-            }
-            (Broker::Redis(b), history) => b.publish(room, frame, lane, history),
+        match self {
+            Broker::Memory(b) => Publish::Done(Ok(b.publish(room, frame, history, once))),
+            Broker::Redis(b) => b.publish(room, frame, lane, history, once),
         }
     }
 

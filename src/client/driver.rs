@@ -38,6 +38,7 @@ fn encode(id: u64, op: &Op) -> String {
         Op::Message(room, payload) => Command::Message {
             room: Cow::Borrowed(room),
             payload,
+            key: None,
         },
         Op::History(room, limit, before) => Command::History {
             room: Cow::Borrowed(room),

@@ -94,6 +94,7 @@ impl InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::Accepted;
 
     fn id(n: u32) -> Box<RawValue> {
         RawValue::from_string(n.to_string()).unwrap()
@@ -107,7 +108,7 @@ mod tests {
         in_flight.push(id(1), Publish::Pending(first));
         in_flight.push(id(2), Publish::Pending(second));
         // The broker answers the second first; the first still comes out first.
-        second_reply.send(Ok(None)).unwrap();
+        second_reply.send(Ok(Accepted::default())).unwrap();
         first_reply
             .send(Err(crate::error::BrokerError::SubscriberDown))
             .unwrap();
@@ -125,7 +126,7 @@ mod tests {
         let mut in_flight = InFlight::default();
         for n in 0..=MAX_IN_FLIGHT as u32 {
             assert!(!in_flight.is_full());
-            in_flight.push(id(n), Publish::Done(Ok(None)));
+            in_flight.push(id(n), Publish::Done(Ok(Accepted::default())));
         }
         assert!(in_flight.is_full());
     }

@@ -20,7 +20,7 @@ use super::in_flight::{Answered, InFlight};
 use super::outbound::OutboundQueue;
 use super::refusal::Refusal;
 use super::request_head::detach;
-use crate::broker::Position;
+use crate::broker::{Once, Position};
 use crate::hooks::{
     ask, DisconnectEvent, DisconnectReason, Happened, MessageEvent, MessageVerdict, SocketHooks,
     SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
@@ -216,10 +216,13 @@ impl Socket {
                 )
                 .await;
         }
-        if let Command::Message { room, payload } = &frame.command {
+        if let Command::Message { room, payload, key } = &frame.command {
             // Acked later, when the broker answers; only a refusal is answered now, after
             // the replies of the publishes before it.
-            if let Err(refusal) = self.publish(message_id, room, payload).await {
+            if let Err(refusal) = self
+                .publish(message_id, room, payload, key.as_deref())
+                .await
+            {
                 self.settle_all().await;
                 self.refuse(message_id, refusal).await;
             }
@@ -348,6 +351,7 @@ impl Socket {
         message_id: &RawValue,
         room: &str,
         payload: &RawValue,
+        key: Option<&str>,
     ) -> Result<(), Refusal> {
         let verdict = ask(self.hooks.get(|h| &mut h.message), || MessageEvent {
             socket: self.me.info(),
@@ -371,8 +375,17 @@ impl Socket {
         let payload = replaced.as_deref().unwrap_or(payload);
         let frame = server::delivery(room, &self.me.identity, payload);
         // Queued at the broker now, in this socket's order; several may be in flight.
-        let history = self.node.config.rooms.settings(room).history;
-        let publish = self.node.broker.publish(room, frame, self.me.id, history);
+        let settings = self.node.config.rooms.settings(room);
+        // The key names the message for this identity (a socket that never sent `connect`
+        // has one of its own) in this room, for the room's window.
+        let once = key
+            .filter(|_| !settings.idempotency_window.is_zero())
+            .map(|key| Once {
+                identity: &self.me.identity,
+                key,
+                window: settings.idempotency_window,
+            });
+        let publish = (self.node.broker).publish(room, frame, self.me.id, settings.history, once);
         self.in_flight.push(message_id.to_owned(), publish);
         if self.in_flight.is_full() {
             self.settle_oldest().await;
@@ -412,7 +425,7 @@ impl Socket {
             Ok(at) => {
                 self.metrics.publishes.increment(1);
                 self.metrics.publish_duration.record(started.elapsed());
-                Answer::at(at).frame(&message_id)
+                Answer::published(at).frame(&message_id)
             }
             Err(e) => {
                 let refusal = Refusal::Broker(e);

@@ -356,6 +356,27 @@ impl ThinWsBuilder {
         self
     }
 
+    /// How long a message with an idempotency key (protocol 1.2) is remembered after it
+    /// was published: a resend with the same key, room and identity within this window is
+    /// answered as a duplicate rather than published again. Every room's, unless a
+    /// [`room_settings`](Self::room_settings) rule or the
+    /// [`room_policy`](Self::room_policy) says otherwise. Default 2 minutes; zero turns
+    /// keys off.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .idempotency_window(Duration::from_secs(600))
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn idempotency_window(mut self, window: Duration) -> Self {
+        let settings = self.config.rooms.defaults().idempotency_window(window);
+        self.config.rooms.default_settings(settings);
+        self
+    }
+
     /// How long a node's presence entries outlive it: a node that dies without saying
     /// goodbye has its members taken out of every room (with `leave` events) within this
     /// time. Nodes refresh their entries every sixth of it. Default 30 s.

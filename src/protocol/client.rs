@@ -76,6 +76,10 @@ pub enum Command<'a> {
         room: Cow<'a, str>,
         /// The payload, as raw JSON (any value, `null` included).
         payload: &'a RawValue,
+        /// The idempotency key (protocol 1.2; 1 to [`MAX_KEY_LEN`] bytes): within the room's
+        /// window, a second publish with the same room, identity and key is answered as the
+        /// first was and not published again.
+        key: Option<Cow<'a, str>>,
     },
     /// Leave every room on this socket; the identity keeps its rooms.
     Disconnect,
@@ -145,6 +149,8 @@ struct RawFrame<'a> {
     /// The original JavaScript client sends the payload under `message`.
     #[serde(borrow, default, deserialize_with = "present")]
     message: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    key: Option<&'a RawValue>,
 }
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -163,6 +169,9 @@ fn as_str(raw: &RawValue) -> Option<Cow<'_, str>> {
         .ok()
         .map(|s| s.0)
 }
+
+/// The longest idempotency key a `message` may carry, in bytes (protocol 1.2).
+pub const MAX_KEY_LEN: usize = 64;
 
 /// Parses one client text frame.
 ///
@@ -380,7 +389,23 @@ pub fn parse<'a>(text: &'a str, limits: &Limits) -> Result<ClientFrame<'a>, Fram
                     ))
                 }
             }
-            Command::Message { room, payload }
+            let key = match raw.key {
+                None => None,
+                Some(key) => match as_str(key) {
+                    Some(key) if key.is_empty() => {
+                        return Err(fail(ErrorCode::InvalidMessage, "key must not be empty"))
+                    }
+                    Some(key) if key.len() > MAX_KEY_LEN => {
+                        return Err(fail(
+                            ErrorCode::InvalidMessage,
+                            "key is longer than 64 bytes",
+                        ))
+                    }
+                    Some(key) => Some(key),
+                    None => return Err(fail(ErrorCode::InvalidMessage, "key must be a string")),
+                },
+            };
+            Command::Message { room, payload, key }
         }
         "disconnect" => Command::Disconnect,
         "history" => {

@@ -62,6 +62,14 @@ fn valid_frames() {
     .unwrap();
     assert!(matches!(f.command, Command::Message { payload, .. } if payload.get() == "1"));
 
+    // An idempotency key (protocol 1.2), up to 64 bytes.
+    let text = format!(
+        r#"{{"type":"message","messageID":1,"roomID":"r","payload":1,"key":"{}"}}"#,
+        "k".repeat(64)
+    );
+    let f = parse(&text, &l).unwrap();
+    assert!(matches!(f.command, Command::Message { key: Some(key), .. } if key.len() == 64));
+
     // Escapes in strings are decoded.
     let f = parse(
         r#"{"type":"subscr\u0069be","messageID":1,"roomID":"a\"b"}"#,
@@ -92,6 +100,27 @@ fn invalid_frames_table() {
             InvalidJson,
             None,
             "trailing comma",
+        ),
+        (
+            format!(
+                r#"{{"type":"message","messageID":1,"roomID":"r","payload":1,"key":"{}"}}"#,
+                "k".repeat(65)
+            ),
+            InvalidMessage,
+            Some("1"),
+            "key is longer than 64 bytes",
+        ),
+        (
+            r#"{"type":"message","messageID":1,"roomID":"r","payload":1,"key":""}"#.into(),
+            InvalidMessage,
+            Some("1"),
+            "key must not be empty",
+        ),
+        (
+            r#"{"type":"message","messageID":1,"roomID":"r","payload":1,"key":7}"#.into(),
+            InvalidMessage,
+            Some("1"),
+            "key must be a string",
         ),
         ("[1,2]".into(), InvalidMessage, None, "JSON object"),
         ("42".into(), InvalidMessage, None, "JSON object"),
@@ -350,6 +379,12 @@ fn encoded_frames_parse_back_to_the_same_command() {
         Command::Message {
             room: Cow::Borrowed("r\"1"),
             payload: &payload,
+            key: None,
+        },
+        Command::Message {
+            room: Cow::Borrowed("r"),
+            payload: &payload,
+            key: Some(Cow::Borrowed("k\"1")),
         },
         Command::Disconnect,
     ];

@@ -69,9 +69,12 @@ pub fn encode(message_id: u64, command: &Command<'_>) -> String {
         Command::Unsubscribe { room } | Command::Presence { room } => {
             push_str_field(&mut out, "roomID", room)
         }
-        Command::Message { room, payload } => {
+        Command::Message { room, payload, key } => {
             push_str_field(&mut out, "roomID", room);
             push_raw_field(&mut out, "payload", payload);
+            if let Some(key) = key {
+                push_str_field(&mut out, "key", key);
+            }
         }
         Command::Disconnect => {}
         Command::Refresh { token } => push_str_field(&mut out, "token", token),

@@ -21,7 +21,7 @@
 //! .unwrap();
 //! assert_eq!(frame.message_id.get(), "7");
 //! match frame.command {
-//!     Command::Message { room, payload } => {
+//!     Command::Message { room, payload, .. } => {
 //!         assert_eq!(room, "lobby");
 //!         assert_eq!(payload.get(), r#"{"text":"hi"}"#);
 //!     }
@@ -42,6 +42,6 @@ mod json;
 mod scan;
 pub mod server;
 
-pub use client::{parse, ClientFrame, Command, Limits, Since};
+pub use client::{parse, ClientFrame, Command, Limits, Since, MAX_KEY_LEN};
 pub use encode::encode;
 pub use error::{ErrorCode, FrameError, UnknownErrorCode};

@@ -81,6 +81,18 @@ pub(crate) fn ack_at(message_id: &RawValue, offset: u64, epoch: &str) -> String 
     out
 }
 
+/// The ack of a `message` whose idempotency key was recorded (protocol 1.2): it went out
+/// before, at `position` in a room with history, and was not published again.
+pub(crate) fn ack_duplicate(message_id: &RawValue, position: Option<(u64, &str)>) -> String {
+    let mut out = match position {
+        Some((offset, epoch)) => ack_at(message_id, offset, epoch),
+        None => ack(message_id),
+    };
+    out.pop();
+    out.push_str(",\"duplicate\":true}");
+    out
+}
+
 /// The ack of a `subscribe` with `since` to a room with history: where it stands, and
 /// whether the messages after `since` follow (`recovered`).
 pub(crate) fn ack_recovered(

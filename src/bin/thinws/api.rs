@@ -25,7 +25,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 use thinws::protocol::{self, Command, ErrorCode, Limits};
-use thinws::{Hub, PresenceError};
+use thinws::{Hub, Idempotent, PresenceError};
 
 /// The API's state.
 #[derive(Clone)]
@@ -43,6 +43,9 @@ struct PublishBody<'a> {
     room: &'a RawValue,
     #[serde(borrow)]
     payload: &'a RawValue,
+    /// The idempotency key (a string; also taken from the `Idempotency-Key` header).
+    #[serde(rename = "idempotencyKey", borrow, default)]
+    key: Option<&'a RawValue>,
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
@@ -191,6 +194,17 @@ impl Api {
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
+        let header_key = match request.headers().get("idempotency-key").map(|v| v.to_str()) {
+            None => None,
+            Some(Ok(key)) => Some(key.to_owned()),
+            Some(Err(_)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_message",
+                    "the Idempotency-Key header is not visible ASCII",
+                )
+            }
+        };
         let body = match Limited::new(request.into_body(), self.max_body)
             .collect()
             .await
@@ -209,9 +223,25 @@ impl Api {
             Ok(fields) => fields,
             Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_message", &e.to_string()),
         };
+        // The key in the body, or else the header's (as a JSON string).
+        let header_key = header_key.map(|key| serde_json::Value::from(key).to_string());
+        let key = match (fields.key.map(RawValue::get), header_key.as_deref()) {
+            (Some(body), Some(header))
+                if serde_json::from_str::<serde_json::Value>(body).ok()
+                    != serde_json::from_str::<serde_json::Value>(header).ok() =>
+            {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_message",
+                    "idempotencyKey and the Idempotency-Key header differ",
+                )
+            }
+            (Some(key), _) | (None, Some(key)) => format!(r#","key":{key}"#),
+            (None, None) => String::new(),
+        };
         // The same checks as a socket's `message` (lengths, nesting, numbers, surrogates).
         let frame = format!(
-            r#"{{"type":"message","messageID":0,"roomID":{},"payload":{}}}"#,
+            r#"{{"type":"message","messageID":0,"roomID":{},"payload":{}{key}}}"#,
             fields.room.get(),
             fields.payload.get()
         );
@@ -221,11 +251,17 @@ impl Api {
                 return error(StatusCode::BAD_REQUEST, e.code.as_str(), &e.message);
             }
         };
-        let Command::Message { room, payload } = parsed.command else {
+        let Command::Message { room, payload, key } = parsed.command else {
             return error(StatusCode::BAD_REQUEST, "invalid_message", "not a message");
         };
-        match self.hub.publish_raw(&room, payload).await {
-            Ok(()) => json_response(StatusCode::OK, json!({"ok": true})),
+        let published = match key {
+            None => self.hub.publish_raw(&room, payload).await.map(|()| false),
+            Some(key) => (self.hub.publish_once(&room, &key, payload).await)
+                .map(|done| done == Idempotent::Duplicate),
+        };
+        match published {
+            Ok(false) => json_response(StatusCode::OK, json!({"ok": true})),
+            Ok(true) => json_response(StatusCode::OK, json!({"ok": true, "duplicate": true})),
             Err(e) if e.outcome_unknown() => error(
                 StatusCode::GATEWAY_TIMEOUT,
                 ErrorCode::Timeout.as_str(),

@@ -106,6 +106,11 @@ struct Args {
     /// Seconds a room's history lives after its last message.
     #[arg(long, env = "THINWS_HISTORY_TTL", default_value_t = 300)]
     history_ttl: u64,
+    /// Seconds a message with an idempotency key is remembered after it was published: a
+    /// resend with the same key (same room and identity) within them is answered as a
+    /// duplicate and not published again (0: keys are ignored).
+    #[arg(long, env = "THINWS_IDEMPOTENCY_WINDOW", default_value_t = 120)]
+    idempotency_window: u64,
     /// Every room tracks who is in it, on every node (`presence` requests and
     /// `GET /api/rooms/{roomID}/presence`): one Redis script call per subscribe and
     /// unsubscribe.
@@ -279,6 +284,7 @@ async fn run(args: Args) -> Result<(), String> {
         ));
     }
     builder = builder
+        .idempotency_window(Duration::from_secs(args.idempotency_window))
         .presence(match (args.join_leave, args.presence) {
             (true, _) => thinws::settings::Presence::WithJoinLeave,
             (false, true) => thinws::settings::Presence::On,

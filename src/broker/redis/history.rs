@@ -27,12 +27,19 @@ use crate::broker::{new_epoch, HistoryPage, Keys, Page, Position, Recovery};
 use crate::error::BrokerError;
 use crate::settings::History;
 
-/// KEYS: a meta and a frames key per room. ARGV: a new epoch (used for any room that has
-/// none), then per room its channel, size, ttl (ms), how many frames (`n`) and the `n`
-/// frames (JSON objects without their closing `}`, which the script writes after the
-/// `offset` and `epoch` it adds) in order. Gives each room's frames consecutive offsets,
-/// keeps them, refreshes the room's time to live, then publishes each, and returns per
-/// room `{first offset, epoch}` or the error that stopped that room.
+/// KEYS: per run of one room's frames, its meta and frames keys, and for a run keyed for
+/// idempotency (one frame), the key that records it. ARGV: a new epoch (used for any room
+/// that has none), then per run its channel, size, ttl (ms), how many frames (`n`), the
+/// idempotency window in ms (0 for a run without a key) and the `n` frames (JSON objects
+/// without their closing `}`, which the script writes after the `offset` and `epoch` it
+/// adds) in order. Gives each run's frames consecutive offsets, keeps them, refreshes the
+/// room's time to live, then publishes each, and returns per run `{first offset, epoch}` or
+/// the error that stopped that run.
+///
+/// A keyed run whose key is recorded (published within the window) does nothing and
+/// answers `{offset, epoch, 1}`, where the first publish went; otherwise, once published,
+/// its key is recorded with that position for the window. A key that could not be recorded
+/// after the publish answers `UNKNOWN` (a resend would be published again).
 ///
 /// Each room runs under its own `pcall`, so one room's error leaves the others' answers
 /// true. The publish permission on a room's channel is checked before anything is written,
@@ -51,9 +58,16 @@ use crate::settings::History;
 /// every call: it keeps at least the last `size` frames and a few more, and a room's call
 /// mostly saves an `LTRIM` (about 1 µs of Redis's time on a full list).
 const PUBLISH_TEXT: &str = r#"
-local function publish(meta, list, channel, size, ttl, a, n, done)
+local function publish(meta, list, once, channel, size, ttl, window, a, n, done)
   if not redis.acl_check_cmd('PUBLISH', channel, '') then
     return redis.error_reply("NOPERM this user may not publish to the room's channel")
+  end
+  if once then
+    local seen = redis.call('GET', once)
+    if seen then
+      local offset, epoch = string.match(seen, '^(%d+) (.+)$')
+      return {tonumber(offset), epoch, 1}
+    end
   end
   size = tonumber(size)
   local epoch = redis.call('HGET', meta, 'epoch')
@@ -81,6 +95,9 @@ local function publish(meta, list, channel, size, ttl, a, n, done)
     redis.call('PUBLISH', channel, frames[i])
     done.published = i
   end
+  if once then
+    redis.call('SET', once, string.format('%d', first) .. ' ' .. epoch, 'PX', window)
+  end
   return {first, epoch}
 end
 local function undo(meta, list, n, done)
@@ -92,11 +109,18 @@ local function undo(meta, list, n, done)
   if done.counted then redis.call('HINCRBY', meta, 'top', -n) end
 end
 local answers = {}
-local a = 2
-for r = 1, #KEYS / 2 do
-  local meta, list, n = KEYS[2 * r - 1], KEYS[2 * r], tonumber(ARGV[a + 3])
+local a, k, r = 2, 1, 0
+while k <= #KEYS do
+  r = r + 1
+  local meta, list, n, window = KEYS[k], KEYS[k + 1], tonumber(ARGV[a + 3]), ARGV[a + 4]
+  local once = nil
+  k = k + 2
+  if window ~= '0' then
+    once = KEYS[k]
+    k = k + 1
+  end
   local done = {published = 0}
-  local ok, answer = pcall(publish, meta, list, ARGV[a], ARGV[a + 1], ARGV[a + 2], a + 4, n, done)
+  local ok, answer = pcall(publish, meta, list, once, ARGV[a], ARGV[a + 1], ARGV[a + 2], window, a + 5, n, done)
   if ok then
     answers[r] = answer
   else
@@ -108,7 +132,7 @@ for r = 1, #KEYS / 2 do
       answers[r] = redis.error_reply('UNKNOWN ' .. e)
     end
   end
-  a = a + 4 + n
+  a = a + 5 + n
 end
 return answers
 "#;

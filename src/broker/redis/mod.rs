@@ -160,18 +160,19 @@ impl RedisBroker {
         })
     }
 
-    /// Queues a publish on lane `lane` at once (the publish script in a room with
-    /// `history`); the returned [`Publish`] resolves when Redis accepted it.
+    /// Queues a publish on lane `lane` at once (a script in a room with `history`, or with
+    /// `once`); the returned [`Publish`] resolves when Redis accepted it.
     pub(crate) fn publish(
         &self,
         room: &str,
         frame: String,
         lane: u64,
         history: Option<crate::settings::History>,
+        once: Option<crate::broker::Once<'_>>,
     ) -> Publish {
         self.running()
             .lanes
-            .publish(lane, &self.keys, room, frame, history)
+            .publish(lane, &self.keys, room, frame, history, once)
     }
 
     /// Room occupancy on this Redis, with leases that live `lifetime`.

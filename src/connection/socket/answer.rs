@@ -7,7 +7,7 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde_json::value::RawValue;
 
 use crate::broker::presence::Members;
-use crate::broker::Position;
+use crate::broker::{Accepted, Position};
 use crate::connection::outbound::OutboundQueue;
 use crate::connection::recovery::HoldingMember;
 use crate::protocol::server::{self, RoomAck};
@@ -17,6 +17,9 @@ pub(super) enum Answer {
     Ack,
     /// Where the room's history stands (a message to, or a subscribe of, a history room).
     At(Position),
+    /// A `message` whose idempotency key was recorded: published before (where, in a
+    /// history room), not again.
+    Duplicate(Option<Position>),
     /// The reply to `history`: where the room stands, the messages, and whether older ones
     /// were left out to keep the reply within its byte budget.
     History(Position, Vec<Utf8Bytes>, bool),
@@ -63,10 +66,21 @@ impl Answer {
         position.map_or(Answer::Ack, Answer::At)
     }
 
+    /// The answer to a publish the broker accepted.
+    pub(super) fn published(accepted: Accepted) -> Self {
+        match accepted.duplicate {
+            true => Answer::Duplicate(accepted.position),
+            false => Answer::at(accepted.position),
+        }
+    }
+
     pub(super) fn frame(&self, message_id: &RawValue) -> String {
         match self {
             Answer::Ack => server::ack(message_id),
             Answer::At(at) => server::ack_at(message_id, at.offset, &at.epoch),
+            Answer::Duplicate(at) => {
+                server::ack_duplicate(message_id, at.as_ref().map(|at| (at.offset, &*at.epoch)))
+            }
             Answer::History(at, frames, more) => {
                 let frames: Vec<&str> = frames.iter().map(|f| f.as_str()).collect();
                 server::history_ack(message_id, at.offset, &at.epoch, &frames, *more)

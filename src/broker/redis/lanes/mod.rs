@@ -26,7 +26,7 @@ use self::script_call::{history_results, same_room, unknown};
 use super::commands::{no_script, query_commands, Commands, Connection};
 use super::connect::{redis_error, refused, Disconnects};
 use super::history;
-use crate::broker::{Keys, Publish, Published};
+use crate::broker::{Accepted, Keys, Once, Publish, Published};
 use crate::error::BrokerError;
 use crate::settings::History;
 
@@ -35,6 +35,7 @@ use crate::settings::History;
 /// at most about 8,000 values there).
 const MAX_BATCH: usize = 512;
 
+mod once;
 mod script_call;
 
 type Reply = oneshot::Sender<Published>;
@@ -52,8 +53,17 @@ enum Kind {
         channel: String,
         frame: Utf8Bytes,
     },
+    /// A publish with an idempotency key to a room without history: the once script (see
+    /// `once`).
+    Once {
+        record: String,
+        channel: String,
+        frame: Utf8Bytes,
+        window_ms: u64,
+    },
     /// A publish to a room with history: the publish script (see `history`). `frame` is
-    /// the delivered frame without its closing `}`.
+    /// the delivered frame without its closing `}`; `once`, the record of its idempotency
+    /// key and the window in ms.
     History {
         meta: String,
         list: String,
@@ -61,6 +71,7 @@ enum Kind {
         frame: String,
         size: usize,
         ttl_ms: u64,
+        once: Option<(String, u64)>,
     },
     /// A health probe: `PING` on the lane's connection, in order with the publishes.
     Ping,
@@ -71,7 +82,7 @@ impl Kind {
     /// (the publish script's first key); `None` for a `PING`.
     fn key(&self) -> Option<&[u8]> {
         match self {
-            Kind::Publish { channel, .. } => Some(channel.as_bytes()),
+            Kind::Publish { channel, .. } | Kind::Once { channel, .. } => Some(channel.as_bytes()),
             Kind::History { meta, .. } => Some(meta.as_bytes()),
             Kind::Ping => None,
         }
@@ -92,6 +103,21 @@ fn command(requests: &[Request], cluster: bool, pipeline: &mut redis::Pipeline) 
         }
         Kind::Ping => {
             pipeline.cmd("PING");
+        }
+        Kind::Once {
+            record,
+            channel,
+            frame,
+            window_ms,
+        } => {
+            pipeline
+                .cmd("EVALSHA")
+                .arg(once::script(cluster).get_hash())
+                .arg(1)
+                .arg(record)
+                .arg(channel)
+                .arg(*window_ms)
+                .arg(frame.as_bytes());
         }
         Kind::History { .. } => script_call::append(requests, cluster, pipeline),
     }
@@ -140,9 +166,9 @@ impl Lanes {
         &self.senders[(lane % self.senders.len() as u64) as usize]
     }
 
-    /// Queues a publish of `frame` to `room` on lane `lane` at once: `PUBLISH`, or the
-    /// publish script in a room with `history`. The returned [`Publish`] resolves when
-    /// Redis answered.
+    /// Queues a publish of `frame` to `room` on lane `lane` at once: `PUBLISH`, the once
+    /// script for a publish with an idempotency key, or the publish script in a room with
+    /// `history`. The returned [`Publish`] resolves when Redis answered.
     pub(crate) fn publish(
         &self,
         lane: u64,
@@ -150,6 +176,7 @@ impl Lanes {
         room: &str,
         mut frame: String,
         history: Option<History>,
+        once: Option<Once<'_>>,
     ) -> Publish {
         // The publish script writes a history frame's closing brace itself, after the
         // offset and epoch it adds.
@@ -157,18 +184,29 @@ impl Lanes {
             let e = BrokerError::Protocol("a history frame that is not a JSON object".into());
             return Publish::Done(Err(e));
         }
-        let kind = match history {
-            None => Kind::Publish {
+        let once = once.map(|once| {
+            let record = keys.published_key(room, once.identity, once.key);
+            (record, once::window_ms(once.window))
+        });
+        let kind = match (history, once) {
+            (None, None) => Kind::Publish {
                 channel: keys.room_channel(room),
                 frame: Utf8Bytes::from(frame),
             },
-            Some(history) => Kind::History {
+            (None, Some((record, window_ms))) => Kind::Once {
+                record,
+                channel: keys.room_channel(room),
+                frame: Utf8Bytes::from(frame),
+                window_ms,
+            },
+            (Some(history), once) => Kind::History {
                 meta: keys.history_meta(room),
                 list: keys.history_frames(room),
                 channel: keys.room_channel(room),
                 frame,
                 size: history.size,
                 ttl_ms: history::ttl_ms(history),
+                once,
             },
         };
         self.queue(lane, kind)
@@ -254,11 +292,16 @@ impl Lane {
             let retry = self.round(&mut pipeline, &mut batch, deadline).await;
             if !retry.is_empty() {
                 batch = retry;
+                let cluster = self.commands.is_cluster();
                 let loaded = match &mut self.held {
-                    Some((connection, _)) => history::publish_script(self.commands.is_cluster())
-                        .load_async(connection)
-                        .await
-                        .map_err(redis_error),
+                    Some((connection, _)) => {
+                        let history = history::publish_script(cluster).load_async(connection);
+                        match history.await {
+                            Ok(_) => once::script(cluster).load_async(connection).await,
+                            Err(e) => Err(e),
+                        }
+                        .map_err(redis_error)
+                    }
                     None => Err(BrokerError::Protocol(
                         "no connection to load a script on".into(),
                     )),
@@ -341,11 +384,14 @@ impl Lane {
                         // Refused as a whole: it did nothing. (The script answers its
                         // rooms' own errors one by one, below.)
                         (_, Value::ServerError(e)) => vec![Err(refused(e)); n],
-                        (Kind::Publish { .. }, Value::Int(_)) => vec![Ok(None)],
+                        (Kind::Publish { .. }, Value::Int(_)) => vec![Ok(Accepted::default())],
+                        (Kind::Once { .. }, answer) => vec![once::result(answer)],
                         (Kind::History { .. }, Value::Array(answers)) => {
                             history_results(&group, answers)
                         }
-                        (Kind::Ping, Value::SimpleString(_) | Value::Okay) => vec![Ok(None)],
+                        (Kind::Ping, Value::SimpleString(_) | Value::Okay) => {
+                            vec![Ok(Accepted::default())]
+                        }
                         (Kind::History { .. }, other) => {
                             vec![Err(unknown(format!("{other:?} from the publish script"))); n]
                         }

@@ -6,26 +6,40 @@ use redis::Value;
 use super::{Kind, Request};
 use crate::broker::redis::connect::refused;
 use crate::broker::redis::history;
-use crate::broker::{new_epoch, Position, Published};
+use crate::broker::{new_epoch, Accepted, Position, Published};
 use crate::error::BrokerError;
 
-/// Whether `a` and `b` are publishes to the same history room.
+/// Whether `a` and `b` are publishes to the same history room that may share a run (a
+/// publish with an idempotency key is a run of its own).
 pub(super) fn same_room(a: &Request, b: &Request) -> bool {
     matches!((&a.kind, &b.kind),
-        (Kind::History { meta: a, .. }, Kind::History { meta: b, .. }) if a == b)
+        (Kind::History { meta: a, once: None, .. }, Kind::History { meta: b, once: None, .. })
+            if a == b)
 }
 
 /// Appends to `pipeline` one publish script call for `requests` (history publishes, of one
 /// room on a cluster, of any rooms on one Redis), in runs of one room each.
 pub(super) fn append(requests: &[Request], cluster: bool, pipeline: &mut redis::Pipeline) {
     let runs = || requests.chunk_by(same_room);
+    let keys: usize = runs()
+        .map(|run| match &run[0].kind {
+            Kind::History { once: Some(_), .. } => 3,
+            _ => 2,
+        })
+        .sum();
     let command = pipeline
         .cmd("EVALSHA")
         .arg(history::publish_script(cluster).get_hash())
-        .arg(2 * runs().count());
+        .arg(keys);
     for run in runs() {
-        if let Kind::History { meta, list, .. } = &run[0].kind {
+        if let Kind::History {
+            meta, list, once, ..
+        } = &run[0].kind
+        {
             command.arg(meta).arg(list);
+            if let Some((record, _)) = once {
+                command.arg(record);
+            }
         }
     }
     // Used only for rooms that have no history yet (or lost it).
@@ -35,10 +49,17 @@ pub(super) fn append(requests: &[Request], cluster: bool, pipeline: &mut redis::
             channel,
             size,
             ttl_ms,
+            once,
             ..
         } = &run[0].kind
         {
-            command.arg(channel).arg(*size).arg(*ttl_ms).arg(run.len());
+            let window_ms = once.as_ref().map_or(0, |(_, window_ms)| *window_ms);
+            command
+                .arg(channel)
+                .arg(*size)
+                .arg(*ttl_ms)
+                .arg(run.len())
+                .arg(window_ms);
         }
         for request in run {
             if let Kind::History { frame, .. } = &request.kind {
@@ -73,10 +94,13 @@ pub(super) fn history_results(group: &[Request], answers: Vec<Value>) -> Vec<Pub
             answer => position(answer).map_err(|e| unknown(e.to_string())),
         };
         results.extend((0..n as u64).map(|k| match &first {
-            Ok(first) => Ok(Some(Position {
-                offset: first.offset + k,
-                epoch: first.epoch.clone(),
-            })),
+            Ok((first, duplicate)) => Ok(Accepted {
+                position: Some(Position {
+                    offset: first.offset + k,
+                    epoch: first.epoch.clone(),
+                }),
+                duplicate: *duplicate,
+            }),
             Err(e) => Err(e.clone()),
         }));
     }
@@ -88,22 +112,24 @@ pub(super) fn unknown(what: String) -> BrokerError {
     BrokerError::Lost(std::sync::Arc::new(std::io::Error::other(what)))
 }
 
-/// The publish script's answer: `{offset, epoch}`.
-fn position(reply: Value) -> Result<Position, BrokerError> {
+/// The publish script's answer: `{offset, epoch}`, or `{offset, epoch, 1}` for a publish
+/// whose idempotency key was recorded (it went out before, there); with whether it was.
+fn position(reply: Value) -> Result<(Position, bool), BrokerError> {
     let unexpected =
         |reply: &Value| BrokerError::Protocol(format!("{reply:?} from the publish script"));
     let Value::Array(items) = &reply else {
         return Err(unexpected(&reply));
     };
-    match items.as_slice() {
-        [Value::Int(offset), epoch] => {
-            let epoch = <String as redis::FromRedisValue>::from_redis_value_ref(epoch)
-                .map_err(|_| unexpected(&reply))?;
-            Ok(Position {
-                offset: u64::try_from(*offset).map_err(|_| unexpected(&reply))?,
-                epoch: epoch.into(),
-            })
-        }
-        _ => Err(unexpected(&reply)),
-    }
+    let (offset, epoch, duplicate) = match items.as_slice() {
+        [Value::Int(offset), epoch] => (offset, epoch, false),
+        [Value::Int(offset), epoch, Value::Int(1)] => (offset, epoch, true),
+        _ => return Err(unexpected(&reply)),
+    };
+    let epoch = <String as redis::FromRedisValue>::from_redis_value_ref(epoch)
+        .map_err(|_| unexpected(&reply))?;
+    let position = Position {
+        offset: u64::try_from(*offset).map_err(|_| unexpected(&reply))?,
+        epoch: epoch.into(),
+    };
+    Ok((position, duplicate))
 }
