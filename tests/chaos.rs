@@ -3,8 +3,10 @@
 //! messages the whole time, while a node is killed with SIGKILL (its clients move to the
 //! other nodes) and restarted 1.5 s later, every pub/sub connection is killed, Redis is frozen
 //! for 3 s, and every node is restarted with SIGTERM in turn. Every subscriber must receive
-//! every acked message of its room exactly once and in order; publishes whose outcome is
-//! unknown may be there or not, never twice. A second run restarts Redis without its data:
+//! every acked message of its room exactly once and in order. The publishers' client sends
+//! a message again (with its idempotency key) after `timeout`, `unavailable` or a lost
+//! connection, so every `send` resolves: a message whose send failed (a definite error)
+//! must reach nobody, and none may be left pending past its deadline. A second run restarts Redis without its data:
 //! every subscriber is told of the gap.
 //!
 //! Bounded: about 25 s per run. `THINWS_CHAOS_LONG=1` runs the faults three times over.
@@ -30,9 +32,19 @@ const ROOMS: [&str; 3] = ["chaos:a", "chaos:b", "chaos:c"];
 type Received = Vec<(usize, u64, u64)>;
 type Seen = Arc<Mutex<Received>>;
 
+/// What one publisher's `send`s resolved to.
+#[derive(Default)]
+struct Sent {
+    acked: Vec<u64>,
+    /// Failed with a definite error: must reach nobody.
+    failed: Vec<u64>,
+    /// Failed at the caller's deadline: the outcome is unknown.
+    unknown: Vec<u64>,
+}
+
 struct Outcome {
-    /// (room, publisher) -> seqs acked.
-    acked: HashMap<(usize, usize), Vec<u64>>,
+    /// (room, publisher) -> what its sends resolved to.
+    sent: HashMap<(usize, usize), Sent>,
     /// Per subscriber: its room and what it received (publisher, seq, offset).
     received: Vec<(usize, Received)>,
     gaps: usize,
@@ -94,28 +106,31 @@ async fn run(
             let (client, _messages) = ThinWsClient::builder(url, format!("pub-{p}"))
                 .fallback_urls(others)
                 .max_backoff(Duration::from_millis(200))
-                .request_timeout(Duration::from_secs(5))
+                .request_timeout(Duration::from_secs(20))
                 .connect()
                 .await
                 .unwrap();
-            let mut acked = Vec::new();
+            let mut sent = Sent::default();
             let mut seq = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 seq += 1;
+                // The client sends a message again (same key) after `timeout`,
+                // `unavailable` or a lost connection, until it is published once.
                 match client.send(ROOMS[p], &json!({"p": p, "seq": seq})).await {
-                    Ok(()) => acked.push(seq),
-                    // Nothing was sent, or the outcome is unknown: it may arrive or not.
-                    Err(
-                        ClientError::Server { .. }
-                        | ClientError::Disconnected
-                        | ClientError::Timeout,
-                    ) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Ok(()) => sent.acked.push(seq),
+                    // A definite refusal: nothing was published.
+                    Err(ClientError::Server { .. } | ClientError::Disconnected) => {
+                        sent.failed.push(seq);
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    // Past the 20 s deadline: the outcome is unknown.
+                    Err(ClientError::Timeout) => sent.unknown.push(seq),
                     Err(e) => panic!("publisher {p}: {e}"),
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             client.close().await;
-            (p, acked)
+            (p, sent)
         }));
     }
 
@@ -151,10 +166,10 @@ async fn run(
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut acked = HashMap::new();
+    let mut sent = HashMap::new();
     for publisher in publishers {
         let (p, seqs) = within("a publisher to stop", publisher).await.unwrap();
-        acked.insert((p, p), seqs);
+        sent.insert((p, p), seqs);
     }
     // Wait (a bounded time) until every subscriber has every acked message of its room or,
     // once Redis lost its data, was told of a gap; the callers' assertions say what did not
@@ -166,7 +181,10 @@ async fn run(
         subscribers.iter().all(|(room, _, seen, _)| {
             let seen = seen.lock().unwrap();
             let got: std::collections::HashSet<u64> = seen.iter().map(|&(_, seq, _)| seq).collect();
-            acked[&(*room, *room)].iter().all(|seq| got.contains(seq))
+            sent[&(*room, *room)]
+                .acked
+                .iter()
+                .all(|seq| got.contains(seq))
         })
     };
     let give_up = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -181,7 +199,7 @@ async fn run(
     }
     let gaps = *gaps.lock().unwrap();
     Outcome {
-        acked,
+        sent,
         received,
         gaps,
     }
@@ -202,8 +220,10 @@ async fn every_acked_message_reaches_every_subscriber_once_in_order_through_faul
     ];
     let outcome = run(&mut redis, &mut nodes, rounds, false).await;
     let (mut missing, mut duplicated, mut out_of_order, mut total) = (0, 0, 0, 0);
+    let mut failed_but_delivered = 0;
     for (room, seen) in &outcome.received {
-        let acked = &outcome.acked[&(*room, *room)];
+        let sent = &outcome.sent[&(*room, *room)];
+        let acked = &sent.acked;
         let mut count: BTreeMap<u64, usize> = BTreeMap::new();
         let mut last_offset = 0;
         let mut last_seq = 0;
@@ -218,13 +238,22 @@ async fn every_acked_message_reaches_every_subscriber_once_in_order_through_faul
         }
         duplicated += count.values().filter(|n| **n > 1).count();
         missing += acked.iter().filter(|seq| !count.contains_key(seq)).count();
+        failed_but_delivered += sent
+            .failed
+            .iter()
+            .filter(|seq| count.contains_key(seq))
+            .count();
         total += acked.len();
     }
+    let failed: usize = outcome.sent.values().map(|s| s.failed.len()).sum();
+    let unknown: usize = outcome.sent.values().map(|s| s.unknown.len()).sum();
     println!(
-        "chaos: {total} acked deliveries expected; missing {missing}, duplicated {duplicated}, out of order {out_of_order}; gaps reported {}",
+        "chaos: {total} acked deliveries expected; missing {missing}, duplicated {duplicated}, out of order {out_of_order}; sends failed {failed} (delivered anyway {failed_but_delivered}), unknown {unknown}; gaps reported {}",
         outcome.gaps
     );
     assert_eq!((missing, duplicated, out_of_order), (0, 0, 0));
+    assert_eq!(failed_but_delivered, 0, "a failed send was delivered");
+    assert_eq!(unknown, 0, "a send was left pending past its deadline");
     assert!(total > 1000, "the publishers got through: {total}");
 }
 

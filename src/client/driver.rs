@@ -13,17 +13,18 @@ use std::borrow::Cow;
 use serde_json::value::RawValue;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::held::Held;
+use super::outbox::{resend_after, Outgoing, Retries};
 use super::renewal::Renewal;
-use super::{ClientBuilder, ClientError, Delivery, Gap, Member, Op, Request};
+use super::{ClientBuilder, ClientError, Delivery, Gap, Member, Op, Reply, Request};
 use crate::protocol::server::{self, ServerFrame};
 use crate::protocol::{self, Command, ErrorCode};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
-type Reply = oneshot::Sender<Result<String, ClientError>>;
 
 /// The frame for request `id`.
 fn encode(id: u64, op: &Op) -> String {
@@ -35,10 +36,10 @@ fn encode(id: u64, op: &Op) -> String {
         Op::Unsubscribe(room) => Command::Unsubscribe {
             room: Cow::Borrowed(room),
         },
-        Op::Message(room, payload) => Command::Message {
-            room: Cow::Borrowed(room),
-            payload,
-            key: None,
+        Op::Message(message) => Command::Message {
+            room: Cow::Borrowed(&message.room),
+            payload: &message.payload,
+            key: Some(Cow::Borrowed(&message.key)),
         },
         Op::History(room, limit, before) => Command::History {
             room: Cow::Borrowed(room),
@@ -157,6 +158,8 @@ pub(super) async fn open(
 /// What a request in flight changes in what the client holds when it is answered.
 enum Pending {
     Other,
+    /// A message: sent again if its outcome stays unknown.
+    Message(Outgoing),
     Subscribe(String),
     Unsubscribe(String),
     /// A room the server had lost, subscribed again.
@@ -168,6 +171,10 @@ type InFlight = HashMap<u64, (Reply, Pending)>;
 /// Why a connected session ended.
 enum End {
     Lost,
+    /// The server closed the socket over a frame it could not take (too large, not
+    /// UTF-8, a protocol error): it answers no frame after that one, so the messages in
+    /// flight are not sent again (one of them is the cause).
+    Refused,
     Closed,
 }
 
@@ -207,7 +214,7 @@ pub(super) async fn drive(
             connected.store(false, Ordering::Relaxed);
             match end {
                 End::Closed => return,
-                End::Lost => tracing::debug!("connection lost; reconnecting"),
+                End::Lost | End::Refused => tracing::debug!("connection lost; reconnecting"),
             }
         }
         // Reconnect with backoff, queueing requests meanwhile.
@@ -257,6 +264,7 @@ async fn session(
     held: &mut Held,
 ) -> End {
     let mut in_flight = InFlight::new();
+    let mut retries = Retries::default();
     let end = 'session: {
         // Rooms the server lost go first: subscribed again, each told as a gap unless all
         // was recovered (answered below, like any request; nobody waits for the reply).
@@ -298,6 +306,18 @@ async fn session(
                         }
                     }
                 },
+                () = retries.due() => {
+                    for (message, reply) in retries.take() {
+                        if reply.is_closed() {
+                            // Its caller gave up (its deadline): not sent again.
+                            continue;
+                        }
+                        if let Err(unsent) = send(socket, &mut in_flight, next_id, Op::Message(message), reply).await {
+                            queued.push_front(unsent);
+                            break 'session End::Lost;
+                        }
+                    }
+                }
                 token = renewal.token() => {
                     let (reply, answer) = oneshot::channel();
                     let id = *next_id;
@@ -334,6 +354,9 @@ async fn session(
                         }
                         Ok(ServerFrame::Ack { message_id, offset, epoch, recovered, .. }) => {
                             if let Some((reply, pending)) = answered(Some(message_id)).and_then(|id| in_flight.remove(&id)) {
+                                if let Pending::Message(_) = pending {
+                                    retries.acked();
+                                }
                                 let at = offset.zip(epoch.map(Cow::into_owned));
                                 acked(config, held, pending, at, recovered);
                                 let _ = reply.send(Ok(text.as_str().to_owned()));
@@ -341,6 +364,14 @@ async fn session(
                         }
                         Ok(ServerFrame::Error { message_id, code, message }) => {
                             if let Some((reply, pending)) = answered(message_id).and_then(|id| in_flight.remove(&id)) {
+                                let pending = match pending {
+                                    Pending::Message(message) if resend_after(&code) => {
+                                        tracing::debug!(room = message.room, code = %code, "sending a message again");
+                                        retries.later(message, reply);
+                                        continue;
+                                    }
+                                    pending => pending,
+                                };
                                 if let Pending::Resubscribe(room) = pending {
                                     if code == "unavailable" || code == "timeout" {
                                         // Redis is struggling: reconnect, and try again then.
@@ -365,16 +396,40 @@ async fn session(
                         Ok(_) => {}
                         Err(e) => tracing::debug!(error = %e, "ignored an unreadable frame from the server"),
                     },
+                    Some(Ok(Message::Close(Some(close)))) if refused_a_frame(close.code) => {
+                        break 'session End::Refused;
+                    }
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break 'session End::Lost,
                     Some(Ok(_)) => {}
                 },
             }
         }
     };
-    for (_, (reply, _)) in in_flight {
-        let _ = reply.send(Err(ClientError::Disconnected));
+    // Messages not acked go again first after reconnecting, in the order first sent;
+    // anything else in flight may or may not have been applied.
+    let mut again = retries.take();
+    for (_, (reply, pending)) in in_flight {
+        match pending {
+            Pending::Message(message) if !matches!(end, End::Refused) => {
+                again.push((message, reply))
+            }
+            _ => drop(reply.send(Err(ClientError::Disconnected))),
+        }
+    }
+    again.sort_by_key(|(message, _)| message.seq);
+    for (message, reply) in again.into_iter().rev() {
+        queued.push_front((Op::Message(message), reply));
     }
     end
+}
+
+/// Whether a close code says the server refused a frame of ours (RFC 6455 §7.4.1: 1002
+/// protocol error, 1003 unacceptable data, 1007 not UTF-8, 1009 too big).
+fn refused_a_frame(code: CloseCode) -> bool {
+    matches!(
+        code,
+        CloseCode::Protocol | CloseCode::Unsupported | CloseCode::Invalid | CloseCode::Size
+    )
 }
 
 /// What an answered request changes in what the client holds.
@@ -386,7 +441,7 @@ fn acked(
     recovered: Option<bool>,
 ) {
     match pending {
-        Pending::Other => {}
+        Pending::Other | Pending::Message(_) => {}
         Pending::Subscribe(room) => held.subscribed(room, at),
         Pending::Unsubscribe(room) => held.left(&room),
         Pending::Resubscribe(room) => {
@@ -421,9 +476,10 @@ async fn send(
     *next_id += 1;
     match socket.send(Message::text(encode(id, &op))).await {
         Ok(()) => {
-            let pending = match &op {
-                Op::Subscribe(room) => Pending::Subscribe(room.clone()),
-                Op::Unsubscribe(room) => Pending::Unsubscribe(room.clone()),
+            let pending = match op {
+                Op::Subscribe(room) => Pending::Subscribe(room),
+                Op::Unsubscribe(room) => Pending::Unsubscribe(room),
+                Op::Message(message) => Pending::Message(message),
                 _ => Pending::Other,
             };
             in_flight.insert(id, (reply, pending));

@@ -12,13 +12,23 @@
 //! - new requests are **queued** (up to [`ClientBuilder::max_queued`], default 1,024; beyond
 //!   that they fail at once with [`ClientError::QueueFull`]) and sent after reconnecting,
 //!   each still bounded by the request timeout;
-//! - requests that were already sent when the connection dropped fail with
-//!   [`ClientError::Disconnected`]: the server may or may not have applied them, and only
-//!   the caller knows whether resending a message is safe.
+//! - messages ([`ThinWsClient::send`]) that were sent but not acked are sent again after
+//!   reconnecting (to any node), in the order they were first sent, before anything new;
+//! - other requests that were already sent fail with [`ClientError::Disconnected`]: the
+//!   server may or may not have applied them.
 //!
-//! An `error` from the server is returned as it is, never retried. In particular
-//! [`ErrorCode::Timeout`] means that the outcome is unknown (the message may still be
-//! delivered), while [`ErrorCode::Unavailable`] means that nothing was done.
+//! **Messages are published exactly once.** Each carries an idempotency key (protocol
+//! 1.2), so the server publishes a message sent again at most once within its window (2
+//! minutes by default). A message answered `timeout` (the outcome is unknown) or
+//! `unavailable` (nothing was published) is sent again with its key after a pause (100 ms,
+//! doubling up to 2 s while Redis stays away); `send` resolves once the message is
+//! published, and fails only on a definite error (`forbidden`, `invalid_*`, `too_large`,
+//! `rate_limited`: nothing was published), a full queue ([`ClientError::QueueFull`]), or its
+//! deadline ([`ClientBuilder::request_timeout`]; [`ClientError::Timeout`]: the outcome is
+//! unknown, and the message is not sent again). Order: messages reach subscribers in the
+//! order of the `send` calls that each resolved before the next was made; messages sent
+//! concurrently keep their order too unless one of them has to be sent again. Other
+//! requests' errors from the server are returned as they are, never retried.
 //!
 //! `wss://` needs the `tls` feature too (rustls, trusting the system's roots and, with
 //! [`ClientBuilder::tls_ca_pem`], a private CA).
@@ -45,6 +55,7 @@ mod driver;
 mod events;
 mod held;
 mod history;
+mod outbox;
 mod renewal;
 
 use std::collections::VecDeque;
@@ -56,7 +67,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
 pub use self::events::{Delivery, Gap, HistoryPage, Member, Messages};
@@ -120,18 +130,17 @@ impl ClientError {
 pub(crate) enum Op {
     Subscribe(String),
     Unsubscribe(String),
-    Message(String, Box<RawValue>),
+    Message(outbox::Outgoing),
     /// A room, a limit, and `before` (the next page back).
     History(String, Option<u64>, Option<u64>),
     Presence(String),
 }
 
+/// Where the driver answers a request: the ack's text, or the error.
+pub(crate) type Reply = oneshot::Sender<Result<String, ClientError>>;
+
 pub(crate) enum Request {
-    Op {
-        op: Op,
-        /// The ack's text, or the error.
-        reply: oneshot::Sender<Result<String, ClientError>>,
-    },
+    Op { op: Op, reply: Reply },
     Close(oneshot::Sender<()>),
 }
 
@@ -325,6 +334,7 @@ impl ClientBuilder {
                 requests,
                 timeout,
                 connected,
+                keys: Arc::new(outbox::Keys::new()),
             },
             Messages { rx: deliveries_rx },
         ))
@@ -337,6 +347,8 @@ pub struct ThinWsClient {
     requests: mpsc::Sender<Request>,
     timeout: Duration,
     connected: Arc<AtomicBool>,
+    /// Makes the idempotency key of each message sent.
+    keys: Arc<outbox::Keys>,
 }
 
 impl ThinWsClient {
@@ -414,8 +426,9 @@ impl ThinWsClient {
         })
     }
 
-    /// Publishes `payload` to every subscriber of `room`; resolves when the server's broker
-    /// accepted it.
+    /// Publishes `payload` to every subscriber of `room`, exactly once: resolves when the
+    /// server's broker accepted it, sending it again with the same idempotency key after a
+    /// `timeout`, an `unavailable` or a lost connection (see the [module docs](self)).
     pub async fn send<T: Serialize + ?Sized>(
         &self,
         room: impl Into<String>,
@@ -423,9 +436,8 @@ impl ThinWsClient {
     ) -> Result<(), ClientError> {
         let payload = serde_json::value::to_raw_value(payload)
             .map_err(|e| ClientError::InvalidPayload(Arc::new(e)))?;
-        self.request(Op::Message(room.into(), payload))
-            .await
-            .map(drop)
+        let message = self.keys.outgoing(room.into(), payload);
+        self.request(Op::Message(message)).await.map(drop)
     }
 
     /// Closes the connection cleanly (close code 1000) and stops reconnecting. The
