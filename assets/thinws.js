@@ -14,10 +14,18 @@
  * send(payload, roomID), disconnect), plus promises. The client reconnects on its own with
  * exponential backoff and jitter and sends `connect` again, so the server rejoins the
  * identity's rooms; onOpen runs after every (re)connection. Requests made while
- * disconnected are queued (up to options.maxQueue) and sent after reconnecting; requests
- * already sent when the connection dropped reject with code "disconnected". An error frame
- * is never retried: a "timeout" rejection means the server does not know whether the
- * message went out (it may still be delivered), so only the caller can decide to resend.
+ * disconnected are queued (up to options.maxQueue) and sent after reconnecting.
+ *
+ * send() publishes exactly once (protocol 1.2): each message carries an idempotency key and
+ * stays in the client's outbox until acked. It is sent again with the same key when the
+ * server answers "timeout" (the outcome is unknown) or "unavailable" (after a pause of
+ * 100 ms, doubling up to 2 s), and after a reconnection when the connection dropped first
+ * (in the order first sent, before anything new); the server publishes a key at most once
+ * within its window (2 minutes by default). send() rejects only on a definite error
+ * ("forbidden", "invalid_*", "too_large", "rate_limited": nothing was published), a full
+ * queue ("queue_full"), or its deadline (options.timeout: "timeout", the outcome is unknown,
+ * and the message is not sent again). Other requests already sent when the connection
+ * dropped reject with code "disconnected"; their error frames are never retried.
  *
  * options: { minDelay: 250, maxDelay: 10000 (ms, the backoff), timeout: 10000 (ms per
  * request), maxQueue: 1000, onClose(client) (called when a connection drops), token (a string,
@@ -48,6 +56,19 @@
     }
   }
 
+  // Error codes after which a message is sent again (its outcome is unknown, or nothing
+  // was published), and close codes with which a server refuses a frame (RFC 6455: 1002
+  // protocol error, 1003 unacceptable data, 1007 not UTF-8, 1009 too big).
+  const RESEND_AFTER = new Set(["timeout", "unavailable"]);
+  const REFUSED_A_FRAME = new Set([1002, 1003, 1007, 1009]);
+
+  function randomHex(bytes) {
+    const values = new Uint8Array(bytes);
+    if (global.crypto && global.crypto.getRandomValues) global.crypto.getRandomValues(values);
+    else for (let i = 0; i < bytes; i++) values[i] = Math.floor(Math.random() * 256);
+    return Array.from(values, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
   class ThinWSClient {
     constructor(url, connectionID, onMessage, onOpen, options) {
       this.url = url;
@@ -64,6 +85,13 @@
       this._queue = [];
       this._closed = false;
       this._attempt = 0;
+      // The outbox (protocol 1.2): each message's key is this client's random prefix and a
+      // count; messages answered "timeout" or "unavailable" wait in _retries for a pause.
+      this._keyPrefix = randomHex(8);
+      this._nextSeq = 0;
+      this._retries = [];
+      this._retryTimer = null;
+      this._retryPause = 0;
       // History rooms (protocol 1.1): the last offset and epoch seen in each, sent with
       // every connect so that the server sends what was missed.
       this._positions = new Map();
@@ -159,20 +187,36 @@
         const pending = this._pending.get(frame.messageID);
         if (!pending) return;
         this._pending.delete(frame.messageID);
+        if (pending.seq !== undefined && frame.type === "error" && RESEND_AFTER.has(frame.code)) {
+          this._retryLater(pending);
+          return;
+        }
         clearTimeout(pending.timer);
-        if (frame.type === "ack") pending.resolve(frame);
-        else pending.reject(new ThinWSError(frame.code, frame.message, frame.messageID));
+        if (frame.type === "ack") {
+          if (pending.seq !== undefined && this._retries.length === 0) this._retryPause = 0;
+          pending.resolve(frame);
+        } else pending.reject(new ThinWSError(frame.code, frame.message, frame.messageID));
       };
-      ws.onclose = () => {
+      ws.onclose = (event) => {
         clearTimeout(this._renewal);
         const wasConnected = this.connected;
         this.connected = false;
         if (wasConnected && this.options.onClose) this.options.onClose(this);
+        // Messages not acked go first on the next connection, in the order first sent,
+        // unless the server closed over a frame it refused (one of them is the cause).
+        const refused = REFUSED_A_FRAME.has(event && event.code);
+        const again = this._takeRetries();
         for (const [id, pending] of this._pending) {
+          if (pending.seq !== undefined && !refused && !pending.gaveUp) {
+            again.push(pending);
+            continue;
+          }
           clearTimeout(pending.timer);
           pending.reject(new ThinWSError("disconnected", "the connection dropped", id));
         }
         this._pending.clear();
+        again.sort((a, b) => a.seq - b.seq);
+        this._queue.unshift(...again);
         if (this._closed) return;
         const ceiling = Math.min(this.options.maxDelay, this.options.minDelay * 2 ** this._attempt);
         this._attempt += 1;
@@ -248,22 +292,50 @@
     }
 
     _transmit(item) {
+      if (item.gaveUp) return; // a message past its deadline is not sent again
       const id = this._nextID++;
       const frame = Object.assign({ messageID: id }, item.frame);
-      item.timer = setTimeout(() => {
-        this._pending.delete(id);
-        item.reject(new ThinWSError("timeout", "no answer from the server in time", id));
-      }, this.options.timeout);
+      // A request's deadline runs from its first transmission; a message keeps it across
+      // its resends.
+      if (item.timer === undefined) {
+        item.timer = setTimeout(() => {
+          item.gaveUp = true;
+          this._pending.delete(item.id);
+          item.reject(new ThinWSError("timeout", "no answer from the server in time", item.id));
+        }, this.options.timeout);
+      }
+      item.id = id;
       this._pending.set(id, item);
       this.ws.send(JSON.stringify(frame));
     }
 
-    _request(frame) {
+    // A message answered "timeout" or "unavailable": sent again with its key after a
+    // pause (100 ms, doubling up to 2 s while they keep coming; short again after an ack).
+    _retryLater(item) {
+      this._retries.push(item);
+      if (this._retryTimer !== null) return;
+      this._retryPause = Math.min(2000, this._retryPause ? this._retryPause * 2 : 100);
+      this._retryTimer = setTimeout(() => {
+        this._retryTimer = null;
+        const due = this._takeRetries();
+        due.sort((a, b) => a.seq - b.seq);
+        if (this.connected) for (const item of due) this._transmit(item);
+        else this._queue.unshift(...due);
+      }, this._retryPause);
+    }
+
+    _takeRetries() {
+      clearTimeout(this._retryTimer);
+      this._retryTimer = null;
+      return this._retries.splice(0);
+    }
+
+    _request(frame, seq) {
       if (this._closed) {
         return Promise.reject(new ThinWSError("closed", "the client is closed", null));
       }
       return new Promise((resolve, reject) => {
-        const item = { frame, resolve, reject };
+        const item = { frame, resolve, reject, seq };
         if (this.connected) return this._transmit(item);
         if (this._queue.length >= this.options.maxQueue) {
           return reject(new ThinWSError("queue_full", "too many requests while disconnected", null));
@@ -334,8 +406,12 @@
       });
     }
 
+    // Publishes exactly once: resolves on the ack (sending again with the same key when
+    // needed; see the top of this file).
     send(payload, roomID) {
-      return this._request({ type: "message", roomID, payload });
+      const seq = this._nextSeq++;
+      const key = this._keyPrefix + "-" + seq;
+      return this._request({ type: "message", roomID, payload, key }, seq);
     }
 
     // Leaves every room on this socket (the identity keeps its rooms) and closes for good.

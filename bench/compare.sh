@@ -17,6 +17,9 @@
 #                                 # Redis Cluster (no replicas), the "before" on one Redis;
 #                                 # BEFORE_REDIS=cluster likewise (both: two binaries on it)
 #   REDIS_SESSION=shared bench/compare.sh ...   # Redis in this script's session (see below)
+#   AFTER_LOAD_ARGS=--keys bench/compare.sh BIN BIN 3   # extra load generator arguments for
+#                                 # the "after" side (BEFORE_LOAD_ARGS likewise), e.g. every
+#                                 # message with an idempotency key
 set -euo pipefail
 cd "$(dirname "$0")/.."
 before=$1 after=$2 rounds=${3:-3}
@@ -58,6 +61,8 @@ one() { # label binary scenario args...
   local redis_pids=("$redis_pid")
   if [ "$label" = after ]; then read -ra node_args <<< "${AFTER_ARGS:-}"; else read -ra node_args <<< "${BEFORE_ARGS:-}"; fi
   local on_redis=${BEFORE_REDIS:-}; [ "$label" = after ] && on_redis=${AFTER_REDIS:-}
+  local load_args=()
+  if [ "$label" = after ]; then read -ra load_args <<< "${AFTER_LOAD_ARGS:-}"; else read -ra load_args <<< "${BEFORE_LOAD_ARGS:-}"; fi
   if [ "$on_redis" = cluster ]; then
     redis_args=(--redis-cluster-url "redis://127.0.0.1:${cluster_ports[0]}")
     redis_pids=("${cluster_pids[@]}")
@@ -85,7 +90,7 @@ one() { # label binary scenario args...
   local redis_start; redis_start=$(cpu_ticks "${redis_pids[@]}")
   local report
   report=$("$loadgen" run --target thinws --label "$label" --nodes "$(IFS=,; echo "${urls[*]}")" \
-    --scenario "$scenario" "$@" 2>/dev/null)
+    --scenario "$scenario" "$@" "${load_args[@]}" 2>/dev/null)
   local used=$(( $(cpu_ticks "${ids[@]}") - start ))
   local redis_used=$(( $(cpu_ticks "${redis_pids[@]}") - redis_start ))
   if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi

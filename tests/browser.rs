@@ -47,7 +47,7 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     }
     let redis = RedisServer::start().await;
     let demo = ["--history-size", "100", "--join-leave"];
-    let (_a, url_a) = start(&redis, &demo).await;
+    let (a, url_a) = start(&redis, &demo).await;
     let (_b, url_b) = start(&redis, &demo).await;
     // A third node requires tokens (and lets node A's pages in): thinws.js gets one from
     // its `token` option.
@@ -72,6 +72,15 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     // Killed (with the Chromium it drives) if the test gives up.
     node.kill_on_drop(true);
     node.arg(dir.join("e2e.mjs")).arg(&url_a).arg(&url_b);
+    // Node A, which the script kills mid-typing (while Redis is frozen, so that lines sent
+    // then are published without an ack) and starts again on its address.
+    let node_a = serde_json::json!({
+        "pid": a.child.id(),
+        "redis_pid": redis.pid(),
+        "command": [binary::BIN, "--listen", a.addr.to_string(), "--redis-url", redis.url(),
+            "--history-size", "100", "--join-leave"],
+    });
+    node.env("THINWS_NODE_A", node_a.to_string());
     node.env("THINWS_TOKEN_NODE", &url_c)
         .env("THINWS_TOKEN", &token)
         .env("THINWS_TOKEN_SECRET", SECRET)
@@ -111,6 +120,12 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     );
     assert!(
         stdout.contains("ok: a late joiner saw the room's history"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "ok: the demo survives a node kill mid-typing without a lost or doubled line"
+        ),
         "{stdout}"
     );
     assert!(

@@ -248,6 +248,68 @@ try {
     window.frames_.some((f) => f.type === "message" && f.payload === "hello from 2019"));
   console.log("ok: the compatibility client works as the original's README shows, across nodes");
 
+  // Node A dies (SIGKILL) while ann is typing, and comes back on its address. Redis is
+  // frozen for a moment first, so that the lines typed then reach Redis, are published once
+  // it thaws, and are never acked: thinws.js sends again every line not acked (with the
+  // same idempotency key, so the server does not publish it twice) and queues what is typed
+  // meanwhile, so both pages show every line exactly once, in order.
+  const nodeA = JSON.parse(process.env.THINWS_NODE_A || "null");
+  if (nodeA) {
+    const { spawn } = await import("node:child_process");
+    const lines = Array.from({ length: 24 }, (_, i) => `typed while node A died ${i}`);
+    let restarted = null;
+    for (let i = 0; i < lines.length; i++) {
+      await say(pageA, lines[i]);
+      if (i === 5) process.kill(nodeA.redis_pid, "SIGSTOP");
+      if (i === 8) {
+        process.kill(nodeA.pid, "SIGKILL");
+        setTimeout(() => process.kill(nodeA.redis_pid, "SIGCONT"), 200);
+        setTimeout(() => {
+          // Not this script's THINWS_* variables: the server reads its settings from them.
+          const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith("THINWS_")));
+          restarted = spawn(nodeA.command[0], nodeA.command.slice(1), { stdio: ["ignore", "ignore", "pipe"], env });
+          restarted.stderr.on("data", (d) => process.stderr.write("node A again: " + d));
+          restarted.on("exit", (code) => console.error("node A again exited:", code));
+        }, 500);
+      }
+      await pageA.waitForTimeout(40);
+    }
+    try {
+      for (const page of [pageA, pageB]) {
+        await page.waitForSelector("#status.on").catch(async (e) => {
+          const state = await page.evaluate(() => JSON.stringify({
+            connected: client.connected, attempt: client._attempt, queued: client._queue.length,
+            pending: client._pending.size, readyState: client.ws.readyState, url: client.url,
+            status: document.querySelector("#status").textContent,
+          }));
+          const probe = await page.evaluate(() => new Promise((resolve) => {
+            const ws = new WebSocket(client.url);
+            ws.onopen = () => ws.send(JSON.stringify({ type: "connect", messageID: 1, connectionID: client.connectionID,
+              since: Object.fromEntries(client._positions) }));
+            ws.onmessage = (m) => resolve("reply: " + m.data);
+            ws.onclose = (c) => resolve("closed: " + c.code + " " + c.reason);
+            setTimeout(() => resolve("no answer"), 5000);
+          }));
+          throw new Error(`not reconnected: ${state}: ${probe}: ${e.message}`);
+        });
+        await sees(page, "ann", lines[lines.length - 1]);
+        const shown = await page.$$eval("#messages li", (items) =>
+          items.map((li) => li.textContent).filter((text) => text.includes("typed while node A died")));
+        const expected = lines.map((line) => "ann" + line);
+        const got = shown.map((text) => text.replace(/\s+/g, ""));
+        const want = expected.map((text) => text.replace(/\s+/g, ""));
+        if (JSON.stringify(got) !== JSON.stringify(want)) {
+          throw new Error(`after the kill, a page shows:\n${shown.join("\n")}`);
+        }
+      }
+      const notSent = await pageA.locator('#messages li:has-text("not sent")').count();
+      if (notSent !== 0) throw new Error(`${notSent} lines were reported not sent`);
+    } finally {
+      if (restarted) restarted.kill("SIGKILL");
+    }
+    console.log("ok: the demo survives a node kill mid-typing without a lost or doubled line");
+  }
+
   if (screenshot) await pageA.screenshot({ path: screenshot });
   console.log("ok: two pages on two nodes exchanged messages, and one reconnected");
 } finally {

@@ -220,6 +220,11 @@ impl RedisServer {
         )
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("a running Redis").id()
+    }
+
     /// Freezes the server with SIGSTOP: connections stay open, nothing is answered.
     pub fn freeze(&self) {
         self.signal("-STOP");

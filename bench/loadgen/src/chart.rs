@@ -17,11 +17,17 @@ fn color(target: &str) -> RGBColor {
 }
 
 /// Points (subscribers, value) per target, for one scenario.
-fn series(reports: &[Report], scenario: &str, value: impl Fn(&Report) -> f64) -> BTreeMap<String, Vec<(f64, f64)>> {
+fn series(
+    reports: &[Report],
+    scenario: &str,
+    value: impl Fn(&Report) -> f64,
+) -> BTreeMap<String, Vec<(f64, f64)>> {
     let mut out: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for r in reports.iter().filter(|r| r.scenario == scenario) {
         let name = r.label.clone().unwrap_or_else(|| r.target.clone());
-        out.entry(name).or_default().push((r.sockets as f64, value(r)));
+        out.entry(name)
+            .or_default()
+            .push((r.sockets as f64, value(r)));
     }
     for points in out.values_mut() {
         points.sort_by(|a, b| a.0.total_cmp(&b.0));

@@ -94,6 +94,10 @@ struct RunArgs {
     /// A name for the server under test, written into the report (e.g. "socketioxide").
     #[arg(long)]
     label: Option<String>,
+    /// thinws: every message carries an idempotency key of its own (protocol 1.2), to
+    /// measure what keys cost.
+    #[arg(long)]
+    keys: bool,
     /// The port of the Redis the nodes use (on 127.0.0.1), for counting its commands
     /// (join-burst).
     #[arg(long)]
@@ -193,7 +197,8 @@ async fn connect_all(args: &RunArgs, n: usize, room: impl Fn(usize) -> String) -
             let mut attempt = 1;
             loop {
                 let setup = async {
-                    let (mut tx, mut rx) = proto::connect(target, &url, Some(source_for(i))).await?;
+                    let (mut tx, mut rx) =
+                        proto::connect(target, &url, Some(source_for(i))).await?;
                     proto::request(target, &mut tx, &mut rx, 1, target.subscribe(1, &room)).await?;
                     Ok::<_, String>((tx, rx))
                 };
@@ -285,7 +290,14 @@ impl NextSeq {
 }
 
 /// Reads deliveries until `expected` arrived or `stop` fires; checks order per sender.
-async fn receive(target: Target, mut tx: Tx, mut rx: Rx, expected: u64, base: Instant, stop: Arc<Notify>) -> Seen {
+async fn receive(
+    target: Target,
+    mut tx: Tx,
+    mut rx: Rx,
+    expected: u64,
+    base: Instant,
+    stop: Arc<Notify>,
+) -> Seen {
     let mut seen = Seen::new();
     let stopped = stop.notified();
     tokio::pin!(stopped);
@@ -298,7 +310,9 @@ async fn receive(target: Target, mut tx: Tx, mut rx: Rx, expected: u64, base: In
             match &message {
                 None => seen.ended = Some("stream ended".into()),
                 Some(Err(e)) => seen.ended = Some(format!("error: {e}")),
-                Some(Ok(Message::Close(frame))) => seen.ended = Some(format!("close frame: {frame:?}")),
+                Some(Ok(Message::Close(frame))) => {
+                    seen.ended = Some(format!("close frame: {frame:?}"))
+                }
                 _ => continue,
             }
             if matches!(message, None | Some(Err(_))) {
@@ -329,6 +343,7 @@ async fn publish(
     from: u64,
     pad: String,
     base: Instant,
+    keyed: bool,
 ) {
     let permits = Arc::new(Semaphore::new(window));
     let acker = {
@@ -354,7 +369,7 @@ async fn publish(
         })
     };
     let mut tx = tx;
-    let frame = |seq: u64| target.message(seq + 2, &room, seq, now_us(base), from, &pad);
+    let frame = |seq: u64| target.message(seq + 2, &room, seq, now_us(base), from, &pad, keyed);
     match rate {
         None => {
             if let Err(seq) = send_windowed(&mut tx, &permits, k, frame).await {
@@ -378,7 +393,12 @@ async fn publish(
 /// library writing what is ready in one go, it waits for one permit, takes all others free
 /// at that moment, writes that many frames and flushes once. `Err(seq)` when acks stop
 /// coming for 10 s or the socket fails.
-async fn send_windowed(tx: &mut Tx, permits: &Semaphore, k: u64, mut frame: impl FnMut(u64) -> String) -> Result<(), u64> {
+async fn send_windowed(
+    tx: &mut Tx,
+    permits: &Semaphore,
+    k: u64,
+    mut frame: impl FnMut(u64) -> String,
+) -> Result<(), u64> {
     let mut seq = 0;
     while seq < k {
         // A server that stops acking ends the run instead of hanging it.
@@ -405,7 +425,13 @@ async fn send_windowed(tx: &mut Tx, permits: &Semaphore, k: u64, mut frame: impl
     Ok(())
 }
 
-fn summarize(args: &RunArgs, seen: Vec<Seen>, expected: u64, started_us: u64, peaks: Vec<u64>) -> Report {
+fn summarize(
+    args: &RunArgs,
+    seen: Vec<Seen>,
+    expected: u64,
+    started_us: u64,
+    peaks: Vec<u64>,
+) -> Report {
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("histogram");
     let mut delivered = 0;
     let mut out_of_order = 0;
@@ -447,7 +473,10 @@ fn per_node(seen: &[Seen], nodes: usize, expected_each: u64) {
         let on_node: Vec<&Seen> = seen.iter().skip(node).step_by(nodes).collect();
         let delivered: u64 = on_node.iter().map(|s| s.delivered).sum();
         let none = on_node.iter().filter(|s| s.delivered == 0).count();
-        let all = on_node.iter().filter(|s| s.delivered == expected_each).count();
+        let all = on_node
+            .iter()
+            .filter(|s| s.delivered == expected_each)
+            .count();
         let mut endings = std::collections::BTreeMap::<&str, usize>::new();
         for s in &on_node {
             if let Some(why) = &s.ended {
@@ -467,7 +496,11 @@ fn per_node(seen: &[Seen], nodes: usize, expected_each: u64) {
 }
 
 /// Waits for the receivers; once the publishers are done, gives late deliveries 5 s.
-async fn collect(receivers: Vec<tokio::task::JoinHandle<Seen>>, publishers: Vec<tokio::task::JoinHandle<()>>, stop: Arc<Notify>) -> Vec<Seen> {
+async fn collect(
+    receivers: Vec<tokio::task::JoinHandle<Seen>>,
+    publishers: Vec<tokio::task::JoinHandle<()>>,
+    stop: Arc<Notify>,
+) -> Vec<Seen> {
     for p in publishers {
         let _ = p.await;
     }
@@ -493,7 +526,16 @@ async fn fanout(args: &RunArgs, rate: Option<u64>) -> Report {
     let stop = Arc::new(Notify::new());
     let receivers: Vec<_> = subscribers
         .into_iter()
-        .map(|(tx, rx)| tokio::spawn(receive(args.target, tx, rx, args.messages, base, stop.clone())))
+        .map(|(tx, rx)| {
+            tokio::spawn(receive(
+                args.target,
+                tx,
+                rx,
+                args.messages,
+                base,
+                stop.clone(),
+            ))
+        })
         .collect();
     let pad = "x".repeat(args.size.saturating_sub(40));
     let started = now_us(base);
@@ -508,16 +550,27 @@ async fn fanout(args: &RunArgs, rate: Option<u64>) -> Report {
         0,
         pad,
         base,
+        args.keys,
     ));
     let seen = collect(receivers, vec![publisher], stop).await;
     watcher.abort();
     per_node(&seen, args.nodes.len(), args.messages);
     let peaks = peaks.lock().unwrap().clone();
-    summarize(args, seen, args.messages * args.subscribers as u64, started, peaks)
+    summarize(
+        args,
+        seen,
+        args.messages * args.subscribers as u64,
+        started,
+        peaks,
+    )
 }
 
 async fn recovery(args: &RunArgs) -> Report {
-    assert_eq!(args.target, Target::Thinws, "recovery needs thinws history rooms");
+    assert_eq!(
+        args.target,
+        Target::Thinws,
+        "recovery needs thinws history rooms"
+    );
     let (peaks, watcher) = watch_rss(args.pids.clone());
     let room = "recovery";
     let (mut ptx, mut prx) = proto::connect(args.target, &args.target.url(&args.nodes[0]), None)
@@ -525,12 +578,30 @@ async fn recovery(args: &RunArgs) -> Report {
         .expect("publisher");
     // Where the room stands before the messages the subscribers will miss.
     let probe = format!(r#"{{"type":"history","messageID":1,"roomID":"{room}","limit":0}}"#);
-    let ack = proto::request_text(&mut ptx, &mut prx, 1, probe).await.expect("a history room");
+    let ack = proto::request_text(&mut ptx, &mut prx, 1, probe)
+        .await
+        .expect("a history room");
     let ack: serde_json::Value = serde_json::from_str(&ack).expect("the history ack");
-    let (offset, epoch) = (ack["offset"].as_u64().expect("offset"), ack["epoch"].as_str().expect("epoch").to_owned());
+    let (offset, epoch) = (
+        ack["offset"].as_u64().expect("offset"),
+        ack["epoch"].as_str().expect("epoch").to_owned(),
+    );
     let base = Instant::now();
     let pad = "x".repeat(args.size.saturating_sub(40));
-    publish(args.target, ptx, prx, room.into(), args.messages, args.window, None, 0, pad, base).await;
+    publish(
+        args.target,
+        ptx,
+        prx,
+        room.into(),
+        args.messages,
+        args.window,
+        None,
+        0,
+        pad,
+        base,
+        args.keys,
+    )
+    .await;
     // Every subscriber comes back at once, from `offset`.
     let started = now_us(base);
     let stop = Arc::new(Notify::new());
@@ -557,7 +628,13 @@ async fn recovery(args: &RunArgs) -> Report {
     let seen = collect(receivers, Vec::new(), stop).await;
     watcher.abort();
     let peaks = peaks.lock().unwrap().clone();
-    summarize(args, seen, args.messages * args.subscribers as u64, started, peaks)
+    summarize(
+        args,
+        seen,
+        args.messages * args.subscribers as u64,
+        started,
+        peaks,
+    )
 }
 
 async fn rooms(args: &RunArgs) -> Report {
@@ -577,6 +654,7 @@ async fn rooms(args: &RunArgs) -> Report {
         let target = args.target;
         let k = args.messages;
         let window = args.window;
+        let keyed = args.keys;
         let pad = pad.clone();
         let stop = stop.clone();
         let room = format!("pair-{}", i / 2);
@@ -615,7 +693,7 @@ async fn rooms(args: &RunArgs) -> Report {
         publishers.push(tokio::spawn(async move {
             let mut tx = tx;
             let _ = send_windowed(&mut tx, &permits, k, |seq| {
-                target.message(seq + 2, &room, seq, now_us(base), i as u64, &pad)
+                target.message(seq + 2, &room, seq, now_us(base), i as u64, &pad, keyed)
             })
             .await;
             // Dropping the sending half leaves the socket open: the receiving half still
@@ -657,7 +735,11 @@ async fn idle(args: &RunArgs) -> Report {
     let cpu_idle = cpu_of(&args.pids) - cpu_connected;
     let idle_seconds = idle_from.elapsed().as_secs_f64();
     let after: Vec<u64> = args.pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
-    let grown: u64 = after.iter().zip(&before).map(|(a, b)| a.saturating_sub(*b)).sum();
+    let grown: u64 = after
+        .iter()
+        .zip(&before)
+        .map(|(a, b)| a.saturating_sub(*b))
+        .sum();
     for k in keep {
         k.abort();
     }
@@ -669,14 +751,20 @@ async fn idle(args: &RunArgs) -> Report {
         peak_rss_kib: after,
         rss_per_socket_kib: Some(grown as f64 / args.subscribers as f64),
         cpu_us_per_socket_setup: Some((cpu_connected - cpu_before) * 1e6 / args.subscribers as f64),
-        cpu_us_per_socket_second_idle: Some(cpu_idle * 1e6 / args.subscribers as f64 / idle_seconds),
+        cpu_us_per_socket_second_idle: Some(
+            cpu_idle * 1e6 / args.subscribers as f64 / idle_seconds,
+        ),
         label: args.label.clone(),
         ..Report::default()
     }
 }
 
 async fn join_burst(args: &RunArgs) -> Report {
-    assert_eq!(args.target, Target::Thinws, "join-burst needs thinws presence rooms");
+    assert_eq!(
+        args.target,
+        Target::Thinws,
+        "join-burst needs thinws presence rooms"
+    );
     let (pids, rss) = (args.pids.clone(), watch_rss(args.pids.clone()));
     let before = match args.redis_port {
         Some(port) => Some(redis_commandstats(port).await),
@@ -701,9 +789,13 @@ async fn join_burst(args: &RunArgs) -> Report {
         _ => (None, None),
     };
     let url = args.target.url(&args.nodes[0]);
-    let (mut tx, mut rx) = proto::connect(args.target, &url, None).await.expect("the probe socket");
+    let (mut tx, mut rx) = proto::connect(args.target, &url, None)
+        .await
+        .expect("the probe socket");
     let probe = r#"{"type":"presence","messageID":1,"roomID":"burst"}"#.to_owned();
-    let ack = proto::request_text(&mut tx, &mut rx, 1, probe).await.expect("a presence room");
+    let ack = proto::request_text(&mut tx, &mut rx, 1, probe)
+        .await
+        .expect("a presence room");
     let ack: serde_json::Value = serde_json::from_str(&ack).expect("the presence ack");
     let counted = ack["count"].as_u64().expect("a count");
     rss.1.abort();
@@ -728,13 +820,19 @@ async fn join_burst(args: &RunArgs) -> Report {
 }
 
 async fn catch_up(args: &RunArgs) -> Report {
-    assert_eq!(args.target, Target::Thinws, "catch-up needs thinws history rooms");
+    assert_eq!(
+        args.target,
+        Target::Thinws,
+        "catch-up needs thinws history rooms"
+    );
     let port = args.redis_port.expect("catch-up needs --redis-port");
     let (peaks, watcher) = watch_rss(args.pids.clone());
     let n = args.subscribers;
     let mut sockets = connect_all(args, n, |i| format!("catch-{i}")).await;
     let url = args.target.url(&args.nodes[0]);
-    let (mut ptx, mut prx) = proto::connect(args.target, &url, None).await.expect("the publisher");
+    let (mut ptx, mut prx) = proto::connect(args.target, &url, None)
+        .await
+        .expect("the publisher");
     // One message to every room (pipelined), and every socket waits for its own.
     async fn round(ptx: &mut Tx, prx: &mut Rx, sockets: Vec<(Tx, Rx)>, k: u64) -> Vec<(Tx, Rx)> {
         let n = sockets.len();
@@ -753,7 +851,9 @@ async fn catch_up(args: &RunArgs) -> Report {
             })
             .collect();
         for i in 0..n {
-            let frame = format!(r#"{{"type":"message","messageID":{i},"roomID":"catch-{i}","payload":{k}}}"#);
+            let frame = format!(
+                r#"{{"type":"message","messageID":{i},"roomID":"catch-{i}","payload":{k}}}"#
+            );
             ptx.feed(Message::text(frame)).await.expect("publish");
         }
         ptx.flush().await.expect("publish");
@@ -761,7 +861,9 @@ async fn catch_up(args: &RunArgs) -> Report {
         while acked < n {
             match prx.next().await {
                 Some(Ok(Message::Text(text))) if text.starts_with(r#"{"type":"ack""#) => acked += 1,
-                Some(Ok(Message::Text(text))) if text.starts_with(r#"{"type":"error""#) => panic!("refused: {text}"),
+                Some(Ok(Message::Text(text))) if text.starts_with(r#"{"type":"error""#) => {
+                    panic!("refused: {text}")
+                }
                 Some(Ok(_)) => {}
                 _ => panic!("the publisher's socket ended"),
             }
@@ -774,7 +876,11 @@ async fn catch_up(args: &RunArgs) -> Report {
     }
     sockets = round(&mut ptx, &mut prx, sockets, 1).await;
     let started = Instant::now();
-    redis_command(port, "*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nTYPE\r\n$6\r\npubsub\r\n").await;
+    redis_command(
+        port,
+        "*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nTYPE\r\n$6\r\npubsub\r\n",
+    )
+    .await;
     let sockets = round(&mut ptx, &mut prx, sockets, 2).await;
     let seconds = started.elapsed().as_secs_f64();
     watcher.abort();
@@ -798,8 +904,13 @@ async fn catch_up(args: &RunArgs) -> Report {
 /// Sends one command (`resp`, already encoded) to the Redis on `port` and reads its reply.
 async fn redis_command(port: u16, resp: &str) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to Redis");
-    redis.write_all(resp.as_bytes()).await.expect("a Redis command");
+    let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to Redis");
+    redis
+        .write_all(resp.as_bytes())
+        .await
+        .expect("a Redis command");
     let mut reply = [0u8; 256];
     let _ = redis.read(&mut reply).await.expect("its reply");
 }
@@ -807,22 +918,34 @@ async fn redis_command(port: u16, resp: &str) {
 /// Calls per command since Redis started (or `CONFIG RESETSTAT`), from `INFO commandstats`.
 async fn redis_commandstats(port: u16) -> HashMap<String, u64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to Redis");
-    redis.write_all(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n").await.expect("INFO");
+    let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to Redis");
+    redis
+        .write_all(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+        .await
+        .expect("INFO");
     let mut reply = Vec::new();
     loop {
         let mut chunk = [0u8; 4096];
         let n = redis.read(&mut chunk).await.expect("read INFO");
         reply.extend_from_slice(&chunk[..n]);
         let text = String::from_utf8_lossy(&reply);
-        let Some((head, body)) = text.split_once("\r\n") else { continue };
+        let Some((head, body)) = text.split_once("\r\n") else {
+            continue;
+        };
         let len: usize = head.trim_start_matches('$').parse().expect("a bulk reply");
         if n == 0 || body.len() >= len {
             return body
                 .lines()
                 .filter_map(|line| {
                     let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-                    let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+                    let calls = rest
+                        .strip_prefix("calls=")?
+                        .split(',')
+                        .next()?
+                        .parse()
+                        .ok()?;
                     Some((name.to_owned(), calls))
                 })
                 .collect();
@@ -843,7 +966,11 @@ fn print_table(reports: &[Report]) {
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |");
     for r in reports {
         let server = r.label.clone().unwrap_or_else(|| r.target.clone());
-        let rss: Vec<String> = r.peak_rss_kib.iter().map(|k| format!("{:.0}", *k as f64 / 1024.0)).collect();
+        let rss: Vec<String> = r
+            .peak_rss_kib
+            .iter()
+            .map(|k| format!("{:.0}", *k as f64 / 1024.0))
+            .collect();
         if r.scenario == "join-burst" {
             println!(
                 "| join-burst | {server} | {} | | {:.0} joins/s | | | {:.0} (all {} counted) | {} | | {} | |",
@@ -854,7 +981,9 @@ fn print_table(reports: &[Report]) {
                 r.missing,
                 rss.join(" / ")
             );
-            if let (Some(calls), Some(commands)) = (r.redis_calls_per_socket, r.redis_commands_per_socket) {
+            if let (Some(calls), Some(commands)) =
+                (r.redis_calls_per_socket, r.redis_commands_per_socket)
+            {
                 println!("| | Redis per join: {calls:.2} script calls, {commands:.1} commands in all | | | | | | | | | | |");
             }
             continue;
@@ -866,7 +995,9 @@ fn print_table(reports: &[Report]) {
                 rss.join(" / "),
                 r.rss_per_socket_kib.unwrap_or(0.0)
             );
-            if let (Some(setup), Some(idle)) = (r.cpu_us_per_socket_setup, r.cpu_us_per_socket_second_idle) {
+            if let (Some(setup), Some(idle)) =
+                (r.cpu_us_per_socket_setup, r.cpu_us_per_socket_second_idle)
+            {
                 println!("| | node CPU per socket: {setup:.0} µs to open and subscribe, {idle:.2} µs per second idle | | | | | | | | | | |");
             }
             continue;

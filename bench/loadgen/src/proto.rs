@@ -28,7 +28,11 @@ pub enum Incoming {
     Ack(u64),
     /// A delivered message: its payload's `s` (sequence), `t` (send time, µs) and `f`
     /// (sender index).
-    Delivery { seq: u64, sent_us: u64, from: u64 },
+    Delivery {
+        seq: u64,
+        sent_us: u64,
+        from: u64,
+    },
     /// Engine.IO ping: answer with a pong.
     Ping,
     Other,
@@ -37,10 +41,7 @@ pub enum Incoming {
 /// Reads the unsigned integer after `key` (e.g. `"s":`) in `text`.
 fn number_after(text: &str, key: &str) -> Option<u64> {
     let start = text.find(key)? + key.len();
-    let digits = text[start..]
-        .bytes()
-        .take_while(u8::is_ascii_digit)
-        .count();
+    let digits = text[start..].bytes().take_while(u8::is_ascii_digit).count();
     text[start..start + digits].parse().ok()
 }
 
@@ -57,8 +58,8 @@ fn digits(bytes: &[u8]) -> Option<(u64, &[u8])> {
 /// The payload is `{"s":N,"t":N,"f":N,...}` as the generator wrote it, though a server may
 /// reorder its keys (socketioxide sorts them): one SIMD search per key.
 fn delivery(text: &str) -> Incoming {
-    use std::sync::OnceLock;
     use memchr::memmem::Finder;
+    use std::sync::OnceLock;
     static KEYS: OnceLock<[Finder<'static>; 3]> = OnceLock::new();
     let [s, t, f] = KEYS.get_or_init(|| {
         [
@@ -105,7 +106,9 @@ impl Target {
                     Incoming::Ping
                 } else if let Some(rest) = text.strip_prefix("43") {
                     let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-                    rest[..digits].parse().map_or(Incoming::Other, Incoming::Ack)
+                    rest[..digits]
+                        .parse()
+                        .map_or(Incoming::Other, Incoming::Ack)
                 } else if text.starts_with("42[\"message\"") {
                     delivery(text)
                 } else {
@@ -125,10 +128,24 @@ impl Target {
     }
 
     /// A message whose payload carries the sequence, send time and sender, padded to
-    /// about `size` bytes.
-    pub fn message(self, id: u64, room: &str, seq: u64, sent_us: u64, from: u64, pad: &str) -> String {
+    /// about `size` bytes; for thinws with `keyed`, with an idempotency key (protocol 1.2)
+    /// of its own.
+    #[allow(clippy::too_many_arguments)]
+    pub fn message(
+        self,
+        id: u64,
+        room: &str,
+        seq: u64,
+        sent_us: u64,
+        from: u64,
+        pad: &str,
+        keyed: bool,
+    ) -> String {
         let payload = format!(r#"{{"s":{seq},"t":{sent_us},"f":{from},"p":"{pad}"}}"#);
         match self {
+            Target::Thinws if keyed => format!(
+                r#"{{"type":"message","messageID":{id},"roomID":"{room}","payload":{payload},"key":"{from}-{seq}"}}"#
+            ),
             Target::Thinws => format!(
                 r#"{{"type":"message","messageID":{id},"roomID":"{room}","payload":{payload}}}"#
             ),
@@ -141,7 +158,11 @@ impl Target {
 
 /// Opens a socket from `source` (a loopback address, so that many sockets can exceed one
 /// address's ephemeral ports) and completes the protocol's handshake.
-pub async fn connect(target: Target, url: &str, source: Option<IpAddr>) -> Result<(Tx, Rx), String> {
+pub async fn connect(
+    target: Target,
+    url: &str,
+    source: Option<IpAddr>,
+) -> Result<(Tx, Rx), String> {
     let host = url
         .split("//")
         .nth(1)
@@ -157,14 +178,17 @@ pub async fn connect(target: Target, url: &str, source: Option<IpAddr>) -> Resul
     let tcp = socket.connect(addr).await.map_err(|e| e.to_string())?;
     let _ = tcp.set_nodelay(true);
     let config = WebSocketConfig::default().read_buffer_size(4096);
-    let (ws, _) = tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(tcp), Some(config))
-        .await
-        .map_err(|e| e.to_string())?;
+    let (ws, _) =
+        tokio_tungstenite::client_async_with_config(url, MaybeTlsStream::Plain(tcp), Some(config))
+            .await
+            .map_err(|e| e.to_string())?;
     let (mut tx, mut rx) = ws.split();
     if target == Target::Socketio {
         // Engine.IO open packet, then connect to the default namespace.
         expect(&mut tx, &mut rx, |t| t.starts_with('0')).await?;
-        tx.send(Message::text("40")).await.map_err(|e| e.to_string())?;
+        tx.send(Message::text("40"))
+            .await
+            .map_err(|e| e.to_string())?;
         expect(&mut tx, &mut rx, |t| t.starts_with("40")).await?;
     }
     Ok((tx, rx))
@@ -179,7 +203,9 @@ async fn expect(tx: &mut Tx, rx: &mut Rx, ok: impl Fn(&str) -> bool) -> Result<(
                 return Ok(());
             }
             if text.as_str() == "2" {
-                tx.send(Message::text("3")).await.map_err(|e| e.to_string())?;
+                tx.send(Message::text("3"))
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
         }
     }
@@ -187,8 +213,15 @@ async fn expect(tx: &mut Tx, rx: &mut Rx, ok: impl Fn(&str) -> bool) -> Result<(
 }
 
 /// Sends a thinws request and returns the text of its ack (an error frame is an error).
-pub async fn request_text(tx: &mut Tx, rx: &mut Rx, id: u64, frame: String) -> Result<String, String> {
-    tx.send(Message::text(frame)).await.map_err(|e| e.to_string())?;
+pub async fn request_text(
+    tx: &mut Tx,
+    rx: &mut Rx,
+    id: u64,
+    frame: String,
+) -> Result<String, String> {
+    tx.send(Message::text(frame))
+        .await
+        .map_err(|e| e.to_string())?;
     while let Some(message) = rx.next().await {
         if let Message::Text(text) = message.map_err(|e| e.to_string())? {
             let id_field = format!(r#""messageID":{id}"#);
@@ -204,8 +237,16 @@ pub async fn request_text(tx: &mut Tx, rx: &mut Rx, id: u64, frame: String) -> R
 }
 
 /// Sends a request and waits for its ack, answering pings meanwhile.
-pub async fn request(target: Target, tx: &mut Tx, rx: &mut Rx, id: u64, frame: String) -> Result<(), String> {
-    tx.send(Message::text(frame)).await.map_err(|e| e.to_string())?;
+pub async fn request(
+    target: Target,
+    tx: &mut Tx,
+    rx: &mut Rx,
+    id: u64,
+    frame: String,
+) -> Result<(), String> {
+    tx.send(Message::text(frame))
+        .await
+        .map_err(|e| e.to_string())?;
     while let Some(message) = rx.next().await {
         let message = message.map_err(|e| e.to_string())?;
         if let Message::Close(reason) = &message {
@@ -214,7 +255,10 @@ pub async fn request(target: Target, tx: &mut Tx, rx: &mut Rx, id: u64, frame: S
         if let Message::Text(text) = message {
             match target.parse(&text) {
                 Incoming::Ack(got) if got == id => return Ok(()),
-                Incoming::Ping => tx.send(Message::text("3")).await.map_err(|e| e.to_string())?,
+                Incoming::Ping => tx
+                    .send(Message::text("3"))
+                    .await
+                    .map_err(|e| e.to_string())?,
                 _ => {}
             }
         }
@@ -229,18 +273,48 @@ mod tests {
     #[test]
     fn parses_both_protocols() {
         let t = Target::Thinws;
-        assert_eq!(t.parse(r#"{"type":"ack","messageID":17}"#), Incoming::Ack(17));
-        let m = t.message(1, "r", 5, 123, 9, "xx");
-        let d = m.replace(r#""type":"message","messageID":1,"roomID":"r","payload""#, r#""type":"message","roomID":"r","connectionID":"a","payload""#);
-        assert_eq!(t.parse(&d), Incoming::Delivery { seq: 5, sent_us: 123, from: 9 });
+        assert_eq!(
+            t.parse(r#"{"type":"ack","messageID":17}"#),
+            Incoming::Ack(17)
+        );
+        let m = t.message(1, "r", 5, 123, 9, "xx", false);
+        let d = m.replace(
+            r#""type":"message","messageID":1,"roomID":"r","payload""#,
+            r#""type":"message","roomID":"r","connectionID":"a","payload""#,
+        );
+        assert_eq!(
+            t.parse(&d),
+            Incoming::Delivery {
+                seq: 5,
+                sent_us: 123,
+                from: 9
+            }
+        );
         let s = Target::Socketio;
         assert_eq!(s.parse("4312[]"), Incoming::Ack(12));
         assert_eq!(s.parse("2"), Incoming::Ping);
         let d = r#"42["message",{"room":"r","from":"x","payload":{"s":3,"t":44,"f":2,"p":"zz"}}]"#;
-        assert_eq!(s.parse(d), Incoming::Delivery { seq: 3, sent_us: 44, from: 2 });
+        assert_eq!(
+            s.parse(d),
+            Incoming::Delivery {
+                seq: 3,
+                sent_us: 44,
+                from: 2
+            }
+        );
         // Keys sorted, as socketioxide re-serialises them.
         let d = r#"42["message",{"from":"x","payload":{"f":2,"p":"zz","s":3,"t":44},"room":"r"}]"#;
-        assert_eq!(s.parse(d), Incoming::Delivery { seq: 3, sent_us: 44, from: 2 });
-        assert_eq!(s.url("http://127.0.0.1:9"), "ws://127.0.0.1:9/socket.io/?EIO=4&transport=websocket");
+        assert_eq!(
+            s.parse(d),
+            Incoming::Delivery {
+                seq: 3,
+                sent_us: 44,
+                from: 2
+            }
+        );
+        assert_eq!(
+            s.url("http://127.0.0.1:9"),
+            "ws://127.0.0.1:9/socket.io/?EIO=4&transport=websocket"
+        );
     }
 }
