@@ -24,7 +24,8 @@
  * within its window (2 minutes by default). send() rejects only on a definite error
  * ("forbidden", "invalid_*", "too_large", "rate_limited": nothing was published), a full
  * queue ("queue_full"), or its deadline (options.timeout: "timeout", the outcome is unknown,
- * and the message is not sent again). Other requests already sent when the connection
+ * and the message is not sent again); "unsettled" when it was refused on a resend after a
+ * send that may have been published (the outcome is unknown). Other requests already sent when the connection
  * dropped reject with code "disconnected"; their error frames are never retried.
  *
  * options: { minDelay: 250, maxDelay: 10000 (ms, the backoff), timeout: 10000 (ms per
@@ -188,6 +189,7 @@
         if (!pending) return;
         this._pending.delete(frame.messageID);
         if (pending.seq !== undefined && frame.type === "error" && RESEND_AFTER.has(frame.code)) {
+          if (frame.code === "timeout") pending.maybePublished = true;
           this._retryLater(pending);
           return;
         }
@@ -195,6 +197,10 @@
         if (frame.type === "ack") {
           if (pending.seq !== undefined && this._retries.length === 0) this._retryPause = 0;
           pending.resolve(frame);
+        } else if (pending.maybePublished) {
+          // Refused when sent again, after a send that may have been published.
+          pending.reject(new ThinWSError("unsettled", frame.code + ": " + frame.message +
+            " (an earlier send may have been published)", frame.messageID));
         } else pending.reject(new ThinWSError(frame.code, frame.message, frame.messageID));
       };
       ws.onclose = (event) => {
@@ -208,6 +214,7 @@
         const again = this._takeRetries();
         for (const [id, pending] of this._pending) {
           if (pending.seq !== undefined && !refused && !pending.gaveUp) {
+            pending.maybePublished = true;
             again.push(pending);
             continue;
           }

@@ -147,12 +147,12 @@ impl Hub {
         let node = self.node()?;
         let frame = server::delivery(room, &node.config.server_sender_id, &payload);
         let settings = node.config.rooms.settings(room);
-        let once = Once {
+        let once = settings.idempotency().map(|window| Once {
             identity: &node.config.server_sender_id,
+            server: true,
             key,
-            window: settings.idempotency_window,
-        };
-        let once = (!once.window.is_zero()).then_some(once);
+            window,
+        });
         let mut publish = node.broker.publish(room, frame, 0, settings.history, once);
         Ok(Idempotent::of(&publish.result().await?))
     }

@@ -301,13 +301,12 @@ impl Publisher {
             .lane
             .get_or_init(|| Lanes::start(1, &inner.commands, &inner.disconnects, inner.timeout));
         let settings = inner.rooms.settings(room);
-        let once = key
-            .filter(|_| !settings.idempotency_window.is_zero())
-            .map(|key| Once {
-                identity: &inner.sender_id,
-                key,
-                window: settings.idempotency_window,
-            });
+        let once = key.zip(settings.idempotency()).map(|(key, window)| Once {
+            identity: &inner.sender_id,
+            server: true,
+            key,
+            window,
+        });
         let mut publish = lane.publish(0, &inner.keys, room, frame, settings.history, once);
         Ok(publish.result().await?)
     }

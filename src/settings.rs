@@ -78,13 +78,17 @@ pub struct RoomSettings {
     pub presence: Presence,
     /// How long after a message with an idempotency key was published a resend with the
     /// same key (same room, same identity) is answered as a duplicate rather than published
-    /// again (protocol 1.2): [`DEFAULT_IDEMPOTENCY_WINDOW`] unless set. Zero turns keys
-    /// off in the room: every publish goes out, keyed or not.
+    /// again (protocol 1.2): [`DEFAULT_IDEMPOTENCY_WINDOW`] unless set, at most
+    /// [`MAX_IDEMPOTENCY_WINDOW`]. Zero turns keys off in the room: every publish goes out,
+    /// keyed or not.
     pub idempotency_window: Duration,
 }
 
 /// The idempotency window of a room whose settings do not set one: 2 minutes.
 pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(120);
+
+/// The longest idempotency window honoured: a day (a longer one is cut to it).
+pub const MAX_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl Default for RoomSettings {
     fn default() -> Self {
@@ -121,6 +125,13 @@ impl RoomSettings {
     /// These settings, with this presence.
     pub fn presence(self, presence: Presence) -> Self {
         RoomSettings { presence, ..self }
+    }
+
+    /// The window keys are honoured for, at most [`MAX_IDEMPOTENCY_WINDOW`]; `None` when
+    /// it is zero (keys are ignored).
+    pub(crate) fn idempotency(&self) -> Option<Duration> {
+        (!self.idempotency_window.is_zero())
+            .then(|| self.idempotency_window.min(MAX_IDEMPOTENCY_WINDOW))
     }
 
     /// These settings, with this idempotency window (zero turns keys off).

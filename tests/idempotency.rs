@@ -162,11 +162,41 @@ async fn keys_on_redis() {
     // Each record expires with its window.
     let mut redis_client = redis.client().await;
     let ttl: i64 = redis::cmd("PTTL")
-        .arg("thinws:published:{plain}:6:serverp1")
+        .arg("thinws:published:5:s6:{plain}serverp1")
         .query_async(&mut redis_client)
         .await
         .unwrap();
     assert!((110_000..=120_000).contains(&ttl), "{ttl}");
+
+    // A client that claims a publisher's sender id does not own the publisher's keys.
+    let mut impostor = Client::connect_as(&a.url(), "billing").await;
+    send(&mut impostor, "plain", json!("claimed"), Some("b1")).await;
+    let billing = Publisher::builder(redis.url())
+        .sender_id("billing")
+        .build()
+        .unwrap();
+    let real = billing.publish_once("plain", "b1", &json!("real")).await;
+    assert_eq!(real.unwrap(), Idempotent::Published);
+
+    // A key recorded while a room had no history, resent where it has one: a duplicate
+    // without a position (none was given).
+    let plain_m = Node::start(builder().redis_url(redis.url()).build()).await;
+    let history_m = Node::start(
+        builder()
+            .room_settings(
+                "m",
+                RoomSettings::with_history(History::new(10, Duration::from_secs(60))),
+            )
+            .redis_url(redis.url())
+            .build(),
+    )
+    .await;
+    let mut x = Client::connect_as(&plain_m.url(), "mia").await;
+    send(&mut x, "m", json!(1), Some("km")).await;
+    let mut y = Client::connect_as(&history_m.url(), "mia").await;
+    let again = send(&mut y, "m", json!(1), Some("km")).await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert!(again.get("offset").is_none(), "{again}");
 }
 
 /// Many history rooms' publishes in one round go in one script call on one Redis: keyed

@@ -7,6 +7,7 @@
 //! one of its oldest published again: as after the window.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use tokio::time::Instant;
 
@@ -18,9 +19,10 @@ pub(crate) const MAX_RECORDS: usize = 100_000;
 /// Recorded keys, with when each record expires.
 #[derive(Debug, Default)]
 pub(crate) struct KeyRecords {
-    records: HashMap<String, (Option<Position>, Instant)>,
-    /// Records in the order they were made, to give up the oldest first.
-    order: VecDeque<(String, Instant)>,
+    records: HashMap<Arc<str>, (Option<Position>, Instant)>,
+    /// Records in the order they were made, to give up the oldest first (each name is
+    /// kept once, shared with `records`).
+    order: VecDeque<(Arc<str>, Instant)>,
 }
 
 impl KeyRecords {
@@ -29,7 +31,7 @@ impl KeyRecords {
     pub(crate) fn seen(&mut self, room: &str, once: &Once<'_>) -> Option<Option<Position>> {
         let now = Instant::now();
         self.sweep(now);
-        match self.records.get(&name(room, once)) {
+        match self.records.get(name(room, once).as_str()) {
             Some((position, expires)) if *expires > now => Some(position.clone()),
             _ => None,
         }
@@ -38,7 +40,7 @@ impl KeyRecords {
     /// Records `once` in `room`, published at `position`, for its window.
     pub(crate) fn record(&mut self, room: &str, once: &Once<'_>, position: Option<Position>) {
         let expires = Instant::now() + once.window;
-        let name = name(room, once);
+        let name: Arc<str> = name(room, once).into();
         while self.order.len() >= MAX_RECORDS {
             self.give_up_oldest();
         }
@@ -73,11 +75,12 @@ impl KeyRecords {
     }
 }
 
-/// One record's name: room, identity and key, each but the last after its length, so that
-/// no two triples share a name.
+/// One record's name: room, sender kind, identity and key, the lengths first, so that no
+/// two share a name and a client's never names the server's.
 fn name(room: &str, once: &Once<'_>) -> String {
+    let kind = if once.server { 's' } else { 'c' };
     format!(
-        "{}:{room}{}:{}{}",
+        "{}:{kind}{}:{room}{}{}",
         room.len(),
         once.identity.len(),
         once.identity,
@@ -94,6 +97,7 @@ mod tests {
     fn once<'a>(identity: &'a str, key: &'a str, ms: u64) -> Once<'a> {
         Once {
             identity,
+            server: false,
             key,
             window: Duration::from_millis(ms),
         }

@@ -27,7 +27,7 @@ impl Keys {
             room_prefix: format!("{prefix}room:{{"),
             meta_prefix: format!("{prefix}meta:{{"),
             frames_prefix: format!("{prefix}frames:{{"),
-            published_prefix: format!("{prefix}published:{{"),
+            published_prefix: format!("{prefix}published:"),
             identity_prefix: format!("{prefix}identity:"),
             presence_prefix: format!("{prefix}presence:{{"),
             presence_nodes_prefix: format!("{prefix}presence-nodes:{{"),
@@ -112,20 +112,30 @@ impl Keys {
         key
     }
 
-    /// The set of rooms recorded for `identity`.
-    /// The record of an idempotency key published to `room` by `identity`, in the room's
-    /// hash slot: `{prefix}published:{ROOM}:` then the identity's length, `:`, the identity
-    /// and the key (the length keeps identity and key apart).
-    pub(crate) fn published_key(&self, room: &str, identity: &str, key: &str) -> String {
-        let mut s = Self::tagged(&self.published_prefix, room);
-        s.push(':');
-        s.push_str(&identity.len().to_string());
-        s.push(':');
-        s.push_str(identity);
-        s.push_str(key);
-        s
+    /// The record of an idempotency key published to `room` by `identity` (a socket's, or
+    /// the server's when `server`), in the room's hash slot:
+    /// `{prefix}published:LEN:KIND LEN:{ROOM}IDENTITYKEY`, the room's length, `c` (a
+    /// client) or `s` (the server) and the identity's length before the room, the identity
+    /// and the key run together after it. Every length comes before what it measures, so
+    /// no two records share a name, and a client's record never names the server's; the
+    /// room is the key's first hash tag, as in its channel.
+    pub(crate) fn published_key(
+        &self,
+        room: &str,
+        identity: &str,
+        server: bool,
+        key: &str,
+    ) -> String {
+        let kind = if server { 's' } else { 'c' };
+        format!(
+            "{}{}:{kind}{}:{{{room}}}{identity}{key}",
+            self.published_prefix,
+            room.len(),
+            identity.len()
+        )
     }
 
+    /// The set of rooms recorded for `identity`.
     pub(crate) fn identity_set(&self, identity: &str) -> String {
         format!("{}{identity}", self.identity_prefix)
     }
@@ -148,5 +158,27 @@ mod tests {
         assert_eq!(keys.presence_members("a"), "p:presence:{a}");
         assert_eq!(keys.presence_nodes("a"), "p:presence-nodes:{a}");
         assert_eq!(keys.presence_node_prefix("a"), "p:presence-node:{a}:");
+    }
+
+    #[test]
+    fn records_of_keys_have_one_name_each() {
+        let keys = Keys::new("p:");
+        assert_eq!(
+            keys.published_key("a", "bob", false, "k"),
+            "p:published:1:c3:{a}bobk"
+        );
+        assert_eq!(
+            keys.published_key("a", "bob", true, "k"),
+            "p:published:1:s3:{a}bobk"
+        );
+        // What the reviewer found colliding without the room's length in front.
+        assert_ne!(
+            keys.published_key("r", "5", false, "}:1:ab"),
+            keys.published_key("r}:1:5", "a", false, "b")
+        );
+        assert_ne!(
+            keys.published_key("r", "ab", false, "c"),
+            keys.published_key("r", "a", false, "bc")
+        );
     }
 }

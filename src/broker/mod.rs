@@ -150,6 +150,9 @@ pub(crate) type Published = Result<Accepted, BrokerError>;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Once<'a> {
     pub(crate) identity: &'a str,
+    /// The identity is the server's (`Hub`, `Publisher`, the HTTP API): its keys never
+    /// match a client's, whatever identity a client claims.
+    pub(crate) server: bool,
     pub(crate) key: &'a str,
     pub(crate) window: std::time::Duration,
 }

@@ -365,9 +365,15 @@ async fn session(
                         Ok(ServerFrame::Error { message_id, code, message }) => {
                             if let Some((reply, pending)) = answered(message_id).and_then(|id| in_flight.remove(&id)) {
                                 let pending = match pending {
-                                    Pending::Message(message) if resend_after(&code) => {
-                                        tracing::debug!(room = message.room, code = %code, "sending a message again");
-                                        retries.later(message, reply);
+                                    Pending::Message(mut outgoing) if resend_after(&code) => {
+                                        tracing::debug!(room = outgoing.room, code = %code, "sending a message again");
+                                        outgoing.maybe_published |= code == "timeout";
+                                        retries.later(outgoing, reply);
+                                        continue;
+                                    }
+                                    Pending::Message(outgoing) if outgoing.maybe_published => {
+                                        // This send was refused; an earlier one may have gone out.
+                                        let _ = reply.send(Err(ClientError::Unsettled { code: code.parse().ok(), message: message.to_string() }));
                                         continue;
                                     }
                                     pending => pending,
@@ -410,7 +416,8 @@ async fn session(
     let mut again = retries.take();
     for (_, (reply, pending)) in in_flight {
         match pending {
-            Pending::Message(message) if !matches!(end, End::Refused) => {
+            Pending::Message(mut message) if !matches!(end, End::Refused) => {
+                message.maybe_published = true;
                 again.push((message, reply))
             }
             _ => drop(reply.send(Err(ClientError::Disconnected))),

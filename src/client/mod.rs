@@ -25,7 +25,10 @@
 //! published, and fails only on a definite error (`forbidden`, `invalid_*`, `too_large`,
 //! `rate_limited`: nothing was published), a full queue ([`ClientError::QueueFull`]), or its
 //! deadline ([`ClientBuilder::request_timeout`]; [`ClientError::Timeout`]: the outcome is
-//! unknown, and the message is not sent again). Order: messages reach subscribers in the
+//! unknown, and the message is not sent again). A message refused when sent again, after a
+//! send of it that may have been published, fails with [`ClientError::Unsettled`]: the
+//! outcome is unknown (a hook or a rate limit may refuse the resend of a message the broker
+//! had published). Order: messages reach subscribers in the
 //! order of the `send` calls that each resolved before the next was made; messages sent
 //! concurrently keep their order too unless one of them has to be sent again. Other
 //! requests' errors from the server are returned as they are, never retried.
@@ -93,6 +96,15 @@ pub enum ClientError {
     /// No answer within the request timeout.
     #[error("no answer from the server in time")]
     Timeout,
+    /// A message sent again (after `timeout` or a lost connection) was refused this time,
+    /// and an earlier send of it may have been published: the outcome is unknown.
+    #[error("the message was refused when sent again ({message}); an earlier send may have been published")]
+    Unsettled {
+        /// The refusal's code, if this client knows it.
+        code: Option<ErrorCode>,
+        /// The server's explanation.
+        message: String,
+    },
     /// The connection dropped after the request was sent; it may or may not have been
     /// applied.
     #[error("the connection dropped before the server answered")]

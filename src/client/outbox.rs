@@ -21,6 +21,9 @@ pub(crate) struct Outgoing {
     pub(crate) key: String,
     /// The order the messages were sent in (this client's).
     pub(crate) seq: u64,
+    /// An earlier send may have been published (it was answered `timeout`, or its
+    /// connection dropped first): a later refusal leaves the outcome unknown.
+    pub(crate) maybe_published: bool,
 }
 
 /// Makes each message's key: this client's random prefix and a count.
@@ -48,6 +51,7 @@ impl Keys {
             payload,
             key: format!("{}-{seq}", self.prefix),
             seq,
+            maybe_published: false,
         }
     }
 }

@@ -378,13 +378,12 @@ impl Socket {
         let settings = self.node.config.rooms.settings(room);
         // The key names the message for this identity (a socket that never sent `connect`
         // has one of its own) in this room, for the room's window.
-        let once = key
-            .filter(|_| !settings.idempotency_window.is_zero())
-            .map(|key| Once {
-                identity: &self.me.identity,
-                key,
-                window: settings.idempotency_window,
-            });
+        let once = key.zip(settings.idempotency()).map(|(key, window)| Once {
+            identity: &self.me.identity,
+            server: false,
+            key,
+            window,
+        });
         let publish = (self.node.broker).publish(room, frame, self.me.id, settings.history, once);
         self.in_flight.push(message_id.to_owned(), publish);
         if self.in_flight.is_full() {

@@ -43,9 +43,19 @@ struct PublishBody<'a> {
     room: &'a RawValue,
     #[serde(borrow)]
     payload: &'a RawValue,
-    /// The idempotency key (a string; also taken from the `Idempotency-Key` header).
-    #[serde(rename = "idempotencyKey", borrow, default)]
+    /// The idempotency key (a string; also taken from the `Idempotency-Key` header). Kept
+    /// raw, so that `null` is refused as a socket's `key: null` is.
+    #[serde(
+        rename = "idempotencyKey",
+        borrow,
+        default,
+        deserialize_with = "present"
+    )]
     key: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue as Deserialize>::deserialize(d).map(Some)
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
@@ -194,10 +204,18 @@ impl Api {
         B: Body<Data = Bytes>,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        let header_key = match request.headers().get("idempotency-key").map(|v| v.to_str()) {
-            None => None,
-            Some(Ok(key)) => Some(key.to_owned()),
-            Some(Err(_)) => {
+        let mut keys = request.headers().get_all("idempotency-key").iter();
+        let header_key = match (keys.next().map(|v| v.to_str()), keys.next()) {
+            (None, _) => None,
+            (Some(Ok(key)), None) => Some(key.to_owned()),
+            (Some(Ok(_)), Some(_)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_message",
+                    "more than one Idempotency-Key header",
+                )
+            }
+            (Some(Err(_)), _) => {
                 return error(
                     StatusCode::BAD_REQUEST,
                     "invalid_message",

@@ -37,9 +37,10 @@ use crate::settings::History;
 /// the error that stopped that run.
 ///
 /// A keyed run whose key is recorded (published within the window) does nothing and
-/// answers `{offset, epoch, 1}`, where the first publish went; otherwise, once published,
-/// its key is recorded with that position for the window. A key that could not be recorded
-/// after the publish answers `UNKNOWN` (a resend would be published again).
+/// answers `{offset, epoch, 1}`, where the first publish went (`{-1, '', 1}` for a record
+/// that names no position: made while the room had no history); otherwise its key is
+/// recorded with its position for the window before anything is kept or published, and
+/// taken back with the rest when the room is put back as it was.
 ///
 /// Each room runs under its own `pcall`, so one room's error leaves the others' answers
 /// true. The publish permission on a room's channel is checked before anything is written,
@@ -66,6 +67,8 @@ local function publish(meta, list, once, channel, size, ttl, window, a, n, done)
     local seen = redis.call('GET', once)
     if seen then
       local offset, epoch = string.match(seen, '^(%d+) (.+)$')
+      -- A record without a position (made while the room had no history): -1.
+      if not offset then return {-1, '', 1} end
       return {tonumber(offset), epoch, 1}
     end
   end
@@ -79,6 +82,10 @@ local function publish(meta, list, once, channel, size, ttl, window, a, n, done)
   end
   local first = redis.call('HINCRBY', meta, 'top', n) - n + 1
   done.counted = true
+  if once then
+    redis.call('SET', once, string.format('%d', first) .. ' ' .. epoch, 'PX', window)
+    done.recorded = true
+  end
   local tail = ',"epoch":"' .. epoch .. '"}'
   local frames = {}
   for i = 0, n - 1 do
@@ -95,12 +102,10 @@ local function publish(meta, list, once, channel, size, ttl, window, a, n, done)
     redis.call('PUBLISH', channel, frames[i])
     done.published = i
   end
-  if once then
-    redis.call('SET', once, string.format('%d', first) .. ' ' .. epoch, 'PX', window)
-  end
   return {first, epoch}
 end
-local function undo(meta, list, n, done)
+local function undo(meta, list, once, n, done)
+  if done.recorded then redis.call('DEL', once) end
   if done.created then
     redis.call('DEL', meta, list)
     return
@@ -126,7 +131,7 @@ while k <= #KEYS do
   else
     local e = tostring(answer)
     if type(answer) == 'table' and answer.err then e = answer.err end
-    if done.published == 0 and pcall(undo, meta, list, n, done) then
+    if done.published == 0 and pcall(undo, meta, list, once, n, done) then
       answers[r] = redis.error_reply(e)
     else
       answers[r] = redis.error_reply('UNKNOWN ' .. e)

@@ -185,7 +185,7 @@ impl Lanes {
             return Publish::Done(Err(e));
         }
         let once = once.map(|once| {
-            let record = keys.published_key(room, once.identity, once.key);
+            let record = keys.published_key(room, once.identity, once.server, once.key);
             (record, once::window_ms(once.window))
         });
         let kind = match (history, once) {

@@ -95,7 +95,7 @@ pub(super) fn history_results(group: &[Request], answers: Vec<Value>) -> Vec<Pub
         };
         results.extend((0..n as u64).map(|k| match &first {
             Ok((first, duplicate)) => Ok(Accepted {
-                position: Some(Position {
+                position: first.as_ref().map(|first| Position {
                     offset: first.offset + k,
                     epoch: first.epoch.clone(),
                 }),
@@ -113,8 +113,9 @@ pub(super) fn unknown(what: String) -> BrokerError {
 }
 
 /// The publish script's answer: `{offset, epoch}`, or `{offset, epoch, 1}` for a publish
-/// whose idempotency key was recorded (it went out before, there); with whether it was.
-fn position(reply: Value) -> Result<(Position, bool), BrokerError> {
+/// whose idempotency key was recorded (it went out before, there; `{-1, '', 1}` when the
+/// record names no position); with whether it was a duplicate.
+fn position(reply: Value) -> Result<(Option<Position>, bool), BrokerError> {
     let unexpected =
         |reply: &Value| BrokerError::Protocol(format!("{reply:?} from the publish script"));
     let Value::Array(items) = &reply else {
@@ -122,6 +123,7 @@ fn position(reply: Value) -> Result<(Position, bool), BrokerError> {
     };
     let (offset, epoch, duplicate) = match items.as_slice() {
         [Value::Int(offset), epoch] => (offset, epoch, false),
+        [Value::Int(-1), _, Value::Int(1)] => return Ok((None, true)),
         [Value::Int(offset), epoch, Value::Int(1)] => (offset, epoch, true),
         _ => return Err(unexpected(&reply)),
     };
@@ -131,5 +133,5 @@ fn position(reply: Value) -> Result<(Position, bool), BrokerError> {
         offset: u64::try_from(*offset).map_err(|_| unexpected(&reply))?,
         epoch: epoch.into(),
     };
-    Ok((position, duplicate))
+    Ok((Some(position), duplicate))
 }
