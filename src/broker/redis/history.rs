@@ -27,27 +27,30 @@ use crate::broker::{new_epoch, HistoryPage, Keys, Page, Position, Recovery};
 use crate::error::BrokerError;
 use crate::settings::History;
 
-/// KEYS: per run of one room's frames, its meta and frames keys, and for a run keyed for
-/// idempotency (one frame), the key that records it. ARGV: a new epoch (used for any room
-/// that has none), then per run its channel, size, ttl (ms), how many frames (`n`), the
-/// idempotency window in ms (0 for a run without a key) and the `n` frames (JSON objects
-/// without their closing `}`, which the script writes after the `offset` and `epoch` it
-/// adds) in order. Gives each run's frames consecutive offsets, keeps them, refreshes the
-/// room's time to live, then publishes each, and returns per run `{first offset, epoch}` or
-/// the error that stopped that run.
+/// KEYS: per run of one room's frames, its meta and frames keys, then the record key of
+/// each of its frames that has an idempotency key, in order. ARGV: a new epoch (used for
+/// any room that has none), then per run its channel, size, ttl (ms), how many frames
+/// (`n`), which frames have a key (a string of `n` `0`/`1`, or empty when none does), the
+/// idempotency window in ms, and the `n` frames (JSON objects without their closing `}`,
+/// which the script writes after the `offset` and `epoch` it adds) in order. Gives each
+/// run's frames consecutive offsets, keeps them, refreshes the room's time to live, then
+/// publishes each, and returns per run `{first offset, epoch}` or the error that stopped
+/// that run.
 ///
-/// A keyed run whose key is recorded (published within the window) does nothing and
-/// answers `{offset, epoch, 1}`, where the first publish went (`{-1, '', 1}` for a record
-/// that names no position: made while the room had no history); otherwise its key is
-/// recorded with its position for the window before anything is kept or published, and
-/// taken back with the rest when the room is put back as it was.
+/// A frame whose key is recorded (published within the window) is left out: it is not
+/// kept, published or given an offset, and the run's answer lists it as
+/// `{first, epoch, {i, offset, epoch, …}}` (its index from 0 and where it went: `-1, ''`
+/// when its record names no position, made while the room had no history). Every other
+/// keyed frame's key is recorded with its position, before anything is kept or published,
+/// by one `SET … NX GET` (on Redis 7; `GET` then `SET` before), and taken back with the
+/// rest when the room is put back as it was: a keyed publish costs one command more.
 ///
 /// Each room runs under its own `pcall`, so one room's error leaves the others' answers
 /// true. The publish permission on a room's channel is checked before anything is written,
 /// and a room that fails before any of its frames went out is put back as it was (its
-/// offsets and kept frames taken back, a history it made deleted): its error means that
-/// nothing happened. A room whose frames went out in part, or that could not be put back,
-/// answers `UNKNOWN …`: its outcome is unknown.
+/// offsets, kept frames and key records taken back, a history it made deleted): its error
+/// means that nothing happened. A room whose frames went out in part, or that could not be
+/// put back, answers `UNKNOWN …`: its outcome is unknown.
 ///
 /// A lane sends all the history publishes of one round as one call on one Redis (on a
 /// cluster, each room's run on its own: a call's keys must share a slot): a call costs
@@ -59,85 +62,102 @@ use crate::settings::History;
 /// every call: it keeps at least the last `size` frames and a few more, and a room's call
 /// mostly saves an `LTRIM` (about 1 µs of Redis's time on a full list).
 const PUBLISH_TEXT: &str = r#"
-local function publish(meta, list, once, channel, size, ttl, window, a, n, done)
+local set_nx_get = redis.REDIS_VERSION_NUM ~= nil and redis.REDIS_VERSION_NUM >= 0x070000
+local function record(key, value, window)
+  if set_nx_get then
+    return redis.call('SET', key, value, 'NX', 'PX', window, 'GET')
+  end
+  local old = redis.call('GET', key)
+  if not old then redis.call('SET', key, value, 'PX', window) end
+  return old
+end
+local function publish(meta, list, records, channel, size, ttl, window, a, n, done)
   if not redis.acl_check_cmd('PUBLISH', channel, '') then
     return redis.error_reply("NOPERM this user may not publish to the room's channel")
   end
-  if once then
-    local seen = redis.call('GET', once)
-    if seen then
-      local offset, epoch = string.match(seen, '^(%d+) (.+)$')
-      -- A record without a position (made while the room had no history): -1.
-      if not offset then return {-1, '', 1} end
-      return {tonumber(offset), epoch, 1}
-    end
-  end
   size = tonumber(size)
-  local epoch = redis.call('HGET', meta, 'epoch')
+  local state = redis.call('HMGET', meta, 'epoch', 'top')
+  local epoch, top = state[1], tonumber(state[2])
   if not epoch then
     epoch = ARGV[1]
+    top = 0
     redis.call('DEL', list)
     redis.call('HSET', meta, 'epoch', epoch, 'top', 0)
     done.created = true
   end
-  local first = redis.call('HINCRBY', meta, 'top', n) - n + 1
-  done.counted = true
-  if once then
-    redis.call('SET', once, string.format('%d', first) .. ' ' .. epoch, 'PX', window)
-    done.recorded = true
-  end
   local tail = ',"epoch":"' .. epoch .. '"}'
-  local frames = {}
-  for i = 0, n - 1 do
-    frames[i + 1] = ARGV[a + i] .. ',"offset":' .. string.format('%d', first + i) .. tail
-  end
-  local len = redis.call('RPUSH', list, unpack(frames))
-  done.kept = true
-  if len > size + math.max(16, math.floor(size / 8)) then
-    redis.call('LTRIM', list, -size, -1)
-  end
-  redis.call('PEXPIRE', meta, ttl)
-  redis.call('PEXPIRE', list, ttl)
+  local frames, seen = {}, {}
   for i = 1, n do
-    redis.call('PUBLISH', channel, frames[i])
-    done.published = i
+    local old = false
+    if records[i] then
+      old = record(records[i], string.format('%d', top + #frames + 1) .. ' ' .. epoch, window)
+      if not old then done.recorded[#done.recorded + 1] = records[i] end
+    end
+    if old then
+      local offset, was = string.match(old, '^(%d+) (.+)$')
+      seen[#seen + 1] = i - 1
+      seen[#seen + 1] = offset and tonumber(offset) or -1
+      seen[#seen + 1] = was or ''
+    else
+      frames[#frames + 1] = ARGV[a + i - 1] .. ',"offset":' .. string.format('%d', top + #frames + 1) .. tail
+    end
   end
-  return {first, epoch}
+  local kept = #frames
+  done.count = kept
+  if kept > 0 then
+    redis.call('HINCRBY', meta, 'top', kept)
+    done.counted = true
+    local len = redis.call('RPUSH', list, unpack(frames))
+    done.kept = true
+    if len > size + math.max(16, math.floor(size / 8)) then
+      redis.call('LTRIM', list, -size, -1)
+    end
+    redis.call('PEXPIRE', meta, ttl)
+    redis.call('PEXPIRE', list, ttl)
+    for i = 1, kept do
+      redis.call('PUBLISH', channel, frames[i])
+      done.published = i
+    end
+  end
+  if #seen > 0 then return {top + 1, epoch, seen} end
+  return {top + 1, epoch}
 end
-local function undo(meta, list, once, n, done)
-  if done.recorded then redis.call('DEL', once) end
+local function undo(meta, list, done)
+  for _, key in ipairs(done.recorded) do redis.call('DEL', key) end
   if done.created then
     redis.call('DEL', meta, list)
     return
   end
-  if done.kept then redis.call('RPOP', list, n) end
-  if done.counted then redis.call('HINCRBY', meta, 'top', -n) end
+  if done.kept then redis.call('RPOP', list, done.count) end
+  if done.counted then redis.call('HINCRBY', meta, 'top', -done.count) end
 end
 local answers = {}
 local a, k, r = 2, 1, 0
 while k <= #KEYS do
   r = r + 1
-  local meta, list, n, window = KEYS[k], KEYS[k + 1], tonumber(ARGV[a + 3]), ARGV[a + 4]
-  local once = nil
+  local meta, list, n, mask, window = KEYS[k], KEYS[k + 1], tonumber(ARGV[a + 3]), ARGV[a + 4], ARGV[a + 5]
   k = k + 2
-  if window ~= '0' then
-    once = KEYS[k]
-    k = k + 1
+  local records = {}
+  for i = 1, #mask do
+    if string.byte(mask, i) == 49 then
+      records[i] = KEYS[k]
+      k = k + 1
+    end
   end
-  local done = {published = 0}
-  local ok, answer = pcall(publish, meta, list, once, ARGV[a], ARGV[a + 1], ARGV[a + 2], window, a + 5, n, done)
+  local done = {published = 0, recorded = {}}
+  local ok, answer = pcall(publish, meta, list, records, ARGV[a], ARGV[a + 1], ARGV[a + 2], window, a + 6, n, done)
   if ok then
     answers[r] = answer
   else
     local e = tostring(answer)
     if type(answer) == 'table' and answer.err then e = answer.err end
-    if done.published == 0 and pcall(undo, meta, list, once, n, done) then
+    if done.published == 0 and pcall(undo, meta, list, done) then
       answers[r] = redis.error_reply(e)
     else
       answers[r] = redis.error_reply('UNKNOWN ' .. e)
     end
   end
-  a = a + 5 + n
+  a = a + 6 + n
 end
 return answers
 "#;

@@ -104,21 +104,7 @@ fn command(requests: &[Request], cluster: bool, pipeline: &mut redis::Pipeline) 
         Kind::Ping => {
             pipeline.cmd("PING");
         }
-        Kind::Once {
-            record,
-            channel,
-            frame,
-            window_ms,
-        } => {
-            pipeline
-                .cmd("EVALSHA")
-                .arg(once::script(cluster).get_hash())
-                .arg(1)
-                .arg(record)
-                .arg(channel)
-                .arg(*window_ms)
-                .arg(frame.as_bytes());
-        }
+        Kind::Once { .. } => once::append(requests, cluster, pipeline),
         Kind::History { .. } => script_call::append(requests, cluster, pipeline),
     }
 }
@@ -337,14 +323,16 @@ impl Lane {
         let mut i = 0;
         while i < batch.len() {
             let mut end = i + 1;
-            if let Kind::History { .. } = &batch[i].kind {
-                // A script call's keys must share a slot on a cluster: one room there.
-                while batch.get(end).is_some_and(|next| match cluster {
-                    true => same_room(&batch[i], next),
-                    false => matches!(next.kind, Kind::History { .. }),
-                }) {
-                    end += 1;
-                }
+            // A script call's keys must share a slot on a cluster: one room there.
+            let joins = |next: &Request| match (&batch[i].kind, cluster) {
+                (Kind::History { .. }, true) => same_room(&batch[i], next),
+                (Kind::History { .. }, false) => matches!(next.kind, Kind::History { .. }),
+                (Kind::Once { .. }, true) => once::same_room(&batch[i], next),
+                (Kind::Once { .. }, false) => matches!(next.kind, Kind::Once { .. }),
+                _ => false,
+            };
+            while batch.get(end).is_some_and(joins) {
+                end += 1;
             }
             commands.push(i..end);
             i = end;
@@ -385,7 +373,7 @@ impl Lane {
                         // rooms' own errors one by one, below.)
                         (_, Value::ServerError(e)) => vec![Err(refused(e)); n],
                         (Kind::Publish { .. }, Value::Int(_)) => vec![Ok(Accepted::default())],
-                        (Kind::Once { .. }, answer) => vec![once::result(answer)],
+                        (Kind::Once { .. }, answer) => once::results(answer, n),
                         (Kind::History { .. }, Value::Array(answers)) => {
                             history_results(&group, answers)
                         }

@@ -1,6 +1,6 @@
-//! The once script: a publish with an idempotency key to a room without history, published
-//! only if its key is not recorded, the check, the record and the publish in one atomic
-//! step on the room's hash slot. (In a room with history, the publish script does the same;
+//! The once script: publishes with idempotency keys to rooms without history, each
+//! published only if its key is not recorded, the check, the record and the publish in one
+//! atomic step on the room's hash slot. (In a room with history, the publish script does the same;
 //! see `history`.)
 
 use std::sync::LazyLock;
@@ -9,26 +9,36 @@ use std::time::Duration;
 use redis::Value;
 
 use super::script_call::unknown;
+use super::{Kind, Request};
+use crate::broker::redis::connect::refused;
 use crate::broker::{Accepted, Published};
 
-/// KEYS: the key's record (in the room's hash slot). ARGV: the room's channel, the window
-/// (ms), the frame. Records the key for the window and publishes the frame, answering 1;
-/// answers 0 and does nothing when the key is recorded already. A refused publish takes
-/// the record back: its error means that nothing happened.
+/// KEYS: each publish's record (in its room's hash slot). ARGV: per publish, the room's
+/// channel, the window (ms) and the frame. For each publish in order: records its key for
+/// the window and publishes the frame, answering 1, or answers 0 and does nothing when the
+/// key is recorded already. A refused publish takes its record back and answers its error:
+/// nothing happened. A lane sends the consecutive keyed publishes of a round as one call
+/// (of one room on a cluster), as it does history publishes.
 const TEXT: &str = r#"
-if not redis.acl_check_cmd('PUBLISH', ARGV[1], '') then
-  return redis.error_reply("NOPERM this user may not publish to the room's channel")
+local answers = {}
+for i = 1, #KEYS do
+  local channel, window, frame = ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i]
+  if not redis.acl_check_cmd('PUBLISH', channel, '') then
+    answers[i] = redis.error_reply("NOPERM this user may not publish to the room's channel")
+  elseif not redis.call('SET', KEYS[i], '', 'NX', 'PX', window) then
+    answers[i] = 0
+  else
+    local ok, e = pcall(redis.call, 'PUBLISH', channel, frame)
+    if ok then
+      answers[i] = 1
+    else
+      redis.call('DEL', KEYS[i])
+      if type(e) == 'table' and e.err then e = e.err end
+      answers[i] = redis.error_reply(tostring(e))
+    end
+  end
 end
-if not redis.call('SET', KEYS[1], '', 'NX', 'PX', ARGV[2]) then
-  return 0
-end
-local ok, e = pcall(redis.call, 'PUBLISH', ARGV[1], ARGV[3])
-if not ok then
-  redis.call('DEL', KEYS[1])
-  if type(e) == 'table' and e.err then e = e.err end
-  return redis.error_reply(tostring(e))
-end
-return 1
+return answers
 "#;
 
 static PUBLISH: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TEXT));
@@ -50,15 +60,55 @@ pub(crate) fn window_ms(window: Duration) -> u64 {
     u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-/// What the once script's answer says (an error reply is handled by the lane: the script
-/// did nothing). Any other answer leaves the outcome unknown: the script ran.
-pub(super) fn result(answer: Value) -> Published {
-    match answer {
-        Value::Int(1) => Ok(Accepted::default()),
-        Value::Int(0) => Ok(Accepted {
-            position: None,
-            duplicate: true,
-        }),
-        other => Err(unknown(format!("{other:?} from the once script"))),
+/// Appends to `pipeline` one once script call for `requests` (keyed publishes to rooms
+/// without history: of one room on a cluster, of any rooms on one Redis).
+pub(super) fn append(requests: &[Request], cluster: bool, pipeline: &mut redis::Pipeline) {
+    let command = pipeline
+        .cmd("EVALSHA")
+        .arg(script(cluster).get_hash())
+        .arg(requests.len());
+    for request in requests {
+        if let Kind::Once { record, .. } = &request.kind {
+            command.arg(record);
+        }
     }
+    for request in requests {
+        if let Kind::Once {
+            channel,
+            frame,
+            window_ms,
+            ..
+        } = &request.kind
+        {
+            command.arg(channel).arg(*window_ms).arg(frame.as_bytes());
+        }
+    }
+}
+
+/// Whether `a` and `b` are keyed publishes to the same room.
+pub(super) fn same_room(a: &Request, b: &Request) -> bool {
+    matches!((&a.kind, &b.kind),
+        (Kind::Once { channel: a, .. }, Kind::Once { channel: b, .. }) if a == b)
+}
+
+/// Each of `n` publishes' result from the once script's answer. Any answer it should not
+/// give leaves the outcome unknown: the script ran.
+pub(super) fn results(answer: Value, n: usize) -> Vec<Published> {
+    let answers = match answer {
+        Value::Array(answers) if answers.len() == n => answers,
+        other => return vec![Err(unknown(format!("{other:?} from the once script"))); n],
+    };
+    answers
+        .into_iter()
+        .map(|answer| match answer {
+            Value::Int(1) => Ok(Accepted::default()),
+            Value::Int(0) => Ok(Accepted {
+                position: None,
+                duplicate: true,
+            }),
+            // Taken back: nothing happened.
+            Value::ServerError(e) => Err(refused(e)),
+            other => Err(unknown(format!("{other:?} from the once script"))),
+        })
+        .collect()
 }

@@ -9,56 +9,59 @@ use crate::broker::redis::history;
 use crate::broker::{new_epoch, Accepted, Position, Published};
 use crate::error::BrokerError;
 
-/// Whether `a` and `b` are publishes to the same history room that may share a run (a
-/// publish with an idempotency key is a run of its own).
+/// Whether `a` and `b` are publishes to the same history room (one run of a script call).
 pub(super) fn same_room(a: &Request, b: &Request) -> bool {
     matches!((&a.kind, &b.kind),
-        (Kind::History { meta: a, once: None, .. }, Kind::History { meta: b, once: None, .. })
-            if a == b)
+        (Kind::History { meta: a, .. }, Kind::History { meta: b, .. }) if a == b)
 }
 
 /// Appends to `pipeline` one publish script call for `requests` (history publishes, of one
 /// room on a cluster, of any rooms on one Redis), in runs of one room each.
 pub(super) fn append(requests: &[Request], cluster: bool, pipeline: &mut redis::Pipeline) {
     let runs = || requests.chunk_by(same_room);
-    let keys: usize = runs()
-        .map(|run| match &run[0].kind {
-            Kind::History { once: Some(_), .. } => 3,
-            _ => 2,
-        })
-        .sum();
+    let keys: usize = runs().map(|run| 2 + records(run).count()).sum();
     let command = pipeline
         .cmd("EVALSHA")
         .arg(history::publish_script(cluster).get_hash())
         .arg(keys);
     for run in runs() {
-        if let Kind::History {
-            meta, list, once, ..
-        } = &run[0].kind
-        {
+        if let Kind::History { meta, list, .. } = &run[0].kind {
             command.arg(meta).arg(list);
-            if let Some((record, _)) = once {
-                command.arg(record);
-            }
+        }
+        for record in records(run) {
+            command.arg(record);
         }
     }
     // Used only for rooms that have no history yet (or lost it).
     command.arg(&*new_epoch());
     for run in runs() {
+        // Which frames have a key (none: empty), and the room's window.
+        let mut mask = String::new();
+        let mut window_ms = 0;
+        for request in run {
+            if let Kind::History { once, .. } = &request.kind {
+                mask.push(if once.is_some() { '1' } else { '0' });
+                if let Some((_, window)) = once {
+                    window_ms = *window;
+                }
+            }
+        }
+        if window_ms == 0 {
+            mask.clear();
+        }
         if let Kind::History {
             channel,
             size,
             ttl_ms,
-            once,
             ..
         } = &run[0].kind
         {
-            let window_ms = once.as_ref().map_or(0, |(_, window_ms)| *window_ms);
             command
                 .arg(channel)
                 .arg(*size)
                 .arg(*ttl_ms)
                 .arg(run.len())
+                .arg(mask)
                 .arg(window_ms);
         }
         for request in run {
@@ -69,8 +72,20 @@ pub(super) fn append(requests: &[Request], cluster: bool, pipeline: &mut redis::
     }
 }
 
+/// The record keys of the keyed publishes of `run`, in order.
+fn records(run: &[Request]) -> impl Iterator<Item = &String> {
+    run.iter().filter_map(|request| match &request.kind {
+        Kind::History {
+            once: Some((record, _)),
+            ..
+        } => Some(record),
+        _ => None,
+    })
+}
+
 /// Each request's result from the publish script's `answers`, one per run of `group` in
-/// one room: consecutive offsets from the run's first, or the error that stopped its room.
+/// one room: consecutive offsets from the run's first for the frames published, where the
+/// first publish went for those whose key was recorded, or the error that stopped the room.
 /// The script ran, so an answer it should not have given leaves the outcome unknown.
 pub(super) fn history_results(group: &[Request], answers: Vec<Value>) -> Vec<Published> {
     let runs: Vec<usize> = group.chunk_by(same_room).map(<[Request]>::len).collect();
@@ -84,25 +99,19 @@ pub(super) fn history_results(group: &[Request], answers: Vec<Value>) -> Vec<Pub
     }
     let mut results = Vec::with_capacity(group.len());
     for (n, answer) in runs.into_iter().zip(answers) {
-        let first = match answer {
+        let run = match answer {
             // The room's frames went out in part, or it could not be put back as it was.
             Value::ServerError(e) if e.code() == "UNKNOWN" => Err(BrokerError::Lost(
                 std::sync::Arc::new(redis::RedisError::from(e)),
             )),
             // The room was put back as it was: nothing happened.
             Value::ServerError(e) => Err(refused(e)),
-            answer => position(answer).map_err(|e| unknown(e.to_string())),
+            answer => run_answer(answer, n).map_err(|e| unknown(e.to_string())),
         };
-        results.extend((0..n as u64).map(|k| match &first {
-            Ok((first, duplicate)) => Ok(Accepted {
-                position: first.as_ref().map(|first| Position {
-                    offset: first.offset + k,
-                    epoch: first.epoch.clone(),
-                }),
-                duplicate: *duplicate,
-            }),
-            Err(e) => Err(e.clone()),
-        }));
+        match run {
+            Ok(run) => results.extend(run.into_iter().map(Ok)),
+            Err(e) => results.extend((0..n).map(|_| Err(e.clone()))),
+        }
     }
     results
 }
@@ -112,26 +121,61 @@ pub(super) fn unknown(what: String) -> BrokerError {
     BrokerError::Lost(std::sync::Arc::new(std::io::Error::other(what)))
 }
 
-/// The publish script's answer: `{offset, epoch}`, or `{offset, epoch, 1}` for a publish
-/// whose idempotency key was recorded (it went out before, there; `{-1, '', 1}` when the
-/// record names no position); with whether it was a duplicate.
-fn position(reply: Value) -> Result<(Option<Position>, bool), BrokerError> {
+/// Each of a run's `n` publishes from its answer: `{first, epoch}`, or `{first, epoch,
+/// {i, offset, epoch, …}}` when the frames at indexes `i` had their keys recorded (they
+/// went out before, at `offset`; -1 when the record names no position).
+fn run_answer(reply: Value, n: usize) -> Result<Vec<Accepted>, BrokerError> {
     let unexpected =
         |reply: &Value| BrokerError::Protocol(format!("{reply:?} from the publish script"));
     let Value::Array(items) = &reply else {
         return Err(unexpected(&reply));
     };
-    let (offset, epoch, duplicate) = match items.as_slice() {
-        [Value::Int(offset), epoch] => (offset, epoch, false),
-        [Value::Int(-1), _, Value::Int(1)] => return Ok((None, true)),
-        [Value::Int(offset), epoch, Value::Int(1)] => (offset, epoch, true),
+    let (first, epoch, seen) = match items.as_slice() {
+        [Value::Int(first), epoch] => (first, epoch, &[][..]),
+        [Value::Int(first), epoch, Value::Array(seen)] if seen.len() % 3 == 0 => {
+            (first, epoch, &seen[..])
+        }
         _ => return Err(unexpected(&reply)),
     };
-    let epoch = <String as redis::FromRedisValue>::from_redis_value_ref(epoch)
-        .map_err(|_| unexpected(&reply))?;
-    let position = Position {
-        offset: u64::try_from(*offset).map_err(|_| unexpected(&reply))?,
-        epoch: epoch.into(),
+    let text = |value: &Value| {
+        <String as redis::FromRedisValue>::from_redis_value_ref(value)
+            .map_err(|_| unexpected(&reply))
     };
-    Ok((Some(position), duplicate))
+    let epoch: std::sync::Arc<str> = text(epoch)?.into();
+    let mut offset = u64::try_from(*first).map_err(|_| unexpected(&reply))?;
+    let mut recorded = seen.chunks(3).peekable();
+    let mut accepted = Vec::with_capacity(n);
+    for i in 0..n {
+        match recorded.peek() {
+            Some([Value::Int(at), Value::Int(was), was_epoch]) if *at == i as i64 => {
+                let position = match *was {
+                    -1 => None,
+                    was => Some(Position {
+                        offset: u64::try_from(was).map_err(|_| unexpected(&reply))?,
+                        epoch: text(was_epoch)?.into(),
+                    }),
+                };
+                accepted.push(Accepted {
+                    position,
+                    duplicate: true,
+                });
+                recorded.next();
+            }
+            Some([Value::Int(_), Value::Int(_), _]) | None => {
+                accepted.push(Accepted {
+                    position: Some(Position {
+                        offset,
+                        epoch: epoch.clone(),
+                    }),
+                    duplicate: false,
+                });
+                offset += 1;
+            }
+            Some(_) => return Err(unexpected(&reply)),
+        }
+    }
+    if recorded.next().is_some() {
+        return Err(unexpected(&reply));
+    }
+    Ok(accepted)
 }
