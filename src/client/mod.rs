@@ -58,6 +58,7 @@ mod driver;
 mod events;
 mod held;
 mod history;
+mod open;
 mod outbox;
 mod renewal;
 
@@ -327,7 +328,7 @@ impl ClientBuilder {
     /// Opens the first connection (failing at once if it cannot) and starts the client.
     pub async fn connect(self) -> Result<(ThinWsClient, Messages), ClientError> {
         let mut held = held::Held::default();
-        let socket = driver::open(&self, self.url_for(0), &mut held).await?;
+        let socket = open::open(&self, self.url_for(0), &mut held).await?;
         let (requests, requests_rx) = mpsc::channel(64);
         let (deliveries, deliveries_rx) = mpsc::channel(1024);
         let timeout = self.request_timeout;
