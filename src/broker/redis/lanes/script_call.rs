@@ -179,3 +179,73 @@ fn run_answer(reply: Value, n: usize) -> Result<Vec<Accepted>, BrokerError> {
     }
     Ok(accepted)
 }
+
+#[cfg(test)]
+mod tests {
+    use redis::Value;
+
+    use super::run_answer;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn at(accepted: &crate::broker::Accepted) -> (Option<u64>, bool) {
+        (
+            accepted.position.as_ref().map(|p| p.offset),
+            accepted.duplicate,
+        )
+    }
+
+    #[test]
+    fn a_run_answer_places_recorded_keys_among_the_frames_published() {
+        // Four frames: the second's key was recorded at offset 3, the fourth's by a room
+        // without history (no position); the others went out at 10 and 11.
+        let seen = vec![
+            Value::Int(1),
+            Value::Int(3),
+            bulk("old"),
+            Value::Int(3),
+            Value::Int(-1),
+            bulk(""),
+        ];
+        let answer = Value::Array(vec![Value::Int(10), bulk("e"), Value::Array(seen)]);
+        let accepted = run_answer(answer, 4).unwrap();
+        let got: Vec<_> = accepted.iter().map(at).collect();
+        assert_eq!(
+            got,
+            [
+                (Some(10), false),
+                (Some(3), true),
+                (Some(11), false),
+                (None, true)
+            ]
+        );
+        assert_eq!(&*accepted[1].position.as_ref().unwrap().epoch, "old");
+        assert_eq!(&*accepted[2].position.as_ref().unwrap().epoch, "e");
+    }
+
+    #[test]
+    fn an_answer_that_does_not_fit_its_run_is_refused() {
+        let plain = || Value::Array(vec![Value::Int(1), bulk("e")]);
+        assert_eq!(run_answer(plain(), 2).unwrap().len(), 2);
+        // A recorded index beyond the run, out of order, or a malformed triple.
+        for seen in [
+            vec![Value::Int(5), Value::Int(1), bulk("e")],
+            vec![
+                Value::Int(1),
+                Value::Int(1),
+                bulk("e"),
+                Value::Int(0),
+                Value::Int(1),
+                bulk("e"),
+            ],
+            vec![Value::Int(0), bulk("x"), bulk("e")],
+            vec![Value::Int(0), Value::Int(1)],
+        ] {
+            let answer = Value::Array(vec![Value::Int(1), bulk("e"), Value::Array(seen)]);
+            assert!(run_answer(answer, 2).is_err());
+        }
+        assert!(run_answer(Value::Int(1), 1).is_err());
+    }
+}
