@@ -202,13 +202,19 @@ async fn session(
                     }
                 },
                 () = retries.due() => {
-                    for (message, reply) in retries.take() {
+                    let mut due = retries.take().into_iter();
+                    while let Some((message, reply)) = due.next() {
                         if reply.is_closed() {
                             // Its caller gave up (its deadline): not sent again.
                             continue;
                         }
-                        if let Err(unsent) = send(socket, &mut in_flight, next_id, Op::Message(message), reply).await {
-                            queued.push_front(unsent);
+                        if let Err((op, reply)) = send(socket, &mut in_flight, next_id, Op::Message(message), reply).await {
+                            // Not sent: it and the rest go on the next connection, in order
+                            // with the messages in flight (below).
+                            if let Op::Message(message) = op {
+                                retries.later(message, reply);
+                            }
+                            due.for_each(|(message, reply)| retries.later(message, reply));
                             break 'session End::Lost;
                         }
                     }
