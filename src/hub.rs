@@ -8,7 +8,7 @@ use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-use crate::broker::{Broker, Once, Page};
+use crate::broker::{Accepted, Broker, Once, Page};
 use crate::error::{BrokerError, ConnectError, HistoryError, PresenceError, PublishError};
 use crate::idempotent::{check_key, Idempotent};
 use crate::node::Node;
@@ -108,11 +108,24 @@ impl Hub {
 
     /// Publishes an already-serialised JSON payload; see [`Hub::publish`].
     pub async fn publish_raw(&self, room: &str, payload: &RawValue) -> Result<(), PublishError> {
+        self.send(room, payload, None).await.map(drop)
+    }
+
+    /// Publishes `payload` to `room` as the server sender id, with an idempotency key if
+    /// given; what the broker answered.
+    async fn send(
+        &self,
+        room: &str,
+        payload: &RawValue,
+        key: Option<&str>,
+    ) -> Result<Accepted, PublishError> {
         let node = self.node()?;
-        let frame = server::delivery(room, &node.config.server_sender_id, payload);
-        let history = node.config.rooms.settings(room).history;
-        let mut publish = node.broker.publish(room, frame, 0, history, None);
-        Ok(publish.result().await.map(drop)?)
+        let sender = &node.config.server_sender_id;
+        let frame = server::delivery(room, sender, payload);
+        let settings = node.config.rooms.settings(room);
+        let once = Once::in_room(&settings, sender, true, key);
+        let mut publish = node.broker.publish(room, frame, 0, settings.history, once);
+        Ok(publish.result().await?)
     }
 
     /// Publishes `payload` to `room` as [`Hub::publish`] does, at most once for `key` (1 to
@@ -144,17 +157,8 @@ impl Hub {
     ) -> Result<Idempotent, PublishError> {
         check_key(key)?;
         let payload = crate::error::raw_payload(payload)?;
-        let node = self.node()?;
-        let frame = server::delivery(room, &node.config.server_sender_id, &payload);
-        let settings = node.config.rooms.settings(room);
-        let once = settings.idempotency().map(|window| Once {
-            identity: &node.config.server_sender_id,
-            server: true,
-            key,
-            window,
-        });
-        let mut publish = node.broker.publish(room, frame, 0, settings.history, once);
-        Ok(Idempotent::of(&publish.result().await?))
+        let accepted = self.send(room, &payload, Some(key)).await?;
+        Ok(Idempotent::of(&accepted))
     }
 
     /// The last `limit` messages `room` keeps (all it keeps when `None`), oldest first, as

@@ -301,12 +301,7 @@ impl Publisher {
             .lane
             .get_or_init(|| Lanes::start(1, &inner.commands, &inner.disconnects, inner.timeout));
         let settings = inner.rooms.settings(room);
-        let once = key.zip(settings.idempotency()).map(|(key, window)| Once {
-            identity: &inner.sender_id,
-            server: true,
-            key,
-            window,
-        });
+        let once = Once::in_room(&settings, &inner.sender_id, true, key);
         let mut publish = lane.publish(0, &inner.keys, room, frame, settings.history, once);
         Ok(publish.result().await?)
     }

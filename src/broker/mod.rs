@@ -44,7 +44,7 @@ pub(crate) use self::memory::MemoryBroker;
 use self::presence::Members;
 pub(crate) use self::redis::RedisBroker;
 use crate::error::BrokerError;
-use crate::settings::{History, Presence};
+use crate::settings::{History, Presence, RoomSettings};
 
 /// Where the broker hands the frames published to rooms this node receives.
 pub(crate) trait FrameSink: Send + Sync + 'static {
@@ -155,6 +155,24 @@ pub(crate) struct Once<'a> {
     pub(crate) server: bool,
     pub(crate) key: &'a str,
     pub(crate) window: std::time::Duration,
+}
+
+impl<'a> Once<'a> {
+    /// The idempotency key of a publish by `identity` (the server's when `server`) to a room
+    /// with `settings`: `None` without a key, and in a room whose window is zero.
+    pub(crate) fn in_room(
+        settings: &RoomSettings,
+        identity: &'a str,
+        server: bool,
+        key: Option<&'a str>,
+    ) -> Option<Self> {
+        key.zip(settings.idempotency()).map(|(key, window)| Once {
+            identity,
+            server,
+            key,
+            window,
+        })
+    }
 }
 
 /// A fresh epoch: random, so that a history recreated after a loss never reuses one.

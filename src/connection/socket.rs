@@ -378,12 +378,7 @@ impl Socket {
         let settings = self.node.config.rooms.settings(room);
         // The key names the message for this identity (a socket that never sent `connect`
         // has one of its own) in this room, for the room's window.
-        let once = key.zip(settings.idempotency()).map(|(key, window)| Once {
-            identity: &self.me.identity,
-            server: false,
-            key,
-            window,
-        });
+        let once = Once::in_room(&settings, &self.me.identity, false, key);
         let publish = (self.node.broker).publish(room, frame, self.me.id, settings.history, once);
         self.in_flight.push(message_id.to_owned(), publish);
         if self.in_flight.is_full() {

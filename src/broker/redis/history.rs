@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
-use super::commands::Commands;
+use super::commands::{Commands, RoomScript};
 use super::connect::{redis_error, within};
 use crate::broker::{new_epoch, HistoryPage, Keys, Page, Position, Recovery};
 use crate::error::BrokerError;
@@ -162,18 +162,11 @@ end
 return answers
 "#;
 
-static PUBLISH: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(PUBLISH_TEXT));
-
-/// The same on a Redis Cluster, where rooms' channels are sharded (`SPUBLISH`).
-static SPUBLISH: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(&PUBLISH_TEXT.replace("'PUBLISH'", "'SPUBLISH'")));
+static PUBLISH: LazyLock<RoomScript> = LazyLock::new(|| RoomScript::new(PUBLISH_TEXT));
 
 /// The publish script, for a cluster or not.
 pub(crate) fn publish_script(cluster: bool) -> &'static redis::Script {
-    match cluster {
-        true => &SPUBLISH,
-        false => &PUBLISH,
-    }
+    PUBLISH.get(cluster)
 }
 
 /// The start of the read scripts (KEYS: meta, frames; ARGV: a new epoch, ttl (ms)): the

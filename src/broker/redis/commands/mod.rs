@@ -212,3 +212,28 @@ impl ConnectionLike for Connection {
         }
     }
 }
+
+/// A Lua script that publishes to rooms' channels, in its two forms: with `PUBLISH` on one
+/// Redis, with `SPUBLISH` on a Redis Cluster, where rooms' channels are sharded (the
+/// script's text names the command as `'PUBLISH'`).
+pub(crate) struct RoomScript {
+    single: redis::Script,
+    cluster: redis::Script,
+}
+
+impl RoomScript {
+    pub(crate) fn new(text: &str) -> Self {
+        RoomScript {
+            single: redis::Script::new(text),
+            cluster: redis::Script::new(&text.replace("'PUBLISH'", "'SPUBLISH'")),
+        }
+    }
+
+    /// The script for a cluster or not.
+    pub(crate) fn get(&self, cluster: bool) -> &redis::Script {
+        match cluster {
+            true => &self.cluster,
+            false => &self.single,
+        }
+    }
+}

@@ -10,6 +10,7 @@ use redis::Value;
 
 use super::script_call::unknown;
 use super::{Kind, Request};
+use crate::broker::redis::commands::RoomScript;
 use crate::broker::redis::connect::refused;
 use crate::broker::{Accepted, Published};
 
@@ -41,18 +42,11 @@ end
 return answers
 "#;
 
-static PUBLISH: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(TEXT));
-
-/// The same on a Redis Cluster, where rooms' channels are sharded (`SPUBLISH`).
-static SPUBLISH: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(&TEXT.replace("'PUBLISH'", "'SPUBLISH'")));
+static SCRIPT: LazyLock<RoomScript> = LazyLock::new(|| RoomScript::new(TEXT));
 
 /// The once script, for a cluster or not.
 pub(crate) fn script(cluster: bool) -> &'static redis::Script {
-    match cluster {
-        true => &SPUBLISH,
-        false => &PUBLISH,
-    }
+    SCRIPT.get(cluster)
 }
 
 /// A window in whole milliseconds, at least 1 (Redis refuses `PX 0`).
