@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use support::cluster::RedisCluster;
-use support::{Client, Node, RedisServer};
+use support::{acl, Client, Node, RedisServer};
 use thinws::settings::{History, RoomSettings};
 use thinws::{Idempotent, Publisher, ThinWsBuilder, ThinWsLayer};
 
@@ -252,4 +252,34 @@ async fn keys_on_a_cluster() {
     assert_eq!(again.unwrap(), Idempotent::Published);
     let again = publisher.publish_once("plain", "k2x", &json!("x")).await;
     assert_eq!(again.unwrap(), Idempotent::Duplicate);
+}
+
+/// A keyed publish that Redis refuses (here: `PUBLISH` taken from the nodes' user) records
+/// nothing, in a room with history or without: the same key sent again once Redis allows it
+/// is published, not answered as a duplicate.
+#[tokio::test]
+async fn a_refused_keyed_publish_records_nothing() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(builder().redis_url(redis.url()).build()).await;
+    let mut watcher = Client::connect(&node.url()).await;
+    watcher.subscribe("plain").await;
+    watcher.subscribe("h:room").await;
+    let mut alice = Client::connect_as(&node.url(), "alice").await;
+    let mut admin = redis.client().await;
+    acl(&mut admin, &["-publish"]).await;
+    for room in ["plain", "h:room"] {
+        let frame = json!({"type": "message", "roomID": room, "payload": room, "key": "k"});
+        let refused = alice.request(frame).await;
+        assert_eq!(refused["type"], "error", "{refused}");
+    }
+    acl(&mut admin, &["+publish"]).await;
+    let plain = send(&mut alice, "plain", json!("plain"), Some("k")).await;
+    assert!(plain.get("duplicate").is_none(), "{plain}");
+    let history = send(&mut alice, "h:room", json!("h:room"), Some("k")).await;
+    assert!(history.get("duplicate").is_none(), "{history}");
+    assert_eq!(history["offset"], 1, "{history}");
+    assert_eq!(
+        payloads(&mut watcher, 2).await,
+        [json!("plain"), json!("h:room")]
+    );
 }
