@@ -30,6 +30,22 @@ async fn client_ids(redis: &RedisServer, kind: &str) -> Vec<u64> {
         .collect()
 }
 
+/// How many loopback TCP sockets to `port` are half-closed (`CLOSE_WAIT`: the peer closed,
+/// this side has not yet), from `/proc/net/tcp`.
+fn half_closed_to(port: u16) -> usize {
+    const CLOSE_WAIT: &str = "08";
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let remote = format!(":{port:04X}");
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.len() > 3 && fields[2].ends_with(&remote) && fields[3] == CLOSE_WAIT
+        })
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_go_through_pooled_connections_and_survive_their_loss() {
     let redis = RedisServer::start().await;
@@ -73,10 +89,13 @@ async fn publishes_go_through_pooled_connections_and_survive_their_loss() {
     let killed: i64 = support::kill_clients(&mut admin, "normal").await;
     assert!(killed >= 4, "killed {killed}");
     // The claim is about a node that has seen its connections close (a publish racing the
-    // close itself may rightly answer that its outcome is unknown). Nothing outside the
-    // node shows when each connection's driver has read the close, so this waits a time
-    // well past a loopback round trip rather than for a condition.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // close itself may rightly answer that its outcome is unknown). Redis closed them before
+    // answering CLIENT KILL, so each is half-closed (CLOSE_WAIT) on the node's side until the
+    // node reads the end of the stream and drops it: wait for none to be left.
+    support::until("the node to drop its killed connections", async || {
+        half_closed_to(redis.port) == 0
+    })
+    .await;
 
     // The next publishes succeed, on fresh pooled connections.
     for round in 0..3 {
