@@ -11,6 +11,7 @@
 #   ROOMS_ARGS="--subscribers 200 --messages 100 --window 16" bench/compare.sh ...  # smaller
 #   PERF=1 bench/compare.sh ...   # also records the first node with `perf record` into
 #                                 # bench/results/perf-{before,after}-{scenario}.data
+#   PERF_RECORD_ARGS="--call-graph dwarf" PERF=1 ...   # with call graphs
 #   PERF=stat bench/compare.sh ...   # instead counts both nodes' context switches and system
 #                                 # calls into bench/results/perf-stat-{side}-{scenario}.txt
 #   AFTER_REDIS=cluster bench/compare.sh BIN BIN 3   # the "after" side on a local 3-master
@@ -83,7 +84,8 @@ one() { # label binary scenario args...
     perf_pid=$!
   elif [ -n "${PERF:-}" ]; then
     mkdir -p bench/results
-    perf record -q -F 999 -p "${ids[0]}" -o "bench/results/perf-$label-$scenario.data" >/dev/null 2>&1 &
+    # shellcheck disable=SC2086 # PERF_RECORD_ARGS, e.g. "--call-graph dwarf", word-split on purpose
+    perf record -q -F 999 ${PERF_RECORD_ARGS:-} -p "${ids[0]}" -o "bench/results/perf-$label-$scenario.data" >/dev/null 2>&1 &
     perf_pid=$!
   fi
   local start; start=$(cpu_ticks "${ids[@]}")

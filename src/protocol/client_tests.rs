@@ -295,6 +295,32 @@ fn payload_checks_skip_strings_and_accept_ordinary_numbers() {
 }
 
 #[test]
+fn payload_checks_skip_escaped_quotes_and_parse_only_the_numbers_that_may_not_fit() {
+    // Brackets after an escaped quote are inside the string; after `\\` they are not.
+    assert_eq!(check_payload(r#"["a\"[[[[","b"]"#, 2), Ok(()));
+    assert_eq!(
+        check_payload(r#"["a\\",[[[]]]]"#, 2),
+        Err(PayloadProblem::TooDeep)
+    );
+    assert_eq!(check_payload(r#"{"k":"\u005c\"[["}"#, 1), Ok(()));
+    // Without an exponent, up to 300 characters always fits; 309 nines do not.
+    assert_eq!(check_payload(&"9".repeat(300), 1), Ok(()));
+    assert_eq!(check_payload(&format!("-{}.5", "9".repeat(298)), 1), Ok(()));
+    assert_eq!(
+        check_payload(&"9".repeat(309), 1),
+        Err(PayloadProblem::NumberOutOfRange)
+    );
+    assert_eq!(check_payload(&"9".repeat(308), 1), Ok(()));
+    assert_eq!(
+        check_payload("[1E309]", 2),
+        Err(PayloadProblem::NumberOutOfRange)
+    );
+    assert!(fits_f64("12345678901234567890"));
+    assert!(!fits_f64("1e400"));
+    assert!(!fits_f64(&"1".repeat(320)));
+}
+
+#[test]
 fn limits_are_configurable() {
     let l = Limits {
         max_room_id_len: 3,

@@ -10,31 +10,37 @@ pub(super) enum PayloadProblem {
     NumberOutOfRange,
 }
 
+/// A number written without an exponent and with at most this many characters is below
+/// 10^300, so it is a finite `f64` without being parsed.
+const PLAIN_NUMBER_FITS: usize = 300;
+
 /// Checks a payload in one pass over its text: arrays and objects nest at most `max_depth`
 /// deep, and every number fits an `f64`. JSON allows any number, but many parsers
 /// (serde_json among them) refuse one that overflows, and a delivery must stay readable by
-/// every client.
+/// every client. Strings are skipped from quote to quote with `memchr` (their bytes are
+/// most of a typical payload).
 pub(super) fn check_payload(json: &str, max_depth: usize) -> Result<(), PayloadProblem> {
     let bytes = json.as_bytes();
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
     let mut i = 0;
     while i < bytes.len() {
-        let b = bytes[i];
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                // To the closing quote; an escape's next byte is never one.
+                loop {
+                    let rest = bytes.get(i..).unwrap_or_default();
+                    match memchr::memchr2(b'"', b'\\', rest) {
+                        None => return Ok(()),
+                        Some(at) if rest[at] == b'\\' => i += at + 2,
+                        Some(at) => {
+                            i += at + 1;
+                            break;
+                        }
+                    }
+                }
+                continue;
             }
-            i += 1;
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max_depth {
@@ -71,10 +77,7 @@ pub(super) fn has_lone_surrogate(json: &str) -> bool {
         u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
     };
     let mut i = 0;
-    while let Some(offset) = bytes
-        .get(i..)
-        .and_then(|rest| rest.iter().position(|&b| b == b'\\'))
-    {
+    while let Some(offset) = bytes.get(i..).and_then(|rest| memchr::memchr(b'\\', rest)) {
         i += offset;
         if bytes.get(i + 1) != Some(&b'u') {
             i += 2;
@@ -97,9 +100,11 @@ pub(super) fn has_lone_surrogate(json: &str) -> bool {
     false
 }
 
-/// Whether a JSON number's value is a finite `f64`.
+/// Whether a JSON number's value is a finite `f64`. Only a number with an exponent or of
+/// more than [`PLAIN_NUMBER_FITS`] characters is parsed.
 pub(super) fn fits_f64(number: &str) -> bool {
-    number.parse::<f64>().is_ok_and(f64::is_finite)
+    let plain = number.len() <= PLAIN_NUMBER_FITS && !number.bytes().any(|b| b | 0x20 == b'e');
+    plain || number.parse::<f64>().is_ok_and(f64::is_finite)
 }
 
 pub(super) fn is_string_or_number(raw: &RawValue) -> bool {

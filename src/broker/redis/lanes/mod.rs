@@ -54,27 +54,32 @@ enum Kind {
         frame: Utf8Bytes,
     },
     /// A publish with an idempotency key to a room without history: the once script (see
-    /// `once`).
-    Once {
-        record: String,
-        channel: String,
-        frame: Utf8Bytes,
-        window_ms: u64,
-    },
-    /// A publish to a room with history: the publish script (see `history`). `frame` is
-    /// the delivered frame without its closing `}`; `once`, the record of its idempotency
-    /// key and the window in ms.
-    History {
-        meta: String,
-        list: String,
-        channel: String,
-        frame: String,
-        size: usize,
-        ttl_ms: u64,
-        once: Option<(String, u64)>,
-    },
+    /// `once`). Boxed, as is `History`, so that a request, which is moved from the caller
+    /// to the lane's batch and on, stays as small as a plain publish's.
+    Once(Box<OncePublish>),
+    /// A publish to a room with history: the publish script (see `history`).
+    History(Box<HistoryPublish>),
     /// A health probe: `PING` on the lane's connection, in order with the publishes.
     Ping,
+}
+
+struct OncePublish {
+    record: String,
+    channel: String,
+    frame: Utf8Bytes,
+    window_ms: u64,
+}
+
+struct HistoryPublish {
+    meta: String,
+    list: String,
+    channel: String,
+    /// The delivered frame without its closing `}`.
+    frame: String,
+    size: usize,
+    ttl_ms: u64,
+    /// The record of its idempotency key and the window in ms.
+    once: Option<(String, u64)>,
 }
 
 impl Kind {
@@ -82,8 +87,9 @@ impl Kind {
     /// (the publish script's first key); `None` for a `PING`.
     fn key(&self) -> Option<&[u8]> {
         match self {
-            Kind::Publish { channel, .. } | Kind::Once { channel, .. } => Some(channel.as_bytes()),
-            Kind::History { meta, .. } => Some(meta.as_bytes()),
+            Kind::Publish { channel, .. } => Some(channel.as_bytes()),
+            Kind::Once(once) => Some(once.channel.as_bytes()),
+            Kind::History(history) => Some(history.meta.as_bytes()),
             Kind::Ping => None,
         }
     }
@@ -99,13 +105,16 @@ fn command(requests: &[Request], cluster: bool, pipeline: &mut redis::Pipeline) 
                 true => "SPUBLISH",
                 false => "PUBLISH",
             };
-            pipeline.cmd(publish).arg(channel).arg(frame.as_bytes());
+            // Sized up front: one allocation for the command's bytes, none to grow them.
+            let mut command = redis::Cmd::with_capacity(3, 8 + channel.len() + frame.len());
+            command.arg(publish).arg(channel).arg(frame.as_bytes());
+            pipeline.add_command(command);
         }
         Kind::Ping => {
             pipeline.cmd("PING");
         }
-        Kind::Once { .. } => once::append(requests, cluster, pipeline),
-        Kind::History { .. } => script_call::append(requests, cluster, pipeline),
+        Kind::Once(_) => once::append(requests, cluster, pipeline),
+        Kind::History(_) => script_call::append(requests, cluster, pipeline),
     }
 }
 
@@ -114,6 +123,16 @@ impl Request {
         // The caller may have gone away; the outcome is the same for everyone else.
         let _ = self.reply.send(result);
     }
+}
+
+/// What a pipelined command's reply says to the requests it carried.
+enum Outcome {
+    /// The same result for each (a plain publish or a ping carries one request).
+    Same(Published),
+    /// A result for each, in order.
+    Each(Vec<Published>),
+    /// Nothing was done (`NOSCRIPT`): to be sent again once the script is loaded.
+    Retry,
 }
 
 /// A set of running publishing lanes.
@@ -179,13 +198,13 @@ impl Lanes {
                 channel: keys.room_channel(room),
                 frame: Utf8Bytes::from(frame),
             },
-            (None, Some((record, window_ms))) => Kind::Once {
+            (None, Some((record, window_ms))) => Kind::Once(Box::new(OncePublish {
                 record,
                 channel: keys.room_channel(room),
                 frame: Utf8Bytes::from(frame),
                 window_ms,
-            },
-            (Some(history), once) => Kind::History {
+            })),
+            (Some(history), once) => Kind::History(Box::new(HistoryPublish {
                 meta: keys.history_meta(room),
                 list: keys.history_frames(room),
                 channel: keys.room_channel(room),
@@ -193,7 +212,7 @@ impl Lanes {
                 size: history.size,
                 ttl_ms: history::ttl_ms(history),
                 once,
-            },
+            })),
         };
         self.queue(lane, kind)
     }
@@ -325,10 +344,10 @@ impl Lane {
             let mut end = i + 1;
             // A script call's keys must share a slot on a cluster: one room there.
             let joins = |next: &Request| match (&batch[i].kind, cluster) {
-                (Kind::History { .. }, true) => same_room(&batch[i], next),
-                (Kind::History { .. }, false) => matches!(next.kind, Kind::History { .. }),
-                (Kind::Once { .. }, true) => once::same_room(&batch[i], next),
-                (Kind::Once { .. }, false) => matches!(next.kind, Kind::Once { .. }),
+                (Kind::History(_), true) => same_room(&batch[i], next),
+                (Kind::History(_), false) => matches!(next.kind, Kind::History(_)),
+                (Kind::Once(_), true) => once::same_room(&batch[i], next),
+                (Kind::Once(_), false) => matches!(next.kind, Kind::Once(_)),
                 _ => false,
             };
             while batch.get(end).is_some_and(joins) {
@@ -347,46 +366,30 @@ impl Lane {
                 deadline,
             )
             .await;
-        let groups = commands.iter().map(Range::len);
         let mut retry = Vec::new();
         match sent {
             Ok(replies) => {
+                // Each command's outcome first (reading its requests), then the answers.
+                let outcomes: Vec<Outcome> = replies
+                    .into_iter()
+                    .zip(&commands)
+                    .map(|(reply, range)| self.outcome(&batch[range.clone()], reply))
+                    .collect();
                 let mut requests = batch.drain(..);
-                for (reply, n) in replies.into_iter().zip(groups) {
-                    let group: Vec<Request> = requests.by_ref().take(n).collect();
-                    let reply = match reply {
-                        Ok(reply) => reply,
-                        Err(failure) => {
-                            // Handed back: the pool's recycle check keeps it or replaces it.
-                            self.held = None;
-                            let e = BrokerError::from(failure);
-                            group.into_iter().for_each(|r| r.reply(Err(e.clone())));
-                            continue;
+                for (outcome, range) in outcomes.into_iter().zip(&commands) {
+                    let group = requests.by_ref().take(range.len());
+                    match outcome {
+                        Outcome::Retry => retry.extend(group),
+                        Outcome::Same(result) => {
+                            group.for_each(|request| request.reply(result.clone()))
                         }
-                    };
-                    let results: Vec<Published> = match (&group[0].kind, reply) {
-                        (_, reply) if no_script(&reply) => {
-                            retry.extend(group);
-                            continue;
+                        Outcome::Each(results) => {
+                            let mut results = results.into_iter();
+                            for request in group {
+                                let missing = || Err(unknown("no result for a request".into()));
+                                request.reply(results.next().unwrap_or_else(missing));
+                            }
                         }
-                        // Refused as a whole: it did nothing. (The script answers its
-                        // rooms' own errors one by one, below.)
-                        (_, Value::ServerError(e)) => vec![Err(refused(e)); n],
-                        (Kind::Publish { .. }, Value::Int(_)) => vec![Ok(Accepted::default())],
-                        (Kind::Once { .. }, answer) => once::results(answer, n),
-                        (Kind::History { .. }, Value::Array(answers)) => {
-                            history_results(&group, answers)
-                        }
-                        (Kind::Ping, Value::SimpleString(_) | Value::Okay) => {
-                            vec![Ok(Accepted::default())]
-                        }
-                        (Kind::History { .. }, other) => {
-                            vec![Err(unknown(format!("{other:?} from the publish script"))); n]
-                        }
-                        (_, other) => vec![Err(BrokerError::Protocol(format!("{other:?}"))); n],
-                    };
-                    for (request, result) in group.into_iter().zip(results) {
-                        request.reply(result);
                     }
                 }
             }
@@ -399,6 +402,37 @@ impl Lane {
             }
         }
         retry
+    }
+
+    /// What one pipelined command's `reply` means for its requests, `group`.
+    fn outcome(&mut self, group: &[Request], reply: super::commands::Reply) -> Outcome {
+        let n = group.len();
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(failure) => {
+                // Handed back: the pool's recycle check keeps it or replaces it.
+                self.held = None;
+                return Outcome::Same(Err(BrokerError::from(failure)));
+            }
+        };
+        match (&group[0].kind, reply) {
+            (_, reply) if no_script(&reply) => Outcome::Retry,
+            // Refused as a whole: it did nothing. (The script answers its rooms' own errors
+            // one by one.)
+            (_, Value::ServerError(e)) => Outcome::Same(Err(refused(e))),
+            (Kind::Publish { .. }, Value::Int(_)) => Outcome::Same(Ok(Accepted::default())),
+            (Kind::Once(_), answer) => Outcome::Each(once::results(answer, n)),
+            (Kind::History(_), Value::Array(answers)) => {
+                Outcome::Each(history_results(group, answers))
+            }
+            (Kind::Ping, Value::SimpleString(_) | Value::Okay) => {
+                Outcome::Same(Ok(Accepted::default()))
+            }
+            (Kind::History(_), other) => {
+                Outcome::Same(Err(unknown(format!("{other:?} from the publish script"))))
+            }
+            (_, other) => Outcome::Same(Err(BrokerError::Protocol(format!("{other:?}")))),
+        }
     }
 
     /// Sends `count` commands (see [`query_commands`]) on the held connection (checking one

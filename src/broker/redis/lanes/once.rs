@@ -62,19 +62,14 @@ pub(super) fn append(requests: &[Request], cluster: bool, pipeline: &mut redis::
         .arg(script(cluster).get_hash())
         .arg(requests.len());
     for request in requests {
-        if let Kind::Once { record, .. } = &request.kind {
-            command.arg(record);
+        if let Kind::Once(once) = &request.kind {
+            command.arg(&once.record);
         }
     }
     for request in requests {
-        if let Kind::Once {
-            channel,
-            frame,
-            window_ms,
-            ..
-        } = &request.kind
-        {
-            command.arg(channel).arg(*window_ms).arg(frame.as_bytes());
+        if let Kind::Once(once) = &request.kind {
+            let frame = once.frame.as_bytes();
+            command.arg(&once.channel).arg(once.window_ms).arg(frame);
         }
     }
 }
@@ -82,7 +77,7 @@ pub(super) fn append(requests: &[Request], cluster: bool, pipeline: &mut redis::
 /// Whether `a` and `b` are keyed publishes to the same room.
 pub(super) fn same_room(a: &Request, b: &Request) -> bool {
     matches!((&a.kind, &b.kind),
-        (Kind::Once { channel: a, .. }, Kind::Once { channel: b, .. }) if a == b)
+        (Kind::Once(a), Kind::Once(b)) if a.channel == b.channel)
 }
 
 /// Each of `n` publishes' result from the once script's answer. Any answer it should not

@@ -12,7 +12,7 @@ use crate::error::BrokerError;
 /// Whether `a` and `b` are publishes to the same history room (one run of a script call).
 pub(super) fn same_room(a: &Request, b: &Request) -> bool {
     matches!((&a.kind, &b.kind),
-        (Kind::History { meta: a, .. }, Kind::History { meta: b, .. }) if a == b)
+        (Kind::History(a), Kind::History(b)) if a.meta == b.meta)
 }
 
 /// Appends to `pipeline` one publish script call for `requests` (history publishes, of one
@@ -25,8 +25,8 @@ pub(super) fn append(requests: &[Request], cluster: bool, pipeline: &mut redis::
         .arg(history::publish_script(cluster).get_hash())
         .arg(keys);
     for run in runs() {
-        if let Kind::History { meta, list, .. } = &run[0].kind {
-            command.arg(meta).arg(list);
+        if let Kind::History(history) = &run[0].kind {
+            command.arg(&history.meta).arg(&history.list);
         }
         for record in records(run) {
             command.arg(record);
@@ -39,7 +39,8 @@ pub(super) fn append(requests: &[Request], cluster: bool, pipeline: &mut redis::
         let mut mask = String::new();
         let mut window_ms = 0;
         for request in run {
-            if let Kind::History { once, .. } = &request.kind {
+            if let Kind::History(history) = &request.kind {
+                let once = &history.once;
                 mask.push(if once.is_some() { '1' } else { '0' });
                 if let Some((_, window)) = once {
                     window_ms = *window;
@@ -49,24 +50,18 @@ pub(super) fn append(requests: &[Request], cluster: bool, pipeline: &mut redis::
         if window_ms == 0 {
             mask.clear();
         }
-        if let Kind::History {
-            channel,
-            size,
-            ttl_ms,
-            ..
-        } = &run[0].kind
-        {
+        if let Kind::History(history) = &run[0].kind {
             command
-                .arg(channel)
-                .arg(*size)
-                .arg(*ttl_ms)
+                .arg(&history.channel)
+                .arg(history.size)
+                .arg(history.ttl_ms)
                 .arg(run.len())
                 .arg(mask)
                 .arg(window_ms);
         }
         for request in run {
-            if let Kind::History { frame, .. } = &request.kind {
-                command.arg(frame);
+            if let Kind::History(history) = &request.kind {
+                command.arg(&history.frame);
             }
         }
     }
@@ -75,10 +70,7 @@ pub(super) fn append(requests: &[Request], cluster: bool, pipeline: &mut redis::
 /// The record keys of the keyed publishes of `run`, in order.
 fn records(run: &[Request]) -> impl Iterator<Item = &String> {
     run.iter().filter_map(|request| match &request.kind {
-        Kind::History {
-            once: Some((record, _)),
-            ..
-        } => Some(record),
+        Kind::History(history) => history.once.as_ref().map(|(record, _)| record),
         _ => None,
     })
 }
