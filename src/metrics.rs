@@ -35,6 +35,7 @@
 //! thinws::metrics::describe();
 //! ```
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Once;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
@@ -111,12 +112,21 @@ pub(crate) fn describe_once() {
 }
 
 /// Handles a socket keeps for its hot paths (taken once, when it opens).
-#[derive(Debug, Clone)]
+///
+/// Frames in and publishes are counted on the socket and added to the counters every
+/// socket shares just before the socket writes ([`SocketMetrics::add_counted`]) and when
+/// it ends: one update of those shared cache lines per write rather than one per frame.
+/// Every frame in is answered by a write, so a client that has its answer finds its frame
+/// counted.
+#[derive(Debug)]
 pub(crate) struct SocketMetrics {
-    pub(crate) frames_in: Counter,
-    pub(crate) frames_out: Counter,
-    pub(crate) publishes: Counter,
+    frames_in: Counter,
+    frames_out: Counter,
+    publishes: Counter,
     pub(crate) publish_duration: Histogram,
+    /// Frames in and publishes not yet added to `frames_in` and `publishes`.
+    unadded_frames_in: AtomicU64,
+    unadded_publishes: AtomicU64,
 }
 
 impl SocketMetrics {
@@ -126,7 +136,45 @@ impl SocketMetrics {
             frames_out: counter!("thinws_frames_out_total"),
             publishes: counter!("thinws_publishes_total"),
             publish_duration: histogram!("thinws_publish_duration_seconds"),
+            unadded_frames_in: AtomicU64::new(0),
+            unadded_publishes: AtomicU64::new(0),
         }
+    }
+
+    /// A frame was read from the client.
+    pub(crate) fn frame_in(&self) {
+        self.unadded_frames_in.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A publish was accepted.
+    pub(crate) fn published(&self) {
+        self.unadded_publishes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `frames` were written to the client (perhaps none).
+    pub(crate) fn wrote(&self, frames: u64) {
+        if frames > 0 {
+            self.frames_out.increment(frames);
+        }
+    }
+
+    /// Adds the frames in and publishes counted on the socket to the shared counters.
+    pub(crate) fn add_counted(&self) {
+        for (unadded, counter) in [
+            (&self.unadded_frames_in, &self.frames_in),
+            (&self.unadded_publishes, &self.publishes),
+        ] {
+            let n = unadded.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                counter.increment(n);
+            }
+        }
+    }
+}
+
+impl Drop for SocketMetrics {
+    fn drop(&mut self) {
+        self.add_counted();
     }
 }
 

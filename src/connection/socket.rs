@@ -417,7 +417,7 @@ impl Socket {
         } = answered;
         match result {
             Ok(at) => {
-                self.metrics.publishes.increment(1);
+                self.metrics.published();
                 self.metrics.publish_duration.record(started.elapsed());
                 Answer::published(at).frame(&message_id)
             }

@@ -173,7 +173,7 @@ impl SocketTask {
         }
         match read_result(read, &self.queue) {
             Read::Frame(message) => {
-                self.metrics.frames_in.increment(1);
+                self.metrics.frame_in();
                 let verdict = check_rate(&mut self.rate);
                 // Nothing more is read after a flood: the socket closes once this frame is
                 // answered.

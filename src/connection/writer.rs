@@ -105,9 +105,10 @@ impl Writer {
             self.answered_close |= peer_closed && !control.is_empty();
             self.sink.add_control(&control);
         }
+        self.metrics.add_counted();
         let mut frames = 0;
         let polled = self.sink.poll_write_texts(cx, &mut self.batch, &mut frames);
-        self.metrics.frames_out.increment(frames);
+        self.metrics.wrote(frames);
         if let Err(e) = std::task::ready!(polled) {
             tracing::debug!(error = %e, "socket write failed");
             self.failed = true;

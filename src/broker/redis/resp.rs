@@ -11,6 +11,7 @@
 //! buffer alive, or the queue's byte bound would not bound memory.
 
 use std::fmt;
+use std::ops::Range;
 
 use bytes::{Buf, BytesMut};
 use redis::ConnectionAddr;
@@ -199,15 +200,74 @@ impl RespConnection {
         &mut self,
         messages: &mut impl Messages,
     ) -> Result<Option<Option<Reply>>, BrokerError> {
-        let Some((frame, used)) = decode_range(&self.buf)
-            .map_err(|e| BrokerError::Protocol(format!("malformed: {e:?}")))?
-        else {
+        let Some((event, used)) = decode(&self.buf, messages)? else {
             return Ok(None);
         };
-        let event = classify(&self.buf, &frame, messages);
         self.buf.advance(used);
         event.map(Some)
     }
+}
+
+/// Decodes the first frame of `buf`: `None` when it holds no complete frame, otherwise
+/// what it is (see [`classify`]) and how many bytes it took. A published message, nearly
+/// every frame a busy subscriber reads, is read by [`message_frame`] without the general
+/// decoder (which allocates a vector for its three items).
+#[allow(clippy::type_complexity)]
+fn decode(
+    buf: &[u8],
+    messages: &mut impl Messages,
+) -> Result<Option<(Result<Option<Reply>, BrokerError>, usize)>, BrokerError> {
+    if let Some(((channel, payload), used)) = message_frame(buf) {
+        messages.message(&buf[channel], &buf[payload]);
+        return Ok(Some((Ok(None), used)));
+    }
+    let Some((frame, used)) =
+        decode_range(buf).map_err(|e| BrokerError::Protocol(format!("malformed: {e:?}")))?
+    else {
+        return Ok(None);
+    };
+    Ok(Some((classify(buf, &frame, messages), used)))
+}
+
+/// A complete published message at the start of `buf`,
+/// `*3\r\n$7\r\nmessage\r\n$<n>\r\n<channel>\r\n$<m>\r\n<payload>\r\n` (or `smessage`): the
+/// channel's and the payload's places and the bytes it takes. `None` for anything else,
+/// complete or not, which the general decoder reads.
+fn message_frame(buf: &[u8]) -> Option<((Range<usize>, Range<usize>), usize)> {
+    const MESSAGE: &[u8] = b"*3\r\n$7\r\nmessage\r\n$";
+    const SMESSAGE: &[u8] = b"*3\r\n$8\r\nsmessage\r\n$";
+    let at = match buf {
+        _ if buf.starts_with(MESSAGE) => MESSAGE.len(),
+        _ if buf.starts_with(SMESSAGE) => SMESSAGE.len(),
+        _ => return None,
+    };
+    let (channel, at) = bulk_string(buf, at)?;
+    if buf.get(at) != Some(&b'$') {
+        return None;
+    }
+    let (payload, at) = bulk_string(buf, at + 1)?;
+    Some(((channel, payload), at))
+}
+
+/// The bulk string whose length starts at `at` (just past its `$`): where its bytes are and
+/// where the next frame starts; `None` if it is not all in `buf` or is not a bulk string.
+fn bulk_string(buf: &[u8], at: usize) -> Option<(Range<usize>, usize)> {
+    let digits = buf.get(at..)?;
+    let end = memchr::memchr(b'\r', digits)?;
+    let digits = &digits[..end];
+    // At most 10 digits: a length past 4 GiB is not a frame to read here.
+    if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let len = digits
+        .iter()
+        .fold(0usize, |n, d| n * 10 + usize::from(d - b'0'));
+    let start = at + end + 2;
+    if buf.get(start - 1) != Some(&b'\n') {
+        return None;
+    }
+    let stop = start.checked_add(len)?;
+    (buf.get(stop..stop + 2)? == b"\r\n").then_some((start..stop, stop + 2))
 }
 
 /// Where the messages published to the channels a connection subscribes go.
@@ -302,15 +362,15 @@ mod tests {
         let mut buf = BytesMut::from(input);
         let mut replies = Vec::new();
         let mut messages = Vec::new();
-        while let Some((frame, used)) = decode_range(&buf).unwrap() {
-            let reply = classify(&buf, &frame, &mut |c: &[u8], p: &[u8]| {
-                messages.push((
-                    String::from_utf8_lossy(c).into_owned(),
-                    String::from_utf8_lossy(p).into_owned(),
-                ))
-            })
-            .unwrap();
-            replies.extend(reply);
+        while let Some((reply, used)) = decode(&buf, &mut |c: &[u8], p: &[u8]| {
+            messages.push((
+                String::from_utf8_lossy(c).into_owned(),
+                String::from_utf8_lossy(p).into_owned(),
+            ))
+        })
+        .unwrap()
+        {
+            replies.extend(reply.unwrap());
             buf.advance(used);
         }
         assert!(buf.is_empty(), "a partial frame was left: {buf:?}");
@@ -352,10 +412,41 @@ mod tests {
     fn a_partial_frame_waits_for_more_bytes() {
         let full = b"*3\r\n$7\r\nmessage\r\n$1\r\nr\r\n$5\r\nhello\r\n";
         for cut in 1..full.len() {
-            assert!(
-                decode_range(&full[..cut]).unwrap().is_none(),
-                "cut at {cut}"
-            );
+            assert!(message_frame(&full[..cut]).is_none(), "cut at {cut}");
+            let decoded = decode(&full[..cut], &mut |_: &[u8], _: &[u8]| panic!("a message"));
+            assert!(decoded.unwrap().is_none(), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn the_message_fast_path_reads_what_the_general_decoder_reads() {
+        let mut buf = Vec::new();
+        let mut expected = Vec::new();
+        for (kind, channel, payload) in [
+            ("message", "r", "x"),
+            ("smessage", "{room}:b", ""),
+            ("message", "a\r\nb", "$3\r\n*3\r\n"),
+            ("message", "c", &"p".repeat(70_000)),
+        ] {
+            buf.extend_from_slice(format!("*3\r\n${}\r\n{kind}\r\n", kind.len()).as_bytes());
+            for part in [channel, payload] {
+                buf.extend_from_slice(format!("${}\r\n{part}\r\n", part.len()).as_bytes());
+            }
+            expected.push((channel.to_string(), payload.to_string()));
+        }
+        assert!(message_frame(&buf).is_some());
+        let (replies, messages) = decode_all(&buf);
+        assert!(replies.is_empty());
+        assert_eq!(messages, expected);
+        // Frames it does not take: a null payload, a length that is not digits, a wrong
+        // terminator, a fourth item; each left to the general decoder.
+        for input in [
+            &b"*3\r\n$7\r\nmessage\r\n$1\r\nr\r\n$-1\r\n"[..],
+            b"*3\r\n$7\r\nmessage\r\n$x\r\nr\r\n$1\r\nx\r\n",
+            b"*3\r\n$7\r\nmessage\r\n$1\r\nr\r\n$1\r\nxx\r\n",
+            b"*4\r\n$7\r\nmessage\r\n$1\r\nr\r\n$1\r\nx\r\n$1\r\ny\r\n",
+        ] {
+            assert!(message_frame(input).is_none(), "{input:?}");
         }
     }
 
