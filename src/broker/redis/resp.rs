@@ -212,14 +212,10 @@ impl RespConnection {
 /// what it is (see [`classify`]) and how many bytes it took. A published message, nearly
 /// every frame a busy subscriber reads, is read by [`message_frame`] without the general
 /// decoder (which allocates a vector for its three items).
-#[allow(clippy::type_complexity)]
-fn decode(
-    buf: &[u8],
-    messages: &mut impl Messages,
-) -> Result<Option<(Result<Option<Reply>, BrokerError>, usize)>, BrokerError> {
-    if let Some(((channel, payload), used)) = message_frame(buf) {
-        messages.message(&buf[channel], &buf[payload]);
-        return Ok(Some((Ok(None), used)));
+fn decode(buf: &[u8], messages: &mut impl Messages) -> Result<Option<Decoded>, BrokerError> {
+    if let Some(message) = message_frame(buf) {
+        messages.message(&buf[message.channel], &buf[message.payload]);
+        return Ok(Some((Ok(None), message.used)));
     }
     let Some((frame, used)) =
         decode_range(buf).map_err(|e| BrokerError::Protocol(format!("malformed: {e:?}")))?
@@ -229,11 +225,22 @@ fn decode(
     Ok(Some((classify(buf, &frame, messages), used)))
 }
 
+/// One decoded frame: what it is (see [`classify`]), and how many bytes it took.
+type Decoded = (Result<Option<Reply>, BrokerError>, usize);
+
+/// Where a published message's parts are in the read buffer.
+struct MessageFrame {
+    channel: Range<usize>,
+    payload: Range<usize>,
+    /// The bytes the whole frame takes.
+    used: usize,
+}
+
 /// A complete published message at the start of `buf`,
 /// `*3\r\n$7\r\nmessage\r\n$<n>\r\n<channel>\r\n$<m>\r\n<payload>\r\n` (or `smessage`): the
 /// channel's and the payload's places and the bytes it takes. `None` for anything else,
 /// complete or not, which the general decoder reads.
-fn message_frame(buf: &[u8]) -> Option<((Range<usize>, Range<usize>), usize)> {
+fn message_frame(buf: &[u8]) -> Option<MessageFrame> {
     const MESSAGE: &[u8] = b"*3\r\n$7\r\nmessage\r\n$";
     const SMESSAGE: &[u8] = b"*3\r\n$8\r\nsmessage\r\n$";
     let at = match buf {
@@ -245,8 +252,12 @@ fn message_frame(buf: &[u8]) -> Option<((Range<usize>, Range<usize>), usize)> {
     if buf.get(at) != Some(&b'$') {
         return None;
     }
-    let (payload, at) = bulk_string(buf, at + 1)?;
-    Some(((channel, payload), at))
+    let (payload, used) = bulk_string(buf, at + 1)?;
+    Some(MessageFrame {
+        channel,
+        payload,
+        used,
+    })
 }
 
 /// The bulk string whose length starts at `at` (just past its `$`): where its bytes are and
