@@ -11,9 +11,9 @@
 //! | `thinws_sockets` | gauge | open sockets on this node |
 //! | `thinws_rooms` | gauge | rooms with members on this node |
 //! | `thinws_redis_subscriptions` | gauge | room channels this node holds at Redis (0 while disconnected) |
-//! | `thinws_frames_in_total` | counter | frames received from clients |
+//! | `thinws_frames_in_total` | counter | frames received from clients (added when the socket next writes: its answer included) |
 //! | `thinws_frames_out_total` | counter | frames written to clients |
-//! | `thinws_publishes_total` | counter | messages accepted by the broker |
+//! | `thinws_publishes_total` | counter | messages accepted by the broker (added when the socket next writes: the ack included) |
 //! | `thinws_publish_duration_seconds` | histogram | time from a client's `message` to the broker's acceptance |
 //! | `thinws_errors_total{code}` | counter | `error` frames sent, by code |
 //! | `thinws_slow_reader_drops_total` | counter | sockets closed with 1013 because their queue was full |

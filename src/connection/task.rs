@@ -14,12 +14,11 @@ use std::time::{Duration, SystemTime};
 use futures_util::{FutureExt, StreamExt};
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use hyper_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::outbound::OutboundQueue;
 use super::rate_limit::{Rate, RateLimit};
-use super::reader::{check_rate, handle, read_result, Frame, Progress, Read, Reader};
+use super::reader::{check_rate, handle, read_result, Frame, Progress, Read, Reader, Stop};
 use super::socket::Socket;
 use super::wire::{Control, FrameWriter, WsStream};
 use super::writer::Writer;
@@ -56,7 +55,7 @@ struct SocketTask {
     flooded: bool,
     rate: Option<RateLimit>,
     /// Stops the frame being handled when the socket ends.
-    stop: Arc<Notify>,
+    stop: Stop,
     queue: Arc<OutboundQueue>,
     /// Told when the client's close frame is read (tungstenite answers it).
     control: Arc<Control>,
@@ -99,7 +98,7 @@ impl SocketTask {
             ahead: None,
             flooded: false,
             rate: RateLimit::new(config.rate, now),
-            stop: Arc::new(Notify::new()),
+            stop: Stop::default(),
             queue,
             control,
             last_seen: now,
