@@ -18,6 +18,9 @@
 #                                 # Redis Cluster (no replicas), the "before" on one Redis;
 #                                 # BEFORE_REDIS=cluster likewise (both: two binaries on it)
 #   REDIS_SESSION=shared bench/compare.sh ...   # Redis in this script's session (see below)
+#   REDIS_CPUS=1 OTHER_CPUS=0 bench/compare.sh ...   # Redis pinned to CPU 1, the nodes and
+#                                 # the load generator to CPU 0 (taskset): Redis on a core of
+#                                 # its own, as on a host of its own (BENCHMARKS finding 34)
 #   AFTER_LOAD_ARGS=--keys bench/compare.sh BIN BIN 3   # extra load generator arguments for
 #                                 # the "after" side (BEFORE_LOAD_ARGS likewise), e.g. every
 #                                 # message with an idempotency key
@@ -31,9 +34,12 @@ loadgen=bench/loadgen/target/release/thinws-bench
 # one thread's share among the nodes' and the load generator's (BENCHMARKS finding 25).
 # REDIS_SESSION=shared runs it in this script's session instead, as before that finding.
 own_session=(setsid); [ "${REDIS_SESSION:-own}" = shared ] && own_session=()
+pin_redis=() pin_other=()
+[ -n "${REDIS_CPUS:-}" ] && pin_redis=(taskset -c "$REDIS_CPUS")
+[ -n "${OTHER_CPUS:-}" ] && pin_other=(taskset -c "$OTHER_CPUS")
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 redis_port=$(free_port)
-"${own_session[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
+"${own_session[@]}" "${pin_redis[@]}" redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no >/dev/null &
 redis_pid=$!
 pids=()
 trap 'kill "${pids[@]}" "$redis_pid" 2>/dev/null || true; wait 2>/dev/null || true' EXIT
@@ -44,7 +50,7 @@ if [ "${AFTER_REDIS:-}" = cluster ] || [ "${BEFORE_REDIS:-}" = cluster ]; then
   for _ in 1 2 3; do
     p=$(free_port); while (( p > 55000 )); do p=$(free_port); done
     mkdir -p "$cluster_dir/$p"
-    "${own_session[@]}" redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --dir "$cluster_dir/$p" \
+    "${own_session[@]}" "${pin_redis[@]}" redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --dir "$cluster_dir/$p" \
       --cluster-config-file nodes.conf --save "" --appendonly no >/dev/null &
     cluster_pids+=("$!"); cluster_ports+=("$p")
   done
@@ -70,7 +76,7 @@ one() { # label binary scenario args...
   fi
   for _ in 1 2; do
     local port; port=$(free_port)
-    "$binary" --listen "127.0.0.1:$port" "${redis_args[@]}" \
+    "${pin_other[@]}" "$binary" --listen "127.0.0.1:$port" "${redis_args[@]}" \
       --rate-limit 0 --max-sockets 300000 --no-demo "${node_args[@]}" >/dev/null 2>&1 &
     ids+=("$!"); urls+=("http://127.0.0.1:$port")
     until (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; do sleep 0.05; done
@@ -91,7 +97,7 @@ one() { # label binary scenario args...
   local start; start=$(cpu_ticks "${ids[@]}")
   local redis_start; redis_start=$(cpu_ticks "${redis_pids[@]}")
   local report
-  report=$("$loadgen" run --target thinws --label "$label" --nodes "$(IFS=,; echo "${urls[*]}")" \
+  report=$("${pin_other[@]}" "$loadgen" run --target thinws --label "$label" --nodes "$(IFS=,; echo "${urls[*]}")" \
     --scenario "$scenario" "$@" "${load_args[@]}" 2>/dev/null)
   local used=$(( $(cpu_ticks "${ids[@]}") - start ))
   local redis_used=$(( $(cpu_ticks "${redis_pids[@]}") - redis_start ))
