@@ -36,7 +36,7 @@
 //! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Once;
+use std::sync::{Arc, Once};
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics::{Counter, Histogram, Unit};
@@ -111,22 +111,14 @@ pub(crate) fn describe_once() {
     DESCRIBED.call_once(describe);
 }
 
-/// Handles a socket keeps for its hot paths (taken once, when it opens).
-///
-/// Frames in and publishes are counted on the socket and added to the counters every
-/// socket shares just before the socket writes ([`SocketMetrics::add_counted`]) and when
-/// it ends: one update of those shared cache lines per write rather than one per frame.
-/// Every frame in is answered by a write, so a client that has its answer finds its frame
-/// counted.
+/// The metric handles every socket of a node shares (taken once, when the node's first
+/// socket opens).
 #[derive(Debug)]
 pub(crate) struct SocketMetrics {
     frames_in: Counter,
     frames_out: Counter,
     publishes: Counter,
-    pub(crate) publish_duration: Histogram,
-    /// Frames in and publishes not yet added to `frames_in` and `publishes`.
-    unadded_frames_in: AtomicU64,
-    unadded_publishes: AtomicU64,
+    publish_duration: Histogram,
 }
 
 impl SocketMetrics {
@@ -136,35 +128,58 @@ impl SocketMetrics {
             frames_out: counter!("thinws_frames_out_total"),
             publishes: counter!("thinws_publishes_total"),
             publish_duration: histogram!("thinws_publish_duration_seconds"),
-            unadded_frames_in: AtomicU64::new(0),
-            unadded_publishes: AtomicU64::new(0),
+        }
+    }
+}
+
+/// One socket's metrics. Frames in and publishes are counted on the socket and added to
+/// the node's shared counters just before the socket writes ([`SocketCounts::add_counted`])
+/// and when it ends: one update of those shared cache lines per write rather than one per
+/// frame. Every frame in is answered by a write, so a client that has its answer finds its
+/// frame counted. (Atomics, but the socket's own: its reader, handling and writer share
+/// them, all on the socket's task.)
+#[derive(Debug)]
+pub(crate) struct SocketCounts {
+    shared: Arc<SocketMetrics>,
+    /// Frames in and publishes not yet added to the shared counters.
+    frames_in: AtomicU64,
+    publishes: AtomicU64,
+}
+
+impl SocketCounts {
+    pub(crate) fn new(shared: Arc<SocketMetrics>) -> Self {
+        SocketCounts {
+            shared,
+            frames_in: AtomicU64::new(0),
+            publishes: AtomicU64::new(0),
         }
     }
 
     /// A frame was read from the client.
     pub(crate) fn frame_in(&self) {
-        self.unadded_frames_in.fetch_add(1, Ordering::Relaxed);
+        self.frames_in.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A publish was accepted.
-    pub(crate) fn published(&self) {
-        self.unadded_publishes.fetch_add(1, Ordering::Relaxed);
+    /// A publish was accepted, `took` after the client's `message` was read.
+    pub(crate) fn published(&self, took: std::time::Duration) {
+        self.publishes.fetch_add(1, Ordering::Relaxed);
+        self.shared.publish_duration.record(took);
     }
 
     /// `frames` were written to the client (perhaps none).
     pub(crate) fn wrote(&self, frames: u64) {
         if frames > 0 {
-            self.frames_out.increment(frames);
+            self.shared.frames_out.increment(frames);
         }
     }
 
     /// Adds the frames in and publishes counted on the socket to the shared counters.
     pub(crate) fn add_counted(&self) {
-        for (unadded, counter) in [
-            (&self.unadded_frames_in, &self.frames_in),
-            (&self.unadded_publishes, &self.publishes),
+        for (counted, counter) in [
+            (&self.frames_in, &self.shared.frames_in),
+            (&self.publishes, &self.shared.publishes),
         ] {
-            let n = unadded.swap(0, Ordering::Relaxed);
+            let n = counted.swap(0, Ordering::Relaxed);
             if n > 0 {
                 counter.increment(n);
             }
@@ -172,7 +187,7 @@ impl SocketMetrics {
     }
 }
 
-impl Drop for SocketMetrics {
+impl Drop for SocketCounts {
     fn drop(&mut self) {
         self.add_counted();
     }

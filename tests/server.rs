@@ -98,6 +98,29 @@ async fn metrics_are_served_in_prometheus_text() {
     }
 }
 
+/// Frames in are counted on their socket and added to the shared counter when it writes;
+/// a socket closed for flooding writes its last answers on its way out, and its count
+/// still arrives whole, with no other socket to write after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_socket_has_every_frame_it_sent_counted() {
+    let server = Server::start(&["--rate-limit", "1", "--rate-burst", "1"]).await;
+    let mut a = Client::connect(&server.url()).await;
+    for id in 0..150 {
+        let frame = json!({"type": "subscribe", "messageID": id, "roomID": "r"});
+        a.send_text(frame.to_string()).await;
+    }
+    // Every frame the node read is answered before the close.
+    let (answered, code) = a.texts_until_closed().await;
+    assert_eq!(code, CloseCode::Policy);
+    assert!(answered > 100, "{answered} answers");
+    let expected = format!("thinws_frames_in_total {answered}\n");
+    support::until("every frame read to be counted", async || {
+        let body = http(server.addr, "GET", "/metrics", &[]).await.1;
+        body.contains("thinws_sockets 0") && body.contains(&expected)
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_restart_moves_clients_to_the_other_node_with_their_rooms() {
     let redis = RedisServer::start().await;

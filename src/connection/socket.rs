@@ -25,7 +25,7 @@ use crate::hooks::{
     ask, DisconnectEvent, DisconnectReason, Happened, MessageEvent, MessageVerdict, SocketHooks,
     SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
 };
-use crate::metrics::SocketMetrics;
+use crate::metrics::SocketCounts;
 use crate::node::Node;
 use crate::protocol::{self, server, Command, ErrorCode};
 use crate::rooms::{SharedMember, SocketId};
@@ -42,7 +42,7 @@ pub(super) struct Socket {
     /// This socket's own clones of the layer's hooks.
     hooks: SocketHooks,
     disconnect_fired: bool,
-    metrics: Arc<SocketMetrics>,
+    metrics: Arc<SocketCounts>,
     in_flight: InFlight,
     /// When the socket's grant ends (it is then closed), unless a `refresh` renews it.
     expires_at: Option<SystemTime>,
@@ -95,7 +95,7 @@ impl Socket {
     ) -> Self {
         let identity: Arc<str> = format!("{:016x}-{id}", node.instance).into();
         let hooks = SocketHooks::new(&node.config.hooks);
-        let metrics = node.socket_metrics();
+        let metrics = Arc::new(SocketCounts::new(node.socket_metrics()));
         // Only hooks read the upgrade request: without them, don't keep its headers for the
         // socket's whole life.
         let request = match hooks.is_empty() {
@@ -143,7 +143,7 @@ impl Socket {
         self.me.bound
     }
 
-    pub(super) fn metrics(&self) -> &Arc<SocketMetrics> {
+    pub(super) fn metrics(&self) -> &Arc<SocketCounts> {
         &self.metrics
     }
 
@@ -417,8 +417,7 @@ impl Socket {
         } = answered;
         match result {
             Ok(at) => {
-                self.metrics.published();
-                self.metrics.publish_duration.record(started.elapsed());
+                self.metrics.published(started.elapsed());
                 Answer::published(at).frame(&message_id)
             }
             Err(e) => {

@@ -25,7 +25,7 @@ use super::writer::Writer;
 use super::CLOSE_TIMEOUT;
 use crate::config::Config;
 use crate::hooks::DisconnectReason;
-use crate::metrics::SocketMetrics;
+use crate::metrics::SocketCounts;
 use crate::node::Node;
 
 /// A deadline waits for the frame being handled (perhaps the `connect` or `refresh` that
@@ -60,7 +60,7 @@ struct SocketTask {
     /// Told when the client's close frame is read (tungstenite answers it).
     control: Arc<Control>,
     /// The socket's metric handles (`thinws_frames_in_total` is counted here).
-    metrics: Arc<SocketMetrics>,
+    metrics: Arc<SocketCounts>,
     /// The layer's settings (idle timeout, ping interval).
     config: Arc<Config>,
     /// Anything received (a pong included) proves the peer alive; the idle timer is reset

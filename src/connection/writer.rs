@@ -17,7 +17,7 @@ use super::outbound::OutboundQueue;
 use super::pending::Pending;
 use super::wire::{Control, FrameWriter};
 use super::CLOSE_TIMEOUT;
-use crate::metrics::SocketMetrics;
+use crate::metrics::SocketCounts;
 
 /// Closes the socket's queue when the writing ends, however it ends, so that nothing waits
 /// for a writer that is gone.
@@ -37,7 +37,7 @@ pub(super) struct Writer {
     /// Frames taken from the queue and not yet written.
     batch: Pending,
     /// The socket's metric handles (`thinws_frames_out_total` is counted here).
-    metrics: Arc<SocketMetrics>,
+    metrics: Arc<SocketCounts>,
     /// A write began and has not finished (it waits for the client, or was cut short by
     /// another event and goes on at the next write).
     writing: bool,
@@ -52,7 +52,7 @@ impl Writer {
         sink: FrameWriter,
         queue: Arc<OutboundQueue>,
         control: Arc<Control>,
-        metrics: Arc<SocketMetrics>,
+        metrics: Arc<SocketCounts>,
     ) -> Self {
         Writer {
             sink,
@@ -147,6 +147,7 @@ impl Writer {
     /// socket is closed as a slow reader), within [`CLOSE_TIMEOUT`]; nothing is written
     /// after it.
     pub(super) async fn close(&mut self, (code, reason): (CloseCode, &'static str)) {
+        self.metrics.add_counted();
         let Writer {
             sink,
             queue,

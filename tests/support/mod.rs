@@ -676,6 +676,23 @@ impl Client {
         }
     }
 
+    /// Reads until the server closes the socket: how many text frames came first (the
+    /// backlog included), and the close code.
+    pub async fn texts_until_closed(&mut self) -> (usize, CloseCode) {
+        let mut texts = std::mem::take(&mut self.backlog).len();
+        loop {
+            match within("the server to close the socket", self.ws.next()).await {
+                Some(Ok(Message::Text(_))) => texts += 1,
+                Some(Ok(Message::Close(frame))) => {
+                    return (texts, frame.map_or(CloseCode::Status, |f| f.code))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("socket error before a close frame: {e}"),
+                None => panic!("socket ended without a close frame"),
+            }
+        }
+    }
+
     /// Sends a close frame and reads nothing (a client that stopped reading).
     pub async fn send_close(&mut self) {
         self.ws.close(None).await.expect("the close frame was sent");

@@ -270,9 +270,9 @@ fn bulk_string(buf: &[u8], at: usize) -> Option<(Range<usize>, usize)> {
     if digits.is_empty() || digits.len() > 10 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let len = digits
-        .iter()
-        .fold(0usize, |n, d| n * 10 + usize::from(d - b'0'));
+    let len = digits.iter().try_fold(0usize, |n, d| {
+        n.checked_mul(10)?.checked_add(usize::from(d - b'0'))
+    })?;
     let start = at + end + 2;
     if buf.get(start - 1) != Some(&b'\n') {
         return None;
