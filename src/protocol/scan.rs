@@ -124,3 +124,114 @@ pub(super) fn truncate(s: &str, max: usize) -> &str {
     }
     &s[..end]
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The byte-by-byte check that `check_payload` replaced, kept as its oracle.
+    fn byte_by_byte(json: &str, max_depth: usize) -> Result<(), PayloadProblem> {
+        let bytes = json.as_bytes();
+        let (mut depth, mut in_string, mut escaped, mut i) = (0usize, false, false, 0);
+        while i < bytes.len() {
+            let b = bytes[i];
+            if in_string {
+                match (escaped, b) {
+                    (true, _) => escaped = false,
+                    (false, b'\\') => escaped = true,
+                    (false, b'"') => in_string = false,
+                    _ => {}
+                }
+                i += 1;
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > max_depth {
+                        return Err(PayloadProblem::TooDeep);
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                b'-' | b'0'..=b'9' => {
+                    let start = i;
+                    while i < bytes.len()
+                        && matches!(bytes[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                    {
+                        i += 1;
+                    }
+                    if !json[start..i].parse::<f64>().is_ok_and(f64::is_finite) {
+                        return Err(PayloadProblem::NumberOutOfRange);
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+
+    /// JSON strings made of the pieces that matter to a scanner: quotes and backslashes
+    /// escaped, brackets and digits inside, non-ASCII text.
+    fn string() -> impl Strategy<Value = String> {
+        let piece = prop_oneof![
+            Just("a"),
+            Just("[{"),
+            Just("]}"),
+            Just("12e999"),
+            Just("\\\""),
+            Just("\\\\"),
+            Just("\\u005c"),
+            Just("\\ud83d\\ude00"),
+            Just("é€"),
+        ];
+        prop::collection::vec(piece, 0..6).prop_map(|pieces| format!("\"{}\"", pieces.concat()))
+    }
+
+    /// JSON numbers, up to well past the lengths where a plain number may overflow.
+    fn number() -> impl Strategy<Value = String> {
+        (
+            "-?",
+            "[1-9][0-9]{0,320}|0",
+            "(\\.[0-9]{1,4})?",
+            "([eE][-+]?[0-9]{1,3})?",
+        )
+            .prop_map(|(sign, int, fraction, exponent)| format!("{sign}{int}{fraction}{exponent}"))
+    }
+
+    fn json() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            string(),
+            number(),
+            Just("true".to_owned()),
+            Just("null".to_owned())
+        ];
+        leaf.prop_recursive(8, 64, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                prop::collection::vec((string(), inner), 0..4).prop_map(|members| {
+                    let members: Vec<String> =
+                        members.iter().map(|(k, v)| format!("{k}:{v}")).collect();
+                    format!("{{{}}}", members.join(","))
+                }),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn check_payload_agrees_with_the_byte_by_byte_check(text in json(), depth in 1usize..8) {
+            prop_assert_eq!(check_payload(&text, depth), byte_by_byte(&text, depth), "{}", text);
+        }
+
+        #[test]
+        fn fits_f64_agrees_with_parsing(text in number()) {
+            prop_assert_eq!(fits_f64(&text), text.parse::<f64>().is_ok_and(f64::is_finite), "{}", text);
+        }
+    }
+}

@@ -461,6 +461,48 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever the fast path takes, the general decoder reads the same way: the same
+        /// length, channel and payload. Frames are published messages with any bytes, some
+        /// with one byte of their framing changed, cut anywhere.
+        #[test]
+        fn the_fast_path_takes_only_what_the_general_decoder_reads_alike(
+            smessage in proptest::bool::ANY,
+            channel in proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            change in proptest::option::of((0usize..40, proptest::num::u8::ANY)),
+            cut in 0usize..400,
+        ) {
+            let kind: &[u8] = if smessage { b"smessage" } else { b"message" };
+            let mut frame = format!("*3\r\n${}\r\n", kind.len()).into_bytes();
+            frame.extend_from_slice(kind);
+            for part in [&channel, &payload] {
+                frame.extend_from_slice(format!("\r\n${}\r\n", part.len()).as_bytes());
+                frame.extend_from_slice(part);
+            }
+            frame.extend_from_slice(b"\r\n");
+            if let Some((at, byte)) = change {
+                let at = at % frame.len();
+                frame[at] = byte;
+            }
+            let buf = &frame[..cut.min(frame.len())];
+            if let Some(fast) = message_frame(buf) {
+                let (general, used) = decode_range(buf).unwrap().expect("a whole frame");
+                proptest::prop_assert_eq!(used, fast.used);
+                let mut seen = Vec::new();
+                let reply = classify(buf, &general, &mut |c: &[u8], p: &[u8]| {
+                    seen.push((c.to_vec(), p.to_vec()))
+                });
+                proptest::prop_assert!(matches!(reply, Ok(None)));
+                let read = (buf[fast.channel].to_vec(), buf[fast.payload].to_vec());
+                proptest::prop_assert_eq!(seen, vec![read]);
+            }
+            if change.is_none() {
+                proptest::prop_assert_eq!(message_frame(buf).is_some(), buf.len() == frame.len());
+            }
+        }
+    }
+
     #[test]
     fn integers_are_replies() {
         let (replies, _) = decode_all(b":2\r\n:0\r\n");
