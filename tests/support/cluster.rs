@@ -50,6 +50,29 @@ impl ClusterNode {
         self.child = Some(child);
     }
 
+    /// Waits until the node listens (true) or its process has exited (false), within
+    /// [`super::DEADLINE`].
+    async fn listens_or_exits(&mut self) -> bool {
+        let port = self.port;
+        let child = &mut self.child;
+        super::eventually(
+            &format!("port {port} to listen"),
+            super::DEADLINE,
+            async || {
+                if child
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().ok().flatten().is_some())
+                {
+                    *child = None;
+                    return Some(false);
+                }
+                let connected = tokio::net::TcpStream::connect(("127.0.0.1", port)).await;
+                connected.is_ok().then_some(true)
+            },
+        )
+        .await
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -116,10 +139,9 @@ impl RedisCluster {
         };
         let mut nodes = Vec::new();
         for _ in 0..6 {
-            let port = free_port();
             let dir = super::TempDir::new("cluster");
             let mut node = ClusterNode {
-                port,
+                port: free_port(),
                 child: None,
                 dir,
                 tls: tls.clone(),
@@ -127,8 +149,13 @@ impl RedisCluster {
             node.spawn();
             nodes.push(node);
         }
-        for node in &nodes {
-            super::listening(node.port).await;
+        for node in &mut nodes {
+            // A node that exited at once lost its port (or its bus port) to another
+            // process between `free_port` and its start: it starts again on another.
+            while !node.listens_or_exits().await {
+                node.port = free_port();
+                node.spawn();
+            }
         }
         let addrs: Vec<String> = nodes
             .iter()
