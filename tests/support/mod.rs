@@ -665,21 +665,13 @@ impl Client {
 
     /// Waits for the server to close the socket and returns the close code.
     pub async fn closed(&mut self) -> CloseCode {
-        loop {
-            match within("the server to close the socket", self.ws.next()).await {
-                Some(Ok(Message::Close(Some(frame)))) => return frame.code,
-                Some(Ok(Message::Close(None))) => return CloseCode::Status,
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => panic!("socket error before a close frame: {e}"),
-                None => panic!("socket ended without a close frame"),
-            }
-        }
+        self.texts_until_closed().await.1
     }
 
     /// Reads until the server closes the socket: how many text frames came first (the
     /// backlog included), and the close code.
     pub async fn texts_until_closed(&mut self) -> (usize, CloseCode) {
-        let mut texts = std::mem::take(&mut self.backlog).len();
+        let mut texts = self.backlog.len();
         loop {
             match within("the server to close the socket", self.ws.next()).await {
                 Some(Ok(Message::Text(_))) => texts += 1,
