@@ -28,7 +28,7 @@ mod per_master;
 mod slots;
 
 pub(crate) use self::cluster::{Cluster, ClusterTarget};
-pub(crate) use self::per_master::{query_commands, query_pipeline, Failure, Reply};
+pub(crate) use self::per_master::{query_commands, query_pipeline, Failure, Pipelines, Reply};
 pub(crate) use self::slots::{key_slot, ping_every_master, read_slot_map, SlotMap};
 
 /// An empty pipeline that answers each command's error in its place.

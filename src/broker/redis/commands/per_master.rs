@@ -52,10 +52,9 @@ pub(crate) async fn query_pipeline(
         return answer.map_err(|error| Failure { error, sent: true });
     }
     let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
-    let mut scratch = redis::pipe();
     query_commands(
         connection,
-        &mut scratch,
+        &mut Pipelines::default(),
         commands.len(),
         |n| key_of(commands[n]),
         |n, into| {
@@ -71,10 +70,10 @@ pub(crate) async fn query_pipeline(
 /// error reply in its place), or why none came. Command `n` is what `build(n, pipeline)`
 /// appends to a pipeline, and names the key `key(n)` (`None` for a command without one).
 ///
-/// On one Redis, the commands go as one pipeline, built in `scratch` (kept for the next
-/// call). On a cluster: one pipeline per master, by the slot map the cluster last
-/// reported, built directly (no command is copied) and sent concurrently; a master takes
-/// commands of many slots in one pipeline. A command answered `MOVED` (its slot moved) or
+/// On one Redis, the commands go as one pipeline. On a cluster: one pipeline per master,
+/// by the slot map the cluster last reported, built directly (no command is copied) and
+/// sent concurrently; a master takes commands of many slots in one pipeline. The pipelines
+/// are built in `pipelines`, whose buffers the next call reuses. A command answered `MOVED` (its slot moved) or
 /// `TRYAGAIN` (its keys are moving) did not run: it is built again and sent by the map read
 /// again; one answered `ASK` goes to the node named, after `ASKING`. Each is sent again at
 /// most [`REDIRECTS`] times, then answered with its last redirection. The commands naming
@@ -86,16 +85,17 @@ pub(crate) async fn query_pipeline(
 /// pipelines to the other masters may have been carried out.
 pub(crate) async fn query_commands<'k>(
     connection: &mut Connection,
-    scratch: &mut Pipeline,
+    pipelines: &mut Pipelines,
     count: usize,
     key: impl Fn(usize) -> Option<&'k [u8]>,
     mut build: impl FnMut(usize, &mut Pipeline),
 ) -> Vec<Reply> {
     let (cluster, shared) = match connection {
         Connection::Pooled(c) => {
-            scratch.clear();
-            (0..count).for_each(|n| build(n, scratch));
-            let answer = scratch.query_async::<Vec<Value>>(c).await;
+            let pipeline = &mut pipelines.single;
+            pipeline.clear();
+            (0..count).for_each(|n| build(n, pipeline));
+            let answer = pipeline.query_async::<Vec<Value>>(c).await;
             return match answer.and_then(|answer| whole(answer, count)) {
                 Ok(replies) => replies.into_iter().map(Ok).collect(),
                 Err(error) => vec![Err(Failure { error, sent: true }); count],
@@ -119,7 +119,11 @@ pub(crate) async fn query_commands<'k>(
             }
             break;
         };
-        let mut groups: Vec<Group> = Vec::new();
+        let groups = &mut pipelines.nodes;
+        if groups.len() > KEPT_PIPELINES {
+            groups.clear();
+        }
+        groups.iter_mut().for_each(Group::clear);
         // In a re-send, where the first command naming each key goes (see below).
         let mut first_of_key: Vec<(&[u8], Destination<'static>)> = Vec::new();
         for (n, asked) in pending.drain(..) {
@@ -172,19 +176,21 @@ pub(crate) async fn query_commands<'k>(
             build(n, &mut group.pipeline);
             group.indices.push(n);
         }
-        let sends = groups.iter().map(|group| {
+        let sends = groups.iter().filter(|g| g.used()).map(|group| {
             let shared = &shared;
             async move {
                 let (host, port, _) = &group.to;
-                let master = match shared.master(host, *port).await {
+                let mut master = match shared.master(host, *port).await {
                     Ok(master) => master,
                     Err(error) => {
                         shared.failed(&error);
                         return Err(Failure { error, sent: false });
                     }
                 };
-                let mut c = master.connection.clone();
-                let answer = group.pipeline.query_async::<Vec<Value>>(&mut c).await;
+                let answer = group
+                    .pipeline
+                    .query_async::<Vec<Value>>(&mut master.connection);
+                let answer = answer.await;
                 let sent = group.pipeline.cmd_iter().count();
                 match answer.and_then(|answer| whole(answer, sent)) {
                     Ok(answer) => Ok(answer),
@@ -198,7 +204,7 @@ pub(crate) async fn query_commands<'k>(
         });
         let answers = futures_util::future::join_all(sends).await;
         let mut try_again = false;
-        for (group, answer) in groups.iter().zip(answers) {
+        for (group, answer) in groups.iter().filter(|g| g.used()).zip(answers) {
             let answer = match answer {
                 Ok(answer) => answer,
                 Err(failure) => {
@@ -265,9 +271,29 @@ pub(crate) async fn query_commands<'k>(
 /// `ASKING`.
 type Destination<'a> = (std::borrow::Cow<'a, str>, u16, bool);
 
+/// The pipelines [`query_commands`] builds, kept from one call to the next so that their
+/// buffers are reused: the one to a single Redis, and those to a cluster's nodes.
+pub(crate) struct Pipelines {
+    single: Pipeline,
+    nodes: Vec<Group>,
+}
+
+impl Default for Pipelines {
+    fn default() -> Self {
+        Pipelines {
+            single: super::pipeline(),
+            nodes: Vec::new(),
+        }
+    }
+}
+
+/// How many nodes' pipelines are kept between calls (the masters, and nodes an `ASK`
+/// named); past it, all are made again.
+const KEPT_PIPELINES: usize = 16;
+
 /// Commands that go together: one pipeline to one node (`to`: its host, its port, and
 /// whether each command is preceded by `ASKING`), and each command's index in the caller's
-/// order.
+/// order (none: not used in this attempt).
 struct Group {
     to: (String, u16, bool),
     pipeline: Pipeline,
@@ -281,6 +307,17 @@ impl Group {
             pipeline: super::pipeline(),
             indices: Vec::new(),
         }
+    }
+
+    /// Empties it for the next attempt, keeping its buffers.
+    fn clear(&mut self) {
+        self.pipeline.clear();
+        self.indices.clear();
+    }
+
+    /// Whether this attempt sends commands to its node.
+    fn used(&self) -> bool {
+        !self.indices.is_empty()
     }
 }
 

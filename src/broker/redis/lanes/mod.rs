@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use self::script_call::{history_results, same_room, unknown};
-use super::commands::{no_script, query_commands, Commands, Connection};
+use super::commands::{no_script, query_commands, Commands, Connection, Pipelines};
 use super::connect::{redis_error, refused, Disconnects};
 use super::history;
 use crate::broker::{Accepted, Keys, Once, Publish, Published};
@@ -266,9 +266,8 @@ struct Lane {
 impl Lane {
     async fn run(mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
         let mut batch = Vec::with_capacity(64);
-        let mut pipeline = redis::Pipeline::with_capacity(64);
         // Error replies come back as values, so that each request gets its own answer.
-        pipeline.ignore_errors();
+        let mut pipeline = Pipelines::default();
         while let Some(first) = requests.recv().await {
             batch.push(first);
             while batch.len() < MAX_BATCH {
@@ -331,7 +330,7 @@ impl Lane {
     /// the requests that Redis refused with `NOSCRIPT` (they did nothing).
     async fn round(
         &mut self,
-        pipeline: &mut redis::Pipeline,
+        pipeline: &mut Pipelines,
         batch: &mut Vec<Request>,
         deadline: Instant,
     ) -> Vec<Request> {
@@ -440,7 +439,7 @@ impl Lane {
     /// reply or error, or one error for all.
     async fn send<'k>(
         &mut self,
-        scratch: &mut redis::Pipeline,
+        scratch: &mut Pipelines,
         count: usize,
         key: impl Fn(usize) -> Option<&'k [u8]>,
         build: impl FnMut(usize, &mut redis::Pipeline),
