@@ -112,7 +112,7 @@ r = json.loads(report)
 cpu = int(used) / int(ticks)
 redis_cpu = int(redis_used) / int(ticks)
 print(f"{label:8} {scenario:7} {r['deliveries_per_sec']:>12,.0f}/s  missing {r['missing']}  "
-      f"node CPU {cpu:6.2f} s = {cpu / r['delivered'] * 1e6:5.2f} s per 1M deliveries  "
+      f"p50 {r['p50_ms']:6.1f} ms  node CPU {cpu:6.2f} s = {cpu / r['delivered'] * 1e6:5.2f} s per 1M deliveries  "
       f"Redis CPU {redis_cpu:5.2f} s over {r['seconds']:.2f} s")
 PY
 }

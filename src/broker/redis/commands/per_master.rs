@@ -106,7 +106,9 @@ pub(crate) async fn query_commands<'k>(
     let mut replies: Vec<Option<Reply>> = vec![None; count];
     // The commands to send in this attempt, each to its slot's master or to the node that
     // answered `ASK`.
-    let mut pending: Vec<(usize, Option<Asked>)> = (0..count).map(|n| (n, None)).collect();
+    let pending = &mut pipelines.pending;
+    pending.clear();
+    pending.extend((0..count).map(|n| (n, None)));
     for attempt in 0..=REDIRECTS {
         let Some(map) = shared.slot_map(&cluster).await else {
             let error =
@@ -216,18 +218,18 @@ pub(crate) async fn query_commands<'k>(
             };
             // After `ASKING`, every other reply is its `OK`.
             let step = if group.to.2 { 2 } else { 1 };
-            let answer = answer.into_iter().skip(step - 1).step_by(step);
-            // From the last command back: the keys of the commands that got an answer (not a
-            // redirection) so far, that is, later in the caller's order.
-            let mut answered_later: Vec<&[u8]> = Vec::new();
-            let answers: Vec<(usize, Value)> = group.indices.iter().copied().zip(answer).collect();
             let redirected = |reply: &Value| match reply {
                 Value::ServerError(e) if attempt < REDIRECTS => redirection(e),
                 _ => None,
             };
             // Only a pipeline with a redirection needs the keys looked at.
-            let any = answers.iter().any(|(_, reply)| redirected(reply).is_some());
-            for (n, reply) in answers.into_iter().rev() {
+            let mut replies_to_commands = answer.iter().skip(step - 1).step_by(step);
+            let any = replies_to_commands.any(|reply| redirected(reply).is_some());
+            // From the last command back: the keys of the commands that got an answer (not a
+            // redirection) so far, that is, later in the caller's order.
+            let mut answered_later: Vec<&[u8]> = Vec::new();
+            let answer = answer.into_iter().skip(step - 1).step_by(step);
+            for (n, reply) in group.indices.iter().copied().zip(answer).rev() {
                 let mut again = redirected(&reply);
                 let key = key(n).filter(|_| any);
                 match (&again, key) {
@@ -276,6 +278,8 @@ type Destination<'a> = (std::borrow::Cow<'a, str>, u16, bool);
 pub(crate) struct Pipelines {
     single: Pipeline,
     nodes: Vec<Group>,
+    /// The commands to send in an attempt, each with the node that answered `ASK`.
+    pending: Vec<(usize, Option<Asked>)>,
 }
 
 impl Default for Pipelines {
@@ -283,6 +287,7 @@ impl Default for Pipelines {
         Pipelines {
             single: super::pipeline(),
             nodes: Vec::new(),
+            pending: Vec::new(),
         }
     }
 }
