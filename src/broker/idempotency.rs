@@ -7,9 +7,9 @@
 //! records, not other publishers'. A publisher whose records are given up before their
 //! window ends may see a resend of one published again: as after the window.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -18,10 +18,12 @@ use super::{Once, Position};
 /// The most records the memory broker holds.
 pub(crate) const MAX_RECORDS: usize = 100_000;
 
-/// How often every publisher's expired records are swept out, at most.
-const SWEEP_EVERY: Duration = Duration::from_secs(1);
-
 /// Recorded keys, with when each record expires, by publisher.
+///
+/// Each record has one entry in its publisher's list (oldest first) and one in the
+/// expiries; an entry names its record by name and serial, so that one left behind by a
+/// record already gone (expired, given up, or made again) is known and skipped. Both
+/// collections are compacted when such entries outnumber the live ones.
 #[derive(Debug, Default)]
 pub(crate) struct KeyRecords {
     /// Each record, by its name (see [`name`]).
@@ -30,22 +32,24 @@ pub(crate) struct KeyRecords {
     publishers: HashMap<Arc<str>, Publisher>,
     /// The publishers by how many records they hold: the last holds the most.
     by_count: BTreeSet<(usize, Arc<str>)>,
-    /// When the expired records were last swept out.
-    swept: Option<Instant>,
+    /// Every record's expiry, the soonest first.
+    expiries: BinaryHeap<Reverse<(Instant, u64, Arc<str>)>>,
+    /// The serial of the last record made.
+    serial: u64,
 }
 
 #[derive(Debug)]
 struct Record {
     position: Option<Position>,
     expires: Instant,
+    serial: u64,
     publisher: Arc<str>,
 }
 
-/// One publisher's records, oldest first, by name and expiry. An entry whose record was
-/// made again later (after its window ended) no longer names it: it is skipped when met.
+/// One publisher's records, oldest first, by name and serial.
 #[derive(Debug, Default)]
 struct Publisher {
-    order: VecDeque<(Arc<str>, Instant)>,
+    order: VecDeque<(Arc<str>, u64)>,
     count: usize,
 }
 
@@ -53,65 +57,56 @@ impl KeyRecords {
     /// Where the message named by `once` in `room` went, if its key is recorded and its
     /// window has not ended.
     pub(crate) fn seen(&mut self, room: &str, once: &Once<'_>) -> Option<Option<Position>> {
-        let now = Instant::now();
-        self.sweep(now);
-        match self.records.get(name(room, once).as_str()) {
-            Some(record) if record.expires > now => Some(record.position.clone()),
-            _ => None,
-        }
+        self.sweep(Instant::now());
+        let record = self.records.get(name(room, once).as_str())?;
+        Some(record.position.clone())
     }
 
     /// Records `once` in `room`, published at `position`, for its window.
     pub(crate) fn record(&mut self, room: &str, once: &Once<'_>, position: Option<Position>) {
-        let expires = Instant::now() + once.window;
+        let now = Instant::now();
+        self.sweep(now);
         let name: Arc<str> = name(room, once).into();
-        // A record of the same name is one whose window ended (`seen` said so).
+        // Made again: the record of the same name goes first.
         self.remove(&name);
         while self.records.len() >= MAX_RECORDS && self.give_up_heaviest() {}
+        self.serial += 1;
+        let serial = self.serial;
         let publisher: Arc<str> = publisher_name(once).into();
         let entry = self.publishers.entry(publisher.clone()).or_default();
-        let before = entry.count;
         entry.count += 1;
-        entry.order.push_back((name.clone(), expires));
-        if entry.order.len() > 2 * entry.count + 16 {
-            // Entries of records made again later: dropped once they are half of the list.
-            let records = &self.records;
-            entry
-                .order
-                .retain(|(name, expires)| records.get(name).is_some_and(|r| r.expires == *expires));
-        }
-        self.recount(&publisher, before, before + 1);
+        entry.order.push_back((name.clone(), serial));
+        let count = entry.count;
+        self.recount(&publisher, count - 1, count);
+        let expires = now + once.window;
+        self.expiries.push(Reverse((expires, serial, name.clone())));
         let record = Record {
             position,
             expires,
+            serial,
             publisher,
         };
         self.records.insert(name, record);
+        if self.expiries.len() > 2 * self.records.len() + 1024 {
+            let records = self.records.iter();
+            let live = records.map(|(name, r)| Reverse((r.expires, r.serial, name.clone())));
+            self.expiries = live.collect();
+        }
     }
 
-    /// Forgets the records whose window has ended, at most every [`SWEEP_EVERY`].
+    /// Forgets the records whose window has ended.
     fn sweep(&mut self, now: Instant) {
-        if self.swept.is_some_and(|at| now < at + SWEEP_EVERY) {
-            return;
-        }
-        self.swept = Some(now);
-        let mut ended = Vec::new();
-        for publisher in self.publishers.values() {
-            for (name, expires) in &publisher.order {
-                match self.records.get(name) {
-                    Some(record) if record.expires == *expires => {
-                        if *expires > now {
-                            // Recorded in order: the rest mostly expire later.
-                            break;
-                        }
-                        ended.push(name.clone());
-                    }
-                    _ => {}
-                }
+        while let Some(Reverse((expires, serial, _))) = self.expiries.peek() {
+            if *expires > now {
+                return;
             }
-        }
-        for name in ended {
-            self.remove(&name);
+            let serial = *serial;
+            let Some(Reverse((_, _, name))) = self.expiries.pop() else {
+                return;
+            };
+            if self.is_live(&name, serial) {
+                self.remove(&name);
+            }
         }
     }
 
@@ -120,20 +115,24 @@ impl KeyRecords {
         let Some((_, heaviest)) = self.by_count.last().cloned() else {
             return false;
         };
-        let Some(publisher) = self.publishers.get_mut(&heaviest) else {
-            return false;
-        };
-        while let Some((name, expires)) = publisher.order.pop_front() {
-            if self
-                .records
-                .get(&name)
-                .is_some_and(|r| r.expires == expires)
-            {
+        loop {
+            let front = self
+                .publishers
+                .get_mut(&heaviest)
+                .and_then(|p| p.order.pop_front());
+            let Some((name, serial)) = front else {
+                return false;
+            };
+            if self.is_live(&name, serial) {
                 self.remove(&name);
                 return true;
             }
         }
-        false
+    }
+
+    /// Whether the entry `name`, `serial` names a record still held.
+    fn is_live(&self, name: &str, serial: u64) -> bool {
+        self.records.get(name).is_some_and(|r| r.serial == serial)
     }
 
     /// Forgets the record `name`, if there is one.
@@ -144,18 +143,18 @@ impl KeyRecords {
         let Some(publisher) = self.publishers.get_mut(&record.publisher) else {
             return;
         };
-        let before = publisher.count;
         publisher.count -= 1;
-        if publisher.count == 0 {
+        let count = publisher.count;
+        if count == 0 {
             self.publishers.remove(&record.publisher);
-        } else if publisher
-            .order
-            .front()
-            .is_some_and(|(front, _)| **front == *name)
-        {
-            publisher.order.pop_front();
+        } else if publisher.order.len() > 2 * count + 16 {
+            let records = &self.records;
+            let live = |(name, serial): &(Arc<str>, u64)| {
+                records.get(name).is_some_and(|r| r.serial == *serial)
+            };
+            publisher.order.retain(live);
         }
-        self.recount(&record.publisher, before, before - 1);
+        self.recount(&record.publisher, count + 1, count);
     }
 
     /// `publisher` went from `before` records to `after`.
@@ -172,6 +171,33 @@ impl KeyRecords {
     #[cfg(test)]
     fn len(&self) -> usize {
         self.records.len()
+    }
+
+    /// Checks that the collections agree: each record counted once for its publisher, with
+    /// one live entry in its list and in the expiries, and the lists bounded.
+    #[cfg(test)]
+    fn check(&self) {
+        let mut counted = 0;
+        for (publisher, p) in &self.publishers {
+            assert!(p.count > 0 && self.by_count.contains(&(p.count, publisher.clone())));
+            assert!(
+                p.order.len() <= 2 * p.count + 16,
+                "{} entries",
+                p.order.len()
+            );
+            let live = p.order.iter().filter(|(n, s)| self.is_live(n, *s)).count();
+            assert_eq!(live, p.count, "{publisher}'s live entries");
+            counted += p.count;
+        }
+        assert_eq!(counted, self.records.len());
+        assert_eq!(self.by_count.len(), self.publishers.len());
+        let live = self
+            .expiries
+            .iter()
+            .filter(|Reverse((_, s, n))| self.is_live(n, *s));
+        assert_eq!(live.count(), self.records.len());
+        assert!(self.expiries.len() <= 2 * self.records.len() + 1025);
+        assert!(self.records.len() <= MAX_RECORDS);
     }
 }
 
@@ -272,6 +298,7 @@ mod tests {
         }
         assert_eq!(records.seen("r", &once("bob", "0", 60_000)), None);
         assert_eq!(records.seen("r", &once("eve", "0", 60_000)), Some(None));
+        records.check();
     }
 
     #[tokio::test(start_paused = true)]
@@ -290,6 +317,77 @@ mod tests {
         assert_eq!(records.seen("r", &once("a", "k", 1_000)), None);
         assert_eq!(records.len(), 0);
         assert!(records.publishers.is_empty() && records.by_count.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_records_go_before_a_live_one_is_given_up() {
+        let mut records = KeyRecords::default();
+        records.record("long", &once("q", "K", 60_000), None);
+        for n in 0..60_000 {
+            records.record("short", &once("q", &n.to_string(), 1_000), None);
+        }
+        for n in 0..MAX_RECORDS - 60_001 {
+            records.record("long", &once("r", &n.to_string(), 60_000), None);
+        }
+        assert_eq!(records.len(), MAX_RECORDS);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        // q's 60,000 ended: r's next record gives up nothing of q's.
+        records.record("long", &once("r", "more", 60_000), None);
+        assert_eq!(records.seen("long", &once("q", "K", 60_000)), Some(None));
+        assert_eq!(records.len(), MAX_RECORDS - 60_000 + 1);
+        records.check();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn any_sequence_keeps_the_records_lists_and_expiries_in_step() {
+        // Publishers making keys again, windows of 1 to 8 s, time moving on: after every
+        // step each record is counted once, with one live entry in its publisher's list
+        // and in the expiries, and nothing expired is held.
+        let mut records = KeyRecords::default();
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        for step in 0..20_000 {
+            let identity = format!("p{}", next(6));
+            let key = format!("k{}", next(40));
+            let window = 1_000 * (1 + next(8));
+            let o = once(&identity, &key, window);
+            if records.seen("r", &o).is_none() {
+                records.record("r", &o, None);
+            }
+            if next(4) == 0 {
+                tokio::time::advance(Duration::from_millis(next(1_500))).await;
+            }
+            if step % 97 == 0 {
+                records.check();
+            }
+        }
+        records.check();
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(records.seen("r", &once("p0", "k0", 1_000)), None);
+        assert_eq!(records.len(), 0);
+        records.check();
+        assert!(records.publishers.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_given_up_and_made_again_lasts_its_new_window() {
+        let mut records = KeyRecords::default();
+        for n in 0..MAX_RECORDS {
+            records.record("r", &once("a", &n.to_string(), 60_000), None);
+        }
+        tokio::time::advance(Duration::from_secs(30)).await;
+        // "0" is given up for "new", then made again: its first expiry is not its own.
+        records.record("r", &once("a", "new", 60_000), None);
+        assert_eq!(records.seen("r", &once("a", "0", 60_000)), None);
+        records.record("r", &once("a", "0", 60_000), None);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(records.seen("r", &once("a", "0", 60_000)), Some(None));
+        records.check();
     }
 
     #[tokio::test(start_paused = true)]
