@@ -188,17 +188,12 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Pooled(c) => c.req_packed_commands(cmd, offset, count),
+            // No pipeline of ours goes through here on a cluster: `query_commands` sends
+            // each master's on a connection of its own.
             Connection::Cluster(c, cluster) => Box::pin(async move {
                 let replies = c.req_packed_commands(cmd, offset, count).await;
-                match &replies {
-                    Err(e) => cluster.failed(e),
-                    Ok(replies) => {
-                        for reply in replies {
-                            if let Value::ServerError(e) = reply {
-                                cluster.failed(&redis::RedisError::from(e.clone()));
-                            }
-                        }
-                    }
+                if let Err(e) = &replies {
+                    cluster.failed(e);
                 }
                 replies
             }),

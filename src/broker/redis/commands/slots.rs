@@ -119,31 +119,7 @@ pub(super) fn key_of(cmd: &Cmd) -> Option<&[u8]> {
 
 /// The Redis Cluster slot of `key`: CRC16 (XMODEM) of its hash tag (or of the whole key)
 /// modulo 16384, as Redis computes it.
-pub(crate) fn key_slot(key: &[u8]) -> u16 {
-    let tag = key
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let rest = &key[open + 1..];
-            rest.iter()
-                .position(|&b| b == b'}')
-                .map(|close| &rest[..close])
-        })
-        .filter(|tag| !tag.is_empty())
-        .unwrap_or(key);
-    let mut crc: u16 = 0;
-    for &byte in tag {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc % 16384
-}
+pub(crate) use redis_protocol::redis_keyslot as key_slot;
 
 #[cfg(test)]
 mod tests {
