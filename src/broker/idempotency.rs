@@ -87,10 +87,18 @@ impl KeyRecords {
             publisher,
         };
         self.records.insert(name, record);
+        self.compact_expiries();
+    }
+
+    /// Makes the expiries again from the records once dead entries outnumber them, and
+    /// gives back the memory of a burst once they are a quarter of it.
+    fn compact_expiries(&mut self) {
         if self.expiries.len() > 2 * self.records.len() + 1024 {
             let records = self.records.iter();
             let live = records.map(|(name, r)| Reverse((r.expires, r.serial, name.clone())));
             self.expiries = live.collect();
+        } else if self.expiries.capacity() > 4 * self.expiries.len() + 1024 {
+            self.expiries.shrink_to(2 * self.expiries.len() + 512);
         }
     }
 
@@ -98,16 +106,17 @@ impl KeyRecords {
     fn sweep(&mut self, now: Instant) {
         while let Some(Reverse((expires, serial, _))) = self.expiries.peek() {
             if *expires > now {
-                return;
+                break;
             }
             let serial = *serial;
             let Some(Reverse((_, _, name))) = self.expiries.pop() else {
-                return;
+                break;
             };
             if self.is_live(&name, serial) {
                 self.remove(&name);
             }
         }
+        self.compact_expiries();
     }
 
     /// The publisher holding the most records gives up its oldest; `false` if none could.
@@ -154,6 +163,16 @@ impl KeyRecords {
             };
             publisher.order.retain(live);
         }
+        if let Some(order) = self
+            .publishers
+            .get_mut(&record.publisher)
+            .map(|p| &mut p.order)
+        {
+            // The memory of a burst is given back once the list is a quarter of it.
+            if order.capacity() > 4 * order.len() + 64 {
+                order.shrink_to(2 * order.len() + 16);
+            }
+        }
         self.recount(&record.publisher, count + 1, count);
     }
 
@@ -181,9 +200,10 @@ impl KeyRecords {
         for (publisher, p) in &self.publishers {
             assert!(p.count > 0 && self.by_count.contains(&(p.count, publisher.clone())));
             assert!(
-                p.order.len() <= 2 * p.count + 16,
-                "{} entries",
-                p.order.len()
+                p.order.len() <= 2 * p.count + 16 && p.order.capacity() <= 8 * p.count + 160,
+                "{} entries in {}",
+                p.order.len(),
+                p.order.capacity()
             );
             let live = p.order.iter().filter(|(n, s)| self.is_live(n, *s)).count();
             assert_eq!(live, p.count, "{publisher}'s live entries");
@@ -388,6 +408,21 @@ mod tests {
         tokio::time::advance(Duration::from_secs(31)).await;
         assert_eq!(records.seen("r", &once("a", "0", 60_000)), Some(None));
         records.check();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_s_memory_is_given_back() {
+        let mut records = KeyRecords::default();
+        for n in 0..50_000 {
+            records.record("r", &once("a", &n.to_string(), 1_000), None);
+        }
+        records.record("r", &once("a", "later", 60_000), None);
+        tokio::time::advance(Duration::from_millis(1_200)).await;
+        records.record("r", &once("a", "again", 60_000), None);
+        assert_eq!(records.len(), 2);
+        // The list holds a few entries, not the burst's 50,000 places; the expiries too.
+        records.check();
+        assert!(records.expiries.capacity() < 2_000);
     }
 
     #[tokio::test(start_paused = true)]
