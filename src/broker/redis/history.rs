@@ -22,7 +22,7 @@ use std::time::Duration;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 use super::commands::{Commands, RoomScript};
-use super::connect::{redis_error, within};
+use super::connect::{millis, redis_error, within};
 use crate::broker::{new_epoch, HistoryPage, Keys, Page, Position, Recovery};
 use crate::error::BrokerError;
 use crate::settings::History;
@@ -270,13 +270,6 @@ return {top, epoch, oldest, frames, 1}
     )
 });
 
-/// The time to live in milliseconds, as Redis takes it.
-pub(crate) fn ttl_ms(history: History) -> u64 {
-    u64::try_from(history.ttl.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
-}
-
 /// A byte budget as the read scripts take it: `0` for none, at least `1` for one.
 fn script_budget(budget: Option<usize>) -> usize {
     budget.map_or(0, |budget| budget.max(1))
@@ -325,7 +318,7 @@ impl HistoryStore {
                 READ.key(meta)
                     .key(frames)
                     .arg(&*new_epoch())
-                    .arg(ttl_ms(history))
+                    .arg(millis(history.ttl))
                     .arg(page.limit)
                     .arg(page.before.unwrap_or(0))
                     .arg(script_budget(page.budget))
@@ -365,7 +358,7 @@ impl HistoryStore {
                     .key(meta)
                     .key(frames)
                     .arg(&*new_epoch())
-                    .arg(ttl_ms(history))
+                    .arg(millis(history.ttl))
                     .arg(since)
                     .arg(if create { "1" } else { "0" })
                     .arg(epoch)

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use super::commands::{query_pipeline, query_with_scripts, Commands};
-use super::connect::{redis_error, within};
+use super::connect::{millis, redis_error, within};
 use crate::broker::Keys;
 use crate::error::BrokerError;
 
@@ -51,12 +51,6 @@ impl Identities {
         }
     }
 
-    fn ttl_ms(&self) -> u64 {
-        u64::try_from(self.ttl.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1)
-    }
-
     fn held(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, usize>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -76,7 +70,8 @@ impl Identities {
                 held.remove(identity);
                 drop(held);
                 let key = self.keys.identity_set(identity);
-                let (commands, timeout, ttl) = (self.commands.clone(), self.timeout, self.ttl_ms());
+                let (commands, timeout, ttl) =
+                    (self.commands.clone(), self.timeout, millis(self.ttl));
                 tokio::spawn(async move {
                     let expire = within(timeout, async {
                         let mut connection = commands.get().await?;
@@ -104,7 +99,7 @@ impl Identities {
             self.commands.clone(),
             self.keys.clone(),
             self.timeout,
-            self.ttl_ms(),
+            millis(self.ttl),
         );
         let every = (self.ttl / REFRESHES_PER_TTL).max(Duration::from_millis(100));
         tokio::spawn(async move {
@@ -159,7 +154,7 @@ impl Identities {
             .arg(key)
             .arg(room)
             .arg(max)
-            .arg(self.ttl_ms())
+            .arg(millis(self.ttl))
             .clone();
         self.query::<i64>(&call, &[&self.record])
             .await

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use self::script_call::{history_results, same_room, unknown};
 use super::commands::{no_script, query_commands, Commands, Connection, Pipelines};
-use super::connect::{redis_error, refused, Disconnects};
+use super::connect::{millis, redis_error, refused, Disconnects};
 use super::history;
 use crate::broker::{Accepted, Keys, Once, Publish, Published};
 use crate::error::BrokerError;
@@ -191,7 +191,7 @@ impl Lanes {
         }
         let once = once.map(|once| {
             let record = keys.published_key(room, once.identity, once.server, once.key);
-            (record, once::window_ms(once.window))
+            (record, millis(once.window))
         });
         let kind = match (history, once) {
             (None, None) => Kind::Publish {
@@ -210,7 +210,7 @@ impl Lanes {
                 channel: keys.room_channel(room),
                 frame,
                 size: history.size,
-                ttl_ms: history::ttl_ms(history),
+                ttl_ms: millis(history.ttl),
                 once,
             })),
         };
@@ -232,23 +232,10 @@ impl Lanes {
 
     /// Pings Redis through every lane's connection.
     pub(crate) async fn ping(&self) -> Result<(), BrokerError> {
-        let mut answers = Vec::with_capacity(self.senders.len());
-        for lane in 0..self.senders.len() as u64 {
-            let (reply, answer) = oneshot::channel();
-            let deadline = Instant::now() + self.timeout;
-            self.lane(lane)
-                .send(Request {
-                    kind: Kind::Ping,
-                    reply,
-                    deadline,
-                })
-                .map_err(|_| BrokerError::Stopped("publishing lane"))?;
-            answers.push(answer);
-        }
-        for answer in answers {
-            answer
-                .await
-                .unwrap_or(Err(BrokerError::Stopped("publishing lane")))?;
+        let lanes = 0..self.senders.len() as u64;
+        let pings: Vec<Publish> = lanes.map(|lane| self.queue(lane, Kind::Ping)).collect();
+        for mut ping in pings {
+            ping.result().await?;
         }
         Ok(())
     }

@@ -4,7 +4,6 @@
 //! see `history`.)
 
 use std::sync::LazyLock;
-use std::time::Duration;
 
 use redis::Value;
 
@@ -47,11 +46,6 @@ static SCRIPT: LazyLock<RoomScript> = LazyLock::new(|| RoomScript::new(TEXT));
 /// The once script, for a cluster or not.
 pub(crate) fn script(cluster: bool) -> &'static redis::Script {
     SCRIPT.get(cluster)
-}
-
-/// A window in whole milliseconds, at least 1 (Redis refuses `PX 0`).
-pub(crate) fn window_ms(window: Duration) -> u64 {
-    u64::try_from(window.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 /// Appends to `pipeline` one once script call for `requests` (keyed publishes to rooms

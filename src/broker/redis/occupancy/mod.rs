@@ -24,7 +24,7 @@ use std::time::Duration;
 use redis::Value;
 
 use super::commands::{pipeline, query_with_scripts, Commands};
-use super::connect::{redis_error, refused, within};
+use super::connect::{millis, redis_error, refused, within};
 use crate::broker::Keys;
 use crate::error::BrokerError;
 
@@ -57,10 +57,6 @@ impl std::fmt::Debug for OccupancyStore {
             .field("node", &self.node)
             .finish_non_exhaustive()
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 impl OccupancyStore {

@@ -34,7 +34,7 @@ mod task;
 
 use self::task::Task;
 use super::commands::{pipeline, query_with_scripts, Commands, Connection};
-use super::connect::{refused, within};
+use super::connect::{millis, refused, within};
 use crate::broker::presence::{Counts, Members};
 use crate::broker::{Confirmation, Keys};
 use crate::error::BrokerError;
@@ -81,9 +81,7 @@ struct Shared {
 impl Shared {
     /// How long this node's shares live after each call.
     fn lifetime_ms(&self) -> u64 {
-        u64::try_from((self.ttl * 5 / 6).as_millis())
-            .unwrap_or(u64::MAX)
-            .max(50)
+        millis(self.ttl * 5 / 6).max(50)
     }
 
     /// Appends a call of the script in `mode` for `room`; the caller adds the mode's
