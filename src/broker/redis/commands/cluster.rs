@@ -11,7 +11,7 @@ use redis::RedisError;
 use tokio::time::Instant;
 
 use super::{read_slot_map, SlotMap};
-use crate::broker::redis::connect::redis_error;
+use crate::broker::redis::connect::{redis_error, InvalidUrl, RedisTarget};
 use crate::error::BrokerError;
 
 /// The seed URLs of a Redis Cluster (any of its nodes; the rest is discovered), and a
@@ -20,26 +20,21 @@ use crate::error::BrokerError;
 pub(crate) struct ClusterTarget {
     urls: Vec<redis::ConnectionInfo>,
     /// The first seed: its settings (TLS, user, password) reach every master.
-    seed: crate::broker::redis::connect::RedisTarget,
+    seed: RedisTarget,
     #[cfg_attr(not(feature = "tls"), allow(dead_code))]
     ca_pem: Option<Vec<u8>>,
 }
 
 impl ClusterTarget {
     /// Checks every seed URL (the error redacts passwords).
-    pub(crate) fn parse(
-        urls: &[String],
-        ca_pem: Option<&[u8]>,
-    ) -> Result<Self, crate::broker::redis::connect::InvalidUrl> {
+    pub(crate) fn parse(urls: &[String], ca_pem: Option<&[u8]>) -> Result<Self, InvalidUrl> {
         let mut seeds = Vec::with_capacity(urls.len());
         for url in urls {
             // The same checks as a single Redis URL (TLS support included).
-            seeds.push(crate::broker::redis::connect::RedisTarget::parse(
-                url, ca_pem,
-            )?);
+            seeds.push(RedisTarget::parse(url, ca_pem)?);
         }
         let Some(seed) = seeds.first().cloned() else {
-            return Err(crate::broker::redis::connect::InvalidUrl::new(
+            return Err(InvalidUrl::new(
                 "(no cluster URL)",
                 "a Redis Cluster needs at least one seed URL",
             ));
@@ -52,7 +47,7 @@ impl ClusterTarget {
     }
 
     /// The first seed node's target: its settings reach every master.
-    pub(crate) fn seed(&self) -> &crate::broker::redis::connect::RedisTarget {
+    pub(crate) fn seed(&self) -> &RedisTarget {
         &self.seed
     }
 
@@ -98,7 +93,7 @@ impl ClusterTarget {
 pub(crate) struct Cluster {
     client: redis::cluster::ClusterClient,
     /// The first seed: its settings (TLS, user, password) reach every master.
-    seed: crate::broker::redis::connect::RedisTarget,
+    seed: RedisTarget,
     /// The Redis timeout: connecting to a master, and each of its answers, may take half.
     timeout: Duration,
     connection: tokio::sync::Mutex<Option<(ClusterConnection, Instant)>>,

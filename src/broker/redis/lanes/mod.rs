@@ -22,7 +22,7 @@ use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use self::script_call::{history_results, same_room, unknown};
+use self::script_call::{history_results, unknown};
 use super::commands::{no_script, query_commands, Commands, Connection, Pipelines};
 use super::connect::{millis, redis_error, refused, Disconnects};
 use super::history;
@@ -329,12 +329,13 @@ impl Lane {
         while i < batch.len() {
             let mut end = i + 1;
             // A script call's keys must share a slot on a cluster: one room there.
-            let joins = |next: &Request| match (&batch[i].kind, cluster) {
-                (Kind::History(_), true) => same_room(&batch[i], next),
-                (Kind::History(_), false) => matches!(next.kind, Kind::History(_)),
-                (Kind::Once(_), true) => once::same_room(&batch[i], next),
-                (Kind::Once(_), false) => matches!(next.kind, Kind::Once(_)),
-                _ => false,
+            let joins = |next: &Request| {
+                let (first, next) = (&batch[i].kind, &next.kind);
+                let scripted = matches!(
+                    (first, next),
+                    (Kind::History(_), Kind::History(_)) | (Kind::Once(_), Kind::Once(_))
+                );
+                scripted && (!cluster || first.key() == next.key())
             };
             while batch.get(end).is_some_and(joins) {
                 end += 1;

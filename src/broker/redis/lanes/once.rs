@@ -68,12 +68,6 @@ pub(super) fn append(requests: &[Request], cluster: bool, pipeline: &mut redis::
     }
 }
 
-/// Whether `a` and `b` are keyed publishes to the same room.
-pub(super) fn same_room(a: &Request, b: &Request) -> bool {
-    matches!((&a.kind, &b.kind),
-        (Kind::Once(a), Kind::Once(b)) if a.channel == b.channel)
-}
-
 /// Each of `n` publishes' result from the once script's answer. Any answer it should not
 /// give leaves the outcome unknown: the script ran.
 pub(super) fn results(answer: Value, n: usize) -> Vec<Published> {
