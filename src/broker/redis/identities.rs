@@ -4,8 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use super::commands::{query_pipeline, query_with_scripts, Commands};
-use super::connect::{millis, redis_error, within};
+use super::commands::{query_pipeline, Commands};
+use super::connect::{millis, redis_error, refused, within};
 use crate::broker::Keys;
 use crate::error::BrokerError;
 
@@ -190,23 +190,15 @@ impl Identities {
         command: &redis::Cmd,
         scripts: &[&redis::Script],
     ) -> Result<T, BrokerError> {
-        within(self.timeout, async {
-            let mut connection = self.commands.get().await?;
-            let mut pipeline = super::commands::pipeline();
-            pipeline.add_command(command.clone());
-            let reply = query_with_scripts(&mut connection, &pipeline, scripts)
-                .await?
-                .pop()
-                .ok_or_else(|| BrokerError::Protocol("no reply".into()))?;
-            match reply {
-                redis::Value::ServerError(e) => {
-                    Err(BrokerError::Refused(Arc::new(redis::RedisError::from(e))))
-                }
-                reply => {
-                    T::from_redis_value(reply).map_err(|e| BrokerError::Protocol(e.to_string()))
-                }
+        let mut pipeline = super::commands::pipeline();
+        pipeline.add_command(command.clone());
+        let replies = self.commands.send(self.timeout, &pipeline, scripts).await?;
+        match replies.into_iter().next() {
+            None => Err(BrokerError::Protocol("no reply".into())),
+            Some(redis::Value::ServerError(e)) => Err(refused(e)),
+            Some(reply) => {
+                T::from_redis_value(reply).map_err(|e| BrokerError::Protocol(e.to_string()))
             }
-        })
-        .await
+        }
     }
 }

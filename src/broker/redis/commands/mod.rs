@@ -106,6 +106,23 @@ impl Commands {
         }
     }
 
+    /// Sends `pipeline` on a connection of its own (see [`query_with_scripts`]: `scripts`
+    /// are loaded again if Redis lost them), all within `timeout`.
+    pub(crate) async fn send(
+        &self,
+        timeout: Duration,
+        pipeline: &Pipeline,
+        scripts: &[&redis::Script],
+    ) -> Result<Vec<Value>, BrokerError> {
+        super::connect::within(timeout, async {
+            let mut connection = self.get().await?;
+            query_with_scripts(&mut connection, pipeline, scripts)
+                .await
+                .map_err(BrokerError::from)
+        })
+        .await
+    }
+
     /// The pool's state (`None` on a cluster).
     pub(crate) fn pool_status(&self) -> Option<deadpool_redis::Status> {
         match self {

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use redis::Value;
 
-use super::commands::{pipeline, query_with_scripts, Commands};
+use super::commands::{pipeline, Commands};
 use super::connect::{millis, redis_error, refused, within};
 use crate::broker::Keys;
 use crate::error::BrokerError;
@@ -104,13 +104,8 @@ impl OccupancyStore {
     /// Sends `pipeline`; if Redis lost the scripts, loads them and sends again the calls
     /// that failed for it (every call that ran keeps its first reply).
     async fn send(&self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BrokerError> {
-        within(self.timeout, async {
-            let mut connection = self.commands.get().await?;
-            query_with_scripts(&mut connection, pipeline, &[&self.room, &self.leases])
-                .await
-                .map_err(BrokerError::from)
-        })
-        .await
+        let scripts = [&self.room, &self.leases];
+        self.commands.send(self.timeout, pipeline, &scripts).await
     }
 
     fn leases_call(&self, mode: &str) -> redis::Pipeline {

@@ -33,8 +33,8 @@ use tokio::sync::{mpsc, oneshot};
 mod task;
 
 use self::task::Task;
-use super::commands::{pipeline, query_with_scripts, Commands, Connection};
-use super::connect::{millis, refused, within};
+use super::commands::{pipeline, Commands};
+use super::connect::{millis, refused};
 use crate::broker::presence::{Counts, Members};
 use crate::broker::{Confirmation, Keys};
 use crate::error::BrokerError;
@@ -158,17 +158,12 @@ impl Shared {
         }
     }
 
-    /// Sends `pipeline` on `connection` (the script loaded again if Redis lost it: every
-    /// call carries absolute counts, so sending the calls again is harmless; a call that
-    /// had run keeps its first reply, which holds the events it made).
-    async fn send(
-        &self,
-        connection: &mut Connection,
-        pipeline: &redis::Pipeline,
-    ) -> Result<Vec<Value>, BrokerError> {
-        query_with_scripts(connection, pipeline, &[&self.script])
-            .await
-            .map_err(BrokerError::from)
+    /// Sends `pipeline` (the script loaded again if Redis lost it: every call carries
+    /// absolute counts, so sending the calls again is harmless; a call that had run keeps
+    /// its first reply, which holds the events it made).
+    async fn send(&self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BrokerError> {
+        let scripts = [&self.script];
+        self.commands.send(self.timeout, pipeline, &scripts).await
     }
 }
 
@@ -288,11 +283,7 @@ impl PresenceStore {
         let shared = &self.shared;
         let mut pipeline = pipeline();
         shared.call(&mut pipeline, "read", room, presence).arg(max);
-        let reply = within(shared.timeout, async {
-            let mut connection = shared.commands.get().await?;
-            shared.send(&mut connection, &pipeline).await
-        })
-        .await?;
+        let reply = shared.send(&pipeline).await?;
         let unexpected = |reply: &dyn std::fmt::Debug| {
             BrokerError::Protocol(format!("{reply:?} from the presence script"))
         };

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use super::{pipeline, Change, Request, Shared, BATCH};
 use crate::broker::presence::Counts;
-use crate::broker::redis::connect::{refused, within};
+use crate::broker::redis::connect::refused;
 use crate::error::BrokerError;
 use crate::settings::Presence;
 
@@ -174,11 +174,6 @@ impl Task {
     }
 
     async fn send(&self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BrokerError> {
-        let shared = &self.shared;
-        within(shared.timeout, async {
-            let mut connection = shared.commands.get().await?;
-            shared.send(&mut connection, pipeline).await
-        })
-        .await
+        self.shared.send(pipeline).await
     }
 }
