@@ -104,6 +104,29 @@ impl RedisTarget {
         }
     }
 
+    /// The settings of a RESP3 connection to this target, which calls `lost` when its
+    /// connection is lost (a `Disconnection` push), with these timeouts.
+    pub(crate) fn resp3(
+        &self,
+        connect: Duration,
+        response: Option<Duration>,
+        lost: impl Fn() + Send + Sync + 'static,
+    ) -> (ConnectionInfo, AsyncConnectionConfig) {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(connect))
+            .set_response_timeout(response)
+            .set_push_sender(move |push: redis::PushInfo| {
+                if push.kind == redis::PushKind::Disconnection {
+                    lost();
+                }
+                Ok::<(), std::convert::Infallible>(())
+            });
+        let settings = self.info.redis_settings().clone();
+        let info =
+            (self.info.clone()).set_redis_settings(settings.set_protocol(ProtocolVersion::RESP3));
+        (info, config)
+    }
+
     /// The connection settings (address, user name, password, database).
     pub(crate) fn info(&self) -> &ConnectionInfo {
         &self.info
@@ -121,22 +144,8 @@ impl RedisTarget {
     ) -> Result<(Pool, Disconnects), BrokerError> {
         let disconnects = Disconnects::default();
         let seen = disconnects.clone();
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(timeout))
-            // Every caller bounds its whole operation with `timeout` itself.
-            .set_response_timeout(None)
-            .set_push_sender(move |push: redis::PushInfo| {
-                if push.kind == redis::PushKind::Disconnection {
-                    seen.bump();
-                }
-                Ok::<(), std::convert::Infallible>(())
-            });
-        let info = self.info.clone().set_redis_settings(
-            self.info
-                .redis_settings()
-                .clone()
-                .set_protocol(ProtocolVersion::RESP3),
-        );
+        // Every caller bounds its whole operation with `timeout` itself.
+        let (info, config) = self.resp3(timeout, None, move || seen.bump());
         let manager = Manager::new_with_config(info, config).map_err(BrokerError::connection)?;
         let pool = Pool::builder(manager)
             .max_size(lanes + SHARED_CONNECTIONS)

@@ -137,31 +137,17 @@ impl Cluster {
         if let Some(master) = self.known_master(host, port) {
             return Ok(master);
         }
-        let target = self.seed.at(host, port);
-        // RESP3, so that the connection reports its own loss (a `Disconnection` push), as
-        // the single Redis's pooled connections do: a publish is then not sent on a
-        // connection already known to be closed.
-        let info = target.info().clone().set_redis_settings(
-            target
-                .info()
-                .redis_settings()
-                .clone()
-                .set_protocol(redis::ProtocolVersion::RESP3),
-        );
         let lost = Arc::new(AtomicBool::new(false));
         let seen = lost.clone();
+        // RESP3, so that the connection reports its own loss, as the single Redis's pooled
+        // connections do: a publish is then not sent on a connection known to be closed.
         // Fail fast, as the cluster client does: a master that stopped answering (frozen,
         // cut off without a reset) fails its pipelines in time for the next one to connect
         // again, by the slot map as the live nodes see it then.
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.timeout / 2))
-            .set_response_timeout(Some(self.timeout / 2))
-            .set_push_sender(move |push: redis::PushInfo| {
-                if push.kind == redis::PushKind::Disconnection {
-                    seen.store(true, Ordering::Release);
-                }
-                Ok::<(), std::convert::Infallible>(())
-            });
+        let half = self.timeout / 2;
+        let (info, config) = (self.seed.at(host, port)).resp3(half, Some(half), move || {
+            seen.store(true, Ordering::Release)
+        });
         let connection = redis::Client::open(info)?
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
