@@ -283,3 +283,53 @@ async fn a_refused_keyed_publish_records_nothing() {
         [json!("plain"), json!("h:room")]
     );
 }
+
+/// A keyed history publish that fails after its key was recorded (here: the room's frames
+/// key holds a string, so `RPUSH` fails after the record is written and the offset taken)
+/// is put back whole: its key record is deleted with the rest, so the same key sent again
+/// once the room is usable is published, not answered as a duplicate of nothing.
+#[tokio::test]
+async fn a_keyed_publish_that_fails_after_its_record_takes_the_record_back() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(builder().redis_url(redis.url()).build()).await;
+    let mut watcher = Client::connect(&node.url()).await;
+    watcher.subscribe("h:room").await;
+    let mut alice = Client::connect_as(&node.url(), "alice").await;
+    let first = send(&mut alice, "h:room", json!("first"), None).await;
+    assert_eq!(first["offset"], 1, "{first}");
+    let mut admin = redis.client().await;
+    let frames = "thinws:frames:{h:room}";
+    let _: () = redis::cmd("SET")
+        .arg(frames)
+        .arg("not a list")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let frame = json!({"type": "message", "roomID": "h:room", "payload": "again", "key": "k"});
+    let failed = alice.request(frame).await;
+    assert_eq!(failed["type"], "error", "{failed}");
+    let records: i64 = redis::cmd("EXISTS")
+        .arg("thinws:published:6:c5:{h:room}alicek")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(records, 0, "the key's record was taken back");
+    let _: () = redis::cmd("DEL")
+        .arg(frames)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let again = send(&mut alice, "h:room", json!("again"), Some("k")).await;
+    assert!(again.get("duplicate").is_none(), "{again}");
+    assert_eq!(
+        again["offset"], 2,
+        "the failed publish took no offset: {again}"
+    );
+    assert_eq!(
+        payloads(&mut watcher, 2).await,
+        [json!("first"), json!("again")]
+    );
+    let resent = send(&mut alice, "h:room", json!("again"), Some("k")).await;
+    assert_eq!(resent["duplicate"], true, "{resent}");
+    assert_eq!(resent["offset"], 2, "{resent}");
+}
