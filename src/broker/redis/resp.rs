@@ -35,8 +35,6 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 pub(super) enum Reply {
     /// `+OK` (to `AUTH`).
     Ok,
-    /// An integer.
-    Integer(i64),
     /// A `subscribe` or `ssubscribe` confirmation (one per channel).
     Subscribed,
     /// An `unsubscribe` or `sunsubscribe` confirmation (one per channel), or, unasked, a
@@ -312,7 +310,6 @@ fn classify(
                 String::from_utf8_lossy(other)
             ))),
         },
-        RangeFrame::Integer(n) => Ok(Some(Reply::Integer(*n))),
         RangeFrame::Error(range) => Ok(Some(Reply::Error(
             String::from_utf8_lossy(bytes(*range)).into_owned(),
         ))),
@@ -501,12 +498,6 @@ mod tests {
                 proptest::prop_assert_eq!(message_frame(buf).is_some(), buf.len() == frame.len());
             }
         }
-    }
-
-    #[test]
-    fn integers_are_replies() {
-        let (replies, _) = decode_all(b":2\r\n:0\r\n");
-        assert_eq!(replies, [Reply::Integer(2), Reply::Integer(0)]);
     }
 
     #[test]
