@@ -7,9 +7,9 @@
 //! records, not other publishers'. A publisher whose records are given up before their
 //! window ends may see a resend of one published again: as after the window.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -20,35 +20,42 @@ pub(crate) const MAX_RECORDS: usize = 100_000;
 
 /// Recorded keys, with when each record expires, by publisher.
 ///
-/// Each record has one entry in its publisher's list (oldest first) and one in the
-/// expiries; an entry names its record by name and serial, so that one left behind by a
-/// record already gone (expired, given up, or made again) is known and skipped. Both
-/// collections are compacted when such entries outnumber the live ones.
+/// Each record has one entry in its publisher's list (oldest first) and one in the queue
+/// of its window (records of one window expire in the order they were made); an entry
+/// names its record by name and serial, so that one left behind by a record already gone
+/// (expired, given up, or made again) is known and skipped. Lists and queues are compacted
+/// when such entries outnumber the live ones.
 #[derive(Debug, Default)]
 pub(crate) struct KeyRecords {
     /// Each record, by its name (see [`name`]).
     records: HashMap<Arc<str>, Record>,
-    /// Each publisher holding records, by its name (see [`publisher_name`]).
-    publishers: HashMap<Arc<str>, Publisher>,
-    /// The publishers by how many records they hold: the last holds the most.
-    by_count: BTreeSet<(usize, Arc<str>)>,
-    /// Every record's expiry, the soonest first.
-    expiries: BinaryHeap<Reverse<(Instant, u64, Arc<str>)>>,
-    /// The serial of the last record made.
+    /// Each publisher holding records, by its identity: a client's, then the server's.
+    publishers: [HashMap<Arc<str>, Publisher>; 2],
+    /// The publishers by how many records they hold (the last holds the most) and their
+    /// number: kind and identity.
+    by_count: BTreeMap<(usize, u64), (bool, Arc<str>)>,
+    /// Per window, its records' expiries in order, and how many entries they hold in all.
+    expiries: Vec<(Duration, VecDeque<Expiry>)>,
+    queued: usize,
+    /// The serial of the last record or publisher made.
     serial: u64,
 }
+
+/// When a record expires: the time, its serial and its name.
+type Expiry = (Instant, u64, Arc<str>);
 
 #[derive(Debug)]
 struct Record {
     position: Option<Position>,
-    expires: Instant,
     serial: u64,
+    server: bool,
     publisher: Arc<str>,
 }
 
-/// One publisher's records, oldest first, by name and serial.
-#[derive(Debug, Default)]
+/// One publisher's number, and its records, oldest first, by name and serial.
+#[derive(Debug)]
 struct Publisher {
+    number: u64,
     order: VecDeque<(Arc<str>, u64)>,
     count: usize,
 }
@@ -62,72 +69,107 @@ impl KeyRecords {
         Some(record.position.clone())
     }
 
-    /// Records `once` in `room`, published at `position`, for its window.
+    /// Records `once` in `room`, published at `position`, for its window. The caller asked
+    /// [`KeyRecords::seen`] first, which found none (any record of the name had expired
+    /// and was swept out).
     pub(crate) fn record(&mut self, room: &str, once: &Once<'_>, position: Option<Position>) {
         let now = Instant::now();
         self.sweep(now);
         let name: Arc<str> = name(room, once).into();
-        // Made again: the record of the same name goes first.
-        self.remove(&name);
+        debug_assert!(!self.records.contains_key(&name), "recorded twice: {name}");
         while self.records.len() >= MAX_RECORDS && self.give_up_heaviest() {}
         self.serial += 1;
         let serial = self.serial;
-        let publisher: Arc<str> = publisher_name(once).into();
-        let entry = self.publishers.entry(publisher.clone()).or_default();
-        entry.count += 1;
-        entry.order.push_back((name.clone(), serial));
-        let count = entry.count;
-        self.recount(&publisher, count - 1, count);
-        let expires = now + once.window;
-        self.expiries.push(Reverse((expires, serial, name.clone())));
+        let publishers = &mut self.publishers[usize::from(once.server)];
+        let publisher = match publishers.get_mut(once.identity) {
+            Some(publisher) => publisher,
+            None => publishers.entry(once.identity.into()).or_insert(Publisher {
+                number: serial,
+                order: VecDeque::new(),
+                count: 0,
+            }),
+        };
+        publisher.count += 1;
+        publisher.order.push_back((name.clone(), serial));
+        let (number, count) = (publisher.number, publisher.count);
+        let identity: Arc<str> = match self.by_count.remove(&(count - 1, number)) {
+            Some((_, identity)) => identity,
+            None => once.identity.into(),
+        };
+        self.by_count
+            .insert((count, number), (once.server, identity.clone()));
+        let at = match self.expiries.iter().position(|(w, _)| *w == once.window) {
+            Some(at) => at,
+            None => {
+                self.expiries.push((once.window, VecDeque::new()));
+                self.expiries.len() - 1
+            }
+        };
+        self.expiries[at]
+            .1
+            .push_back((now + once.window, serial, name.clone()));
+        self.queued += 1;
         let record = Record {
             position,
-            expires,
             serial,
-            publisher,
+            server: once.server,
+            publisher: identity,
         };
         self.records.insert(name, record);
         self.compact_expiries();
     }
 
-    /// Makes the expiries again from the records once dead entries outnumber them, and
-    /// gives back the memory of a burst once they are a quarter of it.
-    fn compact_expiries(&mut self) {
-        if self.expiries.len() > 2 * self.records.len() + 1024 {
-            let records = self.records.iter();
-            let live = records.map(|(name, r)| Reverse((r.expires, r.serial, name.clone())));
-            self.expiries = live.collect();
-        } else if self.expiries.capacity() > 4 * self.expiries.len() + 1024 {
-            self.expiries.shrink_to(2 * self.expiries.len() + 512);
-        }
-    }
-
     /// Forgets the records whose window has ended.
     fn sweep(&mut self, now: Instant) {
-        while let Some(Reverse((expires, serial, _))) = self.expiries.peek() {
-            if *expires > now {
-                break;
-            }
-            let serial = *serial;
-            let Some(Reverse((_, _, name))) = self.expiries.pop() else {
-                break;
-            };
-            if self.is_live(&name, serial) {
-                self.remove(&name);
+        for at in 0..self.expiries.len() {
+            while let Some((expires, serial, _)) = self.expiries[at].1.front() {
+                if *expires > now {
+                    break;
+                }
+                let serial = *serial;
+                let Some((_, _, name)) = self.expiries[at].1.pop_front() else {
+                    break;
+                };
+                self.queued -= 1;
+                if self.is_live(&name, serial) {
+                    self.remove(&name);
+                }
             }
         }
         self.compact_expiries();
     }
 
+    /// Drops the queues' entries of records already gone once they outnumber the records,
+    /// and gives back the memory of a burst.
+    fn compact_expiries(&mut self) {
+        if self.queued > 2 * self.records.len() + 1024 {
+            let records = &self.records;
+            let live =
+                |(_, serial, name): &Expiry| records.get(name).is_some_and(|r| r.serial == *serial);
+            self.queued = 0;
+            for (_, queue) in &mut self.expiries {
+                queue.retain(live);
+                self.queued += queue.len();
+            }
+            self.expiries.retain(|(_, queue)| !queue.is_empty());
+        }
+        for (_, queue) in &mut self.expiries {
+            if queue.capacity() > 4 * queue.len() + 64 {
+                queue.shrink_to(2 * queue.len() + 16);
+            }
+        }
+    }
+
     /// The publisher holding the most records gives up its oldest; `false` if none could.
     fn give_up_heaviest(&mut self) -> bool {
-        let Some((_, heaviest)) = self.by_count.last().cloned() else {
+        let Some((_, (server, identity))) = self.by_count.last_key_value() else {
             return false;
         };
+        let (server, identity) = (*server, identity.clone());
         loop {
-            let front = self
-                .publishers
-                .get_mut(&heaviest)
+            let publishers = &mut self.publishers[usize::from(server)];
+            let front = publishers
+                .get_mut(&identity)
                 .and_then(|p| p.order.pop_front());
             let Some((name, serial)) = front else {
                 return false;
@@ -149,40 +191,28 @@ impl KeyRecords {
         let Some(record) = self.records.remove(name) else {
             return;
         };
-        let Some(publisher) = self.publishers.get_mut(&record.publisher) else {
+        let publishers = &mut self.publishers[usize::from(record.server)];
+        let Some(publisher) = publishers.get_mut(&record.publisher) else {
             return;
         };
         publisher.count -= 1;
-        let count = publisher.count;
+        let (number, count) = (publisher.number, publisher.count);
+        let entry = self.by_count.remove(&(count + 1, number));
         if count == 0 {
-            self.publishers.remove(&record.publisher);
-        } else if publisher.order.len() > 2 * count + 16 {
+            publishers.remove(&record.publisher);
+            return;
+        }
+        if let Some(entry) = entry {
+            self.by_count.insert((count, number), entry);
+        }
+        let order = &mut publisher.order;
+        if order.len() > 2 * count + 16 {
             let records = &self.records;
-            let live = |(name, serial): &(Arc<str>, u64)| {
-                records.get(name).is_some_and(|r| r.serial == *serial)
-            };
-            publisher.order.retain(live);
+            order.retain(|(name, serial)| records.get(name).is_some_and(|r| r.serial == *serial));
         }
-        if let Some(order) = self
-            .publishers
-            .get_mut(&record.publisher)
-            .map(|p| &mut p.order)
-        {
-            // The memory of a burst is given back once the list is a quarter of it.
-            if order.capacity() > 4 * order.len() + 64 {
-                order.shrink_to(2 * order.len() + 16);
-            }
-        }
-        self.recount(&record.publisher, count + 1, count);
-    }
-
-    /// `publisher` went from `before` records to `after`.
-    fn recount(&mut self, publisher: &Arc<str>, before: usize, after: usize) {
-        if before > 0 {
-            self.by_count.remove(&(before, publisher.clone()));
-        }
-        if after > 0 {
-            self.by_count.insert((after, publisher.clone()));
+        // The memory of a burst is given back once the list is a quarter of it.
+        if order.capacity() > 4 * order.len() + 64 {
+            order.shrink_to(2 * order.len() + 16);
         }
     }
 
@@ -193,30 +223,35 @@ impl KeyRecords {
     }
 
     /// Checks that the collections agree: each record counted once for its publisher, with
-    /// one live entry in its list and in the expiries, and the lists bounded.
+    /// one live entry in its list and in the queues, and the lists bounded.
     #[cfg(test)]
     fn check(&self) {
         let mut counted = 0;
-        for (publisher, p) in &self.publishers {
-            assert!(p.count > 0 && self.by_count.contains(&(p.count, publisher.clone())));
-            assert!(
-                p.order.len() <= 2 * p.count + 16 && p.order.capacity() <= 8 * p.count + 160,
-                "{} entries in {}",
-                p.order.len(),
-                p.order.capacity()
-            );
-            let live = p.order.iter().filter(|(n, s)| self.is_live(n, *s)).count();
-            assert_eq!(live, p.count, "{publisher}'s live entries");
-            counted += p.count;
+        for (server, publishers) in [false, true].into_iter().zip(&self.publishers) {
+            for (identity, p) in publishers {
+                let entry = self.by_count.get(&(p.count, p.number));
+                assert_eq!(entry, Some(&(server, identity.clone())));
+                let order = &p.order;
+                assert!(
+                    order.len() <= 2 * p.count + 16 && order.capacity() <= 8 * p.count + 160,
+                    "{} entries in {}",
+                    order.len(),
+                    order.capacity()
+                );
+                let live = order.iter().filter(|(n, s)| self.is_live(n, *s)).count();
+                assert_eq!(live, p.count, "{identity}'s live entries");
+                counted += p.count;
+            }
         }
         assert_eq!(counted, self.records.len());
-        assert_eq!(self.by_count.len(), self.publishers.len());
-        let live = self
-            .expiries
-            .iter()
-            .filter(|Reverse((_, s, n))| self.is_live(n, *s));
-        assert_eq!(live.count(), self.records.len());
-        assert!(self.expiries.len() <= 2 * self.records.len() + 1025);
+        let publishers = self.publishers.iter().map(HashMap::len).sum::<usize>();
+        assert_eq!(self.by_count.len(), publishers);
+        let queues = self.expiries.iter().flat_map(|(_, q)| q);
+        let live = queues.filter(|(_, s, n)| self.is_live(n, *s)).count();
+        assert_eq!(live, self.records.len());
+        let queued: usize = self.expiries.iter().map(|(_, q)| q.len()).sum();
+        assert_eq!(queued, self.queued);
+        assert!(self.queued <= 2 * self.records.len() + 1024);
         assert!(self.records.len() <= MAX_RECORDS);
     }
 }
@@ -232,13 +267,6 @@ fn name(room: &str, once: &Once<'_>) -> String {
         once.identity,
         once.key
     )
-}
-
-/// The name of a record's publisher: sender kind and identity (a client's never names the
-/// server's).
-fn publisher_name(once: &Once<'_>) -> String {
-    let kind = if once.server { 's' } else { 'c' };
-    format!("{kind}{}", once.identity)
 }
 
 #[cfg(test)]
@@ -336,7 +364,7 @@ mod tests {
         tokio::time::advance(Duration::from_millis(2_000)).await;
         assert_eq!(records.seen("r", &once("a", "k", 1_000)), None);
         assert_eq!(records.len(), 0);
-        assert!(records.publishers.is_empty() && records.by_count.is_empty());
+        assert!(records.publishers.iter().all(HashMap::is_empty) && records.by_count.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -391,7 +419,7 @@ mod tests {
         assert_eq!(records.seen("r", &once("p0", "k0", 1_000)), None);
         assert_eq!(records.len(), 0);
         records.check();
-        assert!(records.publishers.is_empty());
+        assert!(records.publishers.iter().all(HashMap::is_empty));
     }
 
     #[tokio::test(start_paused = true)]
@@ -422,7 +450,7 @@ mod tests {
         assert_eq!(records.len(), 2);
         // The list holds a few entries, not the burst's 50,000 places; the expiries too.
         records.check();
-        assert!(records.expiries.capacity() < 2_000);
+        assert!(records.expiries.iter().all(|(_, q)| q.capacity() < 2_000));
     }
 
     #[tokio::test(start_paused = true)]

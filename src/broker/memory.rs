@@ -247,6 +247,21 @@ impl MemoryBroker {
         history: Option<History>,
         once: Option<Once<'_>>,
     ) -> Accepted {
+        if let (None, Some(once)) = (history, &once) {
+            // Without history, the key is recorded before the frame goes out (nothing can
+            // fail in between), so that the lock is not held while it is delivered.
+            let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(position) = keys.seen(room, once) {
+                return Accepted {
+                    position,
+                    duplicate: true,
+                };
+            }
+            keys.record(room, once, None);
+            drop(keys);
+            self.sink.deliver(room, &Utf8Bytes::from(frame));
+            return Accepted::default();
+        }
         let mut keys = once.map(|_| self.keys.lock().unwrap_or_else(PoisonError::into_inner));
         if let (Some(keys), Some(once)) = (&mut keys, &once) {
             if let Some(position) = keys.seen(room, once) {
