@@ -7,7 +7,7 @@
 //! records, not other publishers'. A publisher whose records are given up before their
 //! window ends may see a resend of one published again: as after the window.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,9 +34,12 @@ pub(crate) struct KeyRecords {
     /// The publishers by how many records they hold (the last holds the most) and their
     /// number: kind and identity.
     by_count: BTreeMap<(usize, u64), (bool, Arc<str>)>,
-    /// Per window, its records' expiries in order, and how many entries they hold in all.
-    expiries: Vec<(Duration, VecDeque<Expiry>)>,
+    /// Per window with records, their expiries in order, and how many entries the queues
+    /// hold in all.
+    expiries: HashMap<Duration, VecDeque<Expiry>>,
     queued: usize,
+    /// Each queue's first expiry, the soonest first: what a sweep looks at.
+    fronts: BTreeSet<(Instant, Duration)>,
     /// The serial of the last record or publisher made.
     serial: u64,
 }
@@ -98,16 +101,12 @@ impl KeyRecords {
         };
         self.by_count
             .insert((count, number), (once.server, identity.clone()));
-        let at = match self.expiries.iter().position(|(w, _)| *w == once.window) {
-            Some(at) => at,
-            None => {
-                self.expiries.push((once.window, VecDeque::new()));
-                self.expiries.len() - 1
-            }
-        };
-        self.expiries[at]
-            .1
-            .push_back((now + once.window, serial, name.clone()));
+        let expires = now + once.window;
+        let queue = self.expiries.entry(once.window).or_default();
+        if queue.is_empty() {
+            self.fronts.insert((expires, once.window));
+        }
+        queue.push_back((expires, serial, name.clone()));
         self.queued += 1;
         let record = Record {
             position,
@@ -119,15 +118,23 @@ impl KeyRecords {
         self.compact_expiries();
     }
 
-    /// Forgets the records whose window has ended.
+    /// Forgets the records whose window has ended: the queues whose first expiry has come,
+    /// each up to its first expiry still to come (a queue emptied is dropped).
     fn sweep(&mut self, now: Instant) {
-        for at in 0..self.expiries.len() {
-            while let Some((expires, serial, _)) = self.expiries[at].1.front() {
-                if *expires > now {
+        while let Some(&(first, window)) = self.fronts.first() {
+            if first > now {
+                break;
+            }
+            self.fronts.pop_first();
+            let Some(mut queue) = self.expiries.remove(&window) else {
+                continue;
+            };
+            while let Some(&(expires, serial, _)) = queue.front() {
+                if expires > now {
+                    self.fronts.insert((expires, window));
                     break;
                 }
-                let serial = *serial;
-                let Some((_, _, name)) = self.expiries[at].1.pop_front() else {
+                let Some((_, _, name)) = queue.pop_front() else {
                     break;
                 };
                 self.queued -= 1;
@@ -135,29 +142,35 @@ impl KeyRecords {
                     self.remove(&name);
                 }
             }
+            if !queue.is_empty() {
+                // The memory of a burst is given back once the queue is a quarter of it.
+                if queue.capacity() > 4 * queue.len() + 64 {
+                    queue.shrink_to(2 * queue.len() + 16);
+                }
+                self.expiries.insert(window, queue);
+            }
         }
-        self.compact_expiries();
     }
 
-    /// Drops the queues' entries of records already gone once they outnumber the records,
-    /// and gives back the memory of a burst.
+    /// Drops the queues' entries of records already gone once they outnumber the records.
     fn compact_expiries(&mut self) {
-        if self.queued > 2 * self.records.len() + 1024 {
-            let records = &self.records;
-            let live =
-                |(_, serial, name): &Expiry| records.get(name).is_some_and(|r| r.serial == *serial);
-            self.queued = 0;
-            for (_, queue) in &mut self.expiries {
-                queue.retain(live);
-                self.queued += queue.len();
-            }
-            self.expiries.retain(|(_, queue)| !queue.is_empty());
+        if self.queued <= 2 * self.records.len() + 1024 {
+            return;
         }
-        for (_, queue) in &mut self.expiries {
-            if queue.capacity() > 4 * queue.len() + 64 {
-                queue.shrink_to(2 * queue.len() + 16);
+        let records = &self.records;
+        let live =
+            |(_, serial, name): &Expiry| records.get(name).is_some_and(|r| r.serial == *serial);
+        self.queued = 0;
+        self.fronts.clear();
+        for (window, queue) in &mut self.expiries {
+            queue.retain(live);
+            queue.shrink_to(2 * queue.len() + 16);
+            self.queued += queue.len();
+            if let Some((first, ..)) = queue.front() {
+                self.fronts.insert((*first, *window));
             }
         }
+        self.expiries.retain(|_, queue| !queue.is_empty());
     }
 
     /// The publisher holding the most records gives up its oldest; `false` if none could.
@@ -246,11 +259,17 @@ impl KeyRecords {
         assert_eq!(counted, self.records.len());
         let publishers = self.publishers.iter().map(HashMap::len).sum::<usize>();
         assert_eq!(self.by_count.len(), publishers);
-        let queues = self.expiries.iter().flat_map(|(_, q)| q);
+        let queues = self.expiries.values().flatten();
         let live = queues.filter(|(_, s, n)| self.is_live(n, *s)).count();
         assert_eq!(live, self.records.len());
-        let queued: usize = self.expiries.iter().map(|(_, q)| q.len()).sum();
+        let queued: usize = self.expiries.values().map(VecDeque::len).sum();
         assert_eq!(queued, self.queued);
+        // Each queue is there while it holds entries, its first in the fronts.
+        assert_eq!(self.fronts.len(), self.expiries.len());
+        for (window, queue) in &self.expiries {
+            let first = queue.front().map(|(first, ..)| *first);
+            assert!(first.is_some_and(|f| self.fronts.contains(&(f, *window))));
+        }
         assert!(self.queued <= 2 * self.records.len() + 1024);
         assert!(self.records.len() <= MAX_RECORDS);
     }
@@ -450,7 +469,24 @@ mod tests {
         assert_eq!(records.len(), 2);
         // The list holds a few entries, not the burst's 50,000 places; the expiries too.
         records.check();
-        assert!(records.expiries.iter().all(|(_, q)| q.capacity() < 2_000));
+        assert!(records.expiries.values().all(|q| q.capacity() < 2_000));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn windows_no_record_uses_any_more_cost_nothing() {
+        // Rooms may each have a window of their own: a window's queue goes with its last
+        // record, so a sweep looks only at windows with records in them.
+        let mut records = KeyRecords::default();
+        for n in 1..=1_000 {
+            records.record("r", &once("a", &n.to_string(), n), None);
+        }
+        records.record("r", &once("a", "long", 60_000), None);
+        records.check();
+        tokio::time::advance(Duration::from_millis(1_001)).await;
+        assert_eq!(records.seen("r", &once("a", "1", 1)), None);
+        assert_eq!(records.len(), 1);
+        assert_eq!((records.expiries.len(), records.fronts.len()), (1, 1));
+        records.check();
     }
 
     #[tokio::test(start_paused = true)]
