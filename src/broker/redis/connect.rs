@@ -209,13 +209,13 @@ pub(crate) async fn within<T>(
         .unwrap_or(Err(BrokerError::Timeout(timeout)))
 }
 
-/// Classifies a redis-rs error: an error reply from Redis, or a failed connection.
 /// A duration in whole milliseconds as Redis takes it (`PX`, `PEXPIRE`): at least 1, as
 /// Redis refuses 0.
 pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
+/// Classifies a redis-rs error: an error reply from Redis, or a failed connection.
 pub(crate) fn redis_error(e: redis::RedisError) -> BrokerError {
     match e.kind() {
         redis::ErrorKind::Server(_) | redis::ErrorKind::Extension => {

@@ -73,9 +73,10 @@ pub(crate) async fn query_pipeline(
 /// On one Redis, the commands go as one pipeline. On a cluster: one pipeline per master,
 /// by the slot map the cluster last reported, built directly (no command is copied) and
 /// sent concurrently; a master takes commands of many slots in one pipeline. The pipelines
-/// are built in `pipelines`, whose buffers the next call reuses. A command answered `MOVED` (its slot moved) or
-/// `TRYAGAIN` (its keys are moving) did not run: it is built again and sent by the map read
-/// again; one answered `ASK` goes to the node named, after `ASKING`. Each is sent again at
+/// are built in `pipelines`, whose buffers the next call reuses. A command answered
+/// `MOVED` (its slot moved) or `TRYAGAIN` (its keys are moving) did not run: it is built
+/// again and sent by the map read again; one answered `ASK` goes to the node named, after
+/// `ASKING`. Each is sent again at
 /// most [`REDIRECTS`] times, then answered with its last redirection. The commands naming
 /// one key (a room's) keep their order: a re-send carries them in one pipeline, and a
 /// command redirected after which one naming the same key ran is not sent again (its
