@@ -239,7 +239,8 @@ impl MemoryBroker {
 
     /// Publishes `frame` to `room` (into its history, if it has one). With `once`, unless
     /// its key is recorded within its window: then nothing is published and the answer is a
-    /// duplicate's. The check, the publish and the record happen under one lock.
+    /// duplicate's. The check and the record happen under one lock, with a history
+    /// room's publish between them; any other frame goes out after both.
     pub(crate) fn publish(
         &self,
         room: &str,
@@ -247,21 +248,6 @@ impl MemoryBroker {
         history: Option<History>,
         once: Option<Once<'_>>,
     ) -> Accepted {
-        if let (None, Some(once)) = (history, &once) {
-            // Without history, the key is recorded before the frame goes out (nothing can
-            // fail in between), so that the lock is not held while it is delivered.
-            let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(position) = keys.seen(room, once) {
-                return Accepted {
-                    position,
-                    duplicate: true,
-                };
-            }
-            keys.record(room, once, None);
-            drop(keys);
-            self.sink.deliver(room, &Utf8Bytes::from(frame));
-            return Accepted::default();
-        }
         let mut keys = once.map(|_| self.keys.lock().unwrap_or_else(PoisonError::into_inner));
         if let (Some(keys), Some(once)) = (&mut keys, &once) {
             if let Some(position) = keys.seen(room, once) {
@@ -271,15 +257,16 @@ impl MemoryBroker {
                 };
             }
         }
-        let position = match history {
-            Some(history) => Some(self.publish_history(room, &frame, history)),
-            None => {
-                self.sink.deliver(room, &Utf8Bytes::from(frame));
-                None
-            }
-        };
+        // A history frame is kept and delivered under the lock (its offset goes into the
+        // record); any other is delivered once its key is recorded and the lock released
+        // (nothing can fail in between), so that the lock is not held through the fanout.
+        let position = history.map(|history| self.publish_history(room, &frame, history));
         if let (Some(keys), Some(once)) = (&mut keys, &once) {
             keys.record(room, once, position.clone());
+        }
+        drop(keys);
+        if history.is_none() {
+            self.sink.deliver(room, &Utf8Bytes::from(frame));
         }
         Accepted {
             position,
