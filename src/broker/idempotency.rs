@@ -143,10 +143,7 @@ impl KeyRecords {
                 }
             }
             if !queue.is_empty() {
-                // The memory of a burst is given back once the queue is a quarter of it.
-                if queue.capacity() > 4 * queue.len() + 64 {
-                    queue.shrink_to(2 * queue.len() + 16);
-                }
+                give_back(&mut queue);
                 self.expiries.insert(window, queue);
             }
         }
@@ -158,8 +155,7 @@ impl KeyRecords {
             return;
         }
         let records = &self.records;
-        let live =
-            |(_, serial, name): &Expiry| records.get(name).is_some_and(|r| r.serial == *serial);
+        let live = |(_, serial, name): &Expiry| is_live(records, name, *serial);
         self.queued = 0;
         self.fronts.clear();
         for (window, queue) in &mut self.expiries {
@@ -196,7 +192,7 @@ impl KeyRecords {
 
     /// Whether the entry `name`, `serial` names a record still held.
     fn is_live(&self, name: &str, serial: u64) -> bool {
-        self.records.get(name).is_some_and(|r| r.serial == serial)
+        is_live(&self.records, name, serial)
     }
 
     /// Forgets the record `name`, if there is one.
@@ -221,12 +217,9 @@ impl KeyRecords {
         let order = &mut publisher.order;
         if order.len() > 2 * count + 16 {
             let records = &self.records;
-            order.retain(|(name, serial)| records.get(name).is_some_and(|r| r.serial == *serial));
+            order.retain(|(name, serial)| is_live(records, name, *serial));
         }
-        // The memory of a burst is given back once the list is a quarter of it.
-        if order.capacity() > 4 * order.len() + 64 {
-            order.shrink_to(2 * order.len() + 16);
-        }
+        give_back(order);
     }
 
     /// How many records are held.
@@ -272,6 +265,18 @@ impl KeyRecords {
         }
         assert!(self.queued <= 2 * self.records.len() + 1024);
         assert!(self.records.len() <= MAX_RECORDS);
+    }
+}
+
+/// Whether the entry `name`, `serial` names a record of `records`.
+fn is_live(records: &HashMap<Arc<str>, Record>, name: &str, serial: u64) -> bool {
+    records.get(name).is_some_and(|r| r.serial == serial)
+}
+
+/// Gives back the memory of a burst once `entries` hold a quarter of it.
+fn give_back<T>(entries: &mut VecDeque<T>) {
+    if entries.capacity() > 4 * entries.len() + 64 {
+        entries.shrink_to(2 * entries.len() + 16);
     }
 }
 
