@@ -502,7 +502,13 @@ mod tests {
 
     #[test]
     fn unexpected_frames_are_errors_not_panics() {
-        for input in [&b"*1\r\n:1\r\n"[..], b"*1\r\n$3\r\nfoo\r\n", b"+HUH\r\n"] {
+        // An integer too: nothing the subscriber sends is answered with one.
+        for input in [
+            &b"*1\r\n:1\r\n"[..],
+            b"*1\r\n$3\r\nfoo\r\n",
+            b"+HUH\r\n",
+            b":2\r\n",
+        ] {
             let buf = BytesMut::from(input);
             let (frame, _) = decode_range(&buf).unwrap().unwrap();
             assert!(classify(&buf, &frame, &mut |_: &[u8], _: &[u8]| {}).is_err());
