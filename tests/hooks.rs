@@ -138,6 +138,37 @@ async fn hooks_allow_refuse_assign_and_replace() {
     );
 }
 
+/// A payload a `message` hook puts in the client's place goes through the checks a
+/// client's does: one no JSON parser reads back, or nested too deep, is the hook's failure
+/// (`internal`), and nothing is delivered.
+#[tokio::test]
+async fn a_replaced_payload_no_client_could_send_is_not_delivered() {
+    let layer = ThinWsLayer::builder()
+        .on_message(service_fn(|event: MessageEvent| async move {
+            let text: String = event.payload_as().unwrap_or_default();
+            let raw = match text.as_str() {
+                "surrogate" => r#""\ud800""#.to_owned(),
+                "deep" => format!("{}{}", "[".repeat(100), "]".repeat(100)),
+                "huge" => "1e400".to_owned(),
+                _ => return Ok::<_, Infallible>(MessageVerdict::Allow),
+            };
+            let raw = serde_json::value::RawValue::from_string(raw).unwrap();
+            Ok(MessageVerdict::Replace(raw))
+        }))
+        .build();
+    let node = Node::start(layer).await;
+    let mut c = Client::connect(&node.url()).await;
+    c.subscribe("r").await;
+    for text in ["surrogate", "deep", "huge"] {
+        let reply = c
+            .request(json!({"type": "message", "roomID": "r", "payload": text}))
+            .await;
+        assert_eq!(reply["code"], "internal", "{text}: {reply}");
+    }
+    c.publish("r", json!("fine")).await;
+    assert_eq!(c.delivery().await["payload"], "fine", "nothing before it");
+}
+
 #[tokio::test]
 async fn an_assigned_identity_comes_from_the_upgrade_request() {
     let layer = ThinWsLayer::builder()

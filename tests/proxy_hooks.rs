@@ -16,6 +16,7 @@ use backend::{Backend, BACKENDS, SECRET};
 use binary::{http_with_body, Server};
 use serde_json::json;
 use support::{free_port, Client, TempDir};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// A thinws node whose hooks ask `backend`; `extra` flags added.
 async fn node(backend: &Backend, extra: &[&str]) -> (Server, TempDir) {
@@ -150,6 +151,36 @@ async fn decides_by_cookie_room_and_message(example: (&str, &str)) {
     )
     .await;
     assert_eq!(status, 401);
+}
+
+/// With `--proxy-connect-url` the backend decides who a socket is: a socket that has not
+/// connected is refused in every room (those that do not ask the backend included), and
+/// closed with 1008 once `--auth-grace` has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_must_connect_first_when_the_backend_decides_identities() {
+    let backend = Backend::start(BACKENDS[0], free_port()).await;
+    let args = ["--proxy-room-prefix", "private:", "--auth-grace", "1"];
+    let (server, _secret) = node(&backend, &args).await;
+    let mut stranger = with_cookie(&server, Some("session=alice-session")).await;
+    for frame in [
+        json!({"type": "subscribe", "roomID": "lobby"}),
+        json!({"type": "message", "roomID": "lobby", "payload": 1}),
+        json!({"type": "subscribe", "roomID": "private:admins"}),
+    ] {
+        let reply = stranger.request(frame.clone()).await;
+        assert_eq!(
+            (&reply["code"], &reply["message"]),
+            (&json!("forbidden"), &json!("connect first")),
+            "{frame}: {reply}"
+        );
+    }
+    assert_eq!(stranger.closed().await, CloseCode::Policy);
+    // A socket that connected uses its rooms as before.
+    let mut alice = with_cookie(&server, Some("session=alice-session")).await;
+    assert_eq!(connect(&mut alice).await["type"], "ack");
+    alice.subscribe("lobby").await;
+    alice.publish("lobby", json!("hi")).await;
+    assert_eq!(alice.delivery().await["connectionID"], "alice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 #[path = "support/binary.rs"]
 mod binary;
 
-use binary::{hs256, http_with_body, now, Server, BIN, SECRET};
+use binary::{hs256, http_raw, http_with_body, now, Server, BIN, SECRET};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_memory_server_serves_health_and_sockets_and_shuts_down_with_1001() {
@@ -486,7 +486,7 @@ async fn backends_publish_through_the_http_api_with_an_api_key() {
 
     // A wrong or missing key, bad input: refused, nothing published.
     for headers in [&[][..], &[("Authorization", "apikey wrong")][..]] {
-        let (status, _) = http_with_body(
+        let (status, head, _) = http_raw(
             server.addr,
             "POST",
             "/api/publish",
@@ -495,6 +495,26 @@ async fn backends_publish_through_the_http_api_with_an_api_key() {
         )
         .await;
         assert_eq!(status, 401);
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("\r\nwww-authenticate: apikey"),
+            "{head}"
+        );
+    }
+    // Not JSON, or JSON of another shape.
+    for (body, code) in [
+        (r#"{"roomID":"news room","payload":"#, "invalid_json"),
+        (r#"{"roomID":"news room""#, "invalid_json"),
+        (r#"{"roomID":"news room"}"#, "invalid_message"),
+        (r#"["news room", 1]"#, "invalid_message"),
+    ] {
+        let (status, answer) =
+            http_with_body(server.addr, "POST", "/api/publish", &key, body).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (400, Some(code)),
+            "{body}"
+        );
     }
     let (status, body) = http_with_body(
         server.addr,
@@ -634,10 +654,53 @@ async fn the_api_serves_a_rooms_history() {
         .map(|m| m["payload"].clone())
         .collect();
     assert_eq!(payloads, [json!(2), json!(3)]);
+    // Messages as they were delivered, byte for byte: key order and numbers kept.
+    let payload = r#"{"b":1,"a":2e2,"big":123456789012345678901234567890}"#;
+    let (status, _) = http_with_body(
+        server.addr,
+        "POST",
+        "/api/publish",
+        &key,
+        &format!(r#"{{"roomID":"news","payload":{payload}}}"#),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _, body) = http_raw(
+        server.addr,
+        "GET",
+        "/api/rooms/news/history?limit=1",
+        &key,
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&format!(r#""payload":{payload}"#)), "{body}");
+    // A limit that is not a number is refused, not ignored.
+    for query in ["limit=abc", "limit=-1"] {
+        let path = format!("/api/rooms/news/history?{query}");
+        let (status, body) = http_with_body(server.addr, "GET", &path, &key, "").await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (400, Some("invalid_message"))
+        );
+    }
     let server = Server::start(&["--api-key", "k"]).await;
     let (status, body) =
         http_with_body(server.addr, "GET", "/api/rooms/news/history", &key, "").await;
     assert_eq!((status, body["error"].as_str()), (404, Some("not_enabled")));
+}
+
+/// The API takes a body up to `--max-frame-size`, the size a socket's frame may have.
+#[tokio::test]
+async fn the_apis_body_limit_is_the_frame_limit() {
+    let key = [("Authorization", "apikey k")];
+    let body = format!(r#"{{"roomID":"r","payload":"{}"}}"#, "x".repeat(100_000));
+    let server = Server::start(&["--api-key", "k", "--max-frame-size", "200000"]).await;
+    let (status, answer) = http_with_body(server.addr, "POST", "/api/publish", &key, &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let server = Server::start(&["--api-key", "k", "--max-frame-size", "50000"]).await;
+    let (status, answer) = http_with_body(server.addr, "POST", "/api/publish", &key, &body).await;
+    assert_eq!((status, answer["error"].as_str()), (413, Some("too_large")));
 }
 
 #[tokio::test]

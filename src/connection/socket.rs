@@ -364,13 +364,20 @@ impl Socket {
             Some(Ok(MessageVerdict::Refuse(reason))) => return Err(Refusal::Forbidden(reason)),
             Some(Err(e)) => return Err(Refusal::hook_failed("message", e)),
         };
-        if replaced
-            .as_ref()
-            .is_some_and(|p| p.get().len() > self.node.config.max_frame_size)
-        {
-            // The hook's payload is over what a client may send: its mistake.
-            let e = std::io::Error::other("the replaced payload is over the frame size limit");
-            return Err(Refusal::hook_failed("message", e.into()));
+        if let Some(replaced) = &replaced {
+            // A payload no client could send (too large, too deep, unreadable by a JSON
+            // parser) is the hook's mistake: delivered, clients would drop it.
+            let limits = &self.node.config.limits;
+            let problem = match replaced.get() {
+                p if p.len() > self.node.config.max_frame_size => {
+                    Some("the replaced payload is over the frame size limit")
+                }
+                p => protocol::payload_problem(p, limits.max_payload_depth),
+            };
+            if let Some(problem) = problem {
+                let e = std::io::Error::other(problem);
+                return Err(Refusal::hook_failed("message", e.into()));
+            }
         }
         let payload = replaced.as_deref().unwrap_or(payload);
         let frame = server::delivery(room, &self.me.identity, payload);

@@ -45,3 +45,4 @@ pub mod server;
 pub use client::{parse, ClientFrame, Command, Limits, Since, MAX_KEY_LEN};
 pub use encode::encode;
 pub use error::{ErrorCode, FrameError, UnknownErrorCode};
+pub(crate) use scan::payload_problem;

@@ -67,6 +67,20 @@ pub(super) fn check_payload(json: &str, max_depth: usize) -> Result<(), PayloadP
     Ok(())
 }
 
+/// Why a payload a client could not have sent (too deep, a number out of range, a lone
+/// surrogate escape) may not be delivered, if it may not: for a payload that did not come
+/// through [`parse`](super::parse), such as one a `message` hook put in the client's place.
+pub(crate) fn payload_problem(json: &str, max_depth: usize) -> Option<&'static str> {
+    match check_payload(json, max_depth) {
+        Err(PayloadProblem::TooDeep) => Some("the payload nests too deep"),
+        Err(PayloadProblem::NumberOutOfRange) => {
+            Some("the payload has a number too large for a 64-bit float")
+        }
+        Ok(()) if has_lone_surrogate(json) => Some("the payload has a lone UTF-16 surrogate"),
+        Ok(()) => None,
+    }
+}
+
 /// Whether JSON text has a `\\uXXXX` escape of a UTF-16 surrogate that is not part of a
 /// high-low pair. Backslashes appear only inside strings in valid JSON, and `\\\\` is
 /// skipped as one escape, so every escape is seen exactly once.

@@ -174,6 +174,21 @@ pub async fn http_with_body(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, serde_json::Value) {
+    let (status, _, body) = http_raw(addr, method, path, headers, body).await;
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// An HTTP request with a body; the status, the head and the body of the answer, as sent.
+pub async fn http_raw(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut request = format!(
@@ -192,11 +207,8 @@ pub async fn http_with_body(
         .unwrap();
     let response = String::from_utf8_lossy(&response).into_owned();
     let status = response.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("");
-    (
-        status,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (status, head.to_owned(), body.to_owned())
 }
 
 /// Resident memory of a process, in KiB.

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body::Body;
-use http_body_util::{BodyExt, Full, Limited};
-use serde::Deserialize;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
@@ -33,7 +33,7 @@ pub struct Api {
     hub: Hub,
     key: Option<Arc<[u8]>>,
     limits: Limits,
-    /// Largest accepted request body (the socket frame limit).
+    /// Largest accepted request body (`--max-frame-size`, a socket's frame limit).
     max_body: usize,
 }
 
@@ -54,12 +54,27 @@ struct PublishBody<'a> {
     key: Option<&'a RawValue>,
 }
 
+/// A room's history as the API answers it (`json!` would parse the messages again).
+#[derive(Serialize)]
+struct HistoryBody<'a> {
+    #[serde(rename = "roomID")]
+    room: &'a str,
+    offset: u64,
+    epoch: &'a str,
+    messages: Vec<&'a RawValue>,
+}
+
 fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
     <&'de RawValue as Deserialize>::deserialize(d).map(Some)
 }
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    json_text(status, body.to_string())
+}
+
+/// A response of JSON text already written.
+fn json_text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -110,11 +125,17 @@ impl Api {
             );
         };
         if !self.authorized(key, &request) {
-            return error(
+            let mut refused = error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "send Authorization: apikey KEY",
             );
+            // RFC 9110: a 401 names the scheme it wants.
+            refused.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("apikey"),
+            );
+            return refused;
         }
         let path = request.uri().path().to_owned();
         match (request.method(), path.as_str()) {
@@ -128,8 +149,19 @@ impl Api {
                 let limit = request
                     .uri()
                     .query()
-                    .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("limit=")))
-                    .and_then(|l| l.parse().ok());
+                    .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("limit=")));
+                let limit = match limit.map(str::parse::<usize>) {
+                    None => None,
+                    Some(Ok(limit)) => Some(limit),
+                    // As a socket's `history` refuses it.
+                    Some(Err(_)) => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_message",
+                            "limit must be a whole number",
+                        )
+                    }
+                };
                 self.history(&room, limit).await
             }
             (&Method::GET, path)
@@ -180,15 +212,27 @@ impl Api {
     async fn history(&self, room: &str, limit: Option<usize>) -> Response<Full<Bytes>> {
         match self.hub.history(room, limit).await {
             Ok(Some(history)) => {
-                let messages: Vec<serde_json::Value> = history
+                // As delivered, byte for byte (a `Value` would reorder keys and reformat
+                // numbers).
+                let messages: Vec<&RawValue> = history
                     .messages
                     .iter()
-                    .filter_map(|m| serde_json::from_str(m).ok())
+                    .filter_map(|m| match serde_json::from_str(m) {
+                        Ok(raw) => Some(raw),
+                        Err(e) => {
+                            tracing::error!(room, error = %e, "a kept message is not JSON");
+                            None
+                        }
+                    })
                     .collect();
-                json_response(
-                    StatusCode::OK,
-                    json!({"roomID": room, "offset": history.offset, "epoch": history.epoch, "messages": messages}),
-                )
+                let body = HistoryBody {
+                    room,
+                    offset: history.offset,
+                    epoch: &history.epoch,
+                    messages,
+                };
+                let body = serde_json::to_string(&body).expect("the history is JSON");
+                json_text(StatusCode::OK, body)
             }
             Ok(None) => error(
                 StatusCode::NOT_FOUND,
@@ -228,7 +272,14 @@ impl Api {
             .await
         {
             Ok(body) => body.to_bytes(),
-            Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &e.to_string()),
+            Err(e) if e.is::<LengthLimitError>() => {
+                let message = format!("the body is over {} bytes", self.max_body);
+                return error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &message);
+            }
+            Err(e) => {
+                let message = format!("the body could not be read: {e}");
+                return error(StatusCode::BAD_REQUEST, "invalid_message", &message);
+            }
         };
         let Ok(text) = std::str::from_utf8(&body) else {
             return error(
@@ -237,7 +288,17 @@ impl Api {
                 "the body is not UTF-8",
             );
         };
-        let fields: PublishBody<'_> = match serde_json::from_str(text) {
+        // JSON, then an object (serde would read an array into the fields by position),
+        // then one with the fields a publish needs.
+        let raw: &RawValue = match serde_json::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_json", &e.to_string()),
+        };
+        if !raw.get().starts_with('{') {
+            let message = "the body is not a JSON object";
+            return error(StatusCode::BAD_REQUEST, "invalid_message", message);
+        }
+        let fields: PublishBody<'_> = match serde_json::from_str(raw.get()) {
             Ok(fields) => fields,
             Err(e) => return error(StatusCode::BAD_REQUEST, "invalid_message", &e.to_string()),
         };

@@ -164,7 +164,8 @@ struct Args {
     /// file.
     #[arg(long, env = "THINWS_TOKEN_PUBLIC_KEY")]
     token_public_key: Option<std::path::PathBuf>,
-    /// Seconds a socket may stay without a valid token before it is closed with 1008.
+    /// Seconds a socket may stay without a valid token (or, with --proxy-connect-url,
+    /// without a `connect` the backend accepted) before it is closed with 1008.
     #[arg(long, env = "THINWS_AUTH_GRACE", default_value_t = 10)]
     auth_grace: u64,
     /// Turns on the HTTP API (`POST /api/publish`, `GET /api/rooms/{room}`) for requests
@@ -327,10 +328,11 @@ async fn run(args: Args) -> Result<(), String> {
     if auth.is_some() && args.proxy.any() {
         return Err("signed tokens (--token-secret-file, --token-public-key) and hooks over HTTP (--proxy-*-url) cannot be combined yet: let the backend check the token at connect instead".into());
     }
-    builder = args.proxy.apply(builder, args.listen.to_string())?;
+    let grace = Duration::from_secs(args.auth_grace.max(1));
+    builder = args.proxy.apply(builder, args.listen.to_string(), grace)?;
     if let Some(auth) = auth {
         tracing::info!("sockets must connect with a signed token");
-        builder = auth.apply(builder, Duration::from_secs(args.auth_grace.max(1)));
+        builder = auth.apply(builder, grace);
     }
     // Pages from loopback and IP hosts (the demo), the named public hosts, and whatever is
     // listed.
@@ -383,7 +385,7 @@ async fn run(args: Args) -> Result<(), String> {
     let hub = layer.hub();
     let ws_path = args.path.clone().unwrap_or_else(|| "/".to_owned());
     let demo = (!args.no_demo).then(|| Bytes::from(DEMO.replace("{{WS_PATH}}", &ws_path)));
-    let api = api::Api::new(hub.clone(), api_key, 64 * 1024);
+    let api = api::Api::new(hub.clone(), api_key, args.max_frame_size);
     let service = layer.layer(Endpoints {
         hub: hub.clone(),
         metrics,

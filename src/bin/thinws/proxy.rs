@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use thinws::hooks::http::Backend;
+use thinws::hooks::http::{Backend, HttpHook};
+use thinws::hooks::{HookError, MessageEvent, MessageVerdict, SubscribeEvent, Verdict};
 use thinws::ThinWsBuilder;
+use tower::{service_fn, ServiceExt};
 
 use crate::secrets::secret_of;
 
@@ -82,8 +84,16 @@ impl ProxyArgs {
             || self.proxy_refresh_url.is_some()
     }
 
-    /// Sets the hooks these flags ask for on `builder`.
-    pub fn apply(&self, mut builder: ThinWsBuilder, node: String) -> Result<ThinWsBuilder, String> {
+    /// Sets the hooks these flags ask for on `builder`. With `--proxy-connect-url`, the
+    /// backend decides who a socket is, so a socket must `connect` first: until then its
+    /// `subscribe` and `message` are refused (`forbidden`), whatever the room, and it is
+    /// closed with 1008 if it has not connected within `grace`.
+    pub fn apply(
+        &self,
+        mut builder: ThinWsBuilder,
+        node: String,
+        grace: Duration,
+    ) -> Result<ThinWsBuilder, String> {
         let timeout = Duration::try_from_secs_f64(self.proxy_timeout)
             .ok()
             .filter(|timeout| !timeout.is_zero() && *timeout <= Duration::from_secs(3600))
@@ -95,8 +105,9 @@ impl ProxyArgs {
         for header in &self.proxy_headers {
             backend = backend.forward_header(header.trim());
         }
+        // "private:, admin:" is two prefixes, not " admin:", which no room would match.
         for prefix in &self.proxy_room_prefixes {
-            backend = backend.rooms_with_prefix(prefix);
+            backend = backend.rooms_with_prefix(prefix.trim());
         }
         if let Some(secret) = secret_of("--proxy-secret", None, self.proxy_secret_file.as_deref())?
         {
@@ -104,14 +115,24 @@ impl ProxyArgs {
         }
         let backend = backend.build();
         let invalid = |e: thinws::hooks::http::InvalidHookUrl| e.to_string();
+        let subscribe = self.proxy_subscribe_url.as_deref();
+        let subscribe = subscribe.map(|url| backend.subscribe(url)).transpose();
+        let publish = self.proxy_publish_url.as_deref();
+        let publish = publish.map(|url| backend.publish(url)).transpose();
+        let (subscribe, publish) = (subscribe.map_err(invalid)?, publish.map_err(invalid)?);
         if let Some(url) = &self.proxy_connect_url {
-            builder = builder.on_connect(backend.connect(url).map_err(invalid)?);
-        }
-        if let Some(url) = &self.proxy_subscribe_url {
-            builder = builder.on_subscribe(backend.subscribe(url).map_err(invalid)?);
-        }
-        if let Some(url) = &self.proxy_publish_url {
-            builder = builder.on_message(backend.publish(url).map_err(invalid)?);
+            builder = builder
+                .on_connect(backend.connect(url).map_err(invalid)?)
+                .require_connect_within(grace)
+                .on_subscribe(connected_first_subscribe(subscribe))
+                .on_message(connected_first_message(publish));
+        } else {
+            if let Some(hook) = subscribe {
+                builder = builder.on_subscribe(hook);
+            }
+            if let Some(hook) = publish {
+                builder = builder.on_message(hook);
+            }
         }
         if let Some(url) = &self.proxy_refresh_url {
             builder = builder.on_refresh(backend.refresh(url).map_err(invalid)?);
@@ -123,4 +144,57 @@ impl ProxyArgs {
         }
         Ok(builder)
     }
+}
+
+/// What a socket that has not connected is told when the backend decides identities.
+const CONNECT_FIRST: &str = "connect first";
+
+/// Refuses a `subscribe` from a socket that has not connected, then asks `hook` (if any).
+fn connected_first_subscribe(
+    hook: Option<HttpHook<SubscribeEvent>>,
+) -> impl tower::Service<
+    SubscribeEvent,
+    Response = Verdict,
+    Error = HookError,
+    Future = impl Send + 'static,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    service_fn(move |event: SubscribeEvent| {
+        let hook = hook.clone();
+        async move {
+            match hook {
+                _ if !event.socket().has_bound_identity() => Ok(Verdict::refuse(CONNECT_FIRST)),
+                Some(hook) => hook.oneshot(event).await,
+                None => Ok(Verdict::Allow),
+            }
+        }
+    })
+}
+
+/// Refuses a `message` from a socket that has not connected, then asks `hook` (if any).
+fn connected_first_message(
+    hook: Option<HttpHook<MessageEvent>>,
+) -> impl tower::Service<
+    MessageEvent,
+    Response = MessageVerdict,
+    Error = HookError,
+    Future = impl Send + 'static,
+> + Clone
+       + Send
+       + Sync
+       + 'static {
+    service_fn(move |event: MessageEvent| {
+        let hook = hook.clone();
+        async move {
+            match hook {
+                _ if !event.socket().has_bound_identity() => {
+                    Ok(MessageVerdict::refuse(CONNECT_FIRST))
+                }
+                Some(hook) => hook.oneshot(event).await,
+                None => Ok(MessageVerdict::Allow),
+            }
+        }
+    })
 }

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
@@ -107,25 +108,30 @@ fn body<E: ProxyEvent>(
 }
 
 /// The backend's answer: `{"result": {…}}` or `{"error": {"code": …, "message": …}}`.
+/// Each is read as a JSON object only: serde would read an array into the same fields by
+/// position (`{"result": ["mallory"]}` naming an identity).
 #[derive(Debug, Deserialize)]
 pub struct Answer {
-    #[serde(default)]
-    result: Option<Result_>,
-    #[serde(default)]
-    error: Option<ErrorBody>,
+    #[serde(default, deserialize_with = "present")]
+    result: Option<Box<RawValue>>,
+    #[serde(default, deserialize_with = "present")]
+    error: Option<Box<RawValue>>,
 }
 
+/// What a `result` may hold. A field the backend sends as `null` is a failure of the
+/// backend, not a field left out (`"identity": null` would bind the identity the client
+/// claimed), except `meta` and `payload`, where `null` is a value.
 #[derive(Debug, Default, Deserialize)]
 struct Result_ {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     identity: Option<String>,
     #[serde(default, deserialize_with = "present")]
     meta: Option<Box<RawValue>>,
     #[serde(default, deserialize_with = "present")]
     payload: Option<Box<RawValue>>,
-    #[serde(default, rename = "expireAt")]
+    #[serde(default, rename = "expireAt", deserialize_with = "not_null")]
     expire_at: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "not_null")]
     rooms: Option<Vec<String>>,
 }
 
@@ -141,21 +147,44 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::
     Box::<RawValue>::deserialize(d).map(Some)
 }
 
+/// A field that, when present, must hold a `T` (`null` is refused; a missing field is
+/// `None` by `default`).
+fn not_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// `raw` read as a `T`, if it is a JSON object.
+fn object<T: DeserializeOwned>(raw: &RawValue, what: &str) -> Result<T, HookError> {
+    if !raw.get().starts_with('{') {
+        return Err(HookError::unavailable(format!(
+            "the backend's {what} is not a JSON object"
+        )));
+    }
+    serde_json::from_str(raw.get()).map_err(|e| {
+        HookError::unavailable(format!("the backend's {what} is not a hook answer's: {e}"))
+    })
+}
+
 impl Answer {
     pub(crate) fn parse(body: &[u8]) -> Result<Answer, HookError> {
-        serde_json::from_slice(body).map_err(|e| {
+        let not_an_answer = |e: String| {
             HookError::unavailable(format!("the backend's answer is not a hook answer: {e}"))
-        })
+        };
+        if body.trim_ascii_start().first() != Some(&b'{') {
+            return Err(not_an_answer("not a JSON object".into()));
+        }
+        serde_json::from_slice(body).map_err(|e| not_an_answer(e.to_string()))
     }
 
     /// The `result`, or the refusal the backend chose (an unknown code is `forbidden`).
     fn result(self) -> Result<Result_, HookError> {
         match (self.result, self.error) {
             (_, Some(error)) => {
+                let error: ErrorBody = object(&error, "error")?;
                 let code = error.code.parse().unwrap_or(ErrorCode::Forbidden);
                 Err(HookError::refused(code, error.message))
             }
-            (Some(result), None) => Ok(result),
+            (Some(result), None) => object(&result, "result"),
             (None, None) => Err(HookError::unavailable(
                 "the backend's answer has neither result nor error",
             )),
@@ -340,7 +369,22 @@ mod tests {
                 ..
             })
         ));
-        for nonsense in [&b"<html>"[..], b"{}", b"[]"] {
+        // Not the documented objects: arrays read by position, `null` for a field that
+        // decides (`"identity": null` must not bind the identity the client claimed).
+        for nonsense in [
+            &b"<html>"[..],
+            b"{}",
+            b"[]",
+            br#"[{}]"#,
+            br#"[{"message":"x"}]"#,
+            br#"{"result":[]}"#,
+            br#"{"result":["mallory"]}"#,
+            br#"{"result":null}"#,
+            br#"{"error":["forbidden","no"]}"#,
+            br#"{"result":{"identity":null}}"#,
+            br#"{"result":{"expireAt":null}}"#,
+            br#"{"result":{"rooms":null}}"#,
+        ] {
             let failed = Answer::parse(nonsense).and_then(Answer::result);
             assert!(
                 matches!(failed, Err(HookError::Unavailable(_))),
