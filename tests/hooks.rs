@@ -450,6 +450,58 @@ async fn close_during_hooks(builder: thinws::ThinWsBuilder, redis: Option<&suppo
     }
 }
 
+/// A socket that ends while its `connect` rejoins the identity's rooms never bound that
+/// identity: the `disconnect` hook is told the socket's own, unbound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_ends_during_its_connect_is_reported_as_it_was() {
+    let (hook, mut entered, gate) = gate();
+    let bound: Arc<Mutex<Vec<bool>>> = Arc::default();
+    let seen = bound.clone();
+    let node = Node::start(
+        ThinWsLayer::builder()
+            .on_subscribe(hook)
+            .on_disconnect(service_fn(move |event: DisconnectEvent| {
+                seen.lock()
+                    .unwrap()
+                    .push(event.socket().has_bound_identity());
+                async move { Ok::<_, Infallible>(()) }
+            }))
+            .build(),
+    )
+    .await;
+    // alice's identity records a room whose subscribe hook will block.
+    let mut alice = Client::connect_as(&node.url(), "alice").await;
+    gate.add_permits(1);
+    alice.subscribe("slow-room").await;
+    assert_eq!(
+        within("the hook", entered.recv()).await.unwrap(),
+        "slow-room"
+    );
+    // The hook hands its permit back: take it away, so that the next call blocks.
+    gate.acquire().await.unwrap().forget();
+    alice.close().await;
+    support::until("alice to go", async || bound.lock().unwrap().len() == 1).await;
+
+    // Another socket connects as alice; its rejoin blocks on the room, and it closes.
+    let mut c = Client::connect(&node.url()).await;
+    c.send_text(json!({"type": "connect", "messageID": 1, "connectionID": "alice"}).to_string())
+        .await;
+    assert_eq!(
+        within("the rejoin", entered.recv()).await.unwrap(),
+        "slow-room"
+    );
+    c.close().await;
+    support::until("the socket to go", async || {
+        bound.lock().unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(
+        *bound.lock().unwrap(),
+        [true, false],
+        "alice bound; the other never did"
+    );
+}
+
 #[tokio::test]
 async fn a_connect_hook_can_put_the_socket_in_rooms_without_the_subscribe_hook() {
     let layer = ThinWsLayer::builder()

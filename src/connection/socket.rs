@@ -49,7 +49,14 @@ pub(super) struct Socket {
     /// Whether the socket holds its bound identity at the broker (see
     /// [`Socket::release_identity`]).
     holds_identity: bool,
+    /// While a `connect` rejoins rooms under the identity it binds: who the socket was
+    /// before, which is what the `disconnect` hook is told if the socket ends meanwhile
+    /// (the `connect` never succeeded). Boxed: it is there for a moment only.
+    connecting_from: Option<Box<Before>>,
 }
+
+/// A socket's identity, whether it is bound, and its grant, as they were.
+type Before = (Arc<str>, bool, Arc<Extensions>);
 
 /// What hooks are told about the socket.
 struct Me {
@@ -120,6 +127,7 @@ impl Socket {
             in_flight: InFlight::default(),
             expires_at: None,
             holds_identity: false,
+            connecting_from: None,
         }
     }
 
@@ -447,14 +455,18 @@ impl Socket {
             return;
         }
         self.disconnect_fired = true;
+        let mut info = self.me.info();
+        if let Some(before) = self.connecting_from.take() {
+            (info.connection_id, info.bound, info.granted) = *before;
+        }
         if let Some(notifier) = &self.node.notifier {
             notifier.notify(Happened::Disconnect {
-                socket: Box::new(self.me.info()),
+                socket: Box::new(info.clone()),
                 reason,
             });
         }
         let done = ask(self.hooks.get(|h| &mut h.disconnect), || DisconnectEvent {
-            socket: self.me.info(),
+            socket: info,
             reason,
         });
         if let Some(Err(e)) = done.await {

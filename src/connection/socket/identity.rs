@@ -70,10 +70,13 @@ impl Socket {
             self.me.bound,
             self.me.granted.clone(),
         );
+        self.connecting_from = Some(Box::new(before.clone()));
         self.me.identity = connection_id.into();
         self.me.bound = true;
         self.me.granted = granted;
-        match self.rejoin(rooms, grant.rooms, since.as_deref()).await {
+        let rejoined = self.rejoin(rooms, grant.rooms, since.as_deref()).await;
+        self.connecting_from = None;
+        match rejoined {
             Ok(rejoined) => {
                 if !self.holds_identity {
                     tracing::Span::current().record("identity", &*self.me.identity);
