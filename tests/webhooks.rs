@@ -18,9 +18,9 @@ use binary::{metric, Server};
 use serde_json::Value;
 use support::{free_port, http, within, Client, RedisServer, TempDir};
 
-/// A node on `redis` whose webhooks go to `backend` (signed), with presence in every room
-/// and a 2 s presence and occupancy lease.
-async fn node(redis: &RedisServer, backend: &Backend) -> (Server, TempDir) {
+/// A node named `name` on `redis` whose webhooks go to `backend` (signed), with presence
+/// in every room and a 2 s presence and occupancy lease.
+async fn node(redis: &RedisServer, backend: &Backend, name: &str) -> (Server, TempDir) {
     let dir = TempDir::new("webhook");
     let secret = dir.file("secret", SECRET);
     let webhook = backend.url("webhook");
@@ -36,6 +36,8 @@ async fn node(redis: &RedisServer, backend: &Backend) -> (Server, TempDir) {
         "--presence",
         "--presence-ttl",
         "2",
+        "--node-name",
+        name,
         "--no-demo",
     ])
     .await;
@@ -72,8 +74,8 @@ async fn occupied_and_vacated_once(example: (&str, &str)) {
     let redis = RedisServer::start().await;
     let webhooks = Webhooks::default();
     let backend = Backend::logging(example, free_port(), webhooks.clone()).await;
-    let (a, _secret_a) = node(&redis, &backend).await;
-    let (b, _secret_b) = node(&redis, &backend).await;
+    let (a, _secret_a) = node(&redis, &backend, "node-a").await;
+    let (b, _secret_b) = node(&redis, &backend, "node-b").await;
 
     let mut alice_a = Client::connect_as(&a.url(), "alice").await;
     alice_a.subscribe("game").await;
@@ -114,11 +116,12 @@ async fn occupied_and_vacated_once(example: (&str, &str)) {
     // Alice had a socket on each node: one join and one leave, like bob.
     assert_eq!(identities("join"), ["alice", "bob"]);
     assert_eq!(identities("leave"), ["alice", "bob"]);
-    // The socket that closed was reported, with its identity and why.
+    // The socket that closed was reported, with its node, its identity and why.
     within("alice's disconnect", async {
         loop {
             let gone = webhooks.lock().unwrap().iter().any(|w| {
                 w["event"] == "disconnect"
+                    && w["node"] == "node-b"
                     && w["socket"]["identity"] == "alice"
                     && w["reason"] == "closed"
             });
@@ -155,7 +158,7 @@ async fn arrive_in_order(example: (&str, &str)) {
     let webhooks = Webhooks::default();
     let port = free_port();
     let backend = Backend::logging(example, port, webhooks.clone()).await;
-    let (server, _secret) = node(&redis, &backend).await;
+    let (server, _secret) = node(&redis, &backend, "node").await;
     let mut client = Client::connect_as(&server.url(), "dave").await;
 
     drop(backend);

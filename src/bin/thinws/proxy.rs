@@ -44,6 +44,11 @@ pub struct ProxyArgs {
     /// `unavailable` and nothing happens.
     #[arg(long, env = "THINWS_PROXY_TIMEOUT", default_value_t = 2.0)]
     proxy_timeout: f64,
+    /// This node's name in every request to the backend (`node`), which with the socket's
+    /// `id` names a socket across the cluster. Default: the listen address, which nodes in
+    /// containers often share (`0.0.0.0:8080`): set a name of each node's own there.
+    #[arg(long, env = "THINWS_NODE_NAME")]
+    node_name: Option<String>,
     /// A header of the socket's upgrade request forwarded with every event, e.g. `Cookie`
     /// (repeatable; comma-separated in the environment).
     #[arg(
@@ -84,14 +89,15 @@ impl ProxyArgs {
             || self.proxy_refresh_url.is_some()
     }
 
-    /// Sets the hooks these flags ask for on `builder`. With `--proxy-connect-url`, the
-    /// backend decides who a socket is, so a socket must `connect` first: until then its
-    /// `subscribe` and `message` are refused (`forbidden`), whatever the room, and it is
-    /// closed with 1008 if it has not connected within `grace`.
+    /// Sets the hooks these flags ask for on `builder`; `listen` names the node unless
+    /// `--node-name` does. With `--proxy-connect-url`, the backend decides who a socket is,
+    /// so a socket must `connect` first: until then its `subscribe` and `message` are
+    /// refused (`forbidden`), whatever the room, and it is closed with 1008 if it has not
+    /// connected within `grace`.
     pub fn apply(
         &self,
         mut builder: ThinWsBuilder,
-        node: String,
+        listen: String,
         grace: Duration,
     ) -> Result<ThinWsBuilder, String> {
         let timeout = Duration::try_from_secs_f64(self.proxy_timeout)
@@ -101,7 +107,7 @@ impl ProxyArgs {
         let mut backend = Backend::builder()
             .timeout(timeout)
             .max_in_flight(self.proxy_max_in_flight)
-            .node_name(node);
+            .node_name(self.node_name.clone().unwrap_or(listen));
         for header in &self.proxy_headers {
             backend = backend.forward_header(header.trim());
         }
