@@ -62,6 +62,21 @@
   // protocol error, 1003 unacceptable data, 1007 not UTF-8, 1009 too big).
   const RESEND_AFTER = new Set(["timeout", "unavailable"]);
   const REFUSED_A_FRAME = new Set([1002, 1003, 1007, 1009]);
+  // The longest delay setTimeout takes: browsers fire a longer one at once.
+  const MAX_TIMER = 2 ** 31 - 1;
+
+  // Runs an application callback; one that throws is reported and does not stop the
+  // client (a throw in the middle of a connect would leave it half connected).
+  function safely(callback, ...args) {
+    if (!callback) return;
+    try {
+      callback(...args);
+    } catch (error) {
+      setTimeout(() => {
+        throw error;
+      });
+    }
+  }
 
   function randomHex(bytes) {
     const values = new Uint8Array(bytes);
@@ -116,7 +131,7 @@
       if (typeof gap.offset === "number") {
         this._positions.set(gap.roomID, { offset: gap.offset, epoch: gap.epoch });
       }
-      if (this.options.onGap) this.options.onGap(gap);
+      safely(this.options.onGap, gap);
     }
 
     _open() {
@@ -142,7 +157,10 @@
               // are forgotten.
               if (ack && ack.rooms) {
                 for (const roomID of this._rooms) {
-                  if (!(roomID in ack.rooms)) this._resubscribe(roomID);
+                  // Own keys only: a room named "constructor" is not in every object.
+                  if (!Object.prototype.hasOwnProperty.call(ack.rooms, roomID)) {
+                    this._resubscribe(roomID);
+                  }
                 }
                 for (const [roomID, room] of Object.entries(ack.rooms)) {
                   this._rooms.add(roomID);
@@ -156,7 +174,7 @@
               this._attempt = 0;
               const queued = this._queue.splice(0);
               for (const item of queued) this._transmit(item);
-              this.onOpen(this);
+              safely(this.onOpen, this);
             },
             () => ws.close()
           );
@@ -173,7 +191,7 @@
             return; // had it already
           }
           frame.message = frame.payload; // the original client's name for it
-          this.onMessage(frame);
+          safely(this.onMessage, frame);
           return;
         }
         if (frame.type === "gap") {
@@ -182,9 +200,12 @@
         }
         if (frame.type === "join" || frame.type === "leave") {
           const callback = frame.type === "join" ? this.options.onJoin : this.options.onLeave;
-          if (callback) callback(frame);
+          safely(callback, frame);
           return;
         }
+        // Only an ack or an error answers a request (a frame type this client does not
+        // know is ignored, as the protocol says).
+        if (frame.type !== "ack" && frame.type !== "error") return;
         const pending = this._pending.get(frame.messageID);
         if (!pending) return;
         this._pending.delete(frame.messageID);
@@ -207,7 +228,7 @@
         clearTimeout(this._renewal);
         const wasConnected = this.connected;
         this.connected = false;
-        if (wasConnected && this.options.onClose) this.options.onClose(this);
+        if (wasConnected) safely(this.options.onClose, this);
         // Messages not acked go first on the next connection, in the order first sent,
         // unless the server closed over a frame it refused (one of them is the cause).
         const refused = REFUSED_A_FRAME.has(event && event.code);
@@ -246,6 +267,11 @@
     _renewAfter(ws, ms) {
       const token = this.options.token;
       if (typeof token !== "function") return;
+      if (ms > MAX_TIMER) {
+        // A token that lasts weeks: wait in steps setTimeout can take.
+        this._renewal = setTimeout(() => this._renewAfter(ws, ms - MAX_TIMER), MAX_TIMER);
+        return;
+      }
       this._renewal = setTimeout(() => {
         if (this.ws !== ws || this._closed) return;
         Promise.resolve(token())
@@ -302,18 +328,24 @@
       if (item.gaveUp) return; // a message past its deadline is not sent again
       const id = this._nextID++;
       const frame = Object.assign({ messageID: id }, item.frame);
-      // A request's deadline runs from its first transmission; a message keeps it across
-      // its resends.
-      if (item.timer === undefined) {
-        item.timer = setTimeout(() => {
-          item.gaveUp = true;
-          this._pending.delete(item.id);
-          item.reject(new ThinWSError("timeout", "no answer from the server in time", item.id));
-        }, this.options.timeout);
-      }
+      this._deadline(item);
       item.id = id;
       this._pending.set(id, item);
       this.ws.send(JSON.stringify(frame));
+    }
+
+    // A request's deadline (options.timeout) runs from when it was made, queued while
+    // disconnected included; a message keeps it across its resends. Past it, the request
+    // is rejected and neither sent nor kept.
+    _deadline(item) {
+      if (item.timer !== undefined) return;
+      item.timer = setTimeout(() => {
+        item.gaveUp = true;
+        if (item.id !== undefined) this._pending.delete(item.id);
+        const queued = this._queue.indexOf(item);
+        if (queued >= 0) this._queue.splice(queued, 1);
+        item.reject(new ThinWSError("timeout", "no answer from the server in time", item.id ?? null));
+      }, this.options.timeout);
     }
 
     // A message answered "timeout" or "unavailable": sent again with its key after a
@@ -347,6 +379,7 @@
         if (this._queue.length >= this.options.maxQueue) {
           return reject(new ThinWSError("queue_full", "too many requests while disconnected", null));
         }
+        this._deadline(item);
         this._queue.push(item);
       });
     }

@@ -2,7 +2,7 @@
 //! `wss://` (cargo feature `tls`): the system's root certificates, plus a private CA when
 //! one is given; the ring crypto provider; TLS 1.2 and 1.3.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
@@ -25,15 +25,22 @@ pub(crate) enum TlsConfigError {
     Versions(#[source] rustls::Error),
 }
 
-/// A client configuration trusting the system's roots and the certificates in `ca_pem`.
-pub(crate) fn client_config(
-    ca_pem: Option<&[u8]>,
-) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
+/// The system's root certificates, read once per process: reading them is blocking file
+/// I/O, which a client reconnecting would otherwise repeat on every attempt.
+static SYSTEM_ROOTS: LazyLock<RootCertStore> = LazyLock::new(|| {
     let mut roots = RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         // A system certificate rustls cannot read is skipped, as browsers do.
         let _ = roots.add(cert);
     }
+    roots
+});
+
+/// A client configuration trusting the system's roots and the certificates in `ca_pem`.
+pub(crate) fn client_config(
+    ca_pem: Option<&[u8]>,
+) -> Result<Arc<rustls::ClientConfig>, TlsConfigError> {
+    let mut roots = SYSTEM_ROOTS.clone();
     if let Some(pem) = ca_pem {
         let mut found = 0;
         for cert in CertificateDer::pem_slice_iter(pem) {

@@ -132,4 +132,8 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
         stdout.contains("ok: the member list follows joins and leaves on the other node"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains("ok: a request made while disconnected times out"),
+        "{stdout}"
+    );
 }

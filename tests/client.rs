@@ -4,6 +4,8 @@
 mod support;
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -119,6 +121,127 @@ async fn the_client_reconnects_after_the_server_closes_the_socket() {
     // The client is back, with its room (in-memory identities live in the node).
     client.send("r", &json!("back")).await.unwrap();
     assert_eq!(next(&mut messages).await.payload, json!("back"));
+}
+
+/// A TCP relay to `target` whose connections can be silenced: from `silence()` on, the
+/// connections open then pass nothing either way and stay open, as a connection whose
+/// peer vanished without a FIN (a NAT that forgot it). Later connections pass.
+struct Relay {
+    addr: std::net::SocketAddr,
+    opened: Arc<AtomicU64>,
+    silenced_below: Arc<AtomicU64>,
+}
+
+impl Relay {
+    async fn start(target: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (opened, silenced_below) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (count, silenced) = (opened.clone(), silenced_below.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let number = count.fetch_add(1, Ordering::SeqCst);
+                let server = tokio::net::TcpStream::connect(target).await.unwrap();
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)]
+                {
+                    let silenced = silenced.clone();
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0; 16 * 1024];
+                        while let Ok(n @ 1..) = from.read(&mut buf).await {
+                            if number < silenced.load(Ordering::SeqCst) {
+                                // Silenced: both ends stay open, nothing more passes.
+                                std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Relay {
+            addr,
+            opened,
+            silenced_below,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+
+    /// Silences every connection opened so far.
+    fn silence(&self) {
+        let opened = self.opened.load(Ordering::SeqCst);
+        self.silenced_below.store(opened, Ordering::SeqCst);
+    }
+}
+
+/// A connection that goes silent without closing is pinged after `keepalive`, given up
+/// when the ping gets no answer, and replaced: the client is back in its room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gone_silent_is_noticed_and_replaced() {
+    let node = Node::start(ThinWsLayer::builder().build()).await;
+    let relay = Relay::start(node.addr).await;
+    let (client, mut messages) = ThinWsClient::builder(relay.url(), "dora")
+        .keepalive(Duration::from_millis(300))
+        .max_backoff(Duration::from_millis(200))
+        .connect()
+        .await
+        .unwrap();
+    client.subscribe("r").await.unwrap();
+    relay.silence();
+    // Nothing passes now, and nothing closes: the client must find out by itself.
+    support::until("the client to reconnect", async || {
+        relay.opened.load(Ordering::SeqCst) >= 2 && client.is_connected()
+    })
+    .await;
+    let mut publisher = Client::connect(&node.url()).await;
+    publisher.publish("r", json!("after the silence")).await;
+    assert_eq!(
+        next(&mut messages).await.payload,
+        json!("after the silence")
+    );
+}
+
+/// A server joins each room as its `connect` rejoins it, so what a room carries (or a
+/// `gap`) can arrive before the `connect` ack: it is delivered after it, not dropped. A
+/// scripted server sends exactly that.
+#[tokio::test]
+async fn what_arrives_before_the_connect_ack_is_delivered() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/", listener.local_addr().unwrap());
+    let gaps = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = gaps.clone();
+    tokio::spawn(async move {
+        use futures_util::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let connect = ws.next().await.unwrap().unwrap();
+        assert!(connect.to_text().unwrap().contains(r#""type":"connect""#));
+        for frame in [
+            json!({"type": "message", "roomID": "a", "connectionID": "x", "payload": "early"}),
+            json!({"type": "gap", "roomID": "b"}),
+            json!({"type": "ack", "messageID": 0}),
+            json!({"type": "message", "roomID": "a", "connectionID": "x", "payload": "late"}),
+        ] {
+            ws.send(Message::text(frame.to_string())).await.unwrap();
+        }
+        std::future::pending::<()>().await;
+    });
+    let (_client, mut messages) = ThinWsClient::builder(url, "erin")
+        .on_gap(move |gap| seen.lock().unwrap().push(gap.room))
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(next(&mut messages).await.payload, json!("early"));
+    assert_eq!(next(&mut messages).await.payload, json!("late"));
+    assert_eq!(*gaps.lock().unwrap(), ["b"]);
 }
 
 #[tokio::test]

@@ -11,6 +11,7 @@ use futures_util::{SinkExt, StreamExt};
 use std::borrow::Cow;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -99,6 +100,7 @@ pub(super) async fn drive(
                 &mut open.socket,
                 Renewal::new(config.token.as_ref(), open.expires_in),
                 std::mem::take(&mut open.missing),
+                std::mem::take(&mut open.early),
                 &mut requests,
                 &deliveries,
                 &mut queued,
@@ -152,6 +154,7 @@ async fn session(
     socket: &mut Socket,
     mut renewal: Renewal,
     missing: Vec<String>,
+    early: Vec<String>,
     requests: &mut mpsc::Receiver<Request>,
     deliveries: &mpsc::Sender<Delivery>,
     queued: &mut VecDeque<(Op, Reply)>,
@@ -166,11 +169,8 @@ async fn session(
         for room in missing {
             let id = *next_id;
             *next_id += 1;
-            if socket
-                .send(Message::text(held.resubscribe_frame(id, &room)))
-                .await
-                .is_err()
-            {
+            let frame = Message::text(held.resubscribe_frame(id, &room));
+            if write(socket, frame, config.keepalive).await.is_err() {
                 break 'session End::Lost;
             }
             in_flight.insert(id, (oneshot::channel().0, Pending::Resubscribe(room)));
@@ -180,11 +180,27 @@ async fn session(
             if reply.is_closed() {
                 continue;
             }
-            if let Err(unsent) = send(socket, &mut in_flight, next_id, op, reply).await {
+            if let Err(unsent) = send(socket, config, &mut in_flight, next_id, op, reply).await {
                 queued.push_front(unsent);
                 break 'session End::Lost;
             }
         }
+        // Frames that came before the `connect` ack, in order.
+        for text in early {
+            let frame = on_text(
+                &text,
+                config,
+                held,
+                deliveries,
+                &mut in_flight,
+                &mut retries,
+            );
+            if let Some(end) = frame.await {
+                break 'session end;
+            }
+        }
+        // When the server was last heard from, and whether it was pinged since.
+        let (mut heard, mut pinged) = (Instant::now(), false);
         loop {
             tokio::select! {
                 request = requests.recv() => match request {
@@ -195,7 +211,7 @@ async fn session(
                         break 'session End::Closed;
                     }
                     Some(Request::Op { op, reply }) => {
-                        if let Err(unsent) = send(socket, &mut in_flight, next_id, op, reply).await {
+                        if let Err(unsent) = send(socket, config, &mut in_flight, next_id, op, reply).await {
                             queued.push_front(unsent);
                             break 'session End::Lost;
                         }
@@ -208,7 +224,7 @@ async fn session(
                             // Its caller gave up (its deadline): not sent again.
                             continue;
                         }
-                        if let Err((op, reply)) = send(socket, &mut in_flight, next_id, Op::Message(message), reply).await {
+                        if let Err((op, reply)) = send(socket, config, &mut in_flight, next_id, Op::Message(message), reply).await {
                             // Not sent: it and the rest go on the next connection, in order
                             // with the messages in flight (below).
                             if let Op::Message(message) = op {
@@ -224,85 +240,32 @@ async fn session(
                     let id = *next_id;
                     *next_id += 1;
                     let frame = protocol::encode(id, &Command::Refresh { token: Cow::Borrowed(&token) });
-                    if socket.send(Message::text(frame)).await.is_err() {
+                    if write(socket, Message::text(frame), config.keepalive).await.is_err() {
                         break 'session End::Lost;
                     }
                     in_flight.insert(id, (reply, Pending::Other));
                     renewal.sent(answer);
                 }
-                message = socket.next() => match message {
-                    Some(Ok(Message::Text(text))) => match server::parse(&text) {
-                        Ok(ServerFrame::Message { room, connection_id, payload, offset, epoch }) => {
-                            if let (Some(offset), Some(epoch)) = (offset, &epoch) {
-                                // Seen already (recovery may resend what arrived live).
-                                if !held.advance(&room, offset, epoch) {
-                                    continue;
-                                }
-                            }
-                            let Ok(payload) = serde_json::from_str(payload.get()) else {
-                                tracing::debug!(%room, "dropped a delivery whose payload this client cannot read");
-                                continue;
-                            };
-                            let delivery = Delivery {
-                                room: room.into_owned(),
-                                sender: connection_id.map(Cow::into_owned),
-                                payload,
-                                offset,
-                                epoch: epoch.map(Cow::into_owned),
-                            };
-                            // Nobody reads the stream any more: drop deliveries.
-                            let _ = deliveries.send(delivery).await;
+                // A connection that went quiet may be dead without a FIN (a NAT forgot it, a
+                // laptop slept): ping it, and give it up if that gets no answer either.
+                () = tokio::time::sleep_until(heard + config.keepalive * (1 + u32::from(pinged))) => {
+                    if pinged {
+                        tracing::debug!("the server did not answer a ping; reconnecting");
+                        break 'session End::Lost;
+                    }
+                    if write(socket, Message::Ping(Default::default()), config.keepalive).await.is_err() {
+                        break 'session End::Lost;
+                    }
+                    pinged = true;
+                }
+                // Anything from the server (a pong included) says it is there.
+                message = socket.next() => match message.inspect(|_| (heard, pinged) = (Instant::now(), false)) {
+                    Some(Ok(Message::Text(text))) => {
+                        let frame = on_text(&text, config, held, deliveries, &mut in_flight, &mut retries);
+                        if let Some(end) = frame.await {
+                            break 'session end;
                         }
-                        Ok(ServerFrame::Ack { message_id, offset, epoch, recovered, .. }) => {
-                            if let Some((reply, pending)) = answered(Some(message_id)).and_then(|id| in_flight.remove(&id)) {
-                                if let Pending::Message(_) = pending {
-                                    retries.acked();
-                                }
-                                let at = offset.zip(epoch.map(Cow::into_owned));
-                                acked(config, held, pending, at, recovered);
-                                let _ = reply.send(Ok(text.as_str().to_owned()));
-                            }
-                        }
-                        Ok(ServerFrame::Error { message_id, code, message }) => {
-                            if let Some((reply, pending)) = answered(message_id).and_then(|id| in_flight.remove(&id)) {
-                                let pending = match pending {
-                                    Pending::Message(mut outgoing) if resend_after(&code) => {
-                                        tracing::debug!(room = outgoing.room, code = %code, "sending a message again");
-                                        outgoing.maybe_published |= code == "timeout";
-                                        retries.later(outgoing, reply);
-                                        continue;
-                                    }
-                                    Pending::Message(outgoing) if outgoing.maybe_published => {
-                                        // This send was refused; an earlier one may have gone out.
-                                        let _ = reply.send(Err(ClientError::Unsettled { code: code.parse().ok(), message: message.to_string() }));
-                                        continue;
-                                    }
-                                    pending => pending,
-                                };
-                                if let Pending::Resubscribe(room) = pending {
-                                    if code == "unavailable" || code == "timeout" {
-                                        // Redis is struggling: reconnect, and try again then.
-                                        tracing::debug!(room, code = %code, "could not subscribe again yet; reconnecting");
-                                        break 'session End::Lost;
-                                    }
-                                    tracing::warn!(room, code = %code, message = %message, "a room the server lost could not be subscribed again");
-                                    held.left(&room);
-                                    config.gap(Gap { room, offset: None, epoch: None });
-                                }
-                                let _ = reply.send(Err(server_error(&code, &message)));
-                            }
-                        }
-                        Ok(ServerFrame::Gap { room, offset, epoch }) => {
-                            if let (Some(offset), Some(epoch)) = (offset, &epoch) {
-                                held.jump(&room, offset, epoch);
-                            }
-                            config.gap(Gap { room: room.into_owned(), offset, epoch: epoch.map(Cow::into_owned) });
-                        }
-                        Ok(ServerFrame::Join { room, connection_id }) => config.presence_event(true, Member { room: room.into_owned(), connection_id: connection_id.into_owned() }),
-                        Ok(ServerFrame::Leave { room, connection_id }) => config.presence_event(false, Member { room: room.into_owned(), connection_id: connection_id.into_owned() }),
-                        Ok(_) => {}
-                        Err(e) => tracing::debug!(error = %e, "ignored an unreadable frame from the server"),
-                    },
+                    }
                     Some(Ok(Message::Close(Some(close)))) if refused_a_frame(close.code) => {
                         break 'session End::Refused;
                     }
@@ -329,6 +292,144 @@ async fn session(
         queued.push_front((Op::Message(message), reply));
     }
     end
+}
+
+/// Handles one text frame from the server: a delivery, an answer to a request in flight,
+/// a gap or a presence event. `Some` ends the session.
+async fn on_text(
+    text: &str,
+    config: &ClientBuilder,
+    held: &mut Held,
+    deliveries: &mpsc::Sender<Delivery>,
+    in_flight: &mut InFlight,
+    retries: &mut Retries,
+) -> Option<End> {
+    match server::parse(text) {
+        Ok(ServerFrame::Message {
+            room,
+            connection_id,
+            payload,
+            offset,
+            epoch,
+        }) => {
+            if let (Some(offset), Some(epoch)) = (offset, &epoch) {
+                // Seen already (recovery may resend what arrived live).
+                if !held.advance(&room, offset, epoch) {
+                    return None;
+                }
+            }
+            let Ok(payload) = serde_json::from_str(payload.get()) else {
+                tracing::debug!(%room, "dropped a delivery whose payload this client cannot read");
+                return None;
+            };
+            let delivery = Delivery {
+                room: room.into_owned(),
+                sender: connection_id.map(Cow::into_owned),
+                payload,
+                offset,
+                epoch: epoch.map(Cow::into_owned),
+            };
+            // Nobody reads the stream any more: drop deliveries.
+            let _ = deliveries.send(delivery).await;
+        }
+        Ok(ServerFrame::Ack {
+            message_id,
+            offset,
+            epoch,
+            recovered,
+            ..
+        }) => {
+            if let Some((reply, pending)) =
+                answered(Some(message_id)).and_then(|id| in_flight.remove(&id))
+            {
+                if let Pending::Message(_) = pending {
+                    retries.acked();
+                }
+                let at = offset.zip(epoch.map(Cow::into_owned));
+                acked(config, held, pending, at, recovered);
+                let _ = reply.send(Ok(text.to_owned()));
+            }
+        }
+        Ok(ServerFrame::Error {
+            message_id,
+            code,
+            message,
+        }) => {
+            if let Some((reply, pending)) =
+                answered(message_id).and_then(|id| in_flight.remove(&id))
+            {
+                let pending = match pending {
+                    Pending::Message(mut outgoing) if resend_after(&code) => {
+                        tracing::debug!(room = outgoing.room, code = %code, "sending a message again");
+                        outgoing.maybe_published |= code == "timeout";
+                        retries.later(outgoing, reply);
+                        return None;
+                    }
+                    Pending::Message(outgoing) if outgoing.maybe_published => {
+                        // This send was refused; an earlier one may have gone out.
+                        let _ = reply.send(Err(ClientError::Unsettled {
+                            code: code.parse().ok(),
+                            message: message.to_string(),
+                        }));
+                        return None;
+                    }
+                    pending => pending,
+                };
+                if let Pending::Resubscribe(room) = pending {
+                    if code == "unavailable" || code == "timeout" {
+                        // Redis is struggling: reconnect, and try again then.
+                        tracing::debug!(room, code = %code, "could not subscribe again yet; reconnecting");
+                        return Some(End::Lost);
+                    }
+                    tracing::warn!(room, code = %code, message = %message, "a room the server lost could not be subscribed again");
+                    held.left(&room);
+                    config.gap(Gap {
+                        room,
+                        offset: None,
+                        epoch: None,
+                    });
+                }
+                let _ = reply.send(Err(server_error(&code, &message)));
+            }
+        }
+        Ok(ServerFrame::Gap {
+            room,
+            offset,
+            epoch,
+        }) => {
+            if let (Some(offset), Some(epoch)) = (offset, &epoch) {
+                held.jump(&room, offset, epoch);
+            }
+            config.gap(Gap {
+                room: room.into_owned(),
+                offset,
+                epoch: epoch.map(Cow::into_owned),
+            });
+        }
+        Ok(ServerFrame::Join {
+            room,
+            connection_id,
+        }) => config.presence_event(
+            true,
+            Member {
+                room: room.into_owned(),
+                connection_id: connection_id.into_owned(),
+            },
+        ),
+        Ok(ServerFrame::Leave {
+            room,
+            connection_id,
+        }) => config.presence_event(
+            false,
+            Member {
+                room: room.into_owned(),
+                connection_id: connection_id.into_owned(),
+            },
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::debug!(error = %e, "ignored an unreadable frame from the server"),
+    }
+    None
 }
 
 /// Whether a close code says the server refused a frame of ours (RFC 6455 §7.4.1: 1002
@@ -375,6 +476,7 @@ fn acked(
 /// reconnecting).
 async fn send(
     socket: &mut Socket,
+    config: &ClientBuilder,
     in_flight: &mut InFlight,
     next_id: &mut u64,
     op: Op,
@@ -382,7 +484,7 @@ async fn send(
 ) -> Result<(), (Op, Reply)> {
     let id = *next_id;
     *next_id += 1;
-    match socket.send(Message::text(encode(id, &op))).await {
+    match write(socket, Message::text(encode(id, &op)), config.keepalive).await {
         Ok(()) => {
             let pending = match op {
                 Op::Subscribe(room) => Pending::Subscribe(room),
@@ -390,9 +492,56 @@ async fn send(
                 Op::Message(message) => Pending::Message(message),
                 _ => Pending::Other,
             };
+            if in_flight.len() > SWEEP_ABOVE {
+                forget_given_up(in_flight);
+            }
             in_flight.insert(id, (reply, pending));
             Ok(())
         }
-        Err(_) => Err((op, reply)),
+        Err(()) => Err((op, reply)),
+    }
+}
+
+/// How many requests in flight make the client look for ones whose callers gave up.
+const SWEEP_ABOVE: usize = 1024;
+
+/// Forgets the messages and reads in flight whose callers gave up (their deadline passed):
+/// a server that never answers must not make the client hold them all. A late answer to
+/// one is ignored. Subscriptions stay: their answer changes the rooms the client holds.
+fn forget_given_up(in_flight: &mut InFlight) {
+    in_flight.retain(|_, (reply, pending)| {
+        !(reply.is_closed() && matches!(pending, Pending::Message(_) | Pending::Other))
+    });
+}
+
+/// Writes `frame`, or fails if the connection is gone or takes `within` to take it (a
+/// connection whose peer stopped reading, or that died without a FIN, once its buffers
+/// are full).
+async fn write(socket: &mut Socket, frame: Message, within: Duration) -> Result<(), ()> {
+    match tokio::time::timeout(within, socket.send(frame)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_whose_callers_gave_up_are_forgotten_but_subscriptions_stay() {
+        let mut in_flight = InFlight::new();
+        let keys = super::super::outbox::Keys::new();
+        let payload = serde_json::value::RawValue::from_string("1".into()).unwrap();
+        let message = keys.outgoing("r".into(), payload);
+        let (waited, _waiting) = oneshot::channel();
+        in_flight.insert(1, (oneshot::channel().0, Pending::Message(message)));
+        in_flight.insert(2, (oneshot::channel().0, Pending::Other));
+        in_flight.insert(3, (oneshot::channel().0, Pending::Subscribe("r".into())));
+        in_flight.insert(4, (waited, Pending::Other));
+        forget_given_up(&mut in_flight);
+        let mut left: Vec<u64> = in_flight.into_keys().collect();
+        left.sort();
+        assert_eq!(left, [3, 4]);
     }
 }

@@ -205,6 +205,7 @@ pub struct ClientBuilder {
     pub(crate) tls_ca_pem: Option<Arc<[u8]>>,
     pub(crate) max_queued: usize,
     pub(crate) max_backoff: Duration,
+    pub(crate) keepalive: Duration,
 }
 
 impl ClientBuilder {
@@ -212,6 +213,15 @@ impl ClientBuilder {
     /// disconnected). Default 10 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// How long the server may stay silent before the client pings it; a connection that
+    /// does not answer the ping within as long again, or that takes this long to take a
+    /// frame, is taken for dead (a NAT that forgot it, a peer gone without a FIN) and the
+    /// client reconnects. Default 20 s (the server pings every 25 s by default).
+    pub fn keepalive(mut self, silence: Duration) -> Self {
+        self.keepalive = silence.max(Duration::from_millis(1));
         self
     }
 
@@ -387,6 +397,7 @@ impl ThinWsClient {
             request_timeout: Duration::from_secs(10),
             max_queued: 1024,
             max_backoff: Duration::from_secs(10),
+            keepalive: Duration::from_secs(20),
         }
     }
 

@@ -67,7 +67,14 @@ pub(super) struct Opened {
     pub(super) expires_in: Option<Duration>,
     /// Rooms the client holds that the server did not rejoin: subscribed again first.
     pub(super) missing: Vec<String>,
+    /// Frames that came before the `connect` ack (deliveries in the rooms rejoined so far,
+    /// gaps, presence events), to be handled first, in order.
+    pub(super) early: Vec<String>,
 }
+
+/// The most frames kept from before the `connect` ack; past it, the rooms of those left
+/// out are told a gap.
+const MAX_EARLY: usize = 4096;
 
 /// Opens a socket and binds it to the identity; the server has rejoined the identity's
 /// rooms when this returns.
@@ -86,6 +93,8 @@ pub(super) async fn open(
         // Where each history room ends here, so that the server sends what followed.
         let frame = held.connect_frame(&config.connection_id, token.as_deref());
         socket.send(Message::text(frame)).await.map_err(lost)?;
+        let mut early = Vec::new();
+        let mut overflowed = std::collections::BTreeSet::new();
         while let Some(message) = socket.next().await {
             let Message::Text(text) = message.map_err(lost)? else {
                 continue;
@@ -98,10 +107,19 @@ pub(super) async fn open(
                     ..
                 }) if answered(Some(message_id)) == Some(0) => {
                     let missing = held.rejoined(rooms, |gap| config.gap(gap));
+                    for room in overflowed {
+                        let (offset, epoch) = (None, None);
+                        config.gap(super::Gap {
+                            room,
+                            offset,
+                            epoch,
+                        });
+                    }
                     return Ok(Opened {
                         socket,
                         expires_in: expires_in.map(Duration::from_secs),
                         missing,
+                        early,
                     });
                 }
                 Ok(ServerFrame::Error {
@@ -109,6 +127,15 @@ pub(super) async fn open(
                     code,
                     message,
                 }) if answered(message_id) == Some(0) => return Err(server_error(&code, &message)),
+                // Rooms are joined as the server rejoins them, before it acks: what they
+                // carry meanwhile is kept for the session (a gap told at once must not be
+                // lost). Past the bound, each room left out is told a gap.
+                Ok(ServerFrame::Message { room, .. } | ServerFrame::Gap { room, .. })
+                    if early.len() >= MAX_EARLY =>
+                {
+                    overflowed.insert(room.into_owned());
+                }
+                Ok(_) if early.len() < MAX_EARLY => early.push(text.as_str().to_owned()),
                 _ => continue,
             }
         }

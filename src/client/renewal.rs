@@ -50,10 +50,11 @@ impl Renewal {
         renewal
     }
 
-    /// Renews at three quarters of `expires_in`.
+    /// Renews at three quarters of `expires_in` (never, for one too far off to count).
     fn schedule(&mut self, expires_in: Option<Duration>) {
-        self.state = match (&self.provider, expires_in) {
-            (Some(_), Some(left)) => State::At(Instant::now() + left * 3 / 4),
+        let at = |left: Duration| Instant::now().checked_add(left.checked_mul(3)? / 4);
+        self.state = match (&self.provider, expires_in.and_then(at)) {
+            (Some(_), Some(at)) => State::At(at),
             _ => State::Idle,
         };
     }
@@ -118,5 +119,25 @@ impl Renewal {
     /// or error.
     pub(super) fn sent(&mut self, answer: oneshot::Receiver<Result<String, ClientError>>) {
         self.state = State::Sent(answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn provider() -> TokenSource {
+        TokenSource::Provider(Arc::new(|| Box::pin(async { Ok("t".to_owned()) })))
+    }
+
+    #[tokio::test]
+    async fn a_deadline_too_far_off_to_count_is_never_renewed() {
+        // A server's `expiresIn` of u64::MAX seconds: no overflow, no renewal.
+        let renewal = Renewal::new(Some(&provider()), Some(Duration::from_secs(u64::MAX)));
+        assert!(matches!(renewal.state, State::Idle));
+        let renewal = Renewal::new(Some(&provider()), Some(Duration::from_secs(60)));
+        assert!(matches!(renewal.state, State::At(_)));
     }
 }

@@ -90,6 +90,34 @@ try {
   await here(pageB, ["ann", "ben"]);
   console.log("ok: the member list follows joins and leaves on the other node");
 
+  // A request made while no server answers is rejected at its deadline (options.timeout),
+  // not kept forever; and it no longer counts against the queue's bound.
+  const unanswered = await pageA.evaluate(
+    () =>
+      new Promise((resolve) => {
+        // Nothing listens on port 9: every attempt fails, the client keeps trying.
+        const c = new ThinWSClient("ws://127.0.0.1:9/", "nobody", () => {}, () => {},
+          { timeout: 300, maxQueue: 1, minDelay: 50, maxDelay: 100 });
+        const started = Date.now();
+        c.subscribe("r").then(
+          () => resolve({ code: "acked" }),
+          (e) => {
+            const first = { code: e.code, ms: Date.now() - started };
+            // Its place in the queue is free again.
+            c.subscribe("s").then(
+              () => resolve({ first, second: "acked" }),
+              (e2) => resolve({ first, second: e2.code })
+            );
+          }
+        );
+      })
+  );
+  if (unanswered.first?.code !== "timeout" || unanswered.first.ms > 2000 ||
+      unanswered.second !== "timeout") {
+    throw new Error(`a request without a server did not time out: ${JSON.stringify(unanswered)}`);
+  }
+  console.log("ok: a request made while disconnected times out");
+
   // thinws.js on a node that requires tokens: `token` as a function returning a promise.
   const tokenNode = process.env.THINWS_TOKEN_NODE;
   if (tokenNode) {
