@@ -114,6 +114,8 @@
       // The rooms this client subscribed to and has not left: after a reconnection, one the
       // server no longer lists (it lost the identity's record) is subscribed again.
       this._rooms = new Set();
+      // Rooms whose unsubscribe was in flight when the connection dropped.
+      this._leaving = new Set();
       this._open();
     }
 
@@ -143,6 +145,8 @@
         const token = this.options.token;
         Promise.resolve(typeof token === "function" ? token() : token)
           .then((value) => {
+            // A token slower than the socket: this one was replaced meanwhile.
+            if (this.ws !== ws) return null;
             const frame = { type: "connect", connectionID: this.connectionID };
             if (value) frame.token = value;
             // `since` (even empty) makes the ack list the rooms the server rejoined.
@@ -153,14 +157,20 @@
           })
           .then(
             (ack) => {
-              // Rooms the server could not recover are gaps; rooms it no longer lists
-              // are forgotten.
-              if (ack && ack.rooms) {
+              if (this.ws !== ws || !ack) return;
+              // Rooms the server could not recover are gaps; rooms it no longer lists are
+              // subscribed again, unless their unsubscribe was in flight when the last
+              // connection dropped (the server applied it).
+              const leaving = this._leaving;
+              this._leaving = new Set();
+              if (ack.rooms) {
                 for (const roomID of this._rooms) {
                   // Own keys only: a room named "constructor" is not in every object.
-                  if (!Object.prototype.hasOwnProperty.call(ack.rooms, roomID)) {
-                    this._resubscribe(roomID);
-                  }
+                  if (Object.prototype.hasOwnProperty.call(ack.rooms, roomID)) continue;
+                  if (leaving.has(roomID)) {
+                    this._rooms.delete(roomID);
+                    this._positions.delete(roomID);
+                  } else this._resubscribe(roomID);
                 }
                 for (const [roomID, room] of Object.entries(ack.rooms)) {
                   this._rooms.add(roomID);
@@ -169,7 +179,7 @@
                   }
                 }
               }
-              this._renewIn(ws, ack && ack.expiresIn);
+              this._renewIn(ws, ack.expiresIn);
               this.connected = true;
               this._attempt = 0;
               const queued = this._queue.splice(0);
@@ -239,6 +249,8 @@
             again.push(pending);
             continue;
           }
+          // An unsubscribe whose outcome is unknown: the next connect's ack tells.
+          if (pending.frame.type === "unsubscribe") this._leaving.add(pending.frame.roomID);
           clearTimeout(pending.timer);
           pending.reject(new ThinWSError("disconnected", "the connection dropped", id));
         }

@@ -284,7 +284,12 @@ async fn session(
                 message.maybe_published = true;
                 again.push((message, reply))
             }
-            _ => drop(reply.send(Err(ClientError::Disconnected))),
+            pending => {
+                if let Pending::Unsubscribe(room) = pending {
+                    held.maybe_left(room);
+                }
+                drop(reply.send(Err(ClientError::Disconnected)))
+            }
         }
     }
     again.sort_by_key(|(message, _)| message.seq);

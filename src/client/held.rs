@@ -19,6 +19,9 @@ use crate::protocol::{self, Command, Since};
 #[derive(Debug, Default)]
 pub(super) struct Held {
     rooms: HashSet<String>,
+    /// Held rooms whose `unsubscribe` was in flight when a connection dropped: the server
+    /// may have applied it, and the next `connect` ack says.
+    leaving: HashSet<String>,
     /// `(offset, epoch)` of the last message seen, by history room.
     positions: HashMap<String, (u64, String)>,
 }
@@ -61,6 +64,13 @@ impl Held {
         else {
             return Vec::new();
         };
+        // A room being left that the server no longer lists was left: forgotten, not
+        // subscribed again (that would undo the unsubscribe).
+        for room in std::mem::take(&mut self.leaving) {
+            if !rooms.contains_key(&room) {
+                self.left(&room);
+            }
+        }
         let missing: Vec<String> = self
             .rooms
             .iter()
@@ -111,6 +121,15 @@ impl Held {
     pub(super) fn left(&mut self, room: &str) {
         self.rooms.remove(room);
         self.positions.remove(room);
+        self.leaving.remove(room);
+    }
+
+    /// The connection dropped while an `unsubscribe` of `room` was in flight: whether the
+    /// server applied it, the next `connect` ack tells (see [`Held::rejoined`]).
+    pub(super) fn maybe_left(&mut self, room: String) {
+        if self.rooms.contains(&room) {
+            self.leaving.insert(room);
+        }
     }
 
     /// Records a delivery at `offset` in `room`; false when the client had it already.
@@ -142,5 +161,43 @@ fn since(offset: u64, epoch: &str) -> Since<'_> {
     Since {
         offset,
         epoch: Cow::Borrowed(epoch),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(rooms: &str) -> Box<RawValue> {
+        RawValue::from_string(rooms.to_owned()).unwrap()
+    }
+
+    fn holding(rooms: &[&str]) -> Held {
+        let mut held = Held::default();
+        for room in rooms {
+            held.subscribed((*room).to_owned(), None);
+        }
+        held
+    }
+
+    #[test]
+    fn a_room_the_server_no_longer_lists_is_subscribed_again_unless_it_was_being_left() {
+        // Lost by the server: subscribed again.
+        let mut held = holding(&["a", "b"]);
+        let missing = held.rejoined(Some(&ack(r#"{"b":{}}"#)), |_| {});
+        assert_eq!(missing, ["a"]);
+        // Its unsubscribe was in flight when the connection dropped, and the server
+        // applied it: forgotten, with no gap.
+        let mut held = holding(&["a", "b"]);
+        held.maybe_left("a".into());
+        let missing = held.rejoined(Some(&ack(r#"{"b":{}}"#)), |_| panic!("no gap"));
+        assert!(missing.is_empty());
+        assert!(!held.rooms.contains("a") && held.leaving.is_empty());
+        // The server did not apply it: still held, and no longer being left.
+        let mut held = holding(&["a", "b"]);
+        held.maybe_left("a".into());
+        let missing = held.rejoined(Some(&ack(r#"{"a":{},"b":{}}"#)), |_| {});
+        assert!(missing.is_empty());
+        assert!(held.rooms.contains("a") && held.leaving.is_empty());
     }
 }
