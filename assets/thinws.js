@@ -173,6 +173,11 @@
                   } else this._resubscribe(roomID);
                 }
                 for (const [roomID, room] of Object.entries(ack.rooms)) {
+                  // A room without history this client held: what was published while it
+                  // was away is gone, and the application is told so.
+                  if (typeof room.offset !== "number" && this._rooms.has(roomID)) {
+                    this._gap({ type: "gap", roomID });
+                  }
                   this._rooms.add(roomID);
                   if (room.recovered === false) {
                     this._gap({ type: "gap", roomID, offset: room.offset, epoch: room.epoch });

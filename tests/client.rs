@@ -109,8 +109,11 @@ async fn the_client_reconnects_after_a_server_restart_and_gets_its_rooms_back() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_reconnects_after_the_server_closes_the_socket() {
     let node = Node::start(ThinWsLayer::builder().max_frame_size(1024).build()).await;
+    let gaps = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = gaps.clone();
     let (client, mut messages) = ThinWsClient::builder(node.url(), "carol")
         .max_backoff(Duration::from_millis(200))
+        .on_gap(move |gap| seen.lock().unwrap().push(gap))
         .connect()
         .await
         .unwrap();
@@ -118,9 +121,13 @@ async fn the_client_reconnects_after_the_server_closes_the_socket() {
     // Over the frame limit: the server closes the socket with 1009.
     let err = client.send("r", &"z".repeat(4096)).await.unwrap_err();
     assert!(matches!(err, ClientError::Disconnected), "{err:?}");
-    // The client is back, with its room (in-memory identities live in the node).
+    // The client is back, with its room (in-memory identities live in the node). The room
+    // keeps no history: what was published meanwhile is gone, and the client says so.
     client.send("r", &json!("back")).await.unwrap();
     assert_eq!(next(&mut messages).await.payload, json!("back"));
+    let gaps = gaps.lock().unwrap();
+    assert_eq!(gaps.len(), 1, "{gaps:?}");
+    assert_eq!((gaps[0].room.as_str(), gaps[0].offset), ("r", None));
 }
 
 /// A TCP relay to `target` whose connections can be silenced: from `silence()` on, the

@@ -56,7 +56,8 @@ impl Held {
     }
 
     /// Reads the rooms of a `connect` ack: rooms the server rejoined are held; a history
-    /// room it could not recover is a gap. Returns the held rooms it did not list, to be
+    /// room it could not recover is a gap, and so is every room without history the client
+    /// held (it was away). Returns the held rooms it did not list, to be
     /// subscribed again (each with its `since`, if any).
     pub(super) fn rejoined(&mut self, rooms: Option<&RawValue>, gap: impl Fn(Gap)) -> Vec<String> {
         let Some(rooms) =
@@ -78,6 +79,15 @@ impl Held {
             .cloned()
             .collect();
         for (room, ack) in rooms {
+            if ack.offset.is_none() && self.rooms.contains(&room) {
+                // A room without history that this client held: what was published while
+                // it was away is gone, and the application is told so.
+                gap(Gap {
+                    room: room.clone(),
+                    offset: None,
+                    epoch: None,
+                });
+            }
             if let (Some(false), Some(offset), Some(epoch)) = (ack.recovered, ack.offset, ack.epoch)
             {
                 self.positions.insert(room.clone(), (offset, epoch.clone()));
@@ -182,16 +192,24 @@ mod tests {
 
     #[test]
     fn a_room_the_server_no_longer_lists_is_subscribed_again_unless_it_was_being_left() {
-        // Lost by the server: subscribed again.
-        let mut held = holding(&["a", "b"]);
-        let missing = held.rejoined(Some(&ack(r#"{"b":{}}"#)), |_| {});
+        // Lost by the server: subscribed again. The room without history it still had is a
+        // gap (the client was away); a history room recovered is not.
+        let mut held = holding(&["a", "b", "h"]);
+        let gaps = std::cell::RefCell::new(Vec::new());
+        let listed = r#"{"b":{},"h":{"offset":3,"epoch":"e","recovered":true}}"#;
+        let missing = held.rejoined(Some(&ack(listed)), |gap| gaps.borrow_mut().push(gap.room));
         assert_eq!(missing, ["a"]);
+        assert_eq!(*gaps.borrow(), ["b"]);
         // Its unsubscribe was in flight when the connection dropped, and the server
         // applied it: forgotten, with no gap.
         let mut held = holding(&["a", "b"]);
         held.maybe_left("a".into());
-        let missing = held.rejoined(Some(&ack(r#"{"b":{}}"#)), |_| panic!("no gap"));
+        let gaps = std::cell::RefCell::new(Vec::new());
+        let missing = held.rejoined(Some(&ack(r#"{"b":{}}"#)), |gap| {
+            gaps.borrow_mut().push(gap.room)
+        });
         assert!(missing.is_empty());
+        assert_eq!(*gaps.borrow(), ["b"], "none for the room left");
         assert!(!held.rooms.contains("a") && held.leaving.is_empty());
         // The server did not apply it: still held, and no longer being left.
         let mut held = holding(&["a", "b"]);

@@ -284,9 +284,11 @@ impl ClientBuilder {
         self
     }
 
-    /// Called when messages of a history room may have been missed and the server could
-    /// not send them (see [`Gap`]). Messages of history rooms are otherwise recovered on
-    /// every reconnection: the client remembers the last offset of each and sends it with
+    /// Called when messages of a room may have been missed (see [`Gap`]): in a history
+    /// room, those the server could not send; in a room without history, after every
+    /// reconnection (what was published meanwhile is gone) and whenever the node's pub/sub
+    /// connection was lost. Messages of history rooms are otherwise recovered on every
+    /// reconnection: the client remembers the last offset of each and sends it with
     /// `connect`, and drops any message it already had.
     pub fn on_gap(mut self, callback: impl Fn(Gap) + Send + Sync + 'static) -> Self {
         self.on_gap = Some(OnGap(Arc::new(callback)));

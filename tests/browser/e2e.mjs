@@ -235,9 +235,17 @@ try {
     if (cut.roomID !== "lost-room" || cut.offset !== undefined) {
       throw new Error(`unexpected gap after the cut: ${JSON.stringify(cut)}`);
     }
-    await redis("FLUSHALL");
+    // The socket drops and comes back: the room keeps no history, so what was published
+    // meanwhile is gone, and the page is told.
     await pageA.evaluate(() => window.lost.client.ws.close());
     await pageA.waitForFunction(() => window.lost.gaps.length >= 2);
+    const away = await pageA.evaluate(() => window.lost.gaps[1]);
+    if (away.roomID !== "lost-room" || away.offset !== undefined) {
+      throw new Error(`unexpected gap after a reconnection: ${JSON.stringify(away)}`);
+    }
+    await redis("FLUSHALL");
+    await pageA.evaluate(() => window.lost.client.ws.close());
+    await pageA.waitForFunction(() => window.lost.gaps.length >= 3);
     await pageA.evaluate(() => window.lost.client.send("back", "lost-room"));
     await pageA.waitForFunction(() => window.lost.messages.includes("back"));
     console.log("ok: thinws.js reports gaps and rejoins a room Redis lost");
