@@ -75,9 +75,14 @@
     }
 
     // As the original: sent on the current socket as it is (a socket still connecting
-    // throws, as it did there).
+    // throws, as it did there). A socket closed while this client waits to redial throws
+    // too: a browser would drop the frame without a word, where the original's socket,
+    // redialled at once, was connecting and threw.
     _frame(frame) {
       frame.messageID = this.messageIndex++;
+      if (this.ws && this.ws.readyState >= 2) {
+        throw new DOMException("the socket is closed; it is being redialled", "InvalidStateError");
+      }
       if (this.ws) this.ws.send(JSON.stringify(frame));
       return frame.messageID;
     }

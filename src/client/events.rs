@@ -76,6 +76,11 @@ impl Delivery {
 }
 
 /// The stream of [`Delivery`]s; ends when the client is closed.
+///
+/// Read it, or drop it: deliveries and replies come in one order on the connection, so a
+/// stream kept but not read holds the client back once 1,024 deliveries wait in it (acks
+/// wait behind them, requests time out, and the server closes the socket as a slow reader).
+/// Dropped, deliveries are thrown away.
 #[derive(Debug)]
 pub struct Messages {
     pub(crate) rx: mpsc::Receiver<Delivery>,

@@ -210,7 +210,9 @@ pub struct ClientBuilder {
 
 impl ClientBuilder {
     /// How long an operation may wait for its ack (including time queued while
-    /// disconnected). Default 10 s.
+    /// disconnected). Default 10 s. A message is sent again with its key until then, so
+    /// keep it under the rooms' idempotency window (2 minutes by default): a resend after
+    /// the window could be published twice.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
         self.request_timeout = timeout;
         self
