@@ -130,8 +130,8 @@ impl ProxyArgs {
             builder = builder
                 .on_connect(backend.connect(url).map_err(invalid)?)
                 .require_connect_within(grace)
-                .on_subscribe(connected_first_subscribe(subscribe))
-                .on_message(connected_first_message(publish));
+                .on_subscribe(connected_first(subscribe))
+                .on_message(connected_first(publish));
         } else {
             if let Some(hook) = subscribe {
                 builder = builder.on_subscribe(hook);
@@ -152,54 +152,63 @@ impl ProxyArgs {
     }
 }
 
-/// What a socket that has not connected is told when the backend decides identities.
-const CONNECT_FIRST: &str = "connect first";
-
-/// Refuses a `subscribe` from a socket that has not connected, then asks `hook` (if any).
-fn connected_first_subscribe(
-    hook: Option<HttpHook<SubscribeEvent>>,
-) -> impl tower::Service<
-    SubscribeEvent,
-    Response = Verdict,
-    Error = HookError,
-    Future = impl Send + 'static,
-> + Clone
-       + Send
-       + Sync
-       + 'static {
-    service_fn(move |event: SubscribeEvent| {
-        let hook = hook.clone();
-        async move {
-            match hook {
-                _ if !event.socket().has_bound_identity() => Ok(Verdict::refuse(CONNECT_FIRST)),
-                Some(hook) => hook.oneshot(event).await,
-                None => Ok(Verdict::Allow),
-            }
-        }
-    })
+/// An event a socket that has not connected may not cause when the backend decides
+/// identities, and the verdicts that answer it.
+trait ConnectFirst: Send + 'static {
+    type Verdict: Send + 'static;
+    fn bound(&self) -> bool;
+    fn allowed() -> Self::Verdict;
+    fn refused() -> Self::Verdict;
 }
 
-/// Refuses a `message` from a socket that has not connected, then asks `hook` (if any).
-fn connected_first_message(
-    hook: Option<HttpHook<MessageEvent>>,
-) -> impl tower::Service<
-    MessageEvent,
-    Response = MessageVerdict,
-    Error = HookError,
-    Future = impl Send + 'static,
-> + Clone
+/// What a socket that has not connected is told.
+const CONNECT_FIRST: &str = "connect first";
+
+impl ConnectFirst for SubscribeEvent {
+    type Verdict = Verdict;
+    fn bound(&self) -> bool {
+        self.socket().has_bound_identity()
+    }
+    fn allowed() -> Verdict {
+        Verdict::Allow
+    }
+    fn refused() -> Verdict {
+        Verdict::refuse(CONNECT_FIRST)
+    }
+}
+
+impl ConnectFirst for MessageEvent {
+    type Verdict = MessageVerdict;
+    fn bound(&self) -> bool {
+        self.socket().has_bound_identity()
+    }
+    fn allowed() -> MessageVerdict {
+        MessageVerdict::Allow
+    }
+    fn refused() -> MessageVerdict {
+        MessageVerdict::refuse(CONNECT_FIRST)
+    }
+}
+
+/// Refuses an event from a socket that has not connected, then asks `hook` (if any).
+fn connected_first<E: ConnectFirst>(
+    hook: Option<HttpHook<E>>,
+) -> impl tower::Service<E, Response = E::Verdict, Error = HookError, Future = impl Send + 'static>
+       + Clone
        + Send
        + Sync
-       + 'static {
-    service_fn(move |event: MessageEvent| {
+       + 'static
+where
+    HttpHook<E>: tower::Service<E, Response = E::Verdict, Error = HookError>,
+    <HttpHook<E> as tower::Service<E>>::Future: Send,
+{
+    service_fn(move |event: E| {
         let hook = hook.clone();
         async move {
             match hook {
-                _ if !event.socket().has_bound_identity() => {
-                    Ok(MessageVerdict::refuse(CONNECT_FIRST))
-                }
+                _ if !event.bound() => Ok(E::refused()),
                 Some(hook) => hook.oneshot(event).await,
-                None => Ok(MessageVerdict::Allow),
+                None => Ok(E::allowed()),
             }
         }
     })
