@@ -186,6 +186,30 @@ async fn scenario(kind: Kind) {
     }
     drop(plain);
 
+    // A page served through the proxy opens its socket there: its Origin (the proxy's host
+    // and port) matches the Host the node sees. The nodes' own endpoints are not public.
+    let origin = format!("http://127.0.0.1:{}", proxy.port);
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(proxy.url())
+            .unwrap();
+    request
+        .headers_mut()
+        .insert("Origin", origin.parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .unwrap_or_else(|e| panic!("{kind:?}: a page's upgrade through the proxy: {e}"));
+    let mut page = Client::from_stream(ws);
+    page.subscribe("plain").await;
+    let proxied: std::net::SocketAddr = format!("127.0.0.1:{}", proxy.port).parse().unwrap();
+    for path in ["/metrics", "/healthz"] {
+        assert_eq!(
+            http(proxied, "GET", path, &[]).await.0,
+            404,
+            "{kind:?} {path}"
+        );
+    }
+    drop(page);
+
     // Subscribers of a history room (the Rust client, which reconnects through the proxy
     // and recovers what it missed) and a publisher, all through the proxy.
     let mut subscribers = Vec::new();
