@@ -70,6 +70,50 @@ async fn bad_redis_settings_exit_non_zero_with_one_line() {
     }
 }
 
+/// Values that cannot work refuse to start, with the flag named, rather than serving a
+/// node that drops every quiet socket, refuses every upgrade or panics on its clock.
+#[tokio::test]
+async fn nonsense_flags_exit_non_zero_naming_the_flag() {
+    for (args, flag) in [
+        (&["--idle-timeout", "20"][..], "--idle-timeout"),
+        (&["--ping-interval", "0"][..], "--ping-interval"),
+        (&["--ping-interval", "60"][..], "--idle-timeout"),
+        (
+            &["--shutdown-timeout", "18446744073709551615"][..],
+            "--shutdown-timeout",
+        ),
+        (
+            &["--auth-grace", "18446744073709551615"][..],
+            "--auth-grace",
+        ),
+        (&["--max-sockets", "0"][..], "--max-sockets"),
+        (&["--max-frame-size", "0"][..], "--max-frame-size"),
+        (&["--path", "ws"][..], "--path"),
+    ] {
+        let output = Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--no-demo"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(
+            stderr.starts_with("thinws: ") && stderr.contains(flag),
+            "{args:?}: {stderr}"
+        );
+    }
+    // Boolean variables take what people write (`1`, `yes`): parsed, they let the run go
+    // on to the check above.
+    let output = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--max-sockets", "0"])
+        .env("THINWS_NO_DEMO", "1")
+        .env("THINWS_PRESENCE", "yes")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.starts_with("thinws: --max-sockets"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_served_in_prometheus_text() {
     let redis = RedisServer::start().await;

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::Bytes;
+use clap::builder::BoolishValueParser;
 use clap::Parser;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -114,11 +115,11 @@ struct Args {
     /// Every room tracks who is in it, on every node (`presence` requests and
     /// `GET /api/rooms/{roomID}/presence`): one Redis script call per subscribe and
     /// unsubscribe.
-    #[arg(long, env = "THINWS_PRESENCE")]
+    #[arg(long, env = "THINWS_PRESENCE", value_parser = BoolishValueParser::new())]
     presence: bool,
     /// Every room's subscribers get `join` and `leave` events when an identity's first
     /// socket joins or its last leaves (implies --presence; one more publish per change).
-    #[arg(long, env = "THINWS_JOIN_LEAVE")]
+    #[arg(long, env = "THINWS_JOIN_LEAVE", value_parser = BoolishValueParser::new())]
     join_leave: bool,
     /// Seconds within which the members of a node that died leave every room.
     #[arg(long, env = "THINWS_PRESENCE_TTL", default_value_t = 30)]
@@ -189,7 +190,7 @@ struct Args {
     #[command(flatten)]
     proxy: proxy::ProxyArgs,
     /// Don't serve the demo chat page at `/`.
-    #[arg(long, env = "THINWS_NO_DEMO")]
+    #[arg(long, env = "THINWS_NO_DEMO", value_parser = BoolishValueParser::new())]
     no_demo: bool,
 }
 
@@ -235,7 +236,49 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The longest duration a flag takes, in seconds (ten years): past it, adding it to the
+/// clock would overflow.
+const MAX_SECONDS: u64 = 10 * 365 * 24 * 60 * 60;
+
+/// Refuses values that cannot work, before anything starts.
+fn check(args: &Args) -> Result<(), String> {
+    let seconds = [
+        ("--drain-seconds", args.drain_seconds),
+        ("--shutdown-timeout", args.shutdown_timeout),
+        ("--header-read-timeout", args.header_read_timeout),
+        ("--identity-ttl", args.identity_ttl),
+        ("--history-ttl", args.history_ttl),
+        ("--idempotency-window", args.idempotency_window),
+        ("--presence-ttl", args.presence_ttl),
+        ("--ping-interval", args.ping_interval),
+        ("--idle-timeout", args.idle_timeout),
+        ("--auth-grace", args.auth_grace),
+    ];
+    if let Some((flag, _)) = seconds.iter().find(|(_, s)| *s > MAX_SECONDS) {
+        return Err(format!(
+            "{flag} must be at most {MAX_SECONDS} seconds (ten years)"
+        ));
+    }
+    if args.ping_interval == 0 || args.idle_timeout <= args.ping_interval {
+        return Err(format!(
+            "--idle-timeout ({} s) must be longer than --ping-interval ({} s), which must be above 0: a quiet socket shows it is alive only by answering pings",
+            args.idle_timeout, args.ping_interval
+        ));
+    }
+    if args.max_sockets == 0 {
+        return Err("--max-sockets must be at least 1".into());
+    }
+    if args.max_frame_size < 1024 {
+        return Err("--max-frame-size must be at least 1024 bytes".into());
+    }
+    if args.path.as_deref().is_some_and(|p| !p.starts_with('/')) {
+        return Err("--path must start with /".into());
+    }
+    Ok(())
+}
+
 async fn run(args: Args) -> Result<(), String> {
+    check(&args)?;
     // Before the layer is built: sockets take their metric handles when they open.
     // Publish latency as a bucketed histogram: it aggregates across nodes in Prometheus
     // (a per-node quantile summary does not), and recording costs a bucket increment
