@@ -173,3 +173,52 @@ async fn the_first_publish_after_a_redis_restart_is_not_refused_once_health_is_r
         assert_eq!(reply["type"], "ack", "round {round}: {reply}");
     }
 }
+
+/// A node shutting down answers every frame it read before its close (1001): publishes
+/// in flight to a frozen Redis get their ack once it thaws, then the close comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shutting_down_answers_the_publishes_in_flight_before_closing() {
+    use thinws::hooks::{MessageEvent, MessageVerdict};
+    let redis = RedisServer::start().await;
+    let (entered_tx, mut entered) = tokio::sync::mpsc::unbounded_channel();
+    let layer = ThinWsLayer::builder()
+        .redis_url(redis.url())
+        .on_message(tower::service_fn(move |_: MessageEvent| {
+            let _ = entered_tx.send(());
+            async { Ok::<_, std::convert::Infallible>(MessageVerdict::Allow) }
+        }))
+        .build();
+    let node = Node::start(layer).await;
+    let mut c = support::Client::connect(&node.url()).await;
+    c.subscribe("r").await;
+    redis.freeze();
+    for id in 1..=4 {
+        let frame = json!({"type": "message", "messageID": id, "roomID": "r", "payload": id});
+        c.send_text(frame.to_string()).await;
+    }
+    // The fourth message is in its hook: the three before it are queued at the broker.
+    for _ in 0..4 {
+        support::within("a message hook", entered.recv())
+            .await
+            .unwrap();
+    }
+    let hub = node.hub.clone();
+    let shutdown = tokio::spawn(async move { hub.shutdown(Duration::from_secs(10)).await });
+    support::until("the node to refuse new sockets", async || {
+        tokio_tungstenite::connect_async(node.url()).await.is_err()
+    })
+    .await;
+    redis.thaw();
+    let (frames, code) = c.frames_until_closed().await;
+    let acked: Vec<u64> = frames
+        .iter()
+        .filter(|v| v["type"] == "ack")
+        .filter_map(|v| v["messageID"].as_u64())
+        .collect();
+    assert_eq!(acked, [1, 2, 3, 4], "{frames:?}");
+    assert_eq!(
+        code,
+        tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Away
+    );
+    assert_eq!(shutdown.await.unwrap(), 0);
+}

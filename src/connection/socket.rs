@@ -402,6 +402,11 @@ impl Socket {
         Ok(())
     }
 
+    /// Whether a publish waits for the broker's answer.
+    pub(super) fn has_in_flight(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
     /// Waits until the broker answered the oldest publish in flight (never, while none is).
     /// Cancel-safe.
     pub(super) async fn oldest_answered(&mut self) {

@@ -53,6 +53,9 @@ struct SocketTask {
     /// A flood was seen: nothing more is read, and the socket closes once the last frame
     /// read is answered.
     flooded: bool,
+    /// The node is shutting down: nothing more is read, and the socket closes once every
+    /// frame read is answered.
+    settling: bool,
     rate: Option<RateLimit>,
     /// Stops the frame being handled when the socket ends.
     stop: Stop,
@@ -97,6 +100,7 @@ impl SocketTask {
             reader: Reader::Free(socket),
             ahead: None,
             flooded: false,
+            settling: false,
             rate: RateLimit::new(config.rate, now),
             stop: Stop::default(),
             queue,
@@ -131,7 +135,17 @@ impl SocketTask {
 
     /// Whether the loop reads from the socket: not while a frame waits, nor after a flood.
     fn reads(&self) -> bool {
-        self.ahead.is_none() && !self.flooded
+        self.ahead.is_none() && !self.flooded && !self.settling
+    }
+
+    /// Whether a frame read has no reply yet: one read ahead, one being handled, or a
+    /// publish the broker has not answered.
+    fn unanswered(&self) -> bool {
+        self.ahead.is_some()
+            || match &self.reader {
+                Reader::Handling(_) => true,
+                Reader::Free(socket) => socket.has_in_flight(),
+            }
     }
 
     /// The frame being handled finished, or the oldest publish in flight was answered (its
@@ -362,11 +376,18 @@ async fn events(
     // `EVENTS_BEFORE_WRITING` events, so that a client that floods still gets its replies.
     let mut write_first = false;
     let mut events = 0;
+    // A shutdown's close, held until every frame read is answered.
+    let mut held_close = None;
     loop {
         if writer.failed() {
             break (DisconnectReason::Server, true);
         }
         task.start_ahead();
+        if let Some(close) = held_close.filter(|_| !task.unanswered()) {
+            // Boxed: inline, its state would stay in the socket's task all its life.
+            Box::pin(writer.close(close)).await;
+            break (DisconnectReason::Server, true);
+        }
         let next = task.next_deadline();
         if timer.deadline() != next {
             timer.as_mut().reset(next);
@@ -376,7 +397,15 @@ async fn events(
         events += 1;
         tokio::select! {
             biased;
-            close = &mut closing => {
+            close = &mut closing, if held_close.is_none() => {
+                if close.0 == CloseCode::Away && task.unanswered() {
+                    // The node is shutting down: the frames read get their replies first
+                    // (a publish in flight its ack, within the broker's timeout), as
+                    // before any close the server starts; nothing more is read.
+                    task.settling = true;
+                    held_close = Some(close);
+                    continue;
+                }
                 // Boxed: inline, its state would stay in the socket's task all its life.
                 Box::pin(writer.close(close)).await;
                 break (DisconnectReason::Server, true);

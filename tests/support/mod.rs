@@ -671,12 +671,19 @@ impl Client {
     /// Reads until the server closes the socket: how many text frames came first (the
     /// backlog included), and the close code.
     pub async fn texts_until_closed(&mut self) -> (usize, CloseCode) {
-        let mut texts = self.backlog.len();
+        let (texts, code) = self.frames_until_closed().await;
+        (texts.len(), code)
+    }
+
+    /// Reads until the server closes the socket: the frames that came first, parsed (the
+    /// backlog first), and the close code.
+    pub async fn frames_until_closed(&mut self) -> (Vec<Value>, CloseCode) {
+        let mut frames: Vec<Value> = self.backlog.drain(..).collect();
         loop {
             match within("the server to close the socket", self.ws.next()).await {
-                Some(Ok(Message::Text(_))) => texts += 1,
+                Some(Ok(Message::Text(text))) => frames.push(serde_json::from_str(&text).unwrap()),
                 Some(Ok(Message::Close(frame))) => {
-                    return (texts, frame.map_or(CloseCode::Status, |f| f.code))
+                    return (frames, frame.map_or(CloseCode::Status, |f| f.code))
                 }
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => panic!("socket error before a close frame: {e}"),
