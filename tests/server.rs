@@ -70,6 +70,29 @@ async fn bad_redis_settings_exit_non_zero_with_one_line() {
     }
 }
 
+/// A drain ends early once no socket is left, or on a second signal; it closes the sockets
+/// left with 1001 either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_when_the_node_is_empty_or_on_a_second_signal() {
+    // Nobody connected: no reason to wait the drain's minute.
+    let server = Server::start(&["--drain-seconds", "60", "--no-demo"]).await;
+    server.terminate();
+    assert!(server.exited().await.success());
+    // A socket stays: the second SIGTERM cuts the drain short.
+    let server = Server::start(&["--drain-seconds", "60", "--no-demo"]).await;
+    let mut c = Client::connect(&server.url()).await;
+    c.subscribe("r").await;
+    server.terminate();
+    let addr = server.addr;
+    support::until("/healthz to say 503 while the node drains", async || {
+        http(addr, "GET", "/healthz", &[]).await.0 == 503
+    })
+    .await;
+    server.terminate();
+    assert_eq!(c.closed().await, CloseCode::Away);
+    assert!(server.exited().await.success());
+}
+
 /// Values that cannot work refuse to start, with the flag named, rather than serving a
 /// node that drops every quiet socket, refuses every upgrade or panics on its clock.
 #[tokio::test]

@@ -454,7 +454,17 @@ async fn run(args: Args) -> Result<(), String> {
                 "draining: refusing new sockets, serving the open ones"
             );
             draining.drain();
-            tokio::time::sleep(drain).await;
+            // Over when the time is up, when no socket is left, or on a second signal.
+            let empty = async {
+                while draining.socket_count() > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep(drain) => {}
+                () = empty => tracing::info!("drained: no socket left"),
+                () = shutdown_signal() => tracing::info!("a second signal: draining cut short"),
+            }
         }
     };
     accept::accept_loop(listener, capacity.pending, stop, |tcp, permit| {
@@ -476,9 +486,13 @@ async fn run(args: Args) -> Result<(), String> {
     .await;
     let sockets = hub.socket_count();
     tracing::info!(sockets, "shutting down: closing sockets with 1001");
-    let left = hub
-        .shutdown(Duration::from_secs(args.shutdown_timeout))
-        .await;
+    let left = tokio::select! {
+        left = hub.shutdown(Duration::from_secs(args.shutdown_timeout)) => left,
+        () = shutdown_signal() => {
+            tracing::warn!("a second signal: not waiting for the sockets any longer");
+            hub.socket_count()
+        }
+    };
     if left > 0 {
         tracing::warn!(left, "sockets still open at the shutdown deadline");
     }
