@@ -112,6 +112,18 @@ async fn nonsense_flags_exit_non_zero_naming_the_flag() {
         (&["--max-sockets", "0"][..], "--max-sockets"),
         (&["--max-frame-size", "0"][..], "--max-frame-size"),
         (&["--path", "ws"][..], "--path"),
+        (&["--identity-ttl", "0"][..], "--identity-ttl"),
+        (&["--presence-ttl", "0"][..], "--presence-ttl"),
+        (&["--rate-burst", "0"][..], "--rate-burst"),
+        (
+            &[
+                "--redis-cluster-url",
+                "redis://127.0.0.1:1",
+                "--key-prefix",
+                "{app}:",
+            ][..],
+            "--key-prefix",
+        ),
     ] {
         let output = Command::new(BIN)
             .args(["--listen", "127.0.0.1:0", "--no-demo"])

@@ -265,6 +265,23 @@ fn check(args: &Args) -> Result<(), String> {
             args.idle_timeout, args.ping_interval
         ));
     }
+    for (flag, value) in [
+        ("--identity-ttl", args.identity_ttl),
+        ("--history-ttl", args.history_ttl),
+        ("--presence-ttl", args.presence_ttl),
+    ] {
+        if value == 0 {
+            return Err(format!("{flag} must be at least 1 second"));
+        }
+    }
+    if args.rate_limit > 0 && args.rate_burst == 0 {
+        return Err(
+            "--rate-burst must be at least 1 (or turn the limit off with --rate-limit 0)".into(),
+        );
+    }
+    if !args.redis_cluster_urls.is_empty() && args.key_prefix.contains(['{', '}']) {
+        return Err("--key-prefix must not hold { or } on a Redis Cluster: a hash tag in it would put every room in one slot".into());
+    }
     if args.max_sockets == 0 {
         return Err("--max-sockets must be at least 1".into());
     }
@@ -390,6 +407,13 @@ async fn run(args: Args) -> Result<(), String> {
         tracing::warn!(
             listen = %args.listen,
             "listening beyond loopback without tokens: anyone who reaches this address may connect as any identity and use any room (set --token-secret-file or --token-public-key; --allowed-origin and --public-host limit which web pages may open sockets)"
+        );
+    } else if open_to_anyone {
+        // On loopback: a developer's machine, or a node behind a proxy, which makes it as
+        // open as the proxy.
+        tracing::info!(
+            listen = %args.listen,
+            "no tokens and no --proxy-connect-url: any client that reaches this node (through a proxy in front of it too) may connect as any identity and use any room"
         );
     }
     if let Some(path) = &args.redis_ca_file {
