@@ -58,6 +58,7 @@ mod driver;
 mod events;
 mod held;
 mod history;
+mod incoming;
 mod open;
 mod outbox;
 mod renewal;
