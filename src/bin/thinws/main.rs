@@ -421,15 +421,11 @@ async fn run(args: Args) -> Result<(), String> {
                 "draining: refusing new sockets, serving the open ones"
             );
             draining.drain();
-            // Over when the time is up, when no socket is left, or on a second signal.
-            let empty = async {
-                while draining.socket_count() > 0 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            };
+            // The whole drain even when no socket is left: it is there for the load
+            // balancer's health check to see the node go, before it stops listening. A
+            // second signal cuts it short.
             tokio::select! {
                 () = tokio::time::sleep(drain) => {}
-                () = empty => tracing::info!("drained: no socket left"),
                 () = shutdown_signal() => tracing::info!("a second signal: draining cut short"),
             }
         }
