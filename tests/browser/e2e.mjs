@@ -225,29 +225,39 @@ try {
             }
           );
           window.lost.client = c;
-          c.subscribe("lost-room").then(resolve, reject);
+          // "constructor": a room named like an Object.prototype key is a room like any.
+          Promise.all([c.subscribe("lost-room"), c.subscribe("constructor")]).then(resolve, reject);
         }),
       tokenNode
     );
+    // The gaps each room got so far.
+    const gapsOf = (room) =>
+      pageA.evaluate((room) => window.lost.gaps.filter((g) => g.roomID === room), room);
+    const gapsReach = (n) =>
+      pageA.waitForFunction((n) => ["lost-room", "constructor"].every(
+        (room) => window.lost.gaps.filter((g) => g.roomID === room).length >= n), n);
     await redis("CLIENT KILL TYPE pubsub");
-    await pageA.waitForFunction(() => window.lost.gaps.length >= 1);
-    const cut = await pageA.evaluate(() => window.lost.gaps[0]);
-    if (cut.roomID !== "lost-room" || cut.offset !== undefined) {
+    await gapsReach(1);
+    const cut = (await gapsOf("lost-room"))[0];
+    if (cut.offset !== undefined) {
       throw new Error(`unexpected gap after the cut: ${JSON.stringify(cut)}`);
     }
-    // The socket drops and comes back: the room keeps no history, so what was published
+    // The socket drops and comes back: the rooms keep no history, so what was published
     // meanwhile is gone, and the page is told.
     await pageA.evaluate(() => window.lost.client.ws.close());
-    await pageA.waitForFunction(() => window.lost.gaps.length >= 2);
-    const away = await pageA.evaluate(() => window.lost.gaps[1]);
-    if (away.roomID !== "lost-room" || away.offset !== undefined) {
+    await gapsReach(2);
+    const away = (await gapsOf("lost-room"))[1];
+    if (away.offset !== undefined) {
       throw new Error(`unexpected gap after a reconnection: ${JSON.stringify(away)}`);
     }
+    // Redis loses the identity's record: both rooms are subscribed again, each with a gap.
     await redis("FLUSHALL");
     await pageA.evaluate(() => window.lost.client.ws.close());
-    await pageA.waitForFunction(() => window.lost.gaps.length >= 3);
+    await gapsReach(3);
     await pageA.evaluate(() => window.lost.client.send("back", "lost-room"));
-    await pageA.waitForFunction(() => window.lost.messages.includes("back"));
+    await pageA.evaluate(() => window.lost.client.send("proto", "constructor"));
+    await pageA.waitForFunction(
+      () => window.lost.messages.includes("back") && window.lost.messages.includes("proto"));
     console.log("ok: thinws.js reports gaps and rejoins a room Redis lost");
   }
 
