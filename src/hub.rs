@@ -308,9 +308,19 @@ impl Hub {
         let until = tokio::time::Instant::now() + deadline;
         let _ = tokio::time::timeout_at(until, node.rooms.all_closed()).await;
         // The closed sockets' presence leaves reach Redis now, not after the presence TTL.
-        let _ = tokio::time::timeout_at(until, node.broker.presence_flush()).await;
+        if tokio::time::timeout_at(until, node.broker.presence_flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown deadline passed before the closed sockets' presence leaves reached Redis: they go with the presence TTL");
+        }
         // Their rooms' vacated, leaves and disconnects reach the notification hook.
-        let _ = tokio::time::timeout_at(until, node.flush_notifications()).await;
+        if tokio::time::timeout_at(until, node.flush_notifications())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown deadline passed before every notification reached the notification hook: the rest are dropped");
+        }
         self.socket_count()
     }
 }
