@@ -176,8 +176,11 @@ async fn session(
                 break 'session end;
             }
         }
-        // When the server was last heard from, and whether it was pinged since.
+        // When the server was last heard from, and whether it was pinged since. The timer
+        // is moved when it fires, not on every frame.
         let (mut heard, mut pinged) = (Instant::now(), false);
+        let silence = tokio::time::sleep(config.keepalive);
+        tokio::pin!(silence);
         loop {
             tokio::select! {
                 request = requests.recv() => match request {
@@ -225,7 +228,12 @@ async fn session(
                 }
                 // A connection that went quiet may be dead without a FIN (a NAT forgot it, a
                 // laptop slept): ping it, and give it up if that gets no answer either.
-                () = tokio::time::sleep_until(heard + config.keepalive * (1 + u32::from(pinged))) => {
+                () = &mut silence => {
+                    let due = heard + config.keepalive * (1 + u32::from(pinged));
+                    if Instant::now() < due {
+                        silence.as_mut().reset(due);
+                        continue;
+                    }
                     if pinged {
                         tracing::debug!("the server did not answer a ping; reconnecting");
                         break 'session End::Lost;
@@ -234,6 +242,7 @@ async fn session(
                         break 'session End::Lost;
                     }
                     pinged = true;
+                    silence.as_mut().reset(heard + config.keepalive * 2);
                 }
                 // Anything from the server (a pong included) says it is there.
                 message = socket.next() => match message.inspect(|_| (heard, pinged) = (Instant::now(), false)) {

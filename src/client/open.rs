@@ -108,11 +108,10 @@ pub(super) async fn open(
                 }) if answered(Some(message_id)) == Some(0) => {
                     let missing = held.rejoined(rooms, |gap| config.gap(gap));
                     for room in overflowed {
-                        let (offset, epoch) = (None, None);
                         config.gap(super::Gap {
                             room,
-                            offset,
-                            epoch,
+                            offset: None,
+                            epoch: None,
                         });
                     }
                     return Ok(Opened {

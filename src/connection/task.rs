@@ -53,9 +53,10 @@ struct SocketTask {
     /// A flood was seen: nothing more is read, and the socket closes once the last frame
     /// read is answered.
     flooded: bool,
-    /// The node is shutting down: nothing more is read, and the socket closes once every
-    /// frame read is answered.
-    settling: bool,
+    /// The close the server asked for, once it did: made at once, except a shutdown's
+    /// (1001), which waits until every frame read is answered; nothing more is read
+    /// meanwhile.
+    closing: Option<(CloseCode, &'static str)>,
     rate: Option<RateLimit>,
     /// Stops the frame being handled when the socket ends.
     stop: Stop,
@@ -100,7 +101,7 @@ impl SocketTask {
             reader: Reader::Free(socket),
             ahead: None,
             flooded: false,
-            settling: false,
+            closing: None,
             rate: RateLimit::new(config.rate, now),
             stop: Stop::default(),
             queue,
@@ -135,7 +136,7 @@ impl SocketTask {
 
     /// Whether the loop reads from the socket: not while a frame waits, nor after a flood.
     fn reads(&self) -> bool {
-        self.ahead.is_none() && !self.flooded && !self.settling
+        self.ahead.is_none() && !self.flooded && self.closing.is_none()
     }
 
     /// Whether a frame read has no reply yet: one read ahead, one being handled, or a
@@ -376,18 +377,19 @@ async fn events(
     // `EVENTS_BEFORE_WRITING` events, so that a client that floods still gets its replies.
     let mut write_first = false;
     let mut events = 0;
-    // A shutdown's close, held until every frame read is answered.
-    let mut held_close = None;
     loop {
         if writer.failed() {
             break (DisconnectReason::Server, true);
         }
-        task.start_ahead();
-        if let Some(close) = held_close.filter(|_| !task.unanswered()) {
+        // A shutdown's close waits for the frames read to be answered (a publish in flight
+        // its ack, within the broker's timeout), as before any close the server starts.
+        let now = |(code, _): &(CloseCode, _)| *code != CloseCode::Away || !task.unanswered();
+        if let Some(close) = task.closing.filter(now) {
             // Boxed: inline, its state would stay in the socket's task all its life.
             Box::pin(writer.close(close)).await;
             break (DisconnectReason::Server, true);
         }
+        task.start_ahead();
         let next = task.next_deadline();
         if timer.deadline() != next {
             timer.as_mut().reset(next);
@@ -397,19 +399,7 @@ async fn events(
         events += 1;
         tokio::select! {
             biased;
-            close = &mut closing, if held_close.is_none() => {
-                if close.0 == CloseCode::Away && task.unanswered() {
-                    // The node is shutting down: the frames read get their replies first
-                    // (a publish in flight its ack, within the broker's timeout), as
-                    // before any close the server starts; nothing more is read.
-                    task.settling = true;
-                    held_close = Some(close);
-                    continue;
-                }
-                // Boxed: inline, its state would stay in the socket's task all its life.
-                Box::pin(writer.close(close)).await;
-                break (DisconnectReason::Server, true);
-            }
+            close = &mut closing, if task.closing.is_none() => task.closing = Some(close),
             written = writer.write(), if work && write_first => {
                 if written.is_err() {
                     break (DisconnectReason::Server, true);

@@ -63,19 +63,16 @@ impl Socket {
             .map_err(Refusal::BrokerRead)?;
         // Bound with the new grant for the rejoin (the subscribe hook sees the identity
         // and grant being connected), and put back as it was if it fails: a refused
-        // connect changes nothing.
-        let granted = Arc::new(grant.values);
+        // connect changes nothing. What it was is kept where the disconnect hook finds it
+        // if the socket ends meanwhile.
         let before = (
-            self.me.identity.clone(),
-            self.me.bound,
-            self.me.granted.clone(),
+            std::mem::replace(&mut self.me.identity, connection_id.into()),
+            std::mem::replace(&mut self.me.bound, true),
+            std::mem::replace(&mut self.me.granted, Arc::new(grant.values)),
         );
-        self.connecting_from = Some(Box::new(before.clone()));
-        self.me.identity = connection_id.into();
-        self.me.bound = true;
-        self.me.granted = granted;
+        self.connecting_from = Some(Box::new(before));
         let rejoined = self.rejoin(rooms, grant.rooms, since.as_deref()).await;
-        self.connecting_from = None;
+        let before = self.connecting_from.take();
         match rejoined {
             Ok(rejoined) => {
                 if !self.holds_identity {
@@ -91,7 +88,9 @@ impl Socket {
                 })
             }
             Err(refusal) => {
-                (self.me.identity, self.me.bound, self.me.granted) = before;
+                if let Some(before) = before {
+                    (self.me.identity, self.me.bound, self.me.granted) = *before;
+                }
                 Err(refusal)
             }
         }
