@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use super::commands::{query_pipeline, Commands};
+use super::commands::Commands;
 use super::connect::{millis, redis_error, refused, within};
 use crate::broker::Keys;
 use crate::error::BrokerError;
@@ -124,14 +124,7 @@ impl Identities {
                             .arg(ttl)
                             .ignore();
                     }
-                    let refreshed = within(timeout, async {
-                        let mut connection = commands.get().await?;
-                        query_pipeline(&mut connection, &pipeline)
-                            .await
-                            .map(drop)
-                            .map_err(BrokerError::from)
-                    });
-                    if let Err(e) = refreshed.await {
+                    if let Err(e) = commands.send(timeout, &pipeline, &[]).await {
                         tracing::warn!(error = %e.report(), "could not refresh identities' TTL");
                     }
                 }

@@ -74,7 +74,7 @@ impl Task {
                 .arg(&*change.identity)
                 .arg(sockets);
         }
-        let replies = self.send(&pipeline).await;
+        let replies = self.shared.send(&pipeline).await;
         for (n, change) in batch.drain(..).enumerate() {
             let result = match &replies {
                 Ok(replies) => match replies.get(n) {
@@ -132,7 +132,7 @@ impl Task {
             if touched.is_empty() {
                 continue;
             }
-            match self.send(&pipeline).await {
+            match self.shared.send(&pipeline).await {
                 Ok(replies) => {
                     for (room, reply) in touched.into_iter().zip(replies) {
                         if self.shared.status(room, &reply) != Some(1) {
@@ -156,7 +156,7 @@ impl Task {
                     command.arg(&**identity).arg(*sockets);
                 }
             }
-            match self.send(&pipeline).await {
+            match self.shared.send(&pipeline).await {
                 Ok(replies) => {
                     for (room, reply) in chunk.iter().zip(replies) {
                         if self.shared.status(room, &reply) == Some(1) {
@@ -171,9 +171,5 @@ impl Task {
             }
         }
         self.forget_settled();
-    }
-
-    async fn send(&self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BrokerError> {
-        self.shared.send(pipeline).await
     }
 }
