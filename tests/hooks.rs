@@ -281,6 +281,47 @@ async fn a_hook_error_chooses_what_the_client_is_told() {
     assert_eq!(reply["rooms"], json!({"open": {}}), "{reply}");
 }
 
+/// A `connect` asks the subscribe hook about its identity's recorded rooms several at a
+/// time, not one after another (with a hook over HTTP, one round trip each): here the
+/// hook answers none of them until all eight are waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_asks_the_subscribe_hook_about_recorded_rooms_together() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let armed = Arc::new(AtomicBool::new(false));
+    let all_waiting = Arc::new(tokio::sync::Barrier::new(8));
+    let layer = ThinWsLayer::builder()
+        .on_subscribe(service_fn({
+            let armed = armed.clone();
+            move |_: SubscribeEvent| {
+                let armed = armed.load(Ordering::SeqCst);
+                let all_waiting = all_waiting.clone();
+                async move {
+                    if armed {
+                        all_waiting.wait().await;
+                    }
+                    Ok::<_, Infallible>(Verdict::Allow)
+                }
+            }
+        }))
+        .build();
+    let node = Node::start(layer).await;
+    let mut first = Client::connect_as(&node.url(), "many").await;
+    for i in 0..8 {
+        first.subscribe(&format!("room{i}")).await;
+    }
+    first.close().await;
+    armed.store(true, Ordering::SeqCst);
+    let mut again = Client::connect(&node.url()).await;
+    let reply = within(
+        "a connect whose eight recorded rooms wait for each other in the hook",
+        again.request(json!({"type": "connect", "connectionID": "many", "since": {}})),
+    )
+    .await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    let rooms = reply["rooms"].as_object().expect("rooms");
+    assert_eq!(rooms.len(), 8, "{reply}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_fires_exactly_once_however_the_socket_ends() {
     let log: Log = Arc::default();

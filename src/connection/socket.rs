@@ -22,8 +22,8 @@ use super::refusal::Refusal;
 use super::request_head::detach;
 use crate::broker::{Once, Position};
 use crate::hooks::{
-    ask, DisconnectEvent, DisconnectReason, Happened, MessageEvent, MessageVerdict, SocketHooks,
-    SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
+    ask, BoxError, DisconnectEvent, DisconnectReason, Happened, MessageEvent, MessageVerdict,
+    SocketHooks, SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
 };
 use crate::metrics::SocketCounts;
 use crate::node::Node;
@@ -80,6 +80,15 @@ impl Me {
             request: self.request.clone(),
             granted: self.granted.clone(),
         }
+    }
+}
+
+/// What the subscribe hook's answer (`None`: no hook is set) means for a subscription.
+fn subscribe_verdict(verdict: Option<Result<Verdict, BoxError>>) -> Result<(), Refusal> {
+    match verdict {
+        None | Some(Ok(Verdict::Allow)) => Ok(()),
+        Some(Ok(Verdict::Refuse(reason))) => Err(Refusal::Forbidden(reason)),
+        Some(Err(e)) => Err(Refusal::hook_failed("subscribe", e)),
     }
 }
 
@@ -292,11 +301,7 @@ impl Socket {
             socket: self.me.info(),
             room: room.to_owned(),
         });
-        match verdict.await {
-            None | Some(Ok(Verdict::Allow)) => Ok(()),
-            Some(Ok(Verdict::Refuse(reason))) => Err(Refusal::Forbidden(reason)),
-            Some(Err(e)) => Err(Refusal::hook_failed("subscribe", e)),
-        }
+        subscribe_verdict(verdict.await)
     }
 
     /// Joins `room` (and records it for a bound identity); for a room with history, says

@@ -4,10 +4,17 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use futures_util::{stream, StreamExt};
+
 use super::answer::{Answer, Rejoined};
-use super::{Refusal, Socket};
-use crate::hooks::{ask, ConnectEvent, ConnectVerdict, Grant, RefreshEvent, RefreshVerdict};
+use super::{subscribe_verdict, Refusal, Socket};
+use crate::hooks::{
+    ask, ConnectEvent, ConnectVerdict, Grant, RefreshEvent, RefreshVerdict, SubscribeEvent,
+};
 use crate::protocol::{ErrorCode, Since};
+
+/// How many recorded rooms a `connect` asks the subscribe hook about at once.
+const ASKED_AT_ONCE: usize = 16;
 
 impl Socket {
     /// `connect`; with `since` (protocol 1.1), history rooms are recovered and the ack
@@ -155,9 +162,10 @@ impl Socket {
     }
 
     /// Joins every room the connect hook granted and every recorded room the subscribe
-    /// hook allows, or none: past the socket's room limit, or when one cannot be joined,
-    /// whatever this call joined is left again. With `since` (a 1.1 client), history rooms
-    /// say where they stand, and those listed in it are recovered.
+    /// hook allows (asked about [`ASKED_AT_ONCE`] rooms at a time), or none: past the
+    /// socket's room limit, or when one cannot be joined, whatever this call joined is left
+    /// again. With `since` (a 1.1 client), history rooms say where they stand, and those
+    /// listed in it are recovered.
     async fn rejoin(
         &mut self,
         recorded: Vec<String>,
@@ -174,11 +182,26 @@ impl Socket {
                 wanted.push(room);
             }
         }
-        for room in recorded {
-            if self.rooms.contains(room.as_str()) || wanted.contains(&room) {
-                continue;
-            }
-            match self.allowed_to_subscribe(&room).await {
+        let recorded: Vec<String> = recorded
+            .into_iter()
+            .filter(|room| !self.rooms.contains(room.as_str()) && !wanted.contains(room))
+            .collect();
+        let hook = self.hooks.get(|h| &mut h.subscribe).cloned();
+        let socket = self.me.info();
+        // Asked a few at a time, answers taken in order: with a hook over HTTP, a rejoin
+        // of many rooms costs a few round trips to the backend, not one per room.
+        let mut verdicts = stream::iter(recorded)
+            .map(|room| {
+                let mut hook = hook.clone();
+                let event = SubscribeEvent {
+                    socket: socket.clone(),
+                    room: room.clone(),
+                };
+                async move { (ask(hook.as_mut(), || event).await, room) }
+            })
+            .buffered(ASKED_AT_ONCE);
+        while let Some((verdict, room)) = verdicts.next().await {
+            match subscribe_verdict(verdict) {
                 Ok(()) => wanted.push(room),
                 // Refused: skipped, and it stays recorded (a hook's "try later" codes are
                 // not refusals: they fail the connect below).
