@@ -139,6 +139,8 @@
     _open() {
       const ws = new WebSocket(this.url);
       this.ws = ws;
+      // The length of this socket's connect frame, once sent.
+      let connectLength = 0;
       ws.onopen = () => {
         // options.token: a string, or a function returning one (or a promise of one), asked
         // again before every connect so that an expiring token can be renewed.
@@ -152,7 +154,14 @@
             // `since` (even empty) makes the ack list the rooms the server rejoined.
             if (this._positions.size > 0 || this._rooms.size > 0) {
               frame.since = Object.fromEntries(this._positions);
+              // As long as one the server refused as too large (closed with 1009): without
+              // the positions, and each history room is told a gap instead of recovered.
+              if (this._refusedLength !== undefined && this._positions.size > 0 &&
+                  JSON.stringify(frame).length >= this._refusedLength) {
+                frame.since = {};
+              }
             }
+            connectLength = JSON.stringify(frame).length;
             return this._send(frame);
           })
           .then(
@@ -173,13 +182,15 @@
                   } else this._resubscribe(roomID);
                 }
                 for (const [roomID, room] of Object.entries(ack.rooms)) {
-                  // A room without history this client held: what was published while it
-                  // was away is gone, and the application is told so.
-                  if (typeof room.offset !== "number" && this._rooms.has(roomID)) {
-                    this._gap({ type: "gap", roomID });
-                  }
+                  const held = this._rooms.has(roomID);
                   this._rooms.add(roomID);
-                  if (room.recovered === false) {
+                  if (typeof room.offset !== "number") {
+                    // A room without history this client held: what was published while
+                    // it was away is gone, and the application is told so.
+                    if (held) this._gap({ type: "gap", roomID });
+                  } else if (room.recovered === false || (room.recovered === undefined && held)) {
+                    // Not recovered, or held and not asked to be (its position left out of
+                    // a connect too large with it): it goes on from where the server is.
                     this._gap({ type: "gap", roomID, offset: room.offset, epoch: room.epoch });
                   }
                 }
@@ -247,6 +258,9 @@
         // Messages not acked go first on the next connection, in the order first sent,
         // unless the server closed over a frame it refused (one of them is the cause).
         const refused = REFUSED_A_FRAME.has(event && event.code);
+        if (!wasConnected && connectLength > 0 && event && event.code === 1009 && this._positions.size > 0) {
+          this._refusedLength = connectLength;
+        }
         const again = this._takeRetries();
         for (const [id, pending] of this._pending) {
           if (pending.seq !== undefined && !refused && !pending.gaveUp) {

@@ -57,6 +57,19 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
         &["--token-secret", SECRET, "--allowed-origin", origin_a],
     )
     .await;
+    // A node that takes frames of 1 KiB at most, with history in every room.
+    let (_small, url_small) = start(
+        &redis,
+        &[
+            "--max-frame-size",
+            "1024",
+            "--history-size",
+            "10",
+            "--allowed-origin",
+            origin_a,
+        ],
+    )
+    .await;
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -81,6 +94,7 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
             "--history-size", "100", "--join-leave"],
     });
     node.env("THINWS_NODE_A", node_a.to_string());
+    node.env("THINWS_SMALL_NODE", &url_small);
     node.env("THINWS_TOKEN_NODE", &url_c)
         .env("THINWS_TOKEN", &token)
         .env("THINWS_TOKEN_SECRET", SECRET)
@@ -134,6 +148,10 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     );
     assert!(
         stdout.contains("ok: a request made while disconnected times out"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("ok: thinws.js gives up positions too large for a connect, with a gap"),
         "{stdout}"
     );
 }

@@ -130,6 +130,56 @@ async fn the_client_reconnects_after_the_server_closes_the_socket() {
     assert_eq!((gaps[0].room.as_str(), gaps[0].offset), ("r", None));
 }
 
+/// Positions that make the `connect` frame larger than the server takes: the server closes
+/// that connect with 1009, and the client then connects without them, telling each history
+/// room a gap, instead of sending the same frame for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_too_large_for_a_connect_are_given_up_with_a_gap() {
+    use thinws::settings::{History, RoomSettings};
+    let layer = ThinWsLayer::builder()
+        .max_frame_size(1024)
+        .room_settings(
+            "h:*",
+            RoomSettings::with_history(History::new(100, Duration::from_secs(60))),
+        )
+        .build();
+    let node = Node::start(layer).await;
+    let gaps = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (client, mut messages) = ThinWsClient::builder(node.url(), "ivy")
+        .max_backoff(Duration::from_millis(200))
+        .on_gap({
+            let gaps = gaps.clone();
+            move |gap| gaps.lock().unwrap().push((gap.room, gap.offset))
+        })
+        .connect()
+        .await
+        .unwrap();
+    // Six rooms whose positions together take about 1.3 KiB.
+    let rooms: Vec<String> = (0..6)
+        .map(|i| format!("h:{i}{}", "x".repeat(180)))
+        .collect();
+    for room in &rooms {
+        client.subscribe(room).await.unwrap();
+        client.send(room, &json!("first")).await.unwrap();
+        assert_eq!(next(&mut messages).await.offset, Some(1));
+    }
+    // A frame over the limit: the server closes the socket, and the client reconnects.
+    let err = client.send(&rooms[0], &"z".repeat(4096)).await.unwrap_err();
+    assert!(matches!(err, ClientError::Disconnected), "{err:?}");
+    within(
+        "the client to reconnect",
+        client.send(&rooms[0], &json!("back")),
+    )
+    .await
+    .unwrap();
+    let got = next(&mut messages).await;
+    assert_eq!((got.offset, got.payload), (Some(2), json!("back")));
+    let mut gaps = gaps.lock().unwrap().clone();
+    gaps.sort();
+    let told: Vec<_> = rooms.iter().map(|room| (room.clone(), Some(1))).collect();
+    assert_eq!(gaps, told);
+}
+
 /// A TCP relay to `target` whose connections can be silenced: from `silence()` on, the
 /// connections open then pass nothing either way and stay open, as a connection whose
 /// peer vanished without a FIN (a NAT that forgot it). Later connections pass.

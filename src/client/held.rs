@@ -24,6 +24,10 @@ pub(super) struct Held {
     leaving: HashSet<String>,
     /// `(offset, epoch)` of the last message seen, by history room.
     positions: HashMap<String, (u64, String)>,
+    /// The length of a `connect` frame with positions that the server refused as too large
+    /// (closed with 1009): one at least as long goes without them, and each history room
+    /// is then told a gap instead of recovered.
+    refused_length: Option<usize>,
 }
 
 /// How one room stood in a `connect` ack.
@@ -45,14 +49,31 @@ impl Held {
             .map(|(room, (offset, epoch))| (Cow::Borrowed(room.as_str()), since(*offset, epoch)))
             .collect();
         let ask = !self.rooms.is_empty() || !since.is_empty();
-        protocol::encode(
-            0,
-            &Command::Connect {
-                connection_id: Cow::Borrowed(connection_id),
-                token: token.map(Cow::Borrowed),
-                since: ask.then_some(since),
-            },
-        )
+        let frame = |since| {
+            protocol::encode(
+                0,
+                &Command::Connect {
+                    connection_id: Cow::Borrowed(connection_id),
+                    token: token.map(Cow::Borrowed),
+                    since: ask.then_some(since),
+                },
+            )
+        };
+        let with_positions = frame(since);
+        match self.refused_length {
+            Some(refused) if !self.positions.is_empty() && with_positions.len() >= refused => {
+                frame(Vec::new())
+            }
+            _ => with_positions,
+        }
+    }
+
+    /// The server closed the socket with 1009 (too large) after a `connect` frame of
+    /// `length` bytes.
+    pub(super) fn connect_too_large(&mut self, length: usize) {
+        if !self.positions.is_empty() {
+            self.refused_length = Some(length);
+        }
     }
 
     /// Reads the rooms of a `connect` ack: rooms the server rejoined are held; a history
@@ -79,23 +100,30 @@ impl Held {
             .cloned()
             .collect();
         for (room, ack) in rooms {
-            if ack.offset.is_none() && self.rooms.contains(&room) {
+            let held = self.rooms.contains(&room);
+            let recovered = ack.recovered;
+            match (ack.recovered, ack.offset, ack.epoch) {
                 // A room without history that this client held: what was published while
                 // it was away is gone, and the application is told so.
-                gap(Gap {
+                (None, None, _) if held => gap(Gap {
                     room: room.clone(),
                     offset: None,
                     epoch: None,
-                });
-            }
-            if let (Some(false), Some(offset), Some(epoch)) = (ack.recovered, ack.offset, ack.epoch)
-            {
-                self.positions.insert(room.clone(), (offset, epoch.clone()));
-                gap(Gap {
-                    room: room.clone(),
-                    offset: Some(offset),
-                    epoch: Some(epoch),
-                });
+                }),
+                // A history room the server could not recover, or one the client held
+                // and did not ask to recover (its position left out of a `connect` too
+                // large with it): it goes on from where the server stands.
+                (Some(false), Some(offset), Some(epoch)) | (None, Some(offset), Some(epoch))
+                    if held || recovered.is_some() =>
+                {
+                    self.positions.insert(room.clone(), (offset, epoch.clone()));
+                    gap(Gap {
+                        room: room.clone(),
+                        offset: Some(offset),
+                        epoch: Some(epoch),
+                    });
+                }
+                _ => {}
             }
             self.rooms.insert(room);
         }
@@ -217,5 +245,25 @@ mod tests {
         let missing = held.rejoined(Some(&ack(r#"{"a":{},"b":{}}"#)), |_| {});
         assert!(missing.is_empty());
         assert!(held.rooms.contains("a") && held.leaving.is_empty());
+    }
+
+    #[test]
+    fn positions_refused_as_too_large_are_left_out_and_their_rooms_told_a_gap() {
+        let mut held = holding(&["h"]);
+        held.advance("h", 4, "e");
+        let with = held.connect_frame("ann", None);
+        assert!(with.contains(r#""offset":4"#), "{with}");
+        held.connect_too_large(with.len());
+        let without = held.connect_frame("ann", None);
+        assert!(without.contains(r#""since":{}"#), "{without}");
+        // The server rejoined the room without recovering it: a gap, and the client goes
+        // on from where the server stands. A history room it did not hold is no gap.
+        let gaps = std::cell::RefCell::new(Vec::new());
+        let listed = r#"{"h":{"offset":9,"epoch":"e"},"g":{"offset":2,"epoch":"e"}}"#;
+        held.rejoined(Some(&ack(listed)), |gap| {
+            gaps.borrow_mut().push((gap.room, gap.offset))
+        });
+        assert_eq!(*gaps.borrow(), [("h".to_owned(), Some(9))]);
+        assert_eq!(held.positions["h"], (9, "e".to_owned()));
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::value::RawValue;
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -92,12 +93,19 @@ pub(super) async fn open(
         let (mut socket, _) = connect(config, url).await.map_err(lost)?;
         // Where each history room ends here, so that the server sends what followed.
         let frame = held.connect_frame(&config.connection_id, token.as_deref());
+        let length = frame.len();
         socket.send(Message::text(frame)).await.map_err(lost)?;
         let mut early = Vec::new();
         let mut overflowed = std::collections::BTreeSet::new();
         while let Some(message) = socket.next().await {
-            let Message::Text(text) = message.map_err(lost)? else {
-                continue;
+            let text = match message.map_err(lost)? {
+                Message::Text(text) => text,
+                // Too large with its positions: the next one goes without them.
+                Message::Close(Some(close)) if close.code == CloseCode::Size => {
+                    held.connect_too_large(length);
+                    continue;
+                }
+                _ => continue,
             };
             match server::parse(&text) {
                 Ok(ServerFrame::Ack {

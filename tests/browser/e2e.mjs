@@ -261,6 +261,44 @@ try {
     console.log("ok: thinws.js reports gaps and rejoins a room Redis lost");
   }
 
+  // Positions too large for a connect: a node that takes frames of 1 KiB at most, and six
+  // history rooms whose positions take more. The reconnection's connect is closed with
+  // 1009; thinws.js then connects without them and tells each room a gap.
+  const smallNode = process.env.THINWS_SMALL_NODE;
+  if (smallNode) {
+    await pageA.evaluate(
+      (url) =>
+        new Promise((resolve, reject) => {
+          window.big = { gaps: [], messages: [] };
+          const c = new ThinWSClient(url.replace(/^http/, "ws"), "ivy",
+            (msg) => window.big.messages.push(msg.payload), () => {},
+            { onGap: (gap) => window.big.gaps.push(gap) });
+          window.big.client = c;
+          window.big.rooms = Array.from({ length: 6 }, (_, i) => `h${i}` + "x".repeat(180));
+          (async () => {
+            for (const room of window.big.rooms) {
+              await c.subscribe(room);
+              await c.send("first", room);
+            }
+          })().then(resolve, reject);
+        }),
+      smallNode
+    );
+    await pageA.waitForFunction(() => window.big.messages.length >= 6);
+    await pageA.evaluate(() => window.big.client.ws.close());
+    await pageA.waitForFunction(() => window.big.gaps.length >= 6 && window.big.client.connected);
+    const gaps = await pageA.evaluate(() =>
+      window.big.gaps.map((gap) => `${gap.roomID}@${gap.offset}`).sort());
+    const want = (await pageA.evaluate(() => window.big.rooms)).map((room) => `${room}@1`).sort();
+    if (JSON.stringify(gaps) !== JSON.stringify(want)) {
+      throw new Error(`gaps after a connect too large: ${JSON.stringify(gaps)}`);
+    }
+    await pageA.evaluate(() => window.big.client.send("back", window.big.rooms[0]));
+    await pageA.waitForFunction(() => window.big.messages.includes("back"));
+    await pageA.evaluate(() => window.big.client.disconnect());
+    console.log("ok: thinws.js gives up positions too large for a connect, with a gap");
+  }
+
   // The drop-in for the original ThinWS client, used as the original's README shows: raw
   // strings in onMessage (acks included), send returning the messageID, getReadyState.
   const compat = async (url, name) => {
