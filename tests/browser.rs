@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use binary::Server;
+use serde_json::json;
 use support::RedisServer;
 
 /// A `thinws` server on `redis` with `extra` arguments, and its page's address.
@@ -24,6 +25,104 @@ async fn start(redis: &RedisServer, extra: &[&str]) -> (Server, String) {
     let server = Server::start(&args).await;
     let page = format!("http://{}/", server.addr);
     (server, page)
+}
+
+/// A WebSocket server that plays a misbehaving ThinWS server, for what thinws.js must
+/// survive that no thinws node does; its address. What a connection gets depends on the
+/// URL's path:
+/// - `/unknown`: every request but `connect` is answered first by a frame of a type the
+///   client does not know that carries the request's `messageID`, then by its ack (marked
+///   `"real": true`);
+/// - `/long`: the `connect` ack says the token lasts 3,000,000 s (34 days, past what
+///   `setTimeout` takes), a `refresh` is acked the same way, and other requests are acked
+///   with how many `refresh` frames the connection got;
+/// - `/throwing`: after its `connect` ack, a connection gets a message in room `r`; the
+///   first connection is then closed;
+/// - `/slow`: the first connection is closed once open; on later ones, requests other than
+///   `connect` are acked with how many `connect` frames the connection got.
+async fn scripted_server() -> String {
+    use futures_util::{SinkExt, StreamExt};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new([(); 4].map(|_| AtomicUsize::new(0)));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let connections = connections.clone();
+            tokio::spawn(async move {
+                let mut path = String::new();
+                // The handshake's callback type is tungstenite's, large error and all.
+                #[allow(clippy::result_large_err)]
+                let take_path = |request: &http::Request<()>, response| {
+                    path = request.uri().path().to_owned();
+                    Ok(response)
+                };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, take_path).await else {
+                    return;
+                };
+                let scenarios = ["/unknown", "/long", "/throwing", "/slow"];
+                let Some(scenario) = scenarios.iter().position(|s| *s == path) else {
+                    return;
+                };
+                let nth = connections[scenario].fetch_add(1, Ordering::SeqCst) + 1;
+                if path == "/slow" && nth == 1 {
+                    let _ = ws.close(None).await;
+                    return;
+                }
+                let (mut refreshes, mut connects) = (0, 0);
+                while let Some(Ok(message)) = ws.next().await {
+                    let Message::Text(text) = message else {
+                        continue;
+                    };
+                    let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    let id = frame["messageID"].clone();
+                    let mut replies = Vec::new();
+                    match (path.as_str(), frame["type"].as_str().unwrap_or("")) {
+                        ("/long", "connect" | "refresh") => {
+                            refreshes += usize::from(frame["type"] == "refresh");
+                            replies.push(
+                                json!({"type": "ack", "messageID": id, "expiresIn": 3_000_000}),
+                            );
+                        }
+                        ("/long", _) => replies
+                            .push(json!({"type": "ack", "messageID": id, "refreshes": refreshes})),
+                        ("/throwing", "connect") => {
+                            replies.push(json!({"type": "ack", "messageID": id}));
+                            replies.push(json!({"type": "message", "roomID": "r",
+                                "connectionID": "server", "payload": nth}));
+                        }
+                        ("/slow", "connect") => {
+                            connects += 1;
+                            replies.push(json!({"type": "ack", "messageID": id}));
+                        }
+                        ("/slow", _) => replies
+                            .push(json!({"type": "ack", "messageID": id, "connects": connects})),
+                        ("/unknown", "connect") => {
+                            replies.push(json!({"type": "ack", "messageID": id}))
+                        }
+                        ("/unknown", _) => {
+                            replies.push(json!({"type": "mystery", "messageID": id}));
+                            replies.push(json!({"type": "ack", "messageID": id, "real": true}));
+                        }
+                        _ => replies.push(json!({"type": "ack", "messageID": id})),
+                    }
+                    for reply in replies {
+                        if ws.send(Message::text(reply.to_string())).await.is_err() {
+                            return;
+                        }
+                    }
+                    if path == "/throwing" && nth == 1 {
+                        let _ = ws.close(None).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("ws://{addr}")
 }
 
 /// The token node's HS256 secret (the page signs its own short-lived tokens with it).
@@ -95,6 +194,7 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
     });
     node.env("THINWS_NODE_A", node_a.to_string());
     node.env("THINWS_SMALL_NODE", &url_small);
+    node.env("THINWS_SCRIPTED", scripted_server().await);
     node.env("THINWS_TOKEN_NODE", &url_c)
         .env("THINWS_TOKEN", &token)
         .env("THINWS_TOKEN_SECRET", SECRET)
@@ -154,4 +254,15 @@ async fn two_browser_pages_on_two_nodes_chat_through_the_demo() {
         stdout.contains("ok: thinws.js gives up positions too large for a connect, with a gap"),
         "{stdout}"
     );
+    for survived in [
+        "a frame of an unknown type is not taken for an answer",
+        "a token lasting weeks is not refreshed in a loop",
+        "callbacks that throw stop neither deliveries nor reconnection",
+        "a slow token for a replaced socket sends no second connect",
+    ] {
+        assert!(
+            stdout.contains(&format!("ok: thinws.js: {survived}")),
+            "{stdout}"
+        );
+    }
 }

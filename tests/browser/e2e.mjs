@@ -299,6 +299,70 @@ try {
     console.log("ok: thinws.js gives up positions too large for a connect, with a gap");
   }
 
+  // thinws.js against a scripted server that misbehaves as no thinws node does (see
+  // `scripted_server` in tests/browser.rs). This page's errors are expected (its callbacks
+  // throw) and not counted.
+  const scripted = process.env.THINWS_SCRIPTED;
+  if (scripted) {
+    const pageS = await context.newPage();
+    pageS.setDefaultTimeout(timeout);
+    await pageS.goto(urlA + "healthz");
+    await pageS.addScriptTag({ url: urlA + "thinws.js" });
+    // Runs `body(url, resolve, reject)` in the page, failing after 10 s.
+    const scenario = (what, body) => pageS.evaluate(([what, body, url]) => new Promise((resolve, reject) => {
+      setTimeout(() => reject(new Error(`${what}: no outcome in 10 s`)), 10000);
+      new Function(`return (${body});`)()(url, resolve, reject);
+    }), [what, body.toString(), scripted]);
+
+    const unknown = await scenario("unknown frame type", (url, resolve, reject) => {
+      const c = new ThinWSClient(url + "/unknown", "u", () => {}, () => {});
+      c.subscribe("r").then((ack) => { c.disconnect(); resolve(ack); }, reject);
+    });
+    if (unknown.type !== "ack" || unknown.real !== true) {
+      throw new Error(`a subscribe was answered by ${JSON.stringify(unknown)}`);
+    }
+    console.log("ok: thinws.js: a frame of an unknown type is not taken for an answer");
+
+    const long = await scenario("long token", (url, resolve, reject) => {
+      let opened = false;
+      const c = new ThinWSClient(url + "/long", "l", () => {}, () => {
+        if (opened) return;
+        opened = true;
+        setTimeout(() => c.subscribe("probe").then((ack) => { c.disconnect(); resolve(ack); }, reject), 1000);
+      }, { token: () => "t" });
+    });
+    if (long.refreshes !== 0) throw new Error(`${long.refreshes} refreshes in a second`);
+    console.log("ok: thinws.js: a token lasting weeks is not refreshed in a loop");
+
+    const thrown = await scenario("throwing callbacks", (url, resolve) => {
+      const got = [];
+      const c = new ThinWSClient(url + "/throwing", "t", (msg) => {
+        got.push(msg.payload);
+        if (got.includes(2)) { c.disconnect(); resolve(got); }
+        throw new Error("an onMessage that throws");
+      }, () => { throw new Error("an onOpen that throws"); }, {
+        minDelay: 20,
+        maxDelay: 100,
+        onClose: () => { throw new Error("an onClose that throws"); },
+      });
+    });
+    if (JSON.stringify(thrown) !== "[1,2]") throw new Error(`delivered ${JSON.stringify(thrown)}`);
+    console.log("ok: thinws.js: callbacks that throw stop neither deliveries nor reconnection");
+
+    const slow = await scenario("slow token", (url, resolve, reject) => {
+      let calls = 0;
+      const c = new ThinWSClient(url + "/slow", "s", () => {}, () => {}, {
+        minDelay: 20,
+        maxDelay: 100,
+        // The first socket's token comes after that socket was replaced.
+        token: () => (++calls === 1 ? new Promise((r) => setTimeout(() => r("late"), 800)) : "fresh"),
+      });
+      setTimeout(() => c.subscribe("probe").then((ack) => { c.disconnect(); resolve(ack); }, reject), 1500);
+    });
+    if (slow.connects !== 1) throw new Error(`${slow.connects} connects on one socket`);
+    console.log("ok: thinws.js: a slow token for a replaced socket sends no second connect");
+  }
+
   // The drop-in for the original ThinWS client, used as the original's README shows: raw
   // strings in onMessage (acks included), send returning the messageID, getReadyState.
   const compat = async (url, name) => {
