@@ -322,6 +322,43 @@ async fn a_connect_asks_the_subscribe_hook_about_recorded_rooms_together() {
     assert_eq!(rooms.len(), 8, "{reply}");
 }
 
+/// A hook that answers `unavailable` past two calls at once, as the HTTP backend does past
+/// `--proxy-max-in-flight`: a `connect` asks about more recorded rooms than that at once,
+/// and still rejoins all six, asking about the rest one at a time once told so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_rejoins_through_a_hook_with_fewer_slots_than_it_asks_about() {
+    use thinws::hooks::HookError;
+    let slots = Arc::new(Semaphore::new(2));
+    let layer = ThinWsLayer::builder()
+        .on_subscribe(service_fn(move |_: SubscribeEvent| {
+            let slots = slots.clone();
+            async move {
+                let Ok(_slot) = slots.try_acquire() else {
+                    return Err(HookError::unavailable(std::io::Error::other(
+                        "no free slot",
+                    )));
+                };
+                // Held a moment, so that the calls made at once overlap.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(Verdict::Allow)
+            }
+        }))
+        .build();
+    let node = Node::start(layer).await;
+    let mut first = Client::connect_as(&node.url(), "few").await;
+    for i in 0..6 {
+        first.subscribe(&format!("room{i}")).await;
+    }
+    first.close().await;
+    let mut again = Client::connect(&node.url()).await;
+    let reply = again
+        .request(json!({"type": "connect", "connectionID": "few", "since": {}}))
+        .await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    let rooms = reply["rooms"].as_object().expect("rooms");
+    assert_eq!(rooms.len(), 6, "{reply}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_fires_exactly_once_however_the_socket_ends() {
     let log: Log = Arc::default();

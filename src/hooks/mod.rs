@@ -21,6 +21,9 @@
 //! - Each socket calls its own clone of the hook, one frame at a time and in order, so a
 //!   slow hook on one socket never delays another. State that should be shared between
 //!   sockets (a global concurrency limit, a cache) belongs behind an `Arc` in the service.
+//!   At `connect`, the `subscribe` events of the identity's recorded rooms go through
+//!   further clones, up to 8 at once (one at a time from the first `unavailable` answer
+//!   on), so state kept in a clone is not the socket's.
 //! - `disconnect` fires exactly once per socket: when the client sends `disconnect`, or else
 //!   when the socket ends (closed, lost, or shut down).
 //! - Without hooks everything is allowed, and no event is even built.

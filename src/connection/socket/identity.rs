@@ -14,7 +14,7 @@ use crate::hooks::{
 use crate::protocol::{ErrorCode, Since};
 
 /// How many recorded rooms a `connect` asks the subscribe hook about at once.
-const ASKED_AT_ONCE: usize = 16;
+const ASKED_AT_ONCE: usize = 8;
 
 impl Socket {
     /// `connect`; with `since` (protocol 1.1), history rooms are recovered and the ack
@@ -188,34 +188,38 @@ impl Socket {
             .collect();
         let hook = self.hooks.get(|h| &mut h.subscribe).cloned();
         let socket = self.me.info();
-        // Asked a few at a time, answers taken in order: with a hook over HTTP, a rejoin
-        // of many rooms costs a few round trips to the backend, not one per room.
-        let mut verdicts = stream::iter(recorded)
+        // Asked a few at a time (a clone of the hook each), answers taken in order: with a
+        // hook over HTTP, a rejoin of many rooms costs a few round trips to the backend, not
+        // one per room. From the first `unavailable` on (a backend with fewer free slots
+        // than were asked at once says so), the rest are asked one at a time, as a socket
+        // asks about its frames: only if the hook cannot answer that way does the connect
+        // fail.
+        let mut answered = 0;
+        let mut verdicts = stream::iter(recorded.clone())
             .map(|room| {
                 let mut hook = hook.clone();
                 let event = SubscribeEvent {
                     socket: socket.clone(),
-                    room: room.clone(),
+                    room,
                 };
-                async move { (ask(hook.as_mut(), || event).await, room) }
+                async move { subscribe_verdict(ask(hook.as_mut(), || event).await) }
             })
             .buffered(ASKED_AT_ONCE);
-        while let Some((verdict, room)) = verdicts.next().await {
-            match subscribe_verdict(verdict) {
-                Ok(()) => wanted.push(room),
-                // Refused: skipped, and it stays recorded (a hook's "try later" codes are
-                // not refusals: they fail the connect below).
-                Err(refusal @ (Refusal::Forbidden(_) | Refusal::HookRefused(..)))
-                    if !matches!(
-                        refusal.code(),
-                        ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::Internal
-                    ) =>
-                {
-                    let reason = refusal.message();
-                    tracing::debug!(room, reason, "subscribe hook refused a recorded room");
-                }
-                // The hook could not decide: nothing is joined.
-                Err(refusal) => return Err(refusal),
+        while let Some(verdict) = verdicts.next().await {
+            if matches!(&verdict, Err(refusal) if refusal.code() == ErrorCode::Unavailable) {
+                break;
+            }
+            let room = &recorded[answered];
+            if rejoins(room, verdict)? {
+                wanted.push(room.clone());
+            }
+            answered += 1;
+        }
+        drop(verdicts);
+        for room in &recorded[answered..] {
+            let verdict = self.allowed_to_subscribe(room).await;
+            if rejoins(room, verdict)? {
+                wanted.push(room.clone());
             }
         }
         if self.rooms.len() + wanted.len() > max {
@@ -262,5 +266,26 @@ impl Socket {
                 Err(Refusal::BrokerRead(e))
             }
         }
+    }
+}
+
+/// What the `subscribe` hook's verdict on a recorded room means for a `connect`: rejoined
+/// (`true`), or skipped when refused (`false`; it stays recorded), or, when the hook could
+/// not decide (its "try later" codes are not refusals), the connect fails and nothing is
+/// joined.
+fn rejoins(room: &str, verdict: Result<(), Refusal>) -> Result<bool, Refusal> {
+    match verdict {
+        Ok(()) => Ok(true),
+        Err(refusal @ (Refusal::Forbidden(_) | Refusal::HookRefused(..)))
+            if !matches!(
+                refusal.code(),
+                ErrorCode::Unavailable | ErrorCode::Timeout | ErrorCode::Internal
+            ) =>
+        {
+            let reason = refusal.message();
+            tracing::debug!(room, reason, "subscribe hook refused a recorded room");
+            Ok(false)
+        }
+        Err(refusal) => Err(refusal),
     }
 }
