@@ -155,9 +155,12 @@
             if (this._positions.size > 0 || this._rooms.size > 0) {
               frame.since = Object.fromEntries(this._positions);
               // As long as one the server refused as too large (closed with 1009): without
-              // the positions, and each history room is told a gap instead of recovered.
-              if (this._refusedLength !== undefined && this._positions.size > 0 &&
-                  JSON.stringify(frame).length >= this._refusedLength) {
+              // the positions, and each history room that missed messages is told a gap
+              // instead of recovered. For this connect only: another server may take them.
+              const refused = this._refusedLength;
+              this._refusedLength = undefined;
+              if (refused !== undefined && this._positions.size > 0 &&
+                  JSON.stringify(frame).length >= refused) {
                 frame.since = {};
               }
             }
@@ -184,14 +187,20 @@
                 for (const [roomID, room] of Object.entries(ack.rooms)) {
                   const held = this._rooms.has(roomID);
                   this._rooms.add(roomID);
+                  const at = this._positions.get(roomID);
                   if (typeof room.offset !== "number") {
                     // A room without history this client held: what was published while
                     // it was away is gone, and the application is told so.
                     if (held) this._gap({ type: "gap", roomID });
-                  } else if (room.recovered === false || (room.recovered === undefined && held)) {
+                  } else if (room.recovered === false || (room.recovered === undefined && held &&
+                      !(at && at.offset === room.offset && at.epoch === room.epoch))) {
                     // Not recovered, or held and not asked to be (its position left out of
-                    // a connect too large with it): it goes on from where the server is.
+                    // a connect too large with it) and moved on meanwhile: it goes on from
+                    // where the server is.
                     this._gap({ type: "gap", roomID, offset: room.offset, epoch: room.epoch });
+                  } else if (room.recovered === undefined && !at) {
+                    // A history room this client did not hold: it starts where the ack says.
+                    this._positions.set(roomID, { offset: room.offset, epoch: room.epoch });
                   }
                 }
               }

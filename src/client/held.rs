@@ -25,8 +25,9 @@ pub(super) struct Held {
     /// `(offset, epoch)` of the last message seen, by history room.
     positions: HashMap<String, (u64, String)>,
     /// The length of a `connect` frame with positions that the server refused as too large
-    /// (closed with 1009): one at least as long goes without them, and each history room
-    /// is then told a gap instead of recovered.
+    /// (closed with 1009): the next one, if at least as long, goes without them, and each
+    /// history room whose position the ack does not match is then told a gap instead of
+    /// recovered. For the next connect only: another server may take them.
     refused_length: Option<usize>,
 }
 
@@ -42,7 +43,7 @@ impl Held {
     /// The `connect` frame (request 0): with `since` for every history room, and an empty
     /// `since` when the client holds rooms but no position, so that the ack lists the
     /// rooms the server rejoined.
-    pub(super) fn connect_frame(&self, connection_id: &str, token: Option<&str>) -> String {
+    pub(super) fn connect_frame(&mut self, connection_id: &str, token: Option<&str>) -> String {
         let since: Vec<_> = self
             .positions
             .iter()
@@ -60,7 +61,7 @@ impl Held {
             )
         };
         let with_positions = frame(since);
-        match self.refused_length {
+        match self.refused_length.take() {
             Some(refused) if !self.positions.is_empty() && with_positions.len() >= refused => {
                 frame(Vec::new())
             }
@@ -112,9 +113,12 @@ impl Held {
                 }),
                 // A history room the server could not recover, or one the client held
                 // and did not ask to recover (its position left out of a `connect` too
-                // large with it): it goes on from where the server stands.
+                // large with it) unless nothing was published meanwhile: it goes on from
+                // where the server stands.
                 (Some(false), Some(offset), Some(epoch)) | (None, Some(offset), Some(epoch))
-                    if held || recovered.is_some() =>
+                    if recovered.is_some()
+                        || (held
+                            && self.positions.get(&room) != Some(&(offset, epoch.clone()))) =>
                 {
                     self.positions.insert(room.clone(), (offset, epoch.clone()));
                     gap(Gap {
@@ -122,6 +126,13 @@ impl Held {
                         offset: Some(offset),
                         epoch: Some(epoch),
                     });
+                }
+                // A history room the client did not hold (the server rejoined it, or
+                // granted it): it starts where the ack says.
+                (None, Some(offset), Some(epoch)) => {
+                    self.positions
+                        .entry(room.clone())
+                        .or_insert((offset, epoch));
                 }
                 _ => {}
             }
@@ -256,6 +267,11 @@ mod tests {
         held.connect_too_large(with.len());
         let without = held.connect_frame("ann", None);
         assert!(without.contains(r#""since":{}"#), "{without}");
+        // For the next connect only: another server may take them.
+        assert_eq!(held.connect_frame("ann", None), with);
+        // A room whose position the ack matches missed nothing: no gap.
+        let quiet = r#"{"h":{"offset":4,"epoch":"e"}}"#;
+        held.rejoined(Some(&ack(quiet)), |gap| panic!("{gap:?}"));
         // The server rejoined the room without recovering it: a gap, and the client goes
         // on from where the server stands. A history room it did not hold is no gap.
         let gaps = std::cell::RefCell::new(Vec::new());
@@ -265,5 +281,6 @@ mod tests {
         });
         assert_eq!(*gaps.borrow(), [("h".to_owned(), Some(9))]);
         assert_eq!(held.positions["h"], (9, "e".to_owned()));
+        assert_eq!(held.positions["g"], (2, "e".to_owned()), "where g starts");
     }
 }
