@@ -274,7 +274,8 @@ async fn a_connection_gone_silent_is_noticed_and_replaced() {
 }
 
 /// A server joins each room as its `connect` rejoins it, so what a room carries (or a
-/// `gap`) can arrive before the `connect` ack: it is delivered after it, not dropped. A
+/// `gap`) can arrive before the `connect` ack: it is delivered after it, not dropped, up to
+/// 4,096 frames; a room whose frames come past that bound is told a gap instead. A
 /// scripted server sends exactly that.
 #[tokio::test]
 async fn what_arrives_before_the_connect_ack_is_delivered() {
@@ -289,14 +290,20 @@ async fn what_arrives_before_the_connect_ack_is_delivered() {
         let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
         let connect = ws.next().await.unwrap().unwrap();
         assert!(connect.to_text().unwrap().contains(r#""type":"connect""#));
-        for frame in [
-            json!({"type": "message", "roomID": "a", "connectionID": "x", "payload": "early"}),
+        let message = |room: &str, payload: serde_json::Value| json!({"type": "message", "roomID": room, "connectionID": "x", "payload": payload});
+        let mut frames = vec![
+            message("a", json!("early")),
             json!({"type": "gap", "roomID": "b"}),
-            json!({"type": "ack", "messageID": 0}),
-            json!({"type": "message", "roomID": "a", "connectionID": "x", "payload": "late"}),
-        ] {
-            ws.send(Message::text(frame.to_string())).await.unwrap();
+        ];
+        // Up to the bound (4,096 frames in all), then three past it in room "c".
+        frames.extend((0..4094).map(|n| message("a", json!(n))));
+        frames.extend((0..3).map(|n| message("c", json!(n))));
+        frames.push(json!({"type": "ack", "messageID": 0}));
+        frames.push(message("a", json!("late")));
+        for frame in frames {
+            ws.feed(Message::text(frame.to_string())).await.unwrap();
         }
+        ws.flush().await.unwrap();
         std::future::pending::<()>().await;
     });
     let (_client, mut messages) = ThinWsClient::builder(url, "erin")
@@ -305,8 +312,13 @@ async fn what_arrives_before_the_connect_ack_is_delivered() {
         .await
         .unwrap();
     assert_eq!(next(&mut messages).await.payload, json!("early"));
+    for n in 0..4094 {
+        assert_eq!(next(&mut messages).await.payload, json!(n));
+    }
     assert_eq!(next(&mut messages).await.payload, json!("late"));
-    assert_eq!(*gaps.lock().unwrap(), ["b"]);
+    let mut gaps = gaps.lock().unwrap().clone();
+    gaps.sort();
+    assert_eq!(gaps, ["b", "c"]);
 }
 
 #[tokio::test]
