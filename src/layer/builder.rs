@@ -260,7 +260,8 @@ impl ThinWsBuilder {
 
     /// How long a socket may stay silent (no frame, no pong) before it is dropped and its
     /// `disconnect` hook fires with [`DisconnectReason::TimedOut`](crate::hooks::DisconnectReason::TimedOut).
-    /// Default 60 s.
+    /// Default 60 s. Keep it longer than the [ping interval](Self::ping_interval), or quiet
+    /// sockets are dropped before they are pinged (the layer logs a warning when built so).
     ///
     /// ```
     /// use std::time::Duration;
@@ -777,6 +778,7 @@ impl ThinWsBuilder {
 
     /// Builds the layer without connecting to Redis.
     pub fn build(self) -> ThinWsLayer {
+        self.warn_of_settings();
         let config = Arc::new(self.config);
         let node = Node::new(self.redis.as_ref(), config.clone()).map(Arc::new);
         if let Err(e) = &node {
@@ -788,6 +790,7 @@ impl ThinWsBuilder {
     /// Builds the layer and checks now that Redis (if configured) can be used: the URL
     /// parses, and every publishing lane, the pool and the subscription connection answer.
     pub async fn connect(self) -> Result<ThinWsLayer, ConnectError> {
+        self.warn_of_settings();
         let config = Arc::new(self.config);
         let node = Arc::new(Node::new(self.redis.as_ref(), config.clone())?);
         if let Broker::Redis(broker) = &node.broker {
@@ -797,5 +800,63 @@ impl ThinWsBuilder {
             config,
             node: Ok(node),
         })
+    }
+
+    /// Logs (warning) settings that make every socket fail, which the setters take as
+    /// given (the `thinws` binary refuses them).
+    fn warn_of_settings(&self) {
+        let (idle, ping) = (self.config.idle_timeout, self.config.ping_interval);
+        if idle <= ping {
+            tracing::warn!(
+                ?idle,
+                ?ping,
+                "the idle timeout is not longer than the ping interval: every socket that \
+                 stays quiet is dropped before it is pinged"
+            );
+        }
+    }
+}
+
+#[cfg(all(test, feature = "server"))]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// A log that tests read: what a `tracing` subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Log {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What building a layer with `builder` logs.
+    fn logged_building(builder: crate::ThinWsBuilder) -> String {
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || drop(builder.build()));
+        let bytes = log.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_idle_timeout_not_past_the_ping_interval_is_warned_of() {
+        let quiet = crate::ThinWsLayer::builder();
+        assert!(!logged_building(quiet).contains("idle timeout"));
+        let zero = crate::ThinWsLayer::builder().idle_timeout(Duration::ZERO);
+        assert!(logged_building(zero).contains("WARN"));
+        let short = crate::ThinWsLayer::builder()
+            .ping_interval(Duration::from_secs(30))
+            .idle_timeout(Duration::from_secs(30));
+        assert!(logged_building(short).contains("idle timeout is not longer"));
     }
 }
