@@ -837,7 +837,7 @@ mod tests {
     }
 
     /// What building a layer with `builder` logs.
-    fn logged_building(builder: crate::ThinWsBuilder) -> String {
+    fn logged_building(builder: super::ThinWsBuilder) -> String {
         let log = Log::default();
         let writer = log.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -850,11 +850,11 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_timeout_not_past_the_ping_interval_is_warned_of() {
-        let quiet = crate::ThinWsLayer::builder();
+        let quiet = crate::layer::ThinWsLayer::builder();
         assert!(!logged_building(quiet).contains("idle timeout"));
-        let zero = crate::ThinWsLayer::builder().idle_timeout(Duration::ZERO);
+        let zero = crate::layer::ThinWsLayer::builder().idle_timeout(Duration::ZERO);
         assert!(logged_building(zero).contains("WARN"));
-        let short = crate::ThinWsLayer::builder()
+        let short = crate::layer::ThinWsLayer::builder()
             .ping_interval(Duration::from_secs(30))
             .idle_timeout(Duration::from_secs(30));
         assert!(logged_building(short).contains("idle timeout is not longer"));
