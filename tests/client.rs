@@ -11,10 +11,11 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde_json::json;
 use support::{within, Client, Node, RedisServer};
-use thinws::client::{ClientError, Delivery, Messages, ThinWsClient};
+use thinws::client::{ClientError, Delivery, Gap, Messages, ThinWsClient};
 use thinws::hooks::{SubscribeEvent, Verdict};
 use thinws::protocol::ErrorCode;
-use thinws::ThinWsLayer;
+use thinws::settings::{History, RoomSettings};
+use thinws::{ThinWsBuilder, ThinWsLayer};
 use tower::service_fn;
 
 async fn next(messages: &mut Messages) -> Delivery {
@@ -22,6 +23,35 @@ async fn next(messages: &mut Messages) -> Delivery {
         .await
         .expect("stream ended")
 }
+
+/// A layer on `redis` with history in the rooms `h:*` (100 messages, 60 s), and whatever
+/// `tune` sets besides.
+fn history_layer(
+    redis: &RedisServer,
+    tune: impl FnOnce(ThinWsBuilder) -> ThinWsBuilder,
+) -> ThinWsLayer {
+    let history = History::new(100, Duration::from_secs(60));
+    tune(ThinWsLayer::builder().redis_url(redis.url()))
+        .room_settings("h:*", RoomSettings::with_history(history))
+        .build()
+}
+
+/// A client of `url` as `identity` that redials within 200 ms, and the gaps it was told.
+async fn client_telling_gaps(url: String, identity: &str) -> (ThinWsClient, Messages, Gaps) {
+    let gaps = Gaps::default();
+    let (client, messages) = ThinWsClient::builder(url, identity)
+        .max_backoff(Duration::from_millis(200))
+        .on_gap({
+            let gaps = gaps.clone();
+            move |gap| gaps.lock().unwrap().push(gap)
+        })
+        .connect()
+        .await
+        .unwrap();
+    (client, messages, gaps)
+}
+
+type Gaps = Arc<std::sync::Mutex<Vec<Gap>>>;
 
 #[tokio::test]
 async fn acks_errors_and_deliveries_map_to_types() {
@@ -136,31 +166,12 @@ async fn the_client_reconnects_after_the_server_closes_the_socket() {
 /// ones, whose positions the ack matches, are not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn positions_too_large_for_a_connect_are_given_up_with_a_gap() {
-    use thinws::settings::{History, RoomSettings};
     let redis = RedisServer::start().await;
-    let layer = || {
-        ThinWsLayer::builder()
-            .redis_url(redis.url())
-            .max_frame_size(1024)
-            .room_settings(
-                "h:*",
-                RoomSettings::with_history(History::new(100, Duration::from_secs(60))),
-            )
-            .build()
-    };
+    let layer = || history_layer(&redis, |builder| builder.max_frame_size(1024));
     let node = Node::start(layer()).await;
     let other = Node::start(layer()).await;
     let addr = node.addr;
-    let gaps = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (client, mut messages) = ThinWsClient::builder(node.url(), "ivy")
-        .max_backoff(Duration::from_millis(200))
-        .on_gap({
-            let gaps = gaps.clone();
-            move |gap| gaps.lock().unwrap().push((gap.room, gap.offset))
-        })
-        .connect()
-        .await
-        .unwrap();
+    let (client, mut messages, gaps) = client_telling_gaps(node.url(), "ivy").await;
     // Six rooms whose positions together take about 1.3 KiB.
     let rooms: Vec<String> = (0..6)
         .map(|i| format!("h:{i}{}", "x".repeat(180)))
@@ -185,7 +196,9 @@ async fn positions_too_large_for_a_connect_are_given_up_with_a_gap() {
     .unwrap();
     let got = next(&mut messages).await;
     assert_eq!((got.offset, got.payload), (Some(2), json!("back")));
-    assert_eq!(*gaps.lock().unwrap(), [(rooms[0].clone(), Some(2))]);
+    let gaps = gaps.lock().unwrap();
+    let told: Vec<_> = gaps.iter().map(|gap| (&gap.room, gap.offset)).collect();
+    assert_eq!(told, [(&rooms[0], Some(2))]);
 }
 
 /// A TCP relay to `target` whose connections can be silenced: from `silence()` on, the
@@ -432,31 +445,12 @@ async fn a_token_goes_with_every_connect_and_a_provider_is_asked_each_time() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_recovers_history_rooms_across_a_restart_and_reports_gaps() {
-    use std::sync::{Arc, Mutex};
-    use thinws::settings::{History, RoomSettings};
     let redis = RedisServer::start().await;
-    let layer = || {
-        ThinWsLayer::builder()
-            .redis_url(redis.url())
-            .room_settings(
-                "h:*",
-                RoomSettings::with_history(History::new(100, Duration::from_secs(60))),
-            )
-            .build()
-    };
+    let layer = || history_layer(&redis, |builder| builder);
     let node = Node::start(layer()).await;
     let other = Node::start(layer()).await;
     let addr = node.addr;
-    let gaps = Arc::new(Mutex::new(Vec::new()));
-    let (client, mut messages) = ThinWsClient::builder(node.url(), "hank")
-        .max_backoff(Duration::from_millis(200))
-        .on_gap({
-            let gaps = gaps.clone();
-            move |gap| gaps.lock().unwrap().push(gap)
-        })
-        .connect()
-        .await
-        .unwrap();
+    let (client, mut messages, gaps) = client_telling_gaps(node.url(), "hank").await;
     client.subscribe("h:c").await.unwrap();
     let mut publisher = Client::connect(&other.url()).await;
     for n in 1..=3 {
