@@ -32,7 +32,11 @@ pub(crate) struct OutboundQueue {
     /// dropped slow reader never sees a gap followed by later frames.
     closing: AtomicBool,
     close_requested: Notify,
+    /// Bytes counted toward the bound: queued, reserved to be queued, and held.
     queued_bytes: AtomicUsize,
+    /// Of those, the bytes of live frames held while rooms recover: they leave only once
+    /// the catch-up is queued, so the catch-up does not wait for them.
+    held_bytes: AtomicUsize,
     queue: Mutex<Queue>,
     /// Most frames the queue holds.
     max_frames: usize,
@@ -70,6 +74,7 @@ impl OutboundQueue {
             closing: AtomicBool::new(false),
             close_requested: Notify::new(),
             queued_bytes: AtomicUsize::new(0),
+            held_bytes: AtomicUsize::new(0),
             queue: Mutex::default(),
             max_frames: max_frames.max(1),
             max_bytes,
@@ -174,6 +179,20 @@ impl OutboundQueue {
         self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
     }
 
+    /// [Reserves](Self::reserve) `len` bytes for a live frame held while a room recovers.
+    pub(crate) fn hold(&self, len: usize) -> bool {
+        if !self.reserve(len) {
+            return false;
+        }
+        self.held_bytes.fetch_add(len, Ordering::Relaxed);
+        true
+    }
+
+    /// `len` held bytes are held no more: still reserved, to be queued or given back.
+    pub(crate) fn unhold(&self, len: usize) {
+        self.held_bytes.fetch_sub(len, Ordering::Relaxed);
+    }
+
     /// Offers a frame whose bytes are [reserved](Self::reserve) already: queued, or its bytes
     /// given back.
     pub(crate) fn offer_reserved(&self, frame: &Utf8Bytes) -> bool {
@@ -213,7 +232,10 @@ impl OutboundQueue {
 
     /// Queues a catch-up frame (what a socket missed, sent after its ack) once the queue is
     /// under half its byte bound, so that catch-up goes out as the socket drains and leaves
-    /// room for live deliveries; `Err` when the socket is ending.
+    /// room for live deliveries; `Err` when the socket is ending. Held live frames do not
+    /// count here: they wait for the catch-up, which must not wait for them. They count
+    /// toward the bound all the same: a catch-up frame that does not fit beside them
+    /// closes the socket with 1013, as any frame.
     pub(crate) async fn push_draining(&self, frame: Utf8Bytes) -> Result<(), Rejected> {
         loop {
             let space = self.space.notified();
@@ -222,7 +244,8 @@ impl OutboundQueue {
             if self.is_closing() || self.queue().closed {
                 return Err(Rejected::Closed);
             }
-            if self.queued() <= self.max_bytes / 2 {
+            let held = self.held_bytes.load(Ordering::Relaxed);
+            if self.queued().saturating_sub(held) <= self.max_bytes / 2 {
                 break;
             }
             space.await;

@@ -89,11 +89,12 @@ impl HoldingMember {
                 epoch: after.epoch.clone(),
             },
         );
-        let Phase::Holding { frames, .. } = held else {
+        let Phase::Holding { frames, bytes } = held else {
             *phase = held;
             return;
         };
         // Their bytes were counted toward the socket's bound when they were held.
+        self.queue.unhold(bytes);
         for frame in frames {
             if phase.covers(&frame) {
                 self.queue.unreserve(frame.len());
@@ -110,6 +111,7 @@ impl Drop for HoldingMember {
     /// gives the held bytes back.
     fn drop(&mut self) {
         if let Phase::Holding { bytes, .. } = &*self.phase() {
+            self.queue.unhold(*bytes);
             self.queue.unreserve(*bytes);
         }
     }
@@ -130,7 +132,7 @@ impl Member for HoldingMember {
             // Held bytes count toward the socket's byte bound (across all the rooms it
             // recovers at once) like queued ones.
             Phase::Holding { frames, bytes } => {
-                if !self.queue.reserve(frame.len()) {
+                if !self.queue.hold(frame.len()) {
                     return false;
                 }
                 *bytes += frame.len();
@@ -220,6 +222,26 @@ mod tests {
         ));
         assert!(!member.offer(&big), "held bytes would exceed 250");
         assert!(queue.is_closing());
+    }
+
+    /// Live frames held while a room recovers wait for its catch-up, so the catch-up does
+    /// not wait for them to drain (they cannot before it is queued).
+    #[tokio::test]
+    async fn held_frames_do_not_hold_up_the_catch_up() {
+        let queue = Arc::new(OutboundQueue::new(100, 1000));
+        let member = HoldingMember::new(queue.clone(), 10);
+        let payload = format!(r#"{{"type":"message","payload":"{}"}}"#, "x".repeat(560));
+        let live: Utf8Bytes = server::with_position(&payload, 9, "e").into();
+        assert!(member.offer(&live));
+        assert!(queue.queued() > 500, "more than half the bound held");
+        let missed = queue.push_draining(frame(1, "e"));
+        tokio::time::timeout(std::time::Duration::from_secs(5), missed)
+            .await
+            .expect("the catch-up waited for the frames held behind it")
+            .unwrap();
+        member.release(&at(1));
+        let got: Vec<_> = queue.drain().iter().map(|f| server::offset_of(f)).collect();
+        assert_eq!(got, [Some(1), Some(9)]);
     }
 
     #[test]
