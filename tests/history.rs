@@ -94,6 +94,17 @@ async fn scenario(a: &Node, b: &Node) {
     let all = history(&mut bob, "h:1", None).await;
     assert_eq!(message_offsets(&all), [4, 5, 6, 7, 8], "the size caps it");
     assert_eq!(all["messages"][4]["payload"], 8);
+    // Before offset 1 (or 0) there is nothing; before 7, the kept ones up to 6.
+    for before in [0, 1] {
+        let none = bob
+            .request(json!({"type": "history", "roomID": "h:1", "before": before}))
+            .await;
+        assert!(message_offsets(&none).is_empty(), "before {before}: {none}");
+    }
+    let older = bob
+        .request(json!({"type": "history", "roomID": "h:1", "before": 7}))
+        .await;
+    assert_eq!(message_offsets(&older), [4, 5, 6], "{older}");
 
     // A history that lived past its time to live starts again under a new epoch.
     let first = publish(&mut alice, "short", json!("a")).await;

@@ -195,7 +195,7 @@ end
 "#;
 
 /// KEYS: meta, frames. ARGV: a new epoch, ttl (ms), how many frames, before which offset
-/// (`0`: the newest), a byte budget (`0`: none), the history's size. Returns `{top, epoch,
+/// (empty: the newest), a byte budget (`0`: none), the history's size. Returns `{top, epoch,
 /// {frames, oldest first}, more}`: the newest of those frames that fit in the budget (at
 /// least one), and `more` = 1 when older ones were left out for it; never a frame older
 /// than the last `size` (the list may hold a few more, see the publish script). Makes the
@@ -213,18 +213,27 @@ local before = tonumber(ARGV[4])
 local budget = tonumber(ARGV[5])
 local lowest = math.max(oldest, top - tonumber(ARGV[6]) + 1)
 local newest = top
-if before > 0 and before - 1 < top then newest = before - 1 end
+if before ~= nil and before - 1 < top then newest = before - 1 end
 if limit > 0 and newest >= lowest then
+  -- Read from the newest end in growing chunks, and stop once over the budget: a page
+  -- never makes Redis copy much more than it returns.
   local from = math.max(lowest, newest - limit + 1)
-  local entries = redis.call('LRANGE', KEYS[2], from - oldest, newest - oldest)
-  if wrote(entries[1], from) and wrote(entries[#entries], newest) then
-    local kept, bytes = #entries + 1, 0
+  local newest_first, bytes, hi, step, last = {}, 0, newest, 8, nil
+  while hi >= from and more == 0 do
+    local lo = math.max(from, hi - step + 1)
+    local entries = redis.call('LRANGE', KEYS[2], lo - oldest, hi - oldest)
     for i = #entries, 1, -1 do
       bytes = bytes + #entries[i] + 1
-      if budget > 0 and bytes > budget and kept <= #entries then more = 1 break end
-      kept = i
+      if budget > 0 and bytes > budget and last ~= nil then more = 1 break end
+      newest_first[#newest_first + 1] = entries[i]
+      last = lo + i - 1
     end
-    for i = kept, #entries do frames[#frames + 1] = entries[i] end
+    hi, step = lo - 1, step * 2
+  end
+  if last ~= nil and wrote(newest_first[1], newest) and wrote(newest_first[#newest_first], last) then
+    for i = #newest_first, 1, -1 do frames[#frames + 1] = newest_first[i] end
+  else
+    more = 0
   end
 end
 return {top, epoch, frames, more}
@@ -253,16 +262,22 @@ local since = tonumber(ARGV[3])
 local recoverable = epoch == ARGV[5] and since <= top and top - since <= tonumber(ARGV[6])
   and (since == top or oldest <= since + 1)
 if not recoverable or since == top then return {top, epoch, oldest, frames, 1} end
-local entries = redis.call('LRANGE', KEYS[2], since + 1 - oldest, -1)
-if not (wrote(entries[1], since + 1) and wrote(entries[#entries], top)) then
-  return {top, epoch, top + 1, frames, 1}
-end
+-- Read oldest first in growing chunks, and stop once over the budget: a catch-up that
+-- cannot fit never makes Redis copy all of it.
 local budget, bytes = tonumber(ARGV[7]), 0
-for i = 1, #entries do
-  bytes = bytes + #entries[i]
-  if budget > 0 and bytes > budget then return {top, epoch, oldest, {}, 0} end
-  frames[#frames + 1] = entries[i]
+local lo, last, step = since + 1 - oldest, top - oldest, 8
+while lo <= last do
+  local hi = math.min(last, lo + step - 1)
+  local entries = redis.call('LRANGE', KEYS[2], lo, hi)
+  if #frames == 0 and not wrote(entries[1], since + 1) then return {top, epoch, top + 1, {}, 1} end
+  for i = 1, #entries do
+    bytes = bytes + #entries[i]
+    if budget > 0 and bytes > budget then return {top, epoch, oldest, {}, 0} end
+    frames[#frames + 1] = entries[i]
+  end
+  lo, step = hi + 1, step * 2
 end
+if not wrote(frames[#frames], top) then return {top, epoch, top + 1, {}, 1} end
 return {top, epoch, oldest, frames, 1}
 "#,
         ]
@@ -320,7 +335,11 @@ impl HistoryStore {
                     .arg(&*new_epoch())
                     .arg(millis(history.ttl))
                     .arg(page.limit)
-                    .arg(page.before.unwrap_or(0))
+                    .arg(
+                        page.before
+                            .map(|before| before.to_string())
+                            .unwrap_or_default(),
+                    )
                     .arg(script_budget(page.budget))
                     .arg(history.size)
                     .invoke_async(&mut connection)
