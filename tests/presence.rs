@@ -378,6 +378,29 @@ async fn members_are_cut_at_the_maximum_while_the_count_stays_exact() {
     }
 }
 
+/// Long identities: the list is cut at a quarter of the socket's byte bound (as a history
+/// page is), so asking does not close the socket that asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_are_cut_to_the_reply_budget_of_the_socket() {
+    let layer = ThinWsLayer::builder()
+        .presence(Presence::On)
+        .max_queued_bytes(4096)
+        .build();
+    let node = Node::start(layer).await;
+    let mut clients = Vec::new();
+    for n in 0..20 {
+        let name = format!("{n:02}{}", "x".repeat(248));
+        let mut c = Client::connect_as(&node.url(), &name).await;
+        c.subscribe("long").await;
+        clients.push(c);
+    }
+    // Each member takes 253 bytes of the 1,024 a reply may carry here.
+    let (count, members) = presence(&mut clients[0], "long").await;
+    assert_eq!((count, members.len()), (20, 4), "{members:?}");
+    let (count, _) = presence(&mut clients[0], "long").await;
+    assert_eq!(count, 20, "the socket is still open");
+}
+
 /// A member in Redis that thinws did not write (not a JSON string) is named in a clear
 /// error, not passed off as Redis being unavailable.
 #[tokio::test]

@@ -137,9 +137,10 @@ impl Socket {
         Ok(Answer::History(at, frames, more))
     }
 
-    /// The most bytes of messages one `history` reply carries: a quarter of the socket's
-    /// byte bound, so that a reply always fits beside what is queued.
-    fn reply_budget(&self) -> usize {
+    /// The most bytes of messages one `history` reply (or of members one `presence`
+    /// reply) carries: a quarter of the socket's byte bound, so that a reply always fits
+    /// beside what is queued.
+    pub(super) fn reply_budget(&self) -> usize {
         self.queue.max_bytes() / 4
     }
 }

@@ -80,11 +80,23 @@ impl Socket {
             self.allowed_to_subscribe(room).await?;
         }
         let max = self.node.config.presence_members_max;
-        self.node
+        let mut members = self
+            .node
             .broker
             .presence(room, presence, max)
             .await
-            .map(Answer::Presence)
-            .map_err(Refusal::BrokerRead)
+            .map_err(Refusal::BrokerRead)?;
+        // Cut to a quarter of the socket's byte bound, as a `history` reply is: a list of
+        // long identities must not close the socket that asks (`count` stays exact).
+        let budget = self.reply_budget();
+        let mut bytes = 0;
+        let fit = members.listed.iter().position(|member| {
+            bytes += member.len() + 1;
+            bytes > budget
+        });
+        if let Some(fit) = fit {
+            members.listed.truncate(fit);
+        }
+        Ok(Answer::Presence(members))
     }
 }
