@@ -378,6 +378,38 @@ async fn members_are_cut_at_the_maximum_while_the_count_stays_exact() {
     }
 }
 
+/// A refused subscribe changes nothing: an identity whose record is full is refused
+/// before its socket joins, so nobody sees it join and leave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_refused_for_a_full_identity_is_seen_by_no_one() {
+    let redis = RedisServer::start().await;
+    for redis in [Some(&redis), None] {
+        let builder = ThinWsLayer::builder()
+            .presence(Presence::WithJoinLeave)
+            .max_rooms_per_socket(2);
+        let layer = match redis {
+            Some(redis) => builder.redis_url(redis.url()).build(),
+            None => builder.build(),
+        };
+        let node = Node::start(layer).await;
+        let mut watcher = Client::connect_as(&node.url(), "watcher").await;
+        watcher.subscribe("lobby").await;
+        let mut full = Client::connect_as(&node.url(), "full").await;
+        full.subscribe("a").await;
+        full.subscribe("b").await;
+        // Out of its rooms, still bound, its record still holds two rooms.
+        let left = full.request(json!({"type": "disconnect"})).await;
+        assert_eq!(left["type"], "ack", "{left}");
+        let refused = full
+            .request(json!({"type": "subscribe", "roomID": "lobby"}))
+            .await;
+        assert_eq!(refused["code"], "limit_exceeded", "{refused}");
+        let mut other = Client::connect_as(&node.url(), "other").await;
+        other.subscribe("lobby").await;
+        events(&mut watcher, "lobby", &["join watcher", "join other"]).await;
+    }
+}
+
 /// Long identities: the list is cut at a quarter of the socket's byte bound (as a history
 /// page is), so asking does not close the socket that asks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,7 +11,8 @@ use tokio::time::Instant;
 use super::idempotency::KeyRecords;
 use super::presence::MemoryPresence;
 use super::{
-    new_epoch, recoverable, Accepted, HistoryPage, Once, Page, Position, Recovery, SharedSink,
+    new_epoch, recoverable, Accepted, HistoryPage, Once, Page, Position, Recorded, Recovery,
+    SharedSink,
 };
 use crate::notifier::Notifier;
 use crate::protocol::server;
@@ -290,7 +291,7 @@ impl MemoryBroker {
     }
 
     /// Records `room` unless `identity` has `max` rooms already; returns whether it is.
-    pub(crate) fn record(&self, identity: &str, room: &str, max: usize) -> bool {
+    pub(crate) fn record(&self, identity: &str, room: &str, max: usize) -> Recorded {
         let mut identities = self.identities();
         let ttl = identities.ttl;
         let now = Instant::now();
@@ -300,12 +301,13 @@ impl MemoryBroker {
         }
         record.expires = Some(now + ttl);
         if record.rooms.contains(room) {
-            return true;
+            return Recorded::Already;
         }
         if record.rooms.len() >= max {
-            return false;
+            return Recorded::Full;
         }
-        record.rooms.insert(room.to_owned())
+        record.rooms.insert(room.to_owned());
+        Recorded::Added
     }
 
     pub(crate) fn forget(&self, identity: &str, room: &str) {

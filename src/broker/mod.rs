@@ -265,6 +265,17 @@ impl BrokerHealth {
     }
 }
 
+/// What [`Broker::record`] did with a room for an identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Recorded {
+    /// Recorded by this call.
+    Added,
+    /// Recorded before.
+    Already,
+    /// Not recorded: the identity holds its most rooms.
+    Full,
+}
+
 /// The node's broker.
 #[derive(Debug)]
 pub(crate) enum Broker {
@@ -418,7 +429,7 @@ impl Broker {
         identity: &str,
         room: &str,
         max: usize,
-    ) -> Result<bool, BrokerError> {
+    ) -> Result<Recorded, BrokerError> {
         match self {
             Broker::Memory(b) => Ok(b.record(identity, room, max)),
             Broker::Redis(b) => b.identities().record(identity, room, max).await,

@@ -6,20 +6,22 @@ use std::time::Duration;
 
 use super::commands::Commands;
 use super::connect::{millis, redis_error, refused, within};
-use crate::broker::Keys;
+use crate::broker::{Keys, Recorded};
 use crate::error::BrokerError;
 
 /// Adds a room to an identity's set unless the set already holds `ARGV[2]` rooms, and
 /// sets the set's time to live to `ARGV[3]` ms: one atomic step, so that sockets of one
-/// identity on several nodes cannot pass the limit together. Returns 1 when the room is (or
-/// already was) recorded, 0 when the set is full.
+/// identity on several nodes cannot pass the limit together. Returns 2 when this call
+/// recorded the room, 1 when it already was, 0 when the set is full.
 const RECORD: &str = r"
+local added = 1
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
   if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
   redis.call('SADD', KEYS[1], ARGV[1])
+  added = 2
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
+return added
 ";
 
 /// How often the records of identities with sockets on this node get their TTL back, as
@@ -139,7 +141,7 @@ impl Identities {
         identity: &str,
         room: &str,
         max: usize,
-    ) -> Result<bool, BrokerError> {
+    ) -> Result<Recorded, BrokerError> {
         let key = self.keys.identity_set(identity);
         let call = redis::cmd("EVALSHA")
             .arg(self.record.get_hash())
@@ -151,7 +153,11 @@ impl Identities {
             .clone();
         self.query::<i64>(&call, &[&self.record])
             .await
-            .map(|recorded| recorded == 1)
+            .map(|recorded| match recorded {
+                2 => Recorded::Added,
+                1 => Recorded::Already,
+                _ => Recorded::Full,
+            })
     }
 
     /// Forgets `room` for `identity` (`SREM`).

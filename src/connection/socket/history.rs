@@ -32,21 +32,15 @@ impl Socket {
             return Err(Refusal::AlreadyIn);
         }
         self.allowed_to_subscribe(room).await?;
+        let added = self.record_first(room).await?;
         let mut budget = self.catch_up_budget();
-        let recovering = self
+        match self
             .join_recovering(room, history, since, &mut budget)
-            .await?;
-        if self.me.bound {
-            let max = self.node.config.max_rooms_per_socket;
-            let refusal = match self.node.broker.record(&self.me.identity, room, max).await {
-                Ok(true) => return Ok(Answer::Recovered(recovering)),
-                Ok(false) => Refusal::IdentityFull(max),
-                Err(e) => Refusal::Broker(e),
-            };
-            self.leave(room);
-            return Err(refusal);
+            .await
+        {
+            Ok(recovering) => Ok(Answer::Recovered(recovering)),
+            Err(refusal) => Err(self.unrecord(room, added, refusal).await),
         }
-        Ok(Answer::Recovered(recovering))
     }
 
     /// How many bytes of missed messages one request (a `subscribe`, or a `connect` for all
