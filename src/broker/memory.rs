@@ -11,8 +11,7 @@ use tokio::time::Instant;
 use super::idempotency::KeyRecords;
 use super::presence::MemoryPresence;
 use super::{
-    new_epoch, recoverable, Accepted, HistoryPage, Once, Page, Position, Recorded, Recovery,
-    SharedSink,
+    new_epoch, recoverable, Accepted, HistoryPage, Once, Page, Position, Recovery, SharedSink,
 };
 use crate::notifier::Notifier;
 use crate::protocol::server;
@@ -291,7 +290,7 @@ impl MemoryBroker {
     }
 
     /// Records `room` unless `identity` has `max` rooms already; returns whether it is.
-    pub(crate) fn record(&self, identity: &str, room: &str, max: usize) -> Recorded {
+    pub(crate) fn record(&self, identity: &str, room: &str, max: usize) -> bool {
         let mut identities = self.identities();
         let ttl = identities.ttl;
         let now = Instant::now();
@@ -301,13 +300,22 @@ impl MemoryBroker {
         }
         record.expires = Some(now + ttl);
         if record.rooms.contains(room) {
-            return Recorded::Already;
+            return true;
         }
         if record.rooms.len() >= max {
-            return Recorded::Full;
+            return false;
         }
-        record.rooms.insert(room.to_owned());
-        Recorded::Added
+        record.rooms.insert(room.to_owned())
+    }
+
+    pub(crate) fn fits(&self, identity: &str, room: &str, max: usize) -> bool {
+        let identities = self.identities();
+        match identities.records.get(identity) {
+            Some(record) if !record.expired(Instant::now()) => {
+                record.rooms.contains(room) || record.rooms.len() < max
+            }
+            _ => max > 0,
+        }
     }
 
     pub(crate) fn forget(&self, identity: &str, room: &str) {

@@ -265,17 +265,6 @@ impl BrokerHealth {
     }
 }
 
-/// What [`Broker::record`] did with a room for an identity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Recorded {
-    /// Recorded by this call.
-    Added,
-    /// Recorded before.
-    Already,
-    /// Not recorded: the identity holds its most rooms.
-    Full,
-}
-
 /// The node's broker.
 #[derive(Debug)]
 pub(crate) enum Broker {
@@ -429,10 +418,25 @@ impl Broker {
         identity: &str,
         room: &str,
         max: usize,
-    ) -> Result<Recorded, BrokerError> {
+    ) -> Result<bool, BrokerError> {
         match self {
             Broker::Memory(b) => Ok(b.record(identity, room, max)),
             Broker::Redis(b) => b.identities().record(identity, room, max).await,
+        }
+    }
+
+    /// Whether [`Broker::record`] would record `room` for `identity` now (it is recorded,
+    /// or the identity holds fewer than `max` rooms); changes nothing. A subscribe asks
+    /// first, so that a full identity is refused before its socket joins the room.
+    pub(crate) async fn fits(
+        &self,
+        identity: &str,
+        room: &str,
+        max: usize,
+    ) -> Result<bool, BrokerError> {
+        match self {
+            Broker::Memory(b) => Ok(b.fits(identity, room, max)),
+            Broker::Redis(b) => b.identities().fits(identity, room, max).await,
         }
     }
 

@@ -20,7 +20,7 @@ use super::in_flight::{Answered, InFlight};
 use super::outbound::OutboundQueue;
 use super::refusal::Refusal;
 use super::request_head::detach;
-use crate::broker::{Once, Position, Recorded};
+use crate::broker::{Once, Position};
 use crate::hooks::{
     ask, BoxError, DisconnectEvent, DisconnectReason, Happened, MessageEvent, MessageVerdict,
     SocketHooks, SocketInfo, SubscribeEvent, UnsubscribeEvent, Verdict,
@@ -308,56 +308,48 @@ impl Socket {
     /// where its history stands.
     async fn subscribe(&mut self, room: &str) -> Result<Option<Position>, Refusal> {
         self.allowed_to_subscribe(room).await?;
-        let added = self.record_first(room).await?;
-        let joined = match self.join(room).await {
-            Ok(joined) => joined,
-            Err(refusal) => return Err(self.unrecord(room, added, refusal).await),
+        self.identity_has_room_for(room).await?;
+        let joined = self.join(room).await?;
+        let undo = |socket: &mut Self, refusal| {
+            if joined {
+                socket.leave(room);
+            }
+            Err(refusal)
         };
-        let Some(history) = self.node.config.rooms.settings(room).history else {
-            return Ok(None);
+        let top = match self.node.config.rooms.settings(room).history {
+            None => None,
+            Some(history) => match self.node.broker.top(room, history).await {
+                Ok(top) => Some(top),
+                Err(e) => return undo(self, Refusal::BrokerRead(e)),
+            },
         };
-        match self.node.broker.top(room, history).await {
-            Ok(top) => Ok(Some(top)),
-            Err(e) => {
-                if joined {
-                    self.leave(room);
-                }
-                Err(self.unrecord(room, added, Refusal::BrokerRead(e)).await)
+        if self.me.bound {
+            let max = self.node.config.max_rooms_per_socket;
+            match self.node.broker.record(&self.me.identity, room, max).await {
+                Ok(true) => {}
+                Ok(false) => return undo(self, Refusal::IdentityFull(max)),
+                Err(e) => return undo(self, Refusal::Broker(e)),
             }
         }
+        Ok(top)
     }
 
-    /// Records `room` for the bound identity before the socket joins it (an unbound
-    /// socket records nothing), so that a refusal for a full identity changes nothing:
-    /// nobody sees a `join` and a `leave`, no hook hears of it. `Ok(true)`: this call added
-    /// the record, which [`Socket::unrecord`] takes back if the join then fails.
-    async fn record_first(&self, room: &str) -> Result<bool, Refusal> {
-        if !self.me.bound {
-            return Ok(false);
+    /// Refuses a room the bound identity's record has no place for, before the socket
+    /// joins it: a refused subscribe must change nothing, and joining then leaving shows
+    /// the room's members a `join` and a `leave`. (Recorded after the join, as before:
+    /// a record made first could only be taken back by forgetting one that another socket
+    /// of the identity may hold. Should the record fill up in between, the join is left
+    /// again.)
+    async fn identity_has_room_for(&self, room: &str) -> Result<(), Refusal> {
+        if !self.me.bound || self.rooms.contains(room) {
+            return Ok(());
         }
         let max = self.node.config.max_rooms_per_socket;
-        // Past the socket's own limit, the join would fail: nothing to record.
-        if !self.rooms.contains(room) && self.rooms.len() >= max {
-            return Err(Refusal::TooManyRooms(max));
+        match self.node.broker.fits(&self.me.identity, room, max).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Refusal::IdentityFull(max)),
+            Err(e) => Err(Refusal::BrokerRead(e)),
         }
-        match self.node.broker.record(&self.me.identity, room, max).await {
-            Ok(Recorded::Added) => Ok(true),
-            Ok(Recorded::Already) => Ok(false),
-            Ok(Recorded::Full) => Err(Refusal::IdentityFull(max)),
-            Err(e) => Err(Refusal::Broker(e)),
-        }
-    }
-
-    /// Takes back the record [`Socket::record_first`] added (if it did) for a join that
-    /// failed with `refusal`, which it returns.
-    async fn unrecord(&self, room: &str, added: bool, refusal: Refusal) -> Refusal {
-        if added {
-            if let Err(e) = self.node.broker.forget(&self.me.identity, room).await {
-                // The room stays recorded: a later `connect` rejoins it.
-                tracing::debug!(error = %e.report(), room, "a refused subscribe's record stays");
-            }
-        }
-        refusal
     }
 
     async fn unsubscribe(&mut self, room: &str) -> Result<(), Refusal> {

@@ -6,22 +6,28 @@ use std::time::Duration;
 
 use super::commands::Commands;
 use super::connect::{millis, redis_error, refused, within};
-use crate::broker::{Keys, Recorded};
+use crate::broker::Keys;
 use crate::error::BrokerError;
 
 /// Adds a room to an identity's set unless the set already holds `ARGV[2]` rooms, and
 /// sets the set's time to live to `ARGV[3]` ms: one atomic step, so that sockets of one
-/// identity on several nodes cannot pass the limit together. Returns 2 when this call
-/// recorded the room, 1 when it already was, 0 when the set is full.
+/// identity on several nodes cannot pass the limit together. Returns 1 when the room is (or
+/// already was) recorded, 0 when the set is full.
 const RECORD: &str = r"
-local added = 1
 if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
   if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
   redis.call('SADD', KEYS[1], ARGV[1])
-  added = 2
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return added
+return 1
+";
+
+/// Whether `ARGV[1]` could be recorded in the set `KEYS[1]` now: it is recorded already, or
+/// the set holds fewer than `ARGV[2]` rooms (1 or 0). Changes nothing.
+const FITS: &str = r"
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then return 1 end
+return 0
 ";
 
 /// How often the records of identities with sockets on this node get their TTL back, as
@@ -37,6 +43,7 @@ pub(crate) struct Identities {
     timeout: Duration,
     ttl: Duration,
     record: redis::Script,
+    fits: redis::Script,
     /// Identities bound by this node's sockets, with their socket counts.
     held: Arc<Mutex<HashMap<Arc<str>, usize>>>,
 }
@@ -49,6 +56,7 @@ impl Identities {
             timeout,
             ttl,
             record: redis::Script::new(RECORD),
+            fits: redis::Script::new(FITS),
             held: Arc::default(),
         }
     }
@@ -141,7 +149,7 @@ impl Identities {
         identity: &str,
         room: &str,
         max: usize,
-    ) -> Result<Recorded, BrokerError> {
+    ) -> Result<bool, BrokerError> {
         let key = self.keys.identity_set(identity);
         let call = redis::cmd("EVALSHA")
             .arg(self.record.get_hash())
@@ -153,11 +161,26 @@ impl Identities {
             .clone();
         self.query::<i64>(&call, &[&self.record])
             .await
-            .map(|recorded| match recorded {
-                2 => Recorded::Added,
-                1 => Recorded::Already,
-                _ => Recorded::Full,
-            })
+            .map(|recorded| recorded == 1)
+    }
+
+    /// Whether `room` could be recorded for `identity` now (see [`FITS`]).
+    pub(crate) async fn fits(
+        &self,
+        identity: &str,
+        room: &str,
+        max: usize,
+    ) -> Result<bool, BrokerError> {
+        let call = redis::cmd("EVALSHA")
+            .arg(self.fits.get_hash())
+            .arg(1)
+            .arg(self.keys.identity_set(identity))
+            .arg(room)
+            .arg(max)
+            .clone();
+        self.query::<i64>(&call, &[&self.fits])
+            .await
+            .map(|fits| fits == 1)
     }
 
     /// Forgets `room` for `identity` (`SREM`).

@@ -32,15 +32,22 @@ impl Socket {
             return Err(Refusal::AlreadyIn);
         }
         self.allowed_to_subscribe(room).await?;
-        let added = self.record_first(room).await?;
+        self.identity_has_room_for(room).await?;
         let mut budget = self.catch_up_budget();
-        match self
+        let recovering = self
             .join_recovering(room, history, since, &mut budget)
-            .await
-        {
-            Ok(recovering) => Ok(Answer::Recovered(recovering)),
-            Err(refusal) => Err(self.unrecord(room, added, refusal).await),
+            .await?;
+        if self.me.bound {
+            let max = self.node.config.max_rooms_per_socket;
+            let refusal = match self.node.broker.record(&self.me.identity, room, max).await {
+                Ok(true) => return Ok(Answer::Recovered(recovering)),
+                Ok(false) => Refusal::IdentityFull(max),
+                Err(e) => Refusal::Broker(e),
+            };
+            self.leave(room);
+            return Err(refusal);
         }
+        Ok(Answer::Recovered(recovering))
     }
 
     /// How many bytes of missed messages one request (a `subscribe`, or a `connect` for all
