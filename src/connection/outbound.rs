@@ -174,23 +174,31 @@ impl OutboundQueue {
         true
     }
 
-    /// Gives back `len` reserved bytes that will not be queued.
+    /// Gives back `len` reserved bytes that will not be queued (a catch-up waiting for
+    /// room is told).
     pub(crate) fn unreserve(&self, len: usize) {
         self.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        self.space.notify_waiters();
     }
 
     /// [Reserves](Self::reserve) `len` bytes for a live frame held while a room recovers.
+    /// Held bytes are counted as held before they are counted in, and out after (see
+    /// [`Self::unhold`]), so that a catch-up reading both never overestimates what it waits
+    /// for.
     pub(crate) fn hold(&self, len: usize) -> bool {
+        self.held_bytes.fetch_add(len, Ordering::Relaxed);
         if !self.reserve(len) {
+            self.held_bytes.fetch_sub(len, Ordering::Relaxed);
             return false;
         }
-        self.held_bytes.fetch_add(len, Ordering::Relaxed);
         true
     }
 
-    /// `len` held bytes are held no more: still reserved, to be queued or given back.
+    /// `len` held bytes are held no more: still reserved, to be queued or given back (give
+    /// them back first).
     pub(crate) fn unhold(&self, len: usize) {
         self.held_bytes.fetch_sub(len, Ordering::Relaxed);
+        self.space.notify_waiters();
     }
 
     /// Offers a frame whose bytes are [reserved](Self::reserve) already: queued, or its bytes
@@ -231,11 +239,11 @@ impl OutboundQueue {
     }
 
     /// Queues a catch-up frame (what a socket missed, sent after its ack) once the queue is
-    /// under half its byte bound, so that catch-up goes out as the socket drains and leaves
-    /// room for live deliveries; `Err` when the socket is ending. Held live frames do not
-    /// count here: they wait for the catch-up, which must not wait for them. They count
-    /// toward the bound all the same: a catch-up frame that does not fit beside them
-    /// closes the socket with 1013, as any frame.
+    /// under half its byte bound and the frame fits, so that catch-up goes out as the
+    /// socket drains and leaves room for live deliveries; `Err` when the socket is ending.
+    /// Held live frames wait for the catch-up, so it does not wait for them to drain: only
+    /// for the rest. Should a frame not fit beside the held ones with nothing else queued,
+    /// it closes the socket with 1013, as any frame past the bound.
     pub(crate) async fn push_draining(&self, frame: Utf8Bytes) -> Result<(), Rejected> {
         loop {
             let space = self.space.notified();
@@ -245,7 +253,10 @@ impl OutboundQueue {
                 return Err(Rejected::Closed);
             }
             let held = self.held_bytes.load(Ordering::Relaxed);
-            if self.queued().saturating_sub(held) <= self.max_bytes / 2 {
+            let queued = self.queued();
+            let draining = queued.saturating_sub(held);
+            let fits = queued + frame.len() <= self.max_bytes;
+            if draining <= self.max_bytes / 2 && (fits || draining == 0) {
                 break;
             }
             space.await;

@@ -94,7 +94,6 @@ impl HoldingMember {
             return;
         };
         // Their bytes were counted toward the socket's bound when they were held.
-        self.queue.unhold(bytes);
         for frame in frames {
             if phase.covers(&frame) {
                 self.queue.unreserve(frame.len());
@@ -103,6 +102,7 @@ impl HoldingMember {
                 self.queue.offer_reserved(&frame);
             }
         }
+        self.queue.unhold(bytes);
     }
 }
 
@@ -111,8 +111,8 @@ impl Drop for HoldingMember {
     /// gives the held bytes back.
     fn drop(&mut self) {
         if let Phase::Holding { bytes, .. } = &*self.phase() {
-            self.queue.unhold(*bytes);
             self.queue.unreserve(*bytes);
+            self.queue.unhold(*bytes);
         }
     }
 }
@@ -239,6 +239,41 @@ mod tests {
             .await
             .expect("the catch-up waited for the frames held behind it")
             .unwrap();
+        member.release(&at(1));
+        let got: Vec<_> = queue.drain().iter().map(|f| server::offset_of(f)).collect();
+        assert_eq!(got, [Some(1), Some(9)]);
+    }
+
+    /// A catch-up frame that does not fit beside the held ones and the rest of the queue
+    /// waits for the rest to drain, rather than closing the socket.
+    #[tokio::test]
+    async fn a_catch_up_frame_waits_until_it_fits_beside_the_held_ones() {
+        let queue = Arc::new(OutboundQueue::new(100, 1000));
+        let member = HoldingMember::new(queue.clone(), 10);
+        let sized = |offset, len: usize| -> Utf8Bytes {
+            let payload = format!(r#"{{"type":"message","payload":"{}"}}"#, "x".repeat(len));
+            let frame = server::with_position(&payload, offset, "e");
+            let pad = len.saturating_sub(frame.len() - len);
+            server::with_position(
+                &format!(r#"{{"type":"message","payload":"{}"}}"#, "x".repeat(pad)),
+                offset,
+                "e",
+            )
+            .into()
+        };
+        assert!(member.offer(&sized(9, 300)));
+        // Something else queued: 500 bytes, half the bound.
+        queue.push(sized(0, 500)).await.unwrap();
+        let catch_up = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.push_draining(sized(1, 250)).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!catch_up.is_finished(), "it waits: 300 + 500 + 250 > 1000");
+        assert_eq!(queue.drain().len(), 1);
+        let pushed = tokio::time::timeout(std::time::Duration::from_secs(5), catch_up);
+        pushed.await.unwrap().unwrap().unwrap();
+        assert!(!queue.is_closing(), "no 1013");
         member.release(&at(1));
         let got: Vec<_> = queue.drain().iter().map(|f| server::offset_of(f)).collect();
         assert_eq!(got, [Some(1), Some(9)]);
