@@ -135,6 +135,54 @@ async fn a_long_history_comes_in_pages_within_the_byte_budget() {
     assert_eq!(last.messages[0].payload["n"], 43);
 }
 
+/// On Redis, a page is read from its newest end in growing chunks and cut at the byte
+/// budget: with a 16 KiB budget (a 64 KiB bound) and messages of about 1 KB, each page ends
+/// in the script's second chunk. Paging back returns every message once, in order, each
+/// page within its budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_pages_from_redis_are_cut_at_the_byte_budget() {
+    let redis = support::RedisServer::start().await;
+    let layer = ThinWsLayer::builder()
+        .redis_url(redis.url())
+        .history(History::new(1000, Duration::from_secs(60)))
+        .max_queued_bytes(64 * 1024)
+        .rate_limit(0, 0)
+        .build();
+    let node = Node::start(layer).await;
+    let mut client = Client::connect_as(&node.url(), "a").await;
+    for n in 0..100 {
+        client
+            .publish("kb", json!({"n": n, "fill": "x".repeat(1000)}))
+            .await;
+    }
+    let (mut offsets, mut before, mut pages) = (Vec::new(), None, 0);
+    loop {
+        let mut frame = json!({"type": "history", "roomID": "kb"});
+        if let Some(before) = before {
+            frame["before"] = json!(before);
+        }
+        let reply = client.request(frame).await;
+        assert_eq!(reply["type"], "ack", "{reply}");
+        assert!(
+            reply.to_string().len() <= 16 * 1024 + 512,
+            "over its budget"
+        );
+        let page = support::message_offsets(&reply);
+        offsets.splice(0..0, page.iter().copied());
+        pages += 1;
+        if reply["more"] != true {
+            break;
+        }
+        assert!(
+            page.len() > 8,
+            "a full page ends past the first chunk: {page:?}"
+        );
+        before = Some(page[0]);
+    }
+    assert_eq!(offsets, (1..=100).collect::<Vec<_>>());
+    assert!(pages >= 6, "{pages} pages");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovery_beyond_the_bound_is_a_gap_not_a_flood() {
     let node = Node::start(

@@ -110,14 +110,16 @@ local function publish(meta, list, records, channel, size, ttl, window, a, n, do
     done.counted = true
     local len = redis.call('RPUSH', list, unpack(frames))
     done.kept = true
-    if len > size + math.max(16, math.floor(size / 8)) then
-      redis.call('LTRIM', list, -size, -1)
-    end
     redis.call('PEXPIRE', meta, ttl)
     redis.call('PEXPIRE', list, ttl)
     for i = 1, kept do
       redis.call('PUBLISH', channel, frames[i])
       done.published = i
+    end
+    -- Trimmed once published: a refused first PUBLISH (Redis 6, which cannot check the
+    -- permission first) is undone without losing older frames.
+    if len > size + math.max(16, math.floor(size / 8)) then
+      redis.call('LTRIM', list, -size, -1)
     end
   end
   if #seen > 0 then return {top + 1, epoch, seen} end
