@@ -21,7 +21,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use tokio::sync::Notify;
 use tower::{Service, ServiceExt};
 
-use crate::hooks::{Happened, Hook, Notification};
+use crate::hooks::{Happened, Hook, HookError, Notification};
 
 /// How many lanes (hook calls at once) a node has.
 const LANES: usize = 4;
@@ -234,6 +234,13 @@ async fn run(lane: Arc<Lane>, mut hook: Hook<Notification, ()>) {
             Ok(()) => {
                 crate::metrics::notification_sent();
                 backoff = pauses();
+            }
+            // Refused for good (a webhook answered 400, say): sending it again cannot
+            // help, and it would hold up its lane for ever. Dropped, counted and logged.
+            Err(e) if matches!(e.downcast_ref(), Some(HookError::Refused { .. })) => {
+                crate::metrics::notification_failed();
+                crate::metrics::notification_dropped();
+                tracing::warn!(error = %e, "notification hook refused a notification; dropped");
             }
             Err(e) => {
                 crate::metrics::notification_failed();

@@ -630,6 +630,42 @@ async fn a_connect_hook_can_put_the_socket_in_rooms_without_the_subscribe_hook()
     assert_eq!(node.hub.room_count(), 2, "user:alice and user:bob");
 }
 
+/// A notification the hook refuses for good (`HookError::refused`; a webhook answered 400)
+/// is dropped, not sent again for ever ahead of the ones after it: here the hook refuses the
+/// first it is given and takes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notification_refused_for_good_is_dropped_and_the_next_ones_go() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use thinws::hooks::HookError;
+    use thinws::protocol::ErrorCode;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    let refused_one = Arc::new(AtomicBool::new(false));
+    let layer = ThinWsLayer::builder()
+        .on_notification(service_fn(move |n: Notification| {
+            let (log, refused_one) = (log.clone(), refused_one.clone());
+            async move {
+                if !refused_one.swap(true, Ordering::SeqCst) {
+                    return Err(HookError::refused(ErrorCode::InvalidMessage, "never"));
+                }
+                let line = match n.what() {
+                    Happened::RoomOccupied { room, .. } => format!("occupied {room}"),
+                    Happened::RoomVacated { room, .. } => format!("vacated {room}"),
+                    _ => return Ok(()),
+                };
+                log.lock().unwrap().push(line);
+                Ok(())
+            }
+        }))
+        .build();
+    let node = Node::start(layer).await;
+    let mut c = Client::connect_as(&node.url(), "ann").await;
+    c.subscribe("r").await;
+    c.unsubscribe("r").await;
+    // Sent again, the refused one would come first (one lane per room keeps the order).
+    assert_eq!(wait_for_log(&seen, 1).await, ["vacated r"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_tell_occupied_vacated_join_leave_and_disconnect_in_order() {
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();

@@ -735,8 +735,9 @@ impl ThinWsBuilder {
     /// vacant across every node, an identity joined or left a presence room, a socket ended
     /// ([`hooks::Happened`]). The node queues each [`hooks::Notification`] (see
     /// [`notification_queue`](Self::notification_queue)) and calls the hook with it in turn,
-    /// in order per room, again after a growing pause while it fails; no socket ever waits
-    /// for it. [`hooks::http::Backend::webhook`] POSTs them to a URL.
+    /// in order per room, again after a growing pause while it fails (one it refuses with
+    /// [`hooks::HookError::Refused`] is dropped, counted and logged instead); no socket ever
+    /// waits for it. [`hooks::http::Backend::webhook`] POSTs them to a URL.
     ///
     /// ```
     /// use thinws::hooks::{Happened, Notification};

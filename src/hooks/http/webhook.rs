@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::UNIX_EPOCH;
 
-use http::Uri;
+use http::{StatusCode, Uri};
 use serde::Serialize;
 use tower_service::Service;
 
 use super::backend::{parse_url, Backend, InvalidHookUrl};
 use super::wire::SocketBody;
 use crate::hooks::{DisconnectReason, Happened, HookError, Notification};
+use crate::protocol::ErrorCode;
 
 /// A notification hook that POSTs each notification to one URL, signed like the proxy
 /// hooks (see [`Backend::webhook`]).
@@ -51,13 +52,26 @@ impl Service<Notification> for Webhook {
         Box::pin(async move {
             let (event, body) = body(&notification, backend.node());
             let (status, _) = backend.exchange(&url, event, None, body).await?;
-            match status.is_success() {
-                true => Ok(()),
-                false => Err(HookError::unavailable(format!(
-                    "the webhook backend answered {status}"
-                ))),
-            }
+            outcome(status)
         })
+    }
+}
+
+/// What the backend's answer means: taken (2xx); refused for good (a 4xx other than 408
+/// and 429: 400, 413, 422... the backend will not take it however often it is sent, so the
+/// node drops it, counted and logged, rather than hold up its lane for ever); or not taken
+/// yet (sent again after a pause).
+fn outcome(status: StatusCode) -> Result<(), HookError> {
+    let answered = || format!("the webhook backend answered {status}");
+    if status.is_success() {
+        Ok(())
+    } else if status.is_client_error()
+        && status != StatusCode::REQUEST_TIMEOUT
+        && status != StatusCode::TOO_MANY_REQUESTS
+    {
+        Err(HookError::refused(ErrorCode::InvalidMessage, answered()))
+    } else {
+        Err(HookError::unavailable(answered()))
     }
 }
 
@@ -157,5 +171,19 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
         assert_eq!((event, &json["identity"]), ("join", &"al\"ice".into()));
         assert!(json.get("seq").is_none());
+    }
+
+    #[test]
+    fn a_permanent_refusal_is_dropped_and_anything_else_sent_again() {
+        let refused = |code: u16| {
+            matches!(
+                outcome(StatusCode::from_u16(code).unwrap()),
+                Err(HookError::Refused { .. })
+            )
+        };
+        assert!(outcome(StatusCode::NO_CONTENT).is_ok());
+        assert!([400, 404, 413, 422].into_iter().all(refused));
+        assert!(![408, 429, 500, 502, 503].into_iter().any(refused));
+        assert!(outcome(StatusCode::SERVICE_UNAVAILABLE).is_err());
     }
 }
