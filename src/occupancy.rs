@@ -60,6 +60,7 @@ impl Occupancy {
             flushes: flush_requests,
             held: HashSet::new(),
             wanted: HashMap::new(),
+            unsure: HashSet::new(),
             lease: None,
             leases: 0,
             renewed: Instant::now(),
@@ -123,6 +124,10 @@ struct Task {
     held: HashSet<Arc<str>>,
     /// Rooms whose registration should change: `true` to register.
     wanted: HashMap<Arc<str>, bool>,
+    /// Rooms whose last change went to Redis without an answer (it may or may not have
+    /// been applied): `held` may not be what Redis has, so their wanted state is sent
+    /// whatever `held` says, until Redis answers one.
+    unsure: HashSet<Arc<str>>,
     /// The lease the rooms are held under (Redis), once registered.
     lease: Option<String>,
     leases: u64,
@@ -164,7 +169,8 @@ impl Task {
     }
 
     fn want(&mut self, change: RoomChange) {
-        if change.occupied == self.held.contains(&change.room) {
+        let settled = !self.unsure.contains(&change.room);
+        if settled && change.occupied == self.held.contains(&change.room) {
             self.wanted.remove(&change.room);
         } else {
             self.wanted.insert(change.room, change.occupied);
@@ -210,6 +216,7 @@ impl Task {
                         Ok(applied) => applied,
                         Err(e) => {
                             tracing::warn!(error = %e, "occupancy: Redis did not take the changes; retrying");
+                            self.unsure.extend(batch.into_iter().map(|(room, _)| room));
                             return;
                         }
                     }
@@ -221,6 +228,7 @@ impl Task {
                     continue;
                 };
                 self.wanted.remove(&room);
+                self.unsure.remove(&room);
                 match occupied {
                     true => self.held.insert(room.clone()),
                     false => self.held.remove(&room),
@@ -305,6 +313,8 @@ impl Task {
                     self.wanted.entry(room).or_insert(true);
                 }
                 self.wanted.retain(|_, occupied| *occupied);
+                // Whatever the swept lease had, its rooms are registered anew.
+                self.unsure.clear();
                 false
             }
             Err(e) => {
@@ -312,5 +322,48 @@ impl Task {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task() -> Task {
+        let hook = tower::util::BoxCloneSyncService::new(tower::service_fn(
+            |_: crate::hooks::Notification| async { Ok::<_, crate::hooks::BoxError>(()) },
+        ));
+        let (_changes, received) = mpsc::unbounded_channel();
+        let occupancy = Occupancy::new(Ledger::Local, Notifier::new(hook, 16), received);
+        let task = occupancy.waiting.lock().unwrap().take();
+        task.expect("not started")
+    }
+
+    fn change(room: &Arc<str>, occupied: bool) -> RoomChange {
+        RoomChange {
+            room: room.clone(),
+            occupied,
+        }
+    }
+
+    /// A change sent without an answer may or may not have been applied: the room's state
+    /// is sent again, even when it is back to what the node last knew it held.
+    #[tokio::test]
+    async fn a_room_whose_change_went_unanswered_is_sent_again_whatever_it_held() {
+        let mut task = task();
+        let room: Arc<str> = "r".into();
+        task.held.insert(room.clone());
+        // Settled: a change undone before it was sent is not sent at all.
+        task.want(change(&room, false));
+        task.want(change(&room, true));
+        assert!(task.wanted.is_empty());
+        // Its vacate went without an answer; a member came back meanwhile.
+        task.want(change(&room, false));
+        task.unsure.insert(room.clone());
+        task.want(change(&room, true));
+        assert_eq!(task.wanted.get(&room), Some(&true));
+        task.send().await;
+        assert!(task.wanted.is_empty() && task.unsure.is_empty());
+        assert!(task.held.contains(&room));
     }
 }
