@@ -103,26 +103,37 @@ impl MemoryPresence {
         self.sink.deliver(room, &Utf8Bytes::from(frame));
     }
 
+    // Joins and leaves are announced with the counts locked, so that one identity's leave
+    // (its last socket) and join (a new one, on another thread) go out in the order they
+    // were counted.
+
     pub(crate) fn join(&self, room: &Arc<str>, identity: &Arc<str>, presence: Presence) {
-        let first = self.counts().add(room, identity) == 1;
-        if first && presence.announces() {
+        let mut counts = self.counts();
+        if counts.add(room, identity) != 1 {
+            return;
+        }
+        if presence.announces() {
             self.announce(PresenceEvent::Join, room, identity);
         }
-        if first {
-            let (room, identity) = (room.clone(), identity.clone());
-            self.notify(Happened::Join { room, identity });
-        }
+        let (room, identity) = (room.clone(), identity.clone());
+        self.notify(Happened::Join { room, identity });
+        drop(counts);
     }
 
     pub(crate) fn leave(&self, room: &str, identity: &str, presence: Presence) {
-        let last = self.counts().remove(room, identity) == 0;
-        if last && presence.announces() {
+        let mut counts = self.counts();
+        let counted = counts
+            .room(room)
+            .is_some_and(|identities| identities.contains_key(identity));
+        if !counted || counts.remove(room, identity) != 0 {
+            return;
+        }
+        if presence.announces() {
             self.announce(PresenceEvent::Leave, room, identity);
         }
-        if last {
-            let (room, identity) = (Arc::from(room), Arc::from(identity));
-            self.notify(Happened::Leave { room, identity });
-        }
+        let (room, identity) = (Arc::from(room), Arc::from(identity));
+        self.notify(Happened::Leave { room, identity });
+        drop(counts);
     }
 
     /// Who is in `room`, listing at most `max` (in no particular order).
