@@ -242,16 +242,20 @@ async fn run(lane: Arc<Lane>, mut hook: Hook<Notification, ()>) {
                 crate::metrics::notification_dropped();
                 tracing::warn!(error = %e, "notification hook refused a notification; dropped");
             }
+            Err(e) if closed => {
+                // The node is shutting down: no time to try again.
+                crate::metrics::notification_failed();
+                crate::metrics::notification_dropped();
+                tracing::warn!(error = %e, "notification hook failed at shutdown; dropped");
+            }
             Err(e) => {
                 crate::metrics::notification_failed();
                 tracing::warn!(error = %e, "notification hook failed; retrying");
-                if !closed {
-                    // The whole pause, even if the front is dropped meanwhile: a backend
-                    // that is down gets no more calls because events keep coming.
-                    let pause = backoff.next().unwrap_or(Duration::from_secs(10));
-                    tokio::time::sleep(pause).await;
-                    continue;
-                }
+                // The whole pause, even if the front is dropped meanwhile: a backend that is
+                // down gets no more calls because events keep coming.
+                let pause = backoff.next().unwrap_or(Duration::from_secs(10));
+                tokio::time::sleep(pause).await;
+                continue;
             }
         }
         let mut queued = lane.queue();
