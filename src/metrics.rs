@@ -22,8 +22,8 @@
 //! | `thinws_gaps_total` | counter | rooms whose local members were told they may have missed messages (`gap`) |
 //! | `thinws_hook_unavailable_total{event}` | counter | hook calls answered `unavailable`, by event |
 //! | `thinws_notifications_sent_total` | counter | notifications (webhooks) the notification hook took |
-//! | `thinws_notifications_failed_total` | counter | failed calls of the notification hook (each retried) |
-//! | `thinws_notifications_dropped_total` | counter | notifications dropped, oldest first, from a full queue |
+//! | `thinws_notifications_failed_total` | counter | failed calls of the notification hook (retried, unless refused for good or at shutdown) |
+//! | `thinws_notifications_dropped_total` | counter | notifications dropped: oldest first from a full queue, refused for good by the hook, or failed at shutdown |
 //! | `thinws_notifications_queued` | gauge | notifications waiting to be sent |
 //!
 //! # Example
@@ -88,11 +88,11 @@ pub fn describe() {
     );
     describe_counter!(
         "thinws_notifications_failed_total",
-        "Calls of the notification hook that failed (each is retried)"
+        "Calls of the notification hook that failed (retried unless refused for good or at shutdown)"
     );
     describe_counter!(
         "thinws_notifications_dropped_total",
-        "Notifications dropped, oldest first, because the queue was full"
+        "Notifications dropped: oldest first from a full queue, refused for good, or failed at shutdown"
     );
     describe_gauge!(
         "thinws_notifications_queued",

@@ -230,23 +230,31 @@ async fn run(lane: Arc<Lane>, mut hook: Hook<Notification, ()>) {
             Err(e) => Err(e),
         };
         let closed = lane.closed.load(Ordering::Acquire);
-        match sent {
+        // Whether the front is given up (counted as dropped if it is still there: a full
+        // lane may have pushed it out, and counted it, meanwhile).
+        let given_up = match sent {
             Ok(()) => {
                 crate::metrics::notification_sent();
                 backoff = pauses();
+                false
             }
             // Refused for good (a webhook answered 400, say): sending it again cannot
-            // help, and it would hold up its lane for ever. Dropped, counted and logged.
+            // help, and it would hold up its lane for ever. Dropped and logged, after the
+            // pause a failure takes, so that a backend refusing everything is not sent the
+            // whole queue at once.
             Err(e) if matches!(e.downcast_ref(), Some(HookError::Refused { .. })) => {
                 crate::metrics::notification_failed();
-                crate::metrics::notification_dropped();
                 tracing::warn!(error = %e, "notification hook refused a notification; dropped");
+                if !closed {
+                    tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(10))).await;
+                }
+                true
             }
             Err(e) if closed => {
                 // The node is shutting down: no time to try again.
                 crate::metrics::notification_failed();
-                crate::metrics::notification_dropped();
                 tracing::warn!(error = %e, "notification hook failed at shutdown; dropped");
+                true
             }
             Err(e) => {
                 crate::metrics::notification_failed();
@@ -257,10 +265,13 @@ async fn run(lane: Arc<Lane>, mut hook: Hook<Notification, ()>) {
                 tokio::time::sleep(pause).await;
                 continue;
             }
-        }
+        };
         let mut queued = lane.queue();
         if queued.items.front().is_some_and(|(n, _, _)| *n == number) {
             queued.pop_front();
+            if given_up {
+                crate::metrics::notification_dropped();
+            }
         }
         drop(queued);
         lane.emptied.notify_waiters();

@@ -60,7 +60,7 @@ impl Occupancy {
             flushes: flush_requests,
             held: HashSet::new(),
             wanted: HashMap::new(),
-            unsure: HashSet::new(),
+            unsure: HashMap::new(),
             lease: None,
             leases: 0,
             renewed: Instant::now(),
@@ -124,10 +124,11 @@ struct Task {
     held: HashSet<Arc<str>>,
     /// Rooms whose registration should change: `true` to register.
     wanted: HashMap<Arc<str>, bool>,
-    /// Rooms whose last change went to Redis without an answer (it may or may not have
-    /// been applied): `held` may not be what Redis has, so their wanted state is sent
-    /// whatever `held` says, until Redis answers one.
-    unsure: HashSet<Arc<str>>,
+    /// Rooms whose last change (`true`: register) went to Redis without an answer: it may
+    /// or may not have been applied, so `held` may not be what Redis has. That change is
+    /// sent again first (the script answers a call sent again the same, so its
+    /// notification is not lost), then the wanted state, whatever `held` says.
+    unsure: HashMap<Arc<str>, bool>,
     /// The lease the rooms are held under (Redis), once registered.
     lease: Option<String>,
     leases: u64,
@@ -169,7 +170,7 @@ impl Task {
     }
 
     fn want(&mut self, change: RoomChange) {
-        let settled = !self.unsure.contains(&change.room);
+        let settled = !self.unsure.contains_key(&change.room);
         if settled && change.occupied == self.held.contains(&change.room) {
             self.wanted.remove(&change.room);
         } else {
@@ -197,7 +198,10 @@ impl Task {
                 .iter()
                 .filter(|(room, _)| !failed.contains(*room))
                 .take(BATCH)
-                .map(|(room, occupied)| (room.clone(), *occupied))
+                .map(|(room, occupied)| {
+                    let first = self.unsure.get(room).unwrap_or(occupied);
+                    (room.clone(), *first)
+                })
                 .collect();
             if batch.is_empty() {
                 return;
@@ -216,7 +220,11 @@ impl Task {
                         Ok(applied) => applied,
                         Err(e) => {
                             tracing::warn!(error = %e, "occupancy: Redis did not take the changes; retrying");
-                            self.unsure.extend(batch.into_iter().map(|(room, _)| room));
+                            if e.outcome_unknown() {
+                                for (room, occupied) in batch {
+                                    self.unsure.entry(room).or_insert(occupied);
+                                }
+                            }
                             return;
                         }
                     }
@@ -227,8 +235,12 @@ impl Task {
                     failed.insert(room);
                     continue;
                 };
-                self.wanted.remove(&room);
                 self.unsure.remove(&room);
+                // What was sent again for an unsure room may not be the wanted state: that
+                // goes next.
+                if self.wanted.get(&room) == Some(&occupied) {
+                    self.wanted.remove(&room);
+                }
                 match occupied {
                     true => self.held.insert(room.clone()),
                     false => self.held.remove(&room),
@@ -359,11 +371,14 @@ mod tests {
         assert!(task.wanted.is_empty());
         // Its vacate went without an answer; a member came back meanwhile.
         task.want(change(&room, false));
-        task.unsure.insert(room.clone());
+        task.unsure.insert(room.clone(), false);
         task.want(change(&room, true));
         assert_eq!(task.wanted.get(&room), Some(&true));
+        // The vacate goes again first (its notification is not lost), then the occupy.
+        let before = task.seq;
         task.send().await;
         assert!(task.wanted.is_empty() && task.unsure.is_empty());
         assert!(task.held.contains(&room));
+        assert_eq!(task.seq, before + 2, "two changes applied");
     }
 }

@@ -641,6 +641,7 @@ async fn a_notification_refused_for_good_is_dropped_and_the_next_ones_go() {
     let seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let log = seen.clone();
     let refused_one = Arc::new(AtomicBool::new(false));
+    let refused = refused_one.clone();
     let layer = ThinWsLayer::builder()
         .on_notification(service_fn(move |n: Notification| {
             let (log, refused_one) = (log.clone(), refused_one.clone());
@@ -661,6 +662,11 @@ async fn a_notification_refused_for_good_is_dropped_and_the_next_ones_go() {
     let node = Node::start(layer).await;
     let mut c = Client::connect_as(&node.url(), "ann").await;
     c.subscribe("r").await;
+    // Once its occupancy was told (and refused), not coalesced with the vacancy.
+    support::until("the first notification", async || {
+        refused.load(Ordering::SeqCst)
+    })
+    .await;
     c.unsubscribe("r").await;
     // Sent again, the refused one would come first (one lane per room keeps the order).
     assert_eq!(wait_for_log(&seen, 1).await, ["vacated r"]);

@@ -57,18 +57,22 @@ impl Service<Notification> for Webhook {
     }
 }
 
-/// What the backend's answer means: taken (2xx); refused for good (a 4xx other than 408
-/// and 429: 400, 413, 422... the backend will not take it however often it is sent, so the
-/// node drops it, counted and logged, rather than hold up its lane for ever); or not taken
-/// yet (sent again after a pause).
+/// What the backend's answer means: taken (2xx); refused for good (400, 413, 415 or 422:
+/// the backend will not take this body however often it is sent, so the node drops it,
+/// counted and logged, rather than hold up its lane for ever); or not taken yet (any other
+/// answer, 401, 403 and 404 included, which a secret being rotated or a deploy can give
+/// for a while: sent again after a pause).
 fn outcome(status: StatusCode) -> Result<(), HookError> {
     let answered = || format!("the webhook backend answered {status}");
+    let refused_for_good = [
+        StatusCode::BAD_REQUEST,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    ];
     if status.is_success() {
         Ok(())
-    } else if status.is_client_error()
-        && status != StatusCode::REQUEST_TIMEOUT
-        && status != StatusCode::TOO_MANY_REQUESTS
-    {
+    } else if refused_for_good.contains(&status) {
         Err(HookError::refused(ErrorCode::InvalidMessage, answered()))
     } else {
         Err(HookError::unavailable(answered()))
@@ -182,8 +186,10 @@ mod tests {
             )
         };
         assert!(outcome(StatusCode::NO_CONTENT).is_ok());
-        assert!([400, 404, 413, 422].into_iter().all(refused));
-        assert!(![408, 429, 500, 502, 503].into_iter().any(refused));
+        assert!([400, 413, 415, 422].into_iter().all(refused));
+        assert!(![401, 403, 404, 408, 409, 429, 500, 502, 503]
+            .into_iter()
+            .any(refused));
         assert!(outcome(StatusCode::SERVICE_UNAVAILABLE).is_err());
     }
 }
