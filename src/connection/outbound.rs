@@ -186,18 +186,20 @@ impl OutboundQueue {
     /// [`Self::unhold`]), so that a catch-up reading both never overestimates what it waits
     /// for.
     pub(crate) fn hold(&self, len: usize) -> bool {
-        self.held_bytes.fetch_add(len, Ordering::Relaxed);
+        self.held_bytes.fetch_add(len, Ordering::SeqCst);
         if !self.reserve(len) {
-            self.held_bytes.fetch_sub(len, Ordering::Relaxed);
+            self.held_bytes.fetch_sub(len, Ordering::SeqCst);
             return false;
         }
+        // A catch-up that read the counts in between looks again.
+        self.space.notify_waiters();
         true
     }
 
     /// `len` held bytes are held no more: still reserved, to be queued or given back (give
     /// them back first).
     pub(crate) fn unhold(&self, len: usize) {
-        self.held_bytes.fetch_sub(len, Ordering::Relaxed);
+        self.held_bytes.fetch_sub(len, Ordering::SeqCst);
         self.space.notify_waiters();
     }
 
@@ -252,11 +254,26 @@ impl OutboundQueue {
             if self.is_closing() || self.queue().closed {
                 return Err(Rejected::Closed);
             }
-            let held = self.held_bytes.load(Ordering::Relaxed);
-            let queued = self.queued();
+            let held = self.held_bytes.load(Ordering::SeqCst);
+            let queued = self.queued_bytes.load(Ordering::SeqCst);
             let draining = queued.saturating_sub(held);
-            let fits = queued + frame.len() <= self.max_bytes;
-            if draining <= self.max_bytes / 2 && (fits || draining == 0) {
+            let counted = queued + frame.len();
+            if draining <= self.max_bytes / 2 && counted <= self.max_bytes {
+                // Counted in only if nothing was counted meanwhile (a live frame of
+                // another room): otherwise look again.
+                let swapped = self.queued_bytes.compare_exchange(
+                    queued,
+                    counted,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                );
+                if swapped.is_ok() {
+                    return self.push_counted(frame).await;
+                }
+                continue;
+            }
+            if draining == 0 {
+                // It cannot fit beside the held frames however long it waits.
                 break;
             }
             space.await;
