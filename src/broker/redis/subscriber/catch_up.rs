@@ -34,6 +34,19 @@ struct Track {
     history: History,
     /// The offset and epoch of the last frame delivered to the room's local members.
     last: Option<(u64, Arc<str>)>,
+    /// That frame (shared with its deliveries).
+    last_frame: Option<Utf8Bytes>,
+}
+
+/// What to do with a frame received for a history room (see [`Tracks::admit`]).
+#[derive(Debug)]
+pub(super) enum Admit {
+    /// Deliver it.
+    Deliver,
+    /// Delivered already: drop it.
+    Drop,
+    /// The history went back: deliver this `gap` frame, then the frame.
+    AfterGap(Utf8Bytes),
 }
 
 /// The history rooms this node holds, and where each stands.
@@ -65,6 +78,7 @@ impl Tracks {
                 Track {
                     history,
                     last: None,
+                    last_frame: None,
                 },
             );
         }
@@ -82,24 +96,41 @@ impl Tracks {
 
     /// Whether a frame received for `room` is to be delivered: not one already delivered
     /// (by offset, within one epoch). Remembers it as the room's last.
-    pub(super) fn admit(&self, room: &str, frame: &str) -> bool {
+    ///
+    /// A frame at the last offset delivered that is not the frame delivered there means
+    /// that the history went back: a Redis failover lost writes this node had delivered
+    /// (replication is asynchronous), and the new master gives their offsets again. The
+    /// frame is delivered after a `gap` that moves the members back to the offset before
+    /// it (the clients then take it): what the failover lost, and any new frame before this
+    /// one, may be missing, and the members are told so.
+    pub(super) fn admit(&self, room: &str, frame: &Utf8Bytes) -> Admit {
         if !self.enabled {
-            return true;
+            return Admit::Deliver;
         }
         let mut rooms = self.rooms();
         let Some(track) = rooms.get_mut(room) else {
-            return true;
+            return Admit::Deliver;
         };
         let Some((offset, epoch)) = server::position_of(frame) else {
-            return true;
+            return Admit::Deliver;
         };
         if let Some((last, last_epoch)) = &track.last {
             if **last_epoch == *epoch && offset <= *last {
-                return false;
+                let went_back =
+                    offset == *last && track.last_frame.as_ref().is_some_and(|last| last != frame);
+                if !went_back {
+                    return Admit::Drop;
+                }
+                tracing::warn!(room, offset, "a history room's offsets went back (a failover lost writes); telling its members a gap");
+                crate::metrics::gap();
+                track.last_frame = Some(frame.clone());
+                let gap = server::gap(room, offset.saturating_sub(1), epoch);
+                return Admit::AfterGap(Utf8Bytes::from(gap));
             }
         }
         track.last = Some((offset, epoch.into()));
-        true
+        track.last_frame = Some(frame.clone());
+        Admit::Deliver
     }
 
     /// After a reconnection, for each of `rooms` (every room the node holds): in a history
@@ -158,8 +189,11 @@ impl Tracks {
             gap_unplaced(room, sink);
             return 0;
         };
+        // Read from one frame back: the frame at `offset` says whether the history is still
+        // the one delivered (see `admit`).
+        let since = offset.saturating_sub(1);
         let recovery = match store
-            .recover(room, history, (offset, &epoch), None, false)
+            .recover(room, history, (since, &epoch), None, false)
             .await
         {
             Ok(recovery) => recovery,
@@ -171,12 +205,18 @@ impl Tracks {
             }
         };
         let mut caught = 0;
-        if recovery.recovers(offset, &epoch, history.size) {
+        // A history whose top is below what was delivered went back (a failover lost
+        // writes): told as a gap below, and the members go on from its top.
+        let went_back = *recovery.top.epoch == *epoch && recovery.top.offset < offset;
+        if !went_back && recovery.recovers(since, &epoch, history.size) {
             for frame in &recovery.frames {
-                if self.admit(room, frame) {
-                    caught += 1;
-                    sink.deliver(room, frame);
+                match self.admit(room, frame) {
+                    Admit::Drop => continue,
+                    Admit::Deliver => {}
+                    Admit::AfterGap(gap) => sink.deliver(room, &gap),
                 }
+                caught += 1;
+                sink.deliver(room, frame);
             }
         } else {
             let top = &recovery.top;
@@ -187,8 +227,45 @@ impl Tracks {
             );
             if let Some(track) = self.rooms().get_mut(room) {
                 track.last = (!top.epoch.is_empty()).then(|| (top.offset, top.epoch.clone()));
+                track.last_frame = None;
             }
         }
         caught
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::settings::RoomSettings;
+
+    fn frame(offset: u64, payload: &str) -> Utf8Bytes {
+        let body = format!(r#"{{"type":"message","roomID":"h","payload":"{payload}"}}"#);
+        server::with_position(&body, offset, "e").into()
+    }
+
+    /// A frame delivered again is dropped; another frame at the last offset delivered (a
+    /// failover lost the writes that had it, and the new master gave the offset again) goes
+    /// after a gap that moves the members back to the offset before it.
+    #[test]
+    fn a_history_that_went_back_is_told_as_a_gap() {
+        let mut policy = RoomPolicy::default();
+        let history = History::new(100, Duration::from_secs(60));
+        policy.rule("h", RoomSettings::with_history(history));
+        let tracks = Tracks::new(policy);
+        let room: Arc<str> = "h".into();
+        tracks.opened(&room);
+        assert!(matches!(tracks.admit("h", &frame(1, "a")), Admit::Deliver));
+        assert!(matches!(tracks.admit("h", &frame(2, "b")), Admit::Deliver));
+        assert!(matches!(tracks.admit("h", &frame(2, "b")), Admit::Drop));
+        assert!(matches!(tracks.admit("h", &frame(1, "a")), Admit::Drop));
+        let Admit::AfterGap(gap) = tracks.admit("h", &frame(2, "new")) else {
+            panic!("a new frame at offset 2 was not told");
+        };
+        assert_eq!(server::position_of(&gap).map(|(at, _)| at), Some(1));
+        assert!(matches!(tracks.admit("h", &frame(2, "new")), Admit::Drop));
+        assert!(matches!(tracks.admit("h", &frame(3, "c")), Admit::Deliver));
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 use super::super::resp::Messages;
-use super::catch_up::Tracks;
+use super::catch_up::{Admit, Tracks};
 use crate::broker::{FrameSink, Keys};
 use crate::protocol::server;
 
@@ -68,14 +68,20 @@ impl Messages for Forwarding<'_> {
             // Only frames the history keeps (those with an offset): a join or leave event
             // is not in it and would be lost.
             Ok(frame) if is_held(self.held, room, frame, tracks) => {}
-            // A history room's frame already delivered (after a catch-up) is dropped.
-            Ok(frame) if !tracks.admit(room, frame) => {}
             Ok(frame) => {
+                let frame = Utf8Bytes::from(frame.to_owned());
+                // A history room's frame already delivered (after a catch-up) is dropped.
+                let gap = match tracks.admit(room, &frame) {
+                    Admit::Drop => return,
+                    Admit::Deliver => None,
+                    Admit::AfterGap(gap) => Some(gap),
+                };
                 if self.room != room {
                     self.flush();
                     room.clone_into(&mut self.room);
                 }
-                self.run.push(Utf8Bytes::from(frame.to_owned()));
+                self.run.extend(gap);
+                self.run.push(frame);
             }
             Err(_) => tracing::warn!(room, "dropped a non-UTF-8 frame received from Redis"),
         }
