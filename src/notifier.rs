@@ -201,6 +201,11 @@ impl Notifier {
     }
 }
 
+/// Waits the next of a lane's growing pauses after a failure.
+async fn pause(backoff: &mut impl Iterator<Item = Duration>) {
+    tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(10))).await;
+}
+
 /// One lane: sends its oldest notification until the hook takes it, then the next.
 async fn run(lane: Arc<Lane>, mut hook: Hook<Notification, ()>) {
     let pauses = || {
@@ -246,7 +251,7 @@ async fn run(lane: Arc<Lane>, mut hook: Hook<Notification, ()>) {
                 crate::metrics::notification_failed();
                 tracing::warn!(error = %e, "notification hook refused a notification; dropped");
                 if !closed {
-                    tokio::time::sleep(backoff.next().unwrap_or(Duration::from_secs(10))).await;
+                    pause(&mut backoff).await;
                 }
                 true
             }
@@ -261,8 +266,7 @@ async fn run(lane: Arc<Lane>, mut hook: Hook<Notification, ()>) {
                 tracing::warn!(error = %e, "notification hook failed; retrying");
                 // The whole pause, even if the front is dropped meanwhile: a backend that is
                 // down gets no more calls because events keep coming.
-                let pause = backoff.next().unwrap_or(Duration::from_secs(10));
-                tokio::time::sleep(pause).await;
+                pause(&mut backoff).await;
                 continue;
             }
         };

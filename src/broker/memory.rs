@@ -68,6 +68,11 @@ impl Record {
     fn expired(&self, now: Instant) -> bool {
         self.held == 0 && self.expires.is_some_and(|at| at <= now)
     }
+
+    /// Whether `room` may be recorded: it is already, or there are fewer than `max`.
+    fn fits(&self, room: &str, max: usize) -> bool {
+        self.rooms.contains(room) || self.rooms.len() < max
+    }
 }
 
 impl std::fmt::Debug for MemoryBroker {
@@ -299,22 +304,19 @@ impl MemoryBroker {
             *record = Record::default();
         }
         record.expires = Some(now + ttl);
-        if record.rooms.contains(room) {
-            return true;
-        }
-        if record.rooms.len() >= max {
+        if !record.fits(room, max) {
             return false;
         }
-        record.rooms.insert(room.to_owned())
+        record.rooms.insert(room.to_owned());
+        true
     }
 
+    /// Whether [`MemoryBroker::record`] would record `room` now; changes nothing.
     pub(crate) fn fits(&self, identity: &str, room: &str, max: usize) -> bool {
         let identities = self.identities();
         match identities.records.get(identity) {
-            Some(record) if !record.expired(Instant::now()) => {
-                record.rooms.contains(room) || record.rooms.len() < max
-            }
-            _ => max > 0,
+            Some(record) if !record.expired(Instant::now()) => record.fits(room, max),
+            _ => Record::default().fits(room, max),
         }
     }
 

@@ -43,21 +43,19 @@ impl Counts {
     }
 
     /// One socket fewer; returns the number left (a room or identity with none is
-    /// forgotten). Removing what is not there changes nothing and returns 0.
-    pub(crate) fn remove(&mut self, room: &str, identity: &str) -> u32 {
-        let Some(identities) = self.rooms.get_mut(room) else {
-            return 0;
-        };
+    /// forgotten). Removing what is not there changes nothing and returns `None`.
+    pub(crate) fn remove(&mut self, room: &str, identity: &str) -> Option<u32> {
+        let identities = self.rooms.get_mut(room)?;
         let left = match identities.get_mut(identity) {
             Some(count) if *count > 1 => {
                 *count -= 1;
-                *count
+                Some(*count)
             }
             Some(_) => {
                 identities.remove(identity);
-                0
+                Some(0)
             }
-            None => 0,
+            None => None,
         };
         if identities.is_empty() {
             self.rooms.remove(room);
@@ -122,10 +120,7 @@ impl MemoryPresence {
 
     pub(crate) fn leave(&self, room: &str, identity: &str, presence: Presence) {
         let mut counts = self.counts();
-        let counted = counts
-            .room(room)
-            .is_some_and(|identities| identities.contains_key(identity));
-        if !counted || counts.remove(room, identity) != 0 {
+        if counts.remove(room, identity) != Some(0) {
             return;
         }
         if presence.announces() {
@@ -165,11 +160,15 @@ mod tests {
         assert_eq!(counts.add(&room, &alice), 1);
         assert_eq!(counts.add(&room, &alice), 2);
         assert_eq!(counts.add(&room, &bob), 1);
-        assert_eq!(counts.remove("r", "alice"), 1);
-        assert_eq!(counts.remove("r", "alice"), 0);
-        assert_eq!(counts.remove("r", "alice"), 0, "not there: nothing changes");
+        assert_eq!(counts.remove("r", "alice"), Some(1));
+        assert_eq!(counts.remove("r", "alice"), Some(0));
+        assert_eq!(
+            counts.remove("r", "alice"),
+            None,
+            "not there: nothing changes"
+        );
         assert_eq!(counts.room("r").map(HashMap::len), Some(1));
-        assert_eq!(counts.remove("r", "bob"), 0);
+        assert_eq!(counts.remove("r", "bob"), Some(0));
         assert!(counts.room("r").is_none());
         assert!(counts.rooms.is_empty());
     }

@@ -9,26 +9,27 @@ use super::connect::{millis, redis_error, refused, within};
 use crate::broker::Keys;
 use crate::error::BrokerError;
 
+/// The start of both scripts below: returns 0 unless the room `ARGV[1]` may be recorded in
+/// the identity's set `KEYS[1]` (it is already, or the set holds fewer than `ARGV[2]`).
+const UNLESS_IT_FITS: &str = r"
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0
+    and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+";
+
 /// Adds a room to an identity's set unless the set already holds `ARGV[2]` rooms, and
 /// sets the set's time to live to `ARGV[3]` ms: one atomic step, so that sockets of one
 /// identity on several nodes cannot pass the limit together. Returns 1 when the room is (or
 /// already was) recorded, 0 when the set is full.
 const RECORD: &str = r"
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
-  if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-  redis.call('SADD', KEYS[1], ARGV[1])
-end
+redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
-/// Whether `ARGV[1]` could be recorded in the set `KEYS[1]` now: it is recorded already, or
-/// the set holds fewer than `ARGV[2]` rooms (1 or 0). Changes nothing.
-const FITS: &str = r"
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
-if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then return 1 end
-return 0
-";
+/// Whether the room could be recorded now (1 or 0); changes nothing.
+const FITS: &str = "return 1";
 
 /// How often the records of identities with sockets on this node get their TTL back, as
 /// a share of the TTL.
@@ -55,8 +56,8 @@ impl Identities {
             keys,
             timeout,
             ttl,
-            record: redis::Script::new(RECORD),
-            fits: redis::Script::new(FITS),
+            record: redis::Script::new(&[UNLESS_IT_FITS, RECORD].concat()),
+            fits: redis::Script::new(&[UNLESS_IT_FITS, FITS].concat()),
             held: Arc::default(),
         }
     }

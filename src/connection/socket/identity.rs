@@ -195,7 +195,7 @@ impl Socket {
         // asks about its frames: only if the hook cannot answer that way does the connect
         // fail.
         let mut answered = 0;
-        let mut verdicts = stream::iter(recorded.clone())
+        let mut verdicts = stream::iter(recorded.iter().cloned())
             .map(|room| {
                 let mut hook = hook.clone();
                 let event = SubscribeEvent {

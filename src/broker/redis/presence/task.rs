@@ -66,7 +66,10 @@ impl Task {
         for change in batch.iter() {
             let sockets = match change.joined {
                 true => self.counts.add(&change.room, &change.identity),
-                false => self.counts.remove(&change.room, &change.identity),
+                false => self
+                    .counts
+                    .remove(&change.room, &change.identity)
+                    .unwrap_or(0),
             };
             self.settings.insert(change.room.clone(), change.presence);
             self.shared
