@@ -5,13 +5,25 @@
 //! socket), so that a room's notifications keep their order while other rooms' go on. Each
 //! lane is a task that calls the hook with its oldest notification and, while that fails,
 //! calls it again with the same one after a growing pause (100 ms doubling to 10 s, with
-//! jitter). A lane holds at most its share of the queue's bounds, in notifications and in
-//! bytes (a disconnect holds its socket's upgrade request, which a peer chose); past them
-//! the lane's oldest is dropped and counted (`thinws_notifications_dropped_total`), so a
-//! backend that is down for long costs the node a bounded amount of memory and nothing
+//! jitter).
+//!
+//! What a peer can make a lane hold is bounded, and one kind of churn cannot push out
+//! another kind's notifications:
+//! - A room's `room_occupied` and `room_vacated` (and an identity's `join` and `leave` in a
+//!   room) that cancel out before the first of the two was sent are both taken off the
+//!   queue: the backend's picture of the room ends the same, so a client that keeps
+//!   entering and leaving rooms makes a lane hold at most one notification per room (and
+//!   identity) it is in, not one per change.
+//! - A lane keeps room notifications and disconnects apart, each within the lane's share of
+//!   the queue's bounds, in notifications and in bytes (a disconnect holds its socket's
+//!   upgrade request, which a peer chose). Past them, the oldest of the same kind is
+//!   dropped and counted (`thinws_notifications_dropped_total`): sockets opened and closed
+//!   in a loop push out other disconnects, never a room's `room_vacated`.
+//!
+//! A backend that is down for long costs the node a bounded amount of memory and nothing
 //! else.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -25,7 +37,7 @@ use crate::hooks::{Happened, Hook, HookError, Notification};
 
 /// How many lanes (hook calls at once) a node has.
 const LANES: usize = 4;
-/// The most bytes (roughly: what the notifications hold) the queue keeps.
+/// The most bytes (roughly: what the notifications hold) the queue keeps of each kind.
 const MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// The node's notification queue (cheap to clone; the lanes stop once every clone is gone).
@@ -52,21 +64,145 @@ struct Lane {
     closed: AtomicBool,
 }
 
+/// A queued notification: its number (in the order of [`Notifier::notify`] calls, across
+/// both kinds), the notification and its size (see [`size_of`]).
+type Item = (u64, Notification, usize);
+
+/// One kind of a lane's notifications, oldest first.
+#[derive(Default)]
+struct Kind {
+    items: VecDeque<Item>,
+    bytes: usize,
+}
+
+impl Kind {
+    fn pop_front(&mut self) -> Option<Item> {
+        let item = self.items.pop_front()?;
+        self.taken(&item);
+        Some(item)
+    }
+
+    /// Takes out the item numbered `number`, if it is here.
+    fn remove(&mut self, number: u64) -> Option<Item> {
+        let at = self
+            .items
+            .binary_search_by_key(&number, |item| item.0)
+            .ok()?;
+        let item = self.items.remove(at)?;
+        self.taken(&item);
+        Some(item)
+    }
+
+    fn taken(&mut self, item: &Item) {
+        self.bytes -= item.2;
+        crate::metrics::notifications_queued(-1.0);
+    }
+}
+
+/// What two notifications that cancel out have in common: a room's occupancy, or an
+/// identity's presence in a room.
+#[derive(PartialEq, Eq, Hash)]
+enum Subject {
+    Occupancy(Arc<str>),
+    Presence(Arc<str>, Arc<str>),
+}
+
+/// The subject of `what`, and whether it is the "in" side (occupied, join), if two of its
+/// kind can cancel out.
+fn subject(what: &Happened) -> Option<(Subject, bool)> {
+    Some(match what {
+        Happened::RoomOccupied { room, .. } => (Subject::Occupancy(room.clone()), true),
+        Happened::RoomVacated { room, .. } => (Subject::Occupancy(room.clone()), false),
+        Happened::Join { room, identity } => {
+            (Subject::Presence(room.clone(), identity.clone()), true)
+        }
+        Happened::Leave { room, identity } => {
+            (Subject::Presence(room.clone(), identity.clone()), false)
+        }
+        Happened::Disconnect { .. } => return None,
+    })
+}
+
 #[derive(Default)]
 struct Queued {
-    /// Each notification with its number and its size (see [`size_of`]).
-    items: VecDeque<(u64, Notification, usize)>,
-    bytes: usize,
-    /// The number the next pushed notification gets (tells whether the front changed).
+    /// Room notifications (occupancy, presence).
+    rooms: Kind,
+    /// Disconnects.
+    sockets: Kind,
+    /// The newest queued room notification of each subject: its number and side.
+    newest: HashMap<Subject, (u64, bool)>,
+    /// The number of the notification the lane is sending (it cannot be taken back).
+    sending: Option<u64>,
+    /// The number the next pushed notification gets.
     next: u64,
     dropped: u64,
 }
 
 impl Queued {
-    fn pop_front(&mut self) {
-        if let Some((_, _, size)) = self.items.pop_front() {
-            self.bytes -= size;
-            crate::metrics::notifications_queued(-1.0);
+    /// The oldest notification of either kind.
+    fn front(&self) -> Option<&Item> {
+        match (self.rooms.items.front(), self.sockets.items.front()) {
+            (Some(room), Some(socket)) => Some(if room.0 < socket.0 { room } else { socket }),
+            (room, socket) => room.or(socket),
+        }
+    }
+
+    fn kind(&mut self, what: &Happened) -> &mut Kind {
+        match what {
+            Happened::Disconnect { .. } => &mut self.sockets,
+            _ => &mut self.rooms,
+        }
+    }
+
+    /// Takes the notification numbered `number` off, if it is still queued.
+    fn remove(&mut self, number: u64) -> bool {
+        let Some(item) = self
+            .rooms
+            .remove(number)
+            .or_else(|| self.sockets.remove(number))
+        else {
+            return false;
+        };
+        self.forget(&item);
+        true
+    }
+
+    /// Drops the oldest of `what`'s kind.
+    fn drop_oldest(&mut self, what: &Happened) {
+        if let Some(item) = self.kind(what).pop_front() {
+            self.forget(&item);
+        }
+    }
+
+    fn forget(&mut self, item: &Item) {
+        if let Some((subject, _)) = subject(&item.1.what) {
+            if self.newest.get(&subject).is_some_and(|(n, _)| *n == item.0) {
+                self.newest.remove(&subject);
+            }
+        }
+    }
+
+    /// Takes back the queued, unsent notification that `what` cancels out (an occupied
+    /// before a vacated of the same room, say), if there is one.
+    fn cancels_out(&mut self, what: &Happened) -> bool {
+        let Some((about, side)) = subject(what) else {
+            return false;
+        };
+        match self.newest.get(&about) {
+            Some(&(number, queued)) if queued != side && self.sending != Some(number) => {
+                self.remove(number);
+                // An older one of the subject may still be queued (the one in flight when
+                // this one's partner came): it is the newest now, and the next may cancel it.
+                let older = self.rooms.items.iter().rev().find_map(|(n, item, _)| {
+                    let (other, side) = subject(&item.what)?;
+                    (other == about).then_some((*n, side))
+                });
+                if let Some(older) = older {
+                    self.newest.insert(about, older);
+                }
+                true
+            }
+            _ => false,
         }
     }
 }
@@ -160,11 +296,21 @@ impl Notifier {
         let size = size_of(&notification);
         {
             let mut queued = lane.queue();
-            while !queued.items.is_empty()
-                && (queued.items.len() >= inner.per_lane
-                    || queued.bytes + size > inner.bytes_per_lane)
-            {
-                queued.pop_front();
+            if queued.cancels_out(&notification.what) {
+                drop(queued);
+                // The lane may be waiting for its queue to empty (a shutdown).
+                lane.emptied.notify_waiters();
+                return;
+            }
+            loop {
+                let kind = queued.kind(&notification.what);
+                let full = !kind.items.is_empty()
+                    && (kind.items.len() >= inner.per_lane
+                        || kind.bytes + size > inner.bytes_per_lane);
+                if !full {
+                    break;
+                }
+                queued.drop_oldest(&notification.what);
                 queued.dropped += 1;
                 crate::metrics::notification_dropped();
                 // Once, then at every power of two: a long outage does not flood the log.
@@ -177,8 +323,12 @@ impl Notifier {
             }
             let number = queued.next;
             queued.next += 1;
-            queued.bytes += size;
-            queued.items.push_back((number, notification, size));
+            if let Some((subject, side)) = subject(&notification.what) {
+                queued.newest.insert(subject, (number, side));
+            }
+            let kind = queued.kind(&notification.what);
+            kind.bytes += size;
+            kind.items.push_back((number, notification, size));
         }
         crate::metrics::notifications_queued(1.0);
         lane.ready.notify_one();
@@ -192,7 +342,7 @@ impl Notifier {
         for lane in &self.inner.lanes {
             loop {
                 let emptied = lane.emptied.notified();
-                if lane.queue().items.is_empty() {
+                if lane.queue().front().is_none() {
                     break;
                 }
                 emptied.await;
@@ -218,11 +368,12 @@ async fn run(lane: Arc<Lane>, mut hook: Hook<Notification, ()>) {
     };
     let mut backoff = pauses();
     loop {
-        let front = lane
-            .queue()
-            .items
-            .front()
-            .map(|(n, item, _)| (*n, item.clone()));
+        let front = {
+            let mut queued = lane.queue();
+            let front = queued.front().map(|(n, item, _)| (*n, item.clone()));
+            queued.sending = front.as_ref().map(|(n, _)| *n);
+            front
+        };
         let Some((number, notification)) = front else {
             if lane.closed.load(Ordering::Acquire) {
                 return;
@@ -264,6 +415,8 @@ async fn run(lane: Arc<Lane>, mut hook: Hook<Notification, ()>) {
             Err(e) => {
                 crate::metrics::notification_failed();
                 tracing::warn!(error = %e, "notification hook failed; retrying");
+                // Not in flight while the lane waits: what cancels it out may take it back.
+                lane.queue().sending = None;
                 // The whole pause, even if the front is dropped meanwhile: a backend that is
                 // down gets no more calls because events keep coming.
                 pause(&mut backoff).await;
@@ -271,11 +424,10 @@ async fn run(lane: Arc<Lane>, mut hook: Hook<Notification, ()>) {
             }
         };
         let mut queued = lane.queue();
-        if queued.items.front().is_some_and(|(n, _, _)| *n == number) {
-            queued.pop_front();
-            if given_up {
-                crate::metrics::notification_dropped();
-            }
+        queued.sending = None;
+        // Still there unless a full lane pushed it out (and counted it) meanwhile.
+        if queued.remove(number) && given_up {
+            crate::metrics::notification_dropped();
         }
         drop(queued);
         lane.emptied.notify_waiters();
@@ -296,15 +448,25 @@ mod tests {
         }
     }
 
-    fn seq_of(n: &Notification) -> u64 {
+    fn vacated(room: &str, seq: u64) -> Happened {
+        Happened::RoomVacated {
+            room: room.into(),
+            seq,
+        }
+    }
+
+    fn described(n: &Notification) -> String {
         match n.what() {
-            Happened::RoomOccupied { seq, .. } => *seq,
-            _ => unreachable!(),
+            Happened::RoomOccupied { room, seq } => format!("occupied {room} {seq}"),
+            Happened::RoomVacated { room, seq } => format!("vacated {room} {seq}"),
+            Happened::Join { room, identity } => format!("join {room} {identity}"),
+            Happened::Leave { room, identity } => format!("leave {room} {identity}"),
+            Happened::Disconnect { socket, .. } => format!("disconnect {}", socket.id()),
         }
     }
 
     /// A hook that fails its first `failures` calls and records the rest.
-    fn recording(failures: usize) -> (Hook<Notification, ()>, Arc<Mutex<Vec<u64>>>) {
+    fn recording(failures: usize) -> (Hook<Notification, ()>, Arc<Mutex<Vec<String>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let calls = Arc::new(AtomicUsize::new(0));
         let hook = {
@@ -315,12 +477,25 @@ mod tests {
                     if calls.fetch_add(1, Ordering::SeqCst) < failures {
                         return Err("backend down");
                     }
-                    seen.lock().unwrap().push(seq_of(&n));
+                    seen.lock().unwrap().push(described(&n));
                     Ok(())
                 }
             })
         };
         (boxed(hook), seen)
+    }
+
+    fn disconnect(id: u64, head: &Arc<http::request::Parts>) -> Happened {
+        Happened::Disconnect {
+            socket: Box::new(crate::hooks::SocketInfo {
+                id,
+                connection_id: "c".into(),
+                bound: false,
+                request: head.clone(),
+                granted: Arc::default(),
+            }),
+            reason: crate::hooks::DisconnectReason::Closed,
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -331,7 +506,8 @@ mod tests {
             notifier.notify(occupied("lobby", seq));
         }
         tokio::time::sleep(Duration::from_secs(30)).await;
-        assert_eq!(*seen.lock().unwrap(), (0..10).collect::<Vec<_>>());
+        let expected: Vec<String> = (0..10).map(|seq| format!("occupied lobby {seq}")).collect();
+        assert_eq!(*seen.lock().unwrap(), expected);
     }
 
     #[tokio::test(start_paused = true)]
@@ -346,16 +522,143 @@ mod tests {
             .inner
             .lanes
             .iter()
-            .find(|lane| !lane.queue().items.is_empty())
+            .find(|lane| lane.queue().front().is_some())
             .expect("one lane holds the room");
-        let held: Vec<u64> = lane
+        let held: Vec<String> = lane
             .queue()
+            .rooms
             .items
             .iter()
-            .map(|(_, n, _)| seq_of(n))
+            .map(|(_, n, _)| described(n))
             .collect();
-        assert_eq!(held, vec![7, 8, 9], "the newest three are kept");
+        assert_eq!(
+            held,
+            ["occupied lobby 7", "occupied lobby 8", "occupied lobby 9"],
+            "the newest three are kept"
+        );
         assert!(seen.lock().unwrap().is_empty());
+    }
+
+    /// A client entering and leaving rooms in a loop while the backend is down: its
+    /// rooms' notifications cancel out instead of pushing out another room's.
+    #[tokio::test(start_paused = true)]
+    async fn notifications_that_cancel_out_are_both_taken_back() {
+        let (hook, seen) = recording(usize::MAX);
+        let notifier = Notifier::new(hook, LANES * 10);
+        notifier.notify(vacated("victim", 1));
+        let join = |room: &str, identity: &str| Happened::Join {
+            room: room.into(),
+            identity: identity.into(),
+        };
+        let leave = |room: &str, identity: &str| Happened::Leave {
+            room: room.into(),
+            identity: identity.into(),
+        };
+        for round in 0..1_000u64 {
+            let room = format!("churn-{}", round % 50);
+            notifier.notify(occupied(&room, round * 2));
+            // The lanes try (and fail) in between: what failed is not in flight any more.
+            tokio::task::yield_now().await;
+            notifier.notify(join(&room, "mallory"));
+            tokio::task::yield_now().await;
+            notifier.notify(vacated(&room, round * 2 + 1));
+            notifier.notify(leave(&room, "mallory"));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // Another identity's join, and the same identity's leave of another room, stay.
+        notifier.notify(join("churn-0", "alice"));
+        notifier.notify(leave("elsewhere", "mallory"));
+        let mut held: Vec<String> = notifier
+            .inner
+            .lanes
+            .iter()
+            .flat_map(|lane| {
+                let queued = lane.queue();
+                assert_eq!(queued.dropped, 0);
+                let held: Vec<String> = queued
+                    .rooms
+                    .items
+                    .iter()
+                    .map(|(_, n, _)| described(n))
+                    .collect();
+                held
+            })
+            .collect();
+        held.sort();
+        assert_eq!(
+            held,
+            [
+                "join churn-0 alice",
+                "leave elsewhere mallory",
+                "vacated victim 1"
+            ]
+        );
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    /// What the hook is sending cannot be taken back: the opposite notification follows it.
+    #[tokio::test(start_paused = true)]
+    async fn the_notification_in_flight_is_not_taken_back() {
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let hook = {
+            let (release, seen) = (release.clone(), seen.clone());
+            tower::service_fn(move |n: Notification| {
+                let (release, seen) = (release.clone(), seen.clone());
+                async move {
+                    release.acquire().await.unwrap().forget();
+                    seen.lock().unwrap().push(described(&n));
+                    Ok::<_, std::convert::Infallible>(())
+                }
+            })
+        };
+        let notifier = Notifier::new(boxed(hook), 100);
+        notifier.notify(occupied("lobby", 1));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        for seq in 2..=5 {
+            notifier.notify(if seq % 2 == 0 {
+                vacated("lobby", seq)
+            } else {
+                occupied("lobby", seq)
+            });
+        }
+        release.add_permits(10);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["occupied lobby 1"],
+            "2 to 5 cancelled out"
+        );
+        notifier.notify(vacated("lobby", 6));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["occupied lobby 1", "vacated lobby 6"]
+        );
+    }
+
+    /// Sockets opened and closed in a loop while the backend is down push out other
+    /// disconnects, not a room's notification.
+    #[tokio::test(start_paused = true)]
+    async fn disconnects_push_out_disconnects_only() {
+        let (hook, seen) = recording(30);
+        let notifier = Notifier::new(hook, LANES * 10);
+        let head = Arc::new(http::Request::new(()).into_parts().0);
+        for id in 0..10 {
+            notifier.notify(vacated(&format!("room-{id}"), 1));
+        }
+        for id in 0..2_000 {
+            notifier.notify(disconnect(id, &head));
+        }
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        let seen = seen.lock().unwrap();
+        for id in 0..10 {
+            let room = format!("vacated room-{id} 1");
+            assert!(seen.contains(&room), "{room} was lost: {seen:?}");
+        }
+        let dropped: u64 = notifier.inner.lanes.iter().map(|l| l.queue().dropped).sum();
+        assert!(dropped > 1_900, "{dropped}");
+        assert_eq!(seen.len() as u64, 2_010 - dropped, "the rest was sent");
     }
 
     #[tokio::test(start_paused = true)]
@@ -367,21 +670,16 @@ mod tests {
             .insert("cookie", "x".repeat(60 * 1024).parse().unwrap());
         let head = Arc::new(head);
         for id in 0..2_000 {
-            notifier.notify(Happened::Disconnect {
-                socket: Box::new(crate::hooks::SocketInfo {
-                    id,
-                    connection_id: "c".into(),
-                    bound: false,
-                    request: head.clone(),
-                    granted: Arc::default(),
-                }),
-                reason: crate::hooks::DisconnectReason::Closed,
-            });
+            notifier.notify(disconnect(id, &head));
         }
         // 2,000 × 60 KiB would be ~120 MiB: each lane keeps at most its share of 64 MiB.
         for lane in &notifier.inner.lanes {
             let queued = lane.queue();
-            assert!(queued.bytes <= MAX_BYTES / LANES, "{}", queued.bytes);
+            assert!(
+                queued.sockets.bytes <= MAX_BYTES / LANES,
+                "{}",
+                queued.sockets.bytes
+            );
             assert!(queued.dropped > 0, "every lane got more than its share");
         }
     }
