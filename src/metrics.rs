@@ -24,6 +24,7 @@
 //! | `thinws_notifications_sent_total` | counter | notifications (webhooks) the notification hook took |
 //! | `thinws_notifications_failed_total` | counter | failed calls of the notification hook (retried, unless refused for good or at shutdown) |
 //! | `thinws_notifications_dropped_total` | counter | notifications dropped: oldest first from a full queue, refused for good by the hook, or failed at shutdown |
+//! | `thinws_notifications_superseded_total` | counter | room notifications not sent because a newer one of the same room's occupancy (or identity's presence in it) replaced them in the queue |
 //! | `thinws_notifications_queued` | gauge | notifications waiting to be sent |
 //!
 //! # Example
@@ -93,6 +94,10 @@ pub fn describe() {
     describe_counter!(
         "thinws_notifications_dropped_total",
         "Notifications dropped: oldest first from a full queue, refused for good, or failed at shutdown"
+    );
+    describe_counter!(
+        "thinws_notifications_superseded_total",
+        "Room notifications not sent because a newer one of the same subject replaced them in the queue"
     );
     describe_gauge!(
         "thinws_notifications_queued",
@@ -231,6 +236,10 @@ pub(crate) fn notification_failed() {
 
 pub(crate) fn notification_dropped() {
     counter!("thinws_notifications_dropped_total").increment(1);
+}
+
+pub(crate) fn notification_superseded() {
+    counter!("thinws_notifications_superseded_total").increment(1);
 }
 
 pub(crate) fn notifications_queued(delta: f64) {

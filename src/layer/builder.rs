@@ -763,10 +763,12 @@ impl ThinWsBuilder {
         self
     }
 
-    /// How many notifications the node holds for the notification hook while it is slow or
-    /// failing (default 10,000, spread over 4 lanes by room; each lane also holds at most
-    /// 16 MiB); past it a lane's oldest are dropped and counted in
-    /// `thinws_notifications_dropped_total`.
+    /// How many room notifications the node holds for the notification hook while it is
+    /// slow or failing (default 10,000, spread over 4 lanes by room), and as many
+    /// disconnects; each lane also holds at most 16 MiB of each kind. Past it a lane's
+    /// oldest of the kind are dropped and counted in `thinws_notifications_dropped_total`.
+    /// A room's newer notification replaces its older one that is still waiting (see
+    /// `docs/hooks/webhooks.md`).
     ///
     /// ```
     /// let layer = thinws::ThinWsLayer::builder().notification_queue(50_000).build();

@@ -35,8 +35,9 @@ pub struct ProxyArgs {
     /// docs/hooks/webhooks.md).
     #[arg(long, env = "THINWS_WEBHOOK_URL")]
     webhook_url: Option<String>,
-    /// Notifications held for the webhook while it is down or slow (spread over 4 lanes by
-    /// room); past it a lane's oldest are dropped (and counted in
+    /// Room notifications held for the webhook while it is down or slow (spread over 4
+    /// lanes by room; as many disconnects again, and at most 16 MiB of each kind per
+    /// lane); past it a lane's oldest of the kind are dropped (and counted in
     /// thinws_notifications_dropped_total).
     #[arg(long, env = "THINWS_WEBHOOK_QUEUE", default_value_t = 10_000)]
     webhook_queue: usize,
