@@ -9,7 +9,8 @@
 //! Rooms are read a few at a time, so that thousands of history rooms do not queue behind
 //! one another.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
@@ -21,6 +22,12 @@ use crate::settings::{History, RoomPolicy};
 
 /// History rooms read at once while catching up.
 const CONCURRENT_READS: usize = 16;
+/// How many of the last frames delivered in a history room the subscriber remembers (by
+/// fingerprint), to tell a frame delivered again from a new frame at a reused offset.
+const REMEMBERED: usize = 16;
+/// How many remembered frames a catch-up reads again, at most (and at most an eighth of
+/// the history, so that reading back costs little of what the history can recover).
+const READ_BACK: u64 = 8;
 
 /// Tells `room`'s local members that they may have missed messages.
 fn gap_unplaced(room: &str, sink: &dyn FrameSink) {
@@ -34,8 +41,17 @@ struct Track {
     history: History,
     /// The offset and epoch of the last frame delivered to the room's local members.
     last: Option<(u64, Arc<str>)>,
-    /// That frame (shared with its deliveries).
-    last_frame: Option<Utf8Bytes>,
+    /// Fingerprints of the frames delivered at the offsets up to `last`, one per offset,
+    /// `last`'s at the back (at most [`REMEMBERED`]).
+    recent: VecDeque<u64>,
+}
+
+impl Track {
+    /// Forgets where the room stands: it stands at `top` (if any) with nothing remembered.
+    fn reset(&mut self, top: Option<(u64, Arc<str>)>) {
+        self.last = top;
+        self.recent.clear();
+    }
 }
 
 /// What to do with a frame received for a history room (see [`Tracks::admit`]).
@@ -55,6 +71,9 @@ pub(super) struct Tracks {
     /// False when no room can have a history: plain rooms pay nothing here.
     enabled: bool,
     rooms: Mutex<HashMap<Arc<str>, Track>>,
+    /// Fingerprints frames (keyed per node: a publisher cannot choose a frame whose
+    /// fingerprint matches another's).
+    hasher: RandomState,
 }
 
 impl Tracks {
@@ -63,6 +82,7 @@ impl Tracks {
             enabled: policy.may_have_history(),
             policy,
             rooms: Mutex::default(),
+            hasher: RandomState::new(),
         }
     }
 
@@ -78,7 +98,7 @@ impl Tracks {
                 Track {
                     history,
                     last: None,
-                    last_frame: None,
+                    recent: VecDeque::new(),
                 },
             );
         }
@@ -97,12 +117,12 @@ impl Tracks {
     /// Whether a frame received for `room` is to be delivered: not one already delivered
     /// (by offset, within one epoch). Remembers it as the room's last.
     ///
-    /// A frame at the last offset delivered that is not the frame delivered there means
+    /// A frame at an offset delivered already that is not the frame delivered there means
     /// that the history went back: a Redis failover lost writes this node had delivered
     /// (replication is asynchronous), and the new master gives their offsets again. The
     /// frame is delivered after a `gap` that moves the members back to the offset before
-    /// it (the clients then take it): what the failover lost, and any new frame before this
-    /// one, may be missing, and the members are told so.
+    /// it (the clients then take it), and the room goes on from there. The subscriber can
+    /// tell so for the last [`REMEMBERED`] offsets; a frame older than those is dropped.
     pub(super) fn admit(&self, room: &str, frame: &Utf8Bytes) -> Admit {
         if !self.enabled {
             return Admit::Deliver;
@@ -114,23 +134,40 @@ impl Tracks {
         let Some((offset, epoch)) = server::position_of(frame) else {
             return Admit::Deliver;
         };
-        if let Some((last, last_epoch)) = &track.last {
-            if **last_epoch == *epoch && offset <= *last {
-                let went_back =
-                    offset == *last && track.last_frame.as_ref().is_some_and(|last| last != frame);
-                if !went_back {
-                    return Admit::Drop;
-                }
-                tracing::warn!(room, offset, "a history room's offsets went back (a failover lost writes); telling its members a gap");
-                crate::metrics::gap();
-                track.last_frame = Some(frame.clone());
-                let gap = server::gap(room, offset.saturating_sub(1), epoch);
-                return Admit::AfterGap(Utf8Bytes::from(gap));
+        let fingerprint = self.hasher.hash_one(frame.as_bytes());
+        let Some((last, last_epoch)) = &track.last else {
+            track.reset(Some((offset, epoch.into())));
+            track.recent.push_back(fingerprint);
+            return Admit::Deliver;
+        };
+        let last = *last;
+        if **last_epoch != *epoch || offset > last {
+            if **last_epoch != *epoch || offset != last + 1 {
+                track.reset(None);
             }
+            track.last = Some((offset, epoch.into()));
+            track.recent.push_back(fingerprint);
+            if track.recent.len() > REMEMBERED {
+                track.recent.pop_front();
+            }
+            return Admit::Deliver;
         }
+        // At or below the last offset: delivered already, unless the frame remembered
+        // there is another one.
+        let back = (last - offset) as usize;
+        let Some(at) = track.recent.len().checked_sub(back + 1) else {
+            return Admit::Drop;
+        };
+        if track.recent[at] == fingerprint {
+            return Admit::Drop;
+        }
+        tracing::warn!(room, offset, "a history room's offsets went back (a failover lost writes); telling its members a gap");
+        crate::metrics::gap();
+        track.recent.truncate(at);
+        track.recent.push_back(fingerprint);
         track.last = Some((offset, epoch.into()));
-        track.last_frame = Some(frame.clone());
-        Admit::Deliver
+        let gap = server::gap(room, offset.saturating_sub(1), epoch);
+        Admit::AfterGap(Utf8Bytes::from(gap))
     }
 
     /// After a reconnection, for each of `rooms` (every room the node holds): in a history
@@ -177,10 +214,10 @@ impl Tracks {
         store: &HistoryStore,
         sink: &dyn FrameSink,
     ) -> usize {
-        let Some((history, last)) = self
+        let Some((history, last, remembered)) = self
             .rooms()
             .get(room)
-            .map(|track| (track.history, track.last.clone()))
+            .map(|track| (track.history, track.last.clone(), track.recent.len() as u64))
         else {
             return 0;
         };
@@ -189,9 +226,13 @@ impl Tracks {
             gap_unplaced(room, sink);
             return 0;
         };
-        // Read from one frame back: the frame at `offset` says whether the history is still
-        // the one delivered (see `admit`).
-        let since = offset.saturating_sub(1);
+        // Read a few frames back: the frames delivered there say whether the history is
+        // still the one delivered (see `admit`).
+        let back = remembered
+            .min(READ_BACK)
+            .min(history.size as u64 / 8)
+            .max(1);
+        let since = offset.saturating_sub(back);
         let recovery = match store
             .recover(room, history, (since, &epoch), None, false)
             .await
@@ -226,8 +267,7 @@ impl Tracks {
                 &Utf8Bytes::from(server::gap(room, top.offset, &top.epoch)),
             );
             if let Some(track) = self.rooms().get_mut(room) {
-                track.last = (!top.epoch.is_empty()).then(|| (top.offset, top.epoch.clone()));
-                track.last_frame = None;
+                track.reset((!top.epoch.is_empty()).then(|| (top.offset, top.epoch.clone())));
             }
         }
         caught
@@ -267,5 +307,56 @@ mod tests {
         assert_eq!(server::position_of(&gap).map(|(at, _)| at), Some(1));
         assert!(matches!(tracks.admit("h", &frame(2, "new")), Admit::Drop));
         assert!(matches!(tracks.admit("h", &frame(3, "c")), Admit::Deliver));
+    }
+
+    /// A failover that lost several writes: the first new frame at a reused offset goes
+    /// after a gap, and the room goes on from it; only frames older than what the
+    /// subscriber remembers are dropped unchecked.
+    #[test]
+    fn a_history_that_went_back_several_offsets_loses_no_new_frame() {
+        let mut policy = RoomPolicy::default();
+        let history = History::new(100, Duration::from_secs(60));
+        policy.rule("h", RoomSettings::with_history(history));
+        let tracks = Tracks::new(policy);
+        tracks.opened(&"h".into());
+        for offset in 1..=5 {
+            assert!(matches!(
+                tracks.admit("h", &frame(offset, "old")),
+                Admit::Deliver
+            ));
+        }
+        // Offsets 3 to 5 were lost; the catch-up reads 2 and 3 again, then 4.
+        assert!(matches!(tracks.admit("h", &frame(2, "old")), Admit::Drop));
+        let Admit::AfterGap(gap) = tracks.admit("h", &frame(3, "new")) else {
+            panic!("a new frame at offset 3 was not told");
+        };
+        assert_eq!(server::position_of(&gap).map(|(at, _)| at), Some(2));
+        assert!(matches!(
+            tracks.admit("h", &frame(4, "new")),
+            Admit::Deliver
+        ));
+        // The same frames live, after the catch-up delivered them: dropped.
+        assert!(matches!(tracks.admit("h", &frame(3, "new")), Admit::Drop));
+        assert!(matches!(tracks.admit("h", &frame(4, "new")), Admit::Drop));
+        assert!(matches!(
+            tracks.admit("h", &frame(5, "new")),
+            Admit::Deliver
+        ));
+        for offset in 6..=40 {
+            assert!(matches!(
+                tracks.admit("h", &frame(offset, "new")),
+                Admit::Deliver
+            ));
+        }
+        // Older than what it remembers: dropped.
+        let old = 40 - REMEMBERED as u64;
+        assert!(matches!(
+            tracks.admit("h", &frame(old, "other")),
+            Admit::Drop
+        ));
+        assert!(matches!(
+            tracks.admit("h", &frame(old + 1, "other")),
+            Admit::AfterGap(_)
+        ));
     }
 }
