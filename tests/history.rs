@@ -681,3 +681,108 @@ async fn paging_back_stops_at_the_history_size() {
         assert_eq!(message_offsets(&read), [8], "{read}");
     }
 }
+
+/// A Redis failover that lost the room's last writes, played on one Redis: the history is
+/// cut back as the promoted replica would have it, and its offsets are given again. The
+/// subscribed client gets a `gap` back to the last offset kept, then every new message
+/// at the reused offsets: those published live, and those published while the node's
+/// pub/sub connection was down (read by its catch-up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_given_again_after_lost_writes_are_delivered_after_a_gap() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(layer(Some(&redis))).await;
+    let mut s = Client::connect(&node.url()).await;
+    s.subscribe("big:fo").await;
+    let mut p = Client::connect(&node.url()).await;
+    for n in 1..=6 {
+        publish(&mut p, "big:fo", json!(n)).await;
+    }
+    let got: Vec<Value> = (0..6).map(|_| Value::Null).collect::<Vec<_>>();
+    let mut got = got;
+    for slot in got.iter_mut() {
+        *slot = s.recv().await;
+    }
+    assert_eq!(got[5]["offset"], 6, "{got:?}");
+    let (meta, list) = ("thinws:meta:{big:fo}", "thinws:frames:{big:fo}");
+    let mut admin = redis.client().await;
+    let keep = async |admin: &mut redis::aio::MultiplexedConnection, top: i64| {
+        let _: () = redis::cmd("LTRIM")
+            .arg(list)
+            .arg(0)
+            .arg(top - 1)
+            .query_async(admin)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("HSET")
+            .arg(meta)
+            .arg("top")
+            .arg(top)
+            .query_async(admin)
+            .await
+            .unwrap();
+    };
+
+    // Live: offsets 5 and 6 lost; the next message takes offset 5.
+    keep(&mut admin, 4).await;
+    let ack = publish(&mut p, "big:fo", json!(7)).await;
+    assert_eq!(ack["offset"], 5, "{ack}");
+    let gap = s.recv().await;
+    assert_eq!(
+        (gap["type"].as_str(), gap["offset"].as_u64()),
+        (Some("gap"), Some(4)),
+        "{gap}"
+    );
+    let seven = s.recv().await;
+    assert_eq!(
+        (seven["payload"].as_u64(), seven["offset"].as_u64()),
+        (Some(7), Some(5))
+    );
+
+    // While the node's pub/sub connection is down: offsets 3 to 5 lost, and one new
+    // message took offset 3 (written as the script writes it, not published): the history's
+    // top is below what the node delivered.
+    let first: String = redis::cmd("LINDEX")
+        .arg(list)
+        .arg(0)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    keep(&mut admin, 2).await;
+    let frame = first
+        .replace("\"payload\":1,", "\"payload\":8,")
+        .replace("\"offset\":1,", "\"offset\":3,");
+    assert_ne!(frame, first);
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(list)
+        .arg(frame)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    keep(&mut admin, 3).await;
+    let _: i64 = support::kill_clients(&mut admin, "pubsub").await;
+    let gap = s.recv().await;
+    assert_eq!(
+        (gap["type"].as_str(), gap["offset"].as_u64()),
+        (Some("gap"), Some(2)),
+        "{gap}"
+    );
+    let got = s.recv().await;
+    assert_eq!(
+        (got["payload"].as_u64(), got["offset"].as_u64()),
+        (Some(8), Some(3)),
+        "{got}"
+    );
+    support::until("the node to subscribe again", async || {
+        node.hub.health().await.is_ready()
+    })
+    .await;
+    // And the room goes on.
+    let ack = publish(&mut p, "big:fo", json!(11)).await;
+    assert_eq!(ack["offset"], 4, "{ack}");
+    let got = s.recv().await;
+    assert_eq!(
+        (got["payload"].as_u64(), got["offset"].as_u64()),
+        (Some(11), Some(4)),
+        "{got}"
+    );
+}

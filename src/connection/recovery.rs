@@ -43,11 +43,16 @@ enum Phase {
 }
 
 impl Phase {
-    /// Whether `frame` was covered by the history read (while skipping).
+    /// Whether `frame` was covered by the history read (while skipping). A `gap` never is:
+    /// it moves the room back (a failover gave offsets again), and the frames after it are
+    /// new.
     fn covers(&self, frame: &str) -> bool {
         match self {
-            Phase::Skipping { offset, epoch } => server::position_of(frame)
-                .is_some_and(|(at, at_epoch)| at <= *offset && at_epoch == &**epoch),
+            Phase::Skipping { offset, epoch } => {
+                !server::is_gap(frame)
+                    && server::position_of(frame)
+                        .is_some_and(|(at, at_epoch)| at <= *offset && at_epoch == &**epoch)
+            }
             _ => false,
         }
     }
@@ -297,5 +302,21 @@ mod tests {
         other.release(&at(4));
         assert!(other.offer(&frame(1, "new")));
         assert_eq!(queue.drain().len(), 1, "another epoch is not covered");
+    }
+
+    /// A failover gave offsets again: the node tells a `gap` back to before the first new
+    /// frame. The gap is never covered, and the frames after it are new.
+    #[test]
+    fn a_gap_back_ends_the_skipping() {
+        let queue = Arc::new(OutboundQueue::new(100, usize::MAX));
+        let member = HoldingMember::new(queue.clone(), 10);
+        member.release(&at(6));
+        let gap = Utf8Bytes::from(server::gap("h", 3, "e"));
+        assert!(server::is_gap(&gap));
+        assert!(!server::is_gap(&frame(3, "e")));
+        assert!(member.offer(&gap));
+        assert!(member.offer(&frame(4, "e")));
+        let got: Vec<_> = queue.drain().iter().map(|f| server::offset_of(f)).collect();
+        assert_eq!(got, [Some(3), Some(4)]);
     }
 }

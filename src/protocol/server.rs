@@ -182,6 +182,11 @@ pub(crate) fn position_of(frame: &str) -> Option<(u64, &str)> {
     Some((digits.parse().ok()?, epoch))
 }
 
+/// Whether `frame` is a `gap` frame (as [`gap`] and [`gap_unplaced`] write them).
+pub(crate) fn is_gap(frame: &str) -> bool {
+    frame.starts_with(r#"{"type":"gap","#)
+}
+
 /// `{"type":"gap","roomID":…,"offset":…,"epoch":…}` (protocol 1.1): messages of this
 /// history room may have been missed and cannot be sent (the history was lost, or no longer
 /// reaches back); the room goes on from this offset and epoch.

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 use super::super::history::HistoryStore;
-use crate::broker::FrameSink;
+use crate::broker::{FrameSink, Recovery};
 use crate::protocol::server;
 use crate::settings::{History, RoomPolicy};
 
@@ -25,9 +25,6 @@ const CONCURRENT_READS: usize = 16;
 /// How many of the last frames delivered in a history room the subscriber remembers (by
 /// fingerprint), to tell a frame delivered again from a new frame at a reused offset.
 const REMEMBERED: usize = 16;
-/// How many remembered frames a catch-up reads again, at most (and at most an eighth of
-/// the history, so that reading back costs little of what the history can recover).
-const READ_BACK: u64 = 8;
 
 /// Tells `room`'s local members that they may have missed messages.
 fn gap_unplaced(room: &str, sink: &dyn FrameSink) {
@@ -51,6 +48,22 @@ impl Track {
     fn reset(&mut self, top: Option<(u64, Arc<str>)>) {
         self.last = top;
         self.recent.clear();
+    }
+
+    /// The history's top is `top` in `epoch`: if that is below the last frame delivered in
+    /// the same epoch, the room stands at `top` again, remembering the frames up to it.
+    /// Returns whether it went back.
+    fn cut_back(&mut self, top: u64, epoch: &str) -> bool {
+        match &self.last {
+            Some((last, last_epoch)) if **last_epoch == *epoch && *last > top => {
+                let above = (*last - top) as usize;
+                self.recent
+                    .truncate(self.recent.len().saturating_sub(above));
+                self.last = Some((top, last_epoch.clone()));
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -127,14 +140,14 @@ impl Tracks {
         if !self.enabled {
             return Admit::Deliver;
         }
-        let mut rooms = self.rooms();
-        let Some(track) = rooms.get_mut(room) else {
-            return Admit::Deliver;
-        };
         let Some((offset, epoch)) = server::position_of(frame) else {
             return Admit::Deliver;
         };
         let fingerprint = self.hasher.hash_one(frame.as_bytes());
+        let mut rooms = self.rooms();
+        let Some(track) = rooms.get_mut(room) else {
+            return Admit::Deliver;
+        };
         let Some((last, last_epoch)) = &track.last else {
             track.reset(Some((offset, epoch.into())));
             track.recent.push_back(fingerprint);
@@ -207,6 +220,27 @@ impl Tracks {
         plain.len()
     }
 
+    /// Reads `room`'s history after `since`, logging a failure.
+    async fn read(
+        &self,
+        room: &str,
+        store: &HistoryStore,
+        history: History,
+        since: u64,
+        epoch: &str,
+    ) -> Option<Recovery> {
+        match store
+            .recover(room, history, (since, epoch), None, false)
+            .await
+        {
+            Ok(recovery) => Some(recovery),
+            Err(e) => {
+                tracing::warn!(room, error = %e.report(), "history catch-up failed");
+                None
+            }
+        }
+    }
+
     /// [`Tracks::catch_up`] for one history room; returns how many frames it delivered.
     async fn catch_up_room(
         &self,
@@ -226,41 +260,25 @@ impl Tracks {
             gap_unplaced(room, sink);
             return 0;
         };
-        // Read a few frames back: the frames delivered there say whether the history is
-        // still the one delivered (see `admit`).
-        let back = remembered
-            .min(READ_BACK)
-            .min(history.size as u64 / 8)
-            .max(1);
-        let since = offset.saturating_sub(back);
-        let recovery = match store
-            .recover(room, history, (since, &epoch), None, false)
-            .await
-        {
-            Ok(recovery) => recovery,
-            Err(e) => {
-                tracing::warn!(room = &**room, error = %e.report(), "history catch-up failed");
-                crate::metrics::gap();
-                sink.deliver(room, &Utf8Bytes::from(server::gap(room, offset, &epoch)));
-                return 0;
-            }
+        // Read back over the remembered frames: they say whether the history is still the
+        // one delivered (see `admit`). Where the history cannot be recovered from that far
+        // back, from the last frame delivered, as a catch-up without reading back would.
+        let mut since = offset.saturating_sub(remembered.max(1));
+        let mut recovery = self.read(room, store, history, since, &epoch).await;
+        let short = recovery
+            .as_ref()
+            .is_some_and(|r| !r.recovers(since, &epoch, history.size));
+        if short && since + 1 < offset {
+            since = offset - 1;
+            recovery = self.read(room, store, history, since, &epoch).await;
+        }
+        let Some(recovery) = recovery else {
+            crate::metrics::gap();
+            sink.deliver(room, &Utf8Bytes::from(server::gap(room, offset, &epoch)));
+            return 0;
         };
-        let mut caught = 0;
-        // A history whose top is below what was delivered went back (a failover lost
-        // writes): told as a gap below, and the members go on from its top.
-        let went_back = *recovery.top.epoch == *epoch && recovery.top.offset < offset;
-        if !went_back && recovery.recovers(since, &epoch, history.size) {
-            for frame in &recovery.frames {
-                match self.admit(room, frame) {
-                    Admit::Drop => continue,
-                    Admit::Deliver => {}
-                    Admit::AfterGap(gap) => sink.deliver(room, &gap),
-                }
-                caught += 1;
-                sink.deliver(room, frame);
-            }
-        } else {
-            let top = &recovery.top;
+        let top = &recovery.top;
+        if !recovery.recovers(since, &epoch, history.size) {
             crate::metrics::gap();
             sink.deliver(
                 room,
@@ -268,6 +286,31 @@ impl Tracks {
             );
             if let Some(track) = self.rooms().get_mut(room) {
                 track.reset((!top.epoch.is_empty()).then(|| (top.offset, top.epoch.clone())));
+            }
+            return 0;
+        }
+        let mut caught = 0;
+        for frame in &recovery.frames {
+            match self.admit(room, frame) {
+                Admit::Drop => continue,
+                Admit::Deliver => {}
+                Admit::AfterGap(gap) => sink.deliver(room, &gap),
+            }
+            caught += 1;
+            sink.deliver(room, frame);
+        }
+        // A history whose top is below what was delivered went back (a failover lost
+        // writes, and nothing new took their offsets yet): the members are told, and the
+        // room goes on from its top.
+        let mut rooms = self.rooms();
+        if let Some(track) = rooms.get_mut(room) {
+            if track.cut_back(top.offset, &top.epoch) {
+                drop(rooms);
+                crate::metrics::gap();
+                sink.deliver(
+                    room,
+                    &Utf8Bytes::from(server::gap(room, top.offset, &top.epoch)),
+                );
             }
         }
         caught
@@ -343,6 +386,26 @@ mod tests {
             Admit::Deliver
         ));
         for offset in 6..=40 {
+            assert!(matches!(
+                tracks.admit("h", &frame(offset, "new")),
+                Admit::Deliver
+            ));
+        }
+        // The history's top fell below what was delivered, with nothing new yet: the room
+        // stands at the top again, remembering the frames up to it.
+        let mut rooms = tracks.rooms();
+        let track = rooms.get_mut("h").unwrap();
+        assert!(!track.cut_back(40, "e"));
+        assert!(!track.cut_back(30, "other"));
+        assert!(track.cut_back(37, "e"));
+        assert_eq!(track.recent.len(), REMEMBERED - 3);
+        drop(rooms);
+        assert!(matches!(tracks.admit("h", &frame(37, "new")), Admit::Drop));
+        assert!(matches!(
+            tracks.admit("h", &frame(38, "newer")),
+            Admit::Deliver
+        ));
+        for offset in 39..=40 {
             assert!(matches!(
                 tracks.admit("h", &frame(offset, "new")),
                 Admit::Deliver
