@@ -38,6 +38,13 @@ pub enum ConnectError {
     /// Redis did not answer the connection check, or a connection pool could not be built.
     #[error("Redis unavailable")]
     Unavailable(#[from] BrokerError),
+    /// Redis answered but is older than thinws needs (6.2: its scripts call `RPOP` with a
+    /// count and `HRANDFIELD`).
+    #[error("Redis {found} is too old: thinws needs Redis 6.2 or newer")]
+    RedisTooOld {
+        /// The version Redis reported.
+        found: String,
+    },
 }
 
 /// Why a publish ([`Hub::publish`](crate::Hub::publish),

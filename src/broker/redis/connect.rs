@@ -216,6 +216,17 @@ pub(crate) fn millis(d: Duration) -> u64 {
 }
 
 /// Classifies a redis-rs error: an error reply from Redis, or a failed connection.
+/// Whether a Redis that reports `version` (`INFO server`'s `redis_version`) runs thinws's
+/// scripts: 6.2 or newer (`RPOP` with a count, `HRANDFIELD`). A version it cannot read
+/// is taken as supported (Redis-compatible servers number theirs differently).
+pub(crate) fn is_supported(version: &str) -> bool {
+    let mut parts = version.split('.').map(|part| part.parse::<u32>());
+    match (parts.next(), parts.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (6, 2),
+        _ => true,
+    }
+}
+
 pub(crate) fn redis_error(e: redis::RedisError) -> BrokerError {
     match e.kind() {
         redis::ErrorKind::Server(_) | redis::ErrorKind::Extension => {
@@ -264,5 +275,15 @@ mod tests {
             ConnectError::from(RedisTarget::parse("redis://:secret@h:notaport", None).unwrap_err());
         assert!(!e.to_string().contains("secret"), "{e}");
         assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    fn redis_older_than_6_2_is_not_supported() {
+        for old in ["6.0.9", "6.0.16", "5.0.14", "6.1.0"] {
+            assert!(!is_supported(old), "{old}");
+        }
+        for new in ["6.2.0", "6.2.14", "7.0.15", "10.0.1", "", "unknown", "7"] {
+            assert!(is_supported(new), "{new}");
+        }
     }
 }

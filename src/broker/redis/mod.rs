@@ -40,7 +40,7 @@ use self::presence::PresenceStore;
 use self::subscriber::{Subscriber, Subscriptions, Topology};
 use super::{BrokerHealth, Confirmation, Keys, Publish, SharedSink};
 use crate::config::Config;
-use crate::error::BrokerError;
+use crate::error::{BrokerError, ConnectError};
 use crate::notifier::Notifier;
 use crate::settings::RoomPolicy;
 
@@ -238,11 +238,17 @@ impl RedisBroker {
         }
     }
 
-    /// Waits until every lane, the pool and the pub/sub connection work, or fails.
-    pub(crate) async fn ready(&self, timeout: Duration) -> Result<(), BrokerError> {
+    /// Waits until every lane, the pool and the pub/sub connection work, or fails; fails
+    /// too on a Redis older than thinws's scripts need (where it says its version).
+    pub(crate) async fn ready(&self, timeout: Duration) -> Result<(), ConnectError> {
         let running = self.running();
         connect::within(timeout, running.lanes.ping()).await?;
         self.commands.ping(timeout).await?;
-        running.subscriber.wait_live(timeout).await
+        if let Some(found) = self.commands.version(timeout).await? {
+            if !connect::is_supported(&found) {
+                return Err(ConnectError::RedisTooOld { found });
+            }
+        }
+        Ok(running.subscriber.wait_live(timeout).await?)
     }
 }

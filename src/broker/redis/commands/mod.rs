@@ -162,6 +162,26 @@ impl Commands {
     }
 
     /// `PING`: on a cluster, to every master, each of which must answer.
+    /// The `redis_version` one Redis reports in `INFO server` (`None` on a cluster, or
+    /// where the server does not say).
+    pub(crate) async fn version(&self, timeout: Duration) -> Result<Option<String>, BrokerError> {
+        super::connect::within(timeout, async {
+            let Connection::Pooled(mut c) = self.get().await? else {
+                return Ok(None);
+            };
+            let info: String = redis::cmd("INFO")
+                .arg("server")
+                .query_async(&mut c)
+                .await
+                .map_err(redis_error)?;
+            Ok(info
+                .lines()
+                .find_map(|line| line.strip_prefix("redis_version:"))
+                .map(|version| version.trim().to_owned()))
+        })
+        .await
+    }
+
     pub(crate) async fn ping(&self, timeout: Duration) -> Result<(), BrokerError> {
         super::connect::within(timeout, async {
             match self.get().await? {
