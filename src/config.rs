@@ -30,6 +30,8 @@ pub(crate) struct Config {
     pub(crate) redis_ca_pem: Option<std::sync::Arc<[u8]>>,
     /// How long any one Redis operation may take.
     pub(crate) redis_timeout: Duration,
+    /// Replicas that must confirm a history or keyed publish before it is acked (0: none).
+    pub(crate) redis_wait_replicas: u32,
     /// How long an identity's rooms are kept after its last socket went away.
     pub(crate) identity_ttl: Duration,
     /// The `connectionID` of frames published with `Hub::publish`.
@@ -84,6 +86,7 @@ impl Default for Config {
             read_buffer_size: 512,
             redis_ca_pem: None,
             redis_timeout: Duration::from_secs(2),
+            redis_wait_replicas: 0,
             identity_ttl: Duration::from_secs(24 * 60 * 60),
             server_sender_id: "server".into(),
             hooks: Hooks::default(),

@@ -117,6 +117,12 @@ pub enum BrokerError {
     /// carried out.
     #[error("the Redis connection failed with the command in flight; the outcome is unknown")]
     Lost(#[source] ErrorSource),
+    /// Redis carried the write out, but fewer of its replicas than
+    /// [`ThinWsBuilder::redis_wait_replicas`](crate::ThinWsBuilder::redis_wait_replicas)
+    /// asks confirmed it in time (how many did): a failover may still lose it, so the
+    /// outcome is unknown.
+    #[error("only {0} Redis replicas confirmed the write in time; the outcome is unknown")]
+    NotReplicated(i64),
     /// Redis answered with an error.
     #[error("Redis answered with an error")]
     Refused(#[source] ErrorSource),
@@ -146,7 +152,10 @@ impl BrokerError {
     /// means that nothing was done. Clients see the first kind as `timeout`, the second as
     /// `unavailable`.
     pub fn outcome_unknown(&self) -> bool {
-        matches!(self, BrokerError::Timeout(_) | BrokerError::Lost(_))
+        matches!(
+            self,
+            BrokerError::Timeout(_) | BrokerError::Lost(_) | BrokerError::NotReplicated(_)
+        )
     }
 }
 

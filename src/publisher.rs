@@ -299,7 +299,7 @@ impl Publisher {
         let frame = server::delivery(room, &inner.sender_id, payload);
         let lane = inner
             .lane
-            .get_or_init(|| Lanes::start(1, &inner.commands, &inner.disconnects, inner.timeout));
+            .get_or_init(|| Lanes::start(1, &inner.commands, &inner.disconnects, inner.timeout, 0));
         let settings = inner.rooms.settings(room);
         let once = Once::in_room(&settings, &inner.sender_id, true, key);
         let mut publish = lane.publish(0, &inner.keys, room, frame, settings.history, once);

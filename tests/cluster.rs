@@ -587,3 +587,60 @@ async fn a_subscribe_answered_moved_follows_the_slot_to_its_new_master() {
     publisher.publish(&room, json!("there")).await;
     assert_eq!(subscriber.delivery().await["payload"], "there");
 }
+
+/// With `redis_wait_replicas(1)`, a message to a history room is acked only once the
+/// replica of its master has it: with that replica frozen, the publisher gets `timeout`
+/// (published, but a failover could lose it), never an `ack`; messages to plain rooms do
+/// not wait; once the replica is back, messages are acked again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_messages_are_acked_once_a_replica_has_them() {
+    let cluster = RedisCluster::start().await;
+    let waiting = ThinWsLayer::builder()
+        .rate_limit(0, 0)
+        .redis_cluster(cluster.urls())
+        .redis_timeout(Duration::from_secs(1))
+        .redis_wait_replicas(1)
+        .room_settings(
+            "h:*",
+            RoomSettings::with_history(History::new(100, Duration::from_secs(300))),
+        )
+        .build();
+    let node = Node::start(waiting).await;
+    let history = rooms_on_every_shard(&cluster, "h:w")[0].clone();
+    let slot = cluster.keyslot(&format!("thinws:room:{{{history}}}"));
+    let master = cluster.master_of(slot);
+    let replica = cluster.replica_of(master);
+    let plain = (0..)
+        .map(|n| format!("w{n}"))
+        .find(|r| cluster.master_of(cluster.keyslot(&format!("thinws:room:{{{r}}}"))) == master)
+        .unwrap();
+    let mut p = Client::connect_as(&node.url(), "pub").await;
+    let message = |room: &str, n: u64| json!({"type": "message", "roomID": room, "payload": n});
+    let reply = p.request(message(&history, 1)).await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+
+    cluster.nodes[replica].freeze();
+    let reply = p.request(message(&history, 2)).await;
+    assert_eq!(
+        (reply["type"].as_str(), reply["code"].as_str()),
+        (Some("error"), Some("timeout")),
+        "{reply}"
+    );
+    let reply = p.request(message(&plain, 3)).await;
+    assert_eq!(reply["type"], "ack", "plain rooms do not wait: {reply}");
+    cluster.nodes[replica].thaw();
+
+    let reply = p.request(message(&history, 4)).await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    // The message answered `timeout` was published all the same.
+    let page = p
+        .request(json!({"type": "history", "roomID": history}))
+        .await;
+    let payloads: Vec<u64> = page["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{page}"))
+        .iter()
+        .map(|m| m["payload"].as_u64().unwrap())
+        .collect();
+    assert_eq!(payloads, [1, 2, 4], "{page}");
+}

@@ -786,3 +786,38 @@ async fn offsets_given_again_after_lost_writes_are_delivered_after_a_gap() {
         "{got}"
     );
 }
+
+/// `redis_wait_replicas` on one Redis without a replica: a history message is published
+/// (it is in the history) but never acked: the client is told `timeout`, as the outcome
+/// on a failover would be unknown. A plain room's message does not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_replicas_asked_for_history_messages_are_not_acked() {
+    let redis = RedisServer::start().await;
+    let layer = ThinWsLayer::builder()
+        .rate_limit(0, 0)
+        .redis_url(redis.url())
+        .redis_timeout(Duration::from_millis(500))
+        .redis_wait_replicas(1)
+        .room_settings(
+            "h:*",
+            RoomSettings::with_history(History::new(5, Duration::from_secs(60))),
+        )
+        .build();
+    let node = Node::start(layer).await;
+    let mut p = Client::connect(&node.url()).await;
+    let reply = p
+        .request(json!({"type": "message", "roomID": "h:w", "payload": 1}))
+        .await;
+    assert_eq!(
+        (reply["type"].as_str(), reply["code"].as_str()),
+        (Some("error"), Some("timeout")),
+        "{reply}"
+    );
+    publish(&mut p, "plain", json!(2)).await;
+    let page = history(&mut p, "h:w", None).await;
+    assert_eq!(
+        message_offsets(&page),
+        [1],
+        "published all the same: {page}"
+    );
+}

@@ -322,6 +322,28 @@ impl ThinWsBuilder {
         self
     }
 
+    /// How many Redis replicas must confirm a message published to a history room, or with
+    /// an idempotency key, before its `ack` (Redis's `WAIT`, after each round of publishes
+    /// that carries such messages). Default 0: an `ack` means the master took it, and a
+    /// master that dies before replicating can take it with it (replication is
+    /// asynchronous). With 1 on a Redis Cluster with a replica per master, an acked
+    /// message outlives the failover of its master; where fewer replicas confirm within
+    /// the [`redis_timeout`](Self::redis_timeout), the client gets `timeout` (the message
+    /// was published, but may be lost on a failover) instead of an `ack`. Costs a round
+    /// trip to the replicas per round of such publishes; plain rooms' messages never wait.
+    ///
+    /// ```
+    /// let layer = thinws::ThinWsLayer::builder()
+    ///     .redis_cluster(["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])
+    ///     .redis_wait_replicas(1)
+    ///     .build();
+    /// # let _ = layer;
+    /// ```
+    pub fn redis_wait_replicas(mut self, replicas: u32) -> Self {
+        self.config.redis_wait_replicas = replicas;
+        self
+    }
+
     /// Gives every room a history (unless a [`room_settings`](Self::room_settings) rule or
     /// the [`room_policy`](Self::room_policy) says otherwise): messages then carry an
     /// `offset` and an `epoch`, and clients can ask for the last ones. Off by default.

@@ -73,6 +73,29 @@ impl ClusterNode {
         .await
     }
 
+    /// SIGSTOP: the server holds its connections and answers nothing.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT.
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self
+            .child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("a running server");
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -220,6 +243,18 @@ impl RedisCluster {
         self.cli(self.nodes[n].port, &["cluster", "myid"])
             .trim()
             .to_owned()
+    }
+
+    /// The replica of master `master`.
+    pub fn replica_of(&self, master: usize) -> usize {
+        let port = self.nodes[master].port.to_string();
+        (0..self.nodes.len())
+            .find(|&n| {
+                let role = self.cli(self.nodes[n].port, &["role"]);
+                let mut lines = role.lines();
+                lines.next() == Some("slave") && lines.nth(1) == Some(port.as_str())
+            })
+            .expect("every master has a replica")
     }
 
     /// Whether node `n` is a master now.

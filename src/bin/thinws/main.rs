@@ -60,6 +60,12 @@ struct Args {
         conflicts_with = "redis_url"
     )]
     redis_cluster_urls: Vec<String>,
+    /// Redis replicas that must confirm a message to a history room (or with an
+    /// idempotency key) before its ack (Redis's WAIT); past --redis-timeout the client gets
+    /// `timeout` instead. 1 on a cluster with a replica per master: an acked message
+    /// outlives its master's failover. Default 0 (acked once the master took it).
+    #[arg(long, env = "THINWS_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    redis_wait_replicas: u32,
     /// For `rediss://`: a PEM file of the CA that signed Redis's certificate, trusted
     /// beside the system's roots (needed for a private CA, not for managed Redis).
     #[arg(long, env = "THINWS_REDIS_CA_FILE")]
@@ -364,6 +370,7 @@ async fn run(args: Args) -> Result<(), String> {
             std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         builder = builder.redis_ca_pem(pem);
     }
+    builder = builder.redis_wait_replicas(args.redis_wait_replicas);
     let layer = match &args.redis_url {
         None if !args.redis_cluster_urls.is_empty() => {
             let layer = builder

@@ -53,6 +53,8 @@ pub(crate) struct RedisBroker {
     disconnects: Disconnects,
     keys: Keys,
     timeout: Duration,
+    /// Replicas that must confirm a history or keyed publish (0: none).
+    wait_replicas: u32,
     sink: SharedSink,
     identities: Identities,
     history: Arc<HistoryStore>,
@@ -130,6 +132,7 @@ impl RedisBroker {
             disconnects,
             keys,
             timeout,
+            wait_replicas: config.redis_wait_replicas,
             sink,
             topology,
             running: OnceLock::new(),
@@ -147,6 +150,7 @@ impl RedisBroker {
                     &self.commands,
                     &self.disconnects,
                     self.timeout,
+                    self.wait_replicas,
                 ),
                 subscriber: Subscriber::start(
                     self.topology.clone(),

@@ -28,7 +28,9 @@ mod per_master;
 mod slots;
 
 pub(crate) use self::cluster::{Cluster, ClusterTarget};
-pub(crate) use self::per_master::{query_commands, query_pipeline, Failure, Pipelines, Reply};
+pub(crate) use self::per_master::{
+    query_commands, query_pipeline, Failure, Pipelines, Reply, Wait,
+};
 pub(crate) use self::slots::{key_slot, ping_every_master, read_slot_map, SlotMap};
 
 /// An empty pipeline that answers each command's error in its place.
@@ -61,7 +63,7 @@ pub(crate) async fn query_with_scripts(
         script
             .load_async(connection)
             .await
-            .map_err(|error| Failure { error, sent: true })?;
+            .map_err(|error| Failure::new(error, true))?;
     }
     let again = query_pipeline(connection, pipeline).await?;
     Ok(replies

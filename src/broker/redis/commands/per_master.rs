@@ -29,14 +29,54 @@ pub(crate) struct Failure {
     pub(crate) error: redis::RedisError,
     /// `false` when the command was never sent (no connection to its master could be had).
     pub(crate) sent: bool,
+    /// The command ran, but `WAIT` counted fewer replicas than asked (see [`Wait`]): how
+    /// many it counted.
+    pub(crate) replicated: Option<i64>,
+}
+
+impl Failure {
+    pub(crate) fn new(error: redis::RedisError, sent: bool) -> Self {
+        Failure {
+            error,
+            sent,
+            replicated: None,
+        }
+    }
 }
 
 impl From<Failure> for BrokerError {
     /// Nothing was done if the command was never sent; otherwise its outcome is unknown.
     fn from(failure: Failure) -> Self {
-        match failure.sent {
-            false => BrokerError::connection(failure.error),
-            true => BrokerError::Lost(std::sync::Arc::new(failure.error)),
+        match (failure.sent, failure.replicated) {
+            (_, Some(replicas)) => BrokerError::NotReplicated(replicas),
+            (false, None) => BrokerError::connection(failure.error),
+            (true, None) => BrokerError::Lost(std::sync::Arc::new(failure.error)),
+        }
+    }
+}
+
+/// Commands that must reach replicas before they are answered: after a pipeline that
+/// carries any, `WAIT replicas timeout` on the same connection; a command it carried is
+/// answered with a [`Failure`] (`replicated`) when fewer replicas confirmed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Wait {
+    pub(crate) replicas: u32,
+    /// `WAIT`'s own timeout (at least 1 ms: 0 would wait for ever).
+    pub(crate) timeout: Duration,
+}
+
+impl Wait {
+    fn append(&self, pipeline: &mut Pipeline) {
+        let millis = self.timeout.as_millis().clamp(1, u64::MAX as u128) as u64;
+        pipeline.cmd("WAIT").arg(self.replicas).arg(millis);
+    }
+
+    /// `None` if `reply` (to `WAIT`) counts enough replicas; otherwise what it counted.
+    fn short(&self, reply: Option<Value>) -> Option<i64> {
+        match reply {
+            Some(Value::Int(n)) if n >= i64::from(self.replicas) => None,
+            Some(Value::Int(n)) => Some(n),
+            _ => Some(0),
         }
     }
 }
@@ -49,7 +89,7 @@ pub(crate) async fn query_pipeline(
 ) -> Result<Vec<Value>, Failure> {
     if let Connection::Pooled(c) = connection {
         let answer = pipeline.query_async(c).await;
-        return answer.map_err(|error| Failure { error, sent: true });
+        return answer.map_err(|error| Failure::new(error, true));
     }
     let commands: Vec<&Cmd> = pipeline.cmd_iter().collect();
     query_commands(
@@ -60,6 +100,7 @@ pub(crate) async fn query_pipeline(
         |n, into| {
             into.add_command(commands[n].clone());
         },
+        None,
     )
     .await
     .into_iter()
@@ -84,22 +125,44 @@ pub(crate) async fn query_pipeline(
 ///
 /// A pipeline that fails answers its own commands with its error, and no other: the
 /// pipelines to the other masters may have been carried out.
+///
+/// With `wait`, each pipeline that carries a command `wait`'s second part says must be
+/// replicated ends with `WAIT` (see [`Wait`]).
 pub(crate) async fn query_commands<'k>(
     connection: &mut Connection,
     pipelines: &mut Pipelines,
     count: usize,
     key: impl Fn(usize) -> Option<&'k [u8]>,
     mut build: impl FnMut(usize, &mut Pipeline),
+    wait: Option<(Wait, &(dyn Fn(usize) -> bool + Sync))>,
 ) -> Vec<Reply> {
     let (cluster, shared) = match connection {
         Connection::Pooled(c) => {
             let pipeline = &mut pipelines.single;
             pipeline.clear();
             (0..count).for_each(|n| build(n, pipeline));
+            let wait = wait.filter(|(_, durable)| (0..count).any(durable));
+            if let Some((wait, _)) = &wait {
+                wait.append(pipeline);
+            }
+            let sent = count + usize::from(wait.is_some());
             let answer = pipeline.query_async::<Vec<Value>>(c).await;
-            return match answer.and_then(|answer| whole(answer, count)) {
-                Ok(replies) => replies.into_iter().map(Ok).collect(),
-                Err(error) => vec![Err(Failure { error, sent: true }); count],
+            return match answer.and_then(|answer| whole(answer, sent)) {
+                Ok(mut replies) => {
+                    let short = wait
+                        .and_then(|(wait, durable)| Some((wait.short(replies.pop())?, durable)));
+                    replies
+                        .into_iter()
+                        .enumerate()
+                        .map(|(n, reply)| match &short {
+                            Some((replicated, durable)) if ran(&reply) && durable(n) => {
+                                Err(not_replicated(*replicated))
+                            }
+                            _ => Ok(reply),
+                        })
+                        .collect()
+                }
+                Err(error) => vec![Err(Failure::new(error, true)); count],
             };
         }
         Connection::Cluster(c, shared) => (c.clone(), shared.clone()),
@@ -115,10 +178,7 @@ pub(crate) async fn query_commands<'k>(
             let error =
                 redis::RedisError::from(std::io::Error::other("no slot map from the cluster"));
             for (n, _) in pending.drain(..) {
-                replies[n] = Some(Err(Failure {
-                    error: error.clone(),
-                    sent: false,
-                }));
+                replies[n] = Some(Err(Failure::new(error.clone(), false)));
             }
             break;
         };
@@ -146,7 +206,7 @@ pub(crate) async fn query_commands<'k>(
                     "no master serves slot {}",
                     key(n).map(key_slot).unwrap_or_default()
                 )));
-                replies[n] = Some(Err(Failure { error, sent: false }));
+                replies[n] = Some(Err(Failure::new(error, false)));
                 continue;
             };
             let mut to: Destination = (std::borrow::Cow::Borrowed(host), port, asking);
@@ -178,6 +238,14 @@ pub(crate) async fn query_commands<'k>(
             }
             build(n, &mut group.pipeline);
             group.indices.push(n);
+            if wait.as_ref().is_some_and(|(_, durable)| durable(n)) {
+                group.waits = true;
+            }
+        }
+        if let Some((wait, _)) = &wait {
+            for group in groups.iter_mut().filter(|g| g.waits) {
+                wait.append(&mut group.pipeline);
+            }
         }
         let sends = groups.iter().filter(|g| g.used()).map(|group| {
             let shared = &shared;
@@ -187,7 +255,7 @@ pub(crate) async fn query_commands<'k>(
                     Ok(master) => master,
                     Err(error) => {
                         shared.failed(&error);
-                        return Err(Failure { error, sent: false });
+                        return Err(Failure::new(error, false));
                     }
                 };
                 let answer = group
@@ -200,7 +268,7 @@ pub(crate) async fn query_commands<'k>(
                     Err(error) => {
                         master.failed();
                         shared.failed(&error);
-                        Err(Failure { error, sent: true })
+                        Err(Failure::new(error, true))
                     }
                 }
             }
@@ -208,7 +276,7 @@ pub(crate) async fn query_commands<'k>(
         let answers = futures_util::future::join_all(sends).await;
         let mut try_again = false;
         for (group, answer) in groups.iter().filter(|g| g.used()).zip(answers) {
-            let answer = match answer {
+            let mut answer = match answer {
                 Ok(answer) => answer,
                 Err(failure) => {
                     for &n in &group.indices {
@@ -216,6 +284,13 @@ pub(crate) async fn query_commands<'k>(
                     }
                     continue;
                 }
+            };
+            // `WAIT`'s reply comes last: what it says applies to the commands answered.
+            let short = match (&wait, group.waits) {
+                (Some((wait, durable)), true) => wait
+                    .short(answer.pop())
+                    .map(|replicated| (replicated, durable)),
+                _ => None,
             };
             // After `ASKING`, every other reply is its `OK`.
             let step = if group.to.2 { 2 } else { 1 };
@@ -242,7 +317,14 @@ pub(crate) async fn query_commands<'k>(
                     _ => {}
                 }
                 match again {
-                    None => replies[n] = Some(Ok(reply)),
+                    None => {
+                        replies[n] = Some(match &short {
+                            Some((replicated, durable)) if ran(&reply) && durable(n) => {
+                                Err(not_replicated(*replicated))
+                            }
+                            _ => Ok(reply),
+                        })
+                    }
                     Some(Redirect::Moved) => {
                         shared.forget_slot_map();
                         pending.push((n, None));
@@ -304,6 +386,8 @@ struct Group {
     to: (String, u16, bool),
     pipeline: Pipeline,
     indices: Vec<usize>,
+    /// It carries a command that must be replicated: it ends with `WAIT`.
+    waits: bool,
 }
 
 impl Group {
@@ -312,6 +396,7 @@ impl Group {
             to,
             pipeline: super::pipeline(),
             indices: Vec::new(),
+            waits: false,
         }
     }
 
@@ -319,6 +404,7 @@ impl Group {
     fn clear(&mut self) {
         self.pipeline.clear();
         self.indices.clear();
+        self.waits = false;
     }
 
     /// Whether this attempt sends commands to its node.
@@ -358,6 +444,24 @@ fn redirection(e: &redis::ServerError) -> Option<Redirect> {
 
 /// `answer`, if it holds a reply for each of the `sent` commands; otherwise an error that
 /// leaves their outcome unknown.
+/// Whether a command answered `reply` may have written anything: an error reply (`NOSCRIPT`,
+/// a refusal) means it did not run, and is answered as it is, whatever `WAIT` says.
+fn ran(reply: &Value) -> bool {
+    !matches!(reply, Value::ServerError(_))
+}
+
+/// The failure of a command that ran but that fewer replicas than asked confirmed.
+fn not_replicated(replicated: i64) -> Failure {
+    let error = redis::RedisError::from(std::io::Error::other(format!(
+        "WAIT: {replicated} replicas confirmed the write in time"
+    )));
+    Failure {
+        error,
+        sent: true,
+        replicated: Some(replicated),
+    }
+}
+
 fn whole(answer: Vec<Value>, sent: usize) -> Result<Vec<Value>, redis::RedisError> {
     if answer.len() == sent {
         return Ok(answer);
@@ -402,16 +506,13 @@ mod tests {
     #[test]
     fn a_failure_is_unknown_only_if_the_command_may_have_been_sent() {
         let error = || redis::RedisError::from(std::io::Error::other("gone"));
-        let sent = BrokerError::from(Failure {
-            error: error(),
-            sent: true,
-        });
+        let sent = BrokerError::from(Failure::new(error(), true));
         assert!(sent.outcome_unknown(), "{sent}");
-        let unsent = BrokerError::from(Failure {
-            error: error(),
-            sent: false,
-        });
+        let unsent = BrokerError::from(Failure::new(error(), false));
         assert!(!unsent.outcome_unknown(), "{unsent}");
+        let short = BrokerError::from(not_replicated(0));
+        assert!(short.outcome_unknown(), "{short}");
+        assert!(matches!(short, BrokerError::NotReplicated(0)));
     }
 
     #[test]

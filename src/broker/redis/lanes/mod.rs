@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use self::script_call::{history_results, unknown};
-use super::commands::{no_script, query_commands, Commands, Connection, Pipelines};
+use super::commands::{no_script, query_commands, Commands, Connection, Pipelines, Wait};
 use super::connect::{millis, redis_error, refused, Disconnects};
 use super::history;
 use crate::broker::{Accepted, Keys, Once, Publish, Published};
@@ -145,11 +145,15 @@ pub(crate) struct Lanes {
 impl Lanes {
     /// Starts `count` lanes sending to `commands` (inside a Tokio runtime); each round trip
     /// takes at most `timeout`.
+    /// With `wait_replicas` above 0, a round that carries history or keyed publishes
+    /// ends with `WAIT` for that many replicas, and those publishes are answered as done
+    /// only once they confirmed.
     pub(crate) fn start(
         count: usize,
         commands: &Commands,
         disconnects: &Disconnects,
         timeout: Duration,
+        wait_replicas: u32,
     ) -> Self {
         let senders = (0..count.max(1))
             .map(|_| {
@@ -158,6 +162,7 @@ impl Lanes {
                     commands: commands.clone(),
                     disconnects: disconnects.clone(),
                     timeout,
+                    wait_replicas,
                     held: None,
                 };
                 tokio::spawn(lane.run(requests));
@@ -246,6 +251,8 @@ struct Lane {
     commands: Commands,
     disconnects: Disconnects,
     timeout: Duration,
+    /// Replicas that must confirm a history or keyed publish (0: none).
+    wait_replicas: u32,
     /// The connection this lane holds, and the disconnect count when it was checked out.
     held: Option<(Connection, u64)>,
 }
@@ -344,12 +351,20 @@ impl Lane {
             i = end;
         }
         let requests = &batch[..];
+        // History and keyed publishes are what a failover must not lose once acked.
+        let durable = |n: usize| {
+            matches!(
+                requests[commands[n].start].kind,
+                Kind::History(_) | Kind::Once(_)
+            )
+        };
         let sent = self
             .send(
                 pipeline,
                 commands.len(),
                 |n| requests[commands[n].start].kind.key(),
                 |n, into| command(&requests[commands[n].clone()], cluster, into),
+                &durable,
                 deadline,
             )
             .await;
@@ -396,6 +411,10 @@ impl Lane {
         let n = group.len();
         let reply = match reply {
             Ok(reply) => reply,
+            // Ran, but not confirmed by enough replicas: the connection is fine.
+            Err(failure) if failure.replicated.is_some() => {
+                return Outcome::Same(Err(BrokerError::from(failure)));
+            }
             Err(failure) => {
                 // Handed back: the pool's recycle check keeps it or replaces it.
                 self.held = None;
@@ -431,6 +450,7 @@ impl Lane {
         count: usize,
         key: impl Fn(usize) -> Option<&'k [u8]>,
         build: impl FnMut(usize, &mut redis::Pipeline),
+        durable: &(dyn Fn(usize) -> bool + Sync),
         deadline: Instant,
     ) -> Result<Vec<super::commands::Reply>, BrokerError> {
         let lost = self.disconnects.current();
@@ -449,7 +469,16 @@ impl Lane {
             }
         };
         // From here on the pipeline may have reached Redis.
-        let query = query_commands(connection, scratch, count, key, build);
+        // `WAIT` may take what is left of the round's time, less a little for its reply.
+        let wait = (self.wait_replicas > 0).then(|| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let wait = Wait {
+                replicas: self.wait_replicas,
+                timeout: left.mul_f64(0.8),
+            };
+            (wait, durable)
+        });
+        let query = query_commands(connection, scratch, count, key, build, wait);
         match tokio::time::timeout_at(deadline, query).await {
             Err(_) => Err(BrokerError::Timeout(self.timeout)),
             Ok(replies) => Ok(replies),
