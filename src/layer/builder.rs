@@ -328,9 +328,13 @@ impl ThinWsBuilder {
     /// master that dies before replicating can take it with it (replication is
     /// asynchronous). With 1 on a Redis Cluster with a replica per master, an acked
     /// message outlives the failover of its master; where fewer replicas confirm within
-    /// the [`redis_timeout`](Self::redis_timeout), the client gets `timeout` (the message
-    /// was published, but may be lost on a failover) instead of an `ack`. Costs a round
-    /// trip to the replicas per round of such publishes; plain rooms' messages never wait.
+    /// 40 % of the [`redis_timeout`](Self::redis_timeout), the client gets `timeout` (the
+    /// message was published, but may be lost on a failover) instead of an `ack`. Costs a
+    /// round trip to the replicas per round of such publishes. Plain rooms' messages never
+    /// ask for it, but `WAIT` holds the connection it runs on: on a cluster, a node's
+    /// publishes to one master share a connection, so while that master's replicas are
+    /// slow to confirm, every publish of the node to that master waits up to that long.
+    /// Not applied to [`Publisher`](crate::Publisher)s.
     ///
     /// ```
     /// let layer = thinws::ThinWsLayer::builder()

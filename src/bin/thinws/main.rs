@@ -61,7 +61,7 @@ struct Args {
     )]
     redis_cluster_urls: Vec<String>,
     /// Redis replicas that must confirm a message to a history room (or with an
-    /// idempotency key) before its ack (Redis's WAIT); past --redis-timeout the client gets
+    /// idempotency key) before its ack (Redis's WAIT); past 40 % of the Redis timeout the client gets
     /// `timeout` instead. 1 on a cluster with a replica per master: an acked message
     /// outlives its master's failover. Default 0 (acked once the master took it).
     #[arg(long, env = "THINWS_REDIS_WAIT_REPLICAS", default_value_t = 0)]

@@ -469,12 +469,14 @@ impl Lane {
             }
         };
         // From here on the pipeline may have reached Redis.
-        // `WAIT` may take what is left of the round's time, less a little for its reply.
+        // `WAIT` ends within the round's time, and within the response timeout of a
+        // cluster's master connections (half the Redis timeout), less a margin for its
+        // reply: past that the connection itself would be taken as failed.
         let wait = (self.wait_replicas > 0).then(|| {
             let left = deadline.saturating_duration_since(Instant::now());
             let wait = Wait {
                 replicas: self.wait_replicas,
-                timeout: left.mul_f64(0.8),
+                timeout: left.min(self.timeout / 2).mul_f64(0.8),
             };
             (wait, durable)
         });
