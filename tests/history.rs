@@ -821,3 +821,72 @@ async fn without_the_replicas_asked_for_history_messages_are_not_acked() {
         "published all the same: {page}"
     );
 }
+
+/// The same in a small history (5): reading back over every frame the node remembers
+/// would ask for more than the history can recover, so the catch-up reads from as far
+/// back as it can, and still finds the first new frame at a reused offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_given_again_in_a_small_history_are_delivered_after_a_gap() {
+    let redis = RedisServer::start().await;
+    let node = Node::start(layer(Some(&redis))).await;
+    let mut s = Client::connect(&node.url()).await;
+    s.subscribe("h:fo").await;
+    let mut p = Client::connect(&node.url()).await;
+    for n in 1..=6 {
+        publish(&mut p, "h:fo", json!(n)).await;
+    }
+    for n in 1..=6u64 {
+        assert_eq!(s.recv().await["payload"].as_u64(), Some(n));
+    }
+    let (meta, list) = ("thinws:meta:{h:fo}", "thinws:frames:{h:fo}");
+    let mut admin = redis.client().await;
+    // Offsets 5 and 6 lost, and two new messages took them, while the node's pub/sub
+    // connection is down.
+    let first: String = redis::cmd("LINDEX")
+        .arg(list)
+        .arg(0)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(first.contains("\"offset\":1,"), "{first}");
+    let _: () = redis::cmd("LTRIM")
+        .arg(list)
+        .arg(0)
+        .arg(3)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    for (offset, payload) in [(5, 8), (6, 9)] {
+        let frame = first
+            .replace("\"payload\":1,", &format!("\"payload\":{payload},"))
+            .replace("\"offset\":1,", &format!("\"offset\":{offset},"));
+        let _: i64 = redis::cmd("RPUSH")
+            .arg(list)
+            .arg(frame)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
+    let _: () = redis::cmd("HSET")
+        .arg(meta)
+        .arg("top")
+        .arg(6)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: i64 = support::kill_clients(&mut admin, "pubsub").await;
+    let gap = s.recv().await;
+    assert_eq!(
+        (gap["type"].as_str(), gap["offset"].as_u64()),
+        (Some("gap"), Some(4)),
+        "{gap}"
+    );
+    for (offset, payload) in [(5, 8), (6, 9)] {
+        let got = s.recv().await;
+        assert_eq!(
+            (got["payload"].as_u64(), got["offset"].as_u64()),
+            (Some(payload), Some(offset)),
+            "{got}"
+        );
+    }
+}

@@ -44,8 +44,9 @@ enum Phase {
 
 impl Phase {
     /// Whether `frame` was covered by the history read (while skipping). A `gap` never is:
-    /// it moves the room back (a failover gave offsets again), and the frames after it are
-    /// new.
+    /// it tells the client that messages may be missing (a failover gave offsets again).
+    /// It does not end the skipping: a live frame the read covered is still dropped, and a
+    /// new frame at an offset the read covered is among those the gap tells of.
     fn covers(&self, frame: &str) -> bool {
         match self {
             Phase::Skipping { offset, epoch } => {
@@ -60,7 +61,10 @@ impl Phase {
     /// `frame` went out: one with a position (beyond the read, or of another epoch) ends
     /// the skipping; one without (not a history frame) does not.
     fn went_out(&mut self, frame: &str) {
-        if matches!(self, Phase::Skipping { .. }) && server::position_of(frame).is_some() {
+        if matches!(self, Phase::Skipping { .. })
+            && !server::is_gap(frame)
+            && server::position_of(frame).is_some()
+        {
             *self = Phase::Passing;
         }
     }
@@ -305,9 +309,11 @@ mod tests {
     }
 
     /// A failover gave offsets again: the node tells a `gap` back to before the first new
-    /// frame. The gap is never covered, and the frames after it are new.
+    /// frame. The gap always goes out; the frames the read covered are still dropped (the
+    /// read may have sent them: sending them again would duplicate them), and the skipping
+    /// ends at the first frame beyond the read.
     #[test]
-    fn a_gap_back_ends_the_skipping() {
+    fn a_gap_goes_out_and_the_skipping_goes_on() {
         let queue = Arc::new(OutboundQueue::new(100, usize::MAX));
         let member = HoldingMember::new(queue.clone(), 10);
         member.release(&at(6));
@@ -316,7 +322,9 @@ mod tests {
         assert!(!server::is_gap(&frame(3, "e")));
         assert!(member.offer(&gap));
         assert!(member.offer(&frame(4, "e")));
+        assert!(member.offer(&frame(7, "e")));
+        assert!(member.offer(&frame(5, "e")));
         let got: Vec<_> = queue.drain().iter().map(|f| server::offset_of(f)).collect();
-        assert_eq!(got, [Some(3), Some(4)]);
+        assert_eq!(got, [Some(3), Some(7), Some(5)]);
     }
 }

@@ -171,11 +171,13 @@ impl Commands {
             let Connection::Pooled(mut c) = self.get().await? else {
                 return Ok(None);
             };
-            let info: String = redis::cmd("INFO")
-                .arg("server")
-                .query_async(&mut c)
-                .await
-                .map_err(redis_error)?;
+            // A user without `INFO` (`-@dangerous`), or a server that renamed it, connects
+            // as before: its version is not known.
+            let info: String = match redis::cmd("INFO").arg("server").query_async(&mut c).await {
+                Ok(info) => info,
+                Err(e) if e.is_io_error() || e.is_timeout() => return Err(redis_error(e)),
+                Err(_) => return Ok(None),
+            };
             Ok(info
                 .lines()
                 .find_map(|line| line.strip_prefix("redis_version:"))

@@ -76,7 +76,12 @@ impl Wait {
         match reply {
             Some(Value::Int(n)) if n >= i64::from(self.replicas) => None,
             Some(Value::Int(n)) => Some(n),
-            _ => Some(0),
+            // Refused (an ACL without `WAIT`, a proxy that lacks it): nothing confirms, and
+            // every such publish is answered `timeout` until it is allowed.
+            other => {
+                tracing::warn!(reply = ?other, "WAIT did not answer with a count of replicas");
+                Some(0)
+            }
         }
     }
 }

@@ -261,15 +261,25 @@ impl Tracks {
             return 0;
         };
         // Read back over the remembered frames: they say whether the history is still the
-        // one delivered (see `admit`). Where the history cannot be recovered from that far
-        // back, from the last frame delivered, as a catch-up without reading back would.
-        let mut since = offset.saturating_sub(remembered.max(1));
+        // one delivered (see `admit`). Where the history does not reach back that far (a
+        // small one that wrapped), or has more than its size since, read from as far back
+        // as it can be recovered, at most from the last frame delivered.
+        let mut since = offset.saturating_sub(remembered);
         let mut recovery = self.read(room, store, history, since, &epoch).await;
-        let short = recovery
-            .as_ref()
-            .is_some_and(|r| !r.recovers(since, &epoch, history.size));
-        if short && since + 1 < offset {
-            since = offset - 1;
+        let retry = recovery.as_ref().and_then(|r| {
+            if r.recovers(since, &epoch, history.size) || *r.top.epoch != *epoch {
+                return None;
+            }
+            let top = r.top.offset;
+            let from = since
+                .max(r.oldest.saturating_sub(1))
+                .max(top.saturating_sub(history.size as u64))
+                .min(top)
+                .min(offset);
+            (from != since).then_some(from)
+        });
+        if let Some(from) = retry {
+            since = from;
             recovery = self.read(room, store, history, since, &epoch).await;
         }
         let Some(recovery) = recovery else {
