@@ -330,11 +330,12 @@ impl ThinWsBuilder {
     /// message outlives the failover of its master; where fewer replicas confirm within
     /// 40 % of the [`redis_timeout`](Self::redis_timeout), the client gets `timeout` (the
     /// message was published, but may be lost on a failover) instead of an `ack`. Costs a
-    /// round trip to the replicas per round of such publishes. Plain rooms' messages never
-    /// ask for it, but `WAIT` holds the connection it runs on: on a cluster, a node's
-    /// publishes to one master share a connection, so while that master's replicas are
-    /// slow to confirm, every publish of the node to that master waits up to that long.
-    /// Not applied to [`Publisher`](crate::Publisher)s.
+    /// round trip to the replicas per round of such publishes. `WAIT` holds the connection
+    /// it runs on, so each publishing lane then has connections of its own (on a cluster,
+    /// one per master and lane, 4 lanes): while replicas are slow to confirm, the
+    /// publishes that share a lane with a waiting one wait too (plain rooms' included),
+    /// other lanes and presence, identity and history commands do not. Not applied to
+    /// [`Publisher`](crate::Publisher)s.
     ///
     /// ```
     /// let layer = thinws::ThinWsLayer::builder()

@@ -100,13 +100,18 @@ pub(crate) struct Cluster {
     /// The slot map pipelines are grouped by (see [`query_pipeline`]), read on first use
     /// and again after a redirection or a failure.
     slots: std::sync::RwLock<Option<Arc<SlotMap>>>,
-    /// A connection to each master pipelines went to (see [`Cluster::master`]).
-    masters: std::sync::Mutex<Vec<(String, u16, Master)>>,
+    /// A connection to each master pipelines went to, shared, or of one owner (see
+    /// [`Cluster::master`]).
+    masters: std::sync::Mutex<Vec<KnownMaster>>,
     /// Held while a connection to a master is made.
     connecting: tokio::sync::Mutex<()>,
 }
 
-/// A connection to one master, shared by every pipeline to it.
+/// A master's host and port, the owner of the connection (`None`: shared), and the
+/// connection.
+type KnownMaster = (String, u16, Option<usize>, Master);
+
+/// A connection to one master, shared by every pipeline to it (or its owner's).
 #[derive(Clone)]
 pub(super) struct Master {
     pub(super) connection: MultiplexedConnection,
@@ -129,12 +134,20 @@ impl Cluster {
     /// is multiplexed), made on first use, and again once it was lost (Redis closed it, or a
     /// pipeline on it failed: [`Master::failed`]). One task connects at a time, so that
     /// the lanes do not all connect to a master at once after it failed.
-    pub(super) async fn master(&self, host: &str, port: u16) -> Result<Master, RedisError> {
-        if let Some(master) = self.known_master(host, port) {
+    ///
+    /// With an `owner` (a publishing lane whose pipelines end with `WAIT`, which holds the
+    /// connection it runs on), the connection is that owner's alone.
+    pub(super) async fn master(
+        &self,
+        host: &str,
+        port: u16,
+        owner: Option<usize>,
+    ) -> Result<Master, RedisError> {
+        if let Some(master) = self.known_master(host, port, owner) {
             return Ok(master);
         }
         let _one_at_a_time = self.connecting.lock().await;
-        if let Some(master) = self.known_master(host, port) {
+        if let Some(master) = self.known_master(host, port, owner) {
             return Ok(master);
         }
         let lost = Arc::new(AtomicBool::new(false));
@@ -153,20 +166,22 @@ impl Cluster {
             .await?;
         let master = Master { connection, lost };
         let mut masters = self.lock_masters();
-        masters.retain(|(h, p, _)| !(h == host && *p == port));
-        masters.push((host.to_owned(), port, master.clone()));
+        masters.retain(|(h, p, o, _)| !(h == host && *p == port && *o == owner));
+        masters.push((host.to_owned(), port, owner, master.clone()));
         Ok(master)
     }
 
     /// The connection to `host`:`port`, unless there is none or it was lost.
-    fn known_master(&self, host: &str, port: u16) -> Option<Master> {
+    fn known_master(&self, host: &str, port: u16, owner: Option<usize>) -> Option<Master> {
         self.lock_masters()
             .iter()
-            .find(|(h, p, m)| h == host && *p == port && !m.lost.load(Ordering::Acquire))
-            .map(|(_, _, m)| m.clone())
+            .find(|(h, p, o, m)| {
+                h == host && *p == port && *o == owner && !m.lost.load(Ordering::Acquire)
+            })
+            .map(|(_, _, _, m)| m.clone())
     }
 
-    fn lock_masters(&self) -> std::sync::MutexGuard<'_, Vec<(String, u16, Master)>> {
+    fn lock_masters(&self) -> std::sync::MutexGuard<'_, Vec<KnownMaster>> {
         self.masters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

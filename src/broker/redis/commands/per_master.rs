@@ -61,6 +61,9 @@ impl From<Failure> for BrokerError {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Wait {
     pub(crate) replicas: u32,
+    /// Whose connections to a cluster's masters the pipelines go on (a publishing lane's:
+    /// not shared with other lanes, presence or identity commands).
+    pub(crate) owner: usize,
     /// `WAIT`'s own timeout (at least 1 ms: 0 would wait for ever).
     pub(crate) timeout: Duration,
 }
@@ -141,6 +144,9 @@ pub(crate) async fn query_commands<'k>(
     mut build: impl FnMut(usize, &mut Pipeline),
     wait: Option<(Wait, &(dyn Fn(usize) -> bool + Sync))>,
 ) -> Vec<Reply> {
+    // `WAIT` holds the connection it runs on: a pipeline that may end with it goes on
+    // connections of its own owner (see `Wait::owner`).
+    let owner = wait.as_ref().map(|(wait, _)| wait.owner);
     let (cluster, shared) = match connection {
         Connection::Pooled(c) => {
             let pipeline = &mut pipelines.single;
@@ -256,7 +262,7 @@ pub(crate) async fn query_commands<'k>(
             let shared = &shared;
             async move {
                 let (host, port, _) = &group.to;
-                let mut master = match shared.master(host, *port).await {
+                let mut master = match shared.master(host, *port, owner).await {
                     Ok(master) => master,
                     Err(error) => {
                         shared.failed(&error);

@@ -156,9 +156,10 @@ impl Lanes {
         wait_replicas: u32,
     ) -> Self {
         let senders = (0..count.max(1))
-            .map(|_| {
+            .map(|index| {
                 let (sender, requests) = mpsc::unbounded_channel();
                 let lane = Lane {
+                    index,
                     commands: commands.clone(),
                     disconnects: disconnects.clone(),
                     timeout,
@@ -253,6 +254,9 @@ struct Lane {
     timeout: Duration,
     /// Replicas that must confirm a history or keyed publish (0: none).
     wait_replicas: u32,
+    /// Which lane it is (with `wait_replicas`, its connections to a cluster's masters are
+    /// its own).
+    index: usize,
     /// The connection this lane holds, and the disconnect count when it was checked out.
     held: Option<(Connection, u64)>,
 }
@@ -476,6 +480,7 @@ impl Lane {
             let left = deadline.saturating_duration_since(Instant::now());
             let wait = Wait {
                 replicas: self.wait_replicas,
+                owner: self.index,
                 timeout: left.min(self.timeout / 2).mul_f64(0.8),
             };
             (wait, durable)
