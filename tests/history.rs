@@ -682,96 +682,141 @@ async fn paging_back_stops_at_the_history_size() {
     }
 }
 
-/// A Redis failover that lost the room's last writes, played on one Redis: the history is
-/// cut back as the promoted replica would have it, and its offsets are given again. The
-/// subscribed client gets a `gap` back to the last offset kept, then every new message
-/// at the reused offsets: those published live, and those published while the node's
-/// pub/sub connection was down (read by its catch-up).
+/// A room's history as a Redis failover that lost writes leaves it, played on one Redis:
+/// cut back as the promoted replica would have it, with new frames at offsets given
+/// again (written as the publish script writes them, not published).
+struct LostWrites {
+    admin: redis::aio::MultiplexedConnection,
+    meta: String,
+    list: String,
+    /// The room's first frame (offset 1, payload 1), the model of the new ones.
+    first: String,
+}
+
+impl LostWrites {
+    async fn of(redis: &RedisServer, room: &str) -> Self {
+        let mut admin = redis.client().await;
+        let list = format!("thinws:frames:{{{room}}}");
+        let first: String = redis::cmd("LINDEX")
+            .arg(&list)
+            .arg(0)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert!(first.contains("\"offset\":1,"), "{first}");
+        let meta = format!("thinws:meta:{{{room}}}");
+        LostWrites {
+            admin,
+            meta,
+            list,
+            first,
+        }
+    }
+
+    /// Keeps the frames up to offset `top`, and makes `top` the history's top.
+    async fn keep(&mut self, top: i64) {
+        let _: () = redis::cmd("LTRIM")
+            .arg(&self.list)
+            .arg(0)
+            .arg(top - 1)
+            .query_async(&mut self.admin)
+            .await
+            .unwrap();
+        self.top(top).await;
+    }
+
+    async fn top(&mut self, top: i64) {
+        let _: () = redis::cmd("HSET")
+            .arg(&self.meta)
+            .arg("top")
+            .arg(top)
+            .query_async(&mut self.admin)
+            .await
+            .unwrap();
+    }
+
+    /// Appends a new frame at `offset` with `payload`, and makes `offset` the top.
+    async fn write(&mut self, offset: i64, payload: u64) {
+        let frame = self
+            .first
+            .replace("\"payload\":1,", &format!("\"payload\":{payload},"))
+            .replace("\"offset\":1,", &format!("\"offset\":{offset},"));
+        assert_ne!(frame, self.first);
+        let _: i64 = redis::cmd("RPUSH")
+            .arg(&self.list)
+            .arg(frame)
+            .query_async(&mut self.admin)
+            .await
+            .unwrap();
+        self.top(offset).await;
+    }
+
+    /// Cuts the node's pub/sub connection: it catches up when it is back.
+    async fn cut_pubsub(&mut self) {
+        let _: i64 = support::kill_clients(&mut self.admin, "pubsub").await;
+    }
+}
+
+/// A node on `redis`, a client subscribed to `room` that received messages 1 to 6, and a
+/// publisher.
+async fn six_delivered(redis: &RedisServer, room: &str) -> (Node, Client, Client) {
+    let node = Node::start(layer(Some(redis))).await;
+    let mut s = Client::connect(&node.url()).await;
+    s.subscribe(room).await;
+    let mut p = Client::connect(&node.url()).await;
+    for n in 1..=6 {
+        publish(&mut p, room, json!(n)).await;
+    }
+    for n in 1..=6u64 {
+        assert_eq!(s.recv().await["payload"].as_u64(), Some(n));
+    }
+    (node, s, p)
+}
+
+/// The next frame `c` receives is a `gap` at `offset`.
+async fn gap_at(c: &mut Client, offset: u64) {
+    let gap = c.recv().await;
+    assert_eq!(
+        (gap["type"].as_str(), gap["offset"].as_u64()),
+        (Some("gap"), Some(offset)),
+        "{gap}"
+    );
+}
+
+/// The next frame `c` receives is message `payload` at `offset`.
+async fn message_at(c: &mut Client, offset: u64, payload: u64) {
+    let got = c.recv().await;
+    assert_eq!(
+        (got["payload"].as_u64(), got["offset"].as_u64()),
+        (Some(payload), Some(offset)),
+        "{got}"
+    );
+}
+
+/// A Redis failover that lost the room's last writes: the subscribed client gets a `gap`
+/// back to the last offset kept, then every new message at the reused offsets: those
+/// published live, and those published while the node's pub/sub connection was down (read
+/// by its catch-up).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offsets_given_again_after_lost_writes_are_delivered_after_a_gap() {
     let redis = RedisServer::start().await;
-    let node = Node::start(layer(Some(&redis))).await;
-    let mut s = Client::connect(&node.url()).await;
-    s.subscribe("big:fo").await;
-    let mut p = Client::connect(&node.url()).await;
-    for n in 1..=6 {
-        publish(&mut p, "big:fo", json!(n)).await;
-    }
-    let got: Vec<Value> = (0..6).map(|_| Value::Null).collect::<Vec<_>>();
-    let mut got = got;
-    for slot in got.iter_mut() {
-        *slot = s.recv().await;
-    }
-    assert_eq!(got[5]["offset"], 6, "{got:?}");
-    let (meta, list) = ("thinws:meta:{big:fo}", "thinws:frames:{big:fo}");
-    let mut admin = redis.client().await;
-    let keep = async |admin: &mut redis::aio::MultiplexedConnection, top: i64| {
-        let _: () = redis::cmd("LTRIM")
-            .arg(list)
-            .arg(0)
-            .arg(top - 1)
-            .query_async(admin)
-            .await
-            .unwrap();
-        let _: () = redis::cmd("HSET")
-            .arg(meta)
-            .arg("top")
-            .arg(top)
-            .query_async(admin)
-            .await
-            .unwrap();
-    };
+    let (node, mut s, mut p) = six_delivered(&redis, "big:fo").await;
+    let mut lost = LostWrites::of(&redis, "big:fo").await;
 
     // Live: offsets 5 and 6 lost; the next message takes offset 5.
-    keep(&mut admin, 4).await;
+    lost.keep(4).await;
     let ack = publish(&mut p, "big:fo", json!(7)).await;
     assert_eq!(ack["offset"], 5, "{ack}");
-    let gap = s.recv().await;
-    assert_eq!(
-        (gap["type"].as_str(), gap["offset"].as_u64()),
-        (Some("gap"), Some(4)),
-        "{gap}"
-    );
-    let seven = s.recv().await;
-    assert_eq!(
-        (seven["payload"].as_u64(), seven["offset"].as_u64()),
-        (Some(7), Some(5))
-    );
+    gap_at(&mut s, 4).await;
+    message_at(&mut s, 5, 7).await;
 
-    // While the node's pub/sub connection is down: offsets 3 to 5 lost, and one new
-    // message took offset 3 (written as the script writes it, not published): the history's
-    // top is below what the node delivered.
-    let first: String = redis::cmd("LINDEX")
-        .arg(list)
-        .arg(0)
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    keep(&mut admin, 2).await;
-    let frame = first
-        .replace("\"payload\":1,", "\"payload\":8,")
-        .replace("\"offset\":1,", "\"offset\":3,");
-    assert_ne!(frame, first);
-    let _: i64 = redis::cmd("RPUSH")
-        .arg(list)
-        .arg(frame)
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    keep(&mut admin, 3).await;
-    let _: i64 = support::kill_clients(&mut admin, "pubsub").await;
-    let gap = s.recv().await;
-    assert_eq!(
-        (gap["type"].as_str(), gap["offset"].as_u64()),
-        (Some("gap"), Some(2)),
-        "{gap}"
-    );
-    let got = s.recv().await;
-    assert_eq!(
-        (got["payload"].as_u64(), got["offset"].as_u64()),
-        (Some(8), Some(3)),
-        "{got}"
-    );
+    // While the pub/sub connection is down: offsets 3 to 5 lost, and one new message took
+    // offset 3: the history's top is below what the node delivered.
+    lost.keep(2).await;
+    lost.write(3, 8).await;
+    lost.cut_pubsub().await;
+    gap_at(&mut s, 2).await;
+    message_at(&mut s, 3, 8).await;
     support::until("the node to subscribe again", async || {
         node.hub.health().await.is_ready()
     })
@@ -779,12 +824,26 @@ async fn offsets_given_again_after_lost_writes_are_delivered_after_a_gap() {
     // And the room goes on.
     let ack = publish(&mut p, "big:fo", json!(11)).await;
     assert_eq!(ack["offset"], 4, "{ack}");
-    let got = s.recv().await;
-    assert_eq!(
-        (got["payload"].as_u64(), got["offset"].as_u64()),
-        (Some(11), Some(4)),
-        "{got}"
-    );
+    message_at(&mut s, 4, 11).await;
+}
+
+/// The same in a small history (5): reading back over every frame the node remembers
+/// would ask for more than the history can recover, so the catch-up reads from as far
+/// back as it can, and still finds the first new frame at a reused offset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_given_again_in_a_small_history_are_delivered_after_a_gap() {
+    let redis = RedisServer::start().await;
+    let (_node, mut s, _p) = six_delivered(&redis, "h:fo").await;
+    let mut lost = LostWrites::of(&redis, "h:fo").await;
+    // Offsets 5 and 6 lost, and two new messages took them, while the node's pub/sub
+    // connection is down.
+    lost.keep(4).await;
+    lost.write(5, 8).await;
+    lost.write(6, 9).await;
+    lost.cut_pubsub().await;
+    gap_at(&mut s, 4).await;
+    message_at(&mut s, 5, 8).await;
+    message_at(&mut s, 6, 9).await;
 }
 
 /// `redis_wait_replicas` on one Redis without a replica: a history message is published
@@ -820,73 +879,4 @@ async fn without_the_replicas_asked_for_history_messages_are_not_acked() {
         [1],
         "published all the same: {page}"
     );
-}
-
-/// The same in a small history (5): reading back over every frame the node remembers
-/// would ask for more than the history can recover, so the catch-up reads from as far
-/// back as it can, and still finds the first new frame at a reused offset.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offsets_given_again_in_a_small_history_are_delivered_after_a_gap() {
-    let redis = RedisServer::start().await;
-    let node = Node::start(layer(Some(&redis))).await;
-    let mut s = Client::connect(&node.url()).await;
-    s.subscribe("h:fo").await;
-    let mut p = Client::connect(&node.url()).await;
-    for n in 1..=6 {
-        publish(&mut p, "h:fo", json!(n)).await;
-    }
-    for n in 1..=6u64 {
-        assert_eq!(s.recv().await["payload"].as_u64(), Some(n));
-    }
-    let (meta, list) = ("thinws:meta:{h:fo}", "thinws:frames:{h:fo}");
-    let mut admin = redis.client().await;
-    // Offsets 5 and 6 lost, and two new messages took them, while the node's pub/sub
-    // connection is down.
-    let first: String = redis::cmd("LINDEX")
-        .arg(list)
-        .arg(0)
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    assert!(first.contains("\"offset\":1,"), "{first}");
-    let _: () = redis::cmd("LTRIM")
-        .arg(list)
-        .arg(0)
-        .arg(3)
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    for (offset, payload) in [(5, 8), (6, 9)] {
-        let frame = first
-            .replace("\"payload\":1,", &format!("\"payload\":{payload},"))
-            .replace("\"offset\":1,", &format!("\"offset\":{offset},"));
-        let _: i64 = redis::cmd("RPUSH")
-            .arg(list)
-            .arg(frame)
-            .query_async(&mut admin)
-            .await
-            .unwrap();
-    }
-    let _: () = redis::cmd("HSET")
-        .arg(meta)
-        .arg("top")
-        .arg(6)
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    let _: i64 = support::kill_clients(&mut admin, "pubsub").await;
-    let gap = s.recv().await;
-    assert_eq!(
-        (gap["type"].as_str(), gap["offset"].as_u64()),
-        (Some("gap"), Some(4)),
-        "{gap}"
-    );
-    for (offset, payload) in [(5, 8), (6, 9)] {
-        let got = s.recv().await;
-        assert_eq!(
-            (got["payload"].as_u64(), got["offset"].as_u64()),
-            (Some(payload), Some(offset)),
-            "{got}"
-        );
-    }
 }

@@ -75,25 +75,12 @@ impl ClusterNode {
 
     /// SIGSTOP: the server holds its connections and answers nothing.
     pub fn freeze(&self) {
-        self.signal("-STOP");
+        super::send_signal(self.child.as_ref(), "-STOP");
     }
 
     /// SIGCONT.
     pub fn thaw(&self) {
-        self.signal("-CONT");
-    }
-
-    fn signal(&self, signal: &str) {
-        let pid = self
-            .child
-            .as_ref()
-            .map(|c| c.id())
-            .expect("a running server");
-        let status = Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill {signal} {pid}");
+        super::send_signal(self.child.as_ref(), "-CONT");
     }
 
     /// SIGKILL.

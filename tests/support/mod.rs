@@ -236,16 +236,7 @@ impl RedisServer {
     }
 
     fn signal(&self, signal: &str) {
-        let pid = self
-            .child
-            .as_ref()
-            .map(|c| c.id())
-            .expect("a running server");
-        let status = std::process::Command::new("kill")
-            .args([signal, &pid.to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success(), "kill {signal} {pid}");
+        send_signal(self.child.as_ref(), signal);
     }
 
     /// Kills the server with SIGKILL (its data is gone: it keeps nothing on disk).
@@ -746,4 +737,14 @@ pub async fn http(
         .map(|(_, body)| body.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to a running server's process.
+pub fn send_signal(child: Option<&std::process::Child>, signal: &str) {
+    let pid = child.map(|c| c.id()).expect("a running server");
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {signal} {pid}");
 }
