@@ -14,6 +14,8 @@
 #   PERF_RECORD_ARGS="--call-graph dwarf" PERF=1 ...   # with call graphs
 #   PERF=stat bench/compare.sh ...   # instead counts both nodes' context switches and system
 #                                 # calls into bench/results/perf-stat-{side}-{scenario}.txt
+#   CLUSTER_REPLICAS=1 BEFORE_REDIS=cluster AFTER_REDIS=cluster AFTER_ARGS="--redis-wait-replicas 1" ...
+#                                 # a replica per master, e.g. to measure WAIT
 #   AFTER_REDIS=cluster bench/compare.sh BIN BIN 3   # the "after" side on a local 3-master
 #                                 # Redis Cluster (no replicas), the "before" on one Redis;
 #                                 # BEFORE_REDIS=cluster likewise (both: two binaries on it)
@@ -47,7 +49,10 @@ until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.05; done
 cluster_pids=() cluster_ports=()
 if [ "${AFTER_REDIS:-}" = cluster ] || [ "${BEFORE_REDIS:-}" = cluster ]; then
   cluster_dir=$(mktemp -d)
-  for _ in 1 2 3; do
+  # CLUSTER_REPLICAS=1: a replica per master (6 servers), e.g. to measure
+  # --redis-wait-replicas.
+  replicas=${CLUSTER_REPLICAS:-0}
+  for _ in $(seq $(( 3 * (1 + replicas) ))); do
     p=$(free_port); while (( p > 55000 )); do p=$(free_port); done
     mkdir -p "$cluster_dir/$p"
     "${own_session[@]}" "${pin_redis[@]}" redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes --dir "$cluster_dir/$p" \
@@ -56,7 +61,7 @@ if [ "${AFTER_REDIS:-}" = cluster ] || [ "${BEFORE_REDIS:-}" = cluster ]; then
   done
   trap 'kill "${pids[@]}" "$redis_pid" "${cluster_pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$cluster_dir"' EXIT
   for p in "${cluster_ports[@]}"; do until redis-cli -p "$p" ping >/dev/null 2>&1; do sleep 0.05; done; done
-  redis-cli --cluster create "${cluster_ports[@]/#/127.0.0.1:}" --cluster-yes >/dev/null
+  redis-cli --cluster create "${cluster_ports[@]/#/127.0.0.1:}" --cluster-replicas "$replicas" --cluster-yes >/dev/null
   for p in "${cluster_ports[@]}"; do until redis-cli -p "$p" cluster info | grep -q cluster_state:ok; do sleep 0.1; done; done
 fi
 ticks=$(getconf CLK_TCK)
@@ -104,7 +109,8 @@ one() { # label binary scenario args...
   if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" 2>/dev/null || true; fi
   kill "${ids[@]}"; wait "${ids[@]}" 2>/dev/null || true; pids=()
   redis-cli -p "$redis_port" flushall >/dev/null
-  for p in "${cluster_ports[@]}"; do redis-cli -p "$p" flushall >/dev/null; done
+  # (A replica refuses FLUSHALL; its master's reaches it.)
+  for p in "${cluster_ports[@]}"; do redis-cli -p "$p" flushall >/dev/null 2>&1 || true; done
   python3 - "$label" "$scenario" "$used" "$ticks" "$report" "$redis_used" <<'PY'
 import json, sys
 label, scenario, used, ticks, report, redis_used = sys.argv[1:]
