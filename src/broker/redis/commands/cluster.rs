@@ -130,10 +130,11 @@ impl Master {
 const RECONNECT_EVERY: Duration = Duration::from_millis(250);
 
 impl Cluster {
-    /// The connection to the master at `host`:`port` that every pipeline to it shares (it
-    /// is multiplexed), made on first use, and again once it was lost (Redis closed it, or a
-    /// pipeline on it failed: [`Master::failed`]). One task connects at a time, so that
-    /// the lanes do not all connect to a master at once after it failed.
+    /// The connection to the master at `host`:`port` that every pipeline to it without an
+    /// owner shares (it is multiplexed), made on first use, and again once it was lost
+    /// (Redis closed it, or a pipeline on it failed: [`Master::failed`]). One task
+    /// connects at a time, so that the lanes do not all connect to a master at once after
+    /// it failed.
     ///
     /// With an `owner` (a publishing lane whose pipelines end with `WAIT`, which holds the
     /// connection it runs on), the connection is that owner's alone.
@@ -166,7 +167,11 @@ impl Cluster {
             .await?;
         let master = Master { connection, lost };
         let mut masters = self.lock_masters();
-        masters.retain(|(h, p, o, _)| !(h == host && *p == port && *o == owner));
+        // Lost connections go too (an address failed over and gone, other owners' ones).
+        masters.retain(|(h, p, o, m)| {
+            let replaced = h == host && *p == port && *o == owner;
+            !replaced && !m.lost.load(Ordering::Acquire)
+        });
         masters.push((host.to_owned(), port, owner, master.clone()));
         Ok(master)
     }
@@ -226,6 +231,22 @@ impl Cluster {
             .slots
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// A pipeline to `host`:`port` failed with `e`: if the node seems gone, every owner's
+    /// connection to it is taken as lost too (their next pipelines connect again instead of
+    /// each waiting out its response timeout).
+    pub(crate) fn master_failed(&self, host: &str, port: u16, e: &redis::RedisError) {
+        if node_gone(e) {
+            for (_, _, _, master) in self
+                .lock_masters()
+                .iter()
+                .filter(|(h, p, _, _)| h == host && *p == port)
+            {
+                master.failed();
+            }
+        }
+        self.failed(e);
     }
 
     /// A command failed with `e`: if it looks like a node is gone, the next user gets a new

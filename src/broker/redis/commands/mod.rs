@@ -7,7 +7,8 @@
 //! keeps a pipeline within one slot and sends it whole again when one of its commands is
 //! redirected or its connection fails, so that commands that had run would run twice.
 //! [`query_commands`] sends one pipeline per master on a multiplexed connection to that
-//! master (one per master, shared by every user), answers each command for itself and
+//! master (one per master, shared by every user; with `WAIT`, one per master and
+//! publishing lane, see [`Wait`]), answers each command for itself and
 //! follows redirections per command. [`query_pipeline`] does the same for a pipeline built
 //! beforehand (its commands are copied into the per-master pipelines: fine off the hot
 //! path).
@@ -176,7 +177,10 @@ impl Commands {
             let info: String = match redis::cmd("INFO").arg("server").query_async(&mut c).await {
                 Ok(info) => info,
                 Err(e) if e.is_io_error() || e.is_timeout() => return Err(redis_error(e)),
-                Err(_) => return Ok(None),
+                Err(e) => {
+                    tracing::warn!(error = %e, "INFO server refused: the Redis version is not checked");
+                    return Ok(None);
+                }
             };
             Ok(info
                 .lines()

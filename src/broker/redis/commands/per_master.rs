@@ -278,7 +278,7 @@ pub(crate) async fn query_commands<'k>(
                     Ok(answer) => Ok(answer),
                     Err(error) => {
                         master.failed();
-                        shared.failed(&error);
+                        shared.master_failed(host, *port, &error);
                         Err(Failure::new(error, true))
                     }
                 }
