@@ -334,8 +334,9 @@ impl ThinWsBuilder {
     /// it runs on, so each publishing lane then has connections of its own (on a cluster,
     /// one per master and lane, 4 lanes): while replicas are slow to confirm, the
     /// publishes that share a lane with a waiting one wait too (plain rooms' included),
-    /// other lanes and presence, identity and history commands do not. Not applied to
-    /// [`Publisher`](crate::Publisher)s.
+    /// other lanes and presence, identity and history commands do not (a node then holds
+    /// up to five connections per master: count them against Redis's `maxclients`). Not
+    /// applied to [`Publisher`](crate::Publisher)s.
     ///
     /// ```
     /// let layer = thinws::ThinWsLayer::builder()

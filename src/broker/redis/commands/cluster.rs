@@ -77,7 +77,7 @@ impl ClusterTarget {
             connection: tokio::sync::Mutex::new(None),
             slots: std::sync::RwLock::new(None),
             masters: std::sync::Mutex::new(Vec::new()),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: std::sync::Mutex::default(),
         })
     }
 }
@@ -103,9 +103,12 @@ pub(crate) struct Cluster {
     /// A connection to each master pipelines went to, shared, or of one owner (see
     /// [`Cluster::master`]).
     masters: std::sync::Mutex<Vec<KnownMaster>>,
-    /// Held while a connection to a master is made.
-    connecting: tokio::sync::Mutex<()>,
+    /// Per master address, a lock held while a connection to it is made.
+    connecting: std::sync::Mutex<Vec<ConnectLock>>,
 }
+
+/// A master's host and port, and the lock held while a connection to it is made.
+type ConnectLock = (String, u16, Arc<tokio::sync::Mutex<()>>);
 
 /// A master's host and port, the owner of the connection (`None`: shared), and the
 /// connection.
@@ -132,9 +135,10 @@ const RECONNECT_EVERY: Duration = Duration::from_millis(250);
 impl Cluster {
     /// The connection to the master at `host`:`port` that every pipeline to it without an
     /// owner shares (it is multiplexed), made on first use, and again once it was lost
-    /// (Redis closed it, or a pipeline on it failed: [`Master::failed`]). One task
-    /// connects at a time, so that the lanes do not all connect to a master at once after
-    /// it failed.
+    /// (Redis closed it, or a pipeline on it failed: [`Master::failed`]). One task at a
+    /// time connects to each master, so that the lanes do not all connect to a master at
+    /// once after it failed, and a master that does not answer holds up no connect to the
+    /// others.
     ///
     /// With an `owner` (a publishing lane whose pipelines end with `WAIT`, which holds the
     /// connection it runs on), the connection is that owner's alone.
@@ -147,7 +151,7 @@ impl Cluster {
         if let Some(master) = self.known_master(host, port, owner) {
             return Ok(master);
         }
-        let _one_at_a_time = self.connecting.lock().await;
+        let _one_at_a_time = self.connecting_to(host, port).lock_owned().await;
         if let Some(master) = self.known_master(host, port, owner) {
             return Ok(master);
         }
@@ -174,6 +178,21 @@ impl Cluster {
         });
         masters.push((host.to_owned(), port, owner, master.clone()));
         Ok(master)
+    }
+
+    /// The lock held while a connection to `host`:`port` is made (one per address: a master
+    /// that does not answer holds up connects to it, not to the others).
+    fn connecting_to(&self, host: &str, port: u16) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .connecting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, _, lock)) = locks.iter().find(|(h, p, _)| h == host && *p == port) {
+            return lock.clone();
+        }
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        locks.push((host.to_owned(), port, lock.clone()));
+        lock
     }
 
     /// The connection to `host`:`port`, unless there is none or it was lost.
