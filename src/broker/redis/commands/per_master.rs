@@ -165,12 +165,7 @@ pub(crate) async fn query_commands<'k>(
                     replies
                         .into_iter()
                         .enumerate()
-                        .map(|(n, reply)| match &short {
-                            Some((replicated, durable)) if ran(&reply) && durable(n) => {
-                                Err(not_replicated(*replicated))
-                            }
-                            _ => Ok(reply),
-                        })
+                        .map(|(n, reply)| confirmed(short, n, reply))
                         .collect()
                 }
                 Err(error) => vec![Err(Failure::new(error, true)); count],
@@ -300,7 +295,7 @@ pub(crate) async fn query_commands<'k>(
             let short = match (&wait, group.waits) {
                 (Some((wait, durable)), true) => wait
                     .short(answer.pop())
-                    .map(|replicated| (replicated, durable)),
+                    .map(|replicated| (replicated, *durable)),
                 _ => None,
             };
             // After `ASKING`, every other reply is its `OK`.
@@ -328,14 +323,7 @@ pub(crate) async fn query_commands<'k>(
                     _ => {}
                 }
                 match again {
-                    None => {
-                        replies[n] = Some(match &short {
-                            Some((replicated, durable)) if ran(&reply) && durable(n) => {
-                                Err(not_replicated(*replicated))
-                            }
-                            _ => Ok(reply),
-                        })
-                    }
+                    None => replies[n] = Some(confirmed(short, n, reply)),
                     Some(Redirect::Moved) => {
                         shared.forget_slot_map();
                         pending.push((n, None));
@@ -459,6 +447,20 @@ fn redirection(e: &redis::ServerError) -> Option<Redirect> {
 /// a refusal) means it did not run, and is answered as it is, whatever `WAIT` says.
 fn ran(reply: &Value) -> bool {
     !matches!(reply, Value::ServerError(_))
+}
+
+/// Command `n`'s answer, `reply`, as a pipeline whose `WAIT` was `short` (how many replicas
+/// confirmed, and which commands had to be) leaves it: a command that had to be confirmed
+/// and ran fails with [`not_replicated`]; any other keeps its reply.
+fn confirmed(
+    short: Option<(i64, &(dyn Fn(usize) -> bool + Sync))>,
+    n: usize,
+    reply: Value,
+) -> Reply {
+    match short {
+        Some((replicated, durable)) if ran(&reply) && durable(n) => Err(not_replicated(replicated)),
+        _ => Ok(reply),
+    }
 }
 
 /// The failure of a command that ran but that fewer replicas than asked confirmed.
