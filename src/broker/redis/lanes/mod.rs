@@ -145,6 +145,7 @@ pub(crate) struct Lanes {
 impl Lanes {
     /// Starts `count` lanes sending to `commands` (inside a Tokio runtime); each round trip
     /// takes at most `timeout`.
+    ///
     /// With `wait_replicas` above 0, a round that carries history or keyed publishes
     /// ends with `WAIT` for that many replicas, and those publishes are answered as done
     /// only once they confirmed.
@@ -415,13 +416,13 @@ impl Lane {
         let n = group.len();
         let reply = match reply {
             Ok(reply) => reply,
-            // Ran, but not confirmed by enough replicas: the connection is fine.
-            Err(failure) if failure.replicated.is_some() => {
-                return Outcome::Same(Err(BrokerError::from(failure)));
-            }
             Err(failure) => {
-                // Handed back: the pool's recycle check keeps it or replaces it.
-                self.held = None;
+                // Handed back: the pool's recycle check keeps it or replaces it. (Not for a
+                // command that ran but that too few replicas confirmed: the connection is
+                // fine.)
+                if failure.replicated.is_none() {
+                    self.held = None;
+                }
                 return Outcome::Same(Err(BrokerError::from(failure)));
             }
         };
