@@ -689,6 +689,7 @@ struct LostWrites {
     admin: redis::aio::MultiplexedConnection,
     meta: String,
     list: String,
+    channel: String,
     /// The room's first frame (offset 1, payload 1), the model of the new ones.
     first: String,
 }
@@ -709,6 +710,7 @@ impl LostWrites {
             admin,
             meta,
             list,
+            channel: format!("thinws:room:{{{room}}}"),
             first,
         }
     }
@@ -735,8 +737,15 @@ impl LostWrites {
             .unwrap();
     }
 
-    /// Appends a new frame at `offset` with `payload`, and makes `offset` the top.
-    async fn write(&mut self, offset: i64, payload: u64) {
+    /// The room's epoch.
+    fn epoch(&self) -> String {
+        let first: Value = serde_json::from_str(&self.first).unwrap();
+        first["epoch"].as_str().unwrap().to_owned()
+    }
+
+    /// Appends a new frame at `offset` with `payload`, and makes `offset` the top; returns
+    /// the frame.
+    async fn write(&mut self, offset: i64, payload: u64) -> String {
         let frame = self
             .first
             .replace("\"payload\":1,", &format!("\"payload\":{payload},"))
@@ -744,11 +753,22 @@ impl LostWrites {
         assert_ne!(frame, self.first);
         let _: i64 = redis::cmd("RPUSH")
             .arg(&self.list)
-            .arg(frame)
+            .arg(&frame)
             .query_async(&mut self.admin)
             .await
             .unwrap();
         self.top(offset).await;
+        frame
+    }
+
+    /// Publishes `frame` on the room's channel, as the publish script does.
+    async fn publish(&mut self, frame: &str) {
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(frame)
+            .query_async(&mut self.admin)
+            .await
+            .unwrap();
     }
 
     /// Cuts the node's pub/sub connection: it catches up when it is back.
@@ -844,6 +864,67 @@ async fn offsets_given_again_in_a_small_history_are_delivered_after_a_gap() {
     gap_at(&mut s, 4).await;
     message_at(&mut s, 5, 8).await;
     message_at(&mut s, 6, 9).await;
+}
+
+/// A socket recovering with `since` whose history read returned offsets a failover then
+/// gave again (the read on the old master, the new messages live): it gets the gap and the
+/// new messages, not only the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovering_socket_gets_new_messages_at_offsets_its_read_returned() {
+    let redis = RedisServer::start().await;
+    let (node, _s, mut p) = six_delivered(&redis, "big:fr").await;
+    let mut lost = LostWrites::of(&redis, "big:fr").await;
+    let mut r = recovering_from_2(&node, "big:fr", &lost.epoch()).await;
+    for (offset, payload) in [(3, 3), (4, 4), (5, 5), (6, 6)] {
+        message_at(&mut r, offset, payload).await;
+    }
+    // Offsets 5 and 6 lost; two new messages take them, and the room goes on.
+    lost.keep(4).await;
+    for payload in [7, 8, 9] {
+        publish(&mut p, "big:fr", json!(payload)).await;
+    }
+    gap_at(&mut r, 4).await;
+    message_at(&mut r, 5, 7).await;
+    message_at(&mut r, 6, 8).await;
+    message_at(&mut r, 7, 9).await;
+}
+
+/// The other way round: the read (on the new master) returned the new messages at the
+/// reused offsets, and they reach the node live afterwards: the recovering socket gets the
+/// gap, but not those messages a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovering_socket_does_not_get_twice_what_its_read_returned() {
+    let redis = RedisServer::start().await;
+    let (node, mut s, mut p) = six_delivered(&redis, "big:fr2").await;
+    let mut lost = LostWrites::of(&redis, "big:fr2").await;
+    lost.keep(4).await;
+    let five = lost.write(5, 7).await;
+    let six = lost.write(6, 8).await;
+    let mut r = recovering_from_2(&node, "big:fr2", &lost.epoch()).await;
+    for (offset, payload) in [(3, 3), (4, 4), (5, 7), (6, 8)] {
+        message_at(&mut r, offset, payload).await;
+    }
+    lost.publish(&five).await;
+    lost.publish(&six).await;
+    // The socket that had the lost messages gets the new ones after the gap.
+    gap_at(&mut s, 4).await;
+    message_at(&mut s, 5, 7).await;
+    message_at(&mut s, 6, 8).await;
+    gap_at(&mut r, 4).await;
+    publish(&mut p, "big:fr2", json!(9)).await;
+    message_at(&mut r, 7, 9).await;
+}
+
+/// A client on `node` subscribed to `room` with `since` offset 2, its recovery acked.
+async fn recovering_from_2(node: &Node, room: &str, epoch: &str) -> Client {
+    let mut r = Client::connect(&node.url()).await;
+    let ack = r
+        .request(
+            json!({"type": "subscribe", "roomID": room, "since": {"offset": 2, "epoch": epoch}}),
+        )
+        .await;
+    assert_eq!(ack["recovered"].as_bool(), Some(true), "{ack}");
+    r
 }
 
 /// `redis_wait_replicas` on one Redis without a replica: a history message is published

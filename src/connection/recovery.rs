@@ -5,7 +5,13 @@
 //! follow, without those already sent (told apart by offset), and from then on frames pass
 //! straight through. So the socket gets every message after its `since` exactly once, in
 //! offset order.
+//!
+//! A Redis failover that lost writes gives their offsets again. A live frame at an offset
+//! the read returned is then told apart from the one the read returned by a fingerprint of
+//! the last [`REMEMBERED`] frames read: the same frame is dropped, a new one goes out (after
+//! the `gap` the node sends back to the offset before it).
 
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -16,6 +22,11 @@ use crate::broker::Position;
 use crate::protocol::server;
 use crate::rooms::Member;
 
+/// How many of the last frames a history read returned a recovering socket remembers (by
+/// fingerprint), as the node's subscriber remembers the last frames it delivered per room:
+/// a new frame at an offset older than those is taken for the one read, and dropped.
+const REMEMBERED: usize = 16;
+
 /// Holds a room's live frames for one socket until [`HoldingMember::release`].
 #[derive(Debug)]
 pub(crate) struct HoldingMember {
@@ -23,6 +34,9 @@ pub(crate) struct HoldingMember {
     phase: Mutex<Phase>,
     /// Frames held at most; beyond that the socket is a slow reader.
     max_held: usize,
+    /// Keys the fingerprints of the frames read (random keys: no client can make its
+    /// frame's fingerprint that of another).
+    hasher: RandomState,
 }
 
 /// Where a [`HoldingMember`] stands.
@@ -37,7 +51,12 @@ enum Phase {
     /// below it is dropped: the history read returns on another Redis connection than the
     /// node's pub/sub one, so a frame it covered can still reach the node after it. Live
     /// frames come in offset order, so the first one beyond it ends this phase.
-    Skipping { offset: u64, epoch: Arc<str> },
+    Skipping {
+        offset: u64,
+        epoch: Arc<str>,
+        /// The offsets and fingerprints of the last frames read (at most [`REMEMBERED`]).
+        read: Box<[(u64, u64)]>,
+    },
     /// Frames pass straight through.
     Passing,
 }
@@ -45,26 +64,40 @@ enum Phase {
 impl Phase {
     /// Whether `frame` was covered by the history read (while skipping). A `gap` never is:
     /// it tells the client that messages may be missing (a failover gave offsets again).
-    /// It does not end the skipping: a live frame the read covered is still dropped, and a
-    /// new frame at an offset the read covered is among those the gap tells of.
-    fn covers(&self, frame: &str) -> bool {
-        match self {
-            Phase::Skipping { offset, epoch } => {
-                !server::is_gap(frame)
-                    && server::position_of(frame)
-                        .is_some_and(|(at, at_epoch)| at <= *offset && at_epoch == &**epoch)
-            }
+    /// A frame at an offset the read returned is covered only if it is the frame read
+    /// there: after a failover that lost writes, another frame at that offset is a new
+    /// message, which the gap before it moved the client back for.
+    fn covers(&self, frame: &str, hasher: &RandomState) -> bool {
+        let Phase::Skipping {
+            offset,
+            epoch,
+            read,
+        } = self
+        else {
+            return false;
+        };
+        if server::is_gap(frame) {
+            return false;
+        }
+        match server::position_of(frame) {
+            Some((at, at_epoch)) if at <= *offset && at_epoch == &**epoch => read
+                .iter()
+                .find(|(read_at, _)| *read_at == at)
+                .is_none_or(|(_, fingerprint)| *fingerprint == hasher.hash_one(frame)),
             _ => false,
         }
     }
 
-    /// `frame` went out: one with a position (beyond the read, or of another epoch) ends
-    /// the skipping; one without (not a history frame) does not.
+    /// `frame` went out: one beyond the read, or of another epoch, ends the skipping; one
+    /// without a position (not a history frame), a gap, or a new frame at an offset the
+    /// read covered does not.
     fn went_out(&mut self, frame: &str) {
-        if matches!(self, Phase::Skipping { .. })
-            && !server::is_gap(frame)
-            && server::position_of(frame).is_some()
-        {
+        let Phase::Skipping { offset, epoch, .. } = self else {
+            return;
+        };
+        let beyond = server::position_of(frame)
+            .is_some_and(|(at, at_epoch)| at > *offset || at_epoch != &**epoch);
+        if beyond && !server::is_gap(frame) {
             *self = Phase::Passing;
         }
     }
@@ -79,6 +112,7 @@ impl HoldingMember {
                 bytes: 0,
             }),
             max_held,
+            hasher: RandomState::new(),
         }
     }
 
@@ -88,14 +122,24 @@ impl HoldingMember {
 
     /// Queues the held frames beyond `after` (the position the history read ended at), in
     /// order, and stops holding (under the lock, so that a frame delivered meanwhile comes
-    /// after them).
-    pub(crate) fn release(&self, after: &Position) {
+    /// after them). `read` holds the frames the read returned, queued already.
+    pub(crate) fn release(&self, after: &Position, read: &[Utf8Bytes]) {
+        let read = read
+            .iter()
+            .rev()
+            .filter_map(|frame| {
+                let (at, epoch) = server::position_of(frame)?;
+                (*epoch == *after.epoch).then(|| (at, self.hasher.hash_one(frame.as_str())))
+            })
+            .take(REMEMBERED)
+            .collect();
         let mut phase = self.phase();
         let held = std::mem::replace(
             &mut *phase,
             Phase::Skipping {
                 offset: after.offset,
                 epoch: after.epoch.clone(),
+                read,
             },
         );
         let Phase::Holding { frames, bytes } = held else {
@@ -104,7 +148,7 @@ impl HoldingMember {
         };
         // Their bytes were counted toward the socket's bound when they were held.
         for frame in frames {
-            if phase.covers(&frame) {
+            if phase.covers(&frame, &self.hasher) {
                 self.queue.unreserve(frame.len());
             } else {
                 phase.went_out(&frame);
@@ -129,7 +173,7 @@ impl Drop for HoldingMember {
 impl Member for HoldingMember {
     fn offer(&self, frame: &Utf8Bytes) -> bool {
         let mut phase = self.phase();
-        if phase.covers(frame) {
+        if phase.covers(frame, &self.hasher) {
             return true;
         }
         match &mut *phase {
@@ -179,7 +223,7 @@ mod tests {
             assert!(member.offer(&Utf8Bytes::from(frame)));
         }
         assert!(queue.drain().is_empty(), "held");
-        member.release(&at(4));
+        member.release(&at(4), &[]);
         let got = queue.drain();
         assert_eq!(got.len(), 1);
         assert_eq!(server::offset_of(&got[0]), Some(5));
@@ -212,7 +256,7 @@ mod tests {
         assert!(two.offer(&first));
         assert_eq!(queue.queued(), 2 * first.len());
         // Released: queued without being counted twice.
-        one.release(&at(0));
+        one.release(&at(0), &[]);
         assert_eq!(queue.queued(), 2 * first.len());
         assert_eq!(queue.drain().len(), 1);
         assert_eq!(queue.queued(), first.len());
@@ -248,7 +292,7 @@ mod tests {
             .await
             .expect("the catch-up waited for the frames held behind it")
             .unwrap();
-        member.release(&at(1));
+        member.release(&at(1), &[]);
         let got: Vec<_> = queue.drain().iter().map(|f| server::offset_of(f)).collect();
         assert_eq!(got, [Some(1), Some(9)]);
     }
@@ -283,7 +327,7 @@ mod tests {
         let pushed = tokio::time::timeout(std::time::Duration::from_secs(5), catch_up);
         pushed.await.unwrap().unwrap().unwrap();
         assert!(!queue.is_closing(), "no 1013");
-        member.release(&at(1));
+        member.release(&at(1), &[]);
         let got: Vec<_> = queue.drain().iter().map(|f| server::offset_of(f)).collect();
         assert_eq!(got, [Some(1), Some(9)]);
     }
@@ -292,7 +336,7 @@ mod tests {
     fn a_covered_frame_arriving_after_the_release_is_dropped() {
         let queue = Arc::new(OutboundQueue::new(100, usize::MAX));
         let member = HoldingMember::new(queue.clone(), 10);
-        member.release(&at(4));
+        member.release(&at(4), &[]);
         // A frame without a position goes out and does not end the skipping.
         let plain = Utf8Bytes::from_static(r#"{"type":"message","payload":0}"#);
         assert!(member.offer(&plain));
@@ -303,7 +347,7 @@ mod tests {
         assert_eq!(got, [None, Some(5), Some(6)]);
 
         let other = HoldingMember::new(queue.clone(), 10);
-        other.release(&at(4));
+        other.release(&at(4), &[]);
         assert!(other.offer(&frame(1, "new")));
         assert_eq!(queue.drain().len(), 1, "another epoch is not covered");
     }
@@ -316,7 +360,7 @@ mod tests {
     fn a_gap_goes_out_and_the_skipping_goes_on() {
         let queue = Arc::new(OutboundQueue::new(100, usize::MAX));
         let member = HoldingMember::new(queue.clone(), 10);
-        member.release(&at(6));
+        member.release(&at(6), &[]);
         let gap = Utf8Bytes::from(server::gap("h", 3, "e"));
         assert!(server::is_gap(&gap));
         assert!(!server::is_gap(&frame(3, "e")));
@@ -326,5 +370,42 @@ mod tests {
         assert!(member.offer(&frame(5, "e")));
         let got: Vec<_> = queue.drain().iter().map(|f| server::offset_of(f)).collect();
         assert_eq!(got, [Some(3), Some(7), Some(5)]);
+    }
+
+    /// A failover gave again offsets the read returned: a new frame at one of them goes out
+    /// after the gap (without ending the skipping), the frame the read returned there is
+    /// still dropped, and the skipping ends at the first frame beyond the read.
+    #[test]
+    fn a_new_frame_at_an_offset_read_goes_out() {
+        let queue = Arc::new(OutboundQueue::new(100, usize::MAX));
+        let member = HoldingMember::new(queue.clone(), 10);
+        let read = [frame(5, "e"), frame(6, "e")];
+        let new = |offset| -> Utf8Bytes {
+            server::with_position(r#"{"type":"message","payload":1}"#, offset, "e").into()
+        };
+        // Held while the read runs: the new frame at 5 waits, and goes out on release.
+        assert!(member.offer(&new(5)));
+        member.release(&at(6), &read);
+        assert!(member.offer(&Utf8Bytes::from(server::gap("h", 4, "e"))));
+        assert!(member.offer(&read[1]), "the frame read at 6 again");
+        assert!(member.offer(&new(6)));
+        assert!(member.offer(&frame(4, "e")), "below what is remembered");
+        assert!(member.offer(&new(7)));
+        assert!(member.offer(&read[0]), "passing: no longer told apart");
+        let got: Vec<_> = queue
+            .drain()
+            .iter()
+            .map(|f| (server::offset_of(f), server::is_gap(f)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Some(5), false),
+                (Some(4), true),
+                (Some(6), false),
+                (Some(7), false),
+                (Some(5), false)
+            ]
+        );
     }
 }

@@ -44,13 +44,14 @@ pub(super) struct Recovering {
 impl Recovering {
     /// Queues the missed frames, then the held live ones.
     async fn follow_up(self, queue: &OutboundQueue) {
-        for frame in self.missed {
-            if queue.push_draining(frame).await.is_err() {
+        for frame in &self.missed {
+            // A clone shares the frame's bytes.
+            if queue.push_draining(frame.clone()).await.is_err() {
                 // The socket is ending.
                 return;
             }
         }
-        self.member.release(&self.at);
+        self.member.release(&self.at, &self.missed);
     }
 }
 
