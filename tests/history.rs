@@ -874,7 +874,7 @@ async fn a_recovering_socket_gets_new_messages_at_offsets_its_read_returned() {
     let redis = RedisServer::start().await;
     let (node, _s, mut p) = six_delivered(&redis, "big:fr").await;
     let mut lost = LostWrites::of(&redis, "big:fr").await;
-    let mut r = recovering_from_2(&node, "big:fr", &lost.epoch()).await;
+    let mut r = recovering_from(&node, "big:fr", 2, &lost.epoch()).await;
     for (offset, payload) in [(3, 3), (4, 4), (5, 5), (6, 6)] {
         message_at(&mut r, offset, payload).await;
     }
@@ -900,7 +900,7 @@ async fn a_recovering_socket_does_not_get_twice_what_its_read_returned() {
     lost.keep(4).await;
     let five = lost.write(5, 7).await;
     let six = lost.write(6, 8).await;
-    let mut r = recovering_from_2(&node, "big:fr2", &lost.epoch()).await;
+    let mut r = recovering_from(&node, "big:fr2", 2, &lost.epoch()).await;
     for (offset, payload) in [(3, 3), (4, 4), (5, 7), (6, 8)] {
         message_at(&mut r, offset, payload).await;
     }
@@ -915,13 +915,26 @@ async fn a_recovering_socket_does_not_get_twice_what_its_read_returned() {
     message_at(&mut r, 7, 9).await;
 }
 
-/// A client on `node` subscribed to `room` with `since` offset 2, its recovery acked.
-async fn recovering_from_2(node: &Node, room: &str, epoch: &str) -> Client {
+/// A socket that recovered up to date (its read returned nothing) and is still skipping
+/// when a failover gives its last offset again: the new message there goes out after the
+/// node's gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_up_to_date_gets_a_new_message_at_its_last_offset() {
+    let redis = RedisServer::start().await;
+    let (node, _s, mut p) = six_delivered(&redis, "big:fr3").await;
+    let mut lost = LostWrites::of(&redis, "big:fr3").await;
+    let mut r = recovering_from(&node, "big:fr3", 6, &lost.epoch()).await;
+    lost.keep(5).await;
+    publish(&mut p, "big:fr3", json!(7)).await;
+    gap_at(&mut r, 5).await;
+    message_at(&mut r, 6, 7).await;
+}
+
+/// A client on `node` subscribed to `room` with `since` at `offset`, its recovery acked.
+async fn recovering_from(node: &Node, room: &str, offset: u64, epoch: &str) -> Client {
     let mut r = Client::connect(&node.url()).await;
     let ack = r
-        .request(
-            json!({"type": "subscribe", "roomID": room, "since": {"offset": 2, "epoch": epoch}}),
-        )
+        .request(json!({"type": "subscribe", "roomID": room, "since": {"offset": offset, "epoch": epoch}}))
         .await;
     assert_eq!(ack["recovered"].as_bool(), Some(true), "{ack}");
     r

@@ -71,6 +71,7 @@ impl Socket {
     ) -> Result<Recovering, Refusal> {
         let member = Arc::new(HoldingMember::new(
             self.queue.clone(),
+            room.into(),
             self.node.config.outbound_queue,
         ));
         let shared: SharedMember = member.clone();

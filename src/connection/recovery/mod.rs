@@ -2,16 +2,16 @@
 //!
 //! The socket joins the room through a [`HoldingMember`]: frames delivered live from then on
 //! are held while the missed ones are read from the history and queued; then the held ones
-//! follow, without those already sent (told apart by offset), and from then on frames pass
-//! straight through. So the socket gets every message after its `since` exactly once, in
-//! offset order.
+//! follow, without those already sent, and from then on frames pass straight through. So
+//! the socket gets every message after its `since` exactly once, in offset order.
 //!
-//! A Redis failover that lost writes gives their offsets again. A live frame at an offset
-//! the read returned is then told apart from the one the read returned by a fingerprint of
-//! the last [`REMEMBERED`] frames read: the same frame is dropped, a new one goes out (after
-//! the `gap` the node sends back to the offset before it).
+//! A Redis failover that lost writes gives their offsets again: a live frame at an offset
+//! the read returned is told apart from the one read by a fingerprint of the last
+//! [`skipping::REMEMBERED`] frames read (see [`skipping`]).
 
-use std::hash::{BuildHasher, RandomState};
+mod skipping;
+
+use std::hash::RandomState;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -21,16 +21,14 @@ use super::outbound::OutboundQueue;
 use crate::broker::Position;
 use crate::protocol::server;
 use crate::rooms::Member;
-
-/// How many of the last frames a history read returned a recovering socket remembers (by
-/// fingerprint), as the node's subscriber remembers the last frames it delivered per room:
-/// a new frame at an offset older than those is taken for the one read, and dropped.
-const REMEMBERED: usize = 16;
+use skipping::{Skipping, Verdict};
 
 /// Holds a room's live frames for one socket until [`HoldingMember::release`].
 #[derive(Debug)]
 pub(crate) struct HoldingMember {
     queue: Arc<OutboundQueue>,
+    /// The room, for the `gap` frames this member tells itself.
+    room: Arc<str>,
     phase: Mutex<Phase>,
     /// Frames held at most; beyond that the socket is a slow reader.
     max_held: usize,
@@ -47,66 +45,28 @@ enum Phase {
         frames: Vec<Utf8Bytes>,
         bytes: usize,
     },
-    /// Released after the history read that ended at `offset` in `epoch`. A live frame at or
-    /// below it is dropped: the history read returns on another Redis connection than the
-    /// node's pub/sub one, so a frame it covered can still reach the node after it. Live
-    /// frames come in offset order, so the first one beyond it ends this phase.
-    Skipping {
-        offset: u64,
-        epoch: Arc<str>,
-        /// The offsets and fingerprints of the last frames read (at most [`REMEMBERED`]).
-        read: Box<[(u64, u64)]>,
-    },
+    /// Released after the history read: a live frame the read returned is dropped (the
+    /// read returns on another Redis connection than the node's pub/sub one, so a frame it
+    /// covered can still reach the node after it). Live frames come in offset order, so
+    /// the first one beyond the read ends this phase.
+    Skipping(Skipping),
     /// Frames pass straight through.
     Passing,
 }
 
-impl Phase {
-    /// Whether `frame` was covered by the history read (while skipping). A `gap` never is:
-    /// it tells the client that messages may be missing (a failover gave offsets again).
-    /// A frame at an offset the read returned is covered only if it is the frame read
-    /// there: after a failover that lost writes, another frame at that offset is a new
-    /// message, which the gap before it moved the client back for.
-    fn covers(&self, frame: &str, hasher: &RandomState) -> bool {
-        let Phase::Skipping {
-            offset,
-            epoch,
-            read,
-        } = self
-        else {
-            return false;
-        };
-        if server::is_gap(frame) {
-            return false;
-        }
-        match server::position_of(frame) {
-            Some((at, at_epoch)) if at <= *offset && at_epoch == &**epoch => read
-                .iter()
-                .find(|(read_at, _)| *read_at == at)
-                .is_none_or(|(_, fingerprint)| *fingerprint == hasher.hash_one(frame)),
-            _ => false,
-        }
-    }
-
-    /// `frame` went out: one beyond the read, or of another epoch, ends the skipping; one
-    /// without a position (not a history frame), a gap, or a new frame at an offset the
-    /// read covered does not.
-    fn went_out(&mut self, frame: &str) {
-        let Phase::Skipping { offset, epoch, .. } = self else {
-            return;
-        };
-        let beyond = server::position_of(frame)
-            .is_some_and(|(at, at_epoch)| at > *offset || at_epoch != &**epoch);
-        if beyond && !server::is_gap(frame) {
-            *self = Phase::Passing;
-        }
-    }
+/// What a live frame turns into for the socket's queue.
+enum Out {
+    Nothing,
+    Frame,
+    /// The frame, after this `gap`.
+    AfterGap(Utf8Bytes),
 }
 
 impl HoldingMember {
-    pub(crate) fn new(queue: Arc<OutboundQueue>, max_held: usize) -> Self {
+    pub(crate) fn new(queue: Arc<OutboundQueue>, room: Arc<str>, max_held: usize) -> Self {
         HoldingMember {
             queue,
+            room,
             phase: Mutex::new(Phase::Holding {
                 frames: Vec::new(),
                 bytes: 0,
@@ -120,39 +80,49 @@ impl HoldingMember {
         self.phase.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// What `frame` turns into while skipping (the phase may end).
+    fn skip(&self, phase: &mut Phase, frame: &str) -> Out {
+        let Phase::Skipping(skipping) = phase else {
+            return Out::Frame;
+        };
+        match skipping.verdict(frame, &self.hasher) {
+            Verdict::Covered => Out::Nothing,
+            Verdict::Out => Out::Frame,
+            Verdict::OutAfterGap(offset) => {
+                tracing::warn!(room = &*self.room, offset, "a history room's offsets went back (a failover lost writes); telling a recovering socket a gap");
+                crate::metrics::gap();
+                let gap = server::gap(&self.room, offset, skipping.epoch());
+                Out::AfterGap(Utf8Bytes::from(gap))
+            }
+            Verdict::Beyond => {
+                *phase = Phase::Passing;
+                Out::Frame
+            }
+        }
+    }
+
     /// Queues the held frames beyond `after` (the position the history read ended at), in
     /// order, and stops holding (under the lock, so that a frame delivered meanwhile comes
     /// after them). `read` holds the frames the read returned, queued already.
     pub(crate) fn release(&self, after: &Position, read: &[Utf8Bytes]) {
-        let read = read
-            .iter()
-            .rev()
-            .filter_map(|frame| {
-                let (at, epoch) = server::position_of(frame)?;
-                (*epoch == *after.epoch).then(|| (at, self.hasher.hash_one(frame.as_str())))
-            })
-            .take(REMEMBERED)
-            .collect();
+        let skipping = Skipping::new(after.offset, after.epoch.clone(), read, &self.hasher);
         let mut phase = self.phase();
-        let held = std::mem::replace(
-            &mut *phase,
-            Phase::Skipping {
-                offset: after.offset,
-                epoch: after.epoch.clone(),
-                read,
-            },
-        );
+        let held = std::mem::replace(&mut *phase, Phase::Skipping(skipping));
         let Phase::Holding { frames, bytes } = held else {
             *phase = held;
             return;
         };
         // Their bytes were counted toward the socket's bound when they were held.
         for frame in frames {
-            if phase.covers(&frame, &self.hasher) {
-                self.queue.unreserve(frame.len());
-            } else {
-                phase.went_out(&frame);
-                self.queue.offer_reserved(&frame);
+            match self.skip(&mut phase, &frame) {
+                Out::Nothing => self.queue.unreserve(frame.len()),
+                Out::Frame => {
+                    self.queue.offer_reserved(&frame);
+                }
+                Out::AfterGap(gap) => {
+                    self.queue.offer(&gap);
+                    self.queue.offer_reserved(&frame);
+                }
             }
         }
         self.queue.unhold(bytes);
@@ -173,9 +143,6 @@ impl Drop for HoldingMember {
 impl Member for HoldingMember {
     fn offer(&self, frame: &Utf8Bytes) -> bool {
         let mut phase = self.phase();
-        if phase.covers(frame, &self.hasher) {
-            return true;
-        }
         match &mut *phase {
             Phase::Holding { frames, .. } if frames.len() >= self.max_held => {
                 drop(phase);
@@ -192,10 +159,14 @@ impl Member for HoldingMember {
                 frames.push(frame.clone());
                 true
             }
-            Phase::Skipping { .. } | Phase::Passing => {
-                phase.went_out(frame);
+            Phase::Skipping(_) | Phase::Passing => {
+                let out = self.skip(&mut phase, frame);
                 drop(phase);
-                self.queue.offer(frame)
+                match out {
+                    Out::Nothing => true,
+                    Out::Frame => self.queue.offer(frame),
+                    Out::AfterGap(gap) => self.queue.offer(&gap) && self.queue.offer(frame),
+                }
             }
         }
     }
@@ -216,7 +187,7 @@ mod tests {
     #[test]
     fn held_frames_follow_without_the_ones_already_sent() {
         let queue = Arc::new(OutboundQueue::new(100, usize::MAX));
-        let member = HoldingMember::new(queue.clone(), 10);
+        let member = HoldingMember::new(queue.clone(), "h".into(), 10);
         for offset in [3, 4, 5] {
             let frame =
                 format!(r#"{{"type":"message","payload":0,"offset":{offset},"epoch":"e"}}"#);
@@ -250,8 +221,8 @@ mod tests {
         let queue = Arc::new(OutboundQueue::new(100, 250));
         let first = frame(1, "e");
         // Two rooms recovering at once share the socket's bound.
-        let one = HoldingMember::new(queue.clone(), 10);
-        let two = HoldingMember::new(queue.clone(), 10);
+        let one = HoldingMember::new(queue.clone(), "h".into(), 10);
+        let two = HoldingMember::new(queue.clone(), "h".into(), 10);
         assert!(one.offer(&first));
         assert!(two.offer(&first));
         assert_eq!(queue.queued(), 2 * first.len());
@@ -267,7 +238,7 @@ mod tests {
             "a member dropped while holding gives its bytes back"
         );
 
-        let member = HoldingMember::new(queue.clone(), 10);
+        let member = HoldingMember::new(queue.clone(), "h".into(), 10);
         assert!(member.offer(&first));
         let big = Utf8Bytes::from(format!(
             r#"{{"offset":2,"epoch":"e","p":"{}"}}"#,
@@ -282,7 +253,7 @@ mod tests {
     #[tokio::test]
     async fn held_frames_do_not_hold_up_the_catch_up() {
         let queue = Arc::new(OutboundQueue::new(100, 1000));
-        let member = HoldingMember::new(queue.clone(), 10);
+        let member = HoldingMember::new(queue.clone(), "h".into(), 10);
         let payload = format!(r#"{{"type":"message","payload":"{}"}}"#, "x".repeat(560));
         let live: Utf8Bytes = server::with_position(&payload, 9, "e").into();
         assert!(member.offer(&live));
@@ -302,7 +273,7 @@ mod tests {
     #[tokio::test]
     async fn a_catch_up_frame_waits_until_it_fits_beside_the_held_ones() {
         let queue = Arc::new(OutboundQueue::new(100, 1000));
-        let member = HoldingMember::new(queue.clone(), 10);
+        let member = HoldingMember::new(queue.clone(), "h".into(), 10);
         let sized = |offset, len: usize| -> Utf8Bytes {
             let payload = format!(r#"{{"type":"message","payload":"{}"}}"#, "x".repeat(len));
             let frame = server::with_position(&payload, offset, "e");
@@ -335,7 +306,7 @@ mod tests {
     #[test]
     fn a_covered_frame_arriving_after_the_release_is_dropped() {
         let queue = Arc::new(OutboundQueue::new(100, usize::MAX));
-        let member = HoldingMember::new(queue.clone(), 10);
+        let member = HoldingMember::new(queue.clone(), "h".into(), 10);
         member.release(&at(4), &[]);
         // A frame without a position goes out and does not end the skipping.
         let plain = Utf8Bytes::from_static(r#"{"type":"message","payload":0}"#);
@@ -346,21 +317,22 @@ mod tests {
         let got: Vec<_> = queue.drain().iter().map(|f| server::offset_of(f)).collect();
         assert_eq!(got, [None, Some(5), Some(6)]);
 
-        let other = HoldingMember::new(queue.clone(), 10);
+        let other = HoldingMember::new(queue.clone(), "h".into(), 10);
         other.release(&at(4), &[]);
         assert!(other.offer(&frame(1, "new")));
         assert_eq!(queue.drain().len(), 1, "another epoch is not covered");
     }
 
     /// A failover gave offsets again: the node tells a `gap` back to before the first new
-    /// frame. The gap always goes out; the frames the read covered are still dropped (the
-    /// read may have sent them: sending them again would duplicate them), and the skipping
-    /// ends at the first frame beyond the read.
+    /// frame. The gap always goes out; the frames the read returned are still dropped
+    /// (sending them again would duplicate them), and the skipping ends at the first frame
+    /// beyond the read.
     #[test]
     fn a_gap_goes_out_and_the_skipping_goes_on() {
         let queue = Arc::new(OutboundQueue::new(100, usize::MAX));
-        let member = HoldingMember::new(queue.clone(), 10);
-        member.release(&at(6), &[]);
+        let member = HoldingMember::new(queue.clone(), "h".into(), 10);
+        let read = [frame(4, "e"), frame(5, "e"), frame(6, "e")];
+        member.release(&at(6), &read);
         let gap = Utf8Bytes::from(server::gap("h", 3, "e"));
         assert!(server::is_gap(&gap));
         assert!(!server::is_gap(&frame(3, "e")));
@@ -372,40 +344,23 @@ mod tests {
         assert_eq!(got, [Some(3), Some(7), Some(5)]);
     }
 
-    /// A failover gave again offsets the read returned: a new frame at one of them goes out
-    /// after the gap (without ending the skipping), the frame the read returned there is
-    /// still dropped, and the skipping ends at the first frame beyond the read.
+    /// A new frame at an offset the read returned, held while the read ran, and with no
+    /// gap from the node before it: the member tells the gap itself.
     #[test]
-    fn a_new_frame_at_an_offset_read_goes_out() {
+    fn a_held_new_frame_at_an_offset_read_goes_out_after_a_gap() {
         let queue = Arc::new(OutboundQueue::new(100, usize::MAX));
-        let member = HoldingMember::new(queue.clone(), 10);
-        let read = [frame(5, "e"), frame(6, "e")];
-        let new = |offset| -> Utf8Bytes {
-            server::with_position(r#"{"type":"message","payload":1}"#, offset, "e").into()
-        };
-        // Held while the read runs: the new frame at 5 waits, and goes out on release.
-        assert!(member.offer(&new(5)));
-        member.release(&at(6), &read);
-        assert!(member.offer(&Utf8Bytes::from(server::gap("h", 4, "e"))));
-        assert!(member.offer(&read[1]), "the frame read at 6 again");
-        assert!(member.offer(&new(6)));
-        assert!(member.offer(&frame(4, "e")), "below what is remembered");
-        assert!(member.offer(&new(7)));
-        assert!(member.offer(&read[0]), "passing: no longer told apart");
-        let got: Vec<_> = queue
-            .drain()
-            .iter()
-            .map(|f| (server::offset_of(f), server::is_gap(f)))
-            .collect();
+        let member = HoldingMember::new(queue.clone(), "h".into(), 10);
+        let new: Utf8Bytes =
+            server::with_position(r#"{"type":"message","payload":1}"#, 5, "e").into();
+        assert!(member.offer(&new));
+        member.release(&at(6), &[frame(5, "e"), frame(6, "e")]);
+        let got = queue.drain();
+        assert_eq!(got.len(), 2);
         assert_eq!(
-            got,
-            [
-                (Some(5), false),
-                (Some(4), true),
-                (Some(6), false),
-                (Some(7), false),
-                (Some(5), false)
-            ]
+            (server::is_gap(&got[0]), server::offset_of(&got[0])),
+            (true, Some(4))
         );
+        assert_eq!(got[1], new);
+        assert_eq!(queue.queued(), 0, "the reserved bytes are accounted for");
     }
 }
