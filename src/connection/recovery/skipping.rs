@@ -1,15 +1,22 @@
 //! What a recovering socket does with a live frame of its room after the history read:
-//! drop the ones the read returned (they can reach the node after the read, which ran on
-//! another Redis connection), and let out the rest, with a `gap` first where the client
-//! would take a new frame for one it has.
+//! drop the late copies of frames the read returned (the read runs on another Redis
+//! connection than the node's pub/sub one, so a frame it covered can still reach the node
+//! after it), and let out the rest, with a `gap` first where the client would drop a new
+//! frame as one it holds.
+//!
+//! The socket follows what the client holds as the clients do: its last offset (a frame
+//! moves it forward, a `gap` sets it) and, for the last [`REMEMBERED`] offsets it was sent,
+//! a fingerprint of the frame sent there. A Redis failover that lost writes gives their
+//! offsets again, so a frame at an offset the client holds is a late copy only if it is
+//! the frame the client holds there.
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use crate::protocol::server;
 
-/// How many of the last frames a history read returned a recovering socket remembers (by
-/// fingerprint), as the node's subscriber remembers the last frames it delivered per room.
+/// How many of the last offsets sent a recovering socket remembers (by fingerprint), as
+/// the node's subscriber remembers the last frames it delivered per room.
 pub(super) const REMEMBERED: usize = 16;
 
 /// A recovering socket's room after its history read, until a frame beyond the read.
@@ -18,19 +25,17 @@ pub(super) struct Skipping {
     /// Where the read ended.
     offset: u64,
     epoch: Arc<str>,
-    /// The offsets and fingerprints of the last frames read (at most [`REMEMBERED`]).
-    read: Box<[(u64, u64)]>,
-    /// The offset the client holds in `epoch`, as what went out moved it: a frame moves it
-    /// forward, a `gap` back.
+    /// The offset the client holds in `epoch`.
     holds: u64,
-    /// The lowest offset a `gap` that went out while skipping moved the client back to.
-    gap: Option<u64>,
+    /// The offsets and fingerprints of the frames the client was sent last (the read's,
+    /// then what went out; at most [`REMEMBERED`], one per offset).
+    sent: Vec<(u64, u64)>,
 }
 
 /// What becomes of a live frame while skipping.
 #[derive(Debug, PartialEq)]
 pub(super) enum Verdict {
-    /// The read returned it: dropped.
+    /// A late copy of a frame the client holds: dropped.
     Covered,
     /// It goes out, and the skipping goes on.
     Out,
@@ -43,15 +48,14 @@ pub(super) enum Verdict {
 }
 
 impl Skipping {
-    /// After a read that ended at `offset` in `epoch` and returned `read` (in order; its
-    /// frames of `epoch` are remembered).
+    /// After a read that ended at `offset` in `epoch` and returned `read` (in order).
     pub(super) fn new(
         offset: u64,
         epoch: Arc<str>,
         read: &[impl AsRef<str>],
         hasher: &RandomState,
     ) -> Self {
-        let read = read
+        let mut sent: Vec<(u64, u64)> = read
             .iter()
             .rev()
             .filter_map(|frame| {
@@ -61,12 +65,12 @@ impl Skipping {
             })
             .take(REMEMBERED)
             .collect();
+        sent.reverse();
         Skipping {
             offset,
             epoch,
-            read,
             holds: offset,
-            gap: None,
+            sent,
         }
     }
 
@@ -76,14 +80,14 @@ impl Skipping {
 
     /// What becomes of `frame`.
     ///
-    /// - A frame without a position (not a history frame) or a `gap` goes out: a gap tells
-    ///   the client messages may be missing (a failover gave offsets again) and moves it
-    ///   back.
-    /// - A frame at an offset the read covered is the one read, unless it differs from
-    ///   the remembered one there, or the offset is above a gap that went out (the node
-    ///   tells a gap before the first new frame of a failover, then sends the new ones;
-    ///   what the read returned came before that gap). Such a new frame goes out, after a
-    ///   gap of this socket's own if the client holds its offset already.
+    /// - A frame without a position (not a history frame) or a `gap` goes out; a gap of
+    ///   the epoch moves the client back to its offset (a failover gave offsets again).
+    /// - A frame above the offset the client holds (after such a gap) goes out, as it does
+    ///   to every other member of the room.
+    /// - A frame at or below it, up to the read's end, is a late copy if the client was
+    ///   sent that very frame there, or if the offset is older than those remembered (the
+    ///   read returned it, or the client had it before). Another frame there goes out
+    ///   after a gap of this socket's own.
     /// - A frame beyond the read, or of another epoch, ends the skipping.
     pub(super) fn verdict(&mut self, frame: &str, hasher: &RandomState) -> Verdict {
         let gap = server::is_gap(frame);
@@ -95,25 +99,32 @@ impl Skipping {
         }
         if gap {
             self.holds = at;
-            self.gap = Some(self.gap.map_or(at, |lowest| lowest.min(at)));
             return Verdict::Out;
         }
         if at > self.offset {
             return Verdict::Beyond;
         }
-        let new = match self.read.iter().find(|(read_at, _)| *read_at == at) {
-            Some((_, fingerprint)) => *fingerprint != hasher.hash_one(frame),
-            None => self.gap.is_some_and(|lowest| lowest < at),
-        };
-        if !new {
-            return Verdict::Covered;
-        }
-        let holds = std::mem::replace(&mut self.holds, at);
-        if at <= holds {
-            Verdict::OutAfterGap(at.saturating_sub(1))
-        } else {
+        let fingerprint = hasher.hash_one(frame);
+        let verdict = if at > self.holds {
             Verdict::Out
+        } else {
+            match self.sent.iter().find(|(sent_at, _)| *sent_at == at) {
+                Some((_, sent)) if *sent != fingerprint => {
+                    Verdict::OutAfterGap(at.saturating_sub(1))
+                }
+                _ => return Verdict::Covered,
+            }
+        };
+        self.holds = at;
+        self.sent.retain(|(sent_at, _)| *sent_at != at);
+        self.sent.push((at, fingerprint));
+        if self.sent.len() > REMEMBERED {
+            let oldest = (0..self.sent.len()).min_by_key(|&i| self.sent[i].0);
+            if let Some(oldest) = oldest {
+                self.sent.swap_remove(oldest);
+            }
         }
+        verdict
     }
 }
 
@@ -143,84 +154,73 @@ mod tests {
             .collect()
     }
 
+    use Verdict::{Beyond, Covered, Out, OutAfterGap};
+
     #[test]
-    fn what_the_read_returned_is_covered_and_what_follows_it_ends_the_skipping() {
+    fn late_copies_are_covered_and_a_frame_beyond_the_read_ends_the_skipping() {
         let read = [frame(3, 0), frame(4, 0)];
         let plain = r#"{"type":"message","payload":0}"#.to_owned();
         let other_epoch = server::with_position(&plain, 1, "new");
-        assert_eq!(
-            verdicts(
-                4,
-                &read,
-                &[plain, frame(2, 0), frame(3, 0), frame(4, 0), frame(5, 0)]
-            ),
-            [
-                Verdict::Out,
-                Verdict::Covered,
-                Verdict::Covered,
-                Verdict::Covered,
-                Verdict::Beyond
-            ]
-        );
-        assert_eq!(verdicts(4, &read, &[other_epoch]), [Verdict::Beyond]);
-    }
-
-    /// A failover gave the read's offsets 5 and 6 again: the node tells a gap, then sends
-    /// the new frames; a copy of a frame read is still dropped.
-    #[test]
-    fn new_frames_after_the_nodes_gap_go_out() {
-        let read = [frame(5, 0), frame(6, 0)];
         let got = verdicts(
-            6,
+            4,
             &read,
-            &[gap(4), frame(5, 0), frame(5, 1), frame(6, 1), frame(7, 1)],
+            &[plain, frame(2, 0), frame(3, 0), frame(4, 0), frame(5, 0)],
         );
-        let expected = [
-            Verdict::Out,
-            Verdict::Covered,
-            Verdict::Out,
-            Verdict::Out,
-            Verdict::Beyond,
-        ];
-        assert_eq!(got, expected);
+        assert_eq!(got, [Out, Covered, Covered, Covered, Beyond]);
+        assert_eq!(verdicts(4, &read, &[other_epoch]), [Beyond]);
     }
 
-    /// The node's own pub/sub connection never delivered the lost frames (it lagged
+    /// A failover gave the read's offsets 5 and 6 again: the node tells a gap back to 4,
+    /// then sends the frames at 5 and 6, which go out as to every other member (new ones,
+    /// or the ones read, the room going on from the gap).
+    #[test]
+    fn after_the_nodes_gap_the_room_goes_on_from_it() {
+        let read = [frame(5, 0), frame(6, 0)];
+        let got = verdicts(6, &read, &[gap(4), frame(5, 1), frame(6, 0), frame(7, 1)]);
+        assert_eq!(got, [Out, Out, Out, Beyond]);
+    }
+
+    /// The node's own pub/sub connection had not delivered the lost frames (it lagged
     /// behind the read), so it tells no gap: the socket tells one, or the client would
     /// drop the new frame at an offset it holds.
     #[test]
     fn a_new_frame_without_the_nodes_gap_gets_one() {
         let read = [frame(5, 0), frame(6, 0)];
         let got = verdicts(6, &read, &[frame(5, 1), frame(6, 1), frame(7, 1)]);
-        assert_eq!(
-            got,
-            [Verdict::OutAfterGap(4), Verdict::Out, Verdict::Beyond]
-        );
+        assert_eq!(got, [OutAfterGap(4), Out, Beyond]);
+    }
+
+    /// The read ran on the new master; the lost writes, still on their way through the
+    /// node's pub/sub connection, go out after a gap, and the new master's frames that
+    /// the node then sends after its own gap go out again: the client ends with them.
+    #[test]
+    fn lost_writes_arriving_late_do_not_stay_the_clients_last_word() {
+        let read = [frame(5, 1), frame(6, 1)];
+        let frames = [frame(5, 0), frame(6, 0), gap(4), frame(5, 1), frame(6, 1)];
+        let got = verdicts(6, &read, &frames);
+        assert_eq!(got, [OutAfterGap(4), Out, Out, Out, Out]);
     }
 
     /// The read returned nothing (the client was up to date at 6) and the failover lost
-    /// offset 6: after the node's gap the new frame at 6 goes out; one below the gap is
-    /// not taken for new.
+    /// offset 6: after the node's gap the new frame at 6 goes out.
     #[test]
-    fn a_new_frame_at_an_offset_not_read_goes_out_after_a_gap() {
+    fn a_new_frame_at_an_offset_not_read_goes_out_after_the_nodes_gap() {
         let none: [String; 0] = [];
-        let got = verdicts(6, &none, &[frame(6, 1), gap(5), frame(5, 1), frame(6, 1)]);
-        assert_eq!(
-            got,
-            [
-                Verdict::Covered,
-                Verdict::Out,
-                Verdict::Covered,
-                Verdict::Out
-            ]
-        );
+        let got = verdicts(6, &none, &[frame(6, 1), gap(5), frame(6, 1)]);
+        assert_eq!(got, [Covered, Out, Out]);
     }
 
-    /// Only the last [`REMEMBERED`] frames read are remembered.
+    /// Only the last [`REMEMBERED`] offsets sent are remembered: an older one is taken
+    /// for a late copy.
     #[test]
     fn older_frames_read_are_not_remembered() {
         let read: Vec<String> = (1..=20).map(|offset| frame(offset, 0)).collect();
         let got = verdicts(20, &read, &[frame(4, 1), frame(5, 1)]);
-        assert_eq!(got, [Verdict::Covered, Verdict::OutAfterGap(4)]);
+        assert_eq!(got, [Covered, OutAfterGap(4)]);
+        let mut many: Vec<String> = (1..=20).map(|offset| frame(offset, 1)).collect();
+        many.insert(0, gap(0));
+        let got = verdicts(20, &read, &many);
+        assert_eq!(got.len(), 21);
+        assert!(got.iter().all(|verdict| *verdict == Out), "{got:?}");
     }
 }
