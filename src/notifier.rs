@@ -109,15 +109,25 @@ enum Subject {
     Presence(Arc<str>, Arc<str>),
 }
 
-/// The subject of `what` and its `seq` (occupancy only), if it has one.
+/// The subject of `what` and its `seq`, if it has one.
 fn subject(what: &Happened) -> Option<(Subject, Option<u64>)> {
     Some(match what {
         Happened::RoomOccupied { room, seq } | Happened::RoomVacated { room, seq } => {
             (Subject::Occupancy(room.clone()), Some(*seq))
         }
-        Happened::Join { room, identity } | Happened::Leave { room, identity } => {
-            (Subject::Presence(room.clone(), identity.clone()), None)
+        Happened::Join {
+            room,
+            identity,
+            seq,
         }
+        | Happened::Leave {
+            room,
+            identity,
+            seq,
+        } => (
+            Subject::Presence(room.clone(), identity.clone()),
+            Some(*seq),
+        ),
         Happened::Disconnect { .. } => return None,
     })
 }
@@ -216,7 +226,7 @@ impl Queued {
 fn size_of(notification: &Notification) -> usize {
     let held = match &notification.what {
         Happened::RoomOccupied { room, .. } | Happened::RoomVacated { room, .. } => room.len(),
-        Happened::Join { room, identity } | Happened::Leave { room, identity } => {
+        Happened::Join { room, identity, .. } | Happened::Leave { room, identity, .. } => {
             room.len() + identity.len()
         }
         Happened::Disconnect { socket, .. } => {
@@ -465,8 +475,8 @@ mod tests {
         match n.what() {
             Happened::RoomOccupied { room, seq } => format!("occupied {room} {seq}"),
             Happened::RoomVacated { room, seq } => format!("vacated {room} {seq}"),
-            Happened::Join { room, identity } => format!("join {room} {identity}"),
-            Happened::Leave { room, identity } => format!("leave {room} {identity}"),
+            Happened::Join { room, identity, .. } => format!("join {room} {identity}"),
+            Happened::Leave { room, identity, .. } => format!("leave {room} {identity}"),
             Happened::Disconnect { socket, .. } => format!("disconnect {}", socket.id()),
         }
     }
@@ -509,6 +519,7 @@ mod tests {
         Happened::Join {
             room: room.into(),
             identity: n.to_string().into(),
+            seq: n,
         }
     }
 
@@ -561,28 +572,30 @@ mod tests {
         let (hook, seen) = recording(usize::MAX);
         let notifier = Notifier::new(hook, LANES * 200);
         notifier.notify(vacated("victim", 1));
-        let join = |room: &str, identity: &str| Happened::Join {
+        let join = |room: &str, identity: &str, seq: u64| Happened::Join {
             room: room.into(),
             identity: identity.into(),
+            seq,
         };
-        let leave = |room: &str, identity: &str| Happened::Leave {
+        let leave = |room: &str, identity: &str, seq: u64| Happened::Leave {
             room: room.into(),
             identity: identity.into(),
+            seq,
         };
         for round in 0..1_000u64 {
             let room = format!("churn-{}", round % 50);
             notifier.notify(occupied(&room, round * 2));
             // The lanes try (and fail) in between.
             tokio::task::yield_now().await;
-            notifier.notify(join(&room, "mallory"));
+            notifier.notify(join(&room, "mallory", round * 2));
             tokio::task::yield_now().await;
             notifier.notify(vacated(&room, round * 2 + 1));
-            notifier.notify(leave(&room, "mallory"));
+            notifier.notify(leave(&room, "mallory", round * 2 + 1));
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         // A stale one (a lower `seq`) does not supersede a newer one.
         notifier.notify(occupied("churn-0", 5));
-        notifier.notify(join("churn-0", "alice"));
+        notifier.notify(join("churn-0", "alice", 1));
         let held: Vec<String> = notifier
             .inner
             .lanes

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::broker::redis::OccupancyStore;
-use crate::hooks::Happened;
+use crate::hooks::{local_seq_base, Happened};
 use crate::notifier::Notifier;
 use crate::rooms::RoomChange;
 
@@ -102,17 +102,6 @@ impl Occupancy {
             let _ = flushed.await;
         }
     }
-}
-
-/// Where the local ledger's sequence numbers start: the clock (ms × 1000), so that they
-/// keep growing across restarts, as Redis's do (see `room.lua`).
-fn local_seq_base() -> u64 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    u64::try_from(now.as_millis())
-        .unwrap_or(0)
-        .saturating_mul(1000)
 }
 
 struct Task {

@@ -402,8 +402,10 @@ async fn rooms_on_every_shard_are_occupied_and_vacated_once_over_two_nodes() {
                     let line = match n.what() {
                         Happened::RoomOccupied { room, .. } => format!("occupied {room}"),
                         Happened::RoomVacated { room, .. } => format!("vacated {room}"),
-                        Happened::Join { room, identity } => format!("join {room} {identity}"),
-                        Happened::Leave { room, identity } => format!("leave {room} {identity}"),
+                        Happened::Join { room, identity, .. } => format!("join {room} {identity}"),
+                        Happened::Leave { room, identity, .. } => {
+                            format!("leave {room} {identity}")
+                        }
                         _ => return Ok::<_, std::convert::Infallible>(()),
                     };
                     seen.lock().unwrap().push(line);

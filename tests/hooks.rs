@@ -684,8 +684,8 @@ async fn notifications_tell_occupied_vacated_join_leave_and_disconnect_in_order(
                 let line = match n.what() {
                     Happened::RoomOccupied { room, .. } => format!("occupied {room}"),
                     Happened::RoomVacated { room, .. } => format!("vacated {room}"),
-                    Happened::Join { room, identity } => format!("join {room} {identity}"),
-                    Happened::Leave { room, identity } => format!("leave {room} {identity}"),
+                    Happened::Join { room, identity, .. } => format!("join {room} {identity}"),
+                    Happened::Leave { room, identity, .. } => format!("leave {room} {identity}"),
                     Happened::Disconnect { socket, .. } => {
                         format!("disconnect {}", socket.connection_id())
                     }

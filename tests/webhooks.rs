@@ -116,6 +116,20 @@ async fn occupied_and_vacated_once(example: (&str, &str)) {
     // Alice had a socket on each node: one join and one leave, like bob.
     assert_eq!(identities("join"), ["alice", "bob"]);
     assert_eq!(identities("leave"), ["alice", "bob"]);
+    // Alice joined through node A and left through node B: their numbers order them.
+    let seq_of = |event, identity: &str| {
+        of(&webhooks, event, "game")
+            .iter()
+            .find(|w| w["identity"] == identity)
+            .and_then(|w| w["seq"].as_u64())
+    };
+    for identity in ["alice", "bob"] {
+        let (join, leave) = (seq_of("join", identity), seq_of("leave", identity));
+        assert!(
+            join.is_some() && leave > join,
+            "{identity}: {join:?} {leave:?}"
+        );
+    }
     // The socket that closed was reported, with its node, its identity and why.
     within("alice's disconnect", async {
         loop {

@@ -15,6 +15,7 @@ pub(crate) struct Keys {
     presence_prefix: String,
     presence_nodes_prefix: String,
     presence_node_prefix: String,
+    presence_seq_prefix: String,
     occupancy_prefix: String,
     occupancy_done_prefix: String,
     occupancy_lease_prefix: String,
@@ -32,6 +33,7 @@ impl Keys {
             presence_prefix: format!("{prefix}presence:{{"),
             presence_nodes_prefix: format!("{prefix}presence-nodes:{{"),
             presence_node_prefix: format!("{prefix}presence-node:{{"),
+            presence_seq_prefix: format!("{prefix}presence-seq:{{"),
             occupancy_prefix: format!("{prefix}occupancy:{{"),
             occupancy_done_prefix: format!("{prefix}occupancy-done:{{"),
             occupancy_lease_prefix: format!("{prefix}occupancy-lease:{{"),
@@ -102,6 +104,12 @@ impl Keys {
     /// `{prefix}presence-nodes:{ROOM}`.
     pub(crate) fn presence_nodes(&self, room: &str) -> String {
         Self::tagged(&self.presence_nodes_prefix, room)
+    }
+
+    /// The counter of a presence room's joins and leaves (their `seq` in notifications):
+    /// `{prefix}presence-seq:{ROOM}`.
+    pub(crate) fn presence_seq(&self, room: &str) -> String {
+        Self::tagged(&self.presence_seq_prefix, room)
     }
 
     /// What every node's hash of its own members in a presence room starts with:

@@ -5,12 +5,13 @@
 //! to Redis, where the views of every node add up (see `redis::presence`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use hyper_tungstenite::tungstenite::Utf8Bytes;
 
 use super::SharedSink;
-use crate::hooks::Happened;
+use crate::hooks::{local_seq_base, Happened};
 use crate::notifier::Notifier;
 use crate::protocol::server::{self, PresenceEvent};
 use crate::settings::Presence;
@@ -75,6 +76,8 @@ pub(crate) struct MemoryPresence {
     counts: Mutex<Counts>,
     sink: SharedSink,
     notifier: Option<Notifier>,
+    /// The last join or leave number (one counter for every room: it only grows).
+    seq: AtomicU64,
 }
 
 impl MemoryPresence {
@@ -83,6 +86,7 @@ impl MemoryPresence {
             counts: Mutex::default(),
             sink,
             notifier,
+            seq: AtomicU64::new(local_seq_base()),
         }
     }
 
@@ -90,6 +94,11 @@ impl MemoryPresence {
         if let Some(notifier) = &self.notifier {
             notifier.notify(what);
         }
+    }
+
+    /// The next join or leave number (taken with the counts locked, so in their order).
+    fn next_seq(&self) -> u64 {
+        self.seq.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
@@ -113,8 +122,12 @@ impl MemoryPresence {
         if presence.announces() {
             self.announce(PresenceEvent::Join, room, identity);
         }
-        let (room, identity) = (room.clone(), identity.clone());
-        self.notify(Happened::Join { room, identity });
+        let (room, identity, seq) = (room.clone(), identity.clone(), self.next_seq());
+        self.notify(Happened::Join {
+            room,
+            identity,
+            seq,
+        });
         drop(counts);
     }
 
@@ -126,8 +139,12 @@ impl MemoryPresence {
         if presence.announces() {
             self.announce(PresenceEvent::Leave, room, identity);
         }
-        let (room, identity) = (Arc::from(room), Arc::from(identity));
-        self.notify(Happened::Leave { room, identity });
+        let (room, identity, seq) = (Arc::from(room), Arc::from(identity), self.next_seq());
+        self.notify(Happened::Leave {
+            room,
+            identity,
+            seq,
+        });
         drop(counts);
     }
 

@@ -83,6 +83,7 @@ mod notification;
 
 pub use self::error::HookError;
 pub use self::grant::{Grant, RefreshEvent, RefreshVerdict};
+pub(crate) use self::notification::local_seq_base;
 pub use self::notification::{Happened, Notification};
 
 use ::http::request::Parts;

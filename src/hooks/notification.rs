@@ -76,6 +76,9 @@ pub enum Happened {
         room: Arc<str>,
         /// The identity.
         identity: Arc<str>,
+        /// Counts up with every join and leave of the room, so that a backend can order
+        /// them when two nodes send them at once (see `docs/hooks/webhooks.md`).
+        seq: u64,
     },
     /// An identity's last socket left a presence room (on every node). Sent once.
     Leave {
@@ -83,6 +86,8 @@ pub enum Happened {
         room: Arc<str>,
         /// The identity.
         identity: Arc<str>,
+        /// As in [`Happened::Join`].
+        seq: u64,
     },
     /// A socket ended (sent once per socket, by its node).
     Disconnect {
@@ -91,4 +96,15 @@ pub enum Happened {
         /// Why.
         reason: DisconnectReason,
     },
+}
+
+/// Where a node's own sequence numbers start (occupancy and presence without Redis): the
+/// clock (ms × 1000), so that they keep growing across restarts, as Redis's do.
+pub(crate) fn local_seq_base() -> u64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    u64::try_from(now.as_millis())
+        .unwrap_or(0)
+        .saturating_mul(1000)
 }

@@ -97,7 +97,8 @@ def webhook(event, headers):
     """Notifications (--webhook-url): a room occupied or vacated on every node, a join or
     leave in a presence room, a socket that ended. Nothing to answer: any 2xx acknowledges,
     and thinws sends it again until one does. A real backend acts here (e.g. ends a game
-    when its room is vacated); `seq` orders a room's occupied/vacated across nodes."""
+    when its room is vacated); `seq` orders a room's occupied/vacated, and its join/leave,
+    across nodes."""
     log({"webhook": event})
     return None
 

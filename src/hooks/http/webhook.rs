@@ -118,11 +118,11 @@ fn body(notification: &Notification, node: &str) -> (&'static str, Vec<u8>) {
             (body.event, body.seq) = ("room_occupied", Some(*seq))
         }
         Happened::RoomVacated { seq, .. } => (body.event, body.seq) = ("room_vacated", Some(*seq)),
-        Happened::Join { identity, .. } => {
-            (body.event, body.identity) = ("join", Some(&**identity))
+        Happened::Join { identity, seq, .. } => {
+            (body.event, body.identity, body.seq) = ("join", Some(&**identity), Some(*seq))
         }
-        Happened::Leave { identity, .. } => {
-            (body.event, body.identity) = ("leave", Some(&**identity))
+        Happened::Leave { identity, seq, .. } => {
+            (body.event, body.identity, body.seq) = ("leave", Some(&**identity), Some(*seq))
         }
         Happened::Disconnect { socket, reason } => {
             body.event = "disconnect";
@@ -170,11 +170,12 @@ mod tests {
         let join = Notification::now(Happened::Join {
             room: "chat".into(),
             identity: "al\"ice".into(),
+            seq: 9,
         });
         let (event, json) = body(&join, "n1");
         let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
         assert_eq!((event, &json["identity"]), ("join", &"al\"ice".into()));
-        assert!(json.get("seq").is_none());
+        assert_eq!(json["seq"], 9);
     }
 
     #[test]

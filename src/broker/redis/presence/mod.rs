@@ -102,10 +102,11 @@ impl Shared {
         pipeline
             .cmd("EVALSHA")
             .arg(self.script.get_hash())
-            .arg(3)
+            .arg(4)
             .arg(self.keys.presence_members(room))
             .arg(self.keys.presence_nodes(room))
             .arg(format!("{node_prefix}{}", self.node))
+            .arg(self.keys.presence_seq(room))
             .arg(mode)
             .arg(&*self.node)
             .arg(self.lifetime_ms())
@@ -135,7 +136,8 @@ impl Shared {
         }
     }
 
-    /// Notifies each join (`j` + identity) and leave (`l` + identity) in `told`.
+    /// Notifies each join (`j`) and leave (`l`) in `told`: the kind, the event's number,
+    /// `:` and the identity (a JSON string).
     fn tell(&self, room: &Arc<str>, told: &[Value]) {
         let Some(notifier) = &self.notifier else {
             return;
@@ -144,7 +146,17 @@ impl Shared {
             let Value::BulkString(event) = event else {
                 continue;
             };
-            let Some((kind, identity)) = event.split_first() else {
+            let Some((kind, rest)) = event.split_first() else {
+                continue;
+            };
+            let Some(colon) = rest.iter().position(|&byte| byte == b':') else {
+                continue;
+            };
+            let (seq, identity) = (&rest[..colon], &rest[colon + 1..]);
+            let Some(seq) = std::str::from_utf8(seq)
+                .ok()
+                .and_then(|seq| seq.parse().ok())
+            else {
                 continue;
             };
             let Ok(identity) = serde_json::from_slice::<String>(identity) else {
@@ -152,8 +164,16 @@ impl Shared {
             };
             let (room, identity) = (room.clone(), Arc::from(identity));
             notifier.notify(match kind {
-                b'j' => Happened::Join { room, identity },
-                _ => Happened::Leave { room, identity },
+                b'j' => Happened::Join {
+                    room,
+                    identity,
+                    seq,
+                },
+                _ => Happened::Leave {
+                    room,
+                    identity,
+                    seq,
+                },
             });
         }
     }

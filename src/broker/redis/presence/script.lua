@@ -2,6 +2,7 @@
 -- KEYS[1]  hash  identity -> sockets of it in the room, on every node (the members)
 -- KEYS[2]  zset  node id -> when its entries expire (ms, Redis's clock)
 -- KEYS[3]  hash  identity -> sockets of it in the room on this node
+-- KEYS[4]  string  the room's last join or leave number (see next_seq)
 -- ARGV[1]  mode: 'set', 'touch', 'sync' or 'read'
 -- ARGV[2]  this node's id
 -- ARGV[3]  how long this node's entries live after this call (ms)
@@ -16,8 +17,9 @@
 -- Identities are JSON string literals, so that frames and replies embed them as they are.
 -- Replies: set, touch and sync {1 (or 0: this node had been swept out or its share
 -- differs), told...}; read {count, listed, told}. `told` is every join ('j' .. identity)
--- and leave ('l' .. identity) the call made, in order: the caller's to notify.
-local members, nodes, mine = KEYS[1], KEYS[2], KEYS[3]
+-- and leave ('l' .. identity) the call made, in order, each as 'j' or 'l', its number,
+-- ':' and the identity: the caller's to notify.
+local members, nodes, mine, seq = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local mode, node, lifetime = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local events, channel = ARGV[4] ~= '0', ARGV[5]
 local time = redis.call('TIME')
@@ -25,17 +27,27 @@ local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 
 local told = {}
 
+-- The room's next join or leave number. A room Redis forgot starts from Redis's clock
+-- (ms x 1000), so that its numbers keep growing across the forgetting (written with
+-- string.format: Lua's own conversion of a number this large would round it).
+local function next_seq()
+  if redis.call('EXISTS', seq) == 0 then
+    redis.call('SET', seq, string.format('%d', now * 1000), 'PX', 2 * lifetime)
+  end
+  return string.format('%d', redis.call('INCR', seq))
+end
+
 local function adjust(identity, delta)
   if delta == 0 then return end
   local total = redis.call('HINCRBY', members, identity, delta)
   if total <= 0 then
     redis.call('HDEL', members, identity)
     if total - delta > 0 then
-      table.insert(told, 'l' .. identity)
+      table.insert(told, 'l' .. next_seq() .. ':' .. identity)
       if events then redis.call(ARGV[4], channel, ARGV[7] .. identity .. '}') end
     end
   elseif total - delta <= 0 then
-    table.insert(told, 'j' .. identity)
+    table.insert(told, 'j' .. next_seq() .. ':' .. identity)
     if events then redis.call(ARGV[4], channel, ARGV[6] .. identity .. '}') end
   end
 end
@@ -71,6 +83,7 @@ local function touch()
   end
   redis.call('PEXPIRE', nodes, 2 * lifetime)
   redis.call('PEXPIRE', members, 2 * lifetime)
+  redis.call('PEXPIRE', seq, 2 * lifetime)
 end
 
 if mode == 'read' then
