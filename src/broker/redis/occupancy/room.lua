@@ -55,18 +55,27 @@ if mode == 'occupy' then
   return seq
 end
 
+-- This node took its members out: the room's new number if that vacated it, else 0.
+local function taken_out(vacated)
+  local seq = 0
+  if vacated then
+    seq = next_seq()
+    redis.call('PEXPIRE', key, tonumber(ARGV[4]))
+  end
+  redis.call('HSET', done, node, entry(seq))
+  redis.call('PEXPIRE', done, tonumber(ARGV[5]))
+  return seq
+end
+
 local held = parse(redis.call('HGET', key, node))
 if held ~= lease then
   local gone, seq = parse(redis.call('HGET', done, node))
   if gone == lease then return seq end
+  -- Redis forgot the room (it lost its data, or the room has been vacant for longer than
+  -- its number is kept): told vacant again, so that a vacating lost with the data is not
+  -- lost for good. A backend that had it gets it twice, the second with a higher number.
+  if redis.call('EXISTS', key) == 0 then return taken_out(true) end
   return 0
 end
 redis.call('HDEL', key, node)
-local seq = 0
-if nodes() == 0 then
-  seq = next_seq()
-  redis.call('PEXPIRE', key, tonumber(ARGV[4]))
-end
-redis.call('HSET', done, node, entry(seq))
-redis.call('PEXPIRE', done, tonumber(ARGV[5]))
-return seq
+return taken_out(nodes() == 0)
