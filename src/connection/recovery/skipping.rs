@@ -5,18 +5,19 @@
 //! frame as one it holds.
 //!
 //! The socket follows what the client holds as the clients do: its last offset (a frame
-//! moves it forward, a `gap` sets it) and, for the last [`REMEMBERED`] offsets it was sent,
-//! a fingerprint of the frame sent there. A Redis failover that lost writes gives their
-//! offsets again, so a frame at an offset the client holds is a late copy only if it is
-//! the frame the client holds there.
+//! moves it forward, a `gap` sets it) and, for the [`REMEMBERED`] highest offsets it was
+//! sent, a fingerprint of the frame sent there. A Redis failover that lost writes gives
+//! their offsets again, so a frame at an offset the client holds is a late copy only if it
+//! is the frame the client holds there; and a frame the client holds is not sent again
+//! after a `gap` moved it back.
 
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use crate::protocol::server;
 
-/// How many of the last offsets sent a recovering socket remembers (by fingerprint), as
-/// the node's subscriber remembers the last frames it delivered per room.
+/// How many offsets sent (the highest) a recovering socket remembers by fingerprint, as the
+/// node's subscriber remembers the last frames it delivered per room.
 pub(super) const REMEMBERED: usize = 16;
 
 /// A recovering socket's room after its history read, until a frame beyond the read.
@@ -27,13 +28,13 @@ pub(super) struct Skipping {
     epoch: Arc<str>,
     /// The offset the client holds in `epoch`.
     holds: u64,
-    /// The offsets and fingerprints of the frames the client was sent last (the read's,
-    /// then what went out; at most [`REMEMBERED`], one per offset).
+    /// The offsets and fingerprints of the frames the client was sent at the highest
+    /// offsets (the read's, then what went out; at most [`REMEMBERED`], one per offset).
     sent: Vec<(u64, u64)>,
 }
 
 /// What becomes of a live frame while skipping.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Verdict {
     /// A late copy of a frame the client holds: dropped.
     Covered,
@@ -81,13 +82,15 @@ impl Skipping {
     /// What becomes of `frame`.
     ///
     /// - A frame without a position (not a history frame) or a `gap` goes out; a gap of
-    ///   the epoch moves the client back to its offset (a failover gave offsets again).
-    /// - A frame above the offset the client holds (after such a gap) goes out, as it does
-    ///   to every other member of the room.
-    /// - A frame at or below it, up to the read's end, is a late copy if the client was
-    ///   sent that very frame there, or if the offset is older than those remembered (the
-    ///   read returned it, or the client had it before). Another frame there goes out
-    ///   after a gap of this socket's own.
+    ///   the epoch moves the client back to its offset (a failover gave offsets again, or
+    ///   the node could not catch up).
+    /// - A frame the client was sent at its offset (remembered) is a late copy.
+    /// - Any other frame above the offset the client holds (after such a gap) goes out, as
+    ///   it does to every other member of the room: rather a copy the client may have had
+    ///   (older than those remembered) than a loss nothing told.
+    /// - A frame at or below it, up to the read's end, is a late copy if the offset is
+    ///   older than those remembered (the read returned it, or the client had it before);
+    ///   a frame other than the one sent there goes out after a gap of this socket's own.
     /// - A frame beyond the read, or of another epoch, ends the skipping.
     pub(super) fn verdict(&mut self, frame: &str, hasher: &RandomState) -> Verdict {
         let gap = server::is_gap(frame);
@@ -105,15 +108,16 @@ impl Skipping {
             return Verdict::Beyond;
         }
         let fingerprint = hasher.hash_one(frame);
-        let verdict = if at > self.holds {
-            Verdict::Out
-        } else {
-            match self.sent.iter().find(|(sent_at, _)| *sent_at == at) {
-                Some((_, sent)) if *sent != fingerprint => {
-                    Verdict::OutAfterGap(at.saturating_sub(1))
-                }
-                _ => return Verdict::Covered,
-            }
+        let sent = self
+            .sent
+            .iter()
+            .find(|(sent_at, _)| *sent_at == at)
+            .map(|(_, sent)| *sent);
+        let verdict = match sent {
+            Some(sent) if sent == fingerprint => return Verdict::Covered,
+            _ if at > self.holds => Verdict::Out,
+            Some(_) => Verdict::OutAfterGap(at.saturating_sub(1)),
+            None => return Verdict::Covered,
         };
         self.holds = at;
         self.sent.retain(|(sent_at, _)| *sent_at != at);
@@ -171,13 +175,29 @@ mod tests {
     }
 
     /// A failover gave the read's offsets 5 and 6 again: the node tells a gap back to 4,
-    /// then sends the frames at 5 and 6, which go out as to every other member (new ones,
-    /// or the ones read, the room going on from the gap).
+    /// then sends the frames at 5 and 6. A new one goes out as to every other member; the
+    /// one the client was sent already does not.
     #[test]
     fn after_the_nodes_gap_the_room_goes_on_from_it() {
         let read = [frame(5, 0), frame(6, 0)];
         let got = verdicts(6, &read, &[gap(4), frame(5, 1), frame(6, 0), frame(7, 1)]);
-        assert_eq!(got, [Out, Out, Out, Beyond]);
+        assert_eq!(got, [Out, Out, Covered, Beyond]);
+    }
+
+    /// The node's catch-up could not reach back and told a gap below the read (no
+    /// failover): the frames the read returned, arriving live after it, are not sent
+    /// again; one older than those remembered is (a copy rather than a silent loss).
+    #[test]
+    fn a_gap_below_the_read_sends_again_only_what_is_not_remembered() {
+        let read: Vec<String> = (3..=20).map(|offset| frame(offset, 0)).collect();
+        let live: Vec<String> = std::iter::once(gap(2))
+            .chain((3..=21).map(|offset| frame(offset, 0)))
+            .collect();
+        let got = verdicts(20, &read, &live);
+        let mut expected = vec![Out, Out, Out];
+        expected.extend([Covered; 16]);
+        expected.push(Beyond);
+        assert_eq!(got, expected);
     }
 
     /// The node's own pub/sub connection had not delivered the lost frames (it lagged
@@ -217,10 +237,8 @@ mod tests {
         let read: Vec<String> = (1..=20).map(|offset| frame(offset, 0)).collect();
         let got = verdicts(20, &read, &[frame(4, 1), frame(5, 1)]);
         assert_eq!(got, [Covered, OutAfterGap(4)]);
-        let mut many: Vec<String> = (1..=20).map(|offset| frame(offset, 1)).collect();
-        many.insert(0, gap(0));
-        let got = verdicts(20, &read, &many);
-        assert_eq!(got.len(), 21);
-        assert!(got.iter().all(|verdict| *verdict == Out), "{got:?}");
+        // The highest offsets stay remembered as frames go out below them.
+        let got = verdicts(20, &read, &[gap(0), frame(1, 1), frame(2, 1), frame(20, 0)]);
+        assert_eq!(got, [Out, Out, Out, Covered]);
     }
 }
