@@ -679,6 +679,49 @@ mod tests {
         );
     }
 
+    /// A presence notification older (a lower `seq`) than the one of its identity waiting
+    /// in the queue does not replace it: a presence read's sweep can report a leave after
+    /// a later join.
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_presence_notification_does_not_supersede_a_newer_one() {
+        let release = Arc::new(tokio::sync::Semaphore::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let hook = {
+            let (release, seen) = (release.clone(), seen.clone());
+            tower::service_fn(move |n: Notification| {
+                let (release, seen) = (release.clone(), seen.clone());
+                async move {
+                    release.acquire().await.unwrap().forget();
+                    seen.lock().unwrap().push(described(&n));
+                    Ok::<_, &str>(())
+                }
+            })
+        };
+        let notifier = Notifier::new(boxed(hook), 100);
+        let presence = |joined: bool, seq: u64| {
+            let (room, identity) = ("r".into(), "a".into());
+            match joined {
+                true => Happened::Join {
+                    room,
+                    identity,
+                    seq,
+                },
+                false => Happened::Leave {
+                    room,
+                    identity,
+                    seq,
+                },
+            }
+        };
+        notifier.notify(presence(false, 1));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        notifier.notify(presence(true, 5));
+        notifier.notify(presence(false, 4));
+        release.add_permits(10);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(*seen.lock().unwrap(), ["leave r a", "join r a"]);
+    }
+
     /// Sockets opened and closed in a loop while the backend is down push out other
     /// disconnects, not a room's notification.
     #[tokio::test(start_paused = true)]

@@ -62,7 +62,7 @@ async fn occupied_and_vacated_once_and_a_repeated_call_answers_the_same() {
         "sent again"
     );
     let vacated = call(&mut redis, "vacate", "b", "b:0").await;
-    assert_eq!(vacated, occupied + 1);
+    assert!(vacated > occupied, "{vacated} after {occupied}");
     assert_eq!(
         call(&mut redis, "vacate", "b", "b:0").await,
         vacated,
@@ -74,7 +74,7 @@ async fn occupied_and_vacated_once_and_a_repeated_call_answers_the_same() {
     // A node's old lease is replaced by its new one without an event, and a sweep of the
     // old lease leaves the new registration alone.
     let again = call(&mut redis, "occupy", "a", "a:0").await;
-    assert_eq!(again, vacated + 1);
+    assert!(again > vacated, "{again} after {vacated}");
     assert_eq!(call(&mut redis, "occupy", "a", "a:1").await, 0);
     assert_eq!(
         call(&mut redis, "vacate", "a", "a:0").await,
@@ -82,16 +82,38 @@ async fn occupied_and_vacated_once_and_a_repeated_call_answers_the_same() {
         "the stale lease's sweep"
     );
     let gone = call(&mut redis, "vacate", "a", "a:1").await;
-    assert_eq!(gone, again + 1);
+    assert!(gone > again, "{gone} after {again}");
 
-    // Redis forgets the room: its numbers go on growing from the clock.
+    // Redis lost its latest writes (a failover to a replica that was behind, which takes
+    // longer than the millisecond that makes a thousand numbers): the room's number went
+    // back, and still the next one is above every number given before.
+    let _: () = redis::cmd("HSET")
+        .arg("occupancy:{r}")
+        .arg("#")
+        .arg(occupied)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let after_loss = call(&mut redis, "occupy", "d", "d:0").await;
+    assert!(after_loss > gone, "{after_loss} after {gone}");
+    let gone = call(&mut redis, "vacate", "d", "d:0").await;
+
+    // Redis forgets the room: its numbers go on growing from the clock, and a node taking
+    // its members out of a room Redis forgot tells it vacated.
     let _: () = redis::cmd("FLUSHALL")
         .query_async(&mut redis)
         .await
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let forgot = call(&mut redis, "vacate", "e", "e:0").await;
+    assert!(forgot > gone, "{forgot} after {gone}");
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     let reborn = call(&mut redis, "occupy", "c", "c:0").await;
-    assert!(reborn > gone, "{reborn} after {gone}");
+    assert!(reborn > forgot, "{reborn} after {forgot}");
     let ttl: i64 = redis::cmd("PTTL")
         .arg("occupancy:{r}")
         .query_async(&mut redis)

@@ -176,7 +176,8 @@ async fn arrive_in_order(example: (&str, &str)) {
     let mut client = Client::connect_as(&server.url(), "dave").await;
 
     drop(backend);
-    // The room's sequence number, as Redis has it (each occupied and vacated counts one).
+    // The room's sequence number, as Redis has it (each occupied and vacated takes a new,
+    // higher one).
     let seq = |redis_client: &mut redis::aio::MultiplexedConnection| {
         let mut redis_client = redis_client.clone();
         async move {
@@ -189,30 +190,23 @@ async fn arrive_in_order(example: (&str, &str)) {
                 .unwrap_or(0)
         }
     };
-    // The room's numbers start from Redis's clock: `base` is the one before the first.
-    let mut base = None;
-    for round in 1..=3u64 {
+    // Waits until Redis numbered the room's next change, and returns its number.
+    let next = async |redis_client: &mut redis::aio::MultiplexedConnection, last: u64| {
+        let mut now = 0;
+        support::until("the room's next number at Redis", async || {
+            now = seq(redis_client).await;
+            now > last
+        })
+        .await;
+        now
+    };
+    let mut last = 0;
+    for _round in 1..=3 {
         client.subscribe("r").await;
-        within("occupied at Redis", async {
-            loop {
-                let now = seq(&mut redis_client).await;
-                if now > 0 {
-                    let base = *base.get_or_insert(now - 1);
-                    if now >= base + 2 * round - 1 {
-                        break;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
+        last = next(&mut redis_client, last).await;
         client.unsubscribe("r").await;
-        support::until("vacated at Redis", async || {
-            seq(&mut redis_client).await >= base.unwrap() + 2 * round
-        })
-        .await;
+        last = next(&mut redis_client, last).await;
     }
-    let base = base.unwrap();
     // Nothing reached the backend, and the node counted its failed attempts.
     support::until("a failed webhook attempt counted", async || {
         server.metric("thinws_notifications_failed_total").await >= 1.0
@@ -227,17 +221,14 @@ async fn arrive_in_order(example: (&str, &str)) {
 
     // A last subscribe while the backend is still down: the room ends occupied.
     client.subscribe("r").await;
-    support::until("occupied at Redis", async || {
-        seq(&mut redis_client).await >= base + 7
-    })
-    .await;
+    let occupied = next(&mut redis_client, last).await;
 
     // Back.
     let _backend = Backend::logging(example, port, webhooks.clone()).await;
     support::until("the room's last change", async || {
         of(&webhooks, "room_occupied", "r")
             .iter()
-            .any(|w| w["seq"].as_u64() == Some(base + 7))
+            .any(|w| w["seq"].as_u64() == Some(occupied))
     })
     .await;
     let events: Vec<(String, u64)> = webhooks
@@ -254,8 +245,8 @@ async fn arrive_in_order(example: (&str, &str)) {
         .collect();
     // While the backend was down, each change superseded the queued one: the backend hears
     // of the change the node had tried to send, then the room's last state (occupied,
-    // number 7), in order.
-    let last = ("room_occupied".to_owned(), base + 7);
+    // numbered last), in order.
+    let last = ("room_occupied".to_owned(), occupied);
     assert_eq!(events.last(), Some(&last), "{events:?}");
     assert!(events.len() <= 2, "{events:?}");
     assert!(events.windows(2).all(|w| w[0].1 < w[1].1), "{events:?}");
@@ -266,10 +257,11 @@ async fn arrive_in_order(example: (&str, &str)) {
         "{metrics}"
     );
     client.unsubscribe("r").await;
+    let vacated = next(&mut redis_client, occupied).await;
     support::until("the room vacated", async || {
         of(&webhooks, "room_vacated", "r")
             .iter()
-            .any(|w| w["seq"].as_u64() == Some(base + 8))
+            .any(|w| w["seq"].as_u64() == Some(vacated))
     })
     .await;
 

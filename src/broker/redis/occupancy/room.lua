@@ -33,15 +33,15 @@ local function entry(seq)
   return lease .. '|' .. string.format('%d', seq)
 end
 
--- The room's next sequence number. A room Redis forgot starts from Redis's clock (ms x
--- 1000), so that its numbers keep growing across the forgetting.
+-- The room's next sequence number: one more than the last, and at least Redis's clock
+-- (ms x 1000), so that the numbers keep growing when Redis forgot the room or lost its
+-- latest writes (a failover to a replica that was behind).
 local function next_seq()
-  if redis.call('HEXISTS', key, '#') == 0 then
-    local time = redis.call('TIME')
-    local base = tonumber(time[1]) * 1000000 + math.floor(tonumber(time[2]) / 1000) * 1000
-    redis.call('HSET', key, '#', string.format('%d', base))
-  end
-  return redis.call('HINCRBY', key, '#', 1)
+  local time = redis.call('TIME')
+  local clock = tonumber(time[1]) * 1000000 + math.floor(tonumber(time[2]) / 1000) * 1000
+  local seq = math.max(tonumber(redis.call('HGET', key, '#') or '0') + 1, clock)
+  redis.call('HSET', key, '#', string.format('%d', seq))
+  return seq
 end
 
 if mode == 'occupy' then

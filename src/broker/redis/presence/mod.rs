@@ -101,14 +101,19 @@ impl Shared {
             true => server::presence_event_prefix(event, room),
             false => String::new(),
         };
+        // Joins and leaves are numbered (a fourth key) only for a node that notifies them.
+        let numbered = self.notifier.is_some();
         pipeline
             .cmd("EVALSHA")
             .arg(self.script.get_hash())
-            .arg(4)
+            .arg(if numbered { 4 } else { 3 })
             .arg(self.keys.presence_members(room))
             .arg(self.keys.presence_nodes(room))
-            .arg(format!("{node_prefix}{}", self.node))
-            .arg(self.keys.presence_seq(room))
+            .arg(format!("{node_prefix}{}", self.node));
+        if numbered {
+            pipeline.arg(self.keys.presence_seq(room));
+        }
+        pipeline
             .arg(mode)
             .arg(&*self.node)
             .arg(self.lifetime_ms())

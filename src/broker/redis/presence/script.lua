@@ -2,7 +2,8 @@
 -- KEYS[1]  hash  identity -> sockets of it in the room, on every node (the members)
 -- KEYS[2]  zset  node id -> when its entries expire (ms, Redis's clock)
 -- KEYS[3]  hash  identity -> sockets of it in the room on this node
--- KEYS[4]  string  the room's last join or leave number (see next_seq)
+-- KEYS[4]  string  the room's last join or leave number (see next_seq); only given when
+--                   the node notifies them
 -- ARGV[1]  mode: 'set', 'touch', 'sync' or 'read'
 -- ARGV[2]  this node's id
 -- ARGV[3]  how long this node's entries live after this call (ms)
@@ -27,14 +28,16 @@ local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 
 local told = {}
 
--- The room's next join or leave number. A room Redis forgot starts from Redis's clock
--- (ms x 1000), so that its numbers keep growing across the forgetting (written with
+-- The room's next join or leave number ('0' when the caller does not number them): one
+-- more than the last, and at least Redis's clock (ms x 1000), so that the numbers keep
+-- growing when Redis forgot the last ones or lost its latest writes (written with
 -- string.format: Lua's own conversion of a number this large would round it).
 local function next_seq()
-  if redis.call('EXISTS', seq) == 0 then
-    redis.call('SET', seq, string.format('%d', now * 1000), 'PX', 2 * lifetime)
-  end
-  return string.format('%d', redis.call('INCR', seq))
+  if not seq then return '0' end
+  local n = math.max(tonumber(redis.call('GET', seq) or '0') + 1, now * 1000)
+  local text = string.format('%d', n)
+  redis.call('SET', seq, text, 'PX', 2 * lifetime)
+  return text
 end
 
 local function adjust(identity, delta)
@@ -83,7 +86,7 @@ local function touch()
   end
   redis.call('PEXPIRE', nodes, 2 * lifetime)
   redis.call('PEXPIRE', members, 2 * lifetime)
-  redis.call('PEXPIRE', seq, 2 * lifetime)
+  if seq then redis.call('PEXPIRE', seq, 2 * lifetime) end
 end
 
 if mode == 'read' then
