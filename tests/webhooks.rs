@@ -284,33 +284,3 @@ async fn arrive_in_order(example: (&str, &str)) {
         .unwrap();
     assert_eq!(live, 0, "the lease was given up");
 }
-
-/// Redis lost its data while a room was occupied: when the room's last member leaves, the
-/// backend still hears that it is vacated (with a number above the one it had).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_room_redis_forgot_is_still_vacated() {
-    let redis = RedisServer::start().await;
-    let webhooks = Webhooks::default();
-    let backend = Backend::logging(BACKENDS[0], free_port(), webhooks.clone()).await;
-    let (a, _secret) = node(&redis, &backend, "node-a").await;
-    let mut alice = Client::connect_as(&a.url(), "alice").await;
-    alice.subscribe("forgot").await;
-    logged(&webhooks, "room_occupied", "forgot", 1).await;
-    let mut admin = redis.client().await;
-    let _: () = redis::cmd("FLUSHALL")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
-    alice.unsubscribe("forgot").await;
-    logged(&webhooks, "room_vacated", "forgot", 1).await;
-    let seq = |event| {
-        of(&webhooks, event, "forgot")
-            .last()
-            .and_then(|w| w["seq"].as_u64())
-    };
-    assert!(
-        seq("room_vacated") > seq("room_occupied"),
-        "{:?}",
-        webhooks.lock().unwrap()
-    );
-}

@@ -20,8 +20,8 @@
 //! - for rooms with history, hash `thinws:meta:{ROOM}` and list `thinws:frames:{ROOM}`
 //!   (see `redis::history`);
 //! - for rooms with presence, hashes `thinws:presence:{ROOM}` and
-//!   `thinws:presence-node:{ROOM}:NODE`, sorted set `thinws:presence-nodes:{ROOM}` and
-//!   string `thinws:presence-seq:{ROOM}` (see
+//!   `thinws:presence-node:{ROOM}:NODE`, sorted set `thinws:presence-nodes:{ROOM}` and,
+//!   with a notification hook, string `thinws:presence-seq:{ROOM}` (see
 //!   `redis::presence`); the channel also carries the room's `join` and `leave` frames;
 //! - with a notification hook, the occupancy keys (see `redis::occupancy` and
 //!   docs/PROTOCOL.md).

@@ -71,10 +71,9 @@ local held = parse(redis.call('HGET', key, node))
 if held ~= lease then
   local gone, seq = parse(redis.call('HGET', done, node))
   if gone == lease then return seq end
-  -- Redis forgot the room (it lost its data, or the room has been vacant for longer than
-  -- its number is kept): told vacant again, so that a vacating lost with the data is not
-  -- lost for good. A backend that had it gets it twice, the second with a higher number.
-  if redis.call('EXISTS', key) == 0 then return taken_out(true) end
+  -- Not registered (Redis may have lost the room's keys): nothing to say. Telling the
+  -- room vacated here could be untrue: other nodes' registrations may have been lost with
+  -- it while they still have members.
   return 0
 end
 redis.call('HDEL', key, node)

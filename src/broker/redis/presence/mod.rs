@@ -8,7 +8,7 @@
 //! - sorted set `presence-nodes:{ROOM}`: each node with members, scored by when its share
 //!   expires (Redis's clock, so that nodes' clocks do not matter);
 //! - string `presence-seq:{ROOM}`: the number of the room's last join or leave (the `seq`
-//!   of their notifications).
+//!   of their notifications), kept only by nodes with a notification hook.
 //!
 //! Every change goes through one script (`script.lua`) that first sweeps out the
 //! shares of expired nodes, then applies the change to this node's share and to the member
