@@ -780,15 +780,21 @@ impl LostWrites {
 /// A node on `redis`, a client subscribed to `room` that received messages 1 to 6, and a
 /// publisher.
 async fn six_delivered(redis: &RedisServer, room: &str) -> (Node, Client, Client) {
+    delivered(redis, room, 6).await
+}
+
+/// A node on `redis`, a client subscribed to `room` that received messages 1 to `n`, and a
+/// publisher.
+async fn delivered(redis: &RedisServer, room: &str, n: u64) -> (Node, Client, Client) {
     let node = Node::start(layer(Some(redis))).await;
     let mut s = Client::connect(&node.url()).await;
     s.subscribe(room).await;
     let mut p = Client::connect(&node.url()).await;
-    for n in 1..=6 {
-        publish(&mut p, room, json!(n)).await;
+    for payload in 1..=n {
+        publish(&mut p, room, json!(payload)).await;
     }
-    for n in 1..=6u64 {
-        assert_eq!(s.recv().await["payload"].as_u64(), Some(n));
+    for payload in 1..=n {
+        assert_eq!(s.recv().await["payload"].as_u64(), Some(payload));
     }
     (node, s, p)
 }
@@ -929,6 +935,29 @@ async fn a_socket_up_to_date_gets_a_new_message_at_its_last_offset() {
     publish(&mut p, "big:fr3", json!(7)).await;
     gap_at(&mut r, 5).await;
     message_at(&mut r, 6, 7).await;
+}
+
+/// The node's pub/sub connection never delivered the messages at 5 and 6 (they reached
+/// the history only), a recovering socket read them, and a failover lost them: the new
+/// message at 5 reaches the node with no gap (it is beyond what the node delivered), so
+/// the recovering socket tells its own gap before it, or its client, holding 6, would
+/// drop it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recovering_socket_tells_a_gap_the_node_could_not() {
+    let redis = RedisServer::start().await;
+    let (node, mut s, mut p) = delivered(&redis, "big:fr4", 4).await;
+    let mut lost = LostWrites::of(&redis, "big:fr4").await;
+    lost.write(5, 50).await;
+    lost.write(6, 60).await;
+    let mut r = recovering_from(&node, "big:fr4", 4, &lost.epoch()).await;
+    message_at(&mut r, 5, 50).await;
+    message_at(&mut r, 6, 60).await;
+    lost.keep(4).await;
+    let ack = publish(&mut p, "big:fr4", json!(7)).await;
+    assert_eq!(ack["offset"], 5, "{ack}");
+    message_at(&mut s, 5, 7).await;
+    gap_at(&mut r, 4).await;
+    message_at(&mut r, 5, 7).await;
 }
 
 /// A client on `node` subscribed to `room` with `since` at `offset`, its recovery acked.
