@@ -25,6 +25,9 @@ use crate::rooms::RoomChange;
 const BATCH: usize = 256;
 /// How often failed changes are sent again.
 const RETRY: Duration = Duration::from_secs(1);
+/// Every how many lease renewals a node checks its rooms' registrations on Redis (every
+/// 2 minutes with the default 30 s presence TTL).
+const CHECK_EVERY: u64 = 12;
 
 /// Where occupancy is decided.
 pub(crate) enum Ledger {
@@ -64,6 +67,7 @@ impl Occupancy {
             lease: None,
             leases: 0,
             renewed: Instant::now(),
+            renewals: 0,
             seq: local_seq_base(),
         };
         Occupancy {
@@ -122,6 +126,8 @@ struct Task {
     lease: Option<String>,
     leases: u64,
     renewed: Instant,
+    /// Renewals of the lease, for [`CHECK_EVERY`].
+    renewals: u64,
     /// The local ledger's last sequence number (one for every room: it only grows).
     seq: u64,
 }
@@ -270,6 +276,9 @@ impl Task {
             if !self.renew().await {
                 return;
             }
+            if self.renewals.is_multiple_of(CHECK_EVERY) {
+                self.check().await;
+            }
         } else {
             let lease = store.lease(self.leases);
             if let Err(e) = store.start(&lease).await {
@@ -292,6 +301,40 @@ impl Task {
         }
     }
 
+    /// Checks the registrations of the rooms this node holds (none of them changing), and
+    /// registers again the ones Redis lost while the lease survived: one cluster shard lost
+    /// its data, or failed over to a replica that was behind. Without it, the room's
+    /// `room_vacated` would never come (this node's taking out would find nothing to take
+    /// out). The room's first node to register again tells it occupied again.
+    async fn check(&mut self) {
+        let (Ledger::Redis(store), Some(lease)) = (&self.ledger, &self.lease) else {
+            return;
+        };
+        let rooms: Vec<Arc<str>> = self
+            .held
+            .iter()
+            .filter(|room| !self.wanted.contains_key(*room) && !self.unsure.contains_key(*room))
+            .cloned()
+            .collect();
+        for chunk in rooms.chunks(BATCH) {
+            match store.check(lease, chunk).await {
+                Ok(checked) => {
+                    for (room, seq) in chunk.iter().zip(checked) {
+                        if let Some(seq @ 1..) = seq {
+                            tracing::warn!(room = &**room, "occupancy: Redis had lost this node's registration; registered again");
+                            let room = room.clone();
+                            self.notifier.notify(Happened::RoomOccupied { room, seq });
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "occupancy: cannot check the registrations");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Renews the lease if a third of its lifetime went by since the last renewal; whether
     /// it was renewed. A lease that was swept (this node stalled) is replaced at the next
     /// tick, and every room registered again.
@@ -305,6 +348,7 @@ impl Task {
         match store.renew(lease).await {
             Ok(true) => {
                 self.renewed = Instant::now();
+                self.renewals += 1;
                 true
             }
             Ok(false) => {

@@ -123,3 +123,31 @@ async fn occupied_and_vacated_once_and_a_repeated_call_answers_the_same() {
         .unwrap();
     assert!(ttl > 0, "a vacant room's number is kept for a while: {ttl}");
 }
+
+/// `check`: a node checking its registration under its lease changes nothing where it is
+/// registered, and registers again where Redis lost it (telling the room occupied again
+/// only if no other node registered first).
+#[tokio::test]
+async fn a_check_registers_again_only_what_redis_lost() {
+    let server = RedisServer::start().await;
+    let mut redis = server.client().await;
+    let occupied = call(&mut redis, "occupy", "a", "a:0").await;
+    assert!(occupied > 0);
+    assert_eq!(call(&mut redis, "occupy", "b", "b:0").await, 0);
+    assert_eq!(call(&mut redis, "check", "a", "a:0").await, 0, "registered");
+    let _: () = redis::cmd("DEL")
+        .arg("occupancy:{r}")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let again = call(&mut redis, "check", "b", "b:0").await;
+    assert!(again > occupied, "{again} after {occupied}");
+    assert_eq!(
+        call(&mut redis, "check", "a", "a:0").await,
+        0,
+        "b was first"
+    );
+    assert_eq!(call(&mut redis, "vacate", "a", "a:0").await, 0);
+    assert!(call(&mut redis, "vacate", "b", "b:0").await > again);
+}

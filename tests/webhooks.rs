@@ -284,3 +284,38 @@ async fn arrive_in_order(example: (&str, &str)) {
         .unwrap();
     assert_eq!(live, 0, "the lease was given up");
 }
+
+/// Redis lost a room's registration while the node's lease survived (one cluster shard
+/// lost its data): the node's check of its registrations registers it again (the room is
+/// told occupied again), so that the room's `room_vacated` still comes when it empties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_redis_lost_is_made_again() {
+    let redis = RedisServer::start().await;
+    let webhooks = Webhooks::default();
+    let backend = Backend::logging(BACKENDS[0], free_port(), webhooks.clone()).await;
+    let (a, _secret) = node(&redis, &backend, "node-a").await;
+    let mut alice = Client::connect_as(&a.url(), "alice").await;
+    alice.subscribe("healed").await;
+    logged(&webhooks, "room_occupied", "healed", 1).await;
+    let mut admin = redis.client().await;
+    let _: () = redis::cmd("DEL")
+        .arg("thinws:occupancy:{healed}")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // Checked every 12 renewals: 12 s with this node's 3 s lease.
+    support::eventually("registered again", Duration::from_secs(30), async || {
+        (of(&webhooks, "room_occupied", "healed").len() >= 2).then_some(())
+    })
+    .await;
+    alice.unsubscribe("healed").await;
+    logged(&webhooks, "room_vacated", "healed", 1).await;
+    let seqs: Vec<u64> = webhooks
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w["room"] == "healed")
+        .filter_map(|w| w["seq"].as_u64())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+}

@@ -16,7 +16,10 @@
 //! rooms that become vacant are the sweeper's to announce. A node whose lease was swept
 //! while it stalled finds out at its next renewal and registers its rooms again under a
 //! new lease (the backend then hears `vacated` and `occupied` again, which is what it
-//! looked like from outside).
+//! looked like from outside). Every few renewals a node also checks its rooms'
+//! registrations ([`OccupancyStore::check`]), and registers again those Redis lost while
+//! its lease survived (one cluster shard lost its data, or failed over to a replica that
+//! was behind).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -203,6 +206,29 @@ impl OccupancyStore {
             }
         }
         Ok(applied)
+    }
+
+    /// Checks this node's registration under `lease` in each of `rooms` (which it holds),
+    /// registering it again where Redis lost it: per room, `Some(seq)` (`seq` > 0 if that
+    /// made the room occupied again), or `None` if the call failed.
+    pub(crate) async fn check(
+        &self,
+        lease: &str,
+        rooms: &[Arc<str>],
+    ) -> Result<Vec<Option<u64>>, BrokerError> {
+        let mut scripts = pipeline();
+        for room in rooms {
+            self.room_call(&mut scripts, room, "check", &self.node, lease);
+        }
+        Ok(self
+            .send(&scripts)
+            .await?
+            .iter()
+            .map(|reply| match reply {
+                Value::Int(seq) => u64::try_from(*seq).ok(),
+                _ => None,
+            })
+            .collect())
     }
 
     fn room_call(

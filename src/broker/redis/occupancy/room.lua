@@ -4,7 +4,8 @@
 --                '#' -> the room's sequence number
 -- KEYS[2]  hash  node id -> 'LEASE|SEQ' of that node's last taking out (for answering a
 --                call sent again the same)
--- ARGV[1]  'occupy' or 'vacate'
+-- ARGV[1]  'occupy', 'vacate', or 'check' (an occupy that answers 0 when the node is
+--          registered under the lease already: a node checking its registrations)
 -- ARGV[2]  the node's id
 -- ARGV[3]  the lease (vacate: only a field still holding this lease is taken out)
 -- ARGV[4]  how long a vacant room's sequence number is kept (ms); a room Redis forgot
@@ -44,9 +45,12 @@ local function next_seq()
   return seq
 end
 
-if mode == 'occupy' then
+if mode == 'occupy' or mode == 'check' then
   local held, seq = parse(redis.call('HGET', key, node))
-  if held == lease then return seq end
+  if held == lease then
+    if mode == 'check' then return 0 end
+    return seq
+  end
   redis.call('HSET', key, node, lease .. '|0')
   if held or nodes() ~= 1 then return 0 end
   redis.call('PERSIST', key)
