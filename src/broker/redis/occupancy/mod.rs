@@ -210,12 +210,24 @@ impl OccupancyStore {
 
     /// Checks this node's registration under `lease` in each of `rooms` (which it holds),
     /// registering it again where Redis lost it: per room, `Some(seq)` (`seq` > 0 if that
-    /// made the room occupied again), or `None` if the call failed.
+    /// made the room occupied again), or `None` if the call failed. The rooms go into the
+    /// lease's set again first (it may have been lost too), as in [`Self::apply`].
     pub(crate) async fn check(
         &self,
         lease: &str,
         rooms: &[Arc<str>],
     ) -> Result<Vec<Option<u64>>, BrokerError> {
+        if rooms.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut add = pipeline();
+        add.cmd("SADD")
+            .arg(self.keys.occupancy_lease(lease))
+            .arg(rooms.iter().map(|room| &**room).collect::<Vec<&str>>());
+        match self.send(&add).await?.first() {
+            Some(Value::Int(_)) => {}
+            other => return Err(unexpected(&other)),
+        }
         let mut scripts = pipeline();
         for room in rooms {
             self.room_call(&mut scripts, room, "check", &self.node, lease);
