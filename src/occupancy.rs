@@ -25,9 +25,9 @@ use crate::rooms::RoomChange;
 const BATCH: usize = 256;
 /// How often failed changes are sent again.
 const RETRY: Duration = Duration::from_secs(1);
-/// Every how many lease renewals a node checks its rooms' registrations on Redis (every
-/// 2 minutes with the default 30 s presence TTL).
-const CHECK_EVERY: u64 = 12;
+/// Every how many lease renewal periods a node checks its rooms' registrations on Redis
+/// (about every 2 minutes with the default 30 s presence TTL).
+const CHECK_EVERY: u32 = 12;
 
 /// Where occupancy is decided.
 pub(crate) enum Ledger {
@@ -67,7 +67,7 @@ impl Occupancy {
             lease: None,
             leases: 0,
             renewed: Instant::now(),
-            renewals: 0,
+            checked: Instant::now(),
             seq: local_seq_base(),
         };
         Occupancy {
@@ -126,8 +126,8 @@ struct Task {
     lease: Option<String>,
     leases: u64,
     renewed: Instant,
-    /// Renewals of the lease, for [`CHECK_EVERY`].
-    renewals: u64,
+    /// When the rooms' registrations were last checked (see [`CHECK_EVERY`]).
+    checked: Instant,
     /// The local ledger's last sequence number (one for every room: it only grows).
     seq: u64,
 }
@@ -273,11 +273,11 @@ impl Task {
             return;
         };
         if self.lease.is_some() {
+            if self.checked.elapsed() >= store.renew_every() * CHECK_EVERY {
+                self.check().await;
+            }
             if !self.renew().await {
                 return;
-            }
-            if self.renewals.is_multiple_of(CHECK_EVERY) {
-                self.check().await;
             }
         } else {
             let lease = store.lease(self.leases);
@@ -305,24 +305,31 @@ impl Task {
     /// registers again the ones Redis lost while the lease survived: one cluster shard lost
     /// its data, or failed over to a replica that was behind. Without it, the room's
     /// `room_vacated` would never come (this node's taking out would find nothing to take
-    /// out). The room's first node to register again tells it occupied again.
+    /// out). The room's first node to register again tells it occupied again. A chunk at a
+    /// time, taking in the changes that came meanwhile (a room changing is the change's)
+    /// and renewing the lease between chunks; it stops if the lease was swept.
     async fn check(&mut self) {
-        let (Ledger::Redis(store), Some(lease)) = (&self.ledger, &self.lease) else {
-            return;
-        };
-        let rooms: Vec<Arc<str>> = self
-            .held
-            .iter()
-            .filter(|room| !self.wanted.contains_key(*room) && !self.unsure.contains_key(*room))
-            .cloned()
-            .collect();
+        self.checked = Instant::now();
+        let rooms: Vec<Arc<str>> = self.held.iter().cloned().collect();
         for chunk in rooms.chunks(BATCH) {
-            match store.check(lease, chunk).await {
+            self.drain();
+            let chunk: Vec<Arc<str>> = chunk
+                .iter()
+                .filter(|room| {
+                    self.held.contains(*room)
+                        && !self.wanted.contains_key(*room)
+                        && !self.unsure.contains_key(*room)
+                })
+                .cloned()
+                .collect();
+            let (Ledger::Redis(store), Some(lease)) = (&self.ledger, &self.lease) else {
+                return;
+            };
+            match store.check(lease, &chunk).await {
                 Ok(checked) => {
-                    for (room, seq) in chunk.iter().zip(checked) {
+                    for (room, seq) in chunk.into_iter().zip(checked) {
                         if let Some(seq @ 1..) = seq {
-                            tracing::warn!(room = &**room, "occupancy: Redis had lost this node's registration; registered again");
-                            let room = room.clone();
+                            tracing::warn!(room = &*room, "occupancy: Redis had lost this node's registration; registered again");
                             self.notifier.notify(Happened::RoomOccupied { room, seq });
                         }
                     }
@@ -331,6 +338,11 @@ impl Task {
                     tracing::warn!(error = %e, "occupancy: cannot check the registrations");
                     return;
                 }
+            }
+            // A long check must not let the lease run out.
+            self.renew().await;
+            if self.lease.is_none() {
+                return;
             }
         }
     }
@@ -348,7 +360,6 @@ impl Task {
         match store.renew(lease).await {
             Ok(true) => {
                 self.renewed = Instant::now();
-                self.renewals += 1;
                 true
             }
             Ok(false) => {

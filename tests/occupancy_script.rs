@@ -150,4 +150,14 @@ async fn a_check_registers_again_only_what_redis_lost() {
     );
     assert_eq!(call(&mut redis, "vacate", "a", "a:0").await, 0);
     assert!(call(&mut redis, "vacate", "b", "b:0").await > again);
+
+    // A check under a lease that was taken out (swept) registers nothing.
+    assert_eq!(call(&mut redis, "check", "b", "b:0").await, 0);
+    let registered: bool = redis::cmd("HEXISTS")
+        .arg("occupancy:{r}")
+        .arg("b")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(!registered, "a swept lease registered again");
 }

@@ -51,6 +51,9 @@ if mode == 'occupy' or mode == 'check' then
     if mode == 'check' then return 0 end
     return seq
   end
+  -- A check under a lease that was swept (taken out of the room) registers nothing: the
+  -- node registers its rooms again under a new lease once it finds out.
+  if mode == 'check' and parse(redis.call('HGET', done, node)) == lease then return 0 end
   redis.call('HSET', key, node, lease .. '|0')
   if held or nodes() ~= 1 then return 0 end
   redis.call('PERSIST', key)
