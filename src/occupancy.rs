@@ -273,10 +273,14 @@ impl Task {
             return;
         };
         if self.lease.is_some() {
-            if self.checked.elapsed() >= store.renew_every() * CHECK_EVERY {
+            let check_every = store.renew_every() * CHECK_EVERY;
+            // Renewed first: a check under a lease swept while this node stalled would
+            // write under it.
+            let renewed = self.renew().await;
+            if self.lease.is_some() && self.checked.elapsed() >= check_every {
                 self.check().await;
             }
-            if !self.renew().await {
+            if !renewed {
                 return;
             }
         } else {

@@ -151,6 +151,22 @@ async fn a_check_registers_again_only_what_redis_lost() {
     assert_eq!(call(&mut redis, "vacate", "a", "a:0").await, 0);
     assert!(call(&mut redis, "vacate", "b", "b:0").await > again);
 
+    // A node that took its members out and registered again under the same lease, whose
+    // registration Redis then lost (a replica that was behind), is registered again.
+    assert!(call(&mut redis, "occupy", "c", "c:0").await > 0);
+    assert!(call(&mut redis, "vacate", "c", "c:0").await > 0);
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let back = call(&mut redis, "occupy", "c", "c:0").await;
+    let _: () = redis::cmd("HDEL")
+        .arg("occupancy:{r}")
+        .arg("c")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    assert!(call(&mut redis, "check", "c", "c:0").await > back);
+    assert!(call(&mut redis, "vacate", "c", "c:0").await > back);
+
     // A check under a lease that was taken out (swept) registers nothing.
     assert_eq!(call(&mut redis, "check", "b", "b:0").await, 0);
     let registered: bool = redis::cmd("HEXISTS")

@@ -51,9 +51,16 @@ if mode == 'occupy' or mode == 'check' then
     if mode == 'check' then return 0 end
     return seq
   end
-  -- A check under a lease that was swept (taken out of the room) registers nothing: the
-  -- node registers its rooms again under a new lease once it finds out.
-  if mode == 'check' and parse(redis.call('HGET', done, node)) == lease then return 0 end
+  -- A taking out under this lease that no registration under it followed means the lease
+  -- was swept: a check then registers nothing (the node registers its rooms again under
+  -- a new lease once it finds out). A registration forgets this node's taking out under
+  -- the same lease, so that the check can tell (the node settles a taking out whose
+  -- reply it lost before it registers again).
+  local gone = parse(redis.call('HGET', done, node))
+  if gone == lease then
+    if mode == 'check' then return 0 end
+    redis.call('HDEL', done, node)
+  end
   redis.call('HSET', key, node, lease .. '|0')
   if held or nodes() ~= 1 then return 0 end
   redis.call('PERSIST', key)
