@@ -68,6 +68,7 @@ impl Occupancy {
             leases: 0,
             renewed: Instant::now(),
             checked: Instant::now(),
+            swept: Instant::now(),
             seq: local_seq_base(),
         };
         Occupancy {
@@ -128,6 +129,8 @@ struct Task {
     renewed: Instant,
     /// When the rooms' registrations were last checked (see [`CHECK_EVERY`]).
     checked: Instant,
+    /// When dead nodes' leases were last swept.
+    swept: Instant,
     /// The local ledger's last sequence number (one for every room: it only grows).
     seq: u64,
 }
@@ -185,6 +188,9 @@ impl Task {
     /// went through (the rest wait for the next tick). A change that failed is not sent
     /// again in this call, so that rooms that keep failing cannot hold up the others.
     async fn send(&mut self) {
+        // A lease swept while this node stalled is found out before anything is written
+        // under it.
+        self.renew().await;
         let mut failed: HashSet<Arc<str>> = HashSet::new();
         loop {
             self.drain();
@@ -280,7 +286,11 @@ impl Task {
             if self.lease.is_some() && self.checked.elapsed() >= check_every {
                 self.check().await;
             }
-            if !renewed {
+            // Sweeps once a renewal period, whichever path renewed (`send` renews too).
+            let Ledger::Redis(store) = &self.ledger else {
+                return;
+            };
+            if self.lease.is_none() || !renewed && self.swept.elapsed() < store.renew_every() {
                 return;
             }
         } else {
@@ -296,6 +306,7 @@ impl Task {
         let Ledger::Redis(store) = &self.ledger else {
             return;
         };
+        self.swept = Instant::now();
         let notifier = &self.notifier;
         let swept = store
             .sweep(|room, seq| notifier.notify(Happened::RoomVacated { room, seq }))

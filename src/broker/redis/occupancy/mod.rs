@@ -163,34 +163,17 @@ impl OccupancyStore {
         lease: &str,
         changes: &[(Arc<str>, bool)],
     ) -> Result<Vec<Option<u64>>, BrokerError> {
-        let set = self.keys.occupancy_lease(lease);
         let registering: Vec<&str> = changes
             .iter()
             .filter(|(_, occupied)| *occupied)
             .map(|(room, _)| &**room)
             .collect();
-        if !registering.is_empty() {
-            let mut add = pipeline();
-            add.cmd("SADD").arg(&set).arg(&registering);
-            match self.send(&add).await?.first() {
-                Some(Value::Int(_)) => {}
-                other => return Err(unexpected(&other)),
-            }
-        }
-        let mut scripts = pipeline();
-        for (room, occupied) in changes {
+        self.add_to_lease(lease, &registering).await?;
+        let calls = changes.iter().map(|(room, occupied)| {
             let mode = if *occupied { "occupy" } else { "vacate" };
-            self.room_call(&mut scripts, room, mode, &self.node, lease);
-        }
-        let applied: Vec<Option<u64>> = self
-            .send(&scripts)
-            .await?
-            .iter()
-            .map(|reply| match reply {
-                Value::Int(seq) => u64::try_from(*seq).ok(),
-                _ => None,
-            })
-            .collect();
+            (&**room, mode)
+        });
+        let applied = self.room_calls(lease, calls).await?;
         let left: Vec<&str> = changes
             .iter()
             .zip(&applied)
@@ -199,7 +182,10 @@ impl OccupancyStore {
             .collect();
         if !left.is_empty() {
             let mut remove = pipeline();
-            remove.cmd("SREM").arg(&set).arg(&left);
+            remove
+                .cmd("SREM")
+                .arg(self.keys.occupancy_lease(lease))
+                .arg(&left);
             // A room left in the set costs a sweep one call that finds nothing.
             if let Err(e) = self.send(&remove).await {
                 tracing::debug!(error = %e, "occupancy: rooms left in the lease's set");
@@ -217,20 +203,42 @@ impl OccupancyStore {
         lease: &str,
         rooms: &[Arc<str>],
     ) -> Result<Vec<Option<u64>>, BrokerError> {
+        let rooms: Vec<&str> = rooms.iter().map(|room| &**room).collect();
+        self.add_to_lease(lease, &rooms).await?;
+        self.room_calls(lease, rooms.iter().map(|room| (*room, "check")))
+            .await
+    }
+
+    /// Adds `rooms` to `lease`'s set of rooms (what a sweep reads).
+    async fn add_to_lease(&self, lease: &str, rooms: &[&str]) -> Result<(), BrokerError> {
         if rooms.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let mut add = pipeline();
         add.cmd("SADD")
             .arg(self.keys.occupancy_lease(lease))
-            .arg(rooms.iter().map(|room| &**room).collect::<Vec<&str>>());
+            .arg(rooms);
         match self.send(&add).await?.first() {
-            Some(Value::Int(_)) => {}
-            other => return Err(unexpected(&other)),
+            Some(Value::Int(_)) => Ok(()),
+            other => Err(unexpected(&other)),
         }
+    }
+
+    /// Runs `room.lua` in each call's mode for its room under `lease`, in one pipeline: per
+    /// call, `Some(seq)`, or `None` where it failed.
+    async fn room_calls<'r>(
+        &self,
+        lease: &str,
+        calls: impl Iterator<Item = (&'r str, &'static str)>,
+    ) -> Result<Vec<Option<u64>>, BrokerError> {
         let mut scripts = pipeline();
-        for room in rooms {
-            self.room_call(&mut scripts, room, "check", &self.node, lease);
+        let mut any = false;
+        for (room, mode) in calls {
+            self.room_call(&mut scripts, room, mode, &self.node, lease);
+            any = true;
+        }
+        if !any {
+            return Ok(Vec::new());
         }
         Ok(self
             .send(&scripts)
@@ -302,7 +310,7 @@ impl OccupancyStore {
             for chunk in rooms.chunks(BATCH) {
                 let mut pipeline = pipeline();
                 for room in chunk {
-                    self.room_call(&mut pipeline, room, "vacate", node, &lease);
+                    self.room_call(&mut pipeline, room, "sweep", node, &lease);
                 }
                 let replies = self.send(&pipeline).await?;
                 let mut failed = None;

@@ -3,8 +3,10 @@
 --                the room, and the sequence number its registration made (0: none); and
 --                '#' -> the room's sequence number
 -- KEYS[2]  hash  node id -> 'LEASE|SEQ' of that node's last taking out (for answering a
---                call sent again the same)
--- ARGV[1]  'occupy', 'vacate', or 'check' (an occupy that answers 0 when the node is
+--                call sent again the same); and '!' .. node id -> the lease a sweep took
+--                out (a check under it registers nothing)
+-- ARGV[1]  'occupy', 'vacate', 'sweep' (a vacate of a lease that ran out, by whichever
+--          node sweeps it), or 'check' (an occupy that answers 0 when the node is
 --          registered under the lease already: a node checking its registrations)
 -- ARGV[2]  the node's id
 -- ARGV[3]  the lease (vacate: only a field still holding this lease is taken out)
@@ -51,16 +53,9 @@ if mode == 'occupy' or mode == 'check' then
     if mode == 'check' then return 0 end
     return seq
   end
-  -- A taking out under this lease that no registration under it followed means the lease
-  -- was swept: a check then registers nothing (the node registers its rooms again under
-  -- a new lease once it finds out). A registration forgets this node's taking out under
-  -- the same lease, so that the check can tell (the node settles a taking out whose
-  -- reply it lost before it registers again).
-  local gone = parse(redis.call('HGET', done, node))
-  if gone == lease then
-    if mode == 'check' then return 0 end
-    redis.call('HDEL', done, node)
-  end
+  -- A check under a lease that was swept registers nothing: the node registers its rooms
+  -- again under a new lease once it finds out.
+  if mode == 'check' and redis.call('HGET', done, '!' .. node) == lease then return 0 end
   redis.call('HSET', key, node, lease .. '|0')
   if held or nodes() ~= 1 then return 0 end
   redis.call('PERSIST', key)
@@ -77,6 +72,7 @@ local function taken_out(vacated)
     redis.call('PEXPIRE', key, tonumber(ARGV[4]))
   end
   redis.call('HSET', done, node, entry(seq))
+  if mode == 'sweep' then redis.call('HSET', done, '!' .. node, lease) end
   redis.call('PEXPIRE', done, tonumber(ARGV[5]))
   return seq
 end
