@@ -204,7 +204,7 @@ impl Task {
                     (room.clone(), *first)
                 })
                 .collect();
-            if batch.is_empty() {
+            if batch.is_empty() || self.lease_may_have_run_out() {
                 return;
             }
             let applied = match &self.ledger {
@@ -337,6 +337,9 @@ impl Task {
                 })
                 .cloned()
                 .collect();
+            if self.lease_may_have_run_out() {
+                return;
+            }
             let (Ledger::Redis(store), Some(lease)) = (&self.ledger, &self.lease) else {
                 return;
             };
@@ -359,6 +362,16 @@ impl Task {
             if self.lease.is_none() {
                 return;
             }
+        }
+    }
+
+    /// Whether the lease may have run out (on Redis, no renewal answered for a whole
+    /// lifetime: Redis is failing, or this node stalled): nothing is written under it until
+    /// a renewal answers, since a sweep may have taken it out meanwhile.
+    fn lease_may_have_run_out(&self) -> bool {
+        match &self.ledger {
+            Ledger::Redis(store) => self.renewed.elapsed() >= store.renew_every() * 3,
+            Ledger::Local => false,
         }
     }
 

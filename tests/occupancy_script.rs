@@ -167,6 +167,24 @@ async fn a_check_registers_again_only_what_redis_lost() {
     assert!(call(&mut redis, "check", "c", "c:0").await > back);
     assert!(call(&mut redis, "vacate", "c", "c:0").await > back);
 
+    // A vacate that finds no registration does not answer again the taking out that an
+    // occupy under the same lease followed.
+    assert!(call(&mut redis, "occupy", "e", "e:0").await > 0);
+    assert!(call(&mut redis, "vacate", "e", "e:0").await > 0);
+    call(&mut redis, "occupy", "e", "e:0").await;
+    let _: () = redis::cmd("HDEL")
+        .arg("occupancy:{r}")
+        .arg("e")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(call(&mut redis, "vacate", "e", "e:0").await, 0);
+
+    // A sweep of a lease with no registration in the room still marks it: a check under
+    // it registers nothing.
+    assert_eq!(call(&mut redis, "sweep", "f", "f:0").await, 0);
+    assert_eq!(call(&mut redis, "check", "f", "f:0").await, 0);
+
     // A check under a lease a sweep took out registers nothing.
     assert!(call(&mut redis, "occupy", "b", "b:0").await > 0);
     assert!(call(&mut redis, "sweep", "b", "b:0").await > 0);

@@ -186,7 +186,8 @@ impl OccupancyStore {
                 .cmd("SREM")
                 .arg(self.keys.occupancy_lease(lease))
                 .arg(&left);
-            // A room left in the set costs a sweep one call that finds nothing.
+            // A room left in the set is taken out again by a sweep of the lease, which
+            // answers this taking out's number again (a `room_vacated` sent twice).
             if let Err(e) = self.send(&remove).await {
                 tracing::debug!(error = %e, "occupancy: rooms left in the lease's set");
             }

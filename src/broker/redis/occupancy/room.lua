@@ -9,7 +9,8 @@
 --          node sweeps it), or 'check' (an occupy that answers 0 when the node is
 --          registered under the lease already: a node checking its registrations)
 -- ARGV[2]  the node's id
--- ARGV[3]  the lease (vacate: only a field still holding this lease is taken out)
+-- ARGV[3]  the lease (vacate and sweep: only a field still holding this lease is taken
+--          out)
 -- ARGV[4]  how long a vacant room's sequence number is kept (ms); a room Redis forgot
 --          starts again from Redis's clock
 -- ARGV[5]  how long a taking out is remembered (ms)
@@ -56,6 +57,12 @@ if mode == 'occupy' or mode == 'check' then
   -- A check under a lease that was swept registers nothing: the node registers its rooms
   -- again under a new lease once it finds out.
   if mode == 'check' and redis.call('HGET', done, '!' .. node) == lease then return 0 end
+  -- An occupy forgets this node's taking out under the same lease, which it answered
+  -- already (the node settles a taking out whose reply it lost before it registers
+  -- again): a later vacate that finds no registration must not answer it again.
+  if mode == 'occupy' and parse(redis.call('HGET', done, node)) == lease then
+    redis.call('HDEL', done, node)
+  end
   redis.call('HSET', key, node, lease .. '|0')
   if held or nodes() ~= 1 then return 0 end
   redis.call('PERSIST', key)
@@ -79,6 +86,10 @@ end
 
 local held = parse(redis.call('HGET', key, node))
 if held ~= lease then
+  if mode == 'sweep' then
+    redis.call('HSET', done, '!' .. node, lease)
+    redis.call('PEXPIRE', done, tonumber(ARGV[5]))
+  end
   local gone, seq = parse(redis.call('HGET', done, node))
   if gone == lease then return seq end
   -- Not registered (Redis may have lost the room's keys): nothing to say. Telling the
