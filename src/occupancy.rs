@@ -295,12 +295,13 @@ impl Task {
             }
         } else {
             let lease = store.lease(self.leases);
+            let sent = Instant::now();
             if let Err(e) = store.start(&lease).await {
                 tracing::warn!(error = %e, "occupancy: cannot take a lease; retrying");
                 return;
             }
             self.leases += 1;
-            self.renewed = Instant::now();
+            self.renewed = sent;
             self.lease = Some(lease);
         }
         let Ledger::Redis(store) = &self.ledger else {
@@ -365,12 +366,13 @@ impl Task {
         }
     }
 
-    /// Whether the lease may have run out (on Redis, no renewal answered for a whole
-    /// lifetime: Redis is failing, or this node stalled): nothing is written under it until
-    /// a renewal answers, since a sweep may have taken it out meanwhile.
+    /// Whether the lease may have run out by the time a write reaches Redis (on Redis, no
+    /// renewal answered for nearly a lifetime: Redis is failing, or this node stalled):
+    /// nothing is written under it until a renewal answers, since a sweep may take it out
+    /// meanwhile.
     fn lease_may_have_run_out(&self) -> bool {
         match &self.ledger {
-            Ledger::Redis(store) => self.renewed.elapsed() >= store.renew_every() * 3,
+            Ledger::Redis(store) => self.renewed.elapsed() >= store.writable_for(),
             Ledger::Local => false,
         }
     }
@@ -385,9 +387,11 @@ impl Task {
         if self.renewed.elapsed() < store.renew_every() {
             return false;
         }
+        // Redis counts the lifetime from when the renewal ran, which is after this.
+        let sent = Instant::now();
         match store.renew(lease).await {
             Ok(true) => {
-                self.renewed = Instant::now();
+                self.renewed = sent;
                 true
             }
             Ok(false) => {

@@ -81,6 +81,13 @@ impl OccupancyStore {
         }
     }
 
+    /// How long after sending a renewal (or the lease's start) the node may still write
+    /// under the lease: its lifetime, less the time a write may take to reach Redis (at
+    /// most a third of the lifetime, so that a node renewing on time never stops).
+    pub(crate) fn writable_for(&self) -> Duration {
+        self.lifetime - self.timeout.min(self.lifetime / 3)
+    }
+
     /// How often the lease is renewed.
     pub(crate) fn renew_every(&self) -> Duration {
         self.lifetime / 3

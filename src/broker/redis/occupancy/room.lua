@@ -57,10 +57,10 @@ if mode == 'occupy' or mode == 'check' then
   -- A check under a lease that was swept registers nothing: the node registers its rooms
   -- again under a new lease once it finds out.
   if mode == 'check' and redis.call('HGET', done, '!' .. node) == lease then return 0 end
-  -- An occupy forgets this node's taking out under the same lease, which it answered
-  -- already (the node settles a taking out whose reply it lost before it registers
-  -- again): a later vacate that finds no registration must not answer it again.
-  if mode == 'occupy' and parse(redis.call('HGET', done, node)) == lease then
+  -- A registration forgets this node's taking out under the same lease, which was
+  -- answered already (the node settles a taking out whose reply it lost before it
+  -- registers again): a later vacate that finds no registration must not answer it again.
+  if parse(redis.call('HGET', done, node)) == lease then
     redis.call('HDEL', done, node)
   end
   redis.call('HSET', key, node, lease .. '|0')
