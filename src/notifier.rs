@@ -11,7 +11,7 @@
 //! another kind's notifications:
 //! - A room notification supersedes the queued one of the same room's occupancy (or the
 //!   same identity's presence in the room) that the lane has not tried to send yet: only
-//!   the newer is kept (by `seq` for occupancy), since it says all the backend needs.
+//!   the newer is kept (by `seq`), since it says all the backend needs.
 //!   One the lane has tried is never taken back (the backend may have taken it though the
 //!   call failed). So a client that keeps entering and leaving rooms makes a lane hold at
 //!   most two notifications per room (and identity) it touches, not one per change; each
@@ -109,11 +109,11 @@ enum Subject {
     Presence(Arc<str>, Arc<str>),
 }
 
-/// The subject of `what` and its `seq`, if it has one.
-fn subject(what: &Happened) -> Option<(Subject, Option<u64>)> {
+/// The subject of a room notification `what`, and its `seq`.
+fn subject(what: &Happened) -> Option<(Subject, u64)> {
     Some(match what {
         Happened::RoomOccupied { room, seq } | Happened::RoomVacated { room, seq } => {
-            (Subject::Occupancy(room.clone()), Some(*seq))
+            (Subject::Occupancy(room.clone()), *seq)
         }
         Happened::Join {
             room,
@@ -124,10 +124,7 @@ fn subject(what: &Happened) -> Option<(Subject, Option<u64>)> {
             room,
             identity,
             seq,
-        } => (
-            Subject::Presence(room.clone(), identity.clone()),
-            Some(*seq),
-        ),
+        } => (Subject::Presence(room.clone(), identity.clone()), *seq),
         Happened::Disconnect { .. } => return None,
     })
 }
@@ -149,7 +146,7 @@ struct Queued {
     /// Disconnects.
     sockets: Kind,
     /// The newest queued room notification of each subject: its number and `seq`.
-    newest: HashMap<Subject, (u64, Option<u64>)>,
+    newest: HashMap<Subject, (u64, u64)>,
     /// The number of the notification the lane has tried to send (the backend may have
     /// taken it even if the call failed): it is never replaced.
     attempted: Option<u64>,
@@ -203,7 +200,7 @@ impl Queued {
     }
 
     /// Where `what` has a queued notification of its subject that the lane has not tried
-    /// to send, only the newer of the two is kept (by `seq` where they have one): a room
+    /// to send, only the newer of the two is kept (by `seq`): a room
     /// holds at most two notifications of a subject, the one being sent and the newest.
     fn supersede(&mut self, what: &Happened) -> Superseded {
         let Some((about, seq)) = subject(what) else {
@@ -211,7 +208,7 @@ impl Queued {
         };
         match self.newest.get(&about) {
             Some(&(number, queued)) if self.attempted != Some(number) => {
-                if queued.is_some_and(|queued| seq.is_some_and(|seq| seq <= queued)) {
+                if seq <= queued {
                     return Superseded::Itself;
                 }
                 self.remove(number);

@@ -279,18 +279,15 @@ impl Task {
             return;
         };
         if self.lease.is_some() {
-            let check_every = store.renew_every() * CHECK_EVERY;
+            let renew_every = store.renew_every();
             // Renewed first: a check under a lease swept while this node stalled would
             // write under it.
             let renewed = self.renew().await;
-            if self.lease.is_some() && self.checked.elapsed() >= check_every {
+            if self.lease.is_some() && self.checked.elapsed() >= renew_every * CHECK_EVERY {
                 self.check().await;
             }
             // Sweeps once a renewal period, whichever path renewed (`send` renews too).
-            let Ledger::Redis(store) = &self.ledger else {
-                return;
-            };
-            if self.lease.is_none() || !renewed && self.swept.elapsed() < store.renew_every() {
+            if self.lease.is_none() || !renewed && self.swept.elapsed() < renew_every {
                 return;
             }
         } else {

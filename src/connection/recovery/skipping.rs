@@ -241,4 +241,19 @@ mod tests {
         let got = verdicts(20, &read, &[gap(0), frame(1, 1), frame(2, 1), frame(20, 0)]);
         assert_eq!(got, [Out, Out, Out, Covered]);
     }
+
+    /// What a peer can make a recovering socket remember is bounded: however many frames
+    /// the read returned or went out since, at most [`REMEMBERED`] fingerprints.
+    #[test]
+    fn what_is_remembered_is_bounded() {
+        let hasher = RandomState::new();
+        let read: Vec<String> = (1..=1_000).map(|offset| frame(offset, 0)).collect();
+        let mut skipping = Skipping::new(1_000, "e".into(), &read, &hasher);
+        assert_eq!(skipping.sent.len(), REMEMBERED);
+        assert_eq!(skipping.verdict(&gap(0), &hasher), Verdict::Out);
+        for offset in 1..=1_000 {
+            assert_eq!(skipping.verdict(&frame(offset, 1), &hasher), Verdict::Out);
+            assert!(skipping.sent.len() <= REMEMBERED);
+        }
+    }
 }

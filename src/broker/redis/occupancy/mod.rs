@@ -211,6 +211,9 @@ impl OccupancyStore {
         lease: &str,
         rooms: &[Arc<str>],
     ) -> Result<Vec<Option<u64>>, BrokerError> {
+        if rooms.is_empty() {
+            return Ok(Vec::new());
+        }
         let rooms: Vec<&str> = rooms.iter().map(|room| &**room).collect();
         self.add_to_lease(lease, &rooms).await?;
         self.room_calls(lease, rooms.iter().map(|room| (*room, "check")))
@@ -240,13 +243,8 @@ impl OccupancyStore {
         calls: impl Iterator<Item = (&'r str, &'static str)>,
     ) -> Result<Vec<Option<u64>>, BrokerError> {
         let mut scripts = pipeline();
-        let mut any = false;
         for (room, mode) in calls {
             self.room_call(&mut scripts, room, mode, &self.node, lease);
-            any = true;
-        }
-        if !any {
-            return Ok(Vec::new());
         }
         Ok(self
             .send(&scripts)
